@@ -1,0 +1,73 @@
+"""Forward of the torch backend: online softmax over key blocks (FlashAttention-2 order)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .scores import ScoreSpec, block_scores, dropout_keep, grouped_queries, heads_last, ungroup
+from .tiles import key_blocks, query_tile, query_tiles
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16/32-bit inputs; float64 inputs (torch backend only) keep their precision."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def forward_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ScoreSpec, sinks: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, Lq, Hq, D), k (B, Lk, Hkv, D), v (B, Lk, Hkv, Dv) -> out (B, Lq, Hq, Dv), lse (B, Hq, Lq)."""
+    batch, lq, heads_q, _ = q.shape
+    acc_dtype = accumulation_dtype(q.dtype)
+    out = torch.empty(batch, lq, heads_q, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads_q, lq, dtype=torch.float32, device=q.device)
+    rows_per_tile = query_tile(batch * heads_q, lq)
+    for i0, i1 in query_tiles(lq, rows_per_tile):
+        tile_out, tile_lse = _query_tile(q[:, i0:i1], k, v, spec, sinks, i0, acc_dtype)
+        out[:, i0:i1] = tile_out
+        lse[:, :, i0:i1] = tile_lse
+    return out, lse
+
+
+def _query_tile(q_tile, k, v, spec: ScoreSpec, sinks, i0: int, acc_dtype):
+    batch, rows = q_tile.shape[0], q_tile.shape[1]
+    q5 = grouped_queries(q_tile, spec.heads_kv, acc_dtype)
+    state_shape = (batch, spec.heads_kv, spec.group, rows)
+    row_max = q5.new_full(state_shape, -math.inf)
+    row_sum = q5.new_zeros(state_shape)
+    acc = q5.new_zeros(batch, spec.heads_kv, spec.group * rows, v.shape[-1])
+    for block in key_blocks(spec.band, i0, i0 + rows):
+        k_tile = heads_last(k[:, block.j0 : block.j1], acc_dtype)
+        v_tile = heads_last(v[:, block.j0 : block.j1], acc_dtype)
+        scores, _ = block_scores(spec, q5, k_tile, block)
+        new_max = torch.maximum(row_max, scores.amax(dim=-1))
+        safe_max = _finite_or_zero(new_max)
+        weights = torch.exp(scores - safe_max[..., None])
+        rescale = torch.exp(row_max - safe_max)
+        row_sum = row_sum * rescale + weights.sum(dim=-1)
+        if spec.dropout_p > 0:
+            keep = dropout_keep(spec, batch, block, q5.device)
+            weights = weights * keep / (1.0 - spec.dropout_p)
+        acc = acc * rescale.reshape(batch, spec.heads_kv, -1, 1)
+        acc = acc + weights.reshape(batch, spec.heads_kv, -1, weights.shape[-1]) @ v_tile
+        row_max = new_max
+    if sinks is not None:
+        sink = sinks.to(acc_dtype).reshape(1, spec.heads_kv, spec.group, 1)
+        new_max = torch.maximum(row_max, sink)
+        safe_max = _finite_or_zero(new_max)
+        rescale = torch.exp(row_max - safe_max)
+        row_sum = row_sum * rescale + torch.exp(sink - safe_max)
+        acc = acc * rescale.reshape(batch, spec.heads_kv, -1, 1)
+        row_max = new_max
+    lse = _finite_or_zero(row_max) + torch.log(row_sum)
+    normalized = acc / row_sum.reshape(batch, spec.heads_kv, -1, 1)
+    # A row that saw no key (and no sink) has row_sum == 0: its output is 0, not 0/0.
+    normalized = torch.where((row_sum == 0).reshape(normalized.shape[:-1] + (1,)), 0.0, normalized)
+    return ungroup(normalized, rows).to(q_tile.dtype), lse.reshape(batch, -1, rows)
+
+
+def _finite_or_zero(row_max: torch.Tensor) -> torch.Tensor:
+    """-inf (nothing seen yet) becomes 0 so that exp(x - max) is exp(-inf) = 0, not NaN."""
+    return torch.where(row_max == -math.inf, 0.0, row_max)

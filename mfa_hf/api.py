@@ -1,0 +1,210 @@
+"""Public attention functions, with FlashAttention-2's names and conventions.
+
+`flash_attn_func` and `flash_attn_varlen_func` take (B, S, H, D) / packed (T, H, D) tensors like
+FlashAttention-2; `flash_attention` and `flash_attention_chunked` take (B, H, S, D) like the
+`mps-flash-attn` package. All of them validate once, pick a backend, and call its custom op, which
+has a registered backward. Semantics: kernels/reference.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+from .kernels.dropout import new_seed
+from .ops import describe
+from .problem import (
+    NO_WINDOW,
+    check_alibi,
+    check_cu_seqlens,
+    check_dropout,
+    check_mask,
+    check_max_seqlen,
+    check_qkv,
+    check_scale,
+    check_sinks,
+    check_softcap,
+    check_window,
+)
+
+
+def flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = NO_WINDOW,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_lse: bool = False,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    dropout_seed: int | torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+):
+    """Attention over q (B, Lq, Hq, D), k (B, Lk, Hkv, D), v (B, Lk, Hkv, Dv) -> (B, Lq, Hq, Dv).
+
+    causal and window_size=(left, right) align bottom-right (query i sits on key i + Lk - Lq).
+    softcap > 0 caps scores as softcap * tanh(s / softcap). alibi_slopes (Hq,) or (B, Hq) add
+    -slope * |i + Lk - Lq - j|. sinks (Hq,) are per-head logits joining the softmax denominator.
+    attn_mask (extension): bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk).
+    dropout uses a counter-based RNG seeded by dropout_seed, or drawn from `generator`.
+    deterministic is accepted for compatibility; every backend here is deterministic.
+    return_lse=True returns (out, lse) with lse (B, Hq, Lq) float32.
+    """
+    check_qkv(q, k, v, rank=4, layout="(B, S, H, D)")
+    batch, lq, heads_q, dim = q.shape
+    mask = check_mask(attn_mask, batch, heads_q, lq, k.shape[1], q.device)
+    del mask  # validated; describe() re-derives the kind from the tensor
+    check_alibi(alibi_slopes, batch, heads_q, q.device)
+    return _attend(q, k, v, None, None, 0, 0, attn_mask, alibi_slopes, sinks, dropout_p, softmax_scale,
+                   causal, window_size, softcap, return_lse, dropout_seed, generator)
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = NO_WINDOW,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_lse: bool = False,
+    *,
+    dropout_seed: int | torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+):
+    """Packed sequences: q (Tq, Hq, D), k/v (Tk, Hkv, D); sequence b is rows cu_seqlens[b]:[b+1].
+
+    Each sequence is its own attention problem (causal/window align bottom-right within it).
+    Returns (Tq, Hq, Dv), and with return_lse also lse (Hq, Tq).
+    """
+    check_qkv(q, k, v, rank=3, layout="(T, H, D) packed by cu_seqlens")
+    batch = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], None, q.device)
+    check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], batch, q.device)
+    max_seqlen_q = check_max_seqlen(max_seqlen_q, "max_seqlen_q", cu_seqlens_q)
+    max_seqlen_k = check_max_seqlen(max_seqlen_k, "max_seqlen_k", cu_seqlens_k)
+    check_alibi(alibi_slopes, batch, q.shape[1], q.device)
+    return _attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, alibi_slopes,
+                   sinks, dropout_p, softmax_scale, causal, window_size, softcap, return_lse,
+                   dropout_seed, generator)
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    window_size: int | tuple[int, int] | None = None,
+    scale: float | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    *,
+    dropout_seed: int | torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+):
+    """Attention over (B, H, S, D) tensors, the call shape of the `mps-flash-attn` package.
+
+    Same semantics as flash_attn_func (bottom-right causal). window_size: an int w with is_causal
+    means the last w keys (the query's own included); an int without is_causal bounds the left side
+    only, as in mps-flash-attn; a (left, right) pair is passed through. Returns (B, H, Lq, Dv) (a
+    transposed view of the kernel's (B, Lq, H, Dv) output: no copy).
+    """
+    check_qkv(q, k, v, rank=4, layout="(B, H, S, D)")
+    out = flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, scale, is_causal,
+        bhsd_window(window_size, is_causal), softcap, alibi_slopes, sinks, return_lse=return_lse,
+        attn_mask=attn_mask, dropout_seed=dropout_seed, generator=generator,
+    )
+    if return_lse:
+        return out[0].transpose(1, 2), out[1]
+    return out.transpose(1, 2)
+
+
+def bhsd_window(window_size, is_causal: bool) -> tuple[int, int]:
+    """mps-flash-attn's window: None (none), int (left span in keys, own key included) or a pair."""
+    if window_size is None:
+        return NO_WINDOW
+    if isinstance(window_size, int) and not isinstance(window_size, bool):
+        if window_size < 1:
+            raise ValueError(f"window_size: expected an int >= 1 (keys visible), got {window_size}")
+        return (window_size - 1, 0) if is_causal else (window_size - 1, -1)
+    return check_window(window_size)
+
+
+def flash_attention_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_size: int = 8192,
+    is_causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    window_size: int | tuple[int, int] | None = None,
+    scale: float | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """flash_attention for very long inputs (100K+ tokens), in query chunks of `chunk_size` rows.
+
+    Every backend is already O(N) in memory; chunking bounds the work of one kernel dispatch (long
+    single dispatches can trip the GPU watchdog) and, for causal/windowed attention, hands each
+    chunk only the keys it can see. Results equal flash_attention's; backward works through it.
+    """
+    from .chunked import chunked_attention  # local: keeps this module free of the chunk planner
+
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
+    check_qkv(q, k, v, rank=4, layout="(B, H, S, D)")
+    window = bhsd_window(window_size, is_causal)
+    return chunked_attention(q, k, v, chunk_size, is_causal, attn_mask, window, scale, softcap, sinks,
+                             alibi_slopes, return_lse)
+
+
+def _attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, alibi_slopes,
+            sinks, dropout_p, softmax_scale, causal, window_size, softcap, return_lse, dropout_seed,
+            generator):
+    window_left, window_right = check_window(window_size)
+    scale = check_scale(softmax_scale, q.shape[-1])
+    softcap = check_softcap(softcap)
+    dropout_p = check_dropout(dropout_p)
+    check_sinks(sinks, q.shape[-2], q.device)
+    seed = _dropout_seed(dropout_p, dropout_seed, generator)
+    causal = bool(causal)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, attn_mask, sinks)
+    )
+    problem = describe(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
+                       causal, window_left, window_right, softcap, dropout_p, needs_grad=needs_grad)
+    chosen = dispatch.select(problem)
+    out, lse = chosen.OPS.forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, seed,
+                                  max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right,
+                                  softcap, dropout_p)
+    return (out, lse) if return_lse else out
+
+
+def _dropout_seed(dropout_p: float, dropout_seed, generator) -> torch.Tensor | None:
+    if dropout_p == 0:
+        return None
+    if dropout_seed is None:
+        return new_seed(generator)
+    if isinstance(dropout_seed, torch.Tensor):
+        return dropout_seed.to(torch.int64).reshape(())
+    return torch.tensor(int(dropout_seed) & 0xFFFFFFFF, dtype=torch.int64)

@@ -1,0 +1,157 @@
+"""torch.library custom ops for the attention backends: one schema, one fake, one autograd rule.
+
+Each backend supplies a forward and a backward implementation with the signature below; this module
+wraps them as `mfa_hf::<backend>_attention_fwd/_bwd` ops with shared fake (meta) implementations
+and registered autograd, so torch.compile(fullgraph=True) sees opaque ops and no graph breaks.
+
+Layouts: dense q (B, Lq, Hq, Dqk), k (B, Lk, Hkv, Dqk), v (B, Lk, Hkv, Dv) -> out (B, Lq, Hq, Dv),
+lse (B, Hq, Lq). Packed (varlen, cu_seqlens given): q (Tq, Hq, D) ... -> out (Tq, Hq, Dv), lse (Hq, Tq).
+"""
+
+# No `from __future__ import annotations`: custom_op infers the schema from real annotations.
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import trace
+from .problem import AttentionProblem, MaskKind
+
+
+@dataclass(frozen=True)
+class AttentionOps:
+    forward: Callable  # the autograd-enabled forward op
+    backward: Callable
+
+
+def describe(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
+             causal, window_left, window_right, softcap, dropout_p, kv_format="none", needs_grad=False):
+    """An AttentionProblem from validated tensors (no checks here: problem.py did them)."""
+    varlen = cu_seqlens_q is not None
+    mask = MaskKind.NONE
+    if attn_mask is not None:
+        mask = MaskKind.BOOL if attn_mask.dtype == torch.bool else MaskKind.ADDITIVE
+    return AttentionProblem(
+        device_type=q.device.type,
+        dtype=q.dtype,
+        batch=(cu_seqlens_q.numel() - 1) if varlen else q.shape[0],
+        seqlen_q=max_seqlen_q if varlen else q.shape[1],
+        seqlen_k=max_seqlen_k if varlen else k.shape[1],
+        heads_q=q.shape[-2],
+        heads_kv=k.shape[-2],
+        head_dim_qk=q.shape[-1],
+        head_dim_v=v.shape[-1],
+        causal=causal,
+        window=(window_left, window_right),
+        softcap=softcap,
+        has_alibi=alibi_slopes is not None,
+        has_sinks=sinks is not None,
+        mask=mask,
+        varlen=varlen,
+        dropout_p=dropout_p,
+        kv_format=kv_format,
+        needs_grad=needs_grad,
+    )
+
+
+def _record(backend: str, op: str, problem: AttentionProblem) -> None:
+    trace.record(backend, op, problem.dtype, problem.head_dim_qk, problem.seqlen_q, problem.seqlen_k,
+                 problem.flags())
+
+
+def _fake_forward(q, k, v, *_args):
+    out = q.new_empty(q.shape[:-2] + (q.shape[-2], v.shape[-1]))
+    if q.dim() == 3:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+def _fake_backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, *rest):
+    want_mask_grad = rest[-1]
+    dsinks = q.new_empty(sinks.shape if sinks is not None else (0,), dtype=torch.float32)
+    dmask = q.new_empty(attn_mask.shape if want_mask_grad else (0,), dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks, dmask
+
+
+def define_attention_ops(backend: str, forward_impl: Callable, backward_impl: Callable,
+                         device_types=None) -> AttentionOps:
+    """Register mfa_hf::{backend}_attention_fwd/_bwd around the backend's implementations.
+
+    forward_impl(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, dropout_seed,
+    max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p)
+    -> (out, lse). backward_impl(grad_out, grad_lse, q, k, v, out, lse, <the forward's arguments
+    from attn_mask on>, want_mask_grad) -> (dq, dk, dv, dsinks or None, dmask or None).
+    """
+
+    @torch.library.custom_op(f"mfa_hf::{backend}_attention_fwd", mutates_args=(), device_types=device_types)
+    def attention_fwd(
+        q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor],
+        sinks: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+        dropout_seed: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool,
+        window_left: int, window_right: int, softcap: float, dropout_p: float,
+    ) -> tuple[Tensor, Tensor]:
+        problem = describe(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, max_seqlen_q,
+                           max_seqlen_k, causal, window_left, window_right, softcap, dropout_p)
+        _record(backend, "fwd", problem)
+        return forward_impl(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k,
+                            dropout_seed, max_seqlen_q, max_seqlen_k, scale, causal, window_left,
+                            window_right, softcap, dropout_p)
+
+    @torch.library.custom_op(f"mfa_hf::{backend}_attention_bwd", mutates_args=(), device_types=device_types)
+    def attention_bwd(
+        grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+        lse: Tensor, attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor], sinks: Optional[Tensor],
+        cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], dropout_seed: Optional[Tensor],
+        max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, window_left: int,
+        window_right: int, softcap: float, dropout_p: float, want_mask_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        problem = describe(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, max_seqlen_q,
+                           max_seqlen_k, causal, window_left, window_right, softcap, dropout_p)
+        _record(backend, "bwd", problem)
+        dq, dk, dv, dsinks, dmask = backward_impl(
+            grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, cu_seqlens_q,
+            cu_seqlens_k, dropout_seed, max_seqlen_q, max_seqlen_k, scale, causal, window_left,
+            window_right, softcap, dropout_p, want_mask_grad)
+        empty = q.new_empty((0,), dtype=torch.float32)
+        dsinks = empty if dsinks is None else dsinks.float()
+        dmask = empty if dmask is None else dmask.float()
+        return dq, dk, dv, dsinks, dmask
+
+    attention_fwd.register_fake(_fake_forward)
+    attention_bwd.register_fake(_fake_backward)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, attn_mask, alibi_slopes, sinks, cu_q, cu_k, seed = inputs[:9]
+        ctx.scalars = inputs[9:]
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, sinks, cu_q, cu_k, seed)
+        ctx.mask_dtype = None if attn_mask is None else attn_mask.dtype
+        ctx.sinks_dtype = None if sinks is None else sinks.dtype
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, attn_mask, alibi_slopes, sinks, cu_q, cu_k, seed = ctx.saved_tensors
+        want_mask_grad = bool(ctx.needs_input_grad[3]) and ctx.mask_dtype != torch.bool
+        dq, dk, dv, dsinks, dmask = attention_bwd(
+            grad_out.contiguous(), grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, cu_q,
+            cu_k, seed, *ctx.scalars, want_mask_grad)
+        dsinks = dsinks.to(ctx.sinks_dtype) if ctx.needs_input_grad[5] else None
+        dmask = dmask.to(ctx.mask_dtype) if want_mask_grad else None
+        return (dq, dk, dv, dmask, None, dsinks) + (None,) * 11
+
+    attention_fwd.register_autograd(backward, setup_context=setup_context)
+    return AttentionOps(forward=attention_fwd, backward=attention_bwd)
+
+
+def empty_result(q: Tensor, v: Tensor, sinks: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The answer for Lq == 0 or Lk == 0: zeros, with LSE -inf (or the sink logit)."""
+    out, lse = _fake_forward(q, q, v)
+    out = torch.zeros_like(out)
+    if sinks is not None:
+        lse = sinks.float().reshape((-1, 1) if q.dim() == 3 else (1, -1, 1)).expand(lse.shape).clone()
+    else:
+        lse = torch.full_like(lse, -math.inf)
+    return out, lse

@@ -1,0 +1,218 @@
+"""One place that validates attention inputs and describes the problem for dispatch.
+
+Kernels assume valid input. Every error names the argument, what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+MAX_HEAD_DIM = 256
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NO_WINDOW = (-1, -1)
+
+
+class MaskKind(str, Enum):
+    NONE = "none"
+    BOOL = "bool"
+    ADDITIVE = "additive"
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """What a backend needs to know to decide whether it can serve a call (no tensors inside)."""
+
+    device_type: str
+    dtype: torch.dtype
+    batch: int
+    seqlen_q: int  # the maximum length for varlen problems
+    seqlen_k: int
+    heads_q: int
+    heads_kv: int
+    head_dim_qk: int
+    head_dim_v: int
+    causal: bool = False
+    window: tuple[int, int] = NO_WINDOW
+    softcap: float = 0.0
+    has_alibi: bool = False
+    has_sinks: bool = False
+    mask: MaskKind = MaskKind.NONE
+    varlen: bool = False
+    dropout_p: float = 0.0
+    kv_format: str = "none"
+    needs_grad: bool = False
+
+    def flags(self) -> str:
+        """A short, stable description of the features in use (for MFA_TRACE)."""
+        parts = []
+        if self.causal:
+            parts.append("causal")
+        if self.window != NO_WINDOW:
+            parts.append(f"window={self.window[0]},{self.window[1]}")
+        if self.softcap > 0:
+            parts.append("softcap")
+        if self.has_alibi:
+            parts.append("alibi")
+        if self.has_sinks:
+            parts.append("sinks")
+        if self.mask is not MaskKind.NONE:
+            parts.append(f"mask={self.mask.value}")
+        if self.varlen:
+            parts.append("varlen")
+        if self.dropout_p > 0:
+            parts.append("dropout")
+        if self.kv_format != "none":
+            parts.append(f"kv={self.kv_format}")
+        if self.heads_q != self.heads_kv:
+            parts.append(f"gqa={self.heads_q // self.heads_kv}")
+        return " ".join(parts) or "-"
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int, layout: str) -> None:
+    """Shapes (rank 4 for (B, S, H, D), rank 3 for packed (T, H, D)), dtypes and devices."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{name}: expected a {rank}-D tensor {layout}, got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} like q, got {t.device}")
+    if rank == 4 and not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"k, v: expected batch {q.shape[0]} like q, got {k.shape[0]} and {v.shape[0]}")
+    seq_dim, head_dim = rank - 3, rank - 2
+    if k.shape[seq_dim] != v.shape[seq_dim]:
+        raise ValueError(f"v: expected {k.shape[seq_dim]} keys like k, got {v.shape[seq_dim]}")
+    if k.shape[head_dim] != v.shape[head_dim]:
+        raise ValueError(f"v: expected {k.shape[head_dim]} heads like k, got {v.shape[head_dim]}")
+    heads_q, heads_kv = q.shape[head_dim], k.shape[head_dim]
+    if heads_kv == 0 or heads_q % heads_kv != 0:
+        raise ValueError(f"k: expected a number of KV heads dividing {heads_q} query heads, got {heads_kv}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k: expected head dim {q.shape[-1]} like q, got {k.shape[-1]}")
+    for name, t in (("q", q), ("v", v)):
+        if not 0 < t.shape[-1] <= MAX_HEAD_DIM:
+            raise ValueError(f"{name}: expected a head dim in 1..{MAX_HEAD_DIM}, got {t.shape[-1]}")
+
+
+def check_window(window_size) -> tuple[int, int]:
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
+        raise ValueError(f"window_size: expected a pair (left, right), got {window_size!r}")
+    left, right = window_size
+    for side, value in (("left", left), ("right", right)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+            raise ValueError(f"window_size: expected {side} >= -1 (an int, -1 = unbounded), got {value!r}")
+    return int(left), int(right)
+
+
+def check_scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    value = float(softmax_scale)
+    if not math.isfinite(value):
+        raise ValueError(f"softmax_scale: expected a finite number, got {softmax_scale!r}")
+    return value
+
+
+def check_softcap(softcap) -> float:
+    value = float(softcap)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"softcap: expected a finite number >= 0 (0 = off), got {softcap!r}")
+    return value
+
+
+def check_dropout(dropout_p) -> float:
+    value = float(dropout_p)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+    return value
+
+
+def check_mask(attn_mask, batch: int, heads_q: int, lq: int, lk: int, device: torch.device) -> MaskKind:
+    """attn_mask broadcastable to (B, Hq, Lq, Lk): bool (True = attend) or additive float."""
+    if attn_mask is None:
+        return MaskKind.NONE
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and attn_mask.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"attn_mask: expected dtype bool (True = attend) or a float dtype, got {attn_mask.dtype}")
+    if attn_mask.device != device:
+        raise ValueError(f"attn_mask: expected device {device} like q, got {attn_mask.device}")
+    target = (batch, heads_q, lq, lk)
+    shape = tuple(attn_mask.shape)
+    padded = (1,) * (4 - len(shape)) + shape if len(shape) <= 4 else None
+    if padded is None or any(m not in (1, t) for m, t in zip(padded, target)):
+        raise ValueError(f"attn_mask: expected a shape broadcastable to (B, Hq, Lq, Lk) = {target}, got {shape}")
+    return MaskKind.BOOL if attn_mask.dtype == torch.bool else MaskKind.ADDITIVE
+
+
+def check_alibi(alibi_slopes, batch: int, heads_q: int, device: torch.device) -> bool:
+    if alibi_slopes is None:
+        return False
+    _check_float_vector("alibi_slopes", alibi_slopes, device)
+    if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)):
+        raise ValueError(
+            f"alibi_slopes: expected shape ({heads_q},) or ({batch}, {heads_q}), got {tuple(alibi_slopes.shape)}"
+        )
+    return True
+
+
+def check_sinks(sinks, heads_q: int, device: torch.device) -> bool:
+    if sinks is None:
+        return False
+    _check_float_vector("sinks", sinks, device)
+    if tuple(sinks.shape) != (heads_q,):
+        raise ValueError(f"sinks: expected one logit per query head, shape ({heads_q},), got {tuple(sinks.shape)}")
+    return True
+
+
+def _check_float_vector(name: str, t, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a float dtype, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} like q, got {t.device}")
+
+
+def check_cu_seqlens(cu_seqlens, name: str, total: int, batch: int | None, device: torch.device) -> int:
+    """Validate cumulative sequence lengths; returns the batch size they describe."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected dtype int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{name}: expected a 1-D tensor of B + 1 offsets, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{name}: expected device {device} like q, got {cu_seqlens.device}")
+    count = cu_seqlens.numel() - 1
+    if batch is not None and count != batch:
+        raise ValueError(f"{name}: expected {batch + 1} offsets like cu_seqlens_q, got {count + 1}")
+    if torch.compiler.is_compiling():
+        return count  # values are data; checking them would break the graph
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name}: expected to start at 0, got {values[0]}")
+    if any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name}: expected non-decreasing offsets, got {values}")
+    if values[-1] != total:
+        raise ValueError(f"{name}: expected to end at the total length {total}, got {values[-1]}")
+    return count
+
+
+def check_max_seqlen(max_seqlen, name: str, cu_seqlens: torch.Tensor) -> int:
+    value = int(max_seqlen)
+    if torch.compiler.is_compiling():
+        return value
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    if value < longest:
+        raise ValueError(f"{name}: expected at least the longest sequence ({longest}), got {value}")
+    return value

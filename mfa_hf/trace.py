@@ -1,0 +1,62 @@
+"""MFA_TRACE: which backend served which problems, and how often.
+
+Counting happens inside the custom ops' real implementations, so it is right under torch.compile
+too (the compiled graph still calls the op). Tests use `capture()` to assert a kernel really ran.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from collections import Counter
+from contextlib import contextmanager
+from typing import Iterator
+
+TraceKey = tuple  # (backend, op, dtype, head_dim, lq, lk, flags)
+
+_counts: Counter = Counter()
+_captures: list[Counter] = []
+
+
+def record(backend: str, op: str, dtype, head_dim: int, lq: int, lk: int, flags: str) -> None:
+    key = (backend, op, str(dtype).replace("torch.", ""), head_dim, lq, lk, flags)
+    _counts[key] += 1
+    for captured in _captures:
+        captured[key] += 1
+
+
+@contextmanager
+def capture() -> Iterator[Counter]:
+    """Count the calls made inside the block: {(backend, op, dtype, D, Lq, Lk, flags): n}."""
+    captured: Counter = Counter()
+    _captures.append(captured)
+    try:
+        yield captured
+    finally:
+        _captures.remove(captured)
+
+
+def served_by(captured: Counter) -> Counter:
+    """Collapse a capture to {(backend, op): calls}."""
+    totals: Counter = Counter()
+    for key, n in captured.items():
+        totals[key[0], key[1]] += n
+    return totals
+
+
+def report(counts: Counter | None = None) -> str:
+    counts = _counts if counts is None else counts
+    header = f"{'backend':8} {'op':8} {'dtype':9} {'D':>4} {'Lq':>7} {'Lk':>7} {'calls':>7}  flags"
+    lines = ["mfa_hf trace: calls served per backend", header]
+    for (backend, op, dtype, dim, lq, lk, flags), n in sorted(counts.items(), key=str):
+        lines.append(f"{backend:8} {op:8} {dtype:9} {dim:>4} {lq:>7} {lk:>7} {n:>7}  {flags}")
+    return "\n".join(lines)
+
+
+def _report_at_exit() -> None:
+    if os.environ.get("MFA_TRACE", "0") not in ("", "0") and _counts:
+        print(report(), file=sys.stderr)
+
+
+atexit.register(_report_at_exit)
