@@ -117,7 +117,9 @@ def attention_reference(
     if sinks is not None:
         denom = denom + torch.exp(sink - safe_max)
     lse = (safe_max + torch.log(denom)).squeeze(-1)
-    probs = torch.where(denom == 0, torch.zeros_like(weights), weights / denom)
+    # A row with no visible key has weights 0 and denom 0: divide by 1 there so that its output and
+    # its gradients are 0 (dividing by 0 inside torch.where would poison the backward with NaN).
+    probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
 
     if dropout_p > 0:
         if dropout_seed is None:

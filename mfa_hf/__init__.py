@@ -14,6 +14,21 @@ __version__ = "0.1.0"
 
 dispatch.load_all()
 
+# Names served by optional integrations, imported on first use so that `import mfa_hf` stays light
+# (diffusers and transformers take seconds to import). name -> module that defines it.
+_LAZY_EXPORTS = {
+    "MFAProcessor": "mfa_hf.integrations.diffusers",
+    "MFAJointAttnProcessor": "mfa_hf.integrations.diffusers",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mfa_hf' has no attribute {name!r}")
+
 __all__ = [
     "AttentionProblem",
     "BackendUnavailable",

@@ -20,6 +20,18 @@ from . import trace
 from .problem import AttentionProblem, MaskKind
 
 
+# Tests set this so that every backend allocates its outputs filled with NaN: an element a kernel
+# forgets to write then fails the comparison instead of passing by luck.
+POISON_OUTPUTS = False
+
+
+def new_output(shape, dtype, device) -> Tensor:
+    """Allocate a kernel output (NaN-filled while POISON_OUTPUTS is set)."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 @dataclass(frozen=True)
 class AttentionOps:
     forward: Callable  # the autograd-enabled forward op
@@ -116,9 +128,8 @@ def define_attention_ops(backend: str, forward_impl: Callable, backward_impl: Ca
             grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, cu_seqlens_q,
             cu_seqlens_k, dropout_seed, max_seqlen_q, max_seqlen_k, scale, causal, window_left,
             window_right, softcap, dropout_p, want_mask_grad)
-        empty = q.new_empty((0,), dtype=torch.float32)
-        dsinks = empty if dsinks is None else dsinks.float()
-        dmask = empty if dmask is None else dmask.float()
+        dsinks = q.new_empty((0,), dtype=torch.float32) if dsinks is None else dsinks.float()
+        dmask = q.new_empty((0,), dtype=torch.float32) if dmask is None else dmask.float()
         return dq, dk, dv, dsinks, dmask
 
     attention_fwd.register_fake(_fake_forward)

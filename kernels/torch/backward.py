@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from mfa_hf.ops import new_output
 from .forward import accumulation_dtype
 from .scores import (
     ScoreSpec,
@@ -39,7 +40,7 @@ def backward_dense(
     delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1).transpose(1, 2)  # (B, Hq, Lq)
     if grad_lse is not None:
         delta = delta - grad_lse.to(acc_dtype)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq = new_output(q.shape, q.dtype, q.device)
     dk = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)
     dmask = None

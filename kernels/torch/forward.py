@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from mfa_hf.ops import new_output
 from .scores import ScoreSpec, block_scores, dropout_keep, grouped_queries, heads_last, ungroup
 from .tiles import key_blocks, query_tile, query_tiles
 
@@ -21,8 +22,8 @@ def forward_dense(
     """q (B, Lq, Hq, D), k (B, Lk, Hkv, D), v (B, Lk, Hkv, Dv) -> out (B, Lq, Hq, Dv), lse (B, Hq, Lq)."""
     batch, lq, heads_q, _ = q.shape
     acc_dtype = accumulation_dtype(q.dtype)
-    out = torch.empty(batch, lq, heads_q, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, heads_q, lq, dtype=torch.float32, device=q.device)
+    out = new_output((batch, lq, heads_q, v.shape[-1]), q.dtype, q.device)
+    lse = new_output((batch, heads_q, lq), torch.float32, q.device)
     rows_per_tile = query_tile(batch * heads_q, lq)
     for i0, i1 in query_tiles(lq, rows_per_tile):
         tile_out, tile_lse = _query_tile(q[:, i0:i1], k, v, spec, sinks, i0, acc_dtype)

@@ -10,11 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-# Elements of one fp32 score block across all heads (16 MiB): large enough for efficient matmuls,
-# small enough that the O(N) guarantee is a small constant.
-SCORE_BLOCK_ELEMENTS = 1 << 22
-KEY_TILE = 512
-MIN_QUERY_TILE = 16
+
+
+@dataclass
+class Tiling:
+    """Tile sizes, read at call time so tests can shrink them to cross many block boundaries."""
+
+    # Elements of one fp32 score block across all heads (16 MiB): large enough for efficient
+    # matmuls, small enough that the O(N) guarantee has a small constant.
+    score_block_elements: int = 1 << 22
+    key_tile: int = 512
+    min_query_tile: int = 16
+
+
+TILING = Tiling()
 
 
 @dataclass(frozen=True)
@@ -56,10 +65,10 @@ def make_band(lq: int, lk: int, causal: bool, window_left: int, window_right: in
     return Band(lq, lk, window_left, 0 if causal else window_right)
 
 
-def query_tile(batch_heads: int, lq: int, key_tile: int = KEY_TILE) -> int:
-    """Rows per query tile so that one score block stays within SCORE_BLOCK_ELEMENTS."""
-    rows = SCORE_BLOCK_ELEMENTS // max(1, batch_heads * key_tile)
-    return max(1, min(lq, max(MIN_QUERY_TILE, rows)))
+def query_tile(batch_heads: int, lq: int) -> int:
+    """Rows per query tile so that one score block stays within TILING.score_block_elements."""
+    rows = TILING.score_block_elements // max(1, batch_heads * TILING.key_tile)
+    return max(1, min(lq, max(TILING.min_query_tile, rows)))
 
 
 def query_tiles(lq: int, tile: int) -> Iterator[tuple[int, int]]:
@@ -67,8 +76,8 @@ def query_tiles(lq: int, tile: int) -> Iterator[tuple[int, int]]:
         yield i0, min(lq, i0 + tile)
 
 
-def key_blocks(band: Band, i0: int, i1: int, key_tile: int = KEY_TILE) -> Iterator[Block]:
+def key_blocks(band: Band, i0: int, i1: int) -> Iterator[Block]:
     start, end = band.key_range(i0, i1)
-    for j0 in range(start, end, key_tile):
-        j1 = min(end, j0 + key_tile)
+    for j0 in range(start, end, TILING.key_tile):
+        j1 = min(end, j0 + TILING.key_tile)
         yield Block(i0, i1, j0, j1, not band.fully_visible(i0, i1, j0, j1))

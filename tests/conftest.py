@@ -1,0 +1,16 @@
+import pytest
+
+from mfa_hf import ops
+from mfa_hf.kernels.torch import tiles
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every kernel output starts as NaN, so unwritten elements fail the comparison."""
+    monkeypatch.setattr(ops, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 8 keys x >= 4 queries, so small problems cross many block boundaries."""
+    monkeypatch.setattr(tiles, "TILING", tiles.Tiling(score_block_elements=64, key_tile=8, min_query_tile=4))

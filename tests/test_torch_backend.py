@@ -1,0 +1,96 @@
+"""The torch backend against the float64 reference over the feature matrix, forward and gradients."""
+
+import pytest
+import torch
+
+import mfa_hf
+from mfa_hf import trace
+from mfa_hf.testing import (
+    FORWARD_FACTOR,
+    GRADIENT_FACTOR,
+    Case,
+    assert_close_to_reference,
+    core_cases,
+    differentiable,
+    full_cases,
+    make_inputs,
+    reference_of,
+)
+
+
+def run_kernel(case: Case, inputs: dict, **extra):
+    return mfa_hf.flash_attn_func(
+        inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["attn_mask"], alibi_slopes=inputs["alibi_slopes"],
+        sinks=inputs["sinks"], return_lse=True, **case.options(), **extra)
+
+
+def check_case(case: Case, seed: int = 0, gradients: bool = True):
+    inputs = make_inputs(case, seed=seed, requires_grad=gradients)
+    with trace.capture() as calls:
+        out, lse = run_kernel(case, inputs)
+    assert trace.served_by(calls)[("torch", "fwd")] == 1
+    ref, ref_lse, ref_args = reference_of(case, inputs, upcast=True)
+    base, base_lse, base_args = reference_of(case, inputs, upcast=False)
+    factor = GRADIENT_FACTOR if case.softcap > 0 else FORWARD_FACTOR
+    assert_close_to_reference(out, ref, base, factor, "out")
+    assert_close_to_reference(lse, ref_lse, base_lse, factor, "lse")
+    if not gradients:
+        return
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out.dtype)
+    names = differentiable(inputs)
+    ours = torch.autograd.grad(out, [inputs[n] for n in names], grad)
+    want = torch.autograd.grad(ref, [ref_args[n] for n in names], grad.to(torch.float64))
+    baseline = torch.autograd.grad(base, [base_args[n] for n in names], grad)
+    for name, g_ours, g_ref, g_base in zip(names, ours, want, baseline):
+        assert_close_to_reference(g_ours, g_ref, g_base, GRADIENT_FACTOR, f"d{name}")
+
+
+@pytest.mark.parametrize("case", core_cases(), ids=lambda c: c.id)
+def test_matches_reference_across_tiles(case, small_tiles):
+    check_case(case)
+
+
+@pytest.mark.parametrize("case", core_cases()[::9], ids=lambda c: c.id)
+def test_matches_reference_default_tiles(case):
+    check_case(case, seed=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", full_cases(), ids=lambda c: c.id)
+def test_full_matrix(case, small_tiles):
+    check_case(case, seed=7)
+
+
+@pytest.mark.parametrize("dim", [1, 3, 128, 256])
+def test_head_dims_to_256(dim, small_tiles):
+    check_case(Case(dtype=torch.bfloat16, lq=19, lk=21, dim=dim, dim_v=dim, causal=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_matches_reference_with_same_seed(dtype, small_tiles):
+    case = Case(dtype=dtype, lq=30, lk=41, causal=True, sinks=True, dropout_p=0.3)
+    inputs = make_inputs(case, requires_grad=True)
+    seed = torch.tensor(1234)
+    out = run_kernel(case, inputs, dropout_p=0.3, dropout_seed=seed)[0]
+    ref, _, ref_args = reference_of(case, inputs, upcast=True, seed=seed)
+    base, _, base_args = reference_of(case, inputs, upcast=False, seed=seed)
+    assert_close_to_reference(out, ref, base)
+    grad = torch.randn_like(out)
+    names = differentiable(inputs)
+    ours = torch.autograd.grad(out, [inputs[n] for n in names], grad)
+    want = torch.autograd.grad(ref, [ref_args[n] for n in names], grad.to(torch.float64))
+    baseline = torch.autograd.grad(base, [base_args[n] for n in names], grad)
+    for name, a, b, c in zip(names, ours, want, baseline):
+        assert_close_to_reference(a, b, c, GRADIENT_FACTOR, f"d{name}")
+
+
+def test_dropout_drops_the_requested_fraction():
+    q = torch.zeros(1, 64, 2, 8)  # uniform attention: output = mean of kept v rows, scaled
+    v = torch.ones(1, 512, 2, 8)
+    out = mfa_hf.flash_attn_func(q, torch.zeros(1, 512, 2, 8), v, dropout_p=0.25, dropout_seed=5)
+    kept = (out[..., 0] * (1 - 0.25)).mean().item()
+    assert abs(kept - 0.75) < 0.01
+    again = mfa_hf.flash_attn_func(q, torch.zeros(1, 512, 2, 8), v, dropout_p=0.25, dropout_seed=5)
+    assert torch.equal(out, again)
+    other = mfa_hf.flash_attn_func(q, torch.zeros(1, 512, 2, 8), v, dropout_p=0.25, dropout_seed=6)
+    assert not torch.equal(out, other)
