@@ -1,0 +1,21 @@
+"""A CPU emulator for Metal Shading Language compute kernels, with torch.mps.compile_shader's API.
+
+    from mfa_hf.kernels.metal.emulator import compile_shader
+    lib = compile_shader(msl_source)          # clang >= 17 required (see README.md)
+    lib.kernel_name(out, x, 1.5, threads=n)   # CPU tensors, results written in place
+
+See README.md in this folder for what it proves and what only Apple's compiler and GPUs can.
+"""
+
+from .arguments import EmulatorWarning
+from .compiler import CompilerNotFound, MetalCompileError, find_compiler
+from .kernel_signatures import KernelSourceError
+from .library import EmulatedKernel, EmulatedLibrary, EmulatorRuntimeError, compile_shader
+from .runtime_select import MetalRuntime, emulator_enabled, metal_runtime, with_defines
+from .schedules import SCHEDULES, TWO_SCHEDULES, run_two_schedules
+
+__all__ = [
+    "compile_shader", "run_two_schedules", "metal_runtime", "MetalRuntime", "emulator_enabled", "with_defines",
+    "EmulatedLibrary", "EmulatedKernel", "EmulatorWarning", "EmulatorRuntimeError", "MetalCompileError",
+    "CompilerNotFound", "KernelSourceError", "find_compiler", "SCHEDULES", "TWO_SCHEDULES",
+]

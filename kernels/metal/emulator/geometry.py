@@ -1,0 +1,51 @@
+"""`threads` and `group_size` as torch.mps.compile_shader reads them.
+
+`threads` is the total grid (dispatchThreads, 1-3 dimensions, edge threadgroups may be partial),
+defaulting to the numel of the first tensor argument. `group_size` must have as many dimensions
+and defaults to min(threads, max) in 1-D and (max, 1, 1) otherwise, where max is the pipeline's
+maxTotalThreadsPerThreadgroup (the emulator assumes 1024; real pipelines may report less).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+MAX_THREADS_PER_THREADGROUP = 1024
+
+
+def launch_geometry(name: str, args: Sequence[Any], threads, group_size) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    grid = _dims(name, "threads", threads if threads is not None else _default_threads(name, args))
+    if group_size is None:
+        group = (min(grid[0], MAX_THREADS_PER_THREADGROUP),) if len(grid) == 1 else (MAX_THREADS_PER_THREADGROUP,) + (1,) * (len(grid) - 1)
+    else:
+        group = _dims(name, "group_size", group_size)
+    if len(group) != len(grid):
+        raise ValueError(f"{name}: group_size: expected {len(grid)} dimension(s) like threads={grid}, got {group}")
+    total = 1
+    for g in group:
+        total *= g
+    if total > MAX_THREADS_PER_THREADGROUP:
+        raise ValueError(
+            f"{name}: group_size: expected at most {MAX_THREADS_PER_THREADGROUP} threads per threadgroup, got {group} = {total}"
+        )
+    return _pad3(grid), _pad3(group)
+
+
+def _default_threads(name: str, args: Sequence[Any]) -> int:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.numel()
+    raise ValueError(f"{name}: threads: expected threads= when no argument is a tensor")
+
+
+def _dims(name: str, what: str, value) -> tuple[int, ...]:
+    dims = (value,) if isinstance(value, int) else tuple(value) if isinstance(value, Sequence) else None
+    if dims is None or not 1 <= len(dims) <= 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+        raise ValueError(f"{name}: {what}: expected a positive int or 1-3 positive ints, got {value!r}")
+    return dims
+
+
+def _pad3(dims: tuple[int, ...]) -> tuple[int, int, int]:
+    return tuple(dims) + (1,) * (3 - len(dims))  # type: ignore[return-value]

@@ -1,0 +1,100 @@
+"""The object `compile_shader` returns: kernels looked up by name and called like torch's.
+
+    lib = compile_shader(source)
+    lib.my_kernel(out, x, 3, threads=n, group_size=256)
+
+Extra keyword arguments that only the emulator accepts: `schedule=` (see schedules.py) and
+`poison=` (fill threadgroup memory with 0xFF bytes, on by default).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import warnings
+from typing import Any
+
+from . import arguments, compiler, geometry, schedules
+from .kernel_signatures import Kernel
+
+
+class EmulatorRuntimeError(RuntimeError):
+    """A kernel failed while running under the emulator (barrier divergence, memory limit...)."""
+
+
+def default_workers() -> int:
+    """OS threads that run threadgroups (MSLEMU_WORKERS, else one per CPU, at most 8)."""
+    env = os.environ.get("MSLEMU_WORKERS")
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"MSLEMU_WORKERS: expected a positive integer, got {env!r}")
+        return int(env)
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+class EmulatedLibrary:
+    """A compiled MSL library; attribute access returns its kernels."""
+
+    is_emulated = True
+
+    def __init__(self, source: str):
+        if not isinstance(source, str):
+            raise TypeError(f"compile_shader: source: expected str, got {type(source).__name__}")
+        path, kernels = compiler.build(source)
+        self._dll = ctypes.CDLL(str(path))
+        self._dll.mslemu_dispatch.restype = ctypes.c_int
+        self._dll.mslemu_dispatch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                              ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
+        self._dll.mslemu_last_error.restype = ctypes.c_char_p
+        self._dll.mslemu_last_warnings.restype = ctypes.c_char_p
+        self._kernels = {k.name: EmulatedKernel(self._dll, k) for k in kernels}
+
+    def __getattr__(self, name: str) -> "EmulatedKernel":
+        kernels = self.__dict__.get("_kernels", {})
+        if name in kernels:
+            return kernels[name]
+        raise AttributeError(f"no kernel named {name!r} in this library; kernels: {sorted(kernels)}")
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(self._kernels))
+
+
+class EmulatedKernel:
+    """One kernel; calling it launches it over the grid, writing results into the tensors."""
+
+    max_threads_per_threadgroup = geometry.MAX_THREADS_PER_THREADGROUP
+    thread_execution_width = 32
+    static_thread_group_memory_length = 0  # unknown before running: threadgroup arrays are allocated lazily
+
+    def __init__(self, dll: ctypes.CDLL, kernel: Kernel):
+        self._dll, self._kernel = dll, kernel
+        self._entry = ctypes.cast(getattr(dll, f"mslemu_kernel_{kernel.symbol}"), ctypes.c_void_p).value
+        self._sizes = self._describe()
+
+    def _describe(self) -> list[tuple[int, bool, bool]]:
+        n = len(self._kernel.params)
+        out = (ctypes.c_int64 * max(3, 3 * n))()
+        getattr(self._dll, f"mslemu_params_{self._kernel.symbol}")(out)
+        return [(out[3 * i], bool(out[3 * i + 1]), bool(out[3 * i + 2])) for i in range(n)]
+
+    def __call__(self, *args: Any, threads=None, group_size=None, arg_casts=None, schedule: str | None = None,
+                 poison: bool = True, seed: int = 0) -> None:
+        name = self._kernel.name
+        bound = arguments.bind(self._kernel, self._sizes, args, arg_casts)
+        grid, group = geometry.launch_geometry(name, args, threads, group_size)
+        rc = self._dll.mslemu_dispatch(
+            self._entry, ctypes.addressof(bound.pointers), (ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*group),
+            schedules.schedule_id(schedule), seed, default_workers(), int(poison),
+        )
+        for message in (self._dll.mslemu_last_warnings() or b"").decode().splitlines():
+            warnings.warn(f"{name}: {message}", arguments.EmulatorWarning, stacklevel=2)
+        if rc != 0:
+            raise EmulatorRuntimeError(f"{name}: {self._dll.mslemu_last_error().decode()}")
+
+    def __repr__(self) -> str:
+        return f"<emulated Metal kernel {self._kernel.name}>"
+
+
+def compile_shader(source: str) -> EmulatedLibrary:
+    """Compile MSL `source` for the CPU emulator: the same call as torch.mps.compile_shader."""
+    return EmulatedLibrary(source)

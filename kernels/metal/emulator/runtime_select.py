@@ -1,0 +1,56 @@
+"""Which Metal runtime a kernel test (or the `metal` backend) uses.
+
+On a Mac with a working `mps` device: torch.mps.compile_shader and `mps` tensors. Elsewhere:
+the emulator and CPU tensors. `MFA_METAL_EMULATOR=1` forces the emulator (also on a Mac) and is
+what lets mfa_hf's `metal` backend serve CPU tensors through it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+
+def emulator_enabled() -> bool:
+    """True when MFA_METAL_EMULATOR=1: the metal backend should run CPU tensors on the emulator."""
+    return os.environ.get("MFA_METAL_EMULATOR", "") == "1"
+
+
+@dataclass(frozen=True)
+class MetalRuntime:
+    compile_shader: Callable[[str], Any]
+    device: str  # where kernel arguments must live: "mps" or "cpu"
+    is_emulated: bool
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` moved to this runtime's device."""
+        return t.to(self.device)
+
+
+def metal_runtime() -> MetalRuntime:
+    """Real Metal when available (and not overridden by MFA_METAL_EMULATOR=1), else the emulator."""
+    if not emulator_enabled() and torch.backends.mps.is_available():
+        return MetalRuntime(_real_compile_shader, "mps", False)
+    from .library import compile_shader
+
+    return MetalRuntime(compile_shader, "cpu", True)
+
+
+def _real_compile_shader(source: str):
+    lib = torch.mps.compile_shader(source)
+    return lib
+
+
+def with_defines(source: str, defines: Mapping[str, Any]) -> str:
+    """`source` with `#define NAME VALUE` lines prepended: how variants are made, since
+    compile_shader takes no options (bool True -> 1, False -> 0). Works on both runtimes."""
+    lines = []
+    for name, value in defines.items():
+        if not name.isidentifier():
+            raise ValueError(f"defines: expected identifier names, got {name!r}")
+        value = int(value) if isinstance(value, bool) else value
+        lines.append(f"#define {name} {value}")
+    return "\n".join(lines) + ("\n" if lines else "") + source
