@@ -19,6 +19,7 @@ dispatch.load_all()
 _LAZY_EXPORTS = {
     "MFAProcessor": "mfa_hf.integrations.diffusers",
     "MFAJointAttnProcessor": "mfa_hf.integrations.diffusers",
+    "MFACogVideoXAttnProcessor": "mfa_hf.integrations.diffusers",
 }
 
 

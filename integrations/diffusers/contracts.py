@@ -1,0 +1,61 @@
+"""Set-time checks: does an attention module have the shape of contract a processor serves?
+
+Each MFA processor serves exactly one upstream contract. These checks run when `enable()` or
+`set_processor()` attach a processor (so a mismatch fails before any denoising), and again, cheaply,
+at the top of every processor call (diffusers' own `set_attn_processor` offers no hook to validate
+at set time, so a mismatch set that way fails on the first call, before any tensor work).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class ContractMismatch(TypeError):
+    """A processor was attached to an attention module whose contract it does not serve."""
+
+
+def attention_class():
+    from diffusers.models.attention_processor import Attention
+
+    return Attention
+
+
+def require_legacy_attention(processor_name: str, attn: nn.Module, serves: str) -> None:
+    """The processors that call SDPA directly run on diffusers' `Attention` module only."""
+    if not isinstance(attn, attention_class()):
+        hint = ""
+        if hasattr(getattr(attn, "processor", None), "_attention_backend"):
+            hint = (" This module's processor uses diffusers' dispatcher: use "
+                    "model.set_attention_backend('mfa') or mfa_hf.integrations.diffusers.enable(model).")
+        raise ContractMismatch(
+            f"{processor_name}: expected a diffusers `Attention` module ({serves}), "
+            f"got {type(attn).__name__}.{hint}"
+        )
+
+
+def require_no_added_kv(processor_name: str, attn: nn.Module, serves: str, use_instead: str) -> None:
+    if getattr(attn, "added_kv_proj_dim", None) is not None:
+        raise ContractMismatch(
+            f"{processor_name}: expected an Attention without added K/V projections ({serves}), got one "
+            f"with added_kv_proj_dim={attn.added_kv_proj_dim} (context_pre_only={attn.context_pre_only}); "
+            f"use {use_instead}."
+        )
+
+
+def require_plain_io(processor_name: str, attn: nn.Module, serves: str) -> None:
+    """Contracts that skip the UNet/VAE extras must not sit on a module configured to use them."""
+    extras = {
+        "group_norm": attn.group_norm is not None,
+        "spatial_norm": attn.spatial_norm is not None,
+        "norm_cross": attn.norm_cross is not None,
+        "residual_connection": bool(attn.residual_connection),
+        "rescale_output_factor": attn.rescale_output_factor != 1.0,
+    }
+    used = [name for name, present in extras.items() if present]
+    if used:
+        raise ContractMismatch(
+            f"{processor_name}: expected an Attention without {', '.join(used)} ({serves} ignores them), "
+            f"got one that uses them; use MFAProcessor (the AttnProcessor2_0 contract)."
+        )
+

@@ -1,0 +1,157 @@
+"""`enable(pipe_or_model)`: every attention module gets our processor or backend; a handle restores.
+
+What each module gets is decided by the processor it has now, which names the contract it follows:
+
+    AttnProcessor2_0, AttnProcessor        -> MFAProcessor
+    JointAttnProcessor2_0                  -> MFAJointAttnProcessor
+    CogVideoXAttnProcessor2_0              -> MFACogVideoXAttnProcessor
+    a dispatcher processor (has _attention_backend; Flux, Wan, LTX, QwenImage, ...)
+                                           -> its own backend set to "mfa" (per processor; the global
+                                              active backend is left alone)
+
+Anything else (linear attention, IP-Adapter, xformers, ...) is left as it is and listed in
+`handle.skipped` (or refused with strict=True). Every check runs before anything is changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .contracts import ContractMismatch
+from .dispatcher import register_mfa_backend
+from .processors import MFACogVideoXAttnProcessor, MFAJointAttnProcessor, MFAProcessor
+
+_MISSING = object()
+OUR_PROCESSORS = (MFAProcessor, MFAJointAttnProcessor, MFACogVideoXAttnProcessor)
+
+
+def replacement_table() -> dict[type, type]:
+    """Upstream processor class -> ours. Exact classes: a subclass may have changed the contract."""
+    from diffusers.models import attention_processor as upstream
+
+    return {
+        upstream.AttnProcessor2_0: MFAProcessor,
+        upstream.AttnProcessor: MFAProcessor,
+        upstream.JointAttnProcessor2_0: MFAJointAttnProcessor,
+        upstream.CogVideoXAttnProcessor2_0: MFACogVideoXAttnProcessor,
+    }
+
+
+@dataclass
+class MFAHandle:
+    """What enable()/set_processor() changed; restore() (or leaving the `with` block) undoes it."""
+
+    processors: list = field(default_factory=list)  # (module name, module, original processor)
+    backends: list = field(default_factory=list)  # (module name, processor, original instance value)
+    skipped: dict = field(default_factory=dict)  # module name -> processor class left in place
+
+    def restore(self) -> None:
+        for _, module, original in reversed(self.processors):
+            module.set_processor(original)
+        for _, processor, original in reversed(self.backends):
+            if original is _MISSING:
+                processor.__dict__.pop("_attention_backend", None)
+            else:
+                processor._attention_backend = original
+        self.processors, self.backends = [], []
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for name, module, _ in self.processors:
+            kind = type(module.processor).__name__
+            counts[kind] = counts.get(kind, 0) + 1
+        if self.backends:
+            counts["dispatcher backend 'mfa'"] = len(self.backends)
+        return counts
+
+    def __enter__(self) -> "MFAHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def enable(pipe_or_model, strict: bool = False) -> MFAHandle:
+    """Give every diffusers attention module of a pipeline (or one model) our kernel."""
+    table = replacement_table()
+    shared = {cls: cls() for cls in OUR_PROCESSORS}  # one instance per contract, as set_attn_processor does
+    handle, swaps = MFAHandle(), []
+    for name, module in attention_modules(pipe_or_model):
+        current = module.processor
+        if isinstance(current, OUR_PROCESSORS):
+            continue
+        if hasattr(current, "_attention_backend"):
+            handle.backends.append((name, current, current.__dict__.get("_attention_backend", _MISSING)))
+        elif type(current) in table:
+            swaps.append((name, module, shared[table[type(current)]]))
+        else:
+            handle.skipped[name] = type(current).__name__
+    if strict and handle.skipped:
+        raise ContractMismatch(f"enable(strict=True): expected every attention module to follow a contract "
+                               f"mfa_hf serves, got {_listing(handle.skipped)}")
+    _check_all(swaps)
+    member = register_mfa_backend() if handle.backends else None  # may raise: nothing changed yet
+    for name, processor, _ in handle.backends:
+        processor._attention_backend = member
+    _apply(handle, swaps)
+    return handle
+
+
+def set_processor(model: nn.Module, processor) -> MFAHandle:
+    """`model.set_attn_processor(processor)`, but checked at set time against every module's contract."""
+    if not isinstance(processor, OUR_PROCESSORS):
+        raise TypeError(f"processor: expected one of {[c.__name__ for c in OUR_PROCESSORS]}, "
+                        f"got {type(processor).__name__}")
+    table = replacement_table()
+    handle, swaps, wrong = MFAHandle(), [], {}
+    for name, module in attention_modules(model):
+        current_cls = type(module.processor)
+        if current_cls is not type(processor) and table.get(current_cls) is not type(processor):
+            wrong[name] = current_cls.__name__
+        swaps.append((name, module, processor))
+    if wrong:
+        raise ContractMismatch(f"{type(processor).__name__}: serves {processor.serves}, but these modules follow "
+                               f"another one: {_listing(wrong)}; use enable(model) to pick per module")
+    _check_all(swaps)
+    _apply(handle, swaps)
+    return handle
+
+
+def attention_modules(pipe_or_model):
+    """(qualified name, module) for every diffusers attention module of a pipeline or a model."""
+    for prefix, component in _components(pipe_or_model):
+        for name, module in component.named_modules():
+            if hasattr(module, "set_processor") and hasattr(module, "processor"):
+                yield f"{prefix}{name}", module
+
+
+def _components(pipe_or_model):
+    if isinstance(pipe_or_model, nn.Module):
+        return [("", pipe_or_model)]
+    components = getattr(pipe_or_model, "components", None)
+    if not isinstance(components, dict):
+        raise TypeError(f"pipe_or_model: expected a diffusers pipeline (with .components) or a torch.nn.Module, "
+                        f"got {type(pipe_or_model).__name__}")
+    return [(f"{key}.", value) for key, value in components.items() if isinstance(value, nn.Module)]
+
+
+def _check_all(swaps) -> None:
+    for name, module, processor in swaps:
+        try:
+            processor.check(module)
+        except ContractMismatch as error:
+            raise ContractMismatch(f"{name}: {error}") from None
+
+
+def _apply(handle: MFAHandle, swaps) -> None:
+    for name, module, processor in swaps:
+        handle.processors.append((name, module, module.processor))
+        module.set_processor(processor)
+
+
+def _listing(modules: dict, limit: int = 5) -> str:
+    items = [f"{name} ({cls})" for name, cls in list(modules.items())[:limit]]
+    more = f" and {len(modules) - limit} more" if len(modules) > limit else ""
+    return ", ".join(items) + more
