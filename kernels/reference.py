@@ -24,7 +24,8 @@ by tests and for debugging small cases. Meanings (FlashAttention-2's, where FA2 
 - sinks: one logit per query head (Hq,) that joins the softmax denominator and adds nothing to the
   output; it is not scaled, capped or masked. The LSE includes it.
 - A query row with no visible key (and no sink) outputs 0 with LSE = -inf, never NaN. NaN inputs
-  propagate to the output.
+  propagate to every output that sees them; whether a NaN in a key or value a row cannot see
+  reaches that row is unspecified (kernels skip whole blocks but multiply 0 * NaN inside one).
 - dropout: applied to the normalized probabilities with the counter-based keep mask of
   kernels/dropout.py (seeded explicitly); kept values are scaled by 1 / (1 - p). The LSE is of the
   undropped scores.

@@ -21,6 +21,7 @@ from .problem import (
     check_mask,
     check_max_seqlen,
     check_qkv,
+    check_rank,
     check_scale,
     check_sinks,
     check_softcap,
@@ -126,7 +127,7 @@ def flash_attention(
     only, as in mps-flash-attn; a (left, right) pair is passed through. Returns (B, H, Lq, Dv) (a
     transposed view of the kernel's (B, Lq, H, Dv) output: no copy).
     """
-    check_qkv(q, k, v, rank=4, layout="(B, H, S, D)")
+    check_rank(q, k, v, rank=4, layout="(B, H, S, D)")
     out = flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, scale, is_causal,
         bhsd_window(window_size, is_causal), softcap, alibi_slopes, sinks, return_lse=return_lse,
@@ -172,7 +173,7 @@ def flash_attention_chunked(
 
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
-    check_qkv(q, k, v, rank=4, layout="(B, H, S, D)")
+    check_rank(q, k, v, rank=4, layout="(B, H, S, D)")
     window = bhsd_window(window_size, is_causal)
     return chunked_attention(q, k, v, chunk_size, is_causal, attn_mask, window, scale, softcap, sinks,
                              alibi_slopes, return_lse)

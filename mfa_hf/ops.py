@@ -73,19 +73,24 @@ def _record(backend: str, op: str, problem: AttentionProblem) -> None:
                  problem.flags())
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """LSE is float32, except for float64 inputs (torch backend only), which keep their precision."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _fake_forward(q, k, v, *_args):
     out = q.new_empty(q.shape[:-2] + (q.shape[-2], v.shape[-1]))
     if q.dim() == 3:
-        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype(q.dtype))
     else:
-        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=lse_dtype(q.dtype))
     return out, lse
 
 
 def _fake_backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, *rest):
     want_mask_grad = rest[-1]
-    dsinks = q.new_empty(sinks.shape if sinks is not None else (0,), dtype=torch.float32)
-    dmask = q.new_empty(attn_mask.shape if want_mask_grad else (0,), dtype=torch.float32)
+    dsinks = q.new_empty(sinks.shape if sinks is not None else (0,), dtype=lse_dtype(q.dtype))
+    dmask = q.new_empty(attn_mask.shape if want_mask_grad else (0,), dtype=lse_dtype(q.dtype))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks, dmask
 
 
@@ -128,8 +133,9 @@ def define_attention_ops(backend: str, forward_impl: Callable, backward_impl: Ca
             grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, cu_seqlens_q,
             cu_seqlens_k, dropout_seed, max_seqlen_q, max_seqlen_k, scale, causal, window_left,
             window_right, softcap, dropout_p, want_mask_grad)
-        dsinks = q.new_empty((0,), dtype=torch.float32) if dsinks is None else dsinks.float()
-        dmask = q.new_empty((0,), dtype=torch.float32) if dmask is None else dmask.float()
+        acc = lse_dtype(q.dtype)
+        dsinks = q.new_empty((0,), dtype=acc) if dsinks is None else dsinks.to(acc)
+        dmask = q.new_empty((0,), dtype=acc) if dmask is None else dmask.to(acc)
         return dq, dk, dv, dsinks, dmask
 
     attention_fwd.register_fake(_fake_forward)
@@ -162,7 +168,7 @@ def empty_result(q: Tensor, v: Tensor, sinks: Optional[Tensor]) -> tuple[Tensor,
     out, lse = _fake_forward(q, q, v)
     out = torch.zeros_like(out)
     if sinks is not None:
-        lse = sinks.float().reshape((-1, 1) if q.dim() == 3 else (1, -1, 1)).expand(lse.shape).clone()
+        lse = sinks.to(lse.dtype).reshape((-1, 1) if q.dim() == 3 else (1, -1, 1)).expand(lse.shape).clone()
     else:
         lse = torch.full_like(lse, -math.inf)
     return out, lse

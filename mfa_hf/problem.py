@@ -72,13 +72,18 @@ class AttentionProblem:
         return " ".join(parts) or "-"
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int, layout: str) -> None:
-    """Shapes (rank 4 for (B, S, H, D), rank 3 for packed (T, H, D)), dtypes and devices."""
+def check_rank(q, k, v, rank: int, layout: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != rank:
             raise ValueError(f"{name}: expected a {rank}-D tensor {layout}, got shape {tuple(t.shape)}")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int, layout: str) -> None:
+    """Shapes (rank 4 for (B, S, H, D), rank 3 for packed (T, H, D)), dtypes and devices."""
+    check_rank(q, k, v, rank, layout)
+    for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {t.dtype}")
     for name, t in (("k", k), ("v", v)):

@@ -6,14 +6,12 @@ import math
 
 import torch
 
-from mfa_hf.ops import new_output
+from mfa_hf.ops import lse_dtype, new_output
 from .scores import ScoreSpec, block_scores, dropout_keep, grouped_queries, heads_last, ungroup
 from .tiles import key_blocks, query_tile, query_tiles
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for 16/32-bit inputs; float64 inputs (torch backend only) keep their precision."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+accumulation_dtype = lse_dtype  # float32, or float64 for float64 inputs
 
 
 def forward_dense(
@@ -23,7 +21,7 @@ def forward_dense(
     batch, lq, heads_q, _ = q.shape
     acc_dtype = accumulation_dtype(q.dtype)
     out = new_output((batch, lq, heads_q, v.shape[-1]), q.dtype, q.device)
-    lse = new_output((batch, heads_q, lq), torch.float32, q.device)
+    lse = new_output((batch, heads_q, lq), acc_dtype, q.device)
     rows_per_tile = query_tile(batch * heads_q, lq)
     for i0, i1 in query_tiles(lq, rows_per_tile):
         tile_out, tile_lse = _query_tile(q[:, i0:i1], k, v, spec, sinks, i0, acc_dtype)
