@@ -92,8 +92,9 @@ def entry_points(kernels: list[Kernel]) -> str:
         lines += [
             f"static const mslemu::ParamSpec mslemu_spec_{k.symbol}[] = {{{specs}}};",
             f'extern "C" __attribute__((visibility("default"))) void mslemu_kernel_{k.symbol}'
-            f"(void* const* b, const mslemu_ids* ids) {{ mslemu::invoke(&{k.function}, mslemu_spec_{k.symbol}, b, ids); }}",
+            f"(void* const* mslemu_b, const mslemu_ids* mslemu_t) "
+            f"{{ mslemu::invoke(&{k.function}, mslemu_spec_{k.symbol}, mslemu_b, mslemu_t); }}",
             f'extern "C" __attribute__((visibility("default"))) int mslemu_params_{k.symbol}'
-            f"(int64_t* out) {{ return mslemu::describe(&{k.function}, out); }}",
+            f"(int64_t* mslemu_out) {{ return mslemu::describe(&{k.function}, mslemu_out); }}",
         ]
     return "\n".join(lines) + "\n"
