@@ -42,6 +42,8 @@ _METAL_MACROS = ["-D__METAL_VERSION__=320", "-D__METAL__=1", "-D__METAL_MACOS__=
 
 
 _MAX_DIAGNOSTIC_LINES = 60
+_ADDRESS_SPACE = re.compile(r"address space '([123])'")
+_SPACE_NAMES = {"1": "device", "2": "constant", "3": "threadgroup"}
 
 
 class CompilerNotFound(RuntimeError):
@@ -153,7 +155,7 @@ def _explain(stderr: str, msl_source: str | None, args: list[str]) -> str:
     lines = msl_source.splitlines() if msl_source else []
     out = []
     for diag in stderr.splitlines():
-        out.append(diag)
+        out.append(_ADDRESS_SPACE.sub(lambda m: f"{m.group(0)} ({_SPACE_NAMES[m.group(1)]})", diag))
         m = re.match(r"kernel\.metal:(\d+):\d+: (?:fatal )?error", diag)
         if m and 0 < int(m.group(1)) <= len(lines):
             out.append(f"    MSL line {m.group(1)}: {lines[int(m.group(1)) - 1].strip()}")
