@@ -1,0 +1,112 @@
+"""A processor on a module whose contract it does not serve fails clearly: at set time through
+enable()/set_processor(), and before any tensor work when set through diffusers' own
+set_attn_processor (which offers no hook to check at set time)."""
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
+
+from mfa_hf.integrations.diffusers import (
+    ContractMismatch,
+    MFACogVideoXAttnProcessor,
+    MFAJointAttnProcessor,
+    MFAProcessor,
+    UnsupportedDiffusersVersion,
+    enable,
+    register_mfa_backend,
+    set_processor,
+)
+from mfa_hf.integrations.diffusers import compat
+
+
+def _processor_classes(model):
+    return {name: type(p).__name__ for name, p in model.attn_processors.items()}
+
+
+def test_joint_processor_on_unet_is_refused_at_set_time(tiny):
+    unet, _ = tiny.build("unet")
+    before = _processor_classes(unet)
+    with pytest.raises(ContractMismatch, match=r"MFAJointAttnProcessor: serves the JointAttnProcessor2_0 contract, "
+                                               r"but these modules follow another one: .*AttnProcessor2_0"):
+        set_processor(unet, MFAJointAttnProcessor())
+    assert _processor_classes(unet) == before, "a refused set_processor must change nothing"
+
+
+def test_attn_processor_on_flux_is_refused_at_set_time_with_the_dispatcher_hint(tiny):
+    flux, _ = tiny.build("flux")
+    with pytest.raises(ContractMismatch, match="FluxAttnProcessor"):
+        set_processor(flux, MFAProcessor())
+    with pytest.raises(ContractMismatch, match=r"expected a diffusers `Attention` module .* got FluxAttention\. "
+                                               r".*set_attention_backend\('mfa'\)"):
+        MFAProcessor().check(next(m for m in flux.modules() if type(m).__name__ == "FluxAttention"))
+
+
+def test_attn_processor_on_sd3_joint_module_is_refused_by_check(tiny):
+    sd3, _ = tiny.build("sd3")
+    joint_module = sd3.transformer_blocks[0].attn
+    with pytest.raises(ContractMismatch, match="added_kv_proj_dim=.*use MFAJointAttnProcessor"):
+        MFAProcessor().check(joint_module)
+
+
+def test_wrong_processor_set_by_diffusers_fails_on_first_call_not_with_a_shape_error(tiny):
+    sd3, inputs = tiny.build("sd3")
+    sd3.set_attn_processor(MFAProcessor())  # diffusers' API: no hook to refuse here
+    with pytest.raises(ContractMismatch, match="MFAProcessor: expected an Attention without added K/V projections"):
+        with torch.no_grad():
+            sd3(**inputs)
+
+
+def test_attn_processor_refuses_rotary_embeddings(tiny):
+    cog, inputs = tiny.build("cogvideox")
+    cog.set_attn_processor(MFAProcessor())
+    with pytest.raises(ContractMismatch, match="expected no image_rotary_emb .*MFACogVideoXAttnProcessor"):
+        with torch.no_grad():
+            cog(**inputs)
+
+
+def test_joint_and_cogvideox_processors_refuse_vae_style_modules(tiny):
+    vae, _ = tiny.build("vae")
+    vae_attention = next(m for m in vae.modules() if hasattr(m, "set_processor"))
+    for processor in (MFAJointAttnProcessor(), MFACogVideoXAttnProcessor()):
+        with pytest.raises(ContractMismatch, match="expected an Attention without group_norm, residual_connection"):
+            processor.check(vae_attention)
+
+
+def test_enable_strict_refuses_unknown_processors_and_lists_them_otherwise(tiny):
+    unet, _ = tiny.build("unet")
+    unet.set_attn_processor(SlicedAttnProcessor(slice_size=1))
+    with pytest.raises(ContractMismatch, match=r"enable\(strict=True\): .*SlicedAttnProcessor"):
+        enable(unet, strict=True)
+    assert set(_processor_classes(unet).values()) == {"SlicedAttnProcessor"}
+    handle = enable(unet)
+    assert len(handle.skipped) == len(unet.attn_processors) and not handle.processors
+
+
+def test_set_processor_refuses_foreign_processors(tiny):
+    unet, _ = tiny.build("unet")
+    with pytest.raises(TypeError, match="processor: expected one of .*got AttnProcessor2_0"):
+        set_processor(unet, AttnProcessor2_0())
+
+
+def test_enable_refuses_something_that_is_not_a_pipeline():
+    with pytest.raises(TypeError, match=r"pipe_or_model: expected a diffusers pipeline .* got str"):
+        enable("unet")
+
+
+def test_unsupported_diffusers_version_is_a_clear_error_and_changes_nothing(tiny, monkeypatch):
+    monkeypatch.setattr(compat, "installed_diffusers_version", lambda: "0.41.3")
+    with pytest.raises(UnsupportedDiffusersVersion, match=r"expected diffusers >=0\.42\.0,<0\.43\.0 .* got diffusers 0\.41\.3"):
+        register_mfa_backend()
+    flux, _ = tiny.build("flux")
+    with pytest.raises(UnsupportedDiffusersVersion):
+        enable(flux)
+    assert all("_attention_backend" not in p.__dict__ for p in flux.attn_processors.values())
+    unet, _ = tiny.build("unet")
+    enable(unet)  # processors do not depend on the gate
+    assert set(_processor_classes(unet).values()) == {"MFAProcessor"}
+
+
+def test_version_range_is_half_open():
+    assert compat.diffusers_version_supported("0.42.1")
+    assert not compat.diffusers_version_supported("0.43.0")
+    assert not compat.diffusers_version_supported("0.41.9")
