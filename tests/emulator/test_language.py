@@ -138,3 +138,13 @@ def test_address_space_mismatch_is_a_compile_error(emulator):
     message = str(info.value)
     assert "kernel.metal:5:" in message and "MSL line 5: helper(x);" in message
     assert "address space '1' (device)" in message and "address space '3' (threadgroup)" in message
+
+
+def test_type_names_without_using_namespace(metal):
+    src = r"""
+#include <metal_stdlib>
+kernel void f(device half4* x, uint i [[thread_position_in_grid]]) { x[i] = half4(float4(1, 2, 3, metal::exp(0.0f))); }
+"""
+    x = torch.zeros(8, dtype=torch.float16, device=metal.device)
+    metal.compile_shader(src).f(x, threads=2)
+    assert x.cpu().tolist() == [1, 2, 3, 1] * 2
