@@ -38,6 +38,9 @@ _CXX_FLAGS = [
     "-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off",
     "-Xclang", "-ffloat16-excess-precision=none", "-Xclang", "-fbfloat16-excess-precision=none",
 ]
+_METAL_HEADERS = ["metal_stdlib", "metal_array", "metal_math", "metal_simdgroup", "metal_simdgroup_matrix",
+                  "metal_atomic", "metal_compute", "metal_numeric", "metal_types", "metal_integer", "metal_common",
+                  "metal_relational", "metal_geometric", "metal_limits", "metal_type_traits", "metal_uniform"]
 _METAL_MACROS = ["-D__METAL_VERSION__=320", "-D__METAL__=1", "-D__METAL_MACOS__=1", "-D__HAVE_BFLOAT__=1"]
 
 
@@ -108,7 +111,8 @@ def build(source: str) -> tuple[Path, list[Kernel]]:
 
 def _compile(source: str, cmd: list[str], tmp: Path, library: Path) -> list[Kernel]:
     (tmp / "stub").mkdir()
-    (tmp / "stub" / "metal_stdlib").write_text("")
+    for header in _METAL_HEADERS:  # all of them are the shim, force-included in the compile step
+        (tmp / "stub" / header).write_text("")
     (tmp / "kernel.metal").write_text(source)
     torch_include = _torch_include()
     pre = _run(cmd + ["-E", "-x", "c++", "-std=c++17", "-I", "stub", *_METAL_MACROS, *torch_include, "kernel.metal"],
