@@ -1,0 +1,177 @@
+"""Diffusers suite: one UNet and one Flux-style forward, default processors vs mfa.
+
+Token counts follow a 1024x1024 image: the SD UNet's first level attends over the 128x128 latent
+(16384 tokens), Flux over 4096 image tokens (64x64 after 2x2 patching) plus 512 text tokens. The
+models are narrow (few channels, 2 heads) so that a CPU runs them; `quick` uses the 512x512
+counts (4096 / 1024 + 128). Attention's share of the time is therefore larger than in the real
+models: read the ratios as attention-dominated upper bounds, not end-to-end pipeline speedups.
+
+Each (model, processor) pair runs in its own subprocess, so that peak memory is that run's alone:
+    cpu   ru_maxrss of the subprocess (whole-process peak RSS: weights, activations, torch itself),
+          and its growth during the forwards (warm-up included) over the peak reached before them
+    cuda  torch.cuda.max_memory_allocated over the forwards (warm-up included)
+    mps   torch.mps.driver_allocated_memory after the forwards (mps exposes no peak counter)
+
+    rows = run("cpu", quick=True, progress=print)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+PROCESSORS = ("default", "mfa")
+FINGERPRINT_VALUES = 4096  # output values sent back to compare default and mfa
+
+
+def run(device: str, quick: bool, progress: Callable[[str], None]) -> list[dict]:
+    """One flat row per (model, processor): timing, peak memory, ratio and max |diff| vs default."""
+    rows = []
+    for model in ("unet", "flux"):
+        results = {}
+        for processor in PROCESSORS:
+            progress(f"diffusers: {model} forward with {processor} processors on {device}"
+                     f"{' (quick)' if quick else ''}")
+            results[processor] = _measure_in_subprocess(model, processor, device, quick)
+        rows.extend(_rows(model, results))
+    return rows
+
+
+def _rows(model: str, results: dict) -> list[dict]:
+    default = results["default"]
+    rows = []
+    for processor in PROCESSORS:
+        result = dict(results[processor])
+        fingerprint = result.pop("fingerprint")
+        diff = max(abs(a - b) for a, b in zip(fingerprint, default["fingerprint"]))
+        rows.append({"suite": "diffusers", "model": model, "processor": processor, **result,
+                     "ratio_vs_default": round(result["median_ms"] / default["median_ms"], 3),
+                     "max_abs_diff_vs_default": diff})
+    return rows
+
+
+def _measure_in_subprocess(model: str, processor: str, device: str, quick: bool) -> dict:
+    command = [sys.executable, "-m", "mfa_hf.benchmark.suite_diffusers", model, processor, device,
+               "quick" if quick else "full"]
+    completed = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    if completed.returncode != 0:
+        raise RuntimeError(f"diffusers benchmark worker {model}/{processor} on {device} failed:\n"
+                           f"{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+# ---- worker (runs in the subprocess) --------------------------------------------------------------
+
+def _unet(quick: bool):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    latent = 64 if quick else 128  # 512x512 / 1024x1024 images
+    model = UNet2DConditionModel(
+        block_out_channels=(80, 160), layers_per_block=1, sample_size=latent, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=2, norm_num_groups=16)  # 2 heads of 40, as SD1.5's 8 of 40
+    inputs = dict(sample=torch.randn(1, 4, latent, latent), timestep=torch.tensor(500),
+                  encoder_hidden_states=torch.randn(1, 77, 64))
+    return model, inputs, f"{latent * latent} self / 77 cross"
+
+
+def _flux(quick: bool):
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    image, text = (1024, 128) if quick else (4096, 512)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=64,
+        num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(16, 24, 24))
+    side = int(image ** 0.5)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+    inputs = dict(hidden_states=torch.randn(1, image, 64), encoder_hidden_states=torch.randn(1, text, 64),
+                  pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]),
+                  img_ids=img_ids, txt_ids=torch.zeros(text, 3))
+    return model, inputs, f"{image + text} joint"
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device.startswith("mps"):
+        torch.mps.synchronize()
+
+
+def _maxrss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _worker(model_name: str, processor: str, device: str, mode: str) -> dict:
+    import torch
+
+    from mfa_hf import trace
+    from mfa_hf.integrations.diffusers import enable
+
+    quick = mode == "quick"
+    torch.manual_seed(0)
+    model, inputs, tokens = (_unet if model_name == "unet" else _flux)(quick)
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    model = model.to(device, dtype).eval()
+    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    if processor == "mfa":
+        enable(model)
+    repeats = 3 if quick else 5
+    with torch.no_grad():
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        rss_before = _maxrss_mb()  # before the warm-up: the first forward is where activations peak
+        _forward(model, inputs, device)  # warm-up: allocator, kernel compilation
+        with trace.capture() as calls:
+            times, output = _timed(model, inputs, device, repeats)
+    row = {"device": device, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens, "repeats": repeats,
+           "median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2),
+           "kernel_calls": sum(trace.served_by(calls).values()), **_memory(device, rss_before),
+           "fingerprint": output.flatten()[:FINGERPRINT_VALUES].double().tolist()}
+    if processor == "mfa" and row["kernel_calls"] == 0:
+        raise RuntimeError(f"{model_name}: mfa processors set but our kernel never ran")
+    return row
+
+
+def _forward(model, inputs, device):
+    out = model(**inputs)
+    _synchronize(device)
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+def _timed(model, inputs, device: str, repeats: int):
+    times, output = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        output = _forward(model, inputs, device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times, output.float().cpu()
+
+
+def _memory(device: str, rss_before_mb: float) -> dict:
+    import torch
+
+    if device.startswith("cuda"):
+        return {"peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+                "mem_method": "torch.cuda.max_memory_allocated"}
+    if device.startswith("mps"):
+        return {"peak_mem_mb": round(torch.mps.driver_allocated_memory() / 2**20, 1),
+                "mem_method": "torch.mps.driver_allocated_memory after forward (no peak counter)"}
+    peak = _maxrss_mb()
+    return {"peak_mem_mb": round(peak, 1), "forward_peak_growth_mb": round(peak - rss_before_mb, 1),
+            "mem_method": "ru_maxrss of a dedicated subprocess"}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_worker(*sys.argv[1:5])))
