@@ -60,7 +60,7 @@ class MFAProcessor:
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor,
                  encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 image_rotary_emb=None, *args, **kwargs) -> torch.Tensor:
+                 *args, image_rotary_emb=None, **kwargs) -> torch.Tensor:
         # `image_rotary_emb` is declared only to refuse it: AttnProcessor2_0 would drop it silently,
         # which is how a RoPE model (CogVideoX) ends up with wrong output instead of an error.
         self.check(attn)

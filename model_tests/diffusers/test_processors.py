@@ -84,7 +84,8 @@ def test_attn_scale_is_honoured(scale_qk):
     module = _module(FEATURES["cross"], scale_qk=scale_qk)
     hidden, kwargs = _inputs("cross")
     expected, _ = _run(module, AttnProcessor(), hidden, **kwargs)  # the classic processor uses attn.scale
-    actual, _ = _run(module, MFAProcessor(), hidden, **kwargs)
+    actual, calls = _run(module, MFAProcessor(), hidden, **kwargs)
+    assert calls == 1
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
     sdpa_default, _ = _run(module, AttnProcessor2_0(), hidden, **kwargs)
     assert torch.allclose(actual, sdpa_default, atol=1e-5) == scale_qk, "the scale must make a difference"
