@@ -132,9 +132,20 @@ def build_qwenimage():
     return model, inputs
 
 
+def build_dit():
+    """DiT has no set_attn_processor: enable() must walk its modules."""
+    model = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, norm_num_groups=1)
+    inputs = dict(hidden_states=torch.randn(BATCH, 4, 8, 8), timestep=torch.tensor([1, 2]),
+                  class_labels=torch.tensor([1, 2]))
+    return model, inputs
+
+
 BUILDERS = {
     "unet": build_unet, "vae": build_vae, "pixart": build_pixart, "sd3": build_sd3, "sd35": build_sd35,
     "cogvideox": build_cogvideox, "flux": build_flux, "wan": build_wan, "ltx": build_ltx, "qwenimage": build_qwenimage,
+    "dit": build_dit,
 }
 
 

@@ -11,12 +11,13 @@ What each case exercises (see conftest.py for the configs):
   wan        dispatcher backend, self- and cross-attention
   ltx        dispatcher backend, additive float mask on cross-attention
   qwenimage  dispatcher backend, bool joint mask
+  dit        no set_attn_processor on the model: enable() walks the modules
 """
 
 import pytest
 import torch
 
-ALL_MODELS = ["unet", "vae", "pixart", "sd3", "sd35", "cogvideox", "flux", "wan", "ltx", "qwenimage"]
+ALL_MODELS = ["unet", "vae", "pixart", "sd3", "sd35", "cogvideox", "flux", "wan", "ltx", "qwenimage", "dit"]
 LOW_PRECISION_MODELS = ["unet", "vae", "sd35", "cogvideox", "flux", "ltx", "qwenimage"]
 
 
