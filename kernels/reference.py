@@ -77,13 +77,15 @@ def attention_reference(
     dropout_seed: torch.Tensor | None = None,
     dropout_batch_offset: int = 0,
     upcast: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_probs: bool = False,
+):
     """Attention over (B, S, H, D) tensors. Returns (out, lse).
 
     upcast=True computes in float64 (the reference of record). upcast=False computes the way plain
     PyTorch would in the input dtype (scores and products in that dtype, softmax in float32); its
     error against the float64 result sets the tolerance for kernels (DESIGN.md).
     dropout_batch_offset numbers the batch for the dropout hash (varlen sequence b uses b).
+    return_probs=True also returns the softmax probabilities (B, Hq, Lq, Lk) before dropout.
     """
     batch, lq, hq, dqk = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -117,10 +119,14 @@ def attention_reference(
     denom = weights.sum(dim=-1, keepdim=True)
     if sinks is not None:
         denom = denom + torch.exp(sink - safe_max)
-    lse = (safe_max + torch.log(denom)).squeeze(-1)
-    # A row with no visible key has weights 0 and denom 0: divide by 1 there so that its output and
-    # its gradients are 0 (dividing by 0 inside torch.where would poison the backward with NaN).
-    probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
+    # A row with no visible key has weights 0 and denom 0: use 1 there so that its output is 0,
+    # its LSE -inf, and its gradients 0 (0 / 0 or log(0) inside torch.where would poison the
+    # backward with NaN).
+    empty_row = denom == 0
+    safe_denom = torch.where(empty_row, torch.ones_like(denom), denom)
+    lse = torch.where(empty_row, -math.inf, safe_max + torch.log(safe_denom)).squeeze(-1)
+    probs = weights / safe_denom
+    undropped = probs
 
     if dropout_p > 0:
         if dropout_seed is None:
@@ -133,7 +139,10 @@ def attention_reference(
         probs = probs * keep / (1.0 - dropout_p)
 
     out = probs.to(dtype) @ vh  # (B, Hq, Lq, Dv)
-    return out.transpose(1, 2), lse.to(torch.float64 if upcast else torch.float32)
+    lse = lse.to(torch.float64 if upcast else torch.float32)
+    if return_probs:
+        return out.transpose(1, 2), lse, undropped
+    return out.transpose(1, 2), lse
 
 
 def visible_offsets(lq: int, lk: int, device: torch.device | None = None) -> torch.Tensor:

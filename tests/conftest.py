@@ -13,4 +13,4 @@ def poisoned_outputs(monkeypatch):
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of 8 keys x >= 4 queries, so small problems cross many block boundaries."""
-    monkeypatch.setattr(tiles, "TILING", tiles.Tiling(score_block_elements=64, key_tile=8, min_query_tile=4))
+    monkeypatch.setattr(tiles, "TILING", tiles.Tiling(score_block_elements=64, key_tile=8, min_query_tile=4, max_query_tile=8))

@@ -4,45 +4,22 @@ import pytest
 import torch
 
 import mfa_hf
-from mfa_hf import trace
 from mfa_hf.testing import (
-    FORWARD_FACTOR,
     GRADIENT_FACTOR,
     Case,
     assert_close_to_reference,
+    check_against_reference,
     core_cases,
     differentiable,
     full_cases,
     make_inputs,
     reference_of,
+    run_public_api,
 )
 
 
-def run_kernel(case: Case, inputs: dict, **extra):
-    return mfa_hf.flash_attn_func(
-        inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["attn_mask"], alibi_slopes=inputs["alibi_slopes"],
-        sinks=inputs["sinks"], return_lse=True, **case.options(), **extra)
-
-
 def check_case(case: Case, seed: int = 0, gradients: bool = True):
-    inputs = make_inputs(case, seed=seed, requires_grad=gradients)
-    with trace.capture() as calls:
-        out, lse = run_kernel(case, inputs)
-    assert trace.served_by(calls)[("torch", "fwd")] == 1
-    ref, ref_lse, ref_args = reference_of(case, inputs, upcast=True)
-    base, base_lse, base_args = reference_of(case, inputs, upcast=False)
-    factor = GRADIENT_FACTOR if case.softcap > 0 else FORWARD_FACTOR
-    assert_close_to_reference(out, ref, base, factor, "out")
-    assert_close_to_reference(lse, ref_lse, base_lse, factor, "lse")
-    if not gradients:
-        return
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out.dtype)
-    names = differentiable(inputs)
-    ours = torch.autograd.grad(out, [inputs[n] for n in names], grad)
-    want = torch.autograd.grad(ref, [ref_args[n] for n in names], grad.to(torch.float64))
-    baseline = torch.autograd.grad(base, [base_args[n] for n in names], grad)
-    for name, g_ours, g_ref, g_base in zip(names, ours, want, baseline):
-        assert_close_to_reference(g_ours, g_ref, g_base, GRADIENT_FACTOR, f"d{name}")
+    check_against_reference(case, run_public_api, backend="torch", seed=seed, gradients=gradients)
 
 
 @pytest.mark.parametrize("case", core_cases(), ids=lambda c: c.id)
@@ -71,7 +48,7 @@ def test_dropout_matches_reference_with_same_seed(dtype, small_tiles):
     case = Case(dtype=dtype, lq=30, lk=41, causal=True, sinks=True, dropout_p=0.3)
     inputs = make_inputs(case, requires_grad=True)
     seed = torch.tensor(1234)
-    out = run_kernel(case, inputs, dropout_p=0.3, dropout_seed=seed)[0]
+    out = run_public_api(case, inputs, dropout_p=0.3, dropout_seed=seed)[0]
     ref, _, ref_args = reference_of(case, inputs, upcast=True, seed=seed)
     base, _, base_args = reference_of(case, inputs, upcast=False, seed=seed)
     assert_close_to_reference(out, ref, base)

@@ -21,6 +21,8 @@ class Tiling:
     score_block_elements: int = 1 << 22
     key_tile: int = 512
     min_query_tile: int = 16
+    # Square-ish blocks let causal/window skipping drop whole blocks instead of masking them.
+    max_query_tile: int = 512
 
 
 TILING = Tiling()
@@ -68,7 +70,7 @@ def make_band(lq: int, lk: int, causal: bool, window_left: int, window_right: in
 def query_tile(batch_heads: int, lq: int) -> int:
     """Rows per query tile so that one score block stays within TILING.score_block_elements."""
     rows = TILING.score_block_elements // max(1, batch_heads * TILING.key_tile)
-    return max(1, min(lq, max(TILING.min_query_tile, rows)))
+    return max(1, min(lq, TILING.max_query_tile, max(TILING.min_query_tile, rows)))
 
 
 def query_tiles(lq: int, tile: int) -> Iterator[tuple[int, int]]:

@@ -1,0 +1,97 @@
+"""Backend selection, MFA_BACKEND, MFA_TRACE, torch.library registration and torch.compile."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mfa_hf
+from mfa_hf import dispatch, trace
+from mfa_hf.kernels.torch.backend import OPS
+
+
+def small_qkv(requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 9, 4, 8, generator=g) for _ in range(3))
+    k, v = k[:, :, :2], v[:, :, :2]
+    return [t.contiguous().requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def test_auto_selects_torch_on_cpu_and_trace_counts_it():
+    with trace.capture() as calls:
+        out = mfa_hf.flash_attn_func(*small_qkv(), causal=True)
+    assert out.shape == (2, 9, 4, 8)
+    ((key, n),) = calls.items()
+    assert key == ("torch", "fwd", "float32", 8, 9, 9, "causal gqa=2") and n == 1
+
+
+@pytest.mark.parametrize("forced", ["metal", "triton"])
+def test_forcing_a_backend_that_cannot_serve_raises_with_its_reason(monkeypatch, forced):
+    monkeypatch.setenv("MFA_BACKEND", forced)
+    with pytest.raises(mfa_hf.BackendUnavailable, match=f"MFA_BACKEND={forced} cannot serve this call: .+"):
+        mfa_hf.flash_attn_func(*small_qkv())
+
+
+def test_forcing_torch_works_and_unknown_names_are_rejected(monkeypatch):
+    monkeypatch.setenv("MFA_BACKEND", "torch")
+    assert mfa_hf.flash_attn_func(*small_qkv()).shape == (2, 9, 4, 8)
+    monkeypatch.setenv("MFA_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"MFA_BACKEND: expected one of auto, metal, triton, torch, got 'cuda'"):
+        mfa_hf.flash_attn_func(*small_qkv())
+
+
+def test_supports_reports_reasons():
+    problem = mfa_hf.AttentionProblem("cpu", torch.float32, 1, 8, 8, 2, 2, 8, 8)
+    for name in dispatch.PRIORITY:
+        ok, reason = dispatch.backend(name).supports(problem)
+        assert isinstance(ok, bool) and reason
+
+
+def test_trace_report_printed_at_exit():
+    code = ("import torch, mfa_hf; q = torch.randn(1, 5, 2, 8); "
+            "mfa_hf.flash_attn_func(q, q, q, causal=True); mfa_hf.flash_attn_func(q, q, q, causal=True)")
+    env = dict(os.environ, MFA_TRACE="1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "mfa_hf trace" in result.stderr
+    assert any(line.split()[:7] == ["torch", "fwd", "float32", "8", "5", "5", "2"]
+               for line in result.stderr.splitlines()), result.stderr
+
+
+def test_opcheck_forward_and_backward():
+    q, k, v = small_qkv(requires_grad=True)
+    mask = torch.randn(2, 1, 9, 9)
+    sinks = torch.randn(4, requires_grad=True)
+    args = (q, k, v, mask, None, sinks, None, None, None, 0, 0, 0.3, True, 3, -1, 0.0, 0.0)
+    torch.library.opcheck(OPS.forward, args)
+    out, lse = OPS.forward(*args)
+    bwd_args = (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
+                mask, None, sinks.detach(), None, None, None, 0, 0, 0.3, True, 3, -1, 0.0, 0.0, True)
+    torch.library.opcheck(OPS.backward, bwd_args)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    def attention(q, k, v, sinks):
+        return mfa_hf.flash_attn_func(q, k, v, causal=True, softcap=4.0, sinks=sinks).square().sum()
+
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    q, k, v = small_qkv(requires_grad=True)
+    sinks = torch.randn(4, requires_grad=True)
+    with trace.capture() as calls:
+        loss = compiled(q, k, v, sinks)
+        grads = torch.autograd.grad(loss, (q, k, v, sinks))
+    want = torch.autograd.grad(attention(q, k, v, sinks), (q, k, v, sinks))
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b)
+    assert trace.served_by(calls)[("torch", "bwd")] == 1
+
+
+def test_torch_compile_inductor_varlen():
+    q = torch.randn(10, 4, 8)
+    kv = torch.randn(10, 2, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    fn = torch.compile(lambda q, k, v: mfa_hf.flash_attn_varlen_func(q, k, v, cu, cu, 6, 6, causal=True),
+                       fullgraph=True)
+    torch.testing.assert_close(fn(q, kv, kv), mfa_hf.flash_attn_varlen_func(q, kv, kv, cu, cu, 6, 6, causal=True))
