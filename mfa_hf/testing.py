@@ -222,23 +222,24 @@ def run_public_api(case: Case, inputs: dict, **extra):
 
 
 def check_against_reference(case: Case, run=run_public_api, backend: str | None = None, seed: int = 0,
-                            gradients: bool = True, device="cpu") -> None:
+                            gradients: bool = True, device="cpu", dropout_seed: torch.Tensor | None = None) -> None:
     """Forward (out, lse) and every input gradient against the float64 reference (DESIGN.md rule).
 
-    run(case, inputs) -> (out, lse) is the kernel under test; backend, when given, must be the one
-    that served the forward (checked through mfa_hf.trace).
+    run(case, inputs, **dropout_options) -> (out, lse) is the kernel under test; backend, when
+    given, must be the one that served the forward (checked through mfa_hf.trace).
     """
     from mfa_hf import trace
 
     inputs = make_inputs(case, device=device, seed=seed, requires_grad=gradients)
+    extra = {} if case.dropout_p == 0 else {"dropout_p": case.dropout_p, "dropout_seed": dropout_seed}
     with trace.capture() as calls:
-        out, lse = run(case, inputs)
+        out, lse = run(case, inputs, **extra)
     if backend is not None:
         served = trace.served_by(calls)
         assert served[(backend, "fwd")] == 1, f"expected the {backend} backend to serve, got {dict(served)}"
     cpu_inputs = {name: _to_cpu_leaf(value) for name, value in inputs.items()}
-    ref, ref_lse, ref_args = reference_of(case, cpu_inputs, upcast=True)
-    base, base_lse, base_args = reference_of(case, cpu_inputs, upcast=False)
+    ref, ref_lse, ref_args = reference_of(case, cpu_inputs, upcast=True, seed=dropout_seed)
+    base, base_lse, base_args = reference_of(case, cpu_inputs, upcast=False, seed=dropout_seed)
     factor = GRADIENT_FACTOR if case.softcap > 0 else FORWARD_FACTOR
     assert_close_to_reference(out.cpu(), ref, base, factor, "out")
     assert_close_to_reference(lse.cpu(), ref_lse, base_lse, factor, "lse")

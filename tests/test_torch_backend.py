@@ -5,15 +5,10 @@ import torch
 
 import mfa_hf
 from mfa_hf.testing import (
-    GRADIENT_FACTOR,
     Case,
-    assert_close_to_reference,
     check_against_reference,
     core_cases,
-    differentiable,
     full_cases,
-    make_inputs,
-    reference_of,
     run_public_api,
 )
 
@@ -46,19 +41,7 @@ def test_head_dims_to_256(dim, small_tiles):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dropout_matches_reference_with_same_seed(dtype, small_tiles):
     case = Case(dtype=dtype, lq=30, lk=41, causal=True, sinks=True, dropout_p=0.3)
-    inputs = make_inputs(case, requires_grad=True)
-    seed = torch.tensor(1234)
-    out = run_public_api(case, inputs, dropout_p=0.3, dropout_seed=seed)[0]
-    ref, _, ref_args = reference_of(case, inputs, upcast=True, seed=seed)
-    base, _, base_args = reference_of(case, inputs, upcast=False, seed=seed)
-    assert_close_to_reference(out, ref, base)
-    grad = torch.randn_like(out)
-    names = differentiable(inputs)
-    ours = torch.autograd.grad(out, [inputs[n] for n in names], grad)
-    want = torch.autograd.grad(ref, [ref_args[n] for n in names], grad.to(torch.float64))
-    baseline = torch.autograd.grad(base, [base_args[n] for n in names], grad)
-    for name, a, b, c in zip(names, ours, want, baseline):
-        assert_close_to_reference(a, b, c, GRADIENT_FACTOR, f"d{name}")
+    check_against_reference(case, backend="torch", dropout_seed=torch.tensor(1234))
 
 
 def test_dropout_drops_the_requested_fraction():
