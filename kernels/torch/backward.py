@@ -71,7 +71,7 @@ def _query_tile(grad_out, q_tile, k, v, lse, delta, spec: ScoreSpec, i0, acc_dty
         k_tile = heads_last(k[:, block.j0 : block.j1], acc_dtype)
         v_tile = heads_last(v[:, block.j0 : block.j1], acc_dtype)
         scores, capped = block_scores(spec, q5, k_tile, block)
-        probs = torch.exp(scores - lse5)
+        probs = scores.sub_(lse5).exp_()  # scores are this block's own: reuse them
         dprobs = (do5 @ v_tile.transpose(-1, -2)).reshape(probs.shape)
         dropped = probs
         if spec.dropout_p > 0:

@@ -43,7 +43,7 @@ def _query_tile(q_tile, k, v, spec: ScoreSpec, sinks, i0: int, acc_dtype):
         scores, _ = block_scores(spec, q5, k_tile, block)
         new_max = torch.maximum(row_max, scores.amax(dim=-1))
         safe_max = _finite_or_zero(new_max)
-        weights = torch.exp(scores - safe_max[..., None])
+        weights = scores.sub_(safe_max[..., None]).exp_()  # scores are this block's own: reuse them
         rescale = torch.exp(row_max - safe_max)
         row_sum = row_sum * rescale + weights.sum(dim=-1)
         if spec.dropout_p > 0:

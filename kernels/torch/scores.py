@@ -75,7 +75,10 @@ def block_scores(
     """Logits of one block, -inf where not visible, and tanh(raw / softcap) for the backward."""
     batch, heads_kv = q5.shape[0], q5.shape[1]
     rows, cols = block.i1 - block.i0, block.j1 - block.j0
-    raw = (q5 @ k_tile.transpose(-1, -2)) * spec.scale
+    # One fused product-and-scale: (B * Hkv, G * BQ, D) x (B * Hkv, D, BK), times scale.
+    q3 = q5.reshape(batch * heads_kv, -1, q5.shape[-1])
+    k3 = k_tile.transpose(-1, -2).reshape(batch * heads_kv, k_tile.shape[-1], cols)
+    raw = torch.baddbmm(q3.new_empty(()), q3, k3, beta=0.0, alpha=spec.scale)
     scores = raw.reshape(batch, heads_kv, spec.group, rows, cols)
     capped = None
     if spec.softcap > 0:

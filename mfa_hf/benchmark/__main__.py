@@ -1,0 +1,44 @@
+"""python -m mfa_hf.benchmark --suite quick [--device cpu|cuda|mps] [--full-size]
+
+Prints a table per suite; progress goes to stderr while it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import torch
+
+from .table import format_table
+
+SUITES = {  # name -> (module, columns shown)
+    "quick": ("mfa_hf.benchmark.suite_quick",
+              ["impl", "pass", "batch", "heads", "seqlen", "head_dim", "causal", "dtype", "median_ms",
+               "x_sdpa", "peak_mem_mb", "served_by"]),
+    "diffusers": ("mfa_hf.benchmark.suite_diffusers",
+                  ["model", "processor", "tokens", "device", "dtype", "median_ms", "ratio_vs_default",
+                   "peak_mem_mb", "forward_peak_growth_mb", "kernel_calls", "max_abs_diff_vs_default"]),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mfa_hf.benchmark", description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    parser.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
+    parser.add_argument("--full-size", action="store_true", help="the suite's larger shapes")
+    args = parser.parse_args(argv)
+    from .suite_quick import default_device
+
+    device = args.device or default_device()
+    module_name, columns = SUITES[args.suite]
+    module = importlib.import_module(module_name)
+    rows = module.run(device, not args.full_size, lambda message: print(message, file=sys.stderr, flush=True))
+    print(f"# suite {args.suite} on {device}; torch {torch.__version__}")
+    print(format_table(rows, [c for c in columns if any(c in row for row in rows)]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

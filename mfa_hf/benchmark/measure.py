@@ -1,0 +1,60 @@
+"""Timing and peak memory for benchmark workers, the same way on every device.
+
+Peak memory is per measurement: each one runs in its own subprocess (see worker.py), so that
+    cpu   the subprocess's ru_maxrss growth over what it held before the measured calls
+    cuda  torch.cuda.max_memory_allocated over the calls
+    mps   torch.mps.driver_allocated_memory after the calls (mps exposes no peak counter)
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device.startswith("mps"):
+        torch.mps.synchronize()
+
+
+def maxrss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def start_memory(device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    return maxrss_mb()
+
+
+def peak_memory(device: str, before_mb: float) -> dict:
+    """Memory the measured calls needed beyond what was held before them, and how it was read."""
+    if device.startswith("cuda"):
+        return {"peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20 - before_mb, 1),
+                "mem_method": "torch.cuda.max_memory_allocated"}
+    if device.startswith("mps"):
+        return {"peak_mem_mb": round(torch.mps.driver_allocated_memory() / 2**20, 1),
+                "mem_method": "torch.mps.driver_allocated_memory after the calls (no peak counter)"}
+    return {"peak_mem_mb": round(maxrss_mb() - before_mb, 1), "mem_method": "ru_maxrss growth of a subprocess"}
+
+
+def median_ms(call: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> dict:
+    for _ in range(warmup):
+        call()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3), "repeats": repeats}
