@@ -1,0 +1,265 @@
+"""Quantized K/V formats: codes + float scales that kernels dequantize block by block.
+
+A `QuantizedKV` is a logical (B, S, H, D) tensor stored as
+    codes   fp8_e4m3 / fp8_e5m2: uint8 (B, S, H, D), the bytes of torch.float8_e4m3fn / float8_e5m2
+            int8:                int8  (B, S, H, D), symmetric (no zero point)
+            nf4:                 uint8 (B, S, H, D // 2), two 4-bit codebook indices a byte:
+                                 element 2i in the low nibble, element 2i + 1 in the high nibble
+    scales  float32, 4-D, broadcastable to (B, S, H, D // group_size): value = decode(code) * scale.
+            (B, S, H, 1) per (token, head), the default; (B or 1, 1, H, 1) per head;
+            (B or 1, 1, H, D) per channel (group_size 1, for keys); nf4: (B, S, H, D // group_size).
+Scales whose token dim is 1 are static: appending tokens reuses them (values saturate at the
+format's range). Everything crosses the custom-op boundary as (codes, scales, format, group_size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+SCALE_DTYPE = torch.float32
+NF4_GROUP_SIZES = (32, 64)
+
+
+class KVFormat(str, Enum):
+    FP8_E4M3 = "fp8_e4m3"
+    FP8_E5M2 = "fp8_e5m2"
+    INT8 = "int8"
+    NF4 = "nf4"
+
+
+# Largest finite magnitude a code represents (the scale maps a group's absmax onto it).
+_CODE_MAX = {KVFormat.FP8_E4M3: 448.0, KVFormat.FP8_E5M2: 57344.0, KVFormat.INT8: 127.0, KVFormat.NF4: 1.0}
+_FP8_DTYPES = {KVFormat.FP8_E4M3: torch.float8_e4m3fn, KVFormat.FP8_E5M2: torch.float8_e5m2}
+
+# The 16 NormalFloat-4 levels of QLoRA (Dettmers et al. 2023, appendix E; the same table ships in
+# bitsandbytes): quantiles of N(0, 1) normalized to [-1, 1], with an exact zero. They can be
+# derived with nf4_levels_from_quantiles() below (tests check the constants against it).
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+
+
+def nf4_levels_from_quantiles() -> torch.Tensor:
+    """QLoRA's construction: 8 positive and 7 negative normal quantiles, a zero, scaled to [-1, 1]."""
+    offset = 0.5 * (1 / 32 + 1 / 30)  # QLoRA's choice: the mean of the two ends' quantile offsets
+    positive = torch.special.ndtri(torch.linspace(1 - offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -torch.special.ndtri(torch.linspace(1 - offset, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
+    return levels / levels.abs().max()
+
+
+def parse_format(kv_format) -> KVFormat:
+    try:
+        return KVFormat(kv_format)
+    except ValueError:
+        names = ", ".join(f.value for f in KVFormat)
+        raise ValueError(f"format: expected one of {names}, got {kv_format!r}") from None
+
+
+def storage_dim(fmt: KVFormat, dim: int) -> int:
+    """Last dim of the codes tensor for a head dim of `dim`."""
+    return dim // 2 if fmt is KVFormat.NF4 else dim
+
+
+def code_dtype(fmt: KVFormat) -> torch.dtype:
+    return torch.int8 if fmt is KVFormat.INT8 else torch.uint8
+
+
+@dataclass(frozen=True)
+class QuantizedKV:
+    """A quantized (B, S, H, D) key or value tensor (see the module docstring for the layout).
+
+    `dtype` is the logical dtype (what dequantize() returns and what attention outputs). Only
+    transpose(1, 2) is supported as a view, for the (B, H, S, D) call shape of flash_attention.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    format: KVFormat
+    group_size: int
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        object.__setattr__(self, "format", parse_format(self.format))
+        check_parts(self.codes, self.scales, self.format, self.group_size, "QuantizedKV")
+
+    @property
+    def shape(self) -> torch.Size:
+        b, s, h, _ = self.codes.shape
+        return torch.Size((b, s, h, self.group_size * self.scales.shape[-1] if self.format is KVFormat.NF4
+                           else self.codes.shape[-1]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def dim(self) -> int:
+        return 4
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def transpose(self, dim0: int, dim1: int) -> "QuantizedKV":
+        if sorted((dim0 % 4, dim1 % 4)) != [1, 2]:
+            raise ValueError(f"QuantizedKV.transpose: expected dims (1, 2), got ({dim0}, {dim1})")
+        return QuantizedKV(self.codes.transpose(1, 2), self.scales.transpose(1, 2), self.format,
+                           self.group_size, self.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes held by codes and scales (broadcast scales counted once)."""
+        return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_codes(self.codes, self.scales, self.format, self.group_size, dtype or self.dtype)
+
+
+def check_parts(codes, scales, fmt, group_size: int, name: str) -> None:
+    """Codes and scales agree with the format: errors name `name`, what was expected and what came."""
+    fmt = parse_format(fmt)
+    for part, t in (("codes", codes), ("scales", scales)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}.{part}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}.{part}: expected a 4-D tensor, got shape {tuple(t.shape)}")
+    if codes.dtype != code_dtype(fmt):
+        raise TypeError(f"{name}.codes: expected dtype {code_dtype(fmt)} for {fmt.value}, got {codes.dtype}")
+    if scales.dtype != SCALE_DTYPE:
+        raise TypeError(f"{name}.scales: expected dtype {SCALE_DTYPE}, got {scales.dtype}")
+    if scales.device != codes.device:
+        raise ValueError(f"{name}.scales: expected device {codes.device} like the codes, got {scales.device}")
+    dim = codes.shape[-1] * (2 if fmt is KVFormat.NF4 else 1)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or dim % group_size:
+        raise ValueError(f"{name}.group_size: expected an int dividing the head dim {dim}, got {group_size!r}")
+    if fmt is KVFormat.NF4 and group_size not in NF4_GROUP_SIZES:
+        raise ValueError(f"{name}.group_size: expected 32 or 64 for nf4, got {group_size}")
+    groups = dim // group_size
+    b, s, h, _ = codes.shape
+    want = f"({b} or 1, {s} or 1, {h}, {groups})"
+    sb, ss, sh, sg = scales.shape
+    if sb not in (1, b) or ss not in (1, s) or sh != h or sg != groups:
+        raise ValueError(f"{name}.scales: expected shape {want} for {fmt.value} with group size {group_size}, "
+                         f"got {tuple(scales.shape)}")
+
+
+def quantize_kv(x: torch.Tensor, format="fp8_e4m3", *, group_size: int | None = None,
+                granularity: str = "token", scales: torch.Tensor | None = None,
+                layout: str = "bshd") -> QuantizedKV:
+    """Quantize x (B, S, H, D) (or (B, H, S, D) with layout="bhsd") into `format`.
+
+    granularity: "token" (a scale per (token, head), the default), "head" (one per (batch, head)
+    over all tokens) or "channel" (one per (batch, head, d): keys' outlier channels; int8 and fp8).
+    nf4 always uses absmax per group of `group_size` (32 or 64, default 64) along D.
+    scales: reuse given static scales (per head/channel) instead of computing them, as an append does.
+    """
+    fmt = parse_format(format)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x: expected a 4-D float tensor, got {_describe(x)}")
+    if layout not in ("bshd", "bhsd"):
+        raise ValueError(f"layout: expected 'bshd' or 'bhsd', got {layout!r}")
+    if layout == "bhsd":
+        return quantize_kv(x.transpose(1, 2), fmt, group_size=group_size, granularity=granularity,
+                           scales=None if scales is None else scales.transpose(1, 2)).transpose(1, 2)
+    group_size = _group_size(fmt, granularity, group_size, x.shape[-1])
+    if scales is None:
+        scales = _absmax_scales(x, fmt, granularity, group_size)
+    codes = encode(x, scales, fmt, group_size)
+    return QuantizedKV(codes, scales, fmt, group_size, x.dtype)
+
+
+def _group_size(fmt: KVFormat, granularity: str, group_size, dim: int) -> int:
+    if granularity not in ("token", "head", "channel"):
+        raise ValueError(f"granularity: expected 'token', 'head' or 'channel', got {granularity!r}")
+    if fmt is KVFormat.NF4:
+        size = 64 if group_size is None else group_size
+        if size not in NF4_GROUP_SIZES:
+            raise ValueError(f"group_size: expected 32 or 64 for nf4, got {size!r}")
+        if granularity != "token":
+            raise ValueError(f"granularity: nf4 scales are per group of {size} along D, got {granularity!r}")
+        if dim % size:
+            raise ValueError(f"x: expected a head dim divisible by the nf4 group size {size}, got {dim}")
+        return size
+    natural = 1 if granularity == "channel" else dim
+    if group_size is not None and group_size != natural:
+        raise ValueError(f"group_size: {fmt.value} with granularity {granularity!r} uses {natural}, got {group_size}")
+    return natural
+
+
+def _absmax_scales(x: torch.Tensor, fmt: KVFormat, granularity: str, group_size: int) -> torch.Tensor:
+    b, s, h, d = x.shape
+    grouped = x.detach().to(torch.float32).abs().reshape(b, s, h, d // group_size, group_size)
+    amax = grouped.amax(dim=-1)  # (B, S, H, G)
+    if granularity != "token":
+        amax = amax.amax(dim=1, keepdim=True) if s else amax.new_zeros(b, 1, h, amax.shape[-1])
+        if granularity == "head":
+            amax = amax.amax(dim=-1, keepdim=True)
+    # An all-zero group keeps scale 1 (its codes are all zero) instead of dividing by zero.
+    return torch.where(amax > 0, amax / _CODE_MAX[fmt], 1.0).to(SCALE_DTYPE).contiguous()
+
+
+def encode(x: torch.Tensor, scales: torch.Tensor, fmt: KVFormat, group_size: int) -> torch.Tensor:
+    """The codes of x (B, S, H, D) under given scales (values beyond the range saturate)."""
+    b, s, h, d = x.shape
+    scaled = x.to(torch.float32).reshape(b, s, h, d // group_size, group_size) / scales[..., None]
+    scaled = scaled.reshape(b, s, h, d)
+    limit = _CODE_MAX[fmt]
+    if fmt in _FP8_DTYPES:
+        # float8_e4m3fn has no infinity: clamp first so out-of-range values saturate, not NaN.
+        return scaled.clamp(-limit, limit).to(_FP8_DTYPES[fmt]).view(torch.uint8)
+    if fmt is KVFormat.INT8:
+        return scaled.round().clamp(-limit, limit).to(torch.int8)
+    return _pack_nibbles(_nearest_nf4(scaled.clamp(-1.0, 1.0)))
+
+
+def _nearest_nf4(x: torch.Tensor) -> torch.Tensor:
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=x.device)
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    return torch.bucketize(x, midpoints).to(torch.uint8)
+
+
+def _pack_nibbles(indices: torch.Tensor) -> torch.Tensor:
+    pairs = indices.reshape(*indices.shape[:-1], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def _unpack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    return torch.stack((codes & 0xF, codes >> 4), dim=-1).reshape(*codes.shape[:-1], -1)
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, fmt, group_size: int,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Values of (a block of) codes (B, S, H, Dc) with broadcastable scales, as (B, S, H, D) `dtype`.
+
+    Kernels call this on one key block at a time; the whole cache is never dequantized.
+    """
+    fmt = KVFormat(fmt)
+    if fmt in _FP8_DTYPES:
+        values = codes.view(_FP8_DTYPES[fmt]).to(torch.float32)
+    elif fmt is KVFormat.INT8:
+        values = codes.to(torch.float32)
+    else:
+        levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=codes.device)
+        values = levels[_unpack_nibbles(codes).long()]
+    b, s, h, d = values.shape
+    grouped = values.reshape(b, s, h, d // group_size, group_size) * scales[..., None].to(torch.float32)
+    return grouped.reshape(b, s, h, d).to(dtype)
+
+
+def bytes_per_token_head(fmt, dim: int, group_size: int | None = None, granularity: str = "token") -> float:
+    """Storage of one token of one head: codes plus its share of the scales (static scales: 0)."""
+    fmt = parse_format(fmt)
+    group_size = _group_size(fmt, granularity, group_size, dim)
+    code_bytes = dim // 2 if fmt is KVFormat.NF4 else dim
+    per_token_scales = dim // group_size if granularity == "token" else 0
+    return code_bytes + per_token_scales * torch.finfo(SCALE_DTYPE).bits // 8
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dim()}-D {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
