@@ -18,13 +18,13 @@ Each (model, processor) pair runs in its own subprocess, so that peak memory is 
 from __future__ import annotations
 
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from typing import Callable
+
+from .measure import maxrss_mb, synchronize
+from .runner import measure_in_subprocess
 
 PROCESSORS = ("default", "mfa")
 FINGERPRINT_VALUES = 4096  # output values sent back to compare default and mfa
@@ -38,7 +38,8 @@ def run(device: str, quick: bool, progress: Callable[[str], None]) -> list[dict]
         for processor in PROCESSORS:
             progress(f"diffusers: {model} forward with {processor} processors on {device}"
                      f"{' (quick)' if quick else ''}")
-            results[processor] = _measure_in_subprocess(model, processor, device, quick)
+            spec = {"model": model, "processor": processor, "device": device, "mode": "quick" if quick else "full"}
+            results[processor] = measure_in_subprocess("mfa_hf.benchmark.suite_diffusers", spec)
         rows.extend(_rows(model, results))
     return rows
 
@@ -54,16 +55,6 @@ def _rows(model: str, results: dict) -> list[dict]:
                      "ratio_vs_default": round(result["median_ms"] / default["median_ms"], 3),
                      "max_abs_diff_vs_default": diff})
     return rows
-
-
-def _measure_in_subprocess(model: str, processor: str, device: str, quick: bool) -> dict:
-    command = [sys.executable, "-m", "mfa_hf.benchmark.suite_diffusers", model, processor, device,
-               "quick" if quick else "full"]
-    completed = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
-    if completed.returncode != 0:
-        raise RuntimeError(f"diffusers benchmark worker {model}/{processor} on {device} failed:\n"
-                           f"{completed.stderr[-4000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 # ---- worker (runs in the subprocess) --------------------------------------------------------------
@@ -99,20 +90,6 @@ def _flux(quick: bool):
     return model, inputs, f"{image + text} joint"
 
 
-def _synchronize(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elif device.startswith("mps"):
-        torch.mps.synchronize()
-
-
-def _maxrss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
-
-
 def _worker(model_name: str, processor: str, device: str, mode: str) -> dict:
     import torch
 
@@ -131,7 +108,7 @@ def _worker(model_name: str, processor: str, device: str, mode: str) -> dict:
     with torch.no_grad():
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        rss_before = _maxrss_mb()  # before the warm-up: the first forward is where activations peak
+        rss_before = maxrss_mb()  # before the warm-up: the first forward is where activations peak
         _forward(model, inputs, device)  # warm-up: allocator, kernel compilation
         with trace.capture() as calls:
             times, output = _timed(model, inputs, device, repeats)
@@ -146,7 +123,7 @@ def _worker(model_name: str, processor: str, device: str, mode: str) -> dict:
 
 def _forward(model, inputs, device):
     out = model(**inputs)
-    _synchronize(device)
+    synchronize(device)
     return out[0] if isinstance(out, tuple) else out.sample
 
 
@@ -168,10 +145,11 @@ def _memory(device: str, rss_before_mb: float) -> dict:
     if device.startswith("mps"):
         return {"peak_mem_mb": round(torch.mps.driver_allocated_memory() / 2**20, 1),
                 "mem_method": "torch.mps.driver_allocated_memory after forward (no peak counter)"}
-    peak = _maxrss_mb()
+    peak = maxrss_mb()
     return {"peak_mem_mb": round(peak, 1), "forward_peak_growth_mb": round(peak - rss_before_mb, 1),
             "mem_method": "ru_maxrss of a dedicated subprocess"}
 
 
 if __name__ == "__main__":
-    print(json.dumps(_worker(*sys.argv[1:5])))
+    spec = json.loads(sys.argv[1])
+    print(json.dumps(_worker(spec["model"], spec["processor"], spec["device"], spec["mode"])))

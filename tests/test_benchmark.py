@@ -1,0 +1,24 @@
+"""The benchmark CLI runs and prints its table (tiny shapes; timings are never asserted)."""
+
+from mfa_hf.benchmark import __main__ as cli
+from mfa_hf.benchmark import suite_quick
+from mfa_hf.benchmark.table import format_table
+
+
+def test_quick_suite_prints_a_table(monkeypatch, capsys):
+    monkeypatch.setitem(suite_quick.SHAPES, "cpu", [(1, 2, 64, 16, True)])
+    assert cli.main(["--suite", "quick", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].startswith("# suite quick on cpu")
+    rows = [line.split() for line in lines[3:]]
+    assert {(row[0], row[1]) for row in rows} == {("sdpa", "fwd"), ("mfa[torch]", "fwd"),
+                                                  ("sdpa", "fwd+bwd"), ("mfa[torch]", "fwd+bwd")}
+    assert all(row[-1] in ("torch", "torch.nn.functional") for row in rows)
+    assert "[4/4]" in captured.err  # progress
+
+
+def test_table_formats_numbers_and_text():
+    text = format_table([{"name": "a", "ms": 1.5}, {"name": "bb", "ms": 12.25}])
+    assert text.splitlines()[0].split() == ["name", "ms"]
+    assert text.splitlines()[3].split() == ["bb", "12.25"]
