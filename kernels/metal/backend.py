@@ -1,13 +1,49 @@
-"""The `metal` backend (Metal Shading Language kernels via torch.mps.compile_shader).
+"""The `metal` backend: the FlashAttention-2 forward as Metal kernels (torch.mps.compile_shader).
 
-Not built yet: until the Metal kernels land, this backend declines every problem with that reason,
-so `auto` dispatch moves on and `MFA_BACKEND=metal` raises instead of silently using another path.
+Serves `mps` tensors, and CPU tensors through the MSL emulator when MFA_METAL_EMULATOR=1 (CI).
+The backward has no Metal kernel yet (issue 7 part 2): the metal op's autograd calls the torch
+backend's backward op, so MFA_TRACE shows `metal fwd` then `torch bwd`.
 """
 
+from __future__ import annotations
+
+import torch
+
+from mfa_hf.kernels.torch import backend as torch_backend
+from mfa_hf.ops import define_attention_ops
 from mfa_hf.problem import AttentionProblem
 
+from .emulator.runtime_select import emulator_enabled
+from .forward import forward
+from .loader import MSL_TYPES
+
 NAME = "metal"
+MAX_HEAD_DIM = 256
 
 
 def supports(problem: AttentionProblem) -> tuple[bool, str]:
-    return False, "the Metal kernels are not part of this build yet"
+    where = _device_reason(problem.device_type)
+    if where:
+        return False, where
+    if problem.dtype not in MSL_TYPES:
+        return False, f"dtype {problem.dtype}: the Metal kernels take float16, bfloat16 and float32"
+    if problem.head_dim_qk > MAX_HEAD_DIM or problem.head_dim_v > MAX_HEAD_DIM:
+        return False, f"head dims ({problem.head_dim_qk}, {problem.head_dim_v}): the Metal kernels go up to {MAX_HEAD_DIM}"
+    if problem.dropout_p > 0:
+        return False, "dropout is served by the torch backend"
+    if problem.kv_format != "none":
+        return False, f"kv format {problem.kv_format}: quantized KV caches are served by the decode path"
+    return True, "the Metal forward serves this problem (backward through the torch backend)"
+
+
+def _device_reason(device_type: str) -> str:
+    if device_type == "mps":
+        return "" if torch.backends.mps.is_available() else "torch reports no usable mps device"
+    if device_type == "cpu" and emulator_enabled():
+        return ""
+    if device_type == "cpu":
+        return "cpu tensors run on the Metal backend only under the emulator (MFA_METAL_EMULATOR=1)"
+    return f"device {device_type}: the Metal backend serves mps tensors"
+
+
+OPS = define_attention_ops(NAME, forward, torch_backend.backward, device_types=("mps", "cpu"))

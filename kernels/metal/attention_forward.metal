@@ -1,0 +1,220 @@
+// FlashAttention-2 forward for Apple GPUs: online softmax in base 2, fp32 accumulation.
+//
+// One threadgroup = WM simdgroups x 8 query rows (BQ = 8 * WM rows) of one (batch, head).
+// Per key block of BK keys: K and V are staged in threadgroup memory, S = Q K^T is computed
+// with 8x8 simdgroup_matrix products into float fragments, the scores are scaled (log2(e) is
+// folded into the scale, so the softmax uses exp2), capped, biased and masked in place, turned
+// into P in the same registers, and O += P V. Only the key blocks the window leaves visible to
+// some row of the threadgroup are visited; blocks fully inside every row's window skip the
+// element-wise visibility test.
+//
+// Variants are made by the loader's #defines (compile_shader has no function constants):
+//   IN_T            half | bfloat | float: q, k, v and out
+//   DQK, DV         the real head dims; DQK_PAD, DV_PAD rounded up to 8 (padding reads as 0)
+//   BK, WM          keys per block, simdgroups per threadgroup (BQ = 8 * WM query rows)
+//   K_PITCH, V_PITCH, Q_PITCH   row pitch of the threadgroup tiles (elements)
+//   Q_IN_TG         1: Q is staged in threadgroup memory and re-read per product (large head
+//                   dims, where Q fragments would take too many registers); 0: Q in registers
+//   MASK_KIND       0 none, 1 bool (uchar, nonzero = attend), 2 additive (MASK_T)
+//   HAS_SOFTCAP, HAS_ALIBI, HAS_SINKS, VARLEN, CU_T (int | long: cu_seqlens' type)
+//   ATTENTION_PARAM_COUNT   the number of int64 fields the host passes (size check)
+//
+// Launch: threads = (32 * WM * ceil(max Lq / BQ), Hq, B), group_size = (32 * WM, 1, 1).
+#include "attention_params.h"
+#include "fragment.h"
+
+#define BQ (8 * WM)
+#define THREADS (32 * WM)
+#define DQK_BLOCKS (DQK_PAD / 8)
+#define DV_BLOCKS (DV_PAD / 8)
+#define KEY_FRAGMENTS (BK / 8)
+
+constant constexpr float LOG2E = 1.4426950408889634f;
+constant constexpr float LN2 = 0.6931471805599453f;
+
+inline long min_long(long a, long b) { return a < b ? a : b; }
+inline long max_long(long a, long b) { return a > b ? a : b; }
+
+// Stage `rows` x PAD columns of a (sequence, dim) matrix into a tile, zero past the sequence
+// end and past the real head dim (so padded products add exact zeros).
+template <int PAD, int REAL, int PITCH, int ROWS>
+inline void stage_tile(threadgroup IN_T* tile, device const IN_T* base, long first_row, long end_row,
+                       long row_stride, long col_stride, ushort tid) {
+  for (int i = tid; i < ROWS * PAD; i += THREADS) {
+    const int r = i / PAD, c = i % PAD;
+    const long row = first_row + r;
+    tile[r * PITCH + c] = (row < end_row && c < REAL) ? base[row * row_stride + c * col_stride] : IN_T(0);
+  }
+}
+
+kernel void attention_forward(
+    device const IN_T* q [[buffer(0)]],
+    device const IN_T* k [[buffer(1)]],
+    device const IN_T* v [[buffer(2)]],
+    device IN_T* out [[buffer(3)]],
+    device float* lse [[buffer(4)]],
+    constant AttentionParams& p [[buffer(5)]],
+    constant float& q_scale [[buffer(6)]],    // scale * log2(e); with softcap, scale / softcap
+    constant float& cap_scale [[buffer(7)]],  // softcap * log2(e) (read only with HAS_SOFTCAP)
+    device const MASK_T* mask [[buffer(8)]],
+    device const float* alibi_slopes [[buffer(9)]],
+    device const float* sinks [[buffer(10)]],
+    device const CU_T* cu_seqlens_q [[buffer(11)]],
+    device const CU_T* cu_seqlens_k [[buffer(12)]],
+    uint3 group_id [[threadgroup_position_in_grid]],
+    ushort sg [[simdgroup_index_in_threadgroup]],
+    ushort lane [[thread_index_in_simdgroup]],
+    ushort tid [[thread_index_in_threadgroup]]) {
+  const long batch = group_id.z, head = group_id.y, kv_head = head / p.group;
+#if VARLEN
+  const long q_start = cu_seqlens_q[batch], k_start = cu_seqlens_k[batch];
+  const long seqlen_q = cu_seqlens_q[batch + 1] - q_start, seqlen_k = cu_seqlens_k[batch + 1] - k_start;
+#else
+  const long q_start = 0, k_start = 0, seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
+#endif
+  const long block_row0 = long(group_id.x) * BQ;
+  if (block_row0 >= seqlen_q) return;  // the whole threadgroup: a shorter sequence of a varlen batch
+
+  device const IN_T* q_seq = q + batch * p.q_stride_b + q_start * p.q_stride_s + head * p.q_stride_h;
+  device const IN_T* k_seq = k + batch * p.k_stride_b + k_start * p.k_stride_s + kv_head * p.k_stride_h;
+  device const IN_T* v_seq = v + batch * p.v_stride_b + k_start * p.v_stride_s + kv_head * p.v_stride_h;
+
+  threadgroup IN_T k_tile[BK * K_PITCH];
+  threadgroup IN_T v_tile[BK * V_PITCH];
+
+  const FragmentLane at = fragment_lane(lane);
+  const long sg_row0 = block_row0 + sg * 8;
+  const long row = sg_row0 + at.row;  // this lane's query row
+  const bool row_in = row < seqlen_q;
+  const long offset = seqlen_k - seqlen_q;  // bottom-right alignment: row i's diagonal is i + offset
+
+#if Q_IN_TG
+  threadgroup IN_T q_tile[BQ * Q_PITCH];
+  stage_tile<DQK_PAD, DQK, Q_PITCH, BQ>(q_tile, q_seq, block_row0, seqlen_q, p.q_stride_s, p.q_stride_d, tid);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+#else
+  simdgroup_float8x8 q_frag[DQK_BLOCKS];
+  for (int d = 0; d < DQK_BLOCKS; ++d) {
+    for (int e = 0; e < 2; ++e) {
+      const int col = d * 8 + at.col + e;
+      q_frag[d].thread_elements()[e] =
+          (row_in && col < DQK) ? float(q_seq[row * p.q_stride_s + col * p.q_stride_d]) : 0.0f;
+    }
+  }
+#endif
+
+  // The key blocks some row of this threadgroup can see.
+  const long last_row = min_long(block_row0 + BQ, seqlen_q) - 1;
+  const long first_key = p.window_left >= 0 ? max_long(block_row0 + offset - p.window_left, 0) : 0;
+  const long end_key = p.window_right >= 0 ? min_long(last_row + offset + p.window_right + 1, seqlen_k) : seqlen_k;
+  const long sg_last = min_long(sg_row0 + 7, seqlen_q - 1);
+
+#if HAS_ALIBI
+  const float slope = alibi_slopes[batch * p.alibi_stride_b + head] * LOG2E;
+#endif
+#if MASK_KIND
+  device const MASK_T* mask_row = mask + batch * p.mask_stride_b + head * p.mask_stride_h + row * p.mask_stride_q;
+#endif
+
+  // Running max (base-2 logits) and sum; a sink is a key of value 0 seen before all others.
+#if HAS_SINKS
+  float m = sinks[head] * LOG2E, l = 1.0f;
+#else
+  float m = -INFINITY, l = 0.0f;
+#endif
+  simdgroup_float8x8 o[DV_BLOCKS];
+  for (int d = 0; d < DV_BLOCKS; ++d) o[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+
+  for (long key0 = (first_key / BK) * BK; key0 < end_key; key0 += BK) {
+    stage_tile<DQK_PAD, DQK, K_PITCH, BK>(k_tile, k_seq, key0, seqlen_k, p.k_stride_s, p.k_stride_d, tid);
+    stage_tile<DV_PAD, DV, V_PITCH, BK>(v_tile, v_seq, key0, seqlen_k, p.v_stride_s, p.v_stride_d, tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+
+    // S = Q K^T: 8 rows x BK keys per simdgroup; K^T is read from the tile by swapping strides.
+    simdgroup_float8x8 s[KEY_FRAGMENTS];
+    for (int j = 0; j < KEY_FRAGMENTS; ++j) {
+      s[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      for (int d = 0; d < DQK_BLOCKS; ++d) {
+        simdgroup_float8x8 kt;
+        load_fragment(kt, k_tile + j * 8 * K_PITCH + d * 8, 1, K_PITCH, at);
+#if Q_IN_TG
+        simdgroup_float8x8 qd;
+        load_fragment(qd, q_tile + sg * 8 * Q_PITCH + d * 8, Q_PITCH, 1, at);
+        simdgroup_multiply_accumulate(s[j], qd, kt, s[j]);
+#else
+        simdgroup_multiply_accumulate(s[j], q_frag[d], kt, s[j]);
+#endif
+      }
+    }
+
+    // Blocks inside every row's window (and the sequence) need no per-element visibility test.
+    const bool inside = key0 + BK <= seqlen_k &&
+                        (p.window_left < 0 || key0 >= sg_last + offset - p.window_left) &&
+                        (p.window_right < 0 || key0 + BK - 1 <= sg_row0 + offset + p.window_right);
+    float tile_max = -INFINITY;
+    for (int j = 0; j < KEY_FRAGMENTS; ++j) {
+      for (int e = 0; e < 2; ++e) {
+        const long key = key0 + j * 8 + at.col + e;
+        float x = s[j].thread_elements()[e] * q_scale;
+#if HAS_SOFTCAP
+        x = precise::tanh(x) * cap_scale;
+#endif
+#if HAS_ALIBI
+        x -= slope * fabs(float(row + offset - key));
+#endif
+        bool visible = inside || (key < seqlen_k && (p.window_left < 0 || key >= row + offset - p.window_left) &&
+                                  (p.window_right < 0 || key <= row + offset + p.window_right));
+#if MASK_KIND == 1
+        visible = visible && row_in && key < seqlen_k && mask_row[key * p.mask_stride_k] != 0;
+#elif MASK_KIND == 2
+        if (visible && row_in) x += float(mask_row[key * p.mask_stride_k]) * LOG2E;
+#endif
+        x = visible ? x : -INFINITY;
+        s[j].thread_elements()[e] = x;
+        tile_max = max(tile_max, x);
+      }
+    }
+
+    // Online softmax: rescale what came before by exp2(m - m_new); P overwrites S in registers.
+    const float m_new = max(m, row_max(tile_max));
+    const bool none_yet = m_new == -INFINITY;
+    const float correction = none_yet ? 1.0f : exp2(m - m_new);
+    float block_sum = 0.0f;
+    for (int j = 0; j < KEY_FRAGMENTS; ++j) {
+      for (int e = 0; e < 2; ++e) {
+        const float pe = none_yet ? 0.0f : exp2(s[j].thread_elements()[e] - m_new);
+        s[j].thread_elements()[e] = pe;
+        block_sum += pe;
+      }
+    }
+    l = l * correction + row_sum(block_sum);
+    m = m_new;
+
+    // O = O * correction + P V.
+    for (int d = 0; d < DV_BLOCKS; ++d) {
+      o[d].thread_elements() *= correction;
+      for (int j = 0; j < KEY_FRAGMENTS; ++j) {
+        simdgroup_float8x8 vf;
+        load_fragment(vf, v_tile + j * 8 * V_PITCH + d * 8, V_PITCH, 1, at);
+        simdgroup_multiply_accumulate(o[d], s[j], vf, o[d]);
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // the next block overwrites k_tile and v_tile
+  }
+
+  if (!row_in) return;
+  // A row that saw nothing (l == 0) writes 0 and LSE -inf; l is compared with 0, not "> 0", so
+  // that a NaN propagates as the reference says.
+  const float inv = l == 0.0f ? 0.0f : 1.0f / l;
+  device IN_T* out_row = out + batch * p.o_stride_b + (q_start + row) * p.o_stride_s + head * p.o_stride_h;
+  for (int d = 0; d < DV_BLOCKS; ++d) {
+    for (int e = 0; e < 2; ++e) {
+      const int col = d * 8 + at.col + e;
+      if (col < DV) out_row[col * p.o_stride_d] = IN_T(o[d].thread_elements()[e] * inv);
+    }
+  }
+  if (at.col == 0) {
+    lse[batch * p.lse_stride_b + head * p.lse_stride_h + (q_start + row) * p.lse_stride_s] =
+        l == 0.0f ? -INFINITY : (m + log2(l)) * LN2;
+  }
+}
