@@ -172,3 +172,60 @@ def empty_result(q: Tensor, v: Tensor, sinks: Optional[Tensor]) -> tuple[Tensor,
     else:
         lse = torch.full_like(lse, -math.inf)
     return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode over a (possibly quantized) KV cache: one backend-neutral schema for every backend.
+
+
+def _fake_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_idx, alibi_slopes, sinks,
+                 k_format, v_format, *_options):
+    batch, lq, heads_q, _ = q.shape
+    dim_v = v_codes.shape[-1] * (2 if v_format == "nf4" else 1)  # nf4 packs two codes a byte
+    out = q.new_empty((batch, lq, heads_q, dim_v))
+    return out, q.new_empty((batch, heads_q, lq), dtype=lse_dtype(q.dtype))
+
+
+def define_decode_op(backend: str, decode_impl: Callable, device_types=None) -> Callable:
+    """Register mfa_hf::{backend}_decode: attention of q over each sequence's valid cache prefix.
+
+    q (B, Lq, Hq, D); k_codes (Bc, Smax, Hkv, Dk) and v_codes (Bc, Smax, Hkv, Dvc) are either the
+    cache itself (format "none", scales None) or the codes of a QuantizedKV (mfa_hf/quant.py) with
+    their float32 scales, broadcastable to (Bc, Smax, Hkv, D // group_size). seqlens_k (B,): keys
+    visible to row b (new tokens included); cache_batch_idx (B,) or None maps rows to cache rows.
+    Causal/window align bottom-right on seqlens_k[b]. num_splits 0 lets the backend choose.
+    decode_impl takes the same arguments and returns (out (B, Lq, Hq, Dv), lse (B, Hq, Lq)).
+    Forward only: quantized caches serve inference.
+    """
+
+    @torch.library.custom_op(f"mfa_hf::{backend}_decode", mutates_args=(), device_types=device_types)
+    def decode(
+        q: Tensor, k_codes: Tensor, k_scales: Optional[Tensor], v_codes: Tensor, v_scales: Optional[Tensor],
+        seqlens_k: Tensor, cache_batch_idx: Optional[Tensor], alibi_slopes: Optional[Tensor],
+        sinks: Optional[Tensor], k_format: str, v_format: str, k_group_size: int, v_group_size: int,
+        scale: float, causal: bool, window_left: int, window_right: int, softcap: float, num_splits: int,
+    ) -> tuple[Tensor, Tensor]:
+        trace.record(backend, "decode", q.dtype, q.shape[-1], q.shape[1], k_codes.shape[1],
+                     _decode_flags(q, k_codes, k_format, v_format, causal, window_left, window_right,
+                                   softcap, alibi_slopes, sinks))
+        return decode_impl(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_idx, alibi_slopes,
+                           sinks, k_format, v_format, k_group_size, v_group_size, scale, causal, window_left,
+                           window_right, softcap, num_splits)
+
+    decode.register_fake(_fake_decode)
+    return decode
+
+
+def _decode_flags(q, k_codes, k_format, v_format, causal, window_left, window_right, softcap, alibi, sinks):
+    parts = ["kvcache"]
+    if k_format != "none" or v_format != "none":
+        parts.append(f"kv={k_format}" if k_format == v_format else f"kv={k_format}+{v_format}")
+    if causal:
+        parts.append("causal")
+    if (window_left, window_right) != (-1, -1):
+        parts.append(f"window={window_left},{window_right}")
+    for on, name in ((softcap > 0, "softcap"), (alibi is not None, "alibi"), (sinks is not None, "sinks"),
+                     (q.shape[2] != k_codes.shape[2], f"gqa={q.shape[2] // k_codes.shape[2]}")):
+        if on:
+            parts.append(name)
+    return " ".join(parts)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from mfa_hf.ops import define_attention_ops, empty_result
+from mfa_hf.ops import define_attention_ops, define_decode_op, empty_result
 from mfa_hf.problem import AttentionProblem
 
 from .backward import backward_dense
+from .decode import run_decode
 from .forward import forward_dense
 from .scores import make_spec
 from .tiles import make_band
@@ -93,3 +94,4 @@ def _zero_grads(q, k, v, sinks, attn_mask):
 
 
 OPS = define_attention_ops(NAME, forward, backward)
+DECODE = define_decode_op(NAME, run_decode)  # quantized/plain KV-cache attention (decode.py)

@@ -1,0 +1,296 @@
+"""flash_attn_with_kvcache (FlashAttention-2's semantics) over plain or quantized caches.
+
+    k_cache = mfa_hf.allocate_kv_cache(batch, max_seqlen, heads_kv, head_dim, "int8", dtype=torch.bfloat16)
+    out = mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=lengths)
+    lengths += k_new.shape[1]   # the caller owns the lengths, as in FlashAttention-2
+
+Appending is its own custom op (mfa_hf::kvcache_append, mutates the cache tensors); attention is
+the backend's pure decode op (mfa_hf.ops.define_decode_op). Every check runs before anything is
+written, so a bad call leaves the cache untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .ops import describe
+from .problem import NO_WINDOW, check_alibi, check_scale, check_sinks, check_softcap, check_window
+from .quant import SCALE_DTYPE, KVFormat, QuantizedKV, _absmax_scales, encode, parse_format, storage_dim
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@torch.library.custom_op("mfa_hf::kvcache_append", mutates_args=("cache",))
+def _append(cache: Tensor, new: Tensor, cache_seqlens: Tensor, cache_batch_idx: Optional[Tensor]) -> None:
+    """cache[row_b, cache_seqlens[b] + t] = new[b, t] for every t (rows: cache_batch_idx or b)."""
+    batch, count = new.shape[0], new.shape[1]
+    rows = torch.arange(batch, device=cache.device) if cache_batch_idx is None else cache_batch_idx.long()
+    positions = cache_seqlens.long()[:, None] + torch.arange(count, device=cache.device)
+    cache[rows[:, None], positions] = new.to(cache.dtype)
+
+
+@_append.register_fake
+def _(cache, new, cache_seqlens, cache_batch_idx):
+    return None
+
+
+def allocate_kv_cache(batch: int, max_seqlen: int, heads_kv: int, head_dim: int, format: str | None = None, *,
+                      dtype: torch.dtype = torch.float32, device=None, group_size: int | None = None,
+                      static_scales: Tensor | None = None):
+    """An empty (batch, max_seqlen, heads_kv, head_dim) cache: a tensor (format None) or a QuantizedKV.
+
+    Quantized caches hold a float32 scale per (token, head) (nf4: per group along D) unless
+    static_scales (per head (1 or B, 1, H, 1) or per channel (1 or B, 1, H, D)) are given.
+    """
+    if format is None or format == "none":
+        return torch.zeros(batch, max_seqlen, heads_kv, head_dim, dtype=dtype, device=device)
+    fmt = parse_format(format)
+    if fmt is KVFormat.NF4:
+        group_size = 64 if group_size is None else group_size
+        if group_size not in (32, 64) or head_dim % group_size:
+            raise ValueError(f"head_dim: expected a multiple of the nf4 group size {group_size} (32 or 64), "
+                             f"got {head_dim}")
+    codes = torch.zeros(batch, max_seqlen, heads_kv, storage_dim(fmt, head_dim),
+                        dtype=torch.int8 if fmt is KVFormat.INT8 else torch.uint8, device=device)
+    if static_scales is not None:
+        if fmt is KVFormat.NF4:
+            raise ValueError("static_scales: nf4 keeps a scale per group of each token, got static scales")
+        size = head_dim // static_scales.shape[-1] if static_scales.dim() == 4 and static_scales.shape[-1] else 0
+        return QuantizedKV(codes, static_scales, fmt, size, dtype)
+    groups = head_dim // group_size if fmt is KVFormat.NF4 else 1
+    scales = torch.ones(batch, max_seqlen, heads_kv, groups, dtype=SCALE_DTYPE, device=device)
+    return QuantizedKV(codes, scales, fmt, group_size if fmt is KVFormat.NF4 else head_dim, dtype)
+
+
+def flash_attn_with_kvcache(
+    q: Tensor,
+    k_cache,
+    v_cache,
+    k: Tensor | None = None,
+    v: Tensor | None = None,
+    cache_seqlens: Tensor | int | None = None,
+    cache_batch_idx: Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+    window_size: tuple[int, int] = NO_WINDOW,
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
+    return_lse: bool = False,
+    num_splits: int = 0,
+):
+    """Attention of q (B, Lq, Hq, D) over a KV cache, appending new k/v in place first.
+
+    k_cache/v_cache: (B_cache, S_max, Hkv, D) tensors, or QuantizedKV of that logical shape (new
+    k/v are quantized on the way in). cache_seqlens (B,) int32: valid keys per sequence BEFORE the
+    append (None: the whole cache; an int: the same for every row). k/v (B, Lnew, Hkv, D) are
+    written at positions cache_seqlens[b] .. + Lnew - 1; attention then covers cache_seqlens + Lnew
+    keys. cache_batch_idx (B,) maps batch rows to cache rows. Causal/window align bottom-right:
+    query i sees keys j <= L_b - Lq + i (L_b the length after the append). Any Lq (decode is 1).
+    num_splits 0 lets the backend choose the split-K factor from the shape. The caller updates
+    cache_seqlens afterwards. Returns (B, Lq, Hq, Dv) (and lse (B, Hq, Lq) with return_lse).
+    """
+    check_query(q)
+    quantized = _check_caches(q, k_cache, v_cache)
+    batch, lq = q.shape[0], q.shape[1]
+    cache_batch, max_seqlen = k_cache.shape[0], k_cache.shape[1]
+    rows = _check_batch_idx(cache_batch_idx, batch, cache_batch, q.device, appending=k is not None)
+    new_len = _check_new(k, v, q, k_cache, v_cache, quantized)
+    lengths = _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, q.device)
+    if k is not None and new_len:
+        _append_all(k_cache, v_cache, k, v, lengths, rows)
+    total = lengths + new_len
+    return _decode(q, k_cache, v_cache, total.to(torch.int32), rows, softmax_scale, causal, window_size, softcap,
+                   alibi_slopes, sinks, return_lse, num_splits)
+
+
+def attention_over_quantized(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
+                             return_lse, dropout_p=0.0, attn_mask=None):
+    """flash_attn_func with QuantizedKV k and v (prefill or any Lq): every row sees all S keys."""
+    if attn_mask is not None:
+        raise ValueError("attn_mask: not supported with quantized k/v (use causal/window_size), got a mask")
+    if float(dropout_p) != 0.0:
+        raise ValueError(f"dropout_p: expected 0 with quantized k/v (inference only), got {dropout_p}")
+    check_query(q)
+    _check_caches(q, k, v)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k: expected batch {q.shape[0]} like q, got {k.shape[0]}")
+    if torch.is_grad_enabled() and q.requires_grad:
+        raise ValueError("q: quantized k/v serve inference only; got q requiring grad (use torch.no_grad())")
+    lengths = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
+    return _decode(q, k, v, lengths, None, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
+                   return_lse, 0)
+
+
+def _decode(q, k_cache, v_cache, lengths, rows, softmax_scale, causal, window_size, softcap, alibi_slopes,
+            sinks, return_lse, num_splits):
+    window_left, window_right = check_window(window_size)
+    scale = check_scale(softmax_scale, q.shape[-1])
+    softcap = check_softcap(softcap)
+    check_sinks(sinks, q.shape[2], q.device)
+    check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits: expected an int >= 0 (0 = choose from the shape), got {num_splits!r}")
+    k_codes, k_scales, k_format, k_group = _parts(k_cache)
+    v_codes, v_scales, v_format, v_group = _parts(v_cache)
+    op = _select_decode(q, k_cache, v_cache, causal, window_left, window_right, softcap, alibi_slopes, sinks,
+                        k_format, v_format)
+    out, lse = op(q, k_codes, k_scales, v_codes, v_scales, lengths, rows, alibi_slopes, sinks, k_format, v_format,
+                  k_group, v_group, scale, bool(causal), window_left, window_right, softcap, num_splits)
+    return (out, lse) if return_lse else out
+
+
+def _select_decode(q, k_cache, v_cache, causal, window_left, window_right, softcap, alibi, sinks, k_format, v_format):
+    kv_format = k_format if k_format == v_format else f"{k_format}+{v_format}"
+    problem = describe(q, k_cache, v_cache, None, alibi, sinks, None, 0, 0, bool(causal), window_left,
+                       window_right, softcap, 0.0, kv_format=kv_format)
+    chosen = dispatch.select(problem)
+    op = getattr(chosen.module, "DECODE", None)
+    if op is None:
+        raise dispatch.BackendUnavailable(f"the {chosen.name} backend has no KV-cache decode op")
+    return op
+
+
+def _parts(cache):
+    if isinstance(cache, QuantizedKV):
+        return cache.codes, cache.scales, cache.format.value, cache.group_size
+    return cache, None, "none", cache.shape[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Appending: quantize the new tokens with the cache's format (and static scales), then write.
+
+
+def _append_all(k_cache, v_cache, k, v, lengths, rows):
+    """Encode both sides first, write after: a failure while encoding leaves the cache untouched."""
+    writes = _writes(k_cache, k, rows) + _writes(v_cache, v, rows)
+    for cache, new in writes:
+        _append(cache, new, lengths, rows)
+
+
+def _writes(cache, new, rows) -> list[tuple[Tensor, Tensor]]:
+    if not isinstance(cache, QuantizedKV):
+        return [(cache, new)]
+    if _per_token_scales(cache):
+        scales = _absmax_scales(new, cache.format, "token", cache.group_size)
+        return [(cache.codes, encode(new, scales, cache.format, cache.group_size)), (cache.scales, scales)]
+    static = cache.scales
+    if rows is not None and static.shape[0] > 1:
+        static = static.index_select(0, rows.long())
+    elif static.shape[0] > 1 and static.shape[0] != new.shape[0]:
+        raise ValueError(f"scales: expected batch {new.shape[0]} or 1, got {static.shape[0]}")
+    return [(cache.codes, encode(new, static, cache.format, cache.group_size))]
+
+
+def _per_token_scales(cache: QuantizedKV) -> bool:
+    return cache.scales.shape[1] == cache.codes.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (errors name the argument, what was expected and what came).
+
+
+def check_query(q) -> None:
+    if not isinstance(q, torch.Tensor) or q.dim() != 4 or not q.is_floating_point():
+        raise ValueError(f"q: expected a 4-D float tensor (B, Lq, Hq, D), got {_describe(q)}")
+
+
+def _check_caches(q, k_cache, v_cache) -> bool:
+    k_quantized, v_quantized = isinstance(k_cache, QuantizedKV), isinstance(v_cache, QuantizedKV)
+    if k_quantized != v_quantized:
+        raise TypeError(f"k_cache, v_cache: expected both QuantizedKV or both tensors, got "
+                        f"{type(k_cache).__name__} and {type(v_cache).__name__}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not k_quantized:
+            if not isinstance(cache, torch.Tensor) or cache.dim() != 4:
+                raise ValueError(f"{name}: expected a 4-D tensor (B_cache, S_max, Hkv, D) or a QuantizedKV, "
+                                 f"got {_describe(cache)}")
+            if cache.dtype != q.dtype:
+                raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {cache.dtype}")
+        if cache.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} like q, got {cache.device}")
+    kb, ks, kh, kd = k_cache.shape
+    vb, vs, vh, _ = v_cache.shape
+    if (vb, vs, vh) != (kb, ks, kh):
+        raise ValueError(f"v_cache: expected (B_cache, S_max, Hkv) = {(kb, ks, kh)} like k_cache, got {(vb, vs, vh)}")
+    if kd != q.shape[-1]:
+        raise ValueError(f"k_cache: expected head dim {q.shape[-1]} like q, got {kd}")
+    if kh == 0 or q.shape[2] % kh:
+        raise ValueError(f"k_cache: expected a number of KV heads dividing {q.shape[2]} query heads, got {kh}")
+    return k_quantized
+
+
+def _check_batch_idx(cache_batch_idx, batch, cache_batch, device, appending: bool) -> Tensor | None:
+    if cache_batch_idx is None:
+        if cache_batch != batch:
+            raise ValueError(f"k_cache: expected batch {batch} like q (or pass cache_batch_idx), got {cache_batch}")
+        return None
+    _check_index_vector("cache_batch_idx", cache_batch_idx, batch, device)
+    if torch.compiler.is_compiling():
+        return cache_batch_idx
+    values = cache_batch_idx.tolist()
+    if any(not 0 <= r < cache_batch for r in values):
+        raise ValueError(f"cache_batch_idx: expected rows in [0, {cache_batch}), got {values}")
+    if appending and len(set(values)) != len(values):
+        raise ValueError(f"cache_batch_idx: expected distinct rows when appending k/v, got {values}")
+    return cache_batch_idx
+
+
+def _check_new(k, v, q, k_cache, v_cache, quantized) -> int:
+    if (k is None) != (v is None):
+        raise ValueError(f"k, v: expected both or neither, got k={_describe(k)} and v={_describe(v)}")
+    if k is None:
+        return 0
+    for name, new, cache in (("k", k, k_cache), ("v", v, v_cache)):
+        if not isinstance(new, torch.Tensor) or new.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor (B, Lnew, Hkv, D), got {_describe(new)}")
+        want = (q.shape[0], k.shape[1], cache.shape[2], cache.shape[3])
+        if tuple(new.shape) != want:
+            raise ValueError(f"{name}: expected shape (B, Lnew, Hkv, D) = {want}, got {tuple(new.shape)}")
+        if new.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {new.dtype}")
+        if new.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} like q, got {new.device}")
+    return k.shape[1]
+
+
+def _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, device) -> Tensor:
+    if cache_seqlens is None:
+        if new_len:
+            raise ValueError("cache_seqlens: expected the valid lengths when appending k/v, got None")
+        return torch.full((batch,), max_seqlen, dtype=torch.int32, device=device)
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    _check_index_vector("cache_seqlens", cache_seqlens, batch, device)
+    if not torch.compiler.is_compiling():
+        values = cache_seqlens.tolist()
+        if any(n < 0 for n in values):
+            raise ValueError(f"cache_seqlens: expected lengths >= 0, got {values}")
+        over = [n for n in values if n + new_len > max_seqlen]
+        if over:
+            raise ValueError(f"cache_seqlens: expected lengths + {new_len} new tokens <= the cache capacity "
+                             f"{max_seqlen}, got {values}")
+    return cache_seqlens
+
+
+def _check_index_vector(name, t, batch, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor (B,) int32, got {type(t).__name__}")
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name}: expected dtype torch.int32 (or int64), got {t.dtype}")
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"{name}: expected shape ({batch},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} like q, got {t.device}")
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dim()}-D {x.dtype} tensor of shape {tuple(x.shape)}"
+    if isinstance(x, QuantizedKV):
+        return f"QuantizedKV({x.format.value}, shape {tuple(x.shape)})"
+    return "None" if x is None else type(x).__name__
