@@ -14,6 +14,13 @@ __version__ = "0.1.0"
 
 dispatch.load_all()
 
+# transformers: make attn_implementation="mps_flash" / "mfa" work. Registration waits until
+# transformers' modeling code is imported (an import hook), so `import mfa_hf` stays light for
+# people who never use transformers. See integrations/transformers/autoregister.py.
+from .integrations.transformers import autoregister as _tf_autoregister  # noqa: E402
+
+_tf_autoregister.install()
+
 # Names served by optional integrations, imported on first use so that `import mfa_hf` stays light
 # (diffusers and transformers take seconds to import). name -> module that defines it.
 _LAZY_EXPORTS = {

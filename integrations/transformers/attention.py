@@ -1,0 +1,100 @@
+"""Attention functions registered in transformers' AttentionInterface.
+
+- `mfa_attention_forward` ("mfa"): takes the compact masks of masks.py (or a dense fallback) and
+  calls `mfa_hf.flash_attention` with causal/window/softcap/sinks/bias applied by the kernel.
+- `mps_flash_attention_forward` ("mps_flash"): the FlashAttention flavour. It runs transformers'
+  own flash path (`_flash_attention_forward`: 2-D padding masks unpadded to varlen, `cu_seq_lens_*`
+  for packed sequences, packed `position_ids`) on our FA2 surface, and switches to the "mfa" path
+  for the inputs FA2's signature cannot carry (T5's `position_bias`, a dense 4-D mask), so nothing
+  is dropped.
+
+Both return (B, S_q, H_q, D_v) and None for the weights, as transformers' contract requires.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import api
+
+
+def _is_causal(module, is_causal: bool | None, q_len: int) -> bool:
+    # Kwargs beat module attributes (CLIP text passes is_causal=True on a non-causal module).
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return bool(causal) and q_len > 1
+
+
+def _window(sliding_window: int | None, kv_len: int) -> tuple[int, int]:
+    # transformers' sliding window counts the current token: keep kv_pos > q_pos - sw, i.e. FA's
+    # (sw - 1, sw - 1); the right side only matters for bidirectional models (ModernBERT).
+    if sliding_window is None or sliding_window >= kv_len + 1:
+        return (-1, -1)
+    return (sliding_window - 1, sliding_window - 1)
+
+
+def _bias_mask(mask: torch.Tensor | None, position_bias: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """Dense 4-D mask (bool or additive) combined with an additive bias, as one additive float mask."""
+    if position_bias is None:
+        return mask
+    bias = position_bias.float()
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, float("-inf"))
+    return bias + mask.float()
+
+
+def mfa_attention_forward(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0,
+                          sliding_window=None, softcap=None, s_aux=None, position_bias=None,
+                          is_causal=None, **kwargs):
+    """transformers attention function (B, H, S, D) -> ((B, S_q, H_q, D_v), None)."""
+    q_len = query.shape[2]
+    causal = _is_causal(module, is_causal, q_len)
+    mask = attention_mask
+    if mask is not None and mask.dim() == 2:
+        # Compact key validity (masks.py): the real keys are [:L]; the kernel aligns causal and the
+        # window bottom-right within them, and padding is a (B, 1, 1, L) key mask.
+        length = mask.shape[-1]
+        key, value = key[:, :, :length], value[:, :, :length]
+        mask = None if bool(mask.all()) else mask[:, None, None, :]
+        if position_bias is not None:
+            position_bias = position_bias[..., :length]
+    elif mask is not None:
+        # Dense 4-D masks (a pattern we could not express) already encode causality and windows.
+        mask = mask[..., : key.shape[2]]
+        causal, sliding_window = False, None
+    mask = _bias_mask(mask, position_bias, query.dtype)
+    out = api.flash_attention(
+        query, key, value, is_causal=causal, attn_mask=mask, window_size=_window(sliding_window, key.shape[2]),
+        scale=scaling, softcap=softcap or 0.0, sinks=None if s_aux is None else s_aux.float(),
+        dropout_p=dropout if module.training else 0.0)
+    return out.transpose(1, 2), None
+
+
+def _needs_mfa_path(attention_mask, kwargs) -> bool:
+    dense = attention_mask is not None and attention_mask.dim() == 4
+    return dense or kwargs.get("position_bias") is not None
+
+
+def mps_flash_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                                sliding_window=None, softcap=None, is_causal=None, s_aux=None, **kwargs):
+    """transformers attention function for "mps_flash": its flash path on mfa-hf's FA2 surface."""
+    if _needs_mfa_path(attention_mask, kwargs) or kwargs.get("cache") is not None:
+        if kwargs.get("cache") is not None:
+            raise NotImplementedError(
+                "mps_flash: continuous batching (PagedAttentionCache) is not supported yet; "
+                'use attn_implementation="sdpa" with generate_batch, or plain generate() with mps_flash.')
+        return mfa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                     dropout=dropout, sliding_window=sliding_window, softcap=softcap,
+                                     s_aux=s_aux, is_causal=is_causal, **kwargs)
+    from transformers.modeling_flash_attention_utils import _flash_attention_forward
+
+    q_len = query.shape[2]
+    out = _flash_attention_forward(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask,
+        query_length=q_len, is_causal=_is_causal(module, is_causal, q_len),
+        dropout=dropout if module.training else 0.0, softmax_scale=scaling, sliding_window=sliding_window,
+        softcap=softcap, s_aux=s_aux, attn_implementation=module.config._attn_implementation,
+        # no target_dtype: our kernels run fp32 as is (FA2 would need a cast to half)
+        **{k: v for k, v in kwargs.items() if k not in ("position_bias",)})
+    return out, None

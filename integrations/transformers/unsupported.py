@@ -1,0 +1,40 @@
+"""Refuse mfa-hf names on models whose attention layers bypass transformers' AttentionInterface.
+
+Falcon, GPT-J, GPT-Neo, Bloom, MPT, CodeGen (and other legacy ports) compute attention inline, so a
+registered function is never called: asking for "mps_flash"/"mfa" would be a silent no-op (or a
+KeyError / a broken FlashAttention2 class deep inside the model). transformers already detects
+these classes for `set_attn_implementation` (`_can_set_attn_implementation`, a source check for
+`ALL_ATTENTION_FUNCTIONS.get_interface(`); we apply the same test at the single validation point
+both `__init__` and `set_attn_implementation` go through, and raise naming the model.
+"""
+
+from __future__ import annotations
+
+_ORIGINAL_ATTR = "_mfa_original_check_attn"
+
+
+class UnsupportedModelError(ValueError):
+    """The model does not route attention through transformers' AttentionInterface."""
+
+
+def message(model_cls: type, name: str) -> str:
+    return (f"{model_cls.__name__} does not route attention through transformers' AttentionInterface, "
+            f'so attn_implementation="{name}" would never run mfa-hf\'s kernel. Use attn_implementation='
+            '"sdpa" (or "eager") for this model; mfa-hf serves models such as Llama, Mistral, Qwen2/3, '
+            "Gemma 2/3, GPT-OSS, Phi-3, GPT-2, OPT, Whisper, T5, BERT, ModernBERT, CLIP and ViT.")
+
+
+def install(names: tuple[str, ...]) -> None:
+    from transformers import PreTrainedModel
+
+    if _ORIGINAL_ATTR in PreTrainedModel.__dict__:
+        return
+    original = PreTrainedModel._check_and_adjust_attn_implementation
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        if attn_implementation in names and not type(self)._can_set_attn_implementation():
+            raise UnsupportedModelError(message(type(self), attn_implementation))
+        return original(self, attn_implementation, *args, **kwargs)
+
+    setattr(PreTrainedModel, _ORIGINAL_ATTR, original)
+    PreTrainedModel._check_and_adjust_attn_implementation = _check_and_adjust_attn_implementation
