@@ -8,6 +8,16 @@
 from . import dispatch, trace
 from .api import flash_attention, flash_attention_chunked, flash_attn_func, flash_attn_varlen_func
 from .dispatch import BackendUnavailable
+from .kvcache import allocate_kv_cache, flash_attn_with_kvcache
+from .quant import KVFormat, QuantizedKV, quantize_kv
+from .quant_compat import (
+    flash_attention_fp8,
+    flash_attention_int8,
+    flash_attention_nf4,
+    quantize_kv_fp8,
+    quantize_kv_int8,
+    quantize_kv_nf4,
+)
 from .problem import AttentionProblem
 
 __version__ = "0.1.0"
@@ -40,9 +50,20 @@ def __getattr__(name: str):
 __all__ = [
     "AttentionProblem",
     "BackendUnavailable",
+    "KVFormat",
+    "QuantizedKV",
+    "allocate_kv_cache",
     "flash_attention",
     "flash_attention_chunked",
+    "flash_attention_fp8",
+    "flash_attention_int8",
+    "flash_attention_nf4",
     "flash_attn_func",
     "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
+    "quantize_kv",
+    "quantize_kv_fp8",
+    "quantize_kv_int8",
+    "quantize_kv_nf4",
     "trace",
 ]

@@ -13,6 +13,7 @@ import torch
 from . import dispatch
 from .kernels.dropout import new_seed
 from .ops import describe
+from .quant import QuantizedKV
 from .problem import (
     NO_WINDOW,
     check_alibi,
@@ -56,7 +57,13 @@ def flash_attn_func(
     dropout uses a counter-based RNG seeded by dropout_seed, or drawn from `generator`.
     deterministic is accepted for compatibility; every backend here is deterministic.
     return_lse=True returns (out, lse) with lse (B, Hq, Lq) float32.
+    k and v may be QuantizedKV (mfa_hf.quantize_kv; forward only, no attn_mask/dropout).
     """
+    if _quantized(k, v):
+        from .kvcache import attention_over_quantized  # local: the KV-cache module is not needed otherwise
+
+        return attention_over_quantized(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
+                                        return_lse, dropout_p, attn_mask)
     check_qkv(q, k, v, rank=4, layout="(B, S, H, D)")
     batch, lq, heads_q, dim = q.shape
     mask = check_mask(attn_mask, batch, heads_q, lq, k.shape[1], q.device)
@@ -127,7 +134,8 @@ def flash_attention(
     only, as in mps-flash-attn; a (left, right) pair is passed through. Returns (B, H, Lq, Dv) (a
     transposed view of the kernel's (B, Lq, H, Dv) output: no copy).
     """
-    check_rank(q, k, v, rank=4, layout="(B, H, S, D)")
+    if not _quantized(k, v):  # QuantizedKV (quantize_kv(..., layout="bhsd")) is checked downstream
+        check_rank(q, k, v, rank=4, layout="(B, H, S, D)")
     out = flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, scale, is_causal,
         bhsd_window(window_size, is_causal), softcap, alibi_slopes, sinks, return_lse=return_lse,
@@ -136,6 +144,10 @@ def flash_attention(
     if return_lse:
         return out[0].transpose(1, 2), out[1]
     return out.transpose(1, 2)
+
+
+def _quantized(k, v) -> bool:
+    return isinstance(k, QuantizedKV) or isinstance(v, QuantizedKV)
 
 
 def bhsd_window(window_size, is_causal: bool) -> tuple[int, int]:

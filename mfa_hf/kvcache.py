@@ -116,7 +116,7 @@ def attention_over_quantized(q, k, v, softmax_scale, causal, window_size, softca
     if float(dropout_p) != 0.0:
         raise ValueError(f"dropout_p: expected 0 with quantized k/v (inference only), got {dropout_p}")
     check_query(q)
-    _check_caches(q, k, v)
+    _check_caches(q, k, v, names=("k", "v"))
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k: expected batch {q.shape[0]} like q, got {k.shape[0]}")
     if torch.is_grad_enabled() and q.requires_grad:
@@ -199,12 +199,12 @@ def check_query(q) -> None:
         raise ValueError(f"q: expected a 4-D float tensor (B, Lq, Hq, D), got {_describe(q)}")
 
 
-def _check_caches(q, k_cache, v_cache) -> bool:
+def _check_caches(q, k_cache, v_cache, names=("k_cache", "v_cache")) -> bool:
     k_quantized, v_quantized = isinstance(k_cache, QuantizedKV), isinstance(v_cache, QuantizedKV)
     if k_quantized != v_quantized:
-        raise TypeError(f"k_cache, v_cache: expected both QuantizedKV or both tensors, got "
+        raise TypeError(f"{names[0]}, {names[1]}: expected both QuantizedKV or both tensors, got "
                         f"{type(k_cache).__name__} and {type(v_cache).__name__}")
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+    for name, cache in zip(names, (k_cache, v_cache)):
         if not k_quantized:
             if not isinstance(cache, torch.Tensor) or cache.dim() != 4:
                 raise ValueError(f"{name}: expected a 4-D tensor (B_cache, S_max, Hkv, D) or a QuantizedKV, "
@@ -216,11 +216,11 @@ def _check_caches(q, k_cache, v_cache) -> bool:
     kb, ks, kh, kd = k_cache.shape
     vb, vs, vh, _ = v_cache.shape
     if (vb, vs, vh) != (kb, ks, kh):
-        raise ValueError(f"v_cache: expected (B_cache, S_max, Hkv) = {(kb, ks, kh)} like k_cache, got {(vb, vs, vh)}")
+        raise ValueError(f"{names[1]}: expected (B, S, Hkv) = {(kb, ks, kh)} like {names[0]}, got {(vb, vs, vh)}")
     if kd != q.shape[-1]:
-        raise ValueError(f"k_cache: expected head dim {q.shape[-1]} like q, got {kd}")
+        raise ValueError(f"{names[0]}: expected head dim {q.shape[-1]} like q, got {kd}")
     if kh == 0 or q.shape[2] % kh:
-        raise ValueError(f"k_cache: expected a number of KV heads dividing {q.shape[2]} query heads, got {kh}")
+        raise ValueError(f"{names[0]}: expected a number of KV heads dividing {q.shape[2]} query heads, got {kh}")
     return k_quantized
 
 

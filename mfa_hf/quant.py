@@ -219,7 +219,7 @@ def encode(x: torch.Tensor, scales: torch.Tensor, fmt: KVFormat, group_size: int
 def _nearest_nf4(x: torch.Tensor) -> torch.Tensor:
     levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=x.device)
     midpoints = (levels[1:] + levels[:-1]) / 2
-    return torch.bucketize(x, midpoints).to(torch.uint8)
+    return torch.bucketize(x.contiguous(), midpoints).to(torch.uint8)
 
 
 def _pack_nibbles(indices: torch.Tensor) -> torch.Tensor:

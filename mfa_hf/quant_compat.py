@@ -1,0 +1,79 @@
+"""The quantized-KV names of the `mps-flash-attn` package, on (B, H, S, D) tensors.
+
+    codes, scale = quantize_kv_fp8(k)                      # per (token, head) scale (B, H, S, 1)
+    out = flash_attention_fp8(q, k_codes, v_codes, k_scale, v_scale, is_causal=True)
+
+Unlike that package's "FP8" (linear uint8 with a zero point), the codes here are real float8 bytes
+(e4m3 by default, e5m2 with fp8_format="e5m2"). Each quantize function returns (codes, scales);
+the matching attention takes both sides' codes and scales and the usual flash_attention options.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .api import flash_attention
+from .quant import QuantizedKV, quantize_kv
+
+_FP8 = {"e4m3": "fp8_e4m3", "e5m2": "fp8_e5m2"}
+
+
+def _fp8_format(fp8_format: str) -> str:
+    if fp8_format not in _FP8:
+        raise ValueError(f"fp8_format: expected 'e4m3' or 'e5m2', got {fp8_format!r}")
+    return _FP8[fp8_format]
+
+
+def quantize_kv_fp8(x: torch.Tensor, fp8_format: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, H, S, D) -> (codes uint8 (B, H, S, D) float8 bytes, scale float32 (B, H, S, 1))."""
+    packed = quantize_kv(x, _fp8_format(fp8_format), layout="bhsd")
+    return packed.codes, packed.scales
+
+
+def quantize_kv_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, H, S, D) -> (codes int8 (B, H, S, D), scale float32 (B, H, S, 1)), symmetric."""
+    packed = quantize_kv(x, "int8", layout="bhsd")
+    return packed.codes, packed.scales
+
+
+def quantize_kv_nf4(x: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, H, S, D) -> (codes uint8 (B, H, S, D // 2), scales float32 (B, H, S, D // group_size))."""
+    packed = quantize_kv(x, "nf4", group_size=group_size, layout="bhsd")
+    return packed.codes, packed.scales
+
+
+def flash_attention_fp8(q, k_codes, v_codes, k_scale, v_scale, is_causal: bool = False, fp8_format: str = "e4m3",
+                        **options):
+    """flash_attention (B, H, S, D) over float8 K/V codes from quantize_kv_fp8."""
+    fmt = _fp8_format(fp8_format)
+    return _attend(q, k_codes, v_codes, k_scale, v_scale, fmt, None, is_causal, options)
+
+
+def flash_attention_int8(q, k_codes, v_codes, k_scale, v_scale, is_causal: bool = False, **options):
+    """flash_attention (B, H, S, D) over int8 K/V codes from quantize_kv_int8."""
+    return _attend(q, k_codes, v_codes, k_scale, v_scale, "int8", None, is_causal, options)
+
+
+def flash_attention_nf4(q, k_codes, v_codes, k_scale, v_scale, is_causal: bool = False,
+                        group_size: int | None = None, **options):
+    """flash_attention (B, H, S, D) over nf4 K/V codes; group_size defaults to D // scales.shape[-1]."""
+    return _attend(q, k_codes, v_codes, k_scale, v_scale, "nf4", group_size, is_causal, options)
+
+
+def _attend(q, k_codes, v_codes, k_scale, v_scale, fmt, group_size, is_causal, options):
+    k = _packed("k", k_codes, k_scale, fmt, group_size, q.dtype)
+    v = _packed("v", v_codes, v_scale, fmt, group_size, q.dtype)
+    return flash_attention(q, k, v, is_causal=is_causal, **options)
+
+
+def _packed(side: str, codes, scales, fmt: str, group_size, dtype) -> QuantizedKV:
+    """A (B, H, S, D) QuantizedKV from codes and scales, validated (errors name k_/v_codes, _scale)."""
+    for name, t in ((f"{side}_codes", codes), (f"{side}_scale", scales)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected a 4-D tensor (B, H, S, ...), got {got}")
+    if group_size is None:
+        dim = codes.shape[-1] * (2 if fmt == "nf4" else 1)
+        group_size = dim // scales.shape[-1] if scales.shape[-1] and dim % scales.shape[-1] == 0 else -1
+    # QuantizedKV checks in (B, S, H, .) order; it reports the scales' shape as it came.
+    return QuantizedKV(codes.transpose(1, 2), scales.transpose(1, 2), fmt, group_size, dtype).transpose(1, 2)
