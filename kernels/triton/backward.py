@@ -1,0 +1,274 @@
+"""Backward kernels (FlashAttention-2's recomputation, without atomics).
+
+- dK/dV: one program per (key block, batch * KV head). It walks the query blocks of every query
+  head of its GQA group, so dK/dV come out already reduced to KV heads, deterministically.
+- dQ: one program per (query block, batch * query head), walking key blocks like the forward; it
+  also writes dS when the additive mask needs a gradient.
+delta_i = rowsum(dO_i * O_i) - dLSE_i is computed beforehand (backend.py). Probabilities are
+recomputed from the saved LSE in base 2; rows with LSE = -inf (nothing visible) get P = 0.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import dot, head_hash, keep_tile, split_range, transform_scores, visible
+
+
+@triton.jit
+def _kv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, cols, diag, seqlen_q,
+             seqlen_k, scale, softcap, slope2, left, right, hhash, threshold, keep_scale,
+             stride_qm, stride_qd, stride_om, stride_od, stride_lm, stride_mm,
+             offs_dk, offs_dv, HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+             CHECKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+             SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < seqlen_q
+    q = tl.load(q_base + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_dk[None, :] < HEAD_DQK), other=0.0)
+    do = tl.load(do_base + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+    lse2 = tl.load(lse_base + rows * stride_lm, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # nothing visible: P = exp2(-inf) = 0
+    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    qk = dot(q, tl.trans(k), DOT_PRECISION)
+    mask_rows = tl.minimum(rows, seqlen_q - 1).to(tl.int64)
+    mask_ptrs = mask_base + mask_rows[:, None] * stride_mm
+    s, capped = transform_scores(qk, rows, cols, diag, scale, softcap, slope2, mask_ptrs,
+                                 (cols < seqlen_k)[None, :], SOFTCAP, ALIBI, MASK_KIND)
+    if CHECKED:
+        s = visible(s, rows, cols, diag, left, right, seqlen_k, HAS_LEFT, HAS_RIGHT)
+    p = tl.exp2(s - lse2[:, None])
+    dp = dot(do, tl.trans(v), DOT_PRECISION)
+    if DROPOUT:
+        keep = keep_tile(hhash, rows, cols, threshold)
+        p_dropped = tl.where(keep, p * keep_scale, 0.0)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    else:
+        p_dropped = p
+    dv += dot(tl.trans(p_dropped.to(do.dtype)), do, DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - capped * capped)
+    dk += dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "left", "right", "seed", "threshold"])
+def attention_backward_kv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, ALIBI_SLOPES, CU_Q, CU_K,
+    stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_lm, stride_deltab, stride_deltah, stride_mb, stride_mh, stride_mm, stride_mn, stride_ab, stride_ah,
+    stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+    seqlen_q, seqlen_k, heads_q, heads_kv, group, scale, softcap, left, right, seed, threshold, keep_scale,
+    HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    n_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads_kv
+    kv_head = bh % heads_kv
+    start_q = 0
+    start_k = 0
+    if VARLEN:
+        start_q = tl.load(CU_Q + b)
+        start_k = tl.load(CU_K + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - start_q
+        seqlen_k = tl.load(CU_K + b + 1) - start_k
+    n0 = n_block * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    diag = seqlen_k - seqlen_q
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < seqlen_k
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_base = K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_kn + kv_head * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vn + kv_head * stride_vh
+    k = tl.load(k_base + cols[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
+                mask=col_ok[:, None] & (offs_dk[None, :] < HEAD_DQK), other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+
+    # Query rows that can see any key of this block, and those that see all of it.
+    lo = 0
+    hi = seqlen_q
+    full_lo = 0
+    full_hi = seqlen_q
+    if HAS_RIGHT:
+        lo = tl.maximum(n0 - diag - right, 0) // BLOCK_M * BLOCK_M
+        full_lo = n0 + BLOCK_N - 1 - diag - right
+    if HAS_LEFT:
+        hi = tl.minimum(seqlen_q, n0 + BLOCK_N - diag + left)
+        full_hi = tl.minimum(seqlen_q, n0 - diag + left + 1)
+    if n0 + BLOCK_N > seqlen_k:  # the key tail needs checks on every query block
+        full_hi = full_lo - BLOCK_M
+    mid_lo, mid_hi = split_range(lo, hi, full_lo, full_hi, BLOCK_M)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(0, group):
+        h = kv_head * group + g
+        q_base = Q + b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qm + h * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_ob + start_q.to(tl.int64) * stride_om + h * stride_oh
+        lse_base = LSE + b.to(tl.int64) * stride_lb + start_q.to(tl.int64) * stride_lm + h * stride_lh
+        delta_base = DELTA + b.to(tl.int64) * stride_deltab + h * stride_deltah + start_q
+        mask_base = MASK + b.to(tl.int64) * stride_mb + h * stride_mh + cols[None, :] * stride_mn
+        slope2 = 0.0
+        if ALIBI:
+            slope2 = tl.load(ALIBI_SLOPES + b * stride_ab + h * stride_ah).to(tl.float32) * 1.4426950408889634
+        hhash = seed
+        if DROPOUT:
+            hhash = head_hash(seed, b * heads_q + h)
+        for start_m in range(lo, mid_lo, BLOCK_M):
+            dk, dv = _kv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, cols, diag,
+                              seqlen_q, seqlen_k, scale, softcap, slope2, left, right, hhash, threshold,
+                              keep_scale, stride_qm, stride_qd, stride_om, stride_od, stride_lm, stride_mm,
+                              offs_dk, offs_dv, HEAD_DQK, HEAD_DV, BLOCK_M, True, HAS_LEFT, HAS_RIGHT,
+                              SOFTCAP, ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION)
+        for start_m in range(mid_lo, mid_hi, BLOCK_M):
+            dk, dv = _kv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, cols, diag,
+                              seqlen_q, seqlen_k, scale, softcap, slope2, left, right, hhash, threshold,
+                              keep_scale, stride_qm, stride_qd, stride_om, stride_od, stride_lm, stride_mm,
+                              offs_dk, offs_dv, HEAD_DQK, HEAD_DV, BLOCK_M, False, HAS_LEFT, HAS_RIGHT,
+                              SOFTCAP, ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION)
+        for start_m in range(mid_hi, hi, BLOCK_M):
+            dk, dv = _kv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, cols, diag,
+                              seqlen_q, seqlen_k, scale, softcap, slope2, left, right, hhash, threshold,
+                              keep_scale, stride_qm, stride_qd, stride_om, stride_od, stride_lm, stride_mm,
+                              offs_dk, offs_dv, HEAD_DQK, HEAD_DV, BLOCK_M, True, HAS_LEFT, HAS_RIGHT,
+                              SOFTCAP, ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION)
+
+    dk = dk * scale
+    dk_base = DK + b.to(tl.int64) * stride_dkb + start_k.to(tl.int64) * stride_dkn + kv_head * stride_dkh
+    dv_base = DV + b.to(tl.int64) * stride_dvb + start_k.to(tl.int64) * stride_dvn + kv_head * stride_dvh
+    tl.store(dk_base + cols[:, None] * stride_dkn + offs_dk[None, :], dk.to(DK.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dk[None, :] < HEAD_DQK))
+    tl.store(dv_base + cols[:, None] * stride_dvn + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+
+
+@triton.jit
+def _q_step(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, start_n, rows, row_ok, diag, seqlen_k,
+            scale, softcap, slope2, left, right, hhash, threshold, keep_scale, stride_kn, stride_kd, stride_vn,
+            stride_vd, stride_mn, offs_dk, offs_dv, HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr,
+            BLOCK_N: tl.constexpr, CHECKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+            SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+            WRITE_DS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < seqlen_k
+    k = tl.load(k_base + cols[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
+                mask=col_ok[:, None] & (offs_dk[None, :] < HEAD_DQK), other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+    qk = dot(q, tl.trans(k), DOT_PRECISION)
+    s, capped = transform_scores(qk, rows, cols, diag, scale, softcap, slope2, mask_base + cols[None, :] * stride_mn,
+                                 col_ok[None, :], SOFTCAP, ALIBI, MASK_KIND)
+    if CHECKED:
+        s = visible(s, rows, cols, diag, left, right, seqlen_k, HAS_LEFT, HAS_RIGHT)
+    p = tl.exp2(s - lse2[:, None])
+    dp = dot(do, tl.trans(v), DOT_PRECISION)
+    if DROPOUT:
+        keep = keep_tile(hhash, rows, cols, threshold)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    if WRITE_DS:  # d(additive mask) = dS before the softcap chain rule (the mask is added after it)
+        tl.store(ds_base + cols[None, :], ds, mask=row_ok[:, None] & col_ok[None, :])
+    if SOFTCAP:
+        ds = ds * (1.0 - capped * capped)
+    dq += dot(ds.to(k.dtype), k, DOT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "left", "right", "seed", "threshold"])
+def attention_backward_q_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DS, MASK, ALIBI_SLOPES, CU_Q, CU_K,
+    stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_lm, stride_deltab, stride_deltah, stride_mb, stride_mh, stride_mm, stride_mn, stride_ab, stride_ah,
+    stride_dqb, stride_dqm, stride_dqh,
+    seqlen_q, seqlen_k, heads_q, group, scale, softcap, left, right, seed, threshold, keep_scale,
+    HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
+    DROPOUT: tl.constexpr, WRITE_DS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    m_block = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads_q
+    h = bh % heads_q
+    start_q = 0
+    start_k = 0
+    if VARLEN:
+        start_q = tl.load(CU_Q + b)
+        start_k = tl.load(CU_K + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - start_q
+        seqlen_k = tl.load(CU_K + b + 1) - start_k
+    m0 = m_block * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    diag = seqlen_k - seqlen_q
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < seqlen_q
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_base = Q + b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qm + h * stride_qh
+    q = tl.load(q_base + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_dk[None, :] < HEAD_DQK), other=0.0)
+    do_base = DO + b.to(tl.int64) * stride_ob + start_q.to(tl.int64) * stride_om + h * stride_oh
+    do = tl.load(do_base + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+    lse_base = LSE + b.to(tl.int64) * stride_lb + start_q.to(tl.int64) * stride_lm + h * stride_lh
+    lse2 = tl.load(lse_base + rows * stride_lm, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    delta_base = DELTA + b.to(tl.int64) * stride_deltab + h * stride_deltah + start_q
+    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    kv_head = h // group
+    k_base = K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_kn + kv_head * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vn + kv_head * stride_vh
+    mask_rows = tl.minimum(rows, seqlen_q - 1).to(tl.int64)
+    mask_base = MASK + b.to(tl.int64) * stride_mb + h * stride_mh + mask_rows[:, None] * stride_mm
+    # DS is a contiguous (B, Hq, Lq, Lk) float32 buffer (dense problems only).
+    ds_base = DS + ((b.to(tl.int64) * heads_q + h) * seqlen_q + rows[:, None]) * seqlen_k
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(ALIBI_SLOPES + b * stride_ab + h * stride_ah).to(tl.float32) * 1.4426950408889634
+    hhash = seed
+    if DROPOUT:
+        hhash = head_hash(seed, bh)
+
+    lo = 0
+    hi = seqlen_k
+    full_lo = 0
+    full_hi = seqlen_k
+    if HAS_LEFT:
+        lo = tl.maximum(m0 + diag - left, 0) // BLOCK_N * BLOCK_N
+        full_lo = m0 + BLOCK_M - 1 + diag - left
+    if HAS_RIGHT:
+        hi = tl.minimum(seqlen_k, m0 + BLOCK_M + diag + right)
+        full_hi = tl.minimum(seqlen_k, m0 + diag + right + 1)
+    mid_lo, mid_hi = split_range(lo, hi, full_lo, full_hi, BLOCK_N)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+    for start_n in range(lo, mid_lo, BLOCK_N):
+        dq = _q_step(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, start_n, rows, row_ok, diag,
+                     seqlen_k, scale, softcap, slope2, left, right, hhash, threshold, keep_scale, stride_kn,
+                     stride_kd, stride_vn, stride_vd, stride_mn, offs_dk, offs_dv, HEAD_DQK, HEAD_DV, BLOCK_N,
+                     True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, DROPOUT, WRITE_DS, DOT_PRECISION)
+    for start_n in range(mid_lo, mid_hi, BLOCK_N):
+        dq = _q_step(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, start_n, rows, row_ok, diag,
+                     seqlen_k, scale, softcap, slope2, left, right, hhash, threshold, keep_scale, stride_kn,
+                     stride_kd, stride_vn, stride_vd, stride_mn, offs_dk, offs_dv, HEAD_DQK, HEAD_DV, BLOCK_N,
+                     False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, DROPOUT, WRITE_DS, DOT_PRECISION)
+    for start_n in range(mid_hi, hi, BLOCK_N):
+        dq = _q_step(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, start_n, rows, row_ok, diag,
+                     seqlen_k, scale, softcap, slope2, left, right, hhash, threshold, keep_scale, stride_kn,
+                     stride_kd, stride_vn, stride_vd, stride_mn, offs_dk, offs_dv, HEAD_DQK, HEAD_DV, BLOCK_N,
+                     True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, DROPOUT, WRITE_DS, DOT_PRECISION)
+    dq = dq * scale
+    dq_base = DQ + b.to(tl.int64) * stride_dqb + start_q.to(tl.int64) * stride_dqm + h * stride_dqh
+    tl.store(dq_base + rows[:, None] * stride_dqm + offs_dk[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dk[None, :] < HEAD_DQK))

@@ -1,0 +1,69 @@
+"""Block sizes per (padded head dim, dtype, causal): a table, not an autotuner.
+
+The table keys never include a sequence length, so one compiled kernel serves every length (lengths
+are passed unspecialized). Entries were chosen for the H100 (228 KiB shared memory per SM): the
+forward keeps one Q tile in registers and streams K/V tiles, so BLOCK_N * (Dqk + Dv) elements per
+pipeline stage must fit; head dim 256 halves the tiles. float32 halves BLOCK_N again (twice the bytes).
+Under TRITON_INTERPRET (CPU tests) every block is 16, the smallest tl.dot accepts, so the small test
+shapes cross many block boundaries.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Blocks:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def padded_dim(dim: int) -> int:
+    """The power-of-two tile width that holds `dim` (at least 16, tl.dot's minimum)."""
+    return max(16, 1 << (dim - 1).bit_length())
+
+
+_TINY = Blocks(16, 16, 1, 1)
+
+# (padded max(Dqk, Dv)) -> Blocks, for 2-byte dtypes.
+_FORWARD = {16: Blocks(128, 64, 4, 3), 32: Blocks(128, 64, 4, 3), 64: Blocks(128, 64, 4, 3),
+            128: Blocks(128, 64, 8, 3), 256: Blocks(64, 32, 4, 2)}
+_FORWARD_CAUSAL = {128: Blocks(128, 64, 8, 3)}
+# Backward, dK/dV pass: block_n keys stay resident, block_m query rows stream.
+_BACKWARD_KV = {16: Blocks(32, 128, 4, 2), 32: Blocks(32, 128, 4, 2), 64: Blocks(32, 128, 4, 2),
+                128: Blocks(64, 128, 8, 2), 256: Blocks(32, 64, 8, 1)}
+# Backward, dQ pass: block_m query rows stay resident, block_n keys stream.
+_BACKWARD_Q = {16: Blocks(128, 32, 4, 2), 32: Blocks(128, 32, 4, 2), 64: Blocks(128, 32, 4, 2),
+               128: Blocks(128, 64, 8, 2), 256: Blocks(64, 32, 8, 1)}
+
+
+def _pick(table: dict, dim: int, dtype: torch.dtype, override: dict | None = None) -> Blocks:
+    if interpreting():
+        return _TINY
+    key = padded_dim(dim)
+    chosen = (override or {}).get(key, table[key])
+    if dtype == torch.float32:  # twice the bytes per element: halve the streamed tile
+        return Blocks(chosen.block_m, max(16, chosen.block_n // 2), chosen.num_warps, max(1, chosen.num_stages - 1))
+    return chosen
+
+
+def forward_blocks(dim: int, dtype: torch.dtype, causal: bool) -> Blocks:
+    return _pick(_FORWARD, dim, dtype, _FORWARD_CAUSAL if causal else None)
+
+
+def backward_kv_blocks(dim: int, dtype: torch.dtype, causal: bool) -> Blocks:
+    return _pick(_BACKWARD_KV, dim, dtype)
+
+
+def backward_q_blocks(dim: int, dtype: torch.dtype, causal: bool) -> Blocks:
+    return _pick(_BACKWARD_Q, dim, dtype)

@@ -1,0 +1,109 @@
+"""Device helpers shared by the forward and backward kernels.
+
+Scores are kept in base-2 units (multiplied by log2(e)) so the online softmax uses exp2; every
+additive term (ALiBi, additive mask) is converted on the way in and the LSE is converted back.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Integer constants of kernels/dropout.py (the same hash in every backend).
+MUL_A = 0x7FEB352D
+MUL_B = 0x46CA68B5
+ROW_SALT = 0x2545F491
+COL_SALT = 0x1B873593
+HEAD_SALT = 0x27D4EB2F
+
+
+@triton.jit
+def mix32(x):
+    """kernels/dropout.py's mixer on uint32 (multiplication wraps, shifts are logical)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x46CA68B5
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def head_hash(seed, batch_head):
+    bh = batch_head.to(tl.uint32) * 0x27D4EB2F
+    return mix32(seed.to(tl.uint32) ^ bh)
+
+
+@triton.jit
+def keep_tile(hhash, rows, cols, threshold):
+    """(rows x cols) bool keep mask: the 24-bit draw of each element >= threshold."""
+    row_hash = mix32(hhash ^ (rows.to(tl.uint32) * 0x2545F491))
+    draw = mix32(row_hash[:, None] ^ (cols.to(tl.uint32) * 0x1B873593)[None, :]) >> 8
+    return draw >= threshold
+
+
+@triton.jit
+def dot(a, b, DOT_PRECISION: tl.constexpr):
+    """tl.dot; "upcast" multiplies in float32 (Triton's interpreter gets bfloat16 tl.dot wrong)."""
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def tanh(x):
+    # 1 - 2 / (e^{2x} + 1): saturates to +-1 without NaN (exp overflow gives inf, 2 / inf = 0).
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def split_range(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Split the block loop [lo, hi) (lo a multiple of BLOCK) into masked / unmasked / masked parts.
+
+    Blocks starting in [b, c) lie inside [full_lo, full_hi) entirely and need no per-element checks;
+    the caller loops [lo, b) and [c, hi) with checks. Inputs may be negative: clamp before dividing
+    (Triton's integer division truncates toward zero).
+    """
+    hi_ceil = tl.cdiv(tl.maximum(hi, 0), BLOCK) * BLOCK
+    b = tl.cdiv(tl.maximum(full_lo, 0), BLOCK) * BLOCK
+    b = tl.minimum(tl.maximum(lo, b), hi_ceil)
+    c = (tl.maximum(full_hi, 0) // BLOCK) * BLOCK
+    c = tl.maximum(b, tl.minimum(c, hi_ceil))
+    return b, c
+
+
+@triton.jit
+def transform_scores(qk, rows, cols, diag, scale, softcap, slope2, mask_ptrs, mask_ok,
+                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr):
+    """qk (raw dot products) -> scores in base-2 units; also returns the softcap tanh for backward.
+
+    rows/cols: positions within the sequence; diag = Lk - Lq (bottom-right alignment). slope2 is the
+    ALiBi slope times log2(e). MASK_KIND: 0 none, 1 bool (True = attend), 2 additive.
+    """
+    if SOFTCAP:
+        capped = tanh(qk * (scale / softcap))
+        s = capped * (softcap * 1.4426950408889634)
+    else:
+        capped = qk
+        s = qk * (scale * 1.4426950408889634)
+    if ALIBI:
+        distance = tl.abs(rows[:, None] + diag - cols[None, :]).to(tl.float32)
+        s = s - slope2 * distance
+    if MASK_KIND == 1:
+        allowed = tl.load(mask_ptrs, mask=mask_ok, other=0)
+        s = tl.where(allowed != 0, s, float("-inf"))
+    elif MASK_KIND == 2:
+        bias = tl.load(mask_ptrs, mask=mask_ok, other=float("-inf")).to(tl.float32)
+        s = s + bias * 1.4426950408889634
+    return s, capped
+
+
+@triton.jit
+def visible(s, rows, cols, diag, left, right, seqlen_k, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """-inf where key col is outside the window of query row or past the sequence."""
+    ok = cols[None, :] < seqlen_k
+    if HAS_RIGHT:
+        ok = ok & (cols[None, :] <= rows[:, None] + diag + right)
+    if HAS_LEFT:
+        ok = ok & (cols[None, :] >= rows[:, None] + diag - left)
+    return tl.where(ok, s, float("-inf"))

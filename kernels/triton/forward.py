@@ -1,0 +1,150 @@
+"""Forward kernel: one program per (query block, batch * query head), online softmax over key blocks.
+
+Key blocks outside the causal/window band are never visited; blocks fully inside it run without
+per-element checks (split_range). GQA reads KV head h // group directly (no repeat). Varlen: the
+batch index selects cu_seqlens offsets; programs past a sequence's end return at once.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import dot, keep_tile, head_hash, split_range, transform_scores, visible
+
+
+@triton.jit
+def _step(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, diag, seqlen_k, scale, softcap, slope2,
+          left, right, hhash, threshold, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+          offs_dk, offs_dv, HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+          CHECKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+          ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k_ptrs = k_base + cols[None, :] * stride_kn + offs_dk[:, None] * stride_kd
+    v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    col_ok = cols < seqlen_k
+    if CHECKED:
+        k = tl.load(k_ptrs, mask=col_ok[None, :] & (offs_dk[:, None] < HEAD_DQK), other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+    else:
+        k = tl.load(k_ptrs, mask=offs_dk[:, None] < HEAD_DQK, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
+    qk = dot(q, k, DOT_PRECISION)
+    mask_ptrs = mask_base + cols[None, :] * stride_mn
+    s, _ = transform_scores(qk, rows, cols, diag, scale, softcap, slope2, mask_ptrs, col_ok[None, :],
+                            SOFTCAP, ALIBI, MASK_KIND)
+    if CHECKED:
+        s = visible(s, rows, cols, diag, left, right, seqlen_k, HAS_LEFT, HAS_RIGHT)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet stay NaN-free
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = tl.where(keep_tile(hhash, rows, cols, threshold), p * keep_scale, 0.0)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "left", "right", "seed", "threshold"])
+def attention_forward_kernel(
+    Q, K, V, O, LSE, MASK, ALIBI_SLOPES, SINKS, CU_Q, CU_K,
+    stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_lm, stride_mb, stride_mh, stride_mm, stride_mn, stride_ab, stride_ah,
+    seqlen_q, seqlen_k, heads_q, group, scale, softcap, left, right, seed, threshold, keep_scale,
+    HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS_ON: tl.constexpr, MASK_KIND: tl.constexpr,
+    VARLEN: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Heaviest (last, for causal) query blocks first: they start early and the tail is short ones.
+    m_block = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads_q
+    h = bh % heads_q
+    start_q = 0
+    start_k = 0
+    if VARLEN:
+        start_q = tl.load(CU_Q + b)
+        start_k = tl.load(CU_K + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - start_q
+        seqlen_k = tl.load(CU_K + b + 1) - start_k
+    m0 = m_block * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    diag = seqlen_k - seqlen_q
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < seqlen_q
+
+    q_base = Q + b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qm + h * stride_qh
+    q = tl.load(q_base + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_dk[None, :] < HEAD_DQK), other=0.0)
+    kv_head = h // group
+    k_base = K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_kn + kv_head * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vn + kv_head * stride_vh
+    # Rows past the end read the last row's mask (their results are never stored).
+    mask_rows = tl.minimum(rows, seqlen_q - 1).to(tl.int64)
+    mask_base = MASK + b.to(tl.int64) * stride_mb + h * stride_mh + mask_rows[:, None] * stride_mm
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(ALIBI_SLOPES + b * stride_ab + h * stride_ah).to(tl.float32) * 1.4426950408889634
+    hhash = seed
+    if DROPOUT:
+        hhash = head_hash(seed, bh)
+
+    # The band of keys any row of this block can see, and the part every row sees entirely.
+    lo = 0
+    hi = seqlen_k
+    full_lo = 0
+    full_hi = seqlen_k
+    if HAS_LEFT:
+        lo = tl.maximum(m0 + diag - left, 0) // BLOCK_N * BLOCK_N
+        full_lo = m0 + BLOCK_M - 1 + diag - left
+    if HAS_RIGHT:
+        hi = tl.minimum(seqlen_k, m0 + BLOCK_M + diag + right)
+        full_hi = tl.minimum(seqlen_k, m0 + diag + right + 1)
+    mid_lo, mid_hi = split_range(lo, hi, full_lo, full_hi, BLOCK_N)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for start_n in range(lo, mid_lo, BLOCK_N):
+        acc, l_i, m_i = _step(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, diag, seqlen_k,
+                              scale, softcap, slope2, left, right, hhash, threshold, keep_scale,
+                              stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, offs_dk, offs_dv,
+                              HEAD_DQK, HEAD_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
+                              MASK_KIND, DROPOUT, DOT_PRECISION)
+    for start_n in range(mid_lo, mid_hi, BLOCK_N):
+        acc, l_i, m_i = _step(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, diag, seqlen_k,
+                              scale, softcap, slope2, left, right, hhash, threshold, keep_scale,
+                              stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, offs_dk, offs_dv,
+                              HEAD_DQK, HEAD_DV, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
+                              MASK_KIND, DROPOUT, DOT_PRECISION)
+    for start_n in range(mid_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _step(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, diag, seqlen_k,
+                              scale, softcap, slope2, left, right, hhash, threshold, keep_scale,
+                              stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, offs_dk, offs_dv,
+                              HEAD_DQK, HEAD_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
+                              MASK_KIND, DROPOUT, DOT_PRECISION)
+
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    if SINKS_ON:  # the sink joins the denominator only: rescale to the larger max, add its weight
+        sink2 = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+        m_new = tl.maximum(m_i, sink2)
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_safe - m_new_safe)
+        alpha = tl.where(m_i == float("-inf"), 0.0, alpha)
+        l_i = l_i * alpha + tl.exp2(sink2 - m_new_safe)
+        acc = acc * alpha[:, None]
+        m_safe = m_new_safe
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(l_safe)) * 0.6931471805599453)
+
+    o_base = O + b.to(tl.int64) * stride_ob + start_q.to(tl.int64) * stride_om + h * stride_oh
+    tl.store(o_base + rows[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+    lse_base = LSE + b.to(tl.int64) * stride_lb + start_q.to(tl.int64) * stride_lm + h * stride_lh
+    tl.store(lse_base + rows * stride_lm, lse, mask=row_ok)
