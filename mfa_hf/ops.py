@@ -94,9 +94,13 @@ def _fake_backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slope
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks, dmask
 
 
-def define_attention_ops(backend: str, forward_impl: Callable, backward_impl: Callable,
-                         device_types=None) -> AttentionOps:
+def define_attention_ops(backend: str, forward_impl: Callable, backward_impl: Optional[Callable],
+                         device_types=None, backward_op: Optional[Callable] = None) -> AttentionOps:
     """Register mfa_hf::{backend}_attention_fwd/_bwd around the backend's implementations.
+
+    backward_op: another backend's registered backward op (its AttentionOps.backward) to use
+    instead of registering one here (backward_impl is then unused): the trace then names the
+    backend that really computed the gradients.
 
     forward_impl(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, dropout_seed,
     max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p)
@@ -118,8 +122,7 @@ def define_attention_ops(backend: str, forward_impl: Callable, backward_impl: Ca
                             dropout_seed, max_seqlen_q, max_seqlen_k, scale, causal, window_left,
                             window_right, softcap, dropout_p)
 
-    @torch.library.custom_op(f"mfa_hf::{backend}_attention_bwd", mutates_args=(), device_types=device_types)
-    def attention_bwd(
+    def attention_bwd_impl(
         grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
         lse: Tensor, attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor], sinks: Optional[Tensor],
         cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], dropout_seed: Optional[Tensor],
@@ -139,7 +142,12 @@ def define_attention_ops(backend: str, forward_impl: Callable, backward_impl: Ca
         return dq, dk, dv, dsinks, dmask
 
     attention_fwd.register_fake(_fake_forward)
-    attention_bwd.register_fake(_fake_backward)
+    if backward_op is None:
+        attention_bwd = torch.library.custom_op(f"mfa_hf::{backend}_attention_bwd", attention_bwd_impl,
+                                                mutates_args=(), device_types=device_types)
+        attention_bwd.register_fake(_fake_backward)
+    else:
+        attention_bwd = backward_op
 
     def setup_context(ctx, inputs, output):
         q, k, v, attn_mask, alibi_slopes, sinks, cu_q, cu_k, seed = inputs[:9]

@@ -46,4 +46,4 @@ def _device_reason(device_type: str) -> str:
     return f"device {device_type}: the Metal backend serves mps tensors"
 
 
-OPS = define_attention_ops(NAME, forward, torch_backend.backward, device_types=("mps", "cpu"))
+OPS = define_attention_ops(NAME, forward, None, device_types=("mps", "cpu"), backward_op=torch_backend.OPS.backward)
