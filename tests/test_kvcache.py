@@ -1,0 +1,261 @@
+"""flash_attn_with_kvcache and attention over quantized K/V against the float64 reference.
+
+The reference runs on the *dequantized* cache, so the comparison isolates the kernel (split-K,
+block-wise dequantization, append) from the quantization error, and the DESIGN.md rule applies.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import mfa_hf
+from mfa_hf import trace
+from mfa_hf.kernels.reference import attention_reference
+from mfa_hf.kernels.torch import decode
+from mfa_hf.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
+
+FORMATS = (None, "fp8_e4m3", "fp8_e5m2", "int8", "nf4")
+
+
+@dataclass(frozen=True)
+class CacheCase:
+    format: str | None = None
+    lq: int = 1
+    dtype: torch.dtype = torch.float32
+    heads: tuple[int, int] = (4, 2)
+    dim: int = 64
+    causal: bool = True
+    window: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    sinks: bool = False
+    alibi: bool = False
+    batch_idx: bool = False
+    num_splits: int = 0
+
+    @property
+    def id(self) -> str:
+        parts = [self.format or "plain", f"q{self.lq}", str(self.dtype).replace("torch.", ""),
+                 f"h{self.heads[0]}-{self.heads[1]}", f"d{self.dim}", "causal" if self.causal else "full"]
+        if self.window != (-1, -1):
+            parts.append(f"w{self.window[0]}_{self.window[1]}")
+        for on, name in ((self.softcap, "softcap"), (self.sinks, "sinks"), (self.alibi, "alibi"),
+                         (self.batch_idx, "batchidx"), (self.num_splits, f"splits{self.num_splits}")):
+            if on:
+                parts.append(name)
+        return "-".join(parts)
+
+
+BATCH, CACHE_ROWS, MAX_SEQLEN = 3, 5, 96
+LENGTHS = (0, 37, 70)  # ragged, one empty before the append
+
+
+def _cases() -> list[CacheCase]:
+    features = ({}, {"softcap": 4.0}, {"sinks": True}, {"window": (9, -1)}, {"alibi": True},
+                {"batch_idx": True}, {"num_splits": 5}, {"causal": False, "window": (6, 3), "sinks": True},
+                {"batch_idx": True, "softcap": 3.0, "alibi": True, "num_splits": 3}, {"causal": False})
+    heads = ((4, 2), (4, 1), (3, 3))
+    cases = []
+    for n, (fmt, lq) in enumerate(itertools.product(FORMATS, (1, 4, 17))):
+        dtype = torch.bfloat16 if n % 3 == 1 else torch.float32
+        cases.append(CacheCase(fmt, lq, dtype, heads[n % 3], **features[n % len(features)]))
+        cases.append(CacheCase(fmt, lq, dtype, heads[(n + 1) % 3], **features[(n + 5) % len(features)]))
+    return cases
+
+
+def make_cache_inputs(case: CacheCase, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv = case.heads
+    rows = CACHE_ROWS if case.batch_idx else BATCH
+    group = 32 if case.format == "nf4" and case.dim % 64 else None
+    caches = []
+    for _ in range(2):
+        content = torch.randn(rows, MAX_SEQLEN, hkv, case.dim, generator=g).to(case.dtype)
+        if case.format is None:
+            caches.append(content)
+        else:
+            caches.append(mfa_hf.quantize_kv(content, case.format, group_size=group))
+    inputs = dict(
+        q=torch.randn(BATCH, case.lq, hq, case.dim, generator=g).to(case.dtype),
+        k_cache=caches[0], v_cache=caches[1],
+        k=torch.randn(BATCH, case.lq, hkv, case.dim, generator=g).to(case.dtype),
+        v=torch.randn(BATCH, case.lq, hkv, case.dim, generator=g).to(case.dtype),
+        cache_seqlens=torch.tensor(LENGTHS, dtype=torch.int32),
+        cache_batch_idx=torch.tensor([4, 0, 2], dtype=torch.int32) if case.batch_idx else None,
+        sinks=torch.randn(hq, generator=g) if case.sinks else None,
+        alibi_slopes=torch.rand(hq, generator=g) * 0.3 if case.alibi else None,
+    )
+    return inputs
+
+
+def _dense(cache) -> torch.Tensor:
+    return cache.dequantize(torch.float64) if isinstance(cache, mfa_hf.QuantizedKV) else cache
+
+
+def reference_over_cache(case: CacheCase, inputs: dict, k_cache, v_cache, upcast: bool):
+    """Per sequence: the reference on the (dequantized) cache prefix the call should see."""
+    lengths = (inputs["cache_seqlens"] + case.lq).tolist()
+    rows = inputs["cache_batch_idx"].tolist() if case.batch_idx else list(range(BATCH))
+    dense_k, dense_v = _dense(k_cache), _dense(v_cache)
+    dtype = torch.float64 if upcast else case.dtype
+    outs, lses = [], []
+    for b, (row, length) in enumerate(zip(rows, lengths)):
+        q = inputs["q"][b : b + 1]
+        k = dense_k[row : row + 1, :length].to(dtype)
+        v = dense_v[row : row + 1, :length].to(dtype)
+        out, lse = attention_reference(
+            q.to(dtype), k, v, causal=case.causal, window_size=case.window, softcap=case.softcap,
+            sinks=inputs["sinks"], alibi_slopes=inputs["alibi_slopes"], upcast=upcast)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def run_kvcache(case: CacheCase, inputs: dict):
+    return mfa_hf.flash_attn_with_kvcache(
+        inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["k"], inputs["v"],
+        cache_seqlens=inputs["cache_seqlens"], cache_batch_idx=inputs["cache_batch_idx"],
+        causal=case.causal, window_size=case.window, softcap=case.softcap, alibi_slopes=inputs["alibi_slopes"],
+        sinks=inputs["sinks"], return_lse=True, num_splits=case.num_splits)
+
+
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: c.id)
+def test_kvcache_matches_reference(case, small_tiles):
+    inputs = make_cache_inputs(case)
+    with trace.capture() as calls:
+        out, lse = run_kvcache(case, inputs)
+    assert trace.served_by(calls)[("torch", "decode")] == 1
+    # After the call the cache holds the appended tokens: the reference reads them back from it.
+    ref, ref_lse = reference_over_cache(case, inputs, inputs["k_cache"], inputs["v_cache"], upcast=True)
+    base, base_lse = reference_over_cache(case, inputs, inputs["k_cache"], inputs["v_cache"], upcast=False)
+    factor = GRADIENT_FACTOR if case.softcap else FORWARD_FACTOR
+    assert_close_to_reference(out, ref, base, factor, "out")
+    assert_close_to_reference(lse, ref_lse, base_lse, factor, "lse")
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f or "plain")
+def test_appended_tokens_are_the_new_k_v(fmt):
+    """The append wrote the new tokens (quantized as a whole-sequence quantize_kv would) in place."""
+    case = CacheCase(fmt, lq=4, batch_idx=True)
+    inputs = make_cache_inputs(case)
+    before_k = _dense(inputs["k_cache"]).clone()
+    run_kvcache(case, inputs)
+    after_k = _dense(inputs["k_cache"])
+    expected_new = _dense(mfa_hf.quantize_kv(inputs["k"], fmt) if fmt else inputs["k"])
+    for b, (row, start) in enumerate(zip(inputs["cache_batch_idx"].tolist(), LENGTHS)):
+        torch.testing.assert_close(after_k[row, start : start + 4], expected_new[b], rtol=0, atol=0)
+        untouched = torch.ones(MAX_SEQLEN, dtype=torch.bool)
+        untouched[start : start + 4] = False
+        torch.testing.assert_close(after_k[row, untouched], before_k[row, untouched], rtol=0, atol=0)
+    never_named = [r for r in range(CACHE_ROWS) if r not in inputs["cache_batch_idx"].tolist()]
+    torch.testing.assert_close(after_k[never_named], before_k[never_named], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt,granularity", [("fp8_e4m3", "token"), ("fp8_e5m2", "token"), ("int8", "token"),
+                                             ("nf4", "token"), ("int8", "channel"), ("fp8_e4m3", "head")])
+def test_appending_equals_quantizing_the_whole_sequence(fmt, granularity):
+    g = torch.Generator().manual_seed(3)
+    batch, total, heads, dim = 2, 23, 2, 64
+    k = torch.randn(batch, total, heads, dim, generator=g)
+    whole = mfa_hf.quantize_kv(k, fmt, granularity=granularity)
+    static = None if granularity == "token" else whole.scales
+    cache = mfa_hf.allocate_kv_cache(batch, 32, heads, dim, fmt, static_scales=static)
+    v_cache = mfa_hf.allocate_kv_cache(batch, 32, heads, dim, fmt, static_scales=static)
+    length = 0
+    for count in (5, 1, 9, 8):  # a prefill, a decode step, two chunks
+        q = torch.randn(batch, count, 4, dim, generator=g)
+        new = k[:, length : length + count]
+        mfa_hf.flash_attn_with_kvcache(q, cache, v_cache, new, new, cache_seqlens=length)
+        length += count
+    assert torch.equal(cache.codes[:, :total], whole.codes)
+    got_scales = cache.scales if static is not None else cache.scales[:, :total]
+    assert torch.equal(got_scales, whole.scales)
+
+
+@pytest.mark.parametrize("fmt", FORMATS[1:])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_prefill_over_quantized_kv(fmt, layout, small_tiles):
+    """flash_attn_func / flash_attention accept QuantizedKV k and v (Lq > Lk and < Lk)."""
+    g = torch.Generator().manual_seed(5)
+    for lq, lk in ((29, 40), (40, 29)):
+        q = torch.randn(2, lq, 4, 64, generator=g)
+        k, v = (torch.randn(2, lk, 2, 64, generator=g) for _ in range(2))
+        with trace.capture() as calls:
+            if layout == "bshd":
+                qk, qv = mfa_hf.quantize_kv(k, fmt), mfa_hf.quantize_kv(v, fmt)
+                out = mfa_hf.flash_attn_func(q, qk, qv, causal=True, softcap=5.0)
+            else:
+                qk = mfa_hf.quantize_kv(k.transpose(1, 2), fmt, layout="bhsd")
+                qv = mfa_hf.quantize_kv(v.transpose(1, 2), fmt, layout="bhsd")
+                out = mfa_hf.flash_attention(q.transpose(1, 2), qk, qv, is_causal=True, softcap=5.0).transpose(1, 2)
+                qk, qv = qk.transpose(1, 2), qv.transpose(1, 2)
+        assert trace.served_by(calls)[("torch", "decode")] == 1
+        dk, dv = qk.dequantize(torch.float64), qv.dequantize(torch.float64)
+        ref, _ = attention_reference(q.double(), dk, dv, causal=True, softcap=5.0)
+        base, _ = attention_reference(q, dk.float(), dv.float(), causal=True, softcap=5.0, upcast=False)
+        assert_close_to_reference(out, ref, base, GRADIENT_FACTOR, f"out lq={lq} lk={lk}")
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "nf4"])
+def test_compat_names(fmt):
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, 12, 64, generator=g)
+    k, v = (torch.randn(1, 2, 12, 64, generator=g) for _ in range(2))
+    quantize = getattr(mfa_hf, f"quantize_kv_{fmt}")
+    attend = getattr(mfa_hf, f"flash_attention_{fmt}")
+    (k_codes, k_scale), (v_codes, v_scale) = quantize(k), quantize(v)
+    assert k_codes.shape[:3] == (1, 2, 12) and k_scale.shape[:3] == (1, 2, 12)
+    out = attend(q, k_codes, v_codes, k_scale, v_scale, is_causal=True)
+    name = {"fp8": "fp8_e4m3"}.get(fmt, fmt)
+    dk = mfa_hf.quantize_kv(k, name, layout="bhsd").dequantize(torch.float64)
+    dv = mfa_hf.quantize_kv(v, name, layout="bhsd").dequantize(torch.float64)
+    ref, _ = attention_reference(q.double().transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), causal=True)
+    base, _ = attention_reference(q.transpose(1, 2), dk.float().transpose(1, 2), dv.float().transpose(1, 2),
+                                  causal=True, upcast=False)
+    assert_close_to_reference(out.transpose(1, 2), ref, base, FORWARD_FACTOR, "out")
+
+
+def test_auto_splits_come_from_the_shape():
+    long_decode = decode.plan_decode(batch=1, heads_kv=8, group=4, lq=1, key_span=65536)
+    short = decode.plan_decode(batch=1, heads_kv=8, group=4, lq=1, key_span=300)
+    prefill = decode.plan_decode(batch=1, heads_kv=8, group=4, lq=2048, key_span=65536)
+    assert long_decode.num_splits == decode.TARGET_WORK_ITEMS // 8
+    assert short.num_splits == 1 and prefill.num_splits == 1
+
+
+def test_auto_splits_agree_with_one_split(monkeypatch, small_tiles):
+    """num_splits=0 on a shape where the plan splits gives the one-split answer (up to rounding)."""
+    monkeypatch.setattr(decode, "MIN_KEYS_PER_SPLIT", 8)
+    case = CacheCase("int8", lq=1, heads=(4, 1))
+    assert decode.plan_decode(BATCH, 1, 4, 1, 70).num_splits > 1
+    split, _ = run_kvcache(case, make_cache_inputs(case))
+    one, _ = run_kvcache(CacheCase("int8", lq=1, heads=(4, 1), num_splits=1), make_cache_inputs(case))
+    torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6)
+
+
+def test_empty_rows_output_zero_and_lse_minus_inf():
+    """A sequence with no cached keys and no new ones sees nothing: 0 out, -inf LSE (never NaN)."""
+    q = torch.randn(2, 1, 2, 32)
+    cache = mfa_hf.allocate_kv_cache(2, 16, 2, 32, "int8")
+    v_cache = mfa_hf.allocate_kv_cache(2, 16, 2, 32, "int8")
+    out, lse = mfa_hf.flash_attn_with_kvcache(q, cache, v_cache, cache_seqlens=torch.tensor([0, 3], dtype=torch.int32),
+                                             return_lse=True)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and bool((lse[0] == -float("inf")).all())
+    assert bool(torch.isfinite(out[1]).all())
+
+
+def test_decode_op_under_compile():
+    cache = mfa_hf.allocate_kv_cache(1, 32, 2, 64, "fp8_e4m3")
+    v_cache = mfa_hf.allocate_kv_cache(1, 32, 2, 64, "fp8_e4m3")
+    q, k = torch.randn(1, 1, 4, 64), torch.randn(1, 1, 2, 64)
+    lengths = torch.tensor([7], dtype=torch.int32)
+    mfa_hf.flash_attn_with_kvcache(q, cache, v_cache, torch.randn(1, 7, 2, 64), torch.randn(1, 7, 2, 64),
+                                   cache_seqlens=torch.zeros(1, dtype=torch.int32))
+    eager = mfa_hf.flash_attn_with_kvcache(q, cache, v_cache, cache_seqlens=lengths)
+    compiled = torch.compile(lambda q: mfa_hf.flash_attn_with_kvcache(q, cache, v_cache, cache_seqlens=lengths),
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(q), eager)
+    del k
