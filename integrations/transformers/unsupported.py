@@ -24,6 +24,15 @@ def message(model_cls: type, name: str) -> str:
             "Gemma 2/3, GPT-OSS, Phi-3, GPT-2, OPT, Whisper, T5, BERT, ModernBERT, CLIP and ViT.")
 
 
+def _keep_flash_name(model, name: str) -> None:
+    """Models listing `_compatible_flash_implementations` (GPT-OSS: sink-capable FA kernels) make
+    transformers swap any other flash name for the first entry of that list, a hub kernel. mfa-hf
+    implements sinks, so add our name to this instance's list to keep the requested one."""
+    compatible = getattr(model, "_compatible_flash_implementations", None)
+    if compatible is not None and name not in compatible:
+        model._compatible_flash_implementations = [*compatible, name]
+
+
 def install(names: tuple[str, ...]) -> None:
     from transformers import PreTrainedModel
 
@@ -32,8 +41,10 @@ def install(names: tuple[str, ...]) -> None:
     original = PreTrainedModel._check_and_adjust_attn_implementation
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
-        if attn_implementation in names and not type(self)._can_set_attn_implementation():
-            raise UnsupportedModelError(message(type(self), attn_implementation))
+        if attn_implementation in names:
+            if not type(self)._can_set_attn_implementation():
+                raise UnsupportedModelError(message(type(self), attn_implementation))
+            _keep_flash_name(self, attn_implementation)
         return original(self, attn_implementation, *args, **kwargs)
 
     setattr(PreTrainedModel, _ORIGINAL_ATTR, original)

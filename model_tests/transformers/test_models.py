@@ -1,0 +1,117 @@
+"""Per-family conformance: eager vs mfa-hf (both names) on the same weights, fp32 at transformers'
+tolerances, left and right padding with padded positions ignored, greedy generate with dynamic and
+static caches giving identical tokens, and a check that our kernel served every attention layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import BATCH, IMPLEMENTATIONS, assert_close_where, kernel_calls, padded_batch, twin_models
+from families import BY_NAME, DECODERS, FAMILIES
+
+from mfa_hf import trace
+
+LAYERS = 2
+
+
+def _ids(fams):
+    return [pytest.param(f, id=f.name) for f in fams]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", _ids(DECODERS))
+def test_decoder_padded_forward(family, side, implementation):
+    reference, model = twin_models(family, implementation)
+    ids, mask = padded_batch(side)
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+        with trace.capture() as calls:
+            actual = model(ids, attention_mask=mask).logits
+    assert kernel_calls(calls) >= LAYERS, f"{family.name}: mfa-hf kernel did not run ({trace.served_by(calls)})"
+    assert_close_where(actual, expected, mask, what=f"{family.name} logits")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("family", _ids(DECODERS))
+def test_decoder_greedy_generate(family, cache, implementation):
+    reference, model = twin_models(family, implementation)
+    ids, mask = padded_batch("left")
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    expected = reference.generate(ids, **kwargs)
+    with trace.capture() as calls:
+        actual = model.generate(ids, **kwargs)
+    assert kernel_calls(calls) >= LAYERS * 5, f"{family.name}: kernel ran {trace.served_by(calls)}"
+    assert torch.equal(actual, expected), f"{family.name} ({cache}): {actual.tolist()} != {expected.tolist()}"
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", _ids([BY_NAME["bert"], BY_NAME["modernbert"]]))
+def test_encoder_padded_forward(family, implementation):
+    reference, model = twin_models(family, implementation)
+    ids, mask = padded_batch("right", seq=16)  # 16 > ModernBERT's window of 6: the window matters
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).last_hidden_state
+        with trace.capture() as calls:
+            actual = model(ids, attention_mask=mask).last_hidden_state
+    assert kernel_calls(calls) >= LAYERS
+    assert_close_where(actual, expected, mask, what=f"{family.name} hidden states")
+
+
+def _seq2seq_inputs(family):
+    ids, mask = padded_batch("right")
+    decoder_ids = padded_batch("left", seq=6)[0][:, :6].clamp(min=3)
+    if family.name == "whisper":
+        features = torch.randn(BATCH_FEATURES := ids.shape[0], 16, 32, generator=torch.Generator().manual_seed(2))
+        return dict(input_features=features), torch.ones(BATCH_FEATURES, 32 // 2), decoder_ids
+    return dict(input_ids=ids, attention_mask=mask), mask, decoder_ids
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", _ids([BY_NAME["whisper"], BY_NAME["t5"]]))
+def test_seq2seq_forward_and_generate(family, implementation):
+    reference, model = twin_models(family, implementation)
+    inputs, _, decoder_ids = _seq2seq_inputs(family)
+    with torch.no_grad():
+        expected = reference(**inputs, decoder_input_ids=decoder_ids).logits
+        with trace.capture() as calls:
+            actual = model(**inputs, decoder_input_ids=decoder_ids).logits
+    assert kernel_calls(calls) >= 3 * LAYERS  # encoder self, decoder self and cross
+    assert_close_where(actual, expected, torch.ones(decoder_ids.shape), what=f"{family.name} logits")
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(**inputs, **kwargs), reference.generate(**inputs, **kwargs))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_clip_text_and_vision(implementation):
+    reference, model = twin_models(BY_NAME["clip"], implementation)
+    ids, mask = padded_batch("right")
+    pixels = torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        with trace.capture() as calls:
+            actual = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    assert kernel_calls(calls) >= 2 * LAYERS
+    assert_close_where(actual.text_model_output.last_hidden_state, expected.text_model_output.last_hidden_state,
+                       mask, what="clip text")
+    torch.testing.assert_close(actual.image_embeds, expected.image_embeds, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_vit(implementation):
+    reference, model = twin_models(BY_NAME["vit"], implementation)
+    pixels = torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels).last_hidden_state
+        with trace.capture() as calls:
+            actual = model(pixel_values=pixels).last_hidden_state
+    assert kernel_calls(calls) >= LAYERS
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_every_family_is_covered():
+    covered = {f.name for f in DECODERS} | {"bert", "modernbert", "whisper", "t5", "clip", "vit"}
+    assert covered == {f.name for f in FAMILIES}
