@@ -1,9 +1,9 @@
 """Set-time checks: does an attention module have the shape of contract a processor serves?
 
-Each MFA processor serves exactly one upstream contract. These checks run when `enable()` or
-`set_processor()` attach a processor (so a mismatch fails before any denoising), and again, cheaply,
-at the top of every processor call (diffusers' own `set_attn_processor` offers no hook to validate
-at set time, so a mismatch set that way fails on the first call, before any tensor work).
+Each MFA processor serves exactly one upstream contract. These checks run when `enable()`,
+`set_processor()` or (through set_time.py) diffusers' own set_attn_processor/set_processor attach a
+processor, so a mismatch fails before any denoising; and again, cheaply, at the top of every
+processor call, for diffusers versions where set_time.py does not wrap those methods.
 """
 
 from __future__ import annotations

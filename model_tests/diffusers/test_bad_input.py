@@ -1,6 +1,6 @@
-"""A processor on a module whose contract it does not serve fails clearly: at set time through
-enable()/set_processor(), and before any tensor work when set through diffusers' own
-set_attn_processor (which offers no hook to check at set time)."""
+"""A processor on a module whose contract it does not serve fails clearly at set time: through
+enable()/set_processor() and, on the diffusers versions we test, through diffusers' own
+set_attn_processor/set_processor (set_time.py); elsewhere before any tensor work on its first call."""
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from mfa_hf.integrations.diffusers import (
     register_mfa_backend,
     set_processor,
 )
-from mfa_hf.integrations.diffusers import compat
+from mfa_hf.integrations.diffusers import compat, set_time
 
 
 def _processor_classes(model):
@@ -48,9 +48,25 @@ def test_attn_processor_on_sd3_joint_module_is_refused_by_check(tiny):
         MFAProcessor().check(joint_module)
 
 
-def test_wrong_processor_set_by_diffusers_fails_on_first_call_not_with_a_shape_error(tiny):
+def test_wrong_processor_set_by_diffusers_is_refused_at_set_time_and_changes_nothing(tiny):
+    sd3, _ = tiny.build("sd3")
+    before = _processor_classes(sd3)
+    with pytest.raises(ContractMismatch, match="MFAProcessor: expected an Attention without added K/V projections"):
+        sd3.set_attn_processor(MFAProcessor())
+    assert _processor_classes(sd3) == before, "a refused set_attn_processor must change nothing"
+    module = sd3.transformer_blocks[0].attn
+    with pytest.raises(ContractMismatch, match="added_kv_proj_dim"):
+        module.set_processor(MFAProcessor())
+    assert type(module.processor).__name__ == before["transformer_blocks.0.attn.processor"]
+
+
+def test_without_the_set_time_checks_a_wrong_processor_fails_on_first_call_not_with_a_shape_error(tiny):
     sd3, inputs = tiny.build("sd3")
-    sd3.set_attn_processor(MFAProcessor())  # diffusers' API: no hook to refuse here
+    set_time.uninstall()  # as on a diffusers version we do not patch
+    try:
+        sd3.set_attn_processor(MFAProcessor())
+    finally:
+        set_time.install()
     with pytest.raises(ContractMismatch, match="MFAProcessor: expected an Attention without added K/V projections"):
         with torch.no_grad():
             sd3(**inputs)
