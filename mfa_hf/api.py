@@ -65,9 +65,8 @@ def flash_attn_func(
         return attention_over_quantized(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
                                         return_lse, dropout_p, attn_mask)
     check_qkv(q, k, v, rank=4, layout="(B, S, H, D)")
-    batch, lq, heads_q, dim = q.shape
-    mask = check_mask(attn_mask, batch, heads_q, lq, k.shape[1], q.device)
-    del mask  # validated; describe() re-derives the kind from the tensor
+    batch, lq, heads_q, _ = q.shape
+    check_mask(attn_mask, batch, heads_q, lq, k.shape[1], q.device)
     check_alibi(alibi_slopes, batch, heads_q, q.device)
     return _attend(q, k, v, None, None, 0, 0, attn_mask, alibi_slopes, sinks, dropout_p, softmax_scale,
                    causal, window_size, softcap, return_lse, dropout_seed, generator)
