@@ -29,8 +29,8 @@
 #define DV_BLOCKS (DV_PAD / 8)
 #define KEY_FRAGMENTS (BK / 8)
 
-constant constexpr float LOG2E = 1.4426950408889634f;
-constant constexpr float LN2 = 0.6931471805599453f;
+constant float LOG2E = 1.4426950408889634f;
+constant float LN2 = 0.6931471805599453f;
 
 inline long min_long(long a, long b) { return a < b ? a : b; }
 inline long max_long(long a, long b) { return a > b ? a : b; }
@@ -43,7 +43,7 @@ inline void stage_tile(threadgroup IN_T* tile, device const IN_T* base, long fir
   for (int i = tid; i < ROWS * PAD; i += THREADS) {
     const int r = i / PAD, c = i % PAD;
     const long row = first_row + r;
-    tile[r * PITCH + c] = (row < end_row && c < REAL) ? base[row * row_stride + c * col_stride] : IN_T(0);
+    tile[r * PITCH + c] = (row < end_row && c < REAL) ? base[row * row_stride + c * col_stride] : IN_T(0.0f);
   }
 }
 
