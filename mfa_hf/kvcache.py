@@ -101,11 +101,11 @@ def flash_attn_with_kvcache(
     rows = _check_batch_idx(cache_batch_idx, batch, cache_batch, q.device, appending=k is not None)
     new_len = _check_new(k, v, q, k_cache, v_cache, quantized)
     lengths = _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, q.device)
-    if k is not None and new_len:
+    options = _check_options(q, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_splits)
+    if k is not None and new_len:  # every check above ran first: a rejected call writes nothing
         _append_all(k_cache, v_cache, k, v, lengths, rows)
     total = lengths + new_len
-    return _decode(q, k_cache, v_cache, total.to(torch.int32), rows, softmax_scale, causal, window_size, softcap,
-                   alibi_slopes, sinks, return_lse, num_splits)
+    return _decode(q, k_cache, v_cache, total.to(torch.int32), rows, alibi_slopes, sinks, return_lse, *options)
 
 
 def attention_over_quantized(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
@@ -122,12 +122,12 @@ def attention_over_quantized(q, k, v, softmax_scale, causal, window_size, softca
     if torch.is_grad_enabled() and q.requires_grad:
         raise ValueError("q: quantized k/v serve inference only; got q requiring grad (use torch.no_grad())")
     lengths = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
-    return _decode(q, k, v, lengths, None, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
-                   return_lse, 0)
+    options = _check_options(q, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, 0)
+    return _decode(q, k, v, lengths, None, alibi_slopes, sinks, return_lse, *options)
 
 
-def _decode(q, k_cache, v_cache, lengths, rows, softmax_scale, causal, window_size, softcap, alibi_slopes,
-            sinks, return_lse, num_splits):
+def _check_options(q, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_splits) -> tuple:
+    """(scale, causal, window_left, window_right, softcap, num_splits), validated."""
     window_left, window_right = check_window(window_size)
     scale = check_scale(softmax_scale, q.shape[-1])
     softcap = check_softcap(softcap)
@@ -135,12 +135,17 @@ def _decode(q, k_cache, v_cache, lengths, rows, softmax_scale, causal, window_si
     check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits: expected an int >= 0 (0 = choose from the shape), got {num_splits!r}")
+    return scale, bool(causal), window_left, window_right, softcap, num_splits
+
+
+def _decode(q, k_cache, v_cache, lengths, rows, alibi_slopes, sinks, return_lse, scale, causal, window_left,
+            window_right, softcap, num_splits):
     k_codes, k_scales, k_format, k_group = _parts(k_cache)
     v_codes, v_scales, v_format, v_group = _parts(v_cache)
     op = _select_decode(q, k_cache, v_cache, causal, window_left, window_right, softcap, alibi_slopes, sinks,
                         k_format, v_format)
     out, lse = op(q, k_codes, k_scales, v_codes, v_scales, lengths, rows, alibi_slopes, sinks, k_format, v_format,
-                  k_group, v_group, scale, bool(causal), window_left, window_right, softcap, num_splits)
+                  k_group, v_group, scale, causal, window_left, window_right, softcap, num_splits)
     return (out, lse) if return_lse else out
 
 

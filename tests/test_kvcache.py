@@ -259,3 +259,74 @@ def test_decode_op_under_compile():
                              fullgraph=True)
     torch.testing.assert_close(compiled(q), eager)
     del k
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a clear error, and the cache exactly as it was.
+
+
+def _snapshot(cache) -> list[torch.Tensor]:
+    if isinstance(cache, mfa_hf.QuantizedKV):
+        return [cache.codes.clone(), cache.scales.clone()]
+    return [cache.clone()]
+
+
+def _assert_untouched(cache, snapshot) -> None:
+    now = _snapshot(cache)
+    assert all(torch.equal(a, b) for a, b in zip(now, snapshot)), "the cache changed on a rejected call"
+
+
+BAD_CALLS = {
+    "v_cache shape": (dict(v_cache="short"), ValueError, r"v_cache: expected \(B, S, Hkv\) = \(5, 96, 2\) like k_cache"),
+    "seqlens dtype": (dict(cache_seqlens=torch.tensor([0.0, 1.0, 2.0])), TypeError,
+                      r"cache_seqlens: expected dtype torch.int32 \(or int64\), got torch.float32"),
+    "seqlens shape": (dict(cache_seqlens=torch.zeros(4, dtype=torch.int32)), ValueError,
+                      r"cache_seqlens: expected shape \(3,\), got \(4,\)"),
+    "past capacity": (dict(cache_seqlens=torch.tensor([0, 10, 93], dtype=torch.int32)), ValueError,
+                      r"cache_seqlens: expected lengths \+ 4 new tokens <= the cache capacity 96, got \[0, 10, 93\]"),
+    "negative length": (dict(cache_seqlens=torch.tensor([0, -1, 3], dtype=torch.int32)), ValueError,
+                        r"cache_seqlens: expected lengths >= 0"),
+    "k without v": (dict(v=None), ValueError, r"k, v: expected both or neither"),
+    "k shape": (dict(k="wide"), ValueError, r"k: expected shape \(B, Lnew, Hkv, D\) = \(3, 4, 2, 64\), got \(3, 4, 4, 64\)"),
+    "batch idx range": (dict(cache_batch_idx=torch.tensor([0, 1, 5], dtype=torch.int32)), ValueError,
+                        r"cache_batch_idx: expected rows in \[0, 5\), got \[0, 1, 5\]"),
+    "batch idx repeats": (dict(cache_batch_idx=torch.tensor([1, 1, 2], dtype=torch.int32)), ValueError,
+                          r"cache_batch_idx: expected distinct rows when appending"),
+    "mixed kinds": (dict(v_cache="plain"), TypeError, r"k_cache, v_cache: expected both QuantizedKV or both tensors"),
+    "num_splits": (dict(num_splits=-2), ValueError, r"num_splits: expected an int >= 0"),
+    "sinks": (dict(sinks=torch.zeros(3)), ValueError, r"sinks: expected one logit per query head"),
+}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("name", sorted(BAD_CALLS))
+def test_bad_input_leaves_the_cache_untouched(name, fmt):
+    changes, error, message = BAD_CALLS[name]
+    case = CacheCase(fmt, lq=4, batch_idx=True)
+    inputs = make_cache_inputs(case)
+    args = dict(q=inputs["q"], k_cache=inputs["k_cache"], v_cache=inputs["v_cache"], k=inputs["k"], v=inputs["v"],
+                cache_seqlens=inputs["cache_seqlens"], cache_batch_idx=inputs["cache_batch_idx"])
+    args.update(changes)
+    if args["v_cache"] == "short":
+        args["v_cache"] = mfa_hf.allocate_kv_cache(CACHE_ROWS, MAX_SEQLEN - 1, 2, 64, fmt)
+    elif args["v_cache"] == "plain":
+        args["v_cache"] = torch.zeros(CACHE_ROWS, MAX_SEQLEN, 2, 64)
+    if isinstance(args["k"], str):
+        args["k"] = torch.randn(BATCH, 4, 4, 64)
+    before_k, before_v = _snapshot(inputs["k_cache"]), _snapshot(inputs["v_cache"])
+    with pytest.raises(error, match=message):
+        mfa_hf.flash_attn_with_kvcache(**args)
+    _assert_untouched(inputs["k_cache"], before_k)
+    _assert_untouched(inputs["v_cache"], before_v)
+
+
+def test_plain_cache_dtype_and_batch_mismatch():
+    q = torch.randn(2, 1, 4, 64)
+    with pytest.raises(TypeError, match=r"k_cache: expected dtype torch.float32 like q, got torch.bfloat16"):
+        mfa_hf.flash_attn_with_kvcache(q, torch.zeros(2, 8, 2, 64, dtype=torch.bfloat16),
+                                       torch.zeros(2, 8, 2, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"k_cache: expected batch 2 like q \(or pass cache_batch_idx\), got 3"):
+        mfa_hf.flash_attn_with_kvcache(q, torch.zeros(3, 8, 2, 64), torch.zeros(3, 8, 2, 64))
+    with pytest.raises(ValueError, match=r"cache_seqlens: expected the valid lengths when appending k/v, got None"):
+        mfa_hf.flash_attn_with_kvcache(q, torch.zeros(2, 8, 2, 64), torch.zeros(2, 8, 2, 64),
+                                       torch.randn(2, 1, 2, 64), torch.randn(2, 1, 2, 64))
