@@ -1,11 +1,13 @@
 """The `triton` backend: Triton kernels for CUDA tensors (forward, backward, every dense/varlen feature).
 
 Importing this module imports triton; where triton is missing the ImportError makes dispatch report
-the backend unavailable with that reason. With TRITON_INTERPRET=1 the same kernels also serve CPU
-tensors through Triton's interpreter (how CI tests them on machines without a GPU).
+the backend unavailable with that reason. With TRITON_INTERPRET=1 in the environment before triton
+is imported, the same kernels serve CPU tensors through Triton's interpreter (how CI tests them on
+machines without a GPU; tests/triton starts such a process itself).
 """
 
 from __future__ import annotations
+
 
 import torch
 import triton
@@ -14,9 +16,9 @@ from mfa_hf.kernels.dropout import MASK32, drop_threshold
 from mfa_hf.ops import define_attention_ops, empty_result, new_output
 from mfa_hf.problem import AttentionProblem, MaskKind
 
-from .backward import attention_backward_kv_kernel, attention_backward_q_kernel
+from . import backward as _compiled_backward
+from . import forward as _compiled_forward
 from .blocks import backward_kv_blocks, backward_q_blocks, forward_blocks, interpreting, padded_dim
-from .forward import attention_forward_kernel
 
 NAME = "triton"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -31,6 +33,11 @@ def supports(problem: AttentionProblem) -> tuple[bool, str]:
     if problem.kv_format != "none":
         return False, f"quantized KV caches ({problem.kv_format}) have no Triton decode kernel yet"
     return True, "the triton kernels serve this problem"
+
+
+def _kernels(device: torch.device):
+    """(forward module, backward module). Under TRITON_INTERPRET=1 they run CPU tensors in numpy."""
+    return _compiled_forward, _compiled_backward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,10 +82,10 @@ def _shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     if dtype == torch.float32:
         return "ieee"  # tf32 would carry ~1e-3 relative error: float32 callers expect float32 accuracy
-    return "upcast" if interpreting() and dtype == torch.bfloat16 else "tf32"
+    return "upcast" if device.type == "cpu" and dtype == torch.bfloat16 else "tf32"
 
 
 def _common_meta(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, causal, window_left, window_right,
@@ -90,7 +97,7 @@ def _common_meta(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, causal, window_
         SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None,
         MASK_KIND=0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2),
         VARLEN=cu_seqlens_q is not None, DROPOUT=dropout_p > 0,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype, q.device),
     ), max(window_left, 0), max(right, 0)
 
 
@@ -107,14 +114,15 @@ def forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k,
     lse = new_output(lse_shape, torch.float32, q.device)
     meta, left, right = _common_meta(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, causal, window_left,
                                      window_right, softcap, dropout_p)
-    blocks = forward_blocks(max(q.shape[-1], v.shape[-1]), q.dtype, causal)
+    blocks = forward_blocks(max(q.shape[-1], v.shape[-1]), q.dtype, causal, q.device.type)
     mask, mask_strides, _ = _mask_args(attn_mask, q, batch, lq, lk)
     slopes, slope_strides = _alibi_args(alibi_slopes, q)
     seed, threshold, keep_scale = _dropout_args(dropout_p, dropout_seed)
     cu_q = q if cu_seqlens_q is None else cu_seqlens_q
     cu_k = q if cu_seqlens_k is None else cu_seqlens_k
     grid = (triton.cdiv(lq, blocks.block_m), batch * heads_q)
-    attention_forward_kernel[grid](
+    fwd, _ = _kernels(q.device)
+    fwd.attention_forward_kernel[grid](
         q, k, v, out, lse, mask, slopes, q if sinks is None else sinks, cu_q, cu_k,
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *_lse_strides(lse), *mask_strides,
         *slope_strides, lq, lk, heads_q, heads_q // heads_kv, scale, softcap, left, right, seed, threshold,
@@ -179,15 +187,16 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
     scalars = (scale, softcap, left, right, seed, threshold, keep_scale)
     dim = max(q.shape[-1], v.shape[-1])
 
-    kv = backward_kv_blocks(dim, q.dtype, causal)
-    attention_backward_kv_kernel[(triton.cdiv(lk, kv.block_n), batch * heads_kv)](
+    kv = backward_kv_blocks(dim, q.dtype, causal, q.device.type)
+    _, bwd = _kernels(q.device)
+    bwd.attention_backward_kv_kernel[(triton.cdiv(lk, kv.block_n), batch * heads_kv)](
         q, k, v, grad_out, lse, delta, dk, dv, mask, slopes, cu_q, cu_k, *shared,
         *_strides4(dk)[:3], *_strides4(dv)[:3], lq, lk, heads_q, heads_kv, heads_q // heads_kv, *scalars,
         BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, num_warps=kv.num_warps, num_stages=kv.num_stages, **meta)
 
     ds = torch.zeros((batch, heads_q, lq, lk), dtype=torch.float32, device=q.device) if write_ds else q
-    qb = backward_q_blocks(dim, q.dtype, causal)
-    attention_backward_q_kernel[(triton.cdiv(lq, qb.block_m), batch * heads_q)](
+    qb = backward_q_blocks(dim, q.dtype, causal, q.device.type)
+    bwd.attention_backward_q_kernel[(triton.cdiv(lq, qb.block_m), batch * heads_q)](
         q, k, v, grad_out, lse, delta, dq, ds, mask, slopes, cu_q, cu_k, *shared, *_strides4(dq)[:3],
         lq, lk, heads_q, heads_q // heads_kv, *scalars, WRITE_DS=write_ds, BLOCK_M=qb.block_m,
         BLOCK_N=qb.block_n, num_warps=qb.num_warps, num_stages=qb.num_stages, **meta)

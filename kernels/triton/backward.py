@@ -108,8 +108,8 @@ def attention_backward_kv_kernel(
         full_hi = full_lo - BLOCK_M
     mid_lo, mid_hi = split_range(lo, hi, full_lo, full_hi, BLOCK_M)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_DQK], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, dtype=tl.float32)
     for g in range(0, group):
         h = kv_head * group + g
         q_base = Q + b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qm + h * stride_qh
@@ -252,7 +252,7 @@ def attention_backward_q_kernel(
         full_hi = tl.minimum(seqlen_k, m0 + diag + right + 1)
     mid_lo, mid_hi = split_range(lo, hi, full_lo, full_hi, BLOCK_N)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_DQK], 0.0, dtype=tl.float32)
     for start_n in range(lo, mid_lo, BLOCK_N):
         dq = _q_step(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, start_n, rows, row_ok, diag,
                      seqlen_k, scale, softcap, slope2, left, right, hhash, threshold, keep_scale, stride_kn,

@@ -4,7 +4,7 @@ The table keys never include a sequence length, so one compiled kernel serves ev
 are passed unspecialized). Entries were chosen for the H100 (228 KiB shared memory per SM): the
 forward keeps one Q tile in registers and streams K/V tiles, so BLOCK_N * (Dqk + Dv) elements per
 pipeline stage must fit; head dim 256 halves the tiles. float32 halves BLOCK_N again (twice the bytes).
-Under TRITON_INTERPRET (CPU tests) every block is 16, the smallest tl.dot accepts, so the small test
+On CPU (Triton's interpreter, for tests) every block is 16, the smallest tl.dot accepts, so the small test
 shapes cross many block boundaries.
 """
 
@@ -47,8 +47,8 @@ _BACKWARD_Q = {16: Blocks(128, 32, 4, 2), 32: Blocks(128, 32, 4, 2), 64: Blocks(
                128: Blocks(128, 64, 8, 2), 256: Blocks(64, 32, 8, 1)}
 
 
-def _pick(table: dict, dim: int, dtype: torch.dtype, override: dict | None = None) -> Blocks:
-    if interpreting():
+def _pick(table: dict, dim: int, dtype: torch.dtype, device_type: str, override: dict | None = None) -> Blocks:
+    if device_type == "cpu":
         return _TINY
     key = padded_dim(dim)
     chosen = (override or {}).get(key, table[key])
@@ -57,13 +57,13 @@ def _pick(table: dict, dim: int, dtype: torch.dtype, override: dict | None = Non
     return chosen
 
 
-def forward_blocks(dim: int, dtype: torch.dtype, causal: bool) -> Blocks:
-    return _pick(_FORWARD, dim, dtype, _FORWARD_CAUSAL if causal else None)
+def forward_blocks(dim: int, dtype: torch.dtype, causal: bool, device_type: str = "cuda") -> Blocks:
+    return _pick(_FORWARD, dim, dtype, device_type, _FORWARD_CAUSAL if causal else None)
 
 
-def backward_kv_blocks(dim: int, dtype: torch.dtype, causal: bool) -> Blocks:
-    return _pick(_BACKWARD_KV, dim, dtype)
+def backward_kv_blocks(dim: int, dtype: torch.dtype, causal: bool, device_type: str = "cuda") -> Blocks:
+    return _pick(_BACKWARD_KV, dim, dtype, device_type)
 
 
-def backward_q_blocks(dim: int, dtype: torch.dtype, causal: bool) -> Blocks:
-    return _pick(_BACKWARD_Q, dim, dtype)
+def backward_q_blocks(dim: int, dtype: torch.dtype, causal: bool, device_type: str = "cuda") -> Blocks:
+    return _pick(_BACKWARD_Q, dim, dtype, device_type)

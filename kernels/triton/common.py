@@ -62,10 +62,11 @@ def split_range(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
 
     Blocks starting in [b, c) lie inside [full_lo, full_hi) entirely and need no per-element checks;
     the caller loops [lo, b) and [c, hi) with checks. Inputs may be negative: clamp before dividing
-    (Triton's integer division truncates toward zero).
+    (Triton's integer division truncates toward zero). No tl.cdiv (nor tl.zeros): jit functions of
+    triton.language, which the interpreted copy of these kernels cannot call (backend.py).
     """
-    hi_ceil = tl.cdiv(tl.maximum(hi, 0), BLOCK) * BLOCK
-    b = tl.cdiv(tl.maximum(full_lo, 0), BLOCK) * BLOCK
+    hi_ceil = (tl.maximum(hi, 0) + BLOCK - 1) // BLOCK * BLOCK
+    b = (tl.maximum(full_lo, 0) + BLOCK - 1) // BLOCK * BLOCK
     b = tl.minimum(tl.maximum(lo, b), hi_ceil)
     c = (tl.maximum(full_hi, 0) // BLOCK) * BLOCK
     c = tl.maximum(b, tl.minimum(c, hi_ceil))

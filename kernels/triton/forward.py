@@ -106,8 +106,8 @@ def attention_forward_kernel(
         full_hi = tl.minimum(seqlen_k, m0 + diag + right + 1)
     mid_lo, mid_hi = split_range(lo, hi, full_lo, full_hi, BLOCK_N)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for start_n in range(lo, mid_lo, BLOCK_N):
         acc, l_i, m_i = _step(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, diag, seqlen_k,
