@@ -82,3 +82,17 @@ def test_two_schedules_catch_a_missing_barrier(metal_backend, two_schedules, mon
     q, k, v = (torch.randn(1, n, 2, 32, generator=g).to(metal_backend.device) for n in (64, 96, 96))
     with pytest.raises(AssertionError, match="differs between schedules"):
         two_schedules(lambda: mfa_hf.flash_attn_func(q, k, v, return_lse=True))
+
+
+def test_opcheck_and_compile(metal_backend):
+    """The metal op passes torch.library.opcheck (schema, fake, autograd registration) and runs
+    inside torch.compile(fullgraph=True)."""
+    case = Case(dtype=torch.float32, batch=1, lq=9, lk=12, heads_q=2, heads_kv=1, dim=16, dim_v=8, causal=True)
+    inputs = make_inputs(case, device=metal_backend.device, requires_grad=True)
+    args = (inputs["q"], inputs["k"], inputs["v"], None, None, None, None, None, None, 0, 0, 0.25, True, -1, 0, 0.0, 0.0)
+    torch.library.opcheck(backend.OPS.forward, args)
+    compiled = torch.compile(lambda q, k, v: mfa_hf.flash_attn_func(q, k, v, causal=True), fullgraph=True,
+                             backend="aot_eager")
+    out = compiled(inputs["q"], inputs["k"], inputs["v"])
+    expected = mfa_hf.flash_attn_func(inputs["q"], inputs["k"], inputs["v"], causal=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
