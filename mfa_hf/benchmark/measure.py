@@ -58,3 +58,19 @@ def median_ms(call: Callable[[], object], device: str, repeats: int, warmup: int
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3), "repeats": repeats}
+
+
+def cuda_median_ms(call: Callable[[], object], repeats: int = 20, warmup: int = 3) -> dict:
+    """Median of CUDA-event timed calls (device time between the events, no host synchronization inside)."""
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"median_ms": round(statistics.median(times), 4), "min_ms": round(min(times), 4), "repeats": repeats}
