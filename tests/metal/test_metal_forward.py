@@ -203,3 +203,38 @@ def test_trace_shows_the_torch_backward(metal_backend):
     served = trace.served_by(calls)
     assert served[("metal", "fwd")] == 1 and served[("torch", "bwd")] == 1, dict(served)
     assert served[("metal", "bwd")] == 0, dict(served)
+
+
+@pytest.mark.parametrize("shape, kind", [((1, 1, 1, 45), "bool"), ((2, 1, 1, 45), "additive"),
+                                         ((1, 4, 30, 45), "additive"), ((30, 45), "bool")])
+def test_broadcast_masks(shape, kind, metal_backend, two_schedules):
+    """Masks broadcast along any dims (stride 0 after expand); an additive float32 mask with fp16 inputs."""
+    g = torch.Generator().manual_seed(5)
+    device = metal_backend.device
+    q, k, v = (torch.randn(2, n, 4, 32, generator=g).to(torch.float16) for n in (30, 45, 45))
+    if kind == "bool":
+        mask = torch.rand(shape, generator=g) > 0.4
+    else:
+        mask = torch.randn(shape, generator=g).masked_fill(torch.rand(shape, generator=g) > 0.7, -math.inf)
+    out, lse = two_schedules(lambda: mfa_hf.flash_attn_func(q.to(device), k.to(device), v.to(device),
+                                                           attn_mask=mask.to(device), return_lse=True))
+    ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), attn_mask=mask if kind == "bool" else mask.double())
+    base, base_lse = attention_reference(q, k, v, attn_mask=mask, upcast=False)
+    assert_close_to_reference(out.cpu(), ref, base)
+    assert_close_to_reference(lse.cpu(), ref_lse, base_lse)
+
+
+def test_varlen_int64_offsets(metal_backend, two_schedules):
+    lengths_q, lengths_k = [3, 33, 0], [40, 1, 5]
+    q, k, v, cu_q, cu_k = _varlen_inputs(torch.float32, "cpu", lengths_q, lengths_k, 2, 1, 16, 16)
+    device = metal_backend.device
+    out, lse = two_schedules(lambda: mfa_hf.flash_attn_varlen_func(
+        q.to(device), k.to(device), v.to(device), cu_q.long().to(device), cu_k.long().to(device),
+        max(lengths_q), max(lengths_k), causal=True, return_lse=True))
+    for b in range(len(lengths_q)):
+        rows, keys = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        args = (q[None, rows], k[None, keys], v[None, keys])
+        ref, ref_lse = attention_reference(*(t.double() for t in args), causal=True)
+        base, base_lse = attention_reference(*args, causal=True, upcast=False)
+        assert_close_to_reference(out.cpu()[None, rows], ref, base, name=f"out[{b}]")
+        assert_close_to_reference(lse.cpu()[None, :, rows], ref_lse, base_lse, name=f"lse[{b}]")
