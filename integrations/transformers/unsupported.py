@@ -12,6 +12,15 @@ from __future__ import annotations
 
 _ORIGINAL_ATTR = "_mfa_original_check_attn"
 
+# Model types known to compute attention inline, checked by reading their modeling files in 5.17
+# and 5.23. Needed on top of transformers' source heuristic, which passes Bloom and CodeGen.
+LEGACY_MODEL_TYPES = frozenset({"falcon", "gptj", "gpt_neo", "bloom", "mpt", "codegen"})
+
+
+def routes_through_interface(model) -> bool:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model_type not in LEGACY_MODEL_TYPES and type(model)._can_set_attn_implementation()
+
 
 class UnsupportedModelError(ValueError):
     """The model does not route attention through transformers' AttentionInterface."""
@@ -42,10 +51,21 @@ def install(names: tuple[str, ...]) -> None:
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
         if attn_implementation in names:
-            if not type(self)._can_set_attn_implementation():
+            if not routes_through_interface(self):
                 raise UnsupportedModelError(message(type(self), attn_implementation))
             _keep_flash_name(self, attn_implementation)
         return original(self, attn_implementation, *args, **kwargs)
 
+    original_set = PreTrainedModel.set_attn_implementation
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        # On classes its heuristic flags, transformers only *warns* and keeps the old implementation.
+        requested = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
+        if requested in names and not routes_through_interface(self):
+            raise UnsupportedModelError(message(type(self), requested))
+        return original_set(self, attn_implementation, *args, **kwargs)
+
+    set_attn_implementation.__doc__ = original_set.__doc__
     setattr(PreTrainedModel, _ORIGINAL_ATTR, original)
     PreTrainedModel._check_and_adjust_attn_implementation = _check_and_adjust_attn_implementation
+    PreTrainedModel.set_attn_implementation = set_attn_implementation

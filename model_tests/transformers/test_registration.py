@@ -1,0 +1,131 @@
+"""How users reach the kernels: every entry point for both names, the FA-flavour provider hook, the
+version gate, the lazy import hook, packed sequences, and the refusal of legacy models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as tf
+from conftest import BATCH, IMPLEMENTATIONS, kernel_calls, padded_batch, twin_models
+from families import BY_NAME
+
+from mfa_hf import trace
+from mfa_hf.integrations.transformers import UnsupportedModelError, check_transformers_version, provider
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_from_pretrained_and_from_config(tmp_path, implementation):
+    config = BY_NAME["llama"].config()
+    tf.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=implementation)
+    built = tf.AutoModelForCausalLM.from_config(BY_NAME["llama"].config(), attn_implementation=implementation)
+    ids = padded_batch("left")[0]
+    for model in (loaded, built):
+        assert model.config._attn_implementation == implementation
+        with trace.capture() as calls, torch.no_grad():
+            model(ids)
+        assert kernel_calls(calls) >= 2
+
+
+def test_per_subconfig_dict_routes_only_the_named_tower():
+    model = tf.CLIPModel(BY_NAME["clip"].config()).eval()
+    model.set_attn_implementation({"text_config": "mps_flash", "vision_config": "eager"})
+    with torch.no_grad(), trace.capture() as text_calls:
+        model.get_text_features(input_ids=padded_batch("right")[0])
+    with torch.no_grad(), trace.capture() as vision_calls:
+        model.get_image_features(pixel_values=torch.randn(1, 3, 32, 32))
+    assert kernel_calls(text_calls) == 2 and kernel_calls(vision_calls) == 0
+
+
+def test_mps_flash_is_a_flash_flavour_served_by_mfa():
+    """transformers treats the name as FlashAttention and loads its functions from us."""
+    from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
+    from transformers.utils.generic import is_flash_attention_requested
+
+    from mfa_hf.integrations.transformers import fa_surface
+
+    assert is_flash_attention_requested(requested_attention_implementation="mps_flash")
+    (flash_fn, varlen_fn, *_), _ = lazy_import_flash_attention("mps_flash")
+    assert flash_fn is fa_surface.flash_attn_func and varlen_fn is fa_surface.flash_attn_varlen_func
+
+
+def test_other_flash_names_still_reach_transformers_loader():
+    from transformers.modeling_flash_attention_utils import _lazy_imports
+
+    with pytest.raises((ValueError, ImportError)):
+        _lazy_imports("not-a-provider-flash")
+
+
+def test_uninstall_restores_transformers_and_reinstall_works():
+    from transformers import modeling_flash_attention_utils as mfu
+
+    wrapped = mfu._lazy_imports
+    provider.uninstall()
+    try:
+        assert mfu._lazy_imports is not wrapped and not hasattr(mfu, "_mfa_original_lazy_imports")
+    finally:
+        provider.install()
+    assert hasattr(mfu, "_mfa_original_lazy_imports")
+
+
+@pytest.mark.parametrize("version", ["5.16.0", "5.24.0", "6.0.0", "4.57.1"])
+def test_version_gate_refuses_untested_releases(version):
+    with pytest.raises(RuntimeError, match=rf"transformers {version} is not supported.*5\.17"):
+        check_transformers_version(version)
+
+
+@pytest.mark.parametrize("version", ["5.17.0", "5.20.1", "5.23.0"])
+def test_version_gate_accepts_tested_range(version):
+    assert check_transformers_version(version) == version
+
+
+def test_import_mfa_hf_does_not_import_transformers_but_registers_when_it_is():
+    code = ("import sys, mfa_hf; assert 'transformers' not in sys.modules, 'eager import';"
+            "from transformers import LlamaForCausalLM;"
+            "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as A;"
+            "from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as M;"
+            "assert {'mps_flash','mfa'} <= set(A.valid_keys()) and {'mps_flash','mfa'} <= set(M.valid_keys())")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_packed_sequences_match_separate_sequences(implementation):
+    """DataCollatorWithFlattening's cu_seq_lens kwargs: packed logits equal each sequence run alone."""
+    reference, model = twin_models(BY_NAME["llama"], implementation)
+    lengths = (5, 3, 7)
+    seqs = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
+    batch = tf.DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": s} for s in seqs])
+    batch.pop("labels", None)
+    with torch.no_grad(), trace.capture() as calls:
+        packed = model(**batch, use_cache=False).logits[0]
+        separate = torch.cat([reference(torch.tensor([s])).logits[0] for s in seqs])
+    assert kernel_calls(calls) >= 2
+    torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-4)
+
+
+LEGACY = {
+    "falcon": lambda: tf.FalconForCausalLM(tf.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1,
+                                                           num_attention_heads=4)),
+    "gptj": lambda: tf.GPTJForCausalLM(tf.GPTJConfig(vocab_size=128, n_embd=64, n_layer=1, n_head=4, rotary_dim=8)),
+    "gpt_neo": lambda: tf.GPTNeoForCausalLM(tf.GPTNeoConfig(vocab_size=128, hidden_size=64, num_layers=1,
+                                                            num_heads=4, attention_types=[[["global"], 1]])),
+    "bloom": lambda: tf.BloomForCausalLM(tf.BloomConfig(vocab_size=128, hidden_size=64, n_layer=1, n_head=4)),
+    "mpt": lambda: tf.MptForCausalLM(tf.MptConfig(vocab_size=128, d_model=64, n_layers=1, n_heads=4)),
+    "codegen": lambda: tf.CodeGenForCausalLM(tf.CodeGenConfig(vocab_size=128, n_embd=64, n_layer=1, n_head=4,
+                                                              rotary_dim=8)),
+}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", sorted(LEGACY))
+def test_legacy_models_refuse_with_the_model_name(name, implementation):
+    model = LEGACY[name]()
+    with pytest.raises(UnsupportedModelError, match=rf"{type(model).__name__}.*\"{implementation}\".*\"sdpa\""):
+        model.set_attn_implementation(implementation)
+    config = model.config
+    config._attn_implementation_internal = None
+    with pytest.raises(UnsupportedModelError, match=type(model).__name__):
+        type(model)._from_config(config, attn_implementation=implementation)
