@@ -49,8 +49,12 @@ class CacheSide:
     group_size: int
 
     def block(self, positions: torch.Tensor, rows: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """Values at cache positions (flat) of the selected rows: (B, len(positions), Hkv, D)."""
-        codes = _take(self.codes, positions, rows)
+        """Values at cache positions (flat) of the selected rows, heads first: (B, Hkv, len(positions), D).
+
+        The gathered codes (1 byte or less an element) are put in heads-first order before they
+        are widened, so the matmuls read the dequantized block contiguously without another copy.
+        """
+        codes = _heads_first(_take(self.codes, positions, rows))
         if self.format == "none":
             return codes.to(dtype)
         scales = self.scales
@@ -58,12 +62,16 @@ class CacheSide:
             scales = scales.index_select(1, positions)
         if rows is not None and scales.shape[0] > 1:
             scales = scales.index_select(0, rows)
-        return dequantize_codes(codes, scales, self.format, self.group_size, dtype)
+        return dequantize_codes(codes, _heads_first(scales), self.format, self.group_size, dtype)
 
 
 def _take(cache: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     block = cache.index_select(1, positions)  # only this block is copied, never the whole cache
     return block if rows is None else block.index_select(0, rows)
+
+
+def _heads_first(block: torch.Tensor) -> torch.Tensor:
+    return block.transpose(1, 2).contiguous()
 
 
 def plan_decode(batch: int, heads_kv: int, group: int, lq: int, key_span: int, num_splits: int = 0) -> DecodePlan:
@@ -148,11 +156,12 @@ def _attend_tile(q_tile, i0, keys: CacheSide, values: CacheSide, rows, start, en
     splits = max(1, min(plan.num_splits, math.ceil((end - start) / plan.key_block)))
     split_len = math.ceil((end - start) / splits)
     # (B, Hkv, 1, G * rows, D): every query head of a KV head in one operand, broadcast over splits.
-    q5 = q_tile.reshape(batch, tile_rows, heads_kv, group, dim).permute(0, 2, 3, 1, 4)
-    q5 = q5.reshape(batch, heads_kv, 1, group * tile_rows, dim).to(setup.acc_dtype)
+    q4 = q_tile.reshape(batch, tile_rows, heads_kv, group, dim).permute(0, 2, 3, 1, 4)
+    # (B, Hkv, G * rows, D), the softmax scale folded in once instead of scaling every score block.
+    q4 = q4.reshape(batch, heads_kv, group * tile_rows, dim).to(setup.acc_dtype) * setup.scale
     state = (batch, heads_kv, splits, group, tile_rows)
-    row_max = q5.new_full(state, -math.inf)
-    row_sum = q5.new_zeros(state)
+    row_max = q4.new_full(state, -math.inf)
+    row_sum = q4.new_zeros(state)
     acc = None
     query_pos = torch.arange(i0, i0 + tile_rows, device=q_tile.device)
     for step in range(0, split_len, plan.key_block):
@@ -160,20 +169,20 @@ def _attend_tile(q_tile, i0, keys: CacheSide, values: CacheSide, rows, start, en
         positions = start + torch.arange(splits, device=q_tile.device)[:, None] * split_len + offsets  # (P, BK)
         in_range = positions < end
         flat = positions.clamp(max=keys.codes.shape[1] - 1).reshape(-1)
-        k_block = _split_major(keys.block(flat, rows, setup.acc_dtype), splits)
-        v_block = _split_major(values.block(flat, rows, setup.acc_dtype), splits)
-        scores = _block_scores(q5, k_block, positions, in_range, query_pos, setup, group, tile_rows)
+        k_block = keys.block(flat, rows, setup.acc_dtype)  # (B, Hkv, P * BK, D)
+        v_block = values.block(flat, rows, setup.acc_dtype)
+        scores = _block_scores(q4, k_block, splits, positions, in_range, query_pos, setup, group, tile_rows)
         new_max = torch.maximum(row_max, scores.amax(dim=-1))
         safe_max = _finite_or_zero(new_max)
         weights = scores.sub_(safe_max[..., None]).exp_()
         rescale = torch.exp(row_max - safe_max)
         row_sum = row_sum * rescale + weights.sum(dim=-1)
         flat_weights = weights.reshape(batch, heads_kv, splits, group * tile_rows, -1)
-        partial = flat_weights @ v_block
+        partial = flat_weights @ v_block.reshape(batch, heads_kv, splits, -1, v_block.shape[-1])
         acc = partial if acc is None else acc * rescale.reshape(*partial.shape[:-1], 1) + partial
         row_max = new_max
     if acc is None:  # no key visible anywhere: every row is empty
-        acc = q5.new_zeros(batch, heads_kv, splits, group * tile_rows, values_dim(values))
+        acc = q4.new_zeros(batch, heads_kv, splits, group * tile_rows, values_dim(values))
     return _merge_splits(row_max, row_sum, acc, sinks, q_tile.dtype, tile_rows)
 
 
@@ -181,17 +190,12 @@ def values_dim(values: CacheSide) -> int:
     return values.codes.shape[-1] * (2 if values.format == "nf4" else 1)
 
 
-def _split_major(block: torch.Tensor, splits: int) -> torch.Tensor:
-    """(B, P * BK, Hkv, D) -> (B, Hkv, P, BK, D)."""
-    batch, _, heads_kv, dim = block.shape
-    return block.reshape(batch, splits, -1, heads_kv, dim).permute(0, 3, 1, 2, 4)
-
-
-def _block_scores(q5, k_block, positions, in_range, query_pos, setup: _Setup, group, tile_rows):
+def _block_scores(q4, k_block, splits, positions, in_range, query_pos, setup: _Setup, group, tile_rows):
     """Logits (B, Hkv, P, G, rows, BK) of one step, -inf where a key is not visible."""
-    batch, heads_kv, splits = k_block.shape[:3]
-    raw = torch.matmul(q5, k_block.transpose(-1, -2)) * setup.scale  # (B, Hkv, P, G * rows, BK)
-    scores = raw.reshape(batch, heads_kv, splits, group, tile_rows, -1)
+    batch, heads_kv = k_block.shape[:2]
+    # One product for every split: (B, Hkv, G * rows, D) x (B, Hkv, D, P * BK).
+    raw = torch.matmul(q4, k_block.transpose(-1, -2))
+    scores = raw.reshape(batch, heads_kv, group, tile_rows, splits, -1).permute(0, 1, 4, 2, 3, 5)
     if setup.softcap > 0:
         scores = setup.softcap * torch.tanh(scores / setup.softcap)
     # distance i + L_b - Lq - j from each key to its query's diagonal: (B, P, rows, BK)
