@@ -34,7 +34,9 @@ def capture() -> Iterator[Counter]:
     try:
         yield captured
     finally:
-        _captures.remove(captured)
+        # By identity: two captures with equal counts compare equal, and list.remove would take the
+        # first of them, not this one.
+        del _captures[next(i for i, c in enumerate(_captures) if c is captured)]
 
 
 def served_by(captured: Counter) -> Counter:

@@ -95,3 +95,13 @@ def test_torch_compile_inductor_varlen():
     fn = torch.compile(lambda q, k, v: mfa_hf.flash_attn_varlen_func(q, k, v, cu, cu, 6, 6, causal=True),
                        fullgraph=True)
     torch.testing.assert_close(fn(q, kv, kv), mfa_hf.flash_attn_varlen_func(q, kv, kv, cu, cu, 6, 6, causal=True))
+
+
+def test_nested_captures_are_independent():
+    q = small_qkv()
+    with trace.capture() as outer:
+        with trace.capture() as inner:
+            pass
+        # Equal (empty) counters: leaving `inner` must not remove `outer`.
+        mfa_hf.flash_attn_func(*q)
+    assert sum(outer.values()) == 1 and not inner
