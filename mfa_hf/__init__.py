@@ -37,6 +37,13 @@ _LAZY_EXPORTS = {
     "MFAProcessor": "mfa_hf.integrations.diffusers",
     "MFAJointAttnProcessor": "mfa_hf.integrations.diffusers",
     "MFACogVideoXAttnProcessor": "mfa_hf.integrations.diffusers",
+    # Opt-in SDPA patch: nothing is patched until replace_sdpa() or `with sdpa_patched():`.
+    "replace_sdpa": "mfa_hf.integrations.sdpa_patch",
+    "restore_sdpa": "mfa_hf.integrations.sdpa_patch",
+    "sdpa_patched": "mfa_hf.integrations.sdpa_patch",
+    # Opt-in `import flash_attn` for code written for FlashAttention-2 (a real install wins).
+    "install_flash_attn_shim": "mfa_hf.integrations.flash_attn_shim",
+    "uninstall_flash_attn_shim": "mfa_hf.integrations.flash_attn_shim",
 }
 
 
@@ -65,5 +72,10 @@ __all__ = [
     "quantize_kv_fp8",
     "quantize_kv_int8",
     "quantize_kv_nf4",
+    "install_flash_attn_shim",
+    "replace_sdpa",
+    "restore_sdpa",
+    "sdpa_patched",
     "trace",
+    "uninstall_flash_attn_shim",
 ]

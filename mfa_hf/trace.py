@@ -17,6 +17,9 @@ TraceKey = tuple  # (backend, op, dtype, head_dim, lq, lk, flags)
 
 _counts: Counter = Counter()
 _captures: list[Counter] = []
+# Calls an opt-in patch (integrations/sdpa_patch.py) handed back to the stock function: {(source, reason): n}.
+_fallbacks: Counter = Counter()
+_fallback_captures: list[Counter] = []
 
 
 def record(backend: str, op: str, dtype, head_dim: int, lq: int, lk: int, flags: str) -> None:
@@ -39,6 +42,32 @@ def capture() -> Iterator[Counter]:
         del _captures[next(i for i, c in enumerate(_captures) if c is captured)]
 
 
+def record_fallback(source: str, reason: str) -> None:
+    """Count a call that `source` did not serve and handed to the stock function, with the reason."""
+    _fallbacks[source, reason] += 1
+    for captured in _fallback_captures:
+        captured[source, reason] += 1
+
+
+@contextmanager
+def capture_fallbacks() -> Iterator[Counter]:
+    """Count the fallbacks recorded inside the block: {(source, reason): n}."""
+    captured: Counter = Counter()
+    _fallback_captures.append(captured)
+    try:
+        yield captured
+    finally:
+        del _fallback_captures[next(i for i, c in enumerate(_fallback_captures) if c is captured)]
+
+
+def fallback_report(counts: Counter | None = None) -> str:
+    counts = _fallbacks if counts is None else counts
+    lines = ["mfa_hf trace: calls handed to the stock function", f"{'calls':>7}  source: reason"]
+    for (source, reason), n in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        lines.append(f"{n:>7}  {source}: {reason}")
+    return "\n".join(lines)
+
+
 def served_by(captured: Counter) -> Counter:
     """Collapse a capture to {(backend, op): calls}."""
     totals: Counter = Counter()
@@ -57,8 +86,12 @@ def report(counts: Counter | None = None) -> str:
 
 
 def _report_at_exit() -> None:
-    if os.environ.get("MFA_TRACE", "0") not in ("", "0") and _counts:
+    if os.environ.get("MFA_TRACE", "0") in ("", "0"):
+        return
+    if _counts:
         print(report(), file=sys.stderr)
+    if _fallbacks:
+        print(fallback_report(), file=sys.stderr)
 
 
 atexit.register(_report_at_exit)

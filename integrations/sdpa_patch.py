@@ -1,0 +1,234 @@
+"""Opt-in: route `torch.nn.functional.scaled_dot_product_attention` to mfa-hf kernels.
+
+    import mfa_hf
+    mfa_hf.replace_sdpa()            # or: with mfa_hf.sdpa_patched(): ...
+    ...
+    mfa_hf.restore_sdpa()
+
+Nothing is patched on import. While patched, a call is served by our kernels only when it is on an
+enabled device (mps and cuda by default), big enough (Lq * Lk >= min_scores) and one whose SDPA
+meaning we reproduce exactly; every other call goes to the stock function unchanged, and the reason
+is counted in `mfa_hf.trace` (printed at exit with MFA_TRACE=1). The meanings kept are SDPA's, not
+FlashAttention's:
+- bool attn_mask: True = attend; a float attn_mask is added to the scores exactly as it is.
+- is_causal aligns top-left (query i sees keys j <= i), also when Lq != Lk.
+- scale=None means 1/sqrt(E); enable_gqa=True lets Hq be a multiple of Hkv (head h reads KV head
+  h // (Hq // Hkv), like SDPA's repeat_interleave).
+- a query row with no visible key gives 0, as stock SDPA does on CPU in torch 2.13.
+Sent to the stock function, each for a stated reason: dropout_p > 0 (its RNG stream is torch's, and
+ours differs), attn_mask together with is_causal (stock SDPA combines them on some backends and
+raises on others), head broadcasting without enable_gqa, broadcast batch dims, nested tensors,
+ranks other than 3 or 4, dtypes and mask dtypes stock SDPA would reject, empty sequences.
+
+Only calls that look the function up on `torch.nn.functional` at call time are routed; code that
+bound it earlier (`from torch.nn.functional import scaled_dot_product_attention`) keeps the stock one.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from mfa_hf import api, trace
+from mfa_hf.problem import FLOAT_DTYPES, MAX_HEAD_DIM
+
+SOURCE = "sdpa_patch"
+DEFAULT_DEVICES = ("mps", "cuda")
+# Below this many scores (Lq * Lk) a call stays on stock SDPA. Not measured on Apple hardware yet: a
+# conservative guess from the peers' reports (stock is as fast below ~1.5K tokens) -- tune with
+# replace_sdpa(min_scores=...).
+DEFAULT_MIN_SCORES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Gate:
+    devices: tuple[str, ...]
+    min_scores: int
+
+
+_original = None  # the stock function while the patch is installed
+_gate: Gate | None = None
+_inside = threading.local()  # set while our kernels run: a nested SDPA call goes to stock
+
+
+def replace_sdpa(devices: tuple[str, ...] | list[str] = DEFAULT_DEVICES, min_scores: int = DEFAULT_MIN_SCORES) -> None:
+    """Route F.scaled_dot_product_attention to our kernels for calls that pass the gate.
+
+    devices: device types served (add "cpu" to exercise the patch without a GPU). min_scores: the
+    smallest Lq * Lk served. Calling it again while patched only changes the gate.
+    """
+    global _original, _gate
+    _gate = _check_gate(devices, min_scores)
+    if _original is None:
+        _original = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = patched_sdpa
+
+
+def restore_sdpa() -> None:
+    """Put the stock function back (a no-op when not patched)."""
+    global _original, _gate
+    if _original is None:
+        return
+    if F.scaled_dot_product_attention is not patched_sdpa:
+        raise RuntimeError(
+            "restore_sdpa: expected torch.nn.functional.scaled_dot_product_attention to be mfa-hf's patch, got "
+            f"{F.scaled_dot_product_attention!r} (patched again after replace_sdpa); undo that patch first"
+        )
+    F.scaled_dot_product_attention = _original
+    _original, _gate = None, None
+
+
+def is_patched() -> bool:
+    return _original is not None
+
+
+@contextmanager
+def sdpa_patched(devices: tuple[str, ...] | list[str] = DEFAULT_DEVICES,
+                 min_scores: int = DEFAULT_MIN_SCORES) -> Iterator[None]:
+    """replace_sdpa for the block; on exit the previous state (patched or not, and its gate) returns."""
+    previous = _gate
+    replace_sdpa(devices, min_scores)
+    try:
+        yield
+    finally:
+        if previous is None:
+            restore_sdpa()
+        else:
+            replace_sdpa(previous.devices, previous.min_scores)
+
+
+def _check_gate(devices, min_scores) -> Gate:
+    if isinstance(devices, str) or not all(isinstance(d, str) for d in devices):
+        raise TypeError(f"devices: expected a tuple of device types such as ('mps', 'cuda'), got {devices!r}")
+    if isinstance(min_scores, bool) or not isinstance(min_scores, int) or min_scores < 0:
+        raise ValueError(f"min_scores: expected an int >= 0 (smallest Lq * Lk served), got {min_scores!r}")
+    return Gate(tuple(devices), min_scores)
+
+
+def patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False):
+    """Stock SDPA's signature and meaning; served by mfa-hf when `unserved_reason` finds nothing."""
+    original, gate = _original, _gate
+    if original is None:  # a stale reference kept after restore_sdpa
+        original, gate = F.scaled_dot_product_attention, None
+    reason = "patch restored" if gate is None else unserved_reason(
+        gate, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if reason:
+        trace.record_fallback(SOURCE, reason)
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+    _inside.active = True
+    try:
+        return _serve(query, key, value, attn_mask, is_causal, scale)
+    finally:
+        _inside.active = False
+
+
+def unserved_reason(gate: Gate, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> str:
+    """Why this call goes to stock SDPA ("" when we serve it). Cheap checks, no device sync."""
+    if getattr(_inside, "active", False):
+        return "called from inside an mfa-hf kernel"
+    for check in (_tensor_reason, _device_reason, _shape_reason, _option_reason, _mask_reason, _size_reason):
+        reason = check(gate, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if reason:
+            return reason
+    return ""
+
+
+def _tensor_reason(gate, q, k, v, attn_mask, *_):
+    tensors = (q, k, v) + (() if attn_mask is None else (attn_mask,))
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return "an argument is not a tensor"
+    if any(t.is_nested for t in tensors):
+        return "nested tensors"
+    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes q={q.dtype} k={k.dtype} v={v.dtype} (served: equal float dtypes)"
+    if k.device != q.device or v.device != q.device:
+        return "q, k, v on different devices"
+    return ""
+
+
+def _device_reason(gate, q, *_):
+    if q.device.type not in gate.devices:
+        return f"device {q.device.type} not enabled (devices={gate.devices})"
+    return ""
+
+
+def _shape_reason(gate, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    if not (q.dim() == k.dim() == v.dim() and q.dim() in (3, 4)):
+        return f"ranks q={q.dim()} k={k.dim()} v={v.dim()} (served: 3 or 4, all equal)"
+    if q.shape[:-3] != k.shape[:-3] or q.shape[:-3] != v.shape[:-3]:
+        return "batch dims differ between q, k, v (stock SDPA broadcasts them)"
+    heads_q, heads_kv = q.shape[-3], k.shape[-3]
+    if v.shape[-3] != heads_kv or k.shape[-2] != v.shape[-2] or k.shape[-1] != q.shape[-1]:
+        return "k and v shapes disagree with each other or with q"
+    if heads_q != heads_kv and not (enable_gqa and heads_kv > 0 and heads_q % heads_kv == 0):
+        return f"{heads_q} query heads over {heads_kv} KV heads without enable_gqa"
+    if not (0 < q.shape[-1] <= MAX_HEAD_DIM and 0 < v.shape[-1] <= MAX_HEAD_DIM):
+        return f"head dims {q.shape[-1]}/{v.shape[-1]} outside 1..{MAX_HEAD_DIM}"
+    if q.shape[-2] == 0 or k.shape[-2] == 0 or q.shape[:-3].numel() == 0 or heads_q == 0:
+        return "empty sequence or batch"
+    return ""
+
+
+def _option_reason(gate, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    if dropout_p > 0:
+        return "dropout_p > 0 (stock SDPA's RNG stream; ours differs)"
+    if attn_mask is not None and is_causal:
+        return "attn_mask with is_causal (stock SDPA combines them on some backends, raises on others)"
+    if scale is not None and not math.isfinite(float(scale)):
+        return f"scale={scale!r} is not finite"
+    return ""
+
+
+def _mask_reason(gate, q, k, v, attn_mask, *_):
+    if attn_mask is None:
+        return ""
+    if attn_mask.dtype not in (torch.bool, q.dtype, torch.float32):
+        return f"attn_mask dtype {attn_mask.dtype} with {q.dtype} inputs (stock SDPA decides)"
+    if attn_mask.device != q.device:
+        return "attn_mask on another device"
+    target = (q.shape[0] if q.dim() == 4 else 1, q.shape[-3], q.shape[-2], k.shape[-2])
+    shape = tuple(attn_mask.shape)
+    if not 2 <= len(shape) <= q.dim() or any(m not in (1, t) for m, t in zip(shape[::-1], target[::-1])):
+        return f"attn_mask shape {shape} does not broadcast to {target[4 - q.dim():]}"
+    return ""
+
+
+def _size_reason(gate, q, k, *_):
+    scores = q.shape[-2] * k.shape[-2]
+    if scores < gate.min_scores:
+        return f"Lq*Lk below min_scores={gate.min_scores}"
+    return ""
+
+
+def _serve(q, k, v, attn_mask, is_causal, scale):
+    """Our kernel with SDPA's meaning: (..., H, L, E) in, (..., H, L, Ev) out."""
+    unbatched = q.dim() == 3
+    if unbatched:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    causal, window, attn_mask = _top_left_causal(is_causal, q.shape[-2], k.shape[-2], attn_mask, q.device)
+    out = api.flash_attention(q, k, v, is_causal=causal, attn_mask=attn_mask, window_size=window, scale=scale)
+    return out.squeeze(0) if unbatched else out
+
+
+def _top_left_causal(is_causal: bool, lq: int, lk: int, attn_mask, device):
+    """SDPA's causal (key j visible from query i when j <= i) in our bottom-right terms.
+
+    Ours shows key j to query i when j <= i + (Lk - Lq) + right (window right side, causal = right 0):
+    Lq == Lk is plain causal; Lq > Lk is window (-1, Lq - Lk); Lq < Lk would need a negative right
+    side, so it becomes a (Lq, Lk) bool mask. attn_mask is None here (the combination goes to stock).
+    """
+    if not is_causal:
+        return False, None, attn_mask
+    if lq == lk:
+        return True, None, attn_mask
+    if lq > lk:
+        return False, (-1, lq - lk), attn_mask
+    return False, None, torch.ones(lq, lk, dtype=torch.bool, device=device).tril()
