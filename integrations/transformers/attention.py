@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ... import api
+from . import decode
 
 
 def _is_causal(module, is_causal: bool | None, q_len: int) -> bool:
@@ -50,6 +51,10 @@ def mfa_attention_forward(module, query, key, value, attention_mask, *, scaling=
     """transformers attention function (B, H, S, D) -> ((B, S_q, H_q, D_v), None)."""
     q_len = query.shape[2]
     causal = _is_causal(module, is_causal, q_len)
+    routed = _decode_route(module, query, key, value, attention_mask, causal, scaling, sliding_window, softcap,
+                           s_aux, position_bias)
+    if routed is not None:
+        return routed, None
     mask = attention_mask
     if mask is not None and mask.dim() == 2:
         # Compact key validity (masks.py): the real keys are [:L]; the kernel aligns causal and the
@@ -71,6 +76,25 @@ def mfa_attention_forward(module, query, key, value, attention_mask, *, scaling=
     return out.transpose(1, 2), None
 
 
+def _decode_route(module, query, key, value, attention_mask, causal, scaling, sliding_window, softcap, s_aux,
+                  position_bias):
+    """Decode steps go to the decode op: always for MFAQuantizedCache handles, and for a small causal
+    query against plain cached K/V without a mask. Returns (B, S_q, H_q, D_v), or None (not a decode)."""
+    if decode.is_cache_view(key):
+        if position_bias is not None:
+            raise NotImplementedError("MFAQuantizedCache: position_bias (T5) is not supported with a quantized cache")
+        return decode.quantized_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                          sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, causal=causal)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    plain_decode = (attention_mask is None and position_bias is None and not module.training
+                    and (causal or q_len == 1) and q_len <= decode.DECODE_MAX_Q and kv_len > q_len
+                    and key.shape[-1] == value.shape[-1] and getattr(module, "layer_idx", None) is not None)
+    if not plain_decode:
+        return None
+    return decode.plain_decode(query, key, value, scaling=scaling, sliding_window=sliding_window, softcap=softcap,
+                               s_aux=s_aux)
+
+
 def _needs_mfa_path(attention_mask, kwargs) -> bool:
     dense = attention_mask is not None and attention_mask.dim() == 4
     return dense or kwargs.get("position_bias") is not None
@@ -79,6 +103,10 @@ def _needs_mfa_path(attention_mask, kwargs) -> bool:
 def mps_flash_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                 sliding_window=None, softcap=None, is_causal=None, s_aux=None, **kwargs):
     """transformers attention function for "mps_flash": its flash path on mfa-hf's FA2 surface."""
+    routed = _decode_route(module, query, key, value, attention_mask, _is_causal(module, is_causal, query.shape[2]),
+                           scaling, sliding_window, softcap, s_aux, kwargs.get("position_bias"))
+    if routed is not None:
+        return routed, None
     if _needs_mfa_path(attention_mask, kwargs) or kwargs.get("cache") is not None:
         if kwargs.get("cache") is not None:
             raise NotImplementedError(

@@ -1,0 +1,155 @@
+"""Decode steps on mfa-hf's decode op (`flash_attn_with_kvcache`), for the attention functions.
+
+Two entry points, both returning (B, Lq, Hq, Dv) like transformers' attention functions:
+
+- `quantized_attention`: K/V are `QuantizedCacheView` handles from MFAQuantizedCache. What the
+  kernel sees per step: part A, the quantized store (codes + scales, read block by block by the
+  decode op; `cache_seqlens` = the valid prefix), and part B, the full-precision residual (only
+  with `residual_length > 0`), attended by the same op. The two partial results are merged by
+  their log-sum-exps; sinks (GPT-OSS) are applied once, after the merge. No dequantized copy.
+- `plain_decode`: a small query (Lq <= DECODE_MAX_Q) against plain cached K/V with no mask goes to
+  the same decode op with the cache tensors as given (a (B, S, H, D) view, no copy).
+
+Left padding (batched generate) is expressed without a mask: for a decode row that starts after
+`p` padding keys, the window's left edge is moved to key p; rows with equal padding share a call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import kvcache
+from .quantized_cache import QuantizedCacheView
+
+DECODE_MAX_Q = 16  # query lengths up to this are "decode" (speculative / assisted steps included)
+
+
+def is_cache_view(x) -> bool:
+    return isinstance(x, QuantizedCacheView)
+
+
+def _left_pads(attention_mask, batch: int, total: int, q_len: int, device) -> torch.Tensor:
+    """Padding keys at the start of each row (B,) from a 2-D key mask; other patterns are refused."""
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    if attention_mask.dim() != 2:
+        raise NotImplementedError(
+            f"MFAQuantizedCache: expected no mask or a 2-D key-padding mask at decode, got a {attention_mask.dim()}-D "
+            "mask (a pattern the decode kernel cannot express).")
+    valid = attention_mask[:, -total:].bool()
+    if valid.shape[-1] < total:  # a compact mask shorter than the keys: the tail is invalid
+        raise NotImplementedError(f"MFAQuantizedCache: expected a key mask of length {total}, got {valid.shape[-1]}")
+    pads = (~valid).sum(dim=1)
+    left_padded = valid == (torch.arange(total, device=valid.device)[None, :] >= pads[:, None])
+    if not bool(left_padded.all()):
+        raise NotImplementedError("MFAQuantizedCache: expected left padding (False then True per row) in the key "
+                                  "mask, got padding elsewhere")
+    if q_len > 1 and bool((pads > 0).any()):
+        raise NotImplementedError(f"MFAQuantizedCache: padded rows with {q_len} query tokens against a quantized "
+                                  "cache are not supported (one token per step is)")
+    return pads
+
+
+def _part(q, k_side, v_side, seqlens, rows, left, right, causal, scale, softcap):
+    """One partial attention via the decode op: (out (B, Lq, Hq, D), lse (B, Hq, Lq))."""
+    return kvcache.flash_attn_with_kvcache(
+        q, k_side, v_side, cache_seqlens=seqlens, cache_batch_idx=rows, softmax_scale=scale, causal=causal,
+        window_size=(left, right), softcap=softcap or 0.0, return_lse=True)
+
+
+def _merge(parts):
+    """Combine partial attentions over disjoint key sets by their log-sum-exps."""
+    if len(parts) == 1:
+        return parts[0]
+    (out_a, lse_a), (out_b, lse_b) = parts
+    lse = torch.logaddexp(lse_a.float(), lse_b.float())
+    weight_a = torch.exp(lse_a.float() - lse).nan_to_num(0.0).transpose(1, 2)[..., None]
+    weight_b = torch.exp(lse_b.float() - lse).nan_to_num(0.0).transpose(1, 2)[..., None]
+    out = out_a.float() * weight_a + out_b.float() * weight_b
+    return out.to(out_a.dtype), lse
+
+
+def _apply_sinks(out, lse, sinks):
+    """softmax over [scores, sink]: scale the sink-free result by exp(lse) / (exp(lse) + exp(sink))."""
+    keep = torch.sigmoid(lse.float() - sinks.float()[None, :, None])  # (B, Hq, Lq)
+    return (out.float() * keep.transpose(1, 2)[..., None]).to(out.dtype)
+
+
+SKIP = None  # a part no query row can see
+
+
+def _left(window_left: int, pad_limit: int | None):
+    """Left span for a part: the window's (-1 none) capped by padding (keys visible left of the query);
+    SKIP when nothing is visible."""
+    if pad_limit is not None and pad_limit < 0:
+        return SKIP
+    if pad_limit is None:
+        return window_left
+    return pad_limit if window_left < 0 else min(window_left, pad_limit)
+
+
+def _prefix_left(window_left: int, residual: int, prefix: int, pad: int, q_len: int):
+    # Part A is attended as if its last key were the query's; the real query sits `residual` keys
+    # later, so the window's left span shrinks by `residual`.
+    shifted = window_left
+    if window_left >= 0:
+        shifted = window_left - residual
+        if shifted < 0:
+            if q_len > 1:
+                raise NotImplementedError("MFAQuantizedCache: a sliding window shorter than the residual with "
+                                          f"{q_len} query tokens is not supported")
+            return SKIP
+    return _left(shifted, prefix - 1 - pad if pad else None)
+
+
+def _row_group(q, key, value, rows, pad, window_left, causal, scale, softcap):
+    """Attention of the rows `rows` (all with `pad` padding keys) over the quantized part + residual."""
+    batch = rows.shape[0]
+    prefix, residual, q_len = key.length, key.residual_length, q.shape[1]
+    parts = []
+    if prefix:
+        left = _prefix_left(window_left, residual, prefix, pad, q_len)
+        if left is not SKIP:
+            # With a residual every prefix key precedes every query (the residual holds the new
+            # tokens), so part A needs no causal mask.
+            seqlens = torch.full((batch,), prefix, dtype=torch.int32, device=q.device)
+            parts.append(_part(q, key.quantized, value.quantized, seqlens, rows, left, -1,
+                               causal and not residual, scale, softcap))
+    if residual:
+        left = _left(window_left, residual - 1 - (pad - prefix) if pad > prefix else None)
+        if left is not SKIP:
+            k_res, v_res = (s.residual.index_select(0, rows).transpose(1, 2) for s in (key, value))
+            parts.append(_part(q, k_res, v_res, None, None, left, -1, causal, scale, softcap))
+    if not parts:
+        raise ValueError(f"MFAQuantizedCache: a row sees none of its {prefix + residual} keys (padding {pad})")
+    return _merge(parts)
+
+
+def quantized_attention(module, query, key: QuantizedCacheView, value: QuantizedCacheView, attention_mask, *,
+                        scaling=None, sliding_window=None, softcap=None, s_aux=None, causal: bool):
+    """query (B, Hq, Lq, D) over quantized handles -> (B, Lq, Hq, Dv)."""
+    if not (is_cache_view(key) and is_cache_view(value)):
+        raise TypeError(f"MFAQuantizedCache: expected K and V handles, got {type(key).__name__} and "
+                        f"{type(value).__name__}")
+    q = query.transpose(1, 2)
+    batch, q_len, total = q.shape[0], q.shape[1], key.shape[2]
+    pads = _left_pads(attention_mask, batch, total, q_len, q.device)
+    window_left = sliding_window - 1 if sliding_window is not None and sliding_window < total + 1 else -1
+    out = q.new_empty(batch, q_len, q.shape[2], value.shape[-1])
+    lse = torch.empty(batch, q.shape[2], q_len, dtype=torch.float32, device=q.device)
+    for pad in pads.unique().tolist():
+        rows = (pads == pad).nonzero().flatten()
+        part_out, part_lse = _row_group(q.index_select(0, rows), key, value, rows.to(torch.int32), pad,
+                                        window_left, causal, scaling, softcap)
+        out[rows], lse[rows] = part_out.to(out.dtype), part_lse.float()
+    return out if s_aux is None else _apply_sinks(out, lse, s_aux)
+
+
+def plain_decode(query, key, value, *, scaling=None, sliding_window=None, softcap=None, s_aux=None):
+    """A small, unmasked query against plain cached K/V (B, Hkv, S, D) on the decode op -> (B, Lq, Hq, D)."""
+    total = key.shape[2]
+    window_left = sliding_window - 1 if sliding_window is not None and sliding_window < total + 1 else -1
+    return kvcache.flash_attn_with_kvcache(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scaling, causal=True,
+        window_size=(window_left, 0 if window_left >= 0 else -1), softcap=softcap or 0.0,
+        sinks=None if s_aux is None else s_aux.float())

@@ -1,0 +1,333 @@
+"""MFAQuantizedCache: a transformers Cache that keeps K/V as fp8_e4m3 / int8 / nf4 codes + scales.
+
+    cache = MFAQuantizedCache(format="int8", config=model.config)        # residual_length=0
+    model.generate(**inputs, past_key_values=cache)                      # attn "mps_flash" or "mfa"
+
+Per layer, one growable store per side: a `QuantizedKV` buffer (B, capacity, Hkv, D) allocated by
+`mfa_hf.allocate_kv_cache` (capacity doubles when full, so appends are in place, amortized O(1)),
+plus an optional full-precision residual (B, Hkv, r, D) of the newest tokens (KIVI-style: once it
+holds `residual_length` tokens it is quantized in one chunk at the start of the next update).
+
+`update()` returns `QuantizedCacheView` handles, not tensors. The attention functions registered
+by mfa-hf recognise them (decode.py) and hand the codes straight to `flash_attn_with_kvcache`, the
+decode op: no dequantized copy of the cache is ever made. The one exception is the prefill of an
+empty cache, which returns the exact K/V it was given (attention over the prompt is computed on the
+values just projected, as transformers' own QuantizedCache does, and padding masks keep working);
+those tokens are stored quantized for every later step.
+
+Sliding-window layers (built from `config`: Mistral, Qwen2 layer_types, Gemma 2/3, GPT-OSS) keep
+only their window: when the buffer is full, the last `sliding_window - 1` tokens move to the front
+instead of growing it. Without `config` every layer keeps all tokens and the kernel applies the
+window (correct, more memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ...kvcache import allocate_kv_cache
+from ...quant import KVFormat, QuantizedKV, parse_format, quantize_kv
+
+FORMATS = ("fp8_e4m3", "int8", "nf4")
+# Models whose cache holds something other than per-head K/V (DeepSeek-V3 caches the MLA latent and
+# expands it with linears after the cache), so a handle cannot go straight to the kernel.
+LATENT_CACHE_MODELS = {"deepseek_v3": "the MLA latent (kv_lora_rank) and k_rot, expanded by linears after the cache"}
+_MIN_CAPACITY = 256
+
+
+class QuantizedCacheError(TypeError):
+    """A quantized cache handle reached code that wanted a plain tensor."""
+
+
+@dataclass(frozen=True)
+class QuantizedCacheView:
+    """What `update()` returns for one side (K or V): keys [0, L) of the layer as the kernel reads them.
+
+    quantized: QuantizedKV (B, capacity, Hkv, D) store, of which the first `length` tokens are valid
+    (they come first in time); residual: (B, Hkv, r, D) full-precision newest tokens, or None.
+    `shape` is the (B, Hkv, L, D) a DynamicLayer would have returned, L = length + r.
+    """
+
+    quantized: QuantizedKV
+    length: int
+    residual: torch.Tensor | None = None
+
+    @property
+    def residual_length(self) -> int:
+        return 0 if self.residual is None else self.residual.shape[2]
+
+    @property
+    def shape(self) -> torch.Size:
+        b, _, h, d = self.quantized.shape
+        return torch.Size((b, h, self.length + self.residual_length, d))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.quantized.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.quantized.device
+
+    def dim(self) -> int:
+        return 4
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dequantize(self) -> torch.Tensor:
+        """(B, Hkv, L, D) values the kernel attends over (tests and references only)."""
+        q = self.quantized
+        prefix = QuantizedKV(q.codes[:, : self.length], q.scales[:, : self.length], q.format, q.group_size,
+                             q.dtype).dequantize().transpose(1, 2)
+        return prefix if self.residual is None else torch.cat([prefix, self.residual.to(prefix.dtype)], dim=2)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # Reached when a model computes on the cached states itself (DeepSeek-V3's latent) or the
+        # attention implementation is not an mfa-hf one: say so instead of a cryptic TypeError.
+        name = getattr(func, "__name__", str(func))
+        raise QuantizedCacheError(
+            f"MFAQuantizedCache: {name}() received a quantized cache handle instead of a tensor. The cache "
+            'serves only attn_implementation="mps_flash" or "mfa" on models that pass the cached K/V '
+            "straight to attention (not DeepSeek-V3's latent cache, not eager/sdpa).")
+
+
+class _Store:
+    """One side's quantized buffer plus its residual; everything in time order."""
+
+    def __init__(self, fmt: KVFormat, group_size: int | None):
+        self.format, self.group_size = fmt, group_size
+        self.buffer: QuantizedKV | None = None
+        self.length = 0
+        self.residual: torch.Tensor | None = None
+
+    @property
+    def residual_length(self) -> int:
+        return 0 if self.residual is None else self.residual.shape[2]
+
+    def append_quantized(self, states: torch.Tensor) -> None:
+        """Quantize (B, H, n, D) states per token and write them after the valid prefix."""
+        n = states.shape[2]
+        if n == 0:
+            return
+        self._reserve(states, self.length + n)
+        new = quantize_kv(states, self.format.value, group_size=self.group_size, layout="bhsd").transpose(1, 2)
+        self.buffer.codes[:, self.length: self.length + n] = new.codes
+        self.buffer.scales[:, self.length: self.length + n] = new.scales
+        self.length += n
+
+    def _reserve(self, states: torch.Tensor, needed: int) -> None:
+        capacity = 0 if self.buffer is None else self.buffer.shape[1]
+        if needed <= capacity:
+            return
+        b, h, _, d = states.shape
+        grown = allocate_kv_cache(b, max(needed, 2 * capacity, _MIN_CAPACITY), h, d, self.format.value,
+                                  dtype=states.dtype, device=states.device, group_size=self.group_size)
+        if self.buffer is not None:
+            grown.codes[:, : self.length] = self.buffer.codes[:, : self.length]
+            grown.scales[:, : self.length] = self.buffer.scales[:, : self.length]
+        self.buffer = grown
+
+    def append_residual(self, states: torch.Tensor) -> None:
+        self.residual = states if self.residual is None else torch.cat([self.residual, states], dim=2)
+
+    def flush(self, count: int) -> None:
+        """Quantize the oldest `count` residual tokens (a whole number of chunks)."""
+        if count:
+            self.append_quantized(self.residual[:, :, :count])
+            rest = self.residual[:, :, count:]
+            self.residual = rest if rest.shape[2] else None
+
+    def drop_front(self, count: int) -> None:
+        """Forget the oldest `count` quantized tokens by moving the rest to the front (sliding layers)."""
+        if count:
+            keep = self.length - count
+            codes, scales = self.buffer.codes, self.buffer.scales
+            codes[:, :keep] = codes[:, count: self.length].clone()
+            scales[:, :keep] = scales[:, count: self.length].clone()
+            self.length = keep
+
+    def crop_end(self, count: int) -> None:
+        """Remove the newest `count` tokens (residual first)."""
+        from_residual = min(count, self.residual_length)
+        if from_residual:
+            rest = self.residual[:, :, : self.residual_length - from_residual]
+            self.residual = rest if rest.shape[2] else None
+        self.length -= count - from_residual
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Rows `index` of codes, scales and residual together (beam reorder / select / repeat)."""
+        if self.buffer is not None:
+            b = self.buffer
+            self.buffer = QuantizedKV(b.codes.index_select(0, index.to(b.device)),
+                                      b.scales.index_select(0, index.to(b.device)), b.format, b.group_size, b.dtype)
+        if self.residual is not None:
+            self.residual = self.residual.index_select(0, index.to(self.residual.device))
+
+    def view(self) -> QuantizedCacheView:
+        return QuantizedCacheView(self.buffer, self.length, self.residual)
+
+    def nbytes(self) -> int:
+        held = 0 if self.buffer is None else self.buffer.nbytes()
+        return held + (0 if self.residual is None else self.residual.numel() * self.residual.element_size())
+
+
+class MFAQuantizedLayer(DynamicLayer):
+    """One attention layer's quantized K/V (see the module docstring). `sliding_window` None: keep all."""
+
+    def __init__(self, format: str = "int8", residual_length: int = 0, group_size: int | None = None,
+                 sliding_window: int | None = None, **kwargs):
+        super().__init__()
+        self.format = parse_format(format)
+        if self.format.value not in FORMATS:
+            raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
+        if isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < 0:
+            raise ValueError(f"residual_length: expected an int >= 0, got {residual_length!r}")
+        self.residual_length, self.group_size, self.sliding_window = residual_length, group_size, sliding_window
+        self.is_sliding = sliding_window is not None
+        self.cumulative_length = 0
+        self.k = _Store(self.format, group_size)
+        self.v = _Store(self.format, group_size)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    # -- what update() will do, computed the same way by get_mask_sizes() ------------------------
+
+    def _flush_count(self) -> int:
+        r, chunk = self.k.residual_length, self.residual_length
+        return (r // chunk) * chunk if chunk else 0
+
+    def _drop_count(self, new: int) -> int:
+        """Sliding layers: quantized tokens to forget before this update (when the buffer is full)."""
+        if not self.is_sliding:
+            return 0
+        length = self.k.length + self._flush_count() + (0 if self.residual_length else new)
+        capacity = 0 if self.k.buffer is None else self.k.buffer.shape[1]
+        keep = max(self.sliding_window - 1 - self.k.residual_length, 0)
+        return self.k.length - keep if length > capacity and self.k.length > keep else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The handle covers every stored token after the update: buffer prefix + residual.
+        kv_length = self.k.length + self.k.residual_length - self._drop_count(query_length) + query_length
+        return kv_length, self.cumulative_length + query_length - kv_length
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return self.sliding_window if self.is_sliding else -1
+
+    # -- update ------------------------------------------------------------------------------------
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        prefill = self.cumulative_length == 0
+        drop, flush = self._drop_count(key_states.shape[2]), self._flush_count()
+        for store, new in ((self.k, key_states), (self.v, value_states)):
+            store.drop_front(drop)
+            store.flush(flush)
+            if self.residual_length:
+                store.append_residual(new)
+            else:
+                store.append_quantized(new)
+        self.cumulative_length += key_states.shape[2]
+        if prefill:  # exact prompt attention; stored quantized for every later step
+            return key_states, value_states
+        return self.k.view(), self.v.view()
+
+    # -- generate's cache manipulation: scales always move with their codes --------------------------
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop: expected a negative number of tokens to remove (or 0), got {tokens_to_remove}")
+        count = -tokens_to_remove
+        if count > self.k.length + self.k.residual_length:
+            raise ValueError(f"crop: cannot remove {count} tokens, the layer holds "
+                             f"{self.k.length + self.k.residual_length}")
+        for store in (self.k, self.v):
+            store.crop_end(count)
+        self.cumulative_length -= count
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.cumulative_length:
+            index = indices if isinstance(indices, torch.Tensor) else torch.as_tensor(indices)
+            if index.dtype == torch.bool:
+                index = index.nonzero().flatten()
+            for store in (self.k, self.v):
+                store.select_rows(index.long())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.cumulative_length:
+            batch = self.k.buffer.shape[0]
+            index = torch.arange(batch, device=self.k.buffer.device).repeat_interleave(repeats)
+            for store in (self.k, self.v):
+                store.select_rows(index)
+
+    def reset(self) -> None:
+        self.__init__(self.format.value, self.residual_length, self.group_size, self.sliding_window)
+
+    def offload(self):  # the stores stay where they are (no offloading of quantized caches)
+        pass
+
+    def prefetch(self):
+        pass
+
+    def nbytes(self) -> int:
+        return self.k.nbytes() + self.v.nbytes()
+
+
+def check_model_config(config) -> None:
+    """Refuse models whose cache does not hold per-head K/V, naming the model and what it caches."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    model_type = getattr(text, "model_type", None)
+    if model_type in LATENT_CACHE_MODELS or getattr(text, "kv_lora_rank", None) is not None:
+        what = LATENT_CACHE_MODELS.get(model_type, "a compressed latent (kv_lora_rank), expanded after the cache")
+        raise ValueError(
+            f"MFAQuantizedCache: model_type {model_type!r} caches {what}, not per-head K/V, so the quantized "
+            "values cannot go straight to the attention kernel. Use the default DynamicCache for this model.")
+
+
+def _layer_kwargs(config) -> list[dict]:
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    layer_types, per_layer = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    kwargs = []
+    for i, (kind, extra) in enumerate(zip(layer_types, per_layer)):
+        if kind not in ("full_attention", "sliding_attention", "chunked_attention"):
+            raise ValueError(f"MFAQuantizedCache: layer {i} has type {kind!r}; expected full, sliding or chunked "
+                             "attention layers")
+        kwargs.append({"sliding_window": extra["sliding_window"]} if "sliding_window" in extra else {})
+    return kwargs
+
+
+class MFAQuantizedCache(Cache):
+    """A Cache of `MFAQuantizedLayer`s: K/V stored as `format` ("fp8_e4m3", "int8" or "nf4").
+
+    format: code format; residual_length: newest tokens kept in full precision (0: none; else
+    quantized in chunks of that many); group_size: nf4 group (32 or 64, default 64); config: the
+    model config, for per-layer sliding windows (hybrid models) and to refuse latent caches.
+    """
+
+    def __init__(self, format: str = "int8", config=None, residual_length: int = 0, group_size: int | None = None):
+        options = dict(format=format, residual_length=residual_length, group_size=group_size)
+        MFAQuantizedLayer(**options)  # validate the options now, not at the first forward
+        self.format, self.residual_length = parse_format(format).value, residual_length
+        if config is None:
+            super().__init__(layer_class_to_replicate=lambda: MFAQuantizedLayer(**options))
+            return
+        check_model_config(config)
+        super().__init__(layers=[MFAQuantizedLayer(**options, **extra) for extra in _layer_kwargs(config)])
+
+    def nbytes(self) -> int:
+        """Bytes held by all layers' codes, scales and residuals (capacity included)."""
+        return sum(layer.nbytes() for layer in self.layers)
