@@ -12,7 +12,6 @@ without TRITON_INTERPRET=1 therefore runs this file again in a child process tha
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -200,11 +199,9 @@ def test_sequence_lengths_do_not_recompile():
         mfa_hf.flash_attn_func(x, x, x, causal=True)
 
     run(100)
-    before = sum(len(c) for c in fwd.attention_forward_kernel.device_caches[0][0].values()) \
-        if hasattr(fwd.attention_forward_kernel, "device_caches") else None
+    caches = fwd.attention_forward_kernel.device_caches  # triton 3.x: device -> (kernel cache, ...)
+    before = sum(len(entry[0]) for entry in caches.values())
     for n in (37, 128, 1000, 4096):
         run(n)
-    if before is not None:
-        after = sum(len(c) for c in fwd.attention_forward_kernel.device_caches[0][0].values())
-        assert after == before, f"expected no new compilations across lengths, got {after - before}"
-    assert math.isfinite(1.0)
+    after = sum(len(entry[0]) for entry in caches.values())
+    assert after == before, f"expected no new compilations across lengths, got {after - before}"
