@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 
 from mfa_hf.kernels.torch import backend as torch_backend
-from mfa_hf.ops import define_attention_ops
+from mfa_hf.ops import define_attention_ops, define_decode_op
 from mfa_hf.problem import AttentionProblem
 
 from .emulator.runtime_select import emulator_enabled
+from .decode import run_decode
 from .forward import forward
 from .loader import MSL_TYPES
 
@@ -32,7 +33,7 @@ def supports(problem: AttentionProblem) -> tuple[bool, str]:
     if problem.dropout_p > 0:
         return False, "dropout is served by the torch backend"
     if problem.kv_format != "none":
-        return False, f"kv format {problem.kv_format}: quantized KV caches are served by the decode path"
+        return True, f"the Metal decode kernels read {problem.kv_format} codes in-kernel"
     return True, "the Metal forward serves this problem (backward through the torch backend)"
 
 
@@ -47,3 +48,4 @@ def _device_reason(device_type: str) -> str:
 
 
 OPS = define_attention_ops(NAME, forward, None, device_types=("mps", "cpu"), backward_op=torch_backend.OPS.backward)
+DECODE = define_decode_op(NAME, run_decode, device_types=("mps", "cpu"))  # decode.py: vector / split-K + merge

@@ -163,15 +163,18 @@ _libraries: dict = {}
 _lock = threading.Lock()
 
 
-def library(variant: ForwardVariant, device: torch.device, param_count: int):
-    """The compiled library of a variant on this device's runtime (compiled once per process)."""
+def library(variant, device: torch.device, param_count: int):
+    """The compiled library of a variant on this device's runtime (compiled once per process).
+
+    The variant names its source file (`SOURCE`, default the forward) and its #defines."""
     key = (device.type, variant)
     lib = _libraries.get(key)
     if lib is not None:
         return lib
     from .emulator import with_defines
 
-    source = with_defines(kernel_source("attention_forward.metal"), variant.defines(param_count))
+    source_name = getattr(variant, "SOURCE", "attention_forward.metal")
+    source = with_defines(kernel_source(source_name), variant.defines(param_count))
     with _lock:
         lib = _libraries.get(key)
         if lib is None:

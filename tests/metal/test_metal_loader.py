@@ -24,12 +24,14 @@ def test_supports_reports_honest_reasons(monkeypatch):
         "dropout": problem(dropout_p=0.1),
         "float64": problem(dtype=torch.float64),
         "256": problem(head_dim_qk=320),
-        "quantized": problem(kv_format="int8"),
         "device cuda": problem(device_type="cuda"),
     }
     for expected, refused in refusals.items():
         ok, reason = backend.supports(refused)
         assert not ok and expected in reason, (expected, reason)
+    for fmt in ("int8", "fp8_e4m3+nf4"):
+        ok, reason = backend.supports(problem(seqlen_q=1, kv_format=fmt))
+        assert ok and fmt in reason and "in-kernel" in reason, reason
     monkeypatch.delenv("MFA_METAL_EMULATOR")
     ok, reason = backend.supports(problem())
     assert not ok and "MFA_METAL_EMULATOR=1" in reason
@@ -48,7 +50,7 @@ def test_library_cache_is_not_keyed_by_sequence_length(metal_backend):
     for lq, lk in ((5, 9), (70, 33), (31, 130)):
         case = Case(dtype=torch.float16, batch=1, lq=lq, lk=lk, heads_q=2, heads_kv=2, dim=48, dim_v=48)
         run_public_api(case, make_inputs(case, device=metal_backend.device))
-    variants = [v for v in loader.cached_variants() if v.dtype == torch.float16 and v.dim_qk == 48 and v.mask_kind == "none"
+    variants = [v for v in loader.cached_variants() if isinstance(v, loader.ForwardVariant) and v.dtype == torch.float16 and v.dim_qk == 48 and v.mask_kind == "none"
                 and not (v.softcap or v.alibi or v.sinks or v.varlen)]
     assert len(variants) == 1, variants
 

@@ -1,0 +1,152 @@
+"""Launching the Metal decode kernels (attention_decode.metal) for mfa_hf::metal_decode.
+
+plan_splits() picks the split-K factor from the shape (batch, KV heads, row tiles, cache capacity),
+never from the lengths, which stay on the device: one pass (the vector kernel) when the grid
+already has enough threadgroups or the cache is short, else `splits` partial passes and a merge.
+Nothing here synchronizes with the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from mfa_hf.ops import lse_dtype, new_output
+
+from .forward import LOG2E, _placeholder
+from .loader import MSL_TYPES, header_fields, library
+
+DECODE_PARAM_FIELDS = (
+    "q_stride_b", "q_stride_s", "q_stride_h", "q_stride_d",
+    "k_stride_b", "k_stride_s", "k_stride_h", "k_stride_d",
+    "v_stride_b", "v_stride_s", "v_stride_h", "v_stride_d",
+    "ks_stride_b", "ks_stride_s", "ks_stride_h", "ks_stride_g",
+    "vs_stride_b", "vs_stride_s", "vs_stride_h", "vs_stride_g",
+    "o_stride_b", "o_stride_s", "o_stride_h", "o_stride_d",
+    "lse_stride_b", "lse_stride_h", "lse_stride_s",
+    "alibi_stride_b", "seqlen_q", "heads_q", "group", "window_left", "window_right", "num_splits",
+    "k_group_size", "v_group_size",
+)
+_declared = header_fields("decode_params.h", "DecodeParams")
+if _declared != DECODE_PARAM_FIELDS:
+    raise ImportError(f"decode_params.h: expected DecodeParams fields {DECODE_PARAM_FIELDS}, got {_declared}")
+
+FORMAT_CODES = {"none": 0, "fp8_e4m3": 1, "fp8_e5m2": 2, "int8": 3, "nf4": 4}
+SIMDGROUPS = 4  # WM: keys are spread over 4 simdgroups of 32 lanes
+# Query rows per threadgroup: each costs DL + DVL + 2 floats per lane (q, o, m/l); 8 rows at
+# D = 128 are 80 registers, and 4 rows at D = 256 the same.
+MAX_ROWS_SMALL_D, MAX_ROWS_LARGE_D = 8, 4
+# Split-K policy: enough threadgroups to fill a GPU (Apple M-series: 8-40 cores, several
+# threadgroups each), but never splits shorter than MIN_KEYS_PER_SPLIT keys (the merge and the
+# partial writes would dominate).
+TARGET_THREADGROUPS = 128
+MIN_KEYS_PER_SPLIT = 256
+MAX_SPLITS = 64
+
+
+@dataclass(frozen=True)
+class DecodeVariant:
+    """Everything that changes the decode kernels' code: the library cache key (never a length)."""
+
+    SOURCE: ClassVar[str] = "attention_decode.metal"
+    dtype: torch.dtype
+    dim_qk: int
+    dim_v: int
+    k_format: str
+    v_format: str
+    rows: int
+    softcap: bool = False
+    alibi: bool = False
+    sinks: bool = False
+    batch_idx: bool = False
+    split: bool = False
+
+    def defines(self, param_count: int) -> dict:
+        return {
+            "IN_T": MSL_TYPES[self.dtype], "K_T": _code_type(self.k_format, self.dtype),
+            "V_T": _code_type(self.v_format, self.dtype),
+            "K_FMT": FORMAT_CODES[self.k_format], "V_FMT": FORMAT_CODES[self.v_format],
+            "DQK": self.dim_qk, "DV": self.dim_v, "ROWS": self.rows, "WM": SIMDGROUPS,
+            "HAS_SOFTCAP": self.softcap, "HAS_ALIBI": self.alibi, "HAS_SINKS": self.sinks,
+            "HAS_BATCH_IDX": self.batch_idx, "SPLIT": self.split, "DECODE_PARAM_COUNT": param_count,
+        }
+
+
+def _code_type(fmt: str, dtype: torch.dtype) -> str:
+    if fmt == "none":
+        return MSL_TYPES[dtype]
+    return "char" if fmt == "int8" else "uchar"
+
+
+def rows_per_tile(group: int, lq: int, dim_qk: int, dim_v: int) -> int:
+    limit = MAX_ROWS_SMALL_D if max(dim_qk, dim_v) <= 128 else MAX_ROWS_LARGE_D
+    return max(1, min(group * lq, limit))
+
+
+def plan_splits(threadgroups: int, capacity: int, num_splits: int = 0) -> int:
+    """Splits of each tile's key range, from the shape: `threadgroups` without splitting and the
+    cache capacity (an upper bound of every length). num_splits > 0 is taken as given (capped)."""
+    if num_splits <= 0:
+        wanted = math.ceil(TARGET_THREADGROUPS / max(1, threadgroups))
+        num_splits = min(wanted, capacity // MIN_KEYS_PER_SPLIT)
+    return max(1, min(num_splits, MAX_SPLITS, max(1, capacity)))
+
+
+def _strides4(t: torch.Tensor | None) -> list[int]:
+    """Element strides of a 4-D tensor, 0 along size-1 (broadcast) dims; zeros when absent."""
+    if t is None:
+        return [0, 0, 0, 0]
+    return [0 if n == 1 else s for n, s in zip(t.shape, t.stride())]
+
+
+def _index_vector(t: torch.Tensor | None, device) -> torch.Tensor:
+    """int32 on the device (a no-op when it already is; never a host read)."""
+    if t is None:
+        return _placeholder(device, torch.int32)
+    return t.to(device=device, dtype=torch.int32).contiguous()
+
+
+def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_idx, alibi_slopes, sinks,
+               k_format, v_format, k_group_size, v_group_size, scale, causal, window_left, window_right,
+               softcap, num_splits):
+    """The metal backend's mfa_hf::metal_decode (arguments: mfa_hf.ops.define_decode_op)."""
+    batch, lq, heads_q, dim_qk = q.shape
+    heads_kv = k_codes.shape[2]
+    group = heads_q // heads_kv
+    dim_v = v_codes.shape[-1] * (2 if v_format == "nf4" else 1)
+    out = new_output((batch, lq, heads_q, dim_v), q.dtype, q.device)
+    lse = new_output((batch, heads_q, lq), lse_dtype(q.dtype), q.device)
+    if batch == 0 or lq == 0:
+        return out, lse
+    rows = rows_per_tile(group, lq, dim_qk, dim_v)
+    tiles = math.ceil(group * lq / rows)
+    splits = plan_splits(batch * heads_kv * tiles, k_codes.shape[1], num_splits)
+    right = 0 if causal else window_right
+    params = (_strides4(q) + _strides4(k_codes) + _strides4(v_codes) + _strides4(k_scales) + _strides4(v_scales)
+              + list(out.stride()) + list(lse.stride())
+              + [0 if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes.stride(0)]
+              + [lq, heads_q, group, window_left, right, splits, k_group_size, v_group_size])
+    q_scale = scale / softcap if softcap > 0 else scale * LOG2E
+    variant = DecodeVariant(q.dtype, dim_qk, dim_v, k_format, v_format, rows, softcap > 0, alibi_slopes is not None,
+                            sinks is not None, cache_batch_idx is not None, splits > 1)
+    lib = library(variant, q.device, len(DECODE_PARAM_FIELDS))
+    floats = _placeholder(q.device, torch.float32)
+    slopes = floats if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()
+    sink_logits = floats if sinks is None else sinks.to(torch.float32).contiguous()
+    part_out, part_lse = floats, floats
+    if splits > 1:
+        part_out = torch.empty((batch, heads_q, lq, splits, dim_v), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, heads_q, lq, splits), dtype=torch.float32, device=q.device)
+    threads = 32 * SIMDGROUPS
+    lib.attention_decode(
+        q, k_codes, floats if k_scales is None else k_scales, v_codes, floats if v_scales is None else v_scales,
+        _index_vector(seqlens_k, q.device), _index_vector(cache_batch_idx, q.device), slopes, sink_logits,
+        out, lse, part_out, part_lse, params, float(q_scale), float(softcap * LOG2E),
+        threads=(threads * tiles * splits, heads_kv, batch), group_size=(threads, 1, 1))
+    if splits > 1:
+        lib.attention_decode_merge(part_out, part_lse, sink_logits, out, lse, params,
+                                   threads=(32 * lq, heads_q, batch), group_size=(32, 1, 1))
+    return out, lse

@@ -1,0 +1,268 @@
+"""The metal decode kernels (vector, split-K + merge) over plain and quantized KV caches, against
+the float64 reference on the dequantized cache (DESIGN.md rule), every case under two schedules
+with bitwise-equal outputs and NaN-poisoned outputs (tests/conftest.py).
+
+Also: every one of the 256 codes of each byte format decoded by the kernel's dequant.h equals
+torch's own conversion.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import mfa_hf
+from mfa_hf import trace
+from mfa_hf.kernels.metal import decode as metal_decode
+from mfa_hf.kernels.metal.loader import kernel_source
+from mfa_hf.kernels.reference import attention_reference
+from mfa_hf.quant import NF4_LEVELS
+from mfa_hf.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
+
+from .conftest import bits
+
+FORMATS = (None, "fp8_e4m3", "fp8_e5m2", "int8", "nf4")
+BATCH, CACHE_ROWS, CAPACITY = 3, 5, 80
+LENGTHS = (0, 29, 70)  # before the append: ragged, one empty
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    format: str | None = None
+    lq: int = 1
+    dtype: torch.dtype = torch.float32
+    heads: tuple[int, int] = (4, 2)
+    dim: int = 64
+    causal: bool = True
+    window: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    sinks: bool = False
+    alibi: bool = False
+    batch_idx: bool = False
+    num_splits: int = 0
+    v_format: str | None = "same"
+
+    @property
+    def id(self) -> str:
+        parts = [self.format or "plain", f"q{self.lq}", str(self.dtype).replace("torch.", ""),
+                 f"h{self.heads[0]}-{self.heads[1]}", f"d{self.dim}", "causal" if self.causal else "full"]
+        if self.window != (-1, -1):
+            parts.append(f"w{self.window[0]}_{self.window[1]}")
+        for on, name in ((self.softcap, "softcap"), (self.sinks, "sinks"), (self.alibi, "alibi"),
+                         (self.batch_idx, "batchidx"), (self.num_splits, f"splits{self.num_splits}"),
+                         (self.v_format != "same", f"v_{self.v_format}")):
+            if on:
+                parts.append(name)
+        return "-".join(parts)
+
+    def value_format(self):
+        return self.format if self.v_format == "same" else self.v_format
+
+
+def decode_cases() -> list[DecodeCase]:
+    """Every format x q_len (1, 4), features rotated; splits 1 (vector), forced and odd."""
+    features = ({}, {"softcap": 4.0, "num_splits": 3}, {"sinks": True, "batch_idx": True}, {"window": (9, -1)},
+                {"alibi": True, "num_splits": 4}, {"causal": False, "window": (6, 3), "sinks": True, "num_splits": 2},
+                {"batch_idx": True, "softcap": 3.0, "alibi": True, "num_splits": 5, "sinks": True},
+                {"causal": False}, {"sinks": True, "num_splits": 7}, {"alibi": True, "window": (12, -1)})
+    heads = ((4, 2), (4, 1), (3, 3), (8, 1))
+    dims = (64, 32, 128, 64)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    cases = []
+    for n, (fmt, lq) in enumerate(itertools.product(FORMATS, (1, 4))):
+        cases.append(DecodeCase(fmt, lq, dtypes[n % 3], heads[n % 4], dims[n % 4], **features[n % len(features)]))
+    return cases
+
+
+def make_inputs(case: DecodeCase, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv = case.heads
+    rows = CACHE_ROWS if case.batch_idx else BATCH
+    caches = []
+    for fmt in (case.format, case.value_format()):
+        content = torch.randn(rows, CAPACITY, hkv, case.dim, generator=g).to(case.dtype)
+        group = 32 if fmt == "nf4" and case.dim % 64 else None
+        caches.append(content if fmt is None else mfa_hf.quantize_kv(content, fmt, group_size=group))
+    return dict(
+        q=torch.randn(BATCH, case.lq, hq, case.dim, generator=g).to(case.dtype),
+        k_cache=caches[0], v_cache=caches[1],
+        k=torch.randn(BATCH, case.lq, hkv, case.dim, generator=g).to(case.dtype),
+        v=torch.randn(BATCH, case.lq, hkv, case.dim, generator=g).to(case.dtype),
+        cache_seqlens=torch.tensor(LENGTHS, dtype=torch.int32),
+        cache_batch_idx=torch.tensor([4, 0, 2], dtype=torch.int32) if case.batch_idx else None,
+        sinks=torch.randn(hq, generator=g) if case.sinks else None,
+        alibi_slopes=torch.rand(hq, generator=g) * 0.3 if case.alibi else None,
+    )
+
+
+def _dense(cache) -> torch.Tensor:
+    return cache.dequantize(torch.float64) if isinstance(cache, mfa_hf.QuantizedKV) else cache
+
+
+def reference_over_cache(case: DecodeCase, inputs: dict, upcast: bool):
+    """Per sequence: the reference on the (dequantized) cache prefix the call should see."""
+    lengths = (inputs["cache_seqlens"] + case.lq).tolist()
+    rows = inputs["cache_batch_idx"].tolist() if case.batch_idx else list(range(BATCH))
+    dense_k, dense_v = _dense(inputs["k_cache"]), _dense(inputs["v_cache"])
+    dtype = torch.float64 if upcast else case.dtype
+    outs, lses = [], []
+    for b, (row, length) in enumerate(zip(rows, lengths)):
+        out, lse = attention_reference(
+            inputs["q"][b : b + 1].to(dtype), dense_k[row : row + 1, :length].to(dtype),
+            dense_v[row : row + 1, :length].to(dtype), causal=case.causal, window_size=case.window,
+            softcap=case.softcap, sinks=inputs["sinks"], alibi_slopes=inputs["alibi_slopes"], upcast=upcast)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def run_kvcache(case: DecodeCase, inputs: dict, device):
+    on = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return mfa_hf.flash_attn_with_kvcache(
+        on(inputs["q"]), inputs["k_cache"], inputs["v_cache"], on(inputs["k"]), on(inputs["v"]),
+        cache_seqlens=on(inputs["cache_seqlens"]), cache_batch_idx=on(inputs["cache_batch_idx"]),
+        causal=case.causal, window_size=case.window, softcap=case.softcap, alibi_slopes=on(inputs["alibi_slopes"]),
+        sinks=on(inputs["sinks"]), return_lse=True, num_splits=case.num_splits)
+
+
+def _to_device(inputs: dict, device) -> dict:
+    """Caches on the runtime's device (the call appends to them in place)."""
+    moved = dict(inputs)
+    for name in ("k_cache", "v_cache"):
+        cache = inputs[name]
+        if isinstance(cache, mfa_hf.QuantizedKV):
+            moved[name] = mfa_hf.QuantizedKV(cache.codes.to(device), cache.scales.to(device), cache.format,
+                                             cache.group_size, cache.dtype)
+        else:
+            moved[name] = cache.to(device)
+    return moved
+
+
+def _cpu_caches(inputs: dict) -> dict:
+    back = dict(inputs)
+    for name in ("k_cache", "v_cache"):
+        cache = inputs[name]
+        if isinstance(cache, mfa_hf.QuantizedKV):
+            back[name] = mfa_hf.QuantizedKV(cache.codes.cpu(), cache.scales.cpu(), cache.format, cache.group_size,
+                                            cache.dtype)
+        else:
+            back[name] = cache.cpu()
+    return back
+
+
+def check_decode(case: DecodeCase, runtime, two_schedules, seed: int = 0):
+    inputs = _to_device(make_inputs(case, seed), runtime.device)
+    with trace.capture() as calls:
+        out, lse = run_kvcache(case, inputs, runtime.device)
+    assert trace.served_by(calls)[("metal", "decode")] == 1, dict(trace.served_by(calls))
+    # The same call again (same positions, same tokens): the append rewrites identical codes.
+    two_schedules.again(lambda: run_kvcache(case, inputs, runtime.device), (out, lse))
+    after = _cpu_caches(inputs)  # the reference reads the appended tokens back from the cache
+    ref, ref_lse = reference_over_cache(case, after, upcast=True)
+    base, base_lse = reference_over_cache(case, after, upcast=False)
+    factor = GRADIENT_FACTOR if case.softcap else FORWARD_FACTOR
+    assert_close_to_reference(out.cpu(), ref, base, factor, "out")
+    assert_close_to_reference(lse.cpu(), ref_lse, base_lse, factor, "lse")
+
+
+@pytest.mark.parametrize("case", decode_cases(), ids=lambda c: c.id)
+def test_decode_matches_reference(case, metal_backend, two_schedules):
+    check_decode(case, metal_backend, two_schedules)
+
+
+@pytest.mark.parametrize("case", [
+    DecodeCase("fp8_e4m3", 1, torch.float16, (4, 2), 64, v_format="int8", num_splits=3),
+    DecodeCase("nf4", 4, torch.bfloat16, (2, 1), 256, sinks=True),
+    DecodeCase("int8", 1, torch.float32, (2, 2), 160, alibi=True, num_splits=2),
+    DecodeCase(None, 9, torch.float32, (6, 2), 40, window=(5, 2), causal=False, sinks=True),
+    DecodeCase("fp8_e5m2", 3, torch.float32, (16, 2), 96, softcap=2.0, num_splits=4),
+], ids=lambda c: c.id)
+def test_decode_shapes(case, metal_backend, two_schedules):
+    """Mixed K/V formats, head dims beyond 128 (4-row tiles), q_len > 8 (several row tiles),
+    D not a multiple of 32 (idle lanes), G * Lq beyond one tile."""
+    check_decode(case, metal_backend, two_schedules)
+
+
+def test_splits_come_from_the_shape_and_agree(metal_backend, two_schedules, monkeypatch):
+    """Auto splits: one pass for short caches, several for long ones (from the capacity, not the
+    lengths); a long cache gives the same answer with the auto choice and with one split."""
+    assert metal_decode.plan_splits(threadgroups=2, capacity=200) == 1
+    assert metal_decode.plan_splits(threadgroups=2, capacity=4096) == 16
+    assert metal_decode.plan_splits(threadgroups=256, capacity=4096) == 1
+    assert metal_decode.plan_splits(threadgroups=2, capacity=4096, num_splits=200) == metal_decode.MAX_SPLITS
+    monkeypatch.setattr(metal_decode, "MIN_KEYS_PER_SPLIT", 16)  # so that a small cache splits by itself
+    assert metal_decode.plan_splits(threadgroups=6, capacity=CAPACITY) == 5
+    case = DecodeCase("int8", 1, torch.float32, (4, 2), 32, sinks=True)
+    check_decode(case, metal_backend, two_schedules)
+
+
+def test_single_pass_and_split_agree_bitwise_on_empty_rows(metal_backend):
+    """A sequence with no key visible: 0 and LSE -inf (or the sink) on both paths."""
+    device = metal_backend.device
+    q = torch.randn(2, 1, 2, 32).to(device)
+    cache = torch.randn(2, 64, 1, 32).to(device)
+    lengths = torch.tensor([0, 5], dtype=torch.int32).to(device)
+    sinks = torch.tensor([0.5, -1.0]).to(device)
+    for splits in (1, 3):
+        out, lse = mfa_hf.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=lengths, return_lse=True,
+                                                  num_splits=splits)
+        assert torch.equal(out[0].cpu(), torch.zeros(1, 2, 32)) and bool((lse[0].cpu() == float("-inf")).all())
+        out, lse = mfa_hf.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=lengths, return_lse=True,
+                                                  num_splits=splits, sinks=sinks)
+        assert torch.equal(out[0].cpu(), torch.zeros(1, 2, 32))
+        assert torch.equal(lse[0, :, 0].cpu(), sinks.cpu())
+
+
+def test_library_is_not_compiled_per_length(metal_backend):
+    from mfa_hf.kernels.metal import loader
+
+    before = {v for v in loader.cached_variants() if isinstance(v, metal_decode.DecodeVariant)}
+    device = metal_backend.device
+    q = torch.randn(1, 1, 2, 32).to(device)
+    for capacity, length in ((40, 7), (50, 33), (64, 60)):
+        cache = torch.randn(1, capacity, 2, 32).to(device)
+        mfa_hf.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=torch.tensor([length], dtype=torch.int32).to(device))
+    after = {v for v in loader.cached_variants() if isinstance(v, metal_decode.DecodeVariant)}
+    assert len(after - before) <= 1, after - before
+
+
+# ----------------------------------------------------------------------------------------------
+# dequant.h on every code, against torch.
+
+CODES_KERNEL = kernel_source("dequant.h") + """
+kernel void decode_all(device const uchar* codes [[buffer(0)]], device float* out [[buffer(1)]],
+                       uint i [[thread_position_in_grid]]) {
+  device const char* signed_codes = (device const char*)codes;
+  out[i] = fp8_e4m3_to_float(codes[i]);
+  out[256 + i] = fp8_e5m2_to_float(codes[i]);
+  out[512 + i] = code_value(signed_codes + i, 0, 1, FMT_INT8);
+  out[768 + i] = code_value(codes + i / 2, int(i % 2), 1, FMT_NF4);  // byte i / 2, nibble i % 2
+  out[1024 + i] = code_value(codes + i, 1, 1, FMT_NF4);  // element 1: the high nibble of byte i
+}
+"""
+
+
+def test_every_code_decodes_like_torch(metal):
+    codes = torch.arange(256, dtype=torch.uint8)
+    out = torch.full((1280,), float("nan"))
+    metal.compile_shader(CODES_KERNEL).decode_all(codes.to(metal.device), dev_out := out.to(metal.device),
+                                                  threads=(256,), group_size=(256,))
+    got = dev_out.cpu()
+    e4m3 = codes.view(torch.float8_e4m3fn).float()
+    e5m2 = codes.view(torch.float8_e5m2).float()
+    assert _same_nan_bits(got[:256], e4m3), "fp8_e4m3"
+    assert _same_nan_bits(got[256:512], e5m2), "fp8_e5m2"
+    assert torch.equal(got[512:768], codes.view(torch.int8).float()), "int8"
+    levels = torch.tensor(NF4_LEVELS)
+    low_high = torch.stack((codes & 0xF, codes >> 4), -1).reshape(-1).long()
+    assert torch.equal(got[768:1024], levels[low_high[:256]]), "nf4 low/high nibble order"
+    assert torch.equal(got[1024:], levels[(codes >> 4).long()]), "nf4 high nibble"
+
+
+def _same_nan_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bits where b is a number (so +0/-0 and every finite value match exactly), NaN where b is NaN."""
+    numbers = ~torch.isnan(b)
+    return torch.equal(bits(a[numbers]), bits(b[numbers])) and bool(torch.isnan(a[~numbers]).all())
