@@ -31,6 +31,12 @@ from .integrations.transformers import autoregister as _tf_autoregister  # noqa:
 
 _tf_autoregister.install()
 
+# `import flash_attn` served by mfa-hf, only when asked for (MFA_FLASH_ATTN_SHIM=1; a real install wins).
+from .integrations import flash_attn_shim as _flash_attn_shim  # noqa: E402  (light: no torch work)
+
+if _flash_attn_shim.enabled_by_environment():
+    _flash_attn_shim.install_flash_attn_shim()
+
 # Names served by optional integrations, imported on first use so that `import mfa_hf` stays light
 # (diffusers and transformers take seconds to import). name -> module that defines it.
 _LAZY_EXPORTS = {

@@ -1,0 +1,96 @@
+"""Opt-in `flash_attn` drop-in: `from flash_attn import flash_attn_func` gets mfa-hf's kernels.
+
+Enable it one of three ways (nothing happens by default):
+- in code: `mfa_hf.install_flash_attn_shim()` before the first `import flash_attn`;
+- for an unchanged script: `python -m mfa_hf.integrations.flash_attn_shim script.py [args...]`;
+- for every Python run with MFA_FLASH_ATTN_SHIM=1 in the environment: once,
+  `python -m mfa_hf.integrations.flash_attn_shim --install-pth` (writes a one-line .pth file into
+  site-packages; `--uninstall-pth` removes it). `import mfa_hf` with that variable set also enables it.
+
+A real FlashAttention install always wins: the finder sits at the end of sys.meta_path, after the
+path finder that would find the real package, and install_flash_attn_shim() does nothing when one
+is importable. The shim has no distribution metadata, so transformers' is_flash_attn_2_available()
+stays False and transformers does not route to it on its own.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+ENV_VAR = "MFA_FLASH_ATTN_SHIM"
+VERSION = "2.6.3+mfahf"  # FA2's API level the shim follows; the local label marks it as ours
+_MODULES = ("flash_attn", "flash_attn.flash_attn_interface")
+
+
+class _ShimFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves `flash_attn` and `flash_attn.flash_attn_interface` from interface.py."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in _MODULES:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=fullname == "flash_attn")
+
+    def create_module(self, spec):
+        return None  # the default module object
+
+    def exec_module(self, module):
+        from . import interface  # local: importing torch and the kernels waits for the first use
+
+        for name in interface.__all__:
+            setattr(module, name, getattr(interface, name))
+        module.__all__ = list(interface.__all__)
+        module.__version__ = VERSION
+        module.__mfa_hf_shim__ = True
+
+
+_finder = _ShimFinder()
+
+
+def real_flash_attn_available() -> bool:
+    """Whether a real `flash_attn` is importable (looked up without the shim)."""
+    installed = _finder in sys.meta_path
+    if installed:
+        sys.meta_path.remove(_finder)
+    try:
+        module = sys.modules.get("flash_attn")
+        if module is not None:
+            return not getattr(module, "__mfa_hf_shim__", False)
+        return importlib.util.find_spec("flash_attn") is not None
+    finally:
+        if installed:
+            sys.meta_path.append(_finder)
+
+
+def install_flash_attn_shim() -> bool:
+    """Make `import flash_attn` serve mfa-hf's kernels. Returns False (and does nothing) when a real
+    flash_attn is importable, since the real one always wins."""
+    if real_flash_attn_available():
+        return False
+    if _finder not in sys.meta_path:
+        sys.meta_path.append(_finder)  # last: any real package found on sys.path comes first
+    return True
+
+
+def uninstall_flash_attn_shim() -> None:
+    """Remove the finder and forget shim modules already imported."""
+    if _finder in sys.meta_path:
+        sys.meta_path.remove(_finder)
+    for name in _MODULES:
+        if getattr(sys.modules.get(name), "__mfa_hf_shim__", False):
+            del sys.modules[name]
+
+
+def enabled_by_environment() -> bool:
+    return os.environ.get(ENV_VAR, "0").strip() not in ("", "0")
+
+
+PTH_NAME = "mfa_hf_flash_attn_shim.pth"
+# One line, run by Python's site module at start-up; it imports mfa-hf only when the variable is set.
+PTH_LINE = (
+    f"import os; os.environ.get('{ENV_VAR}', '0').strip() not in ('', '0') and "
+    "__import__('mfa_hf.integrations.flash_attn_shim', fromlist=['_']).install_flash_attn_shim()\n"
+)
