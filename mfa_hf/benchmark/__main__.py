@@ -1,6 +1,7 @@
-"""python -m mfa_hf.benchmark --suite quick [--device cpu|cuda|mps] [--full-size]
+"""python -m mfa_hf.benchmark --suite quick [--device cpu|cuda|mps] [--full-size] [--output report.html]
 
-Prints a table per suite; progress goes to stderr while it runs.
+Prints a table per suite; progress goes to stderr while it runs. --output writes a self-contained
+HTML report with plots (made for --suite full).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ SUITES = {  # name -> (module, columns shown)
     "diffusers": ("mfa_hf.benchmark.suite_diffusers",
                   ["model", "processor", "tokens", "device", "dtype", "median_ms", "ratio_vs_default",
                    "peak_mem_mb", "forward_peak_growth_mb", "kernel_calls", "max_abs_diff_vs_default"]),
+    "full": ("mfa_hf.benchmark.suite_full",
+             ["section", "impl", "format", "attn", "kv_cache", "seqlen", "kv_len", "median_ms", "x_sdpa", "gb_per_s",
+              "decode_tok_s", "peak_mem_mb", "served_by", "error"]),
 }
 
 
@@ -34,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
     parser.add_argument("--full-size", action="store_true", help="the suite's larger shapes")
+    parser.add_argument("--output", default=None, help="write an HTML report with plots to this path")
     args = parser.parse_args(argv)
     from .suite_quick import default_device
 
@@ -43,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = module.run(device, not args.full_size, lambda message: print(message, file=sys.stderr, flush=True))
     print(f"# suite {args.suite} on {device}; torch {torch.__version__}")
     print(format_table(rows, [c for c in columns if any(c in row for row in rows)]))
+    if args.output:
+        from .report import write_report
+
+        print(f"# report written to {write_report(rows, device, args.output)}", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,92 @@
+"""The HTML benchmark report renders every section from suite rows, self-contained, and the full
+suite's plan/derivations feed it. The real run (minutes) is a docs step: docs/benchmark-report.png."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+import pytest
+
+from mfa_hf.benchmark import report, suite_full
+from mfa_hf.benchmark.__main__ import main
+
+ROWS = [
+    {"section": "scaling", "impl": "sdpa", "seqlen": 256, "median_ms": 2.0, "peak_mem_mb": 9.0},
+    {"section": "scaling", "impl": "mfa[torch]", "seqlen": 256, "median_ms": 4.0, "peak_mem_mb": 3.0},
+    {"section": "scaling", "impl": "sdpa", "seqlen": 1024, "median_ms": 20.0, "peak_mem_mb": 90.0},
+    {"section": "scaling", "impl": "mfa[torch]", "seqlen": 1024, "median_ms": 10.0, "peak_mem_mb": 6.0},
+    {"section": "decode", "impl": "mfa", "format": "int8", "kv_len": 2048, "median_ms": 1.0, "cache_mb": 2.0},
+    {"section": "decode", "impl": "mfa", "format": "nf4", "kv_len": 8192, "median_ms": 2.0, "cache_mb": 4.0},
+    {"section": "generate", "attn": "sdpa", "kv_cache": "none", "decode_tok_s": 30.0},
+    {"section": "generate", "attn": "mps_flash", "kv_cache": "none", "decode_tok_s": 25.0},
+    {"section": "generate", "attn": "mps_flash", "kv_cache": "int8", "error": "no <cache> here"},
+]
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.h2, self.open, self._in_h2 = [], [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag not in ("meta", "rect", "circle", "line", "polyline", "br"):
+            self.open.append(tag)
+        self._in_h2 = tag == "h2"
+
+    def handle_startendtag(self, tag, attrs):  # <rect .../> in SVG: nothing left open
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_endtag(self, tag):
+        assert self.open and self.open[-1] == tag, f"</{tag}> closes {self.open[-1:]}"
+        self.open.pop()
+        self._in_h2 = False
+
+    def handle_data(self, data):
+        if self._in_h2:
+            self.h2.append(data)
+
+
+def _parse(page: str) -> _Collector:
+    collector = _Collector()
+    collector.feed(page)
+    return collector
+
+
+def test_report_has_every_plot_the_metadata_and_escapes_text():
+    rows = suite_full._derive([dict(r) for r in ROWS])
+    page = report.render(rows, "cpu")
+    parsed = _parse(page)
+    assert parsed.open == [], parsed.open  # every element closed
+    assert parsed.h2[:5] == ["Time vs sequence length", "Peak memory vs sequence length", "Speedup over SDPA",
+                             "Decode bandwidth per KV format", "Generation tokens/s"]
+    assert sum(tag == "svg" for tag, _ in parsed.tags) == 5
+    assert sum(tag == "polyline" for tag, _ in parsed.tags) == 2 + 2 + 1 + 2  # series per line chart
+    assert "no &lt;cache&gt; here" in page and "<cache>" not in page
+    for key in ("device", "torch", "transformers", "diffusers", "date"):
+        assert f"<dt>{key}</dt>" in page
+    assert "src=" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_derived_speedup_and_bandwidth():
+    rows = suite_full._derive([dict(r) for r in ROWS])
+    assert [r.get("x_sdpa") for r in rows[:4]] == [1.0, 0.5, 1.0, 2.0]
+    assert rows[4]["gb_per_s"] == pytest.approx(2 * 2**20 / 1e-3 / 1e9, rel=1e-3)
+
+
+def test_empty_sections_say_so_instead_of_failing():
+    page = report.render([{"section": "scaling", "impl": "sdpa", "seqlen": 256, "error": "boom"}], "cpu")
+    assert page.count('class="empty"') == 5
+
+
+def test_plan_covers_every_section_on_cpu():
+    sections = [section for section, _, _ in suite_full.plan("cpu", quick=True)]
+    assert {"scaling", "decode", "generate"} == set(sections)
+    assert suite_full.progress_bar(3, 12, width=12) == "[###.........] 3/12"
+
+
+def test_cli_writes_the_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(suite_full, "run", lambda device, quick, progress: suite_full._derive([dict(r) for r in ROWS]))
+    out = tmp_path / "report.html"
+    assert main(["--suite", "full", "--device", "cpu", "--output", str(out)]) == 0
+    assert _parse(out.read_text()).h2[0] == "Time vs sequence length"
