@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ... import kvcache
-from .quantized_cache import QuantizedCacheView
+from .cache_view import QuantizedCacheView
 
 DECODE_MAX_Q = 16  # query lengths up to this are "decode" (speculative / assisted steps included)
 

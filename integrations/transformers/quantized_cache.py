@@ -30,70 +30,15 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ...kvcache import allocate_kv_cache
 from ...quant import KVFormat, QuantizedKV, parse_format, quantize_kv
+from .cache_view import QuantizedCacheError, QuantizedCacheView
+
+__all__ = ["FORMATS", "MFAQuantizedCache", "MFAQuantizedLayer", "QuantizedCacheError", "QuantizedCacheView"]
 
 FORMATS = ("fp8_e4m3", "int8", "nf4")
 # Models whose cache holds something other than per-head K/V (DeepSeek-V3 caches the MLA latent and
 # expands it with linears after the cache), so a handle cannot go straight to the kernel.
 LATENT_CACHE_MODELS = {"deepseek_v3": "the MLA latent (kv_lora_rank) and k_rot, expanded by linears after the cache"}
 _MIN_CAPACITY = 256
-
-
-class QuantizedCacheError(TypeError):
-    """A quantized cache handle reached code that wanted a plain tensor."""
-
-
-@dataclass(frozen=True)
-class QuantizedCacheView:
-    """What `update()` returns for one side (K or V): keys [0, L) of the layer as the kernel reads them.
-
-    quantized: QuantizedKV (B, capacity, Hkv, D) store, of which the first `length` tokens are valid
-    (they come first in time); residual: (B, Hkv, r, D) full-precision newest tokens, or None.
-    `shape` is the (B, Hkv, L, D) a DynamicLayer would have returned, L = length + r.
-    """
-
-    quantized: QuantizedKV
-    length: int
-    residual: torch.Tensor | None = None
-
-    @property
-    def residual_length(self) -> int:
-        return 0 if self.residual is None else self.residual.shape[2]
-
-    @property
-    def shape(self) -> torch.Size:
-        b, _, h, d = self.quantized.shape
-        return torch.Size((b, h, self.length + self.residual_length, d))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.quantized.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.quantized.device
-
-    def dim(self) -> int:
-        return 4
-
-    def size(self, dim: int | None = None):
-        return self.shape if dim is None else self.shape[dim]
-
-    def dequantize(self) -> torch.Tensor:
-        """(B, Hkv, L, D) values the kernel attends over (tests and references only)."""
-        q = self.quantized
-        prefix = QuantizedKV(q.codes[:, : self.length], q.scales[:, : self.length], q.format, q.group_size,
-                             q.dtype).dequantize().transpose(1, 2)
-        return prefix if self.residual is None else torch.cat([prefix, self.residual.to(prefix.dtype)], dim=2)
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        # Reached when a model computes on the cached states itself (DeepSeek-V3's latent) or the
-        # attention implementation is not an mfa-hf one: say so instead of a cryptic TypeError.
-        name = getattr(func, "__name__", str(func))
-        raise QuantizedCacheError(
-            f"MFAQuantizedCache: {name}() received a quantized cache handle instead of a tensor. The cache "
-            'serves only attn_implementation="mps_flash" or "mfa" on models that pass the cached K/V '
-            "straight to attention (not DeepSeek-V3's latent cache, not eager/sdpa).")
 
 
 class _Store:
@@ -268,8 +213,8 @@ class MFAQuantizedLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.cumulative_length:
-            batch = self.k.buffer.shape[0]
-            index = torch.arange(batch, device=self.k.buffer.device).repeat_interleave(repeats)
+            batch, device = self.k.view().shape[0], self.k.view().device
+            index = torch.arange(batch, device=device).repeat_interleave(repeats)
             for store in (self.k, self.v):
                 store.select_rows(index)
 

@@ -1,0 +1,308 @@
+"""MFAQuantizedCache: generation on every decoder family with fp8/int8/nf4 K/V, the kernel against a
+float64 reference on the dequantized cache, beam search, the cache methods moving scales with their
+codes, and the refusal of DeepSeek-V3's latent cache."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import twin_models
+from families import BY_NAME, DECODERS
+
+from mfa_hf import trace
+from mfa_hf.integrations.transformers import decode
+from mfa_hf.integrations.transformers.quantized_cache import (
+    MFAQuantizedCache,
+    QuantizedCacheError,
+    QuantizedCacheView,
+)
+from mfa_hf.testing import assert_close_to_reference
+
+FORMATS = ("int8", "fp8_e4m3", "nf4")
+KV_DECODERS = [f for f in DECODERS if f.name != "deepseek_v3"]
+NEW_TOKENS = 4
+
+
+def _config(family, fmt: str):
+    """The family's tiny config; nf4 needs a head dim that is a multiple of its group (32)."""
+    config = family.config()
+    if fmt == "nf4":
+        for name in ("hidden_size", "n_embd", "word_embed_proj_dim"):
+            if hasattr(config, name) and name in config.to_dict():
+                setattr(config, name, 128)
+        if getattr(config, "head_dim", None) is not None:
+            config.head_dim = 32
+    return config
+
+
+def _model(family, fmt: str, implementation: str = "mps_flash"):
+    torch.manual_seed(0)
+    model = family.model_cls(_config(family, fmt)).eval()
+    model.set_attn_implementation(implementation)
+    return model
+
+
+def _inputs(batch: int = 2, seq: int = 7):
+    """Random prompts; row 1 left-padded by 2 (batched generate)."""
+    ids = torch.randint(3, 128, (batch, seq), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[1, :2] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _decode_calls(calls) -> int:
+    return sum(n for (_, op), n in trace.served_by(calls).items() if op == "decode")
+
+
+def _generate(model, cache, **kwargs):
+    ids, mask = _inputs()
+    with torch.no_grad(), trace.capture() as calls:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                             past_key_values=cache, pad_token_id=0, **kwargs)
+    return out, calls
+
+
+def _group(fmt):
+    return 32 if fmt == "nf4" else None
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("family", KV_DECODERS, ids=lambda f: f.name)
+def test_generate_every_decoder_family(family, fmt):
+    model = _model(family, fmt)
+    cache = MFAQuantizedCache(fmt, config=model.config, group_size=_group(fmt))
+    out, calls = _generate(model, cache)
+    assert out.shape == (2, 7 + NEW_TOKENS)
+    layers = model.config.num_hidden_layers
+    # Every decode step of every layer ran on the decode op over the quantized store.
+    assert _decode_calls(calls) == layers * (NEW_TOKENS - 1) * 2  # two padding groups a step
+    assert any(f"kv={fmt}" in key[-1] for key in calls)
+    assert cache.get_seq_length() == 7 + NEW_TOKENS - 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("residual", [0, 3])
+@pytest.mark.parametrize("implementation", ["mps_flash", "mfa"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("family", KV_DECODERS, ids=lambda f: f.name)
+def test_generate_sweep(family, fmt, implementation, residual):
+    model = _model(family, fmt, implementation)
+    cache = MFAQuantizedCache(fmt, config=model.config, residual_length=residual, group_size=_group(fmt))
+    out, calls = _generate(model, cache)
+    assert out.shape == (2, 7 + NEW_TOKENS) and _decode_calls(calls) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel output against a float64 reference on exactly what the cache holds.
+
+
+def _reference(query, key, value, pads, scaling, window, softcap, sinks, dtype):
+    """Eager attention in `dtype` over dequantized K/V (B, Hkv, L, D); bottom-right causal."""
+    q, k, v = (t.to(dtype) for t in (query, key, value))
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = (q @ k.transpose(-1, -2)) * scaling
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    lq, lk = q.shape[2], k.shape[2]
+    rows = torch.arange(lq)[:, None] + lk - lq
+    cols = torch.arange(lk)[None, :]
+    keep = cols <= rows
+    if window is not None:
+        keep &= cols > rows - window
+    keep = keep[None, None] & (cols[None, None] >= pads[:, None, None, None])
+    scores = scores.masked_fill(~keep, -math.inf)
+    if sinks is not None:
+        sink = sinks.to(dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return (probs @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("residual", [0, 3])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_oss", "qwen2"])
+def test_kernel_matches_reference_on_dequantized_cache(monkeypatch, name, fmt, residual):
+    """Every decode call with a handle is recomputed in float64 on handle.dequantize() (tight bound)."""
+    original, checked = decode.quantized_attention, []
+
+    def checking(module, query, key, value, attention_mask, **kw):
+        out = original(module, query, key, value, attention_mask, **kw)
+        pads = decode._left_pads(attention_mask, query.shape[0], key.shape[2], query.shape[2], query.device)
+        args = (query, key.dequantize(), value.dequantize(), pads, kw["scaling"], kw["sliding_window"],
+                kw["softcap"], kw["s_aux"])
+        assert_close_to_reference(out, _reference(*args, torch.float64), _reference(*args, query.dtype),
+                                  name=f"{name} {fmt} layer {module.layer_idx}")
+        checked.append(key.residual_length)
+        return out
+
+    monkeypatch.setattr(decode, "quantized_attention", checking)
+    model = _model(BY_NAME[name], fmt)
+    cache = MFAQuantizedCache(fmt, config=model.config, residual_length=residual, group_size=_group(fmt))
+    _generate(model, cache)
+    assert len(checked) == model.config.num_hidden_layers * (NEW_TOKENS - 1)
+    assert any(checked) == bool(residual)  # the residual part really took part
+
+
+def _stepwise_logits(reference, model, cache, steps: int = 3):
+    """Last-position logits of `steps` one-token decode steps (left-padded batch) and eager's on the
+    whole sequence."""
+    ids, mask = _inputs()
+    new = torch.randint(3, 128, (2, steps), generator=torch.Generator().manual_seed(4))
+    full, full_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+    with torch.no_grad():
+        expected = reference(full, attention_mask=full_mask).logits[:, -steps:]
+        model(ids, attention_mask=mask, past_key_values=cache)
+        actual = [model(new[:, i:i + 1], attention_mask=full_mask[:, : ids.shape[1] + i + 1],
+                        past_key_values=cache).logits[:, -1] for i in range(steps)]
+    return torch.stack(actual, 1), expected
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_oss", "qwen2"])
+def test_residual_covering_everything_equals_eager(name):
+    """All tokens in the full-precision residual: the decode path (padding as a per-row window,
+    sinks after the merge, softcap, sliding windows) must equal eager to fp32 tolerance."""
+    reference, model = twin_models(BY_NAME[name], "mps_flash")
+    actual, expected = _stepwise_logits(reference, model, MFAQuantizedCache("int8", config=model.config,
+                                                                            residual_length=64))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("residual", [0, 4])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_oss", "qwen2"])
+def test_int8_logits_close_to_eager(name, residual):
+    """int8 K/V moves tiny-model logits by < 1e-2 (measured <= 5e-3): positions and masks are right."""
+    reference, model = twin_models(BY_NAME[name], "mps_flash")
+    actual, expected = _stepwise_logits(reference, model, MFAQuantizedCache("int8", config=model.config,
+                                                                            residual_length=residual))
+    torch.testing.assert_close(actual, expected, atol=1e-2, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache manipulation: beam search, crop, select, repeat; sliding layers; memory.
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_beam_search(name):
+    model = _model(BY_NAME[name], "int8")
+    out, calls = _generate(model, MFAQuantizedCache("int8", config=model.config), num_beams=2)
+    assert out.shape == (2, 7 + NEW_TOKENS) and _decode_calls(calls) > 0
+
+
+def _filled_layer(fmt="int8", residual=0, batch=3, tokens=9):
+    cache = MFAQuantizedCache(fmt, residual_length=residual, group_size=_group(fmt))
+    k = torch.randn(batch, 2, tokens, 32)
+    cache.update(k, -k, 0)
+    cache.update(torch.randn(batch, 2, 1, 32), torch.randn(batch, 2, 1, 32), 0)
+    return cache, cache.layers[0]
+
+
+def _rows(layer):
+    view = layer.k.view()
+    return view.dequantize(), view.quantized.scales[:, : view.length].clone()
+
+
+@pytest.mark.parametrize("residual", [0, 4])
+def test_reorder_select_repeat_move_scales_with_codes(residual):
+    cache, layer = _filled_layer(residual=residual)
+    values, scales = _rows(layer)
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    after, after_scales = _rows(layer)
+    torch.testing.assert_close(after, values[[2, 0, 1]], rtol=0, atol=0)
+    torch.testing.assert_close(after_scales, scales[[2, 0, 1]], rtol=0, atol=0)
+    cache.batch_select_indices(torch.tensor([1, 2]))
+    torch.testing.assert_close(_rows(layer)[0], values[[0, 1]], rtol=0, atol=0)
+    cache.batch_repeat_interleave(2)
+    torch.testing.assert_close(_rows(layer)[0], values[[0, 0, 1, 1]], rtol=0, atol=0)
+    # V was stored as -K for the prompt (int8 is symmetric): its codes and scales moved the same way.
+    torch.testing.assert_close(layer.v.view().dequantize()[:, :, :9], -_rows(layer)[0][:, :, :9], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("residual", [0, 4])
+def test_crop_removes_newest_tokens(residual):
+    cache, layer = _filled_layer(residual=residual)
+    values, _ = _rows(layer)
+    cache.crop(-3)
+    assert cache.get_seq_length() == 7
+    torch.testing.assert_close(_rows(layer)[0], values[:, :, :7], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="crop: expected a negative"):
+        cache.crop(5)
+
+
+def test_residual_is_quantized_in_chunks():
+    cache, layer = _filled_layer(residual=4, tokens=9)  # 9 prefill in residual, then a decode step
+    assert (layer.k.length, layer.k.residual_length) == (8, 2)  # two chunks of 4 flushed, 1 + 1 left
+    assert layer.get_mask_sizes(1) == (11, 0)
+
+
+def test_sliding_layers_keep_only_their_window():
+    model = _model(BY_NAME["gemma2"], "int8")  # sliding_window 4 on alternating layers
+    cache = MFAQuantizedCache("int8", config=model.config)
+    assert [layer.is_sliding for layer in cache.layers] == [True, False]
+    layer = cache.layers[0]
+    for step in range(300):  # past the first buffer (256 tokens): the window moves to the front
+        k = torch.randn(1, 2, 1, 16)
+        kv_length, kv_offset = layer.get_mask_sizes(1)
+        view = cache.update(k, k, 0)[0]
+        cache.update(k, k, 1)
+        assert (view.shape[2], kv_offset + kv_length) == (kv_length, step + 1)
+    assert layer.k.buffer.shape[1] == 256 and layer.k.length < 256
+    assert cache.layers[1].k.length == 300
+
+
+def test_memory_per_token():
+    cache, layer = _filled_layer(fmt="nf4", tokens=255, batch=1)
+    codes = layer.k.buffer.codes
+    # nf4 with group 32 over D = 32: 16 code bytes + one float32 scale per (token, head)
+    assert codes.shape[-1] == 16 and layer.k.buffer.scales.shape[-1] == 1
+    assert layer.nbytes() == 2 * 256 * 2 * (16 + 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals with clear messages.
+
+
+def test_deepseek_v3_latent_cache_is_refused():
+    config = BY_NAME["deepseek_v3"].config()
+    with pytest.raises(ValueError, match="deepseek_v3.*latent"):
+        MFAQuantizedCache("int8", config=config)
+
+
+def test_handle_outside_mfa_attention_says_why():
+    model = _model(BY_NAME["llama"], "int8", implementation="eager")
+    with pytest.raises(QuantizedCacheError, match='attn_implementation="mps_flash" or "mfa"'):
+        _generate(model, MFAQuantizedCache("int8"))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(format="int4"), "format: expected one of"),
+    (dict(format="fp8_e5m2"), "format: expected one of fp8_e4m3, int8, nf4"),
+    (dict(format="int8", residual_length=-1), "residual_length: expected an int >= 0"),
+])
+def test_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MFAQuantizedCache(**kwargs)
+
+
+def test_plain_decode_steps_use_the_decode_op():
+    """Item 5 for plain caches: a one-token step against cached K/V runs on the decode op."""
+    reference, model = twin_models(BY_NAME["mistral"], "mfa")
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), trace.capture() as calls:
+        actual = model.generate(ids, max_new_tokens=5, do_sample=False)
+    expected = reference.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(actual, expected)
+    assert _decode_calls(calls) == model.config.num_hidden_layers * 4
+
+
+def test_views_are_not_copies():
+    _, layer = _filled_layer()
+    view = layer.k.view()
+    assert isinstance(view, QuantizedCacheView)
+    assert view.quantized.codes.data_ptr() == layer.k.buffer.codes.data_ptr()
+    copy.copy(view)  # frozen dataclass: cheap to hand around
