@@ -13,15 +13,17 @@ import torch
 import triton
 
 from mfa_hf.kernels.dropout import MASK32, drop_threshold
-from mfa_hf.ops import define_attention_ops, empty_result, new_output
+from mfa_hf.ops import define_attention_ops, define_decode_op, empty_result, new_output
 from mfa_hf.problem import AttentionProblem, MaskKind
 
 from . import backward as _compiled_backward
+from . import decode as _compiled_decode
 from . import forward as _compiled_forward
 from .blocks import backward_kv_blocks, backward_q_blocks, forward_blocks, interpreting, padded_dim
 
 NAME = "triton"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DECODE_FORMATS = ("none", "fp8_e4m3", "fp8_e5m2", "int8", "nf4")
 
 
 def supports(problem: AttentionProblem) -> tuple[bool, str]:
@@ -31,7 +33,9 @@ def supports(problem: AttentionProblem) -> tuple[bool, str]:
     if problem.dtype not in DTYPES:
         return False, f"the triton kernels take float16, bfloat16 or float32, got {problem.dtype}"
     if problem.kv_format != "none":
-        return False, f"quantized KV caches ({problem.kv_format}) have no Triton decode kernel yet"
+        unknown = [f for f in problem.kv_format.split("+") if f not in DECODE_FORMATS]
+        if unknown:
+            return False, f"the triton decode kernel reads {', '.join(DECODE_FORMATS)} caches, got {unknown[0]}"
     return True, "the triton kernels serve this problem"
 
 
@@ -206,3 +210,121 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
 
 
 OPS = define_attention_ops(NAME, forward, backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode over a (possibly quantized) KV cache (decode.py): split-K + merge.
+
+_FORMAT_CODES = {"none": 0, "fp8_e4m3": 1, "fp8_e5m2": 2, "int8": 3, "nf4": 4}
+# Split-K choice, from the shape only (batch x KV heads x query tiles, cache capacity): enough programs
+# to keep every SM busy several times over, each split at least MIN_KEYS_PER_SPLIT keys.
+PROGRAMS_PER_SM = 4
+MIN_KEYS_PER_SPLIT = 256
+MAX_SPLITS = 64
+# GPU launch config of the split kernel; the benchmark may override (decode_config).
+DECODE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3)
+_levels_cache: dict = {}
+_sm_count: dict = {}
+
+
+def _levels(device):
+    from mfa_hf.quant import NF4_LEVELS
+
+    key = str(device)
+    if key not in _levels_cache:
+        _levels_cache[key] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+    return _levels_cache[key]
+
+
+def _programs_wanted(device) -> int:
+    if device.type != "cuda":
+        return 16  # the interpreter: a few splits, so the merge path is exercised
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_count:
+        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return PROGRAMS_PER_SM * _sm_count[index]
+
+
+def decode_splits(work: int, key_span: int, block_n: int, device, num_splits: int = 0) -> int:
+    """Splits of the visible key range: from the shape (work = batch x KV heads x query tiles)."""
+    useful = max(1, triton.cdiv(key_span, block_n))
+    if num_splits <= 0:
+        min_keys = MIN_KEYS_PER_SPLIT if device.type == "cuda" else 16
+        num_splits = min(triton.cdiv(_programs_wanted(device), max(1, work)), max(1, key_span // min_keys))
+    return max(1, min(num_splits, useful, MAX_SPLITS))
+
+
+def _scale_args(scales, codes, fmt):
+    """(tensor, (batch, token, head, group) strides, mode): mode 1 one scale per row, 2 per group along D."""
+    if fmt == "none":
+        return codes, (0, 0, 0, 0), 0
+    full = scales.expand(codes.shape[0], codes.shape[1], codes.shape[2], scales.shape[-1])
+    return full, tuple(full.stride()), 1 if scales.shape[-1] == 1 else 2
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_idx, alibi_slopes, sinks,
+               k_format, v_format, k_group_size, v_group_size, scale, causal, window_left, window_right,
+               softcap, num_splits, config=None):
+    """mfa_hf::triton_decode (arguments: mfa_hf.ops.define_decode_op); config overrides DECODE_CONFIG."""
+    batch, lq, heads_q, dim = q.shape
+    heads_kv = k_codes.shape[2]
+    group = heads_q // heads_kv
+    half_k, half_v = k_format == "nf4", v_format == "nf4"
+    dim_v = v_codes.shape[-1] * (2 if half_v else 1)
+    out = new_output((batch, lq, heads_q, dim_v), q.dtype, q.device)
+    lse = new_output((batch, heads_q, lq), torch.float32, q.device)
+    if batch == 0 or lq == 0:
+        return out, lse
+    cfg = dict(DECODE_CONFIG, **(config or {}))
+    on_gpu = q.device.type == "cuda"
+    block_n = cfg["block_n"] if on_gpu else 16
+    max_rows = 64 if on_gpu else 16
+    block_q = min(_pow2(lq), 1 << (max(1, max_rows // group).bit_length() - 1))  # power of two <= rows / G
+    block_m = max(16, _pow2(group * block_q))
+    q_tiles = triton.cdiv(lq, block_q)
+    right = 0 if causal else window_right
+    span = k_codes.shape[1]
+    if window_left >= 0 and right >= 0:
+        span = min(span, window_left + right + block_q)
+    splits = decode_splits(batch * heads_kv * q_tiles, span, block_n, q.device, num_splits)
+    direct = splits == 1
+    ks, ks_strides, k_mode = _scale_args(k_scales, k_codes, k_format)
+    vs, vs_strides, v_mode = _scale_args(v_scales, v_codes, v_format)
+    if direct:
+        part_o = part_lse = lse
+    else:
+        part_o = torch.empty(batch * heads_q * lq * splits * dim_v, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch * heads_q * lq * splits, dtype=torch.float32, device=q.device)
+    slopes, slope_strides = _alibi_args(alibi_slopes, q)
+    rows = q if cache_batch_idx is None else cache_batch_idx
+    head_d = dim // 2 if half_k else dim
+    head_dv = dim_v // 2 if half_v else dim_v
+    e4m3 = 256.0  # decode.py's e4m3 decode yields value / 256
+    dot_precision = _dot_precision(q.dtype, q.device)
+    _compiled_decode.decode_split_kernel[(splits, batch * heads_kv, q_tiles)](
+        q, k_codes, v_codes, ks, vs, seqlens_k, rows, slopes, q if sinks is None else sinks, _levels(q.device),
+        out, lse, part_o, part_lse, *q.stride(), *k_codes.stride(), *v_codes.stride(), *ks_strides, *vs_strides,
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), *slope_strides,
+        lq, heads_kv, group, splits, max(window_left, 0), max(right, 0), k_group_size, v_group_size,
+        scale, softcap,
+        HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=padded_dim(head_d), BLOCK_DV=padded_dim(head_dv),
+        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, K_FMT=_FORMAT_CODES[k_format],
+        V_FMT=_FORMAT_CODES[v_format], K_SCALE=k_mode, V_SCALE=v_mode,
+        K_CONST=e4m3 if k_format == "fp8_e4m3" else 1.0, V_CONST=e4m3 if v_format == "fp8_e4m3" else 1.0,
+        HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0,
+        SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None, SINKS_ON=sinks is not None, DIRECT=direct,
+        DOT_PRECISION=dot_precision, num_warps=cfg["num_warps"] if on_gpu else 1,
+        num_stages=cfg["num_stages"] if on_gpu else 1)
+    if not direct:
+        _compiled_decode.decode_merge_kernel[(batch * heads_q * lq,)](
+            part_o, part_lse, q if sinks is None else sinks, out, lse, out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1), lq, heads_q, splits, HEAD_DV=dim_v, BLOCK_DV=padded_dim(dim_v),
+            BLOCK_P=max(16, _pow2(splits)), SINKS_ON=sinks is not None, num_warps=4 if on_gpu else 1)
+    return out, lse
+
+
+DECODE = define_decode_op(NAME, run_decode)

@@ -22,7 +22,7 @@ import torch
 from triton.runtime.interpreter import InterpretedFunction
 
 import mfa_hf
-from mfa_hf import dispatch
+from mfa_hf import dispatch, trace
 from mfa_hf.kernels.reference import attention_reference
 from mfa_hf.problem import AttentionProblem
 from mfa_hf.testing import Case, assert_close_to_reference, check_against_reference, core_cases, full_cases
@@ -176,8 +176,10 @@ def test_supports_reasons(monkeypatch):
     assert triton_backend.supports(_problem()) == (True, "the triton kernels serve this problem")
     ok, reason = triton_backend.supports(_problem(dtype=torch.float64))
     assert not ok and "float64" in reason
-    ok, reason = triton_backend.supports(_problem(kv_format="int8"))
-    assert not ok and "int8" in reason
+    for fmt in ("int8", "nf4", "fp8_e4m3", "fp8_e5m2", "int8+nf4", "none"):
+        assert triton_backend.supports(_problem(kv_format=fmt))[0], f"kv_format {fmt}: expected supported"
+    ok, reason = triton_backend.supports(_problem(kv_format="int8+q4_0"))
+    assert not ok and "q4_0" in reason
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     ok, reason = triton_backend.supports(_problem(device_type="cpu"))
     assert not ok and "cpu" in reason
@@ -205,3 +207,158 @@ def test_sequence_lengths_do_not_recompile():
         run(n)
     after = sum(len(entry[0]) for entry in caches.values())
     assert after == before, f"expected no new compilations across lengths, got {after - before}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode (flash_attn_with_kvcache) over plain and quantized caches, against the float64 reference
+# on the dequantized cache (tests/test_kvcache.py's method): ragged lengths, every format.
+
+FORMATS = (None, "fp8_e4m3", "fp8_e5m2", "int8", "nf4")
+DECODE_FEATURES = ({}, {"softcap": 3.0, "alibi": True}, {"sinks": True, "window": (9, -1)}, {"batch_idx": True},
+                   {"causal": False, "window": (6, 3), "sinks": True}, {"num_splits": 1, "alibi": True},
+                   {"num_splits": 5, "softcap": 2.0, "sinks": True})
+DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DECODE_HEADS = ((4, 2), (4, 1), (6, 2))
+CACHE_ROWS, MAX_SEQLEN = 5, 80
+
+
+def _decode_cases():
+    cases = []
+    for n, (fmt, lq) in enumerate((f, lq) for f in FORMATS for lq in (1, 4)):
+        cases.append(dict(k_format=fmt, v_format=fmt, lq=lq, dtype=DECODE_DTYPES[n % 3], heads=DECODE_HEADS[n % 3],
+                          **DECODE_FEATURES[n % len(DECODE_FEATURES)]))
+    cases += [
+        # static scales: per channel for keys (a scale per element of D), per head for values
+        dict(k_format="int8", v_format="fp8_e4m3", k_granularity="channel", v_granularity="head", lq=1),
+        dict(k_format="fp8_e5m2", v_format="int8", k_granularity="channel", lq=4, dtype=torch.bfloat16),
+        # mixed formats; nf4 with 2 and 4 scale groups along D
+        dict(k_format="nf4", v_format="int8", group_size=32, lq=1, dtype=torch.bfloat16, sinks=True),
+        dict(k_format="nf4", v_format="nf4", dim=128, lq=1, dtype=torch.bfloat16, heads=(8, 2)),
+        dict(k_format="int8", v_format="nf4", group_size=32, lq=4, causal=False, alibi=True, batch_idx=True),
+        # a sequence with no key at all (no append, length 0): output 0, LSE -inf
+        dict(k_format="int8", v_format="int8", lq=1, append=False, lengths=(0, 45, 80)),
+        # a longer query (quantized prefill-like: several query tiles, one split)
+        dict(k_format="fp8_e4m3", v_format="fp8_e4m3", lq=21, dtype=torch.bfloat16, heads=(2, 1), lengths=(3, 30, 50)),
+    ]
+    return cases
+
+
+def _case_id(c):
+    parts = [f"{c['k_format'] or 'plain'}" + ("" if c["k_format"] == c["v_format"] else f"+{c['v_format']}"),
+             f"q{c['lq']}", str(c.get("dtype", torch.float32)).replace("torch.", ""),
+             "h{}-{}".format(*c.get("heads", (4, 2)))]
+    for key in ("softcap", "alibi", "sinks", "window", "batch_idx", "num_splits", "k_granularity", "group_size",
+                "dim"):
+        if c.get(key) not in (None, False, 0):
+            parts.append(f"{key}{c[key]}".replace(" ", "").replace("True", ""))
+    if c.get("causal") is False:
+        parts.append("full")
+    return "-".join(parts)
+
+
+def _quantize(content, fmt, granularity, group_size):
+    if fmt is None:
+        return content
+    return mfa_hf.quantize_kv(content, fmt, granularity=granularity or "token",
+                              group_size=group_size if fmt == "nf4" else None)
+
+
+def _dense(cache, dtype):
+    return cache.dequantize(dtype) if isinstance(cache, mfa_hf.QuantizedKV) else cache.to(dtype)
+
+
+def _to(cache, device):
+    if isinstance(cache, mfa_hf.QuantizedKV):
+        return mfa_hf.QuantizedKV(cache.codes.to(device), cache.scales.to(device), cache.format, cache.group_size,
+                                  cache.dtype)
+    return cache.to(device)
+
+
+def check_decode(c: dict, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    dtype, (hq, hkv), dim, lq = c.get("dtype", torch.float32), c.get("heads", (4, 2)), c.get("dim", 64), c["lq"]
+    batch_idx = c.get("batch_idx", False)
+    rows = CACHE_ROWS if batch_idx else 3
+    caches = []
+    for side in ("k", "v"):
+        content = torch.randn(rows, MAX_SEQLEN, hkv, dim, generator=g).to(dtype)
+        caches.append(_quantize(content, c[f"{side}_format"], c.get(f"{side}_granularity"), c.get("group_size")))
+    append = c.get("append", True)
+    lengths = torch.tensor(c.get("lengths", (0, 37, MAX_SEQLEN - lq)), dtype=torch.int32)
+    q = torch.randn(3, lq, hq, dim, generator=g).to(dtype)
+    new_k, new_v = (torch.randn(3, lq, hkv, dim, generator=g).to(dtype) if append else None for _ in range(2))
+    idx = torch.tensor([4, 0, 2], dtype=torch.int32) if batch_idx else None
+    sinks = torch.randn(hq, generator=g) if c.get("sinks") else None
+    slopes = torch.rand(hq, generator=g) * 0.3 if c.get("alibi") else None
+    window, causal, softcap = c.get("window", (-1, -1)), c.get("causal", True), c.get("softcap", 0.0)
+    dev = [None if t is None else _to(t, DEVICE) for t in (q, *caches, new_k, new_v, lengths, idx, sinks, slopes)]
+    with trace.capture() as calls:
+        out, lse = mfa_hf.flash_attn_with_kvcache(
+            dev[0], dev[1], dev[2], dev[3], dev[4], cache_seqlens=dev[5], cache_batch_idx=dev[6], causal=causal,
+            window_size=window, softcap=softcap, sinks=dev[7], alibi_slopes=dev[8], return_lse=True,
+            num_splits=c.get("num_splits", 0))
+    assert trace.served_by(calls)[("triton", "decode")] == 1, f"expected the triton decode op, got {calls}"
+    out, lse = out.cpu(), lse.cpu()
+    totals = (lengths + (lq if append else 0)).tolist()
+    cache_rows = idx.tolist() if batch_idx else [0, 1, 2]
+    refs = {}
+    for upcast in (True, False):
+        # the cache after the call holds the appended tokens: read them back from it
+        kd, vd = (_dense(_to(cache, "cpu"), torch.float64 if upcast else dtype) for cache in dev[1:3])
+        outs, lses = [], []
+        for b, (row, total) in enumerate(zip(cache_rows, totals)):
+            qb = q[b : b + 1].to(torch.float64 if upcast else dtype)
+            ref_out, ref_lse = attention_reference(
+                qb, kd[row : row + 1, :total], vd[row : row + 1, :total], causal=causal, window_size=window,
+                softcap=softcap, sinks=sinks, alibi_slopes=slopes, upcast=upcast)
+            outs.append(ref_out)
+            lses.append(ref_lse)
+        refs[upcast] = (torch.cat(outs), torch.cat(lses))
+    factor = 3.0 if softcap else 2.0
+    assert_close_to_reference(out, refs[True][0], refs[False][0], factor, "out")
+    assert_close_to_reference(lse, refs[True][1], refs[False][1], factor, "lse")
+    return out, lse, totals
+
+
+@pytest.mark.parametrize("c", _decode_cases(), ids=_case_id)
+def test_decode_matches_reference(c):
+    out, lse, totals = check_decode(c)
+    for b, total in enumerate(totals):
+        if total == 0 and not c.get("sinks"):
+            assert bool((out[b] == 0).all()), f"row {b} sees no key: expected output 0, got {out[b].flatten()[:4]}"
+            assert bool(torch.isneginf(lse[b]).all()), f"row {b} sees no key: expected LSE -inf, got {lse[b]}"
+
+
+def test_decode_splits_from_shape_only():
+    """The split count depends on the shape (batch x KV heads, cache capacity), never on the lengths."""
+    from mfa_hf.kernels.triton import backend as tb
+
+    device = torch.device(DEVICE)
+    chosen = {tb.decode_splits(8 * 8, capacity, 64, device) for capacity in (65536,)}
+    assert len(chosen) == 1
+    assert tb.decode_splits(8 * 8, 65536, 64, device, num_splits=3) == 3
+    assert tb.decode_splits(8 * 8, 100, 64, device, num_splits=30) == 2, "splits beyond the key blocks are capped"
+    assert tb.decode_splits(1, 10**6, 64, device, num_splits=1000) == tb.MAX_SPLITS
+
+
+def test_decode_lengths_do_not_recompile():
+    if not FULL:
+        pytest.skip("compilation happens on CUDA only (the interpreter compiles nothing)")
+    from mfa_hf.kernels.triton import decode as dec
+
+    cache = torch.randn(2, 8192, 2, 128, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(2, 1, 8, 128, device="cuda", dtype=torch.bfloat16)
+
+    def run(n):
+        lengths = torch.tensor([n, max(0, n - 7)], dtype=torch.int32, device="cuda")
+        mfa_hf.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=lengths)
+
+    def compiled():
+        return sum(len(entry[0]) for kernel in (dec.decode_split_kernel, dec.decode_merge_kernel)
+                   for entry in kernel.device_caches.values())
+
+    run(100)
+    before = compiled()
+    for n in (1, 37, 1000, 4096, 8191):
+        run(n)
+    assert compiled() == before, f"expected no new compilations across lengths, got {compiled() - before}"

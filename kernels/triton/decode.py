@@ -1,0 +1,272 @@
+"""Split-K decode over a (possibly quantized) KV cache: partial outputs + LSE, then a merge kernel.
+
+decode_split_kernel: one program per (split, batch x KV head, query tile). Its rows are every query
+head of the KV head's group times the tile's query rows (row r = query i * G + head g), so each
+K/V element of the split is read, and dequantized, once for the whole group. The visible key range
+of the tile ([start, end) from seqlens_k[b], causal/window bottom-right) is computed in the kernel
+and cut into `num_splits` equal parts, so ragged lengths need no host read and no length is a
+compile-time constant. Codes are dequantized in registers:
+
+    fp8_e4m3  byte << 7 (sign << 15) is a float16 whose value is e4m3's / 256 (exact, subnormals too)
+    fp8_e5m2  byte << 8 is exactly the float16 of the same value
+    int8      int8 -> float
+    nf4       16-level table gathered by nibble; low nibble = element 2i, high = 2i + 1: the dot
+              products run on even and odd columns separately (no interleave)
+
+Scales: one per (token, head) or per head (SCALE_MODE 1) multiply the scores after the QK dot
+(keys) or the probabilities before the PV dot (values): codes enter the dot exactly. Scales per
+group along D (nf4, per-channel keys; SCALE_MODE 2) are applied element-wise before the dot.
+
+decode_merge_kernel: one program per (batch, query head, query row) combines the splits' LSEs
+(base 2) and normalized partial outputs; sinks join the denominator there. With one split the
+split kernel writes the final output itself (DIRECT).
+"""
+
+import triton
+import triton.language as tl
+
+from .common import dot, tanh
+
+FMT_NONE, FMT_E4M3, FMT_E5M2, FMT_INT8, FMT_NF4 = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _decode_codes(codes, FMT: tl.constexpr):
+    """Codes -> float32 values (before scales; e4m3 comes out / 256, folded into the scale)."""
+    if FMT == 1:
+        c = codes.to(tl.int16) & 0xFF
+        bits = ((c & 0x80) << 8) | ((c & 0x7F) << 7)
+        return bits.to(tl.float16, bitcast=True).to(tl.float32)
+    elif FMT == 2:
+        c = codes.to(tl.int16) & 0xFF
+        return (c << 8).to(tl.float16, bitcast=True).to(tl.float32)
+    elif FMT == 3:
+        return codes.to(tl.float32)
+    else:
+        return codes.to(tl.float32)
+
+
+@triton.jit
+def _load_side(base, scale_base, cols, dcols, col_ok, stride_n, stride_d, stride_sn, stride_sg, group_size,
+               HEAD_D: tl.constexpr, FMT: tl.constexpr, SCALE_MODE: tl.constexpr, NIBBLE: tl.constexpr,
+               LEVELS, TRANSPOSED: tl.constexpr, DTYPE: tl.constexpr):
+    """One K (TRANSPOSED: (D, N)) or V ((N, D)) tile of values in DTYPE, group scales applied.
+
+    For nf4, dcols index bytes and NIBBLE (0 low / 1 high) selects elements 2 * dcols + NIBBLE.
+    """
+    if TRANSPOSED:
+        ptrs = base + cols[None, :] * stride_n + dcols[:, None] * stride_d
+        ok = col_ok[None, :] & (dcols[:, None] < HEAD_D)
+    else:
+        ptrs = base + cols[:, None] * stride_n + dcols[None, :] * stride_d
+        ok = col_ok[:, None] & (dcols[None, :] < HEAD_D)
+    if FMT == 0:
+        return tl.load(ptrs, mask=ok, other=0.0).to(DTYPE)
+    raw = tl.load(ptrs, mask=ok, other=0)
+    if FMT == 4:
+        idx = (raw.to(tl.int32) >> (4 * NIBBLE)) & 0xF
+        vals = tl.load(LEVELS + idx)
+        elem = 2 * dcols + NIBBLE
+    else:
+        vals = _decode_codes(raw, FMT)
+        elem = dcols
+    if SCALE_MODE == 2:
+        if TRANSPOSED:
+            sptrs = scale_base + cols[None, :] * stride_sn + (elem[:, None] // group_size) * stride_sg
+        else:
+            sptrs = scale_base + cols[:, None] * stride_sn + (elem[None, :] // group_size) * stride_sg
+        vals = vals * tl.load(sptrs, mask=ok, other=0.0)
+    return vals.to(DTYPE)
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "group", "num_splits", "left", "right", "k_group_size",
+                               "v_group_size"])
+def decode_split_kernel(
+    Q, K, V, KS, VS, SEQLENS, BATCH_IDX, SLOPES, SINKS, LEVELS, O, LSE, PART_O, PART_LSE,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd, stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ksb, stride_ksn, stride_ksh, stride_ksg, stride_vsb, stride_vsn, stride_vsh, stride_vsg,
+    stride_ob, stride_om, stride_oh, stride_lb, stride_lh, stride_ab, stride_ah,
+    seqlen_q, heads_kv, group, num_splits, left, right, k_group_size, v_group_size, qk_scale, softcap,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_FMT: tl.constexpr, V_FMT: tl.constexpr, K_SCALE: tl.constexpr, V_SCALE: tl.constexpr,
+    K_CONST: tl.constexpr, V_CONST: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    SINKS_ON: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    q_tile = tl.program_id(2)
+    b = bh // heads_kv
+    kvh = bh % heads_kv
+    row_b = b
+    if HAS_BATCH_IDX:
+        row_b = tl.load(BATCH_IDX + b).to(tl.int32)
+    seqlen_k = tl.load(SEQLENS + b).to(tl.int32)
+    diag = seqlen_k - seqlen_q  # query i sits on key i + diag
+
+    r = tl.arange(0, BLOCK_M)
+    qi = q_tile * BLOCK_Q + r // group
+    head = kvh * group + r % group
+    row_ok = (r < BLOCK_Q * group) & (qi < seqlen_q)
+
+    # Keys some row of this tile can see, then this split's share.
+    i0 = q_tile * BLOCK_Q
+    i1 = tl.minimum(seqlen_q, i0 + BLOCK_Q)
+    start = 0
+    if HAS_LEFT:
+        start = tl.maximum(0, i0 + diag - left)
+    end = seqlen_k
+    if HAS_RIGHT:
+        end = tl.minimum(seqlen_k, i1 - 1 + diag + right + 1)
+    end = tl.maximum(start, end)
+    per_split = (end - start + num_splits - 1) // num_splits
+    per_split = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    lo = start + split * per_split
+    hi = tl.minimum(end, lo + per_split)
+
+    HALF_K: tl.constexpr = K_FMT == 4
+    HALF_V: tl.constexpr = V_FMT == 4
+    q_base = Q + b * stride_qb + qi[:, None] * stride_qm + head[:, None] * stride_qh
+    dq = tl.arange(0, BLOCK_D)
+    if HALF_K:  # even and odd columns of q meet the low and high nibbles
+        q_lo = tl.load(q_base + (2 * dq)[None, :] * stride_qd, mask=row_ok[:, None] & (dq[None, :] < HEAD_D), other=0.0)
+        q_hi = tl.load(q_base + (2 * dq + 1)[None, :] * stride_qd, mask=row_ok[:, None] & (dq[None, :] < HEAD_D),
+                       other=0.0)
+    else:
+        q_lo = tl.load(q_base + dq[None, :] * stride_qd, mask=row_ok[:, None] & (dq[None, :] < HEAD_D), other=0.0)
+        q_hi = q_lo
+    # The dot operands' type. Triton's interpreter rounds float32 -> bfloat16 wrongly (not to
+    # nearest: a biased error), so under "upcast" (CPU bf16) dequantized values stay float32.
+    if DOT_PRECISION == "upcast":
+        dtype = tl.float32
+    else:
+        dtype = q_lo.dtype
+    dv = tl.arange(0, BLOCK_DV)
+
+    k_base = K + row_b * stride_kb + kvh * stride_kh
+    v_base = V + row_b * stride_vb + kvh * stride_vh
+    ks_base = KS + row_b * stride_ksb + kvh * stride_ksh
+    vs_base = VS + row_b * stride_vsb + kvh * stride_vsh
+    if ALIBI:
+        slope2 = tl.load(SLOPES + b * stride_ab + head * stride_ah, mask=row_ok, other=0.0).to(tl.float32) \
+            * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc_lo = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
+    acc_hi = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        k_lo = _load_side(k_base, ks_base, cols, dq, col_ok, stride_kn, stride_kd, stride_ksn, stride_ksg,
+                          k_group_size, HEAD_D, K_FMT, K_SCALE, 0, LEVELS, True, dtype)
+        qk = dot(q_lo, k_lo, DOT_PRECISION)
+        if HALF_K:
+            k_hi = _load_side(k_base, ks_base, cols, dq, col_ok, stride_kn, stride_kd, stride_ksn, stride_ksg,
+                              k_group_size, HEAD_D, K_FMT, K_SCALE, 1, LEVELS, True, dtype)
+            qk += dot(q_hi, k_hi, DOT_PRECISION)
+        if K_SCALE == 1:
+            ks = tl.load(ks_base + cols * stride_ksn, mask=col_ok, other=0.0)
+            qk = qk * (ks * K_CONST)[None, :]
+        elif K_CONST != 1.0:
+            qk = qk * K_CONST
+        if SOFTCAP:
+            s = tanh(qk * (qk_scale / softcap)) * (softcap * 1.4426950408889634)
+        else:
+            s = qk * (qk_scale * 1.4426950408889634)
+        if ALIBI:
+            s = s - slope2[:, None] * tl.abs(qi[:, None] + diag - cols[None, :]).to(tl.float32)
+        ok = col_ok[None, :] & row_ok[:, None]
+        if HAS_RIGHT:
+            ok = ok & (cols[None, :] <= qi[:, None] + diag + right)
+        if HAS_LEFT:
+            ok = ok & (cols[None, :] >= qi[:, None] + diag - left)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if V_SCALE == 1:
+            vsc = tl.load(vs_base + cols * stride_vsn, mask=col_ok, other=0.0)
+            p = p * (vsc * V_CONST)[None, :]
+        elif V_CONST != 1.0:
+            p = p * V_CONST
+        v_lo = _load_side(v_base, vs_base, cols, dv, col_ok, stride_vn, stride_vd, stride_vsn, stride_vsg,
+                          v_group_size, HEAD_DV, V_FMT, V_SCALE, 0, LEVELS, False, dtype)
+        acc_lo = acc_lo * alpha[:, None] + dot(p.to(dtype), v_lo, DOT_PRECISION)
+        if HALF_V:
+            v_hi = _load_side(v_base, vs_base, cols, dv, col_ok, stride_vn, stride_vd, stride_vsn, stride_vsg,
+                              v_group_size, HEAD_DV, V_FMT, V_SCALE, 1, LEVELS, False, dtype)
+            acc_hi = acc_hi * alpha[:, None] + dot(p.to(dtype), v_hi, DOT_PRECISION)
+        m_i = m_new
+
+    if DIRECT and SINKS_ON:  # the sink joins the denominator (one split: nothing to merge)
+        sink2 = tl.load(SINKS + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_new = tl.maximum(m_i, sink2)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.exp2(sink2 - m_new)
+        acc_lo = acc_lo * alpha[:, None]
+        acc_hi = acc_hi * alpha[:, None]
+        m_i = m_new
+    nonzero = l_i > 0
+    inv = tl.where(nonzero, 1.0 / tl.where(nonzero, l_i, 1.0), 0.0)
+    lse2 = tl.where(nonzero, m_i + tl.log2(tl.where(nonzero, l_i, 1.0)), float("-inf"))
+    out_lo = acc_lo * inv[:, None]
+    out_hi = acc_hi * inv[:, None]
+    if HALF_V:
+        elem_lo = 2 * dv
+        elem_hi = 2 * dv + 1
+    else:
+        elem_lo = dv
+        elem_hi = dv
+    col_mask = row_ok[:, None] & (dv[None, :] < HEAD_DV)
+    out_dim: tl.constexpr = HEAD_DV * 2 if HALF_V else HEAD_DV
+    if DIRECT:
+        o_base = O + b * stride_ob + qi[:, None] * stride_om + head[:, None] * stride_oh
+        tl.store(o_base + elem_lo[None, :], out_lo.to(O.dtype.element_ty), mask=col_mask)
+        if HALF_V:
+            tl.store(o_base + elem_hi[None, :], out_hi.to(O.dtype.element_ty), mask=col_mask)
+        tl.store(LSE + b * stride_lb + head * stride_lh + qi, lse2 * 0.6931471805599453, mask=row_ok)
+    else:
+        # partials: ((b * Hq + head) * Lq + qi) * P + split, then out_dim floats
+        heads_q = heads_kv * group
+        part_row = ((b * heads_q + head) * seqlen_q + qi) * num_splits + split
+        p_base = PART_O + part_row[:, None] * out_dim
+        tl.store(p_base + elem_lo[None, :], out_lo, mask=col_mask)
+        if HALF_V:
+            tl.store(p_base + elem_hi[None, :], out_hi, mask=col_mask)
+        tl.store(PART_LSE + part_row, lse2, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "heads_q", "num_splits"])
+def decode_merge_kernel(PART_O, PART_LSE, SINKS, O, LSE, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                        seqlen_q, heads_q, num_splits, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        BLOCK_P: tl.constexpr, SINKS_ON: tl.constexpr):
+    row = tl.program_id(0)  # (b * Hq + head) * Lq + qi
+    qi = row % seqlen_q
+    head = (row // seqlen_q) % heads_q
+    b = row // (seqlen_q * heads_q)
+    ps = tl.arange(0, BLOCK_P)
+    p_ok = ps < num_splits
+    lse2 = tl.load(PART_LSE + row * num_splits + ps, mask=p_ok, other=float("-inf"))
+    m = tl.max(lse2, 0)
+    if SINKS_ON:
+        sink2 = tl.load(SINKS + head).to(tl.float32) * 1.4426950408889634
+        m = tl.maximum(m, sink2)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse2 - m_safe)
+    total = tl.sum(w, 0)
+    if SINKS_ON:
+        total += tl.exp2(sink2 - m_safe)
+    d = tl.arange(0, BLOCK_DV)
+    parts = tl.load(PART_O + (row * num_splits + ps)[:, None] * HEAD_DV + d[None, :],
+                    mask=p_ok[:, None] & (d[None, :] < HEAD_DV), other=0.0)
+    merged = tl.sum(parts * w[:, None], 0)
+    safe_total = tl.where(total > 0, total, 1.0)
+    out = tl.where(total > 0, merged / safe_total, 0.0)
+    tl.store(O + b * stride_ob + qi * stride_om + head * stride_oh + d, out.to(O.dtype.element_ty), mask=d < HEAD_DV)
+    lse = tl.where(total > 0, (m_safe + tl.log2(safe_total)) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + b * stride_lb + head * stride_lh + qi, lse)
