@@ -1,19 +1,19 @@
 """The `metal` backend: the FlashAttention-2 forward as Metal kernels (torch.mps.compile_shader).
 
 Serves `mps` tensors, and CPU tensors through the MSL emulator when MFA_METAL_EMULATOR=1 (CI).
-The backward has no Metal kernel yet (issue 7 part 2): the metal op's autograd calls the torch
-backend's backward op, so MFA_TRACE shows `metal fwd` then `torch bwd`.
+Forward (attention_forward.metal), backward (attention_backward.metal: delta, dQ, dK/dV) and
+KV-cache decode over plain or quantized caches (attention_decode.metal).
 """
 
 from __future__ import annotations
 
 import torch
 
-from mfa_hf.kernels.torch import backend as torch_backend
 from mfa_hf.ops import define_attention_ops, define_decode_op
 from mfa_hf.problem import AttentionProblem
 
 from .emulator.runtime_select import emulator_enabled
+from .backward import backward
 from .decode import run_decode
 from .forward import forward
 from .loader import MSL_TYPES
@@ -34,7 +34,7 @@ def supports(problem: AttentionProblem) -> tuple[bool, str]:
         return False, "dropout is served by the torch backend"
     if problem.kv_format != "none":
         return True, f"the Metal decode kernels read {problem.kv_format} codes in-kernel"
-    return True, "the Metal forward serves this problem (backward through the torch backend)"
+    return True, "the Metal forward and backward kernels serve this problem"
 
 
 def _device_reason(device_type: str) -> str:
@@ -47,5 +47,5 @@ def _device_reason(device_type: str) -> str:
     return f"device {device_type}: the Metal backend serves mps tensors"
 
 
-OPS = define_attention_ops(NAME, forward, None, device_types=("mps", "cpu"), backward_op=torch_backend.OPS.backward)
+OPS = define_attention_ops(NAME, forward, backward, device_types=("mps", "cpu"))
 DECODE = define_decode_op(NAME, run_decode, device_types=("mps", "cpu"))  # decode.py: vector / split-K + merge

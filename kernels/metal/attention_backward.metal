@@ -1,0 +1,300 @@
+// FlashAttention-2 backward for Apple GPUs: P is recomputed from the saved LSE, fp32 accumulation.
+//
+//   attention_backward_preprocess  delta_i = rowsum(dO_i * O_i) - dLSE_i       (one simdgroup a row)
+//   attention_backward_dq          dQ for a block of query rows, over the keys they see
+//   attention_backward_dkdv        dK, dV for a block of keys of one KV head, over the G query
+//                                  heads of its group and the rows that see them: the GQA
+//                                  reduction happens in registers, with no atomics.
+//
+// Per (row i, key j): s = q.k * scale (softcap: c * tanh(s / c)), minus ALiBi, plus an additive
+// mask; p = exp(s - lse_i); dp = dO_i . v_j; ds = p (dp - delta_i), times (1 - tanh^2) under
+// softcap. dQ += ds scale k, dK += ds scale q, dV += p dO. dmask (additive masks, when asked) is
+// ds before the softcap factor, written per (b, query head, i, j) by the dQ kernel and summed
+// over broadcast dims by the host. dsinks needs only lse and delta: the host computes it.
+//
+// Layout in both gradient kernels: head dims over the 32 lanes (DL, DVL elements a lane), rows
+// (dQ) or keys (dK/dV) over WM simdgroups, R of them per simdgroup held in registers; each dot
+// product is one simd_sum. Block skipping: each threadgroup visits only the key (query) range
+// that the causal/window band leaves visible to some of its rows (keys).
+//
+// Defines: IN_T, MASK_T, MASK_KIND (0 none, 1 bool, 2 additive), CU_T, DQK, DV, WM, R,
+// HAS_SOFTCAP, HAS_ALIBI, HAS_DLSE, WANT_DMASK, VARLEN, BACKWARD_PARAM_COUNT.
+#include "backward_params.h"
+#include <metal_stdlib>
+using namespace metal;
+
+#define THREADS (32 * WM)
+#define BLOCK (WM * R)  // query rows (dQ) or keys (dK/dV) per threadgroup
+#define DL ((DQK + 31) / 32)
+#define DVL ((DV + 31) / 32)
+
+inline long bmin(long a, long b) { return a < b ? a : b; }
+inline long bmax(long a, long b) { return a > b ? a : b; }
+
+struct Sequence {
+  long q_start, k_start, seqlen_q, seqlen_k;
+};
+
+inline Sequence sequence_of(constant BackwardParams& p, device const CU_T* cu_q, device const CU_T* cu_k, long b) {
+  Sequence s;
+#if VARLEN
+  s.q_start = cu_q[b];
+  s.k_start = cu_k[b];
+  s.seqlen_q = cu_q[b + 1] - s.q_start;
+  s.seqlen_k = cu_k[b + 1] - s.k_start;
+#else
+  s.q_start = 0;
+  s.k_start = 0;
+  s.seqlen_q = p.seqlen_q;
+  s.seqlen_k = p.seqlen_k;
+#endif
+  return s;
+}
+
+// This lane's N elements (columns lane * N + t) of a row, as float (zero past the real dim).
+template <int N, int D>
+inline void load_lane(thread float* dst, device const IN_T* row, long stride_d, ushort lane) {
+  for (int t = 0; t < N; ++t) {
+    const int c = lane * N + t;
+    dst[t] = c < D ? float(row[c * stride_d]) : 0.0f;
+  }
+}
+
+template <int N, int D>
+inline void store_lane(device IN_T* row, long stride_d, thread const float* src, ushort lane) {
+  for (int t = 0; t < N; ++t) {
+    const int c = lane * N + t;
+    if (c < D) row[c * stride_d] = IN_T(src[t]);
+  }
+}
+
+template <int N>
+inline float lane_dot(thread const float* a, thread const float* b) {
+  float x = 0.0f;
+  for (int t = 0; t < N; ++t) x += a[t] * b[t];
+  return simd_sum(x);
+}
+
+// The score pieces of one (row, key): p and the factor that turns ds into d(q.k).
+struct Prob {
+  float p;
+  float chain;  // d s / d (q.k): scale, times (1 - tanh^2) under softcap
+};
+
+inline bool is_visible(constant BackwardParams& p, long i, long j, long offset) {
+  return (p.window_left < 0 || j >= i + offset - p.window_left) && (p.window_right < 0 || j <= i + offset + p.window_right);
+}
+
+inline Prob probability(float dot, float lse, float scale, float softcap, float slope, float bias, long distance) {
+  Prob out;
+  float s = dot * scale;
+  out.chain = scale;
+#if HAS_SOFTCAP
+  const float t = precise::tanh(s / softcap);
+  s = softcap * t;
+  out.chain = scale * (1.0f - t * t);
+#endif
+#if HAS_ALIBI
+  s -= slope * fabs(float(distance));
+#endif
+  s += bias;
+  out.p = exp(s - lse);
+  return out;
+}
+
+// Rows that saw nothing have LSE -inf; +inf there makes p = exp(s - lse) = 0 instead of NaN.
+inline float safe_lse(float lse) { return lse == -INFINITY ? INFINITY : lse; }
+
+kernel void attention_backward_preprocess(
+    device const IN_T* out [[buffer(0)]],
+    device const IN_T* grad_out [[buffer(1)]],
+    device const float* grad_lse [[buffer(2)]],
+    device float* delta [[buffer(3)]],
+    constant BackwardParams& p [[buffer(4)]],
+    device const CU_T* cu_seqlens_q [[buffer(5)]],
+    device const CU_T* cu_seqlens_k [[buffer(6)]],
+    uint3 group_id [[threadgroup_position_in_grid]],
+    ushort lane [[thread_index_in_simdgroup]]) {
+  const long b = group_id.z, head = group_id.y, i = group_id.x;
+  const Sequence seq = sequence_of(p, cu_seqlens_q, cu_seqlens_k, b);
+  if (i >= seq.seqlen_q) return;
+  const long row = seq.q_start + i;
+  float o[DVL], d_o[DVL];
+  load_lane<DVL, DV>(o, out + b * p.o_stride_b + row * p.o_stride_s + head * p.o_stride_h, p.o_stride_d, lane);
+  load_lane<DVL, DV>(d_o, grad_out + b * p.do_stride_b + row * p.do_stride_s + head * p.do_stride_h, p.do_stride_d, lane);
+  float x = lane_dot<DVL>(o, d_o);
+  const long slot = b * p.lse_stride_b + head * p.lse_stride_h + row * p.lse_stride_s;
+#if HAS_DLSE
+  x -= grad_lse[slot];
+#endif
+  if (lane == 0) delta[slot] = x;
+}
+
+kernel void attention_backward_dq(
+    device const IN_T* q [[buffer(0)]],
+    device const IN_T* k [[buffer(1)]],
+    device const IN_T* v [[buffer(2)]],
+    device const IN_T* grad_out [[buffer(3)]],
+    device const float* lse [[buffer(4)]],
+    device const float* delta [[buffer(5)]],
+    device IN_T* dq [[buffer(6)]],
+    device float* dmask [[buffer(7)]],  // WANT_DMASK: (B, Hq, Lq, Lk) contiguous
+    device const MASK_T* mask [[buffer(8)]],
+    device const float* alibi_slopes [[buffer(9)]],
+    device const CU_T* cu_seqlens_q [[buffer(10)]],
+    device const CU_T* cu_seqlens_k [[buffer(11)]],
+    constant BackwardParams& p [[buffer(12)]],
+    constant float& scale [[buffer(13)]],
+    constant float& softcap [[buffer(14)]],
+    uint3 group_id [[threadgroup_position_in_grid]],
+    ushort sg [[simdgroup_index_in_threadgroup]],
+    ushort lane [[thread_index_in_simdgroup]]) {
+  const long b = group_id.z, head = group_id.y, kv_head = head / p.group;
+  const Sequence seq = sequence_of(p, cu_seqlens_q, cu_seqlens_k, b);
+  const long block0 = long(group_id.x) * BLOCK;
+  if (block0 >= seq.seqlen_q) return;
+  const long offset = seq.seqlen_k - seq.seqlen_q;
+  const long first_i = block0 + sg * R;
+
+  float qr[R][DL], dor[R][DVL], dqr[R][DL], lse_r[R], delta_r[R];
+  for (int r = 0; r < R; ++r) {
+    const long i = bmin(first_i + r, seq.seqlen_q - 1);  // rows past the end repeat the last (never written)
+    const long row = seq.q_start + i;
+    load_lane<DL, DQK>(qr[r], q + b * p.q_stride_b + row * p.q_stride_s + head * p.q_stride_h, p.q_stride_d, lane);
+    load_lane<DVL, DV>(dor[r], grad_out + b * p.do_stride_b + row * p.do_stride_s + head * p.do_stride_h,
+                       p.do_stride_d, lane);
+    const long slot = b * p.lse_stride_b + head * p.lse_stride_h + row * p.lse_stride_s;
+    lse_r[r] = safe_lse(lse[slot]);
+    delta_r[r] = delta[slot];
+    for (int t = 0; t < DL; ++t) dqr[r][t] = 0.0f;
+  }
+#if HAS_ALIBI
+  const float slope = alibi_slopes[b * p.alibi_stride_b + head];
+#else
+  const float slope = 0.0f;
+#endif
+
+  // The keys some row of this threadgroup sees.
+  const long last_i = bmin(block0 + BLOCK, seq.seqlen_q) - 1;
+  const long first_j = p.window_left >= 0 ? bmax(block0 + offset - p.window_left, 0) : 0;
+  const long end_j = p.window_right >= 0 ? bmin(last_i + offset + p.window_right + 1, seq.seqlen_k) : seq.seqlen_k;
+  for (long j = first_j; j < end_j; ++j) {
+    float kr[DL], vr[DVL];
+    const long key = seq.k_start + j;
+    load_lane<DL, DQK>(kr, k + b * p.k_stride_b + key * p.k_stride_s + kv_head * p.k_stride_h, p.k_stride_d, lane);
+    load_lane<DVL, DV>(vr, v + b * p.v_stride_b + key * p.v_stride_s + kv_head * p.v_stride_h, p.v_stride_d, lane);
+    for (int r = 0; r < R; ++r) {
+      const long i = first_i + r;
+      const float dot = lane_dot<DL>(qr[r], kr);
+      const float dp = lane_dot<DVL>(dor[r], vr);
+      if (i >= seq.seqlen_q || !is_visible(p, i, j, offset)) continue;  // uniform over the simdgroup
+      float bias = 0.0f;
+#if MASK_KIND
+      const MASK_T m = mask[b * p.mask_stride_b + head * p.mask_stride_h + i * p.mask_stride_q + j * p.mask_stride_k];
+#if MASK_KIND == 1
+      if (m == 0) continue;
+#else
+      bias = float(m);
+#endif
+#endif
+      const Prob pr = probability(dot, lse_r[r], scale, softcap, slope, bias, i + offset - j);
+      const float ds = pr.p * (dp - delta_r[r]);
+#if WANT_DMASK
+      if (lane == 0) dmask[((b * p.heads_q + head) * p.seqlen_q + i) * p.seqlen_k + j] = ds;
+#endif
+      const float dsc = ds * pr.chain;
+      for (int t = 0; t < DL; ++t) dqr[r][t] += dsc * kr[t];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const long i = first_i + r;
+    if (i >= seq.seqlen_q) break;
+    const long row = seq.q_start + i;
+    store_lane<DL, DQK>(dq + b * p.dq_stride_b + row * p.dq_stride_s + head * p.dq_stride_h, p.dq_stride_d, dqr[r], lane);
+  }
+}
+
+kernel void attention_backward_dkdv(
+    device const IN_T* q [[buffer(0)]],
+    device const IN_T* k [[buffer(1)]],
+    device const IN_T* v [[buffer(2)]],
+    device const IN_T* grad_out [[buffer(3)]],
+    device const float* lse [[buffer(4)]],
+    device const float* delta [[buffer(5)]],
+    device IN_T* dk [[buffer(6)]],
+    device IN_T* dv [[buffer(7)]],
+    device const MASK_T* mask [[buffer(8)]],
+    device const float* alibi_slopes [[buffer(9)]],
+    device const CU_T* cu_seqlens_q [[buffer(10)]],
+    device const CU_T* cu_seqlens_k [[buffer(11)]],
+    constant BackwardParams& p [[buffer(12)]],
+    constant float& scale [[buffer(13)]],
+    constant float& softcap [[buffer(14)]],
+    uint3 group_id [[threadgroup_position_in_grid]],
+    ushort sg [[simdgroup_index_in_threadgroup]],
+    ushort lane [[thread_index_in_simdgroup]]) {
+  const long b = group_id.z, kv_head = group_id.y;
+  const Sequence seq = sequence_of(p, cu_seqlens_q, cu_seqlens_k, b);
+  const long block0 = long(group_id.x) * BLOCK;
+  if (block0 >= seq.seqlen_k) return;
+  const long offset = seq.seqlen_k - seq.seqlen_q;
+  const long first_j = block0 + sg * R;
+
+  float kr[R][DL], vr[R][DVL], dkr[R][DL], dvr[R][DVL];
+  for (int r = 0; r < R; ++r) {
+    const long key = seq.k_start + bmin(first_j + r, seq.seqlen_k - 1);
+    load_lane<DL, DQK>(kr[r], k + b * p.k_stride_b + key * p.k_stride_s + kv_head * p.k_stride_h, p.k_stride_d, lane);
+    load_lane<DVL, DV>(vr[r], v + b * p.v_stride_b + key * p.v_stride_s + kv_head * p.v_stride_h, p.v_stride_d, lane);
+    for (int t = 0; t < DL; ++t) dkr[r][t] = 0.0f;
+    for (int t = 0; t < DVL; ++t) dvr[r][t] = 0.0f;
+  }
+
+  // The rows that see some key of this block: key j is seen by rows j - offset - right ..
+  // j - offset + left.
+  const long last_j = bmin(block0 + BLOCK, seq.seqlen_k) - 1;
+  const long first_i = p.window_right >= 0 ? bmax(block0 - offset - p.window_right, 0) : 0;
+  const long end_i = p.window_left >= 0 ? bmin(last_j - offset + p.window_left + 1, seq.seqlen_q) : seq.seqlen_q;
+  for (long g = 0; g < p.group; ++g) {  // the GQA reduction: every query head of this KV head
+    const long head = kv_head * p.group + g;
+#if HAS_ALIBI
+    const float slope = alibi_slopes[b * p.alibi_stride_b + head];
+#else
+    const float slope = 0.0f;
+#endif
+    for (long i = first_i; i < end_i; ++i) {
+      const long row = seq.q_start + i;
+      float qv[DL], dov[DVL];
+      load_lane<DL, DQK>(qv, q + b * p.q_stride_b + row * p.q_stride_s + head * p.q_stride_h, p.q_stride_d, lane);
+      load_lane<DVL, DV>(dov, grad_out + b * p.do_stride_b + row * p.do_stride_s + head * p.do_stride_h,
+                         p.do_stride_d, lane);
+      const long slot = b * p.lse_stride_b + head * p.lse_stride_h + row * p.lse_stride_s;
+      const float row_lse = safe_lse(lse[slot]), row_delta = delta[slot];
+      for (int r = 0; r < R; ++r) {
+        const long j = first_j + r;
+        const float dot = lane_dot<DL>(qv, kr[r]);
+        const float dp = lane_dot<DVL>(dov, vr[r]);
+        if (j >= seq.seqlen_k || !is_visible(p, i, j, offset)) continue;
+        float bias = 0.0f;
+#if MASK_KIND
+        const MASK_T m = mask[b * p.mask_stride_b + head * p.mask_stride_h + i * p.mask_stride_q + j * p.mask_stride_k];
+#if MASK_KIND == 1
+        if (m == 0) continue;
+#else
+        bias = float(m);
+#endif
+#endif
+        const Prob pr = probability(dot, row_lse, scale, softcap, slope, bias, i + offset - j);
+        const float dsc = pr.p * (dp - row_delta) * pr.chain;
+        for (int t = 0; t < DVL; ++t) dvr[r][t] += pr.p * dov[t];
+        for (int t = 0; t < DL; ++t) dkr[r][t] += dsc * qv[t];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const long j = first_j + r;
+    if (j >= seq.seqlen_k) break;
+    const long key = seq.k_start + j;
+    store_lane<DL, DQK>(dk + b * p.dk_stride_b + key * p.dk_stride_s + kv_head * p.dk_stride_h, p.dk_stride_d, dkr[r], lane);
+    store_lane<DVL, DV>(dv + b * p.dv_stride_b + key * p.dv_stride_s + kv_head * p.dv_stride_h, p.dv_stride_d, dvr[r], lane);
+  }
+}

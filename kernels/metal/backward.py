@@ -1,0 +1,142 @@
+"""Launching the Metal backward kernels (attention_backward.metal) for mfa_hf::metal_attention_bwd.
+
+Three launches on the device's stream, no host synchronization: preprocess (delta), dQ, dK/dV.
+dsinks (-sum exp(sink - lse) delta) and the reduction of dmask over a broadcast mask's dims are
+torch ops on the device (both are small next to the kernels: (B, Hq, Lq) and the mask's size).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from mfa_hf.ops import new_output
+
+from .forward import _bshd_strides, _kernel_mask, _lse_strides, _mask_strides, _placeholder
+from .loader import MASK_KINDS, MSL_TYPES, header_fields, library
+
+BACKWARD_PARAM_FIELDS = tuple(
+    f"{name}_stride_{axis}" for name in ("q", "k", "v", "o", "do", "dq", "dk", "dv") for axis in "bshd"
+) + ("lse_stride_b", "lse_stride_h", "lse_stride_s", "mask_stride_b", "mask_stride_h", "mask_stride_q",
+     "mask_stride_k", "alibi_stride_b", "seqlen_q", "seqlen_k", "heads_q", "group", "window_left", "window_right")
+_declared = header_fields("backward_params.h", "BackwardParams")
+if _declared != BACKWARD_PARAM_FIELDS:
+    raise ImportError(f"backward_params.h: expected BackwardParams fields {BACKWARD_PARAM_FIELDS}, got {_declared}")
+
+SIMDGROUPS = 4  # WM
+# Rows (dQ) or keys (dK/dV) per simdgroup held in registers: R (DL + DVL) * 2 floats a lane,
+# 32 at D = 128 with R = 2; R = 1 beyond 128 keeps D = 256 at the same count.
+ROWS_SMALL_D, ROWS_LARGE_D = 2, 1
+
+
+@dataclass(frozen=True)
+class BackwardVariant:
+    """Everything that changes the backward kernels' code: the library cache key."""
+
+    SOURCE: ClassVar[str] = "attention_backward.metal"
+    dtype: torch.dtype
+    dim_qk: int
+    dim_v: int
+    mask_kind: str = "none"
+    mask_dtype: torch.dtype | None = None
+    softcap: bool = False
+    alibi: bool = False
+    varlen: bool = False
+    cu_seqlens_dtype: torch.dtype = torch.int32
+    grad_lse: bool = False
+    want_mask_grad: bool = False
+
+    @property
+    def rows(self) -> int:
+        return ROWS_SMALL_D if max(self.dim_qk, self.dim_v) <= 128 else ROWS_LARGE_D
+
+    def defines(self, param_count: int) -> dict:
+        return {
+            "IN_T": MSL_TYPES[self.dtype], "MASK_KIND": MASK_KINDS[self.mask_kind],
+            "MASK_T": "uchar" if self.mask_kind != "additive" else MSL_TYPES[self.mask_dtype],
+            "CU_T": "int" if self.cu_seqlens_dtype == torch.int32 else "long",
+            "DQK": self.dim_qk, "DV": self.dim_v, "WM": SIMDGROUPS, "R": self.rows,
+            "HAS_SOFTCAP": self.softcap, "HAS_ALIBI": self.alibi, "HAS_DLSE": self.grad_lse,
+            "WANT_DMASK": self.want_mask_grad, "VARLEN": self.varlen, "BACKWARD_PARAM_COUNT": param_count,
+        }
+
+
+def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, cu_seqlens_q,
+             cu_seqlens_k, dropout_seed, max_seqlen_q, max_seqlen_k, scale, causal, window_left,
+             window_right, softcap, dropout_p, want_mask_grad):
+    """(dq, dk, dv, dsinks or None, dmask or None); arguments as mfa_hf.ops.define_attention_ops."""
+    if dropout_p > 0:
+        raise ValueError(f"dropout_p: the metal backward has no dropout (the torch backend serves it), got {dropout_p}")
+    varlen = cu_seqlens_q is not None
+    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    lq = max_seqlen_q if varlen else q.shape[1]
+    lk = max_seqlen_k if varlen else k.shape[1]
+    heads_q, heads_kv = q.shape[-2], k.shape[-2]
+    dq, dk, dv = (new_output(t.shape, t.dtype, t.device) for t in (q, k, v))
+    want_mask_grad = want_mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool
+    if lq == 0 or lk == 0 or batch == 0:
+        return _empty_grads(dq, dk, dv, lse, sinks, attn_mask if want_mask_grad else None)
+
+    lse = lse.contiguous()
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    dlse = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
+    mask_kind = "none" if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive")
+    mask = _placeholder(q.device, torch.uint8) if attn_mask is None else _kernel_mask(attn_mask)
+    variant = BackwardVariant(
+        q.dtype, q.shape[-1], v.shape[-1], mask_kind, None if mask_kind != "additive" else mask.dtype,
+        softcap > 0, alibi_slopes is not None, varlen, cu_seqlens_q.dtype if varlen else torch.int32,
+        dlse is not None, want_mask_grad)
+    right = 0 if causal else window_right
+    params = ([s for t in (q, k, v, out, grad_out, dq, dk, dv) for s in _bshd_strides(t)] + _lse_strides(lse)
+              + _mask_strides(attn_mask, batch, heads_q, lq, lk)
+              + [0 if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes.stride(0)]
+              + [lq, lk, heads_q, heads_q // heads_kv, window_left, right])
+    lib = library(variant, q.device, len(BACKWARD_PARAM_FIELDS))
+    floats = _placeholder(q.device, torch.float32)
+    slopes = floats if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()
+    cu_q = cu_seqlens_q if varlen else _placeholder(q.device, torch.int32)
+    cu_k = cu_seqlens_k if varlen else _placeholder(q.device, torch.int32)
+    dmask_full = floats
+    if want_mask_grad:
+        dmask_full = torch.zeros((batch, heads_q, lq, lk), dtype=torch.float32, device=q.device)
+
+    lib.attention_backward_preprocess(out, grad_out, floats if dlse is None else dlse, delta, params, cu_q, cu_k,
+                                      threads=(32 * lq, heads_q, batch), group_size=(32, 1, 1))
+    threads, block = 32 * SIMDGROUPS, SIMDGROUPS * variant.rows
+    common = (mask, slopes, cu_q, cu_k, params, float(scale), float(softcap))
+    lib.attention_backward_dq(q, k, v, grad_out, lse, delta, dq, dmask_full, *common,
+                              threads=(threads * math.ceil(lq / block), heads_q, batch), group_size=(threads, 1, 1))
+    lib.attention_backward_dkdv(q, k, v, grad_out, lse, delta, dk, dv, *common,
+                                threads=(threads * math.ceil(lk / block), heads_kv, batch), group_size=(threads, 1, 1))
+    dsinks = None if sinks is None else _sink_grad(sinks, lse, delta, varlen)
+    dmask = _reduce_to(dmask_full, attn_mask.shape) if want_mask_grad else None
+    return dq, dk, dv, dsinks, dmask
+
+
+def _sink_grad(sinks, lse, delta, varlen):
+    """dsinks_h = -sum over rows of exp(sink_h - lse) delta (lse -inf rows: exp(...) = inf * 0 is
+    excluded by where)."""
+    shape = (-1, 1) if varlen else (1, -1, 1)
+    weight = torch.exp(sinks.to(torch.float32).reshape(shape) - lse)
+    terms = torch.where(torch.isfinite(lse), weight * delta, 0.0)
+    return -terms.sum(dim=1 if varlen else (0, 2))
+
+
+def _reduce_to(full: torch.Tensor, shape) -> torch.Tensor:
+    """Sum a (B, Hq, Lq, Lk) gradient over the dims that the mask of `shape` broadcasts along."""
+    lead = full.dim() - len(shape)
+    padded = (1,) * lead + tuple(shape)
+    dims = [d for d, n in enumerate(padded) if n == 1 and full.shape[d] != 1]
+    reduced = full.sum(dim=dims, keepdim=True) if dims else full
+    return reduced.reshape(shape)
+
+
+def _empty_grads(dq, dk, dv, lse, sinks, attn_mask):
+    for t in (dq, dk, dv):
+        t.zero_()
+    dsinks = None if sinks is None else torch.zeros(sinks.shape, dtype=torch.float32, device=dq.device)
+    dmask = None if attn_mask is None else torch.zeros(attn_mask.shape, dtype=torch.float32, device=dq.device)
+    return dq, dk, dv, dsinks, dmask

@@ -1,0 +1,154 @@
+"""The metal backward kernels (preprocess, dQ, dK/dV) against the float64 reference's gradients
+(DESIGN.md rule, factor 3, FA2's delta-rounding allowance), gradients NaN-poisoned before each run
+(tests/conftest.py), and the same gradients bitwise under a second emulator schedule."""
+
+import pytest
+import torch
+
+import mfa_hf
+from mfa_hf import trace
+from mfa_hf.kernels.metal import backward as metal_backward
+from mfa_hf.kernels.reference import attention_reference
+from mfa_hf.testing import (
+    GRADIENT_FACTOR,
+    Case,
+    assert_close_to_reference,
+    check_against_reference,
+    core_cases,
+    differentiable,
+    make_inputs,
+    run_public_api,
+)
+
+
+def gradients(case: Case, inputs: dict, seed: int = 1):
+    """out, lse and every input gradient of one run through the public API."""
+    out, lse = run_public_api(case, inputs)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype).to(out.device)
+    names = differentiable(inputs)
+    return (out, lse, *torch.autograd.grad(out, [inputs[n] for n in names], grad))
+
+
+def check_backward(case: Case, runtime, two_schedules, seed: int = 0):
+    """Gradients vs the reference (served by the metal backward), then bitwise under sg-random."""
+    calls_seen = []
+
+    def run(case, inputs, **extra):
+        with trace.capture() as calls:
+            result = run_public_api(case, inputs, **extra)
+        calls_seen.append(calls)
+        return result
+
+    with trace.capture() as calls:
+        check_against_reference(case, run, backend="metal", seed=seed, gradients=True, device=runtime.device)
+    served = trace.served_by(calls)
+    assert served[("metal", "bwd")] == 1 and served[("torch", "bwd")] == 0, dict(served)
+    inputs = make_inputs(case, device=runtime.device, seed=seed, requires_grad=True)
+    first = gradients(case, inputs)
+    two_schedules.again(lambda: gradients(case, inputs), first)
+
+
+BACKWARD_CASES = core_cases()[::3]  # 36 of the 108: every dtype, mode, head layout, shape, feature
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: c.id)
+def test_backward_feature_matrix(case, metal_backend, two_schedules):
+    check_backward(case, metal_backend, two_schedules)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for n, c in enumerate(core_cases()) if n % 3], ids=lambda c: c.id)
+def test_backward_rest_of_the_core_matrix(case, metal_backend, two_schedules):
+    check_backward(case, metal_backend, two_schedules)
+
+
+@pytest.mark.parametrize("dim, dim_v, dtype", [(128, 128, torch.float16), (256, 256, torch.bfloat16),
+                                               (160, 64, torch.float32), (24, 72, torch.float32)])
+def test_backward_head_dims(dim, dim_v, dtype, metal_backend, two_schedules):
+    """Head dims beyond 128 (one row/key per simdgroup), D_v != D_qk, dims not multiples of 32."""
+    case = Case(dtype=dtype, batch=1, lq=13, lk=21, heads_q=2, heads_kv=1, dim=dim, dim_v=dim_v, causal=True,
+                sinks=True)
+    check_backward(case, metal_backend, two_schedules)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 23), (2, 1, 17, 23), (17, 23)], ids=str)
+def test_broadcast_additive_mask_gradient(shape, metal_backend):
+    """dmask of a mask broadcast over batch/heads/rows: summed over the broadcast dims."""
+    g = torch.Generator().manual_seed(3)
+    device = metal_backend.device
+    q, k, v = (torch.randn(2, n, 4, 16, generator=g) for n in (17, 23, 23))
+    mask = torch.randn(shape, generator=g)
+    leaves = [t.clone().to(device).requires_grad_(True) for t in (q, k, v, mask)]
+    out = mfa_hf.flash_attn_func(*leaves[:3], attn_mask=leaves[3], causal=True)
+    grad = torch.randn(out.shape, generator=g)
+    ours = torch.autograd.grad(out, leaves, grad.to(device))
+    ref_leaves = [t.double().requires_grad_(True) for t in (q, k, v, mask)]
+    ref, _ = attention_reference(*ref_leaves[:3], attn_mask=ref_leaves[3], causal=True)
+    want = torch.autograd.grad(ref, ref_leaves, grad.double())
+    base_leaves = [t.clone().requires_grad_(True) for t in (q, k, v, mask)]
+    base, _ = attention_reference(*base_leaves[:3], attn_mask=base_leaves[3], causal=True, upcast=False)
+    baseline = torch.autograd.grad(base, base_leaves, grad)
+    for name, a, w, b in zip("qkvm", ours, want, baseline):
+        # float32 inputs: delta rounding is below the float32 floor, so no allowance is needed
+        assert_close_to_reference(a.cpu(), w, b, GRADIENT_FACTOR, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_backward_varlen(dtype, metal_backend, two_schedules):
+    """Packed sequences (one empty query sequence, one empty key sequence), causal, ALiBi, sinks."""
+    lengths_q, lengths_k = [5, 19, 0, 11, 3], [14, 9, 6, 11, 0]
+    g = torch.Generator().manual_seed(6)
+    device = metal_backend.device
+    tq, tk = sum(lengths_q), sum(lengths_k)
+    q = torch.randn(tq, 4, 24, generator=g).to(dtype)
+    k, v = (torch.randn(tk, 2, 24, generator=g).to(dtype) for _ in range(2))
+    cu_q = torch.tensor([0] + list(torch.tensor(lengths_q).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(lengths_k).cumsum(0)), dtype=torch.int32)
+    slopes = torch.rand(len(lengths_q), 4, generator=g) * 0.5
+    sinks = torch.randn(4, generator=g)
+    grad = torch.randn(tq, 4, 24, generator=g).to(dtype)
+
+    def run():
+        leaves = [t.clone().to(device).requires_grad_(True) for t in (q, k, v, sinks)]
+        out = mfa_hf.flash_attn_varlen_func(*leaves[:3], cu_q.to(device), cu_k.to(device), max(lengths_q),
+                                            max(lengths_k), causal=True, alibi_slopes=slopes.to(device),
+                                            sinks=leaves[3])
+        return torch.autograd.grad(out, leaves, grad.to(device))
+
+    ours = two_schedules(run)
+    ref_grads, base_grads = [torch.zeros(t.shape, dtype=torch.float64) for t in (q, k, v, sinks)], []
+    base_grads = [torch.zeros(t.shape) for t in (q, k, v, sinks)]
+    for b in range(len(lengths_q)):
+        rows, keys = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        if rows.start == rows.stop:
+            continue
+        for upcast, into in ((True, ref_grads), (False, base_grads)):
+            cast = (lambda t: t.double()) if upcast else (lambda t: t)  # noqa: E731
+            leaves = [cast(t).detach().requires_grad_(True) for t in (q[None, rows], k[None, keys], v[None, keys], sinks)]
+            out, _ = attention_reference(*leaves[:3], causal=True, alibi_slopes=slopes[b], sinks=leaves[3], upcast=upcast)
+            grads = torch.autograd.grad(out, leaves, cast(grad[None, rows]), allow_unused=True)
+            into[0][rows] += grads[0][0].to(into[0].dtype)
+            into[1][keys] += grads[1][0].to(into[1].dtype)
+            into[2][keys] += grads[2][0].to(into[2].dtype)
+            into[3] += grads[3].to(into[3].dtype)
+    for name, a, w, b in zip(("dq", "dk", "dv", "dsinks"), ours, ref_grads, base_grads):
+        # bf16 rounds O before delta (FA2's design): allow the measured effect of that rounding, 4 ulps of bf16
+        extra = 4 * torch.finfo(dtype).eps * float(w.abs().max()) if dtype != torch.float32 else 0.0
+        assert_close_to_reference(a.cpu(), w, b, GRADIENT_FACTOR, name, dtype, extra)
+
+
+def test_trace_shows_the_metal_backward(metal_backend):
+    inputs = make_inputs(Case(dtype=torch.float32, lq=9, lk=12), device=metal_backend.device, requires_grad=True)
+    with trace.capture() as calls:
+        out = mfa_hf.flash_attn_func(inputs["q"], inputs["k"], inputs["v"], causal=True)
+        out.sum().backward()
+    served = trace.served_by(calls)
+    assert served[("metal", "fwd")] == 1 and served[("metal", "bwd")] == 1, dict(served)
+    assert served[("torch", "bwd")] == 0, dict(served)
+
+
+def test_reduce_to_mask_shape():
+    full = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    assert torch.equal(metal_backward._reduce_to(full, (1, 3, 1, 5)), full.sum((0, 2), keepdim=True))
+    assert torch.equal(metal_backward._reduce_to(full, (4, 5)), full.sum((0, 1)))
+    assert torch.equal(metal_backward._reduce_to(full, (2, 3, 4, 5)), full)
