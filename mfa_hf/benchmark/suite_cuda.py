@@ -8,6 +8,8 @@ calls after warm-up (measure.cuda_median_ms). Quick mode: fewer sequence lengths
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .measure import cuda_median_ms
@@ -34,13 +36,23 @@ def _impls(causal: bool, n: int):
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+        # A fresh compile per shape: dynamo caches compiled variants on flex_attention's code object,
+        # and past its recompile limit (8) it silently runs the unfused eager path (the invalid
+        # numbers of the first H100 run). reset() empties that cache; a call that still warns that
+        # flex ran without torch.compile raises instead of producing a number.
+        torch._dynamo.reset()
         compiled = torch.compile(flex_attention, dynamic=False)
         mask = None
         if causal:
             mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n, device="cuda")
 
         def flex(q, k, v):
-            return compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask)
+            if any("torch.compile" in str(w.message) for w in caught):
+                raise RuntimeError("flex_attention ran without torch.compile (unfused path): not measured")
+            return out
 
         impls["flex"] = flex
     except Exception as error:  # noqa: BLE001 - report, keep measuring the others

@@ -1,0 +1,203 @@
+"""One-call device measurements for the Triton backend (issue 9): decode, FlexAttention, small-N forward.
+
+    PYTHONPATH=. python -m mfa_hf.kernels.triton.device_bench decode [--out DIR]
+    PYTHONPATH=. python -m mfa_hf.kernels.triton.device_bench flex forward [--out DIR]
+
+decode: the copy bandwidth (device-to-device copy, bytes read + written), then for B=8, Hq=32, Hkv=8,
+D=128, q_len 1 at KV length 4k/16k/64k: SDPA (bf16, enable_gqa) and our decode op on a bf16 cache and
+on each quantized format; a launch-config sweep at 64k first, the best config per format is used.
+Each implementation is checked against float32 attention on the dequantized cache before timing.
+Times: triton.testing.do_bench medians (CUDA events, L2 flushed between calls). GB/s = K+V bytes as
+stored (codes + scales) / time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+B, HQ, HKV, D = 8, 32, 8, 128
+LENGTHS = (4096, 16384, 65536)
+FORMATS = ("bf16", "fp8_e4m3", "fp8_e5m2", "int8", "nf4")
+CONFIGS = [dict(block_n=n, num_warps=w, num_stages=s)
+           for n, w, s in ((64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (64, 4, 4),
+                           (128, 8, 2), (64, 2, 3), (128, 4, 4))]
+
+
+def _ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    x = torch.randn(2**29 // 2, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    y = torch.empty_like(x)
+    ms = _ms(lambda: y.copy_(x))
+    return 2 * x.nbytes / ms / 1e6  # GB/s
+
+
+def _parts(cache):
+    import mfa_hf
+
+    if isinstance(cache, mfa_hf.QuantizedKV):
+        return cache.codes, cache.scales, cache.format.value, cache.group_size, cache.nbytes()
+    return cache, None, "none", cache.shape[-1], cache.nbytes
+
+
+def decode(out_dir: str) -> list[dict]:
+    import mfa_hf
+    from mfa_hf.kernels.triton import backend as tb
+
+    copy = copy_bandwidth()
+    print(f"copy bandwidth: {copy:.0f} GB/s", flush=True)
+    rows = [dict(kind="copy", gbps=round(copy))]
+    best_cfg = {}
+    scale = 1 / math.sqrt(D)
+    for length in sorted(LENGTHS, reverse=True):  # 64k first: the sweep runs there
+        g = torch.Generator(device="cuda").manual_seed(length)
+        q = torch.randn(B, 1, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = torch.randn(B, length, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn(B, length, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        seqlens = torch.full((B,), length, dtype=torch.int32, device="cuda")
+        kh, vh = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+        qh = q.transpose(1, 2)
+        sdpa_ms = _ms(lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True))
+        sdpa_bytes = kh.nbytes + vh.nbytes
+        rows.append(dict(kind="decode", impl="sdpa", format="bf16", kv_len=length, ms=round(sdpa_ms, 4),
+                         gbps=round(sdpa_bytes / sdpa_ms / 1e6)))
+        print(rows[-1], flush=True)
+        del kh, vh
+        for fmt in FORMATS:
+            if fmt == "bf16":
+                k_cache, v_cache = k, v
+            else:
+                k_cache, v_cache = mfa_hf.quantize_kv(k, fmt), mfa_hf.quantize_kv(v, fmt)
+            kc, ks, kf, kg, kb = _parts(k_cache)
+            vc, vs, vf, vg, vb = _parts(v_cache)
+            nbytes = kb + vb
+
+            def call(cfg=None, splits=0):
+                return tb.run_decode(q, kc, ks, vc, vs, seqlens, None, None, None, kf, vf, kg, vg, scale, True,
+                                     -1, -1, 0.0, splits, config=cfg)
+
+            if length == min(LENGTHS):  # correctness on the dequantized cache (float32 attention)
+                kd = k_cache.dequantize(torch.float32) if fmt != "bf16" else k.float()
+                vd = v_cache.dequantize(torch.float32) if fmt != "bf16" else v.float()
+                ref = F.scaled_dot_product_attention(q.float().transpose(1, 2), kd.transpose(1, 2),
+                                                     vd.transpose(1, 2), enable_gqa=True).transpose(1, 2)
+                out, _ = call()
+                rel = ((out.float() - ref).norm() / ref.norm()).item()
+                ok = rel < 1e-2 and not out.isnan().any().item()
+                print(f"check {fmt}: rel err {rel:.2e} {'ok' if ok else 'FAILED'}", flush=True)
+                rows.append(dict(kind="check", format=fmt, rel_err=rel, ok=ok))
+                del kd, vd, ref
+            if length == max(LENGTHS) and fmt in ("bf16", "int8", "nf4", "fp8_e4m3"):
+                sweep = []
+                for cfg in CONFIGS:
+                    try:
+                        sweep.append((_ms(lambda: call(cfg)), cfg))
+                    except Exception as error:  # noqa: BLE001 - e.g. out of shared memory
+                        print(f"  config {cfg} failed: {type(error).__name__}: {str(error)[:100]}")
+                sweep.sort(key=lambda item: item[0])
+                for ms, cfg in sweep:
+                    print(f"  sweep {fmt} 64k {cfg}: {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
+                best_cfg[fmt] = sweep[0][1]
+                rows.append(dict(kind="sweep", format=fmt, results=[(round(ms, 4), cfg) for ms, cfg in sweep]))
+                for splits in (8, 16, 32, 64):
+                    ms = _ms(lambda: call(best_cfg[fmt], splits))
+                    print(f"  splits {splits}: {ms:.4f} ms", flush=True)
+                    rows.append(dict(kind="splits", format=fmt, splits=splits, ms=round(ms, 4)))
+            cfg = best_cfg.get(fmt, best_cfg.get("int8" if fmt.startswith("fp8") else "bf16"))
+            ms = _ms(lambda: call(cfg))
+            api_ms = _ms(lambda: mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens))
+            rows.append(dict(kind="decode", impl="mfa_triton", format=fmt, kv_len=length, ms=round(ms, 4),
+                             api_ms=round(api_ms, 4), gbps=round(nbytes / ms / 1e6), pct_copy=round(100 * nbytes / ms / 1e6 / copy, 1),
+                             x_sdpa=round(sdpa_ms / ms, 2), mb=round(nbytes / 2**20), cfg=cfg))
+            print(rows[-1], flush=True)
+            del k_cache, v_cache
+        del k, v
+        torch.cuda.empty_cache()
+    _table(rows)
+    _save(rows, out_dir, "decode.json")
+    return rows
+
+
+def _table(rows):
+    print("\n| KV len | format | impl | ms | api ms | GB/s | % copy | x SDPA bf16 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in sorted((r for r in rows if r["kind"] == "decode"), key=lambda r: (r["kv_len"], r["impl"] != "sdpa")):
+        print(f"| {r['kv_len']} | {r['format']} | {r['impl']} | {r['ms']} | {r.get('api_ms', '')} | {r['gbps']} | "
+              f"{r.get('pct_copy', '')} | {r.get('x_sdpa', '')} |")
+
+
+def _save(rows, out_dir, name):
+    if out_dir:
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+
+
+def flex(out_dir: str) -> list[dict]:
+    """FlexAttention compiled once per shape (block mask for causal) vs ours and SDPA-flash."""
+    import torch._dynamo
+
+    from mfa_hf.benchmark import suite_cuda
+
+    torch._dynamo.config.suppress_errors = False  # a failed compile must show, not fall back silently
+    rows = []
+    for dim, causal, n in ((128, False, 512), (128, True, 2048), (128, False, 8192), (64, True, 8192)):
+        rows += suite_cuda._measure_shape(torch.bfloat16, dim, causal, n, lambda s: print(s, flush=True))
+    _save(rows, out_dir, "flex.json")
+    return rows
+
+
+def forward(out_dir: str) -> list[dict]:
+    """Forward block-table sweep at small N (D=128 and 64, causal and not): TFLOP/s per config."""
+    import mfa_hf
+    from mfa_hf.kernels.triton import blocks
+
+    from triton.runtime.errors import OutOfResources  # noqa: F401 - the failure a config may hit
+
+    configs = [blocks.Blocks(*c) for c in ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3),
+                                           (64, 128, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4), (128, 64, 8, 4),
+                                           (128, 128, 8, 2))]
+    rows = []
+    for dim in (128, 64):
+        for causal in (False, True):
+            for n in (512, 1024, 2048):
+                batch, heads = 16384 // n, 2048 // dim
+                q, k, v = (torch.randn(batch, n, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                flops = 4 * batch * heads * n * n * dim / (2 if causal else 1)
+                results = []
+                for cfg in configs:
+                    table = blocks._FORWARD_CAUSAL if causal else blocks._FORWARD
+                    saved = dict(table)
+                    table[blocks.padded_dim(dim)] = cfg
+                    try:
+                        ms = _ms(lambda: mfa_hf.flash_attn_func(q, k, v, causal=causal))
+                        results.append((round(flops / ms / 1e9, 1), tuple(cfg.__dict__.values())))
+                    except Exception as error:  # noqa: BLE001
+                        print(f"  {cfg} failed: {type(error).__name__}")
+                    finally:
+                        table.clear()
+                        table.update(saved)
+                results.sort(reverse=True)
+                print(f"D={dim} causal={causal} N={n}: " + ", ".join(f"{t} {c}" for t, c in results[:4]), flush=True)
+                rows.append(dict(dim=dim, causal=causal, n=n, results=results))
+    _save(rows, out_dir, "forward.json")
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", nargs="+", choices=("decode", "flex", "forward"))
+    parser.add_argument("--out", default=os.environ.get("OUT", ""))
+    args = parser.parse_args()
+    print(torch.__version__, torch.cuda.get_device_name(), file=sys.stderr)
+    for what in args.what:
+        globals()[what](args.out)
