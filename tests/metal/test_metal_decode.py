@@ -266,3 +266,43 @@ def _same_nan_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal bits where b is a number (so +0/-0 and every finite value match exactly), NaN where b is NaN."""
     numbers = ~torch.isnan(b)
     return torch.equal(bits(a[numbers]), bits(b[numbers])) and bool(torch.isnan(a[~numbers]).all())
+
+
+# ----------------------------------------------------------------------------------------------
+# The quantize-on-write append kernel, bit-exact with mfa_hf.kvcache's torch append.
+
+@pytest.mark.parametrize("fmt, granularity, dim, dtype", [
+    (None, "token", 40, torch.bfloat16), ("fp8_e4m3", "token", 64, torch.float32),
+    ("fp8_e5m2", "token", 48, torch.float16), ("int8", "token", 64, torch.bfloat16),
+    ("int8", "channel", 32, torch.float32), ("fp8_e4m3", "head", 32, torch.float16),
+    ("nf4", "token", 64, torch.float32), ("nf4", "token", 96, torch.bfloat16),
+], ids=str)
+def test_append_kernel_matches_the_torch_append(fmt, granularity, dim, dtype, metal):
+    from mfa_hf import kvcache
+    from mfa_hf.kernels.metal.append import append
+
+    g = torch.Generator().manual_seed(9)
+    content = torch.randn(CACHE_ROWS, 16, 2, dim, generator=g).to(dtype)
+    new = (torch.randn(BATCH, 3, 2, dim, generator=g) * 3).to(dtype)
+    new[0, 0, 0] = 0.0  # an all-zero token: scale 1, codes 0
+    lengths = torch.tensor([0, 5, 13], dtype=torch.int32)
+    rows = torch.tensor([4, 0, 2], dtype=torch.int32)
+
+    def fresh():
+        if fmt is None:
+            return content.clone()
+        group = 32 if fmt == "nf4" and dim % 64 else None
+        return mfa_hf.quantize_kv(content, fmt, group_size=group, granularity=granularity)
+
+    want, ours = fresh(), fresh()
+    kvcache._append_all(want, want, new, new, lengths, rows)  # the torch path (both sides the same cache)
+    if fmt is None:
+        ours = ours.to(metal.device)
+        append(ours, new.to(metal.device), lengths.to(metal.device), rows.to(metal.device))
+        assert torch.equal(bits(ours.cpu()), bits(want))
+        return
+    on_device = mfa_hf.QuantizedKV(ours.codes.to(metal.device), ours.scales.to(metal.device), ours.format,
+                                   ours.group_size, ours.dtype)
+    append(on_device, new.to(metal.device), lengths.to(metal.device), rows.to(metal.device))
+    assert torch.equal(on_device.codes.cpu(), want.codes), int((on_device.codes.cpu() != want.codes).sum())
+    assert torch.equal(bits(on_device.scales.cpu()), bits(want.scales))

@@ -1,0 +1,58 @@
+"""Quantize-on-write append kernel (kvcache_append.metal): new tokens into a plain or quantized
+cache in place, bit-exact with mfa_hf.quant.encode and its per-token absmax scales.
+
+`append(cache, new, cache_seqlens, cache_batch_idx)` writes new (B, Lnew, Hkv, D) at positions
+cache_seqlens[b] .. + Lnew - 1 of cache row cache_batch_idx[b] (or b). Not yet called by
+`mfa_hf.flash_attn_with_kvcache`, whose append is the backend-neutral `mfa_hf::kvcache_append`
+op (mfa_hf/kvcache.py); routing it here is a change to that module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from mfa_hf.quant import QuantizedKV
+
+from .decode import FORMAT_CODES, _code_type, _index_vector, _strides4
+from .forward import _placeholder
+from .loader import MSL_TYPES, library
+
+APPEND_PARAM_COUNT = 13
+
+
+@dataclass(frozen=True)
+class AppendVariant:
+    SOURCE: ClassVar[str] = "kvcache_append.metal"
+    dtype: torch.dtype
+    format: str
+    dim: int
+    per_token: bool
+    batch_idx: bool
+
+    def defines(self, param_count: int) -> dict:
+        return {"IN_T": MSL_TYPES[self.dtype], "FMT": FORMAT_CODES[self.format],
+                "CODE_T": _code_type(self.format, self.dtype), "D": self.dim, "PER_TOKEN": self.per_token,
+                "HAS_BATCH_IDX": self.batch_idx, "APPEND_PARAM_COUNT": param_count}
+
+
+def append(cache, new: torch.Tensor, cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | None = None):
+    if new.shape[1] == 0:
+        return
+    quantized = isinstance(cache, QuantizedKV)
+    codes = cache.codes if quantized else cache
+    scales = cache.scales if quantized else None
+    fmt = cache.format.value if quantized else "none"
+    if not quantized and codes.dtype != new.dtype:
+        raise TypeError(f"new: expected dtype {codes.dtype} like the cache, got {new.dtype}")
+    per_token = quantized and scales.shape[1] == codes.shape[1]
+    batch, count, heads, dim = new.shape
+    variant = AppendVariant(new.dtype, fmt, dim, per_token, cache_batch_idx is not None)
+    group = cache.group_size if quantized else dim
+    params = _strides4(new) + _strides4(codes) + _strides4(scales) + [group]
+    lib = library(variant, new.device, APPEND_PARAM_COUNT)
+    lib.kvcache_append(new, codes, _placeholder(new.device, torch.float32) if scales is None else scales,
+                       _index_vector(cache_seqlens, new.device), _index_vector(cache_batch_idx, new.device), params,
+                       threads=(32 * count, heads, batch), group_size=(32, 1, 1))

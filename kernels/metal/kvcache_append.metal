@@ -1,0 +1,86 @@
+// Appending new tokens to a KV cache, quantizing on write (mfa_hf/quant.py's encodings).
+//
+// One simdgroup per (sequence b, new token t, KV head): the token goes to cache row
+// batch_idx[b] (or b) at position seqlens[b] + t. Per-token scales (PER_TOKEN = 1) are the absmax
+// of each group of GROUP elements divided by the format's largest code (1 for an all-zero group),
+// written beside the codes; static scales (per head or channel) are read. Lanes stride over
+// elements (nf4: over bytes, each lane packing element 2c in the low nibble, 2c + 1 in the high).
+//
+// Defines: IN_T, FMT (dequant.h), CODE_T (IN_T, uchar or char), D, PER_TOKEN, HAS_BATCH_IDX,
+// APPEND_PARAM_COUNT. Launch: threads = (32 * Lnew, Hkv, B), group_size = (32, 1, 1).
+#include "quantize.h"
+
+struct AppendParams {
+  long new_stride_b, new_stride_s, new_stride_h, new_stride_d;
+  long c_stride_b, c_stride_s, c_stride_h, c_stride_d;
+  long s_stride_b, s_stride_s, s_stride_h, s_stride_g;
+  long group_size;
+};
+#ifdef APPEND_PARAM_COUNT
+static_assert(sizeof(AppendParams) == APPEND_PARAM_COUNT * sizeof(long), "AppendParams does not match the host");
+#endif
+
+inline float code_max(int fmt) {
+  return fmt == FMT_FP8_E4M3 ? 448.0f : fmt == FMT_FP8_E5M2 ? 57344.0f : fmt == FMT_INT8 ? 127.0f : 1.0f;
+}
+
+inline float group_absmax(device const IN_T* row, long stride_d, long group, long size) {
+  float amax = 0.0f;
+  for (long c = group * size; c < (group + 1) * size; ++c) amax = max(amax, fabs(float(row[c * stride_d])));
+  return amax;
+}
+
+kernel void kvcache_append(
+    device const IN_T* new_tokens [[buffer(0)]],
+    device CODE_T* codes [[buffer(1)]],
+    device float* scales [[buffer(2)]],
+    device const int* seqlens [[buffer(3)]],
+    device const int* batch_idx [[buffer(4)]],
+    constant AppendParams& p [[buffer(5)]],
+    uint3 group_id [[threadgroup_position_in_grid]],
+    ushort lane [[thread_index_in_simdgroup]]) {
+  const long b = group_id.z, head = group_id.y, t = group_id.x;
+#if HAS_BATCH_IDX
+  const long row = batch_idx[b];
+#else
+  const long row = b;
+#endif
+  const long position = seqlens[b] + t;
+  device const IN_T* src = new_tokens + b * p.new_stride_b + t * p.new_stride_s + head * p.new_stride_h;
+  device CODE_T* dst = codes + row * p.c_stride_b + position * p.c_stride_s + head * p.c_stride_h;
+  device float* scale_row = scales + row * p.s_stride_b + position * p.s_stride_s + head * p.s_stride_h;
+#if FMT == FMT_NONE
+  for (int c = lane; c < D; c += 32) dst[c * p.c_stride_d] = src[c * p.new_stride_d];
+#else
+#if PER_TOKEN
+  for (long g = lane; g < D / p.group_size; g += 32) {
+    const float amax = group_absmax(src, p.new_stride_d, g, p.group_size);
+    scale_row[g * p.s_stride_g] = amax > 0.0f ? amax / code_max(FMT) : 1.0f;
+  }
+  simdgroup_barrier(mem_flags::mem_device);  // the scales just written are read back below
+#endif
+#if FMT == FMT_NF4
+  for (int c2 = lane; c2 < D / 2; c2 += 32) {
+    uchar packed = 0;
+    for (int e = 0; e < 2; ++e) {
+      const int c = 2 * c2 + e;
+      const float x = float(src[c * p.new_stride_d]) / scale_row[(c / p.group_size) * p.s_stride_g];
+      packed |= nf4_index(clamp(x, -1.0f, 1.0f)) << (4 * e);
+    }
+    dst[c2 * p.c_stride_d] = packed;
+  }
+#else
+  for (int c = lane; c < D; c += 32) {
+    const float x = float(src[c * p.new_stride_d]) / scale_row[(c / p.group_size) * p.s_stride_g];
+    const float limit = code_max(FMT);
+#if FMT == FMT_INT8
+    dst[c * p.c_stride_d] = char(clamp(rint(x), -limit, limit));
+#elif FMT == FMT_FP8_E4M3
+    dst[c * p.c_stride_d] = fp8_from_float(clamp(x, -limit, limit), 3, 7, -6);
+#else
+    dst[c * p.c_stride_d] = fp8_from_float(clamp(x, -limit, limit), 2, 15, -14);
+#endif
+  }
+#endif
+#endif
+}
