@@ -306,3 +306,34 @@ def test_append_kernel_matches_the_torch_append(fmt, granularity, dim, dtype, me
     append(on_device, new.to(metal.device), lengths.to(metal.device), rows.to(metal.device))
     assert torch.equal(on_device.codes.cpu(), want.codes), int((on_device.codes.cpu() != want.codes).sum())
     assert torch.equal(bits(on_device.scales.cpu()), bits(want.scales))
+
+
+ENCODE_KERNEL = kernel_source("quantize.h") + """
+kernel void encode_all(device const float* x [[buffer(0)]], device uchar* out [[buffer(1)]],
+                       constant long& n [[buffer(2)]], uint i [[thread_position_in_grid]]) {
+  if (long(i) >= n) return;
+  out[i] = fp8_from_float(clamp(x[i], -448.0f, 448.0f), 3, 7, -6);
+  out[n + i] = fp8_from_float(clamp(x[i], -57344.0f, 57344.0f), 2, 15, -14);
+}
+"""
+
+
+def test_fp8_encoding_rounds_like_torch(metal):
+    """Every finite value of both formats, every midpoint between neighbours (ties to even) and
+    points just beside the midpoints: the kernel's bytes equal torch's conversion."""
+    values = []
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        finite = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+        finite = finite[torch.isfinite(finite)].unique()
+        mid = (finite[1:] + finite[:-1]) / 2
+        values += [finite, mid, torch.nextafter(mid, torch.tensor(float("inf"))),
+                   torch.nextafter(mid, torch.tensor(float("-inf")))]
+    x = torch.cat(values + [torch.tensor([-0.0, 1e-12, -1e-12, 1e9, -1e9])])
+    n = x.numel()
+    out = torch.zeros(2 * n, dtype=torch.uint8).to(metal.device)
+    metal.compile_shader(ENCODE_KERNEL).encode_all(x.to(metal.device), out, n, threads=(n,), group_size=(256,))
+    want_e4m3 = x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    want_e5m2 = x.clamp(-57344, 57344).to(torch.float8_e5m2).view(torch.uint8)
+    got = out.cpu()
+    assert torch.equal(got[:n], want_e4m3), x[got[:n] != want_e4m3][:8]
+    assert torch.equal(got[n:], want_e5m2), x[got[n:] != want_e5m2][:8]
