@@ -45,13 +45,23 @@ def load(model: str | None, gguf_file: str | None, attn: str, dtype: torch.dtype
     return tokenizer, lm.to(device).eval()
 
 
+HF_CACHES = {"hf_fp8": "fp8", "hf_quanto": "quanto", "hf_hqq": "hqq"}  # transformers' QuantizedCache backends
+
+
 def make_cache(kv_cache: str, lm):
+    """None (transformers' default cache), an MFAQuantizedCache, or (benchmarks) transformers' own
+    QuantizedCache for the names in HF_CACHES."""
     if kv_cache == "none":
         return None
-    try:
-        from .cache import MFAQuantizedCache
-    except ImportError as err:
-        raise SystemExit(f"mfa-hf generate: --kv-cache {kv_cache} needs MFAQuantizedCache, not available: {err}")
+    if kv_cache in HF_CACHES:
+        from transformers import QuantizedCache
+
+        return QuantizedCache(backend=HF_CACHES[kv_cache], config=lm.config)
+    from .quantized_cache import MFAQuantizedCache
+
+    if lm.config._attn_implementation not in ("mps_flash", "mfa"):
+        raise SystemExit(f"mfa-hf generate: --kv-cache {kv_cache} needs --attn mps_flash (the kernel reads the "
+                         f"quantized cache), got --attn {lm.config._attn_implementation}")
     return MFAQuantizedCache(format=kv_cache, config=lm.config)
 
 
