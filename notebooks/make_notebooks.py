@@ -65,7 +65,7 @@ LONG_CONTEXT = [
              "from mfa_hf.benchmark.report import line_chart, bar_chart\n"
              "from mfa_hf.integrations.transformers import generate as gen\n"
              "device = 'mps' if torch.backends.mps.is_available() else 'cpu'\n"
-             "CONTEXT_WORDS, NEW_TOKENS = 120, 12\n"
+             "CONTEXT_WORDS, NEW_TOKENS = 60, 8\n"
              "tokenizer, lm = gen.load(None, None, 'mps_flash', torch.float32, device)\n"
              "cfg = lm.config\nprint(cfg.num_hidden_layers, 'layers,', cfg.num_key_value_heads, 'KV heads of',\n"
              "      cfg.hidden_size // cfg.num_attention_heads)"),
@@ -88,7 +88,7 @@ LONG_CONTEXT = [
              "prompt = ' '.join(['The quick brown fox jumps over the lazy dog near the river bank.'] * "
              "(CONTEXT_WORDS // 12)) + ' Summarize.'\n"
              "inputs = tokenizer(prompt, return_tensors='pt').to(device)\nrows = []\n"
-             "for fmt in ('none', 'int8', 'fp8_e4m3', 'nf4'):\n"
+             "for fmt in ('none', 'int8', 'nf4'):  # fp8_e4m3 works the same way\n"
              "    if fmt != 'none' and MFAQuantizedCache is None:\n        continue\n"
              "    extra = {} if fmt == 'none' else {'past_key_values': MFAQuantizedCache(format=fmt, config=cfg)}\n"
              "    start = time.perf_counter()\n    with torch.inference_mode():\n"
