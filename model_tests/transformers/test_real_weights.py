@@ -74,3 +74,44 @@ def test_minilm_padded_embeddings():
             assert kernel_calls(calls) == eager.config.num_hidden_layers
             keep = batch["attention_mask"].bool()
             torch.testing.assert_close(actual[keep], expected[keep], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# MFAQuantizedCache on real weights: top-1 agreement with the full-precision cache.
+
+AGREEMENT_TOKENS = 200
+# Measured on CPU (fp32 weights, prompt PROMPTS[1]): see integrations/transformers/README.md.
+# The floors sit a few points under the measurements, so a broken cache (wrong scales, lost
+# positions) fails while quantization noise does not.
+AGREEMENT_FLOOR = {"int8": 0.95, "fp8_e4m3": 0.9, "nf4": 0.75}
+
+
+def top1_agreement(model, tokenizer, prompt: str, fmt: str, tokens: int = AGREEMENT_TOKENS, residual: int = 0):
+    """Greedy-generate `tokens` with the default cache, then replay the same tokens one step at a time
+    through MFAQuantizedCache(fmt): the fraction of steps whose argmax equals the next reference
+    token (teacher-forced, so one early disagreement does not decide the rest)."""
+    from mfa_hf.integrations.transformers.quantized_cache import MFAQuantizedCache
+
+    inputs = _chat(tokenizer, prompt)
+    with torch.no_grad():
+        reference = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                   pad_token_id=tokenizer.eos_token_id)
+        prompt_len = inputs["input_ids"].shape[1]
+        cache = MFAQuantizedCache(fmt, config=model.config, residual_length=residual)
+        logits = model(**inputs, past_key_values=cache).logits[:, -1]
+        agree = 0
+        for step in range(tokens):
+            target = reference[:, prompt_len + step]
+            agree += int(logits.argmax(-1).item() == target.item())
+            logits = model(target[:, None], past_key_values=cache).logits[:, -1]
+    return agree / tokens
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "nf4"])
+def test_smollm2_quantized_cache_top1_agreement(smollm2, fmt):
+    tokenizer, _, ours = smollm2
+    with trace.capture() as calls:
+        agreement = top1_agreement(ours, tokenizer, PROMPTS[1], fmt)
+    print(f"\nSmolLM2-135M {fmt}: top-1 agreement {agreement:.3f} over {AGREEMENT_TOKENS} tokens")
+    assert any(f"kv={fmt}" in key[-1] and key[1] == "decode" for key in calls)
+    assert agreement >= AGREEMENT_FLOOR[fmt]
