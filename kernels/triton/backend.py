@@ -227,12 +227,13 @@ _levels_cache: dict = {}
 _sm_count: dict = {}
 
 
-def _levels(device):
+def _levels(device, dtype):
+    """The 16 nf4 levels in the dtype of the dots (float16 on the GPU: gathered without conversion)."""
     from mfa_hf.quant import NF4_LEVELS
 
-    key = str(device)
+    key = (str(device), dtype)
     if key not in _levels_cache:
-        _levels_cache[key] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+        _levels_cache[key] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device).to(dtype)
     return _levels_cache[key]
 
 
@@ -254,12 +255,18 @@ def decode_splits(work: int, key_span: int, block_n: int, device, num_splits: in
     return max(1, min(num_splits, useful, MAX_SPLITS))
 
 
-def _scale_args(scales, codes, fmt):
-    """(tensor, (batch, token, head, group) strides, mode): mode 1 one scale per row, 2 per group along D."""
+def _scale_args(scales, codes, fmt, group_size):
+    """(tensor, (batch, token, head, group) strides, mode, group size, groups).
+
+    mode 1: one scale per (token or static) row, 2: per group of D applied element-wise (int8/fp8
+    per channel), 3: nf4 groups (applied per group around the dots).
+    """
     if fmt == "none":
-        return codes, (0, 0, 0, 0), 0
+        return codes, (0, 0, 0, 0), 0, 2, 1
     full = scales.expand(codes.shape[0], codes.shape[1], codes.shape[2], scales.shape[-1])
-    return full, tuple(full.stride()), 1 if scales.shape[-1] == 1 else 2
+    groups = scales.shape[-1]
+    mode = 1 if groups == 1 else (3 if fmt == "nf4" else 2)
+    return full, tuple(full.stride()), mode, group_size, groups
 
 
 def _pow2(n: int) -> int:
@@ -292,8 +299,8 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
         span = min(span, window_left + right + block_q)
     splits = decode_splits(batch * heads_kv * q_tiles, span, block_n, q.device, num_splits)
     direct = splits == 1
-    ks, ks_strides, k_mode = _scale_args(k_scales, k_codes, k_format)
-    vs, vs_strides, v_mode = _scale_args(v_scales, v_codes, v_format)
+    ks, ks_strides, k_mode, k_gs, k_ng = _scale_args(k_scales, k_codes, k_format, k_group_size)
+    vs, vs_strides, v_mode, v_gs, v_ng = _scale_args(v_scales, v_codes, v_format, v_group_size)
     if direct:
         part_o = part_lse = lse
     else:
@@ -306,15 +313,16 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
     e4m3 = 256.0  # decode.py's e4m3 decode yields value / 256
     dot_precision = _dot_precision(q.dtype, q.device)
     _compiled_decode.decode_split_kernel[(splits, batch * heads_kv, q_tiles)](
-        q, k_codes, v_codes, ks, vs, seqlens_k, rows, slopes, q if sinks is None else sinks, _levels(q.device),
+        q, k_codes, v_codes, ks, vs, seqlens_k, rows, slopes, q if sinks is None else sinks,
+        _levels(q.device, torch.float32 if dot_precision == "upcast" or q.dtype == torch.float32 else torch.float16),
         out, lse, part_o, part_lse, *q.stride(), *k_codes.stride(), *v_codes.stride(), *ks_strides, *vs_strides,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), *slope_strides,
-        lq, heads_kv, group, splits, max(window_left, 0), max(right, 0), k_group_size, v_group_size,
-        scale, softcap,
+        lq, heads_kv, group, splits, max(window_left, 0), max(right, 0), scale, softcap,
         HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=padded_dim(head_d), BLOCK_DV=padded_dim(head_dv),
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, K_FMT=_FORMAT_CODES[k_format],
         V_FMT=_FORMAT_CODES[v_format], K_SCALE=k_mode, V_SCALE=v_mode,
         K_CONST=e4m3 if k_format == "fp8_e4m3" else 1.0, V_CONST=e4m3 if v_format == "fp8_e4m3" else 1.0,
+        K_GS=k_gs, V_GS=v_gs, K_NG=k_ng, V_NG=v_ng,
         HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0,
         SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None, SINKS_ON=sinks is not None, DIRECT=direct,
         DOT_PRECISION=dot_precision, num_warps=cfg["num_warps"] if on_gpu else 1,

@@ -54,7 +54,7 @@ def _kv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, sta
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "left", "right", "seed", "threshold"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "left", "right", "seed", "threshold", "stride_lb", "stride_lh", "stride_deltab", "stride_deltah"])
 def attention_backward_kv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, MASK, ALIBI_SLOPES, CU_Q, CU_K,
     stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
@@ -183,7 +183,7 @@ def _q_step(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, start_n,
     return dq
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "left", "right", "seed", "threshold"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "left", "right", "seed", "threshold", "stride_lb", "stride_lh", "stride_deltab", "stride_deltah"])
 def attention_backward_q_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DS, MASK, ALIBI_SLOPES, CU_Q, CU_K,
     stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,

@@ -31,28 +31,38 @@ FMT_NONE, FMT_E4M3, FMT_E5M2, FMT_INT8, FMT_NF4 = 0, 1, 2, 3, 4
 
 
 @triton.jit
-def _decode_codes(codes, FMT: tl.constexpr):
-    """Codes -> float32 values (before scales; e4m3 comes out / 256, folded into the scale)."""
-    if FMT == 1:
-        c = codes.to(tl.int16) & 0xFF
-        bits = ((c & 0x80) << 8) | ((c & 0x7F) << 7)
-        return bits.to(tl.float16, bitcast=True).to(tl.float32)
+def _values(raw, FMT: tl.constexpr, NIBBLE: tl.constexpr, LEVELS, DTYPE: tl.constexpr):
+    """Codes -> values in DTYPE, before scales (e4m3 comes out / 256: K_CONST/V_CONST undo it).
+
+    Everything goes through float16 bit patterns built with integer operations (no conversion
+    instruction, a quarter-rate unit on Hopper, per element); the dots then run in float16.
+    """
+    if FMT == 0:
+        return raw.to(DTYPE)
+    elif FMT == 1:
+        c = raw.to(tl.int16) & 0xFF
+        return (((c & 0x80) << 8) | ((c & 0x7F) << 7)).to(tl.float16, bitcast=True).to(DTYPE)
     elif FMT == 2:
-        c = codes.to(tl.int16) & 0xFF
-        return (c << 8).to(tl.float16, bitcast=True).to(tl.float32)
+        c = raw.to(tl.int16) & 0xFF
+        return (c << 8).to(tl.float16, bitcast=True).to(DTYPE)
     elif FMT == 3:
-        return codes.to(tl.float32)
+        # 0x6400 | (x + 128) is the float16 1024 + (x + 128): exact, and 1152 away from x
+        biased = (0x6400 | ((raw.to(tl.int16) ^ 0x80) & 0xFF)).to(tl.float16, bitcast=True)
+        return (biased - 1152.0).to(DTYPE)
     else:
-        return codes.to(tl.float32)
+        idx = (raw.to(tl.int32) >> (4 * NIBBLE)) & 0xF
+        return tl.load(LEVELS + idx).to(DTYPE)
 
 
 @triton.jit
-def _load_side(base, scale_base, cols, dcols, col_ok, stride_n, stride_d, stride_sn, stride_sg, group_size,
-               HEAD_D: tl.constexpr, FMT: tl.constexpr, SCALE_MODE: tl.constexpr, NIBBLE: tl.constexpr,
-               LEVELS, TRANSPOSED: tl.constexpr, DTYPE: tl.constexpr):
-    """One K (TRANSPOSED: (D, N)) or V ((N, D)) tile of values in DTYPE, group scales applied.
+def _load_side(base, scale_base, cols, dcols, col_ok, stride_n, stride_d, stride_sn, stride_sg,
+               HEAD_D: tl.constexpr, FMT: tl.constexpr, SCALE_MODE: tl.constexpr, GS: tl.constexpr,
+               NIBBLE: tl.constexpr, LEVELS, TRANSPOSED: tl.constexpr, DTYPE: tl.constexpr):
+    """One K (TRANSPOSED: (D, N)) or V ((N, D)) tile of values in DTYPE.
 
-    For nf4, dcols index bytes and NIBBLE (0 low / 1 high) selects elements 2 * dcols + NIBBLE.
+    SCALE_MODE 2 (a scale per group of GS along D, not nf4) applies the scales element-wise here;
+    modes 1 and 3 are applied by the caller around the dots. For nf4, dcols index bytes and
+    NIBBLE (0 low / 1 high) selects elements 2 * dcols + NIBBLE.
     """
     if TRANSPOSED:
         ptrs = base + cols[None, :] * stride_n + dcols[:, None] * stride_d
@@ -62,36 +72,29 @@ def _load_side(base, scale_base, cols, dcols, col_ok, stride_n, stride_d, stride
         ok = col_ok[:, None] & (dcols[None, :] < HEAD_D)
     if FMT == 0:
         return tl.load(ptrs, mask=ok, other=0.0).to(DTYPE)
-    raw = tl.load(ptrs, mask=ok, other=0)
-    if FMT == 4:
-        idx = (raw.to(tl.int32) >> (4 * NIBBLE)) & 0xF
-        vals = tl.load(LEVELS + idx)
-        elem = 2 * dcols + NIBBLE
-    else:
-        vals = _decode_codes(raw, FMT)
-        elem = dcols
+    vals = _values(tl.load(ptrs, mask=ok, other=0), FMT, NIBBLE, LEVELS, DTYPE)
     if SCALE_MODE == 2:
         if TRANSPOSED:
-            sptrs = scale_base + cols[None, :] * stride_sn + (elem[:, None] // group_size) * stride_sg
+            sptrs = scale_base + cols[None, :] * stride_sn + (dcols[:, None] // GS) * stride_sg
         else:
-            sptrs = scale_base + cols[:, None] * stride_sn + (elem[None, :] // group_size) * stride_sg
-        vals = vals * tl.load(sptrs, mask=ok, other=0.0)
-    return vals.to(DTYPE)
+            sptrs = scale_base + cols[:, None] * stride_sn + (dcols[None, :] // GS) * stride_sg
+        vals = (vals.to(tl.float32) * tl.load(sptrs, mask=ok, other=0.0)).to(DTYPE)
+    return vals
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "group", "num_splits", "left", "right", "k_group_size",
-                               "v_group_size"])
+@triton.jit(do_not_specialize=["seqlen_q", "group", "num_splits", "left", "right"])
 def decode_split_kernel(
     Q, K, V, KS, VS, SEQLENS, BATCH_IDX, SLOPES, SINKS, LEVELS, O, LSE, PART_O, PART_LSE,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd, stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ksb, stride_ksn, stride_ksh, stride_ksg, stride_vsb, stride_vsn, stride_vsh, stride_vsg,
     stride_ob, stride_om, stride_oh, stride_lb, stride_lh, stride_ab, stride_ah,
-    seqlen_q, heads_kv, group, num_splits, left, right, k_group_size, v_group_size, qk_scale, softcap,
+    seqlen_q, heads_kv, group, num_splits, left, right, qk_scale, softcap,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     K_FMT: tl.constexpr, V_FMT: tl.constexpr, K_SCALE: tl.constexpr, V_SCALE: tl.constexpr,
-    K_CONST: tl.constexpr, V_CONST: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
+    K_CONST: tl.constexpr, V_CONST: tl.constexpr, K_GS: tl.constexpr, V_GS: tl.constexpr,
+    K_NG: tl.constexpr, V_NG: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     SINKS_ON: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -137,12 +140,27 @@ def decode_split_kernel(
     else:
         q_lo = tl.load(q_base + dq[None, :] * stride_qd, mask=row_ok[:, None] & (dq[None, :] < HEAD_D), other=0.0)
         q_hi = q_lo
-    # The dot operands' type. Triton's interpreter rounds float32 -> bfloat16 wrongly (not to
-    # nearest: a biased error), so under "upcast" (CPU bf16) dequantized values stay float32.
-    if DOT_PRECISION == "upcast":
-        dtype = tl.float32
+    # The dots' operand types. Quantized sides run in float16 (codes become float16 bit patterns;
+    # float32 q keeps float32). Triton's interpreter rounds float32 -> bfloat16 wrongly (not to
+    # nearest: a biased error), so under "upcast" (CPU bf16) everything stays float32.
+    if DOT_PRECISION == "upcast" or q_lo.dtype == tl.float32:
+        kdt = tl.float32
+        vdt = tl.float32
     else:
-        dtype = q_lo.dtype
+        if K_FMT == 0:
+            kdt = q_lo.dtype
+        else:
+            kdt = tl.float16
+        if V_FMT == 0:
+            vdt = q_lo.dtype
+        else:
+            vdt = tl.float16
+    q_lo = q_lo.to(kdt)
+    q_hi = q_hi.to(kdt)
+    if K_SCALE == 3:
+        k_group = dq // (K_GS // 2)  # nf4: the scale group of byte column dq (both nibbles)
+    if V_SCALE == 3:
+        v_group = tl.arange(0, BLOCK_DV) // (V_GS // 2)
     dv = tl.arange(0, BLOCK_DV)
 
     k_base = K + row_b * stride_kb + kvh * stride_kh
@@ -161,12 +179,22 @@ def decode_split_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         k_lo = _load_side(k_base, ks_base, cols, dq, col_ok, stride_kn, stride_kd, stride_ksn, stride_ksg,
-                          k_group_size, HEAD_D, K_FMT, K_SCALE, 0, LEVELS, True, dtype)
-        qk = dot(q_lo, k_lo, DOT_PRECISION)
+                          HEAD_D, K_FMT, K_SCALE, K_GS, 0, LEVELS, True, kdt)
         if HALF_K:
             k_hi = _load_side(k_base, ks_base, cols, dq, col_ok, stride_kn, stride_kd, stride_ksn, stride_ksg,
-                              k_group_size, HEAD_D, K_FMT, K_SCALE, 1, LEVELS, True, dtype)
-            qk += dot(q_hi, k_hi, DOT_PRECISION)
+                              HEAD_D, K_FMT, K_SCALE, K_GS, 1, LEVELS, True, kdt)
+        if K_SCALE == 3:  # nf4 groups: one dot per group (q's other columns zeroed), scaled per key
+            qk = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+            for g in tl.static_range(K_NG):
+                in_g = (k_group == g)[None, :]
+                part = dot(tl.where(in_g, q_lo, 0.0).to(kdt), k_lo, DOT_PRECISION)
+                part += dot(tl.where(in_g, q_hi, 0.0).to(kdt), k_hi, DOT_PRECISION)
+                ks = tl.load(ks_base + cols * stride_ksn + g * stride_ksg, mask=col_ok, other=0.0)
+                qk += part * ks[None, :]
+        else:
+            qk = dot(q_lo, k_lo, DOT_PRECISION)
+            if HALF_K:
+                qk += dot(q_hi, k_hi, DOT_PRECISION)
         if K_SCALE == 1:
             ks = tl.load(ks_base + cols * stride_ksn, mask=col_ok, other=0.0)
             qk = qk * (ks * K_CONST)[None, :]
@@ -195,12 +223,24 @@ def decode_split_kernel(
         elif V_CONST != 1.0:
             p = p * V_CONST
         v_lo = _load_side(v_base, vs_base, cols, dv, col_ok, stride_vn, stride_vd, stride_vsn, stride_vsg,
-                          v_group_size, HEAD_DV, V_FMT, V_SCALE, 0, LEVELS, False, dtype)
-        acc_lo = acc_lo * alpha[:, None] + dot(p.to(dtype), v_lo, DOT_PRECISION)
+                          HEAD_DV, V_FMT, V_SCALE, V_GS, 0, LEVELS, False, vdt)
         if HALF_V:
             v_hi = _load_side(v_base, vs_base, cols, dv, col_ok, stride_vn, stride_vd, stride_vsn, stride_vsg,
-                              v_group_size, HEAD_DV, V_FMT, V_SCALE, 1, LEVELS, False, dtype)
-            acc_hi = acc_hi * alpha[:, None] + dot(p.to(dtype), v_hi, DOT_PRECISION)
+                              HEAD_DV, V_FMT, V_SCALE, V_GS, 1, LEVELS, False, vdt)
+        acc_lo = acc_lo * alpha[:, None]
+        if HALF_V:
+            acc_hi = acc_hi * alpha[:, None]
+        if V_SCALE == 3:  # nf4 groups: each group's columns take the probabilities times its scales
+            for g in tl.static_range(V_NG):
+                vsc = tl.load(vs_base + cols * stride_vsn + g * stride_vsg, mask=col_ok, other=0.0)
+                pg = (p * vsc[None, :]).to(vdt)
+                in_g = (v_group == g)[None, :]
+                acc_lo += tl.where(in_g, dot(pg, v_lo, DOT_PRECISION), 0.0)
+                acc_hi += tl.where(in_g, dot(pg, v_hi, DOT_PRECISION), 0.0)
+        else:
+            acc_lo += dot(p.to(vdt), v_lo, DOT_PRECISION)
+            if HALF_V:
+                acc_hi += dot(p.to(vdt), v_hi, DOT_PRECISION)
         m_i = m_new
 
     if DIRECT and SINKS_ON:  # the sink joins the denominator (one split: nothing to merge)

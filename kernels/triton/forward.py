@@ -44,7 +44,7 @@ def _step(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, diag, seql
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "left", "right", "seed", "threshold"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "left", "right", "seed", "threshold", "stride_lb", "stride_lh"])
 def attention_forward_kernel(
     Q, K, V, O, LSE, MASK, ALIBI_SLOPES, SINKS, CU_Q, CU_K,
     stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,

@@ -231,6 +231,7 @@ def _decode_cases():
         # static scales: per channel for keys (a scale per element of D), per head for values
         dict(k_format="int8", v_format="fp8_e4m3", k_granularity="channel", v_granularity="head", lq=1),
         dict(k_format="fp8_e5m2", v_format="int8", k_granularity="channel", lq=4, dtype=torch.bfloat16),
+        dict(k_format="int8", v_format="int8", lq=4, dtype=torch.float16, sinks=True, heads=(6, 2)),
         # mixed formats; nf4 with 2 and 4 scale groups along D
         dict(k_format="nf4", v_format="int8", group_size=32, lq=1, dtype=torch.bfloat16, sinks=True),
         dict(k_format="nf4", v_format="nf4", dim=128, lq=1, dtype=torch.bfloat16, heads=(8, 2)),
