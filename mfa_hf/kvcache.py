@@ -96,16 +96,18 @@ def flash_attn_with_kvcache(
     """
     check_query(q)
     quantized = _check_caches(q, k_cache, v_cache)
-    batch, lq = q.shape[0], q.shape[1]
+    batch = q.shape[0]
     cache_batch, max_seqlen = k_cache.shape[0], k_cache.shape[1]
     rows = _check_batch_idx(cache_batch_idx, batch, cache_batch, q.device, appending=k is not None)
     new_len = _check_new(k, v, q, k_cache, v_cache, quantized)
     lengths = _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, q.device)
     options = _check_options(q, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_splits)
+    chosen = _select_backend(q, k_cache, v_cache, alibi_slopes, sinks, *options)
     if k is not None and new_len:  # every check above ran first: a rejected call writes nothing
-        _append_all(k_cache, v_cache, k, v, lengths, rows)
+        _append_all(k_cache, v_cache, k, v, lengths, rows, getattr(chosen.module, "APPEND", None))
     total = lengths + new_len
-    return _decode(q, k_cache, v_cache, total.to(torch.int32), rows, alibi_slopes, sinks, return_lse, *options)
+    return _decode(q, k_cache, v_cache, total.to(torch.int32), rows, alibi_slopes, sinks, return_lse, *options,
+                   backend=chosen)
 
 
 def attention_over_quantized(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
@@ -139,25 +141,28 @@ def _check_options(q, softmax_scale, causal, window_size, softcap, alibi_slopes,
 
 
 def _decode(q, k_cache, v_cache, lengths, rows, alibi_slopes, sinks, return_lse, scale, causal, window_left,
-            window_right, softcap, num_splits):
+            window_right, softcap, num_splits, backend=None):
     k_codes, k_scales, k_format, k_group = _parts(k_cache)
     v_codes, v_scales, v_format, v_group = _parts(v_cache)
-    op = _select_decode(q, k_cache, v_cache, causal, window_left, window_right, softcap, alibi_slopes, sinks,
-                        k_format, v_format)
+    if backend is None:
+        backend = _select_backend(q, k_cache, v_cache, alibi_slopes, sinks, scale, causal, window_left,
+                                  window_right, softcap, num_splits)
+    op = getattr(backend.module, "DECODE", None)
+    if op is None:
+        raise dispatch.BackendUnavailable(f"the {backend.name} backend has no KV-cache decode op")
     out, lse = op(q, k_codes, k_scales, v_codes, v_scales, lengths, rows, alibi_slopes, sinks, k_format, v_format,
                   k_group, v_group, scale, causal, window_left, window_right, softcap, num_splits)
     return (out, lse) if return_lse else out
 
 
-def _select_decode(q, k_cache, v_cache, causal, window_left, window_right, softcap, alibi, sinks, k_format, v_format):
+def _select_backend(q, k_cache, v_cache, alibi, sinks, scale, causal, window_left, window_right, softcap,
+                    num_splits):
+    """The backend that serves this cache call (decode, and its append when it has its own kernel)."""
+    k_format, v_format = _parts(k_cache)[2], _parts(v_cache)[2]
     kv_format = k_format if k_format == v_format else f"{k_format}+{v_format}"
     problem = describe(q, k_cache, v_cache, None, alibi, sinks, None, 0, 0, bool(causal), window_left,
                        window_right, softcap, 0.0, kv_format=kv_format)
-    chosen = dispatch.select(problem)
-    op = getattr(chosen.module, "DECODE", None)
-    if op is None:
-        raise dispatch.BackendUnavailable(f"the {chosen.name} backend has no KV-cache decode op")
-    return op
+    return dispatch.select(problem)
 
 
 def _parts(cache):
@@ -170,8 +175,18 @@ def _parts(cache):
 # Appending: quantize the new tokens with the cache's format (and static scales), then write.
 
 
-def _append_all(k_cache, v_cache, k, v, lengths, rows):
-    """Encode both sides first, write after: a failure while encoding leaves the cache untouched."""
+def _append_all(k_cache, v_cache, k, v, lengths, rows, backend_append=None):
+    """Encode both sides first, write after: a failure while encoding leaves the cache untouched.
+
+    A backend with its own append kernel (metal: quantize on write in-kernel) gets the raw new
+    tokens instead; everything it could reject was validated before this point.
+    """
+    if backend_append is not None:
+        for cache, new in ((k_cache, k), (v_cache, v)):
+            codes, scales, fmt, group = _parts(cache)
+            backend_append(codes, new.new_empty((0,), dtype=torch.float32) if scales is None else scales, new,
+                           lengths, rows, fmt, group)
+        return
     writes = _writes(k_cache, k, rows) + _writes(v_cache, v, rows)
     for cache, new in writes:
         _append(cache, new, lengths, rows)

@@ -237,3 +237,28 @@ def _decode_flags(q, k_codes, k_format, v_format, causal, window_left, window_ri
         if on:
             parts.append(name)
     return " ".join(parts)
+
+
+def define_append_op(backend: str, append_impl: Callable, device_types=None) -> Callable:
+    """Register mfa_hf::{backend}_kvcache_append: write new tokens into a cache in place, quantizing
+    on write when the cache is quantized (a backend's own kernel instead of the generic append).
+
+    codes (Bc, Smax, Hkv, Dc): the plain cache (format "none") or a QuantizedKV's codes; scales: its
+    float32 scales (an empty tensor for plain caches, never written then). new (B, Lnew, Hkv, D) goes
+    to positions cache_seqlens[b] .. + Lnew - 1 of cache row cache_batch_idx[b] (or b). The caller
+    has validated everything: the op cannot fail half-way.
+    """
+
+    @torch.library.custom_op(f"mfa_hf::{backend}_kvcache_append", mutates_args=("codes", "scales"),
+                             device_types=device_types)
+    def append(codes: Tensor, scales: Tensor, new: Tensor, cache_seqlens: Tensor,
+               cache_batch_idx: Optional[Tensor], format: str, group_size: int) -> None:
+        trace.record(backend, "append", new.dtype, new.shape[-1], new.shape[1], codes.shape[1],
+                     "kvcache" if format == "none" else f"kvcache kv={format}")
+        append_impl(codes, scales, new, cache_seqlens, cache_batch_idx, format, group_size)
+
+    @append.register_fake
+    def _(codes, scales, new, cache_seqlens, cache_batch_idx, format, group_size):
+        return None
+
+    return append

@@ -2,9 +2,9 @@
 cache in place, bit-exact with mfa_hf.quant.encode and its per-token absmax scales.
 
 `append(cache, new, cache_seqlens, cache_batch_idx)` writes new (B, Lnew, Hkv, D) at positions
-cache_seqlens[b] .. + Lnew - 1 of cache row cache_batch_idx[b] (or b). Not yet called by
-`mfa_hf.flash_attn_with_kvcache`, whose append is the backend-neutral `mfa_hf::kvcache_append`
-op (mfa_hf/kvcache.py); routing it here is a change to that module.
+cache_seqlens[b] .. + Lnew - 1 of cache row cache_batch_idx[b] (or b). `append_parts` is the same on
+a cache given as parts; backend.py registers it as the metal APPEND op, which
+`mfa_hf.flash_attn_with_kvcache` uses whenever the metal backend serves the call.
 """
 
 from __future__ import annotations
@@ -56,3 +56,10 @@ def append(cache, new: torch.Tensor, cache_seqlens: torch.Tensor, cache_batch_id
     lib.kvcache_append(new, codes, _placeholder(new.device, torch.float32) if scales is None else scales,
                        _index_vector(cache_seqlens, new.device), _index_vector(cache_batch_idx, new.device), params,
                        threads=(32 * count, heads, batch), group_size=(32, 1, 1))
+
+
+def append_parts(codes: torch.Tensor, scales: torch.Tensor, new: torch.Tensor, cache_seqlens: torch.Tensor,
+                 cache_batch_idx: torch.Tensor | None, format: str, group_size: int) -> None:
+    """append() on a cache given as its parts (the custom op's schema: no QuantizedKV crosses it)."""
+    cache = codes if format == "none" else QuantizedKV(codes, scales, format, group_size, new.dtype)
+    append(cache, new, cache_seqlens, cache_batch_idx)

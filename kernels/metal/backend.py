@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from mfa_hf.ops import define_attention_ops, define_decode_op
+from mfa_hf.ops import define_append_op, define_attention_ops, define_decode_op
 from mfa_hf.problem import AttentionProblem
 
 from .emulator.runtime_select import emulator_enabled
+from .append import append_parts
 from .backward import backward
 from .decode import run_decode
 from .forward import forward
@@ -49,3 +50,4 @@ def _device_reason(device_type: str) -> str:
 
 OPS = define_attention_ops(NAME, forward, backward, device_types=("mps", "cpu"))
 DECODE = define_decode_op(NAME, run_decode, device_types=("mps", "cpu"))  # decode.py: vector / split-K + merge
+APPEND = define_append_op(NAME, append_parts, device_types=("mps", "cpu"))  # quantize on write, in-kernel

@@ -158,6 +158,8 @@ def check_decode(case: DecodeCase, runtime, two_schedules, seed: int = 0):
     with trace.capture() as calls:
         out, lse = run_kvcache(case, inputs, runtime.device)
     assert trace.served_by(calls)[("metal", "decode")] == 1, dict(trace.served_by(calls))
+    if inputs["k"] is not None and inputs["k"].shape[1]:  # new tokens: quantized on write by the metal kernel
+        assert trace.served_by(calls)[("metal", "append")] == 2, dict(trace.served_by(calls))
     # The same call again (same positions, same tokens): the append rewrites identical codes.
     two_schedules.again(lambda: run_kvcache(case, inputs, runtime.device), (out, lse))
     after = _cpu_caches(inputs)  # the reference reads the appended tokens back from the cache
