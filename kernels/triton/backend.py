@@ -118,7 +118,7 @@ def forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k,
     lse = new_output(lse_shape, torch.float32, q.device)
     meta, left, right = _common_meta(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, causal, window_left,
                                      window_right, softcap, dropout_p)
-    blocks = forward_blocks(max(q.shape[-1], v.shape[-1]), q.dtype, causal, q.device.type)
+    blocks = forward_blocks(max(q.shape[-1], v.shape[-1]), q.dtype, causal, q.device.type, lq)
     mask, mask_strides, _ = _mask_args(attn_mask, q, batch, lq, lk)
     slopes, slope_strides = _alibi_args(alibi_slopes, q)
     seed, threshold, keep_scale = _dropout_args(dropout_p, dropout_seed)

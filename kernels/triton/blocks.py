@@ -39,6 +39,14 @@ _TINY = Blocks(16, 16, 1, 1)
 _FORWARD = {16: Blocks(128, 64, 4, 3), 32: Blocks(128, 64, 4, 3), 64: Blocks(128, 64, 4, 3),
             128: Blocks(128, 64, 8, 3), 256: Blocks(64, 32, 4, 2)}
 _FORWARD_CAUSAL = {128: Blocks(128, 64, 8, 3)}
+# Short sequences (max query length <= SMALL_N): more, smaller programs fill the SMs (device_bench
+# forward sweep, H200 2026-11-21: D=128 N=512 non-causal 310 TFLOP/s with (64, 64, 4, 3) against
+# <= 215 with (128, 64, 8, 3)). Two tables, so at most two compiled variants, never one per length.
+SMALL_N = 1024
+_FORWARD_SMALL = {16: Blocks(64, 64, 4, 3), 32: Blocks(64, 64, 4, 3), 64: Blocks(128, 64, 8, 3),
+                  128: Blocks(64, 64, 4, 3)}
+_FORWARD_SMALL_CAUSAL = {16: Blocks(64, 64, 4, 3), 32: Blocks(64, 64, 4, 3), 64: Blocks(64, 64, 4, 3),
+                         128: Blocks(64, 64, 4, 3)}
 # Backward, dK/dV pass: block_n keys stay resident, block_m query rows stream.
 _BACKWARD_KV = {16: Blocks(32, 128, 4, 2), 32: Blocks(32, 128, 4, 2), 64: Blocks(32, 128, 4, 2),
                 128: Blocks(64, 128, 8, 2), 256: Blocks(32, 64, 8, 1)}
@@ -57,7 +65,9 @@ def _pick(table: dict, dim: int, dtype: torch.dtype, device_type: str, override:
     return chosen
 
 
-def forward_blocks(dim: int, dtype: torch.dtype, causal: bool, device_type: str = "cuda") -> Blocks:
+def forward_blocks(dim: int, dtype: torch.dtype, causal: bool, device_type: str = "cuda", seqlen_q: int = 0) -> Blocks:
+    if 0 < seqlen_q <= SMALL_N:
+        return _pick(_FORWARD, dim, dtype, device_type, _FORWARD_SMALL_CAUSAL if causal else _FORWARD_SMALL)
     return _pick(_FORWARD, dim, dtype, device_type, _FORWARD_CAUSAL if causal else None)
 
 

@@ -46,9 +46,7 @@ def _values(raw, FMT: tl.constexpr, NIBBLE: tl.constexpr, LEVELS, DTYPE: tl.cons
         c = raw.to(tl.int16) & 0xFF
         return (c << 8).to(tl.float16, bitcast=True).to(DTYPE)
     elif FMT == 3:
-        # 0x6400 | (x + 128) is the float16 1024 + (x + 128): exact, and 1152 away from x
-        biased = (0x6400 | ((raw.to(tl.int16) ^ 0x80) & 0xFF)).to(tl.float16, bitcast=True)
-        return (biased - 1152.0).to(DTYPE)
+        return raw.to(DTYPE)  # int8 -> the dot's type (a float16 bit-pattern trick measured slower)
     else:
         idx = (raw.to(tl.int32) >> (4 * NIBBLE)) & 0xF
         return tl.load(LEVELS + idx).to(DTYPE)
@@ -147,11 +145,11 @@ def decode_split_kernel(
         kdt = tl.float32
         vdt = tl.float32
     else:
-        if K_FMT == 0:
+        if K_FMT == 0 or K_FMT == 3:  # int8: measured faster with q's own dtype (H200: 0.44 vs 0.53 ms)
             kdt = q_lo.dtype
         else:
             kdt = tl.float16
-        if V_FMT == 0:
+        if V_FMT == 0 or V_FMT == 3:
             vdt = q_lo.dtype
         else:
             vdt = tl.float16

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 B, HQ, HKV, D = 8, 32, 8, 128
-LENGTHS = (4096, 16384, 65536)
-FORMATS = ("bf16", "fp8_e4m3", "fp8_e5m2", "int8", "nf4")
+LENGTHS = tuple(int(n) for n in os.environ.get("DECODE_LENGTHS", "4096,16384,65536").split(","))
+FORMATS = tuple(os.environ.get("DECODE_FORMATS", "bf16,fp8_e4m3,fp8_e5m2,int8,nf4").split(","))
 CONFIGS = [dict(block_n=n, num_warps=w, num_stages=s)
            for n, w, s in ((64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (64, 4, 4),
                            (128, 8, 2), (64, 2, 3), (128, 4, 4))]

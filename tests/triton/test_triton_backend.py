@@ -201,9 +201,10 @@ def test_sequence_lengths_do_not_recompile():
         mfa_hf.flash_attn_func(x, x, x, causal=True)
 
     run(100)
+    run(4096)  # blocks.py has a short-sequence table (<= SMALL_N) and a long one: two variants at most
     caches = fwd.attention_forward_kernel.device_caches  # triton 3.x: device -> (kernel cache, ...)
     before = sum(len(entry[0]) for entry in caches.values())
-    for n in (37, 128, 1000, 4096):
+    for n in (37, 128, 1000, 1025, 3000, 4096):
         run(n)
     after = sum(len(entry[0]) for entry in caches.values())
     assert after == before, f"expected no new compilations across lengths, got {after - before}"
