@@ -65,9 +65,10 @@ def _cache_mb(cache) -> float:
     total = 0
     for layer in cache.layers:  # transformers' layers: dequantized keys/values or quantized payloads
         for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
+            held = getattr(layer, name, None)
+            for t in held if isinstance(held, tuple) else (held,):  # fp8 layers keep (payload, scale)
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
     return total / 2**20
 
 
