@@ -7,7 +7,6 @@ block-wise dequantization, append) from the quantization error, and the DESIGN.m
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -17,40 +16,20 @@ from mfa_hf import trace
 from mfa_hf.kernels.reference import attention_reference
 from mfa_hf.kernels.torch import decode
 from mfa_hf.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
+from mfa_hf.testing_kvcache import (
+    BATCH,
+    CACHE_ROWS,
+    FORMATS,
+    DecodeCase,
+    dense,
+    make_decode_inputs,
+    reference_over_cache,
+    run_kvcache,
+)
 
-FORMATS = (None, "fp8_e4m3", "fp8_e5m2", "int8", "nf4")
-
-
-@dataclass(frozen=True)
-class CacheCase:
-    format: str | None = None
-    lq: int = 1
-    dtype: torch.dtype = torch.float32
-    heads: tuple[int, int] = (4, 2)
-    dim: int = 64
-    causal: bool = True
-    window: tuple[int, int] = (-1, -1)
-    softcap: float = 0.0
-    sinks: bool = False
-    alibi: bool = False
-    batch_idx: bool = False
-    num_splits: int = 0
-
-    @property
-    def id(self) -> str:
-        parts = [self.format or "plain", f"q{self.lq}", str(self.dtype).replace("torch.", ""),
-                 f"h{self.heads[0]}-{self.heads[1]}", f"d{self.dim}", "causal" if self.causal else "full"]
-        if self.window != (-1, -1):
-            parts.append(f"w{self.window[0]}_{self.window[1]}")
-        for on, name in ((self.softcap, "softcap"), (self.sinks, "sinks"), (self.alibi, "alibi"),
-                         (self.batch_idx, "batchidx"), (self.num_splits, f"splits{self.num_splits}")):
-            if on:
-                parts.append(name)
-        return "-".join(parts)
-
-
-BATCH, CACHE_ROWS, MAX_SEQLEN = 3, 5, 96
+MAX_SEQLEN = 96
 LENGTHS = (0, 37, 70)  # ragged, one empty before the append
+CacheCase = DecodeCase
 
 
 def _cases() -> list[CacheCase]:
@@ -67,59 +46,7 @@ def _cases() -> list[CacheCase]:
 
 
 def make_cache_inputs(case: CacheCase, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    hq, hkv = case.heads
-    rows = CACHE_ROWS if case.batch_idx else BATCH
-    group = 32 if case.format == "nf4" and case.dim % 64 else None
-    caches = []
-    for _ in range(2):
-        content = torch.randn(rows, MAX_SEQLEN, hkv, case.dim, generator=g).to(case.dtype)
-        if case.format is None:
-            caches.append(content)
-        else:
-            caches.append(mfa_hf.quantize_kv(content, case.format, group_size=group))
-    inputs = dict(
-        q=torch.randn(BATCH, case.lq, hq, case.dim, generator=g).to(case.dtype),
-        k_cache=caches[0], v_cache=caches[1],
-        k=torch.randn(BATCH, case.lq, hkv, case.dim, generator=g).to(case.dtype),
-        v=torch.randn(BATCH, case.lq, hkv, case.dim, generator=g).to(case.dtype),
-        cache_seqlens=torch.tensor(LENGTHS, dtype=torch.int32),
-        cache_batch_idx=torch.tensor([4, 0, 2], dtype=torch.int32) if case.batch_idx else None,
-        sinks=torch.randn(hq, generator=g) if case.sinks else None,
-        alibi_slopes=torch.rand(hq, generator=g) * 0.3 if case.alibi else None,
-    )
-    return inputs
-
-
-def _dense(cache) -> torch.Tensor:
-    return cache.dequantize(torch.float64) if isinstance(cache, mfa_hf.QuantizedKV) else cache
-
-
-def reference_over_cache(case: CacheCase, inputs: dict, k_cache, v_cache, upcast: bool):
-    """Per sequence: the reference on the (dequantized) cache prefix the call should see."""
-    lengths = (inputs["cache_seqlens"] + case.lq).tolist()
-    rows = inputs["cache_batch_idx"].tolist() if case.batch_idx else list(range(BATCH))
-    dense_k, dense_v = _dense(k_cache), _dense(v_cache)
-    dtype = torch.float64 if upcast else case.dtype
-    outs, lses = [], []
-    for b, (row, length) in enumerate(zip(rows, lengths)):
-        q = inputs["q"][b : b + 1]
-        k = dense_k[row : row + 1, :length].to(dtype)
-        v = dense_v[row : row + 1, :length].to(dtype)
-        out, lse = attention_reference(
-            q.to(dtype), k, v, causal=case.causal, window_size=case.window, softcap=case.softcap,
-            sinks=inputs["sinks"], alibi_slopes=inputs["alibi_slopes"], upcast=upcast)
-        outs.append(out)
-        lses.append(lse)
-    return torch.cat(outs), torch.cat(lses)
-
-
-def run_kvcache(case: CacheCase, inputs: dict):
-    return mfa_hf.flash_attn_with_kvcache(
-        inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["k"], inputs["v"],
-        cache_seqlens=inputs["cache_seqlens"], cache_batch_idx=inputs["cache_batch_idx"],
-        causal=case.causal, window_size=case.window, softcap=case.softcap, alibi_slopes=inputs["alibi_slopes"],
-        sinks=inputs["sinks"], return_lse=True, num_splits=case.num_splits)
+    return make_decode_inputs(case, LENGTHS, MAX_SEQLEN, seed)
 
 
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: c.id)
@@ -129,8 +56,8 @@ def test_kvcache_matches_reference(case, small_tiles):
         out, lse = run_kvcache(case, inputs)
     assert trace.served_by(calls)[("torch", "decode")] == 1
     # After the call the cache holds the appended tokens: the reference reads them back from it.
-    ref, ref_lse = reference_over_cache(case, inputs, inputs["k_cache"], inputs["v_cache"], upcast=True)
-    base, base_lse = reference_over_cache(case, inputs, inputs["k_cache"], inputs["v_cache"], upcast=False)
+    ref, ref_lse = reference_over_cache(case, inputs, upcast=True)
+    base, base_lse = reference_over_cache(case, inputs, upcast=False)
     factor = GRADIENT_FACTOR if case.softcap else FORWARD_FACTOR
     assert_close_to_reference(out, ref, base, factor, "out")
     assert_close_to_reference(lse, ref_lse, base_lse, factor, "lse")
@@ -141,10 +68,10 @@ def test_appended_tokens_are_the_new_k_v(fmt):
     """The append wrote the new tokens (quantized as a whole-sequence quantize_kv would) in place."""
     case = CacheCase(fmt, lq=4, batch_idx=True)
     inputs = make_cache_inputs(case)
-    before_k = _dense(inputs["k_cache"]).clone()
+    before_k = dense(inputs["k_cache"]).clone()
     run_kvcache(case, inputs)
-    after_k = _dense(inputs["k_cache"])
-    expected_new = _dense(mfa_hf.quantize_kv(inputs["k"], fmt) if fmt else inputs["k"])
+    after_k = dense(inputs["k_cache"])
+    expected_new = dense(mfa_hf.quantize_kv(inputs["k"], fmt) if fmt else inputs["k"])
     for b, (row, start) in enumerate(zip(inputs["cache_batch_idx"].tolist(), LENGTHS)):
         torch.testing.assert_close(after_k[row, start : start + 4], expected_new[b], rtol=0, atol=0)
         untouched = torch.ones(MAX_SEQLEN, dtype=torch.bool)

@@ -9,7 +9,6 @@ torch's own conversion.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -18,48 +17,22 @@ import mfa_hf
 from mfa_hf import trace
 from mfa_hf.kernels.metal import decode as metal_decode
 from mfa_hf.kernels.metal.loader import kernel_source
-from mfa_hf.kernels.reference import attention_reference
 from mfa_hf.quant import NF4_LEVELS
 from mfa_hf.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
+from mfa_hf.testing_kvcache import (
+    BATCH,
+    CACHE_ROWS,
+    FORMATS,
+    DecodeCase,
+    make_decode_inputs,
+    reference_over_cache,
+    run_kvcache,
+)
 
 from .conftest import bits
 
-FORMATS = (None, "fp8_e4m3", "fp8_e5m2", "int8", "nf4")
-BATCH, CACHE_ROWS, CAPACITY = 3, 5, 80
+CAPACITY = 80
 LENGTHS = (0, 29, 70)  # before the append: ragged, one empty
-
-
-@dataclass(frozen=True)
-class DecodeCase:
-    format: str | None = None
-    lq: int = 1
-    dtype: torch.dtype = torch.float32
-    heads: tuple[int, int] = (4, 2)
-    dim: int = 64
-    causal: bool = True
-    window: tuple[int, int] = (-1, -1)
-    softcap: float = 0.0
-    sinks: bool = False
-    alibi: bool = False
-    batch_idx: bool = False
-    num_splits: int = 0
-    v_format: str | None = "same"
-
-    @property
-    def id(self) -> str:
-        parts = [self.format or "plain", f"q{self.lq}", str(self.dtype).replace("torch.", ""),
-                 f"h{self.heads[0]}-{self.heads[1]}", f"d{self.dim}", "causal" if self.causal else "full"]
-        if self.window != (-1, -1):
-            parts.append(f"w{self.window[0]}_{self.window[1]}")
-        for on, name in ((self.softcap, "softcap"), (self.sinks, "sinks"), (self.alibi, "alibi"),
-                         (self.batch_idx, "batchidx"), (self.num_splits, f"splits{self.num_splits}"),
-                         (self.v_format != "same", f"v_{self.v_format}")):
-            if on:
-                parts.append(name)
-        return "-".join(parts)
-
-    def value_format(self):
-        return self.format if self.v_format == "same" else self.v_format
 
 
 def decode_cases() -> list[DecodeCase]:
@@ -78,54 +51,7 @@ def decode_cases() -> list[DecodeCase]:
 
 
 def make_inputs(case: DecodeCase, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    hq, hkv = case.heads
-    rows = CACHE_ROWS if case.batch_idx else BATCH
-    caches = []
-    for fmt in (case.format, case.value_format()):
-        content = torch.randn(rows, CAPACITY, hkv, case.dim, generator=g).to(case.dtype)
-        group = 32 if fmt == "nf4" and case.dim % 64 else None
-        caches.append(content if fmt is None else mfa_hf.quantize_kv(content, fmt, group_size=group))
-    return dict(
-        q=torch.randn(BATCH, case.lq, hq, case.dim, generator=g).to(case.dtype),
-        k_cache=caches[0], v_cache=caches[1],
-        k=torch.randn(BATCH, case.lq, hkv, case.dim, generator=g).to(case.dtype),
-        v=torch.randn(BATCH, case.lq, hkv, case.dim, generator=g).to(case.dtype),
-        cache_seqlens=torch.tensor(LENGTHS, dtype=torch.int32),
-        cache_batch_idx=torch.tensor([4, 0, 2], dtype=torch.int32) if case.batch_idx else None,
-        sinks=torch.randn(hq, generator=g) if case.sinks else None,
-        alibi_slopes=torch.rand(hq, generator=g) * 0.3 if case.alibi else None,
-    )
-
-
-def _dense(cache) -> torch.Tensor:
-    return cache.dequantize(torch.float64) if isinstance(cache, mfa_hf.QuantizedKV) else cache
-
-
-def reference_over_cache(case: DecodeCase, inputs: dict, upcast: bool):
-    """Per sequence: the reference on the (dequantized) cache prefix the call should see."""
-    lengths = (inputs["cache_seqlens"] + case.lq).tolist()
-    rows = inputs["cache_batch_idx"].tolist() if case.batch_idx else list(range(BATCH))
-    dense_k, dense_v = _dense(inputs["k_cache"]), _dense(inputs["v_cache"])
-    dtype = torch.float64 if upcast else case.dtype
-    outs, lses = [], []
-    for b, (row, length) in enumerate(zip(rows, lengths)):
-        out, lse = attention_reference(
-            inputs["q"][b : b + 1].to(dtype), dense_k[row : row + 1, :length].to(dtype),
-            dense_v[row : row + 1, :length].to(dtype), causal=case.causal, window_size=case.window,
-            softcap=case.softcap, sinks=inputs["sinks"], alibi_slopes=inputs["alibi_slopes"], upcast=upcast)
-        outs.append(out)
-        lses.append(lse)
-    return torch.cat(outs), torch.cat(lses)
-
-
-def run_kvcache(case: DecodeCase, inputs: dict, device):
-    on = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return mfa_hf.flash_attn_with_kvcache(
-        on(inputs["q"]), inputs["k_cache"], inputs["v_cache"], on(inputs["k"]), on(inputs["v"]),
-        cache_seqlens=on(inputs["cache_seqlens"]), cache_batch_idx=on(inputs["cache_batch_idx"]),
-        causal=case.causal, window_size=case.window, softcap=case.softcap, alibi_slopes=on(inputs["alibi_slopes"]),
-        sinks=on(inputs["sinks"]), return_lse=True, num_splits=case.num_splits)
+    return make_decode_inputs(case, LENGTHS, CAPACITY, seed)
 
 
 def _to_device(inputs: dict, device) -> dict:

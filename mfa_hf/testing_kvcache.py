@@ -1,0 +1,121 @@
+"""KV-cache decode cases shared by every backend's tests (torch, metal, triton).
+
+A case is one `flash_attn_with_kvcache` call over a plain or quantized cache with ragged lengths;
+the reference runs per sequence on the *dequantized* cache prefix the call should see, so the
+comparison isolates the kernel (split-K, in-kernel dequantization, append) from quantization error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FORMATS = (None, "fp8_e4m3", "fp8_e5m2", "int8", "nf4")
+BATCH, CACHE_ROWS = 3, 5
+BATCH_IDX = (4, 0, 2)  # batch row b reads cache row BATCH_IDX[b]
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    format: str | None = None
+    lq: int = 1
+    dtype: torch.dtype = torch.float32
+    heads: tuple[int, int] = (4, 2)
+    dim: int = 64
+    causal: bool = True
+    window: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    sinks: bool = False
+    alibi: bool = False
+    batch_idx: bool = False
+    num_splits: int = 0
+    v_format: str | None = "same"
+
+    @property
+    def id(self) -> str:
+        parts = [self.format or "plain", f"q{self.lq}", str(self.dtype).replace("torch.", ""),
+                 f"h{self.heads[0]}-{self.heads[1]}", f"d{self.dim}", "causal" if self.causal else "full"]
+        if self.window != (-1, -1):
+            parts.append(f"w{self.window[0]}_{self.window[1]}")
+        for on, name in ((self.softcap, "softcap"), (self.sinks, "sinks"), (self.alibi, "alibi"),
+                         (self.batch_idx, "batchidx"), (self.num_splits, f"splits{self.num_splits}"),
+                         (self.v_format != "same", f"v_{self.v_format}")):
+            if on:
+                parts.append(name)
+        return "-".join(parts)
+
+    def value_format(self) -> str | None:
+        return self.format if self.v_format == "same" else self.v_format
+
+
+def make_decode_inputs(case: DecodeCase, lengths: tuple[int, ...], capacity: int, seed: int = 0) -> dict:
+    """Random caches (quantized per the case), new k/v of case.lq tokens, and the call's options."""
+    import mfa_hf
+
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv = case.heads
+    rows = CACHE_ROWS if case.batch_idx else BATCH
+    caches = []
+    for fmt in (case.format, case.value_format()):
+        content = torch.randn(rows, capacity, hkv, case.dim, generator=g).to(case.dtype)
+        group = 32 if fmt == "nf4" and case.dim % 64 else None
+        caches.append(content if fmt is None else mfa_hf.quantize_kv(content, fmt, group_size=group))
+    return dict(
+        q=torch.randn(BATCH, case.lq, hq, case.dim, generator=g).to(case.dtype),
+        k_cache=caches[0], v_cache=caches[1],
+        k=torch.randn(BATCH, case.lq, hkv, case.dim, generator=g).to(case.dtype),
+        v=torch.randn(BATCH, case.lq, hkv, case.dim, generator=g).to(case.dtype),
+        cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
+        cache_batch_idx=torch.tensor(BATCH_IDX, dtype=torch.int32) if case.batch_idx else None,
+        sinks=torch.randn(hq, generator=g) if case.sinks else None,
+        alibi_slopes=torch.rand(hq, generator=g) * 0.3 if case.alibi else None,
+    )
+
+
+def dense(cache) -> torch.Tensor:
+    import mfa_hf
+
+    return cache.dequantize(torch.float64) if isinstance(cache, mfa_hf.QuantizedKV) else cache
+
+
+def reference_over_cache(case: DecodeCase, inputs: dict, upcast: bool, k_cache=None, v_cache=None):
+    """Per sequence: the reference on the (dequantized) cache prefix the call should see.
+
+    The caches default to inputs' own (read after the call, so appended tokens are included).
+    """
+    from mfa_hf.kernels.reference import attention_reference
+
+    lengths = (inputs["cache_seqlens"].cpu() + case.lq).tolist()
+    rows = inputs["cache_batch_idx"].tolist() if case.batch_idx else list(range(BATCH))
+    dense_k = dense(inputs["k_cache"] if k_cache is None else k_cache)
+    dense_v = dense(inputs["v_cache"] if v_cache is None else v_cache)
+    dtype = torch.float64 if upcast else case.dtype
+    outs, lses = [], []
+    for b, (row, length) in enumerate(zip(rows, lengths)):
+        out, lse = attention_reference(
+            inputs["q"][b : b + 1].cpu().to(dtype), dense_k[row : row + 1, :length].cpu().to(dtype),
+            dense_v[row : row + 1, :length].cpu().to(dtype), causal=case.causal, window_size=case.window,
+            softcap=case.softcap, sinks=_cpu(inputs["sinks"]), alibi_slopes=_cpu(inputs["alibi_slopes"]),
+            upcast=upcast)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _cpu(t):
+    return None if t is None else t.cpu()
+
+
+def run_kvcache(case: DecodeCase, inputs: dict, device=None):
+    """The call under test; tensors moved to `device` (caches must already live there)."""
+    import mfa_hf
+
+    def on(t):
+        return t.to(device) if device is not None and isinstance(t, torch.Tensor) else t
+
+    return mfa_hf.flash_attn_with_kvcache(
+        on(inputs["q"]), inputs["k_cache"], inputs["v_cache"], on(inputs["k"]), on(inputs["v"]),
+        cache_seqlens=on(inputs["cache_seqlens"]), cache_batch_idx=on(inputs["cache_batch_idx"]),
+        causal=case.causal, window_size=case.window, softcap=case.softcap, alibi_slopes=on(inputs["alibi_slopes"]),
+        sinks=on(inputs["sinks"]), return_lse=True, num_splits=case.num_splits)
