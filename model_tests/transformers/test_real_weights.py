@@ -83,7 +83,7 @@ AGREEMENT_TOKENS = 200
 # Measured on CPU (fp32 weights, prompt PROMPTS[1]): see integrations/transformers/README.md.
 # The floors sit a few points under the measurements, so a broken cache (wrong scales, lost
 # positions) fails while quantization noise does not.
-AGREEMENT_FLOOR = {"int8": 0.95, "fp8_e4m3": 0.9, "nf4": 0.75}
+AGREEMENT_FLOOR = {"int8": 0.95, "fp8_e4m3": 0.9, "nf4": 0.7}  # measured 0.975, 0.945, 0.770
 
 
 def top1_agreement(model, tokenizer, prompt: str, fmt: str, tokens: int = AGREEMENT_TOKENS, residual: int = 0):
