@@ -225,7 +225,19 @@ MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
 # GPU launch config of the split kernel; the benchmark may override (decode_config).
 DECODE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3)
+FMA_MAX_ROWS = 16
 _levels_cache: dict = {}
+_asm_cache: dict = {}
+
+
+def _asm_ok(device) -> bool:
+    """Packed inline-PTX code conversions (decode.py): CUDA, compute capability >= 8.9 (fp8 cvt)."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _asm_cache:
+        _asm_cache[index] = torch.cuda.get_device_capability(index) >= (8, 9)
+    return _asm_cache[index]
 _sm_count: dict = {}
 
 
@@ -294,6 +306,12 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
     max_rows = 64 if on_gpu else 16
     block_q = min(_pow2(lq), 1 << (max(1, max_rows // group).bit_length() - 1))  # power of two <= rows / G
     block_m = max(16, _pow2(group * block_q))
+    # FMA: no tl.dot for a few rows (q_len 1 with GQA: G rows, not 16 padded ones)
+    fma = bool(cfg.get("fma", False)) and _pow2(group * lq) <= FMA_MAX_ROWS
+    if fma:
+        block_q = _pow2(lq)
+        block_m = max(2, _pow2(group * block_q))
+    asm = _asm_ok(q.device) and bool(cfg.get("asm", True))
     q_tiles = triton.cdiv(lq, block_q)
     right = 0 if causal else window_right
     span = k_codes.shape[1]
@@ -312,7 +330,7 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
     rows = q if cache_batch_idx is None else cache_batch_idx
     head_d = dim // 2 if half_k else dim
     head_dv = dim_v // 2 if half_v else dim_v
-    e4m3 = 256.0  # decode.py's e4m3 decode yields value / 256
+    e4m3 = 1.0 if asm else 256.0  # decode.py's integer e4m3 decode yields value / 256
     dot_precision = _dot_precision(q.dtype, q.device)
     _compiled_decode.decode_split_kernel[(splits, batch * heads_kv, q_tiles)](
         q, k_codes, v_codes, ks, vs, seqlens_k, rows, slopes, q if sinks is None else sinks,
@@ -327,7 +345,7 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
         K_GS=k_gs, V_GS=v_gs, K_NG=k_ng, V_NG=v_ng,
         HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0,
         SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None, SINKS_ON=sinks is not None, DIRECT=direct,
-        DOT_PRECISION=dot_precision, num_warps=cfg["num_warps"] if on_gpu else 1,
+        DOT_PRECISION=dot_precision, ASM=asm, FMA=fma, num_warps=cfg["num_warps"] if on_gpu else 1,
         num_stages=cfg["num_stages"] if on_gpu else 1)
     if not direct:
         _compiled_decode.decode_merge_kernel[(batch * heads_q * lq,)](

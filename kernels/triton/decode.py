@@ -30,8 +30,92 @@ from .common import dot, tanh
 FMT_NONE, FMT_E4M3, FMT_E5M2, FMT_INT8, FMT_NF4 = 0, 1, 2, 3, 4
 
 
+# ---- ASM conversions (GPU, sm_89+): packed, 4 codes in one 32-bit register, 4 float16 out -------
+# fp8: the hardware's packed conversion (2 codes per instruction).
+_FP8_ASM = """{
+.reg .b16 lo, hi;
+mov.b32 {lo, hi}, $2;
+cvt.rn.f16x2.%s $0, lo;
+cvt.rn.f16x2.%s $1, hi;
+}"""
+E4M3_ASM = tl.constexpr(_FP8_ASM % ("e4m3x2", "e4m3x2"))
+E5M2_ASM = tl.constexpr(_FP8_ASM % ("e5m2x2", "e5m2x2"))
+# int8: (c ^ 0x80) = c + 128 as the low byte of float16 0x64XX = 1024 + c + 128, minus 1152 (exact).
+INT8_ASM = tl.constexpr("""{
+.reg .b32 t, m, k;
+xor.b32 t, $2, 0x80808080;
+mov.b32 m, 0x64646464;
+prmt.b32 $0, t, m, 0x4140;
+prmt.b32 $1, t, m, 0x4342;
+mov.b32 k, 0x64806480;
+sub.f16x2 $0, $0, k;
+sub.f16x2 $1, $1, k;
+}""")
+
+
+def _nf4_asm(high: bool) -> str:
+    """nf4 nibble -> float16 level by byte permutes on a 16-entry table held in registers.
+
+    The 4 nibbles (low or high one of each byte) become the 4 selectors of one prmt; entries 0-7 and
+    8-15 are looked up separately (prmt selects among 8 bytes), for the low and the high byte of the
+    float16 level, then bit 3 of each nibble picks between them and the bytes are interleaved.
+    """
+    import struct
+
+    from mfa_hf.quant import NF4_LEVELS
+
+    bits = [struct.unpack("<H", struct.pack("<e", v))[0] for v in NF4_LEVELS]
+    lo = [b & 0xFF for b in bits]
+    hi = [b >> 8 for b in bits]
+
+    def word(t, k):
+        return "0x%08x" % (t[4 * k] | t[4 * k + 1] << 8 | t[4 * k + 2] << 16 | t[4 * k + 3] << 24)
+
+    first = "shr.b32 x, $2, 4;\nand.b32 x, x, 0x0F0F0F0F;" if high else "and.b32 x, $2, 0x0F0F0F0F;"
+    return "\n".join([
+        "{",
+        ".reg .b32 x, s, s7, sel, a, b, c, d, l, h, t0, t1, t2, t3, u0, u1, u2, u3;",
+        first,
+        "shr.b32 s, x, 4;",
+        "or.b32 x, x, s;",  # byte 0 = n0 | n1 << 4, byte 2 = n2 | n3 << 4
+        "prmt.b32 s, x, 0, 0x0020;",  # low 16 bits: n0 | n1 << 4 | n2 << 8 | n3 << 12
+        "and.b32 s7, s, 0x7777;",
+        *(f"mov.b32 t{k}, {word(lo, k)};" for k in range(4)),
+        *(f"mov.b32 u{k}, {word(hi, k)};" for k in range(4)),
+        "prmt.b32 a, t0, t1, s7;",
+        "prmt.b32 b, t2, t3, s7;",
+        "prmt.b32 c, u0, u1, s7;",
+        "prmt.b32 d, u2, u3, s7;",
+        "shr.b32 sel, s, 1;",
+        "and.b32 sel, sel, 0x4444;",
+        "or.b32 sel, sel, 0x3210;",  # selector i: byte i of a/c (entry < 8) or of b/d (entry >= 8)
+        "prmt.b32 l, a, b, sel;",
+        "prmt.b32 h, c, d, sel;",
+        "prmt.b32 $0, l, h, 0x5140;",
+        "prmt.b32 $1, l, h, 0x7362;",
+        "}",
+    ])
+
+
+NF4_LO_ASM = tl.constexpr(_nf4_asm(False))
+NF4_HI_ASM = tl.constexpr(_nf4_asm(True))
+
+
 @triton.jit
-def _values(raw, FMT: tl.constexpr, NIBBLE: tl.constexpr, LEVELS, DTYPE: tl.constexpr):
+def _asm_f16(raw, ASM_STR: tl.constexpr):
+    return tl.inline_asm_elementwise(ASM_STR, "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _mm(a, b, DOT_PRECISION: tl.constexpr, FMA: tl.constexpr):
+    """a @ b: tl.dot, or (FMA, for a few rows) broadcast products summed in float32 on the CUDA cores."""
+    if FMA:
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1)
+    return dot(a, b, DOT_PRECISION)
+
+
+@triton.jit
+def _values(raw, FMT: tl.constexpr, NIBBLE: tl.constexpr, LEVELS, DTYPE: tl.constexpr, ASM: tl.constexpr):
     """Codes -> values in DTYPE, before scales (e4m3 comes out / 256: K_CONST/V_CONST undo it).
 
     Everything goes through float16 bit patterns built with integer operations (no conversion
@@ -39,6 +123,17 @@ def _values(raw, FMT: tl.constexpr, NIBBLE: tl.constexpr, LEVELS, DTYPE: tl.cons
     """
     if FMT == 0:
         return raw.to(DTYPE)
+    elif ASM:  # packed conversions (fp8 values are exact, not / 256: the launcher sets K_CONST 1)
+        if FMT == 1:
+            return _asm_f16(raw, E4M3_ASM).to(DTYPE)
+        elif FMT == 2:
+            return _asm_f16(raw, E5M2_ASM).to(DTYPE)
+        elif FMT == 3:
+            return _asm_f16(raw, INT8_ASM).to(DTYPE)
+        elif NIBBLE == 0:
+            return _asm_f16(raw, NF4_LO_ASM).to(DTYPE)
+        else:
+            return _asm_f16(raw, NF4_HI_ASM).to(DTYPE)
     elif FMT == 1:
         c = raw.to(tl.int16) & 0xFF
         return (((c & 0x80) << 8) | ((c & 0x7F) << 7)).to(tl.float16, bitcast=True).to(DTYPE)
@@ -55,7 +150,7 @@ def _values(raw, FMT: tl.constexpr, NIBBLE: tl.constexpr, LEVELS, DTYPE: tl.cons
 @triton.jit
 def _load_side(base, scale_base, cols, dcols, col_ok, stride_n, stride_d, stride_sn, stride_sg,
                HEAD_D: tl.constexpr, FMT: tl.constexpr, SCALE_MODE: tl.constexpr, GS: tl.constexpr,
-               NIBBLE: tl.constexpr, LEVELS, TRANSPOSED: tl.constexpr, DTYPE: tl.constexpr):
+               NIBBLE: tl.constexpr, LEVELS, TRANSPOSED: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
     """One K (TRANSPOSED: (D, N)) or V ((N, D)) tile of values in DTYPE.
 
     SCALE_MODE 2 (a scale per group of GS along D, not nf4) applies the scales element-wise here;
@@ -70,7 +165,7 @@ def _load_side(base, scale_base, cols, dcols, col_ok, stride_n, stride_d, stride
         ok = col_ok[:, None] & (dcols[None, :] < HEAD_D)
     if FMT == 0:
         return tl.load(ptrs, mask=ok, other=0.0).to(DTYPE)
-    vals = _values(tl.load(ptrs, mask=ok, other=0), FMT, NIBBLE, LEVELS, DTYPE)
+    vals = _values(tl.load(ptrs, mask=ok, other=0), FMT, NIBBLE, LEVELS, DTYPE, ASM)
     if SCALE_MODE == 2:
         if TRANSPOSED:
             sptrs = scale_base + cols[None, :] * stride_sn + (dcols[:, None] // GS) * stride_sg
@@ -95,6 +190,7 @@ def decode_split_kernel(
     K_NG: tl.constexpr, V_NG: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     SINKS_ON: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ASM: tl.constexpr = False, FMA: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -145,11 +241,11 @@ def decode_split_kernel(
         kdt = tl.float32
         vdt = tl.float32
     else:
-        if K_FMT == 0 or K_FMT == 3:  # int8: measured faster with q's own dtype (H200: 0.44 vs 0.53 ms)
+        if K_FMT == 0 or (K_FMT == 3 and not ASM):  # int8: measured faster with q's own dtype (H200: 0.44 vs 0.53 ms)
             kdt = q_lo.dtype
         else:
             kdt = tl.float16
-        if V_FMT == 0 or V_FMT == 3:
+        if V_FMT == 0 or (V_FMT == 3 and not ASM):
             vdt = q_lo.dtype
         else:
             vdt = tl.float16
@@ -177,22 +273,22 @@ def decode_split_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         k_lo = _load_side(k_base, ks_base, cols, dq, col_ok, stride_kn, stride_kd, stride_ksn, stride_ksg,
-                          HEAD_D, K_FMT, K_SCALE, K_GS, 0, LEVELS, True, kdt)
+                          HEAD_D, K_FMT, K_SCALE, K_GS, 0, LEVELS, True, kdt, ASM)
         if HALF_K:
             k_hi = _load_side(k_base, ks_base, cols, dq, col_ok, stride_kn, stride_kd, stride_ksn, stride_ksg,
-                              HEAD_D, K_FMT, K_SCALE, K_GS, 1, LEVELS, True, kdt)
+                              HEAD_D, K_FMT, K_SCALE, K_GS, 1, LEVELS, True, kdt, ASM)
         if K_SCALE == 3:  # nf4 groups: one dot per group (q's other columns zeroed), scaled per key
             qk = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
             for g in tl.static_range(K_NG):
                 in_g = (k_group == g)[None, :]
-                part = dot(tl.where(in_g, q_lo, 0.0).to(kdt), k_lo, DOT_PRECISION)
-                part += dot(tl.where(in_g, q_hi, 0.0).to(kdt), k_hi, DOT_PRECISION)
+                part = _mm(tl.where(in_g, q_lo, 0.0).to(kdt), k_lo, DOT_PRECISION, FMA)
+                part += _mm(tl.where(in_g, q_hi, 0.0).to(kdt), k_hi, DOT_PRECISION, FMA)
                 ks = tl.load(ks_base + cols * stride_ksn + g * stride_ksg, mask=col_ok, other=0.0)
                 qk += part * ks[None, :]
         else:
-            qk = dot(q_lo, k_lo, DOT_PRECISION)
+            qk = _mm(q_lo, k_lo, DOT_PRECISION, FMA)
             if HALF_K:
-                qk += dot(q_hi, k_hi, DOT_PRECISION)
+                qk += _mm(q_hi, k_hi, DOT_PRECISION, FMA)
         if K_SCALE == 1:
             ks = tl.load(ks_base + cols * stride_ksn, mask=col_ok, other=0.0)
             qk = qk * (ks * K_CONST)[None, :]
@@ -221,10 +317,10 @@ def decode_split_kernel(
         elif V_CONST != 1.0:
             p = p * V_CONST
         v_lo = _load_side(v_base, vs_base, cols, dv, col_ok, stride_vn, stride_vd, stride_vsn, stride_vsg,
-                          HEAD_DV, V_FMT, V_SCALE, V_GS, 0, LEVELS, False, vdt)
+                          HEAD_DV, V_FMT, V_SCALE, V_GS, 0, LEVELS, False, vdt, ASM)
         if HALF_V:
             v_hi = _load_side(v_base, vs_base, cols, dv, col_ok, stride_vn, stride_vd, stride_vsn, stride_vsg,
-                              HEAD_DV, V_FMT, V_SCALE, V_GS, 1, LEVELS, False, vdt)
+                              HEAD_DV, V_FMT, V_SCALE, V_GS, 1, LEVELS, False, vdt, ASM)
         acc_lo = acc_lo * alpha[:, None]
         if HALF_V:
             acc_hi = acc_hi * alpha[:, None]
@@ -233,12 +329,12 @@ def decode_split_kernel(
                 vsc = tl.load(vs_base + cols * stride_vsn + g * stride_vsg, mask=col_ok, other=0.0)
                 pg = (p * vsc[None, :]).to(vdt)
                 in_g = (v_group == g)[None, :]
-                acc_lo += tl.where(in_g, dot(pg, v_lo, DOT_PRECISION), 0.0)
-                acc_hi += tl.where(in_g, dot(pg, v_hi, DOT_PRECISION), 0.0)
+                acc_lo += tl.where(in_g, _mm(pg, v_lo, DOT_PRECISION, FMA), 0.0)
+                acc_hi += tl.where(in_g, _mm(pg, v_hi, DOT_PRECISION, FMA), 0.0)
         else:
-            acc_lo += dot(p.to(vdt), v_lo, DOT_PRECISION)
+            acc_lo += _mm(p.to(vdt), v_lo, DOT_PRECISION, FMA)
             if HALF_V:
-                acc_hi += dot(p.to(vdt), v_hi, DOT_PRECISION)
+                acc_hi += _mm(p.to(vdt), v_hi, DOT_PRECISION, FMA)
         m_i = m_new
 
     if DIRECT and SINKS_ON:  # the sink joins the denominator (one split: nothing to merge)
