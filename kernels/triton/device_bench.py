@@ -128,6 +128,120 @@ def decode(out_dir: str) -> list[dict]:
     return rows
 
 
+VARIANTS = {  # name -> decode config (run_decode's config override)
+    "old": dict(block_n=128, num_warps=4, num_stages=3, asm=False),  # the previous session's kernel
+    "bf16old": dict(block_n=64, num_warps=2, num_stages=3),  # its bf16 config
+    "asm64": dict(block_n=64, num_warps=4, num_stages=3),
+    "asm128": dict(block_n=128, num_warps=4, num_stages=3),
+    "asm128w8": dict(block_n=128, num_warps=8, num_stages=3),
+    "fma32": dict(block_n=32, num_warps=4, num_stages=3, fma=True),
+    "fma64": dict(block_n=64, num_warps=4, num_stages=3, fma=True),
+    "fma32w8": dict(block_n=32, num_warps=8, num_stages=3, fma=True),
+}
+
+
+def variants(out_dir: str) -> list[dict]:
+    """Decode variants (old kernel / packed-asm conversions with tl.dot / FMA path): check at 4k, time at 64k,
+    then the best variant per format at 4k/16k/64k with the public API time."""
+    import mfa_hf
+    from mfa_hf.kernels.triton import backend as tb
+
+    copy = copy_bandwidth()
+    print(f"copy bandwidth: {copy:.0f} GB/s", flush=True)
+    rows = [dict(kind="copy", gbps=round(copy))]
+    scale = 1 / math.sqrt(D)
+    best = {}
+    for step, length in enumerate((4096, 65536, 16384, 4096)):  # the first 4k pass only checks
+        g = torch.Generator(device="cuda").manual_seed(length)
+        q = torch.randn(B, 1, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = torch.randn(B, length, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn(B, length, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        seqlens = torch.full((B,), length, dtype=torch.int32, device="cuda")
+        kh, vh = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+        qh = q.transpose(1, 2)
+        sdpa_ms = _ms(lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True))
+        del kh, vh
+        rows.append(dict(kind="decode", impl="sdpa", format="bf16", kv_len=length, ms=round(sdpa_ms, 4), gbps=0))
+        print(rows[-1], flush=True)
+        for fmt in FORMATS:
+            if fmt == "bf16":
+                k_cache, v_cache = k, v
+            else:
+                k_cache, v_cache = mfa_hf.quantize_kv(k, fmt), mfa_hf.quantize_kv(v, fmt)
+            kc, ks, kf, kg, kb = _parts(k_cache)
+            vc, vs, vf, vg, vb = _parts(v_cache)
+            nbytes = kb + vb
+
+            def call(cfg=None, splits=0):
+                return tb.run_decode(q, kc, ks, vc, vs, seqlens, None, None, None, kf, vf, kg, vg, scale, True,
+                                     -1, -1, 0.0, splits, config=cfg)
+
+            names = [n for n in VARIANTS if (n in ("bf16old", "fma32", "fma64")) == (fmt == "bf16") or n.startswith("fma")]
+            if step == 0:  # every variant against float32 attention on the dequantized cache
+                kd = k_cache.dequantize(torch.float32) if fmt != "bf16" else k.float()
+                vd = v_cache.dequantize(torch.float32) if fmt != "bf16" else v.float()
+                ref = F.scaled_dot_product_attention(q.float().transpose(1, 2), kd.transpose(1, 2),
+                                                     vd.transpose(1, 2), enable_gqa=True).transpose(1, 2)
+                del kd, vd
+                for name in names:
+                    try:
+                        out, _ = call(VARIANTS[name])
+                        rel = ((out.float() - ref).norm() / ref.norm()).item()
+                        ok = rel < 1e-2 and not out.isnan().any().item()
+                    except Exception as error:  # noqa: BLE001
+                        rel, ok = float("nan"), False
+                        print(f"  {fmt} {name} failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
+                    print(f"check {fmt} {name}: rel err {rel:.2e} {'ok' if ok else 'FAILED'}", flush=True)
+                    rows.append(dict(kind="check", format=fmt, variant=name, rel_err=rel, ok=ok))
+                    if not ok:
+                        VARIANTS_BAD.add((fmt, name))
+                del ref
+            if length == 65536:
+                sweep = []
+                for name in names:
+                    if (fmt, name) in VARIANTS_BAD:
+                        continue
+                    ms = _ms(lambda: call(VARIANTS[name]))
+                    sweep.append((ms, name))
+                    print(f"  {fmt} 64k {name}: {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s x{sdpa_ms / ms:.2f}", flush=True)
+                sweep.sort()
+                best[fmt] = sweep[0][1]
+                rows.append(dict(kind="sweep", format=fmt, results=[(round(ms, 4), n) for ms, n in sweep]))
+                for splits in (8, 32):
+                    ms = _ms(lambda: call(VARIANTS[best[fmt]], splits))
+                    print(f"  {fmt} 64k {best[fmt]} splits {splits}: {ms:.4f} ms", flush=True)
+                    rows.append(dict(kind="splits", format=fmt, variant=best[fmt], splits=splits, ms=round(ms, 4)))
+            if step > 0:
+                name = best[fmt]
+                ms = _ms(lambda: call(VARIANTS[name]))
+                ms2 = _ms(lambda: call(VARIANTS[name]))  # the same version twice: the spread
+                saved = dict(tb.DECODE_CONFIG)
+                tb.DECODE_CONFIG.update(VARIANTS[name])
+                try:
+                    api_ms = _ms(lambda: mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens))
+                finally:
+                    tb.DECODE_CONFIG.clear()
+                    tb.DECODE_CONFIG.update(saved)
+                rows.append(dict(kind="decode", impl="mfa_triton", format=fmt, kv_len=length, variant=name,
+                                 ms=round(ms, 4), ms_again=round(ms2, 4), api_ms=round(api_ms, 4),
+                                 gbps=round(nbytes / ms / 1e6), pct_copy=round(100 * nbytes / ms / 1e6 / copy, 1),
+                                 x_sdpa=round(sdpa_ms / ms, 2), mb=round(nbytes / 2**20)))
+                print(rows[-1], flush=True)
+            del k_cache, v_cache
+        del k, v
+        torch.cuda.empty_cache()
+    _save(rows, out_dir, "variants.json")
+    print("\n| KV len | format | variant | ms | again | api ms | GB/s | % copy | x SDPA |")
+    for r in rows:
+        if r["kind"] == "decode":
+            print(f"| {r['kv_len']} | {r['format']} | {r.get('variant', 'sdpa')} | {r['ms']} | {r.get('ms_again', '')} | "
+                  f"{r.get('api_ms', '')} | {r['gbps']} | {r.get('pct_copy', '')} | {r.get('x_sdpa', '')} |")
+    return rows
+
+
+VARIANTS_BAD: set = set()
+
+
 def _table(rows):
     print("\n| KV len | format | impl | ms | api ms | GB/s | % copy | x SDPA bf16 |")
     print("|---|---|---|---|---|---|---|---|")
@@ -195,7 +309,7 @@ def forward(out_dir: str) -> list[dict]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", nargs="+", choices=("decode", "flex", "forward"))
+    parser.add_argument("what", nargs="+", choices=("decode", "flex", "forward", "variants"))
     parser.add_argument("--out", default=os.environ.get("OUT", ""))
     args = parser.parse_args()
     print(torch.__version__, torch.cuda.get_device_name(), file=sys.stderr)
