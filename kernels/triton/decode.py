@@ -107,14 +107,6 @@ def _asm_f16(raw, ASM_STR: tl.constexpr):
 
 
 @triton.jit
-def _mm(a, b, DOT_PRECISION: tl.constexpr, FMA: tl.constexpr):
-    """a @ b: tl.dot, or (FMA, for a few rows) broadcast products summed in float32 on the CUDA cores."""
-    if FMA:
-        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1)
-    return dot(a, b, DOT_PRECISION)
-
-
-@triton.jit
 def _values(raw, FMT: tl.constexpr, NIBBLE: tl.constexpr, LEVELS, DTYPE: tl.constexpr, ASM: tl.constexpr):
     """Codes -> values in DTYPE, before scales (e4m3 comes out / 256: K_CONST/V_CONST undo it).
 
@@ -190,7 +182,7 @@ def decode_split_kernel(
     K_NG: tl.constexpr, V_NG: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     SINKS_ON: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ASM: tl.constexpr = False, FMA: tl.constexpr = False,
+    ASM: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -281,14 +273,14 @@ def decode_split_kernel(
             qk = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
             for g in tl.static_range(K_NG):
                 in_g = (k_group == g)[None, :]
-                part = _mm(tl.where(in_g, q_lo, 0.0).to(kdt), k_lo, DOT_PRECISION, FMA)
-                part += _mm(tl.where(in_g, q_hi, 0.0).to(kdt), k_hi, DOT_PRECISION, FMA)
+                part = dot(tl.where(in_g, q_lo, 0.0).to(kdt), k_lo, DOT_PRECISION)
+                part += dot(tl.where(in_g, q_hi, 0.0).to(kdt), k_hi, DOT_PRECISION)
                 ks = tl.load(ks_base + cols * stride_ksn + g * stride_ksg, mask=col_ok, other=0.0)
                 qk += part * ks[None, :]
         else:
-            qk = _mm(q_lo, k_lo, DOT_PRECISION, FMA)
+            qk = dot(q_lo, k_lo, DOT_PRECISION)
             if HALF_K:
-                qk += _mm(q_hi, k_hi, DOT_PRECISION, FMA)
+                qk += dot(q_hi, k_hi, DOT_PRECISION)
         if K_SCALE == 1:
             ks = tl.load(ks_base + cols * stride_ksn, mask=col_ok, other=0.0)
             qk = qk * (ks * K_CONST)[None, :]
@@ -329,12 +321,12 @@ def decode_split_kernel(
                 vsc = tl.load(vs_base + cols * stride_vsn + g * stride_vsg, mask=col_ok, other=0.0)
                 pg = (p * vsc[None, :]).to(vdt)
                 in_g = (v_group == g)[None, :]
-                acc_lo += tl.where(in_g, _mm(pg, v_lo, DOT_PRECISION, FMA), 0.0)
-                acc_hi += tl.where(in_g, _mm(pg, v_hi, DOT_PRECISION, FMA), 0.0)
+                acc_lo += tl.where(in_g, dot(pg, v_lo, DOT_PRECISION), 0.0)
+                acc_hi += tl.where(in_g, dot(pg, v_hi, DOT_PRECISION), 0.0)
         else:
-            acc_lo += _mm(p.to(vdt), v_lo, DOT_PRECISION, FMA)
+            acc_lo += dot(p.to(vdt), v_lo, DOT_PRECISION)
             if HALF_V:
-                acc_hi += _mm(p.to(vdt), v_hi, DOT_PRECISION, FMA)
+                acc_hi += dot(p.to(vdt), v_hi, DOT_PRECISION)
         m_i = m_new
 
     if DIRECT and SINKS_ON:  # the sink joins the denominator (one split: nothing to merge)

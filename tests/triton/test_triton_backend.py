@@ -331,19 +331,6 @@ def test_decode_matches_reference(c):
             assert bool(torch.isneginf(lse[b]).all()), f"row {b} sees no key: expected LSE -inf, got {lse[b]}"
 
 
-_FMA_CASES = [c for c in _decode_cases() if c["lq"] == 1] + [
-    dict(k_format="int8", v_format="nf4", group_size=32, lq=4, causal=False, alibi=True, dtype=torch.bfloat16)]
-
-
-@pytest.mark.parametrize("c", _FMA_CASES, ids=_case_id)
-def test_decode_fma_path(c, monkeypatch):
-    """The no-tl.dot path for a few query rows (DECODE_CONFIG["fma"]): same results."""
-    from mfa_hf.kernels.triton import backend as tb
-
-    monkeypatch.setitem(tb.DECODE_CONFIG, "fma", True)
-    check_decode(c)
-
-
 def test_decode_splits_from_shape_only():
     """The split count depends on the shape (batch x KV heads, cache capacity), never on the lengths."""
     from mfa_hf.kernels.triton import backend as tb
