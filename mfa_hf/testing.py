@@ -264,9 +264,9 @@ def delta_rounding_effect(out, ref, ref_lse, ref_leaves, grad_out, names=None, c
     score gradient by -P_ij e_i, which is exactly the gradient of -e_i * LSE_i: so the float64
     reference, differentiated through its LSE, gives that difference for every input.
 
-    Both dp_ij = dO_i . v_j and delta_i are float32 sums that, exactly, cancel where P is one-hot;
-    their different summation orders leave noise n_i of about eps * sum_d |dO_i O_i| per row. Its
-    effect is bounded with the reference's probabilities (|dq_i| <= scale n_i sum_j P_ij |k_j|, ...).
+    Two float32 effects of the same algorithm are bounded from the reference's probabilities (see
+    _noise_bounds): the summation-order noise between dp_ij and delta_i, and P recomputed from the
+    float32 LSE.
     """
     rounding = (grad_out.to(torch.float64) * (out.to(torch.float64) - ref)).sum(-1)  # (B, Lq, Hq) | (T, H)
     rounding = torch.nan_to_num(rounding, nan=0.0, posinf=0.0, neginf=0.0)
@@ -275,15 +275,23 @@ def delta_rounding_effect(out, ref, ref_lse, ref_leaves, grad_out, names=None, c
     effects = [0.0 if g is None else float(torch.nan_to_num(g, nan=0.0).abs().max()) for g in grads]
     if case is None:
         return effects
-    noise = 2 * torch.finfo(torch.float32).eps * (grad_out.to(torch.float64) * out.to(torch.float64)).abs().sum(-1)
-    bounds = _noise_bounds(case, ref_args, torch.nan_to_num(noise.transpose(1, 2), nan=0.0))
+    bounds = _noise_bounds(case, ref_args, grad_out, out)
     return [e + bounds.get(name, 0.0) for e, name in zip(effects, names)]
 
 
-def _noise_bounds(case: "Case", args: dict, noise: torch.Tensor) -> dict:
-    """Upper bounds of the float32 delta noise (B, Hq, Lq) on each gradient, from the probabilities."""
+def _noise_bounds(case: "Case", args: dict, grad_out: torch.Tensor, out: torch.Tensor) -> dict:
+    """Upper bounds, per gradient, of two float32 errors FlashAttention's backward makes by design.
+
+    1. delta noise n_i ~ 2 eps32 sum_d |dO_i O_i| (delta and dp_ij summed in different orders).
+    2. P recomputed from the saved float32 LSE: the exponent s_ij - LSE_i carries an absolute error
+       of about eps32 (|LSE_i| + |s_ij|), so P_ij a relative one; with s_ij = LSE_i + log P_ij this is
+       bounded by 2 eps32 (P_ij (|LSE_i| + 1) + |P_ij log P_ij|).
+    Both enter the score gradient as dS_ij error <= P_err_ij (|dp_ij| + |delta_i|) + P_ij n_i, with
+    |dp_ij| <= |dO_i| . |v_j|; dV error <= sum_i P_err_ij |dO_i|.
+    """
     from mfa_hf.kernels.reference import attention_reference
 
+    eps = torch.finfo(torch.float32).eps
     with torch.no_grad():
         detached = {n: (v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                     for n, v in args.items()}
@@ -292,18 +300,31 @@ def _noise_bounds(case: "Case", args: dict, noise: torch.Tensor) -> dict:
             alibi_slopes=detached["alibi_slopes"], sinks=detached["sinks"], return_probs=True, **case.options())
         group = case.heads_q // case.heads_kv
         scale = 1.0 / math.sqrt(case.dim)
-        q_abs = detached["q"].abs().transpose(1, 2)  # (B, Hq, Lq, D)
-        k_abs = detached["k"].abs().transpose(1, 2).repeat_interleave(group, dim=1)
-        weighted = probs * noise[..., None]  # (B, Hq, Lq, Lk)
+
+        def heads_first(t, repeat=1):  # (B, S, H, D) -> (B, H, S, D), KV heads repeated per group
+            return t.abs().transpose(1, 2).repeat_interleave(repeat, dim=1)
+
+        do_abs = heads_first(grad_out.double())
+        delta_abs = (grad_out.double() * out.double()).abs().sum(-1).transpose(1, 2)  # (B, Hq, Lq)
+        delta_abs = torch.nan_to_num(delta_abs, nan=0.0)
+        lse_abs = torch.nan_to_num(lse.abs(), nan=0.0, posinf=0.0)[..., None]
+        p_err = 2 * eps * (probs * (lse_abs + 1) + (-torch.special.xlogy(probs, probs)).abs())
+        dp_abs = do_abs @ heads_first(detached["v"], group).transpose(-1, -2)
+        ds_err = p_err * (dp_abs + delta_abs[..., None]) + probs * (2 * eps * delta_abs)[..., None]
+
+        def per_kv_head(t):  # (B, Hq, Lk, D) summed over each KV head's query group
+            return t.reshape(case.batch, case.heads_kv, group, t.shape[-2], -1).sum(2)
+
         bounds = {
-            "q": float((weighted @ k_abs).max()) * scale,
-            "k": float((weighted.transpose(-1, -2) @ q_abs).reshape(
-                case.batch, case.heads_kv, group, case.lk, -1).sum(2).max()) * scale,
-            "attn_mask": float(weighted.sum(dim=(0, 1)).max()) if weighted.numel() else 0.0,
+            "q": float((ds_err @ heads_first(detached["k"], group)).max()) * scale,
+            "k": float(per_kv_head(ds_err.transpose(-1, -2) @ heads_first(detached["q"])).max()) * scale,
+            "v": float(per_kv_head(p_err.transpose(-1, -2) @ do_abs).max()),
+            "attn_mask": float(ds_err.sum(dim=(0, 1)).max()) if ds_err.numel() else 0.0,
         }
         if detached["sinks"] is not None:
             sink_probs = torch.exp(detached["sinks"].double()[None, :, None] - lse)
-            bounds["sinks"] = float((sink_probs * noise).sum(dim=(0, 2)).max())
+            sink_err = sink_probs * (2 * eps * (lse_abs[..., 0] + 1)) * delta_abs + sink_probs * 2 * eps * delta_abs
+            bounds["sinks"] = float(sink_err.sum(dim=(0, 2)).max())
     return bounds
 
 
