@@ -14,7 +14,7 @@ import triton
 
 from mfa_hf.kernels.dropout import MASK32, drop_threshold
 from mfa_hf.ops import define_attention_ops, define_decode_op, empty_result, new_output
-from mfa_hf.problem import AttentionProblem, MaskKind
+from mfa_hf.problem import AttentionProblem
 
 from . import backward as _compiled_backward
 from . import decode as _compiled_decode

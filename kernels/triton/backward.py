@@ -11,7 +11,7 @@ recomputed from the saved LSE in base 2; rows with LSE = -inf (nothing visible) 
 import triton
 import triton.language as tl
 
-from .common import dot, head_hash, keep_tile, split_range, transform_scores, visible
+from .common import dot, head_hash, keep_tile, sequence_bounds, split_range, transform_scores, visible
 
 
 @triton.jit
@@ -71,13 +71,7 @@ def attention_backward_kv_kernel(
     bh = tl.program_id(1)
     b = bh // heads_kv
     kv_head = bh % heads_kv
-    start_q = 0
-    start_k = 0
-    if VARLEN:
-        start_q = tl.load(CU_Q + b)
-        start_k = tl.load(CU_K + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - start_q
-        seqlen_k = tl.load(CU_K + b + 1) - start_k
+    start_q, start_k, seqlen_q, seqlen_k = sequence_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
     n0 = n_block * BLOCK_N
     if n0 >= seqlen_k:
         return
@@ -200,13 +194,7 @@ def attention_backward_q_kernel(
     bh = tl.program_id(1)
     b = bh // heads_q
     h = bh % heads_q
-    start_q = 0
-    start_k = 0
-    if VARLEN:
-        start_q = tl.load(CU_Q + b)
-        start_k = tl.load(CU_K + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - start_q
-        seqlen_k = tl.load(CU_K + b + 1) - start_k
+    start_q, start_k, seqlen_q, seqlen_k = sequence_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
     m0 = m_block * BLOCK_M
     if m0 >= seqlen_q:
         return

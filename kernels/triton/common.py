@@ -108,3 +108,16 @@ def visible(s, rows, cols, diag, left, right, seqlen_k, HAS_LEFT: tl.constexpr, 
     if HAS_LEFT:
         ok = ok & (cols[None, :] >= rows[:, None] + diag - left)
     return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
+def sequence_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """Where sequence b starts in (packed) q and k, and its lengths: dense batches start at 0."""
+    start_q = 0
+    start_k = 0
+    if VARLEN:
+        start_q = tl.load(CU_Q + b)
+        start_k = tl.load(CU_K + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - start_q
+        seqlen_k = tl.load(CU_K + b + 1) - start_k
+    return start_q, start_k, seqlen_q, seqlen_k

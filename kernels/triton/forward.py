@@ -8,7 +8,7 @@ batch index selects cu_seqlens offsets; programs past a sequence's end return at
 import triton
 import triton.language as tl
 
-from .common import dot, keep_tile, head_hash, split_range, transform_scores, visible
+from .common import dot, head_hash, keep_tile, sequence_bounds, split_range, transform_scores, visible
 
 
 @triton.jit
@@ -61,13 +61,7 @@ def attention_forward_kernel(
     bh = tl.program_id(1)
     b = bh // heads_q
     h = bh % heads_q
-    start_q = 0
-    start_k = 0
-    if VARLEN:
-        start_q = tl.load(CU_Q + b)
-        start_k = tl.load(CU_K + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - start_q
-        seqlen_k = tl.load(CU_K + b + 1) - start_k
+    start_q, start_k, seqlen_q, seqlen_k = sequence_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
     m0 = m_block * BLOCK_M
     if m0 >= seqlen_q:
         return
