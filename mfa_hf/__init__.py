@@ -43,6 +43,7 @@ _LAZY_EXPORTS = {
     "MFAProcessor": "mfa_hf.integrations.diffusers",
     "MFAJointAttnProcessor": "mfa_hf.integrations.diffusers",
     "MFACogVideoXAttnProcessor": "mfa_hf.integrations.diffusers",
+    "MFAQuantizedCache": "mfa_hf.integrations.transformers.quantized_cache",
     # Opt-in SDPA patch: nothing is patched until replace_sdpa() or `with sdpa_patched():`.
     "replace_sdpa": "mfa_hf.integrations.sdpa_patch",
     "restore_sdpa": "mfa_hf.integrations.sdpa_patch",
