@@ -7,7 +7,8 @@ Three sections, each row tagged with `section`:
   shape (quick suite's worker, one subprocess per row);
 - decode: one new token over a KV cache per format (decode suite's worker); `gb_per_s` is the cache
   bytes read per second;
-- generate: `mfa-hf generate` on the embedded SmolLM2-135M (sdpa vs mps_flash), tokens/s; skipped
+- generate: `mfa-hf generate` on the embedded SmolLM2-135M (sdpa, mps_flash, and mps_flash with int8
+  and nf4 MFAQuantizedCache), tokens/s; skipped
   with a `error` row when transformers or the model package is missing.
 """
 
@@ -29,7 +30,7 @@ SCALING = {  # device kind -> (batch, heads, head_dim, causal, seqlens quick, se
 DECODE_LENGTHS = {"cpu": ((2048, 8192), (2048, 8192, 32768)), "gpu": ((4096, 16384, 65536), (4096, 16384, 65536))}
 DECODE_IMPLS = (("sdpa", "bf16", "bfloat16"), ("mfa", "bf16", "bfloat16"), ("mfa", "fp8_e4m3", "bfloat16"),
                 ("mfa", "int8", "bfloat16"), ("mfa", "nf4", "bfloat16"))
-GENERATE = (("sdpa", "none"), ("mps_flash", "none"))
+GENERATE = (("sdpa", "none"), ("mps_flash", "none"), ("mps_flash", "int8"), ("mps_flash", "nf4"))
 
 
 def _kind(device: str) -> str:
