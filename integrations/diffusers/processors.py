@@ -34,6 +34,16 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, seq, heads * dim)
 
 
+def _projected_qkv(attn: nn.Module, x: torch.Tensor, projections, norm_q, norm_k):
+    """Q, K, V of x as (B, H, S, D), with the optional q/k norms (qk-norm) applied per head."""
+    query, key, value = (_split_heads(proj(x), x.shape[0], attn.heads) for proj in projections)
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
+
+
 def _project_out(attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     return attn.to_out[1](attn.to_out[0](hidden_states))  # linear, then dropout
 
@@ -130,7 +140,7 @@ class MFAJointAttnProcessor:
         if attention_mask is not None:
             warnings.warn("MFAJointAttnProcessor: attention_mask is ignored, as JointAttnProcessor2_0 "
                           "ignores it", stacklevel=2)
-        batch, image_len = hidden_states.shape[0], hidden_states.shape[1]
+        image_len = hidden_states.shape[1]
         query, key, value = self._image_qkv(attn, hidden_states)
         if encoder_hidden_states is not None:
             context_q, context_k, context_v = self._context_qkv(attn, encoder_hidden_states)
@@ -148,28 +158,15 @@ class MFAJointAttnProcessor:
 
     @staticmethod
     def _image_qkv(attn, hidden_states):
-        batch = hidden_states.shape[0]
-        query, key, value = (_split_heads(proj(hidden_states), batch, attn.heads)
-                             for proj in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        return query, key, value
+        return _projected_qkv(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), attn.norm_q, attn.norm_k)
 
     def _context_qkv(self, attn, context):
         if getattr(attn, "add_q_proj", None) is None:
             raise ContractMismatch(f"{type(self).__name__}: expected an Attention with added projections "
                                    f"(add_q_proj) when encoder_hidden_states is given, got one without; "
                                    f"use MFAProcessor for plain cross-attention")
-        batch = context.shape[0]
-        query, key, value = (_split_heads(proj(context), batch, attn.heads)
-                             for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-        if attn.norm_added_q is not None:
-            query = attn.norm_added_q(query)
-        if attn.norm_added_k is not None:
-            key = attn.norm_added_k(key)
-        return query, key, value
+        return _projected_qkv(attn, context, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                              attn.norm_added_q, attn.norm_added_k)
 
 
 class MFACogVideoXAttnProcessor:

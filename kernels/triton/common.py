@@ -121,3 +121,22 @@ def sequence_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
         seqlen_q = tl.load(CU_Q + b + 1) - start_q
         seqlen_k = tl.load(CU_K + b + 1) - start_k
     return start_q, start_k, seqlen_q, seqlen_k
+
+
+@triton.jit
+def query_block_band(m0, diag, left, right, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Keys [lo, hi) any row of the query block at m0 can see, and [mid_lo, mid_hi) of whole key
+    blocks every row sees entirely (no per-element band checks there)."""
+    lo = 0
+    hi = seqlen_k
+    full_lo = 0
+    full_hi = seqlen_k
+    if HAS_LEFT:
+        lo = tl.maximum(m0 + diag - left, 0) // BLOCK_N * BLOCK_N
+        full_lo = m0 + BLOCK_M - 1 + diag - left
+    if HAS_RIGHT:
+        hi = tl.minimum(seqlen_k, m0 + BLOCK_M + diag + right)
+        full_hi = tl.minimum(seqlen_k, m0 + diag + right + 1)
+    mid_lo, mid_hi = split_range(lo, hi, full_lo, full_hi, BLOCK_N)
+    return lo, hi, mid_lo, mid_hi

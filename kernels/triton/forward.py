@@ -8,7 +8,7 @@ batch index selects cu_seqlens offsets; programs past a sequence's end return at
 import triton
 import triton.language as tl
 
-from .common import dot, head_hash, keep_tile, sequence_bounds, split_range, transform_scores, visible
+from .common import dot, head_hash, keep_tile, query_block_band, sequence_bounds, transform_scores, visible
 
 
 @triton.jit
@@ -88,17 +88,7 @@ def attention_forward_kernel(
         hhash = head_hash(seed, bh)
 
     # The band of keys any row of this block can see, and the part every row sees entirely.
-    lo = 0
-    hi = seqlen_k
-    full_lo = 0
-    full_hi = seqlen_k
-    if HAS_LEFT:
-        lo = tl.maximum(m0 + diag - left, 0) // BLOCK_N * BLOCK_N
-        full_lo = m0 + BLOCK_M - 1 + diag - left
-    if HAS_RIGHT:
-        hi = tl.minimum(seqlen_k, m0 + BLOCK_M + diag + right)
-        full_hi = tl.minimum(seqlen_k, m0 + diag + right + 1)
-    mid_lo, mid_hi = split_range(lo, hi, full_lo, full_hi, BLOCK_N)
+    lo, hi, mid_lo, mid_hi = query_block_band(m0, diag, left, right, seqlen_k, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
     acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
