@@ -115,3 +115,18 @@ def test_vit(implementation):
 def test_every_family_is_covered():
     covered = {f.name for f in DECODERS} | {"bert", "modernbert", "whisper", "t5", "clip", "vit"}
     assert covered == {f.name for f in FAMILIES}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", _ids(DECODERS))
+def test_decoder_padded_forward_low_precision(family, implementation, dtype):
+    """bf16/fp16 at transformers' own tolerances (bf16 1e-2, fp16 5e-3), left padding ignored."""
+    reference, model = twin_models(family, implementation, dtype)
+    ids, mask = padded_batch("left")
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+        with trace.capture() as calls:
+            actual = model(ids, attention_mask=mask).logits
+    assert kernel_calls(calls) >= LAYERS, f"{family.name}: mfa-hf kernel did not run ({trace.served_by(calls)})"
+    assert_close_where(actual, expected, mask, dtype, what=f"{family.name} {dtype} logits")
