@@ -9,12 +9,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAPPING = {"mfa_hf": ROOT / "mfa_hf", "mfa_hf.kernels": ROOT / "kernels", "mfa_hf.integrations": ROOT / "integrations"}
 
 IMPORT_ALL = r"""
-import importlib, pkgutil, sys, mfa_hf
+import importlib, importlib.util, pkgutil, sys, mfa_hf
 assert mfa_hf.__file__.startswith(sys.argv[1]), mfa_hf.__file__
 names = [m.name for m in pkgutil.walk_packages(mfa_hf.__path__, "mfa_hf.") if not m.name.endswith("__main__")]
+has_triton = importlib.util.find_spec("triton") is not None
 for name in names:
+    if name.startswith("mfa_hf.kernels.triton.") and not has_triton:
+        # Where triton cannot be installed (macOS), its kernel modules must fail to import with a
+        # clear reason, and the backend must report itself unavailable rather than break mfa_hf.
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            assert "triton" in str(error), (name, error)
+            continue
     module = importlib.import_module(name)
     assert module.__file__.startswith(sys.argv[1]), (name, module.__file__)
+if not has_triton:
+    assert not mfa_hf.dispatch.backend("triton").supports(None)[0]
 print(len(names))
 """
 
