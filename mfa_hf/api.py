@@ -99,10 +99,10 @@ def flash_attn_varlen_func(
     Returns (Tq, Hq, Dv), and with return_lse also lse (Hq, Tq).
     """
     check_qkv(q, k, v, rank=3, layout="(T, H, D) packed by cu_seqlens")
-    batch = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], None, q.device)
-    check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], batch, q.device)
-    max_seqlen_q = check_max_seqlen(max_seqlen_q, "max_seqlen_q", cu_seqlens_q)
-    max_seqlen_k = check_max_seqlen(max_seqlen_k, "max_seqlen_k", cu_seqlens_k)
+    batch, offsets_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], None, q.device)
+    _, offsets_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], batch, q.device)
+    max_seqlen_q = check_max_seqlen(max_seqlen_q, "max_seqlen_q", offsets_q)
+    max_seqlen_k = check_max_seqlen(max_seqlen_k, "max_seqlen_k", offsets_k)
     check_alibi(alibi_slopes, batch, q.shape[1], q.device)
     return _attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, alibi_slopes,
                    sinks, dropout_p, softmax_scale, causal, window_size, softcap, return_lse,

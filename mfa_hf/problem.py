@@ -188,8 +188,10 @@ def _check_float_vector(name: str, t, device: torch.device) -> None:
         raise ValueError(f"{name}: expected device {device} like q, got {t.device}")
 
 
-def check_cu_seqlens(cu_seqlens, name: str, total: int, batch: int | None, device: torch.device) -> int:
-    """Validate cumulative sequence lengths; returns the batch size they describe."""
+def check_cu_seqlens(cu_seqlens, name: str, total: int, batch: int | None,
+                     device: torch.device) -> tuple[int, list[int] | None]:
+    """Validate cumulative sequence lengths; returns the batch size they describe and the offsets
+    (read once from the device: the one host sync of a varlen call's validation; None when compiling)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -202,7 +204,7 @@ def check_cu_seqlens(cu_seqlens, name: str, total: int, batch: int | None, devic
     if batch is not None and count != batch:
         raise ValueError(f"{name}: expected {batch + 1} offsets like cu_seqlens_q, got {count + 1}")
     if torch.compiler.is_compiling():
-        return count  # values are data; checking them would break the graph
+        return count, None  # values are data; checking them would break the graph
     values = cu_seqlens.tolist()
     if values[0] != 0:
         raise ValueError(f"{name}: expected to start at 0, got {values[0]}")
@@ -210,14 +212,15 @@ def check_cu_seqlens(cu_seqlens, name: str, total: int, batch: int | None, devic
         raise ValueError(f"{name}: expected non-decreasing offsets, got {values}")
     if values[-1] != total:
         raise ValueError(f"{name}: expected to end at the total length {total}, got {values[-1]}")
-    return count
+    return count, values
 
 
-def check_max_seqlen(max_seqlen, name: str, cu_seqlens: torch.Tensor) -> int:
+def check_max_seqlen(max_seqlen, name: str, offsets: list[int] | None) -> int:
+    """max_seqlen against the offsets check_cu_seqlens already read (no second device read)."""
     value = int(max_seqlen)
-    if torch.compiler.is_compiling():
+    if offsets is None:
         return value
-    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    longest = max(b - a for a, b in zip(offsets, offsets[1:]))
     if value < longest:
         raise ValueError(f"{name}: expected at least the longest sequence ({longest}), got {value}")
     return value
