@@ -2,6 +2,7 @@
 a CUDA GPU with MFA_TRITON_FULL=1 (every case of the shared matrix, nothing marked slow):
 
     MFA_TRITON_FULL=1 python -m pytest tests/triton -q          # on a CUDA machine
+    bash kernels/triton/full_matrix.sh                          # the same, one worker per core (xdist)
     python -m pytest tests/triton -q [--run-slow]               # anywhere, interpreter
 
 The interpreter runs each kernel program in numpy (seconds per case), so the default run takes a
@@ -41,9 +42,19 @@ def triton_backend(request, monkeypatch):
         return
     if FULL and not torch.cuda.is_available():
         pytest.fail("MFA_TRITON_FULL=1 needs a CUDA device; none is visible")
+    if FULL:
+        _spread_xdist_workers_over_gpus()
     if not FULL and not INTERPRETED:
         pytest.skip("runs in test_interpreter_child_process (TRITON_INTERPRET=1 was not set at import)")
     monkeypatch.setenv("MFA_BACKEND", "triton")
+
+
+def _spread_xdist_workers_over_gpus():
+    """Under pytest-xdist, worker gwN runs on GPU N mod count: compilation (one set of kernels per feature
+    combination, on the CPU) is what the full matrix waits for, so one worker per core, the GPUs shared."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw"):
+        torch.cuda.set_device(int(worker[2:]) % torch.cuda.device_count())
 
 
 def test_interpreter_child_process(request):
