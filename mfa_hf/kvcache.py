@@ -94,11 +94,22 @@ def flash_attn_with_kvcache(
     num_splits 0 lets the backend choose the split-K factor from the shape. The caller updates
     cache_seqlens afterwards. Returns (B, Lq, Hq, Dv) (and lse (B, Hq, Lq) with return_lse).
     """
+    return attend_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, softmax_scale, causal,
+                          window_size, softcap, alibi_slopes, sinks, return_lse, num_splits)
+
+
+def attend_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cache_batch_idx=None, softmax_scale=None,
+                   causal=True, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None, sinks=None, return_lse=False,
+                   num_splits=0, host_batch_idx: list[int] | None = None):
+    """flash_attn_with_kvcache for callers that hold cache_batch_idx's values on the host as well
+    (host_batch_idx): those are checked instead of reading the tensor back, which on mps/cuda waits for
+    the device. With an int cache_seqlens such a call reads nothing back."""
     check_query(q)
     quantized = _check_caches(q, k_cache, v_cache)
     batch = q.shape[0]
     cache_batch, max_seqlen = k_cache.shape[0], k_cache.shape[1]
-    rows = _check_batch_idx(cache_batch_idx, batch, cache_batch, q.device, appending=k is not None)
+    rows = _check_batch_idx(cache_batch_idx, batch, cache_batch, q.device, appending=k is not None,
+                            host_values=host_batch_idx)
     new_len = _check_new(k, v, q, k_cache, v_cache, quantized)
     lengths = _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, q.device)
     options = _check_options(q, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_splits)
@@ -244,15 +255,18 @@ def _check_caches(q, k_cache, v_cache, names=("k_cache", "v_cache")) -> bool:
     return k_quantized
 
 
-def _check_batch_idx(cache_batch_idx, batch, cache_batch, device, appending: bool) -> Tensor | None:
+def _check_batch_idx(cache_batch_idx, batch, cache_batch, device, appending: bool,
+                     host_values: list[int] | None = None) -> Tensor | None:
     if cache_batch_idx is None:
         if cache_batch != batch:
             raise ValueError(f"k_cache: expected batch {batch} like q (or pass cache_batch_idx), got {cache_batch}")
         return None
     _check_index_vector("cache_batch_idx", cache_batch_idx, batch, device)
-    if torch.compiler.is_compiling():
+    if host_values is None and torch.compiler.is_compiling():
         return cache_batch_idx
-    values = cache_batch_idx.tolist()
+    values = cache_batch_idx.tolist() if host_values is None else list(host_values)
+    if len(values) != batch:
+        raise ValueError(f"host_batch_idx: expected {batch} values like cache_batch_idx, got {len(values)}")
     if any(not 0 <= r < cache_batch for r in values):
         raise ValueError(f"cache_batch_idx: expected rows in [0, {cache_batch}), got {values}")
     if appending and len(set(values)) != len(values):
@@ -284,7 +298,11 @@ def _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, device) -> Tensor:
             raise ValueError("cache_seqlens: expected the valid lengths when appending k/v, got None")
         return torch.full((batch,), max_seqlen, dtype=torch.int32, device=device)
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+        # Known on the host: checked here, nothing read back from the device (decode loops pass ints).
+        if not 0 <= cache_seqlens <= max_seqlen - new_len:
+            raise ValueError(f"cache_seqlens: expected a length in [0, {max_seqlen - new_len}] (the cache capacity "
+                             f"{max_seqlen} minus {new_len} new tokens), got {cache_seqlens}")
+        return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
     _check_index_vector("cache_seqlens", cache_seqlens, batch, device)
     if not torch.compiler.is_compiling():
         values = cache_seqlens.tolist()

@@ -213,6 +213,10 @@ BAD_CALLS = {
                       r"cache_seqlens: expected lengths \+ 4 new tokens <= the cache capacity 96, got \[0, 10, 93\]"),
     "negative length": (dict(cache_seqlens=torch.tensor([0, -1, 3], dtype=torch.int32)), ValueError,
                         r"cache_seqlens: expected lengths >= 0"),
+    "int length past capacity": (dict(cache_seqlens=93), ValueError,
+                                 r"cache_seqlens: expected a length in \[0, 92\] \(the cache capacity 96 minus 4 "
+                                 r"new tokens\), got 93"),
+    "negative int length": (dict(cache_seqlens=-1), ValueError, r"cache_seqlens: expected a length in \[0, 92\]"),
     "k without v": (dict(v=None), ValueError, r"k, v: expected both or neither"),
     "k shape": (dict(k="wide"), ValueError, r"k: expected shape \(B, Lnew, Hkv, D\) = \(3, 4, 2, 64\), got \(3, 4, 4, 64\)"),
     "batch idx range": (dict(cache_batch_idx=torch.tensor([0, 1, 5], dtype=torch.int32)), ValueError,

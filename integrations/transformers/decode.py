@@ -16,6 +16,8 @@ Left padding (batched generate) is expressed without a mask: for a decode row th
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ... import kvcache
@@ -28,10 +30,8 @@ def is_cache_view(x) -> bool:
     return isinstance(x, QuantizedCacheView)
 
 
-def _left_pads(attention_mask, batch: int, total: int, q_len: int, device) -> torch.Tensor:
+def _left_pads(attention_mask, batch: int, total: int, q_len: int) -> torch.Tensor:
     """Padding keys at the start of each row (B,) from a 2-D key mask; other patterns are refused."""
-    if attention_mask is None:
-        return torch.zeros(batch, dtype=torch.long, device=device)
     if attention_mask.dim() != 2:
         raise NotImplementedError(
             f"MFAQuantizedCache: expected no mask or a 2-D key-padding mask at decode, got a {attention_mask.dim()}-D "
@@ -50,10 +50,42 @@ def _left_pads(attention_mask, batch: int, total: int, q_len: int, device) -> to
     return pads
 
 
+PadGroups = list  # [(pad, rows)]: rows (int32 device tensor, host list) sharing `pad` padding keys; None = all
+
+# Every layer of one forward pass gets the same mask object: its analysis (host reads of the mask) is
+# done for the first layer and reused by the rest, so a decode step does not wait on the device per
+# layer. A few entries: hybrid models alternate a full and a sliding mask.
+_PAD_CACHE_SIZE = 4
+_pad_cache: list = []  # [(weakref to mask, mask._version, batch, total, q_len, groups)]
+
+
+def _pad_groups(attention_mask, batch: int, total: int, q_len: int) -> PadGroups:
+    """Rows grouped by left padding; without a mask one group of every row, nothing read from the device."""
+    if attention_mask is None:
+        return [(0, None)]
+    for ref, version, *key, groups in _pad_cache:
+        if ref() is attention_mask and version == attention_mask._version and key == [batch, total, q_len]:
+            return groups
+    pads = _left_pads(attention_mask, batch, total, q_len)
+    values = pads.tolist()
+    if len(set(values)) == 1:
+        groups = [(values[0], None)]
+    else:
+        groups = []
+        for pad in sorted(set(values)):
+            host = [b for b, p in enumerate(values) if p == pad]
+            groups.append((pad, (torch.tensor(host, dtype=torch.int32, device=attention_mask.device), host)))
+    _pad_cache.insert(0, (weakref.ref(attention_mask), attention_mask._version, batch, total, q_len, groups))
+    del _pad_cache[_PAD_CACHE_SIZE:]
+    return groups
+
+
 def _part(q, k_side, v_side, seqlens, rows, left, right, causal, scale, softcap):
-    """One partial attention via the decode op: (out (B, Lq, Hq, D), lse (B, Hq, Lq))."""
-    return kvcache.flash_attn_with_kvcache(
-        q, k_side, v_side, cache_seqlens=seqlens, cache_batch_idx=rows, softmax_scale=scale, causal=causal,
+    """One partial attention via the decode op: (out (B, Lq, Hq, D), lse (B, Hq, Lq)). rows: None or
+    (device tensor, its host values), so that nothing is read back from the device."""
+    return kvcache.attend_kvcache(
+        q, k_side, v_side, cache_seqlens=seqlens, cache_batch_idx=None if rows is None else rows[0],
+        host_batch_idx=None if rows is None else rows[1], softmax_scale=scale, causal=causal,
         window_size=(left, right), softcap=softcap or 0.0, return_lse=True)
 
 
@@ -103,8 +135,9 @@ def _prefix_left(window_left: int, residual: int, prefix: int, pad: int, q_len: 
 
 
 def _row_group(q, key, value, rows, pad, window_left, causal, scale, softcap):
-    """Attention of the rows `rows` (all with `pad` padding keys) over the quantized part + residual."""
-    batch = rows.shape[0]
+    """Attention of the rows `rows` (all with `pad` padding keys; (device tensor, host list), or None for
+    every row) over the quantized part + residual. Lengths go to the decode op as host ints and rows with
+    their host values: nothing is read back from the device."""
     prefix, residual, q_len = key.length, key.residual_length, q.shape[1]
     parts = []
     if prefix:
@@ -112,13 +145,14 @@ def _row_group(q, key, value, rows, pad, window_left, causal, scale, softcap):
         if left is not SKIP:
             # With a residual every prefix key precedes every query (the residual holds the new
             # tokens), so part A needs no causal mask.
-            seqlens = torch.full((batch,), prefix, dtype=torch.int32, device=q.device)
-            parts.append(_part(q, key.quantized, value.quantized, seqlens, rows, left, -1,
+            parts.append(_part(q, key.quantized, value.quantized, prefix, rows, left, -1,
                                causal and not residual, scale, softcap))
     if residual:
         left = _left(window_left, residual - 1 - (pad - prefix) if pad > prefix else None)
         if left is not SKIP:
-            k_res, v_res = (s.residual.index_select(0, rows).transpose(1, 2) for s in (key, value))
+            sides = (key.residual, value.residual) if rows is None else (
+                key.residual.index_select(0, rows[0]), value.residual.index_select(0, rows[0]))
+            k_res, v_res = (side.transpose(1, 2) for side in sides)
             parts.append(_part(q, k_res, v_res, None, None, left, -1, causal, scale, softcap))
     if not parts:
         raise ValueError(f"MFAQuantizedCache: a row sees none of its {prefix + residual} keys (padding {pad})")
@@ -133,15 +167,17 @@ def quantized_attention(module, query, key: QuantizedCacheView, value: Quantized
                         f"{type(value).__name__}")
     q = query.transpose(1, 2)
     batch, q_len, total = q.shape[0], q.shape[1], key.shape[2]
-    pads = _left_pads(attention_mask, batch, total, q_len, q.device)
+    groups = _pad_groups(attention_mask, batch, total, q_len)
     window_left = sliding_window - 1 if sliding_window is not None and sliding_window < total + 1 else -1
-    out = q.new_empty(batch, q_len, q.shape[2], value.shape[-1])
-    lse = torch.empty(batch, q.shape[2], q_len, dtype=torch.float32, device=q.device)
-    for pad in pads.unique().tolist():
-        rows = (pads == pad).nonzero().flatten()
-        part_out, part_lse = _row_group(q.index_select(0, rows), key, value, rows.to(torch.int32), pad,
-                                        window_left, causal, scaling, softcap)
-        out[rows], lse[rows] = part_out.to(out.dtype), part_lse.float()
+    if len(groups) == 1:  # no padding, or the same for every row: one pass over the whole batch
+        out, lse = _row_group(q, key, value, None, groups[0][0], window_left, causal, scaling, softcap)
+    else:
+        out = q.new_empty(batch, q_len, q.shape[2], value.shape[-1])
+        lse = torch.empty(batch, q.shape[2], q_len, dtype=torch.float32, device=q.device)
+        for pad, rows in groups:
+            part_out, part_lse = _row_group(q.index_select(0, rows[0]), key, value, rows, pad, window_left, causal,
+                                            scaling, softcap)
+            out[rows[0]], lse[rows[0]] = part_out.to(out.dtype), part_lse.float()
     return out if s_aux is None else _apply_sinks(out, lse, s_aux)
 
 

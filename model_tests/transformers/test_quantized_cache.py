@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -133,7 +134,8 @@ def test_kernel_matches_reference_on_dequantized_cache(monkeypatch, name, fmt, r
 
     def checking(module, query, key, value, attention_mask, **kw):
         out = original(module, query, key, value, attention_mask, **kw)
-        pads = decode._left_pads(attention_mask, query.shape[0], key.shape[2], query.shape[2], query.device)
+        pads = torch.zeros(query.shape[0], dtype=torch.long) if attention_mask is None else \
+            decode._left_pads(attention_mask, query.shape[0], key.shape[2], query.shape[2])
         args = (query, key.dequantize(), value.dequantize(), pads, kw["scaling"], kw["sliding_window"],
                 kw["softcap"], kw["s_aux"])
         assert_close_to_reference(out, _reference(*args, torch.float64), _reference(*args, query.dtype),
@@ -306,3 +308,68 @@ def test_views_are_not_copies():
     assert isinstance(view, QuantizedCacheView)
     assert view.quantized.codes.data_ptr() == layer.k.buffer.codes.data_ptr()
     copy.copy(view)  # frozen dataclass: cheap to hand around
+
+
+# ---------------------------------------------------------------------------------------------
+# Host reads: on mps/cuda every read of a device tensor by the host waits for the device.
+
+HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "unique")
+
+
+def _in_cpu_backend() -> bool:
+    """True when called from the torch backend's kernels: the CPU fallback sizes its loops from host
+    values (free on the CPU); the GPU backends read lengths on the device."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith("mfa_hf.kernels.torch"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _count_host_reads(monkeypatch, entry: str) -> list[int]:
+    """Patch Tensor's host-read methods and decode.<entry>: the reads made inside each call of it by
+    the integration and the public API (not by the CPU backend's kernels)."""
+    reads, inside, per_call = [0], [False], []
+    for name in HOST_READS:
+        def counting(self, *args, _original=getattr(torch.Tensor, name), **kwargs):
+            if inside[0] and not _in_cpu_backend():
+                reads[0] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    original = getattr(decode, entry)
+
+    def counted(*args, **kwargs):
+        inside[0], start = True, reads[0]
+        try:
+            return original(*args, **kwargs)
+        finally:
+            inside[0] = False
+            per_call.append(reads[0] - start)
+
+    monkeypatch.setattr(decode, entry, counted)
+    return per_call
+
+
+@pytest.mark.parametrize("fmt", [None, "int8"])
+def test_decode_steps_do_not_read_back_per_layer(monkeypatch, fmt):
+    """No padding: no decode call reads a device tensor back (lengths travel as host ints). Left padding:
+    the mask is analysed once per step (first layer), the other layers reuse it."""
+    model = _model(BY_NAME["llama"], fmt or "int8")
+    layers = model.config.num_hidden_layers
+    per_call = _count_host_reads(monkeypatch, "plain_decode" if fmt is None else "quantized_attention")
+    for batch, padded in ((1, False), (2, True)):
+        per_call.clear()
+        ids, mask = _inputs(batch)
+        cache = None if fmt is None else MFAQuantizedCache(fmt, config=model.config)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                           past_key_values=cache, pad_token_id=0)
+        if fmt is None and padded:
+            assert per_call == [], "a padded batch has a mask: plain_decode is not its route"
+            continue
+        assert len(per_call) == layers * (NEW_TOKENS - 1), per_call
+        steps = [per_call[i:i + layers] for i in range(0, len(per_call), layers)]
+        assert all(sum(step[1:]) == 0 for step in steps), f"layers after the first read back: {steps}"
+        if not padded:
+            assert sum(per_call) == 0, f"host reads without padding: {steps}"
