@@ -115,9 +115,9 @@ def define_attention_ops(backend: str, forward_impl: Callable, backward_impl: Op
         dropout_seed: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool,
         window_left: int, window_right: int, softcap: float, dropout_p: float,
     ) -> tuple[Tensor, Tensor]:
-        problem = describe(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, max_seqlen_q,
-                           max_seqlen_k, causal, window_left, window_right, softcap, dropout_p)
-        _record(backend, "fwd", problem)
+        if trace.enabled():
+            _record(backend, "fwd", describe(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, max_seqlen_q,
+                                             max_seqlen_k, causal, window_left, window_right, softcap, dropout_p))
         return forward_impl(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k,
                             dropout_seed, max_seqlen_q, max_seqlen_k, scale, causal, window_left,
                             window_right, softcap, dropout_p)
@@ -129,9 +129,9 @@ def define_attention_ops(backend: str, forward_impl: Callable, backward_impl: Op
         max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, window_left: int,
         window_right: int, softcap: float, dropout_p: float, want_mask_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        problem = describe(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, max_seqlen_q,
-                           max_seqlen_k, causal, window_left, window_right, softcap, dropout_p)
-        _record(backend, "bwd", problem)
+        if trace.enabled():
+            _record(backend, "bwd", describe(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, max_seqlen_q,
+                                             max_seqlen_k, causal, window_left, window_right, softcap, dropout_p))
         dq, dk, dv, dsinks, dmask = backward_impl(
             grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, cu_seqlens_q,
             cu_seqlens_k, dropout_seed, max_seqlen_q, max_seqlen_k, scale, causal, window_left,
@@ -213,9 +213,10 @@ def define_decode_op(backend: str, decode_impl: Callable, device_types=None) -> 
         sinks: Optional[Tensor], k_format: str, v_format: str, k_group_size: int, v_group_size: int,
         scale: float, causal: bool, window_left: int, window_right: int, softcap: float, num_splits: int,
     ) -> tuple[Tensor, Tensor]:
-        trace.record(backend, "decode", q.dtype, q.shape[-1], q.shape[1], k_codes.shape[1],
-                     _decode_flags(q, k_codes, k_format, v_format, causal, window_left, window_right,
-                                   softcap, alibi_slopes, sinks))
+        if trace.enabled():
+            trace.record(backend, "decode", q.dtype, q.shape[-1], q.shape[1], k_codes.shape[1],
+                         _decode_flags(q, k_codes, k_format, v_format, causal, window_left, window_right,
+                                       softcap, alibi_slopes, sinks))
         return decode_impl(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_idx, alibi_slopes,
                            sinks, k_format, v_format, k_group_size, v_group_size, scale, causal, window_left,
                            window_right, softcap, num_splits)
@@ -253,8 +254,9 @@ def define_append_op(backend: str, append_impl: Callable, device_types=None) -> 
                              device_types=device_types)
     def append(codes: Tensor, scales: Tensor, new: Tensor, cache_seqlens: Tensor,
                cache_batch_idx: Optional[Tensor], format: str, group_size: int) -> None:
-        trace.record(backend, "append", new.dtype, new.shape[-1], new.shape[1], codes.shape[1],
-                     "kvcache" if format == "none" else f"kvcache kv={format}")
+        if trace.enabled():
+            trace.record(backend, "append", new.dtype, new.shape[-1], new.shape[1], codes.shape[1],
+                         "kvcache" if format == "none" else f"kvcache kv={format}")
         append_impl(codes, scales, new, cache_seqlens, cache_batch_idx, format, group_size)
 
     @append.register_fake

@@ -2,6 +2,7 @@
 
 Counting happens inside the custom ops' real implementations, so it is right under torch.compile
 too (the compiled graph still calls the op). Tests use `capture()` to assert a kernel really ran.
+Calls are counted while MFA_TRACE is set or a capture is open (`enabled()`), not otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ _captures: list[Counter] = []
 # Calls an opt-in patch (integrations/sdpa_patch.py) handed back to the stock function: {(source, reason): n}.
 _fallbacks: Counter = Counter()
 _fallback_captures: list[Counter] = []
+
+
+def enabled() -> bool:
+    """Whether calls are being counted: MFA_TRACE is set or a capture() is open. Callers check this
+    before building a record, so an untraced call pays nothing for it."""
+    return bool(_captures) or os.environ.get("MFA_TRACE", "0") not in ("", "0")
 
 
 def record(backend: str, op: str, dtype, head_dim: int, lq: int, lk: int, flags: str) -> None:

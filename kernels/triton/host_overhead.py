@@ -1,0 +1,149 @@
+"""Host-side cost per call of each layer of the forward and decode paths, on a CUDA machine.
+
+    PYTHONPATH=. python -m mfa_hf.kernels.triton.host_overhead
+
+A tiny problem (the GPU finishes each kernel in a few µs) is called back to back N times and the wall
+time divided by N: with the device idle most of the time, that is the host's cost of one call. Layers,
+outermost first: the public function (validation, dispatch, custom op, launcher), the custom op alone,
+the backend's launcher, the bare Triton launch with the launcher's arguments, and SDPA for scale.
+Then, at B x N = 16384 (H x D = 2048, bf16), the forward timed both ways: one synchronized call at a
+time (host cost adds to device time, as for a lone call) and queued back to back (host cost hidden
+while it is below the kernel's time, as inside a model).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+CALLS = 2000
+
+
+def host_us(fn, calls: int = CALLS) -> float:
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def forward_layers() -> None:
+    import mfa_hf
+    from mfa_hf.kernels.triton import backend as tb
+    from mfa_hf.kernels.triton import forward as kernels
+
+    q, k, v = (torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    args = (q, k, v, None, None, None, None, None, None, 0, 0, 0.125, True, -1, -1, 0.0, 0.0)
+    captured = {}
+    launch = kernels.attention_forward_kernel.run
+
+    def capture(*a, **kw):  # the launcher's exact arguments, to replay the bare launch
+        captured.update(a=a, kw=kw)
+        return launch(*a, **kw)
+
+    kernels.attention_forward_kernel.run = capture
+    tb.forward(*args)
+    kernels.attention_forward_kernel.run = launch
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    with torch.no_grad():
+        rows = {
+            "flash_attn_func (no grad)": host_us(lambda: mfa_hf.flash_attn_func(q, k, v, causal=True)),
+            "custom op mfa_hf::triton_attention_fwd": host_us(lambda: tb.OPS.forward(*args)),
+            "triton backend launcher (forward)": host_us(lambda: tb.forward(*args)),
+            "bare Triton launch (same arguments)": host_us(lambda: launch(*captured["a"], **captured["kw"])),
+            "torch.empty x2 (the outputs)": host_us(lambda: (torch.empty_like(q), torch.empty(1, 2, 64, device="cuda"))),
+        }
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            rows["SDPA flash"] = host_us(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True))
+    grad_q, grad_k, grad_v = (t.clone().requires_grad_() for t in (q, k, v))
+    rows["flash_attn_func (inputs require grad, forward only)"] = host_us(
+        lambda: mfa_hf.flash_attn_func(grad_q, grad_k, grad_v, causal=True))
+    print("host µs per call (B=1, N=64, H=2, D=64 bf16, causal; the GPU idles most of the time):")
+    for name, us in rows.items():
+        print(f"  {name:55s} {us:8.1f}")
+
+
+def decode_layers() -> None:
+    import mfa_hf
+
+    q = torch.randn(8, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(8, 256, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.full((8,), 200, dtype=torch.int32, device="cuda")
+    rows = {
+        "flash_attn_with_kvcache, cache_seqlens tensor (read back)": host_us(
+            lambda: mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths), 500),
+        "flash_attn_with_kvcache, cache_seqlens int (host)": host_us(
+            lambda: mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=200), 500),
+    }
+    print("host µs per decode call (B=8, Hq=32, Hkv=8, D=128, 256-token cache):")
+    for name, us in rows.items():
+        print(f"  {name:55s} {us:8.1f}")
+
+
+def two_timings() -> None:
+    import mfa_hf
+
+    print("forward TFLOP/s, B x N = 16384, H x D = 2048, bf16: one synchronized call at a time / queued back to back")
+    for dim in (128, 64):
+        for causal in (False, True):
+            for n in (512, 1024, 2048, 8192):
+                b, h = 16384 // n, 2048 // dim
+                q, k, v = (torch.randn(b, n, h, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+                flops = 4 * b * h * n * n * dim / (2 if causal else 1)
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    flash = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)  # noqa: E731
+                    ours = lambda: mfa_hf.flash_attn_func(q, k, v, causal=causal)  # noqa: E731
+                    cells = []
+                    for fn in (ours, flash):
+                        cells += [flops / _synced_ms(fn) / 1e9, flops / _queued_ms(fn) / 1e9]
+                print(f"  D={dim} causal={causal!s:5} N={n:5}: ours {cells[0]:6.1f} / {cells[1]:6.1f}   "
+                      f"SDPA-flash {cells[2]:6.1f} / {cells[3]:6.1f}   ours/flash {cells[0] / cells[2]:.2f} / "
+                      f"{cells[1] / cells[3]:.2f}", flush=True)
+
+
+def _synced_ms(fn, repeats: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _queued_ms(fn, calls: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def main() -> None:
+    import triton
+
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
+    forward_layers()
+    decode_layers()
+    two_timings()
+
+
+if __name__ == "__main__":
+    main()
