@@ -17,6 +17,7 @@ import torch
 
 from ... import api
 from . import decode
+from .mask_memo import once_per_mask
 
 
 def _is_causal(module, is_causal: bool | None, q_len: int) -> bool:
@@ -61,7 +62,8 @@ def mfa_attention_forward(module, query, key, value, attention_mask, *, scaling=
         # window bottom-right within them, and padding is a (B, 1, 1, L) key mask.
         length = mask.shape[-1]
         key, value = key[:, :, :length], value[:, :, :length]
-        mask = None if bool(mask.all()) else mask[:, None, None, :]
+        all_valid = once_per_mask(mask, ("all valid",), lambda: bool(mask.all()))  # one host read per mask
+        mask = None if all_valid else mask[:, None, None, :]
         if position_bias is not None:
             position_bias = position_bias[..., :length]
     elif mask is not None:

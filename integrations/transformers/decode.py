@@ -16,12 +16,11 @@ Left padding (batched generate) is expressed without a mask: for a decode row th
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from ... import kvcache
 from .cache_view import QuantizedCacheView
+from .mask_memo import once_per_mask
 
 DECODE_MAX_Q = 16  # query lengths up to this are "decode" (speculative / assisted steps included)
 
@@ -52,31 +51,24 @@ def _left_pads(attention_mask, batch: int, total: int, q_len: int) -> torch.Tens
 
 PadGroups = list  # [(pad, rows)]: rows (int32 device tensor, host list) sharing `pad` padding keys; None = all
 
-# Every layer of one forward pass gets the same mask object: its analysis (host reads of the mask) is
-# done for the first layer and reused by the rest, so a decode step does not wait on the device per
-# layer. A few entries: hybrid models alternate a full and a sliding mask.
-_PAD_CACHE_SIZE = 4
-_pad_cache: list = []  # [(weakref to mask, mask._version, batch, total, q_len, groups)]
-
 
 def _pad_groups(attention_mask, batch: int, total: int, q_len: int) -> PadGroups:
-    """Rows grouped by left padding; without a mask one group of every row, nothing read from the device."""
+    """Rows grouped by left padding; without a mask one group of every row, nothing read from the device.
+    With a mask, one analysis per mask object (mask_memo): the first layer of a step reads it."""
     if attention_mask is None:
         return [(0, None)]
-    for ref, version, *key, groups in _pad_cache:
-        if ref() is attention_mask and version == attention_mask._version and key == [batch, total, q_len]:
-            return groups
-    pads = _left_pads(attention_mask, batch, total, q_len)
-    values = pads.tolist()
-    if len(set(values)) == 1:
-        groups = [(values[0], None)]
-    else:
-        groups = []
-        for pad in sorted(set(values)):
-            host = [b for b, p in enumerate(values) if p == pad]
-            groups.append((pad, (torch.tensor(host, dtype=torch.int32, device=attention_mask.device), host)))
-    _pad_cache.insert(0, (weakref.ref(attention_mask), attention_mask._version, batch, total, q_len, groups))
-    del _pad_cache[_PAD_CACHE_SIZE:]
+    return once_per_mask(attention_mask, ("left pads", batch, total, q_len),
+                         lambda: _group_rows(_left_pads(attention_mask, batch, total, q_len).tolist(),
+                                             attention_mask.device))
+
+
+def _group_rows(pads: list[int], device) -> PadGroups:
+    if len(set(pads)) == 1:
+        return [(pads[0], None)]
+    groups = []
+    for pad in sorted(set(pads)):
+        host = [b for b, p in enumerate(pads) if p == pad]
+        groups.append((pad, (torch.tensor(host, dtype=torch.int32, device=device), host)))
     return groups
 
 

@@ -373,3 +373,23 @@ def test_decode_steps_do_not_read_back_per_layer(monkeypatch, fmt):
         assert all(sum(step[1:]) == 0 for step in steps), f"layers after the first read back: {steps}"
         if not padded:
             assert sum(per_call) == 0, f"host reads without padding: {steps}"
+
+
+def test_mask_facts_are_computed_once_per_mask_object():
+    from mfa_hf.integrations.transformers.mask_memo import once_per_mask
+
+    calls = []
+    mask = torch.ones(2, 5, dtype=torch.bool)
+
+    def all_valid(m):
+        calls.append(1)
+        return bool(m.all())
+
+    assert once_per_mask(mask, ("all",), lambda: all_valid(mask)) is True
+    assert once_per_mask(mask, ("all",), lambda: all_valid(mask)) is True
+    assert len(calls) == 1, "the same mask object and question must reuse the answer"
+    other = mask.clone()
+    assert once_per_mask(other, ("all",), lambda: all_valid(other)) is True and len(calls) == 2
+    mask[0, 0] = False  # in place: the version counter moves, the answer must be recomputed
+    assert once_per_mask(mask, ("all",), lambda: all_valid(mask)) is False and len(calls) == 3
+    assert once_per_mask(mask, ("other question",), lambda: all_valid(mask)) is False and len(calls) == 4
