@@ -1,10 +1,17 @@
 #!/bin/bash
-# One device call: decode/recompile tests on the GPU, then the decode variants benchmark (device_bench variants).
+# One measurement call on a single-GPU CUDA machine (the H100 for the tables), ~7 minutes:
+#   1. host cost per call of each layer of our path (host_overhead.py), and the forward timed
+#      synchronized vs queued, ours and SDPA-flash side by side;
+#   2. the cuda suite (forward and forward+backward TFLOP/s: ours, SDPA flash, SDPA cuDNN, FlexAttention);
+#   3. the decode table (bf16 and every quantized format at 4k/16k/64k, api time with tensor and int
+#      lengths), with the backend's default launch configs.
+# Logs land in $OUT. The full correctness matrix is a separate call: kernels/triton/full_matrix.sh.
 set -x
-ln -sfn ../kernels mfa_hf/kernels; ln -sfn ../integrations mfa_hf/integrations
+ln -sfn ../kernels mfa_hf/kernels; ln -sfn ../integrations mfa_hf/integrations  # a source checkout
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-.}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv
-python -c "import torch, triton; print(torch.__version__, triton.__version__)"
-N=""; python -c "import xdist" 2>/dev/null && N="-n 8"
-MFA_TRITON_FULL=1 timeout ${TEST_S:-200} python -m pytest tests/triton -q $N -k "decode or recompile" 2>&1 | tail -25
-PYTHONPATH=. timeout ${BENCH_S:-360} python -m mfa_hf.kernels.triton.device_bench variants --out $OUT 2>&1 | tee $OUT/bench.log | grep -v "^  .*64k" | tail -60
-grep "64k" $OUT/bench.log
+timeout ${HOST_S:-120} python -m mfa_hf.kernels.triton.host_overhead 2>&1 | tee "$OUT/host_overhead.log"
+timeout ${SUITE_S:-300} python -m mfa_hf.benchmark --suite cuda --full-size --device cuda 2>&1 | tee "$OUT/cuda_suite.log"
+DECODE_SWEEP=0 timeout ${DECODE_S:-150} python -m mfa_hf.kernels.triton.device_bench decode --out "$OUT" 2>&1 \
+    | tee "$OUT/decode.log" | grep -v "^  "
