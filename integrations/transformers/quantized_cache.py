@@ -4,7 +4,8 @@
     model.generate(**inputs, past_key_values=cache)                      # attn "mps_flash" or "mfa"
 
 Per layer, one growable store per side: a `QuantizedKV` buffer (B, capacity, Hkv, D) allocated by
-`mfa_hf.allocate_kv_cache` (capacity doubles when full, so appends are in place, amortized O(1)),
+`mfa_hf.allocate_kv_cache` (capacity grows by a quarter when full, in blocks of 256 tokens: appends
+are in place, amortized O(1), and at most ~25% of the store is spare),
 plus an optional full-precision residual (B, Hkv, r, D) of the newest tokens (KIVI-style: once it
 holds `residual_length` tokens it is quantized in one chunk at the start of the next update).
 
@@ -39,6 +40,15 @@ FORMATS = ("fp8_e4m3", "int8", "nf4")
 # expands it with linears after the cache), so a handle cannot go straight to the kernel.
 LATENT_CACHE_MODELS = {"deepseek_v3": "the MLA latent (kv_lora_rank) and k_rot, expanded by linears after the cache"}
 _MIN_CAPACITY = 256
+# Capacity grows by a quarter (in whole blocks of _MIN_CAPACITY tokens) when full: appends stay
+# amortized O(1), and the spare room is at most a quarter of the tokens held (doubling would leave up
+# to half of a quantized cache's memory empty, eating the saving the format was chosen for).
+_GROWTH = 1.25
+
+
+def grown_capacity(capacity: int, needed: int) -> int:
+    target = max(needed, int(capacity * _GROWTH), _MIN_CAPACITY)
+    return -(-target // _MIN_CAPACITY) * _MIN_CAPACITY
 
 
 class _Store:
@@ -70,7 +80,7 @@ class _Store:
         if needed <= capacity:
             return
         b, h, _, d = states.shape
-        grown = allocate_kv_cache(b, max(needed, 2 * capacity, _MIN_CAPACITY), h, d, self.format.value,
+        grown = allocate_kv_cache(b, grown_capacity(capacity, needed), h, d, self.format.value,
                                   dtype=states.dtype, device=states.device, group_size=self.group_size)
         if self.buffer is not None:
             grown.codes[:, : self.length] = self.buffer.codes[:, : self.length]

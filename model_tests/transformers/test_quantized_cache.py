@@ -393,3 +393,16 @@ def test_mask_facts_are_computed_once_per_mask_object():
     mask[0, 0] = False  # in place: the version counter moves, the answer must be recomputed
     assert once_per_mask(mask, ("all",), lambda: all_valid(mask)) is False and len(calls) == 3
     assert once_per_mask(mask, ("other question",), lambda: all_valid(mask)) is False and len(calls) == 4
+
+
+def test_capacity_grows_by_a_quarter_in_blocks():
+    from mfa_hf.integrations.transformers.quantized_cache import grown_capacity
+
+    assert grown_capacity(0, 1) == 256 and grown_capacity(0, 300) == 512
+    capacity, reallocations = 0, 0
+    for needed in range(1, 20_001):
+        if needed > capacity:
+            capacity, reallocations = grown_capacity(capacity, needed), reallocations + 1
+        assert capacity % 256 == 0 and capacity >= needed
+        assert capacity <= max(256, 1.25 * needed + 256), (needed, capacity)  # spare room bounded
+    assert reallocations <= 25, "growth must stay geometric (amortized O(1) appends)"
