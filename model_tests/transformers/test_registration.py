@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as tf
 from conftest import BATCH, IMPLEMENTATIONS, kernel_calls, padded_batch, twin_models
-from families import BY_NAME
+from families import BY_NAME, DECODERS
 
 from mfa_hf import trace
 from mfa_hf.integrations.transformers import UnsupportedModelError, check_transformers_version, provider
@@ -92,18 +92,28 @@ def test_import_mfa_hf_does_not_import_transformers_but_registers_when_it_is():
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_packed_sequences_match_separate_sequences(implementation):
-    """DataCollatorWithFlattening's cu_seq_lens kwargs: packed logits equal each sequence run alone."""
-    reference, model = twin_models(BY_NAME["llama"], implementation)
+@pytest.mark.parametrize("name", [f.name for f in DECODERS])
+def test_packed_sequences(name, implementation):
+    """DataCollatorWithFlattening's batch (cu_seq_lens kwargs + restarting position_ids).
+
+    mps_flash is a FlashAttention flavour: it reads cu_seq_lens, so packed logits equal each sequence run
+    alone, as with flash_attention_2. mfa stands in for sdpa/eager: it must equal eager on the packed
+    batch (eager separates packed sequences where the model's mask does, e.g. Llama; OPT and GPT-OSS
+    mix them in eager, and so does mfa)."""
+    reference, model = twin_models(BY_NAME[name], implementation)
     lengths = (5, 3, 7)
     seqs = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
     batch = tf.DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": s} for s in seqs])
     batch.pop("labels", None)
     with torch.no_grad(), trace.capture() as calls:
         packed = model(**batch, use_cache=False).logits[0]
-        separate = torch.cat([reference(torch.tensor([s])).logits[0] for s in seqs])
+    with torch.no_grad():
+        if implementation == "mps_flash":
+            expected = torch.cat([reference(torch.tensor([s])).logits[0] for s in seqs])
+        else:
+            expected = reference(**batch, use_cache=False).logits[0]
     assert kernel_calls(calls) >= 2
-    torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed, expected, atol=1e-5, rtol=1e-4)
 
 
 LEGACY = {
