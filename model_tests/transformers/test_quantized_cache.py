@@ -22,7 +22,7 @@ from mfa_hf.integrations.transformers.quantized_cache import (
 )
 from mfa_hf.testing import assert_close_to_reference
 
-FORMATS = ("int8", "fp8_e4m3", "nf4")
+FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2", "nf4")
 KV_DECODERS = [f for f in DECODERS if f.name != "deepseek_v3"]
 NEW_TOKENS = 4
 
@@ -283,7 +283,7 @@ def test_handle_outside_mfa_attention_says_why():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(format="int4"), "format: expected one of"),
-    (dict(format="fp8_e5m2"), "format: expected one of fp8_e4m3, int8, nf4"),
+    (dict(format="fp16"), "format: expected one of"),
     (dict(format="int8", residual_length=-1), "residual_length: expected an int >= 0"),
 ])
 def test_bad_options(kwargs, message):
