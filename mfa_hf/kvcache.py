@@ -116,7 +116,7 @@ def attend_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cach
     chosen = _select_backend(q, k_cache, v_cache, alibi_slopes, sinks, *options)
     if k is not None and new_len:  # every check above ran first: a rejected call writes nothing
         _append_all(k_cache, v_cache, k, v, lengths, rows, getattr(chosen.module, "APPEND", None))
-    total = lengths + new_len
+    total = lengths + new_len if new_len else lengths
     return _decode(q, k_cache, v_cache, total.to(torch.int32), rows, alibi_slopes, sinks, return_lse, *options,
                    backend=chosen)
 
@@ -134,7 +134,7 @@ def attention_over_quantized(q, k, v, softmax_scale, causal, window_size, softca
         raise ValueError(f"k: expected batch {q.shape[0]} like q, got {k.shape[0]}")
     if torch.is_grad_enabled() and q.requires_grad:
         raise ValueError("q: quantized k/v serve inference only; got q requiring grad (use torch.no_grad())")
-    lengths = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
+    lengths = _same_lengths(q.shape[0], k.shape[1], q.device)
     options = _check_options(q, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, 0)
     return _decode(q, k, v, lengths, None, alibi_slopes, sinks, return_lse, *options)
 
@@ -296,13 +296,13 @@ def _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, device) -> Tensor:
     if cache_seqlens is None:
         if new_len:
             raise ValueError("cache_seqlens: expected the valid lengths when appending k/v, got None")
-        return torch.full((batch,), max_seqlen, dtype=torch.int32, device=device)
+        return _same_lengths(batch, max_seqlen, device)
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         # Known on the host: checked here, nothing read back from the device (decode loops pass ints).
         if not 0 <= cache_seqlens <= max_seqlen - new_len:
             raise ValueError(f"cache_seqlens: expected a length in [0, {max_seqlen - new_len}] (the cache capacity "
                              f"{max_seqlen} minus {new_len} new tokens), got {cache_seqlens}")
-        return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+        return _same_lengths(batch, cache_seqlens, device)
     _check_index_vector("cache_seqlens", cache_seqlens, batch, device)
     if not torch.compiler.is_compiling():
         values = cache_seqlens.tolist()
@@ -313,6 +313,26 @@ def _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, device) -> Tensor:
             raise ValueError(f"cache_seqlens: expected lengths + {new_len} new tokens <= the cache capacity "
                              f"{max_seqlen}, got {values}")
     return cache_seqlens
+
+
+# Equal-length vectors built from host ints, kept for reuse: every layer of a decode step asks for the
+# same one, and on mps/cuda each new tensor is a device write. They are only ever read (the decode op
+# takes seqlens_k as an input; appends write the cache, never the lengths).
+_LENGTHS_CACHE_SIZE = 8
+_lengths_cache: dict = {}
+
+
+def _same_lengths(batch: int, length: int, device) -> Tensor:
+    if torch.compiler.is_compiling():  # a traced tensor must not outlive its graph
+        return torch.full((batch,), length, dtype=torch.int32, device=device)
+    key = (batch, length, str(device))
+    cached = _lengths_cache.get(key)
+    if cached is None:
+        cached = torch.full((batch,), length, dtype=torch.int32, device=device)
+        if len(_lengths_cache) >= _LENGTHS_CACHE_SIZE:
+            del _lengths_cache[next(iter(_lengths_cache))]  # the oldest
+        _lengths_cache[key] = cached
+    return cached
 
 
 def _check_index_vector(name, t, batch, device) -> None:

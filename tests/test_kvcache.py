@@ -185,6 +185,12 @@ def test_decode_op_under_compile():
     compiled = torch.compile(lambda q: mfa_hf.flash_attn_with_kvcache(q, cache, v_cache, cache_seqlens=lengths),
                              fullgraph=True)
     torch.testing.assert_close(compiled(q), eager)
+    # An int length: the equal-lengths vector is built inside the graph, and eager calls afterwards
+    # must not get a traced tensor from the reuse cache.
+    compiled_int = torch.compile(lambda q: mfa_hf.flash_attn_with_kvcache(q, cache, v_cache, cache_seqlens=7),
+                                 fullgraph=True)
+    torch.testing.assert_close(compiled_int(q), eager)
+    torch.testing.assert_close(mfa_hf.flash_attn_with_kvcache(q, cache, v_cache, cache_seqlens=7), eager)
     del k
 
 
@@ -261,3 +267,19 @@ def test_plain_cache_dtype_and_batch_mismatch():
     with pytest.raises(ValueError, match=r"cache_seqlens: expected the valid lengths when appending k/v, got None"):
         mfa_hf.flash_attn_with_kvcache(q, torch.zeros(2, 8, 2, 64), torch.zeros(2, 8, 2, 64),
                                        torch.randn(2, 1, 2, 64), torch.randn(2, 1, 2, 64))
+
+
+def test_equal_lengths_are_built_once_and_never_written():
+    """Every layer of a decode step passes the same int length: one device tensor serves them all."""
+    from mfa_hf import kvcache
+
+    q = torch.randn(2, 1, 4, 64)
+    cache, v_cache = torch.randn(2, 16, 2, 64), torch.randn(2, 16, 2, 64)
+    first = kvcache._same_lengths(2, 9, q.device)
+    assert kvcache._same_lengths(2, 9, q.device) is first and kvcache._same_lengths(2, 10, q.device) is not first
+    out = mfa_hf.flash_attn_with_kvcache(q, cache, v_cache, k=torch.randn(2, 1, 2, 64), v=torch.randn(2, 1, 2, 64),
+                                         cache_seqlens=9)
+    assert first.tolist() == [9, 9], "appending must not write the shared lengths"
+    expected = mfa_hf.flash_attn_with_kvcache(q, cache, v_cache, cache_seqlens=torch.tensor([10, 10],
+                                              dtype=torch.int32))
+    torch.testing.assert_close(out, expected)
