@@ -88,13 +88,16 @@ def _decode_route(module, query, key, value, attention_mask, causal, scaling, sl
         return decode.quantized_attention(module, query, key, value, attention_mask, scaling=scaling,
                                           sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, causal=causal)
     q_len, kv_len = query.shape[2], key.shape[2]
-    plain_decode = (attention_mask is None and position_bias is None and not module.training
+    plain_decode = (position_bias is None and not module.training
                     and (causal or q_len == 1) and q_len <= decode.DECODE_MAX_Q and kv_len > q_len
                     and key.shape[-1] == value.shape[-1] and getattr(module, "layer_idx", None) is not None)
     if not plain_decode:
         return None
-    return decode.plain_decode(query, key, value, scaling=scaling, sliding_window=sliding_window, softcap=softcap,
-                               s_aux=s_aux)
+    options = dict(scaling=scaling, sliding_window=sliding_window, softcap=softcap, s_aux=s_aux)
+    if attention_mask is None:
+        return decode.plain_decode(query, key, value, **options)
+    # A 2-D key mask (padding, a static cache's unfilled tail) the decode op can express, else None.
+    return decode.padded_plain_decode(query, key, value, attention_mask, **options)
 
 
 def _needs_mfa_path(attention_mask, kwargs) -> bool:

@@ -29,6 +29,13 @@ def is_cache_view(x) -> bool:
     return isinstance(x, QuantizedCacheView)
 
 
+def _padding_pattern(valid: torch.Tensor):
+    """(pads (B,), is_left_padding): p_b leading False keys, and whether every row is p_b False then True."""
+    pads = (~valid).sum(dim=1)
+    left_padded = valid == (torch.arange(valid.shape[-1], device=valid.device)[None, :] >= pads[:, None])
+    return pads, left_padded.all()
+
+
 def _left_pads(attention_mask, batch: int, total: int, q_len: int) -> torch.Tensor:
     """Padding keys at the start of each row (B,) from a 2-D key mask; other patterns are refused."""
     if attention_mask.dim() != 2:
@@ -38,9 +45,8 @@ def _left_pads(attention_mask, batch: int, total: int, q_len: int) -> torch.Tens
     valid = attention_mask[:, -total:].bool()
     if valid.shape[-1] < total:  # a compact mask shorter than the keys: the tail is invalid
         raise NotImplementedError(f"MFAQuantizedCache: expected a key mask of length {total}, got {valid.shape[-1]}")
-    pads = (~valid).sum(dim=1)
-    left_padded = valid == (torch.arange(total, device=valid.device)[None, :] >= pads[:, None])
-    if not bool(left_padded.all()):
+    pads, left_padded = _padding_pattern(valid)
+    if not bool(left_padded):
         raise NotImplementedError("MFAQuantizedCache: expected left padding (False then True per row) in the key "
                                   "mask, got padding elsewhere")
     if q_len > 1 and bool((pads > 0).any()):
@@ -181,3 +187,54 @@ def plain_decode(query, key, value, *, scaling=None, sliding_window=None, softca
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scaling, causal=True,
         window_size=(window_left, 0 if window_left >= 0 else -1), softcap=softcap or 0.0,
         sinks=None if s_aux is None else s_aux.float())
+
+
+def _plain_pad_groups(valid: torch.Tensor, q_len: int):
+    """Pad groups of a 2-D key mask that the decode op can express for plain K/V, else None."""
+    pads, left_padded = _padding_pattern(valid)
+    if not bool(left_padded):
+        return None
+    values = pads.tolist()
+    if (q_len > 1 and any(values)) or max(values) >= valid.shape[-1]:  # per-query-row edges; a row with no key
+        return None
+    return _group_rows(values, valid.device)
+
+
+def padded_plain_decode(query, key, value, attention_mask, *, scaling=None, sliding_window=None, softcap=None,
+                        s_aux=None):
+    """A small query against plain cached K/V (B, Hkv, S, D) with a 2-D key mask -> (B, Lq, Hq, D), or None.
+
+    Left padding (batched generate) and unfilled slots after the mask's length (a StaticCache's buffer)
+    become each row's visible key range on the decode op: cache_seqlens = the mask's length and a left
+    window ending at the row's first real key, rows of equal padding in one call through
+    cache_batch_idx. No copy of K/V (transformers' flash path would unpad, i.e. gather, them per layer).
+    The mask is analysed once per step (mask_memo). None for any other pattern: the caller takes its
+    general path.
+    """
+    if attention_mask.dim() != 2 or torch.compiler.is_compiling():
+        return None
+    q_len, total = query.shape[2], key.shape[2]
+    valid = attention_mask[:, -total:]  # a sliding layer's buffer holds the last `total` keys
+    length = valid.shape[-1]  # keys past it: a static cache's unfilled slots
+    if length < q_len:
+        return None
+    groups = once_per_mask(attention_mask, ("plain pads", total, q_len), lambda: _plain_pad_groups(valid.bool(), q_len))
+    if groups is None:
+        return None
+    window_left = sliding_window - 1 if sliding_window is not None and sliding_window < length + 1 else -1
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+
+    def attend(q_rows, rows, pad):
+        left = _left(window_left, length - 1 - pad if pad else None)  # pads only with one query token
+        return kvcache.attend_kvcache(
+            q_rows, k, v, cache_seqlens=length, cache_batch_idx=None if rows is None else rows[0],
+            host_batch_idx=None if rows is None else rows[1], softmax_scale=scaling, causal=True,
+            window_size=(left, 0 if left >= 0 else -1), softcap=softcap or 0.0,
+            sinks=None if s_aux is None else s_aux.float())
+
+    if len(groups) == 1:
+        return attend(q, None, groups[0][0])
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    for pad, rows in groups:
+        out[rows[0]] = attend(q.index_select(0, rows[0]), rows, pad)
+    return out

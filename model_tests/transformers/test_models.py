@@ -46,6 +46,17 @@ def test_decoder_greedy_generate(family, cache, implementation):
         actual = model.generate(ids, **kwargs)
     assert kernel_calls(calls) >= LAYERS * 5, f"{family.name}: kernel ran {trace.served_by(calls)}"
     assert torch.equal(actual, expected), f"{family.name} ({cache}): {actual.tolist()} != {expected.tolist()}"
+    # Only the prefill runs the forward op; every layer of the 4 decode steps of the left-padded batch (and
+    # the static cache's unfilled tail) runs on the decode op, one call per padding group seen by the layer
+    # (3 for full attention; a sliding window may hold no padding), with no K/V gather.
+    # DeepSeek-V3's K and V head dims differ (MLA): its decode steps stay on the forward op.
+    served = trace.served_by(calls)
+    decode_calls = sum(n for (_, op), n in served.items() if op == "decode")
+    forward_calls = sum(n for (_, op), n in served.items() if op == "fwd")
+    if family.name == "deepseek_v3":
+        assert forward_calls == LAYERS * 5 and decode_calls == 0, served
+    else:
+        assert forward_calls == LAYERS and decode_calls >= LAYERS * 4, f"{family.name}: {served}"
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

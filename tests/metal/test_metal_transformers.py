@@ -1,6 +1,6 @@
-"""Acceptance: a tiny transformers model generating with attn_implementation="mps_flash" and an
-MFAQuantizedCache has every attention call (prefill forward and quantized decode) served by the
-metal backend (CPU tensors through the emulator; mps on a Mac)."""
+"""Acceptance: a tiny transformers model generating with attn_implementation="mps_flash", with an
+MFAQuantizedCache or a plain cache and a left-padded row, has every attention call (prefill forward,
+decode steps) served by the metal backend (CPU tensors through the emulator; mps on a Mac)."""
 
 import pytest
 import torch
@@ -10,8 +10,9 @@ from mfa_hf import trace
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "nf4"])
-def test_generate_with_quantized_cache_is_served_by_metal(fmt, metal, monkeypatch):
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "nf4", None])
+def test_generate_is_served_by_metal(fmt, metal, monkeypatch):
+    """fmt None: the plain cache, with a left-padded row (varlen prefill, padded decode steps)."""
     import mfa_hf.integrations.transformers  # noqa: F401  (registers mps_flash)
     from mfa_hf.integrations.transformers.quantized_cache import MFAQuantizedCache
 
@@ -25,9 +26,14 @@ def test_generate_with_quantized_cache_is_served_by_metal(fmt, metal, monkeypatc
     model = transformers.LlamaForCausalLM(config).eval().to(metal.device)
     model.set_attn_implementation("mps_flash")
     ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1)).to(metal.device)
-    cache = MFAQuantizedCache(fmt, config=model.config, group_size=32 if fmt == "nf4" else None)
+    mask = torch.ones_like(ids)
+    cache = None
+    if fmt is None:
+        mask[1, :2] = 0
+    else:
+        cache = MFAQuantizedCache(fmt, config=model.config, group_size=32 if fmt == "nf4" else None)
     with torch.no_grad(), trace.capture() as calls:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
                              past_key_values=cache, pad_token_id=0)
     served = trace.served_by(calls)
     assert out.shape == (2, 9)
