@@ -404,3 +404,18 @@ def test_capacity_grows_by_a_quarter_in_blocks():
         assert capacity % 256 == 0 and capacity >= needed
         assert capacity <= max(256, 1.25 * needed + 256), (needed, capacity)  # spare room bounded
     assert reallocations <= 25, "growth must stay geometric (amortized O(1) appends)"
+
+
+@pytest.mark.parametrize("fmt", [None, "int8"])
+def test_padded_generate_under_inference_mode(fmt):
+    """Inference tensors have no version counter: the mask facts are recomputed, not reused, and the
+    tokens equal those generated under no_grad."""
+    model = _model(BY_NAME["llama"], fmt or "int8")
+    ids, mask = _inputs(2)
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    new_cache = (lambda: None) if fmt is None else (lambda: MFAQuantizedCache(fmt, config=model.config))
+    with torch.no_grad():
+        expected = model.generate(ids, past_key_values=new_cache(), **kwargs)
+    with torch.inference_mode():
+        actual = model.generate(ids, past_key_values=new_cache(), **kwargs)
+    assert torch.equal(actual, expected)
