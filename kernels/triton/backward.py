@@ -11,7 +11,20 @@ recomputed from the saved LSE in base 2; rows with LSE = -inf (nothing visible) 
 import triton
 import triton.language as tl
 
-from .common import dot, head_hash, keep_tile, query_block_band, sequence_bounds, split_range, transform_scores, visible
+from .common import (dot, head_hash, keep_tile, load_rows, query_block_band, sequence_bounds, split_range,
+                     transform_scores, visible)
+
+
+@triton.jit
+def _query_rows(q_base, do_base, lse_base, delta_base, rows, row_ok, stride_qm, stride_qd, stride_om, stride_od,
+                stride_lm, offs_dk, offs_dv, HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr):
+    """What the backward needs of a block of query rows: q, dO, the base-2 LSE and delta."""
+    q = load_rows(q_base, rows, row_ok, stride_qm, offs_dk, stride_qd, HEAD_DQK)
+    do = load_rows(do_base, rows, row_ok, stride_om, offs_dv, stride_od, HEAD_DV)
+    lse2 = tl.load(lse_base + rows * stride_lm, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # nothing visible: P = exp2(-inf) = 0
+    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    return q, do, lse2, delta
 
 
 @triton.jit
@@ -24,13 +37,8 @@ def _kv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, sta
              DOT_PRECISION: tl.constexpr):
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q
-    q = tl.load(q_base + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_dk[None, :] < HEAD_DQK), other=0.0)
-    do = tl.load(do_base + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
-                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
-    lse2 = tl.load(lse_base + rows * stride_lm, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # nothing visible: P = exp2(-inf) = 0
-    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    q, do, lse2, delta = _query_rows(q_base, do_base, lse_base, delta_base, rows, row_ok, stride_qm, stride_qd,
+                                     stride_om, stride_od, stride_lm, offs_dk, offs_dv, HEAD_DQK, HEAD_DV)
     qk = dot(q, tl.trans(k), DOT_PRECISION)
     mask_rows = tl.minimum(rows, seqlen_q - 1).to(tl.int64)
     mask_ptrs = mask_base + mask_rows[:, None] * stride_mm
@@ -82,10 +90,8 @@ def attention_backward_kv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     k_base = K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_kn + kv_head * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vn + kv_head * stride_vh
-    k = tl.load(k_base + cols[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
-                mask=col_ok[:, None] & (offs_dk[None, :] < HEAD_DQK), other=0.0)
-    v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+    k = load_rows(k_base, cols, col_ok, stride_kn, offs_dk, stride_kd, HEAD_DQK)
+    v = load_rows(v_base, cols, col_ok, stride_vn, offs_dv, stride_vd, HEAD_DV)
 
     # Query rows that can see any key of this block, and those that see all of it.
     lo = 0
@@ -154,10 +160,8 @@ def _q_step(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, start_n,
             WRITE_DS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < seqlen_k
-    k = tl.load(k_base + cols[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
-                mask=col_ok[:, None] & (offs_dk[None, :] < HEAD_DQK), other=0.0)
-    v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+    k = load_rows(k_base, cols, col_ok, stride_kn, offs_dk, stride_kd, HEAD_DQK)
+    v = load_rows(v_base, cols, col_ok, stride_vn, offs_dv, stride_vd, HEAD_DV)
     qk = dot(q, tl.trans(k), DOT_PRECISION)
     s, capped = transform_scores(qk, rows, cols, diag, scale, softcap, slope2, mask_base + cols[None, :] * stride_mn,
                                  col_ok[None, :], SOFTCAP, ALIBI, MASK_KIND)
@@ -204,16 +208,11 @@ def attention_backward_q_kernel(
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_base = Q + b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qm + h * stride_qh
-    q = tl.load(q_base + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_dk[None, :] < HEAD_DQK), other=0.0)
     do_base = DO + b.to(tl.int64) * stride_ob + start_q.to(tl.int64) * stride_om + h * stride_oh
-    do = tl.load(do_base + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
-                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
     lse_base = LSE + b.to(tl.int64) * stride_lb + start_q.to(tl.int64) * stride_lm + h * stride_lh
-    lse2 = tl.load(lse_base + rows * stride_lm, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
     delta_base = DELTA + b.to(tl.int64) * stride_deltab + h * stride_deltah + start_q
-    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    q, do, lse2, delta = _query_rows(q_base, do_base, lse_base, delta_base, rows, row_ok, stride_qm, stride_qd,
+                                     stride_om, stride_od, stride_lm, offs_dk, offs_dv, HEAD_DQK, HEAD_DV)
     kv_head = h // group
     k_base = K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_kn + kv_head * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vn + kv_head * stride_vh

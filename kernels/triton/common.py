@@ -111,6 +111,14 @@ def visible(s, rows, cols, diag, left, right, seqlen_k, HAS_LEFT: tl.constexpr, 
 
 
 @triton.jit
+def load_rows(base, idx, idx_ok, stride_n, offs_d, stride_d, HEAD_D: tl.constexpr):
+    """A (len(idx), len(offs_d)) tile of rows idx (tokens) and head-dim columns offs_d; zero past the
+    sequence (idx_ok) and past the real head dim."""
+    return tl.load(base + idx[:, None] * stride_n + offs_d[None, :] * stride_d,
+                   mask=idx_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+
+
+@triton.jit
 def sequence_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     """Where sequence b starts in (packed) q and k, and its lengths: dense batches start at 0."""
     start_q = 0

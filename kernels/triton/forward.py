@@ -8,7 +8,7 @@ batch index selects cu_seqlens offsets; programs past a sequence's end return at
 import triton
 import triton.language as tl
 
-from .common import dot, head_hash, keep_tile, query_block_band, sequence_bounds, transform_scores, visible
+from .common import dot, head_hash, keep_tile, load_rows, query_block_band, sequence_bounds, transform_scores, visible
 
 
 @triton.jit
@@ -72,8 +72,7 @@ def attention_forward_kernel(
     row_ok = rows < seqlen_q
 
     q_base = Q + b.to(tl.int64) * stride_qb + start_q.to(tl.int64) * stride_qm + h * stride_qh
-    q = tl.load(q_base + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_dk[None, :] < HEAD_DQK), other=0.0)
+    q = load_rows(q_base, rows, row_ok, stride_qm, offs_dk, stride_qd, HEAD_DQK)
     kv_head = h // group
     k_base = K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_kn + kv_head * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vn + kv_head * stride_vh

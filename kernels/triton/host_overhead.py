@@ -57,7 +57,8 @@ def forward_layers() -> None:
             "custom op mfa_hf::triton_attention_fwd": host_us(lambda: tb.OPS.forward(*args)),
             "triton backend launcher (forward)": host_us(lambda: tb.forward(*args)),
             "bare Triton launch (same arguments)": host_us(lambda: launch(*captured["a"], **captured["kw"])),
-            "torch.empty x2 (the outputs)": host_us(lambda: (torch.empty_like(q), torch.empty(1, 2, 64, device="cuda"))),
+            "torch.empty x2 (the outputs)": host_us(
+                lambda: (torch.empty_like(q), torch.empty(1, 2, 64, device="cuda"))),
         }
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             rows["SDPA flash"] = host_us(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True))
