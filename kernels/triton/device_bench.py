@@ -51,53 +51,66 @@ def _parts(cache):
     return cache, None, "none", cache.shape[-1], cache.nbytes
 
 
-def decode(out_dir: str) -> list[dict]:
+def _decode_problem(length: int):
+    """q (B, 1, Hq, D), k/v (B, length, Hkv, D) bf16, full lengths, and SDPA's bf16 decode time on them."""
+    g = torch.Generator(device="cuda").manual_seed(length)
+    q = torch.randn(B, 1, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, length, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, length, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    seqlens = torch.full((B,), length, dtype=torch.int32, device="cuda")
+    kh, vh = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    qh = q.transpose(1, 2)
+    sdpa_ms = _ms(lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True))
+    return q, k, v, seqlens, sdpa_ms, kh.nbytes + vh.nbytes
+
+
+def _decode_cache(q, k, v, seqlens, fmt: str):
+    """(k_cache, v_cache, bytes as stored, call(cfg, splits) running the decode op launcher directly)."""
     import mfa_hf
     from mfa_hf.kernels.triton import backend as tb
+
+    k_cache, v_cache = (k, v) if fmt == "bf16" else (mfa_hf.quantize_kv(k, fmt), mfa_hf.quantize_kv(v, fmt))
+    kc, ks, kf, kg, kb = _parts(k_cache)
+    vc, vs, vf, vg, vb = _parts(v_cache)
+
+    def call(cfg=None, splits=0):
+        return tb.run_decode(q, kc, ks, vc, vs, seqlens, None, None, None, kf, vf, kg, vg, 1 / math.sqrt(D), True,
+                             -1, -1, 0.0, splits, config=cfg)
+
+    return k_cache, v_cache, kb + vb, call
+
+
+def _decode_reference(q, k, v, k_cache, v_cache, fmt: str):
+    """float32 attention on the dequantized cache."""
+    kd = k.float() if fmt == "bf16" else k_cache.dequantize(torch.float32)
+    vd = v.float() if fmt == "bf16" else v_cache.dequantize(torch.float32)
+    return F.scaled_dot_product_attention(q.float().transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2),
+                                          enable_gqa=True).transpose(1, 2)
+
+
+def _checked(out, ref) -> tuple[float, bool]:
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    return rel, rel < 1e-2 and not out.isnan().any().item()
+
+
+def decode(out_dir: str) -> list[dict]:
+    import mfa_hf
 
     copy = copy_bandwidth()
     print(f"copy bandwidth: {copy:.0f} GB/s", flush=True)
     rows = [dict(kind="copy", gbps=round(copy))]
     best_cfg = {}
-    scale = 1 / math.sqrt(D)
     for length in sorted(LENGTHS, reverse=True):  # 64k first: the sweep runs there
-        g = torch.Generator(device="cuda").manual_seed(length)
-        q = torch.randn(B, 1, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        k = torch.randn(B, length, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        v = torch.randn(B, length, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        seqlens = torch.full((B,), length, dtype=torch.int32, device="cuda")
-        kh, vh = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-        qh = q.transpose(1, 2)
-        sdpa_ms = _ms(lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True))
-        sdpa_bytes = kh.nbytes + vh.nbytes
+        q, k, v, seqlens, sdpa_ms, sdpa_bytes = _decode_problem(length)
         rows.append(dict(kind="decode", impl="sdpa", format="bf16", kv_len=length, ms=round(sdpa_ms, 4),
                          gbps=round(sdpa_bytes / sdpa_ms / 1e6)))
         print(rows[-1], flush=True)
-        del kh, vh
         for fmt in FORMATS:
-            if fmt == "bf16":
-                k_cache, v_cache = k, v
-            else:
-                k_cache, v_cache = mfa_hf.quantize_kv(k, fmt), mfa_hf.quantize_kv(v, fmt)
-            kc, ks, kf, kg, kb = _parts(k_cache)
-            vc, vs, vf, vg, vb = _parts(v_cache)
-            nbytes = kb + vb
-
-            def call(cfg=None, splits=0):
-                return tb.run_decode(q, kc, ks, vc, vs, seqlens, None, None, None, kf, vf, kg, vg, scale, True,
-                                     -1, -1, 0.0, splits, config=cfg)
-
+            k_cache, v_cache, nbytes, call = _decode_cache(q, k, v, seqlens, fmt)
             if length == min(LENGTHS):  # correctness on the dequantized cache (float32 attention)
-                kd = k_cache.dequantize(torch.float32) if fmt != "bf16" else k.float()
-                vd = v_cache.dequantize(torch.float32) if fmt != "bf16" else v.float()
-                ref = F.scaled_dot_product_attention(q.float().transpose(1, 2), kd.transpose(1, 2),
-                                                     vd.transpose(1, 2), enable_gqa=True).transpose(1, 2)
-                out, _ = call()
-                rel = ((out.float() - ref).norm() / ref.norm()).item()
-                ok = rel < 1e-2 and not out.isnan().any().item()
+                rel, ok = _checked(call()[0], _decode_reference(q, k, v, k_cache, v_cache, fmt))
                 print(f"check {fmt}: rel err {rel:.2e} {'ok' if ok else 'FAILED'}", flush=True)
                 rows.append(dict(kind="check", format=fmt, rel_err=rel, ok=ok))
-                del kd, vd, ref
             if length == max(LENGTHS) and fmt in ("bf16", "int8", "nf4", "fp8_e4m3") and SWEEP:
                 sweep = []
                 for cfg in CONFIGS:
@@ -153,45 +166,19 @@ def variants(out_dir: str) -> list[dict]:
     copy = copy_bandwidth()
     print(f"copy bandwidth: {copy:.0f} GB/s", flush=True)
     rows = [dict(kind="copy", gbps=round(copy))]
-    scale = 1 / math.sqrt(D)
     best = {}
     for step, length in enumerate((4096, 65536, 16384, 4096)):  # the first 4k pass only checks
-        g = torch.Generator(device="cuda").manual_seed(length)
-        q = torch.randn(B, 1, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        k = torch.randn(B, length, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        v = torch.randn(B, length, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        seqlens = torch.full((B,), length, dtype=torch.int32, device="cuda")
-        kh, vh = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-        qh = q.transpose(1, 2)
-        sdpa_ms = _ms(lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True))
-        del kh, vh
+        q, k, v, seqlens, sdpa_ms, _ = _decode_problem(length)
         rows.append(dict(kind="decode", impl="sdpa", format="bf16", kv_len=length, ms=round(sdpa_ms, 4), gbps=0))
         print(rows[-1], flush=True)
         for fmt in FORMATS:
-            if fmt == "bf16":
-                k_cache, v_cache = k, v
-            else:
-                k_cache, v_cache = mfa_hf.quantize_kv(k, fmt), mfa_hf.quantize_kv(v, fmt)
-            kc, ks, kf, kg, kb = _parts(k_cache)
-            vc, vs, vf, vg, vb = _parts(v_cache)
-            nbytes = kb + vb
-
-            def call(cfg=None, splits=0):
-                return tb.run_decode(q, kc, ks, vc, vs, seqlens, None, None, None, kf, vf, kg, vg, scale, True,
-                                     -1, -1, 0.0, splits, config=cfg)
-
+            k_cache, v_cache, nbytes, call = _decode_cache(q, k, v, seqlens, fmt)
             names = [n for n in VARIANTS if (n == "bf16old") == (fmt == "bf16")]
             if step == 0:  # every variant against float32 attention on the dequantized cache
-                kd = k_cache.dequantize(torch.float32) if fmt != "bf16" else k.float()
-                vd = v_cache.dequantize(torch.float32) if fmt != "bf16" else v.float()
-                ref = F.scaled_dot_product_attention(q.float().transpose(1, 2), kd.transpose(1, 2),
-                                                     vd.transpose(1, 2), enable_gqa=True).transpose(1, 2)
-                del kd, vd
+                ref = _decode_reference(q, k, v, k_cache, v_cache, fmt)
                 for name in names:
                     try:
-                        out, _ = call(VARIANTS[name])
-                        rel = ((out.float() - ref).norm() / ref.norm()).item()
-                        ok = rel < 1e-2 and not out.isnan().any().item()
+                        rel, ok = _checked(call(VARIANTS[name])[0], ref)
                     except Exception as error:  # noqa: BLE001
                         rel, ok = float("nan"), False
                         print(f"  {fmt} {name} failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
