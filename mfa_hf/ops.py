@@ -32,9 +32,47 @@ def new_output(shape, dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def plain_eager(args) -> bool:
+    """Whether calling an op's implementation directly is the same as calling the op.
+
+    True in plain eager code: not compiling or tracing (fake tensors and make_fx run under a dispatch
+    mode), no functorch transform (vmap, grad), no tensor subclass, and no autograd graph to record.
+    The dispatcher costs ~18 µs of host time per call on a fast x86 core and ~56 µs on the H100
+    machine's host (host_overhead.py), paid by every layer of every decode step.
+    """
+    if torch.compiler.is_compiling():  # checked first: dynamo folds it and traces nothing below
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    grad = torch.is_grad_enabled()
+    for arg in args:
+        kind = type(arg)
+        if kind is Tensor or kind is torch.nn.Parameter:
+            if grad and arg.requires_grad:
+                return False
+        elif kind not in _SCALARS and isinstance(arg, Tensor):  # a subclass: FakeTensor, DTensor, ...
+            return False
+    return True
+
+
+_SCALARS = frozenset((int, float, bool, str, type(None)))
+
+
+class EagerShortcut:
+    """A registered custom op that plain eager calls (plain_eager) bypass, running its implementation
+    directly; compiled, traced and autograd calls go through `op` (fake, autograd, opcheck)."""
+
+    def __init__(self, op: Callable, impl: Callable):
+        self.op = op
+        self.impl = impl
+
+    def __call__(self, *args):
+        return self.impl(*args) if plain_eager(args) else self.op(*args)
+
+
 @dataclass(frozen=True)
 class AttentionOps:
-    forward: Callable  # the autograd-enabled forward op
+    forward: EagerShortcut  # the forward op (autograd registered), with its eager shortcut
     backward: Callable
 
 
@@ -108,8 +146,7 @@ def define_attention_ops(backend: str, forward_impl: Callable, backward_impl: Op
     from attn_mask on>, want_mask_grad) -> (dq, dk, dv, dsinks or None, dmask or None).
     """
 
-    @torch.library.custom_op(f"mfa_hf::{backend}_attention_fwd", mutates_args=(), device_types=device_types)
-    def attention_fwd(
+    def attention_fwd_impl(
         q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor],
         sinks: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
         dropout_seed: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool,
@@ -141,6 +178,8 @@ def define_attention_ops(backend: str, forward_impl: Callable, backward_impl: Op
         dmask = q.new_empty((0,), dtype=acc) if dmask is None else dmask.to(acc)
         return dq, dk, dv, dsinks, dmask
 
+    attention_fwd = torch.library.custom_op(f"mfa_hf::{backend}_attention_fwd", attention_fwd_impl,
+                                            mutates_args=(), device_types=device_types)
     attention_fwd.register_fake(_fake_forward)
     if backward_op is None:
         attention_bwd = torch.library.custom_op(f"mfa_hf::{backend}_attention_bwd", attention_bwd_impl,
@@ -168,7 +207,7 @@ def define_attention_ops(backend: str, forward_impl: Callable, backward_impl: Op
         return (dq, dk, dv, dmask, None, dsinks) + (None,) * 11
 
     attention_fwd.register_autograd(backward, setup_context=setup_context)
-    return AttentionOps(forward=attention_fwd, backward=attention_bwd)
+    return AttentionOps(forward=EagerShortcut(attention_fwd, attention_fwd_impl), backward=attention_bwd)
 
 
 def empty_result(q: Tensor, v: Tensor, sinks: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -194,7 +233,7 @@ def _fake_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch
     return out, q.new_empty((batch, heads_q, lq), dtype=lse_dtype(q.dtype))
 
 
-def define_decode_op(backend: str, decode_impl: Callable, device_types=None) -> Callable:
+def define_decode_op(backend: str, decode_impl: Callable, device_types=None) -> EagerShortcut:
     """Register mfa_hf::{backend}_decode: attention of q over each sequence's valid cache prefix.
 
     q (B, Lq, Hq, D); k_codes (Bc, Smax, Hkv, Dk) and v_codes (Bc, Smax, Hkv, Dvc) are either the
@@ -206,7 +245,6 @@ def define_decode_op(backend: str, decode_impl: Callable, device_types=None) -> 
     Forward only: quantized caches serve inference.
     """
 
-    @torch.library.custom_op(f"mfa_hf::{backend}_decode", mutates_args=(), device_types=device_types)
     def decode(
         q: Tensor, k_codes: Tensor, k_scales: Optional[Tensor], v_codes: Tensor, v_scales: Optional[Tensor],
         seqlens_k: Tensor, cache_batch_idx: Optional[Tensor], alibi_slopes: Optional[Tensor],
@@ -221,8 +259,9 @@ def define_decode_op(backend: str, decode_impl: Callable, device_types=None) -> 
                            sinks, k_format, v_format, k_group_size, v_group_size, scale, causal, window_left,
                            window_right, softcap, num_splits)
 
-    decode.register_fake(_fake_decode)
-    return decode
+    op = torch.library.custom_op(f"mfa_hf::{backend}_decode", decode, mutates_args=(), device_types=device_types)
+    op.register_fake(_fake_decode)
+    return EagerShortcut(op, decode)
 
 
 def _decode_flags(q, k_codes, k_format, v_format, causal, window_left, window_right, softcap, alibi, sinks):

@@ -65,11 +65,62 @@ def test_opcheck_forward_and_backward():
     mask = torch.randn(2, 1, 9, 9)
     sinks = torch.randn(4, requires_grad=True)
     args = (q, k, v, mask, None, sinks, None, None, None, 0, 0, 0.3, True, 3, -1, 0.0, 0.0)
-    torch.library.opcheck(OPS.forward, args)
+    torch.library.opcheck(OPS.forward.op, args)
     out, lse = OPS.forward(*args)
     bwd_args = (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
                 mask, None, sinks.detach(), None, None, None, 0, 0, 0.3, True, 3, -1, 0.0, 0.0, True)
     torch.library.opcheck(OPS.backward, bwd_args)
+
+
+def test_eager_calls_skip_the_dispatcher_and_everything_else_goes_through_the_op(monkeypatch):
+    """Plain eager calls run the op's implementation directly (the dispatcher's host cost is paid by every
+    layer of every decode step); calls that record autograd, run under a tracer's dispatch mode (fake
+    tensors) or a functorch transform go through the registered op. Both give identical results."""
+    through_op = []
+    op = OPS.forward.op
+
+    def counting_op(*args):
+        through_op.append(1)
+        return op(*args)
+
+    monkeypatch.setattr(OPS.forward, "op", counting_op)
+    q, k, v = small_qkv()
+    with torch.no_grad():
+        direct = mfa_hf.flash_attn_func(q, k, v, causal=True)
+    assert through_op == [], "a no-grad eager call should not need the dispatcher"
+    assert torch.equal(direct, op(q, k, v, None, None, None, None, None, None, 0, 0, 8 ** -0.5, True, -1, -1,
+                                  0.0, 0.0)[0])
+    mfa_hf.flash_attn_func(q, k, v, causal=True)  # grad enabled, but nothing requires grad: still direct
+    assert through_op == []
+
+    leaves = small_qkv(requires_grad=True)
+    out = mfa_hf.flash_attn_func(*leaves, causal=True)
+    assert through_op == [1] and out.grad_fn is not None, "autograd must record the op"
+    assert torch.equal(out.detach(), direct)
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = mfa_hf.flash_attn_func(*(mode.from_tensor(t) for t in (q, k, v)), causal=True)
+    assert through_op == [1, 1] and fake.shape == direct.shape
+
+    from mfa_hf.ops import plain_eager
+
+    inside_vmap = torch.func.vmap(lambda x: torch.tensor(plain_eager((x,))))(q)
+    assert not inside_vmap.any(), "under vmap the op (and its batching rules or error) must be used"
+    assert plain_eager((q, 3, None, "none")) and not plain_eager((leaves[0],))
+
+
+def test_decode_op_passes_opcheck_and_shortcut_matches_it():
+    from mfa_hf.kernels.torch.backend import DECODE
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 1, 4, 8, generator=g)
+    cache = torch.randn(2, 12, 2, 8, generator=g)
+    args = (q, cache, None, cache, None, torch.tensor([12, 5], dtype=torch.int32), None, None, None, "none", "none",
+            8, 8, 0.35, True, -1, -1, 0.0, 0)
+    torch.library.opcheck(DECODE.op, args)
+    assert all(torch.equal(a, b) for a, b in zip(DECODE(*args), DECODE.op(*args)))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():

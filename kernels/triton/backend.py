@@ -8,6 +8,7 @@ machines without a GPU; tests/triton starts such a process itself).
 
 from __future__ import annotations
 
+import functools
 
 import torch
 import triton
@@ -19,7 +20,7 @@ from mfa_hf.problem import AttentionProblem
 from . import backward as _compiled_backward
 from . import decode as _compiled_decode
 from . import forward as _compiled_forward
-from .blocks import backward_kv_blocks, backward_q_blocks, forward_blocks, interpreting, padded_dim
+from .blocks import backward_kv_blocks, backward_q_blocks, cdiv, forward_blocks, interpreting, padded_dim
 
 NAME = "triton"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -105,8 +106,25 @@ def _common_meta(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, causal, window_
     ), max(window_left, 0), max(right, 0)
 
 
+def on_tensors_device(launcher):
+    """Run `launcher` with its first tensor's CUDA device current: Triton launches on the current
+    device, not the tensors', and a model spread over GPUs (device_map="auto") calls layers on
+    several. Switches only when they differ, so the usual call pays one comparison."""
+
+    @functools.wraps(launcher)
+    def launch(first, *args):
+        device = first.device
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                return launcher(first, *args)
+        return launcher(first, *args)
+
+    return launch
+
+
 # ---------------------------------------------------------------------------------------------
 
+@on_tensors_device
 def forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, dropout_seed,
             max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p):
     batch, lq, lk = _shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
@@ -124,7 +142,7 @@ def forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k,
     seed, threshold, keep_scale = _dropout_args(dropout_p, dropout_seed)
     cu_q = q if cu_seqlens_q is None else cu_seqlens_q
     cu_k = q if cu_seqlens_k is None else cu_seqlens_k
-    grid = (triton.cdiv(lq, blocks.block_m), batch * heads_q)
+    grid = (cdiv(lq, blocks.block_m), batch * heads_q)
     fwd, _ = _kernels(q.device)
     fwd.attention_forward_kernel[grid](
         q, k, v, out, lse, mask, slopes, q if sinks is None else sinks, cu_q, cu_k,
@@ -163,6 +181,7 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum(dim=dims, keepdim=True).reshape(shape)
 
 
+@on_tensors_device
 def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, cu_seqlens_q,
              cu_seqlens_k, dropout_seed, max_seqlen_q, max_seqlen_k, scale, causal, window_left,
              window_right, softcap, dropout_p, want_mask_grad):
@@ -193,14 +212,14 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
 
     kv = backward_kv_blocks(dim, q.dtype, causal, q.device.type)
     _, bwd = _kernels(q.device)
-    bwd.attention_backward_kv_kernel[(triton.cdiv(lk, kv.block_n), batch * heads_kv)](
+    bwd.attention_backward_kv_kernel[(cdiv(lk, kv.block_n), batch * heads_kv)](
         q, k, v, grad_out, lse, delta, dk, dv, mask, slopes, cu_q, cu_k, *shared,
         *_strides4(dk)[:3], *_strides4(dv)[:3], lq, lk, heads_q, heads_kv, heads_q // heads_kv, *scalars,
         BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, num_warps=kv.num_warps, num_stages=kv.num_stages, **meta)
 
     ds = torch.zeros((batch, heads_q, lq, lk), dtype=torch.float32, device=q.device) if write_ds else q
     qb = backward_q_blocks(dim, q.dtype, causal, q.device.type)
-    bwd.attention_backward_q_kernel[(triton.cdiv(lq, qb.block_m), batch * heads_q)](
+    bwd.attention_backward_q_kernel[(cdiv(lq, qb.block_m), batch * heads_q)](
         q, k, v, grad_out, lse, delta, dq, ds, mask, slopes, cu_q, cu_k, *shared, *_strides4(dq)[:3],
         lq, lk, heads_q, heads_q // heads_kv, *scalars, WRITE_DS=write_ds, BLOCK_M=qb.block_m,
         BLOCK_N=qb.block_n, num_warps=qb.num_warps, num_stages=qb.num_stages, **meta)
@@ -264,7 +283,7 @@ def _programs_wanted(device) -> int:
 
 def decode_splits(work: int, key_span: int, block_n: int, device, num_splits: int = 0) -> int:
     """Splits of the visible key range: from the shape (work = batch x KV heads x query tiles)."""
-    useful = max(1, triton.cdiv(key_span, block_n))
+    useful = max(1, cdiv(key_span, block_n))
     if num_splits <= 0:
         min_keys = MIN_KEYS_PER_SPLIT if device.type == "cuda" else 16
         num_splits = min(max(1, _programs_wanted(device) // max(1, work)), max(1, key_span // min_keys))
@@ -289,6 +308,7 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+@on_tensors_device
 def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_idx, alibi_slopes, sinks,
                k_format, v_format, k_group_size, v_group_size, scale, causal, window_left, window_right,
                softcap, num_splits, config=None):
@@ -313,7 +333,7 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
     # (the integer and fp8 conversions are exact).
     asm = _asm_ok(q.device) and bool(cfg.get("asm", True)) and not (
         q.dtype == torch.float32 and "nf4" in (k_format, v_format))
-    q_tiles = triton.cdiv(lq, block_q)
+    q_tiles = cdiv(lq, block_q)
     right = 0 if causal else window_right
     span = k_codes.shape[1]
     if window_left >= 0 and right >= 0:

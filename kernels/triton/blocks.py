@@ -24,8 +24,18 @@ class Blocks:
     num_stages: int
 
 
+# Triton decides interpretation when a kernel is decorated (at import), so later changes of the
+# variable do not matter: read once instead of on every call's supports().
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRETING
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids (triton.cdiv is a ConstexprFunction: ~5 µs of host time a call)."""
+    return -(-a // b)
 
 
 def padded_dim(dim: int) -> int:

@@ -54,7 +54,8 @@ def forward_layers() -> None:
     with torch.no_grad():
         rows = {
             "flash_attn_func (no grad)": host_us(lambda: mfa_hf.flash_attn_func(q, k, v, causal=True)),
-            "custom op mfa_hf::triton_attention_fwd": host_us(lambda: tb.OPS.forward(*args)),
+            "OPS.forward (eager shortcut: the op's implementation)": host_us(lambda: tb.OPS.forward(*args)),
+            "custom op mfa_hf::triton_attention_fwd (dispatcher)": host_us(lambda: tb.OPS.forward.op(*args)),
             "triton backend launcher (forward)": host_us(lambda: tb.forward(*args)),
             "bare Triton launch (same arguments)": host_us(lambda: launch(*captured["a"], **captured["kw"])),
             "torch.empty x2 (the outputs)": host_us(

@@ -28,6 +28,7 @@ from mfa_hf.kernels.reference import attention_reference
 from mfa_hf.problem import AttentionProblem
 from mfa_hf.testing import Case, assert_close_to_reference, check_against_reference, core_cases, full_cases
 
+from mfa_hf.kernels.triton import blocks
 from mfa_hf.kernels.triton import forward as triton_forward
 
 FULL = os.environ.get("MFA_TRITON_FULL") == "1"
@@ -191,7 +192,7 @@ def test_supports_reasons(monkeypatch):
         assert triton_backend.supports(_problem(kv_format=fmt))[0], f"kv_format {fmt}: expected supported"
     ok, reason = triton_backend.supports(_problem(kv_format="int8+q4_0"))
     assert not ok and "q4_0" in reason
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(blocks, "_INTERPRETING", False)  # read once at import, as Triton does
     ok, reason = triton_backend.supports(_problem(device_type="cpu"))
     assert not ok and "cpu" in reason
 
@@ -219,6 +220,33 @@ def test_sequence_lengths_do_not_recompile():
         run(n)
     after = sum(len(entry[0]) for entry in caches.values())
     assert after == before, f"expected no new compilations across lengths, got {after - before}"
+
+
+def test_tensors_on_a_gpu_that_is_not_current():
+    """Triton launches on the current device; layers of a model spread over GPUs hold their tensors on
+    others. Forward, backward and decode on cuda:1 while cuda:0 is current equal the same calls made
+    with cuda:1 current."""
+    if not FULL or torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices (MFA_TRITON_FULL=1)")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 70, 4, 64, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    cache = torch.randn(2, 300, 2, 64, generator=g, dtype=torch.bfloat16)
+    lengths = torch.tensor([300, 123], dtype=torch.int32)
+
+    def run(current):
+        torch.cuda.set_device(current)
+        leaves = [t.to("cuda:1").requires_grad_() for t in (q, k, v)]
+        out = mfa_hf.flash_attn_func(*leaves, causal=True)
+        out.float().square().sum().backward()
+        with torch.no_grad():
+            decoded = mfa_hf.flash_attn_with_kvcache(q[:, :1].to("cuda:1"), cache.to("cuda:1"), cache.to("cuda:1"),
+                                                     cache_seqlens=lengths.to("cuda:1"))
+        torch.cuda.synchronize(1)
+        return [t.cpu() for t in (out.detach(), *(leaf.grad for leaf in leaves), decoded)]
+
+    expected, got = run(1), run(0)
+    for name, want, have in zip(("out", "dq", "dk", "dv", "decode"), expected, got):
+        assert torch.equal(want, have), f"{name}: results differ when cuda:0 is current"
 
 
 # ---------------------------------------------------------------------------------------------
