@@ -63,6 +63,48 @@ def test_kvcache_matches_reference(case, small_tiles):
     assert_close_to_reference(lse, ref_lse, base_lse, factor, "lse")
 
 
+def _check_against_reference(case, inputs):
+    out, lse = run_kvcache(case, inputs)
+    ref, ref_lse = reference_over_cache(case, inputs, upcast=True)
+    base, base_lse = reference_over_cache(case, inputs, upcast=False)
+    factor = GRADIENT_FACTOR if case.softcap else FORWARD_FACTOR
+    assert_close_to_reference(out, ref, base, factor, "out")
+    assert_close_to_reference(lse, ref_lse, base_lse, factor, "lse")
+
+
+@pytest.mark.parametrize("batch_idx", [False, True], ids=["rows", "batch_idx"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f or "plain")
+def test_full_cache_with_a_split_past_its_end(fmt, batch_idx, small_tiles):
+    """Full caches after the append, 7 splits of 14 keys over 96: the last split's runs reach past the
+    cache's end (read as zeros, masked) while each split spans two key tiles (runs not back to back)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        case = CacheCase(fmt, lq=1, dtype=dtype, heads=(4, 2), batch_idx=batch_idx, num_splits=7, sinks=True)
+        inputs = make_decode_inputs(case, (MAX_SEQLEN - 1,) * BATCH, MAX_SEQLEN)
+        _check_against_reference(case, inputs)
+
+
+def test_take_reads_runs_like_a_gather():
+    """decode._take against index_select on the same positions: strided and sliced caches, rows,
+    dtype conversion, runs that touch (a view) or not (a copy), and positions past the end (zeros)."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(4, 40, 3, 16, generator=g)
+    caches = {"contiguous": base[:, :30], "strided": base.transpose(0, 1).contiguous().transpose(0, 1)[:, 5:35]}
+    rows = torch.tensor([3, 0], dtype=torch.long)
+    for name, cache in caches.items():
+        for window in (decode.KeyRuns(2, 6, 4, 6), decode.KeyRuns(1, 9, 3, 4), decode.KeyRuns(7, 8, 3, 8)):
+            positions = (window.start + torch.arange(window.runs)[:, None] * window.stride
+                         + torch.arange(window.count)).reshape(-1)
+            inside = positions < cache.shape[1]
+            for take_rows in (None, rows):
+                for dtype in (torch.float32, torch.float64):
+                    got = decode._take(cache, window, take_rows, dtype, view_ok=dtype == torch.float32)
+                    assert dtype != torch.float64 or got.is_contiguous()
+                    picked = cache if take_rows is None else cache.index_select(0, take_rows)
+                    want = picked.index_select(1, positions.clamp(max=cache.shape[1] - 1)).transpose(1, 2).to(dtype)
+                    want = want * inside[None, None, :, None]
+                    assert torch.equal(got, want), f"{name} {window} rows={take_rows} {dtype}"
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f or "plain")
 def test_appended_tokens_are_the_new_k_v(fmt):
     """The append wrote the new tokens (quantized as a whole-sequence quantize_kv would) in place."""

@@ -5,8 +5,10 @@ key block and the query tile; run_decode() executes a plan. Each step of the loo
 every split at once, so the splits run side by side in one batched matmul (that is what gives a
 single query row parallel work), and every split keeps its own online-softmax state; the splits
 are merged at the end by their log-sum-exps. All G query heads of one KV head are stacked into one
-(G * rows, D) operand, so each K/V element is read (and dequantized) once per block. Quantized
-codes are gathered and dequantized one block at a time: the full-precision cache never exists.
+(G * rows, D) operand, so each K/V element is read (and dequantized) once per block. A step's
+keys are one strided view of the cache (the splits are equally spaced): used as it is or read by
+one copy, never gathered. Quantized codes are dequantized one block at a time: the full-precision
+cache never exists.
 
 Semantics are kernels/reference.py's with Lk = seqlens_k[b] per row: query i sees key j when
 j < L_b and, for causal/window, L_b - Lq + i - left <= j <= L_b - Lq + i + right.
@@ -48,30 +50,67 @@ class CacheSide:
     format: str
     group_size: int
 
-    def block(self, positions: torch.Tensor, rows: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """Values at cache positions (flat) of the selected rows, heads first: (B, Hkv, len(positions), D).
-
-        The gathered codes (1 byte or less an element) are put in heads-first order before they
-        are widened, so the matmuls read the dequantized block contiguously without another copy.
-        """
-        codes = _heads_first(_take(self.codes, positions, rows))
+    def block(self, window: KeyRuns, rows: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """Values at the window's cache positions of the selected rows, heads first:
+        (B, Hkv, runs * count, D) in `dtype`. Codes (1 byte or less an element) are taken as they are
+        and widened after; a plain cache is taken and converted in one copy."""
         if self.format == "none":
-            return codes.to(dtype)
+            return _take(self.codes, window, rows, dtype, view_ok=True)  # straight into the matmuls
+        codes = _take(self.codes, window, rows)  # contiguous: elementwise decoding of a view is slower
         scales = self.scales
-        if scales.shape[1] > 1:
-            scales = scales.index_select(1, positions)
-        if rows is not None and scales.shape[0] > 1:
-            scales = scales.index_select(0, rows)
-        return dequantize_codes(codes, _heads_first(scales), self.format, self.group_size, dtype)
+        scale_rows = rows if scales.shape[0] > 1 else None
+        if scales.shape[1] > 1:  # per token: the same positions
+            scales = _take(scales, window, scale_rows)
+        else:  # per head or static: broadcast along the positions
+            scales = scales if scale_rows is None else scales.index_select(0, scale_rows)
+            scales = scales.transpose(1, 2)
+        return dequantize_codes(codes, scales, self.format, self.group_size, dtype)
 
 
-def _take(cache: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    block = cache.index_select(1, positions)  # only this block is copied, never the whole cache
-    return block if rows is None else block.index_select(0, rows)
+@dataclass(frozen=True)
+class KeyRuns:
+    """The cache positions of one loop step: run p (one per split) holds start + p * stride + t, t < count."""
+
+    start: int
+    stride: int
+    runs: int
+    count: int
 
 
-def _heads_first(block: torch.Tensor) -> torch.Tensor:
-    return block.transpose(1, 2).contiguous()
+def _take(cache: torch.Tensor, window: KeyRuns, rows: torch.Tensor | None,
+          dtype: torch.dtype | None = None, view_ok: bool = False) -> torch.Tensor:
+    """(B or len(rows), H, runs * count, D) of cache (B, S, H, D), heads first, in `dtype`.
+
+    The runs are equally spaced, so they are one strided view of the cache: returned as it is when
+    view_ok, the runs touch and nothing needs converting, otherwise read by a single copy (which also converts
+    the dtype and lays the block out contiguously); never a gather. Positions past the cache's end
+    (the last split's tail, always masked) read as 0.
+    """
+    batch, capacity, heads, dim = cache.shape
+    dtype = cache.dtype if dtype is None else dtype
+    sb, ss, sh, sd = cache.stride()
+    tail = capacity - window.start - window.count  # run p lies inside the cache while p * stride <= tail
+    inside = 0 if tail < 0 else min(window.runs, tail // window.stride + 1)
+    if view_ok and window.stride == window.count and inside == window.runs and rows is None and dtype == cache.dtype:
+        # back-to-back runs (each split fits one step): a view, no copy; matmul reads it strided
+        return cache.as_strided((batch, heads, window.runs * window.count, dim), (sb, sh, ss, sd),
+                                cache.storage_offset() + window.start * ss)
+    out_batch = batch if rows is None else rows.numel()
+    out = torch.empty((out_batch, heads, window.runs, window.count, dim), dtype=dtype, device=cache.device)
+
+    def runs_view(first: int, runs: int, count: int) -> torch.Tensor:
+        view = cache.as_strided((batch, heads, runs, count, dim), (sb, sh, window.stride * ss, ss, sd),
+                                cache.storage_offset() + (window.start + first * window.stride) * ss)
+        return view if rows is None else view.index_select(0, rows)
+
+    if inside:
+        out[:, :, :inside].copy_(runs_view(0, inside, window.count))
+    for run in range(inside, window.runs):  # at most the last few splits reach past the end
+        valid = max(0, min(window.count, capacity - (window.start + run * window.stride)))
+        if valid:
+            out[:, :, run : run + 1, :valid].copy_(runs_view(run, 1, valid))
+        out[:, :, run, valid:].zero_()
+    return out.reshape(out_batch, heads, window.runs * window.count, dim)
 
 
 def plan_decode(batch: int, heads_kv: int, group: int, lq: int, key_span: int, num_splits: int = 0) -> DecodePlan:
@@ -168,9 +207,9 @@ def _attend_tile(q_tile, i0, keys: CacheSide, values: CacheSide, rows, start, en
         offsets = torch.arange(step, min(split_len, step + plan.key_block), device=q_tile.device)
         positions = start + torch.arange(splits, device=q_tile.device)[:, None] * split_len + offsets  # (P, BK)
         in_range = positions < end
-        flat = positions.clamp(max=keys.codes.shape[1] - 1).reshape(-1)
-        k_block = keys.block(flat, rows, setup.acc_dtype)  # (B, Hkv, P * BK, D)
-        v_block = values.block(flat, rows, setup.acc_dtype)
+        window = KeyRuns(start + step, split_len, splits, offsets.numel())
+        k_block = keys.block(window, rows, setup.acc_dtype)  # (B, Hkv, P * BK, D)
+        v_block = values.block(window, rows, setup.acc_dtype)
         scores = _block_scores(q4, k_block, splits, positions, in_range, query_pos, setup, group, tile_rows)
         new_max = torch.maximum(row_max, scores.amax(dim=-1))
         safe_max = _finite_or_zero(new_max)
