@@ -78,6 +78,21 @@ def _group_rows(pads: list[int], device) -> PadGroups:
     return groups
 
 
+def _over_pad_groups(groups: PadGroups, q, attend) -> tuple:
+    """attend(q_rows, rows, pad) -> a tuple of batch-first tensors, for each group of rows, reassembled
+    in batch order; a single group is one call over the whole batch (rows None)."""
+    if len(groups) == 1:  # no padding, or the same for every row
+        return attend(q, None, groups[0][0])
+    results = None
+    for pad, rows in groups:
+        parts = attend(q.index_select(0, rows[0]), rows, pad)
+        if results is None:
+            results = tuple(part.new_empty((q.shape[0],) + part.shape[1:]) for part in parts)
+        for full, part in zip(results, parts):
+            full[rows[0]] = part
+    return results
+
+
 def _part(q, k_side, v_side, seqlens, rows, left, right, causal, scale, softcap):
     """One partial attention via the decode op: (out (B, Lq, Hq, D), lse (B, Hq, Lq)). rows: None or
     (device tensor, its host values), so that nothing is read back from the device."""
@@ -167,15 +182,8 @@ def quantized_attention(module, query, key: QuantizedCacheView, value: Quantized
     batch, q_len, total = q.shape[0], q.shape[1], key.shape[2]
     groups = _pad_groups(attention_mask, batch, total, q_len)
     window_left = sliding_window - 1 if sliding_window is not None and sliding_window < total + 1 else -1
-    if len(groups) == 1:  # no padding, or the same for every row: one pass over the whole batch
-        out, lse = _row_group(q, key, value, None, groups[0][0], window_left, causal, scaling, softcap)
-    else:
-        out = q.new_empty(batch, q_len, q.shape[2], value.shape[-1])
-        lse = torch.empty(batch, q.shape[2], q_len, dtype=torch.float32, device=q.device)
-        for pad, rows in groups:
-            part_out, part_lse = _row_group(q.index_select(0, rows[0]), key, value, rows, pad, window_left, causal,
-                                            scaling, softcap)
-            out[rows[0]], lse[rows[0]] = part_out.to(out.dtype), part_lse.float()
+    out, lse = _over_pad_groups(groups, q, lambda q_rows, rows, pad: _row_group(
+        q_rows, key, value, rows, pad, window_left, causal, scaling, softcap))
     return out if s_aux is None else _apply_sinks(out, lse, s_aux)
 
 
@@ -232,9 +240,4 @@ def padded_plain_decode(query, key, value, attention_mask, *, scaling=None, slid
             window_size=(left, 0 if left >= 0 else -1), softcap=softcap or 0.0,
             sinks=None if s_aux is None else s_aux.float())
 
-    if len(groups) == 1:
-        return attend(q, None, groups[0][0])
-    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
-    for pad, rows in groups:
-        out[rows[0]] = attend(q.index_select(0, rows[0]), rows, pad)
-    return out
+    return _over_pad_groups(groups, q, lambda q_rows, rows, pad: (attend(q_rows, rows, pad),))[0]
