@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ... import api
-from . import decode
+from . import decode, internals
 from .mask_memo import once_per_mask
 
 
@@ -100,34 +100,46 @@ def _decode_route(module, query, key, value, attention_mask, causal, scaling, sl
     return decode.padded_plain_decode(query, key, value, attention_mask, **options)
 
 
+def _packed(kwargs) -> bool:
+    """Packed sequences: FA-style cumulative lengths (DataCollatorWithFlattening, and transformers'
+    continuous batching since 5.24, whose K/V hold every request of the batch)."""
+    return kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None
+
+
 def _needs_mfa_path(attention_mask, kwargs) -> bool:
-    dense = attention_mask is not None and attention_mask.dim() == 4
-    return dense or kwargs.get("position_bias") is not None
+    """Inputs FA2's signature cannot carry exactly go to the "mfa" path: T5's position_bias, a dense
+    4-D mask, and a 2-D padding mask. transformers' flash path unpads a 2-D mask assuming left
+    padding whenever Lq != Lk and applies it to the queries too, which is wrong for cross-attention
+    (the mask is the encoder's) and for right-padded chunks; as a key mask it is exact everywhere."""
+    return attention_mask is not None or kwargs.get("position_bias") is not None
 
 
 def mps_flash_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                 sliding_window=None, softcap=None, is_causal=None, s_aux=None, **kwargs):
     """transformers attention function for "mps_flash": its flash path on mfa-hf's FA2 surface."""
-    routed = _decode_route(module, query, key, value, attention_mask, _is_causal(module, is_causal, query.shape[2]),
-                           scaling, sliding_window, softcap, s_aux, kwargs.get("position_bias"))
-    if routed is not None:
-        return routed, None
-    if _needs_mfa_path(attention_mask, kwargs) or kwargs.get("cache") is not None:
-        if kwargs.get("cache") is not None:
-            raise NotImplementedError(
-                "mps_flash: continuous batching (PagedAttentionCache) is not supported yet; "
-                'use attn_implementation="sdpa" with generate_batch, or plain generate() with mps_flash.')
-        return mfa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                     dropout=dropout, sliding_window=sliding_window, softcap=softcap,
-                                     s_aux=s_aux, is_causal=is_causal, **kwargs)
-    from transformers.modeling_flash_attention_utils import _flash_attention_forward
-
+    if kwargs.get("cache") is not None:
+        # Up to 5.23 continuous batching hands the paged cache to the attention function to update;
+        # since 5.24 the model updates it and we get K/V plus cu_seq_lens (served below).
+        raise NotImplementedError(
+            "mps_flash: continuous batching with this transformers release passes its paged cache to the attention "
+            'function, which mfa-hf does not update; use transformers >= 5.24, attn_implementation="sdpa" with '
+            "generate_batch, or plain generate() with mps_flash.")
+    if not _packed(kwargs):
+        routed = _decode_route(module, query, key, value, attention_mask,
+                               _is_causal(module, is_causal, query.shape[2]), scaling, sliding_window, softcap, s_aux,
+                               kwargs.get("position_bias"))
+        if routed is not None:
+            return routed, None
+        if _needs_mfa_path(attention_mask, kwargs):
+            return mfa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                         dropout=dropout, sliding_window=sliding_window, softcap=softcap,
+                                         s_aux=s_aux, is_causal=is_causal, **kwargs)
     q_len = query.shape[2]
-    out = _flash_attention_forward(
+    out = internals.flash_attention_forward(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask,
         query_length=q_len, is_causal=_is_causal(module, is_causal, q_len),
         dropout=dropout if module.training else 0.0, softmax_scale=scaling, sliding_window=sliding_window,
-        softcap=softcap, s_aux=s_aux, attn_implementation=module.config._attn_implementation,
+        softcap=softcap, s_aux=s_aux, attn_implementation=internals.attn_implementation_of(module),
         # no target_dtype: our kernels run fp32 as is (FA2 would need a cast to half)
         **{k: v for k, v in kwargs.items() if k not in ("position_bias",)})
     return out, None

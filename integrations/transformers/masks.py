@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from . import internals
+
 # Leaf mask patterns the kernel expresses through is_causal / window_size, by qualified name:
 # the sliding-window overlays are closures, so identity checks cannot be used for them.
 _EXPRESSIBLE = {
@@ -28,22 +30,11 @@ _EXPRESSIBLE = {
     "sliding_window_overlay.<locals>.inner_mask",
     "sliding_window_bidirectional_overlay.<locals>.inner_mask",
 }
-_COMBINERS = {"and_masks.<locals>.and_mask"}
-
-
-def _leaves(fn) -> list[str]:
-    """Qualified names of the leaf patterns inside and_masks(...) combinations (or_masks is a leaf:
-    a union cannot be expressed by a window)."""
-    if getattr(fn, "__qualname__", "") in _COMBINERS and fn.__closure__:
-        inner = [c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, tuple)]
-        if inner:
-            return [leaf for f in inner[0] for leaf in _leaves(f)]
-    return [getattr(fn, "__qualname__", repr(fn))]
 
 
 def is_expressible(mask_function, use_vmap: bool = False) -> bool:
     """True when the kernel's causal/window flags plus key validity reproduce `mask_function`."""
-    return not use_vmap and all(leaf in _EXPRESSIBLE for leaf in _leaves(mask_function))
+    return not use_vmap and all(leaf in _EXPRESSIBLE for leaf in internals.mask_leaves(mask_function))
 
 
 def _real_key_count(q_length, kv_length, q_offset, kv_offset, causal: bool) -> int:
@@ -55,7 +46,7 @@ def _real_key_count(q_length, kv_length, q_offset, kv_offset, causal: bool) -> i
 
 
 def _is_causal_pattern(mask_function) -> bool:
-    return any("causal" in leaf or leaf.startswith("sliding_window_overlay") for leaf in _leaves(mask_function))
+    return any("causal" in leaf or leaf.startswith("sliding_window_overlay") for leaf in internals.mask_leaves(mask_function))
 
 
 def compact_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,

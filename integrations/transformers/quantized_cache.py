@@ -31,6 +31,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ...kvcache import allocate_kv_cache
 from ...quant import KVFormat, QuantizedKV, parse_format, quantize_kv
+from . import internals
 from .cache_view import QuantizedCacheError, QuantizedCacheView
 
 __all__ = ["FORMATS", "MFAQuantizedCache", "MFAQuantizedLayer", "QuantizedCacheError", "QuantizedCacheView"]
@@ -253,11 +254,8 @@ def check_model_config(config) -> None:
 
 
 def _layer_kwargs(config) -> list[dict]:
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    layer_types, per_layer = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
     kwargs = []
-    for i, (kind, extra) in enumerate(zip(layer_types, per_layer)):
+    for i, (kind, extra) in enumerate(internals.layer_types_and_kwargs(config.get_text_config(decoder=True))):
         if kind not in ("full_attention", "sliding_attention", "chunked_attention"):
             raise ValueError(f"MFAQuantizedCache: layer {i} has type {kind!r}; expected full, sliding or chunked "
                              "attention layers")

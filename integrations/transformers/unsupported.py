@@ -1,29 +1,35 @@
-"""Refuse mfa-hf names on models whose attention layers bypass transformers' AttentionInterface.
+"""Refuse mfa-hf names, at model init, on models where they could not be right.
 
-Falcon, GPT-J, GPT-Neo, Bloom, MPT, CodeGen (and other legacy ports) compute attention inline, so a
-registered function is never called: asking for "mps_flash"/"mfa" would be a silent no-op (or a
-KeyError / a broken FlashAttention2 class deep inside the model). transformers already detects
-these classes for `set_attn_implementation` (`_can_set_attn_implementation`, a source check for
-`ALL_ATTENTION_FUNCTIONS.get_interface(`); we apply the same test at the single validation point
-both `__init__` and `set_attn_implementation` go through, and raise naming the model.
+- Models whose attention layers bypass transformers' AttentionInterface (Falcon, GPT-J, GPT-Neo,
+  Bloom, MPT, CodeGen and other legacy ports compute attention inline): a registered function is
+  never called, so "mps_flash"/"mfa" would be a silent no-op. transformers detects these classes for
+  `set_attn_implementation` with a source heuristic; we add the types it passes.
+- "mps_flash" on classes transformers marks as not supporting FlashAttention (`_supports_flash_attn =
+  False`: Gemma 3 / PaliGemma with image tokens, SigLIP2, ...): their FA path drops part of the
+  mask, so transformers refuses flash_attention_2 there and we refuse our flash flavour the same
+  way. "mfa" serves them with the model's full mask.
+- "mps_flash" when the contract probe failed: our ContractError instead of transformers' generic
+  "not supported", naming the release, the failed check and the alternatives.
 """
 
 from __future__ import annotations
 
-_ORIGINAL_ATTR = "_mfa_original_check_attn"
+from typing import Callable
+
+from . import internals
 
 # Model types known to compute attention inline, checked by reading their modeling files in 5.17
-# and 5.23. Needed on top of transformers' source heuristic, which passes Bloom and CodeGen.
+# and 5.24. Needed on top of transformers' source heuristic, which passes Bloom and CodeGen.
 LEGACY_MODEL_TYPES = frozenset({"falcon", "gptj", "gpt_neo", "bloom", "mpt", "codegen"})
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot be served correctly under the requested mfa-hf name."""
 
 
 def routes_through_interface(model) -> bool:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return model_type not in LEGACY_MODEL_TYPES and type(model)._can_set_attn_implementation()
-
-
-class UnsupportedModelError(ValueError):
-    """The model does not route attention through transformers' AttentionInterface."""
+    return model_type not in LEGACY_MODEL_TYPES and internals.can_set_attn_implementation(type(model))
 
 
 def message(model_cls: type, name: str) -> str:
@@ -33,39 +39,33 @@ def message(model_cls: type, name: str) -> str:
             "Gemma 2/3, GPT-OSS, Phi-3, GPT-2, OPT, Whisper, T5, BERT, ModernBERT, CLIP and ViT.")
 
 
-def _keep_flash_name(model, name: str) -> None:
-    """Models listing `_compatible_flash_implementations` (GPT-OSS: sink-capable FA kernels) make
-    transformers swap any other flash name for the first entry of that list, a hub kernel. mfa-hf
-    implements sinks, so add our name to this instance's list to keep the requested one."""
-    compatible = getattr(model, "_compatible_flash_implementations", None)
-    if compatible is not None and name not in compatible:
-        model._compatible_flash_implementations = [*compatible, name]
+def flash_message(model_cls: type, name: str) -> str:
+    return (f"{model_cls.__name__} does not support FlashAttention (transformers marks it so: its flash path "
+            f"drops part of the attention mask, e.g. the bidirectional image-token prefix), so "
+            f'attn_implementation="{name}" would give wrong outputs. Use attn_implementation="mfa": the same '
+            "kernels with the model's full mask.")
 
 
-def install(names: tuple[str, ...]) -> None:
-    from transformers import PreTrainedModel
+def install(flash_name: str, names: tuple[str, ...], probe: Callable[[], internals.ProbeResult]) -> None:
+    """The init guard; `probe()` gives the (lazily completed) contract probe's result."""
+    def check(model, requested: set) -> None:
+        asked = requested & set(names)
+        if not asked:
+            return
+        if not routes_through_interface(model):
+            raise UnsupportedModelError(message(type(model), sorted(asked)[0]))
+        if flash_name in asked:
+            result = probe()
+            if not result.ok:
+                raise result.error(flash_name)
+            if not internals.supports_flash_attention(model):
+                raise UnsupportedModelError(flash_message(type(model), flash_name))
+            internals.keep_flash_name(model, flash_name)
 
-    if _ORIGINAL_ATTR in PreTrainedModel.__dict__:
-        return
-    original = PreTrainedModel._check_and_adjust_attn_implementation
+    try:
+        internals.install_init_guard(check)
+    except AttributeError as error:  # the guard's own hook point is gone: say so once, at registration
+        import warnings
 
-    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
-        if attn_implementation in names:
-            if not routes_through_interface(self):
-                raise UnsupportedModelError(message(type(self), attn_implementation))
-            _keep_flash_name(self, attn_implementation)
-        return original(self, attn_implementation, *args, **kwargs)
-
-    original_set = PreTrainedModel.set_attn_implementation
-
-    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
-        # On classes its heuristic flags, transformers only *warns* and keeps the old implementation.
-        requested = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
-        if requested in names and not routes_through_interface(self):
-            raise UnsupportedModelError(message(type(self), requested))
-        return original_set(self, attn_implementation, *args, **kwargs)
-
-    set_attn_implementation.__doc__ = original_set.__doc__
-    setattr(PreTrainedModel, _ORIGINAL_ATTR, original)
-    PreTrainedModel._check_and_adjust_attn_implementation = _check_and_adjust_attn_implementation
-    PreTrainedModel.set_attn_implementation = set_attn_implementation
+        warnings.warn(f"mfa_hf: cannot check models at init on transformers {internals.installed_version()} ({error}); "
+                      f"{internals.ALTERNATIVES} remain available.", RuntimeWarning, stacklevel=3)

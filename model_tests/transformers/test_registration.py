@@ -1,5 +1,6 @@
 """How users reach the kernels: every entry point for both names, the FA-flavour provider hook, the
-version gate, the lazy import hook, packed sequences, and the refusal of legacy models."""
+lazy import hook, packed sequences, and the refusal of legacy models (the release policy and the
+contract probe: test_release_policy.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from conftest import BATCH, IMPLEMENTATIONS, kernel_calls, padded_batch, twin_mo
 from families import BY_NAME, DECODERS
 
 from mfa_hf import trace
-from mfa_hf.integrations.transformers import UnsupportedModelError, check_transformers_version, provider
+from mfa_hf.integrations.transformers import UnsupportedModelError, fa_surface, internals
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -63,23 +64,12 @@ def test_uninstall_restores_transformers_and_reinstall_works():
     from transformers import modeling_flash_attention_utils as mfu
 
     wrapped = mfu._lazy_imports
-    provider.uninstall()
+    internals.uninstall_flash_provider("mps_flash")
     try:
         assert mfu._lazy_imports is not wrapped and not hasattr(mfu, "_mfa_original_lazy_imports")
     finally:
-        provider.install()
+        internals.install_flash_provider("mps_flash", fa_surface.surface)
     assert hasattr(mfu, "_mfa_original_lazy_imports")
-
-
-@pytest.mark.parametrize("version", ["5.16.0", "5.24.0", "6.0.0", "4.57.1"])
-def test_version_gate_refuses_untested_releases(version):
-    with pytest.raises(RuntimeError, match=rf"transformers {version} is not supported.*5\.17"):
-        check_transformers_version(version)
-
-
-@pytest.mark.parametrize("version", ["5.17.0", "5.20.1", "5.23.0"])
-def test_version_gate_accepts_tested_range(version):
-    assert check_transformers_version(version) == version
 
 
 def test_import_mfa_hf_does_not_import_transformers_but_registers_when_it_is():
