@@ -1,21 +1,32 @@
-"""Which diffusers versions this integration is tested against, and the error for the others.
+"""Which diffusers releases mfa_hf was tested against, and what it says on the others.
 
-The processors read documented attributes of `Attention` (to_q, norm_q, prepare_attention_mask...)
-and check them when they are set, so they degrade into clear errors. The dispatcher backend is
-different: diffusers' backend registry is a closed Enum, and adding the "mfa" member touches its
-private internals, so it is only done on the versions listed here.
+No version number gates anything (DESIGN.md, "Living with fast-moving dependencies"): diffusers
+releases monthly and a fresh install gets the newest. The processors use documented attributes of
+`Attention` only and always work. The private tier (the "mfa" dispatcher backend and the set-time
+checks, internals.py) is turned on by a probe of the exact contract it touches; this file holds the
+probe's outcome and its words: one RuntimeWarning for a release outside TESTED_DIFFUSERS or a failed
+probe, and the error the private features raise when the probe failed.
 """
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 
-# Half-open range [low, high). Tested: 0.42.1. Widen only after running model_tests/diffusers.
-SUPPORTED_DIFFUSERS_VERSIONS = ((0, 42, 0), (0, 43, 0))
+# Release series run through model_tests/diffusers (0.42.1). Add one after running that suite on it.
+TESTED_DIFFUSERS = ("0.42",)
+
+ALTERNATIVES = ("the MFA processors, set through set_attn_processor (MFAProcessor, MFAJointAttnProcessor, "
+                "MFACogVideoXAttnProcessor), do not depend on diffusers' internals and keep working; "
+                "for dispatcher models (Flux, Wan, LTX, QwenImage, ...) use diffusers' backend 'native'")
 
 
-class UnsupportedDiffusersVersion(RuntimeError):
-    """The installed diffusers is outside SUPPORTED_DIFFUSERS_VERSIONS."""
+class UnsupportedDiffusersInternals(RuntimeError):
+    """The installed diffusers failed the probe of the private contract internals.py relies on."""
+
+
+# The name before the probe replaced the version range (2026-12); `except UnsupportedDiffusersVersion`
+# in callers keeps catching the same error.
+UnsupportedDiffusersVersion = UnsupportedDiffusersInternals
 
 
 def installed_diffusers_version() -> str:
@@ -24,27 +35,43 @@ def installed_diffusers_version() -> str:
     return diffusers.__version__
 
 
-def _release(version: str) -> tuple[int, int, int]:
-    numbers = [int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3]]
-    return tuple(numbers + [0] * (3 - len(numbers)))  # type: ignore[return-value]
+def is_tested(version: str) -> bool:
+    return any(version == series or version.startswith(series + ".") for series in TESTED_DIFFUSERS)
 
 
-def supported_range_text() -> str:
-    low, high = SUPPORTED_DIFFUSERS_VERSIONS
-    return f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}"
+def tested_text() -> str:
+    return ", ".join(f"{series}.x" for series in TESTED_DIFFUSERS)
 
 
-def diffusers_version_supported(version: str | None = None) -> bool:
-    low, high = SUPPORTED_DIFFUSERS_VERSIONS
-    return low <= _release(version or installed_diffusers_version()) < high
+@dataclass(frozen=True)
+class ProbeResult:
+    """What internals.probe() found: `failed` names the first check that did not hold, None if all did."""
 
+    version: str
+    failed: str | None = None
+    reason: str = ""
 
-def require_supported_diffusers(feature: str) -> None:
-    """Raise UnsupportedDiffusersVersion naming the feature, the range and the installed version."""
-    version = installed_diffusers_version()
-    if not diffusers_version_supported(version):
-        raise UnsupportedDiffusersVersion(
-            f"{feature}: expected diffusers {supported_range_text()} (the versions mfa_hf is tested "
-            f"against), got diffusers {version}. The MFA processors (MFAProcessor, MFAJointAttnProcessor, "
-            f"MFACogVideoXAttnProcessor) do not depend on this check; the 'mfa' dispatcher backend does."
-        )
+    @property
+    def ok(self) -> bool:
+        return self.failed is None
+
+    @property
+    def tested(self) -> bool:
+        return is_tested(self.version)
+
+    def warning(self) -> str | None:
+        """The one warning this outcome earns: None for a tested release that passed the probe."""
+        if self.ok and self.tested:
+            return None
+        if self.ok:
+            return (f"mfa_hf: diffusers {self.version} is not a release mfa_hf was tested against (tested: "
+                    f"{tested_text()}). The probe of the diffusers internals it uses passed, so the 'mfa' "
+                    f"attention backend and the set-time processor checks are on.")
+        which = "a tested release" if self.tested else f"not a tested release; tested: {tested_text()}"
+        return (f"mfa_hf: diffusers {self.version} ({which}) failed the probe '{self.failed}': {self.reason}. "
+                f"The 'mfa' attention backend and the set-time processor checks are off; {ALTERNATIVES}.")
+
+    def error(self, feature: str) -> UnsupportedDiffusersInternals:
+        return UnsupportedDiffusersInternals(
+            f"{feature}: expected diffusers internals that pass mfa_hf's probe, got diffusers {self.version} "
+            f"failing the probe '{self.failed}': {self.reason}. Instead: {ALTERNATIVES}.")

@@ -3,12 +3,14 @@
 Each MFA processor serves exactly one upstream contract. These checks run when `enable()`,
 `set_processor()` or (through set_time.py) diffusers' own set_attn_processor/set_processor attach a
 processor, so a mismatch fails before any denoising; and again, cheaply, at the top of every
-processor call, for diffusers versions where set_time.py does not wrap those methods.
+processor call, for when set_time.py's wrappers are not installed (a failed probe, internals.py).
 """
 
 from __future__ import annotations
 
 from torch import nn
+
+from . import internals
 
 
 class ContractMismatch(TypeError):
@@ -25,7 +27,7 @@ def require_legacy_attention(processor_name: str, attn: nn.Module, serves: str) 
     """The processors that call SDPA directly run on diffusers' `Attention` module only."""
     if not isinstance(attn, attention_class()):
         hint = ""
-        if hasattr(getattr(attn, "processor", None), "_attention_backend"):
+        if internals.uses_dispatcher(getattr(attn, "processor", None)):
             hint = (" This module's processor uses diffusers' dispatcher: use "
                     "model.set_attention_backend('mfa') or mfa_hf.integrations.diffusers.enable(model).")
         raise ContractMismatch(

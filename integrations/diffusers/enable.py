@@ -5,7 +5,7 @@ What each module gets is decided by the processor it has now, which names the co
     AttnProcessor2_0, AttnProcessor        -> MFAProcessor
     JointAttnProcessor2_0                  -> MFAJointAttnProcessor
     CogVideoXAttnProcessor2_0              -> MFACogVideoXAttnProcessor
-    a dispatcher processor (has _attention_backend; Flux, Wan, LTX, QwenImage, ...)
+    a dispatcher processor (a per-processor backend; Flux, Wan, LTX, QwenImage, ...)
                                            -> its own backend set to "mfa" (per processor; the global
                                               active backend is left alone)
 
@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import internals
 from .contracts import ContractMismatch
-from .dispatcher import register_mfa_backend
 from .processors import MFACogVideoXAttnProcessor, MFAJointAttnProcessor, MFAProcessor
 
-_MISSING = object()
 OUR_PROCESSORS = (MFAProcessor, MFAJointAttnProcessor, MFACogVideoXAttnProcessor)
 
 
@@ -51,10 +50,7 @@ class MFAHandle:
         for _, module, original in reversed(self.processors):
             module.set_processor(original)
         for _, processor, original in reversed(self.backends):
-            if original is _MISSING:
-                processor.__dict__.pop("_attention_backend", None)
-            else:
-                processor._attention_backend = original
+            internals.set_backend(processor, original)
         self.processors, self.backends = [], []
 
     def summary(self) -> dict[str, int]:
@@ -82,8 +78,8 @@ def enable(pipe_or_model, strict: bool = False) -> MFAHandle:
         current = module.processor
         if isinstance(current, OUR_PROCESSORS):
             continue
-        if hasattr(current, "_attention_backend"):
-            handle.backends.append((name, current, current.__dict__.get("_attention_backend", _MISSING)))
+        if internals.uses_dispatcher(current):
+            handle.backends.append((name, current, internals.own_backend(current)))
         elif type(current) in table:
             swaps.append((name, module, shared[table[type(current)]]))
         else:
@@ -92,9 +88,9 @@ def enable(pipe_or_model, strict: bool = False) -> MFAHandle:
         raise ContractMismatch(f"enable(strict=True): expected every attention module to follow a contract "
                                f"mfa_hf serves, got {_listing(handle.skipped)}")
     _check_all(swaps)
-    member = register_mfa_backend() if handle.backends else None  # may raise: nothing changed yet
+    member = internals.register_mfa_backend() if handle.backends else None  # may raise: nothing changed yet
     for name, processor, _ in handle.backends:
-        processor._attention_backend = member
+        internals.set_backend(processor, member)
     _apply(handle, swaps)
     return handle
 

@@ -1,23 +1,24 @@
 """Set-time contract checks for diffusers' own `set_attn_processor` / `set_processor`.
 
 Diffusers offers no hook when a processor is attached, so without this a wrong MFA processor set
-through `model.set_attn_processor(...)` could only fail on its first call (mid-denoising). On the
-diffusers versions we test, we wrap the three methods that attach processors so that an MFA
-processor checks its module first:
+through `model.set_attn_processor(...)` could only fail on its first call (mid-denoising). When the
+probe of diffusers' internals passes, internals.py replaces the three methods that attach
+processors with the wrappers below, so that an MFA processor checks its module first:
 
     AttentionMixin.set_attn_processor   validates every module before any is changed (atomic)
     Attention.set_processor             validates the one module
     AttentionModuleMixin.set_processor  validates the one module
 
-Foreign processors pass through untouched. The wrappers are marked, so installing twice is a no-op,
-and `uninstall()` puts the originals back (tests use it).
+Foreign processors pass through untouched. Each wrapper keeps the method it wraps (`original`), so
+installing twice is a no-op and uninstalling puts the original back. This file only builds the
+wrappers; which diffusers classes get them is internals.py's business.
 """
 
 from __future__ import annotations
 
 import functools
 
-_MARK = "_mfa_set_time_check"
+_MARK = "mfa_set_time_original"  # our attribute on our wrapper functions: the method they wrap
 
 
 def _mfa_processors() -> tuple[type, ...]:
@@ -37,7 +38,6 @@ def _checked_set_processor(original):
         _check(self, processor)
         return original(self, processor, *args, **kwargs)
 
-    setattr(set_processor, _MARK, original)
     return set_processor
 
 
@@ -51,28 +51,22 @@ def _checked_set_attn_processor(original):
             _check(module, chosen)
         return original(self, processor, *args, **kwargs)
 
-    setattr(set_attn_processor, _MARK, original)
     return set_attn_processor
 
 
-def _targets():
-    from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
-    from diffusers.models.attention_processor import Attention
-
-    return ((Attention, "set_processor", _checked_set_processor),
-            (AttentionModuleMixin, "set_processor", _checked_set_processor),
-            (AttentionMixin, "set_attn_processor", _checked_set_attn_processor))
+_WRAPPERS = {"set_processor": _checked_set_processor, "set_attn_processor": _checked_set_attn_processor}
 
 
-def install() -> None:
-    for cls, name, wrap in _targets():
-        current = cls.__dict__.get(name)
-        if current is not None and not hasattr(current, _MARK):
-            setattr(cls, name, wrap(current))
+def wrap(method_name: str, original):
+    """The checking wrapper of diffusers' `method_name`; `original` is called once the check passed."""
+    wrapper = _WRAPPERS[method_name](original)
+    setattr(wrapper, _MARK, original)
+    return wrapper
 
 
-def uninstall() -> None:
-    for cls, name, _ in _targets():
-        current = cls.__dict__.get(name)
-        if current is not None and hasattr(current, _MARK):
-            setattr(cls, name, getattr(current, _MARK))
+def is_wrapper(function) -> bool:
+    return hasattr(function, _MARK)
+
+
+def original(wrapper):
+    return getattr(wrapper, _MARK)

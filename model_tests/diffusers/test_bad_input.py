@@ -1,6 +1,6 @@
 """A processor on a module whose contract it does not serve fails clearly at set time: through
-enable()/set_processor() and, on the diffusers versions we test, through diffusers' own
-set_attn_processor/set_processor (set_time.py); elsewhere before any tensor work on its first call."""
+enable()/set_processor() and, when the probe of diffusers' internals passes, through diffusers' own
+set_attn_processor/set_processor (set_time.py); otherwise before any tensor work on its first call."""
 
 import pytest
 import torch
@@ -11,12 +11,10 @@ from mfa_hf.integrations.diffusers import (
     MFACogVideoXAttnProcessor,
     MFAJointAttnProcessor,
     MFAProcessor,
-    UnsupportedDiffusersVersion,
     enable,
-    register_mfa_backend,
     set_processor,
 )
-from mfa_hf.integrations.diffusers import compat, set_time
+from mfa_hf.integrations.diffusers import internals
 
 
 def _processor_classes(model):
@@ -62,11 +60,11 @@ def test_wrong_processor_set_by_diffusers_is_refused_at_set_time_and_changes_not
 
 def test_without_the_set_time_checks_a_wrong_processor_fails_on_first_call_not_with_a_shape_error(tiny):
     sd3, inputs = tiny.build("sd3")
-    set_time.uninstall()  # as on a diffusers version we do not patch
+    internals.uninstall_set_time_checks()  # as after a failed probe
     try:
         sd3.set_attn_processor(MFAProcessor())
     finally:
-        set_time.install()
+        internals.install_set_time_checks()
     with pytest.raises(ContractMismatch, match="MFAProcessor: expected an Attention without added K/V projections"):
         with torch.no_grad():
             sd3(**inputs)
@@ -108,21 +106,3 @@ def test_enable_refuses_something_that_is_not_a_pipeline():
     with pytest.raises(TypeError, match=r"pipe_or_model: expected a diffusers pipeline .* got str"):
         enable("unet")
 
-
-def test_unsupported_diffusers_version_is_a_clear_error_and_changes_nothing(tiny, monkeypatch):
-    monkeypatch.setattr(compat, "installed_diffusers_version", lambda: "0.41.3")
-    with pytest.raises(UnsupportedDiffusersVersion, match=r"expected diffusers >=0\.42\.0,<0\.43\.0 .* got diffusers 0\.41\.3"):
-        register_mfa_backend()
-    flux, _ = tiny.build("flux")
-    with pytest.raises(UnsupportedDiffusersVersion):
-        enable(flux)
-    assert all("_attention_backend" not in p.__dict__ for p in flux.attn_processors.values())
-    unet, _ = tiny.build("unet")
-    enable(unet)  # processors do not depend on the gate
-    assert set(_processor_classes(unet).values()) == {"MFAProcessor"}
-
-
-def test_version_range_is_half_open():
-    assert compat.diffusers_version_supported("0.42.1")
-    assert not compat.diffusers_version_supported("0.43.0")
-    assert not compat.diffusers_version_supported("0.41.9")
