@@ -63,21 +63,6 @@ def test_unchanged_flash_attn_script_runs_under_the_runner(tmp_path):
     assert result.stdout.split() == ["OK", flash_attn_shim.VERSION]
 
 
-def test_pth_enables_the_shim_only_with_the_environment_variable(tmp_path):
-    site_dir = tmp_path / "site"
-    site_dir.mkdir()
-    written = _run(["-m", "mfa_hf.integrations.flash_attn_shim", "--install-pth", str(site_dir)], tmp_path)
-    assert written.returncode == 0, written.stderr
-    script = tmp_path / "uses_flash_attn.py"
-    script.write_text(FA_SCRIPT)
-    # site.addsitedir processes .pth files the way start-up does for site-packages.
-    start = f"import site, runpy; site.addsitedir({str(site_dir)!r}); runpy.run_path({str(script)!r})"
-    enabled = _run(["-c", start], tmp_path, MFA_FLASH_ATTN_SHIM="1")
-    disabled = _run(["-c", start], tmp_path, MFA_FLASH_ATTN_SHIM="0")
-    assert enabled.returncode == 0 and enabled.stdout.startswith("OK"), enabled.stderr
-    assert "No module named 'flash_attn'" in disabled.stderr
-
-
 def test_a_real_flash_attn_wins(tmp_path):
     real = tmp_path / "real" / "flash_attn"
     real.mkdir(parents=True)

@@ -89,8 +89,15 @@ def enabled_by_environment() -> bool:
 
 
 PTH_NAME = "mfa_hf_flash_attn_shim.pth"
-# One line, run by Python's site module at start-up; it imports mfa-hf only when the variable is set.
-PTH_LINE = (
-    f"import os; os.environ.get('{ENV_VAR}', '0').strip() not in ('', '0') and "
-    "__import__('mfa_hf.integrations.flash_attn_shim', fromlist=['_']).install_flash_attn_shim()\n"
+# Run by Python's site module at every start-up, so: one line that imports nothing but os unless the
+# variable is set, and stays quiet when mfa-hf is gone (`pip uninstall` leaves this file behind).
+# Any other import failure is reported, as site reports errors in .pth files.
+_PTH_CODE = (
+    "try:\n"
+    "    from mfa_hf.integrations.flash_attn_shim import install_flash_attn_shim\n"
+    "except ModuleNotFoundError as missing:\n"
+    "    if missing.name != 'mfa_hf': raise\n"
+    "else:\n"
+    "    install_flash_attn_shim()\n"
 )
+PTH_LINE = f"import os; os.environ.get({ENV_VAR!r}, '0').strip() not in ('', '0') and exec({_PTH_CODE!r})\n"
