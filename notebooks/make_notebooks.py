@@ -83,14 +83,15 @@ LONG_CONTEXT = [
              "{fmt: round(b, 1) for fmt, b in per_token.items()}"),
     ("md", "## Generation tokens/s per KV cache\n`MFAQuantizedCache` stores K/V quantized and decodes on our "
            "kernel; `none` is transformers' own cache."),
-    ("code", "try:\n    from mfa_hf.integrations.transformers.quantized_cache import MFAQuantizedCache\n"
+    ("code", "try:\n    from mfa_hf.integrations.transformers import cache_kwargs  # cache= (5.24+) or past_key_values=\n"
+             "    from mfa_hf.integrations.transformers.quantized_cache import MFAQuantizedCache\n"
              "except ImportError as err:\n    MFAQuantizedCache = None\n    print('quantized cache not available:', err)\n"
              "prompt = ' '.join(['The quick brown fox jumps over the lazy dog near the river bank.'] * "
              "(CONTEXT_WORDS // 12)) + ' Summarize.'\n"
              "inputs = tokenizer(prompt, return_tensors='pt').to(device)\nrows = []\n"
              "for fmt in ('none', 'int8', 'nf4'):  # fp8_e4m3 works the same way\n"
              "    if fmt != 'none' and MFAQuantizedCache is None:\n        continue\n"
-             "    extra = {} if fmt == 'none' else {'past_key_values': MFAQuantizedCache(format=fmt, config=cfg)}\n"
+             "    extra = {} if fmt == 'none' else cache_kwargs(MFAQuantizedCache(format=fmt, config=cfg))\n"
              "    start = time.perf_counter()\n    with torch.inference_mode():\n"
              "        out = lm.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, "
              "do_sample=False, pad_token_id=tokenizer.eos_token_id, **extra)\n"

@@ -18,6 +18,7 @@ import torch
 from ... import api
 from . import decode, internals
 from .mask_memo import once_per_mask
+from .masks import is_packed_sequences
 
 
 def _is_causal(module, is_causal: bool | None, q_len: int) -> bool:
@@ -57,6 +58,12 @@ def mfa_attention_forward(module, query, key, value, attention_mask, *, scaling=
     if routed is not None:
         return routed, None
     mask = attention_mask
+    if is_packed_sequences(mask) and position_bias is None:
+        return _packed_attention(query, key, value, mask, causal=causal, sliding_window=sliding_window,
+                                 scaling=scaling, softcap=softcap, s_aux=s_aux,
+                                 dropout=dropout if module.training else 0.0), None
+    if is_packed_sequences(mask):  # with a bias: a dense same-sequence mask (no packed T5 exists upstream)
+        mask = mask[:, None, :, None] == mask[:, None, None, :]
     if mask is not None and mask.dim() == 2:
         # Compact key validity (masks.py): the real keys are [:L]; the kernel aligns causal and the
         # window bottom-right within them, and padding is a (B, 1, 1, L) key mask.
@@ -76,6 +83,33 @@ def mfa_attention_forward(module, query, key, value, attention_mask, *, scaling=
         scale=scaling, softcap=softcap or 0.0, sinks=None if s_aux is None else s_aux.float(),
         dropout_p=dropout if module.training else 0.0)
     return out.transpose(1, 2), None
+
+
+def _packed_attention(query, key, value, sequence_ids, *, causal, sliding_window, scaling, softcap, s_aux,
+                      dropout):
+    """Packed sequences (masks.packed_sequences) as one varlen call: (B, L, Hq, Dv)."""
+    batch, heads, length, _ = query.shape
+    cu_seqlens, longest = once_per_mask(sequence_ids, ("packed runs",), lambda: _runs(sequence_ids))
+
+    def flat(x):
+        return x.transpose(1, 2).reshape(batch * length, x.shape[1], x.shape[-1])
+
+    out = api.flash_attn_varlen_func(
+        flat(query), flat(key), flat(value), cu_seqlens, cu_seqlens, longest, longest, dropout_p=dropout,
+        softmax_scale=scaling, causal=causal, window_size=_window(sliding_window, length), softcap=softcap or 0.0,
+        sinks=None if s_aux is None else s_aux.float())
+    return out.reshape(batch, length, heads, out.shape[-1])
+
+
+def _runs(sequence_ids):
+    """(cu_seqlens int32, longest run) over the row-major flattened tokens: a run is a maximal stretch of
+    one sequence id within a row (padding runs attend among themselves; their outputs are ignored)."""
+    flat = sequence_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[:: sequence_ids.shape[-1]] = True
+    bounds = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()], dtype=torch.long)])
+    return bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max())
 
 
 def _decode_route(module, query, key, value, attention_mask, causal, scaling, sliding_window, softcap, s_aux,
@@ -131,6 +165,8 @@ def mps_flash_attention_forward(module, query, key, value, attention_mask, dropo
         if routed is not None:
             return routed, None
         if _needs_mfa_path(attention_mask, kwargs):
+            if attention_mask is not None and attention_mask.dim() == 2:
+                attention_mask = attention_mask.bool()  # transformers' FA mask is the user's 0/1 padding mask
             return mfa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                          dropout=dropout, sliding_window=sliding_window, softcap=softcap,
                                          s_aux=s_aux, is_causal=is_causal, **kwargs)

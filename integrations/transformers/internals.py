@@ -106,14 +106,39 @@ def keep_flash_name(model, name: str) -> None:
         model._compatible_flash_implementations = [*compatible, name]
 
 
-def mask_leaves(fn) -> list[str]:
-    """Qualified names of the leaf patterns inside transformers' `and_masks(...)` closures (an
-    `or_masks` union is a leaf: a window cannot express it)."""
-    if getattr(fn, "__qualname__", "") == "and_masks.<locals>.and_mask" and fn.__closure__:
-        inner = [c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, tuple)]
+PACKED_SEQUENCE_LEAF = "packed_sequence_mask_function.<locals>.inner_mask"
+
+
+def _cells(fn) -> dict:
+    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+
+
+def mask_leaf_functions(fn) -> list:
+    """The leaf patterns inside transformers' `and_masks(...)` closures (an `or_masks` union is a leaf:
+    a window cannot express it). The packed-sequence position remap (5.24+) is unwrapped: it always
+    comes with the packed-sequence leaf, and inside one sequence the remapped pattern is the plain one
+    (positions rise by one per token)."""
+    name = getattr(fn, "__qualname__", "")
+    if name == "and_masks.<locals>.and_mask" and fn.__closure__:
+        inner = [value for value in _cells(fn).values() if isinstance(value, tuple)]
         if inner:
-            return [leaf for f in inner[0] for leaf in mask_leaves(f)]
-    return [getattr(fn, "__qualname__", repr(fn))]
+            return [leaf for f in inner[0] for leaf in mask_leaf_functions(f)]
+    if name == "remap_positions_for_packed_sequence.<locals>.inner_mask" and "mask_function" in _cells(fn):
+        return mask_leaf_functions(_cells(fn)["mask_function"])
+    return [fn]
+
+
+def mask_leaves(fn) -> list[str]:
+    """Qualified names of `mask_leaf_functions(fn)`."""
+    return [getattr(leaf, "__qualname__", repr(leaf)) for leaf in mask_leaf_functions(fn)]
+
+
+def packed_sequence_ids(fn):
+    """The (B, L) packed-sequence index per token that transformers' packed leaf compares, or None."""
+    for leaf in mask_leaf_functions(fn):
+        if getattr(leaf, "__qualname__", "") == PACKED_SEQUENCE_LEAF:
+            return _cells(leaf).get("packed_sequence_mask")
+    return None
 
 
 def layer_types_and_kwargs(config) -> list[tuple[str, dict]]:
@@ -131,6 +156,15 @@ def layer_types_and_kwargs(config) -> list[tuple[str, dict]]:
 def _shared_layer_kwargs(kind: str, shared: dict) -> dict:
     windowed = kind in ("sliding_attention", "chunked_attention", "hybrid_sliding")
     return {"sliding_window": shared["sliding_window"]} if windowed and "sliding_window" in shared else {}
+
+
+def paged_names_are_separate() -> bool:
+    """Up to 5.23 continuous batching switches a model to "paged|<name>", a separate attention function
+    that updates the paged cache itself; since 5.24 the model updates it and calls "<name>" with the
+    packed batch's cu_seq_lens (which "mps_flash" serves)."""
+    from transformers import AttentionInterface
+
+    return "paged|sdpa" in AttentionInterface._global_mapping
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,9 +11,12 @@ pattern is made only of causal / bidirectional / sliding-window pieces we return
   unused tail of a StaticCache) and False marks padding. The attention function keeps keys [:L] and
   aligns causal/window bottom-right within them.
 
-Anything else (image-token `or_mask_function`, packed-sequence block masks, chunked attention, vmap
-patterns) gets transformers' own dense `sdpa_mask`, forced to a tensor so that None keeps meaning
-"compact".
+- a 2-D int32 (B, L) tensor of packed-sequence ids (restarting position_ids, 5.24's
+  `and_masks(remap..., packed_sequence_mask_function)`): the attention function runs the packed
+  sequences as one varlen call, no dense mask.
+
+Anything else (image-token `or_mask_function`, chunked attention, vmap patterns) gets transformers'
+own dense `sdpa_mask`, forced to a tensor so that None keeps meaning "compact".
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from . import internals
 # Leaf mask patterns the kernel expresses through is_causal / window_size, by qualified name:
 # the sliding-window overlays are closures, so identity checks cannot be used for them.
 _EXPRESSIBLE = {
+    internals.PACKED_SEQUENCE_LEAF,  # returned as per-token sequence ids, attended as varlen
     "causal_mask_function",
     "bidirectional_mask_function",
     "sliding_window_overlay.<locals>.inner_mask",
@@ -51,11 +55,17 @@ def _is_causal_pattern(mask_function) -> bool:
 
 def compact_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, use_vmap=False, device="cpu", **kwargs):
-    """Registered under "mfa" in AttentionMaskInterface; returns None, (B, L) bool, or dense 4-D."""
+    """Registered under "mfa" in AttentionMaskInterface; returns None, (B, L) bool key validity, (B, L)
+    int32 packed-sequence ids, or (patterns the kernel cannot express) a dense 4-D mask."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     mask_function = mask_function or causal_mask_function
-    if not is_expressible(mask_function, use_vmap):
+    expressible = is_expressible(mask_function, use_vmap)
+    sequence_ids = internals.packed_sequence_ids(mask_function) if expressible else None
+    packed = None if sequence_ids is None else packed_sequences(sequence_ids, attention_mask, device)
+    if packed is not None:
+        return packed
+    if not expressible or sequence_ids is not None:
         kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
         return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
@@ -73,3 +83,25 @@ def compact_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     if length == kv_length and bool(valid.all()):
         return None
     return valid
+
+
+PADDING_SEQUENCE = -1
+
+
+def packed_sequences(sequence_ids: torch.Tensor, attention_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    """(B, L) int32 sequence index per token (padding: PADDING_SEQUENCE), for packed batches (restarting
+    position_ids, q_length == kv_length). Tokens attend within their own sequence only: the
+    attention function runs one varlen call over the packed sequences instead of a dense mask."""
+    ids = sequence_ids.to(device=device, dtype=torch.int32)
+    if attention_mask is None:
+        return ids
+    valid = attention_mask[:, -ids.shape[-1]:].to(device=device, dtype=torch.bool)
+    # Padding inside a sequence (a valid token after a padded one of the same sequence) would split it
+    # into two runs; only trailing padding per sequence is expressible.
+    if bool((valid[:, 1:] & ~valid[:, :-1] & (ids[:, 1:] == ids[:, :-1])).any()):
+        return None
+    return ids.masked_fill(~valid, PADDING_SEQUENCE)
+
+
+def is_packed_sequences(mask) -> bool:
+    return mask is not None and mask.dim() == 2 and mask.dtype == torch.int32

@@ -1,7 +1,7 @@
 """MFAQuantizedCache: a transformers Cache that keeps K/V as fp8_e4m3 / fp8_e5m2 / int8 / nf4 codes + scales.
 
     cache = MFAQuantizedCache(format="int8", config=model.config)        # residual_length=0
-    model.generate(**inputs, past_key_values=cache)                      # attn "mps_flash" or "mfa"
+    model.generate(**inputs, cache=cache)         # attn "mps_flash" or "mfa"; past_key_values= before 5.24
 
 Per layer, one growable store per side: a `QuantizedKV` buffer (B, capacity, Hkv, D) allocated by
 `mfa_hf.allocate_kv_cache` (capacity grows by a quarter when full, in blocks of 256 tokens: appends

@@ -21,6 +21,9 @@ from . import internals
 # Model types known to compute attention inline, checked by reading their modeling files in 5.17
 # and 5.24. Needed on top of transformers' source heuristic, which passes Bloom and CodeGen.
 LEGACY_MODEL_TYPES = frozenset({"falcon", "gptj", "gpt_neo", "bloom", "mpt", "codegen"})
+# Marked `_supports_flash_attn = False` only because FA2 cannot add T5's relative position bias;
+# "mps_flash" hands a bias to the "mfa" path, which adds it exactly (model_tests: t5 under both names).
+FLASH_BIAS_ONLY_MODEL_TYPES = frozenset({"t5", "mt5", "umt5"})
 
 
 class UnsupportedModelError(ValueError):
@@ -30,6 +33,10 @@ class UnsupportedModelError(ValueError):
 def routes_through_interface(model) -> bool:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return model_type not in LEGACY_MODEL_TYPES and internals.can_set_attn_implementation(type(model))
+
+
+def _bias_only(model) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) in FLASH_BIAS_ONLY_MODEL_TYPES
 
 
 def message(model_cls: type, name: str) -> str:
@@ -46,9 +53,17 @@ def flash_message(model_cls: type, name: str) -> str:
             "kernels with the model's full mask.")
 
 
+def paged_message(name: str) -> str:
+    return (f'continuous batching (generate_batch) under attn_implementation="{name}" needs transformers >= 5.24 '
+            f"(this is {internals.installed_version()}, whose paged attention functions update the cache themselves); "
+            f'upgrade transformers, or use attn_implementation="sdpa" for generate_batch and "{name}" for generate().')
+
+
 def install(flash_name: str, names: tuple[str, ...], probe: Callable[[], internals.ProbeResult]) -> None:
     """The init guard; `probe()` gives the (lazily completed) contract probe's result."""
     def check(model, requested: set) -> None:
+        if f"paged|{flash_name}" in requested and internals.paged_names_are_separate():
+            raise UnsupportedModelError(paged_message(flash_name))
         asked = requested & set(names)
         if not asked:
             return
@@ -58,7 +73,7 @@ def install(flash_name: str, names: tuple[str, ...], probe: Callable[[], interna
             result = probe()
             if not result.ok:
                 raise result.error(flash_name)
-            if not internals.supports_flash_attention(model):
+            if not internals.supports_flash_attention(model) and not _bias_only(model):
                 raise UnsupportedModelError(flash_message(type(model), flash_name))
             internals.keep_flash_name(model, flash_name)
 

@@ -86,9 +86,11 @@ def measure(spec: dict) -> dict:
     clock = gen._Clock(spec["new_tokens"], progress=False)
     start = time.perf_counter()
     with torch.inference_mode(), trace.capture() as calls:
+        from mfa_hf.integrations.transformers import cache_kwargs
+
         lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=spec["new_tokens"],
                     min_new_tokens=spec["new_tokens"], do_sample=False, streamer=clock,
-                    pad_token_id=tokenizer.eos_token_id, past_key_values=cache)
+                    pad_token_id=tokenizer.eos_token_id, **cache_kwargs(cache))
     end = time.perf_counter()
     first = clock.first_token_at or end
     served = trace.served_by(calls)

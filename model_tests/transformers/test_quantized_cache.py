@@ -14,7 +14,7 @@ from conftest import twin_models
 from families import BY_NAME, DECODERS
 
 from mfa_hf import trace
-from mfa_hf.integrations.transformers import decode
+from mfa_hf.integrations.transformers import cache_kwargs, decode
 from mfa_hf.integrations.transformers.quantized_cache import (
     MFAQuantizedCache,
     QuantizedCacheError,
@@ -63,7 +63,7 @@ def _generate(model, cache, **kwargs):
     ids, mask = _inputs()
     with torch.no_grad(), trace.capture() as calls:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                             past_key_values=cache, pad_token_id=0, **kwargs)
+                             **cache_kwargs(cache), pad_token_id=0, **kwargs)
     return out, calls
 
 
@@ -159,9 +159,9 @@ def _stepwise_logits(reference, model, cache, steps: int = 3):
     full, full_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
     with torch.no_grad():
         expected = reference(full, attention_mask=full_mask).logits[:, -steps:]
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **cache_kwargs(cache))
         actual = [model(new[:, i:i + 1], attention_mask=full_mask[:, : ids.shape[1] + i + 1],
-                        past_key_values=cache).logits[:, -1] for i in range(steps)]
+                        **cache_kwargs(cache)).logits[:, -1] for i in range(steps)]
     return torch.stack(actual, 1), expected
 
 
@@ -365,7 +365,7 @@ def test_decode_steps_do_not_read_back_per_layer(monkeypatch, fmt):
         cache = None if fmt is None else MFAQuantizedCache(fmt, config=model.config)
         with torch.no_grad():
             model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                           past_key_values=cache, pad_token_id=0)
+                           **cache_kwargs(cache), pad_token_id=0)
         assert len(per_call) == layers * (NEW_TOKENS - 1), per_call
         steps = [per_call[i:i + layers] for i in range(0, len(per_call), layers)]
         assert all(sum(step[1:]) == 0 for step in steps), f"layers after the first read back: {steps}"
@@ -415,7 +415,7 @@ def test_padded_generate_under_inference_mode(fmt):
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     new_cache = (lambda: None) if fmt is None else (lambda: MFAQuantizedCache(fmt, config=model.config))
     with torch.no_grad():
-        expected = model.generate(ids, past_key_values=new_cache(), **kwargs)
+        expected = model.generate(ids, **cache_kwargs(new_cache()), **kwargs)
     with torch.inference_mode():
-        actual = model.generate(ids, past_key_values=new_cache(), **kwargs)
+        actual = model.generate(ids, **cache_kwargs(new_cache()), **kwargs)
     assert torch.equal(actual, expected)

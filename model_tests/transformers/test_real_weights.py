@@ -15,6 +15,7 @@ import transformers as tf
 from conftest import kernel_calls
 
 from mfa_hf import trace
+from mfa_hf.integrations.transformers import cache_kwargs
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 
@@ -98,12 +99,12 @@ def top1_agreement(model, tokenizer, prompt: str, fmt: str, tokens: int = AGREEM
                                    pad_token_id=tokenizer.eos_token_id)
         prompt_len = inputs["input_ids"].shape[1]
         cache = MFAQuantizedCache(fmt, config=model.config, residual_length=residual)
-        logits = model(**inputs, past_key_values=cache).logits[:, -1]
+        logits = model(**inputs, **cache_kwargs(cache)).logits[:, -1]
         agree = 0
         for step in range(tokens):
             target = reference[:, prompt_len + step]
             agree += int(logits.argmax(-1).item() == target.item())
-            logits = model(target[:, None], past_key_values=cache).logits[:, -1]
+            logits = model(target[:, None], **cache_kwargs(cache)).logits[:, -1]
     return agree / tokens
 
 

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "nf4", None])
 def test_generate_is_served_by_metal(fmt, metal, monkeypatch):
     """fmt None: the plain cache, with a left-padded row (varlen prefill, padded decode steps)."""
-    import mfa_hf.integrations.transformers  # noqa: F401  (registers mps_flash)
+    from mfa_hf.integrations.transformers import cache_kwargs  # (registers mps_flash)
     from mfa_hf.integrations.transformers.quantized_cache import MFAQuantizedCache
 
     if metal.is_emulated:
@@ -34,7 +34,7 @@ def test_generate_is_served_by_metal(fmt, metal, monkeypatch):
         cache = MFAQuantizedCache(fmt, config=model.config, group_size=32 if fmt == "nf4" else None)
     with torch.no_grad(), trace.capture() as calls:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
-                             past_key_values=cache, pad_token_id=0)
+                             **cache_kwargs(cache), pad_token_id=0)
     served = trace.served_by(calls)
     assert out.shape == (2, 9)
     others = {key: n for key, n in served.items() if key[0] != "metal" and n}
