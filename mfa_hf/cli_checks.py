@@ -67,7 +67,11 @@ def _check_prompt_file(name: str) -> None:
     path = Path(name).expanduser()
     if not path.is_file():
         raise UsageError(f"--prompt-file {name}: no such file")
-    if not path.read_text().strip():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"--prompt-file {name}: not UTF-8 text") from None
+    if not text.strip():
         raise UsageError(f"--prompt-file {name}: the file is empty")
 
 

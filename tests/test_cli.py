@@ -17,8 +17,14 @@ ERROR = "mfa-hf generate: error: "
 
 @pytest.fixture
 def no_transformers(monkeypatch):
-    """`import transformers` raises ImportError for the length of the test."""
+    """`import transformers` raises ImportError for the length of the test, and no transformers module
+    may be imported by it."""
+    before = set(sys.modules)
     monkeypatch.setitem(sys.modules, "transformers", None)
+    yield
+    imported = sorted(name for name in set(sys.modules) - before
+                      if name.split(".")[0] == "transformers" and sys.modules[name] is not None)
+    assert not imported, f"imported {imported}"
 
 
 def _main(capsys, *argv: str) -> tuple[int, str]:
@@ -63,6 +69,9 @@ def test_model_directories_are_checked(capsys, no_transformers, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text(" \n")
     _assert_one_line_error(*_main(capsys, "--prompt-file", str(empty)), "the file is empty")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00")
+    _assert_one_line_error(*_main(capsys, "--prompt-file", str(binary)), "not UTF-8 text")
 
 
 def test_a_device_this_machine_lacks(capsys, no_transformers):

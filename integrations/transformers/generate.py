@@ -162,4 +162,4 @@ def generate(tokenizer, lm, prompt: str, max_new_tokens: int, kv_cache: str = "n
 def read_prompt(path: str | None) -> str:
     if path is None:
         return "Write a short story about a lighthouse keeper."
-    return Path(path).read_text()
+    return Path(path).read_text(encoding="utf-8")
