@@ -83,11 +83,13 @@ def make_cache(kv_cache: str, lm):
         from transformers import QuantizedCache
 
         return QuantizedCache(backend=HF_CACHES[kv_cache], config=lm.config)
+    from .internals import attn_implementation_of
     from .quantized_cache import MFAQuantizedCache
 
-    if lm.config._attn_implementation not in ("mps_flash", "mfa"):
+    attn = attn_implementation_of(lm)
+    if attn not in ("mps_flash", "mfa"):
         raise ValueError(f"kv_cache={kv_cache!r} needs attn_implementation 'mps_flash' or 'mfa' (the kernel reads "
-                         f"the quantized cache), got {lm.config._attn_implementation!r}")
+                         f"the quantized cache), got {attn!r}")
     return MFAQuantizedCache(format=kv_cache, config=lm.config)
 
 
