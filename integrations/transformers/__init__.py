@@ -16,7 +16,7 @@ from __future__ import annotations
 from . import internals
 from .attention import mfa_attention_forward, mps_flash_attention_forward
 from .internals import TESTED, ContractError, ProbeResult, cache_kwargs
-from .masks import compact_mask
+from .masks import compact_mask, flash_mask
 from .unsupported import UnsupportedModelError
 
 FLASH_NAME = "mps_flash"
@@ -40,11 +40,9 @@ def register() -> ProbeResult:
         _registered = True
     result = internals.probe(FLASH_NAME, fa_surface.surface)
     if result.ok:
-        from transformers.masking_utils import flash_attention_mask
-
         AttentionInterface.register(FLASH_NAME, mps_flash_attention_forward)
         # The flash flavour takes transformers' FA mask (None or the 2-D padding mask), as FA2 does.
-        AttentionMaskInterface.register(FLASH_NAME, flash_attention_mask)
+        AttentionMaskInterface.register(FLASH_NAME, flash_mask)
         internals.warn_if_untested(result.version)
     unsupported.install(FLASH_NAME, (FLASH_NAME, NEUTRAL_NAME), lambda: internals.verify(mps_flash_attention_forward, FLASH_NAME))
     return result

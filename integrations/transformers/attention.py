@@ -13,6 +13,8 @@ Both return (B, S_q, H_q, D_v) and None for the weights, as transformers' contra
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ... import api
@@ -47,10 +49,19 @@ def _bias_mask(mask: torch.Tensor | None, position_bias: torch.Tensor | None, dt
     return bias + mask.float()
 
 
+def _warn_no_weights(kwargs) -> None:
+    # transformers' sdpa and flash paths warn and return no weights (model outputs carry `attentions=()`).
+    if kwargs.get("output_attentions"):
+        warnings.warn("mfa-hf attention does not return attention weights (output_attentions=True): like transformers' "
+                      'sdpa and flash paths it computes them blockwise and never materializes them; `attentions` '
+                      'stays empty. Use attn_implementation="eager" to get them.', UserWarning, stacklevel=3)
+
+
 def mfa_attention_forward(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0,
                           sliding_window=None, softcap=None, s_aux=None, position_bias=None,
                           is_causal=None, **kwargs):
     """transformers attention function (B, H, S, D) -> ((B, S_q, H_q, D_v), None)."""
+    _warn_no_weights(kwargs)
     q_len = query.shape[2]
     causal = _is_causal(module, is_causal, q_len)
     routed = _decode_route(module, query, key, value, attention_mask, causal, scaling, sliding_window, softcap,
@@ -69,7 +80,8 @@ def mfa_attention_forward(module, query, key, value, attention_mask, *, scaling=
         # window bottom-right within them, and padding is a (B, 1, 1, L) key mask.
         length = mask.shape[-1]
         key, value = key[:, :, :length], value[:, :, :length]
-        all_valid = once_per_mask(mask, ("all valid",), lambda: bool(mask.all()))  # one host read per mask
+        # one host read per mask; none while compiling (a data-dependent branch), the key mask then stays
+        all_valid = not torch.compiler.is_compiling() and once_per_mask(mask, ("all valid",), lambda: bool(mask.all()))
         mask = None if all_valid else mask[:, None, None, :]
         if position_bias is not None:
             position_bias = position_bias[..., :length]
@@ -151,6 +163,7 @@ def _needs_mfa_path(attention_mask, kwargs) -> bool:
 def mps_flash_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                 sliding_window=None, softcap=None, is_causal=None, s_aux=None, **kwargs):
     """transformers attention function for "mps_flash": its flash path on mfa-hf's FA2 surface."""
+    _warn_no_weights(kwargs)
     if kwargs.get("cache") is not None:
         # Up to 5.23 continuous batching hands the paged cache to the attention function to update;
         # since 5.24 the model updates it and we get K/V plus cu_seq_lens (served below).

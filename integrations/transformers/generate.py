@@ -59,16 +59,14 @@ def load(model: str | None, gguf_file: str | None, attn: str, dtype: torch.dtype
 def hide_progress_bars() -> None:
     """For the rest of the process, no loading bars: transformers' ("Loading weights"), huggingface_hub's
     (downloads) and the GGUF reader's, a plain tqdm that neither switch reaches."""
-    import functools
-
-    import transformers.modeling_gguf_pytorch_utils as gguf_reader
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging
 
+    from .internals import hide_gguf_reader_progress
+
     disable_progress_bars()
     logging.disable_progress_bar()
-    if callable(getattr(gguf_reader, "tqdm", None)):
-        gguf_reader.tqdm = functools.partial(gguf_reader.tqdm, disable=True)
+    hide_gguf_reader_progress()
 
 
 HF_CACHES = {"hf_fp8": "fp8", "hf_quanto": "quanto", "hf_hqq": "hqq"}  # transformers' QuantizedCache backends
@@ -145,8 +143,10 @@ def generate(tokenizer, lm, prompt: str, max_new_tokens: int, kv_cache: str = "n
         inputs = tokenizer(prompt, return_tensors="pt")
     inputs = {k: v.to(device) for k, v in inputs.items()}
     clock = _Clock(max_new_tokens, progress)
+    from .internals import cache_kwargs
+
     cache = make_cache(kv_cache, lm)
-    extra = {"past_key_values": cache} if cache is not None else {}
+    extra = cache_kwargs(cache)  # cache= (5.24+) or past_key_values= (before)
     start = time.perf_counter()
     with torch.inference_mode():
         out = lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock,

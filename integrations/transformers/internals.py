@@ -181,6 +181,17 @@ def cache_kwargs(cache) -> dict:
     return {} if cache is None else {generate_cache_kwarg(): cache}
 
 
+def hide_gguf_reader_progress() -> None:
+    """The GGUF reader's "Converting and de-quantizing" bar is a plain tqdm that neither transformers'
+    nor huggingface_hub's progress switch reaches: replace its module-level tqdm by a disabled one."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+
+    if callable(getattr(gguf_reader, "tqdm", None)):
+        gguf_reader.tqdm = functools.partial(gguf_reader.tqdm, disable=True)
+
+
 # -- the flash provider hook ----------------------------------------------------------------------
 
 _ORIGINAL_LAZY = "_mfa_original_lazy_imports"

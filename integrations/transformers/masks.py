@@ -60,7 +60,9 @@ def compact_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     mask_function = mask_function or causal_mask_function
-    expressible = is_expressible(mask_function, use_vmap)
+    # Under torch.compile the pattern analysis (closure introspection) and the host reads below cannot be
+    # traced: transformers' own dense mask is, and the attention function takes dense masks exactly.
+    expressible = not torch.compiler.is_compiling() and is_expressible(mask_function, use_vmap)
     sequence_ids = internals.packed_sequence_ids(mask_function) if expressible else None
     packed = None if sequence_ids is None else packed_sequences(sequence_ids, attention_mask, device)
     if packed is not None:
@@ -105,3 +107,17 @@ def packed_sequences(sequence_ids: torch.Tensor, attention_mask: torch.Tensor | 
 
 def is_packed_sequences(mask) -> bool:
     return mask is not None and mask.dim() == 2 and mask.dtype == torch.int32
+
+
+def flash_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+               **kwargs):
+    """Registered under "mps_flash": transformers' FA mask (None, or the 2-D padding mask), except under
+    torch.compile, where its "all valid?" host read cannot be traced: the sliced 2-D mask is returned as
+    is (the attention function applies it as a key mask either way)."""
+    from transformers.masking_utils import flash_attention_mask
+
+    if torch.compiler.is_compiling():
+        return None if attention_mask is None else attention_mask[:, -kv_length:]
+    return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+                                **({} if mask_function is None else {"mask_function": mask_function}),
+                                attention_mask=attention_mask, **kwargs)
