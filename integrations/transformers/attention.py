@@ -19,7 +19,7 @@ import torch
 
 from ... import api
 from . import decode, internals
-from .mask_memo import once_per_mask
+from .mask_memo import once_per_mask, tagged_pattern
 from .masks import is_packed_sequences
 
 
@@ -49,6 +49,25 @@ def _bias_mask(mask: torch.Tensor | None, position_bias: torch.Tensor | None, dt
     return bias + mask.float()
 
 
+def _pattern(attention_mask, sliding_window, is_causal, q_len: int):
+    """(mask, window, is_causal). A mask function of ours tagged the mask with the pattern it stands for
+    (what eager applies), which wins over the module's kwargs, which some models omit or get wrong
+    (mask_memo.Pattern); a mask made only to carry the tag is no mask. Key-validity masks come back as
+    (B, L): tagged (B, 1, 1, L) ones, and untagged ones of several queries (a model sliced it and the tag
+    is gone; an untagged single-row mask is a dense one, the whole truth for its query)."""
+    pattern = tagged_pattern(attention_mask)
+    if _is_key_mask(attention_mask) and (pattern is not None or q_len > 1):
+        attention_mask = attention_mask[:, 0, 0, :]
+    if pattern is None:
+        return attention_mask, sliding_window, is_causal
+    return (None if pattern.synthetic else attention_mask), pattern.window, pattern.causal
+
+
+def _is_key_mask(mask) -> bool:
+    return mask is not None and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1 \
+        and mask.dtype == torch.bool
+
+
 def _warn_no_weights(kwargs) -> None:
     # transformers' sdpa and flash paths warn and return no weights (model outputs carry `attentions=()`).
     if kwargs.get("output_attentions"):
@@ -62,6 +81,7 @@ def mfa_attention_forward(module, query, key, value, attention_mask, *, scaling=
                           is_causal=None, **kwargs):
     """transformers attention function (B, H, S, D) -> ((B, S_q, H_q, D_v), None)."""
     _warn_no_weights(kwargs)
+    attention_mask, sliding_window, is_causal = _pattern(attention_mask, sliding_window, is_causal, query.shape[2])
     q_len = query.shape[2]
     causal = _is_causal(module, is_causal, q_len)
     routed = _decode_route(module, query, key, value, attention_mask, causal, scaling, sliding_window, softcap,
@@ -164,6 +184,7 @@ def mps_flash_attention_forward(module, query, key, value, attention_mask, dropo
                                 sliding_window=None, softcap=None, is_causal=None, s_aux=None, **kwargs):
     """transformers attention function for "mps_flash": its flash path on mfa-hf's FA2 surface."""
     _warn_no_weights(kwargs)
+    attention_mask, sliding_window, is_causal = _pattern(attention_mask, sliding_window, is_causal, query.shape[2])
     if kwargs.get("cache") is not None:
         # Up to 5.23 continuous batching hands the paged cache to the attention function to update;
         # since 5.24 the model updates it and we get K/V plus cu_seq_lens (served below).

@@ -133,6 +133,19 @@ def mask_leaves(fn) -> list[str]:
     return [getattr(leaf, "__qualname__", repr(leaf)) for leaf in mask_leaf_functions(fn)]
 
 
+def mask_window(fn) -> int | None:
+    """The sliding window of transformers' mask pattern, in the attention-function convention (a key is
+    visible when its distance is < the value): the causal overlay keeps `kv > q - w` (w), the
+    bidirectional one `|q - kv| <= w` (w + 1). None without a window leaf."""
+    for leaf in mask_leaf_functions(fn):
+        name = getattr(leaf, "__qualname__", "")
+        if name == "sliding_window_overlay.<locals>.inner_mask":
+            return int(_cells(leaf)["sliding_window"])
+        if name == "sliding_window_bidirectional_overlay.<locals>.inner_mask":
+            return int(_cells(leaf)["sliding_window"]) + 1
+    return None
+
+
 def packed_sequence_ids(fn):
     """The (B, L) packed-sequence index per token that transformers' packed leaf compares, or None."""
     for leaf in mask_leaf_functions(fn):

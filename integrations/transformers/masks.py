@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import internals
+from .mask_memo import Pattern, tag_pattern
 
 # Leaf mask patterns the kernel expresses through is_causal / window_size, by qualified name:
 # the sliding-window overlays are closures, so identity checks cannot be used for them.
@@ -55,24 +56,33 @@ def _is_causal_pattern(mask_function) -> bool:
 
 def compact_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, use_vmap=False, device="cpu", **kwargs):
-    """Registered under "mfa" in AttentionMaskInterface; returns None, (B, L) bool key validity, (B, L)
-    int32 packed-sequence ids, or (patterns the kernel cannot express) a dense 4-D mask."""
+    """Registered under "mfa" in AttentionMaskInterface; returns a tagged (B, 1, 1, L) bool key validity
+    or (B, L) int32 packed-sequence ids, or (patterns the kernel cannot express) a dense 4-D mask."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     mask_function = mask_function or causal_mask_function
     # Under torch.compile the pattern analysis (closure introspection) and the host reads below cannot be
     # traced: transformers' own dense mask is, and the attention function takes dense masks exactly.
     expressible = not torch.compiler.is_compiling() and is_expressible(mask_function, use_vmap)
-    sequence_ids = internals.packed_sequence_ids(mask_function) if expressible else None
-    packed = None if sequence_ids is None else packed_sequences(sequence_ids, attention_mask, device)
-    if packed is not None:
-        return packed
-    if not expressible or sequence_ids is not None:
+    if not expressible:
         kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
         return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                          use_vmap=use_vmap, device=device, **kwargs)
+    sequence_ids = internals.packed_sequence_ids(mask_function)
+    if sequence_ids is not None:
+        packed = packed_sequences(sequence_ids, attention_mask, device)
+        if packed is None:  # padding inside a packed sequence: only a dense mask expresses it
+            return compact_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                                use_vmap=True, device=device, **kwargs)
+        return with_pattern(packed, mask_function, batch_size, kv_length, device)
     length = _real_key_count(q_length, kv_length, q_offset, kv_offset, _is_causal_pattern(mask_function))
+    return with_pattern(_key_validity(attention_mask, batch_size, length, kv_length, kv_offset, device), mask_function,
+                       batch_size, kv_length, device)
+
+
+def _key_validity(attention_mask, batch_size: int, length: int, kv_length: int, kv_offset, device):
+    """None (every key real), or (B, L) bool: keys [0, L) hold tokens, False marks padding."""
     if attention_mask is None:
         if length == kv_length:
             return None
@@ -85,6 +95,21 @@ def compact_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     if length == kv_length and bool(valid.all()):
         return None
     return valid
+
+
+def with_pattern(mask, mask_function, batch_size: int, kv_length: int, device, key_mask_dims: int = 4):
+    """Tag the returned mask with the pattern it stands for (mask_memo.tag_pattern: causal or not, the
+    sliding window); where there is no mask to tag, an all-valid one made only to carry the tag. A (B, L)
+    key-validity mask is handed out as (B, 1, 1, L) (key_mask_dims=4): code outside attention that
+    consumes the mask (SigLIP2's pooling head repeats it per head and query) expects a broadcastable
+    4-D mask; the attention functions read it back as key validity."""
+    pattern = Pattern(causal=_is_causal_pattern(mask_function), window=internals.mask_window(mask_function))
+    if mask is None:
+        mask, pattern = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device), Pattern(
+            pattern.causal, pattern.window, synthetic=True)
+    if key_mask_dims == 4 and mask.dtype == torch.bool:
+        mask = mask[:, None, None, :]
+    return tag_pattern(mask, pattern)
 
 
 PADDING_SEQUENCE = -1
@@ -110,7 +135,7 @@ def is_packed_sequences(mask) -> bool:
 
 
 def flash_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
-               **kwargs):
+               device="cpu", **kwargs):
     """Registered under "mps_flash": transformers' FA mask (None, or the 2-D padding mask), except under
     torch.compile, where its "all valid?" host read cannot be traced: the sliced 2-D mask is returned as
     is (the attention function applies it as a key mask either way)."""
@@ -118,6 +143,9 @@ def flash_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
 
     if torch.compiler.is_compiling():
         return None if attention_mask is None else attention_mask[:, -kv_length:]
-    return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+    mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
                                 **({} if mask_function is None else {"mask_function": mask_function}),
-                                attention_mask=attention_mask, **kwargs)
+                                attention_mask=attention_mask, device=device, **kwargs)
+    if mask_function is None:
+        return mask
+    return with_pattern(mask, mask_function, batch_size, kv_length, device, key_mask_dims=2)

@@ -24,6 +24,10 @@ LEGACY_MODEL_TYPES = frozenset({"falcon", "gptj", "gpt_neo", "bloom", "mpt", "co
 # Marked `_supports_flash_attn = False` only because FA2 cannot add T5's relative position bias;
 # "mps_flash" hands a bias to the "mfa" path, which adds it exactly (model_tests: t5 under both names).
 FLASH_BIAS_ONLY_MODEL_TYPES = frozenset({"t5", "mt5", "umt5"})
+# Composite VLMs whose flash path drops the bidirectional image-token mask. transformers marks them
+# `_supports_flash_attn = False` since 5.24; 5.17 did not, with the same flash path (model_tests:
+# test_model_classes), so the model type decides too.
+FLASH_DROPS_IMAGE_MASK_MODEL_TYPES = frozenset({"gemma3", "paligemma"})
 
 
 class UnsupportedModelError(ValueError):
@@ -35,8 +39,11 @@ def routes_through_interface(model) -> bool:
     return model_type not in LEGACY_MODEL_TYPES and internals.can_set_attn_implementation(type(model))
 
 
-def _bias_only(model) -> bool:
-    return getattr(getattr(model, "config", None), "model_type", None) in FLASH_BIAS_ONLY_MODEL_TYPES
+def _flash_is_exact(model) -> bool:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in FLASH_DROPS_IMAGE_MASK_MODEL_TYPES:
+        return False
+    return internals.supports_flash_attention(model) or model_type in FLASH_BIAS_ONLY_MODEL_TYPES
 
 
 def message(model_cls: type, name: str) -> str:
@@ -73,7 +80,7 @@ def install(flash_name: str, names: tuple[str, ...], probe: Callable[[], interna
             result = probe()
             if not result.ok:
                 raise result.error(flash_name)
-            if not internals.supports_flash_attention(model) and not _bias_only(model):
+            if not _flash_is_exact(model):
                 raise UnsupportedModelError(flash_message(type(model), flash_name))
             internals.keep_flash_name(model, flash_name)
 
