@@ -82,3 +82,30 @@ def test_quantized_cache_update_takes_the_attention_kwargs():
     assert out_k is k and out_v is v  # prefill returns the exact K/V
     handle_k, _ = cache.update(k[:, :, :1], v[:, :, :1], 0, kwargs={})
     assert handle_k.shape == (1, 2, 4, 16) and cache.layers[0].dtype == k.dtype
+
+
+@pytest.mark.parametrize("padded, expected", [(None, "ids"), (6, "ids"), (1, "dense")],
+                         ids=["no_padding", "trailing_padding", "padding_inside"])
+def test_packed_mask_is_compact_unless_padding_splits_a_sequence(padded, expected):
+    """Sequence ids express trailing padding per sequence (-1); padding inside a sequence would split it,
+    so only transformers' dense mask expresses it (never a silently different split). transformers builds
+    packed masks without a 2-D mask today; the mask function must be right either way."""
+    from transformers.masking_utils import and_masks, causal_mask_function, packed_sequence_mask_function
+
+    from mfa_hf.integrations.transformers.masks import PADDING_SEQUENCE, compact_mask
+
+    sequence_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2]])
+    pattern = and_masks(causal_mask_function, packed_sequence_mask_function(sequence_ids))
+    mask = None
+    if padded is not None:
+        mask = torch.ones(1, 8, dtype=torch.long)
+        mask[0, padded] = 0  # 1: inside sequence 0 (token 2 follows); 6: last of sequence 1
+    out = compact_mask(1, 8, 8, mask_function=pattern, attention_mask=mask)
+    if expected == "dense":
+        assert out.dim() == 4 and out.shape[-2:] == (8, 8) and not bool(out[0, 0, 3, 2]), out
+    else:
+        assert out.dtype == torch.int32 and out.shape == (1, 8), out
+        want = sequence_ids.clone().int()
+        if padded is not None:
+            want[0, 6] = PADDING_SEQUENCE
+        assert torch.equal(out, want)

@@ -246,7 +246,11 @@ VLM_CASES = {
 @pytest.mark.parametrize("case", list(VLM_CASES))
 def test_mfa_equals_eager_on_classes_without_flash_support(case):
     family, make_inputs, training = VLM_CASES[case]
-    reference, model = twin_models(family, "mfa")
+    _assert_vlm_equals_eager(*twin_models(family, "mfa"), case, f"{case} logits")
+
+
+def _assert_vlm_equals_eager(reference, model, case, what):
+    _, make_inputs, training = VLM_CASES[case]
     reference.train(training)
     model.train(training)
     inputs, mask = make_inputs()
@@ -255,7 +259,7 @@ def test_mfa_equals_eager_on_classes_without_flash_support(case):
         with trace.capture() as calls:
             actual = model(**inputs).logits
     _ran(calls, 4, case)  # vision tower + language model
-    assert_close_where(actual, expected, mask, what=f"{case} logits")
+    assert_close_where(actual, expected, mask, what=what)
 
 
 @pytest.mark.parametrize("case", ["gemma3_image_tokens", "paligemma_train_prefix_suffix",
@@ -263,21 +267,13 @@ def test_mfa_equals_eager_on_classes_without_flash_support(case):
 def test_mps_flash_refused_or_equal_with_image_masks(case):
     """Whatever transformers' marking says, "mps_flash" on these inputs is refused (naming the class and "mfa")
     or equal to eager; accepted-and-different is the silent wrong output of issue 15."""
-    family, make_inputs, training = VLM_CASES[case]
+    family = VLM_CASES[case][0]
     try:
         reference, model = twin_models(family, "mps_flash")
     except UnsupportedModelError as error:
         assert family.model_cls.__name__ in str(error) and '"mfa"' in str(error), str(error)
         return
-    reference.train(training)
-    model.train(training)
-    inputs, mask = make_inputs()
-    with torch.no_grad():
-        expected = reference(**inputs).logits
-        with trace.capture() as calls:
-            actual = model(**inputs).logits
-    _ran(calls, 4, case)
-    assert_close_where(actual, expected, mask, what=f"{case} logits under mps_flash (accepted, so it must be exact)")
+    _assert_vlm_equals_eager(reference, model, case, f"{case} logits under mps_flash (accepted, so it must be exact)")
 
 
 @pytest.mark.parametrize("case", ["gemma3_image_tokens", "paligemma_train_prefix_suffix"])
