@@ -249,11 +249,12 @@ def uninstall_flash_provider(name: str) -> None:
 _ORIGINAL_CHECK = "_mfa_original_check_attn"
 
 
-def install_init_guard(check: Callable[[object, set], None]) -> None:
+def install_init_guard(check: Callable[[object, set], None], propagate: tuple[str, ...] = ()) -> None:
     """Call `check(model, names)` with the implementation names a model is initialised with or switched
     to: the one validation point of __init__/from_pretrained (plus its sub-configs' names, which a
     per-sub-config dict sets), and set_attn_implementation (every name of a dict; there transformers
-    only warns on classes its heuristic flags). `check` raises to refuse."""
+    only warns on classes its heuristic flags). `check` raises to refuse. A name in `propagate` set as a
+    string also reaches the submodels transformers left behind."""
     model_cls = _pretrained_model()
     if _ORIGINAL_CHECK in model_cls.__dict__:
         return
@@ -269,12 +270,26 @@ def install_init_guard(check: Callable[[object, set], None]) -> None:
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         check(self, _leaf_names(attn_implementation))
-        return original_set(self, attn_implementation, *args, **kwargs)
+        result = original_set(self, attn_implementation, *args, **kwargs)
+        if attn_implementation in propagate:
+            _reach_left_behind_submodels(self, attn_implementation)
+        return result
 
     set_attn_implementation.__doc__ = original_set.__doc__
     setattr(model_cls, _ORIGINAL_CHECK, (original, original_set))
     model_cls._check_and_adjust_attn_implementation = _check_and_adjust_attn_implementation
     model_cls.set_attn_implementation = set_attn_implementation
+
+
+def _reach_left_behind_submodels(model, name: str) -> None:
+    """Up to 5.17, set_attn_implementation skips submodels whose config class equals the parent's (T5's
+    encoder and decoder stacks): they silently kept the old implementation. Set it on them too, through
+    their own public set_attn_implementation, where the interface is used."""
+    model_cls = _pretrained_model()
+    for sub in model.modules():
+        if (sub is not model and isinstance(sub, model_cls) and attn_implementation_of(sub) != name
+                and can_set_attn_implementation(type(sub))):
+            sub.set_attn_implementation(name)
 
 
 def _leaf_names(requested) -> set:

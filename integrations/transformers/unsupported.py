@@ -85,7 +85,7 @@ def install(flash_name: str, names: tuple[str, ...], probe: Callable[[], interna
             internals.keep_flash_name(model, flash_name)
 
     try:
-        internals.install_init_guard(check)
+        internals.install_init_guard(check, propagate=names)
     except AttributeError as error:  # the guard's own hook point is gone: say so once, at registration
         import warnings
 

@@ -27,8 +27,9 @@ BATCH, SEQ = 3, 10
 def twin_models(family, implementation: str, dtype=torch.float32):
     """(eager reference, model under `implementation`) with identical weights and separate configs."""
     torch.manual_seed(0)
-    reference = family.model_cls(copy.deepcopy(family.config())).eval()
-    reference.set_attn_implementation("eager")
+    # Built eager (not switched): up to 5.17 set_attn_implementation skipped submodels whose config class
+    # equals the parent's (T5's stacks), so a switched reference could silently stay on sdpa.
+    reference = family.model_cls._from_config(copy.deepcopy(family.config()), attn_implementation="eager").eval()
     model = family.model_cls(copy.deepcopy(family.config())).eval()
     model.load_state_dict(reference.state_dict())
     model.set_attn_implementation(implementation)
