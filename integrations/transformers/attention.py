@@ -68,6 +68,20 @@ def _is_key_mask(mask) -> bool:
         and mask.dtype == torch.bool
 
 
+def _sinks(module, s_aux, kwargs):
+    """Sink logits: `s_aux` (GPT-OSS), or a `sinks` kwarg some models use instead. Per-head sinks (Hq,) are
+    served; per-token ones (Inkling2 computes (B, Hq, Lq, 1) from the hidden states) are not, and are
+    refused rather than dropped."""
+    sinks = kwargs.pop("sinks", None)
+    if sinks is None:
+        return s_aux
+    if s_aux is not None or sinks.dim() != 1:
+        raise NotImplementedError(
+            f"{type(module).__name__}: mfa-hf serves one sink logit per query head, got sinks of shape "
+            f"{tuple(sinks.shape)} (per token); use attn_implementation=\"eager\" or \"sdpa\" for this model.")
+    return sinks
+
+
 def _warn_no_weights(kwargs) -> None:
     # transformers' sdpa and flash paths warn and return no weights (model outputs carry `attentions=()`).
     if kwargs.get("output_attentions"):
@@ -81,6 +95,7 @@ def mfa_attention_forward(module, query, key, value, attention_mask, *, scaling=
                           is_causal=None, **kwargs):
     """transformers attention function (B, H, S, D) -> ((B, S_q, H_q, D_v), None)."""
     _warn_no_weights(kwargs)
+    s_aux = _sinks(module, s_aux, kwargs)
     attention_mask, sliding_window, is_causal = _pattern(attention_mask, sliding_window, is_causal, query.shape[2])
     q_len = query.shape[2]
     causal = _is_causal(module, is_causal, q_len)
@@ -184,6 +199,7 @@ def mps_flash_attention_forward(module, query, key, value, attention_mask, dropo
                                 sliding_window=None, softcap=None, is_causal=None, s_aux=None, **kwargs):
     """transformers attention function for "mps_flash": its flash path on mfa-hf's FA2 surface."""
     _warn_no_weights(kwargs)
+    s_aux = _sinks(module, s_aux, kwargs)
     attention_mask, sliding_window, is_causal = _pattern(attention_mask, sliding_window, is_causal, query.shape[2])
     if kwargs.get("cache") is not None:
         # Up to 5.23 continuous batching hands the paged cache to the attention function to update;

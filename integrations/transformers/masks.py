@@ -64,6 +64,8 @@ def compact_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     # Under torch.compile the pattern analysis (closure introspection) and the host reads below cannot be
     # traced: transformers' own dense mask is, and the attention function takes dense masks exactly.
     expressible = not torch.compiler.is_compiling() and is_expressible(mask_function, use_vmap)
+    if expressible and _materialize_requested(q_length, mask_function, kwargs):
+        expressible = False
     if not expressible:
         kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
         return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
@@ -79,6 +81,21 @@ def compact_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     length = _real_key_count(q_length, kv_length, q_offset, kv_offset, _is_causal_pattern(mask_function))
     return with_pattern(_key_validity(attention_mask, batch_size, length, kv_length, kv_offset, device), mask_function,
                        batch_size, kv_length, device)
+
+
+# Models whose own code adds onto the mask it gets (Doge's dynamic mask), checked in 5.17 and 5.24.
+CONSUMES_MASK_MODEL_TYPES = frozenset({"doge"})
+
+
+def _materialize_requested(q_length: int, mask_function, kwargs) -> bool:
+    """A model that consumes the mask itself needs it materialized: Doge adds a dynamic mask onto it
+    (since 5.24 it asks with allow_is_causal_skip=False). transformers also sets that flag for packing
+    (expressed as sequence ids here) and for compiled static-cache decode steps (q_length 1, where a
+    key mask is the whole row), so only several-query masks without a packed leaf go dense by it."""
+    if getattr(kwargs.get("config"), "model_type", None) in CONSUMES_MASK_MODEL_TYPES:
+        return q_length > 1
+    return (kwargs.get("allow_is_causal_skip") is False and q_length > 1
+            and internals.packed_sequence_ids(mask_function) is None)
 
 
 def _key_validity(attention_mask, batch_size: int, length: int, kv_length: int, kv_offset, device):

@@ -18,9 +18,10 @@ from typing import Callable
 
 from . import internals
 
-# Model types known to compute attention inline, checked by reading their modeling files in 5.17
+# Model types known to compute attention inline (GIT picks a class from a per-name table and fails
+# with a KeyError on any other name), checked by reading their modeling files in 5.17
 # and 5.24. Needed on top of transformers' source heuristic, which passes Bloom and CodeGen.
-LEGACY_MODEL_TYPES = frozenset({"falcon", "gptj", "gpt_neo", "bloom", "mpt", "codegen"})
+LEGACY_MODEL_TYPES = frozenset({"falcon", "gptj", "gpt_neo", "bloom", "mpt", "codegen", "git"})
 # Marked `_supports_flash_attn = False` only because FA2 cannot add T5's relative position bias;
 # "mps_flash" hands a bias to the "mfa" path, which adds it exactly (model_tests: t5 under both names).
 FLASH_BIAS_ONLY_MODEL_TYPES = frozenset({"t5", "mt5", "umt5"})

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 import transformers as tf
-from conftest import IMPLEMENTATIONS, TOLERANCE, assert_close_where, kernel_calls, twin_models
+from conftest import IMPLEMENTATIONS, TOLERANCE, assert_close_where, kernel_calls, padded_batch, twin_models
 from families import Family
 
 from mfa_hf import trace
@@ -547,3 +547,35 @@ def test_output_attentions_warns_and_matches_sdpa(family, implementation):
     _ran(calls, 2, family.name)
     assert _attention_fields(actual) == _attention_fields(expected)
     assert any("output_attentions" in m for m in messages), f"no warning mentions output_attentions: {messages}"
+
+
+def _tiny(model_type: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0)
+
+
+def test_model_that_consumes_the_mask_gets_it_materialized():
+    """Doge adds a dynamic mask onto the causal one and asks its builder for a materialized mask
+    (allow_is_causal_skip=False): a compact key mask would lose causality there."""
+    family = Family("doge", tf.DogeForCausalLM, lambda: _tiny("doge"))
+    reference, model = twin_models(family, "mfa")
+    ids, mask = padded_batch("left")
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+        with trace.capture() as calls:
+            actual = model(ids, attention_mask=mask).logits
+    _ran(calls, 2, "doge")
+    assert_close_where(actual, expected, mask, what="doge logits")
+
+
+def test_per_token_sinks_are_refused_not_dropped():
+    """Inkling2 passes `sinks` of shape (B, H, Lq, 1); dropping them would silently change the output."""
+    cls = getattr(tf, "Inkling2ForCausalLM", None)
+    if cls is None:
+        pytest.skip("Inkling2 is not in this transformers release")
+    model = cls._from_config(_tiny("inkling2_text"), attn_implementation="mfa").eval()
+    with pytest.raises(NotImplementedError, match=r"Inkling2\w*Attention: .*sinks of shape"):
+        with torch.no_grad():
+            model(padded_batch("left")[0])

@@ -116,6 +116,11 @@ LEGACY = {
     "mpt": lambda: tf.MptForCausalLM(tf.MptConfig(vocab_size=128, d_model=64, n_layers=1, n_heads=4)),
     "codegen": lambda: tf.CodeGenForCausalLM(tf.CodeGenConfig(vocab_size=128, n_embd=64, n_layer=1, n_head=4,
                                                               rotary_dim=8)),
+    "git": lambda: tf.GitForCausalLM(tf.GitConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1,
+                                                  num_attention_heads=4, intermediate_size=128,
+                                                  vision_config=dict(hidden_size=32, intermediate_size=64,
+                                                                     num_hidden_layers=1, num_attention_heads=4,
+                                                                     image_size=32, patch_size=8))),
 }
 
 
