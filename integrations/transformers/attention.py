@@ -84,7 +84,7 @@ def _sinks(module, s_aux, kwargs):
 
 def _warn_no_weights(kwargs) -> None:
     # transformers' sdpa and flash paths warn and return no weights (model outputs carry `attentions=()`).
-    if kwargs.get("output_attentions"):
+    if kwargs.pop("output_attentions", None):  # popped: the mps_flash -> mfa path would warn twice
         warnings.warn("mfa-hf attention does not return attention weights (output_attentions=True): like transformers' "
                       'sdpa and flash paths it computes them blockwise and never materializes them; `attentions` '
                       'stays empty. Use attn_implementation="eager" to get them.', UserWarning, stacklevel=3)

@@ -311,14 +311,6 @@ def sub_config_implementations(config) -> set:
     return names - {None}
 
 
-def uninstall_init_guard() -> None:
-    model_cls = _pretrained_model()
-    originals = model_cls.__dict__.get(_ORIGINAL_CHECK)
-    if originals is not None:
-        model_cls._check_and_adjust_attn_implementation, model_cls.set_attn_implementation = originals
-        delattr(model_cls, _ORIGINAL_CHECK)
-
-
 # -- the probe ------------------------------------------------------------------------------------
 
 FLASH_FORWARD_PARAMS = ("query_states", "key_states", "value_states", "attention_mask", "query_length",
