@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch
+from . import dispatch, helper_tensors
 from .kernels.dropout import new_seed
 from .ops import describe
 from .quant import QuantizedKV
@@ -200,6 +200,12 @@ def _attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, att
     check_sinks(sinks, q.shape[-2], q.device)
     seed = _dropout_seed(dropout_p, dropout_seed, generator)
     causal = bool(causal)
+    # Every backend binds these tensors as they are from here on (helper_tensors.py says why).
+    attn_mask = helper_tensors.attention_mask(attn_mask, q.dtype)
+    alibi_slopes = helper_tensors.per_head_floats(alibi_slopes, q.dtype)
+    sinks = helper_tensors.per_head_floats(sinks, q.dtype)
+    cu_seqlens_q = helper_tensors.index_vector(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
+    cu_seqlens_k = helper_tensors.index_vector(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, attn_mask, sinks)
     )

@@ -11,12 +11,14 @@ written, so a bad call leaves the cache untouched.
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, helper_tensors
 from .ops import describe
 from .problem import NO_WINDOW, check_alibi, check_scale, check_sinks, check_softcap, check_window
 from .quant import SCALE_DTYPE, KVFormat, QuantizedKV, _absmax_scales, encode, parse_format, storage_dim
@@ -112,12 +114,15 @@ def attend_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cach
                             host_values=host_batch_idx)
     new_len = _check_new(k, v, q, k_cache, v_cache, quantized)
     lengths = _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, q.device)
+    # The append and decode kernels bind these as they are (helper_tensors.py says why).
+    lengths = helper_tensors.index_vector(lengths, "cache_seqlens", max_seqlen)
+    rows = helper_tensors.index_vector(rows, "cache_batch_idx", cache_batch)
     options = _check_options(q, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_splits)
     chosen = _select_backend(q, k_cache, v_cache, alibi_slopes, sinks, *options)
     if k is not None and new_len:  # every check above ran first: a rejected call writes nothing
         _append_all(k_cache, v_cache, k, v, lengths, rows, getattr(chosen.module, "APPEND", None))
     total = lengths + new_len if new_len else lengths
-    return _decode(q, k_cache, v_cache, total.to(torch.int32), rows, alibi_slopes, sinks, return_lse, *options,
+    return _decode(q, k_cache, v_cache, total, rows, alibi_slopes, sinks, return_lse, *options,
                    backend=chosen)
 
 
@@ -155,6 +160,8 @@ def _decode(q, k_cache, v_cache, lengths, rows, alibi_slopes, sinks, return_lse,
             window_right, softcap, num_splits, backend=None):
     k_codes, k_scales, k_format, k_group = _parts(k_cache)
     v_codes, v_scales, v_format, v_group = _parts(v_cache)
+    alibi_slopes = helper_tensors.per_head_floats(alibi_slopes, q.dtype)
+    sinks = helper_tensors.per_head_floats(sinks, q.dtype)
     if backend is None:
         backend = _select_backend(q, k_cache, v_cache, alibi_slopes, sinks, scale, causal, window_left,
                                   window_right, softcap, num_splits)
@@ -317,22 +324,21 @@ def _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, device) -> Tensor:
 
 # Equal-length vectors built from host ints, kept for reuse: every layer of a decode step asks for the
 # same one, and on mps/cuda each new tensor is a device write. They are only ever read (the decode op
-# takes seqlens_k as an input; appends write the cache, never the lengths).
+# takes seqlens_k as an input; appends write the cache, never the lengths). functools.lru_cache is
+# safe under threads without a lock of ours (a hand-rolled dict evicting "the oldest" raised KeyError
+# when two threads evicted the same key); two threads missing at once may each build one, harmlessly.
 _LENGTHS_CACHE_SIZE = 8
-_lengths_cache: dict = {}
+
+
+@functools.lru_cache(maxsize=_LENGTHS_CACHE_SIZE)
+def _cached_lengths(batch: int, length: int, device: torch.device) -> Tensor:
+    return torch.full((batch,), length, dtype=torch.int32, device=device)
 
 
 def _same_lengths(batch: int, length: int, device) -> Tensor:
     if torch.compiler.is_compiling():  # a traced tensor must not outlive its graph
         return torch.full((batch,), length, dtype=torch.int32, device=device)
-    key = (batch, length, str(device))
-    cached = _lengths_cache.get(key)
-    if cached is None:
-        cached = torch.full((batch,), length, dtype=torch.int32, device=device)
-        if len(_lengths_cache) >= _LENGTHS_CACHE_SIZE:
-            del _lengths_cache[next(iter(_lengths_cache))]  # the oldest
-        _lengths_cache[key] = cached
-    return cached
+    return _cached_lengths(int(batch), int(length), torch.device(device))
 
 
 def _check_index_vector(name, t, batch, device) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from mfa_hf.ops import new_output
 
-from .forward import _bshd_strides, _kernel_mask, _lse_strides, _mask_strides, _placeholder
+from .forward import _bshd_strides, _lse_strides, _placeholder, bound_mask, bound_slopes
 from .loader import MASK_KINDS, MSL_TYPES, header_fields, library
 
 BACKWARD_PARAM_FIELDS = tuple(
@@ -84,21 +84,19 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     dlse = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
     mask_kind = "none" if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive")
-    mask = _placeholder(q.device, torch.uint8) if attn_mask is None else _kernel_mask(attn_mask)
+    mask, mask_strides = bound_mask(attn_mask, q.device, batch, heads_q, lq, lk)
+    slopes, slopes_stride = bound_slopes(alibi_slopes, q.device)
     variant = BackwardVariant(
         q.dtype, q.shape[-1], v.shape[-1], mask_kind, None if mask_kind != "additive" else mask.dtype,
         softcap > 0, alibi_slopes is not None, varlen, cu_seqlens_q.dtype if varlen else torch.int32,
         dlse is not None, want_mask_grad)
     right = 0 if causal else window_right
     params = ([s for t in (q, k, v, out, grad_out, dq, dk, dv) for s in _bshd_strides(t)] + _lse_strides(lse)
-              + _mask_strides(attn_mask, batch, heads_q, lq, lk)
-              + [0 if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes.stride(0)]
-              + [lq, lk, heads_q, heads_q // heads_kv, window_left, right])
+              + mask_strides + [slopes_stride] + [lq, lk, heads_q, heads_q // heads_kv, window_left, right])
     lib = library(variant, q.device, len(BACKWARD_PARAM_FIELDS))
     floats = _placeholder(q.device, torch.float32)
-    slopes = floats if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()
-    cu_q = cu_seqlens_q if varlen else _placeholder(q.device, torch.int32)
-    cu_k = cu_seqlens_k if varlen else _placeholder(q.device, torch.int32)
+    cu_q = cu_seqlens_q.contiguous() if varlen else _placeholder(q.device, torch.int32)
+    cu_k = cu_seqlens_k.contiguous() if varlen else _placeholder(q.device, torch.int32)
     dmask_full = floats
     if want_mask_grad:
         dmask_full = torch.zeros((batch, heads_q, lq, lk), dtype=torch.float32, device=q.device)

@@ -16,7 +16,7 @@ import torch
 
 from mfa_hf.ops import lse_dtype, new_output
 
-from .forward import LOG2E, _placeholder
+from .forward import LOG2E, _placeholder, bound_floats, bound_slopes
 from .loader import MSL_TYPES, header_fields, library
 
 DECODE_PARAM_FIELDS = (
@@ -125,17 +125,16 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
     tiles = math.ceil(group * lq / rows)
     splits = plan_splits(batch * heads_kv * tiles, k_codes.shape[1], num_splits)
     right = 0 if causal else window_right
+    slopes, slopes_stride = bound_slopes(alibi_slopes, q.device)
     params = (_strides4(q) + _strides4(k_codes) + _strides4(v_codes) + _strides4(k_scales) + _strides4(v_scales)
               + list(out.stride()) + list(lse.stride())
-              + [0 if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes.stride(0)]
-              + [lq, heads_q, group, window_left, right, splits, k_group_size, v_group_size])
+              + [slopes_stride] + [lq, heads_q, group, window_left, right, splits, k_group_size, v_group_size])
     q_scale = scale / softcap if softcap > 0 else scale * LOG2E
     variant = DecodeVariant(q.dtype, dim_qk, dim_v, k_format, v_format, rows, softcap > 0, alibi_slopes is not None,
                             sinks is not None, cache_batch_idx is not None, splits > 1)
     lib = library(variant, q.device, len(DECODE_PARAM_FIELDS))
     floats = _placeholder(q.device, torch.float32)
-    slopes = floats if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()
-    sink_logits = floats if sinks is None else sinks.to(torch.float32).contiguous()
+    sink_logits = bound_floats(sinks, q.device)
     part_out, part_lse = floats, floats
     if splits > 1:
         part_out = torch.empty((batch, heads_q, lq, splits, dim_v), dtype=torch.float32, device=q.device)

@@ -42,10 +42,6 @@ def _lse_strides(lse: torch.Tensor) -> list[int]:
     return list(lse.stride())
 
 
-def _mask_strides(attn_mask, batch: int, heads: int, lq: int, lk: int) -> list[int]:
-    if attn_mask is None:
-        return [0, 0, 0, 0]
-    return list(attn_mask.expand(batch, heads, lq, lk).stride())
 
 
 _placeholders: dict = {}
@@ -69,6 +65,28 @@ def _kernel_mask(attn_mask: torch.Tensor) -> torch.Tensor:
     return attn_mask.to(torch.float32)  # float64 masks: rare, so a copy is acceptable
 
 
+# The strides passed for a helper tensor are always read from the tensor bound (a copy has its own).
+def bound_mask(attn_mask, device, batch: int, heads: int, lq: int, lk: int) -> tuple[torch.Tensor, list[int]]:
+    """The mask buffer the kernel binds and its (b, h, q, k) element strides."""
+    if attn_mask is None:
+        return _placeholder(device, torch.uint8), [0, 0, 0, 0]
+    mask = _kernel_mask(attn_mask)
+    return mask, list(mask.expand(batch, heads, lq, lk).stride())
+
+
+def bound_slopes(alibi_slopes, device) -> tuple[torch.Tensor, int]:
+    """The float32 slopes the kernel binds ((Hq,) or (B, Hq), heads contiguous) and their batch stride."""
+    if alibi_slopes is None:
+        return _placeholder(device, torch.float32), 0
+    slopes = alibi_slopes.to(torch.float32).contiguous()
+    return slopes, 0 if slopes.dim() == 1 else slopes.stride(0)
+
+
+def bound_floats(t, device) -> torch.Tensor:
+    """A contiguous float32 vector the kernel binds (sinks), or the placeholder."""
+    return _placeholder(device, torch.float32) if t is None else t.to(torch.float32).contiguous()
+
+
 def forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, dropout_seed,
             max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p):
     if dropout_p > 0:
@@ -85,27 +103,25 @@ def forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k,
     lse_shape = (heads_q, q.shape[0]) if varlen else (batch, heads_q, lq)
     lse = new_output(lse_shape, torch.float32, q.device)
 
+    mask, mask_strides = bound_mask(attn_mask, q.device, batch, heads_q, lq, lk)
+    slopes, slopes_stride = bound_slopes(alibi_slopes, q.device)
     variant = ForwardVariant(
         dtype=q.dtype, dim_qk=q.shape[-1], dim_v=v.shape[-1],
         mask_kind="none" if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive"),
-        mask_dtype=None if attn_mask is None or attn_mask.dtype == torch.bool else _kernel_mask(attn_mask).dtype,
+        mask_dtype=None if attn_mask is None or attn_mask.dtype == torch.bool else mask.dtype,
         softcap=softcap > 0, alibi=alibi_slopes is not None, sinks=sinks is not None, varlen=varlen,
         cu_seqlens_dtype=cu_seqlens_q.dtype if varlen else torch.int32)
     config = variant.config()
 
     right = 0 if causal else window_right
     params = (_bshd_strides(q) + _bshd_strides(k) + _bshd_strides(v) + _bshd_strides(out) + _lse_strides(lse)
-              + _mask_strides(attn_mask, batch, heads_q, lq, lk)
-              + [0 if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes.stride(0)]
-              + [lq, lk, heads_q // heads_kv, window_left, right])
+              + mask_strides + [slopes_stride] + [lq, lk, heads_q // heads_kv, window_left, right])
     q_scale = scale / softcap if softcap > 0 else scale * LOG2E
     cap_scale = softcap * LOG2E
 
-    mask = _placeholder(q.device, torch.uint8) if attn_mask is None else _kernel_mask(attn_mask)
-    slopes = _placeholder(q.device, torch.float32) if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()
-    sink_logits = _placeholder(q.device, torch.float32) if sinks is None else sinks.to(torch.float32).contiguous()
-    cu_q = cu_seqlens_q if varlen else _placeholder(q.device, torch.int32)
-    cu_k = cu_seqlens_k if varlen else _placeholder(q.device, torch.int32)
+    sink_logits = bound_floats(sinks, q.device)
+    cu_q = cu_seqlens_q.contiguous() if varlen else _placeholder(q.device, torch.int32)
+    cu_k = cu_seqlens_k.contiguous() if varlen else _placeholder(q.device, torch.int32)
 
     lib = library(variant, q.device, len(PARAM_FIELDS))
     groups = math.ceil(lq / config.query_block)
