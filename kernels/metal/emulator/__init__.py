@@ -8,7 +8,7 @@ See README.md in this folder for what it proves and what only Apple's compiler a
 """
 
 from .arguments import EmulatorWarning
-from .compiler import CompilerNotFound, MetalCompileError, find_compiler
+from .compiler import CompilerNotFound, MetalCompileError, UnsafeCacheError, find_compiler
 from .kernel_signatures import KernelSourceError
 from .library import EmulatedKernel, EmulatedLibrary, EmulatorRuntimeError, compile_shader
 from .runtime_select import MetalRuntime, emulator_enabled, metal_runtime, with_defines
@@ -17,5 +17,5 @@ from .schedules import SCHEDULES, TWO_SCHEDULES, run_two_schedules
 __all__ = [
     "compile_shader", "run_two_schedules", "metal_runtime", "MetalRuntime", "emulator_enabled", "with_defines",
     "EmulatedLibrary", "EmulatedKernel", "EmulatorWarning", "EmulatorRuntimeError", "MetalCompileError",
-    "CompilerNotFound", "KernelSourceError", "find_compiler", "SCHEDULES", "TWO_SCHEDULES",
+    "CompilerNotFound", "KernelSourceError", "UnsafeCacheError", "find_compiler", "SCHEDULES", "TWO_SCHEDULES",
 ]
