@@ -58,11 +58,31 @@ _FORWARD_SMALL = {16: Blocks(64, 64, 4, 3), 32: Blocks(64, 64, 4, 3), 64: Blocks
 _FORWARD_SMALL_CAUSAL = {16: Blocks(64, 64, 4, 3), 32: Blocks(64, 64, 4, 3), 64: Blocks(64, 64, 4, 3),
                          128: Blocks(64, 64, 4, 3)}
 # Backward, dK/dV pass: block_n keys stay resident, block_m query rows stream.
-_BACKWARD_KV = {16: Blocks(32, 128, 4, 2), 32: Blocks(32, 128, 4, 2), 64: Blocks(32, 128, 4, 2),
+_BACKWARD_KV = {16: Blocks(64, 128, 4, 2), 32: Blocks(64, 128, 4, 2), 64: Blocks(64, 128, 4, 2),
                 128: Blocks(64, 128, 8, 2), 256: Blocks(32, 64, 8, 1)}
+# Why no dK/dV entry streams fewer than 64 query rows through a pipelined loop (the dK race found by
+# FlashAttention-2's tests on an H200, triton 3.6): with block_m = 32 the Q K^T and dO V^T products
+# (32 rows) compile to mma.sync while dV and dK (block_n rows) compile to async wgmma reading the
+# q/dO tiles straight from shared memory. The pipeliner gave those tiles ONE buffer but let the
+# wgmma stay in flight (warp_group_dot_wait pendings=3) past the prefetch that overwrites the buffer
+# for the next step, so dK read half-replaced q rows: wrong and unrepeatable (d 64: 0.15 max error
+# in fp16, 4182 elements differing between runs). With block_m >= 64 every product is a wgmma and
+# the tiles are double-buffered with full waits; with one stage nothing is prefetched.
+# backward_repeatability.py checks every entry on a GPU; _check_backward_kv refuses the shape here.
+MIN_PIPELINED_KV_ROWS = 64
 # Backward, dQ pass: block_m query rows stay resident, block_n keys stream.
 _BACKWARD_Q = {16: Blocks(128, 32, 4, 2), 32: Blocks(128, 32, 4, 2), 64: Blocks(128, 32, 4, 2),
                128: Blocks(128, 64, 8, 2), 256: Blocks(64, 32, 8, 1)}
+
+
+def _check_backward_kv(table: dict) -> None:
+    for dim, chosen in table.items():
+        if chosen.num_stages > 1 and chosen.block_m < MIN_PIPELINED_KV_ROWS:
+            raise ValueError(f"_BACKWARD_KV[{dim}]: expected block_m >= {MIN_PIPELINED_KV_ROWS} or one stage "
+                             f"(a pipelined dK/dV loop with fewer rows races), got {chosen}")
+
+
+_check_backward_kv(_BACKWARD_KV)
 
 
 def _pick(table: dict, dim: int, dtype: torch.dtype, device_type: str, override: dict | None = None) -> Blocks:

@@ -1,0 +1,33 @@
+"""The triton backward on a CUDA GPU: every block configuration the tables can pick matches the
+float64 reference and repeats bitwise over 20 runs (kernels/triton/backward_repeatability.py).
+The GPU cases skip without CUDA: the interpreter runs programs one at a time and cannot race."""
+
+import pytest
+import torch
+
+from mfa_hf.kernels.triton import blocks
+from mfa_hf.kernels.triton.backward_repeatability import check, table_configurations
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (races do not exist under the interpreter)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("dim, dtype, causal", table_configurations(), ids=str)
+def test_backward_matches_reference_and_repeats(dim, dtype, causal, deterministic, monkeypatch):
+    monkeypatch.setenv("MFA_BACKEND", "triton")
+    check(dim, dtype, causal, deterministic=deterministic)
+
+
+def test_every_table_configuration_is_reached():
+    """table_configurations() picks every entry of both backward tables, for each dtype."""
+    picked = {(blocks.padded_dim(d), t) for d, t, _ in table_configurations()}
+    assert {(d, t) for d in blocks._BACKWARD_KV for t in (torch.float16, torch.bfloat16, torch.float32)} <= picked
+
+
+@pytest.mark.parametrize("shape", [(32, 128, 4, 2), (16, 64, 4, 3)])
+def test_racy_dkdv_shapes_are_refused(shape):
+    with pytest.raises(ValueError, match=r"_BACKWARD_KV\[64\]: expected block_m >= 64 or one stage"):
+        blocks._check_backward_kv({64: blocks.Blocks(*shape)})
+    blocks._check_backward_kv({64: blocks.Blocks(shape[0], shape[1], shape[2], 1)})  # one stage: nothing prefetched
