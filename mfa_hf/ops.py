@@ -221,6 +221,20 @@ def empty_result(q: Tensor, v: Tensor, sinks: Optional[Tensor]) -> tuple[Tensor,
     return out, lse
 
 
+def empty_grads(q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor], grad_lse: Optional[Tensor],
+                mask_shape=None):
+    """Gradients for Lq == 0 or Lk == 0: zeros, except the sinks'. A row that sees no key has
+    out = 0 and lse = its sink logit, so d(lse)/d(sink) = 1: dsinks[h] sums grad_lse over head h's rows.
+    mask_shape: the additive mask's shape when its gradient is wanted (zeros), else None."""
+    dsinks = None
+    if sinks is not None:
+        dsinks = torch.zeros(sinks.shape, dtype=lse_dtype(q.dtype), device=q.device)
+        if grad_lse is not None and grad_lse.numel():
+            dsinks += grad_lse.sum(dim=-1 if grad_lse.dim() == 2 else (0, 2)).to(dsinks.dtype)
+    dmask = None if mask_shape is None else torch.zeros(mask_shape, dtype=lse_dtype(q.dtype), device=q.device)
+    return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dsinks, dmask
+
+
 # ----------------------------------------------------------------------------------------------
 # Decode over a (possibly quantized) KV cache: one backend-neutral schema for every backend.
 

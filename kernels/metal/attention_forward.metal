@@ -31,6 +31,16 @@
 
 constant float LOG2E = 1.4426950408889634f;
 constant float LN2 = 0.6931471805599453f;
+// Score units: base-2 logits (log2(e) folded into the scale, so P = exp2(s - m)), except with an
+// additive mask, which is added exactly in natural units: finfo(float32).min * log2(e) would
+// overflow to -inf and turn a row that transformers masks with finfo.min (softmax: uniform, the
+// mean of V) into an empty row (0). The host scales q_scale and cap_scale by the same unit.
+#if MASK_KIND == 2
+#define SCORE_UNIT 1.0f
+#else
+#define SCORE_UNIT LOG2E
+#endif
+#define TO_LOG2 (LOG2E / SCORE_UNIT)
 
 inline long min_long(long a, long b) { return a < b ? a : b; }
 inline long max_long(long a, long b) { return a > b ? a : b; }
@@ -54,8 +64,8 @@ kernel void attention_forward(
     device IN_T* out [[buffer(3)]],
     device float* lse [[buffer(4)]],
     constant AttentionParams& p [[buffer(5)]],
-    constant float& q_scale [[buffer(6)]],    // scale * log2(e); with softcap, scale / softcap
-    constant float& cap_scale [[buffer(7)]],  // softcap * log2(e) (read only with HAS_SOFTCAP)
+    constant float& q_scale [[buffer(6)]],    // scale * SCORE_UNIT; with softcap, scale / softcap
+    constant float& cap_scale [[buffer(7)]],  // softcap * SCORE_UNIT (read only with HAS_SOFTCAP)
     device const MASK_T* mask [[buffer(8)]],
     device const float* alibi_slopes [[buffer(9)]],
     device const float* sinks [[buffer(10)]],
@@ -110,15 +120,15 @@ kernel void attention_forward(
   const long sg_last = min_long(sg_row0 + 7, seqlen_q - 1);
 
 #if HAS_ALIBI
-  const float slope = alibi_slopes[batch * p.alibi_stride_b + head] * LOG2E;
+  const float slope = alibi_slopes[batch * p.alibi_stride_b + head] * SCORE_UNIT;
 #endif
 #if MASK_KIND
   device const MASK_T* mask_row = mask + batch * p.mask_stride_b + head * p.mask_stride_h + row * p.mask_stride_q;
 #endif
 
-  // Running max (base-2 logits) and sum; a sink is a key of value 0 seen before all others.
+  // Running max (in score units) and sum; a sink is a key of value 0 seen before all others.
 #if HAS_SINKS
-  float m = sinks[head] * LOG2E, l = 1.0f;
+  float m = sinks[head] * SCORE_UNIT, l = 1.0f;
 #else
   float m = -INFINITY, l = 0.0f;
 #endif
@@ -167,7 +177,7 @@ kernel void attention_forward(
 #if MASK_KIND == 1
         visible = visible && row_in && key < seqlen_k && mask_row[key * p.mask_stride_k] != 0;
 #elif MASK_KIND == 2
-        if (visible && row_in) x += float(mask_row[key * p.mask_stride_k]) * LOG2E;
+        if (visible && row_in) x += float(mask_row[key * p.mask_stride_k]);
 #endif
         x = visible ? x : -INFINITY;
         s[j].thread_elements()[e] = x;
@@ -176,13 +186,15 @@ kernel void attention_forward(
     }
 
     // Online softmax: rescale what came before by exp2(m - m_new); P overwrites S in registers.
+    // While nothing is visible the max is -inf and 0 stands in for it: exp2(-inf - 0) = 0, and a
+    // NaN score (max() skips NaN, so a row of NaN keeps -inf) still gives NaN, as the reference.
     const float m_new = max(m, row_max(tile_max));
-    const bool none_yet = m_new == -INFINITY;
-    const float correction = none_yet ? 1.0f : exp2(m - m_new);
+    const float m_safe = m_new == -INFINITY ? 0.0f : m_new;
+    const float correction = exp2((m - m_safe) * TO_LOG2);
     float block_sum = 0.0f;
     for (int j = 0; j < KEY_FRAGMENTS; ++j) {
       for (int e = 0; e < 2; ++e) {
-        const float pe = none_yet ? 0.0f : exp2(s[j].thread_elements()[e] - m_new);
+        const float pe = exp2((s[j].thread_elements()[e] - m_safe) * TO_LOG2);
         s[j].thread_elements()[e] = pe;
         block_sum += pe;
       }
@@ -215,6 +227,6 @@ kernel void attention_forward(
   }
   if (at.col == 0) {
     lse[batch * p.lse_stride_b + head * p.lse_stride_h + (q_start + row) * p.lse_stride_s] =
-        l == 0.0f ? -INFINITY : (m + log2(l)) * LN2;
+        l == 0.0f ? -INFINITY : m / SCORE_UNIT + log2(l) * LN2;
   }
 }

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from mfa_hf.ops import new_output
+from mfa_hf.ops import empty_grads, new_output
 
 from .forward import _bshd_strides, _lse_strides, _placeholder, bound_mask, bound_slopes
 from .loader import MASK_KINDS, MSL_TYPES, header_fields, library
@@ -75,10 +75,10 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
     lq = max_seqlen_q if varlen else q.shape[1]
     lk = max_seqlen_k if varlen else k.shape[1]
     heads_q, heads_kv = q.shape[-2], k.shape[-2]
-    dq, dk, dv = (new_output(t.shape, t.dtype, t.device) for t in (q, k, v))
     want_mask_grad = want_mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool
     if lq == 0 or lk == 0 or batch == 0:
-        return _empty_grads(dq, dk, dv, lse, sinks, attn_mask if want_mask_grad else None)
+        return empty_grads(q, k, v, sinks, grad_lse, attn_mask.shape if want_mask_grad else None)
+    dq, dk, dv = (new_output(t.shape, t.dtype, t.device) for t in (q, k, v))
 
     lse = lse.contiguous()
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
@@ -131,10 +131,3 @@ def _reduce_to(full: torch.Tensor, shape) -> torch.Tensor:
     reduced = full.sum(dim=dims, keepdim=True) if dims else full
     return reduced.reshape(shape)
 
-
-def _empty_grads(dq, dk, dv, lse, sinks, attn_mask):
-    for t in (dq, dk, dv):
-        t.zero_()
-    dsinks = None if sinks is None else torch.zeros(sinks.shape, dtype=torch.float32, device=dq.device)
-    dmask = None if attn_mask is None else torch.zeros(attn_mask.shape, dtype=torch.float32, device=dq.device)
-    return dq, dk, dv, dsinks, dmask

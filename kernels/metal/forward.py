@@ -116,8 +116,9 @@ def forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k,
     right = 0 if causal else window_right
     params = (_bshd_strides(q) + _bshd_strides(k) + _bshd_strides(v) + _bshd_strides(out) + _lse_strides(lse)
               + mask_strides + [slopes_stride] + [lq, lk, heads_q // heads_kv, window_left, right])
-    q_scale = scale / softcap if softcap > 0 else scale * LOG2E
-    cap_scale = softcap * LOG2E
+    unit = 1.0 if variant.mask_kind == "additive" else LOG2E  # attention_forward.metal's SCORE_UNIT
+    q_scale = scale / softcap if softcap > 0 else scale * unit
+    cap_scale = softcap * unit
 
     sink_logits = bound_floats(sinks, q.device)
     cu_q = cu_seqlens_q.contiguous() if varlen else _placeholder(q.device, torch.int32)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mfa_hf.ops import define_attention_ops, define_decode_op, empty_result
+from mfa_hf.ops import define_attention_ops, define_decode_op, empty_grads, empty_result
 from mfa_hf.problem import AttentionProblem
 
 from .backward import backward_dense
@@ -69,12 +69,16 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
     options = (scale, causal, window_left, window_right, softcap, dropout_p)
     if cu_seqlens_q is None:
         if q.shape[1] == 0 or k.shape[1] == 0:
-            return _zero_grads(q, k, v, sinks, attn_mask if want_mask_grad else None)
+            return empty_grads(q, k, v, sinks, grad_lse, attn_mask.shape if want_mask_grad else None)
         spec = _spec(q, k, attn_mask, alibi_slopes, dropout_seed, *options)
         return backward_dense(grad_out, grad_lse, q, k, v, out, lse, spec, sinks, want_mask_grad)
-    dq, dk, dv, dsinks, _ = _zero_grads(q, k, v, sinks, None)
+    dq, dk, dv, dsinks, _ = empty_grads(q, k, v, sinks, None)
     for b, rows, keys in _segments(cu_seqlens_q, cu_seqlens_k):
-        if rows.stop == rows.start or keys.stop == keys.start:
+        if rows.stop == rows.start:
+            continue
+        if keys.stop == keys.start:  # rows that see only their sink (empty_grads says why)
+            if dsinks is not None and grad_lse is not None:
+                dsinks += grad_lse[:, rows].sum(dim=-1).to(dsinks.dtype)
             continue
         qb, kb, vb = q[None, rows], k[None, keys], v[None, keys]
         spec = _spec(qb, kb, None, _sequence_slopes(alibi_slopes, b), dropout_seed, *options, batch_offset=b)
@@ -85,12 +89,6 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
         if dsinks is not None:
             dsinks += grads[3]
     return dq, dk, dv, dsinks, None
-
-
-def _zero_grads(q, k, v, sinks, attn_mask):
-    dsinks = None if sinks is None else torch.zeros_like(sinks)
-    dmask = None if attn_mask is None else torch.zeros(attn_mask.shape, dtype=torch.float32, device=q.device)
-    return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dsinks, dmask
 
 
 OPS = define_attention_ops(NAME, forward, backward)

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from mfa_hf.kernels.dropout import MASK32, drop_threshold
-from mfa_hf.ops import define_attention_ops, define_decode_op, empty_result, new_output
+from mfa_hf.ops import define_attention_ops, define_decode_op, empty_grads, empty_result, new_output
 from mfa_hf.problem import AttentionProblem
 
 from . import backward as _compiled_backward
@@ -187,15 +187,12 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
              window_right, softcap, dropout_p, want_mask_grad):
     batch, lq, lk = _shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     heads_q, heads_kv = q.shape[-2], k.shape[-2]
+    write_ds = bool(want_mask_grad and attn_mask is not None)
+    if q.shape[0] == 0 or k.shape[0] == 0 or lq == 0 or lk == 0:
+        return empty_grads(q, k, v, sinks, grad_lse, attn_mask.shape if write_ds else None)
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    write_ds = bool(want_mask_grad and attn_mask is not None)
-    if q.shape[0] == 0 or k.shape[0] == 0 or lq == 0 or lk == 0:
-        dq.zero_(), dk.zero_(), dv.zero_()
-        dsinks = None if sinks is None else torch.zeros(sinks.shape, dtype=torch.float32, device=q.device)
-        dmask = torch.zeros(attn_mask.shape, dtype=torch.float32, device=q.device) if write_ds else None
-        return dq, dk, dv, dsinks, dmask
     delta = _delta(grad_out, out, grad_lse)
     meta, left, right = _common_meta(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, causal, window_left,
                                      window_right, softcap, dropout_p)

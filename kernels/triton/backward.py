@@ -11,17 +11,18 @@ recomputed from the saved LSE in base 2; rows with LSE = -inf (nothing visible) 
 import triton
 import triton.language as tl
 
-from .common import (dot, head_hash, keep_tile, load_rows, query_block_band, sequence_bounds, split_range,
-                     transform_scores, visible)
+from .common import (dot, head_hash, keep_tile, load_rows, query_block_band, score_unit, sequence_bounds,
+                     split_range, transform_scores, visible)
 
 
 @triton.jit
 def _query_rows(q_base, do_base, lse_base, delta_base, rows, row_ok, stride_qm, stride_qd, stride_om, stride_od,
-                stride_lm, offs_dk, offs_dv, HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr):
-    """What the backward needs of a block of query rows: q, dO, the base-2 LSE and delta."""
+                stride_lm, offs_dk, offs_dv, HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr,
+                MASK_KIND: tl.constexpr):
+    """What the backward needs of a block of query rows: q, dO, the LSE in score units and delta."""
     q = load_rows(q_base, rows, row_ok, stride_qm, offs_dk, stride_qd, HEAD_DQK)
     do = load_rows(do_base, rows, row_ok, stride_om, offs_dv, stride_od, HEAD_DV)
-    lse2 = tl.load(lse_base + rows * stride_lm, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(lse_base + rows * stride_lm, mask=row_ok, other=float("inf")) * score_unit(MASK_KIND)
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # nothing visible: P = exp2(-inf) = 0
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     return q, do, lse2, delta
@@ -38,7 +39,8 @@ def _kv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, sta
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q
     q, do, lse2, delta = _query_rows(q_base, do_base, lse_base, delta_base, rows, row_ok, stride_qm, stride_qd,
-                                     stride_om, stride_od, stride_lm, offs_dk, offs_dv, HEAD_DQK, HEAD_DV)
+                                     stride_om, stride_od, stride_lm, offs_dk, offs_dv, HEAD_DQK, HEAD_DV,
+                                     MASK_KIND)
     qk = dot(q, tl.trans(k), DOT_PRECISION)
     mask_rows = tl.minimum(rows, seqlen_q - 1).to(tl.int64)
     mask_ptrs = mask_base + mask_rows[:, None] * stride_mm
@@ -46,7 +48,7 @@ def _kv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, sta
                                  (cols < seqlen_k)[None, :], SOFTCAP, ALIBI, MASK_KIND)
     if CHECKED:
         s = visible(s, rows, cols, diag, left, right, seqlen_k, HAS_LEFT, HAS_RIGHT)
-    p = tl.exp2(s - lse2[:, None])
+    p = tl.exp2((s - lse2[:, None]) * (1.4426950408889634 / score_unit(MASK_KIND)))
     dp = dot(do, tl.trans(v), DOT_PRECISION)
     if DROPOUT:
         keep = keep_tile(hhash, rows, cols, threshold)
@@ -119,7 +121,7 @@ def attention_backward_kv_kernel(
         mask_base = MASK + b.to(tl.int64) * stride_mb + h * stride_mh + cols[None, :] * stride_mn
         slope2 = 0.0
         if ALIBI:
-            slope2 = tl.load(ALIBI_SLOPES + b * stride_ab + h * stride_ah).to(tl.float32) * 1.4426950408889634
+            slope2 = tl.load(ALIBI_SLOPES + b * stride_ab + h * stride_ah).to(tl.float32) * score_unit(MASK_KIND)
         hhash = seed
         if DROPOUT:
             hhash = head_hash(seed, b * heads_q + h)
@@ -167,7 +169,7 @@ def _q_step(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, start_n,
                                  col_ok[None, :], SOFTCAP, ALIBI, MASK_KIND)
     if CHECKED:
         s = visible(s, rows, cols, diag, left, right, seqlen_k, HAS_LEFT, HAS_RIGHT)
-    p = tl.exp2(s - lse2[:, None])
+    p = tl.exp2((s - lse2[:, None]) * (1.4426950408889634 / score_unit(MASK_KIND)))
     dp = dot(do, tl.trans(v), DOT_PRECISION)
     if DROPOUT:
         keep = keep_tile(hhash, rows, cols, threshold)
@@ -212,7 +214,8 @@ def attention_backward_q_kernel(
     lse_base = LSE + b.to(tl.int64) * stride_lb + start_q.to(tl.int64) * stride_lm + h * stride_lh
     delta_base = DELTA + b.to(tl.int64) * stride_deltab + h * stride_deltah + start_q
     q, do, lse2, delta = _query_rows(q_base, do_base, lse_base, delta_base, rows, row_ok, stride_qm, stride_qd,
-                                     stride_om, stride_od, stride_lm, offs_dk, offs_dv, HEAD_DQK, HEAD_DV)
+                                     stride_om, stride_od, stride_lm, offs_dk, offs_dv, HEAD_DQK, HEAD_DV,
+                                     MASK_KIND)
     kv_head = h // group
     k_base = K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_kn + kv_head * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vn + kv_head * stride_vh
@@ -222,7 +225,7 @@ def attention_backward_q_kernel(
     ds_base = DS + ((b.to(tl.int64) * heads_q + h) * seqlen_q + rows[:, None]) * seqlen_k
     slope2 = 0.0
     if ALIBI:
-        slope2 = tl.load(ALIBI_SLOPES + b * stride_ab + h * stride_ah).to(tl.float32) * 1.4426950408889634
+        slope2 = tl.load(ALIBI_SLOPES + b * stride_ab + h * stride_ah).to(tl.float32) * score_unit(MASK_KIND)
     hhash = seed
     if DROPOUT:
         hhash = head_hash(seed, bh)

@@ -1,7 +1,8 @@
 """Device helpers shared by the forward and backward kernels.
 
-Scores are kept in base-2 units (multiplied by log2(e)) so the online softmax uses exp2; every
-additive term (ALiBi, additive mask) is converted on the way in and the LSE is converted back.
+Scores are kept in base-2 units (multiplied by log2(e)) so the online softmax uses exp2, except with
+an additive mask (score_unit says why); every additive term is converted on the way in and the LSE
+is converted back.
 """
 
 import triton
@@ -74,19 +75,31 @@ def split_range(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def score_unit(MASK_KIND: tl.constexpr):
+    """Scores per natural logit: log2(e) (base-2 logits, so the softmax uses exp2), except with an
+    additive mask: 1, so the mask is added exactly. finfo(float32).min * log2(e) overflows to -inf,
+    which would turn a row that transformers masks with finfo.min (softmax: uniform, the mean of V)
+    into an empty row. exp2 then takes (s - m) * log2(e) / unit."""
+    if MASK_KIND == 2:
+        return 1.0
+    return 1.4426950408889634
+
+
+@triton.jit
 def transform_scores(qk, rows, cols, diag, scale, softcap, slope2, mask_ptrs, mask_ok,
                      SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr):
-    """qk (raw dot products) -> scores in base-2 units; also returns the softcap tanh for backward.
+    """qk (raw dot products) -> scores in score_unit(MASK_KIND); also returns the softcap tanh for backward.
 
     rows/cols: positions within the sequence; diag = Lk - Lq (bottom-right alignment). slope2 is the
-    ALiBi slope times log2(e). MASK_KIND: 0 none, 1 bool (True = attend), 2 additive.
+    ALiBi slope times score_unit. MASK_KIND: 0 none, 1 bool (True = attend), 2 additive.
     """
+    unit = score_unit(MASK_KIND)
     if SOFTCAP:
         capped = tanh(qk * (scale / softcap))
-        s = capped * (softcap * 1.4426950408889634)
+        s = capped * (softcap * unit)
     else:
         capped = qk
-        s = qk * (scale * 1.4426950408889634)
+        s = qk * (scale * unit)
     if ALIBI:
         distance = tl.abs(rows[:, None] + diag - cols[None, :]).to(tl.float32)
         s = s - slope2 * distance
@@ -95,7 +108,7 @@ def transform_scores(qk, rows, cols, diag, scale, softcap, slope2, mask_ptrs, ma
         s = tl.where(allowed != 0, s, float("-inf"))
     elif MASK_KIND == 2:
         bias = tl.load(mask_ptrs, mask=mask_ok, other=float("-inf")).to(tl.float32)
-        s = s + bias * 1.4426950408889634
+        s = s + bias  # natural units here (score_unit): added exactly
     return s, capped
 
 

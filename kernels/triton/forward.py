@@ -8,7 +8,8 @@ batch index selects cu_seqlens offsets; programs past a sequence's end return at
 import triton
 import triton.language as tl
 
-from .common import dot, head_hash, keep_tile, load_rows, query_block_band, sequence_bounds, transform_scores, visible
+from .common import (dot, head_hash, keep_tile, load_rows, query_block_band, score_unit, sequence_bounds,
+                     transform_scores, visible)
 
 
 @triton.jit
@@ -35,8 +36,9 @@ def _step(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, diag, seql
         s = visible(s, rows, cols, diag, left, right, seqlen_k, HAS_LEFT, HAS_RIGHT)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet stay NaN-free
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
+    to_log2 = 1.4426950408889634 / score_unit(MASK_KIND)
+    alpha = tl.exp2((m_i - m_safe) * to_log2)
+    p = tl.exp2((s - m_safe[:, None]) * to_log2)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
         p = tl.where(keep_tile(hhash, rows, cols, threshold), p * keep_scale, 0.0)
@@ -81,7 +83,7 @@ def attention_forward_kernel(
     mask_base = MASK + b.to(tl.int64) * stride_mb + h * stride_mh + mask_rows[:, None] * stride_mm
     slope2 = 0.0
     if ALIBI:
-        slope2 = tl.load(ALIBI_SLOPES + b * stride_ab + h * stride_ah).to(tl.float32) * 1.4426950408889634
+        slope2 = tl.load(ALIBI_SLOPES + b * stride_ab + h * stride_ah).to(tl.float32) * score_unit(MASK_KIND)
     hhash = seed
     if DROPOUT:
         hhash = head_hash(seed, bh)
@@ -112,19 +114,20 @@ def attention_forward_kernel(
                               MASK_KIND, DROPOUT, DOT_PRECISION)
 
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    unit = score_unit(MASK_KIND)
     if SINKS_ON:  # the sink joins the denominator only: rescale to the larger max, add its weight
-        sink2 = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+        sink2 = tl.load(SINKS + h).to(tl.float32) * unit
         m_new = tl.maximum(m_i, sink2)
         m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_safe - m_new_safe)
+        alpha = tl.exp2((m_safe - m_new_safe) * (1.4426950408889634 / unit))
         alpha = tl.where(m_i == float("-inf"), 0.0, alpha)
-        l_i = l_i * alpha + tl.exp2(sink2 - m_new_safe)
+        l_i = l_i * alpha + tl.exp2((sink2 - m_new_safe) * (1.4426950408889634 / unit))
         acc = acc * alpha[:, None]
         m_safe = m_new_safe
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), m_safe / unit + tl.log2(l_safe) * 0.6931471805599453)
 
     o_base = O + b.to(tl.int64) * stride_ob + start_q.to(tl.int64) * stride_om + h * stride_oh
     tl.store(o_base + rows[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty),
