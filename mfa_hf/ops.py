@@ -103,7 +103,24 @@ def describe(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, max_seqlen_q
         dropout_p=dropout_p,
         kv_format=kv_format,
         needs_grad=needs_grad,
+        largest_span=_largest_span(q, k, v, attn_mask),
     )
+
+
+def _span(t, dense: bool) -> int:
+    """1 + the largest element offset a tensor's strides reach from its data pointer, leaving out the
+    leading batch dimension of dense tensors (kernels offset batches in 64 bits); 0 when empty."""
+    t = getattr(t, "codes", t)  # a QuantizedKV cache: its codes are what kernels index
+    if t is None or t.numel() == 0:
+        return 0
+    dims = list(zip(t.shape, t.stride()))[1 if dense and t.dim() == 4 else 0:]
+    return 1 + sum((size - 1) * abs(stride) for size, stride in dims)
+
+
+def _largest_span(q, k, v, attn_mask) -> int:
+    dense = q.dim() == 4
+    out = q.numel() // max(q.shape[0] if dense else 1, 1) // max(q.shape[-1], 1) * v.shape[-1]
+    return max(_span(q, dense), _span(k, dense), _span(v, dense), _span(attn_mask, dense), out)
 
 
 def _record(backend: str, op: str, problem: AttentionProblem) -> None:

@@ -11,6 +11,8 @@ from enum import Enum
 
 import torch
 
+from . import scalars
+
 MAX_HEAD_DIM = 256
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NO_WINDOW = (-1, -1)
@@ -45,6 +47,10 @@ class AttentionProblem:
     dropout_p: float = 0.0
     kv_format: str = "none"
     needs_grad: bool = False
+    # The largest element offset (+ 1) that indexing any tensor of the call reaches from its data
+    # pointer, outputs and the additive mask's gradient included: backends that index in 32 bits
+    # refuse 2**31 and beyond.
+    largest_span: int = 0
 
     def flags(self) -> str:
         """A short, stable description of the features in use (for MFA_TRACE)."""
@@ -109,33 +115,44 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int, layo
 
 
 def check_window(window_size) -> tuple[int, int]:
+    """(left, right), each an int >= -1 (-1 = unbounded): ints, numpy ints, 0-d int tensors (anything
+    with __index__); bools and floats are refused. Wrong kinds raise ValueError here, as they always did."""
     if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
         raise ValueError(f"window_size: expected a pair (left, right), got {window_size!r}")
-    left, right = window_size
-    for side, value in (("left", left), ("right", right)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < -1:
-            raise ValueError(f"window_size: expected {side} >= -1 (an int, -1 = unbounded), got {value!r}")
-    return int(left), int(right)
+    sides = []
+    for side, value in zip(("left", "right"), window_size):
+        expected = f"{side} >= -1 (an int, -1 = unbounded)"
+        try:
+            index = scalars.int_like(value, "window_size", expected)
+        except TypeError as error:
+            raise ValueError(str(error)) from None
+        if index < -1:
+            raise ValueError(f"window_size: expected {expected}, got {value!r}")
+        sides.append(index)
+    return sides[0], sides[1]
 
 
-def check_scale(softmax_scale, head_dim: int) -> float:
+def check_scale(softmax_scale, head_dim: int, name: str = "softmax_scale") -> float:
+    """None: 1/sqrt(head_dim). Else a finite real number (negative and 0 allowed); see mfa_hf.scalars."""
     if softmax_scale is None:
+        if head_dim < 1:
+            raise ValueError(f"q: expected a head dim >= 1, got {head_dim}")
         return 1.0 / math.sqrt(head_dim)
-    value = float(softmax_scale)
+    value = scalars.real_number(softmax_scale, name, "a finite number or None (1/sqrt(D))")
     if not math.isfinite(value):
-        raise ValueError(f"softmax_scale: expected a finite number, got {softmax_scale!r}")
+        raise ValueError(f"{name}: expected a finite number, got {softmax_scale!r}")
     return value
 
 
 def check_softcap(softcap) -> float:
-    value = float(softcap)
+    value = scalars.real_number(softcap, "softcap", "a finite number >= 0 (0 = off)")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"softcap: expected a finite number >= 0 (0 = off), got {softcap!r}")
     return value
 
 
 def check_dropout(dropout_p) -> float:
-    value = float(dropout_p)
+    value = scalars.real_number(dropout_p, "dropout_p", "a probability in [0, 1)")
     if not 0.0 <= value < 1.0:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
     return value
@@ -205,6 +222,8 @@ def check_cu_seqlens(cu_seqlens, name: str, total: int, batch: int | None,
         raise ValueError(f"{name}: expected {batch + 1} offsets like cu_seqlens_q, got {count + 1}")
     if torch.compiler.is_compiling():
         return count, None  # values are data; checking them would break the graph
+    if cu_seqlens.is_meta:
+        raise ValueError(f"{name}: expected offsets with values (varlen calls read them on the host), got a meta tensor")
     values = cu_seqlens.tolist()
     if values[0] != 0:
         raise ValueError(f"{name}: expected to start at 0, got {values[0]}")
@@ -217,7 +236,9 @@ def check_cu_seqlens(cu_seqlens, name: str, total: int, batch: int | None,
 
 def check_max_seqlen(max_seqlen, name: str, offsets: list[int] | None) -> int:
     """max_seqlen against the offsets check_cu_seqlens already read (no second device read)."""
-    value = int(max_seqlen)
+    value = scalars.int_like(max_seqlen, name, "an int >= 0 (the longest sequence or more)")
+    if value < 0:
+        raise ValueError(f"{name}: expected an int >= 0 (the longest sequence or more), got {value}")
     if offsets is None:
         return value
     longest = max(b - a for a, b in zip(offsets, offsets[1:]))

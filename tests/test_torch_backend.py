@@ -54,3 +54,17 @@ def test_dropout_drops_the_requested_fraction():
     assert torch.equal(out, again)
     other = mfa_hf.flash_attn_func(q, torch.zeros(1, 512, 2, 8), v, dropout_p=0.25, dropout_seed=6)
     assert not torch.equal(out, other)
+
+
+def test_windows_beyond_2_pow_24_keys(monkeypatch):
+    """Positions past 2**24 are not exact in float32: the band must be computed in integers."""
+    monkeypatch.setenv("MFA_BACKEND", "torch")
+    lk = 2**24 + 7
+    k = torch.randn(1, lk, 1, 1)
+    v = (torch.arange(lk, dtype=torch.float64) - (lk - 10)).float().reshape(1, lk, 1, 1)  # exact near the end
+    q = torch.randn(1, 2, 1, 1)
+    out = mfa_hf.flash_attn_func(q, k, v, causal=True, window_size=(3, 0), alibi_slopes=torch.tensor([0.25]))
+    tail = slice(lk - 5, lk)
+    want, _ = attention_reference(q.double(), k[:, tail].double(), v[:, tail].double(), causal=True,
+                                  window_size=(3, 0), alibi_slopes=torch.tensor([0.25], dtype=torch.float64))
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)

@@ -85,7 +85,7 @@ def block_scores(
         capped = torch.tanh(scores / spec.softcap)
         scores = spec.softcap * capped
     if spec.alibi is not None:
-        scores = scores - spec.alibi * _diagonal_distance(spec.band, block, q5.device).abs()
+        scores = scores - spec.alibi * _diagonal_distance(spec.band, block, q5.device).abs().to(torch.float32)
     if spec.mask is not None:
         tile = _mask_tile(spec, block)
         if tile.dtype == torch.bool:
@@ -108,8 +108,10 @@ def band_mask(band: Band, block: Block, device: torch.device) -> torch.Tensor:
 
 
 def _diagonal_distance(band: Band, block: Block, device: torch.device) -> torch.Tensor:
-    i = torch.arange(block.i0, block.i1, device=device, dtype=torch.float32)[:, None]
-    j = torch.arange(block.j0, block.j1, device=device, dtype=torch.float32)[None, :]
+    """i + Lk - Lq - j in int64: float32 positions are exact only up to 2**24, so windows over longer
+    sequences were cut at the wrong keys."""
+    i = torch.arange(block.i0, block.i1, device=device, dtype=torch.int64)[:, None]
+    j = torch.arange(block.j0, block.j1, device=device, dtype=torch.int64)[None, :]
     return i + band.diagonal - j
 
 

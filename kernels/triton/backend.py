@@ -27,12 +27,18 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DECODE_FORMATS = ("none", "fp8_e4m3", "fp8_e5m2", "int8", "nf4")
 
 
+INT32_LIMIT = 2**31  # elements a 32-bit offset reaches (2**31 - 1 is the largest offset)
+
+
 def supports(problem: AttentionProblem) -> tuple[bool, str]:
     devices = ("cuda", "cpu") if interpreting() else ("cuda",)
     if problem.device_type not in devices:
         return False, f"the triton backend serves cuda tensors, got {problem.device_type}"
     if problem.dtype not in DTYPES:
         return False, f"the triton kernels take float16, bfloat16 or float32, got {problem.dtype}"
+    if problem.largest_span > INT32_LIMIT:
+        return False, (f"the triton kernels index tensors with 32-bit offsets, and this call reaches element "
+                       f"{problem.largest_span - 1} (2**31 or more; the torch backend serves it)")
     if problem.kv_format != "none":
         unknown = [f for f in problem.kv_format.split("+") if f not in DECODE_FORMATS]
         if unknown:

@@ -189,9 +189,9 @@ def decode_split_kernel(
     q_tile = tl.program_id(2)
     b = bh // heads_kv
     kvh = bh % heads_kv
-    row_b = b
+    row_b = b.to(tl.int64)  # batch offsets in 64 bits: a whole cache may pass 2**31 elements
     if HAS_BATCH_IDX:
-        row_b = tl.load(BATCH_IDX + b).to(tl.int32)
+        row_b = tl.load(BATCH_IDX + b).to(tl.int64)
     seqlen_k = tl.load(SEQLENS + b).to(tl.int32)
     diag = seqlen_k - seqlen_q  # query i sits on key i + diag
 
@@ -217,7 +217,7 @@ def decode_split_kernel(
 
     HALF_K: tl.constexpr = K_FMT == 4
     HALF_V: tl.constexpr = V_FMT == 4
-    q_base = Q + b * stride_qb + qi[:, None] * stride_qm + head[:, None] * stride_qh
+    q_base = Q + b.to(tl.int64) * stride_qb + qi[:, None] * stride_qm + head[:, None] * stride_qh
     dq = tl.arange(0, BLOCK_D)
     if HALF_K:  # even and odd columns of q meet the low and high nibbles
         q_lo = tl.load(q_base + (2 * dq)[None, :] * stride_qd, mask=row_ok[:, None] & (dq[None, :] < HEAD_D), other=0.0)
@@ -351,11 +351,11 @@ def decode_split_kernel(
     col_mask = row_ok[:, None] & (dv[None, :] < HEAD_DV)
     out_dim: tl.constexpr = HEAD_DV * 2 if HALF_V else HEAD_DV
     if DIRECT:
-        o_base = O + b * stride_ob + qi[:, None] * stride_om + head[:, None] * stride_oh
+        o_base = O + b.to(tl.int64) * stride_ob + qi[:, None] * stride_om + head[:, None] * stride_oh
         tl.store(o_base + elem_lo[None, :], out_lo.to(O.dtype.element_ty), mask=col_mask)
         if HALF_V:
             tl.store(o_base + elem_hi[None, :], out_hi.to(O.dtype.element_ty), mask=col_mask)
-        tl.store(LSE + b * stride_lb + head * stride_lh + qi, lse2 * 0.6931471805599453, mask=row_ok)
+        tl.store(LSE + b.to(tl.int64) * stride_lb + head * stride_lh + qi, lse2 * 0.6931471805599453, mask=row_ok)
     else:
         # partials: ((b * Hq + head) * Lq + qi) * P + split, then out_dim floats
         heads_q = heads_kv * group
@@ -393,6 +393,6 @@ def decode_merge_kernel(PART_O, PART_LSE, SINKS, O, LSE, stride_ob, stride_om, s
     merged = tl.sum(parts * w[:, None], 0)
     safe_total = tl.where(total > 0, total, 1.0)
     out = tl.where(total > 0, merged / safe_total, 0.0)
-    tl.store(O + b * stride_ob + qi * stride_om + head * stride_oh + d, out.to(O.dtype.element_ty), mask=d < HEAD_DV)
+    tl.store(O + b.to(tl.int64) * stride_ob + qi * stride_om + head * stride_oh + d, out.to(O.dtype.element_ty), mask=d < HEAD_DV)
     lse = tl.where(total > 0, (m_safe + tl.log2(safe_total)) * 0.6931471805599453, float("-inf"))
-    tl.store(LSE + b * stride_lb + head * stride_lh + qi, lse)
+    tl.store(LSE + b.to(tl.int64) * stride_lb + head * stride_lh + qi, lse)

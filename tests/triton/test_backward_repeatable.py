@@ -31,3 +31,22 @@ def test_racy_dkdv_shapes_are_refused(shape):
     with pytest.raises(ValueError, match=r"_BACKWARD_KV\[64\]: expected block_m >= 64 or one stage"):
         blocks._check_backward_kv({64: blocks.Blocks(*shape)})
     blocks._check_backward_kv({64: blocks.Blocks(shape[0], shape[1], shape[2], 1)})  # one stage: nothing prefetched
+
+
+def test_offsets_past_int32_are_refused_clearly():
+    """The triton kernels index within a batch row in 32 bits: calls that reach 2**31 elements go
+    elsewhere, with the reason, instead of silently reading wrapped offsets."""
+    import dataclasses
+
+    from mfa_hf.kernels.triton import backend
+    from mfa_hf.ops import describe
+
+    q, k = torch.empty(3, 4, 2, 8), torch.empty(3, 6, 2, 8)
+    problem = dataclasses.replace(describe(q, k, k, None, None, None, None, 0, 0, False, -1, -1, 0.0, 0.0),
+                                  device_type="cuda")
+    assert problem.largest_span == 6 * 2 * 8  # one batch row of k (batches are offset in 64 bits)
+    assert backend.supports(dataclasses.replace(problem, largest_span=2**31))[0]
+    ok, reason = backend.supports(dataclasses.replace(problem, largest_span=2**31 + 1))
+    assert not ok and "32-bit offsets" in reason and "2147483648" in reason
+    wide = torch.empty(1, 1, 1, 1).expand(2, 2**20, 2**11, 1)  # stride 0: reaches one element only
+    assert describe(wide, wide, wide, None, None, None, None, 0, 0, False, -1, -1, 0.0, 0.0).largest_span == 2**31
