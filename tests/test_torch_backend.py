@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mfa_hf
+from mfa_hf.kernels.reference import attention_reference
 from mfa_hf.testing import (
     Case,
     check_against_reference,
