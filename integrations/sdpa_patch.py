@@ -22,6 +22,12 @@ ranks other than 3 or 4, dtypes and mask dtypes stock SDPA would reject, empty s
 
 Only calls that look the function up on `torch.nn.functional` at call time are routed; code that
 bound it earlier (`from torch.nn.functional import scaled_dot_product_attention`) keeps the stock one.
+
+Threads: the patch is process-wide, because torch.nn.functional is one module for every thread. It is
+reference-counted: replace_sdpa holds it until restore_sdpa, each open sdpa_patched block (in any
+thread) holds it too, and the function found at install is restored exactly when the last hold ends.
+A call from inside a block uses that thread's innermost block's gate; a call from a thread with no open
+block still goes through the patch, with the gate of the newest hold (see sdpa_patched).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from mfa_hf import api, trace
+from mfa_hf import api, scalars, trace
 from mfa_hf.problem import FLOAT_DTYPES, MAX_HEAD_DIM
 
 SOURCE = "sdpa_patch"
@@ -52,36 +58,58 @@ class Gate:
     min_scores: int
 
 
-_original = None  # the stock function while the patch is installed
-_gate: Gate | None = None
+# The patch is process-wide, because torch.nn.functional is: one module attribute for every thread.
+# It is held by replace_sdpa (one hold, until restore_sdpa) and by each open sdpa_patched block (in any
+# thread); it is installed while anything holds it and removed, restoring exactly the function it
+# replaced, when the last hold ends. The lock serialises installing and removing; calls never take it.
+_lock = threading.Lock()
+_holds: list["_Hold"] = []  # in the order taken; the newest one's gate is the process gate
+_explicit: "_Hold | None" = None  # replace_sdpa's hold
+_original = None  # the function replaced, while the patch is installed
+_replaced = None  # the function replaced by the latest install (kept after removal for stale references)
+_gate: Gate | None = None  # the process gate while installed (None when not)
 _inside = threading.local()  # set while our kernels run: a nested SDPA call goes to stock
+_thread = threading.local()  # .holds: this thread's open sdpa_patched blocks, innermost last
+
+
+class _Hold:
+    """One hold on the patch (identity matters, not the gate: two blocks may share a gate)."""
+
+    __slots__ = ("gate",)
+
+    def __init__(self, gate: Gate):
+        self.gate = gate
 
 
 def replace_sdpa(devices: tuple[str, ...] | list[str] = DEFAULT_DEVICES, min_scores: int = DEFAULT_MIN_SCORES) -> None:
     """Route F.scaled_dot_product_attention to our kernels for calls that pass the gate.
 
     devices: device types served (add "cpu" to exercise the patch without a GPU). min_scores: the
-    smallest Lq * Lk served. Calling it again while patched only changes the gate.
+    smallest Lq * Lk served. Calling it again while patched only changes the gate (it becomes the
+    process gate, see sdpa_patched). Process-wide: every thread's calls are routed.
     """
-    global _original, _gate
-    _gate = _check_gate(devices, min_scores)
-    if _original is None:
-        _original = F.scaled_dot_product_attention
-        F.scaled_dot_product_attention = patched_sdpa
+    global _explicit
+    gate = _check_gate(devices, min_scores)
+    with _lock:
+        if _explicit is not None:
+            _holds.remove(_explicit)
+        _explicit = _Hold(gate)
+        _holds.append(_explicit)
+        _sync()
 
 
 def restore_sdpa() -> None:
-    """Put the stock function back (a no-op when not patched)."""
-    global _original, _gate
-    if _original is None:
-        return
-    if F.scaled_dot_product_attention is not patched_sdpa:
-        raise RuntimeError(
-            "restore_sdpa: expected torch.nn.functional.scaled_dot_product_attention to be mfa-hf's patch, got "
-            f"{F.scaled_dot_product_attention!r} (patched again after replace_sdpa); undo that patch first"
-        )
-    F.scaled_dot_product_attention = _original
-    _original, _gate = None, None
+    """End replace_sdpa's hold: the stock function returns unless an sdpa_patched block is still open
+    (in any thread; the last one to close restores it). A no-op when replace_sdpa is not in effect."""
+    global _explicit
+    with _lock:
+        if _explicit is None:
+            return
+        if len(_holds) == 1:
+            _check_still_ours("restore_sdpa")  # raises with nothing changed
+        _holds.remove(_explicit)
+        _explicit = None
+        _sync()
 
 
 def is_patched() -> bool:
@@ -91,22 +119,88 @@ def is_patched() -> bool:
 @contextmanager
 def sdpa_patched(devices: tuple[str, ...] | list[str] = DEFAULT_DEVICES,
                  min_scores: int = DEFAULT_MIN_SCORES) -> Iterator[None]:
-    """replace_sdpa for the block; on exit the previous state (patched or not, and its gate) returns."""
-    previous = _gate
-    replace_sdpa(devices, min_scores)
+    """The patch for the duration of the block; reference-counted, so safe from several threads at once.
+
+    Process-wide, because torch.nn.functional is: while any block is open (in any thread) every thread's
+    F.scaled_dot_product_attention is the patch; when the last block closes (and replace_sdpa is not in
+    effect) the function found at install is restored exactly. The gate: calls made inside a block use
+    that thread's innermost block's gate (nesting: the inner gate, then the outer one again); calls from
+    a thread with no open block (a worker thread, DataParallel's replicas) use the process gate, the
+    gate of the newest hold still open (the newest block entered, or replace_sdpa if called later).
+    """
+    hold = _Hold(_check_gate(devices, min_scores))
+    mine = _thread_holds()
+    with _lock:
+        _holds.append(hold)
+        _sync()
+    mine.append(hold)
     try:
         yield
     finally:
-        if previous is None:
-            restore_sdpa()
-        else:
-            replace_sdpa(previous.devices, previous.min_scores)
+        mine.remove(hold)
+        _release(hold)
+
+
+def _thread_holds() -> list:
+    holds = getattr(_thread, "holds", None)
+    if holds is None:
+        holds = _thread.holds = []
+    return holds
+
+
+def _release(hold: _Hold) -> None:
+    global _original, _gate
+    with _lock:
+        _holds.remove(hold)
+        if not _holds and _original is not None and F.scaled_dot_product_attention is not patched_sdpa:
+            # Someone patched over us: their function stays; ours (inside it) now passes every call through.
+            _original, _gate = None, None
+            _check_still_ours("sdpa_patched")  # raises
+        _sync()
+
+
+def _sync() -> None:
+    """Install or remove the patch and set the process gate from _holds (called under _lock)."""
+    global _original, _replaced, _gate
+    if _holds:
+        _gate = _holds[-1].gate
+        if _original is None and F.scaled_dot_product_attention is not patched_sdpa:
+            _original = _replaced = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = patched_sdpa
+    elif _original is not None:
+        F.scaled_dot_product_attention = _original
+        _original, _gate = None, None
+
+
+def _check_still_ours(caller: str) -> None:
+    current = F.scaled_dot_product_attention
+    if current is not patched_sdpa:
+        raise RuntimeError(
+            f"{caller}: expected torch.nn.functional.scaled_dot_product_attention to be mfa-hf's patch, got "
+            f"{current!r} (patched again after replace_sdpa); undo that patch first"
+        )
 
 
 def _check_gate(devices, min_scores) -> Gate:
-    if isinstance(devices, str) or not all(isinstance(d, str) for d in devices):
-        raise TypeError(f"devices: expected a tuple of device types such as ('mps', 'cuda'), got {devices!r}")
-    if isinstance(min_scores, bool) or not isinstance(min_scores, int) or min_scores < 0:
+    expected = "a tuple of device types such as ('mps', 'cuda')"
+    if isinstance(devices, (str, bytes)) or not isinstance(devices, (tuple, list, set, frozenset)):
+        raise TypeError(f"devices: expected {expected}, got {devices!r}")
+    for device in devices:
+        if not isinstance(device, str):
+            raise TypeError(f"devices: expected {expected}, got {devices!r} (an item is {type(device).__name__})")
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, ValueError):
+            raise ValueError(f"devices: expected device types torch knows (such as 'mps', 'cuda', 'cpu'), "
+                             f"got {device!r}") from None
+        if kind != device:
+            raise ValueError(f"devices: expected device types without an index (the gate matches q.device.type), "
+                             f"got {device!r}; use {kind!r}")
+    try:
+        min_scores = scalars.int_like(min_scores, "min_scores", "an int >= 0 (smallest Lq * Lk served)")
+    except TypeError as error:  # ValueError, as min_scores always raised
+        raise ValueError(str(error)) from None
+    if min_scores < 0:
         raise ValueError(f"min_scores: expected an int >= 0 (smallest Lq * Lk served), got {min_scores!r}")
     return Gate(tuple(devices), min_scores)
 
@@ -115,8 +209,14 @@ def patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
                  enable_gqa=False):
     """Stock SDPA's signature and meaning; served by mfa-hf when `unserved_reason` finds nothing."""
     original, gate = _original, _gate
-    if original is None:  # a stale reference kept after restore_sdpa
-        original, gate = F.scaled_dot_product_attention, None
+    holds = getattr(_thread, "holds", None)
+    if holds and gate is not None:
+        try:
+            gate = holds[-1].gate  # this thread's innermost block
+        except IndexError:  # closed from another thread just now
+            pass
+    if original is None:  # a stale reference kept after the patch was removed (or one racing with removal)
+        original, gate = _replaced or F.scaled_dot_product_attention, None
     reason = "patch restored" if gate is None else unserved_reason(
         gate, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if reason:
@@ -177,8 +277,16 @@ def _shape_reason(gate, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_
     return ""
 
 
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _option_reason(gate, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    if dropout_p > 0:
+    if not (_real(dropout_p) and isinstance(is_causal, bool) and isinstance(enable_gqa, bool)
+            and (scale is None or _real(scale))):
+        # Stock SDPA raises its own error for these (or decides what they mean): it gets them as they are.
+        return "dropout_p, is_causal, enable_gqa or scale of a type stock SDPA decides about"
+    if dropout_p != 0:  # NaN and negative values too: stock SDPA's answer, whatever it is
         return "dropout_p > 0 (stock SDPA's RNG stream; ours differs)"
     if attn_mask is not None and is_causal:
         return "attn_mask with is_causal (stock SDPA combines them on some backends, raises on others)"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch, helper_tensors
+from . import dispatch, helper_tensors, scalars
 from .kernels.dropout import new_seed
 from .ops import describe
 from .quant import QuantizedKV
@@ -135,6 +135,7 @@ def flash_attention(
     """
     if not _quantized(k, v):  # QuantizedKV (quantize_kv(..., layout="bhsd")) is checked downstream
         check_rank(q, k, v, rank=4, layout="(B, H, S, D)")
+    scale = None if scale is None else check_scale(scale, 1, "scale")
     out = flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, scale, is_causal,
         bhsd_window(window_size, is_causal), softcap, alibi_slopes, sinks, return_lse=return_lse,
@@ -151,9 +152,14 @@ def _quantized(k, v) -> bool:
 
 def bhsd_window(window_size, is_causal: bool) -> tuple[int, int]:
     """mps-flash-attn's window: None (none), int (left span in keys, own key included) or a pair."""
+    is_causal = scalars.flag(is_causal, "is_causal")
     if window_size is None:
         return NO_WINDOW
-    if isinstance(window_size, int) and not isinstance(window_size, bool):
+    if not isinstance(window_size, (tuple, list)):  # an int-like: numpy ints and 0-d int tensors too
+        try:
+            window_size = scalars.int_like(window_size, "window_size", "None, an int >= 1 (keys visible) or a pair")
+        except TypeError as error:
+            raise ValueError(str(error)) from None
         if window_size < 1:
             raise ValueError(f"window_size: expected an int >= 1 (keys visible), got {window_size}")
         return (window_size - 1, 0) if is_causal else (window_size - 1, -1)
@@ -186,6 +192,7 @@ def flash_attention_chunked(
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
     check_rank(q, k, v, rank=4, layout="(B, H, S, D)")
     window = bhsd_window(window_size, is_causal)
+    scale = None if scale is None else check_scale(scale, 1, "scale")
     return chunked_attention(q, k, v, chunk_size, is_causal, attn_mask, window, scale, softcap, sinks,
                              alibi_slopes, return_lse)
 
@@ -199,7 +206,7 @@ def _attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, att
     dropout_p = check_dropout(dropout_p)
     check_sinks(sinks, q.shape[-2], q.device)
     seed = _dropout_seed(dropout_p, dropout_seed, generator)
-    causal = bool(causal)
+    causal = scalars.flag(causal, "causal")
     # Every backend binds these tensors as they are from here on (helper_tensors.py says why).
     attn_mask = helper_tensors.attention_mask(attn_mask, q.dtype)
     alibi_slopes = helper_tensors.per_head_floats(alibi_slopes, q.dtype)
@@ -224,5 +231,6 @@ def _dropout_seed(dropout_p: float, dropout_seed, generator) -> torch.Tensor | N
     if dropout_seed is None:
         return new_seed(generator)
     if isinstance(dropout_seed, torch.Tensor):
-        return dropout_seed.to(torch.int64).reshape(())
-    return torch.tensor(int(dropout_seed) & 0xFFFFFFFF, dtype=torch.int64)
+        return scalars.seed_tensor(dropout_seed, "dropout_seed").to(torch.int64).reshape(())
+    seed = scalars.int_like(dropout_seed, "dropout_seed", "an int, a 1-element int tensor or None")
+    return torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .api import flash_attn_func
+from .problem import check_mask
 
 
 def chunk_plan(lq: int, lk: int, i0: int, i1: int, window: tuple[int, int], causal: bool):
@@ -39,6 +40,7 @@ def _slice_mask(attn_mask, i0, i1, k0, k1):
 def chunked_attention(q, k, v, chunk_size, causal, attn_mask, window, scale, softcap, sinks,
                       alibi_slopes, return_lse):
     lq, lk = q.shape[2], k.shape[2]
+    check_mask(attn_mask, q.shape[0], q.shape[1], lq, lk, q.device)  # whole, before it is sliced per chunk
     whole = dict(softmax_scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                  return_lse=True)
     plans = [(i0, min(lq, i0 + chunk_size)) for i0 in range(0, lq, chunk_size)]

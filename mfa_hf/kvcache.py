@@ -12,16 +12,16 @@ written, so a bad call leaves the cache untouched.
 from __future__ import annotations
 
 import functools
-import operator
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import dispatch, helper_tensors
+from . import dispatch, helper_tensors, scalars
 from .ops import describe
-from .problem import NO_WINDOW, check_alibi, check_scale, check_sinks, check_softcap, check_window
-from .quant import SCALE_DTYPE, KVFormat, QuantizedKV, _absmax_scales, encode, parse_format, storage_dim
+from .problem import NO_WINDOW, check_alibi, check_dropout, check_scale, check_sinks, check_softcap, check_window
+from .quant import (NF4_GROUP_SIZES, SCALE_DTYPE, KVFormat, QuantizedKV, _absmax_scales, check_scale_values, encode,
+                    parse_format, storage_dim)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -48,19 +48,42 @@ def allocate_kv_cache(batch: int, max_seqlen: int, heads_kv: int, head_dim: int,
     Quantized caches hold a float32 scale per (token, head) (nf4: per group along D) unless
     static_scales (per head (1 or B, 1, H, 1) or per channel (1 or B, 1, H, D)) are given.
     """
+    batch, max_seqlen = _size(batch, "batch", 0), _size(max_seqlen, "max_seqlen", 0)
+    heads_kv, head_dim = _size(heads_kv, "heads_kv", 1), _size(head_dim, "head_dim", 1)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a float torch.dtype (the cache's logical dtype), got {dtype!r}")
     if format is None or format == "none":
+        if group_size is not None or static_scales is not None:
+            raise ValueError("group_size, static_scales: expected None for an unquantized cache (format None), got "
+                             f"group_size={group_size!r} and static_scales={_describe(static_scales)}")
         return torch.zeros(batch, max_seqlen, heads_kv, head_dim, dtype=dtype, device=device)
     fmt = parse_format(format)
     if fmt is KVFormat.NF4:
-        group_size = 64 if group_size is None else group_size
-        if group_size not in (32, 64) or head_dim % group_size:
+        group_size = 64 if group_size is None else scalars.int_like(group_size, "group_size", "32 or 64 for nf4")
+        if group_size not in NF4_GROUP_SIZES:
+            raise ValueError(f"group_size: expected 32 or 64 for nf4, got {group_size!r}")
+        if head_dim % group_size:
             raise ValueError(f"head_dim: expected a multiple of the nf4 group size {group_size} (32 or 64), "
                              f"got {head_dim}")
+    elif group_size is not None:
+        raise ValueError(f"group_size: expected None for {fmt.value} (only nf4 has groups), got {group_size!r}")
     codes = torch.zeros(batch, max_seqlen, heads_kv, storage_dim(fmt, head_dim),
                         dtype=torch.int8 if fmt is KVFormat.INT8 else torch.uint8, device=device)
     if static_scales is not None:
         if fmt is KVFormat.NF4:
             raise ValueError("static_scales: nf4 keeps a scale per group of each token, got static scales")
+        if not isinstance(static_scales, torch.Tensor) or static_scales.dim() != 4:
+            raise TypeError(f"static_scales: expected a 4-D float32 tensor, per head (1 or B, 1, H, 1) or per "
+                            f"channel (1 or B, 1, H, D), got {_describe(static_scales)}")
+        if static_scales.shape[1] != 1 or static_scales.shape[2] != heads_kv or static_scales.shape[-1] not in (1, head_dim) \
+                or static_scales.shape[0] not in (1, batch):
+            raise ValueError(f"static_scales: expected shape (1 or {batch}, 1, {heads_kv}, 1 or {head_dim}), got "
+                             f"{tuple(static_scales.shape)}")
+        if static_scales.dtype != SCALE_DTYPE:
+            raise TypeError(f"static_scales: expected dtype {SCALE_DTYPE}, got {static_scales.dtype}")
+        if static_scales.device != codes.device:
+            raise ValueError(f"static_scales: expected device {codes.device} like the cache, got {static_scales.device}")
+        check_scale_values(static_scales, "static_scales")
         size = head_dim // static_scales.shape[-1] if static_scales.dim() == 4 and static_scales.shape[-1] else 0
         return QuantizedKV(codes, static_scales, fmt, size, dtype)
     groups = head_dim // group_size if fmt is KVFormat.NF4 else 1
@@ -131,8 +154,8 @@ def attention_over_quantized(q, k, v, softmax_scale, causal, window_size, softca
     """flash_attn_func with QuantizedKV k and v (prefill or any Lq): every row sees all S keys."""
     if attn_mask is not None:
         raise ValueError("attn_mask: not supported with quantized k/v (use causal/window_size), got a mask")
-    if float(dropout_p) != 0.0:
-        raise ValueError(f"dropout_p: expected 0 with quantized k/v (inference only), got {dropout_p}")
+    if check_dropout(dropout_p) != 0.0:
+        raise ValueError(f"dropout_p: expected 0 with quantized k/v (inference only), got {dropout_p!r}")
     check_query(q)
     _check_caches(q, k, v, names=("k", "v"))
     if k.shape[0] != q.shape[0]:
@@ -151,9 +174,14 @@ def _check_options(q, softmax_scale, causal, window_size, softcap, alibi_slopes,
     softcap = check_softcap(softcap)
     check_sinks(sinks, q.shape[2], q.device)
     check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"num_splits: expected an int >= 0 (0 = choose from the shape), got {num_splits!r}")
-    return scale, bool(causal), window_left, window_right, softcap, num_splits
+    expected = "an int >= 0 (0 = choose from the shape)"
+    try:
+        splits = scalars.int_like(num_splits, "num_splits", expected)
+    except TypeError as error:  # ValueError, as num_splits always raised
+        raise ValueError(str(error)) from None
+    if splits < 0:
+        raise ValueError(f"num_splits: expected {expected}, got {num_splits!r}")
+    return scale, scalars.flag(causal, "causal"), window_left, window_right, softcap, splits
 
 
 def _decode(q, k_cache, v_cache, lengths, rows, alibi_slopes, sinks, return_lse, scale, causal, window_left,
@@ -168,6 +196,8 @@ def _decode(q, k_cache, v_cache, lengths, rows, alibi_slopes, sinks, return_lse,
     op = getattr(backend.module, "DECODE", None)
     if op is None:
         raise dispatch.BackendUnavailable(f"the {backend.name} backend has no KV-cache decode op")
+    if q.is_meta:  # no values to read: the registered op's shape function gives the output
+        op = getattr(op, "op", op)
     out, lse = op(q, k_codes, k_scales, v_codes, v_scales, lengths, rows, alibi_slopes, sinks, k_format, v_format,
                   k_group, v_group, scale, causal, window_left, window_right, softcap, num_splits)
     return (out, lse) if return_lse else out
@@ -235,6 +265,14 @@ def _per_token_scales(cache: QuantizedKV) -> bool:
 def check_query(q) -> None:
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or not q.is_floating_point():
         raise ValueError(f"q: expected a 4-D float tensor (B, Lq, Hq, D), got {_describe(q)}")
+    if q.shape[-1] < 1:
+        raise ValueError(f"q: expected a head dim >= 1, got shape {tuple(q.shape)}")
+
+
+def _values_readable(t: Tensor) -> bool:
+    """Whether an index tensor's values can be checked on the host: not while compiling (they are data
+    in the graph) and not on meta (there are none; the call then runs the ops' shape functions)."""
+    return not (torch.compiler.is_compiling() or t.is_meta)
 
 
 def _check_caches(q, k_cache, v_cache, names=("k_cache", "v_cache")) -> bool:
@@ -249,6 +287,8 @@ def _check_caches(q, k_cache, v_cache, names=("k_cache", "v_cache")) -> bool:
                                  f"got {_describe(cache)}")
             if cache.dtype != q.dtype:
                 raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {cache.dtype}")
+            if cache.shape[-1] < 1:
+                raise ValueError(f"{name}: expected a head dim >= 1, got shape {tuple(cache.shape)}")
         if cache.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} like q, got {cache.device}")
     kb, ks, kh, kd = k_cache.shape
@@ -269,7 +309,7 @@ def _check_batch_idx(cache_batch_idx, batch, cache_batch, device, appending: boo
             raise ValueError(f"k_cache: expected batch {batch} like q (or pass cache_batch_idx), got {cache_batch}")
         return None
     _check_index_vector("cache_batch_idx", cache_batch_idx, batch, device)
-    if host_values is None and torch.compiler.is_compiling():
+    if host_values is None and not _values_readable(cache_batch_idx):
         return cache_batch_idx
     values = cache_batch_idx.tolist() if host_values is None else list(host_values)
     if len(values) != batch:
@@ -304,14 +344,16 @@ def _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, device) -> Tensor:
         if new_len:
             raise ValueError("cache_seqlens: expected the valid lengths when appending k/v, got None")
         return _same_lengths(batch, max_seqlen, device)
-    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+    if not isinstance(cache_seqlens, torch.Tensor):
         # Known on the host: checked here, nothing read back from the device (decode loops pass ints).
+        cache_seqlens = scalars.int_like(cache_seqlens, "cache_seqlens",
+                                         "a (B,) int32 tensor, an int (every row) or None (the whole cache)")
         if not 0 <= cache_seqlens <= max_seqlen - new_len:
             raise ValueError(f"cache_seqlens: expected a length in [0, {max_seqlen - new_len}] (the cache capacity "
                              f"{max_seqlen} minus {new_len} new tokens), got {cache_seqlens}")
         return _same_lengths(batch, cache_seqlens, device)
     _check_index_vector("cache_seqlens", cache_seqlens, batch, device)
-    if not torch.compiler.is_compiling():
+    if _values_readable(cache_seqlens):
         values = cache_seqlens.tolist()
         if any(n < 0 for n in values):
             raise ValueError(f"cache_seqlens: expected lengths >= 0, got {values}")
@@ -350,6 +392,13 @@ def _check_index_vector(name, t, batch, device) -> None:
         raise ValueError(f"{name}: expected shape ({batch},), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name}: expected device {device} like q, got {t.device}")
+
+
+def _size(value, name: str, smallest: int) -> int:
+    size = scalars.int_like(value, name, f"an int >= {smallest}")
+    if size < smallest:
+        raise ValueError(f"{name}: expected an int >= {smallest}, got {size}")
+    return size
 
 
 def _describe(x) -> str:

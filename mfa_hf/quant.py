@@ -19,6 +19,8 @@ from enum import Enum
 
 import torch
 
+from . import scalars
+
 SCALE_DTYPE = torch.float32
 NF4_GROUP_SIZES = (32, 64)
 
@@ -87,6 +89,8 @@ class QuantizedKV:
 
     def __post_init__(self):
         object.__setattr__(self, "format", parse_format(self.format))
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise TypeError(f"QuantizedKV.dtype: expected a float torch.dtype (the logical dtype), got {self.dtype!r}")
         check_parts(self.codes, self.scales, self.format, self.group_size, "QuantizedKV")
 
     @property
@@ -160,21 +164,28 @@ def quantize_kv(x: torch.Tensor, format="fp8_e4m3", *, group_size: int | None = 
     fmt = parse_format(format)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"x: expected a 4-D float tensor, got {_describe(x)}")
-    if layout not in ("bshd", "bhsd"):
+    if not isinstance(layout, str) or layout not in ("bshd", "bhsd"):
         raise ValueError(f"layout: expected 'bshd' or 'bhsd', got {layout!r}")
-    if layout == "bhsd":
-        return quantize_kv(x.transpose(1, 2), fmt, group_size=group_size, granularity=granularity,
-                           scales=None if scales is None else scales.transpose(1, 2)).transpose(1, 2)
     group_size = _group_size(fmt, granularity, group_size, x.shape[-1])
+    if scales is not None:
+        _check_given_scales(scales, x, layout, x.shape[-1] // group_size)
+    if layout == "bhsd":  # quantized as (B, S, H, D) views, handed back as a (B, H, S, D) view
+        x, scales = x.transpose(1, 2), None if scales is None else scales.transpose(1, 2)
     if scales is None:
         scales = _absmax_scales(x, fmt, granularity, group_size)
     codes = encode(x, scales, fmt, group_size)
-    return QuantizedKV(codes, scales, fmt, group_size, x.dtype)
+    packed = QuantizedKV(codes, scales, fmt, group_size, x.dtype)
+    return packed.transpose(1, 2) if layout == "bhsd" else packed
 
 
 def _group_size(fmt: KVFormat, granularity: str, group_size, dim: int) -> int:
-    if granularity not in ("token", "head", "channel"):
+    if not isinstance(granularity, str) or granularity not in ("token", "head", "channel"):
         raise ValueError(f"granularity: expected 'token', 'head' or 'channel', got {granularity!r}")
+    if group_size is not None:
+        try:
+            group_size = scalars.int_like(group_size, "group_size", "an int or None")
+        except TypeError as error:  # ValueError, as group_size always raised
+            raise ValueError(str(error)) from None
     if fmt is KVFormat.NF4:
         size = 64 if group_size is None else group_size
         if size not in NF4_GROUP_SIZES:
@@ -188,6 +199,36 @@ def _group_size(fmt: KVFormat, granularity: str, group_size, dim: int) -> int:
     if group_size is not None and group_size != natural:
         raise ValueError(f"group_size: {fmt.value} with granularity {granularity!r} uses {natural}, got {group_size}")
     return natural
+
+
+def _check_given_scales(scales, x: torch.Tensor, layout: str, groups: int) -> None:
+    """Static scales given to quantize_kv: float32 on x's device, broadcastable per the layout, > 0."""
+    order = "(B, H, S, G)" if layout == "bhsd" else "(B, S, H, G)"
+    if not isinstance(scales, torch.Tensor):
+        raise TypeError(f"scales: expected a float32 tensor {order} or None, got {type(scales).__name__}")
+    if scales.dtype != SCALE_DTYPE:
+        raise TypeError(f"scales: expected dtype {SCALE_DTYPE}, got {scales.dtype}")
+    if scales.device != x.device:
+        raise ValueError(f"scales: expected device {x.device} like x, got {scales.device}")
+    b, d1, d2, _ = x.shape
+    heads_dim = 1 if layout == "bhsd" else 2
+    want = [f"{b} or 1", f"{d1} or 1", f"{d2} or 1", str(groups)]
+    want[heads_dim] = str(x.shape[heads_dim])
+    shape = tuple(scales.shape)
+    if len(shape) != 4 or any(got not in (1, full) for got, full in zip(shape, x.shape[:3])) \
+            or shape[heads_dim] != x.shape[heads_dim] or shape[3] != groups:
+        raise ValueError(f"scales: expected shape {order} = ({', '.join(want)}), got {shape}")
+    check_scale_values(scales, "scales")
+
+
+def check_scale_values(scales: torch.Tensor, name: str) -> None:
+    """Given scales must be finite and > 0 (a zero scale divides by zero: inf or NaN codes). This reads
+    them back once (a device sync on mps/cuda); skipped while compiling and on meta (no values)."""
+    if torch.compiler.is_compiling() or scales.is_meta or scales.numel() == 0:
+        return
+    bad = ~(torch.isfinite(scales) & (scales > 0))
+    if bool(bad.any()):
+        raise ValueError(f"{name}: expected finite values > 0, got {scales[bad].flatten()[0].item()} among them")
 
 
 def _absmax_scales(x: torch.Tensor, fmt: KVFormat, granularity: str, group_size: int) -> torch.Tensor:

@@ -61,6 +61,9 @@ def flash_attention_nf4(q, k_codes, v_codes, k_scale, v_scale, is_causal: bool =
 
 
 def _attend(q, k_codes, v_codes, k_scale, v_scale, fmt, group_size, is_causal, options):
+    if not isinstance(q, torch.Tensor) or not q.is_floating_point():
+        raise TypeError(f"q: expected a float tensor (B, H, Lq, D), got "
+                        f"{q.dtype if isinstance(q, torch.Tensor) else type(q).__name__}")
     k = _packed("k", k_codes, k_scale, fmt, group_size, q.dtype)
     v = _packed("v", v_codes, v_scale, fmt, group_size, q.dtype)
     return flash_attention(q, k, v, is_causal=is_causal, **options)
@@ -72,8 +75,17 @@ def _packed(side: str, codes, scales, fmt: str, group_size, dtype) -> QuantizedK
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name}: expected a 4-D tensor (B, H, S, ...), got {got}")
+    (b, h, s, _), (sb, sh, ss, _) = codes.shape, scales.shape
+    if sb not in (1, b) or sh != h or ss not in (1, s):
+        raise ValueError(f"{side}_scale: expected shape ({b} or 1, {h}, {s} or 1, G) to match {side}_codes "
+                         f"{tuple(codes.shape)}, got {tuple(scales.shape)}")
     if group_size is None:
         dim = codes.shape[-1] * (2 if fmt == "nf4" else 1)
         group_size = dim // scales.shape[-1] if scales.shape[-1] and dim % scales.shape[-1] == 0 else -1
-    # QuantizedKV checks in (B, S, H, .) order; it reports the scales' shape as it came.
-    return QuantizedKV(codes.transpose(1, 2), scales.transpose(1, 2), fmt, group_size, dtype).transpose(1, 2)
+    # QuantizedKV checks in (B, S, H, .) order; it reports the scales' shape as it came. Its errors name
+    # QuantizedKV's fields: renamed here to this function's arguments.
+    try:
+        return QuantizedKV(codes.transpose(1, 2), scales.transpose(1, 2), fmt, group_size, dtype).transpose(1, 2)
+    except (TypeError, ValueError) as error:
+        message = str(error).replace("QuantizedKV.codes", f"{side}_codes").replace("QuantizedKV.scales", f"{side}_scale")
+        raise type(error)(message.replace("QuantizedKV.group_size", "group_size")) from None

@@ -97,3 +97,239 @@ def test_bhsd_window_errors():
         mfa_hf.flash_attention(q, k, v, is_causal=True, window_size=0)
     with pytest.raises(ValueError, match=r"chunk_size: expected an int >= 1, got 0"):
         mfa_hf.flash_attention_chunked(q, k, v, chunk_size=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Every public entry point, each class of bad value: one row per case (the call, the exception type,
+# a regex that names the argument, what was expected and what came). Built lazily: a row's tensors
+# are made when it runs.
+
+def cache(b=2, s=16, h=2, d=8):
+    """q (B, 1, 4, D) and a plain (B, S, H, D) cache."""
+    return torch.randn(b, 1, 4, d), torch.zeros(b, s, h, d), torch.zeros(b, s, h, d)
+
+
+def bhsd():
+    return tuple(t.transpose(1, 2) for t in qkv(hkv=4))
+
+
+def meta(t):
+    return t.to("meta")
+
+
+def _quantized_layer(**kwargs):
+    from mfa_hf.integrations.transformers.quantized_cache import MFAQuantizedLayer
+
+    return MFAQuantizedLayer(**kwargs)
+
+
+def _int8_codes():
+    return mfa_hf.quantize_kv_int8(torch.randn(1, 2, 8, 64))
+
+
+def _varlen(**changes):
+    q, k, v, cu = packed()
+    args = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=4, max_seqlen_k=4)
+    args.update(changes)
+    if args.pop("all_meta", False):
+        q, k, v = meta(q), meta(k), meta(v)
+        args["cu_seqlens_q"], args["cu_seqlens_k"] = meta(cu), meta(cu)
+    return mfa_hf.flash_attn_varlen_func(q, k, v, **args)
+
+
+BAD = {
+    # -- a number expected: strings, None, lists, bools, complex, tensors of several values, meta --------
+    "softcap str": (lambda: mfa_hf.flash_attn_func(*qkv(), softcap="big"), TypeError,
+                    r"softcap: expected a finite number >= 0 \(0 = off\), got 'big'"),
+    "softcap None": (lambda: mfa_hf.flash_attn_func(*qkv(), softcap=None), TypeError, r"softcap: expected .*got None"),
+    "softcap bool": (lambda: mfa_hf.flash_attn_func(*qkv(), softcap=True), TypeError, r"softcap: expected .*got True"),
+    "softcap 1-D tensor": (lambda: mfa_hf.flash_attn_func(*qkv(), softcap=torch.ones(2)), TypeError,
+                           r"softcap: expected .*got a 1-D torch.float32 tensor"),
+    "softcap nan": (lambda: mfa_hf.flash_attn_func(*qkv(), softcap=math.nan), ValueError,
+                    r"softcap: expected a finite number >= 0 .*got nan"),
+    "softmax_scale list": (lambda: mfa_hf.flash_attn_func(*qkv(), softmax_scale=[0.1]), TypeError,
+                           r"softmax_scale: expected a finite number or None .*got \[0.1\]"),
+    "softmax_scale complex": (lambda: mfa_hf.flash_attn_func(*qkv(), softmax_scale=1j), TypeError,
+                              r"softmax_scale: expected .*got 1j"),
+    "softmax_scale meta": (lambda: mfa_hf.flash_attn_func(*qkv(), softmax_scale=meta(torch.tensor(0.1))), TypeError,
+                           r"softmax_scale: expected .*got a 0-D torch.float32 tensor on meta"),
+    "dropout_p None": (lambda: mfa_hf.flash_attn_func(*qkv(), dropout_p=None), TypeError,
+                       r"dropout_p: expected a probability in \[0, 1\), got None"),
+    "dropout_p nan": (lambda: mfa_hf.flash_attn_func(*qkv(), dropout_p=math.nan), ValueError,
+                      r"dropout_p: expected a probability in \[0, 1\), got nan"),
+    "bhsd scale str": (lambda: mfa_hf.flash_attention(*bhsd(), scale="x"), TypeError,
+                       r"^scale: expected a finite number or None .*got 'x'"),
+    "chunked scale inf": (lambda: mfa_hf.flash_attention_chunked(*bhsd(), scale=math.inf, chunk_size=2), ValueError,
+                          r"^scale: expected a finite number, got inf"),
+    "chunked softcap str": (lambda: mfa_hf.flash_attention_chunked(*bhsd(), softcap="30", chunk_size=2), TypeError,
+                            r"softcap: expected .*got '30'"),
+    "kvcache softcap str": (lambda: mfa_hf.flash_attn_with_kvcache(*cache(), softcap="big"), TypeError,
+                            r"softcap: expected .*got 'big'"),
+    "kvcache softmax_scale None is the default": (lambda: mfa_hf.flash_attn_with_kvcache(*cache(), softmax_scale="x"),
+                                                  TypeError, r"softmax_scale: expected .*got 'x'"),
+    "quantized dropout_p str": (lambda: mfa_hf.flash_attn_func(
+        qkv()[0], *(mfa_hf.quantize_kv(t, "int8") for t in qkv()[1:]), dropout_p="x"), TypeError,
+        r"dropout_p: expected a probability .*got 'x'"),
+    "dropout_seed str": (lambda: mfa_hf.flash_attn_func(*qkv(), dropout_p=0.1, dropout_seed="x"), TypeError,
+                         r"dropout_seed: expected an int.*got 'x'"),
+    "dropout_seed float": (lambda: mfa_hf.flash_attn_func(*qkv(), dropout_p=0.1, dropout_seed=1.5), TypeError,
+                           r"dropout_seed: expected an int.*got 1.5"),
+    "dropout_seed 2 values": (lambda: mfa_hf.flash_attn_func(*qkv(), dropout_p=0.1, dropout_seed=torch.tensor([1, 2])),
+                              TypeError, r"dropout_seed: expected an int or a 1-element integer tensor.*shape \(2,\)"),
+    # -- a bool expected ----------------------------------------------------------------------------------
+    "causal str": (lambda: mfa_hf.flash_attn_func(*qkv(), causal="no"), TypeError, r"causal: expected a bool, got 'no'"),
+    "is_causal str": (lambda: mfa_hf.flash_attention(*bhsd(), is_causal="yes"), TypeError,
+                      r"is_causal: expected a bool, got 'yes'"),
+    "kvcache causal tensor": (lambda: mfa_hf.flash_attn_with_kvcache(*cache(), causal=torch.tensor([True, False])),
+                              TypeError, r"causal: expected a bool, got a 1-D torch.bool tensor"),
+    # -- an int expected: floats are refused, not truncated; negative sizes ---------------------------------
+    "max_seqlen float": (lambda: _varlen(max_seqlen_q=4.5), TypeError,
+                         r"max_seqlen_q: expected an int >= 0 .*got 4.5"),
+    "max_seqlen str": (lambda: _varlen(max_seqlen_k="big"), TypeError, r"max_seqlen_k: expected an int .*got 'big'"),
+    "max_seqlen inf": (lambda: _varlen(max_seqlen_q=math.inf), TypeError, r"max_seqlen_q: expected an int .*got inf"),
+    "max_seqlen negative": (lambda: _varlen(max_seqlen_q=-1), ValueError, r"max_seqlen_q: expected an int >= 0 .*got -1"),
+    "window float": (lambda: mfa_hf.flash_attn_func(*qkv(), window_size=(4.0, 0)), ValueError,
+                     r"window_size: expected left >= -1 \(an int, -1 = unbounded\), got 4.0"),
+    "window bool": (lambda: mfa_hf.flash_attn_func(*qkv(), window_size=(True, 0)), ValueError,
+                    r"window_size: expected left >= -1 .*got True"),
+    "bhsd window float": (lambda: mfa_hf.flash_attention(*bhsd(), window_size=2.0), ValueError,
+                          r"window_size: expected None, an int >= 1 \(keys visible\) or a pair, got 2.0"),
+    "kvcache window str": (lambda: mfa_hf.flash_attn_with_kvcache(*cache(), window_size="ab"), ValueError,
+                           r"window_size: expected a pair \(left, right\), got 'ab'"),
+    "kvcache cache_seqlens float": (lambda: mfa_hf.flash_attn_with_kvcache(*cache(), cache_seqlens=3.0), TypeError,
+                                    r"cache_seqlens: expected a \(B,\) int32 tensor, an int .*got 3.0"),
+    "kvcache cache_seqlens list": (lambda: mfa_hf.flash_attn_with_kvcache(*cache(), cache_seqlens=[1, 2]), TypeError,
+                                   r"cache_seqlens: expected a \(B,\) int32 tensor, an int .*got \[1, 2\]"),
+    "kvcache num_splits float": (lambda: mfa_hf.flash_attn_with_kvcache(*cache(), num_splits=2.0), ValueError,
+                                 r"num_splits: expected an int >= 0 .*got 2.0"),
+    "chunk_size float": (lambda: mfa_hf.flash_attention_chunked(*bhsd(), chunk_size=2.0), ValueError,
+                         r"chunk_size: expected an int >= 1, got 2.0"),
+    "allocate batch str": (lambda: mfa_hf.allocate_kv_cache("2", 4, 2, 64), TypeError,
+                           r"batch: expected an int >= 0, got '2'"),
+    "allocate max_seqlen float": (lambda: mfa_hf.allocate_kv_cache(1, 4.0, 2, 64, "int8"), TypeError,
+                                  r"max_seqlen: expected an int >= 0, got 4.0"),
+    "allocate head_dim 0": (lambda: mfa_hf.allocate_kv_cache(1, 4, 2, 0, "int8"), ValueError,
+                            r"head_dim: expected an int >= 1, got 0"),
+    "allocate negative batch": (lambda: mfa_hf.allocate_kv_cache(-1, 4, 2, 64), ValueError,
+                                r"batch: expected an int >= 0, got -1"),
+    "allocate nf4 group_size 2-D": (lambda: mfa_hf.allocate_kv_cache(1, 4, 2, 64, "nf4", group_size=torch.ones(2)),
+                                    TypeError, r"group_size: expected 32 or 64 for nf4, got a 1-D"),
+    "allocate int8 group_size": (lambda: mfa_hf.allocate_kv_cache(1, 4, 2, 64, "int8", group_size=32), ValueError,
+                                 r"group_size: expected None for int8 \(only nf4 has groups\), got 32"),
+    "quantize_kv group_size tensor": (lambda: mfa_hf.quantize_kv(torch.randn(1, 4, 2, 64), "nf4",
+                                                                 group_size=torch.ones(2)), ValueError,
+                                      r"group_size: expected an int or None, got a 1-D"),
+    "quantize_kv_nf4 group_size float": (lambda: mfa_hf.quantize_kv_nf4(torch.randn(1, 2, 4, 64), group_size=32.0),
+                                         ValueError, r"group_size: expected an int or None, got 32.0"),
+    # -- the quantized cache's options ------------------------------------------------------------------------
+    "MFAQuantizedCache nf4 group 48": (lambda: mfa_hf.MFAQuantizedCache(format="nf4", group_size=48), ValueError,
+                                       r"group_size: expected 32 or 64 for nf4 \(or None: 64\), got 48"),
+    "MFAQuantizedCache int8 group 48": (lambda: mfa_hf.MFAQuantizedCache(format="int8", group_size=48), ValueError,
+                                        r"group_size: expected None for int8 .*got 48"),
+    "MFAQuantizedCache residual float": (lambda: mfa_hf.MFAQuantizedCache(residual_length=1.5), ValueError,
+                                         r"residual_length: expected an int >= 0, got 1.5"),
+    "MFAQuantizedLayer sliding_window str": (lambda: _quantized_layer(sliding_window="4"), ValueError,
+                                             r"sliding_window: expected an int >= 1, got '4'"),
+    "MFAQuantizedLayer sliding_window 0": (lambda: _quantized_layer(sliding_window=0), ValueError,
+                                           r"sliding_window: expected an int >= 1, got 0"),
+    # -- meta tensors: no values to read ------------------------------------------------------------------------
+    "varlen on meta": (lambda: _varlen(all_meta=True), ValueError,
+                       r"cu_seqlens_q: expected offsets with values .*got a meta tensor"),
+    "kvcache cache on meta": (lambda: (lambda q, kc, vc: mfa_hf.flash_attn_with_kvcache(q, meta(kc), meta(vc)))(*cache()),
+                              ValueError, r"k_cache: expected device cpu like q, got meta"),
+    "dropout_seed on meta": (lambda: mfa_hf.flash_attn_func(*qkv(), dropout_p=0.1, dropout_seed=meta(torch.tensor(3))),
+                             TypeError, r"dropout_seed: expected an int or a 1-element integer tensor, got .* on meta"),
+    "quantize_kv scales on meta": (lambda: mfa_hf.quantize_kv(torch.randn(1, 4, 2, 64), "int8",
+                                                              scales=meta(torch.ones(1, 1, 2, 1))), ValueError,
+                                   r"scales: expected device cpu like x, got meta"),
+    # -- wrong dtypes ------------------------------------------------------------------------------------------
+    "kvcache complex q": (lambda: (lambda q, kc, vc: mfa_hf.flash_attn_with_kvcache(q.to(torch.complex64), kc, vc))(
+        *cache()), ValueError, r"q: expected a 4-D float tensor .*complex64"),
+    "QuantizedKV dtype int": (lambda: mfa_hf.QuantizedKV(torch.ones(1, 1, 1, 8, dtype=torch.int8), torch.ones(1, 1, 1, 1),
+                                                         "int8", 8, torch.int32), TypeError,
+                              r"QuantizedKV.dtype: expected a float torch.dtype .*got torch.int32"),
+    "allocate dtype int": (lambda: mfa_hf.allocate_kv_cache(1, 4, 2, 64, "int8", dtype=torch.int32), TypeError,
+                           r"dtype: expected a float torch.dtype .*got torch.int32"),
+    "quantize_kv scales int": (lambda: mfa_hf.quantize_kv(torch.randn(1, 4, 2, 64), "int8",
+                                                          scales=torch.ones(1, 1, 2, 1, dtype=torch.int32)), TypeError,
+                               r"scales: expected dtype torch.float32, got torch.int32"),
+    "int8 codes float": (lambda: (lambda c, s: mfa_hf.flash_attention_int8(torch.randn(1, 2, 8, 64), c.float(), c, s, s))(
+        *_int8_codes()), TypeError, r"k_codes: expected dtype torch.int8 for int8, got torch.float32"),
+    # -- wrong shapes and values ------------------------------------------------------------------------------------
+    "kvcache head dim 0": (lambda: mfa_hf.flash_attn_with_kvcache(*cache(d=0)), ValueError,
+                           r"q: expected a head dim >= 1, got shape \(2, 1, 4, 0\)"),
+    "quantize_kv scales shape": (lambda: mfa_hf.quantize_kv(torch.randn(1, 4, 2, 64), "int8",
+                                                            scales=torch.ones(1, 1, 3, 1)), ValueError,
+                                 r"scales: expected shape \(B, S, H, G\) = \(1 or 1, 4 or 1, 2, 1\), got \(1, 1, 3, 1\)"),
+    "quantize_kv bhsd scales shape": (lambda: mfa_hf.quantize_kv(torch.randn(1, 2, 4, 64), "int8", layout="bhsd",
+                                                                 scales=torch.ones(1, 3, 1, 1)), ValueError,
+                                      r"scales: expected shape \(B, H, S, G\) = \(1 or 1, 2, 4 or 1, 1\), got \(1, 3, 1, 1\)"),
+    "quantize_kv zero scale": (lambda: mfa_hf.quantize_kv(torch.randn(1, 4, 2, 64), "int8", granularity="head",
+                                                          scales=torch.zeros(1, 1, 2, 1)), ValueError,
+                               r"scales: expected finite values > 0, got 0.0"),
+    "static_scales shape": (lambda: mfa_hf.allocate_kv_cache(1, 4, 2, 64, "int8", static_scales=torch.ones(1, 1, 3, 1)),
+                            ValueError, r"static_scales: expected shape \(1 or 1, 1, 2, 1 or 64\), got \(1, 1, 3, 1\)"),
+    "int8 k_scale shape": (lambda: (lambda c, s: mfa_hf.flash_attention_int8(torch.randn(1, 2, 8, 64), c, c, s[:, :, :4],
+                                                                             s))(*_int8_codes()), ValueError,
+                           r"k_scale: expected shape \(1 or 1, 2, 8 or 1, G\) to match k_codes"),
+    # -- not a tensor --------------------------------------------------------------------------------------------------
+    "chunked attn_mask list": (lambda: mfa_hf.flash_attention_chunked(*bhsd(), attn_mask=[[True]], chunk_size=2),
+                               TypeError, r"attn_mask: expected a torch.Tensor or None, got list"),
+    "quantize_kv scales list": (lambda: mfa_hf.quantize_kv(torch.randn(1, 4, 2, 64), "int8", scales=[1.0]), TypeError,
+                                r"scales: expected a float32 tensor \(B, S, H, G\) or None, got list"),
+    "static_scales list": (lambda: mfa_hf.allocate_kv_cache(1, 4, 2, 64, "int8", static_scales=[1.0]), TypeError,
+                           r"static_scales: expected a 4-D float32 tensor.*got list"),
+    "int8 q None": (lambda: (lambda c, s: mfa_hf.flash_attention_int8(None, c, c, s, s))(*_int8_codes()), TypeError,
+                    r"q: expected a float tensor \(B, H, Lq, D\), got NoneType"),
+    # -- the SDPA patch's gate ----------------------------------------------------------------------------------------
+    "sdpa devices None": (lambda: mfa_hf.replace_sdpa(devices=None), TypeError,
+                          r"devices: expected a tuple of device types .*got None"),
+    "sdpa devices with index": (lambda: mfa_hf.sdpa_patched(devices=("cuda:0",)).__enter__(), ValueError,
+                                r"devices: expected device types without an index .*got 'cuda:0'; use 'cuda'"),
+    "sdpa devices unknown": (lambda: mfa_hf.replace_sdpa(devices=("gpu",)), ValueError,
+                             r"devices: expected device types torch knows .*got 'gpu'"),
+    "sdpa min_scores float": (lambda: mfa_hf.replace_sdpa(min_scores=1.5), ValueError,
+                              r"min_scores: expected an int >= 0 .*got 1.5"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_every_entry_point_names_the_bad_argument(name):
+    call, error, match = BAD[name]
+    try:
+        with pytest.raises(error, match=match):
+            call()
+    finally:
+        from mfa_hf.integrations import sdpa_patch
+
+        assert not sdpa_patch.is_patched(), "a refused gate must not patch"
+
+
+def test_int_likes_and_real_numbers_are_accepted():
+    """numpy scalars and 0-d tensors are numbers; they give what the plain Python number gives."""
+    np = pytest.importorskip("numpy")
+    q, k, v = qkv()
+    want = mfa_hf.flash_attn_func(q, k, v, window_size=(2, 0), softcap=5.0, softmax_scale=0.3)
+    for window, softcap, scale in (((np.int64(2), np.int32(0)), np.float32(5.0), np.float64(0.3)),
+                                   ((torch.tensor(2), torch.tensor(0)), torch.tensor(5.0), torch.tensor(0.3))):
+        got = mfa_hf.flash_attn_func(q, k, v, window_size=window, softcap=softcap, softmax_scale=scale)
+        torch.testing.assert_close(got, want)
+    qb, kb, vb = bhsd()
+    torch.testing.assert_close(mfa_hf.flash_attention(qb, kb, vb, is_causal=True, window_size=np.int64(3)),
+                               mfa_hf.flash_attention(qb, kb, vb, is_causal=True, window_size=3))
+    qc, kc, vc = cache()
+    torch.testing.assert_close(mfa_hf.flash_attn_with_kvcache(qc, kc, vc, cache_seqlens=np.int64(5), num_splits=np.int64(1)),
+                               mfa_hf.flash_attn_with_kvcache(qc, kc, vc, cache_seqlens=5, num_splits=1))
+    qv, kv, vv, cu = packed()
+    torch.testing.assert_close(mfa_hf.flash_attn_varlen_func(qv, kv, vv, cu, cu, np.int64(4), torch.tensor(4)),
+                               mfa_hf.flash_attn_varlen_func(qv, kv, vv, cu, cu, 4, 4))
+
+
+def test_kvcache_on_meta_gives_the_output_shape():
+    """Meta tensors carry shapes only: the call validates what it can and returns meta outputs."""
+    q, kc, vc = (meta(t) for t in cache())
+    new = meta(torch.zeros(2, 1, 2, 8))
+    lengths = meta(torch.tensor([1, 2], dtype=torch.int32))
+    out, lse = mfa_hf.flash_attn_with_kvcache(q, kc, vc, k=new, v=new, cache_seqlens=lengths, return_lse=True,
+                                              cache_batch_idx=meta(torch.tensor([1, 0], dtype=torch.int32)))
+    assert out.is_meta and out.shape == (2, 1, 4, 8) and lse.shape == (2, 4, 1)

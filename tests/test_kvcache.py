@@ -325,3 +325,42 @@ def test_equal_lengths_are_built_once_and_never_written():
     expected = mfa_hf.flash_attn_with_kvcache(q, cache, v_cache, cache_seqlens=torch.tensor([10, 10],
                                               dtype=torch.int32))
     torch.testing.assert_close(out, expected)
+
+
+def test_int_lengths_from_many_threads():
+    """8 threads x 50 calls with int cache_seqlens over more lengths than the reuse cache holds (so it
+    evicts all the time): no KeyError (the old dict evicted "the oldest" twice from two threads) and
+    every answer is the one a single thread gets."""
+    import sys
+    import threading
+
+    from mfa_hf import kvcache
+
+    threads, calls, lengths = 8, 50, 13
+    q, cache, v_cache = torch.randn(2, 1, 4, 16), torch.randn(2, 16, 2, 16), torch.randn(2, 16, 2, 16)
+    want = {n: mfa_hf.flash_attn_with_kvcache(q, cache, v_cache, cache_seqlens=n) for n in range(1, lengths + 1)}
+    barrier, errors, wrong = threading.Barrier(threads), [], []
+
+    def work(t):
+        barrier.wait()
+        for i in range(calls):
+            n = (t * 5 + i) % lengths + 1
+            try:
+                for j in range(20):  # the reuse cache alone, evicting all the time
+                    kvcache._same_lengths(3, 100 + (t + i + j) % 17, q.device)
+                if not torch.equal(mfa_hf.flash_attn_with_kvcache(q, cache, v_cache, cache_seqlens=n), want[n]):
+                    wrong.append(n)
+            except Exception as error:  # noqa: BLE001 -- reported below
+                errors.append(repr(error))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show up in a short run
+    try:
+        pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors and not wrong, (errors[:3], wrong[:3])

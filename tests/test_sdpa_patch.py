@@ -283,3 +283,90 @@ def test_mfa_trace_prints_fallback_reasons():
     assert result.returncode == 0, result.stderr
     assert "sdpa_patch: dropout_p > 0" in result.stderr
     assert "torch" in result.stderr and "fwd" in result.stderr
+
+
+def test_sdpa_patched_from_many_threads_restores_the_original():
+    """8 threads x 50 blocks at once: the patch stays installed while any block is open (each thread
+    sees it inside its block and gets SDPA's answer), and the original is back after the last one."""
+    import threading
+
+    threads, blocks = 8, 50
+    q, k, v = _qkv(batch=1, heads_q=2, heads_kv=2, lq=4, lk=4, dim=8)
+    want = STOCK(q, k, v)
+    barrier, failures = threading.Barrier(threads), []
+
+    def work():
+        barrier.wait()
+        for _ in range(blocks):
+            try:
+                with sdpa_patch.sdpa_patched(**OPEN_GATE):
+                    if F.scaled_dot_product_attention is not sdpa_patch.patched_sdpa:
+                        failures.append("not patched inside a block")
+                    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v), want, atol=2e-5, rtol=1e-5)
+            except Exception as error:  # noqa: BLE001 -- reported below
+                failures.append(repr(error))
+
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    assert not failures, failures[:3]
+    assert F.scaled_dot_product_attention is STOCK and not sdpa_patch.is_patched()
+    assert sdpa_patch._holds == [] and sdpa_patch._gate is None
+
+
+def test_threads_keep_their_own_gate_and_others_see_the_process_gate(monkeypatch):
+    """Process-wide patch: a thread with no block still goes through it (with the newest block's gate);
+    a thread inside a block uses its own innermost gate; replace_sdpa and blocks hold it together."""
+    import threading
+
+    gates = {}  # thread id -> the gate patched_sdpa applied to its last call
+    real = sdpa_patch.unserved_reason
+
+    def recording(gate, *args):
+        gates[threading.get_ident()] = gate
+        return real(gate, *args)
+
+    monkeypatch.setattr(sdpa_patch, "unserved_reason", recording)
+    q = torch.randn(1, 1, 2, 4)
+
+    def gate_here():
+        F.scaled_dot_product_attention(q, q, q)
+        return gates.pop(threading.get_ident())
+
+    def in_new_thread(fn):
+        result = []
+        thread = threading.Thread(target=lambda: result.append(fn()))
+        thread.start()
+        thread.join(10)
+        return result[0]
+
+    entered, leave, seen = threading.Event(), threading.Event(), {}
+
+    def other():
+        with sdpa_patch.sdpa_patched(devices=("mps",), min_scores=7):
+            seen["other thread, in its block"] = gate_here()
+            entered.set()
+            leave.wait(10)
+
+    worker = threading.Thread(target=other)
+    with sdpa_patch.sdpa_patched(devices=("cpu",), min_scores=5):
+        worker.start()
+        assert entered.wait(10)
+        seen["main thread, in its block"] = gate_here()
+        seen["no block, both open"] = in_new_thread(gate_here)
+        leave.set()
+        worker.join(10)
+        seen["no block, main open"] = in_new_thread(gate_here)
+        assert F.scaled_dot_product_attention is sdpa_patch.patched_sdpa  # the main block is still open
+    assert seen == {"other thread, in its block": sdpa_patch.Gate(("mps",), 7),
+                    "main thread, in its block": sdpa_patch.Gate(("cpu",), 5),
+                    "no block, both open": sdpa_patch.Gate(("mps",), 7),  # the newest open block's
+                    "no block, main open": sdpa_patch.Gate(("cpu",), 5)}
+    assert F.scaled_dot_product_attention is STOCK
+    mfa_hf.replace_sdpa(devices=("cpu",))
+    with sdpa_patch.sdpa_patched(devices=("mps",)):
+        mfa_hf.restore_sdpa()  # ends replace_sdpa's hold; the block still holds the patch
+        assert F.scaled_dot_product_attention is sdpa_patch.patched_sdpa
+    assert F.scaled_dot_product_attention is STOCK

@@ -30,7 +30,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ...kvcache import allocate_kv_cache
-from ...quant import KVFormat, QuantizedKV, parse_format, quantize_kv
+from ... import scalars
+from ...quant import NF4_GROUP_SIZES, KVFormat, QuantizedKV, parse_format, quantize_kv
 from . import internals
 from .cache_view import QuantizedCacheError, QuantizedCacheView
 
@@ -132,6 +133,34 @@ class _Store:
         return held + (0 if self.residual is None else self.residual.numel() * self.residual.element_size())
 
 
+def _int_option(value, name: str, smallest: int) -> int:
+    """An int (numpy ints and 0-d int tensors too) >= smallest; ValueError naming `name` otherwise."""
+    try:
+        number = scalars.int_like(value, name, f"an int >= {smallest}")
+    except TypeError as error:
+        raise ValueError(str(error)) from None
+    if number < smallest:
+        raise ValueError(f"{name}: expected an int >= {smallest}, got {value!r}")
+    return number
+
+
+def _group_size(fmt: KVFormat, group_size) -> int | None:
+    """nf4: None (64) or 32 or 64. The other formats keep one scale per (token, head): None only."""
+    if group_size is None:
+        return None
+    if fmt is not KVFormat.NF4:
+        raise ValueError(f"group_size: expected None for {fmt.value} (one scale per token and head; only nf4 "
+                         f"has groups), got {group_size!r}")
+    expected = "32 or 64 for nf4 (or None: 64)"
+    try:
+        size = scalars.int_like(group_size, "group_size", expected)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
+    if size not in NF4_GROUP_SIZES:
+        raise ValueError(f"group_size: expected {expected}, got {group_size!r}")
+    return size
+
+
 class MFAQuantizedLayer(DynamicLayer):
     """One attention layer's quantized K/V (see the module docstring). `sliding_window` None: keep all."""
 
@@ -141,8 +170,9 @@ class MFAQuantizedLayer(DynamicLayer):
         self.format = parse_format(format)
         if self.format.value not in FORMATS:
             raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
-        if isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < 0:
-            raise ValueError(f"residual_length: expected an int >= 0, got {residual_length!r}")
+        residual_length = _int_option(residual_length, "residual_length", 0)
+        group_size = _group_size(self.format, group_size)
+        sliding_window = None if sliding_window is None else _int_option(sliding_window, "sliding_window", 1)
         self.residual_length, self.group_size, self.sliding_window = residual_length, group_size, sliding_window
         self.is_sliding = sliding_window is not None
         self.cumulative_length = 0
