@@ -76,7 +76,7 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
     lk = max_seqlen_k if varlen else k.shape[1]
     heads_q, heads_kv = q.shape[-2], k.shape[-2]
     want_mask_grad = want_mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool
-    if lq == 0 or lk == 0 or batch == 0:
+    if lq == 0 or lk == 0 or batch == 0 or heads_q == 0:
         return empty_grads(q, k, v, sinks, grad_lse, attn_mask.shape if want_mask_grad else None)
     dq, dk, dv = (new_output(t.shape, t.dtype, t.device) for t in (q, k, v))
 

@@ -119,7 +119,7 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
     dim_v = v_codes.shape[-1] * (2 if v_format == "nf4" else 1)
     out = new_output((batch, lq, heads_q, dim_v), q.dtype, q.device)
     lse = new_output((batch, heads_q, lq), lse_dtype(q.dtype), q.device)
-    if batch == 0 or lq == 0:
+    if batch == 0 or lq == 0 or heads_q == 0:
         return out, lse
     rows = rows_per_tile(group, lq, dim_qk, dim_v)
     tiles = math.ceil(group * lq / rows)

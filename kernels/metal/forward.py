@@ -95,9 +95,9 @@ def forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k,
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     lq = max_seqlen_q if varlen else q.shape[1]
     lk = max_seqlen_k if varlen else k.shape[1]
-    if lq == 0 or lk == 0:
-        return empty_result(q, v, sinks)
     heads_q, heads_kv = q.shape[-2], k.shape[-2]
+    if lq == 0 or lk == 0 or batch == 0 or heads_q == 0:  # a Metal grid has no empty dimension
+        return empty_result(q, v, sinks)
 
     out = new_output(q.shape[:-1] + (v.shape[-1],), q.dtype, q.device)
     lse_shape = (heads_q, q.shape[0]) if varlen else (batch, heads_q, lq)

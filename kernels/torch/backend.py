@@ -47,7 +47,7 @@ def forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k,
             max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p):
     options = (scale, causal, window_left, window_right, softcap, dropout_p)
     if cu_seqlens_q is None:
-        if q.shape[1] == 0 or k.shape[1] == 0:
+        if q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0:
             return empty_result(q, v, sinks)
         spec = _spec(q, k, attn_mask, alibi_slopes, dropout_seed, *options)
         return forward_dense(q, k, v, spec, sinks)
@@ -68,7 +68,7 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
              window_right, softcap, dropout_p, want_mask_grad):
     options = (scale, causal, window_left, window_right, softcap, dropout_p)
     if cu_seqlens_q is None:
-        if q.shape[1] == 0 or k.shape[1] == 0:
+        if q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0:
             return empty_grads(q, k, v, sinks, grad_lse, attn_mask.shape if want_mask_grad else None)
         spec = _spec(q, k, attn_mask, alibi_slopes, dropout_seed, *options)
         return backward_dense(grad_out, grad_lse, q, k, v, out, lse, spec, sinks, want_mask_grad)

@@ -152,3 +152,16 @@ def test_reduce_to_mask_shape():
     assert torch.equal(metal_backward._reduce_to(full, (1, 3, 1, 5)), full.sum((0, 2), keepdim=True))
     assert torch.equal(metal_backward._reduce_to(full, (4, 5)), full.sum((0, 1)))
     assert torch.equal(metal_backward._reduce_to(full, (2, 3, 4, 5)), full)
+
+
+@pytest.mark.parametrize("batch, lq, lk, heads", [(0, 4, 5, 2), (2, 0, 5, 2), (2, 4, 0, 2), (2, 4, 5, 0)])
+def test_empty_dimensions(metal_backend, batch, lq, lk, heads):
+    """No Metal grid dimension may be 0: empty problems answer on the host; rows with no keys still
+    give their sink a gradient (lse = sink there)."""
+    q = torch.randn(batch, lq, heads, 8, requires_grad=True)
+    k, v = (torch.randn(batch, lk, heads or 1, 8, requires_grad=True) for _ in range(2))
+    sinks = torch.randn(heads, requires_grad=True)
+    out, lse = mfa_hf.flash_attn_func(q, k, v, sinks=sinks, return_lse=True)
+    assert out.shape == (batch, lq, heads, 8) and lse.shape == (batch, heads, lq)
+    (out.sum() + lse.sum()).backward()
+    torch.testing.assert_close(sinks.grad, torch.full((heads,), float(batch * lq if lk == 0 else 0)))
