@@ -23,26 +23,39 @@ import sys
 
 ENV_VAR = "MFA_FLASH_ATTN_SHIM"
 VERSION = "2.6.3+mfahf"  # FA2's API level the shim follows; the local label marks it as ours
-_MODULES = ("flash_attn", "flash_attn.flash_attn_interface")
+# Served module -> (our module in this package, extra names beyond its __all__, is a package).
+_SERVED = {
+    "flash_attn": ("interface", (), True),
+    "flash_attn.flash_attn_interface": ("interface", ("_get_block_size_n",), False),
+    "flash_attn.bert_padding": ("bert_padding", (), False),
+    "flash_attn.layers": (None, (), True),
+    "flash_attn.layers.rotary": ("rotary", (), False),
+}
+_MODULES = tuple(_SERVED)
 
 
 class _ShimFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves `flash_attn` and `flash_attn.flash_attn_interface` from interface.py."""
+    """Serves the `flash_attn` modules of _SERVED from this package's interface.py, bert_padding.py
+    and rotary.py."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in _MODULES:
+        if fullname not in _SERVED:
             return None
-        return importlib.machinery.ModuleSpec(fullname, self, is_package=fullname == "flash_attn")
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=_SERVED[fullname][2])
 
     def create_module(self, spec):
         return None  # the default module object
 
     def exec_module(self, module):
-        from . import interface  # local: importing torch and the kernels waits for the first use
-
-        for name in interface.__all__:
-            setattr(module, name, getattr(interface, name))
-        module.__all__ = list(interface.__all__)
+        source, extra, _ = _SERVED[module.__name__]
+        names: list[str] = []
+        if source is not None:
+            # local: importing torch and the kernels waits for the first use
+            ours = importlib.import_module(f"{__name__}.{source}")
+            names = list(ours.__all__)
+            for name in (*names, *extra):
+                setattr(module, name, getattr(ours, name))
+        module.__all__ = names
         module.__version__ = VERSION
         module.__mfa_hf_shim__ = True
 
