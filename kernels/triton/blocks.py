@@ -58,7 +58,10 @@ _FORWARD_SMALL = {16: Blocks(64, 64, 4, 3), 32: Blocks(64, 64, 4, 3), 64: Blocks
 _FORWARD_SMALL_CAUSAL = {16: Blocks(64, 64, 4, 3), 32: Blocks(64, 64, 4, 3), 64: Blocks(64, 64, 4, 3),
                          128: Blocks(64, 64, 4, 3)}
 # Backward, dK/dV pass: block_n keys stay resident, block_m query rows stream.
-_BACKWARD_KV = {16: Blocks(64, 128, 4, 2), 32: Blocks(64, 128, 4, 2), 64: Blocks(64, 128, 4, 2),
+# d 32/64 timed side by side (forward + backward, bf16, B=4, H=16, L=4096, H200, triton 3.6: d=32
+# (64, 128, 4, 2) 2.19 / 1.62 ms non-causal / causal, best of six; d=64 (64, 64, 4, 2) 3.48 / 2.06 ms
+# against 3.89 / 2.38 for the racy (32, 128, 4, 2)): results/h200-backward-race-2026-12-03.log.
+_BACKWARD_KV = {16: Blocks(64, 128, 4, 2), 32: Blocks(64, 128, 4, 2), 64: Blocks(64, 64, 4, 2),
                 128: Blocks(64, 128, 8, 2), 256: Blocks(32, 64, 8, 1)}
 # Why no dK/dV entry streams fewer than 64 query rows through a pipelined loop (the dK race found by
 # FlashAttention-2's tests on an H200, triton 3.6): with block_m = 32 the Q K^T and dO V^T products
