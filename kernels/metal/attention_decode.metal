@@ -152,10 +152,12 @@ kernel void attention_decode(
       const bool visible = (p.window_left < 0 || key >= diagonal - p.window_left) &&
                            (p.window_right < 0 || key <= diagonal + p.window_right);
       if (!visible) continue;  // uniform across the simdgroup: every lane has the same x and key
+      // While nothing is visible the max is -inf and 0 stands in for it: exp2(-inf - 0) = 0, and a
+      // NaN logit (max() skips NaN) still reaches l and o as NaN, as the reference says.
       const float m_new = max(m[r], x);
-      if (m_new == -INFINITY) continue;  // an additive -inf logit: nothing to add yet
-      const float correction = exp2(m[r] - m_new);
-      const float pe = exp2(x - m_new);
+      const float m_safe = m_new == -INFINITY ? 0.0f : m_new;
+      const float correction = exp2(m[r] - m_safe);
+      const float pe = exp2(x - m_safe);
       l[r] = l[r] * correction + pe;
       for (int t = 0; t < DVL; ++t) o[r][t] = o[r][t] * correction + pe * vr[t];
       m[r] = m_new;

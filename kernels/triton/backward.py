@@ -11,8 +11,8 @@ recomputed from the saved LSE in base 2; rows with LSE = -inf (nothing visible) 
 import triton
 import triton.language as tl
 
-from .common import (dot, head_hash, keep_tile, load_rows, query_block_band, score_unit, sequence_bounds,
-                     split_range, transform_scores, visible)
+from .common import (dot, head_hash, keep_tile, load_rows, operand, query_block_band, score_unit, sequence_bounds,
+                     split_range, stored, transform_scores, visible)
 
 
 @triton.jit
@@ -56,11 +56,11 @@ def _kv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, sta
         dp = tl.where(keep, dp * keep_scale, 0.0)
     else:
         p_dropped = p
-    dv += dot(tl.trans(p_dropped.to(do.dtype)), do, DOT_PRECISION)
+    dv += dot(tl.trans(operand(p_dropped, do, DOT_PRECISION)), do, DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - capped * capped)
-    dk += dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION)
+    dk += dot(tl.trans(operand(ds, q, DOT_PRECISION)), q, DOT_PRECISION)
     return dk, dv
 
 
@@ -147,9 +147,9 @@ def attention_backward_kv_kernel(
     dk = dk * scale
     dk_base = DK + b.to(tl.int64) * stride_dkb + start_k.to(tl.int64) * stride_dkn + kv_head * stride_dkh
     dv_base = DV + b.to(tl.int64) * stride_dvb + start_k.to(tl.int64) * stride_dvn + kv_head * stride_dvh
-    tl.store(dk_base + cols[:, None] * stride_dkn + offs_dk[None, :], dk.to(DK.dtype.element_ty),
+    tl.store(dk_base + cols[:, None] * stride_dkn + offs_dk[None, :], stored(dk, DK.dtype.element_ty, DOT_PRECISION),
              mask=col_ok[:, None] & (offs_dk[None, :] < HEAD_DQK))
-    tl.store(dv_base + cols[:, None] * stride_dvn + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+    tl.store(dv_base + cols[:, None] * stride_dvn + offs_dv[None, :], stored(dv, DV.dtype.element_ty, DOT_PRECISION),
              mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
 
 
@@ -179,7 +179,7 @@ def _q_step(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, start_n,
         tl.store(ds_base + cols[None, :], ds, mask=row_ok[:, None] & col_ok[None, :])
     if SOFTCAP:
         ds = ds * (1.0 - capped * capped)
-    dq += dot(ds.to(k.dtype), k, DOT_PRECISION)
+    dq += dot(operand(ds, k, DOT_PRECISION), k, DOT_PRECISION)
     return dq
 
 
@@ -250,5 +250,5 @@ def attention_backward_q_kernel(
                      True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, DROPOUT, WRITE_DS, DOT_PRECISION)
     dq = dq * scale
     dq_base = DQ + b.to(tl.int64) * stride_dqb + start_q.to(tl.int64) * stride_dqm + h * stride_dqh
-    tl.store(dq_base + rows[:, None] * stride_dqm + offs_dk[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(dq_base + rows[:, None] * stride_dqm + offs_dk[None, :], stored(dq, DQ.dtype.element_ty, DOT_PRECISION),
              mask=row_ok[:, None] & (offs_dk[None, :] < HEAD_DQK))

@@ -52,9 +52,45 @@ def dot(a, b, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def operand(x, like, DOT_PRECISION: tl.constexpr):
+    """float32 x (P or dS) as a tl.dot operand in `like`'s dtype. Under "upcast" (Triton's interpreter)
+    a bfloat16 operand stays float32: numpy's float32 -> bfloat16 cast there truncates where a GPU
+    rounds to nearest, which made dV one bf16 ulp low on the CPU only."""
+    if DOT_PRECISION == "upcast":
+        if like.dtype == tl.bfloat16:
+            return x
+    return x.to(like.dtype)
+
+
+@triton.jit
+def stored(x, dtype: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """float32 x converted for a store in `dtype`, rounded to nearest even also under "upcast" (Triton's
+    interpreter), whose float32 -> bfloat16 cast truncates: the bits are rounded first, after which the
+    cast is exact (NaN and inf keep their bits; the largest floats round to inf, as a GPU's cast does)."""
+    if DOT_PRECISION == "upcast":
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def tanh(x):
-    # 1 - 2 / (e^{2x} + 1): saturates to +-1 without NaN (exp overflow gives inf, 2 / inf = 0).
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    """tanh without a library call. 1 - 2 / (e^{2x} + 1) saturates to +-1 without NaN (exp overflow
+    gives inf, 2 / inf = 0) but keeps only absolute precision near 0 (about one float32 eps, which a
+    softcap of 50 multiplies past the tolerance): below |x| = 0.55 the odd Taylor series to x^17 is
+    used instead (truncation < 3e-9; within ~5 float32 ulps of tanh everywhere)."""
+    x2 = x * x
+    series = -929569.0 / 638512875.0 + x2 * (6404582.0 / 10854718875.0)
+    series = 21844.0 / 6081075.0 + x2 * series
+    series = -1382.0 / 155925.0 + x2 * series
+    series = 62.0 / 2835.0 + x2 * series
+    series = -17.0 / 315.0 + x2 * series
+    series = 2.0 / 15.0 + x2 * series
+    series = -1.0 / 3.0 + x2 * series
+    series = x * (1.0 + x2 * series)
+    return tl.where(tl.abs(x) < 0.55, series, 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
 
 
 @triton.jit

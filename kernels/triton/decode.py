@@ -337,7 +337,7 @@ def decode_split_kernel(
         acc_lo = acc_lo * alpha[:, None]
         acc_hi = acc_hi * alpha[:, None]
         m_i = m_new
-    nonzero = l_i > 0
+    nonzero = l_i != 0  # not "> 0": a NaN sum must give NaN (out and LSE), as the reference says
     inv = tl.where(nonzero, 1.0 / tl.where(nonzero, l_i, 1.0), 0.0)
     lse2 = tl.where(nonzero, m_i + tl.log2(tl.where(nonzero, l_i, 1.0)), float("-inf"))
     out_lo = acc_lo * inv[:, None]
@@ -391,8 +391,8 @@ def decode_merge_kernel(PART_O, PART_LSE, SINKS, O, LSE, stride_ob, stride_om, s
     parts = tl.load(PART_O + (row * num_splits + ps)[:, None] * HEAD_DV + d[None, :],
                     mask=p_ok[:, None] & (d[None, :] < HEAD_DV), other=0.0)
     merged = tl.sum(parts * w[:, None], 0)
-    safe_total = tl.where(total > 0, total, 1.0)
-    out = tl.where(total > 0, merged / safe_total, 0.0)
+    safe_total = tl.where(total != 0, total, 1.0)  # != : a NaN total stays NaN
+    out = tl.where(total != 0, merged / safe_total, 0.0)
     tl.store(O + b.to(tl.int64) * stride_ob + qi * stride_om + head * stride_oh + d, out.to(O.dtype.element_ty), mask=d < HEAD_DV)
-    lse = tl.where(total > 0, (m_safe + tl.log2(safe_total)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(total != 0, (m_safe + tl.log2(safe_total)) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + b.to(tl.int64) * stride_lb + head * stride_lh + qi, lse)

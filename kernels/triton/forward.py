@@ -8,8 +8,8 @@ batch index selects cu_seqlens offsets; programs past a sequence's end return at
 import triton
 import triton.language as tl
 
-from .common import (dot, head_hash, keep_tile, load_rows, query_block_band, score_unit, sequence_bounds,
-                     transform_scores, visible)
+from .common import (dot, head_hash, keep_tile, load_rows, operand, query_block_band, score_unit, sequence_bounds,
+                     stored, transform_scores, visible)
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _step(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, diag, seql
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
         p = tl.where(keep_tile(hhash, rows, cols, threshold), p * keep_scale, 0.0)
-    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION)
+    acc = acc * alpha[:, None] + dot(operand(p, v, DOT_PRECISION), v, DOT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -130,7 +130,7 @@ def attention_forward_kernel(
     lse = tl.where(empty, float("-inf"), m_safe / unit + tl.log2(l_safe) * 0.6931471805599453)
 
     o_base = O + b.to(tl.int64) * stride_ob + start_q.to(tl.int64) * stride_om + h * stride_oh
-    tl.store(o_base + rows[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty),
+    tl.store(o_base + rows[:, None] * stride_om + offs_dv[None, :] * stride_od, stored(out, O.dtype.element_ty, DOT_PRECISION),
              mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
     lse_base = LSE + b.to(tl.int64) * stride_lb + start_q.to(tl.int64) * stride_lm + h * stride_lh
     tl.store(lse_base + rows * stride_lm, lse, mask=row_ok)
