@@ -1,5 +1,5 @@
 """Every tensor argument in unusual layouts and dtypes, on every backend, against the float64 reference
-(issue 16; the helpers and the case catalog live in mfa_hf/testing_layouts.py).
+(issue 16; the helpers and the case catalog live in mfa_hf/testing_layouts/).
 
 Each case lays out q, k, v, attn_mask (bool and additive, any broadcast shape), alibi_slopes ((Hq,) and
 (B, Hq)), sinks, cu_seqlens_q/k, the KV cache, the new k/v, cache_seqlens, cache_batch_idx, grad_out and
