@@ -196,10 +196,8 @@ def _check_gate(devices, min_scores) -> Gate:
         if kind != device:
             raise ValueError(f"devices: expected device types without an index (the gate matches q.device.type), "
                              f"got {device!r}; use {kind!r}")
-    try:
-        min_scores = scalars.int_like(min_scores, "min_scores", "an int >= 0 (smallest Lq * Lk served)")
-    except TypeError as error:  # ValueError, as min_scores always raised
-        raise ValueError(str(error)) from None
+    min_scores = scalars.int_like(min_scores, "min_scores", "an int >= 0 (smallest Lq * Lk served)",
+                                  ValueError)  # as min_scores always raised
     if min_scores < 0:
         raise ValueError(f"min_scores: expected an int >= 0 (smallest Lq * Lk served), got {min_scores!r}")
     return Gate(tuple(devices), min_scores)

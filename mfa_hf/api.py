@@ -156,10 +156,8 @@ def bhsd_window(window_size, is_causal: bool) -> tuple[int, int]:
     if window_size is None:
         return NO_WINDOW
     if not isinstance(window_size, (tuple, list)):  # an int-like: numpy ints and 0-d int tensors too
-        try:
-            window_size = scalars.int_like(window_size, "window_size", "None, an int >= 1 (keys visible) or a pair")
-        except TypeError as error:
-            raise ValueError(str(error)) from None
+        window_size = scalars.int_like(window_size, "window_size", "None, an int >= 1 (keys visible) or a pair",
+                                       ValueError)
         if window_size < 1:
             raise ValueError(f"window_size: expected an int >= 1 (keys visible), got {window_size}")
         return (window_size - 1, 0) if is_causal else (window_size - 1, -1)

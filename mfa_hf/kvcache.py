@@ -48,8 +48,8 @@ def allocate_kv_cache(batch: int, max_seqlen: int, heads_kv: int, head_dim: int,
     Quantized caches hold a float32 scale per (token, head) (nf4: per group along D) unless
     static_scales (per head (1 or B, 1, H, 1) or per channel (1 or B, 1, H, D)) are given.
     """
-    batch, max_seqlen = _size(batch, "batch", 0), _size(max_seqlen, "max_seqlen", 0)
-    heads_kv, head_dim = _size(heads_kv, "heads_kv", 1), _size(head_dim, "head_dim", 1)
+    batch, max_seqlen = scalars.int_at_least(batch, "batch", 0), scalars.int_at_least(max_seqlen, "max_seqlen", 0)
+    heads_kv, head_dim = scalars.int_at_least(heads_kv, "heads_kv", 1), scalars.int_at_least(head_dim, "head_dim", 1)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a float torch.dtype (the cache's logical dtype), got {dtype!r}")
     if format is None or format == "none":
@@ -84,7 +84,7 @@ def allocate_kv_cache(batch: int, max_seqlen: int, heads_kv: int, head_dim: int,
         if static_scales.device != codes.device:
             raise ValueError(f"static_scales: expected device {codes.device} like the cache, got {static_scales.device}")
         check_scale_values(static_scales, "static_scales")
-        size = head_dim // static_scales.shape[-1] if static_scales.dim() == 4 and static_scales.shape[-1] else 0
+        size = head_dim // static_scales.shape[-1]  # checked above: 4-D, last dim 1 or head_dim
         return QuantizedKV(codes, static_scales, fmt, size, dtype)
     groups = head_dim // group_size if fmt is KVFormat.NF4 else 1
     scales = torch.ones(batch, max_seqlen, heads_kv, groups, dtype=SCALE_DTYPE, device=device)
@@ -175,10 +175,7 @@ def _check_options(q, softmax_scale, causal, window_size, softcap, alibi_slopes,
     check_sinks(sinks, q.shape[2], q.device)
     check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
     expected = "an int >= 0 (0 = choose from the shape)"
-    try:
-        splits = scalars.int_like(num_splits, "num_splits", expected)
-    except TypeError as error:  # ValueError, as num_splits always raised
-        raise ValueError(str(error)) from None
+    splits = scalars.int_like(num_splits, "num_splits", expected, ValueError)  # as num_splits always raised
     if splits < 0:
         raise ValueError(f"num_splits: expected {expected}, got {num_splits!r}")
     return scale, scalars.flag(causal, "causal"), window_left, window_right, softcap, splits
@@ -392,13 +389,6 @@ def _check_index_vector(name, t, batch, device) -> None:
         raise ValueError(f"{name}: expected shape ({batch},), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name}: expected device {device} like q, got {t.device}")
-
-
-def _size(value, name: str, smallest: int) -> int:
-    size = scalars.int_like(value, name, f"an int >= {smallest}")
-    if size < smallest:
-        raise ValueError(f"{name}: expected an int >= {smallest}, got {size}")
-    return size
 
 
 def _describe(x) -> str:

@@ -107,20 +107,31 @@ def describe(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, max_seqlen_q
     )
 
 
-def _span(t, dense: bool) -> int:
-    """1 + the largest element offset a tensor's strides reach from its data pointer, leaving out the
-    leading batch dimension of dense tensors (kernels offset batches in 64 bits); 0 when empty."""
-    t = getattr(t, "codes", t)  # a QuantizedKV cache: its codes are what kernels index
-    if t is None or t.numel() == 0:
+def _span(t, first: int) -> int:
+    """1 + the largest element offset a tensor's strides reach from its data pointer over its dims from
+    `first` on (dense tensors skip the batch: kernels offset batches in 64 bits); 0 when empty. It runs
+    on every call: contiguous tensors take a shortcut, the rest a plain loop."""
+    if t is None:
         return 0
-    dims = list(zip(t.shape, t.stride()))[1 if dense and t.dim() == 4 else 0:]
-    return 1 + sum((size - 1) * abs(stride) for size, stride in dims)
+    if type(t) is not Tensor:
+        t = getattr(t, "codes", t)  # a QuantizedKV cache: its codes are what kernels index
+    if t.is_contiguous():  # the common case, exactly: the elements of one batch row (or all)
+        count = t.numel()
+        return count // t.shape[0] if first and count else count
+    sizes, strides = t.shape, t.stride()
+    span = 1
+    for i in range(first, len(sizes)):
+        if sizes[i] == 0:
+            return 0
+        span += (sizes[i] - 1) * strides[i]
+    return span if t.numel() else 0
 
 
 def _largest_span(q, k, v, attn_mask) -> int:
-    dense = q.dim() == 4
-    out = q.numel() // max(q.shape[0] if dense else 1, 1) // max(q.shape[-1], 1) * v.shape[-1]
-    return max(_span(q, dense), _span(k, dense), _span(v, dense), _span(attn_mask, dense), out)
+    first = 1 if q.dim() == 4 else 0
+    shape = q.shape
+    out = shape[-3] * shape[-2] * v.shape[-1] if first else shape[0] * shape[1] * v.shape[-1]
+    return max(_span(q, first), _span(k, first), _span(v, first), _span(attn_mask, first), out)
 
 
 def _record(backend: str, op: str, problem: AttentionProblem) -> None:

@@ -122,10 +122,7 @@ def check_window(window_size) -> tuple[int, int]:
     sides = []
     for side, value in zip(("left", "right"), window_size):
         expected = f"{side} >= -1 (an int, -1 = unbounded)"
-        try:
-            index = scalars.int_like(value, "window_size", expected)
-        except TypeError as error:
-            raise ValueError(str(error)) from None
+        index = scalars.int_like(value, "window_size", expected, ValueError)
         if index < -1:
             raise ValueError(f"window_size: expected {expected}, got {value!r}")
         sides.append(index)

@@ -182,10 +182,7 @@ def _group_size(fmt: KVFormat, granularity: str, group_size, dim: int) -> int:
     if not isinstance(granularity, str) or granularity not in ("token", "head", "channel"):
         raise ValueError(f"granularity: expected 'token', 'head' or 'channel', got {granularity!r}")
     if group_size is not None:
-        try:
-            group_size = scalars.int_like(group_size, "group_size", "an int or None")
-        except TypeError as error:  # ValueError, as group_size always raised
-            raise ValueError(str(error)) from None
+        group_size = scalars.int_like(group_size, "group_size", "an int or None", ValueError)  # as it always raised
     if fmt is KVFormat.NF4:
         size = 64 if group_size is None else group_size
         if size not in NF4_GROUP_SIZES:

@@ -42,18 +42,27 @@ def real_number(value, name: str, expected: str) -> float:
     raise TypeError(f"{name}: expected {expected}, got {_shown(value)}")
 
 
-def int_like(value, name: str, expected: str) -> int:
-    """operator.index(value), refusing bools and floats with a TypeError naming `name`."""
+def int_like(value, name: str, expected: str, error: type = TypeError) -> int:
+    """operator.index(value), refusing bools and floats with `error` (TypeError; ValueError for the
+    arguments that always raised it for a wrong kind) naming `name`."""
     if type(value) is int:
         return value
     if not (isinstance(value, bool) or _is_bool(value)):
         if isinstance(value, torch.Tensor) and value.is_meta:
-            raise TypeError(f"{name}: expected {expected}, got {_shown(value)} (a meta tensor has no value)")
+            raise error(f"{name}: expected {expected}, got {_shown(value)} (a meta tensor has no value)")
         try:
             return operator.index(value)
         except (TypeError, ValueError, RuntimeError):
             pass
-    raise TypeError(f"{name}: expected {expected}, got {_shown(value)}")
+    raise error(f"{name}: expected {expected}, got {_shown(value)}")
+
+
+def int_at_least(value, name: str, smallest: int, error: type = TypeError) -> int:
+    """int_like(value) >= smallest: a wrong kind raises `error`, a smaller int ValueError."""
+    number = int_like(value, name, f"an int >= {smallest}", error)
+    if number < smallest:
+        raise ValueError(f"{name}: expected an int >= {smallest}, got {number}")
+    return number
 
 
 def flag(value, name: str) -> bool:

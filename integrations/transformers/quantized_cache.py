@@ -133,16 +133,6 @@ class _Store:
         return held + (0 if self.residual is None else self.residual.numel() * self.residual.element_size())
 
 
-def _int_option(value, name: str, smallest: int) -> int:
-    """An int (numpy ints and 0-d int tensors too) >= smallest; ValueError naming `name` otherwise."""
-    try:
-        number = scalars.int_like(value, name, f"an int >= {smallest}")
-    except TypeError as error:
-        raise ValueError(str(error)) from None
-    if number < smallest:
-        raise ValueError(f"{name}: expected an int >= {smallest}, got {value!r}")
-    return number
-
 
 def _group_size(fmt: KVFormat, group_size) -> int | None:
     """nf4: None (64) or 32 or 64. The other formats keep one scale per (token, head): None only."""
@@ -152,10 +142,7 @@ def _group_size(fmt: KVFormat, group_size) -> int | None:
         raise ValueError(f"group_size: expected None for {fmt.value} (one scale per token and head; only nf4 "
                          f"has groups), got {group_size!r}")
     expected = "32 or 64 for nf4 (or None: 64)"
-    try:
-        size = scalars.int_like(group_size, "group_size", expected)
-    except TypeError as error:
-        raise ValueError(str(error)) from None
+    size = scalars.int_like(group_size, "group_size", expected, ValueError)
     if size not in NF4_GROUP_SIZES:
         raise ValueError(f"group_size: expected {expected}, got {group_size!r}")
     return size
@@ -170,9 +157,9 @@ class MFAQuantizedLayer(DynamicLayer):
         self.format = parse_format(format)
         if self.format.value not in FORMATS:
             raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
-        residual_length = _int_option(residual_length, "residual_length", 0)
+        residual_length = scalars.int_at_least(residual_length, "residual_length", 0, ValueError)
         group_size = _group_size(self.format, group_size)
-        sliding_window = None if sliding_window is None else _int_option(sliding_window, "sliding_window", 1)
+        sliding_window = None if sliding_window is None else scalars.int_at_least(sliding_window, "sliding_window", 1, ValueError)
         self.residual_length, self.group_size, self.sliding_window = residual_length, group_size, sliding_window
         self.is_sliding = sliding_window is not None
         self.cumulative_length = 0

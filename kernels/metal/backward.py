@@ -95,8 +95,8 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
               + mask_strides + [slopes_stride] + [lq, lk, heads_q, heads_q // heads_kv, window_left, right])
     lib = library(variant, q.device, len(BACKWARD_PARAM_FIELDS))
     floats = _placeholder(q.device, torch.float32)
-    cu_q = cu_seqlens_q.contiguous() if varlen else _placeholder(q.device, torch.int32)
-    cu_k = cu_seqlens_k.contiguous() if varlen else _placeholder(q.device, torch.int32)
+    cu_q = cu_seqlens_q if varlen else _placeholder(q.device, torch.int32)
+    cu_k = cu_seqlens_k if varlen else _placeholder(q.device, torch.int32)
     dmask_full = floats
     if want_mask_grad:
         dmask_full = torch.zeros((batch, heads_q, lq, lk), dtype=torch.float32, device=q.device)

@@ -121,8 +121,8 @@ def forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k,
     cap_scale = softcap * unit
 
     sink_logits = bound_floats(sinks, q.device)
-    cu_q = cu_seqlens_q.contiguous() if varlen else _placeholder(q.device, torch.int32)
-    cu_k = cu_seqlens_k.contiguous() if varlen else _placeholder(q.device, torch.int32)
+    cu_q = cu_seqlens_q if varlen else _placeholder(q.device, torch.int32)
+    cu_k = cu_seqlens_k if varlen else _placeholder(q.device, torch.int32)
 
     lib = library(variant, q.device, len(PARAM_FIELDS))
     groups = math.ceil(lq / config.query_block)
