@@ -96,6 +96,9 @@ def flash_attn_varlen_func(
     """Packed sequences: q (Tq, Hq, D), k/v (Tk, Hkv, D); sequence b is rows cu_seqlens[b]:[b+1].
 
     Each sequence is its own attention problem (causal/window align bottom-right within it).
+    As in FlashAttention-2, sizes come from the shapes and max_seqlen_q/max_seqlen_k (at least the
+    longest sequence), and the offsets' values are trusted on mps/cuda: nothing is read back from the
+    device. CPU offsets are always checked; MFA_CHECK_VALUES=1 checks device ones too (a sync per call).
     Returns (Tq, Hq, Dv), and with return_lse also lse (Hq, Tq).
     """
     check_qkv(q, k, v, rank=3, layout="(T, H, D) packed by cu_seqlens")
@@ -217,7 +220,10 @@ def _attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, att
     problem = describe(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
                        causal, window_left, window_right, softcap, dropout_p, needs_grad=needs_grad)
     chosen = dispatch.select(problem)
-    out, lse = chosen.OPS.forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, seed,
+    forward = chosen.OPS.forward
+    if q.is_meta:  # no values to read (a varlen backend may read cu_seqlens): the op's shape function
+        forward = getattr(forward, "op", forward)
+    out, lse = forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, seed,
                                   max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right,
                                   softcap, dropout_p)
     return (out, lse) if return_lse else out

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from . import dispatch, helper_tensors, scalars
 from .ops import describe
-from .problem import NO_WINDOW, check_alibi, check_dropout, check_scale, check_sinks, check_softcap, check_window
+from .problem import (NO_WINDOW, check_alibi, check_dropout, check_scale, check_sinks, check_softcap, check_window,
+                      values_checked)
 from .quant import (NF4_GROUP_SIZES, SCALE_DTYPE, KVFormat, QuantizedKV, _absmax_scales, check_scale_values, encode,
                     parse_format, storage_dim)
 
@@ -28,10 +29,18 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 @torch.library.custom_op("mfa_hf::kvcache_append", mutates_args=("cache",))
 def _append(cache: Tensor, new: Tensor, cache_seqlens: Tensor, cache_batch_idx: Optional[Tensor]) -> None:
-    """cache[row_b, cache_seqlens[b] + t] = new[b, t] for every t (rows: cache_batch_idx or b)."""
+    """cache[row_b, cache_seqlens[b] + t] = new[b, t] for every t (rows: cache_batch_idx or b).
+
+    Off the CPU the indices are clamped into the cache: values there are not read back (problem.values_checked),
+    and an out-of-range index would write past the cache on mps (no bounds check) or kill the CUDA context
+    (a device-side assert); a bad value then overwrites a slot of the cache, never memory beyond it."""
     batch, count = new.shape[0], new.shape[1]
     rows = torch.arange(batch, device=cache.device) if cache_batch_idx is None else cache_batch_idx.long()
     positions = cache_seqlens.long()[:, None] + torch.arange(count, device=cache.device)
+    if cache.device.type != "cpu" and cache.shape[0] and cache.shape[1]:  # CPU: validated, and indexing raises
+        positions = positions.clamp(0, cache.shape[1] - 1)
+        if cache_batch_idx is not None:
+            rows = rows.clamp(0, cache.shape[0] - 1)
     cache[rows[:, None], positions] = new.to(cache.dtype)
 
 
@@ -117,7 +126,9 @@ def flash_attn_with_kvcache(
     keys. cache_batch_idx (B,) maps batch rows to cache rows. Causal/window align bottom-right:
     query i sees keys j <= L_b - Lq + i (L_b the length after the append). Any Lq (decode is 1).
     num_splits 0 lets the backend choose the split-K factor from the shape. The caller updates
-    cache_seqlens afterwards. Returns (B, Lq, Hq, Dv) (and lse (B, Hq, Lq) with return_lse).
+    cache_seqlens afterwards. Tensor cache_seqlens/cache_batch_idx values are checked on CPU; on mps/cuda
+    they are trusted as in FlashAttention-2 (nothing is read back from the device; MFA_CHECK_VALUES=1 checks
+    them at the price of a sync): out-of-range values give undefined results, bounded by the cache. Returns (B, Lq, Hq, Dv) (and lse (B, Hq, Lq) with return_lse).
     """
     return attend_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, softmax_scale, causal,
                           window_size, softcap, alibi_slopes, sinks, return_lse, num_splits)
@@ -127,8 +138,8 @@ def attend_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cach
                    causal=True, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None, sinks=None, return_lse=False,
                    num_splits=0, host_batch_idx: list[int] | None = None):
     """flash_attn_with_kvcache for callers that hold cache_batch_idx's values on the host as well
-    (host_batch_idx): those are checked instead of reading the tensor back, which on mps/cuda waits for
-    the device. With an int cache_seqlens such a call reads nothing back."""
+    (host_batch_idx): those are checked instead of the tensor's (CPU tensors are always checked; device
+    ones only with MFA_CHECK_VALUES=1, see problem.values_checked)."""
     check_query(q)
     quantized = _check_caches(q, k_cache, v_cache)
     batch = q.shape[0]
@@ -266,12 +277,6 @@ def check_query(q) -> None:
         raise ValueError(f"q: expected a head dim >= 1, got shape {tuple(q.shape)}")
 
 
-def _values_readable(t: Tensor) -> bool:
-    """Whether an index tensor's values can be checked on the host: not while compiling (they are data
-    in the graph) and not on meta (there are none; the call then runs the ops' shape functions)."""
-    return not (torch.compiler.is_compiling() or t.is_meta)
-
-
 def _check_caches(q, k_cache, v_cache, names=("k_cache", "v_cache")) -> bool:
     k_quantized, v_quantized = isinstance(k_cache, QuantizedKV), isinstance(v_cache, QuantizedKV)
     if k_quantized != v_quantized:
@@ -306,8 +311,8 @@ def _check_batch_idx(cache_batch_idx, batch, cache_batch, device, appending: boo
             raise ValueError(f"k_cache: expected batch {batch} like q (or pass cache_batch_idx), got {cache_batch}")
         return None
     _check_index_vector("cache_batch_idx", cache_batch_idx, batch, device)
-    if host_values is None and not _values_readable(cache_batch_idx):
-        return cache_batch_idx
+    if host_values is None and not values_checked(cache_batch_idx):
+        return cache_batch_idx  # trusted (FA2); kernels clamp the rows they index
     values = cache_batch_idx.tolist() if host_values is None else list(host_values)
     if len(values) != batch:
         raise ValueError(f"host_batch_idx: expected {batch} values like cache_batch_idx, got {len(values)}")
@@ -350,7 +355,7 @@ def _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, device) -> Tensor:
                              f"{max_seqlen} minus {new_len} new tokens), got {cache_seqlens}")
         return _same_lengths(batch, cache_seqlens, device)
     _check_index_vector("cache_seqlens", cache_seqlens, batch, device)
-    if _values_readable(cache_seqlens):
+    if values_checked(cache_seqlens):  # else trusted (FA2): kernels bound keys by the cache's capacity
         values = cache_seqlens.tolist()
         if any(n < 0 for n in values):
             raise ValueError(f"cache_seqlens: expected lengths >= 0, got {values}")

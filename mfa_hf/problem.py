@@ -6,6 +6,7 @@ Kernels assume valid input. Every error names the argument, what was expected an
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from enum import Enum
 
@@ -202,10 +203,30 @@ def _check_float_vector(name: str, t, device: torch.device) -> None:
         raise ValueError(f"{name}: expected device {device} like q, got {t.device}")
 
 
+CHECK_VALUES_ENV = "MFA_CHECK_VALUES"
+
+
+def values_checked(t: torch.Tensor) -> bool:
+    """Whether the values of an index tensor (cu_seqlens, cache_seqlens, cache_batch_idx, block_table)
+    are checked on the host.
+
+    CPU tensors: always (reading them costs no device sync). Tensors on mps/cuda: only with
+    MFA_CHECK_VALUES=1, because reading values back waits for everything queued on the device, once per
+    layer per step. Without it they are trusted, as FlashAttention-2 trusts them: sizes come from shapes
+    and max_seqlen arguments, and an out-of-range value gives undefined results (never an out-of-bounds
+    access: kernels clamp what they index). torch._assert_async would not help: it has no mps kernel and
+    on cuda a failed assert kills the CUDA context. Never while compiling (values are graph data) or on
+    meta (there are none)."""
+    if torch.compiler.is_compiling() or t.is_meta:
+        return False
+    return t.device.type == "cpu" or os.environ.get(CHECK_VALUES_ENV, "0") not in ("", "0")
+
+
 def check_cu_seqlens(cu_seqlens, name: str, total: int, batch: int | None,
                      device: torch.device) -> tuple[int, list[int] | None]:
-    """Validate cumulative sequence lengths; returns the batch size they describe and the offsets
-    (read once from the device: the one host sync of a varlen call's validation; None when compiling)."""
+    """Validate cumulative sequence lengths; returns the batch size they describe (from the shape) and
+    the offsets when their values were checked (values_checked: CPU tensors, or MFA_CHECK_VALUES=1),
+    else None: nothing is read back from the device."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -217,22 +238,26 @@ def check_cu_seqlens(cu_seqlens, name: str, total: int, batch: int | None,
     count = cu_seqlens.numel() - 1
     if batch is not None and count != batch:
         raise ValueError(f"{name}: expected {batch + 1} offsets like cu_seqlens_q, got {count + 1}")
-    if torch.compiler.is_compiling():
-        return count, None  # values are data; checking them would break the graph
-    if cu_seqlens.is_meta:
-        raise ValueError(f"{name}: expected offsets with values (varlen calls read them on the host), got a meta tensor")
+    if not values_checked(cu_seqlens):
+        return count, None
     values = cu_seqlens.tolist()
+    check_offsets(values, name, total)
+    return count, values
+
+
+def check_offsets(values: list[int], name: str, total: int) -> None:
+    """cu_seqlens values (read on the host): 0, non-decreasing, ending at the total length."""
     if values[0] != 0:
         raise ValueError(f"{name}: expected to start at 0, got {values[0]}")
     if any(b < a for a, b in zip(values, values[1:])):
         raise ValueError(f"{name}: expected non-decreasing offsets, got {values}")
     if values[-1] != total:
         raise ValueError(f"{name}: expected to end at the total length {total}, got {values[-1]}")
-    return count, values
 
 
 def check_max_seqlen(max_seqlen, name: str, offsets: list[int] | None) -> int:
-    """max_seqlen against the offsets check_cu_seqlens already read (no second device read)."""
+    """max_seqlen against the offsets check_cu_seqlens read, when it read them (None: trusted, as in
+    FlashAttention-2; kernels size their grids from it)."""
     value = scalars.int_like(max_seqlen, name, "an int >= 0 (the longest sequence or more)")
     if value < 0:
         raise ValueError(f"{name}: expected an int >= 0 (the longest sequence or more), got {value}")

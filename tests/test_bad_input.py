@@ -233,8 +233,8 @@ BAD = {
     "MFAQuantizedLayer sliding_window 0": (lambda: _quantized_layer(sliding_window=0), ValueError,
                                            r"sliding_window: expected an int >= 1, got 0"),
     # -- meta tensors: no values to read ------------------------------------------------------------------------
-    "varlen on meta": (lambda: _varlen(all_meta=True), ValueError,
-                       r"cu_seqlens_q: expected offsets with values .*got a meta tensor"),
+    "varlen cu_seqlens on meta": (lambda: _varlen(cu_seqlens_k=meta(packed()[3])), ValueError,
+                                  r"cu_seqlens_k: expected device cpu like q, got meta"),
     "kvcache cache on meta": (lambda: (lambda q, kc, vc: mfa_hf.flash_attn_with_kvcache(q, meta(kc), meta(vc)))(*cache()),
                               ValueError, r"k_cache: expected device cpu like q, got meta"),
     "dropout_seed on meta": (lambda: mfa_hf.flash_attn_func(*qkv(), dropout_p=0.1, dropout_seed=meta(torch.tensor(3))),
@@ -323,6 +323,14 @@ def test_int_likes_and_real_numbers_are_accepted():
     qv, kv, vv, cu = packed()
     torch.testing.assert_close(mfa_hf.flash_attn_varlen_func(qv, kv, vv, cu, cu, np.int64(4), torch.tensor(4)),
                                mfa_hf.flash_attn_varlen_func(qv, kv, vv, cu, cu, 4, 4))
+
+
+def test_varlen_on_meta_gives_the_output_shape():
+    """As in FlashAttention-2, sizes come from the shapes and max_seqlen: meta offsets (no values) are
+    not read, and the call returns meta outputs."""
+    q, k, v, cu = (meta(t) for t in packed())
+    out, lse = mfa_hf.flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, return_lse=True)
+    assert out.is_meta and out.shape == q.shape[:-1] + (v.shape[-1],) and lse.shape == (q.shape[1], q.shape[0])
 
 
 def test_kvcache_on_meta_gives_the_output_shape():

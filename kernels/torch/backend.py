@@ -1,7 +1,8 @@
 """The `torch` backend: chunked online softmax in PyTorch ops, every feature, any device, O(N) memory.
 
 Packed (varlen) batches are served one sequence at a time with Python offsets: this backend is the
-always-correct fallback, not the fast path, and reading cu_seqlens on the host is its price.
+always-correct fallback, not the fast path, and reading cu_seqlens on the host is its price (with a
+check of their values: the API layer trusts device offsets, as FlashAttention-2 does).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from mfa_hf.ops import define_attention_ops, define_decode_op, empty_grads, empty_result
-from mfa_hf.problem import AttentionProblem
+from mfa_hf.problem import AttentionProblem, check_offsets
 
 from .backward import backward_dense
 from .decode import run_decode
@@ -24,8 +25,14 @@ def supports(problem: AttentionProblem) -> tuple[bool, str]:
     return True, "the torch backend serves every feature on every device"
 
 
-def _segments(cu_seqlens_q, cu_seqlens_k):
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+def _segments(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int):
+    """(b, query rows, key rows) per sequence. The offsets are read on the host here, in one read (a sync
+    off the CPU: this backend's price), and checked: the API trusts device offsets (problem.values_checked)."""
+    count = cu_seqlens_q.numel()
+    starts = torch.cat([cu_seqlens_q, cu_seqlens_k.to(cu_seqlens_q.dtype)]).tolist()
+    starts_q, starts_k = starts[:count], starts[count:]
+    check_offsets(starts_q, "cu_seqlens_q", total_q)
+    check_offsets(starts_k, "cu_seqlens_k", total_k)
     for b in range(len(starts_q) - 1):
         yield b, slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], starts_k[b + 1])
 
@@ -52,7 +59,7 @@ def forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k,
         spec = _spec(q, k, attn_mask, alibi_slopes, dropout_seed, *options)
         return forward_dense(q, k, v, spec, sinks)
     out, lse = empty_result(q, v, sinks)
-    for b, rows, keys in _segments(cu_seqlens_q, cu_seqlens_k):
+    for b, rows, keys in _segments(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
         if rows.stop == rows.start or keys.stop == keys.start:
             continue
         qb, kb, vb = q[None, rows], k[None, keys], v[None, keys]
@@ -73,7 +80,7 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
         spec = _spec(q, k, attn_mask, alibi_slopes, dropout_seed, *options)
         return backward_dense(grad_out, grad_lse, q, k, v, out, lse, spec, sinks, want_mask_grad)
     dq, dk, dv, dsinks, _ = empty_grads(q, k, v, sinks, None)
-    for b, rows, keys in _segments(cu_seqlens_q, cu_seqlens_k):
+    for b, rows, keys in _segments(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
         if rows.stop == rows.start:
             continue
         if keys.stop == keys.start:  # rows that see only their sink (empty_grads says why)

@@ -144,7 +144,7 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
     dim_v = v_codes.shape[-1] * (2 if v_format == "nf4" else 1)
     out = new_output((batch, lq, heads_q, dim_v), q.dtype, q.device)
     lse = new_output((batch, heads_q, lq), acc_dtype, q.device)
-    lengths = seqlens_k.tolist()  # host read: the fallback backend sizes its loops from it
+    lengths = _host_lengths(seqlens_k, cache_batch_idx, k_codes.shape[0], k_codes.shape[1])
     rows = None if cache_batch_idx is None else cache_batch_idx.to(torch.long)
     right = 0 if causal else window_right
     span = _visible_span(lengths, lq, 0, lq, window_left, right)
@@ -158,6 +158,23 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
         out[:, i0:i1] = tile_out
         lse[:, :, i0:i1] = tile_lse
     return out, lse
+
+
+def _host_lengths(seqlens_k, cache_batch_idx, cache_rows: int, capacity: int) -> list[int]:
+    """The lengths on the host, where this fallback sizes its loops from them (a sync off the CPU: its price;
+    the API layer trusts device values). The rows come back in the same read: both are checked here, so a
+    bad value is a ValueError on every device, never an out-of-range index."""
+    if cache_batch_idx is None:
+        lengths, rows = seqlens_k.tolist(), []
+    else:
+        both = torch.cat([seqlens_k.to(torch.long), cache_batch_idx.to(torch.long)]).tolist()
+        lengths, rows = both[:seqlens_k.numel()], both[seqlens_k.numel():]
+    if any(not 0 <= n <= capacity for n in lengths):
+        raise ValueError(f"cache_seqlens: expected lengths (new tokens included) in [0, {capacity}], the cache "
+                         f"capacity, got {lengths}")
+    if any(not 0 <= r < cache_rows for r in rows):
+        raise ValueError(f"cache_batch_idx: expected rows in [0, {cache_rows}), got {rows}")
+    return lengths
 
 
 @dataclass(frozen=True)
