@@ -58,7 +58,8 @@ def test_threadgroup_memory_is_shared_and_schedules_agree(lib):
 
 
 def test_removed_barrier_is_detected_by_two_schedules(emulator):
-    lib = emulator.compile_shader("#define NO_BARRIER 1\n" + SRC)
+    # The define goes after the include (defines before it are an error, as they can break Apple's headers).
+    lib = emulator.compile_shader(SRC.replace("using namespace metal;", "using namespace metal;\n#define NO_BARRIER 1", 1))
     x, out = torch.randn(256), torch.zeros(256)
     with pytest.raises(AssertionError, match=r"reverse_blocks: output 1 differs between schedules 'forward' and 'sg-random'"):
         run_two_schedules(lib, "reverse_blocks", [x, out], group_size=64)

@@ -9,6 +9,7 @@ See README.md in this folder for what it proves and what only Apple's compiler a
 
 from .arguments import EmulatorWarning
 from .compiler import CompilerNotFound, MetalCompileError, UnsafeCacheError, find_compiler
+from .targets import Target, bfloat_available, current_target, emulate, msl_version_for
 from .kernel_signatures import KernelSourceError
 from .library import EmulatedKernel, EmulatedLibrary, EmulatorRuntimeError, compile_shader
 from .runtime_select import MetalRuntime, emulator_enabled, metal_runtime, with_defines
@@ -18,4 +19,5 @@ __all__ = [
     "compile_shader", "run_two_schedules", "metal_runtime", "MetalRuntime", "emulator_enabled", "with_defines",
     "EmulatedLibrary", "EmulatedKernel", "EmulatorWarning", "EmulatorRuntimeError", "MetalCompileError",
     "CompilerNotFound", "KernelSourceError", "UnsafeCacheError", "find_compiler", "SCHEDULES", "TWO_SCHEDULES",
+    "Target", "current_target", "emulate", "msl_version_for", "bfloat_available",
 ]

@@ -86,7 +86,9 @@ def _program_scope_constants(text: str) -> str:
 
 def entry_points(kernels: list[Kernel]) -> str:
     """C++ for each kernel: its parameter table, its launch entry and its parameter description."""
-    lines = ['\n# 1 "mslemu-entry-points"']
+    # binding.h is the emulator's own, not part of <metal_stdlib>: included here, after the kernel
+    # source, so that a source without the include still gets its entry points.
+    lines = ['\n# 1 "mslemu-entry-points"', '#include "mslemu/binding.h"']
     for k in kernels:
         specs = ", ".join(f"{{{p.kind}, {p.buffer}}}" for p in k.params) or "{0, -1}"
         lines += [

@@ -15,8 +15,8 @@ MSLEMU_INLINE LaneCoord lane_coord(uint32_t lane) {
 }  // namespace mslemu
 
 namespace metal {
-template <class T, int Rows, int Cols> struct simdgroup_matrix {
-  static_assert(Rows == 8 && Cols == 8, "the emulator supports 8x8 simdgroup matrices only");
+template <class T, int R, int C> struct simdgroup_matrix {  // all-caps names, as in Apple's headers
+  static_assert(R == 8 && C == 8, "the emulator supports 8x8 simdgroup matrices only");
   static_assert(mslemu::is_float_v<T>, "simdgroup_matrix holds float, half or bfloat");
   // Uninitialised contents are undefined in Metal; NaN makes a forgotten initialisation visible.
   vec<T, 2> elements = vec<T, 2>(T(__builtin_nanf("")));
@@ -31,7 +31,9 @@ template <class T, int Rows, int Cols> struct simdgroup_matrix {
 };
 typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
 typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+#ifdef __HAVE_BFLOAT__  // MSL 3.1+
 typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+#endif
 
 template <class T, int R, int C>
 MSLEMU_INLINE simdgroup_matrix<T, R, C> make_filled_simdgroup_matrix(T value) {

@@ -1,55 +1,13 @@
-// Umbrella header: the MSL surface the emulator provides, in dependency order.
+// Umbrella header behind <metal_stdlib> (and every <metal_*> name): the library part of MSL, in
+// dependency order. It is included where the kernel source includes <metal_stdlib>, with the
+// source's earlier macros still defined (as on a Mac), so its template parameters use all-caps
+// names like Apple's headers do and a macro such as `#define R 4` breaks it the same way.
+// The types and keywords Apple's compiler knows without any include are in prelude.h.
 #pragma once
-#include "keywords.h"
-#include "types.h"
-#include "vectors.h"
+#include "prelude.h"
+#include "constants.h"
 #include "math.h"
 #include "runtime_api.h"
 #include "simd.h"
 #include "matrix.h"
 #include "atomic.h"
-#include "binding.h"
-
-// MSL's scalar and vector type names are usable without `using namespace metal`, as in Metal.
-using metal::float2;
-using metal::float3;
-using metal::float4;
-using metal::half;
-using metal::half2;
-using metal::half3;
-using metal::half4;
-using metal::bfloat;
-using metal::bfloat2;
-using metal::bfloat3;
-using metal::bfloat4;
-using metal::char2;
-using metal::char3;
-using metal::char4;
-using metal::uchar;
-using metal::uchar2;
-using metal::uchar3;
-using metal::uchar4;
-using metal::short2;
-using metal::short3;
-using metal::short4;
-using metal::ushort;
-using metal::ushort2;
-using metal::ushort3;
-using metal::ushort4;
-using metal::int2;
-using metal::int3;
-using metal::int4;
-using metal::uint;
-using metal::uint2;
-using metal::uint3;
-using metal::uint4;
-using metal::long2;
-using metal::long3;
-using metal::long4;
-using metal::ulong;
-using metal::ulong2;
-using metal::ulong3;
-using metal::ulong4;
-using metal::bool2;
-using metal::bool3;
-using metal::bool4;

@@ -16,7 +16,9 @@ template <class T, int N> using vec = T __attribute__((ext_vector_type(N)));
   typedef T packed_##T##4 __attribute__((ext_vector_type(4)));
 MSLEMU_VECTORS(float)
 MSLEMU_VECTORS(half)
+#ifdef __HAVE_BFLOAT__  // MSL 3.1+
 MSLEMU_VECTORS(bfloat)
+#endif
 MSLEMU_VECTORS(char)
 MSLEMU_VECTORS(uchar)
 MSLEMU_VECTORS(short)
