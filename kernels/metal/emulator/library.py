@@ -16,6 +16,7 @@ from typing import Any
 
 from . import arguments, compiler, geometry, schedules
 from .kernel_signatures import Kernel
+from .targets import current_target
 
 
 class EmulatorRuntimeError(RuntimeError):
@@ -36,14 +37,18 @@ def default_workers() -> int:
 
 
 class EmulatedLibrary:
-    """A compiled MSL library; attribute access returns its kernels."""
+    """A compiled MSL library; attribute access returns its kernels. `target`, `msl_version` and
+    `fast_math` say what it was compiled as (targets.py: MSLEMU_MACOS, MSLEMU_TORCH,
+    PYTORCH_MPS_FAST_MATH or `emulate(...)` at the time of the compile)."""
 
     is_emulated = True
 
     def __init__(self, source: str):
         if not isinstance(source, str):
             raise TypeError(f"compile_shader: source: expected str, got {type(source).__name__}")
-        path, kernels = compiler.build(source)
+        self.target = current_target()
+        self.msl_version, self.fast_math = self.target.msl_version, self.target.fast_math
+        path, kernels = compiler.build(source, self.target)
         self._dll = ctypes.CDLL(str(path))
         self._dll.mslemu_dispatch.restype = ctypes.c_int
         self._dll.mslemu_dispatch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
