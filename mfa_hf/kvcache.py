@@ -34,14 +34,22 @@ def _append(cache: Tensor, new: Tensor, cache_seqlens: Tensor, cache_batch_idx: 
     Off the CPU the indices are clamped into the cache: values there are not read back (problem.values_checked),
     and an out-of-range index would write past the cache on mps (no bounds check) or kill the CUDA context
     (a device-side assert); a bad value then overwrites a slot of the cache, never memory beyond it."""
-    batch, count = new.shape[0], new.shape[1]
+    rows, positions = _append_indices(cache, cache_seqlens, cache_batch_idx, new.shape[1],
+                                      bounded=cache.device.type != "cpu")  # CPU: validated, and indexing raises
+    cache[rows[:, None], positions] = new.to(cache.dtype)
+
+
+def _append_indices(cache: Tensor, cache_seqlens: Tensor, cache_batch_idx: Optional[Tensor], count: int,
+                    bounded: bool) -> tuple[Tensor, Tensor]:
+    """(rows (B,), positions (B, count)) that _append writes; bounded: clamped into the cache."""
+    batch = cache_seqlens.shape[0]
     rows = torch.arange(batch, device=cache.device) if cache_batch_idx is None else cache_batch_idx.long()
     positions = cache_seqlens.long()[:, None] + torch.arange(count, device=cache.device)
-    if cache.device.type != "cpu" and cache.shape[0] and cache.shape[1]:  # CPU: validated, and indexing raises
+    if bounded and cache.shape[0] and cache.shape[1]:
         positions = positions.clamp(0, cache.shape[1] - 1)
         if cache_batch_idx is not None:
             rows = rows.clamp(0, cache.shape[0] - 1)
-    cache[rows[:, None], positions] = new.to(cache.dtype)
+    return rows, positions
 
 
 @_append.register_fake
@@ -246,6 +254,13 @@ def _append_all(k_cache, v_cache, k, v, lengths, rows, backend_append=None):
     writes = _writes(k_cache, k, rows) + _writes(v_cache, v, rows)
     for cache, new in writes:
         _append(cache, new, lengths, rows)
+
+
+def append_generic(cache, new: Tensor, lengths: Tensor, rows: Optional[Tensor]) -> None:
+    """One side's append without a backend kernel (encode, then write): what a backend whose append
+    kernel cannot be built here hands its call to (mfa_hf/kernel_fallback.py)."""
+    for target, values in _writes(cache, new, rows):
+        _append(target, values, lengths, rows)
 
 
 def _writes(cache, new, rows) -> list[tuple[Tensor, Tensor]]:
