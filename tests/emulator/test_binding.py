@@ -100,14 +100,15 @@ def test_three_dimensional_grid(lib, metal):
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda lib: lib.put_float(torch.zeros(2)), ValueError, r"put_float: expected 2 argument\(s\)"),
-        (lambda lib: lib.put_float(torch.zeros(2), "x"), TypeError, r"argument 1: expected a tensor, int, float or list, got str"),
+        (lambda lib: lib.put_float(torch.zeros(2)), ValueError, r"put_float: expected at least 2 argument\(s\)"),
+        (lambda lib: lib.put_float(torch.zeros(2), "x"), RuntimeError, r"argument 1: expected a tensor, int, float or list, got str"),
         (lambda lib: lib.put_float(torch.zeros(2, device="meta"), 1.0), ValueError, r"argument 0: the emulator runs on CPU tensors"),
         (lambda lib: lib.put_float(torch.zeros(2), 1.0, threads=(2, 2), group_size=2), ValueError, r"group_size: expected 2 dimension"),
         (lambda lib: lib.put_float(torch.zeros(2), 1.0, threads=2048, group_size=2048), ValueError, r"at most 1024 threads"),
-        (lambda lib: lib.put_float(torch.zeros(2), 1.0, threads=0), ValueError, r"threads: expected a positive int"),
+        (lambda lib: lib.put_float(torch.zeros(2), 1.0, threads=0), ValueError, r"threads: 0 contains 0"),
+        (lambda lib: lib.put_float(torch.zeros(2), 1.0, threads=-1), ValueError, r"threads: expected a positive int"),
         (lambda lib: lib.put_float(torch.zeros(2), 1.0, arg_casts={5: "int32"}), ValueError, r"arg_casts: expected argument indices"),
-        (lambda lib: lib.put_float(torch.zeros(2), 1.0, arg_casts={1: "int3"}), ValueError, r"arg_casts\[1\]: expected one of"),
+        (lambda lib: lib.put_float(torch.zeros(2), 1.0, arg_casts={1: "int3"}), RuntimeError, r"arg_casts\[1\]: expected one of"),
         (lambda lib: lib.no_such_kernel, AttributeError, r"no kernel named 'no_such_kernel'.*put_float"),
     ],
 )

@@ -42,6 +42,13 @@ def _default_threads(name: str, args: Sequence[Any]) -> int:
 
 def _dims(name: str, what: str, value) -> tuple[int, ...]:
     dims = (value,) if isinstance(value, int) else tuple(value) if isinstance(value, Sequence) else None
+    if dims is not None and 0 in dims:
+        # torch does not check: it hands the size to dispatchThreads, where a 0 is undefined
+        # (Metal's API validation aborts; without it the launch may do nothing or fault).
+        raise ValueError(
+            f"{name}: {what}: {value!r} contains 0: torch.mps.compile_shader passes it to Metal unchecked and "
+            "the result is undefined; answer empty problems on the host instead of launching"
+        )
     if dims is None or not 1 <= len(dims) <= 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
         raise ValueError(f"{name}: {what}: expected a positive int or 1-3 positive ints, got {value!r}")
     return dims

@@ -30,7 +30,8 @@ BUILTINS = {
 }
 BUFFER = 0
 
-_ATTR = re.compile(r"\[\[\s*(\w+)\s*(?:\(\s*([^)]*?)\s*\))?\s*\]\]")
+_ATTR_LIST = re.compile(r"\[\[(.*?)\]\]", re.S)  # [[a, b(1), c(x)]]: any number of attributes
+_ONE_ATTR = re.compile(r"^\s*(\w+)\s*(?:\(\s*(.*?)\s*\))?\s*$", re.S)
 _VOID_FN = re.compile(r"\bvoid\s+(\w+)\s*\(")
 _HOST_NAME = re.compile(r'host_name\s*\(\s*"([^"]+)"\s*\)')
 _INSTANTIATION = re.compile(r'\btemplate\s*\[\[\s*host_name\s*\(\s*"([^"]+)"\s*\)\s*\]\]')
@@ -90,7 +91,7 @@ def _instantiations(text: str, templates: dict[str, Kernel]) -> list[Kernel]:
     kernels = []
     for m in _INSTANTIATION.finditer(text):
         end = text.index(";", m.end())
-        statement = _ATTR.sub(" ", text[m.end() : end])
+        statement = _ATTR_LIST.sub(" ", text[m.end() : end])
         statement = re.sub(r"\b(kernel|void)\b", " ", statement).strip()
         if statement.startswith("decltype"):
             statement = statement[_matching(statement, statement.index("("), "(", ")") + 1 :].strip()
@@ -122,23 +123,41 @@ def _parse_params(params_text: str, line: int) -> tuple[Param, ...]:
     return tuple(params)
 
 
+def _attributes(text: str) -> list[tuple[str, str]]:
+    """Every (name, argument) in the parameter's attribute lists: `[[buffer(1), function_constant(x)]]`
+    gives two (one [[...]] may hold several attributes, comma-separated)."""
+    found = []
+    for group in _ATTR_LIST.findall(text):
+        for item in _split_top_level(group):
+            m = _ONE_ATTR.match(item)
+            found.append((m.group(1), m.group(2) or "") if m else (item, ""))
+    return found
+
+
 def _parse_param(text: str, line: int, implicit_index: int) -> Param:
-    attrs = _ATTR.findall(text)
-    for attr, arg in attrs:
-        if attr == "buffer":
-            return Param(text, BUFFER, int(arg, 0))
-        if attr in BUILTINS:
-            return Param(text, BUILTINS[attr], -1)
-        if attr == "threadgroup":
-            raise KernelSourceError(
-                f"line {line}: parameter {text!r}: threadgroup memory passed as a kernel argument is not "
-                "supported (torch.mps.compile_shader cannot set its length); declare the array in the kernel body"
-            )
-    if attrs:
+    attrs = _attributes(text)
+    names = [a for a, _ in attrs]
+    if "function_constant" in names:
         raise KernelSourceError(
-            f"line {line}: parameter {text!r}: unsupported attribute(s) {[a for a, _ in attrs]}; "
-            f"supported: buffer(n) and {sorted(BUILTINS)}"
+            f"line {line}: parameter {text!r}: function constants are not supported: torch.mps.compile_shader "
+            "creates pipelines without function constant values, so nothing can set them; make the variant "
+            "with a #define instead"
         )
+    if "threadgroup" in names:
+        raise KernelSourceError(
+            f"line {line}: parameter {text!r}: threadgroup memory passed as a kernel argument is not "
+            "supported (torch.mps.compile_shader cannot set its length); declare the array in the kernel body"
+        )
+    unknown = [a for a in names if a != "buffer" and a not in BUILTINS]
+    if unknown or len(attrs) > 1:
+        raise KernelSourceError(
+            f"line {line}: parameter {text!r}: unsupported attribute(s) {unknown or names}; "
+            f"supported: one of buffer(n) and {sorted(BUILTINS)}"
+        )
+    if attrs and attrs[0][0] == "buffer":
+        return Param(text, BUFFER, int(attrs[0][1], 0))
+    if attrs:
+        return Param(text, BUILTINS[attrs[0][0]], -1)
     if re.search(r"\b(device|constant)\b", text):
         return Param(text, BUFFER, implicit_index)
     raise KernelSourceError(
