@@ -362,7 +362,7 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
         out, lse, part_o, part_lse, *q.stride(), *k_codes.stride(), *v_codes.stride(), *ks_strides, *vs_strides,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), *slope_strides,
         lq, heads_kv, group, splits, max(window_left, 0), max(right, 0), scale, softcap,
-        HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=padded_dim(head_d), BLOCK_DV=padded_dim(head_dv),
+        max(1, k_codes.shape[0]), k_codes.shape[1], HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=padded_dim(head_d), BLOCK_DV=padded_dim(head_dv),
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, K_FMT=_FORMAT_CODES[k_format],
         V_FMT=_FORMAT_CODES[v_format], K_SCALE=k_mode, V_SCALE=v_mode,
         K_CONST=e4m3 if k_format == "fp8_e4m3" else 1.0, V_CONST=e4m3 if v_format == "fp8_e4m3" else 1.0,

@@ -167,14 +167,14 @@ def _load_side(base, scale_base, cols, dcols, col_ok, stride_n, stride_d, stride
     return vals
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "group", "num_splits", "left", "right"])
+@triton.jit(do_not_specialize=["seqlen_q", "group", "num_splits", "left", "right", "cache_rows", "capacity"])
 def decode_split_kernel(
     Q, K, V, KS, VS, SEQLENS, BATCH_IDX, SLOPES, SINKS, LEVELS, O, LSE, PART_O, PART_LSE,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd, stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ksb, stride_ksn, stride_ksh, stride_ksg, stride_vsb, stride_vsn, stride_vsh, stride_vsg,
     stride_ob, stride_om, stride_oh, stride_lb, stride_lh, stride_ab, stride_ah,
-    seqlen_q, heads_kv, group, num_splits, left, right, qk_scale, softcap,
+    seqlen_q, heads_kv, group, num_splits, left, right, qk_scale, softcap, cache_rows, capacity,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     K_FMT: tl.constexpr, V_FMT: tl.constexpr, K_SCALE: tl.constexpr, V_SCALE: tl.constexpr,
@@ -190,9 +190,11 @@ def decode_split_kernel(
     b = bh // heads_kv
     kvh = bh % heads_kv
     row_b = b.to(tl.int64)  # batch offsets in 64 bits: a whole cache may pass 2**31 elements
+    # The host trusts cache_batch_idx and cache_seqlens (nothing is read back, as in FlashAttention-2):
+    # clamped into the cache here, a bad value gives undefined results, never an out-of-bounds read.
     if HAS_BATCH_IDX:
-        row_b = tl.load(BATCH_IDX + b).to(tl.int64)
-    seqlen_k = tl.load(SEQLENS + b).to(tl.int32)
+        row_b = tl.minimum(tl.maximum(tl.load(BATCH_IDX + b).to(tl.int64), 0), cache_rows - 1)
+    seqlen_k = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), capacity)
     diag = seqlen_k - seqlen_q  # query i sits on key i + diag
 
     r = tl.arange(0, BLOCK_M)

@@ -403,3 +403,24 @@ def test_decode_lengths_do_not_recompile():
     for n in (1, 37, 1000, 4096, 8191):
         run(n)
     assert compiled() == before, f"expected no new compilations across lengths, got {compiled() - before}"
+
+
+def test_decode_clamps_trusted_indices():
+    """cache_seqlens and cache_batch_idx reach the kernel unread (issue 17: no device -> host reads): values
+    outside the cache are clamped into it in-kernel (undefined results as in FlashAttention-2, never an
+    out-of-bounds read): lengths to [0, capacity], rows to [0, cache rows)."""
+    from mfa_hf.kernels.triton import backend as tb
+
+    device = torch.device(DEVICE)
+    q = torch.randn(2, 1, 4, 16, device=device)
+    cache_k, cache_v = torch.randn(3, 8, 2, 16, device=device), torch.randn(3, 8, 2, 16, device=device)
+
+    def run(lengths, rows):
+        return tb.run_decode(q, cache_k, None, cache_v, None, torch.tensor(lengths, dtype=torch.int32, device=device),
+                             torch.tensor(rows, dtype=torch.int32, device=device), None, None, "none", "none", 16, 16,
+                             0.25, True, -1, -1, 0.0, 1)
+
+    bad_out, bad_lse = run([50, -3], [7, -2])
+    good_out, good_lse = run([8, 0], [2, 0])
+    torch.testing.assert_close(bad_out, good_out)
+    torch.testing.assert_close(bad_lse, good_lse)
