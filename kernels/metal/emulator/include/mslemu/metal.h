@@ -11,3 +11,4 @@
 #include "simd.h"
 #include "matrix.h"
 #include "atomic.h"
+#include "mlx_support.h"
