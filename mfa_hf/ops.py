@@ -16,7 +16,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import trace
+from . import kernel_fallback, trace
+from .kernel_fallback import Fallback
 from .problem import AttentionProblem, MaskKind
 
 
@@ -161,8 +162,12 @@ def _fake_backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slope
 
 
 def define_attention_ops(backend: str, forward_impl: Callable, backward_impl: Optional[Callable],
-                         device_types=None, backward_op: Optional[Callable] = None) -> AttentionOps:
+                         device_types=None, backward_op: Optional[Callable] = None,
+                         fallback: Optional[tuple[Fallback, Fallback]] = None) -> AttentionOps:
     """Register mfa_hf::{backend}_attention_fwd/_bwd around the backend's implementations.
+
+    fallback: the (forward, backward) of the backend that serves a call whose kernel raises
+    KernelUnavailable (mfa_hf/kernel_fallback.py); the trace names the backend that computed it.
 
     backward_op: another backend's registered backward op (its AttentionOps.backward) to use
     instead of registering one here (backward_impl is then unused): the trace then names the
@@ -180,12 +185,14 @@ def define_attention_ops(backend: str, forward_impl: Callable, backward_impl: Op
         dropout_seed: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool,
         window_left: int, window_right: int, softcap: float, dropout_p: float,
     ) -> tuple[Tensor, Tensor]:
+        result, served = kernel_fallback.call(
+            backend, forward_impl, fallback and fallback[0],
+            (q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, dropout_seed, max_seqlen_q,
+             max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p))
         if trace.enabled():
-            _record(backend, "fwd", describe(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, max_seqlen_q,
-                                             max_seqlen_k, causal, window_left, window_right, softcap, dropout_p))
-        return forward_impl(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k,
-                            dropout_seed, max_seqlen_q, max_seqlen_k, scale, causal, window_left,
-                            window_right, softcap, dropout_p)
+            _record(served, "fwd", describe(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, max_seqlen_q,
+                                            max_seqlen_k, causal, window_left, window_right, softcap, dropout_p))
+        return result
 
     def attention_bwd_impl(
         grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
@@ -194,13 +201,14 @@ def define_attention_ops(backend: str, forward_impl: Callable, backward_impl: Op
         max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, window_left: int,
         window_right: int, softcap: float, dropout_p: float, want_mask_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        (dq, dk, dv, dsinks, dmask), served = kernel_fallback.call(
+            backend, backward_impl, fallback and fallback[1],
+            (grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k,
+             dropout_seed, max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap,
+             dropout_p, want_mask_grad))
         if trace.enabled():
-            _record(backend, "bwd", describe(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, max_seqlen_q,
-                                             max_seqlen_k, causal, window_left, window_right, softcap, dropout_p))
-        dq, dk, dv, dsinks, dmask = backward_impl(
-            grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, cu_seqlens_q,
-            cu_seqlens_k, dropout_seed, max_seqlen_q, max_seqlen_k, scale, causal, window_left,
-            window_right, softcap, dropout_p, want_mask_grad)
+            _record(served, "bwd", describe(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, max_seqlen_q,
+                                            max_seqlen_k, causal, window_left, window_right, softcap, dropout_p))
         acc = lse_dtype(q.dtype)
         dsinks = q.new_empty((0,), dtype=acc) if dsinks is None else dsinks.to(acc)
         dmask = q.new_empty((0,), dtype=acc) if dmask is None else dmask.to(acc)
@@ -275,7 +283,8 @@ def _fake_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch
     return out, q.new_empty((batch, heads_q, lq), dtype=lse_dtype(q.dtype))
 
 
-def define_decode_op(backend: str, decode_impl: Callable, device_types=None) -> EagerShortcut:
+def define_decode_op(backend: str, decode_impl: Callable, device_types=None,
+                     fallback: Optional[Fallback] = None) -> EagerShortcut:
     """Register mfa_hf::{backend}_decode: attention of q over each sequence's valid cache prefix.
 
     q (B, Lq, Hq, D); k_codes (Bc, Smax, Hkv, Dk) and v_codes (Bc, Smax, Hkv, Dvc) are either the
@@ -284,7 +293,7 @@ def define_decode_op(backend: str, decode_impl: Callable, device_types=None) -> 
     visible to row b (new tokens included); cache_batch_idx (B,) or None maps rows to cache rows.
     Causal/window align bottom-right on seqlens_k[b]. num_splits 0 lets the backend choose.
     decode_impl takes the same arguments and returns (out (B, Lq, Hq, Dv), lse (B, Hq, Lq)).
-    Forward only: quantized caches serve inference.
+    Forward only: quantized caches serve inference. fallback: as in define_attention_ops.
     """
 
     def decode(
@@ -293,13 +302,15 @@ def define_decode_op(backend: str, decode_impl: Callable, device_types=None) -> 
         sinks: Optional[Tensor], k_format: str, v_format: str, k_group_size: int, v_group_size: int,
         scale: float, causal: bool, window_left: int, window_right: int, softcap: float, num_splits: int,
     ) -> tuple[Tensor, Tensor]:
+        result, served = kernel_fallback.call(
+            backend, decode_impl, fallback,
+            (q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_idx, alibi_slopes, sinks, k_format,
+             v_format, k_group_size, v_group_size, scale, causal, window_left, window_right, softcap, num_splits))
         if trace.enabled():
-            trace.record(backend, "decode", q.dtype, q.shape[-1], q.shape[1], k_codes.shape[1],
+            trace.record(served, "decode", q.dtype, q.shape[-1], q.shape[1], k_codes.shape[1],
                          _decode_flags(q, k_codes, k_format, v_format, causal, window_left, window_right,
                                        softcap, alibi_slopes, sinks))
-        return decode_impl(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_idx, alibi_slopes,
-                           sinks, k_format, v_format, k_group_size, v_group_size, scale, causal, window_left,
-                           window_right, softcap, num_splits)
+        return result
 
     op = torch.library.custom_op(f"mfa_hf::{backend}_decode", decode, mutates_args=(), device_types=device_types)
     op.register_fake(_fake_decode)
@@ -321,24 +332,27 @@ def _decode_flags(q, k_codes, k_format, v_format, causal, window_left, window_ri
     return " ".join(parts)
 
 
-def define_append_op(backend: str, append_impl: Callable, device_types=None) -> Callable:
+def define_append_op(backend: str, append_impl: Callable, device_types=None,
+                     fallback: Optional[Fallback] = None) -> Callable:
     """Register mfa_hf::{backend}_kvcache_append: write new tokens into a cache in place, quantizing
     on write when the cache is quantized (a backend's own kernel instead of the generic append).
 
     codes (Bc, Smax, Hkv, Dc): the plain cache (format "none") or a QuantizedKV's codes; scales: its
     float32 scales (an empty tensor for plain caches, never written then). new (B, Lnew, Hkv, D) goes
     to positions cache_seqlens[b] .. + Lnew - 1 of cache row cache_batch_idx[b] (or b). The caller
-    has validated everything: the op cannot fail half-way.
+    has validated everything: the op cannot fail half-way (a kernel that cannot be built or launched
+    hands the whole write to `fallback`, which rewrites every element).
     """
 
     @torch.library.custom_op(f"mfa_hf::{backend}_kvcache_append", mutates_args=("codes", "scales"),
                              device_types=device_types)
     def append(codes: Tensor, scales: Tensor, new: Tensor, cache_seqlens: Tensor,
                cache_batch_idx: Optional[Tensor], format: str, group_size: int) -> None:
+        _, served = kernel_fallback.call(backend, append_impl, fallback,
+                                         (codes, scales, new, cache_seqlens, cache_batch_idx, format, group_size))
         if trace.enabled():
-            trace.record(backend, "append", new.dtype, new.shape[-1], new.shape[1], codes.shape[1],
+            trace.record(served, "append", new.dtype, new.shape[-1], new.shape[1], codes.shape[1],
                          "kvcache" if format == "none" else f"kvcache kv={format}")
-        append_impl(codes, scales, new, cache_seqlens, cache_batch_idx, format, group_size)
 
     @append.register_fake
     def _(codes, scales, new, cache_seqlens, cache_batch_idx, format, group_size):

@@ -39,7 +39,7 @@ class AppendVariant:
 
 
 def append(cache, new: torch.Tensor, cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | None = None):
-    if new.shape[1] == 0:
+    if new.numel() == 0:  # no token, sequence or head: nothing to write (a Metal grid has no empty dimension)
         return
     quantized = isinstance(cache, QuantizedKV)
     codes = cache.codes if quantized else cache
@@ -56,6 +56,15 @@ def append(cache, new: torch.Tensor, cache_seqlens: torch.Tensor, cache_batch_id
     lib.kvcache_append(new, codes, _placeholder(new.device, torch.float32) if scales is None else scales,
                        _index_vector(cache_seqlens, new.device), _index_vector(cache_batch_idx, new.device), params,
                        threads=(32 * count, heads, batch), group_size=(32, 1, 1))
+
+
+def append_parts_generic(codes: torch.Tensor, scales: torch.Tensor, new: torch.Tensor, cache_seqlens: torch.Tensor,
+                         cache_batch_idx: torch.Tensor | None, format: str, group_size: int) -> None:
+    """The same write without the kernel (mfa_hf.kvcache's generic append): where it cannot be built."""
+    from mfa_hf.kvcache import append_generic
+
+    cache = codes if format == "none" else QuantizedKV(codes, scales, format, group_size, new.dtype)
+    append_generic(cache, new, cache_seqlens, cache_batch_idx)
 
 
 def append_parts(codes: torch.Tensor, scales: torch.Tensor, new: torch.Tensor, cache_seqlens: torch.Tensor,

@@ -13,20 +13,22 @@
 // over broadcast dims by the host. dsinks needs only lse and delta: the host computes it.
 //
 // Layout in both gradient kernels: head dims over the 32 lanes (DL, DVL elements a lane), rows
-// (dQ) or keys (dK/dV) over WM simdgroups, R of them per simdgroup held in registers; each dot
+// (dQ) or keys (dK/dV) over MFA_WM simdgroups, MFA_R of them per simdgroup held in registers; each dot
 // product is one simd_sum. Block skipping: each threadgroup visits only the key (query) range
 // that the causal/window band leaves visible to some of its rows (keys).
 //
-// Defines: IN_T, MASK_T, MASK_KIND (0 none, 1 bool, 2 additive), CU_T, DQK, DV, WM, R,
-// HAS_SOFTCAP, HAS_ALIBI, HAS_DLSE, WANT_DMASK, VARLEN, BACKWARD_PARAM_COUNT.
-#include "backward_params.h"
+// Defines: MFA_IN_T, MFA_MASK_T, MFA_MASK_KIND (0 none, 1 bool, 2 additive), MFA_CU_T, MFA_DQK, MFA_DV, MFA_WM, MFA_R,
+// MFA_HAS_SOFTCAP, MFA_HAS_ALIBI, MFA_HAS_DLSE, MFA_WANT_DMASK, MFA_VARLEN, MFA_BACKWARD_PARAM_COUNT.
 #include <metal_stdlib>
 using namespace metal;
+// The loader inserts the variant's MFA_ #defines here, after Apple's headers.
+#include "backward_params.h"
+#include "finite_math.h"
 
-#define THREADS (32 * WM)
-#define BLOCK (WM * R)  // query rows (dQ) or keys (dK/dV) per threadgroup
-#define DL ((DQK + 31) / 32)
-#define DVL ((DV + 31) / 32)
+#define THREADS (32 * MFA_WM)
+#define BLOCK (MFA_WM * MFA_R)  // query rows (dQ) or keys (dK/dV) per threadgroup
+#define DL ((MFA_DQK + 31) / 32)
+#define DVL ((MFA_DV + 31) / 32)
 
 inline long bmin(long a, long b) { return a < b ? a : b; }
 inline long bmax(long a, long b) { return a > b ? a : b; }
@@ -35,9 +37,9 @@ struct Sequence {
   long q_start, k_start, seqlen_q, seqlen_k;
 };
 
-inline Sequence sequence_of(constant BackwardParams& p, device const CU_T* cu_q, device const CU_T* cu_k, long b) {
+inline Sequence sequence_of(constant BackwardParams& p, device const MFA_CU_T* cu_q, device const MFA_CU_T* cu_k, long b) {
   Sequence s;
-#if VARLEN
+#if MFA_VARLEN
   s.q_start = cu_q[b];
   s.k_start = cu_k[b];
   s.seqlen_q = cu_q[b + 1] - s.q_start;
@@ -53,7 +55,7 @@ inline Sequence sequence_of(constant BackwardParams& p, device const CU_T* cu_q,
 
 // This lane's N elements (columns lane * N + t) of a row, as float (zero past the real dim).
 template <int N, int D>
-inline void load_lane(thread float* dst, device const IN_T* row, long stride_d, ushort lane) {
+inline void load_lane(thread float* dst, device const MFA_IN_T* row, long stride_d, ushort lane) {
   for (int t = 0; t < N; ++t) {
     const int c = lane * N + t;
     dst[t] = c < D ? float(row[c * stride_d]) : 0.0f;
@@ -61,10 +63,10 @@ inline void load_lane(thread float* dst, device const IN_T* row, long stride_d, 
 }
 
 template <int N, int D>
-inline void store_lane(device IN_T* row, long stride_d, thread const float* src, ushort lane) {
+inline void store_lane(device MFA_IN_T* row, long stride_d, thread const float* src, ushort lane) {
   for (int t = 0; t < N; ++t) {
     const int c = lane * N + t;
-    if (c < D) row[c * stride_d] = IN_T(src[t]);
+    if (c < D) row[c * stride_d] = MFA_IN_T(src[t]);
   }
 }
 
@@ -89,12 +91,12 @@ inline Prob probability(float dot, float lse, float scale, float softcap, float 
   Prob out;
   float s = dot * scale;
   out.chain = scale;
-#if HAS_SOFTCAP
+#if MFA_HAS_SOFTCAP
   const float t = precise::tanh(s / softcap);
   s = softcap * t;
   out.chain = scale * (1.0f - t * t);
 #endif
-#if HAS_ALIBI
+#if MFA_HAS_ALIBI
   s -= slope * fabs(float(distance));
 #endif
   s += bias;
@@ -102,17 +104,21 @@ inline Prob probability(float dot, float lse, float scale, float softcap, float 
   return out;
 }
 
-// Rows that saw nothing have LSE -inf; +inf there makes p = exp(s - lse) = 0 instead of NaN.
-inline float safe_lse(float lse) { return lse == -INFINITY ? INFINITY : lse; }
+// Rows that saw nothing have LSE -inf (tested by its bits: finite_math.h); the largest finite float
+// there makes p = exp(s - lse) = 0 without any infinity.
+inline float safe_lse(device const float* lse, long slot) {
+  const Stored s = read_stored(lse, slot);
+  return s.neg_inf ? -LOWEST_FINITE : s.value;
+}
 
-kernel void attention_backward_preprocess(
-    device const IN_T* out [[buffer(0)]],
-    device const IN_T* grad_out [[buffer(1)]],
+[[kernel, max_total_threads_per_threadgroup(32)]] void attention_backward_preprocess(
+    device const MFA_IN_T* out [[buffer(0)]],
+    device const MFA_IN_T* grad_out [[buffer(1)]],
     device const float* grad_lse [[buffer(2)]],
     device float* delta [[buffer(3)]],
     constant BackwardParams& p [[buffer(4)]],
-    device const CU_T* cu_seqlens_q [[buffer(5)]],
-    device const CU_T* cu_seqlens_k [[buffer(6)]],
+    device const MFA_CU_T* cu_seqlens_q [[buffer(5)]],
+    device const MFA_CU_T* cu_seqlens_k [[buffer(6)]],
     uint3 group_id [[threadgroup_position_in_grid]],
     ushort lane [[thread_index_in_simdgroup]]) {
   const long b = group_id.z, head = group_id.y, i = group_id.x;
@@ -120,29 +126,29 @@ kernel void attention_backward_preprocess(
   if (i >= seq.seqlen_q) return;
   const long row = seq.q_start + i;
   float o[DVL], d_o[DVL];
-  load_lane<DVL, DV>(o, out + b * p.o_stride_b + row * p.o_stride_s + head * p.o_stride_h, p.o_stride_d, lane);
-  load_lane<DVL, DV>(d_o, grad_out + b * p.do_stride_b + row * p.do_stride_s + head * p.do_stride_h, p.do_stride_d, lane);
+  load_lane<DVL, MFA_DV>(o, out + b * p.o_stride_b + row * p.o_stride_s + head * p.o_stride_h, p.o_stride_d, lane);
+  load_lane<DVL, MFA_DV>(d_o, grad_out + b * p.do_stride_b + row * p.do_stride_s + head * p.do_stride_h, p.do_stride_d, lane);
   float x = lane_dot<DVL>(o, d_o);
   const long slot = b * p.lse_stride_b + head * p.lse_stride_h + row * p.lse_stride_s;
-#if HAS_DLSE
+#if MFA_HAS_DLSE
   x -= grad_lse[slot];
 #endif
   if (lane == 0) delta[slot] = x;
 }
 
-kernel void attention_backward_dq(
-    device const IN_T* q [[buffer(0)]],
-    device const IN_T* k [[buffer(1)]],
-    device const IN_T* v [[buffer(2)]],
-    device const IN_T* grad_out [[buffer(3)]],
+[[kernel, max_total_threads_per_threadgroup(THREADS)]] void attention_backward_dq(
+    device const MFA_IN_T* q [[buffer(0)]],
+    device const MFA_IN_T* k [[buffer(1)]],
+    device const MFA_IN_T* v [[buffer(2)]],
+    device const MFA_IN_T* grad_out [[buffer(3)]],
     device const float* lse [[buffer(4)]],
     device const float* delta [[buffer(5)]],
-    device IN_T* dq [[buffer(6)]],
-    device float* dmask [[buffer(7)]],  // WANT_DMASK: (B, Hq, Lq, Lk) contiguous
-    device const MASK_T* mask [[buffer(8)]],
+    device MFA_IN_T* dq [[buffer(6)]],
+    device float* dmask [[buffer(7)]],  // MFA_WANT_DMASK: (B, Hq, Lq, Lk) contiguous
+    device const MFA_MASK_T* mask [[buffer(8)]],
     device const float* alibi_slopes [[buffer(9)]],
-    device const CU_T* cu_seqlens_q [[buffer(10)]],
-    device const CU_T* cu_seqlens_k [[buffer(11)]],
+    device const MFA_CU_T* cu_seqlens_q [[buffer(10)]],
+    device const MFA_CU_T* cu_seqlens_k [[buffer(11)]],
     constant BackwardParams& p [[buffer(12)]],
     constant float& scale [[buffer(13)]],
     constant float& softcap [[buffer(14)]],
@@ -154,21 +160,21 @@ kernel void attention_backward_dq(
   const long block0 = long(group_id.x) * BLOCK;
   if (block0 >= seq.seqlen_q) return;
   const long offset = seq.seqlen_k - seq.seqlen_q;
-  const long first_i = block0 + sg * R;
+  const long first_i = block0 + sg * MFA_R;
 
-  float qr[R][DL], dor[R][DVL], dqr[R][DL], lse_r[R], delta_r[R];
-  for (int r = 0; r < R; ++r) {
+  float qr[MFA_R][DL], dor[MFA_R][DVL], dqr[MFA_R][DL], lse_r[MFA_R], delta_r[MFA_R];
+  for (int r = 0; r < MFA_R; ++r) {
     const long i = bmin(first_i + r, seq.seqlen_q - 1);  // rows past the end repeat the last (never written)
     const long row = seq.q_start + i;
-    load_lane<DL, DQK>(qr[r], q + b * p.q_stride_b + row * p.q_stride_s + head * p.q_stride_h, p.q_stride_d, lane);
-    load_lane<DVL, DV>(dor[r], grad_out + b * p.do_stride_b + row * p.do_stride_s + head * p.do_stride_h,
+    load_lane<DL, MFA_DQK>(qr[r], q + b * p.q_stride_b + row * p.q_stride_s + head * p.q_stride_h, p.q_stride_d, lane);
+    load_lane<DVL, MFA_DV>(dor[r], grad_out + b * p.do_stride_b + row * p.do_stride_s + head * p.do_stride_h,
                        p.do_stride_d, lane);
     const long slot = b * p.lse_stride_b + head * p.lse_stride_h + row * p.lse_stride_s;
-    lse_r[r] = safe_lse(lse[slot]);
+    lse_r[r] = safe_lse(lse, slot);
     delta_r[r] = delta[slot];
     for (int t = 0; t < DL; ++t) dqr[r][t] = 0.0f;
   }
-#if HAS_ALIBI
+#if MFA_HAS_ALIBI
   const float slope = alibi_slopes[b * p.alibi_stride_b + head];
 #else
   const float slope = 0.0f;
@@ -181,52 +187,54 @@ kernel void attention_backward_dq(
   for (long j = first_j; j < end_j; ++j) {
     float kr[DL], vr[DVL];
     const long key = seq.k_start + j;
-    load_lane<DL, DQK>(kr, k + b * p.k_stride_b + key * p.k_stride_s + kv_head * p.k_stride_h, p.k_stride_d, lane);
-    load_lane<DVL, DV>(vr, v + b * p.v_stride_b + key * p.v_stride_s + kv_head * p.v_stride_h, p.v_stride_d, lane);
-    for (int r = 0; r < R; ++r) {
+    load_lane<DL, MFA_DQK>(kr, k + b * p.k_stride_b + key * p.k_stride_s + kv_head * p.k_stride_h, p.k_stride_d, lane);
+    load_lane<DVL, MFA_DV>(vr, v + b * p.v_stride_b + key * p.v_stride_s + kv_head * p.v_stride_h, p.v_stride_d, lane);
+    for (int r = 0; r < MFA_R; ++r) {
       const long i = first_i + r;
       const float dot = lane_dot<DL>(qr[r], kr);
       const float dp = lane_dot<DVL>(dor[r], vr);
       if (i >= seq.seqlen_q || !is_visible(p, i, j, offset)) continue;  // uniform over the simdgroup
       float bias = 0.0f;
-#if MASK_KIND
-      const MASK_T m = mask[b * p.mask_stride_b + head * p.mask_stride_h + i * p.mask_stride_q + j * p.mask_stride_k];
-#if MASK_KIND == 1
-      if (m == 0) continue;
+#if MFA_MASK_KIND
+      const long at = b * p.mask_stride_b + head * p.mask_stride_h + i * p.mask_stride_q + j * p.mask_stride_k;
+#if MFA_MASK_KIND == 1
+      if (mask[at] == 0) continue;
 #else
-      bias = float(m);
+      const Stored m = read_stored(mask, at);
+      if (m.neg_inf) continue;  // a -inf entry removes the key (p = 0)
+      bias = m.value;
 #endif
 #endif
       const Prob pr = probability(dot, lse_r[r], scale, softcap, slope, bias, i + offset - j);
       const float ds = pr.p * (dp - delta_r[r]);
-#if WANT_DMASK
+#if MFA_WANT_DMASK
       if (lane == 0) dmask[((b * p.heads_q + head) * p.seqlen_q + i) * p.seqlen_k + j] = ds;
 #endif
       const float dsc = ds * pr.chain;
       for (int t = 0; t < DL; ++t) dqr[r][t] += dsc * kr[t];
     }
   }
-  for (int r = 0; r < R; ++r) {
+  for (int r = 0; r < MFA_R; ++r) {
     const long i = first_i + r;
     if (i >= seq.seqlen_q) break;
     const long row = seq.q_start + i;
-    store_lane<DL, DQK>(dq + b * p.dq_stride_b + row * p.dq_stride_s + head * p.dq_stride_h, p.dq_stride_d, dqr[r], lane);
+    store_lane<DL, MFA_DQK>(dq + b * p.dq_stride_b + row * p.dq_stride_s + head * p.dq_stride_h, p.dq_stride_d, dqr[r], lane);
   }
 }
 
-kernel void attention_backward_dkdv(
-    device const IN_T* q [[buffer(0)]],
-    device const IN_T* k [[buffer(1)]],
-    device const IN_T* v [[buffer(2)]],
-    device const IN_T* grad_out [[buffer(3)]],
+[[kernel, max_total_threads_per_threadgroup(THREADS)]] void attention_backward_dkdv(
+    device const MFA_IN_T* q [[buffer(0)]],
+    device const MFA_IN_T* k [[buffer(1)]],
+    device const MFA_IN_T* v [[buffer(2)]],
+    device const MFA_IN_T* grad_out [[buffer(3)]],
     device const float* lse [[buffer(4)]],
     device const float* delta [[buffer(5)]],
-    device IN_T* dk [[buffer(6)]],
-    device IN_T* dv [[buffer(7)]],
-    device const MASK_T* mask [[buffer(8)]],
+    device MFA_IN_T* dk [[buffer(6)]],
+    device MFA_IN_T* dv [[buffer(7)]],
+    device const MFA_MASK_T* mask [[buffer(8)]],
     device const float* alibi_slopes [[buffer(9)]],
-    device const CU_T* cu_seqlens_q [[buffer(10)]],
-    device const CU_T* cu_seqlens_k [[buffer(11)]],
+    device const MFA_CU_T* cu_seqlens_q [[buffer(10)]],
+    device const MFA_CU_T* cu_seqlens_k [[buffer(11)]],
     constant BackwardParams& p [[buffer(12)]],
     constant float& scale [[buffer(13)]],
     constant float& softcap [[buffer(14)]],
@@ -238,13 +246,13 @@ kernel void attention_backward_dkdv(
   const long block0 = long(group_id.x) * BLOCK;
   if (block0 >= seq.seqlen_k) return;
   const long offset = seq.seqlen_k - seq.seqlen_q;
-  const long first_j = block0 + sg * R;
+  const long first_j = block0 + sg * MFA_R;
 
-  float kr[R][DL], vr[R][DVL], dkr[R][DL], dvr[R][DVL];
-  for (int r = 0; r < R; ++r) {
+  float kr[MFA_R][DL], vr[MFA_R][DVL], dkr[MFA_R][DL], dvr[MFA_R][DVL];
+  for (int r = 0; r < MFA_R; ++r) {
     const long key = seq.k_start + bmin(first_j + r, seq.seqlen_k - 1);
-    load_lane<DL, DQK>(kr[r], k + b * p.k_stride_b + key * p.k_stride_s + kv_head * p.k_stride_h, p.k_stride_d, lane);
-    load_lane<DVL, DV>(vr[r], v + b * p.v_stride_b + key * p.v_stride_s + kv_head * p.v_stride_h, p.v_stride_d, lane);
+    load_lane<DL, MFA_DQK>(kr[r], k + b * p.k_stride_b + key * p.k_stride_s + kv_head * p.k_stride_h, p.k_stride_d, lane);
+    load_lane<DVL, MFA_DV>(vr[r], v + b * p.v_stride_b + key * p.v_stride_s + kv_head * p.v_stride_h, p.v_stride_d, lane);
     for (int t = 0; t < DL; ++t) dkr[r][t] = 0.0f;
     for (int t = 0; t < DVL; ++t) dvr[r][t] = 0.0f;
   }
@@ -256,7 +264,7 @@ kernel void attention_backward_dkdv(
   const long end_i = p.window_left >= 0 ? bmin(last_j - offset + p.window_left + 1, seq.seqlen_q) : seq.seqlen_q;
   for (long g = 0; g < p.group; ++g) {  // the GQA reduction: every query head of this KV head
     const long head = kv_head * p.group + g;
-#if HAS_ALIBI
+#if MFA_HAS_ALIBI
     const float slope = alibi_slopes[b * p.alibi_stride_b + head];
 #else
     const float slope = 0.0f;
@@ -264,23 +272,25 @@ kernel void attention_backward_dkdv(
     for (long i = first_i; i < end_i; ++i) {
       const long row = seq.q_start + i;
       float qv[DL], dov[DVL];
-      load_lane<DL, DQK>(qv, q + b * p.q_stride_b + row * p.q_stride_s + head * p.q_stride_h, p.q_stride_d, lane);
-      load_lane<DVL, DV>(dov, grad_out + b * p.do_stride_b + row * p.do_stride_s + head * p.do_stride_h,
+      load_lane<DL, MFA_DQK>(qv, q + b * p.q_stride_b + row * p.q_stride_s + head * p.q_stride_h, p.q_stride_d, lane);
+      load_lane<DVL, MFA_DV>(dov, grad_out + b * p.do_stride_b + row * p.do_stride_s + head * p.do_stride_h,
                          p.do_stride_d, lane);
       const long slot = b * p.lse_stride_b + head * p.lse_stride_h + row * p.lse_stride_s;
-      const float row_lse = safe_lse(lse[slot]), row_delta = delta[slot];
-      for (int r = 0; r < R; ++r) {
+      const float row_lse = safe_lse(lse, slot), row_delta = delta[slot];
+      for (int r = 0; r < MFA_R; ++r) {
         const long j = first_j + r;
         const float dot = lane_dot<DL>(qv, kr[r]);
         const float dp = lane_dot<DVL>(dov, vr[r]);
         if (j >= seq.seqlen_k || !is_visible(p, i, j, offset)) continue;
         float bias = 0.0f;
-#if MASK_KIND
-        const MASK_T m = mask[b * p.mask_stride_b + head * p.mask_stride_h + i * p.mask_stride_q + j * p.mask_stride_k];
-#if MASK_KIND == 1
-        if (m == 0) continue;
+#if MFA_MASK_KIND
+        const long at = b * p.mask_stride_b + head * p.mask_stride_h + i * p.mask_stride_q + j * p.mask_stride_k;
+#if MFA_MASK_KIND == 1
+        if (mask[at] == 0) continue;
 #else
-        bias = float(m);
+        const Stored m = read_stored(mask, at);
+        if (m.neg_inf) continue;  // a -inf entry removes the key (p = 0)
+        bias = m.value;
 #endif
 #endif
         const Prob pr = probability(dot, row_lse, scale, softcap, slope, bias, i + offset - j);
@@ -290,11 +300,11 @@ kernel void attention_backward_dkdv(
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
+  for (int r = 0; r < MFA_R; ++r) {
     const long j = first_j + r;
     if (j >= seq.seqlen_k) break;
     const long key = seq.k_start + j;
-    store_lane<DL, DQK>(dk + b * p.dk_stride_b + key * p.dk_stride_s + kv_head * p.dk_stride_h, p.dk_stride_d, dkr[r], lane);
-    store_lane<DVL, DV>(dv + b * p.dv_stride_b + key * p.dv_stride_s + kv_head * p.dv_stride_h, p.dv_stride_d, dvr[r], lane);
+    store_lane<DL, MFA_DQK>(dk + b * p.dk_stride_b + key * p.dk_stride_s + kv_head * p.dk_stride_h, p.dk_stride_d, dkr[r], lane);
+    store_lane<DVL, MFA_DV>(dv + b * p.dv_stride_b + key * p.dv_stride_s + kv_head * p.dv_stride_h, p.dv_stride_d, dvr[r], lane);
   }
 }

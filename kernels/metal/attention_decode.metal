@@ -1,29 +1,33 @@
 // Decode attention over a (possibly quantized) KV cache: the query heads of one KV head together,
 // keys spread over simdgroups, head dims over lanes, fp32 online softmax in base 2.
 //
-// One threadgroup = WM simdgroups serving a tile of ROWS query rows of one (sequence b, KV head),
+// One threadgroup = MFA_WM simdgroups serving a tile of MFA_ROWS query rows of one (sequence b, KV head),
 // rows ordered r = i * G + g (query position i, head g of the group): at Lq = 1 a tile is the
 // whole group, so each K/V element is read (and dequantized) once for all G query heads.
-// Simdgroup s takes keys start + s, start + s + WM, ...: its lanes load the key's DQK elements
+// Simdgroup s takes keys start + s, start + s + MFA_WM, ...: its lanes load the key's MFA_DQK elements
 // (DL per lane, dequantized in registers), one simd_sum per row gives the logit, and the row's
 // running (max, sum, output) is updated in registers; the output columns live DVL per lane. At the
-// end the WM simdgroups' states are merged through threadgroup memory.
+// end the MFA_WM simdgroups' states are merged through threadgroup memory.
 //
-// SPLIT = 0 (the "vector" kernel): one pass, writes out and LSE (sinks included).
-// SPLIT = 1 (split-K): threadgroup x = tile * num_splits + split takes a contiguous share of the
+// MFA_SPLIT = 0 (the "vector" kernel): one pass, writes out and LSE (sinks included).
+// MFA_SPLIT = 1 (split-K): threadgroup x = tile * num_splits + split takes a contiguous share of the
 // visible key range and writes its normalized partial output and natural-log LSE (float32);
 // attention_decode_merge then combines the splits (and the sink) per row. num_splits is a runtime
 // parameter chosen by the host from the shape: nothing is compiled per length.
 //
-// Defines: IN_T (q, out), K_T / V_T (code storage: IN_T, uchar, char), K_FMT / V_FMT (dequant.h),
-// DQK, DV, ROWS, WM, HAS_SOFTCAP, HAS_ALIBI, HAS_SINKS, HAS_BATCH_IDX, SPLIT, DECODE_PARAM_COUNT.
-// Launch: threads = (32 * WM * row_tiles * num_splits, Hkv, B), group_size = (32 * WM, 1, 1).
+// Defines: MFA_IN_T (q, out), MFA_K_T / MFA_V_T (code storage: MFA_IN_T, uchar, char), MFA_K_FMT / MFA_V_FMT (dequant.h),
+// MFA_DQK, MFA_DV, MFA_ROWS, MFA_WM, MFA_HAS_SOFTCAP, MFA_HAS_ALIBI, MFA_HAS_SINKS, MFA_HAS_BATCH_IDX, MFA_SPLIT, MFA_DECODE_PARAM_COUNT.
+// Launch: threads = (32 * MFA_WM * row_tiles * num_splits, Hkv, B), group_size = (32 * MFA_WM, 1, 1).
+#include <metal_stdlib>
+using namespace metal;
+// The loader inserts the variant's MFA_ #defines here, after Apple's headers.
 #include "decode_params.h"
 #include "dequant.h"
+#include "finite_math.h"
 
-#define THREADS (32 * WM)
-#define DL ((DQK + 31) / 32)  // q/k elements per lane
-#define DVL ((DV + 31) / 32)  // output/v elements per lane
+#define THREADS (32 * MFA_WM)
+#define DL ((MFA_DQK + 31) / 32)  // q/k elements per lane
+#define DVL ((MFA_DV + 31) / 32)  // output/v elements per lane
 
 constant float LOG2E_D = 1.4426950408889634f;
 constant float LN2_D = 0.6931471805599453f;
@@ -64,20 +68,20 @@ inline void load_row(thread float* dst, device const T* codes, device const floa
   }
 }
 
-kernel void attention_decode(
-    device const IN_T* q [[buffer(0)]],
-    device const K_T* k [[buffer(1)]],
+[[kernel, max_total_threads_per_threadgroup(THREADS)]] void attention_decode(
+    device const MFA_IN_T* q [[buffer(0)]],
+    device const MFA_K_T* k [[buffer(1)]],
     device const float* k_scales [[buffer(2)]],
-    device const V_T* v [[buffer(3)]],
+    device const MFA_V_T* v [[buffer(3)]],
     device const float* v_scales [[buffer(4)]],
     device const int* seqlens [[buffer(5)]],
     device const int* batch_idx [[buffer(6)]],
     device const float* alibi_slopes [[buffer(7)]],
     device const float* sinks [[buffer(8)]],
-    device IN_T* out [[buffer(9)]],
+    device MFA_IN_T* out [[buffer(9)]],
     device float* lse [[buffer(10)]],
-    device float* part_out [[buffer(11)]],  // SPLIT: (B, Hq, Lq, splits, DV)
-    device float* part_lse [[buffer(12)]],  // SPLIT: (B, Hq, Lq, splits)
+    device float* part_out [[buffer(11)]],  // MFA_SPLIT: (B, Hq, Lq, splits, MFA_DV)
+    device float* part_lse [[buffer(12)]],  // MFA_SPLIT: (B, Hq, Lq, splits)
     constant DecodeParams& p [[buffer(13)]],
     constant float& q_scale [[buffer(14)]],    // scale * log2(e); with softcap, scale / softcap
     constant float& cap_scale [[buffer(15)]],  // softcap * log2(e)
@@ -88,9 +92,9 @@ kernel void attention_decode(
   const long b = group_id.z, kv_head = group_id.y;
   const long tile = group_id.x / p.num_splits, split = group_id.x % p.num_splits;
   const long total_rows = p.seqlen_q * p.group;
-  const long row0 = tile * ROWS;
+  const long row0 = tile * MFA_ROWS;
   const long length = seqlens[b];
-#if HAS_BATCH_IDX
+#if MFA_HAS_BATCH_IDX
   const long cache_row = batch_idx[b];
 #else
   const long cache_row = b;
@@ -98,117 +102,121 @@ kernel void attention_decode(
   const long offset = length - p.seqlen_q;  // bottom-right alignment: row i's diagonal is i + offset
 
   // This split's share of the keys the tile can see (an empty share still writes its rows).
-  const KeyRange range = visible_range(p, length, row0 / p.group, (dmin(row0 + ROWS, total_rows) - 1) / p.group);
+  const KeyRange range = visible_range(p, length, row0 / p.group, (dmin(row0 + MFA_ROWS, total_rows) - 1) / p.group);
   const long share = (range.end - range.first + p.num_splits - 1) / p.num_splits;
   const long key_first = range.first + split * share;
   const long key_end = dmin(range.end, key_first + share);
 
   // Q rows in registers, the softmax scale folded in once.
-  float qr[ROWS][DL];
-  long row_pos[ROWS], row_head[ROWS];
-  float slope[ROWS];
-  for (int r = 0; r < ROWS; ++r) {
+  float qr[MFA_ROWS][DL];
+  long row_pos[MFA_ROWS], row_head[MFA_ROWS];
+  float slope[MFA_ROWS];
+  for (int r = 0; r < MFA_ROWS; ++r) {
     const long row = dmin(row0 + r, total_rows - 1);  // rows past the end repeat the last (never written)
     row_pos[r] = row / p.group;
     row_head[r] = kv_head * p.group + row % p.group;
-    device const IN_T* q_row = q + b * p.q_stride_b + row_pos[r] * p.q_stride_s + row_head[r] * p.q_stride_h;
+    device const MFA_IN_T* q_row = q + b * p.q_stride_b + row_pos[r] * p.q_stride_s + row_head[r] * p.q_stride_h;
     for (int t = 0; t < DL; ++t) {
       const int c = lane * DL + t;
-      qr[r][t] = c < DQK ? float(q_row[c * p.q_stride_d]) * q_scale : 0.0f;
+      qr[r][t] = c < MFA_DQK ? float(q_row[c * p.q_stride_d]) * q_scale : 0.0f;
     }
-#if HAS_ALIBI
+#if MFA_HAS_ALIBI
     slope[r] = alibi_slopes[b * p.alibi_stride_b + row_head[r]] * LOG2E_D;
 #else
     slope[r] = 0.0f;
 #endif
   }
 
-  float m[ROWS], l[ROWS], o[ROWS][DVL];
-  for (int r = 0; r < ROWS; ++r) {
-    m[r] = -INFINITY;
+  float m[MFA_ROWS], l[MFA_ROWS], o[MFA_ROWS][DVL];
+  for (int r = 0; r < MFA_ROWS; ++r) {
+    m[r] = LOWEST_FINITE;  // finite from the start (finite_math.h); l = 0 marks "nothing seen"
     l[r] = 0.0f;
     for (int t = 0; t < DVL; ++t) o[r][t] = 0.0f;
   }
 
-  for (long key = key_first + sg; key < key_end; key += WM) {
+  for (long key = key_first + sg; key < key_end; key += MFA_WM) {
     float kr[DL], vr[DVL];
-    load_row<DL, DQK, K_FMT>(kr, k, k_scales, key, cache_row, kv_head, p.k_stride_b, p.k_stride_s, p.k_stride_h,
+    load_row<DL, MFA_DQK, MFA_K_FMT>(kr, k, k_scales, key, cache_row, kv_head, p.k_stride_b, p.k_stride_s, p.k_stride_h,
                              p.k_stride_d, p.ks_stride_b, p.ks_stride_s, p.ks_stride_h, p.ks_stride_g,
                              p.k_group_size, lane);
-    load_row<DVL, DV, V_FMT>(vr, v, v_scales, key, cache_row, kv_head, p.v_stride_b, p.v_stride_s, p.v_stride_h,
+    load_row<DVL, MFA_DV, MFA_V_FMT>(vr, v, v_scales, key, cache_row, kv_head, p.v_stride_b, p.v_stride_s, p.v_stride_h,
                              p.v_stride_d, p.vs_stride_b, p.vs_stride_s, p.vs_stride_h, p.vs_stride_g,
                              p.v_group_size, lane);
-    for (int r = 0; r < ROWS; ++r) {
+    for (int r = 0; r < MFA_ROWS; ++r) {
       float partial = 0.0f;
       for (int t = 0; t < DL; ++t) partial += qr[r][t] * kr[t];
       float x = simd_sum(partial);
-#if HAS_SOFTCAP
+#if MFA_HAS_SOFTCAP
       x = precise::tanh(x) * cap_scale;
 #endif
       const long diagonal = row_pos[r] + offset;
-#if HAS_ALIBI
+#if MFA_HAS_ALIBI
       x -= slope[r] * fabs(float(diagonal - key));
 #endif
       const bool visible = (p.window_left < 0 || key >= diagonal - p.window_left) &&
                            (p.window_right < 0 || key <= diagonal + p.window_right);
       if (!visible) continue;  // uniform across the simdgroup: every lane has the same x and key
-      // While nothing is visible the max is -inf and 0 stands in for it: exp2(-inf - 0) = 0, and a
+      // Before the first visible key l and o are 0, so the correction's value does not matter; a
       // NaN logit (max() skips NaN) still reaches l and o as NaN, as the reference says.
       const float m_new = max(m[r], x);
-      const float m_safe = m_new == -INFINITY ? 0.0f : m_new;
-      const float correction = exp2(m[r] - m_safe);
-      const float pe = exp2(x - m_safe);
+      const float correction = exp2_of_nonpositive(m[r] - m_new);
+      const float pe = exp2_of_nonpositive(x - m_new);
       l[r] = l[r] * correction + pe;
       for (int t = 0; t < DVL; ++t) o[r][t] = o[r][t] * correction + pe * vr[t];
       m[r] = m_new;
     }
   }
 
-  // Merge the WM simdgroups' states: every simdgroup publishes (m, l, o), then threads split
+  // Merge the MFA_WM simdgroups' states: every simdgroup publishes (m, l, o), then threads split
   // the (row, column) pairs.
   // Flat (simdgroup, row[, column]) arrays: tg_o holds DVL * 32 columns a row.
-  threadgroup float tg_m[WM * ROWS];
-  threadgroup float tg_l[WM * ROWS];
-  threadgroup float tg_o[WM * ROWS * DVL * 32];
-  for (int r = 0; r < ROWS; ++r) {
+  threadgroup float tg_m[MFA_WM * MFA_ROWS];
+  threadgroup float tg_l[MFA_WM * MFA_ROWS];
+  threadgroup float tg_o[MFA_WM * MFA_ROWS * DVL * 32];
+  for (int r = 0; r < MFA_ROWS; ++r) {
     if (lane == 0) {
-      tg_m[sg * ROWS + r] = m[r];
-      tg_l[sg * ROWS + r] = l[r];
+      tg_m[sg * MFA_ROWS + r] = m[r];
+      tg_l[sg * MFA_ROWS + r] = l[r];
     }
-    for (int t = 0; t < DVL; ++t) tg_o[(sg * ROWS + r) * DVL * 32 + lane * DVL + t] = o[r][t];
+    for (int t = 0; t < DVL; ++t) tg_o[(sg * MFA_ROWS + r) * DVL * 32 + lane * DVL + t] = o[r][t];
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
-  for (int pair = tid; pair < ROWS * DV; pair += THREADS) {
-    const int r = pair / DV, c = pair % DV;
+  for (int pair = tid; pair < MFA_ROWS * MFA_DV; pair += THREADS) {
+    const int r = pair / MFA_DV, c = pair % MFA_DV;
     const long row = row0 + r;
     if (row >= total_rows) continue;
-    float best = -INFINITY;
-    for (int s = 0; s < WM; ++s) best = max(best, tg_m[s * ROWS + r]);
-#if HAS_SINKS && !SPLIT
-    const float sink = sinks[row_head[r]] * LOG2E_D;
-    best = max(best, sink);
+    // A simdgroup that saw nothing has l = 0 and o = 0: its weight multiplies zeros.
+    float best = LOWEST_FINITE;
+    for (int s = 0; s < MFA_WM; ++s) best = max(best, tg_m[s * MFA_ROWS + r]);
+#if MFA_HAS_SINKS && !MFA_SPLIT
+    const Stored sink_logit = read_stored(sinks, row_head[r]);
+    const bool has_sink = !sink_logit.neg_inf;  // a -inf sink is no key at all
+    const float sink = sink_logit.value * LOG2E_D;
+    if (has_sink) best = max(best, sink);
 #endif
     float total = 0.0f, acc = 0.0f;
-    for (int s = 0; s < WM; ++s) {
-      const float ms = tg_m[s * ROWS + r];
-      const float w = ms == -INFINITY ? 0.0f : exp2(ms - best);
-      total += tg_l[s * ROWS + r] * w;
-      acc += tg_o[(s * ROWS + r) * DVL * 32 + c] * w;
+    for (int s = 0; s < MFA_WM; ++s) {
+      const float w = exp2_of_nonpositive(tg_m[s * MFA_ROWS + r] - best);
+      total += tg_l[s * MFA_ROWS + r] * w;
+      acc += tg_o[(s * MFA_ROWS + r) * DVL * 32 + c] * w;
     }
-#if HAS_SINKS && !SPLIT
-    total += exp2(sink - best);
+#if MFA_HAS_SINKS && !MFA_SPLIT
+    if (has_sink) total += exp2_of_nonpositive(sink - best);
 #endif
-    // A row that saw nothing writes 0 and LSE -inf (compared with 0 so a NaN propagates).
+    // A row that saw nothing writes 0 and LSE -inf by its bits (compared with 0 so a NaN propagates).
     const float value = total == 0.0f ? 0.0f : acc / total;
-    const float row_lse = total == 0.0f ? -INFINITY : (best + log2(total)) * LN2_D;
-#if SPLIT
+    const float row_lse = (best + log2(total)) * LN2_D;
+#if MFA_SPLIT
     const long slot = ((b * p.heads_q + row_head[r]) * p.seqlen_q + row_pos[r]) * p.num_splits + split;
-    part_out[slot * DV + c] = value;
-    if (c == 0) part_lse[slot] = row_lse;
+    part_out[slot * MFA_DV + c] = value;
+    if (c == 0) store_or_neg_inf(part_lse, slot, total != 0.0f, row_lse);
 #else
-    out[b * p.o_stride_b + row_pos[r] * p.o_stride_s + row_head[r] * p.o_stride_h + c * p.o_stride_d] = IN_T(value);
-    if (c == 0) lse[b * p.lse_stride_b + row_head[r] * p.lse_stride_h + row_pos[r] * p.lse_stride_s] = row_lse;
+    out[b * p.o_stride_b + row_pos[r] * p.o_stride_s + row_head[r] * p.o_stride_h + c * p.o_stride_d] = MFA_IN_T(value);
+    if (c == 0) {
+      store_or_neg_inf(lse, b * p.lse_stride_b + row_head[r] * p.lse_stride_h + row_pos[r] * p.lse_stride_s,
+                       total != 0.0f, row_lse);
+    }
 #endif
   }
 }
@@ -217,42 +225,50 @@ kernel void attention_decode(
 // sink as one more term of the denominator. One simdgroup per row: lanes stride over the splits
 // for the maximum and over the columns for the output.
 // Launch: threads = (32 * Lq, Hq, B), group_size = (32, 1, 1).
-kernel void attention_decode_merge(
+[[kernel, max_total_threads_per_threadgroup(32)]] void attention_decode_merge(
     device const float* part_out [[buffer(0)]],
     device const float* part_lse [[buffer(1)]],
     device const float* sinks [[buffer(2)]],
-    device IN_T* out [[buffer(3)]],
+    device MFA_IN_T* out [[buffer(3)]],
     device float* lse [[buffer(4)]],
     constant DecodeParams& p [[buffer(5)]],
     uint3 group_id [[threadgroup_position_in_grid]],
     ushort lane [[thread_index_in_simdgroup]]) {
   const long b = group_id.z, head = group_id.y, row = group_id.x;
   const long slot0 = ((b * p.heads_q + head) * p.seqlen_q + row) * p.num_splits;
-  float best = -INFINITY;
-  for (long s = lane; s < p.num_splits; s += 32) best = max(best, part_lse[slot0 + s]);
+  // An empty split wrote LSE -inf (its bits are tested, never its value) and takes no part.
+  float best = LOWEST_FINITE;
+  for (long s = lane; s < p.num_splits; s += 32) {
+    const Stored x = read_stored(part_lse, slot0 + s);
+    if (!x.neg_inf) best = max(best, x.value);
+  }
   best = simd_max(best);
-#if HAS_SINKS
-  const float sink = sinks[head];
-  best = max(best, sink);
+#if MFA_HAS_SINKS
+  const Stored sink_logit = read_stored(sinks, head);
+  const bool has_sink = !sink_logit.neg_inf;
+  const float sink = sink_logit.value;
+  if (has_sink) best = max(best, sink);
 #endif
   float total = 0.0f;
   for (long s = lane; s < p.num_splits; s += 32) {
-    const float x = part_lse[slot0 + s];
-    total += x == -INFINITY ? 0.0f : exp(x - best);
+    const Stored x = read_stored(part_lse, slot0 + s);
+    total += x.neg_inf ? 0.0f : exp2_of_nonpositive((x.value - best) * LOG2E_D);
   }
   total = simd_sum(total);
-#if HAS_SINKS
-  total += exp(sink - best);
+#if MFA_HAS_SINKS
+  if (has_sink) total += exp2_of_nonpositive((sink - best) * LOG2E_D);
 #endif
-  device IN_T* out_row = out + b * p.o_stride_b + row * p.o_stride_s + head * p.o_stride_h;
-  for (int c = lane; c < DV; c += 32) {
+  device MFA_IN_T* out_row = out + b * p.o_stride_b + row * p.o_stride_s + head * p.o_stride_h;
+  for (int c = lane; c < MFA_DV; c += 32) {
     float acc = 0.0f;
     for (long s = 0; s < p.num_splits; ++s) {
-      const float x = part_lse[slot0 + s];
-      if (x != -INFINITY) acc += exp(x - best) * part_out[(slot0 + s) * DV + c];
+      const Stored x = read_stored(part_lse, slot0 + s);
+      if (!x.neg_inf) acc += exp2_of_nonpositive((x.value - best) * LOG2E_D) * part_out[(slot0 + s) * MFA_DV + c];
     }
-    out_row[c * p.o_stride_d] = IN_T(total == 0.0f ? 0.0f : acc / total);
+    out_row[c * p.o_stride_d] = MFA_IN_T(total == 0.0f ? 0.0f : acc / total);
   }
-  if (lane == 0) lse[b * p.lse_stride_b + head * p.lse_stride_h + row * p.lse_stride_s] =
-      total == 0.0f ? -INFINITY : best + log(total);
+  if (lane == 0) {
+    store_or_neg_inf(lse, b * p.lse_stride_b + head * p.lse_stride_h + row * p.lse_stride_s, total != 0.0f,
+                     best + log(total));
+  }
 }

@@ -1,7 +1,7 @@
 // FlashAttention-2 forward for Apple GPUs: online softmax in base 2, fp32 accumulation.
 //
-// One threadgroup = WM simdgroups x 8 query rows (BQ = 8 * WM rows) of one (batch, head).
-// Per key block of BK keys: K and V are staged in threadgroup memory, S = Q K^T is computed
+// One threadgroup = MFA_WM simdgroups x 8 query rows (BQ = 8 * MFA_WM rows) of one (batch, head).
+// Per key block of MFA_BK keys: K and V are staged in threadgroup memory, S = Q K^T is computed
 // with 8x8 simdgroup_matrix products into float fragments, the scores are scaled (log2(e) is
 // folded into the scale, so the softmax uses exp2), capped, biased and masked in place, turned
 // into P in the same registers, and O += P V. Only the key blocks the window leaves visible to
@@ -9,25 +9,30 @@
 // element-wise visibility test.
 //
 // Variants are made by the loader's #defines (compile_shader has no function constants):
-//   IN_T            half | bfloat | float: q, k, v and out
-//   DQK, DV         the real head dims; DQK_PAD, DV_PAD rounded up to 8 (padding reads as 0)
-//   BK, WM          keys per block, simdgroups per threadgroup (BQ = 8 * WM query rows)
-//   K_PITCH, V_PITCH, Q_PITCH   row pitch of the threadgroup tiles (elements)
-//   Q_IN_TG         1: Q is staged in threadgroup memory and re-read per product (large head
+//   MFA_IN_T            half | bfloat | float: q, k, v and out
+//   MFA_DQK, MFA_DV         the real head dims; MFA_DQK_PAD, MFA_DV_PAD rounded up to 8 (padding reads as 0)
+//   MFA_BK, MFA_WM          keys per block, simdgroups per threadgroup (BQ = 8 * MFA_WM query rows)
+//   MFA_K_PITCH, MFA_V_PITCH, MFA_Q_PITCH   row pitch of the threadgroup tiles (elements)
+//   MFA_Q_IN_TG         1: Q is staged in threadgroup memory and re-read per product (large head
 //                   dims, where Q fragments would take too many registers); 0: Q in registers
-//   MASK_KIND       0 none, 1 bool (uchar, nonzero = attend), 2 additive (MASK_T)
-//   HAS_SOFTCAP, HAS_ALIBI, HAS_SINKS, VARLEN, CU_T (int | long: cu_seqlens' type)
-//   ATTENTION_PARAM_COUNT   the number of int64 fields the host passes (size check)
+//   MFA_MASK_KIND       0 none, 1 bool (uchar, nonzero = attend), 2 additive (MFA_MASK_T)
+//   MFA_HAS_SOFTCAP, MFA_HAS_ALIBI, MFA_HAS_SINKS, MFA_VARLEN, MFA_CU_T (int | long: cu_seqlens' type)
+//   MFA_ATTENTION_PARAM_COUNT   the number of int64 fields the host passes (size check)
 //
-// Launch: threads = (32 * WM * ceil(max Lq / BQ), Hq, B), group_size = (32 * WM, 1, 1).
+// Launch: threads = (32 * MFA_WM * ceil(max Lq / BQ), Hq, B), group_size = (32 * MFA_WM, 1, 1).
+#include <metal_stdlib>
+using namespace metal;
+// The loader inserts the variant's MFA_ #defines here: after Apple's headers, which a macro
+// defined before them could rewrite.
 #include "attention_params.h"
+#include "finite_math.h"
 #include "fragment.h"
 
-#define BQ (8 * WM)
-#define THREADS (32 * WM)
-#define DQK_BLOCKS (DQK_PAD / 8)
-#define DV_BLOCKS (DV_PAD / 8)
-#define KEY_FRAGMENTS (BK / 8)
+#define BQ (8 * MFA_WM)
+#define THREADS (32 * MFA_WM)
+#define DQK_BLOCKS (MFA_DQK_PAD / 8)
+#define DV_BLOCKS (MFA_DV_PAD / 8)
+#define KEY_FRAGMENTS (MFA_BK / 8)
 
 constant float LOG2E = 1.4426950408889634f;
 constant float LN2 = 0.6931471805599453f;
@@ -35,7 +40,7 @@ constant float LN2 = 0.6931471805599453f;
 // additive mask, which is added exactly in natural units: finfo(float32).min * log2(e) would
 // overflow to -inf and turn a row that transformers masks with finfo.min (softmax: uniform, the
 // mean of V) into an empty row (0). The host scales q_scale and cap_scale by the same unit.
-#if MASK_KIND == 2
+#if MFA_MASK_KIND == 2
 #define SCORE_UNIT 1.0f
 #else
 #define SCORE_UNIT LOG2E
@@ -48,35 +53,35 @@ inline long max_long(long a, long b) { return a > b ? a : b; }
 // Stage `rows` x PAD columns of a (sequence, dim) matrix into a tile, zero past the sequence
 // end and past the real head dim (so padded products add exact zeros).
 template <int PAD, int REAL, int PITCH, int ROWS>
-inline void stage_tile(threadgroup IN_T* tile, device const IN_T* base, long first_row, long end_row,
+inline void stage_tile(threadgroup MFA_IN_T* tile, device const MFA_IN_T* base, long first_row, long end_row,
                        long row_stride, long col_stride, ushort tid) {
   for (int i = tid; i < ROWS * PAD; i += THREADS) {
     const int r = i / PAD, c = i % PAD;
     const long row = first_row + r;
-    tile[r * PITCH + c] = (row < end_row && c < REAL) ? base[row * row_stride + c * col_stride] : IN_T(0.0f);
+    tile[r * PITCH + c] = (row < end_row && c < REAL) ? base[row * row_stride + c * col_stride] : MFA_IN_T(0.0f);
   }
 }
 
-kernel void attention_forward(
-    device const IN_T* q [[buffer(0)]],
-    device const IN_T* k [[buffer(1)]],
-    device const IN_T* v [[buffer(2)]],
-    device IN_T* out [[buffer(3)]],
+[[kernel, max_total_threads_per_threadgroup(THREADS)]] void attention_forward(
+    device const MFA_IN_T* q [[buffer(0)]],
+    device const MFA_IN_T* k [[buffer(1)]],
+    device const MFA_IN_T* v [[buffer(2)]],
+    device MFA_IN_T* out [[buffer(3)]],
     device float* lse [[buffer(4)]],
     constant AttentionParams& p [[buffer(5)]],
     constant float& q_scale [[buffer(6)]],    // scale * SCORE_UNIT; with softcap, scale / softcap
-    constant float& cap_scale [[buffer(7)]],  // softcap * SCORE_UNIT (read only with HAS_SOFTCAP)
-    device const MASK_T* mask [[buffer(8)]],
+    constant float& cap_scale [[buffer(7)]],  // softcap * SCORE_UNIT (read only with MFA_HAS_SOFTCAP)
+    device const MFA_MASK_T* mask [[buffer(8)]],
     device const float* alibi_slopes [[buffer(9)]],
     device const float* sinks [[buffer(10)]],
-    device const CU_T* cu_seqlens_q [[buffer(11)]],
-    device const CU_T* cu_seqlens_k [[buffer(12)]],
+    device const MFA_CU_T* cu_seqlens_q [[buffer(11)]],
+    device const MFA_CU_T* cu_seqlens_k [[buffer(12)]],
     uint3 group_id [[threadgroup_position_in_grid]],
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]],
     ushort tid [[thread_index_in_threadgroup]]) {
   const long batch = group_id.z, head = group_id.y, kv_head = head / p.group;
-#if VARLEN
+#if MFA_VARLEN
   const long q_start = cu_seqlens_q[batch], k_start = cu_seqlens_k[batch];
   const long seqlen_q = cu_seqlens_q[batch + 1] - q_start, seqlen_k = cu_seqlens_k[batch + 1] - k_start;
 #else
@@ -85,12 +90,12 @@ kernel void attention_forward(
   const long block_row0 = long(group_id.x) * BQ;
   if (block_row0 >= seqlen_q) return;  // the whole threadgroup: a shorter sequence of a varlen batch
 
-  device const IN_T* q_seq = q + batch * p.q_stride_b + q_start * p.q_stride_s + head * p.q_stride_h;
-  device const IN_T* k_seq = k + batch * p.k_stride_b + k_start * p.k_stride_s + kv_head * p.k_stride_h;
-  device const IN_T* v_seq = v + batch * p.v_stride_b + k_start * p.v_stride_s + kv_head * p.v_stride_h;
+  device const MFA_IN_T* q_seq = q + batch * p.q_stride_b + q_start * p.q_stride_s + head * p.q_stride_h;
+  device const MFA_IN_T* k_seq = k + batch * p.k_stride_b + k_start * p.k_stride_s + kv_head * p.k_stride_h;
+  device const MFA_IN_T* v_seq = v + batch * p.v_stride_b + k_start * p.v_stride_s + kv_head * p.v_stride_h;
 
-  threadgroup IN_T k_tile[BK * K_PITCH];
-  threadgroup IN_T v_tile[BK * V_PITCH];
+  threadgroup MFA_IN_T k_tile[MFA_BK * MFA_K_PITCH];
+  threadgroup MFA_IN_T v_tile[MFA_BK * MFA_V_PITCH];
 
   const FragmentLane at = fragment_lane(lane);
   const long sg_row0 = block_row0 + sg * 8;
@@ -98,9 +103,9 @@ kernel void attention_forward(
   const bool row_in = row < seqlen_q;
   const long offset = seqlen_k - seqlen_q;  // bottom-right alignment: row i's diagonal is i + offset
 
-#if Q_IN_TG
-  threadgroup IN_T q_tile[BQ * Q_PITCH];
-  stage_tile<DQK_PAD, DQK, Q_PITCH, BQ>(q_tile, q_seq, block_row0, seqlen_q, p.q_stride_s, p.q_stride_d, tid);
+#if MFA_Q_IN_TG
+  threadgroup MFA_IN_T q_tile[BQ * MFA_Q_PITCH];
+  stage_tile<MFA_DQK_PAD, MFA_DQK, MFA_Q_PITCH, BQ>(q_tile, q_seq, block_row0, seqlen_q, p.q_stride_s, p.q_stride_d, tid);
   threadgroup_barrier(mem_flags::mem_threadgroup);
 #else
   simdgroup_float8x8 q_frag[DQK_BLOCKS];
@@ -108,7 +113,7 @@ kernel void attention_forward(
     for (int e = 0; e < 2; ++e) {
       const int col = d * 8 + at.col + e;
       q_frag[d].thread_elements()[e] =
-          (row_in && col < DQK) ? float(q_seq[row * p.q_stride_s + col * p.q_stride_d]) : 0.0f;
+          (row_in && col < MFA_DQK) ? float(q_seq[row * p.q_stride_s + col * p.q_stride_d]) : 0.0f;
     }
   }
 #endif
@@ -119,37 +124,41 @@ kernel void attention_forward(
   const long end_key = p.window_right >= 0 ? min_long(last_row + offset + p.window_right + 1, seqlen_k) : seqlen_k;
   const long sg_last = min_long(sg_row0 + 7, seqlen_q - 1);
 
-#if HAS_ALIBI
+#if MFA_HAS_ALIBI
   const float slope = alibi_slopes[batch * p.alibi_stride_b + head] * SCORE_UNIT;
 #endif
-#if MASK_KIND
-  device const MASK_T* mask_row = mask + batch * p.mask_stride_b + head * p.mask_stride_h + row * p.mask_stride_q;
+#if MFA_MASK_KIND
+  device const MFA_MASK_T* mask_row = mask + batch * p.mask_stride_b + head * p.mask_stride_h + row * p.mask_stride_q;
 #endif
 
-  // Running max (in score units) and sum; a sink is a key of value 0 seen before all others.
-#if HAS_SINKS
-  float m = sinks[head] * SCORE_UNIT, l = 1.0f;
-#else
-  float m = -INFINITY, l = 0.0f;
+  // Running max (in score units, finite from the start: see finite_math.h) and sum; a sink is a
+  // key of value 0 seen before all others, and a sink of -inf is no key at all.
+  float m = LOWEST_FINITE, l = 0.0f;
+#if MFA_HAS_SINKS
+  const Stored sink = read_stored(sinks, head);
+  if (!sink.neg_inf) {
+    m = sink.value * SCORE_UNIT;
+    l = 1.0f;
+  }
 #endif
   simdgroup_float8x8 o[DV_BLOCKS];
   for (int d = 0; d < DV_BLOCKS; ++d) o[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
 
-  for (long key0 = (first_key / BK) * BK; key0 < end_key; key0 += BK) {
-    stage_tile<DQK_PAD, DQK, K_PITCH, BK>(k_tile, k_seq, key0, seqlen_k, p.k_stride_s, p.k_stride_d, tid);
-    stage_tile<DV_PAD, DV, V_PITCH, BK>(v_tile, v_seq, key0, seqlen_k, p.v_stride_s, p.v_stride_d, tid);
+  for (long key0 = (first_key / MFA_BK) * MFA_BK; key0 < end_key; key0 += MFA_BK) {
+    stage_tile<MFA_DQK_PAD, MFA_DQK, MFA_K_PITCH, MFA_BK>(k_tile, k_seq, key0, seqlen_k, p.k_stride_s, p.k_stride_d, tid);
+    stage_tile<MFA_DV_PAD, MFA_DV, MFA_V_PITCH, MFA_BK>(v_tile, v_seq, key0, seqlen_k, p.v_stride_s, p.v_stride_d, tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
-    // S = Q K^T: 8 rows x BK keys per simdgroup; K^T is read from the tile by swapping strides.
+    // S = Q K^T: 8 rows x MFA_BK keys per simdgroup; K^T is read from the tile by swapping strides.
     simdgroup_float8x8 s[KEY_FRAGMENTS];
     for (int j = 0; j < KEY_FRAGMENTS; ++j) {
       s[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       for (int d = 0; d < DQK_BLOCKS; ++d) {
         simdgroup_float8x8 kt;
-        load_fragment(kt, k_tile + j * 8 * K_PITCH + d * 8, 1, K_PITCH, at);
-#if Q_IN_TG
+        load_fragment(kt, k_tile + j * 8 * MFA_K_PITCH + d * 8, 1, MFA_K_PITCH, at);
+#if MFA_Q_IN_TG
         simdgroup_float8x8 qd;
-        load_fragment(qd, q_tile + sg * 8 * Q_PITCH + d * 8, Q_PITCH, 1, at);
+        load_fragment(qd, q_tile + sg * 8 * MFA_Q_PITCH + d * 8, MFA_Q_PITCH, 1, at);
         simdgroup_multiply_accumulate(s[j], qd, kt, s[j]);
 #else
         simdgroup_multiply_accumulate(s[j], q_frag[d], kt, s[j]);
@@ -158,43 +167,50 @@ kernel void attention_forward(
     }
 
     // Blocks inside every row's window (and the sequence) need no per-element visibility test.
-    const bool inside = key0 + BK <= seqlen_k &&
+    const bool inside = key0 + MFA_BK <= seqlen_k &&
                         (p.window_left < 0 || key0 >= sg_last + offset - p.window_left) &&
-                        (p.window_right < 0 || key0 + BK - 1 <= sg_row0 + offset + p.window_right);
-    float tile_max = -INFINITY;
+                        (p.window_right < 0 || key0 + MFA_BK - 1 <= sg_row0 + offset + p.window_right);
+    // Visibility is a flag, never a -inf score: the maximum is taken over visible scores only and
+    // an invisible key's P is 0 by selection.
+    float tile_max = LOWEST_FINITE;
+    bool visible_at[KEY_FRAGMENTS][2];
     for (int j = 0; j < KEY_FRAGMENTS; ++j) {
       for (int e = 0; e < 2; ++e) {
         const long key = key0 + j * 8 + at.col + e;
         float x = s[j].thread_elements()[e] * q_scale;
-#if HAS_SOFTCAP
+#if MFA_HAS_SOFTCAP
         x = precise::tanh(x) * cap_scale;
 #endif
-#if HAS_ALIBI
+#if MFA_HAS_ALIBI
         x -= slope * fabs(float(row + offset - key));
 #endif
         bool visible = inside || (key < seqlen_k && (p.window_left < 0 || key >= row + offset - p.window_left) &&
                                   (p.window_right < 0 || key <= row + offset + p.window_right));
-#if MASK_KIND == 1
+#if MFA_MASK_KIND == 1
         visible = visible && row_in && key < seqlen_k && mask_row[key * p.mask_stride_k] != 0;
-#elif MASK_KIND == 2
-        if (visible && row_in) x += float(mask_row[key * p.mask_stride_k]);
+#elif MFA_MASK_KIND == 2
+        if (visible && row_in) {
+          const Stored bias = read_stored(mask_row, key * p.mask_stride_k);
+          visible = !bias.neg_inf;  // a -inf entry removes the key, as in the reference
+          x += bias.value;
+        }
 #endif
-        x = visible ? x : -INFINITY;
+        visible_at[j][e] = visible;
         s[j].thread_elements()[e] = x;
-        tile_max = max(tile_max, x);
+        if (visible) tile_max = max(tile_max, x);
       }
     }
 
     // Online softmax: rescale what came before by exp2(m - m_new); P overwrites S in registers.
-    // While nothing is visible the max is -inf and 0 stands in for it: exp2(-inf - 0) = 0, and a
-    // NaN score (max() skips NaN, so a row of NaN keeps -inf) still gives NaN, as the reference.
+    // Before any visible key m is LOWEST_FINITE and l and O are 0, so the correction's value does
+    // not matter; a NaN score (max() skips it) still reaches l and O as NaN, as the reference says.
     const float m_new = max(m, row_max(tile_max));
-    const float m_safe = m_new == -INFINITY ? 0.0f : m_new;
-    const float correction = exp2((m - m_safe) * TO_LOG2);
+    const float correction = exp2_of_nonpositive((m - m_new) * TO_LOG2);
     float block_sum = 0.0f;
     for (int j = 0; j < KEY_FRAGMENTS; ++j) {
       for (int e = 0; e < 2; ++e) {
-        const float pe = exp2((s[j].thread_elements()[e] - m_safe) * TO_LOG2);
+        const float pe =
+            visible_at[j][e] ? exp2_of_nonpositive((s[j].thread_elements()[e] - m_new) * TO_LOG2) : 0.0f;
         s[j].thread_elements()[e] = pe;
         block_sum += pe;
       }
@@ -207,7 +223,7 @@ kernel void attention_forward(
       o[d].thread_elements() *= correction;
       for (int j = 0; j < KEY_FRAGMENTS; ++j) {
         simdgroup_float8x8 vf;
-        load_fragment(vf, v_tile + j * 8 * V_PITCH + d * 8, V_PITCH, 1, at);
+        load_fragment(vf, v_tile + j * 8 * MFA_V_PITCH + d * 8, MFA_V_PITCH, 1, at);
         simdgroup_multiply_accumulate(o[d], s[j], vf, o[d]);
       }
     }
@@ -215,18 +231,18 @@ kernel void attention_forward(
   }
 
   if (!row_in) return;
-  // A row that saw nothing (l == 0) writes 0 and LSE -inf; l is compared with 0, not "> 0", so
-  // that a NaN propagates as the reference says.
+  // A row that saw nothing (l == 0) writes 0 and LSE -inf (by its bits); l is compared with 0, not
+  // "> 0", so that a NaN propagates as the reference says.
   const float inv = l == 0.0f ? 0.0f : 1.0f / l;
-  device IN_T* out_row = out + batch * p.o_stride_b + (q_start + row) * p.o_stride_s + head * p.o_stride_h;
+  device MFA_IN_T* out_row = out + batch * p.o_stride_b + (q_start + row) * p.o_stride_s + head * p.o_stride_h;
   for (int d = 0; d < DV_BLOCKS; ++d) {
     for (int e = 0; e < 2; ++e) {
       const int col = d * 8 + at.col + e;
-      if (col < DV) out_row[col * p.o_stride_d] = IN_T(o[d].thread_elements()[e] * inv);
+      if (col < MFA_DV) out_row[col * p.o_stride_d] = MFA_IN_T(o[d].thread_elements()[e] * inv);
     }
   }
   if (at.col == 0) {
-    lse[batch * p.lse_stride_b + head * p.lse_stride_h + (q_start + row) * p.lse_stride_s] =
-        l == 0.0f ? -INFINITY : m / SCORE_UNIT + log2(l) * LN2;
+    store_or_neg_inf(lse, batch * p.lse_stride_b + head * p.lse_stride_h + (q_start + row) * p.lse_stride_s,
+                     l != 0.0f, m / SCORE_UNIT + log2(l) * LN2);
   }
 }

@@ -3,7 +3,7 @@
 // The host (kernels/metal/forward.py) passes them as one list of Python ints, which both
 // torch.mps.compile_shader and the emulator bind as an array of int64: so every field is a
 // `long`, in exactly the order of PARAM_FIELDS in forward.py. The loader checks that the names
-// below match that tuple, and the kernel checks the size the host announced (ATTENTION_PARAM_COUNT).
+// below match that tuple, and the kernel checks the size the host announced (MFA_ATTENTION_PARAM_COUNT).
 #pragma once
 
 struct AttentionParams {
@@ -22,7 +22,7 @@ struct AttentionParams {
   long window_left, window_right;  // -1 = unbounded; causal arrives as window_right = 0
 };
 
-#ifdef ATTENTION_PARAM_COUNT
-static_assert(sizeof(AttentionParams) == ATTENTION_PARAM_COUNT * sizeof(long),
+#ifdef MFA_ATTENTION_PARAM_COUNT
+static_assert(sizeof(AttentionParams) == MFA_ATTENTION_PARAM_COUNT * sizeof(long),
               "AttentionParams does not match the host's PARAM_FIELDS");
 #endif

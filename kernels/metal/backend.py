@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import torch
 
+from mfa_hf.kernel_fallback import Fallback
+from mfa_hf.kernels.torch import backend as torch_backend
 from mfa_hf.ops import define_append_op, define_attention_ops, define_decode_op
 from mfa_hf.problem import AttentionProblem
 
 from .emulator.runtime_select import emulator_enabled
-from .append import append_parts
+from .emulator.targets import bfloat_available
+from .append import append_parts, append_parts_generic
 from .backward import backward
 from .decode import run_decode
 from .forward import forward
-from .loader import MSL_TYPES
+from .loader import MSL_TYPES, runtime_msl_version
 
 NAME = "metal"
 MAX_HEAD_DIM = 256
@@ -29,6 +32,11 @@ def supports(problem: AttentionProblem) -> tuple[bool, str]:
         return False, where
     if problem.dtype not in MSL_TYPES:
         return False, f"dtype {problem.dtype}: the Metal kernels take float16, bfloat16 and float32"
+    if problem.dtype == torch.bfloat16:
+        version = runtime_msl_version(problem.device_type)
+        if not bfloat_available(version):
+            return False, (f"bfloat16: torch compiles Metal shaders as MSL {version} here, and `bfloat` needs "
+                           "MSL 3.1 (macOS 14, or a newer torch)")
     if problem.head_dim_qk > MAX_HEAD_DIM or problem.head_dim_v > MAX_HEAD_DIM:
         return False, f"head dims ({problem.head_dim_qk}, {problem.head_dim_v}): the Metal kernels go up to {MAX_HEAD_DIM}"
     if problem.dropout_p > 0:
@@ -48,6 +56,11 @@ def _device_reason(device_type: str) -> str:
     return f"device {device_type}: the Metal backend serves mps tensors"
 
 
-OPS = define_attention_ops(NAME, forward, backward, device_types=("mps", "cpu"))
-DECODE = define_decode_op(NAME, run_decode, device_types=("mps", "cpu"))  # decode.py: vector / split-K + merge
-APPEND = define_append_op(NAME, append_parts, device_types=("mps", "cpu"))  # quantize on write, in-kernel
+# A kernel that cannot be compiled or launched on this machine hands its calls to the torch backend
+# (same semantics) with one warning, unless MFA_BACKEND=metal (mfa_hf/kernel_fallback.py).
+OPS = define_attention_ops(NAME, forward, backward, device_types=("mps", "cpu"),
+                           fallback=(Fallback("torch", torch_backend.forward), Fallback("torch", torch_backend.backward)))
+DECODE = define_decode_op(NAME, run_decode, device_types=("mps", "cpu"),  # decode.py: vector / split-K + merge
+                          fallback=Fallback("torch", torch_backend.run_decode))
+APPEND = define_append_op(NAME, append_parts, device_types=("mps", "cpu"),  # quantize on write, in-kernel
+                          fallback=Fallback("generic", append_parts_generic))

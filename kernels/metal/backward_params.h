@@ -21,7 +21,7 @@ struct BackwardParams {
   long window_left, window_right;  // -1 = unbounded; causal arrives as window_right = 0
 };
 
-#ifdef BACKWARD_PARAM_COUNT
-static_assert(sizeof(BackwardParams) == BACKWARD_PARAM_COUNT * sizeof(long),
+#ifdef MFA_BACKWARD_PARAM_COUNT
+static_assert(sizeof(BackwardParams) == MFA_BACKWARD_PARAM_COUNT * sizeof(long),
               "BackwardParams does not match the host's BACKWARD_PARAM_FIELDS");
 #endif

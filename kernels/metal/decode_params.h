@@ -2,7 +2,7 @@
 //
 // Passed as one list of Python ints (bound as int64 by both runtimes), so every field is a `long`,
 // in exactly the order of DECODE_PARAM_FIELDS in decode.py (checked at import); the kernels
-// static_assert the size the host announces (DECODE_PARAM_COUNT).
+// static_assert the size the host announces (MFA_DECODE_PARAM_COUNT).
 #pragma once
 
 struct DecodeParams {
@@ -24,7 +24,7 @@ struct DecodeParams {
   long k_group_size, v_group_size;  // elements sharing one scale along D
 };
 
-#ifdef DECODE_PARAM_COUNT
-static_assert(sizeof(DecodeParams) == DECODE_PARAM_COUNT * sizeof(long),
+#ifdef MFA_DECODE_PARAM_COUNT
+static_assert(sizeof(DecodeParams) == MFA_DECODE_PARAM_COUNT * sizeof(long),
               "DecodeParams does not match the host's DECODE_PARAM_FIELDS");
 #endif

@@ -49,5 +49,7 @@ inline float code_value(device const uchar* row, int c, long stride_d, int fmt) 
 }
 inline float code_value(device const char* row, int c, long stride_d, int) { return float(row[c * stride_d]); }
 inline float code_value(device const half* row, int c, long stride_d, int) { return float(row[c * stride_d]); }
+#if __METAL_VERSION__ >= 310  // bfloat exists from MSL 3.1 (macOS 14); torch 2.7/2.8 compile 3.0 on macOS 13
 inline float code_value(device const bfloat* row, int c, long stride_d, int) { return float(row[c * stride_d]); }
+#endif
 inline float code_value(device const float* row, int c, long stride_d, int) { return row[c * stride_d]; }

@@ -1,13 +1,16 @@
 // Appending new tokens to a KV cache, quantizing on write (mfa_hf/quant.py's encodings).
 //
 // One simdgroup per (sequence b, new token t, KV head): the token goes to cache row
-// batch_idx[b] (or b) at position seqlens[b] + t. Per-token scales (PER_TOKEN = 1) are the absmax
+// batch_idx[b] (or b) at position seqlens[b] + t. Per-token scales (MFA_PER_TOKEN = 1) are the absmax
 // of each group of GROUP elements divided by the format's largest code (1 for an all-zero group),
 // written beside the codes; static scales (per head or channel) are read. Lanes stride over
 // elements (nf4: over bytes, each lane packing element 2c in the low nibble, 2c + 1 in the high).
 //
-// Defines: IN_T, FMT (dequant.h), CODE_T (IN_T, uchar or char), D, PER_TOKEN, HAS_BATCH_IDX,
-// APPEND_PARAM_COUNT. Launch: threads = (32 * Lnew, Hkv, B), group_size = (32, 1, 1).
+// Defines: MFA_IN_T, MFA_FMT (dequant.h), MFA_CODE_T (MFA_IN_T, uchar or char), MFA_D, MFA_PER_TOKEN, MFA_HAS_BATCH_IDX,
+// MFA_APPEND_PARAM_COUNT. Launch: threads = (32 * Lnew, Hkv, B), group_size = (32, 1, 1).
+#include <metal_stdlib>
+using namespace metal;
+// The loader inserts the variant's MFA_ #defines here, after Apple's headers.
 #include "quantize.h"
 
 struct AppendParams {
@@ -16,23 +19,23 @@ struct AppendParams {
   long s_stride_b, s_stride_s, s_stride_h, s_stride_g;
   long group_size;
 };
-#ifdef APPEND_PARAM_COUNT
-static_assert(sizeof(AppendParams) == APPEND_PARAM_COUNT * sizeof(long), "AppendParams does not match the host");
+#ifdef MFA_APPEND_PARAM_COUNT
+static_assert(sizeof(AppendParams) == MFA_APPEND_PARAM_COUNT * sizeof(long), "AppendParams does not match the host");
 #endif
 
 inline float code_max(int fmt) {
   return fmt == FMT_FP8_E4M3 ? 448.0f : fmt == FMT_FP8_E5M2 ? 57344.0f : fmt == FMT_INT8 ? 127.0f : 1.0f;
 }
 
-inline float group_absmax(device const IN_T* row, long stride_d, long group, long size) {
+inline float group_absmax(device const MFA_IN_T* row, long stride_d, long group, long size) {
   float amax = 0.0f;
   for (long c = group * size; c < (group + 1) * size; ++c) amax = max(amax, fabs(float(row[c * stride_d])));
   return amax;
 }
 
-kernel void kvcache_append(
-    device const IN_T* new_tokens [[buffer(0)]],
-    device CODE_T* codes [[buffer(1)]],
+[[kernel, max_total_threads_per_threadgroup(32)]] void kvcache_append(
+    device const MFA_IN_T* new_tokens [[buffer(0)]],
+    device MFA_CODE_T* codes [[buffer(1)]],
     device float* scales [[buffer(2)]],
     device const int* seqlens [[buffer(3)]],
     device const int* batch_idx [[buffer(4)]],
@@ -40,27 +43,27 @@ kernel void kvcache_append(
     uint3 group_id [[threadgroup_position_in_grid]],
     ushort lane [[thread_index_in_simdgroup]]) {
   const long b = group_id.z, head = group_id.y, t = group_id.x;
-#if HAS_BATCH_IDX
+#if MFA_HAS_BATCH_IDX
   const long row = batch_idx[b];
 #else
   const long row = b;
 #endif
   const long position = seqlens[b] + t;
-  device const IN_T* src = new_tokens + b * p.new_stride_b + t * p.new_stride_s + head * p.new_stride_h;
-  device CODE_T* dst = codes + row * p.c_stride_b + position * p.c_stride_s + head * p.c_stride_h;
+  device const MFA_IN_T* src = new_tokens + b * p.new_stride_b + t * p.new_stride_s + head * p.new_stride_h;
+  device MFA_CODE_T* dst = codes + row * p.c_stride_b + position * p.c_stride_s + head * p.c_stride_h;
   device float* scale_row = scales + row * p.s_stride_b + position * p.s_stride_s + head * p.s_stride_h;
-#if FMT == FMT_NONE
-  for (int c = lane; c < D; c += 32) dst[c * p.c_stride_d] = src[c * p.new_stride_d];
+#if MFA_FMT == FMT_NONE
+  for (int c = lane; c < MFA_D; c += 32) dst[c * p.c_stride_d] = src[c * p.new_stride_d];
 #else
-#if PER_TOKEN
-  for (long g = lane; g < D / p.group_size; g += 32) {
+#if MFA_PER_TOKEN
+  for (long g = lane; g < MFA_D / p.group_size; g += 32) {
     const float amax = group_absmax(src, p.new_stride_d, g, p.group_size);
-    scale_row[g * p.s_stride_g] = amax > 0.0f ? amax / code_max(FMT) : 1.0f;
+    scale_row[g * p.s_stride_g] = amax > 0.0f ? amax / code_max(MFA_FMT) : 1.0f;
   }
   simdgroup_barrier(mem_flags::mem_device);  // the scales just written are read back below
 #endif
-#if FMT == FMT_NF4
-  for (int c2 = lane; c2 < D / 2; c2 += 32) {
+#if MFA_FMT == FMT_NF4
+  for (int c2 = lane; c2 < MFA_D / 2; c2 += 32) {
     uchar packed = 0;
     for (int e = 0; e < 2; ++e) {
       const int c = 2 * c2 + e;
@@ -70,15 +73,16 @@ kernel void kvcache_append(
     dst[c2 * p.c_stride_d] = packed;
   }
 #else
-  for (int c = lane; c < D; c += 32) {
-    const float x = float(src[c * p.new_stride_d]) / scale_row[(c / p.group_size) * p.s_stride_g];
-    const float limit = code_max(FMT);
-#if FMT == FMT_INT8
+  for (int c = lane; c < MFA_D; c += 32) {
+    const Stored element = read_stored(src, c * p.new_stride_d);
+    const float x = element.value / scale_row[(c / p.group_size) * p.s_stride_g];
+    const float limit = code_max(MFA_FMT);
+#if MFA_FMT == FMT_INT8
     dst[c * p.c_stride_d] = char(clamp(rint(x), -limit, limit));
-#elif FMT == FMT_FP8_E4M3
-    dst[c * p.c_stride_d] = fp8_from_float(clamp(x, -limit, limit), 3, 7, -6);
+#elif MFA_FMT == FMT_FP8_E4M3
+    dst[c * p.c_stride_d] = element.nan ? fp8_nan(element.negative) : fp8_from_float(clamp(x, -limit, limit), 3, 7, -6);
 #else
-    dst[c * p.c_stride_d] = fp8_from_float(clamp(x, -limit, limit), 2, 15, -14);
+    dst[c * p.c_stride_d] = element.nan ? fp8_nan(element.negative) : fp8_from_float(clamp(x, -limit, limit), 2, 15, -14);
 #endif
   }
 #endif

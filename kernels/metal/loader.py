@@ -1,7 +1,7 @@
 """Metal kernel variants: block sizes per (dtype, head dims), #defines, and a per-variant library cache.
 
-compile_shader has no function constants, so every specialization is a set of #defines prepended
-to one source. The cache key is what changes the code (dtype, head dims, feature flags) and never a
+compile_shader has no function constants, so every specialization is a set of #defines (named
+MFA_..., placed after `#include <metal_stdlib>`) in one source. The cache key is what changes the code (dtype, head dims, feature flags) and never a
 sequence length or batch size: a new length reuses the compiled library.
 
 On `mps` tensors the library comes from torch.mps.compile_shader (its kernels encode on PyTorch's
@@ -10,6 +10,8 @@ MPS stream); on CPU tensors with MFA_METAL_EMULATOR=1, from the MSL emulator.
 
 from __future__ import annotations
 
+import math
+import platform
 import re
 import threading
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from mfa_hf.kernel_fallback import KernelUnavailable
 
 HERE = Path(__file__).parent
 THREADGROUP_MEMORY_LIMIT = 32 * 1024  # bytes: Apple GPUs' maxThreadgroupMemoryLength (M1-M4)
@@ -150,6 +154,29 @@ def header_fields(header: str, struct: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+DEFINE_PREFIX = "MFA_"
+
+
+def variant_source(variant, param_count: int) -> str:
+    """The source compiled for a variant: its file (`SOURCE`, default the forward) with local
+    headers inlined and its #defines, each named MFA_ + the variant's name for it, placed after
+    `#include <metal_stdlib>` (with_defines says why)."""
+    from .emulator.runtime_select import with_defines
+
+    source = kernel_source(getattr(variant, "SOURCE", "attention_forward.metal"))
+    return with_defines(source, {DEFINE_PREFIX + name: value for name, value in variant.defines(param_count).items()})
+
+
+def runtime_msl_version(device_type: str) -> str:
+    """The MSL version kernels for this device type are compiled as: torch's rule for the running
+    macOS on mps, the emulated target's on CPU tensors (emulator/targets.py holds the rule)."""
+    from .emulator.targets import current_target, msl_version_for
+
+    if device_type == "mps":
+        return msl_version_for(platform.mac_ver()[0] or "15", torch.__version__)
+    return current_target().msl_version
+
+
 def runtime_compile_shader(device: torch.device):
     """torch.mps.compile_shader for mps tensors, the emulator's for CPU tensors."""
     if device.type == "mps":
@@ -163,25 +190,79 @@ _libraries: dict = {}
 _lock = threading.Lock()
 
 
+def _runtime_key(device: torch.device) -> tuple:
+    """What besides the variant selects the compiled code: under the emulator, the emulated macOS /
+    torch pair and fast math (tests switch them within one process); torch fixes both for a process."""
+    if device.type == "mps":
+        return ("mps",)
+    from .emulator.targets import current_target
+
+    return (device.type, current_target())
+
+
+def describe_variant(variant) -> str:
+    fields = ", ".join(f"{k}={getattr(variant, k)}".replace("torch.", "") for k in variant.__dataclass_fields__)
+    return f"{getattr(variant, 'SOURCE', 'attention_forward.metal')}({fields})"
+
+
 def library(variant, device: torch.device, param_count: int):
     """The compiled library of a variant on this device's runtime (compiled once per process).
 
-    The variant names its source file (`SOURCE`, default the forward) and its #defines."""
-    key = (device.type, variant)
+    The variant names its source file (`SOURCE`, default the forward) and its #defines. A compile
+    failure raises KernelUnavailable (remembered: later calls do not recompile), and so does a
+    launch the pipeline refuses or that fails: the op wrappers then hand the call to the torch
+    backend unless MFA_BACKEND=metal (mfa_hf/kernel_fallback.py)."""
+    key = (_runtime_key(device), variant)
     lib = _libraries.get(key)
-    if lib is not None:
-        return lib
-    from .emulator import with_defines
-
-    source_name = getattr(variant, "SOURCE", "attention_forward.metal")
-    source = with_defines(kernel_source(source_name), variant.defines(param_count))
-    with _lock:
-        lib = _libraries.get(key)
-        if lib is None:
-            lib = runtime_compile_shader(device)(source)
-            _libraries[key] = lib
+    if lib is None:
+        with _lock:
+            lib = _libraries.get(key)
+            if lib is None:
+                lib = _libraries[key] = _compile(variant, device, param_count)
+    if isinstance(lib, KernelUnavailable):
+        raise lib
     return lib
 
 
+def _compile(variant, device: torch.device, param_count: int):
+    try:
+        return CheckedLibrary(runtime_compile_shader(device)(variant_source(variant, param_count)), variant)
+    except Exception as error:  # torch raises RuntimeError, the emulator MetalCompileError and others
+        return KernelUnavailable("metal", describe_variant(variant), "compile", f"{type(error).__name__}: {error}")
+
+
+class CheckedLibrary:
+    """A compiled library whose kernels check their launch and report failures as KernelUnavailable."""
+
+    def __init__(self, lib, variant):
+        self._lib, self._variant = lib, variant
+
+    def __getattr__(self, name: str) -> "CheckedKernel":
+        return CheckedKernel(getattr(self._lib, name), name, self._variant)
+
+
+class CheckedKernel:
+    def __init__(self, kernel, name: str, variant):
+        self._kernel, self._name, self._variant = kernel, name, variant
+
+    @property
+    def max_threads_per_threadgroup(self) -> int | None:
+        return getattr(self._kernel, "max_threads_per_threadgroup", None)
+
+    def __call__(self, *args, group_size, **launch):
+        wanted = math.prod(group_size) if isinstance(group_size, (tuple, list)) else group_size
+        limit = self.max_threads_per_threadgroup
+        if limit is not None and wanted > limit:
+            raise self._unavailable(f"{self._name} is launched with {wanted} threads per threadgroup, its pipeline "
+                                    f"allows {limit}")
+        try:
+            return self._kernel(*args, group_size=group_size, **launch)
+        except RuntimeError as error:  # torch's launch errors; the emulator's runtime errors
+            raise self._unavailable(f"{self._name}: {type(error).__name__}: {error}") from error
+
+    def _unavailable(self, detail: str) -> KernelUnavailable:
+        return KernelUnavailable("metal", describe_variant(self._variant), "launch", detail)
+
+
 def cached_variants() -> list:
-    return [variant for _, variant in _libraries]
+    return [variant for (_, variant), lib in _libraries.items() if not isinstance(lib, KernelUnavailable)]

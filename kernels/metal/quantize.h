@@ -4,16 +4,22 @@
 // torch.bucketize does).
 #pragma once
 #include "dequant.h"
+#include "finite_math.h"
 
 // 2^e for a normal float exponent, built from its bits.
 inline float pow2(int e) { return as_type<float>(uint(e + 127) << 23); }
 
+// The NaN code of both FP8 formats, with the NaN's sign, as torch converts it (0x7F / 0xFF). The
+// caller tests the stored element's bits (finite_math.h): with fast math, isnan() on the scaled
+// value may be compiled away.
+inline uchar fp8_nan(bool negative) { return negative ? uchar(0xFF) : uchar(0x7F); }
+
 // |x| rounded to nearest even with `mantissa_bits` kept; normals from 2^min_exp, subnormal step
-// 2^(min_exp - mantissa_bits). The caller clamps to the format's largest finite value first.
+// 2^(min_exp - mantissa_bits). The caller clamps to the format's largest finite value first and
+// handles NaN (fp8_nan).
 inline uchar fp8_from_float(float x, int mantissa_bits, int bias, int min_exp) {
   const uint bits = as_type<uint>(x);
   const uchar sign = uchar((bits >> 31) << 7);
-  if (isnan(x)) return sign | uchar(mantissa_bits == 3 ? 0x7F : 0x7E);
   const float a = fabs(x);
   if (a < pow2(min_exp)) {  // subnormal (a code of 1 << mantissa_bits is the smallest normal)
     return sign | uchar(rint(a * pow2(mantissa_bits - min_exp)));

@@ -1,10 +1,59 @@
 """Fixtures for the metal backend's tests: one file runs on a Mac's mps device and, elsewhere,
 on CPU tensors through the MSL emulator (MFA_METAL_EMULATOR=1)."""
 
+import os
+import zlib
+
 import pytest
 import torch
 
-from mfa_hf.kernels.metal.emulator.pytest_fixtures import emulator, metal  # noqa: F401
+from mfa_hf.kernels.metal.emulator.pytest_fixtures import emulator  # noqa: F401
+from mfa_hf.kernels.metal.emulator.pytest_fixtures import metal as metal_runtime  # noqa: F401
+from mfa_hf.kernels.metal.emulator.targets import emulate
+
+# Every test here runs twice: with IEEE math, and as compiled with fast math (PYTORCH_MPS_FAST_MATH=1,
+# under which Apple's compiler may assume no inf or NaN; the emulator compiles with clang's
+# -ffinite-math-only). The default run keeps the fast-math twin of one test in FAST_MATH_SAMPLE
+# (chosen by a hash of its id, so the choice is stable) and of every test marked `finite_math`;
+# --run-slow runs them all.
+MATH_MODES = ("ieee", "fast")
+FAST_MATH_SAMPLE = 6
+
+
+@pytest.fixture(params=MATH_MODES)
+def math_mode(request, metal_runtime):  # noqa: F811
+    """Compile the kernels of this test with IEEE math or with fast math. Under the emulator the mode
+    is switched per test; torch reads PYTORCH_MPS_FAST_MATH once per process, so on a Mac the suite
+    runs the mode its environment chose and skips the other."""
+    fast = request.param == "fast"
+    if not metal_runtime.is_emulated:
+        process_fast = os.environ.get("PYTORCH_MPS_FAST_MATH", "0") != "0"
+        if fast != process_fast:
+            pytest.skip(f"torch compiled this process's shaders with{'' if process_fast else 'out'} fast math "
+                        "(PYTORCH_MPS_FAST_MATH is read once per process): run the suite again with it "
+                        f"{'unset' if process_fast else '=1'} for this mode")
+        yield request.param
+        return
+    with emulate(fast_math=fast):
+        yield request.param
+
+
+@pytest.fixture
+def metal(metal_runtime, math_mode):  # noqa: F811
+    """The runtime (real mps or the emulator), with the test's math mode in force."""
+    return metal_runtime
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark the fast-math twins outside the sample slow (the root conftest deselects slow tests)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or callspec.params.get("math_mode") != "fast" or "finite_math" in item.keywords:
+            continue
+        twin = item.nodeid.replace("-fast]", "]").replace("[fast]", "")
+        if zlib.crc32(twin.encode()) % FAST_MATH_SAMPLE:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

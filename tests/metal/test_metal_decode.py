@@ -240,8 +240,9 @@ ENCODE_KERNEL = kernel_source("quantize.h") + """
 kernel void encode_all(device const float* x [[buffer(0)]], device uchar* out [[buffer(1)]],
                        constant long& n [[buffer(2)]], uint i [[thread_position_in_grid]]) {
   if (long(i) >= n) return;
-  out[i] = fp8_from_float(clamp(x[i], -448.0f, 448.0f), 3, 7, -6);
-  out[n + i] = fp8_from_float(clamp(x[i], -57344.0f, 57344.0f), 2, 15, -14);
+  const Stored s = read_stored(x, i);
+  out[i] = s.nan ? fp8_nan(s.negative) : fp8_from_float(clamp(x[i], -448.0f, 448.0f), 3, 7, -6);
+  out[n + i] = s.nan ? fp8_nan(s.negative) : fp8_from_float(clamp(x[i], -57344.0f, 57344.0f), 2, 15, -14);
 }
 """
 

@@ -8,6 +8,7 @@ what lets mfa_hf's `metal` backend serve CPU tensors through it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -44,13 +45,29 @@ def _real_compile_shader(source: str):
     return lib
 
 
+_METAL_STDLIB = re.compile(r"^[ \t]*#[ \t]*include[ \t]*<metal_stdlib>[^\n]*\n?", re.MULTILINE)
+
+
 def with_defines(source: str, defines: Mapping[str, Any]) -> str:
-    """`source` with `#define NAME VALUE` lines prepended: how variants are made, since
-    compile_shader takes no options (bool True -> 1, False -> 0). Works on both runtimes."""
+    """`source` with `#define NAME VALUE` lines for its variant (compile_shader takes no options;
+    bool True -> 1, False -> 0). Works on both runtimes.
+
+    The lines go right after the source's first `#include <metal_stdlib>`, never before it: on a
+    Mac a macro defined first rewrites every identifier of that name in Apple's headers (which use
+    all-caps template parameter names), so `#define D 64` could break the whole library. A source
+    without that include gets them at the top. Give variant macros a prefix of your own (the
+    project's kernels use MFA_) so they cannot meet a name used later either."""
     lines = []
     for name, value in defines.items():
         if not name.isidentifier():
             raise ValueError(f"defines: expected identifier names, got {name!r}")
         value = int(value) if isinstance(value, bool) else value
-        lines.append(f"#define {name} {value}")
-    return "\n".join(lines) + ("\n" if lines else "") + source
+        lines.append(f"#define {name} {value}\n")
+    block = "".join(lines)
+    include = _METAL_STDLIB.search(source)
+    if include is None:
+        return block + source
+    end = include.end()
+    if not source[:end].endswith("\n"):
+        block = "\n" + block
+    return source[:end] + block + source[end:]
