@@ -1,4 +1,5 @@
-"""`mfa-hf` command line. Subcommands: `generate` (long-context generation with timings)."""
+"""`mfa-hf` command line. Subcommands: `generate` (long-context generation with timings), `doctor`
+(the Mac self-test: compile every kernel variant, check results, time against SDPA; writes a report)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,21 @@ def _generate_parser(sub) -> None:
     p.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (loading and decoding)")
     p.set_defaults(func=_run_generate)
+
+
+def _doctor_parser(sub) -> None:
+    from .doctor import add_arguments
+
+    p = sub.add_parser("doctor", help="self-test: compile every Metal kernel variant, check results against the "
+                                      "reference, time against mps SDPA; writes a report to attach to bug reports")
+    add_arguments(p)
+    p.set_defaults(func=_run_doctor)
+
+
+def _run_doctor(args) -> int:
+    from .doctor import run
+
+    return run(args)
 
 
 def _hub_files_only(model: str | None) -> bool:
@@ -86,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="mfa-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _doctor_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
