@@ -14,7 +14,9 @@ import math
 import platform
 import re
 import threading
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 from functools import lru_cache
 from pathlib import Path
 
@@ -85,6 +87,7 @@ def block_config(dtype: torch.dtype, dim_qk: int, dim_v: int) -> BlockConfig:
 class ForwardVariant:
     """Everything that changes the forward kernel's code: the library cache key."""
 
+    SOURCE: ClassVar[str] = "attention_forward.metal"
     dtype: torch.dtype
     dim_qk: int
     dim_v: int
@@ -158,13 +161,18 @@ DEFINE_PREFIX = "MFA_"
 
 
 def variant_source(variant, param_count: int) -> str:
-    """The source compiled for a variant: its file (`SOURCE`, default the forward) with local
+    """The source compiled for a variant: its file (`SOURCE`) with local
     headers inlined and its #defines, each named MFA_ + the variant's name for it, placed after
     `#include <metal_stdlib>` (with_defines says why)."""
     from .emulator.runtime_select import with_defines
 
-    source = kernel_source(getattr(variant, "SOURCE", "attention_forward.metal"))
-    return with_defines(source, {DEFINE_PREFIX + name: value for name, value in variant.defines(param_count).items()})
+    return with_defines(kernel_source(variant.SOURCE),
+                        variant_defines(variant, param_count))
+
+
+def variant_defines(variant, param_count: int) -> dict:
+    """The variant's #defines as the kernels name them: MFA_ + the variant's name for each."""
+    return {DEFINE_PREFIX + name: value for name, value in variant.defines(param_count).items()}
 
 
 def runtime_msl_version(device_type: str) -> str:
@@ -201,14 +209,14 @@ def _runtime_key(device: torch.device) -> tuple:
 
 
 def describe_variant(variant) -> str:
-    fields = ", ".join(f"{k}={getattr(variant, k)}".replace("torch.", "") for k in variant.__dataclass_fields__)
-    return f"{getattr(variant, 'SOURCE', 'attention_forward.metal')}({fields})"
+    fields = ", ".join(f"{f.name}={getattr(variant, f.name)}".replace("torch.", "") for f in dataclasses.fields(variant))
+    return f"{variant.SOURCE}({fields})"
 
 
 def library(variant, device: torch.device, param_count: int):
     """The compiled library of a variant on this device's runtime (compiled once per process).
 
-    The variant names its source file (`SOURCE`, default the forward) and its #defines. A compile
+    The variant names its source file (`SOURCE`) and its #defines. A compile
     failure raises KernelUnavailable (remembered: later calls do not recompile), and so does a
     launch the pipeline refuses or that fails: the op wrappers then hand the call to the torch
     backend unless MFA_BACKEND=metal (mfa_hf/kernel_fallback.py)."""

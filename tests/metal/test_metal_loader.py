@@ -60,9 +60,9 @@ def test_params_size_is_checked_by_the_kernel(metal_backend):
     variant = loader.ForwardVariant(torch.float32, 32, 32)
     source = loader.kernel_source("attention_forward.metal")
     compile_shader = metal_backend.compile_shader
-    compile_shader(with_defines(source, variant.defines(len(forward.PARAM_FIELDS))))
+    compile_shader(with_defines(source, loader.variant_defines(variant, len(forward.PARAM_FIELDS))))
     with pytest.raises(Exception, match="AttentionParams|static_assert|static assertion"):
-        compile_shader(with_defines(source, variant.defines(len(forward.PARAM_FIELDS) - 1)))
+        compile_shader(with_defines(source, loader.variant_defines(variant, len(forward.PARAM_FIELDS) - 1)))
 
 
 def test_header_field_names_match_the_host():

@@ -180,9 +180,10 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def _statement_head(text: str, pos: int) -> str:
-    """Text from the end of the previous statement or block up to `pos`."""
+    """Text from the end of the previous statement or block up to `pos`, without the preprocessor's
+    line markers (`# 144 "kernel.metal"` after an #if'd-out block would read as the word kernel)."""
     start = max(text.rfind(c, 0, pos) for c in ";{}") + 1
-    return text[start:pos]
+    return re.sub(r'^#\s*\d+\s+"[^"]*"[^\n]*$', "", text[start:pos], flags=re.M)
 
 
 def _matching(text: str, open_pos: int, opener: str, closer: str) -> int:
