@@ -20,7 +20,7 @@ from .decode import FORMAT_CODES, _code_type, _index_vector, _strides4
 from .forward import _placeholder
 from .loader import MSL_TYPES, library
 
-APPEND_PARAM_COUNT = 13
+APPEND_PARAM_COUNT = 15
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def append(cache, new: torch.Tensor, cache_seqlens: torch.Tensor, cache_batch_id
     batch, count, heads, dim = new.shape
     variant = AppendVariant(new.dtype, fmt, dim, per_token, cache_batch_idx is not None)
     group = cache.group_size if quantized else dim
-    params = _strides4(new) + _strides4(codes) + _strides4(scales) + [group]
+    params = _strides4(new) + _strides4(codes) + _strides4(scales) + [group, codes.shape[1], codes.shape[0]]
     lib = library(variant, new.device, APPEND_PARAM_COUNT)
     lib.kvcache_append(new, codes, _placeholder(new.device, torch.float32) if scales is None else scales,
                        _index_vector(cache_seqlens, new.device), _index_vector(cache_batch_idx, new.device), params,

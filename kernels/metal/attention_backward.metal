@@ -23,6 +23,7 @@
 using namespace metal;
 // The loader inserts the variant's MFA_ #defines here, after Apple's headers.
 #include "backward_params.h"
+#include "bounds.h"
 #include "finite_math.h"
 
 #define THREADS (32 * MFA_WM)
@@ -30,8 +31,6 @@ using namespace metal;
 #define DL ((MFA_DQK + 31) / 32)
 #define DVL ((MFA_DV + 31) / 32)
 
-inline long bmin(long a, long b) { return a < b ? a : b; }
-inline long bmax(long a, long b) { return a > b ? a : b; }
 
 struct Sequence {
   long q_start, k_start, seqlen_q, seqlen_k;
@@ -40,10 +39,11 @@ struct Sequence {
 inline Sequence sequence_of(constant BackwardParams& p, device const MFA_CU_T* cu_q, device const MFA_CU_T* cu_k, long b) {
   Sequence s;
 #if MFA_VARLEN
-  s.q_start = cu_q[b];
-  s.k_start = cu_k[b];
-  s.seqlen_q = cu_q[b + 1] - s.q_start;
-  s.seqlen_k = cu_k[b + 1] - s.k_start;
+  // Offsets are clamped into the packed tensors: the host does not read them back off the CPU.
+  s.q_start = clamp_index(long(cu_q[b]), 0, p.total_q);
+  s.k_start = clamp_index(long(cu_k[b]), 0, p.total_k);
+  s.seqlen_q = clamp_index(long(cu_q[b + 1]), s.q_start, p.total_q) - s.q_start;
+  s.seqlen_k = clamp_index(long(cu_k[b + 1]), s.k_start, p.total_k) - s.k_start;
 #else
   s.q_start = 0;
   s.k_start = 0;
@@ -164,7 +164,7 @@ inline float safe_lse(device const float* lse, long slot) {
 
   float qr[MFA_R][DL], dor[MFA_R][DVL], dqr[MFA_R][DL], lse_r[MFA_R], delta_r[MFA_R];
   for (int r = 0; r < MFA_R; ++r) {
-    const long i = bmin(first_i + r, seq.seqlen_q - 1);  // rows past the end repeat the last (never written)
+    const long i = lmin(first_i + r, seq.seqlen_q - 1);  // rows past the end repeat the last (never written)
     const long row = seq.q_start + i;
     load_lane<DL, MFA_DQK>(qr[r], q + b * p.q_stride_b + row * p.q_stride_s + head * p.q_stride_h, p.q_stride_d, lane);
     load_lane<DVL, MFA_DV>(dor[r], grad_out + b * p.do_stride_b + row * p.do_stride_s + head * p.do_stride_h,
@@ -181,9 +181,9 @@ inline float safe_lse(device const float* lse, long slot) {
 #endif
 
   // The keys some row of this threadgroup sees.
-  const long last_i = bmin(block0 + BLOCK, seq.seqlen_q) - 1;
-  const long first_j = p.window_left >= 0 ? bmax(block0 + offset - p.window_left, 0) : 0;
-  const long end_j = p.window_right >= 0 ? bmin(last_i + offset + p.window_right + 1, seq.seqlen_k) : seq.seqlen_k;
+  const long last_i = lmin(block0 + BLOCK, seq.seqlen_q) - 1;
+  const long first_j = p.window_left >= 0 ? lmax(block0 + offset - p.window_left, 0) : 0;
+  const long end_j = p.window_right >= 0 ? lmin(last_i + offset + p.window_right + 1, seq.seqlen_k) : seq.seqlen_k;
   for (long j = first_j; j < end_j; ++j) {
     float kr[DL], vr[DVL];
     const long key = seq.k_start + j;
@@ -250,7 +250,7 @@ inline float safe_lse(device const float* lse, long slot) {
 
   float kr[MFA_R][DL], vr[MFA_R][DVL], dkr[MFA_R][DL], dvr[MFA_R][DVL];
   for (int r = 0; r < MFA_R; ++r) {
-    const long key = seq.k_start + bmin(first_j + r, seq.seqlen_k - 1);
+    const long key = seq.k_start + lmin(first_j + r, seq.seqlen_k - 1);
     load_lane<DL, MFA_DQK>(kr[r], k + b * p.k_stride_b + key * p.k_stride_s + kv_head * p.k_stride_h, p.k_stride_d, lane);
     load_lane<DVL, MFA_DV>(vr[r], v + b * p.v_stride_b + key * p.v_stride_s + kv_head * p.v_stride_h, p.v_stride_d, lane);
     for (int t = 0; t < DL; ++t) dkr[r][t] = 0.0f;
@@ -259,9 +259,9 @@ inline float safe_lse(device const float* lse, long slot) {
 
   // The rows that see some key of this block: key j is seen by rows j - offset - right ..
   // j - offset + left.
-  const long last_j = bmin(block0 + BLOCK, seq.seqlen_k) - 1;
-  const long first_i = p.window_right >= 0 ? bmax(block0 - offset - p.window_right, 0) : 0;
-  const long end_i = p.window_left >= 0 ? bmin(last_j - offset + p.window_left + 1, seq.seqlen_q) : seq.seqlen_q;
+  const long last_j = lmin(block0 + BLOCK, seq.seqlen_k) - 1;
+  const long first_i = p.window_right >= 0 ? lmax(block0 - offset - p.window_right, 0) : 0;
+  const long end_i = p.window_left >= 0 ? lmin(last_j - offset + p.window_left + 1, seq.seqlen_q) : seq.seqlen_q;
   for (long g = 0; g < p.group; ++g) {  // the GQA reduction: every query head of this KV head
     const long head = kv_head * p.group + g;
 #if MFA_HAS_ALIBI

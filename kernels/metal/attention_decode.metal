@@ -23,6 +23,7 @@ using namespace metal;
 // The loader inserts the variant's MFA_ #defines here, after Apple's headers.
 #include "decode_params.h"
 #include "dequant.h"
+#include "bounds.h"
 #include "finite_math.h"
 
 #define THREADS (32 * MFA_WM)
@@ -32,8 +33,6 @@ using namespace metal;
 constant float LOG2E_D = 1.4426950408889634f;
 constant float LN2_D = 0.6931471805599453f;
 
-inline long dmin(long a, long b) { return a < b ? a : b; }
-inline long dmax(long a, long b) { return a > b ? a : b; }
 
 // Key range [first, end) that some row of query positions [i_first, i_last] can see.
 struct KeyRange {
@@ -43,9 +42,9 @@ struct KeyRange {
 inline KeyRange visible_range(constant DecodeParams& p, long length, long i_first, long i_last) {
   const long offset = length - p.seqlen_q;
   KeyRange range;
-  range.first = p.window_left >= 0 ? dmax(0, i_first + offset - p.window_left) : 0;
-  range.end = p.window_right >= 0 ? dmin(length, i_last + offset + p.window_right + 1) : length;
-  range.end = dmax(range.first, range.end);
+  range.first = p.window_left >= 0 ? lmax(0, i_first + offset - p.window_left) : 0;
+  range.end = p.window_right >= 0 ? lmin(length, i_last + offset + p.window_right + 1) : length;
+  range.end = lmax(range.first, range.end);
   return range;
 }
 
@@ -93,26 +92,27 @@ inline void load_row(thread float* dst, device const T* codes, device const floa
   const long tile = group_id.x / p.num_splits, split = group_id.x % p.num_splits;
   const long total_rows = p.seqlen_q * p.group;
   const long row0 = tile * MFA_ROWS;
-  const long length = seqlens[b];
+  // Lengths and rows are clamped into the cache: the host does not read them back off the CPU.
+  const long length = clamp_index(long(seqlens[b]), 0, p.capacity);
 #if MFA_HAS_BATCH_IDX
-  const long cache_row = batch_idx[b];
+  const long cache_row = clamp_index(long(batch_idx[b]), 0, p.cache_rows - 1);
 #else
   const long cache_row = b;
 #endif
   const long offset = length - p.seqlen_q;  // bottom-right alignment: row i's diagonal is i + offset
 
   // This split's share of the keys the tile can see (an empty share still writes its rows).
-  const KeyRange range = visible_range(p, length, row0 / p.group, (dmin(row0 + MFA_ROWS, total_rows) - 1) / p.group);
+  const KeyRange range = visible_range(p, length, row0 / p.group, (lmin(row0 + MFA_ROWS, total_rows) - 1) / p.group);
   const long share = (range.end - range.first + p.num_splits - 1) / p.num_splits;
   const long key_first = range.first + split * share;
-  const long key_end = dmin(range.end, key_first + share);
+  const long key_end = lmin(range.end, key_first + share);
 
   // Q rows in registers, the softmax scale folded in once.
   float qr[MFA_ROWS][DL];
   long row_pos[MFA_ROWS], row_head[MFA_ROWS];
   float slope[MFA_ROWS];
   for (int r = 0; r < MFA_ROWS; ++r) {
-    const long row = dmin(row0 + r, total_rows - 1);  // rows past the end repeat the last (never written)
+    const long row = lmin(row0 + r, total_rows - 1);  // rows past the end repeat the last (never written)
     row_pos[r] = row / p.group;
     row_head[r] = kv_head * p.group + row % p.group;
     device const MFA_IN_T* q_row = q + b * p.q_stride_b + row_pos[r] * p.q_stride_s + row_head[r] * p.q_stride_h;

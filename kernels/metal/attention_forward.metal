@@ -25,6 +25,7 @@ using namespace metal;
 // The loader inserts the variant's MFA_ #defines here: after Apple's headers, which a macro
 // defined before them could rewrite.
 #include "attention_params.h"
+#include "bounds.h"
 #include "finite_math.h"
 #include "fragment.h"
 
@@ -47,8 +48,6 @@ constant float LN2 = 0.6931471805599453f;
 #endif
 #define TO_LOG2 (LOG2E / SCORE_UNIT)
 
-inline long min_long(long a, long b) { return a < b ? a : b; }
-inline long max_long(long a, long b) { return a > b ? a : b; }
 
 // Stage `rows` x PAD columns of a (sequence, dim) matrix into a tile, zero past the sequence
 // end and past the real head dim (so padded products add exact zeros).
@@ -82,8 +81,11 @@ inline void stage_tile(threadgroup MFA_IN_T* tile, device const MFA_IN_T* base, 
     ushort tid [[thread_index_in_threadgroup]]) {
   const long batch = group_id.z, head = group_id.y, kv_head = head / p.group;
 #if MFA_VARLEN
-  const long q_start = cu_seqlens_q[batch], k_start = cu_seqlens_k[batch];
-  const long seqlen_q = cu_seqlens_q[batch + 1] - q_start, seqlen_k = cu_seqlens_k[batch + 1] - k_start;
+  // Offsets are clamped into the packed tensors: the host does not read them back off the CPU.
+  const long q_start = clamp_index(long(cu_seqlens_q[batch]), 0, p.total_q);
+  const long k_start = clamp_index(long(cu_seqlens_k[batch]), 0, p.total_k);
+  const long seqlen_q = clamp_index(long(cu_seqlens_q[batch + 1]), q_start, p.total_q) - q_start;
+  const long seqlen_k = clamp_index(long(cu_seqlens_k[batch + 1]), k_start, p.total_k) - k_start;
 #else
   const long q_start = 0, k_start = 0, seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
 #endif
@@ -119,10 +121,10 @@ inline void stage_tile(threadgroup MFA_IN_T* tile, device const MFA_IN_T* base, 
 #endif
 
   // The key blocks some row of this threadgroup can see.
-  const long last_row = min_long(block_row0 + BQ, seqlen_q) - 1;
-  const long first_key = p.window_left >= 0 ? max_long(block_row0 + offset - p.window_left, 0) : 0;
-  const long end_key = p.window_right >= 0 ? min_long(last_row + offset + p.window_right + 1, seqlen_k) : seqlen_k;
-  const long sg_last = min_long(sg_row0 + 7, seqlen_q - 1);
+  const long last_row = lmin(block_row0 + BQ, seqlen_q) - 1;
+  const long first_key = p.window_left >= 0 ? lmax(block_row0 + offset - p.window_left, 0) : 0;
+  const long end_key = p.window_right >= 0 ? lmin(last_row + offset + p.window_right + 1, seqlen_k) : seqlen_k;
+  const long sg_last = lmin(sg_row0 + 7, seqlen_q - 1);
 
 #if MFA_HAS_ALIBI
   const float slope = alibi_slopes[batch * p.alibi_stride_b + head] * SCORE_UNIT;

@@ -20,6 +20,7 @@ struct AttentionParams {
   long seqlen_q, seqlen_k;  // dense problems; varlen reads each sequence's from cu_seqlens
   long group;  // query heads per KV head (GQA/MQA): KV head = query head / group
   long window_left, window_right;  // -1 = unbounded; causal arrives as window_right = 0
+  long total_q, total_k;  // rows of packed (varlen) q and k: cu_seqlens values are clamped into them
 };
 
 #ifdef MFA_ATTENTION_PARAM_COUNT

@@ -21,7 +21,8 @@ from .loader import MASK_KINDS, MSL_TYPES, header_fields, library
 BACKWARD_PARAM_FIELDS = tuple(
     f"{name}_stride_{axis}" for name in ("q", "k", "v", "o", "do", "dq", "dk", "dv") for axis in "bshd"
 ) + ("lse_stride_b", "lse_stride_h", "lse_stride_s", "mask_stride_b", "mask_stride_h", "mask_stride_q",
-     "mask_stride_k", "alibi_stride_b", "seqlen_q", "seqlen_k", "heads_q", "group", "window_left", "window_right")
+     "mask_stride_k", "alibi_stride_b", "seqlen_q", "seqlen_k", "heads_q", "group", "window_left", "window_right",
+     "total_q", "total_k")
 _declared = header_fields("backward_params.h", "BackwardParams")
 if _declared != BACKWARD_PARAM_FIELDS:
     raise ImportError(f"backward_params.h: expected BackwardParams fields {BACKWARD_PARAM_FIELDS}, got {_declared}")
@@ -92,7 +93,8 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
         dlse is not None, want_mask_grad)
     right = 0 if causal else window_right
     params = ([s for t in (q, k, v, out, grad_out, dq, dk, dv) for s in _bshd_strides(t)] + _lse_strides(lse)
-              + mask_strides + [slopes_stride] + [lq, lk, heads_q, heads_q // heads_kv, window_left, right])
+              + mask_strides + [slopes_stride] + [lq, lk, heads_q, heads_q // heads_kv, window_left, right]
+              + [q.shape[0], k.shape[0]])
     lib = library(variant, q.device, len(BACKWARD_PARAM_FIELDS))
     floats = _placeholder(q.device, torch.float32)
     cu_q = cu_seqlens_q if varlen else _placeholder(q.device, torch.int32)

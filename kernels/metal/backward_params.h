@@ -19,6 +19,7 @@ struct BackwardParams {
   long seqlen_q, seqlen_k;  // dense; varlen reads each sequence's from cu_seqlens
   long heads_q, group;
   long window_left, window_right;  // -1 = unbounded; causal arrives as window_right = 0
+  long total_q, total_k;  // rows of packed (varlen) q and k: cu_seqlens values are clamped into them
 };
 
 #ifdef MFA_BACKWARD_PARAM_COUNT

@@ -28,7 +28,7 @@ DECODE_PARAM_FIELDS = (
     "o_stride_b", "o_stride_s", "o_stride_h", "o_stride_d",
     "lse_stride_b", "lse_stride_h", "lse_stride_s",
     "alibi_stride_b", "seqlen_q", "heads_q", "group", "window_left", "window_right", "num_splits",
-    "k_group_size", "v_group_size",
+    "k_group_size", "v_group_size", "capacity", "cache_rows",
 )
 _declared = header_fields("decode_params.h", "DecodeParams")
 if _declared != DECODE_PARAM_FIELDS:
@@ -128,7 +128,8 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
     slopes, slopes_stride = bound_slopes(alibi_slopes, q.device)
     params = (_strides4(q) + _strides4(k_codes) + _strides4(v_codes) + _strides4(k_scales) + _strides4(v_scales)
               + list(out.stride()) + list(lse.stride())
-              + [slopes_stride] + [lq, heads_q, group, window_left, right, splits, k_group_size, v_group_size])
+              + [slopes_stride] + [lq, heads_q, group, window_left, right, splits, k_group_size, v_group_size]
+              + [k_codes.shape[1], k_codes.shape[0]])
     q_scale = scale / softcap if softcap > 0 else scale * LOG2E
     variant = DecodeVariant(q.dtype, dim_qk, dim_v, k_format, v_format, rows, softcap > 0, alibi_slopes is not None,
                             sinks is not None, cache_batch_idx is not None, splits > 1)

@@ -22,6 +22,7 @@ struct DecodeParams {
   long window_left, window_right;  // -1 = unbounded; causal arrives as window_right = 0
   long num_splits;  // key-range splits per (sequence, KV head, row tile); 1 = single pass
   long k_group_size, v_group_size;  // elements sharing one scale along D
+  long capacity, cache_rows;  // the cache's (rows, positions): lengths and rows are clamped into them
 };
 
 #ifdef MFA_DECODE_PARAM_COUNT

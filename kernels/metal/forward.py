@@ -21,7 +21,7 @@ PARAM_FIELDS = (
     "lse_stride_b", "lse_stride_h", "lse_stride_s",
     "mask_stride_b", "mask_stride_h", "mask_stride_q", "mask_stride_k",
     "alibi_stride_b",
-    "seqlen_q", "seqlen_k", "group", "window_left", "window_right",
+    "seqlen_q", "seqlen_k", "group", "window_left", "window_right", "total_q", "total_k",
 )
 _declared = header_fields("attention_params.h", "AttentionParams")
 if _declared != PARAM_FIELDS:
@@ -115,7 +115,8 @@ def forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k,
 
     right = 0 if causal else window_right
     params = (_bshd_strides(q) + _bshd_strides(k) + _bshd_strides(v) + _bshd_strides(out) + _lse_strides(lse)
-              + mask_strides + [slopes_stride] + [lq, lk, heads_q // heads_kv, window_left, right])
+              + mask_strides + [slopes_stride] + [lq, lk, heads_q // heads_kv, window_left, right]
+              + [q.shape[0], k.shape[0]])
     unit = 1.0 if variant.mask_kind == "additive" else LOG2E  # attention_forward.metal's SCORE_UNIT
     q_scale = scale / softcap if softcap > 0 else scale * unit
     cap_scale = softcap * unit

@@ -11,6 +11,7 @@
 #include <metal_stdlib>
 using namespace metal;
 // The loader inserts the variant's MFA_ #defines here, after Apple's headers.
+#include "bounds.h"
 #include "quantize.h"
 
 struct AppendParams {
@@ -18,6 +19,7 @@ struct AppendParams {
   long c_stride_b, c_stride_s, c_stride_h, c_stride_d;
   long s_stride_b, s_stride_s, s_stride_h, s_stride_g;
   long group_size;
+  long capacity, cache_rows;  // lengths and rows are clamped into the cache (values are not checked on the host)
 };
 #ifdef MFA_APPEND_PARAM_COUNT
 static_assert(sizeof(AppendParams) == MFA_APPEND_PARAM_COUNT * sizeof(long), "AppendParams does not match the host");
@@ -43,12 +45,14 @@ inline float group_absmax(device const MFA_IN_T* row, long stride_d, long group,
     uint3 group_id [[threadgroup_position_in_grid]],
     ushort lane [[thread_index_in_simdgroup]]) {
   const long b = group_id.z, head = group_id.y, t = group_id.x;
+  // Off the CPU the host does not read lengths or rows back (mfa_hf.problem.values_checked): a bad
+  // value overwrites a slot of the cache, as the torch append does, never memory beyond it.
 #if MFA_HAS_BATCH_IDX
-  const long row = batch_idx[b];
+  const long row = clamp_index(long(batch_idx[b]), 0, p.cache_rows - 1);
 #else
   const long row = b;
 #endif
-  const long position = seqlens[b] + t;
+  const long position = clamp_index(long(seqlens[b]) + t, 0, p.capacity - 1);
   device const MFA_IN_T* src = new_tokens + b * p.new_stride_b + t * p.new_stride_s + head * p.new_stride_h;
   device MFA_CODE_T* dst = codes + row * p.c_stride_b + position * p.c_stride_s + head * p.c_stride_h;
   device float* scale_row = scales + row * p.s_stride_b + position * p.s_stride_s + head * p.s_stride_h;
