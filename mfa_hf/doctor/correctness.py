@@ -226,12 +226,12 @@ def _checks() -> list[Check]:
         for dtype in (f16, bf16, f32)
     ]
     checks += [
-        Check("left-padded bool mask (first key blocks masked), causal: padded rows see no key -> 0",
+        Check("left-padded bool mask (first key blocks masked), causal: padded rows have no visible key -> 0",
               "forward+backward", f16,
               dense(Case(f16, 2, 70, 70, 4, 2, 64, 64, causal=True, mask="bool"), mask=left_padded_mask(2, 70, 40))),
         Check("additive mask with a fully masked row (output 0, LSE -inf) and its gradient", "forward+backward",
               bf16, dense(Case(bf16, 2, 37, 50, 4, 2, 64, 64, mask="additive"))),
-        Check("causal Lq > Lk: the first rows see no key (0, not NaN)", "forward+backward", f32,
+        Check("causal Lq > Lk: the first rows have no visible key -> 0, not NaN", "forward+backward", f32,
               dense(Case(f32, 2, 50, 29, 4, 4, 64, 64, causal=True))),
         Check("softcap 5.0", "forward+backward", f16, dense(Case(f16, 2, 37, 50, 4, 2, 64, 64, softcap=5.0))),
         Check("attention sinks", "forward+backward", bf16, dense(Case(bf16, 2, 37, 50, 4, 2, 64, 64, sinks=True))),

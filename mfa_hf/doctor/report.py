@@ -20,7 +20,7 @@ def summarize(compile_rows: list[dict], correctness_rows: list[dict], timing_row
     summary = {
         "compile": count(compile_rows),
         "correctness": count(correctness_rows),
-        "timing": {"total": len(timing_rows), "measured": sum(r["status"].startswith("measured") for r in timing_rows),
+        "timing": {"total": len(timing_rows), "measured": sum(r["status"] == "measured" for r in timing_rows),
                    "failed": timing_failed},
         "fatal": fatal,
     }
@@ -75,13 +75,15 @@ def _environment(report: dict, env: dict) -> list[str]:
             ("macOS", env.get("macos")), ("platform", env.get("platform")), ("Python", env.get("python")),
             *((name, version) for name, version in versions.items()),
             ("MSL version torch compiles with", env.get("msl_version")),
-            ("fast math (PYTORCH_MPS_FAST_MATH)", ", ".join(report.get("modes", [])) or ("on" if env.get("fast_math") else "off")),
+            ("fast math (PYTORCH_MPS_FAST_MATH)", "on" if env.get("fast_math") else "off"),
+            ("math modes checked", ", ".join(report.get("modes", [])) or "none"),
             ("emulated", ("yes: " if env.get("emulated") else "no: ") + str(env.get("runtime", ""))),
             ("compiler", env.get("compiler")), ("variant selection", report.get("selection", ""))]
     lines = ["## Environment", "", "| item | value |", "|---|---|"]
     lines += [f"| {_cell(name)} | {_cell(value)} |" for name, value in rows]
-    for note in report.get("notes", []):
-        lines.append(f"\n- {note}")
+    notes = report.get("notes", [])
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
     return lines + [""]
 
 
