@@ -40,7 +40,7 @@ from pathlib import Path
 
 from . import call_graph, includes, source_checks, source_rewrite, targets
 from .errors import MetalCompileError
-from .kernel_signatures import Kernel, Param, find_kernels
+from .kernel_signatures import Kernel, Param, find_kernels, with_thread_limit_helpers
 from .targets import Target, current_target
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -151,11 +151,17 @@ def _check_private(path: Path, label: str, kind: str) -> None:
         )
 
 
+# The Python modules whose output is compiled into a library (generated entry points, rewrites).
+_CODEGEN_MODULES = ["compiler.py", "includes.py", "kernel_signatures.py", "source_rewrite.py"]
+
+
 @functools.lru_cache(maxsize=None)
 def shim_fingerprint() -> str:
-    """Hash of every header and runtime file: editing the shim invalidates the cache."""
+    """Hash of every header and runtime file and of the modules that generate the compiled C++:
+    editing any of them invalidates the cache."""
     h = hashlib.sha256()
-    for f in sorted(list(INCLUDE_DIR.rglob("*")) + list(RUNTIME_DIR.rglob("*"))):
+    codegen = [PACKAGE_DIR / name for name in _CODEGEN_MODULES]
+    for f in sorted(list(INCLUDE_DIR.rglob("*")) + list(RUNTIME_DIR.rglob("*")) + codegen):
         if f.is_file():
             h.update(f.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
@@ -234,6 +240,7 @@ def _compile(source: str, cmd: list[str], tmp: Path, folder: Path, target: Targe
         raise MetalCompileError(includes.early_macro_message(pre.early_macros, lines))
     source_checks.check_no_double(pre.text, lines)
     kernels = find_kernels(pre.text)
+    pre.text = with_thread_limit_helpers(pre.text)  # same lines, so include_line still holds
     (tmp / "kernel.cpp").write_text(source_rewrite.rewrite(_with_shim(pre)) + source_rewrite.entry_points(kernels))
     flags = [*_CXX_FLAGS, *target_flags(target), *macros]
     front = _run(cmd + [*flags, "-fno-exceptions", "-Wno-everything", "-Wimplicit-float-conversion", "-I",
@@ -336,8 +343,10 @@ def _atomic_write(path: Path, data: bytes, mode: int) -> None:
 
 
 def _kernel_to_json(k: Kernel) -> dict:
-    return {"name": k.name, "function": k.function, "params": [[p.text, p.kind, p.buffer] for p in k.params]}
+    return {"name": k.name, "function": k.function, "params": [[p.text, p.kind, p.buffer] for p in k.params],
+            "max_threads": k.max_threads}
 
 
 def _kernels_from_json(data: list[dict]) -> list[Kernel]:
-    return [Kernel(d["name"], d["function"], tuple(Param(*p) for p in d["params"])) for d in data]
+    return [Kernel(d["name"], d["function"], tuple(Param(*p) for p in d["params"]), d.get("max_threads"))
+            for d in data]

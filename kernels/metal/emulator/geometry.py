@@ -3,7 +3,9 @@
 `threads` is the total grid (dispatchThreads, 1-3 dimensions, edge threadgroups may be partial),
 defaulting to the numel of the first tensor argument. `group_size` must have as many dimensions
 and defaults to min(threads, max) in 1-D and (max, 1, 1) otherwise, where max is the pipeline's
-maxTotalThreadsPerThreadgroup (the emulator assumes 1024; real pipelines may report less).
+maxTotalThreadsPerThreadgroup: the kernel's [[max_total_threads_per_threadgroup(N)]] capped at
+1024, else 1024 (real pipelines may report less). A threadgroup of more threads than max is an
+error: torch passes it to Metal unchecked and Metal's API validation refuses the dispatch.
 """
 
 from __future__ import annotations
@@ -15,10 +17,18 @@ import torch
 MAX_THREADS_PER_THREADGROUP = 1024
 
 
-def launch_geometry(name: str, args: Sequence[Any], threads, group_size) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def max_threads_for(declared: int) -> int:
+    """The pipeline's maxTotalThreadsPerThreadgroup for a kernel declaring `declared` (0: none)."""
+    return min(declared, MAX_THREADS_PER_THREADGROUP) if declared > 0 else MAX_THREADS_PER_THREADGROUP
+
+
+def launch_geometry(name: str, args: Sequence[Any], threads, group_size, max_threads: int = MAX_THREADS_PER_THREADGROUP,
+                    declared: int = 0) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`max_threads`: the kernel's max_threads_per_threadgroup; `declared`: its
+    [[max_total_threads_per_threadgroup(N)]] N (0: none), for the message."""
     grid = _dims(name, "threads", threads if threads is not None else _default_threads(name, args))
     if group_size is None:
-        group = (min(grid[0], MAX_THREADS_PER_THREADGROUP),) if len(grid) == 1 else (MAX_THREADS_PER_THREADGROUP,) + (1,) * (len(grid) - 1)
+        group = (min(grid[0], max_threads),) if len(grid) == 1 else (max_threads,) + (1,) * (len(grid) - 1)
     else:
         group = _dims(name, "group_size", group_size)
     if len(group) != len(grid):
@@ -26,9 +36,13 @@ def launch_geometry(name: str, args: Sequence[Any], threads, group_size) -> tupl
     total = 1
     for g in group:
         total *= g
-    if total > MAX_THREADS_PER_THREADGROUP:
+    if total > max_threads:
+        why = (f"the kernel declares [[max_total_threads_per_threadgroup({declared})]]" if declared
+               else "the device limit")
         raise ValueError(
-            f"{name}: group_size: expected at most {MAX_THREADS_PER_THREADGROUP} threads per threadgroup, got {group} = {total}"
+            f"{name}: group_size: expected at most {max_threads} threads per threadgroup "
+            f"(max_threads_per_threadgroup: {why}), got {group} = {total}; torch does not check this and "
+            "Metal's validation refuses the dispatch (without validation the result is undefined)"
         )
     return _pad3(grid), _pad3(group)
 

@@ -3,6 +3,14 @@
 Only attributes are parsed here: which Python argument binds which parameter (``[[buffer(n)]]``,
 or in order) and which built-in id a parameter receives. Parameter *types* are left to clang:
 the generated entry points deduce them from the function, which also covers templates.
+
+``[[max_total_threads_per_threadgroup(N)]]`` on a kernel (in its ``[[kernel, ...]]`` list, in an
+attribute list of its own before or after ``kernel``, or after the parameter list, before the
+body) is not evaluated here: N may be any constant expression, template parameters included
+(MLX: ``WM * WN * 32``). `with_thread_limit_helpers` puts a constexpr function returning N next
+to the kernel (a function template with the kernel's template parameters for a template), and
+`Kernel.max_threads` is the call the generated entry points evaluate, so clang computes N for
+each instantiation and rejects what is not a constant.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ _ONE_ATTR = re.compile(r"^\s*(\w+)\s*(?:\(\s*(.*?)\s*\))?\s*$", re.S)
 _VOID_FN = re.compile(r"\bvoid\s+(\w+)\s*\(")
 _HOST_NAME = re.compile(r'host_name\s*\(\s*"([^"]+)"\s*\)')
 _INSTANTIATION = re.compile(r'\btemplate\s*\[\[\s*host_name\s*\(\s*"([^"]+)"\s*\)\s*\]\]')
+_MAX_THREADS = "max_total_threads_per_threadgroup"
+_TRAILING_ATTRS = re.compile(r"(?:\s*\[\[.*?\]\])*\s*", re.S)  # attribute lists between `)` and `{`
+_LINE_MARKERS = re.compile(r'^#\s*\d+\s+"[^"]*"[^\n]*$', re.M)
 
 
 class KernelSourceError(ValueError):
@@ -53,6 +64,9 @@ class Kernel:
     name: str  # the name torch looks it up by: host_name or the function name
     function: str  # C++ expression naming the function, e.g. "attn<half, 64>"
     params: tuple[Param, ...]
+    # C++ call returning the declared max_total_threads_per_threadgroup (e.g.
+    # "mslemu_declared_threads_attn<half, 64>()"), None when the kernel declares none
+    max_threads: str | None = None
 
     @property
     def symbol(self) -> str:
@@ -62,8 +76,8 @@ class Kernel:
 def find_kernels(text: str) -> list[Kernel]:
     """All kernels callable by name: plain kernels and host_name'd template instantiations."""
     definitions = _kernel_definitions(text)
-    kernels = [k for k, is_template in definitions.values() if not is_template]
-    kernels += _instantiations(text, {name: k for name, (k, _) in definitions.items()})
+    kernels = [d.kernel for d in definitions.values() if not d.is_template]
+    kernels += _instantiations(text, {name: d.kernel for name, d in definitions.items()})
     names = [k.name for k in kernels]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -71,20 +85,66 @@ def find_kernels(text: str) -> list[Kernel]:
     return kernels
 
 
-def _kernel_definitions(text: str) -> dict[str, tuple[Kernel, bool]]:
-    found: dict[str, tuple[Kernel, bool]] = {}
+@dataclass(frozen=True)
+class _Definition:
+    kernel: Kernel
+    is_template: bool
+    start: int  # offset where the kernel's declaration (template head, attributes) begins
+    helper: str | None  # the constexpr function giving its max_total_threads_per_threadgroup
+
+
+def _kernel_definitions(text: str) -> dict[str, _Definition]:
+    found: dict[str, _Definition] = {}
     for m in _VOID_FN.finditer(text):
-        head = _statement_head(text, m.start())
+        start = _statement_start(text, m.start())
+        head = _LINE_MARKERS.sub("", text[start : m.start()])
         if not re.search(r"\bkernel\b", head):
             continue
         close = _matching(text, m.end() - 1, "(", ")")
-        if not text[close + 1 :].lstrip().startswith("{"):
+        trailing = _TRAILING_ATTRS.match(text, close + 1)
+        if not text.startswith("{", trailing.end()):
             continue  # a declaration, not the definition
-        params = _parse_params(text[m.end() : close], _line_of(text, m.start()))
+        line = _line_of(text, m.start())
+        params = _parse_params(text[m.end() : close], line)
         host = _HOST_NAME.search(head)
-        name = host.group(1) if host else m.group(1)
-        found.setdefault(m.group(1), (Kernel(name, m.group(1), params), "template" in head))
+        name, function = (host.group(1) if host else m.group(1)), m.group(1)
+        limit = _max_threads_expression(head + " " + trailing.group(0), name, line)
+        template = re.match(r"\s*template\s*<", head)
+        helper = call = None
+        if limit is not None:
+            helper_name = f"mslemu_declared_threads_{function}"
+            if template:
+                close_t = _matching(head, template.end() - 1, "<", ">")
+                template_head = " ".join(head[template.start() : close_t + 1].split())
+                helper = f"{template_head} constexpr long long {helper_name}() {{ return ({limit}); }} "
+                call = helper_name  # completed with each instantiation's template arguments
+            else:
+                helper = f"constexpr long long {helper_name}() {{ return ({limit}); }} "
+                call = f"{helper_name}()"
+        kernel = Kernel(name, function, params, call)
+        found.setdefault(function, _Definition(kernel, "template" in head, start, helper))
     return found
+
+
+def _max_threads_expression(attribute_text: str, kernel: str, line: int) -> str | None:
+    """The N of the kernel's [[max_total_threads_per_threadgroup(N)]], as written (one at most)."""
+    values = [arg for name, arg in _attributes(attribute_text) if name == _MAX_THREADS]
+    if len(values) > 1:
+        raise KernelSourceError(f"line {line}: kernel {kernel!r} declares {_MAX_THREADS} {len(values)} times")
+    if values and not values[0].strip():
+        raise KernelSourceError(f"line {line}: kernel {kernel!r}: {_MAX_THREADS} needs a value, e.g. {_MAX_THREADS}(256)")
+    return " ".join(values[0].split()) if values else None
+
+
+def with_thread_limit_helpers(text: str) -> str:
+    """`text` with, before each kernel that declares max_total_threads_per_threadgroup, the
+    constexpr function its entry point evaluates (same scope, same template parameters). Nothing
+    is inserted across lines, so line numbers and the preprocessor's line markers stay right."""
+    definitions = sorted(_kernel_definitions(text).values(), key=lambda d: d.start, reverse=True)
+    for d in definitions:
+        if d.helper:
+            text = text[: d.start] + d.helper + text[d.start :]
+    return text
 
 
 def _instantiations(text: str, templates: dict[str, Kernel]) -> list[Kernel]:
@@ -105,8 +165,14 @@ def _instantiations(text: str, templates: dict[str, Kernel]) -> list[Kernel]:
                 f"line {_line_of(text, m.start())}: host_name {m.group(1)!r} instantiates {base!r}, "
                 "which is not a kernel template defined in this source"
             )
-        function = f"{fm.group(1)}<{statement[fm.end():close]}>"
-        kernels.append(Kernel(m.group(1), function, templates[base].params))
+        arguments = statement[fm.end() : close]
+        function = f"{fm.group(1)}<{arguments}>"
+        template = templates[base]
+        limit = None
+        if template.max_threads:  # the helper sits next to the template, in its namespace
+            prefix = fm.group(1)[: -len(base)]
+            limit = f"{prefix}{template.max_threads}<{arguments}>()"
+        kernels.append(Kernel(m.group(1), function, template.params, limit))
     return kernels
 
 
@@ -179,11 +245,11 @@ def _split_top_level(text: str) -> list[str]:
     return [" ".join(p.split()) for p in parts if p.strip()]
 
 
-def _statement_head(text: str, pos: int) -> str:
-    """Text from the end of the previous statement or block up to `pos`, without the preprocessor's
-    line markers (`# 144 "kernel.metal"` after an #if'd-out block would read as the word kernel)."""
-    start = max(text.rfind(c, 0, pos) for c in ";{}") + 1
-    return re.sub(r'^#\s*\d+\s+"[^"]*"[^\n]*$', "", text[start:pos], flags=re.M)
+def _statement_start(text: str, pos: int) -> int:
+    """Where the statement containing `pos` begins: after the previous statement or block. Its
+    text up to `pos` is read without the preprocessor's line markers (`# 144 "kernel.metal"`
+    after an #if'd-out block would read as the word kernel)."""
+    return max(text.rfind(c, 0, pos) for c in ";{}") + 1
 
 
 def _matching(text: str, open_pos: int, opener: str, closer: str) -> int:

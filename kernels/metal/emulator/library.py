@@ -70,7 +70,6 @@ class EmulatedLibrary:
 class EmulatedKernel:
     """One kernel; calling it launches it over the grid, writing results into the tensors."""
 
-    max_threads_per_threadgroup = geometry.MAX_THREADS_PER_THREADGROUP
     thread_execution_width = 32
     static_thread_group_memory_length = 0  # unknown before running: threadgroup arrays are allocated lazily
 
@@ -78,6 +77,12 @@ class EmulatedKernel:
         self._dll, self._kernel = dll, kernel
         self._entry = ctypes.cast(getattr(dll, f"mslemu_kernel_{kernel.symbol}"), ctypes.c_void_p).value
         self._sizes = self._describe()
+        limit = getattr(dll, f"mslemu_max_threads_{kernel.symbol}")
+        limit.restype = ctypes.c_longlong
+        # [[max_total_threads_per_threadgroup(N)]] as clang evaluated it (0: not declared)
+        self.declared_max_threads = int(limit())
+        # what torch reports: the pipeline's maxTotalThreadsPerThreadgroup, N capped at 1024
+        self.max_threads_per_threadgroup = geometry.max_threads_for(self.declared_max_threads)
 
     def _describe(self) -> list[tuple[int, bool, bool]]:
         n = len(self._kernel.params)
@@ -89,7 +94,8 @@ class EmulatedKernel:
                  poison: bool = True, seed: int = 0) -> None:
         name = self._kernel.name
         bound = arguments.bind(self._kernel, self._sizes, args, arg_casts)
-        grid, group = geometry.launch_geometry(name, args, threads, group_size)
+        grid, group = geometry.launch_geometry(name, args, threads, group_size, self.max_threads_per_threadgroup,
+                                               self.declared_max_threads)
         rc = self._dll.mslemu_dispatch(
             self._entry, ctypes.addressof(bound.pointers), (ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*group),
             schedules.schedule_id(schedule), seed, default_workers(), int(poison),

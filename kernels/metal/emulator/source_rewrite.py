@@ -85,7 +85,8 @@ def _program_scope_constants(text: str) -> str:
 
 
 def entry_points(kernels: list[Kernel]) -> str:
-    """C++ for each kernel: its parameter table, its launch entry and its parameter description."""
+    """C++ for each kernel: its parameter table, its launch entry, its parameter description and
+    its declared max_total_threads_per_threadgroup (a constant clang must evaluate; 0: none)."""
     # binding.h is the emulator's own, not part of <metal_stdlib>: included here, after the kernel
     # source, so that a source without the include still gets its entry points.
     lines = ['\n# 1 "mslemu-entry-points"', '#include "mslemu/binding.h"']
@@ -98,5 +99,10 @@ def entry_points(kernels: list[Kernel]) -> str:
             f"{{ mslemu::invoke(&{k.function}, mslemu_spec_{k.symbol}, mslemu_b, mslemu_t); }}",
             f'extern "C" __attribute__((visibility("default"))) int mslemu_params_{k.symbol}'
             f"(int64_t* mslemu_out) {{ return mslemu::describe(&{k.function}, mslemu_out); }}",
+            f'extern "C" __attribute__((visibility("default"))) long long mslemu_max_threads_{k.symbol}() {{ '
+            + (f"constexpr long long max_total_threads_per_threadgroup = {k.max_threads}; "
+               "static_assert(max_total_threads_per_threadgroup > 0, "
+               f'"[[max_total_threads_per_threadgroup(N)]] of kernel {k.name}: N must be a positive integer"); '
+               "return max_total_threads_per_threadgroup; }" if k.max_threads else "return 0; }"),
         ]
     return "\n".join(lines) + "\n"
