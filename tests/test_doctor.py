@@ -202,6 +202,19 @@ def test_emulated_time_runs_small_shapes_and_claims_nothing(emulator_if_no_mps, 
     assert all(row["ours_ms"] > 0 and row["sdpa_ms"] > 0 and row["speedup"] is None for row in rows)
 
 
+@pytest.mark.slow
+def test_fast_math_runs_the_other_mode_in_a_fresh_python(emulator_if_no_mps, tmp_path, capsys):
+    """--fast-math: the fast-math pass (PYTORCH_MPS_FAST_MATH=1, which torch reads once per process) runs
+    in a child Python and its rows join the report, each saying which mode it ran in."""
+    code = cli.main(["doctor", "--quick", "--fast-math", "--checks", "correctness", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["modes"] == ["safe", "fast-math"]
+    modes = [row["mode"] for row in report["correctness"]]
+    assert modes == ["safe"] * len(correctness.CHECKS) + ["fast-math"] * len(correctness.CHECKS)
+    assert "| fast-math | passed |" in (tmp_path / "report.md").read_text()
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["--runs", "0"], "--runs: expected an integer >= 1"),
     (["--checks", "compile,speed"], "--checks: expected a comma-separated subset"),

@@ -102,7 +102,7 @@ def _run(args) -> int:
         _progress(runtime.note)
         first = run_pass(args, runtime)
         passes = [first]
-        if args.fast_math:
+        if args.fast_math and {"compile", "correctness"} & set(args.checks):
             passes.append(_other_mode_pass(args, runtime, not fast_math_on()))
         for done in passes:
             report["modes"].append(done["mode"])
@@ -168,13 +168,15 @@ def _other_mode_pass(args, runtime: Runtime, fast_math: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="mfa-hf-doctor-") as tmp:
         path = Path(tmp) / "pass.json"
         argv = [sys.executable, "-m", "mfa_hf.doctor", "--pass-json", str(path), "--checks",
-                ",".join(c for c in args.checks if c != "timing") or "compile"]
+                ",".join(c for c in args.checks if c != "timing")]
         if args.quick:
             argv.append("--quick")
-        result = subprocess.run(argv, env=env, stdout=sys.stderr)
-        if result.returncode != 0 or not path.exists():
+        with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+            for line in child.stdout:  # its progress, shown as it comes
+                print(line, end="", file=sys.stderr, flush=True)
+        if child.returncode != 0 or not path.exists():
             return {"mode": mode, "compile": [], "correctness": [], "notes": [],
-                    "fatal": f"the {mode} pass exited with code {result.returncode} (its output is above)"}
+                    "fatal": f"the {mode} pass exited with code {child.returncode} (its output is above)"}
         return json.loads(path.read_text())
 
 

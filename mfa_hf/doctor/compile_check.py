@@ -21,8 +21,8 @@ import torch
 
 from .variants import Planned
 
-_KERNEL = re.compile(r"\[\[\s*kernel\s*(?:,\s*max_total_threads_per_threadgroup\s*\((?P<threads>[^\]]*?)\)\s*)?\]\]"
-                     r"\s*void\s+(?P<name>\w+)")
+_KERNEL = re.compile(r"(?:\[\[\s*kernel\s*(?:,\s*max_total_threads_per_threadgroup\s*\((?P<threads>[^\]]*?)\)\s*)?\]\]"
+                     r"|\bkernel)\s+void\s+(?P<name>\w+)")
 _DEFINE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+(\w+)[ \t]+([^\n]+?)[ \t]*(?://[^\n]*)?$", re.MULTILINE)
 MAX_ERROR_CHARS = 4000
 
@@ -74,13 +74,15 @@ def kernel_rows(lib, item: Planned) -> list[dict]:
         row = {"name": name, "max_threads_per_threadgroup": None, "threads_launched": launched, "ok": False,
                "problem": ""}
         try:
-            maximum = int(getattr(lib, name).max_threads_per_threadgroup)
+            maximum = getattr(lib, name).max_threads_per_threadgroup
         except Exception as error:
             row["problem"] = f"{name}: no pipeline ({_message(error)})"
             rows.append(row)
             continue
-        row["max_threads_per_threadgroup"] = maximum
-        if launched is not None and maximum < launched:
+        row["max_threads_per_threadgroup"] = None if maximum is None else int(maximum)
+        if maximum is None:  # an older torch that does not expose it: nothing to check
+            row["ok"], row["problem"] = True, f"{name}: max_threads_per_threadgroup not exposed by this torch"
+        elif launched is not None and maximum < launched:
             row["problem"] = f"{name}: max_threads_per_threadgroup {maximum} < {launched} threads launched"
         else:
             row["ok"] = True
