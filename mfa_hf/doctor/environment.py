@@ -52,10 +52,9 @@ def choose_runtime() -> Runtime:
                                  f"clang: {error}") from None
     os.environ[EMULATOR_ENV] = "1"
     if forced:
-        return Runtime("cpu", True, f"emulated: {EMULATOR_ENV}=1 was set, so the MSL emulator runs the kernels "
-                                    "on the CPU")
-    return Runtime("cpu", True, f"emulated: torch reports no mps device, so the doctor set {EMULATOR_ENV}=1 and the "
-                                "MSL emulator runs the kernels on the CPU (no Apple GPU was tested)")
+        return Runtime("cpu", True, f"{EMULATOR_ENV}=1 was set, so the MSL emulator runs the kernels on the CPU")
+    return Runtime("cpu", True, f"torch reports no mps device, so the doctor set {EMULATOR_ENV}=1 and the MSL "
+                                "emulator runs the kernels on the CPU (no Apple GPU was tested)")
 
 
 def facts(runtime: Runtime) -> dict:
