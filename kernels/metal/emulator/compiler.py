@@ -59,7 +59,8 @@ _CXX_FLAGS = [
 ]
 _METAL_HEADERS = ["metal_stdlib", "metal_array", "metal_math", "metal_simdgroup", "metal_simdgroup_matrix",
                   "metal_atomic", "metal_compute", "metal_numeric", "metal_types", "metal_integer", "metal_common",
-                  "metal_relational", "metal_geometric", "metal_limits", "metal_type_traits", "metal_uniform"]
+                  "metal_relational", "metal_geometric", "metal_limits", "metal_type_traits", "metal_uniform",
+                  "metal_logging"]
 # Fast math: Apple's compiler may then assume no inf/NaN, so `x == -INFINITY`, isnan and isinf can
 # fold away; clang does the same under -ffinite-math-only (= -fno-honor-infinities -fno-honor-nans).
 _FAST_MATH_FLAGS = ["-ffinite-math-only"]

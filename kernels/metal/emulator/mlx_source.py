@@ -16,18 +16,15 @@ makes the same kernel as a text, with these documented test-side rewrites and no
 4. A gap in a kernel's buffer indices (e.g. sdpa_vector_2pass_1 has no buffer 6) gets a placeholder
    `const device uchar* mlx_unbound_buffer_N [[buffer(N)]]` so that Python argument i binds buffer i
    (torch's rule); the caller passes any tensor there.
-5. `#include <metal_logging>` (logging.h, Metal >= 3.2) is guarded by `__has_include`; the
-   emulator has no such header and supplies `metal::os_log` in include/mslemu/mlx_support.h.
-6. Member functions qualified `threadgroup`, `device` or `constant` (complex.h's copies of its
+5. Member functions qualified `threadgroup`, `device` or `constant` (complex.h's copies of its
    constructors and conversions for objects in those address spaces) are removed, keeping the
    `thread` ones: clang's C++ has no address-space-qualified member functions (only OpenCL C++
    does). None of the kernels tested here builds a complex number outside thread memory.
-7. An array parameter in an address space, `constant const int64_t strides[2]` (utils.h), is
-   written as the pointer it is, `constant const int64_t* strides`: clang rejects the array
-   form ("parameter may not be qualified with an address space") though C++ adjusts it to that
-   pointer anyway.
-8. Non-ASCII characters (the `(c)` of MLX's copyright lines) become ASCII: torch.mps.compile_shader
+6. Non-ASCII characters (the `(c)` of MLX's copyright lines) become ASCII: torch.mps.compile_shader
    hands Metal the source as ASCII.
+
+(`<metal_logging>` and array parameters in an address space, `constant const int64_t strides[2]`,
+need no rewrite: the emulator itself handles both, as Metal does.)
 
 The text built this way is ordinary MSL: on a Mac the same string goes to torch.mps.compile_shader.
 """
@@ -40,16 +37,12 @@ from typing import Iterable, Mapping
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"mlx/backend/metal/kernels/([^"]+)"[^\n]*$', re.M)
 _PRAGMA_ONCE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[^\n]*$", re.M)
-_LOGGING = re.compile(r"^[ \t]*#[ \t]*include[ \t]+<metal_logging>[^\n]*$", re.M)
 _CONSTANT_DECL = re.compile(r"\bconstant\s+(bool|int|uint|short|ushort|float)\s+(\w+)\s*\[\[\s*function_constant\s*\(\s*(\d+)\s*\)\s*\]\]\s*;")
 _CONDITIONAL_PARAM = re.compile(
     r"(?P<sep>[,(])(?P<decl>[^,()]*?)\[\[\s*(?P<attr>buffer\s*\(\s*\d+\s*\))\s*,\s*function_constant\s*\(\s*(?P<name>\w+)\s*\)\s*\]\]"
 )
 _KERNEL_SIGNATURE = re.compile(r"\[\[\s*kernel\b[^\]]*\]\]\s*void\s+(\w+)\s*\(")
 _BUFFER_INDEX = re.compile(r"\[\[\s*buffer\s*\(\s*(\d+)\s*\)")
-_SPACE_ARRAY_PARAM = re.compile(
-    r"\b((?:const\s+)?(?:device|constant|threadgroup)\s+(?:const\s+)?[\w:]+)\s+(\w+)\s*\[[^\]\[;]*\]\s*(?=[,)])"
-)
 _SPACE_QUALIFIED_MEMBER = re.compile(r"\)\s*(?:const\s+)?(?:threadgroup|device|constant)\s*(?=[:{])")
 
 
@@ -158,13 +151,8 @@ def fill_buffer_gaps(text: str) -> str:
     return "".join(out)
 
 
-def guard_logging_include(text: str) -> str:
-    """Rewrite 5 of the module docstring."""
-    return _LOGGING.sub("#if __has_include(<metal_logging>)\n#include <metal_logging>\n#endif", text)
-
-
 def drop_address_space_members(text: str) -> str:
-    """Rewrite 6 of the module docstring."""
+    """Rewrite 5 of the module docstring."""
     while m := _SPACE_QUALIFIED_MEMBER.search(text):
         start = max(text.rfind(c, 0, m.start()) for c in ";{}") + 1
         body = text.index("{", m.end())
@@ -181,8 +169,7 @@ def assemble(kernels_dir: Path, headers: Iterable[str], constants: Mapping[str, 
     constants set, `epilogue` (e.g. a test kernel using MLX's templates), then `instantiations`
     (lines such as `instantiate_kernel("name", sdpa_vector, float, 64, 64)`)."""
     body = inline_headers(kernels_dir, headers)
-    body = drop_address_space_members(guard_logging_include(body))
-    body = _SPACE_ARRAY_PARAM.sub(r"\1* \2", body)  # rewrite 7
+    body = drop_address_space_members(body)
     body = fill_buffer_gaps(set_function_constants(body, constants))
     lines = "\n".join(instantiations)
     return f"#include <metal_stdlib>\n{prelude}\n{body}\n{epilogue}\n{lines}\n"

@@ -9,6 +9,10 @@ clang reports errors at the MSL line. What is rewritten, and why:
   (a C++ functional cast cannot take several arguments and would bit-cast a vector);
 - ``0.5h`` becomes a half cast, and unsuffixed float literals get ``f``: MSL has no double;
 - ``[[attributes]]`` are removed once the signatures have been read;
+- an array parameter in an address space, ``constant const int64_t strides[2]`` (MLX's utils.h),
+  becomes the pointer it is, ``constant const int64_t* strides`` (``T x[2][3]``: ``T (*x)[3]``):
+  Metal adjusts it like any array parameter, clang refuses the array form ("parameter may not
+  be qualified with an address space");
 - program-scope ``constant`` variables become ``static const`` (Metal makes them read-only).
 """
 
@@ -28,6 +32,10 @@ _NUMBER = r"(?:\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)
 _HALF_LITERAL = re.compile(rf"(?<![\w.])({_NUMBER}|\d+)[hH](?![\w.])")
 _FLOAT_LITERAL = re.compile(rf"(?<![\w.])({_NUMBER})(?![\w.])")
 _ATTRIBUTE = re.compile(r"\[\[[^\[\]]*\]\]")
+_SPACE_ARRAY_PARAM = re.compile(  # applied after the attributes are gone, so `]` then `,` or `)`
+    r"(?<![\w:])((?:const\s+)?(?:device|constant|threadgroup)\s+(?:const\s+)?[A-Za-z_][\w:]*"
+    r"(?:\s*<[^;{}()]*?>)?(?:\s+const)?)(\s+)(\w+)(\s*\[[^\[\];]*\])((?:\s*\[[^\[\];]*\])*)(\s*)(?=[,)])"
+)
 _LINE_MARKER = re.compile(r'^#\s*\d+\s+"[^"]*".*$', re.M)
 
 
@@ -48,7 +56,14 @@ def _rewrite_code(code: str, declaration_ids: itertools.count) -> str:
     code = _VECTOR_CTOR.sub(r"mslemu::make<metal::\1>(", code)
     code = _HALF_LITERAL.sub(_half_literal, code)
     code = _FLOAT_LITERAL.sub(r"\1f", code)
-    return _ATTRIBUTE.sub("", code)
+    return _SPACE_ARRAY_PARAM.sub(_array_parameter, _ATTRIBUTE.sub("", code))
+
+
+def _array_parameter(m: re.Match) -> str:
+    type_, space, name, first, rest, tail = m.groups()
+    kept_lines = "\n" * first.count("\n")  # keep the line count
+    declarator = f"(*{name}){rest}" if rest else f"*{name}"
+    return f"{type_}{space}{declarator}{kept_lines}{tail}"
 
 
 def _half_literal(m: re.Match) -> str:

@@ -52,7 +52,6 @@ MSLEMU_F1(fabs, __builtin_fabsf(x))
 MSLEMU_F1(fract, __builtin_fminf(x - __builtin_floorf(x), 0x1.fffffep-1f))
 MSLEMU_F1(saturate, __builtin_fminf(__builtin_fmaxf(x, 0.0f), 1.0f))
 MSLEMU_F1(sign, x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : (x != x ? 0.0f : x)))
-#undef MSLEMU_F1
 
 // Two-argument float functions; vector forms take (vec, vec) and (vec, scalar).
 #define MSLEMU_F2(NAME, EXPR)                                                              \
@@ -76,7 +75,6 @@ MSLEMU_F2(fmod, __builtin_fmodf(x, y))
 MSLEMU_F2(atan2, __builtin_atan2f(x, y))
 MSLEMU_F2(copysign, __builtin_copysignf(x, y))
 MSLEMU_F2(step, y < x ? 0.0f : 1.0f)
-#undef MSLEMU_F2
 
 // min/max/abs/clamp exist for floats (NaN-ignoring, like fmin/fmax) and integers.
 template <class T, mslemu::if_scalar<T> = 0> MSLEMU_INLINE T min(T a, T b) {
@@ -185,7 +183,52 @@ template <class T, mslemu::if_int<T> = 0> MSLEMU_INLINE T mulhi(T a, T b) {
   return T((static_cast<__int128>(a) * static_cast<__int128>(b)) >> (8 * sizeof(T)));
 }
 
-// precise:: and fast:: name the same functions (see the header comment).
-namespace precise { using namespace ::metal; }
-namespace fast { using namespace ::metal; }
+// Functions MSL has that C's libm spells differently, and three-argument forms.
+MSLEMU_F1(cospi, __builtin_cosf(3.14159265358979323846f * x))
+MSLEMU_F1(sinpi, __builtin_sinf(3.14159265358979323846f * x))
+MSLEMU_F1(tanpi, __builtin_tanf(3.14159265358979323846f * x))
+MSLEMU_F2(divide, x / y)
+MSLEMU_F2(nextafter, __builtin_nextafterf(x, y))
+#undef MSLEMU_F1
+#undef MSLEMU_F2
+template <class T, mslemu::if_float<T> = 0> MSLEMU_INLINE T fmax3(T x, T y, T z) { return fmax(fmax(x, y), z); }
+template <class T, mslemu::if_float<T> = 0> MSLEMU_INLINE T fmin3(T x, T y, T z) { return fmin(fmin(x, y), z); }
+template <class T, mslemu::if_float<T> = 0> MSLEMU_INLINE T fmedian3(T x, T y, T z) {
+  return fmax(fmin(x, y), fmin(fmax(x, y), z));
+}
+template <class T, mslemu::if_float<T> = 0> MSLEMU_INLINE T max3(T x, T y, T z) { return fmax3(x, y, z); }
+template <class T, mslemu::if_float<T> = 0> MSLEMU_INLINE T min3(T x, T y, T z) { return fmin3(x, y, z); }
+template <class T, mslemu::if_float<T> = 0> MSLEMU_INLINE T median3(T x, T y, T z) { return fmedian3(x, y, z); }
+template <class T, mslemu::if_float<T> = 0> MSLEMU_INLINE T ldexp(T x, int k) {
+  return static_cast<T>(__builtin_ldexpf(static_cast<float>(x), k));
+}
+template <class T, mslemu::if_float<T> = 0> MSLEMU_INLINE T frexp(T x, thread int& e) {
+  return static_cast<T>(__builtin_frexpf(static_cast<float>(x), &e));
+}
+
+// precise:: and fast:: name the same functions (see the header comment). Each name is declared
+// in them (a using-declaration), not only reached through the using-directive: qualified lookup
+// follows a using-directive only when the namespace itself declares nothing of that name, so a
+// source that adds its own overload, such as MLX's `fast::exp(bfloat)`, would otherwise hide
+// these templates and `fast::exp(x)` on a float would silently compute in bfloat.
+#define MSLEMU_MATH_NAMES(X)                                                                       \
+  X(abs) X(acos) X(acosh) X(all) X(any) X(asin) X(asinh) X(atan) X(atan2) X(atanh) X(ceil)        \
+  X(clamp) X(clz) X(copysign) X(cos) X(cosh) X(cospi) X(ctz) X(distance) X(divide) X(dot) X(erf)  \
+  X(exp) X(exp10) X(exp2) X(fabs) X(floor) X(fma) X(fmax) X(fmax3) X(fmedian3) X(fmin) X(fmin3)   \
+  X(fmod) X(fract) X(frexp) X(isfinite) X(isinf) X(isnan) X(ldexp) X(length) X(log) X(log10)      \
+  X(log2) X(mad) X(max) X(max3) X(median3) X(min) X(min3) X(mix) X(mulhi) X(nextafter)            \
+  X(normalize) X(popcount) X(pow) X(powr) X(rint) X(round) X(rsqrt) X(saturate) X(select)         \
+  X(sign) X(signbit) X(sin) X(sinh) X(sinpi) X(smoothstep) X(sqrt) X(step) X(tan) X(tanh)         \
+  X(tanpi) X(trunc)
+#define MSLEMU_USING(NAME) using ::metal::NAME;
+namespace precise {
+using namespace ::metal;
+MSLEMU_MATH_NAMES(MSLEMU_USING)
+}  // namespace precise
+namespace fast {
+using namespace ::metal;
+MSLEMU_MATH_NAMES(MSLEMU_USING)
+}  // namespace fast
+#undef MSLEMU_USING
+#undef MSLEMU_MATH_NAMES
 }  // namespace metal

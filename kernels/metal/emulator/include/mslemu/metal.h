@@ -5,10 +5,12 @@
 // The types and keywords Apple's compiler knows without any include are in prelude.h.
 #pragma once
 #include "prelude.h"
+#include "type_traits.h"
 #include "constants.h"
 #include "math.h"
 #include "runtime_api.h"
 #include "simd.h"
 #include "matrix.h"
 #include "atomic.h"
+#include "logging.h"
 #include "mlx_support.h"

@@ -150,6 +150,29 @@ MSLEMU_SHUFFLE(simd_shuffle_rotate_up, rotate_up)
 MSLEMU_SHUFFLE(simd_shuffle_rotate_down, rotate_down)
 #undef MSLEMU_SHUFFLE
 
+// simd_shuffle_and_fill_down/up (MSL 2.4): lane i of each group of `modulo` lanes takes `data`
+// from lane i + delta (down) or i - delta (up) when that lane is in its group, else `filling`
+// from the lane delta - modulo further. Built on two shuffles that every lane joins (the second
+// at the next column, so the two sites differ).
+template <class T, class D, class M = ushort>
+MSLEMU_INLINE T simd_shuffle_and_fill_down(T data, T filling, D delta, M modulo = M(32), MSLEMU_SITE) {
+  uint32_t lane = mslemu_lane(), m = uint32_t(modulo), j = lane % m, d = uint32_t(delta);
+  bool inside = j + d < m;
+  uint32_t src = lane - j + (inside ? j + d : j + d - m);
+  T a = simd_shuffle(data, ushort(src), line, col);
+  T b = simd_shuffle(filling, ushort(src), line, col + 1);
+  return inside ? a : b;
+}
+template <class T, class D, class M = ushort>
+MSLEMU_INLINE T simd_shuffle_and_fill_up(T data, T filling, D delta, M modulo = M(32), MSLEMU_SITE) {
+  uint32_t lane = mslemu_lane(), m = uint32_t(modulo), j = lane % m, d = uint32_t(delta);
+  bool inside = j >= d;
+  uint32_t src = lane - j + (inside ? j - d : j + m - d);
+  T a = simd_shuffle(data, ushort(src), line, col);
+  T b = simd_shuffle(filling, ushort(src), line, col + 1);
+  return inside ? a : b;
+}
+
 template <class T> MSLEMU_INLINE T simd_broadcast_first(T x, MSLEMU_SITE) {
   mslemu::ShuffleIn<T> in{x, 0};
   return mslemu::collective<T>(mslemu::shuffle_fn<T, mslemu::Shuffle::first>, in, MSLEMU_AT);

@@ -25,10 +25,10 @@ template <class T> struct numeric_limits;  // T: all caps, like Apple's headers
   template <> struct numeric_limits<T> {                                             \
     static constexpr bool is_specialized = true;                                     \
     static constexpr bool is_integer = IS_INT;                                       \
-    static constexpr T lowest() { return T(LOWEST); }                                \
-    static constexpr T min() { return T(MIN); }                                      \
-    static constexpr T max() { return T(MAX); }                                      \
-    static constexpr T epsilon() { return T(EPS); }                                  \
+    static constexpr T lowest() { return static_cast<T>(LOWEST); }                                \
+    static constexpr T min() { return static_cast<T>(MIN); }                                   \
+    static constexpr T max() { return static_cast<T>(MAX); }                                   \
+    static constexpr T epsilon() { return static_cast<T>(EPS); }                                  \
     template <class U = T> static constexpr U infinity() { return U(__builtin_inff()); } \
     template <class U = T> static constexpr U quiet_NaN() { return U(__builtin_nanf("")); } \
   };
@@ -36,6 +36,7 @@ MSLEMU_LIMITS(float, -3.40282347e38f, 1.17549435e-38f, 3.40282347e38f, 1.1920929
 MSLEMU_LIMITS(half, -65504.0f, 6.10351562e-5f, 65504.0f, 9.765625e-4f, false)
 MSLEMU_LIMITS(__bf16, -3.38953139e38f, 1.17549435e-38f, 3.38953139e38f, 7.8125e-3f, false)
 MSLEMU_LIMITS(char, -128, -128, 127, 0, true)
+MSLEMU_LIMITS(signed char, -128, -128, 127, 0, true)  // int8_t: a type distinct from char in C++
 MSLEMU_LIMITS(uchar, 0, 0, 255, 0, true)
 MSLEMU_LIMITS(short, -32768, -32768, 32767, 0, true)
 MSLEMU_LIMITS(ushort, 0, 0, 65535, 0, true)
