@@ -133,6 +133,7 @@ def test_planted_compile_error_fails_with_the_compilers_message(emulator_if_no_m
         return "#error planted by test_doctor\n" + real_source(name)
 
     monkeypatch.setattr(loader, "kernel_source", broken)
+    monkeypatch.setattr(loader, "_libraries", {})  # the failures the loader remembers go with the test
     monkeypatch.setattr(variants, "QUICK_HEAD_DIMS", ((248, 248),))
     code = cli.main(["doctor", "--quick", "--checks", "compile", "--out", str(tmp_path)])
     out = capsys.readouterr().out
