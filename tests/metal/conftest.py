@@ -14,10 +14,10 @@ from mfa_hf.kernels.metal.emulator.targets import emulate
 # Every test here runs twice: with IEEE math, and as compiled with fast math (PYTORCH_MPS_FAST_MATH=1,
 # under which Apple's compiler may assume no inf or NaN; the emulator compiles with clang's
 # -ffinite-math-only). The default run keeps the fast-math twin of one test in FAST_MATH_SAMPLE
-# (chosen by a hash of its id, so the choice is stable) and of every test marked `finite_math`;
-# --run-slow runs them all.
+# (chosen by a hash of its id, so the choice is stable; MFA_FAST_MATH_SAMPLE=1 keeps them all) and
+# of every test marked `finite_math`; --run-slow runs them all, with the slow matrices.
 MATH_MODES = ("ieee", "fast")
-FAST_MATH_SAMPLE = 6
+FAST_MATH_SAMPLE = int(os.environ.get("MFA_FAST_MATH_SAMPLE", "6"))
 
 
 @pytest.fixture(params=MATH_MODES)
