@@ -73,6 +73,22 @@ def make_decode_inputs(case: DecodeCase, lengths: tuple[int, ...], capacity: int
     )
 
 
+def caches_on(inputs: dict, device) -> dict:
+    """`inputs` with k_cache and v_cache (tensors or QuantizedKV) moved to `device` (the call appends
+    to them in place, and the reference reads the appended tokens back on the CPU)."""
+    import mfa_hf
+
+    moved = dict(inputs)
+    for name in ("k_cache", "v_cache"):
+        cache = inputs[name]
+        if isinstance(cache, mfa_hf.QuantizedKV):
+            moved[name] = mfa_hf.QuantizedKV(cache.codes.to(device), cache.scales.to(device), cache.format,
+                                             cache.group_size, cache.dtype)
+        else:
+            moved[name] = cache.to(device)
+    return moved
+
+
 def dense(cache) -> torch.Tensor:
     import mfa_hf
 

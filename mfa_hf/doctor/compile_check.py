@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from .progress import run_each
 from .variants import Planned
 
 _KERNEL = re.compile(r"(?:\[\[\s*kernel\s*(?:,\s*max_total_threads_per_threadgroup\s*\((?P<threads>[^\]]*?)\)\s*)?\]\]"
@@ -29,13 +30,7 @@ MAX_ERROR_CHARS = 4000
 
 def check_compiles(planned: list[Planned], device: torch.device, mode: str,
                    progress: Callable[[str], None] = lambda line: None) -> list[dict]:
-    rows = []
-    for n, item in enumerate(planned, 1):
-        rows.append(check_one(item, device, mode))
-        if n % 25 == 0 or n == len(planned):
-            failed = sum(r["status"] != "passed" for r in rows)
-            progress(f"compile ({mode}): {n}/{len(planned)} variants, {failed} failed")
-    return rows
+    return run_each(planned, lambda item: check_one(item, device, mode), f"compile ({mode}) variants", 25, progress)
 
 
 def check_one(item: Planned, device: torch.device, mode: str) -> dict:

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .progress import run_each
 from .variants import short
 
 
@@ -47,15 +48,10 @@ def metal_forced() -> Iterator[None]:
 
 def run_matrix(device: str, mode: str, checks: list[Check] | None = None,
                progress: Callable[[str], None] = lambda line: None) -> list[dict]:
-    rows = []
     checks = CHECKS if checks is None else checks
     with metal_forced():
-        for n, check in enumerate(checks, 1):
-            rows.append(run_check(check, device, mode))
-            if n % 5 == 0 or n == len(checks):
-                failed = sum(r["status"] != "passed" for r in rows)
-                progress(f"correctness ({mode}): {n}/{len(checks)} checks, {failed} failed")
-    return rows
+        return run_each(checks, lambda check: run_check(check, device, mode), f"correctness ({mode}) checks", 5,
+                        progress)
 
 
 def run_check(check: Check, device: str, mode: str) -> dict:
@@ -154,13 +150,13 @@ def decode(case, lengths: tuple[int, ...] = (0, 29, 70)) -> Callable[[str], str]
     def run(device: str) -> str:
         from mfa_hf import trace
         from mfa_hf.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
-        from mfa_hf.testing_kvcache import make_decode_inputs, reference_over_cache, run_kvcache
+        from mfa_hf.testing_kvcache import caches_on, make_decode_inputs, reference_over_cache, run_kvcache
 
-        inputs = _caches_to(make_decode_inputs(case, lengths, DECODE_CAPACITY, seed=5), device)
+        inputs = caches_on(make_decode_inputs(case, lengths, DECODE_CAPACITY, seed=5), device)
         with trace.capture() as calls:
             out, lse = run_kvcache(case, inputs, device)
         _served(calls, "decode")
-        after = _caches_to(inputs, "cpu")  # the reference reads the appended tokens back from the cache
+        after = caches_on(inputs, "cpu")  # the reference reads the appended tokens back from the cache
         ref, ref_lse = reference_over_cache(case, after, upcast=True)
         base, base_lse = reference_over_cache(case, after, upcast=False)
         factor = GRADIENT_FACTOR if case.softcap else FORWARD_FACTOR
@@ -196,20 +192,6 @@ def decode_empty_cache(dtype: torch.dtype) -> Callable[[str], str]:
         return "out == 0, lse == -inf, no NaN"
 
     return run
-
-
-def _caches_to(inputs: dict, device) -> dict:
-    import mfa_hf
-
-    moved = dict(inputs)
-    for name in ("k_cache", "v_cache"):
-        cache = inputs[name]
-        if isinstance(cache, mfa_hf.QuantizedKV):
-            moved[name] = mfa_hf.QuantizedKV(cache.codes.to(device), cache.scales.to(device), cache.format,
-                                             cache.group_size, cache.dtype)
-        else:
-            moved[name] = cache.to(device)
-    return moved
 
 
 # ---------------------------------------------------------------------------------------------

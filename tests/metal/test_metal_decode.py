@@ -24,6 +24,7 @@ from mfa_hf.testing_kvcache import (
     CACHE_ROWS,
     FORMATS,
     DecodeCase,
+    caches_on,
     make_decode_inputs,
     reference_over_cache,
     run_kvcache,
@@ -54,33 +55,8 @@ def make_inputs(case: DecodeCase, seed: int = 0) -> dict:
     return make_decode_inputs(case, LENGTHS, CAPACITY, seed)
 
 
-def _to_device(inputs: dict, device) -> dict:
-    """Caches on the runtime's device (the call appends to them in place)."""
-    moved = dict(inputs)
-    for name in ("k_cache", "v_cache"):
-        cache = inputs[name]
-        if isinstance(cache, mfa_hf.QuantizedKV):
-            moved[name] = mfa_hf.QuantizedKV(cache.codes.to(device), cache.scales.to(device), cache.format,
-                                             cache.group_size, cache.dtype)
-        else:
-            moved[name] = cache.to(device)
-    return moved
-
-
-def _cpu_caches(inputs: dict) -> dict:
-    back = dict(inputs)
-    for name in ("k_cache", "v_cache"):
-        cache = inputs[name]
-        if isinstance(cache, mfa_hf.QuantizedKV):
-            back[name] = mfa_hf.QuantizedKV(cache.codes.cpu(), cache.scales.cpu(), cache.format, cache.group_size,
-                                            cache.dtype)
-        else:
-            back[name] = cache.cpu()
-    return back
-
-
 def check_decode(case: DecodeCase, runtime, two_schedules, seed: int = 0):
-    inputs = _to_device(make_inputs(case, seed), runtime.device)
+    inputs = caches_on(make_inputs(case, seed), runtime.device)
     with trace.capture() as calls:
         out, lse = run_kvcache(case, inputs, runtime.device)
     assert trace.served_by(calls)[("metal", "decode")] == 1, dict(trace.served_by(calls))
@@ -88,7 +64,7 @@ def check_decode(case: DecodeCase, runtime, two_schedules, seed: int = 0):
         assert trace.served_by(calls)[("metal", "append")] == 2, dict(trace.served_by(calls))
     # The same call again (same positions, same tokens): the append rewrites identical codes.
     two_schedules.again(lambda: run_kvcache(case, inputs, runtime.device), (out, lse))
-    after = _cpu_caches(inputs)  # the reference reads the appended tokens back from the cache
+    after = caches_on(inputs, "cpu")  # the reference reads the appended tokens back from the cache
     ref, ref_lse = reference_over_cache(case, after, upcast=True)
     base, base_lse = reference_over_cache(case, after, upcast=False)
     factor = GRADIENT_FACTOR if case.softcap else FORWARD_FACTOR

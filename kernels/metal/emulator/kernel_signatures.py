@@ -231,7 +231,8 @@ def _parse_param(text: str, line: int, implicit_index: int) -> Param:
     )
 
 
-def _split_top_level(text: str) -> list[str]:
+def split_top_level(text: str) -> list[str]:
+    """`text` cut at the commas outside any (), <>, [] or {}, each piece as written."""
     parts, depth, start = [], 0, 0
     for i, ch in enumerate(text):
         if ch in "(<[{":
@@ -242,7 +243,11 @@ def _split_top_level(text: str) -> list[str]:
             parts.append(text[start:i])
             start = i + 1
     parts.append(text[start:])
-    return [" ".join(p.split()) for p in parts if p.strip()]
+    return parts
+
+
+def _split_top_level(text: str) -> list[str]:
+    return [" ".join(p.split()) for p in split_top_level(text) if p.strip()]
 
 
 def _statement_start(text: str, pos: int) -> int:

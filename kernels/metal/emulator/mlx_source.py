@@ -35,6 +35,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from .kernel_signatures import split_top_level
+
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"mlx/backend/metal/kernels/([^"]+)"[^\n]*$', re.M)
 _PRAGMA_ONCE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[^\n]*$", re.M)
 _CONSTANT_DECL = re.compile(r"\bconstant\s+(bool|int|uint|short|ushort|float)\s+(\w+)\s*\[\[\s*function_constant\s*\(\s*(\d+)\s*\)\s*\]\]\s*;")
@@ -124,17 +126,7 @@ def _conditional_params(params: str, values: Mapping[str, bool | int]) -> tuple[
 
 
 def _split_params(params: str) -> list[str]:
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(params):
-        if ch in "(<[":
-            depth += 1
-        elif ch in ")>]":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(params[start:i])
-            start = i + 1
-    parts.append(params[start:])
-    return ["," + p for p in parts]
+    return ["," + p for p in split_top_level(params)]
 
 
 def fill_buffer_gaps(text: str) -> str:
