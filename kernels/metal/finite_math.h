@@ -36,25 +36,25 @@ inline Stored read_stored(device const float* p, long i) {
   return s;
 }
 
-inline Stored read_stored(device const half* p, long i) {
-  const ushort bits = ((device const ushort*)p)[i];
+// A 16-bit float's bits (half: infinity 0x7C00, bfloat: 0x7F80) and its value.
+inline Stored stored_16(ushort bits, float value, ushort infinity) {
   Stored s;
-  s.value = float(as_type<half>(bits));
-  s.neg_inf = bits == ushort(0xFC00);
-  s.nan = (bits & ushort(0x7FFF)) > ushort(0x7C00);
+  s.value = value;
+  s.neg_inf = bits == ushort(infinity | 0x8000);
+  s.nan = (bits & ushort(0x7FFF)) > infinity;
   s.negative = (bits >> 15) != 0;
   return s;
+}
+
+inline Stored read_stored(device const half* p, long i) {
+  const ushort bits = ((device const ushort*)p)[i];
+  return stored_16(bits, float(as_type<half>(bits)), ushort(0x7C00));
 }
 
 #if __METAL_VERSION__ >= 310  // bfloat exists from MSL 3.1
 inline Stored read_stored(device const bfloat* p, long i) {
   const ushort bits = ((device const ushort*)p)[i];
-  Stored s;
-  s.value = float(as_type<bfloat>(bits));
-  s.neg_inf = bits == ushort(0xFF80);
-  s.nan = (bits & ushort(0x7FFF)) > ushort(0x7F80);
-  s.negative = (bits >> 15) != 0;
-  return s;
+  return stored_16(bits, float(as_type<bfloat>(bits)), ushort(0x7F80));
 }
 #endif
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import warnings
 from typing import Any
 
@@ -96,6 +97,7 @@ class EmulatedKernel:
         bound = arguments.bind(self._kernel, self._sizes, args, arg_casts)
         grid, group = geometry.launch_geometry(name, args, threads, group_size, self.max_threads_per_threadgroup,
                                                self.declared_max_threads)
+        _take_workers(self._dll)
         rc = self._dll.mslemu_dispatch(
             self._entry, ctypes.addressof(bound.pointers), (ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*group),
             schedules.schedule_id(schedule), seed, default_workers(), int(poison),
@@ -107,6 +109,20 @@ class EmulatedKernel:
 
     def __repr__(self) -> str:
         return f"<emulated Metal kernel {self._kernel.name}>"
+
+
+_worker_owner: list = [None]  # the library whose runtime copy last kept worker fibers
+_worker_lock = threading.Lock()
+
+
+def _take_workers(dll: ctypes.CDLL) -> None:
+    """Before `dll` launches, the library that launched last drops its worker fibers: each library
+    links its own runtime, and every kept fiber stack costs two of the process's limited mappings
+    (vm.max_map_count, 65530 by default), which hundreds of loaded variants would exhaust."""
+    with _worker_lock:
+        previous, _worker_owner[0] = _worker_owner[0], dll
+    if previous is not None and previous is not dll:
+        previous.mslemu_release_workers()
 
 
 def compile_shader(source: str) -> EmulatedLibrary:

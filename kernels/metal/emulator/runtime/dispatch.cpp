@@ -80,6 +80,15 @@ __attribute__((visibility("default"))) int mslemu_dispatch(mslemu_kernel_fn kern
   return d.failed.load() ? 1 : 0;
 }
 
+// Every loaded library links its own copy of this runtime, and each keeps its worker fibers' stacks
+// (two mappings each: the stack and its guard page) for the next launch. With hundreds of kernel
+// variants loaded that exhausts the process's mappings (vm.max_map_count), so the front end has
+// the previous library drop them when another library launches (library.py).
+__attribute__((visibility("default"))) void mslemu_release_workers(void) {
+  std::lock_guard<std::mutex> lock(g_dispatch_mutex);
+  g_workers.clear();
+}
+
 __attribute__((visibility("default"))) const char* mslemu_last_error(void) { return g_error.c_str(); }
 __attribute__((visibility("default"))) const char* mslemu_last_warnings(void) { return g_warnings.c_str(); }
 

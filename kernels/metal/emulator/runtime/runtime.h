@@ -44,6 +44,10 @@ struct Fiber {
   mslemu_collective_fn fn = nullptr;
   const void* in = nullptr;
   void* out = nullptr;
+  Fiber() = default;
+  Fiber(const Fiber&) = delete;
+  Fiber& operator=(const Fiber&) = delete;
+  ~Fiber() { release_stack(stack); }
 };
 
 // The schedules a threadgroup can run under (names in schedules.py, same order).
