@@ -18,7 +18,8 @@ TraceKey = tuple  # (backend, op, dtype, head_dim, lq, lk, flags)
 
 _counts: Counter = Counter()
 _captures: list[Counter] = []
-# Calls an opt-in patch (integrations/sdpa_patch.py) handed back to the stock function: {(source, reason): n}.
+# Calls handed on, {(source, reason): n}: by an opt-in patch (integrations/sdpa_patch.py) back to the stock
+# function, or by a backend whose kernel cannot be built or launched here to the next one ("metal -> torch").
 _fallbacks: Counter = Counter()
 _fallback_captures: list[Counter] = []
 
@@ -50,7 +51,7 @@ def capture() -> Iterator[Counter]:
 
 
 def record_fallback(source: str, reason: str) -> None:
-    """Count a call that `source` did not serve and handed to the stock function, with the reason."""
+    """Count a call that `source` did not serve and handed on, with the reason."""
     _fallbacks[source, reason] += 1
     for captured in _fallback_captures:
         captured[source, reason] += 1
@@ -69,7 +70,8 @@ def capture_fallbacks() -> Iterator[Counter]:
 
 def fallback_report(counts: Counter | None = None) -> str:
     counts = _fallbacks if counts is None else counts
-    lines = ["mfa_hf trace: calls handed to the stock function", f"{'calls':>7}  source: reason"]
+    lines = ["mfa_hf trace: calls handed on (to the stock function, or from a kernel unavailable here to another backend)",
+             f"{'calls':>7}  source: reason"]
     for (source, reason), n in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
         lines.append(f"{n:>7}  {source}: {reason}")
     return "\n".join(lines)
