@@ -230,3 +230,22 @@ def test_a_launch_failure_falls_back_for_decode_and_append(metal, monkeypatch):
     served = trace.served_by(calls)
     assert served[("torch", "decode")] == 1 and served[("generic", "append")] == 2, dict(served)
     assert {source for source, _ in fell} == {"metal -> torch", "metal -> generic"}
+
+
+# -- empty problems --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(0, 8, 2, 32), (2, 0, 2, 32)], ids=["batch0", "len0"])  # 0 heads: a ValueError
+def test_empty_problems_launch_no_zero_grid(shape, metal_backend):
+    """Metal leaves a grid with a 0 dimension undefined (the strict emulator refuses one): forward,
+    backward, decode and append answer empty problems on the host."""
+    device = metal_backend.device
+    q = torch.randn(shape).to(device).requires_grad_(True)
+    out = mfa_hf.flash_attn_func(q, q, q, causal=True)
+    out.sum().backward()
+    assert out.shape == shape and q.grad.shape == shape
+    batch, length, heads, dim = shape
+    cache = torch.zeros(batch, 16, heads, dim).to(device)
+    lengths = torch.zeros(batch, dtype=torch.int32).to(device)
+    new = torch.randn(batch, length, heads, dim).to(device)
+    out = mfa_hf.flash_attn_with_kvcache(new, cache, cache, new, new, cache_seqlens=lengths)
+    assert out.shape == shape
