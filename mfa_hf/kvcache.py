@@ -17,12 +17,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch, helper_tensors, scalars
+from . import dispatch, helper_tensors, kv_formats, scalars
 from .ops import describe
 from .problem import (NO_WINDOW, check_alibi, check_dropout, check_scale, check_sinks, check_softcap, check_window,
                       values_checked)
-from .quant import (NF4_GROUP_SIZES, SCALE_DTYPE, KVFormat, QuantizedKV, _absmax_scales, check_scale_values, encode,
-                    parse_format, storage_dim)
+from .quant import SCALE_DTYPE, QuantizedKV, _absmax_scales, check_scale_values, encode, parse_format
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -75,20 +74,23 @@ def allocate_kv_cache(batch: int, max_seqlen: int, heads_kv: int, head_dim: int,
                              f"group_size={group_size!r} and static_scales={_describe(static_scales)}")
         return torch.zeros(batch, max_seqlen, heads_kv, head_dim, dtype=dtype, device=device)
     fmt = parse_format(format)
-    if fmt is KVFormat.NF4:
-        group_size = 64 if group_size is None else scalars.int_like(group_size, "group_size", "32 or 64 for nf4")
-        if group_size not in NF4_GROUP_SIZES:
-            raise ValueError(f"group_size: expected 32 or 64 for nf4, got {group_size!r}")
+    spec = kv_formats.spec(fmt)
+    if spec.grouped:
+        sizes = spec.group_sizes_text()
+        group_size = spec.default_group_size if group_size is None else scalars.int_like(
+            group_size, "group_size", f"{sizes} for {fmt.value}")
+        if group_size not in spec.group_sizes:
+            raise ValueError(f"group_size: expected {sizes} for {fmt.value}, got {group_size!r}")
         if head_dim % group_size:
-            raise ValueError(f"head_dim: expected a multiple of the nf4 group size {group_size} (32 or 64), "
+            raise ValueError(f"head_dim: expected a multiple of the {fmt.value} group size {group_size} ({sizes}), "
                              f"got {head_dim}")
     elif group_size is not None:
-        raise ValueError(f"group_size: expected None for {fmt.value} (only nf4 has groups), got {group_size!r}")
-    codes = torch.zeros(batch, max_seqlen, heads_kv, storage_dim(fmt, head_dim),
-                        dtype=torch.int8 if fmt is KVFormat.INT8 else torch.uint8, device=device)
+        grouped = ", ".join(f.name for f in kv_formats.QUANTIZED if f.grouped)
+        raise ValueError(f"group_size: expected None for {fmt.value} (only {grouped} has groups), got {group_size!r}")
+    codes = torch.zeros(batch, max_seqlen, heads_kv, spec.storage_dim(head_dim), dtype=spec.code_dtype, device=device)
     if static_scales is not None:
-        if fmt is KVFormat.NF4:
-            raise ValueError("static_scales: nf4 keeps a scale per group of each token, got static scales")
+        if spec.grouped:
+            raise ValueError(f"static_scales: {fmt.value} keeps a scale per group of each token, got static scales")
         if not isinstance(static_scales, torch.Tensor) or static_scales.dim() != 4:
             raise TypeError(f"static_scales: expected a 4-D float32 tensor, per head (1 or B, 1, H, 1) or per "
                             f"channel (1 or B, 1, H, D), got {_describe(static_scales)}")
@@ -103,9 +105,9 @@ def allocate_kv_cache(batch: int, max_seqlen: int, heads_kv: int, head_dim: int,
         check_scale_values(static_scales, "static_scales")
         size = head_dim // static_scales.shape[-1]  # checked above: 4-D, last dim 1 or head_dim
         return QuantizedKV(codes, static_scales, fmt, size, dtype)
-    groups = head_dim // group_size if fmt is KVFormat.NF4 else 1
-    scales = torch.ones(batch, max_seqlen, heads_kv, groups, dtype=SCALE_DTYPE, device=device)
-    return QuantizedKV(codes, scales, fmt, group_size if fmt is KVFormat.NF4 else head_dim, dtype)
+    group_size = group_size if spec.grouped else head_dim
+    scales = torch.ones(batch, max_seqlen, heads_kv, head_dim // group_size, dtype=SCALE_DTYPE, device=device)
+    return QuantizedKV(codes, scales, fmt, group_size, dtype)
 
 
 def flash_attn_with_kvcache(

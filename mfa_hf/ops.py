@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import kernel_fallback, trace
+from . import kernel_fallback, kv_formats, trace
 from .kernel_fallback import Fallback
 from .problem import AttentionProblem, MaskKind
 
@@ -278,7 +278,7 @@ def empty_grads(q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor], grad_l
 def _fake_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_idx, alibi_slopes, sinks,
                  k_format, v_format, *_options):
     batch, lq, heads_q, _ = q.shape
-    dim_v = v_codes.shape[-1] * (2 if v_format == "nf4" else 1)  # nf4 packs two codes a byte
+    dim_v = kv_formats.spec(v_format).logical_dim(v_codes.shape[-1])
     out = q.new_empty((batch, lq, heads_q, dim_v))
     return out, q.new_empty((batch, heads_q, lq), dtype=lse_dtype(q.dtype))
 

@@ -19,32 +19,14 @@ from enum import Enum
 
 import torch
 
-from . import scalars
+from . import kv_formats, scalars
+from .kv_formats import NF4_LEVELS  # noqa: F401 (re-exported: the nf4 codebook, as before)
 
 SCALE_DTYPE = torch.float32
-NF4_GROUP_SIZES = (32, 64)
+NF4_GROUP_SIZES = kv_formats.spec("nf4").group_sizes
 
-
-class KVFormat(str, Enum):
-    FP8_E4M3 = "fp8_e4m3"
-    FP8_E5M2 = "fp8_e5m2"
-    INT8 = "int8"
-    NF4 = "nf4"
-
-
-# Largest finite magnitude a code represents (the scale maps a group's absmax onto it).
-_CODE_MAX = {KVFormat.FP8_E4M3: 448.0, KVFormat.FP8_E5M2: 57344.0, KVFormat.INT8: 127.0, KVFormat.NF4: 1.0}
-_FP8_DTYPES = {KVFormat.FP8_E4M3: torch.float8_e4m3fn, KVFormat.FP8_E5M2: torch.float8_e5m2}
-
-# The 16 NormalFloat-4 levels of QLoRA (Dettmers et al. 2023, appendix E; the same table ships in
-# bitsandbytes): quantiles of N(0, 1) normalized to [-1, 1], with an exact zero. They can be
-# derived with nf4_levels_from_quantiles() below (tests check the constants against it).
-NF4_LEVELS = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-)
+# One member per quantized format of mfa_hf.kv_formats (FP8_E4M3 = "fp8_e4m3", ...).
+KVFormat = Enum("KVFormat", [(name.upper(), name) for name in kv_formats.QUANTIZED_NAMES], type=str, module=__name__)
 
 
 def nf4_levels_from_quantiles() -> torch.Tensor:
@@ -66,11 +48,11 @@ def parse_format(kv_format) -> KVFormat:
 
 def storage_dim(fmt: KVFormat, dim: int) -> int:
     """Last dim of the codes tensor for a head dim of `dim`."""
-    return dim // 2 if fmt is KVFormat.NF4 else dim
+    return kv_formats.spec(fmt).storage_dim(dim)
 
 
 def code_dtype(fmt: KVFormat) -> torch.dtype:
-    return torch.int8 if fmt is KVFormat.INT8 else torch.uint8
+    return kv_formats.spec(fmt).code_dtype
 
 
 @dataclass(frozen=True)
@@ -96,8 +78,7 @@ class QuantizedKV:
     @property
     def shape(self) -> torch.Size:
         b, s, h, _ = self.codes.shape
-        return torch.Size((b, s, h, self.group_size * self.scales.shape[-1] if self.format is KVFormat.NF4
-                           else self.codes.shape[-1]))
+        return torch.Size((b, s, h, kv_formats.spec(self.format).logical_dim(self.codes.shape[-1])))
 
     @property
     def device(self) -> torch.device:
@@ -137,11 +118,12 @@ def check_parts(codes, scales, fmt, group_size: int, name: str) -> None:
         raise TypeError(f"{name}.scales: expected dtype {SCALE_DTYPE}, got {scales.dtype}")
     if scales.device != codes.device:
         raise ValueError(f"{name}.scales: expected device {codes.device} like the codes, got {scales.device}")
-    dim = codes.shape[-1] * (2 if fmt is KVFormat.NF4 else 1)
+    spec = kv_formats.spec(fmt)
+    dim = spec.logical_dim(codes.shape[-1])
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or dim % group_size:
         raise ValueError(f"{name}.group_size: expected an int dividing the head dim {dim}, got {group_size!r}")
-    if fmt is KVFormat.NF4 and group_size not in NF4_GROUP_SIZES:
-        raise ValueError(f"{name}.group_size: expected 32 or 64 for nf4, got {group_size}")
+    if spec.grouped and group_size not in spec.group_sizes:
+        raise ValueError(f"{name}.group_size: expected {spec.group_sizes_text()} for {fmt.value}, got {group_size}")
     groups = dim // group_size
     b, s, h, _ = codes.shape
     want = f"({b} or 1, {s} or 1, {h}, {groups})"
@@ -183,14 +165,15 @@ def _group_size(fmt: KVFormat, granularity: str, group_size, dim: int) -> int:
         raise ValueError(f"granularity: expected 'token', 'head' or 'channel', got {granularity!r}")
     if group_size is not None:
         group_size = scalars.int_like(group_size, "group_size", "an int or None", ValueError)  # as it always raised
-    if fmt is KVFormat.NF4:
-        size = 64 if group_size is None else group_size
-        if size not in NF4_GROUP_SIZES:
-            raise ValueError(f"group_size: expected 32 or 64 for nf4, got {size!r}")
+    spec = kv_formats.spec(fmt)
+    if spec.grouped:
+        size = spec.default_group_size if group_size is None else group_size
+        if size not in spec.group_sizes:
+            raise ValueError(f"group_size: expected {spec.group_sizes_text()} for {fmt.value}, got {size!r}")
         if granularity != "token":
-            raise ValueError(f"granularity: nf4 scales are per group of {size} along D, got {granularity!r}")
+            raise ValueError(f"granularity: {fmt.value} scales are per group of {size} along D, got {granularity!r}")
         if dim % size:
-            raise ValueError(f"x: expected a head dim divisible by the nf4 group size {size}, got {dim}")
+            raise ValueError(f"x: expected a head dim divisible by the {fmt.value} group size {size}, got {dim}")
         return size
     natural = 1 if granularity == "channel" else dim
     if group_size is not None and group_size != natural:
@@ -237,36 +220,14 @@ def _absmax_scales(x: torch.Tensor, fmt: KVFormat, granularity: str, group_size:
         if granularity == "head":
             amax = amax.amax(dim=-1, keepdim=True)
     # An all-zero group keeps scale 1 (its codes are all zero) instead of dividing by zero.
-    return torch.where(amax > 0, amax / _CODE_MAX[fmt], 1.0).to(SCALE_DTYPE).contiguous()
+    return torch.where(amax > 0, amax / kv_formats.spec(fmt).code_max, 1.0).to(SCALE_DTYPE).contiguous()
 
 
 def encode(x: torch.Tensor, scales: torch.Tensor, fmt: KVFormat, group_size: int) -> torch.Tensor:
     """The codes of x (B, S, H, D) under given scales (values beyond the range saturate)."""
     b, s, h, d = x.shape
     scaled = x.to(torch.float32).reshape(b, s, h, d // group_size, group_size) / scales[..., None]
-    scaled = scaled.reshape(b, s, h, d)
-    limit = _CODE_MAX[fmt]
-    if fmt in _FP8_DTYPES:
-        # float8_e4m3fn has no infinity: clamp first so out-of-range values saturate, not NaN.
-        return scaled.clamp(-limit, limit).to(_FP8_DTYPES[fmt]).view(torch.uint8)
-    if fmt is KVFormat.INT8:
-        return scaled.round().clamp(-limit, limit).to(torch.int8)
-    return _pack_nibbles(_nearest_nf4(scaled.clamp(-1.0, 1.0)))
-
-
-def _nearest_nf4(x: torch.Tensor) -> torch.Tensor:
-    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=x.device)
-    midpoints = (levels[1:] + levels[:-1]) / 2
-    return torch.bucketize(x.contiguous(), midpoints).to(torch.uint8)
-
-
-def _pack_nibbles(indices: torch.Tensor) -> torch.Tensor:
-    pairs = indices.reshape(*indices.shape[:-1], -1, 2)
-    return pairs[..., 0] | (pairs[..., 1] << 4)
-
-
-def _unpack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    return torch.stack((codes & 0xF, codes >> 4), dim=-1).reshape(*codes.shape[:-1], -1)
+    return kv_formats.spec(fmt).encode(scaled.reshape(b, s, h, d))
 
 
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, fmt, group_size: int,
@@ -275,14 +236,7 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, fmt, group_size:
 
     Kernels call this on one key block at a time; the whole cache is never dequantized.
     """
-    fmt = KVFormat(fmt)
-    if fmt in _FP8_DTYPES:
-        values = codes.view(_FP8_DTYPES[fmt]).to(torch.float32)
-    elif fmt is KVFormat.INT8:
-        values = codes.to(torch.float32)
-    else:
-        levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=codes.device)
-        values = levels[_unpack_nibbles(codes).long()]
+    values = kv_formats.spec(KVFormat(fmt)).decode(codes)
     b, s, h, d = values.shape
     grouped = values.reshape(b, s, h, d // group_size, group_size) * scales[..., None].to(torch.float32)
     return grouped.reshape(b, s, h, d).to(dtype)
@@ -292,7 +246,7 @@ def bytes_per_token_head(fmt, dim: int, group_size: int | None = None, granulari
     """Storage of one token of one head: codes plus its share of the scales (static scales: 0)."""
     fmt = parse_format(fmt)
     group_size = _group_size(fmt, granularity, group_size, dim)
-    code_bytes = dim // 2 if fmt is KVFormat.NF4 else dim
+    code_bytes = kv_formats.spec(fmt).storage_dim(dim)
     per_token_scales = dim // group_size if granularity == "token" else 0
     return code_bytes + per_token_scales * torch.finfo(SCALE_DTYPE).bits // 8
 

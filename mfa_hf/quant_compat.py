@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import torch
 
+from . import kv_formats
 from .api import flash_attention
 from .quant import QuantizedKV, quantize_kv
 
-_FP8 = {"e4m3": "fp8_e4m3", "e5m2": "fp8_e5m2"}
-
 
 def _fp8_format(fp8_format: str) -> str:
-    if fp8_format not in _FP8:
-        raise ValueError(f"fp8_format: expected 'e4m3' or 'e5m2', got {fp8_format!r}")
-    return _FP8[fp8_format]
+    described = kv_formats.by_alias(fp8_format) if isinstance(fp8_format, str) else None
+    if described is None or described.float8_dtype is None:
+        names = " or ".join(repr(a) for f in kv_formats.QUANTIZED if f.float8_dtype is not None for a in f.aliases)
+        raise ValueError(f"fp8_format: expected {names}, got {fp8_format!r}")
+    return described.name
 
 
 def quantize_kv_fp8(x: torch.Tensor, fp8_format: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +81,7 @@ def _packed(side: str, codes, scales, fmt: str, group_size, dtype) -> QuantizedK
         raise ValueError(f"{side}_scale: expected shape ({b} or 1, {h}, {s} or 1, G) to match {side}_codes "
                          f"{tuple(codes.shape)}, got {tuple(scales.shape)}")
     if group_size is None:
-        dim = codes.shape[-1] * (2 if fmt == "nf4" else 1)
+        dim = kv_formats.spec(fmt).logical_dim(codes.shape[-1])
         group_size = dim // scales.shape[-1] if scales.shape[-1] and dim % scales.shape[-1] == 0 else -1
     # QuantizedKV checks in (B, S, H, .) order; it reports the scales' shape as it came. Its errors name
     # QuantizedKV's fields: renamed here to this function's arguments.

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mfa_hf import kv_formats
 from mfa_hf.ops import lse_dtype, new_output
 from mfa_hf.quant import dequantize_codes
 
@@ -141,7 +142,7 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
     batch, lq, heads_q, _ = q.shape
     heads_kv = k_codes.shape[2]
     acc_dtype = lse_dtype(q.dtype)
-    dim_v = v_codes.shape[-1] * (2 if v_format == "nf4" else 1)
+    dim_v = kv_formats.spec(v_format).logical_dim(v_codes.shape[-1])
     out = new_output((batch, lq, heads_q, dim_v), q.dtype, q.device)
     lse = new_output((batch, heads_q, lq), acc_dtype, q.device)
     lengths = _host_lengths(seqlens_k, cache_batch_idx, k_codes.shape[0], k_codes.shape[1])
@@ -243,7 +244,7 @@ def _attend_tile(q_tile, i0, keys: CacheSide, values: CacheSide, rows, start, en
 
 
 def values_dim(values: CacheSide) -> int:
-    return values.codes.shape[-1] * (2 if values.format == "nf4" else 1)
+    return kv_formats.spec(values.format).logical_dim(values.codes.shape[-1])
 
 
 def _block_scores(q4, k_block, splits, positions, in_range, query_pos, setup: _Setup, group, tile_rows):
