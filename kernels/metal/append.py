@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from mfa_hf import kv_formats
 from mfa_hf.quant import QuantizedKV
 
 from .decode import FORMAT_CODES, _code_type, _index_vector, _strides4
@@ -34,7 +35,8 @@ class AppendVariant:
 
     def defines(self, param_count: int) -> dict:
         return {"IN_T": MSL_TYPES[self.dtype], "FMT": FORMAT_CODES[self.format],
-                "CODE_T": _code_type(self.format, self.dtype), "D": self.dim, "PER_TOKEN": self.per_token,
+                "CODE_T": _code_type(self.format, self.dtype), "CODE_MAX": f"{kv_formats.spec(self.format).code_max!r}f",
+                "D": self.dim, "PER_TOKEN": self.per_token,
                 "HAS_BATCH_IDX": self.batch_idx, "APPEND_PARAM_COUNT": param_count}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from mfa_hf import kv_formats
 from mfa_hf.kernel_fallback import Fallback
 from mfa_hf.kernels.torch import backend as torch_backend
 from mfa_hf.ops import define_append_op, define_attention_ops, define_decode_op
@@ -42,6 +43,9 @@ def supports(problem: AttentionProblem) -> tuple[bool, str]:
     if problem.dropout_p > 0:
         return False, "dropout is served by the torch backend"
     if problem.kv_format != "none":
+        unread = kv_formats.unread(problem.kv_format, "metal")
+        if unread:
+            return False, f"the Metal decode kernels do not read {unread} caches (the torch backend does)"
         return True, f"the Metal decode kernels read {problem.kv_format} codes in-kernel"
     return True, "the Metal forward and backward kernels serve this problem"
 

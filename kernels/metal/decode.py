@@ -14,10 +14,11 @@ from typing import ClassVar
 
 import torch
 
+from mfa_hf import kv_formats
 from mfa_hf.ops import lse_dtype, new_output
 
 from .forward import LOG2E, _placeholder, bound_floats, bound_slopes
-from .loader import MSL_TYPES, header_fields, library
+from .loader import MSL_TYPES, header_defines, header_fields, library
 
 DECODE_PARAM_FIELDS = (
     "q_stride_b", "q_stride_s", "q_stride_h", "q_stride_d",
@@ -34,7 +35,11 @@ _declared = header_fields("decode_params.h", "DecodeParams")
 if _declared != DECODE_PARAM_FIELDS:
     raise ImportError(f"decode_params.h: expected DecodeParams fields {DECODE_PARAM_FIELDS}, got {_declared}")
 
-FORMAT_CODES = {"none": 0, "fp8_e4m3": 1, "fp8_e5m2": 2, "int8": 3, "nf4": 4}
+FORMAT_CODES = kv_formats.kernel_ids("metal")  # what MFA_K_FMT / MFA_V_FMT / MFA_FMT take
+# dequant.h names the ids for the kernels' #if / switch code; they must be the descriptors' ids.
+_header_ids = {name[len("FMT_"):].lower(): value for name, value in header_defines("dequant.h", "FMT_").items()}
+if _header_ids != FORMAT_CODES:
+    raise ImportError(f"dequant.h: expected FMT_ constants {FORMAT_CODES} (mfa_hf/kv_formats.py), got {_header_ids}")
 SIMDGROUPS = 4  # WM: keys are spread over 4 simdgroups of 32 lanes
 # Query rows per threadgroup: each costs DL + DVL + 2 floats per lane (q, o, m/l); 8 rows at
 # D = 128 are 80 registers, and 4 rows at D = 256 the same.
@@ -76,9 +81,10 @@ class DecodeVariant:
 
 
 def _code_type(fmt: str, dtype: torch.dtype) -> str:
-    if fmt == "none":
+    code_dtype = kv_formats.spec(fmt).code_dtype
+    if code_dtype is None:
         return MSL_TYPES[dtype]
-    return "char" if fmt == "int8" else "uchar"
+    return {torch.int8: "char", torch.uint8: "uchar"}[code_dtype]
 
 
 def rows_per_tile(group: int, lq: int, dim_qk: int, dim_v: int) -> int:
@@ -116,7 +122,7 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
     batch, lq, heads_q, dim_qk = q.shape
     heads_kv = k_codes.shape[2]
     group = heads_q // heads_kv
-    dim_v = v_codes.shape[-1] * (2 if v_format == "nf4" else 1)
+    dim_v = kv_formats.spec(v_format).logical_dim(v_codes.shape[-1])
     out = new_output((batch, lq, heads_q, dim_v), q.dtype, q.device)
     lse = new_output((batch, heads_q, lq), lse_dtype(q.dtype), q.device)
     if batch == 0 or lq == 0 or heads_q == 0:

@@ -8,6 +8,7 @@
 #include <metal_stdlib>
 using namespace metal;
 
+// Kernel ids of mfa_hf/kv_formats.py (FMT_<NAME>); kernels/metal/decode.py checks them at import.
 #define FMT_NONE 0
 #define FMT_FP8_E4M3 1
 #define FMT_FP8_E5M2 2

@@ -6,7 +6,8 @@
 // written beside the codes; static scales (per head or channel) are read. Lanes stride over
 // elements (nf4: over bytes, each lane packing element 2c in the low nibble, 2c + 1 in the high).
 //
-// Defines: MFA_IN_T, MFA_FMT (dequant.h), MFA_CODE_T (MFA_IN_T, uchar or char), MFA_D, MFA_PER_TOKEN, MFA_HAS_BATCH_IDX,
+// Defines: MFA_IN_T, MFA_FMT (dequant.h), MFA_CODE_T (MFA_IN_T, uchar or char), MFA_CODE_MAX (the format's largest
+// code, a float literal, from mfa_hf/kv_formats.py), MFA_D, MFA_PER_TOKEN, MFA_HAS_BATCH_IDX,
 // MFA_APPEND_PARAM_COUNT. Launch: threads = (32 * Lnew, Hkv, B), group_size = (32, 1, 1).
 #include <metal_stdlib>
 using namespace metal;
@@ -24,10 +25,6 @@ struct AppendParams {
 #ifdef MFA_APPEND_PARAM_COUNT
 static_assert(sizeof(AppendParams) == MFA_APPEND_PARAM_COUNT * sizeof(long), "AppendParams does not match the host");
 #endif
-
-inline float code_max(int fmt) {
-  return fmt == FMT_FP8_E4M3 ? 448.0f : fmt == FMT_FP8_E5M2 ? 57344.0f : fmt == FMT_INT8 ? 127.0f : 1.0f;
-}
 
 inline float group_absmax(device const MFA_IN_T* row, long stride_d, long group, long size) {
   float amax = 0.0f;
@@ -62,7 +59,7 @@ inline float group_absmax(device const MFA_IN_T* row, long stride_d, long group,
 #if MFA_PER_TOKEN
   for (long g = lane; g < MFA_D / p.group_size; g += 32) {
     const float amax = group_absmax(src, p.new_stride_d, g, p.group_size);
-    scale_row[g * p.s_stride_g] = amax > 0.0f ? amax / code_max(MFA_FMT) : 1.0f;
+    scale_row[g * p.s_stride_g] = amax > 0.0f ? amax / MFA_CODE_MAX : 1.0f;
   }
   simdgroup_barrier(mem_flags::mem_device);  // the scales just written are read back below
 #endif
@@ -80,7 +77,7 @@ inline float group_absmax(device const MFA_IN_T* row, long stride_d, long group,
   for (int c = lane; c < MFA_D; c += 32) {
     const Stored element = read_stored(src, c * p.new_stride_d);
     const float x = element.value / scale_row[(c / p.group_size) * p.s_stride_g];
-    const float limit = code_max(MFA_FMT);
+    const float limit = MFA_CODE_MAX;
 #if MFA_FMT == FMT_INT8
     dst[c * p.c_stride_d] = char(clamp(rint(x), -limit, limit));
 #elif MFA_FMT == FMT_FP8_E4M3

@@ -139,6 +139,12 @@ def kernel_source(name: str) -> str:
     return expand((HERE / name).read_text())
 
 
+def header_defines(header: str, prefix: str) -> dict[str, int]:
+    """{name: value} of the `#define NAME <int>` lines of a shipped header whose names start with `prefix`."""
+    text = (HERE / header).read_text()
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^#define\s+(" + prefix + r"\w+)\s+(-?\d+)\s*$", text, re.M)}
+
+
 def header_fields(header: str, struct: str) -> tuple[str, ...]:
     """The `long` field names of `struct` in a shipped header, in order (for the size check)."""
     text = (HERE / header).read_text()
