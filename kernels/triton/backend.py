@@ -13,6 +13,7 @@ import functools
 import torch
 import triton
 
+from mfa_hf import kv_formats
 from mfa_hf.kernels.dropout import MASK32, drop_threshold
 from mfa_hf.ops import define_attention_ops, define_decode_op, empty_grads, empty_result, new_output
 from mfa_hf.problem import AttentionProblem
@@ -24,7 +25,7 @@ from .blocks import backward_kv_blocks, backward_q_blocks, cdiv, forward_blocks,
 
 NAME = "triton"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-DECODE_FORMATS = ("none", "fp8_e4m3", "fp8_e5m2", "int8", "nf4")
+DECODE_FORMATS = tuple(kv_formats.kernel_ids("triton"))  # the formats decode.py reads
 
 
 INT32_LIMIT = 2**31  # elements a 32-bit offset reaches (2**31 - 1 is the largest offset)
@@ -40,9 +41,9 @@ def supports(problem: AttentionProblem) -> tuple[bool, str]:
         return False, (f"the triton kernels index tensors with 32-bit offsets, and this call reaches element "
                        f"{problem.largest_span - 1} (2**31 or more; the torch backend serves it)")
     if problem.kv_format != "none":
-        unknown = [f for f in problem.kv_format.split("+") if f not in DECODE_FORMATS]
+        unknown = kv_formats.unread(problem.kv_format, "triton")
         if unknown:
-            return False, f"the triton decode kernel reads {', '.join(DECODE_FORMATS)} caches, got {unknown[0]}"
+            return False, f"the triton decode kernel reads {', '.join(DECODE_FORMATS)} caches, got {unknown}"
     return True, "the triton kernels serve this problem"
 
 
@@ -237,7 +238,6 @@ OPS = define_attention_ops(NAME, forward, backward)
 # ---------------------------------------------------------------------------------------------
 # Decode over a (possibly quantized) KV cache (decode.py): split-K + merge.
 
-_FORMAT_CODES = {"none": 0, "fp8_e4m3": 1, "fp8_e5m2": 2, "int8": 3, "nf4": 4}
 # Split-K choice, from the shape only (batch x KV heads x query tiles, cache capacity): enough programs
 # to keep every SM busy several times over, each split at least MIN_KEYS_PER_SPLIT keys.
 # At most PROGRAMS_PER_SM x SMs programs (rounded down): H200, B=8 Hkv=8 64k, 9 splits (576 programs for
@@ -267,11 +267,10 @@ _sm_count: dict = {}
 
 def _levels(device, dtype):
     """The 16 nf4 levels in the dtype of the dots (float16 on the GPU: gathered without conversion)."""
-    from mfa_hf.quant import NF4_LEVELS
-
     key = (str(device), dtype)
     if key not in _levels_cache:
-        _levels_cache[key] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device).to(dtype)
+        levels = kv_formats.spec("nf4").codebook
+        _levels_cache[key] = torch.tensor(levels, dtype=torch.float32, device=device).to(dtype)
     return _levels_cache[key]
 
 
@@ -303,7 +302,7 @@ def _scale_args(scales, codes, fmt, group_size):
         return codes, (0, 0, 0, 0), 0, 2, 1
     full = scales.expand(codes.shape[0], codes.shape[1], codes.shape[2], scales.shape[-1])
     groups = scales.shape[-1]
-    mode = 1 if groups == 1 else (3 if fmt == "nf4" else 2)
+    mode = 1 if groups == 1 else (3 if kv_formats.spec(fmt).grouped else 2)
     return full, tuple(full.stride()), mode, group_size, groups
 
 
@@ -319,8 +318,8 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
     batch, lq, heads_q, dim = q.shape
     heads_kv = k_codes.shape[2]
     group = heads_q // heads_kv
-    half_k, half_v = k_format == "nf4", v_format == "nf4"
-    dim_v = v_codes.shape[-1] * (2 if half_v else 1)
+    k_spec, v_spec = kv_formats.spec(k_format), kv_formats.spec(v_format)
+    dim_v = v_spec.logical_dim(v_codes.shape[-1])
     out = new_output((batch, lq, heads_q, dim_v), q.dtype, q.device)
     lse = new_output((batch, heads_q, lq), torch.float32, q.device)
     if batch == 0 or lq == 0:
@@ -335,7 +334,7 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
     # Packed PTX conversions (decode.py). Not for nf4 under float32 q: its levels would be float16-rounded
     # (the integer and fp8 conversions are exact).
     asm = _asm_ok(q.device) and bool(cfg.get("asm", True)) and not (
-        q.dtype == torch.float32 and "nf4" in (k_format, v_format))
+        q.dtype == torch.float32 and (k_spec.codebook or v_spec.codebook))
     q_tiles = cdiv(lq, block_q)
     right = 0 if causal else window_right
     span = k_codes.shape[1]
@@ -352,8 +351,7 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
         part_lse = torch.empty(batch * heads_q * lq * splits, dtype=torch.float32, device=q.device)
     slopes, slope_strides = _alibi_args(alibi_slopes, q)
     rows = q if cache_batch_idx is None else cache_batch_idx
-    head_d = dim // 2 if half_k else dim
-    head_dv = dim_v // 2 if half_v else dim_v
+    head_d, head_dv = k_spec.storage_dim(dim), v_spec.storage_dim(dim_v)
     e4m3 = 1.0 if asm else 256.0  # decode.py's integer e4m3 decode yields value / 256
     dot_precision = _dot_precision(q.dtype, q.device)
     _compiled_decode.decode_split_kernel[(splits, batch * heads_kv, q_tiles)](
@@ -363,8 +361,8 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), *slope_strides,
         lq, heads_kv, group, splits, max(window_left, 0), max(right, 0), scale, softcap,
         max(1, k_codes.shape[0]), k_codes.shape[1], HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=padded_dim(head_d), BLOCK_DV=padded_dim(head_dv),
-        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, K_FMT=_FORMAT_CODES[k_format],
-        V_FMT=_FORMAT_CODES[v_format], K_SCALE=k_mode, V_SCALE=v_mode,
+        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, K_FMT=k_spec.kernel_id,
+        V_FMT=v_spec.kernel_id, K_SCALE=k_mode, V_SCALE=v_mode,
         K_CONST=e4m3 if k_format == "fp8_e4m3" else 1.0, V_CONST=e4m3 if v_format == "fp8_e4m3" else 1.0,
         K_GS=k_gs, V_GS=v_gs, K_NG=k_ng, V_NG=v_ng,
         HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0,

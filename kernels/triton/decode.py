@@ -25,9 +25,16 @@ split kernel writes the final output itself (DIRECT).
 import triton
 import triton.language as tl
 
+from mfa_hf.kv_formats import spec
+
 from .common import dot, tanh
 
-FMT_NONE, FMT_E4M3, FMT_E5M2, FMT_INT8, FMT_NF4 = 0, 1, 2, 3, 4
+# The kernel ids of mfa_hf/kv_formats.py, as the constexprs K_FMT / V_FMT are compared with.
+FMT_NONE = tl.constexpr(spec("none").kernel_id)
+FMT_E4M3 = tl.constexpr(spec("fp8_e4m3").kernel_id)
+FMT_E5M2 = tl.constexpr(spec("fp8_e5m2").kernel_id)
+FMT_INT8 = tl.constexpr(spec("int8").kernel_id)
+FMT_NF4 = tl.constexpr(spec("nf4").kernel_id)
 
 
 # ---- ASM conversions (GPU, sm_89+): packed, 4 codes in one 32-bit register, 4 float16 out -------
@@ -62,9 +69,7 @@ def _nf4_asm(high: bool) -> str:
     """
     import struct
 
-    from mfa_hf.quant import NF4_LEVELS
-
-    bits = [struct.unpack("<H", struct.pack("<e", v))[0] for v in NF4_LEVELS]
+    bits = [struct.unpack("<H", struct.pack("<e", v))[0] for v in spec("nf4").codebook]
     lo = [b & 0xFF for b in bits]
     hi = [b >> 8 for b in bits]
 
@@ -113,26 +118,26 @@ def _values(raw, FMT: tl.constexpr, NIBBLE: tl.constexpr, LEVELS, DTYPE: tl.cons
     Everything goes through float16 bit patterns built with integer operations (no conversion
     instruction, a quarter-rate unit on Hopper, per element); the dots then run in float16.
     """
-    if FMT == 0:
+    if FMT == FMT_NONE:
         return raw.to(DTYPE)
     elif ASM:  # packed conversions (fp8 values are exact, not / 256: the launcher sets K_CONST 1)
-        if FMT == 1:
+        if FMT == FMT_E4M3:
             return _asm_f16(raw, E4M3_ASM).to(DTYPE)
-        elif FMT == 2:
+        elif FMT == FMT_E5M2:
             return _asm_f16(raw, E5M2_ASM).to(DTYPE)
-        elif FMT == 3:
+        elif FMT == FMT_INT8:
             return _asm_f16(raw, INT8_ASM).to(DTYPE)
         elif NIBBLE == 0:
             return _asm_f16(raw, NF4_LO_ASM).to(DTYPE)
         else:
             return _asm_f16(raw, NF4_HI_ASM).to(DTYPE)
-    elif FMT == 1:
+    elif FMT == FMT_E4M3:
         c = raw.to(tl.int16) & 0xFF
         return (((c & 0x80) << 8) | ((c & 0x7F) << 7)).to(tl.float16, bitcast=True).to(DTYPE)
-    elif FMT == 2:
+    elif FMT == FMT_E5M2:
         c = raw.to(tl.int16) & 0xFF
         return (c << 8).to(tl.float16, bitcast=True).to(DTYPE)
-    elif FMT == 3:
+    elif FMT == FMT_INT8:
         return raw.to(DTYPE)  # int8 -> the dot's type (a float16 bit-pattern trick measured slower)
     else:
         idx = (raw.to(tl.int32) >> (4 * NIBBLE)) & 0xF
@@ -155,7 +160,7 @@ def _load_side(base, scale_base, cols, dcols, col_ok, stride_n, stride_d, stride
     else:
         ptrs = base + cols[:, None] * stride_n + dcols[None, :] * stride_d
         ok = col_ok[:, None] & (dcols[None, :] < HEAD_D)
-    if FMT == 0:
+    if FMT == FMT_NONE:
         return tl.load(ptrs, mask=ok, other=0.0).to(DTYPE)
     vals = _values(tl.load(ptrs, mask=ok, other=0), FMT, NIBBLE, LEVELS, DTYPE, ASM)
     if SCALE_MODE == 2:
@@ -217,8 +222,8 @@ def decode_split_kernel(
     lo = start + split * per_split
     hi = tl.minimum(end, lo + per_split)
 
-    HALF_K: tl.constexpr = K_FMT == 4
-    HALF_V: tl.constexpr = V_FMT == 4
+    HALF_K: tl.constexpr = K_FMT == FMT_NF4
+    HALF_V: tl.constexpr = V_FMT == FMT_NF4
     q_base = Q + b.to(tl.int64) * stride_qb + qi[:, None] * stride_qm + head[:, None] * stride_qh
     dq = tl.arange(0, BLOCK_D)
     if HALF_K:  # even and odd columns of q meet the low and high nibbles
@@ -235,11 +240,11 @@ def decode_split_kernel(
         kdt = tl.float32
         vdt = tl.float32
     else:
-        if K_FMT == 0 or (K_FMT == 3 and not ASM):  # int8: measured faster with q's own dtype (H200: 0.44 vs 0.53 ms)
+        if K_FMT == FMT_NONE or (K_FMT == FMT_INT8 and not ASM):  # int8: measured faster with q's own dtype (H200: 0.44 vs 0.53 ms)
             kdt = q_lo.dtype
         else:
             kdt = tl.float16
-        if V_FMT == 0 or (V_FMT == 3 and not ASM):
+        if V_FMT == FMT_NONE or (V_FMT == FMT_INT8 and not ASM):
             vdt = q_lo.dtype
         else:
             vdt = tl.float16
