@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-FORMATS = (None, "fp8_e4m3", "fp8_e5m2", "int8", "nf4")
+from mfa_hf.kv_formats import QUANTIZED_NAMES, spec
+
+FORMATS = (None, *QUANTIZED_NAMES)
 BATCH, CACHE_ROWS = 3, 5
 BATCH_IDX = (4, 0, 2)  # batch row b reads cache row BATCH_IDX[b]
 
@@ -59,7 +61,8 @@ def make_decode_inputs(case: DecodeCase, lengths: tuple[int, ...], capacity: int
     caches = []
     for fmt in (case.format, case.value_format()):
         content = torch.randn(rows, capacity, hkv, case.dim, generator=g).to(case.dtype)
-        group = 32 if fmt == "nf4" and case.dim % 64 else None
+        grouped = fmt is not None and spec(fmt).grouped
+        group = min(spec(fmt).group_sizes) if grouped and case.dim % spec(fmt).default_group_size else None
         caches.append(content if fmt is None else mfa_hf.quantize_kv(content, fmt, group_size=group))
     return dict(
         q=torch.randn(BATCH, case.lq, hq, case.dim, generator=g).to(case.dtype),

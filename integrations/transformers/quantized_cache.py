@@ -31,13 +31,14 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ...kvcache import allocate_kv_cache
 from ... import scalars
-from ...quant import NF4_GROUP_SIZES, KVFormat, QuantizedKV, parse_format, quantize_kv
+from ...kv_formats import QUANTIZED, QUANTIZED_NAMES, spec
+from ...quant import KVFormat, QuantizedKV, parse_format, quantize_kv
 from . import internals
 from .cache_view import QuantizedCacheError, QuantizedCacheView
 
 __all__ = ["FORMATS", "MFAQuantizedCache", "MFAQuantizedLayer", "QuantizedCacheError", "QuantizedCacheView"]
 
-FORMATS = ("fp8_e4m3", "fp8_e5m2", "int8", "nf4")
+FORMATS = QUANTIZED_NAMES
 # Models whose cache holds something other than per-head K/V (DeepSeek-V3 caches the MLA latent and
 # expands it with linears after the cache), so a handle cannot go straight to the kernel.
 LATENT_CACHE_MODELS = {"deepseek_v3": "the MLA latent (kv_lora_rank) and k_rot, expanded by linears after the cache"}
@@ -135,15 +136,18 @@ class _Store:
 
 
 def _group_size(fmt: KVFormat, group_size) -> int | None:
-    """nf4: None (64) or 32 or 64. The other formats keep one scale per (token, head): None only."""
+    """Grouped formats (nf4): None (the default group) or one of their group sizes. The other formats keep
+    one scale per (token, head): None only."""
     if group_size is None:
         return None
-    if fmt is not KVFormat.NF4:
-        raise ValueError(f"group_size: expected None for {fmt.value} (one scale per token and head; only nf4 "
+    described = spec(fmt)
+    if not described.grouped:
+        grouped = ", ".join(f.name for f in QUANTIZED if f.grouped)
+        raise ValueError(f"group_size: expected None for {fmt.value} (one scale per token and head; only {grouped} "
                          f"has groups), got {group_size!r}")
-    expected = "32 or 64 for nf4 (or None: 64)"
+    expected = f"{described.group_sizes_text()} for {fmt.value} (or None: {described.default_group_size})"
     size = scalars.int_like(group_size, "group_size", expected, ValueError)
-    if size not in NF4_GROUP_SIZES:
+    if size not in described.group_sizes:
         raise ValueError(f"group_size: expected {expected}, got {group_size!r}")
     return size
 

@@ -181,9 +181,9 @@ def _dims_of(values: dict) -> tuple:
 
 def _formats(dim: int) -> tuple:
     from mfa_hf.kernels.metal.decode import FORMAT_CODES
-    from mfa_hf.quant import NF4_GROUP_SIZES
+    from mfa_hf.kv_formats import spec
 
-    return tuple(f for f in FORMAT_CODES if f != "nf4" or dim % min(NF4_GROUP_SIZES) == 0)
+    return tuple(f for f in FORMAT_CODES if not spec(f).grouped or dim % min(spec(f).group_sizes) == 0)
 
 
 def _all_formats(row: dict) -> tuple:
@@ -225,7 +225,9 @@ def _per_token(row: dict) -> tuple:
     fmt = row.get("format")
     if fmt == "none":
         return (False,)
-    return (True,) if fmt == "nf4" else (False, True)  # nf4 always keeps scales per token and group
+    from mfa_hf.kv_formats import spec
+
+    return (True,) if spec(fmt).grouped else (False, True)  # grouped formats (nf4) always keep scales per token
 
 
 # name -> (values given the row so far, every value it can take)
