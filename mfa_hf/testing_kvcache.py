@@ -92,6 +92,19 @@ def caches_on(inputs: dict, device) -> dict:
     return moved
 
 
+def assert_matches_reference_over_cache(case: DecodeCase, inputs: dict, out, lse) -> None:
+    """out and lse of a call against the reference over the caches as the call left them (appended
+    tokens included; the caches may live on any device), with the DESIGN.md tolerance."""
+    from mfa_hf.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
+
+    after = caches_on(inputs, "cpu")
+    ref, ref_lse = reference_over_cache(case, after, upcast=True)
+    base, base_lse = reference_over_cache(case, after, upcast=False)
+    factor = GRADIENT_FACTOR if case.softcap else FORWARD_FACTOR
+    assert_close_to_reference(out.cpu(), ref, base, factor, "out")
+    assert_close_to_reference(lse.cpu(), ref_lse, base_lse, factor, "lse")
+
+
 def dense(cache) -> torch.Tensor:
     import mfa_hf
 

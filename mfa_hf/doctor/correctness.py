@@ -149,19 +149,14 @@ DECODE_CAPACITY = 96
 def decode(case, lengths: tuple[int, ...] = (0, 29, 70)) -> Callable[[str], str]:
     def run(device: str) -> str:
         from mfa_hf import trace
-        from mfa_hf.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
-        from mfa_hf.testing_kvcache import caches_on, make_decode_inputs, reference_over_cache, run_kvcache
+        from mfa_hf.testing_kvcache import (assert_matches_reference_over_cache, caches_on, make_decode_inputs,
+                                            run_kvcache)
 
         inputs = caches_on(make_decode_inputs(case, lengths, DECODE_CAPACITY, seed=5), device)
         with trace.capture() as calls:
             out, lse = run_kvcache(case, inputs, device)
         _served(calls, "decode")
-        after = caches_on(inputs, "cpu")  # the reference reads the appended tokens back from the cache
-        ref, ref_lse = reference_over_cache(case, after, upcast=True)
-        base, base_lse = reference_over_cache(case, after, upcast=False)
-        factor = GRADIENT_FACTOR if case.softcap else FORWARD_FACTOR
-        assert_close_to_reference(out.cpu(), ref, base, factor, "out")
-        assert_close_to_reference(lse.cpu(), ref_lse, base_lse, factor, "lse")
+        assert_matches_reference_over_cache(case, inputs, out, lse)
         return f"cache lengths {list(lengths)} + {case.lq} appended: out, lse within tolerance"
 
     return run

@@ -18,15 +18,14 @@ from mfa_hf import trace
 from mfa_hf.kernels.metal import decode as metal_decode
 from mfa_hf.kernels.metal.loader import kernel_source
 from mfa_hf.quant import NF4_LEVELS
-from mfa_hf.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
 from mfa_hf.testing_kvcache import (
     BATCH,
     CACHE_ROWS,
     FORMATS,
     DecodeCase,
+    assert_matches_reference_over_cache,
     caches_on,
     make_decode_inputs,
-    reference_over_cache,
     run_kvcache,
 )
 
@@ -64,12 +63,7 @@ def check_decode(case: DecodeCase, runtime, two_schedules, seed: int = 0):
         assert trace.served_by(calls)[("metal", "append")] == 2, dict(trace.served_by(calls))
     # The same call again (same positions, same tokens): the append rewrites identical codes.
     two_schedules.again(lambda: run_kvcache(case, inputs, runtime.device), (out, lse))
-    after = caches_on(inputs, "cpu")  # the reference reads the appended tokens back from the cache
-    ref, ref_lse = reference_over_cache(case, after, upcast=True)
-    base, base_lse = reference_over_cache(case, after, upcast=False)
-    factor = GRADIENT_FACTOR if case.softcap else FORWARD_FACTOR
-    assert_close_to_reference(out.cpu(), ref, base, factor, "out")
-    assert_close_to_reference(lse.cpu(), ref_lse, base_lse, factor, "lse")
+    assert_matches_reference_over_cache(case, inputs, out, lse)
 
 
 @pytest.mark.parametrize("case", decode_cases(), ids=lambda c: c.id)

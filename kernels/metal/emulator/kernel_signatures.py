@@ -257,7 +257,8 @@ def _statement_start(text: str, pos: int) -> int:
     return max(text.rfind(c, 0, pos) for c in ";{}") + 1
 
 
-def _matching(text: str, open_pos: int, opener: str, closer: str) -> int:
+def matching(text: str, open_pos: int, opener: str = "(", closer: str = ")") -> int:
+    """The index of the `closer` that balances the `opener` at open_pos, or -1."""
     depth = 0
     for i in range(open_pos, len(text)):
         if text[i] == opener:
@@ -266,7 +267,14 @@ def _matching(text: str, open_pos: int, opener: str, closer: str) -> int:
             depth -= 1
             if depth == 0:
                 return i
-    raise KernelSourceError(f"line {_line_of(text, open_pos)}: unbalanced {opener!r}")
+    return -1
+
+
+def _matching(text: str, open_pos: int, opener: str, closer: str) -> int:
+    close = matching(text, open_pos, opener, closer)
+    if close < 0:
+        raise KernelSourceError(f"line {_line_of(text, open_pos)}: unbalanced {opener!r}")
+    return close
 
 
 def _line_of(text: str, pos: int) -> int:

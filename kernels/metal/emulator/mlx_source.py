@@ -35,7 +35,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .kernel_signatures import split_top_level
+from .kernel_signatures import matching, split_top_level
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"mlx/backend/metal/kernels/([^"]+)"[^\n]*$', re.M)
 _PRAGMA_ONCE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[^\n]*$", re.M)
@@ -168,12 +168,7 @@ def assemble(kernels_dir: Path, headers: Iterable[str], constants: Mapping[str, 
 
 
 def _matching(text: str, open_pos: int, opener: str = "(", closer: str = ")") -> int:
-    depth = 0
-    for i in range(open_pos, len(text)):
-        if text[i] == opener:
-            depth += 1
-        elif text[i] == closer:
-            depth -= 1
-            if depth == 0:
-                return i
-    raise MlxSourceError(f"unbalanced {opener!r} in the MLX headers")
+    close = matching(text, open_pos, opener, closer)
+    if close < 0:
+        raise MlxSourceError(f"unbalanced {opener!r} in the MLX headers")
+    return close
