@@ -184,11 +184,19 @@ def variant_defines(variant, param_count: int) -> dict:
 def runtime_msl_version(device_type: str) -> str:
     """The MSL version kernels for this device type are compiled as: torch's rule for the running
     macOS on mps, the emulated target's on CPU tensors (emulator/targets.py holds the rule)."""
-    from .emulator.targets import current_target, msl_version_for
-
     if device_type == "mps":
-        return msl_version_for(platform.mac_ver()[0] or "15", torch.__version__)
+        return _mps_msl_version()
+    from .emulator.targets import current_target
+
     return current_target().msl_version
+
+
+@lru_cache(maxsize=1)
+def _mps_msl_version() -> str:
+    """Fixed for the process (supports() asks on every call; platform.mac_ver() reads a plist file)."""
+    from .emulator.targets import msl_version_for
+
+    return msl_version_for(platform.mac_ver()[0] or "15", torch.__version__)
 
 
 def runtime_compile_shader(device: torch.device):
