@@ -257,10 +257,13 @@ class CheckedLibrary:
     """A compiled library whose kernels check their launch and report failures as KernelUnavailable."""
 
     def __init__(self, lib, variant):
-        self._lib, self._variant = lib, variant
+        self._lib, self._variant, self._kernels = lib, variant, {}
 
     def __getattr__(self, name: str) -> "CheckedKernel":
-        return CheckedKernel(getattr(self._lib, name), name, self._variant)
+        kernel = self._kernels.get(name)  # made once per kernel, not per launch
+        if kernel is None:
+            kernel = self._kernels[name] = CheckedKernel(getattr(self._lib, name), name, self._variant)
+        return kernel
 
 
 class CheckedKernel:
