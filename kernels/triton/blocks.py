@@ -49,9 +49,10 @@ _TINY = Blocks(16, 16, 1, 1)
 _FORWARD = {16: Blocks(128, 64, 4, 3), 32: Blocks(128, 64, 4, 3), 64: Blocks(128, 64, 4, 3),
             128: Blocks(128, 64, 8, 3), 256: Blocks(64, 32, 4, 2)}
 _FORWARD_CAUSAL = {128: Blocks(128, 64, 8, 3)}
-# Short sequences (max query length <= SMALL_N): more, smaller programs fill the SMs (device_bench
-# forward sweep, H200 2026-11-21: D=128 N=512 non-causal 310 TFLOP/s with (64, 64, 4, 3) against
-# <= 215 with (128, 64, 8, 3)). Two tables, so at most two compiled variants, never one per length.
+# Short sequences (max query length <= SMALL_N): more, smaller programs fill the SMs
+# (benchmarks/triton/device_bench.py forward sweep, H200 2026-11-21: D=128 N=512 non-causal 310 TFLOP/s
+# with (64, 64, 4, 3) against <= 215 with (128, 64, 8, 3)). Two tables, so at most two compiled
+# variants, never one per length.
 SMALL_N = 1024
 _FORWARD_SMALL = {16: Blocks(64, 64, 4, 3), 32: Blocks(64, 64, 4, 3), 64: Blocks(128, 64, 8, 3),
                   128: Blocks(64, 64, 4, 3)}
@@ -60,7 +61,7 @@ _FORWARD_SMALL_CAUSAL = {16: Blocks(64, 64, 4, 3), 32: Blocks(64, 64, 4, 3), 64:
 # Backward, dK/dV pass: block_n keys stay resident, block_m query rows stream.
 # d 32/64 timed side by side (forward + backward, bf16, B=4, H=16, L=4096, H200, triton 3.6: d=32
 # (64, 128, 4, 2) 2.19 / 1.62 ms non-causal / causal, best of six; d=64 (64, 64, 4, 2) 3.48 / 2.06 ms
-# against 3.89 / 2.38 for the racy (32, 128, 4, 2)): results/h200-backward-race-2026-12-03.log.
+# against 3.89 / 2.38 for the racy (32, 128, 4, 2)): benchmarks/results/h200-backward-race-2026-12-03.log.
 _BACKWARD_KV = {16: Blocks(64, 128, 4, 2), 32: Blocks(64, 128, 4, 2), 64: Blocks(64, 64, 4, 2),
                 128: Blocks(64, 128, 8, 2), 256: Blocks(32, 64, 8, 1)}
 # Why no dK/dV entry streams fewer than 64 query rows through a pipelined loop (the dK race found by
@@ -71,7 +72,8 @@ _BACKWARD_KV = {16: Blocks(64, 128, 4, 2), 32: Blocks(64, 128, 4, 2), 64: Blocks
 # for the next step, so dK read half-replaced q rows: wrong and unrepeatable (d 64: 0.15 max error
 # in fp16, 4182 elements differing between runs). With block_m >= 64 every product is a wgmma and
 # the tiles are double-buffered with full waits; with one stage nothing is prefetched.
-# backward_repeatability.py checks every entry on a GPU; _check_backward_kv refuses the shape here.
+# benchmarks/triton/backward_repeatability.py checks every entry on a GPU; _check_backward_kv refuses
+# the shape here.
 MIN_PIPELINED_KV_ROWS = 64
 # Backward, dQ pass: block_m query rows stay resident, block_n keys stream.
 _BACKWARD_Q = {16: Blocks(128, 32, 4, 2), 32: Blocks(128, 32, 4, 2), 64: Blocks(128, 32, 4, 2),

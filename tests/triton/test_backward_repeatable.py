@@ -1,12 +1,31 @@
 """The triton backward on a CUDA GPU: every block configuration the tables can pick matches the
-float64 reference and repeats bitwise over 20 runs (kernels/triton/backward_repeatability.py).
+float64 reference and repeats bitwise over 20 runs (benchmarks/triton/backward_repeatability.py).
 The GPU cases skip without CUDA: the interpreter runs programs one at a time and cannot race."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from mfa_hf.kernels.triton import blocks
-from mfa_hf.kernels.triton.backward_repeatability import check, table_configurations
+
+
+def _load_script(name: str):
+    """A benchmarks/triton script, by file path: benchmarks/ is not a package and is not installed."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "triton" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_repeatability = _load_script("backward_repeatability")
+check, table_configurations = _repeatability.check, _repeatability.table_configurations
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (races do not exist under the interpreter)")

@@ -2,7 +2,7 @@
 a CUDA GPU with MFA_TRITON_FULL=1 (every case of the shared matrix, nothing marked slow):
 
     MFA_TRITON_FULL=1 python -m pytest tests/triton -q          # on a CUDA machine
-    bash kernels/triton/full_matrix.sh                          # the same, one worker per core (xdist)
+    bash benchmarks/triton/full_matrix.sh                       # the same, one worker per core (xdist)
     python -m pytest tests/triton -q [--run-slow]               # anywhere, interpreter
 
 The interpreter runs each kernel program in numpy (seconds per case), so the default run takes a

@@ -1,6 +1,6 @@
 """Host-side cost per call of each layer of the forward and decode paths, on a CUDA machine.
 
-    PYTHONPATH=. python -m mfa_hf.kernels.triton.host_overhead
+    PYTHONPATH=. python benchmarks/triton/host_overhead.py
 
 A tiny problem (the GPU finishes each kernel in a few µs) is called back to back N times and the wall
 time divided by N: with the device idle most of the time, that is the host's cost of one call. Layers,

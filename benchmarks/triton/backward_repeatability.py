@@ -2,8 +2,8 @@
 against the float64 reference and run REPEATS times on the same inputs, which must agree bitwise
 (the backward uses no atomics, so any difference is a race).
 
-    python -m mfa_hf.kernels.triton.backward_repeatability           # the tables' configurations
-    python -m mfa_hf.kernels.triton.backward_repeatability --probe   # also alternatives per head dim
+    PYTHONPATH=. python benchmarks/triton/backward_repeatability.py           # the tables' configurations
+    PYTHONPATH=. python benchmarks/triton/backward_repeatability.py --probe   # also alternatives per head dim
 
 tests/triton/test_backward_repeatable.py runs the first on any CUDA machine. --probe reruns the
 head dims given with other dK/dV block shapes and stage counts, to tell which property of a
@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import torch
 
-from . import blocks
+from mfa_hf.kernels.triton import blocks
 
 REPEATS = 20
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
                                         f"kv={tuple(vars(chosen).values())}",
                                         lambda: check(dim, dtype, causal, args.repeats))
     if args.dump:
-        from . import backward
+        from mfa_hf.kernels.triton import backward
         dump_compiled(backward.attention_backward_kv_kernel, args.dump)
     print(f"{failures} failing configurations")
     return 1 if failures else 0

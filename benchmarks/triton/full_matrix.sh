@@ -1,7 +1,8 @@
 #!/bin/bash
 # Every case of tests/triton on a CUDA machine, one pytest-xdist worker per CPU core spread over the
 # visible GPUs: each feature combination compiles its own kernels (~2,900 forward variants in the full
-# matrix, and the backward's), so CPU cores, not the GPU, set the pace. Log: $OUT/full_matrix.log.
+# matrix, and the backward's), so CPU cores, not the GPU, set the pace. Run from the repository root.
+# Log: $OUT/full_matrix.log (default benchmarks/results/full_matrix.log).
 set -o pipefail
 ln -sfn ../kernels mfa_hf/kernels; ln -sfn ../integrations mfa_hf/integrations  # a source checkout, not installed
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -11,7 +12,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 WORKERS=${WORKERS:-$(python -c "import os; print(len(os.sched_getaffinity(0)))")}
 echo "pytest-xdist workers: $WORKERS"
 export OMP_NUM_THREADS=1 MFA_TRITON_FULL=1  # float64 references on the CPU: one thread per worker
-LOG=${OUT:-.}/full_matrix.log
+LOG=${OUT:-benchmarks/results}/full_matrix.log
 START=$(date +%s)
 timeout ${LIMIT_S:-3600} python -m pytest tests/triton -v -n "$WORKERS" -p no:cacheprovider \
     --durations=10 "$@" > "$LOG" 2>&1

@@ -1,6 +1,6 @@
 """Small-N forward: our table vs SDPA flash (TFLOP/s), for the README (device_bench's sweep chose the table).
 
-Run on a CUDA machine: python -m mfa_hf.kernels.triton.small_n_check
+Run on a CUDA machine, from the repository root: PYTHONPATH=. python benchmarks/triton/small_n_check.py
 """
 import torch
 import torch.nn.functional as F

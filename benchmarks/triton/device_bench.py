@@ -1,7 +1,9 @@
 """One-call device measurements for the Triton backend (issue 9): decode, FlexAttention, small-N forward.
 
-    PYTHONPATH=. python -m mfa_hf.kernels.triton.device_bench decode [--out DIR]
-    PYTHONPATH=. python -m mfa_hf.kernels.triton.device_bench flex forward [--out DIR]
+    PYTHONPATH=. python benchmarks/triton/device_bench.py decode [--out DIR]
+    PYTHONPATH=. python benchmarks/triton/device_bench.py flex forward [--out DIR]
+
+The JSON rows go to DIR (default: $OUT if set, else benchmarks/results/).
 
 decode: the copy bandwidth (device-to-device copy, bytes read + written), then for B=8, Hq=32, Hkv=8,
 D=128, q_len 1 at KV length 4k/16k/64k: SDPA (bf16, enable_gqa) and our decode op on a bf16 cache and
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")  # benchmarks/results
 B, HQ, HKV, D = 8, 32, 8, 128
 LENGTHS = tuple(int(n) for n in os.environ.get("DECODE_LENGTHS", "4096,16384,65536").split(","))
 FORMATS = tuple(os.environ.get("DECODE_FORMATS", "bf16,fp8_e4m3,fp8_e5m2,int8,nf4").split(","))
@@ -303,7 +306,7 @@ def forward(out_dir: str) -> list[dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("what", nargs="+", choices=("decode", "flex", "forward", "variants"))
-    parser.add_argument("--out", default=os.environ.get("OUT", ""))
+    parser.add_argument("--out", default=os.environ.get("OUT") or RESULTS)
     args = parser.parse_args()
     print(torch.__version__, torch.cuda.get_device_name(), file=sys.stderr)
     for what in args.what:
