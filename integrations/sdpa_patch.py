@@ -11,7 +11,8 @@ meaning we reproduce exactly; every other call goes to the stock function unchan
 is counted in `mfa_hf.trace` (printed at exit with MFA_TRACE=1). The meanings kept are SDPA's, not
 FlashAttention's:
 - bool attn_mask: True = attend; a float attn_mask is added to the scores exactly as it is.
-- is_causal aligns top-left (query i sees keys j <= i), also when Lq != Lk.
+- is_causal aligns top-left (query i sees keys j <= i), also when Lq != Lk (mfa_hf.sdpa_semantics
+  translates it: causal, a window, or causal over the first Lq keys; never a mask).
 - scale=None means 1/sqrt(E); enable_gqa=True lets Hq be a multiple of Hkv (head h reads KV head
   h // (Hq // Hkv), like SDPA's repeat_interleave).
 - a query row with no visible key gives 0, as stock SDPA does on CPU in torch 2.13.
@@ -41,8 +42,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from mfa_hf import api, scalars, trace
-from mfa_hf.problem import FLOAT_DTYPES, MAX_HEAD_DIM
+from mfa_hf import api, problem, scalars, sdpa_semantics, trace
 
 SOURCE = "sdpa_patch"
 DEFAULT_DEVICES = ("mps", "cuda")
@@ -229,27 +229,39 @@ def patched_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
 
 
 def unserved_reason(gate: Gate, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> str:
-    """Why this call goes to stock SDPA ("" when we serve it). Cheap checks, no device sync."""
+    """Why this call goes to stock SDPA ("" when we serve it). Cheap checks, no device sync.
+
+    The rules our validation has (tensor types, dtypes, devices, heads dividing, head dims, mask dtype,
+    device and shape) come from mfa_hf.problem's non-raising twins, with its messages; the rest are
+    SDPA's or the gate's."""
     if getattr(_inside, "active", False):
         return "called from inside an mfa-hf kernel"
-    for check in (_tensor_reason, _device_reason, _shape_reason, _option_reason, _mask_reason, _size_reason):
+    for check in (_form_reason, _device_reason, _qkv_reason, _option_reason, _mask_reason, _size_reason):
         reason = check(gate, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if reason:
             return reason
     return ""
 
 
-def _tensor_reason(gate, q, k, v, attn_mask, *_):
-    tensors = (q, k, v) + (() if attn_mask is None else (attn_mask,))
-    if not all(isinstance(t, torch.Tensor) for t in tensors):
-        return "an argument is not a tensor"
-    if any(t.is_nested for t in tensors):
+def _form_reason(gate, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """Tensors of one rank (validation's rule), then what stock SDPA allows and we do not serve."""
+    rank = q.dim() if isinstance(q, torch.Tensor) else 4
+    reason = problem.rank_reason(q, k, v, rank, _LAYOUTS.get(rank, "(..., H, L, E)"))
+    if reason:
+        return reason
+    if any(isinstance(t, torch.Tensor) and t.is_nested for t in (q, k, v, attn_mask)):
         return "nested tensors"
-    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtypes q={q.dtype} k={k.dtype} v={v.dtype} (served: equal float dtypes)"
-    if k.device != q.device or v.device != q.device:
-        return "q, k, v on different devices"
+    if rank not in (3, 4):
+        return f"ranks q={q.dim()} k={k.dim()} v={v.dim()} (served: 3 or 4, all equal)"
+    if q.shape[:-3] != k.shape[:-3] or q.shape[:-3] != v.shape[:-3]:
+        return "batch dims differ between q, k, v (stock SDPA broadcasts them)"
+    heads_q, heads_kv = q.shape[-3], k.shape[-3]
+    if heads_q != heads_kv and not enable_gqa:
+        return f"{heads_q} query heads over {heads_kv} KV heads without enable_gqa"
     return ""
+
+
+_LAYOUTS = {3: "(H, L, E)", 4: "(B, H, L, E)"}
 
 
 def _device_reason(gate, q, *_):
@@ -258,19 +270,12 @@ def _device_reason(gate, q, *_):
     return ""
 
 
-def _shape_reason(gate, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    if not (q.dim() == k.dim() == v.dim() and q.dim() in (3, 4)):
-        return f"ranks q={q.dim()} k={k.dim()} v={v.dim()} (served: 3 or 4, all equal)"
-    if q.shape[:-3] != k.shape[:-3] or q.shape[:-3] != v.shape[:-3]:
-        return "batch dims differ between q, k, v (stock SDPA broadcasts them)"
-    heads_q, heads_kv = q.shape[-3], k.shape[-3]
-    if v.shape[-3] != heads_kv or k.shape[-2] != v.shape[-2] or k.shape[-1] != q.shape[-1]:
-        return "k and v shapes disagree with each other or with q"
-    if heads_q != heads_kv and not (enable_gqa and heads_kv > 0 and heads_q % heads_kv == 0):
-        return f"{heads_q} query heads over {heads_kv} KV heads without enable_gqa"
-    if not (0 < q.shape[-1] <= MAX_HEAD_DIM and 0 < v.shape[-1] <= MAX_HEAD_DIM):
-        return f"head dims {q.shape[-1]}/{v.shape[-1]} outside 1..{MAX_HEAD_DIM}"
-    if q.shape[-2] == 0 or k.shape[-2] == 0 or q.shape[:-3].numel() == 0 or heads_q == 0:
+def _qkv_reason(gate, q, k, v, *_):
+    """Validation's rules for q, k, v in SDPA's (..., H, L, E) layout; then empty calls stay on stock."""
+    reason = problem.qkv_reason(q, k, v, q.dim(), _LAYOUTS[q.dim()], seq_dim=-2, head_dim=-3)
+    if reason:
+        return reason
+    if q.shape[-2] == 0 or k.shape[-2] == 0 or q.shape[:-3].numel() == 0 or q.shape[-3] == 0:
         return "empty sequence or batch"
     return ""
 
@@ -286,7 +291,7 @@ def _option_reason(gate, q, k, v, attn_mask, dropout_p, is_causal, scale, enable
         return "dropout_p, is_causal, enable_gqa or scale of a type stock SDPA decides about"
     if dropout_p != 0:  # NaN and negative values too: stock SDPA's answer, whatever it is
         return "dropout_p > 0 (stock SDPA's RNG stream; ours differs)"
-    if attn_mask is not None and is_causal:
+    if sdpa_semantics.causal_with_mask(is_causal, attn_mask):
         return "attn_mask with is_causal (stock SDPA combines them on some backends, raises on others)"
     if scale is not None and not math.isfinite(float(scale)):
         return f"scale={scale!r} is not finite"
@@ -294,16 +299,17 @@ def _option_reason(gate, q, k, v, attn_mask, dropout_p, is_causal, scale, enable
 
 
 def _mask_reason(gate, q, k, v, attn_mask, *_):
+    """Validation's mask rules (type, dtype, device, broadcasting), then the masks stock SDPA decides about."""
     if attn_mask is None:
         return ""
+    batch = q.shape[0] if q.dim() == 4 else 1
+    reason = problem.mask_reason(attn_mask, batch, q.shape[-3], q.shape[-2], k.shape[-2], q.device)
+    if reason:
+        return reason
     if attn_mask.dtype not in (torch.bool, q.dtype, torch.float32):
         return f"attn_mask dtype {attn_mask.dtype} with {q.dtype} inputs (stock SDPA decides)"
-    if attn_mask.device != q.device:
-        return "attn_mask on another device"
-    target = (q.shape[0] if q.dim() == 4 else 1, q.shape[-3], q.shape[-2], k.shape[-2])
-    shape = tuple(attn_mask.shape)
-    if not 2 <= len(shape) <= q.dim() or any(m not in (1, t) for m, t in zip(shape[::-1], target[::-1])):
-        return f"attn_mask shape {shape} does not broadcast to {target[4 - q.dim():]}"
+    if not 2 <= attn_mask.dim() <= q.dim():
+        return f"attn_mask shape {tuple(attn_mask.shape)}: served ranks 2..{q.dim()} (stock SDPA decides the rest)"
     return ""
 
 
@@ -319,22 +325,8 @@ def _serve(q, k, v, attn_mask, is_causal, scale):
     unbatched = q.dim() == 3
     if unbatched:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    causal, window, attn_mask = _top_left_causal(is_causal, q.shape[-2], k.shape[-2], attn_mask, q.device)
-    out = api.flash_attention(q, k, v, is_causal=causal, attn_mask=attn_mask, window_size=window, scale=scale)
+    sdpa = sdpa_semantics.translate(q.shape[-2], k.shape[-2], is_causal, attn_mask)
+    k, v = sdpa.keep_keys(k, v, seq_dim=-2)
+    out = api.flash_attention(q, k, v, is_causal=sdpa.causal, attn_mask=attn_mask, window_size=sdpa.window,
+                              scale=scale)
     return out.squeeze(0) if unbatched else out
-
-
-def _top_left_causal(is_causal: bool, lq: int, lk: int, attn_mask, device):
-    """SDPA's causal (key j visible from query i when j <= i) in our bottom-right terms.
-
-    Ours shows key j to query i when j <= i + (Lk - Lq) + right (window right side, causal = right 0):
-    Lq == Lk is plain causal; Lq > Lk is window (-1, Lq - Lk); Lq < Lk would need a negative right
-    side, so it becomes a (Lq, Lk) bool mask. attn_mask is None here (the combination goes to stock).
-    """
-    if not is_causal:
-        return False, None, attn_mask
-    if lq == lk:
-        return True, None, attn_mask
-    if lq > lk:
-        return False, (-1, lq - lk), attn_mask
-    return False, None, torch.ones(lq, lk, dtype=torch.bool, device=device).tril()

@@ -79,40 +79,80 @@ class AttentionProblem:
         return " ".join(parts) or "-"
 
 
+# The rules for q, k, v and attn_mask are written once, as functions returning the first refusal (the
+# exception type and message) or None. check_* raise it; *_reason return its message ("" when the
+# input passes), for callers that route a call elsewhere instead of raising (the SDPA patch).
+Refusal = tuple[type[Exception], str]
+
+
+def _raise(refusal: Refusal | None) -> None:
+    if refusal is not None:
+        raise refusal[0](refusal[1])
+
+
+def _reason(refusal: Refusal | None) -> str:
+    return "" if refusal is None else refusal[1]
+
+
 def check_rank(q, k, v, rank: int, layout: str) -> None:
+    _raise(_rank_refusal(q, k, v, rank, layout))
+
+
+def rank_reason(q, k, v, rank: int, layout: str) -> str:
+    """check_rank's message for these inputs, or "" when they pass (never raises)."""
+    return _reason(_rank_refusal(q, k, v, rank, layout))
+
+
+def _rank_refusal(q, k, v, rank: int, layout: str) -> Refusal | None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            return TypeError, f"{name}: expected a torch.Tensor, got {type(t).__name__}"
         if t.dim() != rank:
-            raise ValueError(f"{name}: expected a {rank}-D tensor {layout}, got shape {tuple(t.shape)}")
+            return ValueError, f"{name}: expected a {rank}-D tensor {layout}, got shape {tuple(t.shape)}"
+    return None
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int, layout: str) -> None:
     """Shapes (rank 4 for (B, S, H, D), rank 3 for packed (T, H, D)), dtypes and devices."""
-    check_rank(q, k, v, rank, layout)
+    _raise(_qkv_refusal(q, k, v, rank, layout, rank - 3, rank - 2))
+
+
+def qkv_reason(q, k, v, rank: int, layout: str, seq_dim: int | None = None, head_dim: int | None = None) -> str:
+    """check_qkv's message for these inputs, or "" when they pass (never raises). seq_dim and head_dim
+    (default rank - 3 and rank - 2, check_qkv's layouts) let heads-first layouts such as SDPA's
+    (B, H, L, E) be checked in place, without a transposed view."""
+    seq_dim = rank - 3 if seq_dim is None else seq_dim
+    head_dim = rank - 2 if head_dim is None else head_dim
+    return _reason(_qkv_refusal(q, k, v, rank, layout, seq_dim, head_dim))
+
+
+def _qkv_refusal(q, k, v, rank: int, layout: str, seq_dim: int, head_dim: int) -> Refusal | None:
+    refusal = _rank_refusal(q, k, v, rank, layout)
+    if refusal is not None:
+        return refusal
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {t.dtype}")
+            return TypeError, f"{name}: expected float16, bfloat16, float32 or float64, got {t.dtype}"
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {t.dtype}")
+            return TypeError, f"{name}: expected dtype {q.dtype} like q, got {t.dtype}"
         if t.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device} like q, got {t.device}")
+            return ValueError, f"{name}: expected device {q.device} like q, got {t.device}"
     if rank == 4 and not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"k, v: expected batch {q.shape[0]} like q, got {k.shape[0]} and {v.shape[0]}")
-    seq_dim, head_dim = rank - 3, rank - 2
+        return ValueError, f"k, v: expected batch {q.shape[0]} like q, got {k.shape[0]} and {v.shape[0]}"
     if k.shape[seq_dim] != v.shape[seq_dim]:
-        raise ValueError(f"v: expected {k.shape[seq_dim]} keys like k, got {v.shape[seq_dim]}")
+        return ValueError, f"v: expected {k.shape[seq_dim]} keys like k, got {v.shape[seq_dim]}"
     if k.shape[head_dim] != v.shape[head_dim]:
-        raise ValueError(f"v: expected {k.shape[head_dim]} heads like k, got {v.shape[head_dim]}")
+        return ValueError, f"v: expected {k.shape[head_dim]} heads like k, got {v.shape[head_dim]}"
     heads_q, heads_kv = q.shape[head_dim], k.shape[head_dim]
     if heads_kv == 0 or heads_q % heads_kv != 0:
-        raise ValueError(f"k: expected a number of KV heads dividing {heads_q} query heads, got {heads_kv}")
+        return ValueError, f"k: expected a number of KV heads dividing {heads_q} query heads, got {heads_kv}"
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k: expected head dim {q.shape[-1]} like q, got {k.shape[-1]}")
+        return ValueError, f"k: expected head dim {q.shape[-1]} like q, got {k.shape[-1]}"
     for name, t in (("q", q), ("v", v)):
         if not 0 < t.shape[-1] <= MAX_HEAD_DIM:
-            raise ValueError(f"{name}: expected a head dim in 1..{MAX_HEAD_DIM}, got {t.shape[-1]}")
+            return ValueError, f"{name}: expected a head dim in 1..{MAX_HEAD_DIM}, got {t.shape[-1]}"
+    return None
 
 
 def check_window(window_size) -> tuple[int, int]:
@@ -158,20 +198,32 @@ def check_dropout(dropout_p) -> float:
 
 def check_mask(attn_mask, batch: int, heads_q: int, lq: int, lk: int, device: torch.device) -> MaskKind:
     """attn_mask broadcastable to (B, Hq, Lq, Lk): bool (True = attend) or additive float."""
+    _raise(_mask_refusal(attn_mask, batch, heads_q, lq, lk, device))
     if attn_mask is None:
         return MaskKind.NONE
+    return MaskKind.BOOL if attn_mask.dtype == torch.bool else MaskKind.ADDITIVE
+
+
+def mask_reason(attn_mask, batch: int, heads_q: int, lq: int, lk: int, device: torch.device) -> str:
+    """check_mask's message for this mask, or "" when it passes (never raises)."""
+    return _reason(_mask_refusal(attn_mask, batch, heads_q, lq, lk, device))
+
+
+def _mask_refusal(attn_mask, batch: int, heads_q: int, lq: int, lk: int, device: torch.device) -> Refusal | None:
+    if attn_mask is None:
+        return None
     if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
+        return TypeError, f"attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}"
     if attn_mask.dtype != torch.bool and attn_mask.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"attn_mask: expected dtype bool (True = attend) or a float dtype, got {attn_mask.dtype}")
+        return TypeError, f"attn_mask: expected dtype bool (True = attend) or a float dtype, got {attn_mask.dtype}"
     if attn_mask.device != device:
-        raise ValueError(f"attn_mask: expected device {device} like q, got {attn_mask.device}")
+        return ValueError, f"attn_mask: expected device {device} like q, got {attn_mask.device}"
     target = (batch, heads_q, lq, lk)
     shape = tuple(attn_mask.shape)
     padded = (1,) * (4 - len(shape)) + shape if len(shape) <= 4 else None
     if padded is None or any(m not in (1, t) for m, t in zip(padded, target)):
-        raise ValueError(f"attn_mask: expected a shape broadcastable to (B, Hq, Lq, Lk) = {target}, got {shape}")
-    return MaskKind.BOOL if attn_mask.dtype == torch.bool else MaskKind.ADDITIVE
+        return ValueError, f"attn_mask: expected a shape broadcastable to (B, Hq, Lq, Lk) = {target}, got {shape}"
+    return None
 
 
 def check_alibi(alibi_slopes, batch: int, heads_q: int, device: torch.device) -> bool:

@@ -5,15 +5,17 @@ Diffusers hands attention either (B, H, S, D) tensors (the processors, in SDPA's
 (B, S, H, D); a BHSD view is transposed for free (the kernel reads strides).
 
 SDPA semantics kept here: `is_causal` aligns top-left when Lq != Lk (our kernel aligns
-bottom-right, so that case becomes an explicit mask), `is_causal` with a mask is refused as SDPA
-refuses it, and unequal head counts need `enable_gqa`. Known difference: a query row whose keys are
-all masked out gives 0 here where SDPA gives NaN.
+bottom-right; mfa_hf.sdpa_semantics translates it into causal, a window, or causal over the first Lq
+keys, never a mask), `is_causal` with a mask is refused as SDPA refuses it, and unequal head counts
+need `enable_gqa`. Known difference: a query row whose keys are all masked out gives 0 here where
+SDPA gives NaN.
 """
 
 from __future__ import annotations
 
 import torch
 
+from mfa_hf import sdpa_semantics
 from mfa_hf.api import flash_attn_func
 
 
@@ -31,9 +33,10 @@ def attend_bshd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """The dispatcher's call: (B, S, H, D) in, (B, Lq, H, Dv) out, and lse (B, Lq, H) float32."""
     _check_heads(query, key, enable_gqa)
     attn_mask = _mask_to_4d(attn_mask, query, key)
-    attn_mask, causal = _sdpa_causal(is_causal, attn_mask, query.shape[1], key.shape[1], query.device)
-    result = flash_attn_func(query, key, value, dropout_p=dropout_p, softmax_scale=scale, causal=causal,
-                             return_lse=return_lse, attn_mask=attn_mask)
+    sdpa = sdpa_semantics.translate(query.shape[1], key.shape[1], is_causal, attn_mask)
+    key, value = sdpa.keep_keys(key, value, seq_dim=1)
+    result = flash_attn_func(query, key, value, dropout_p=dropout_p, softmax_scale=scale, causal=sdpa.causal,
+                             window_size=sdpa.window, return_lse=return_lse, attn_mask=attn_mask)
     if not return_lse:
         return result
     out, lse = result
@@ -56,16 +59,3 @@ def _mask_to_4d(attn_mask: torch.Tensor | None, query: torch.Tensor, key: torch.
     if tuple(attn_mask.shape) == (query.shape[0], key.shape[1]):
         return attn_mask[:, None, None, :]
     return attn_mask  # SDPA reads any other 2-D mask as (Lq, Lk); broadcasting does the same
-
-
-def _sdpa_causal(is_causal: bool, attn_mask: torch.Tensor | None, lq: int, lk: int,
-                 device: torch.device) -> tuple[torch.Tensor | None, bool]:
-    """Translate SDPA's top-left `is_causal` into what our bottom-right kernel computes identically."""
-    if not is_causal:
-        return attn_mask, False
-    if attn_mask is not None:
-        raise ValueError("is_causal: expected False when attn_mask is given (SDPA refuses both), got True")
-    if lq == lk:
-        return None, True  # top-left and bottom-right coincide
-    top_left = torch.ones(lq, lk, dtype=torch.bool, device=device).tril()
-    return top_left, False
