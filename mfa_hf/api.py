@@ -12,6 +12,7 @@ import torch
 
 from . import dispatch, helper_tensors, scalars
 from .kernels.dropout import new_seed
+from .kernels.contract import AttentionCall, Options, fold_causal
 from .ops import describe
 from .quant import QuantizedKV
 from .problem import (
@@ -201,32 +202,40 @@ def flash_attention_chunked(
 def _attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, alibi_slopes,
             sinks, dropout_p, softmax_scale, causal, window_size, softcap, return_lse, dropout_seed,
             generator):
-    window_left, window_right = check_window(window_size)
+    call = validated_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, alibi_slopes,
+                          sinks, dropout_p, softmax_scale, causal, window_size, softcap, dropout_seed, generator)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (call.q, call.k, call.v, call.attn_mask, call.sinks)
+    )
+    problem = describe(call, needs_grad=needs_grad)
+    chosen = dispatch.select(problem)
+    if q.is_meta:  # no values to read (a varlen backend may read cu_seqlens): the op's shape function
+        out, lse = chosen.ops.forward.op(*call.op_args())
+    else:
+        out, lse = chosen.ops.forward(call, problem)
+    return (out, lse) if return_lse else out
+
+
+def validated_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, alibi_slopes,
+                   sinks, dropout_p, softmax_scale, causal, window_size, softcap, dropout_seed=None,
+                   generator=None) -> AttentionCall:
+    """The options checked and causal folded into the window; the helper tensors normalised to what
+    every backend binds (helper_tensors.py says why). q/k/v/mask/slopes/offsets were checked by the caller."""
+    window = fold_causal(scalars.flag(causal, "causal"), check_window(window_size))
     scale = check_scale(softmax_scale, q.shape[-1])
     softcap = check_softcap(softcap)
     dropout_p = check_dropout(dropout_p)
     check_sinks(sinks, q.shape[-2], q.device)
     seed = _dropout_seed(dropout_p, dropout_seed, generator)
-    causal = scalars.flag(causal, "causal")
-    # Every backend binds these tensors as they are from here on (helper_tensors.py says why).
-    attn_mask = helper_tensors.attention_mask(attn_mask, q.dtype)
-    alibi_slopes = helper_tensors.per_head_floats(alibi_slopes, q.dtype)
-    sinks = helper_tensors.per_head_floats(sinks, q.dtype)
-    cu_seqlens_q = helper_tensors.index_vector(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
-    cu_seqlens_k = helper_tensors.index_vector(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, attn_mask, sinks)
-    )
-    problem = describe(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
-                       causal, window_left, window_right, softcap, dropout_p, needs_grad=needs_grad)
-    chosen = dispatch.select(problem)
-    forward = chosen.OPS.forward
-    if q.is_meta:  # no values to read (a varlen backend may read cu_seqlens): the op's shape function
-        forward = getattr(forward, "op", forward)
-    out, lse = forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, seed,
-                                  max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right,
-                                  softcap, dropout_p)
-    return (out, lse) if return_lse else out
+    options = Options(scale, window[0], window[1], softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+    return AttentionCall(
+        q, k, v, options,
+        attn_mask=helper_tensors.attention_mask(attn_mask, q.dtype),
+        alibi_slopes=helper_tensors.per_head_floats(alibi_slopes, q.dtype),
+        sinks=helper_tensors.per_head_floats(sinks, q.dtype),
+        cu_seqlens_q=helper_tensors.index_vector(cu_seqlens_q, "cu_seqlens_q", q.shape[0]),
+        cu_seqlens_k=helper_tensors.index_vector(cu_seqlens_k, "cu_seqlens_k", k.shape[0]),
+        dropout_seed=seed)
 
 
 def _dropout_seed(dropout_p: float, dropout_seed, generator) -> torch.Tensor | None:

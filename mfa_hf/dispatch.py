@@ -1,5 +1,7 @@
-"""Backend selection: ask each backend `supports(problem)` in priority order.
+"""Backend registration and selection: ask each backend `supports(problem)` in priority order.
 
+REGISTRY is the one list of backends: a new backend is its folder (kernels/<name>/, exposing a
+`BACKEND` object that implements kernels/contract.py's `Backend`) plus one line here.
 MFA_BACKEND=auto|metal|triton|torch forces one; forcing a backend that cannot serve the problem
 raises with its reason instead of silently falling back to another semantics or speed.
 """
@@ -8,18 +10,21 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Callable
 
+from . import ops
+from .kernels.contract import Backend as BackendContract
 from .problem import AttentionProblem
 
-PRIORITY = ("metal", "triton", "torch")
-_MODULES = {
-    "metal": "mfa_hf.kernels.metal.backend",
-    "triton": "mfa_hf.kernels.triton.backend",
-    "torch": "mfa_hf.kernels.torch.backend",
-}
+# (name, module exposing BACKEND), in priority order.
+REGISTRY = (
+    ("metal", "mfa_hf.kernels.metal.backend"),
+    ("triton", "mfa_hf.kernels.triton.backend"),
+    ("torch", "mfa_hf.kernels.torch.backend"),
+)
+PRIORITY = tuple(name for name, _ in REGISTRY)
+_MODULES = dict(REGISTRY)
 
 
 class BackendUnavailable(RuntimeError):
@@ -28,32 +33,51 @@ class BackendUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Backend:
+    """A registered backend: its implementation and its custom ops, or why it could not be loaded."""
+
     name: str
-    module: ModuleType | None
+    impl: BackendContract | None
+    ops: ops.BackendOps | None = None
     load_error: str = ""
 
     def supports(self, problem: AttentionProblem) -> tuple[bool, str]:
-        if self.module is None:
+        if self.impl is None:
             return False, self.load_error
-        return self.module.supports(problem)
-
-    def __getattr__(self, item: str) -> Callable:
-        # Entry points (OPS, decode, ...) live on the backend module.
-        return getattr(self.module, item)
+        return self.impl.supports(problem)
 
 
 _loaded: dict[str, Backend] = {}
+_lock = threading.RLock()  # loading registers custom ops: once per backend, also under threads
 
 
 def backend(name: str) -> Backend:
     if name not in _MODULES:
         raise ValueError(f"MFA_BACKEND: expected one of auto, {', '.join(PRIORITY)}, got {name!r}")
-    if name not in _loaded:
-        try:
-            _loaded[name] = Backend(name, importlib.import_module(_MODULES[name]))
-        except ImportError as error:
-            _loaded[name] = Backend(name, None, f"{name} backend is not available: {error}")
-    return _loaded[name]
+    found = _loaded.get(name)
+    if found is None:
+        with _lock:
+            found = _loaded.get(name) or _load(name)
+            _loaded[name] = found
+    return found
+
+
+def _load(name: str) -> Backend:
+    try:
+        impl = importlib.import_module(_MODULES[name]).BACKEND
+    except ImportError as error:
+        return Backend(name, None, load_error=f"{name} backend is not available: {error}")
+    if not isinstance(impl, BackendContract) or impl.name != name:
+        raise TypeError(f"{_MODULES[name]}.BACKEND: expected a Backend named {name!r} (kernels/contract.py), "
+                        f"got {impl!r}")
+    return Backend(name, impl, ops.define_ops(impl, _implementation))
+
+
+def _implementation(name: str) -> BackendContract:
+    """Another backend's implementation (a fallback); it must load."""
+    loaded = backend(name)
+    if loaded.impl is None:
+        raise RuntimeError(loaded.load_error)
+    return loaded.impl
 
 
 def load_all() -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import lse_dtype
+from .kernels.launch import lse_dtype
 
 INT32_MAX = 2**31 - 1
 MASK_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -5,7 +5,7 @@
     lengths += k_new.shape[1]   # the caller owns the lengths, as in FlashAttention-2
 
 Appending is its own custom op (mfa_hf::kvcache_append, mutates the cache tensors); attention is
-the backend's pure decode op (mfa_hf.ops.define_decode_op). Every check runs before anything is
+the backend's pure decode op (mfa_hf/ops.py, on a kernels/contract.py DecodeCall). Every check runs before anything is
 written, so a bad call leaves the cache untouched.
 """
 
@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from . import dispatch, helper_tensors, kv_formats, scalars
-from .ops import describe
+from .kernels.contract import AppendCall, CacheSide, DecodeCall, Options, fold_causal
+from .ops import describe_decode
 from .problem import (NO_WINDOW, check_alibi, check_dropout, check_scale, check_sinks, check_softcap, check_window,
                       values_checked)
 from .quant import SCALE_DTYPE, QuantizedKV, _absmax_scales, check_scale_values, encode, parse_format
@@ -162,12 +163,13 @@ def attend_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cach
     lengths = helper_tensors.index_vector(lengths, "cache_seqlens", max_seqlen)
     rows = helper_tensors.index_vector(rows, "cache_batch_idx", cache_batch)
     options = _check_options(q, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_splits)
-    chosen = _select_backend(q, k_cache, v_cache, alibi_slopes, sinks, *options)
-    if k is not None and new_len:  # every check above ran first: a rejected call writes nothing
-        _append_all(k_cache, v_cache, k, v, lengths, rows, getattr(chosen.module, "APPEND", None))
     total = lengths + new_len if new_len else lengths
-    return _decode(q, k_cache, v_cache, total, rows, alibi_slopes, sinks, return_lse, *options,
-                   backend=chosen)
+    call = _decode_call(q, k_cache, v_cache, total, rows, alibi_slopes, sinks, *options)
+    problem = describe_decode(call)
+    chosen = dispatch.select(problem)
+    if k is not None and new_len:  # every check above ran first: a rejected call writes nothing
+        _append_all(k_cache, v_cache, k, v, lengths, rows, chosen.ops.append)
+    return _decode(call, problem, return_lse, chosen)
 
 
 def attention_over_quantized(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
@@ -185,12 +187,14 @@ def attention_over_quantized(q, k, v, softmax_scale, causal, window_size, softca
         raise ValueError("q: quantized k/v serve inference only; got q requiring grad (use torch.no_grad())")
     lengths = _same_lengths(q.shape[0], k.shape[1], q.device)
     options = _check_options(q, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, 0)
-    return _decode(q, k, v, lengths, None, alibi_slopes, sinks, return_lse, *options)
+    call = _decode_call(q, k, v, lengths, None, alibi_slopes, sinks, *options)
+    problem = describe_decode(call)
+    return _decode(call, problem, return_lse, dispatch.select(problem))
 
 
 def _check_options(q, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_splits) -> tuple:
-    """(scale, causal, window_left, window_right, softcap, num_splits), validated."""
-    window_left, window_right = check_window(window_size)
+    """(Options with causal folded into the window, num_splits), validated."""
+    window_left, window_right = fold_causal(scalars.flag(causal, "causal"), check_window(window_size))
     scale = check_scale(softmax_scale, q.shape[-1])
     softcap = check_softcap(softcap)
     check_sinks(sinks, q.shape[2], q.device)
@@ -199,42 +203,28 @@ def _check_options(q, softmax_scale, causal, window_size, softcap, alibi_slopes,
     splits = scalars.int_like(num_splits, "num_splits", expected, ValueError)  # as num_splits always raised
     if splits < 0:
         raise ValueError(f"num_splits: expected {expected}, got {num_splits!r}")
-    return scale, scalars.flag(causal, "causal"), window_left, window_right, softcap, splits
+    return Options(scale, window_left, window_right, softcap), splits
 
 
-def _decode(q, k_cache, v_cache, lengths, rows, alibi_slopes, sinks, return_lse, scale, causal, window_left,
-            window_right, softcap, num_splits, backend=None):
-    k_codes, k_scales, k_format, k_group = _parts(k_cache)
-    v_codes, v_scales, v_format, v_group = _parts(v_cache)
-    alibi_slopes = helper_tensors.per_head_floats(alibi_slopes, q.dtype)
-    sinks = helper_tensors.per_head_floats(sinks, q.dtype)
-    if backend is None:
-        backend = _select_backend(q, k_cache, v_cache, alibi_slopes, sinks, scale, causal, window_left,
-                                  window_right, softcap, num_splits)
-    op = getattr(backend.module, "DECODE", None)
-    if op is None:
-        raise dispatch.BackendUnavailable(f"the {backend.name} backend has no KV-cache decode op")
-    if q.is_meta:  # no values to read: the registered op's shape function gives the output
-        op = getattr(op, "op", op)
-    out, lse = op(q, k_codes, k_scales, v_codes, v_scales, lengths, rows, alibi_slopes, sinks, k_format, v_format,
-                  k_group, v_group, scale, causal, window_left, window_right, softcap, num_splits)
+def _decode_call(q, k_cache, v_cache, lengths, rows, alibi_slopes, sinks, options, num_splits) -> DecodeCall:
+    return DecodeCall(q, cache_side(k_cache), cache_side(v_cache), lengths, options, rows,
+                      helper_tensors.per_head_floats(alibi_slopes, q.dtype),
+                      helper_tensors.per_head_floats(sinks, q.dtype), num_splits)
+
+
+def _decode(call: DecodeCall, problem, return_lse: bool, backend):
+    if call.q.is_meta:  # no values to read: the registered op's shape function gives the output
+        out, lse = backend.ops.decode.op(*call.op_args())
+    else:
+        out, lse = backend.ops.decode(call, problem)
     return (out, lse) if return_lse else out
 
 
-def _select_backend(q, k_cache, v_cache, alibi, sinks, scale, causal, window_left, window_right, softcap,
-                    num_splits):
-    """The backend that serves this cache call (decode, and its append when it has its own kernel)."""
-    k_format, v_format = _parts(k_cache)[2], _parts(v_cache)[2]
-    kv_format = k_format if k_format == v_format else f"{k_format}+{v_format}"
-    problem = describe(q, k_cache, v_cache, None, alibi, sinks, None, 0, 0, bool(causal), window_left,
-                       window_right, softcap, 0.0, kv_format=kv_format)
-    return dispatch.select(problem)
-
-
-def _parts(cache):
+def cache_side(cache) -> CacheSide:
+    """A plain cache tensor or a QuantizedKV as the kernels read it."""
     if isinstance(cache, QuantizedKV):
-        return cache.codes, cache.scales, cache.format.value, cache.group_size
-    return cache, None, "none", cache.shape[-1]
+        return CacheSide(cache.codes, cache.scales, cache.format.value, cache.group_size)
+    return CacheSide(cache, None, "none", cache.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,9 +239,10 @@ def _append_all(k_cache, v_cache, k, v, lengths, rows, backend_append=None):
     """
     if backend_append is not None:
         for cache, new in ((k_cache, k), (v_cache, v)):
-            codes, scales, fmt, group = _parts(cache)
-            backend_append(codes, new.new_empty((0,), dtype=torch.float32) if scales is None else scales, new,
-                           lengths, rows, fmt, group)
+            side = cache_side(cache)
+            if side.scales is None:
+                side = CacheSide(side.codes, new.new_empty((0,), dtype=torch.float32), side.format, side.group_size)
+            backend_append(AppendCall(side, new, lengths, rows))
         return
     writes = _writes(k_cache, k, rows) + _writes(v_cache, v, rows)
     for cache, new in writes:

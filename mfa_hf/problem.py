@@ -58,7 +58,7 @@ class AttentionProblem:
         parts = []
         if self.causal:
             parts.append("causal")
-        if self.window != NO_WINDOW:
+        if self.window not in (NO_WINDOW, (-1, 0)):  # (-1, 0) is causal folded into the window
             parts.append(f"window={self.window[0]},{self.window[1]}")
         if self.softcap > 0:
             parts.append("softcap")

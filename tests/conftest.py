@@ -1,13 +1,13 @@
 import pytest
 
-from mfa_hf import ops
+from mfa_hf.kernels import launch
 from mfa_hf.kernels.torch import tiles
 
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every kernel output starts as NaN, so unwritten elements fail the comparison."""
-    monkeypatch.setattr(ops, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ import torch
 
 import mfa_hf
 from mfa_hf import dispatch, trace
-from mfa_hf.kernels.torch.backend import OPS
+
+OPS = dispatch.backend("torch").ops  # the torch backend's registered ops (mfa_hf/ops.py)
 
 
 def small_qkv(requires_grad=False):
@@ -64,11 +65,12 @@ def test_opcheck_forward_and_backward():
     q, k, v = small_qkv(requires_grad=True)
     mask = torch.randn(2, 1, 9, 9)
     sinks = torch.randn(4, requires_grad=True)
-    args = (q, k, v, mask, None, sinks, None, None, None, 0, 0, 0.3, True, 3, -1, 0.0, 0.0)
+    # (tensors..., scale, window_left, window_right (causal folded: 0), softcap, dropout_p, max_seqlen_q/k)
+    args = (q, k, v, mask, None, sinks, None, None, None, 0.3, 3, 0, 0.0, 0.0, 0, 0)
     torch.library.opcheck(OPS.forward.op, args)
-    out, lse = OPS.forward(*args)
-    bwd_args = (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-                mask, None, sinks.detach(), None, None, None, 0, 0, 0.3, True, 3, -1, 0.0, 0.0, True)
+    out, lse = OPS.forward.op(*args)
+    bwd_args = (torch.randn_like(out), None, out.detach(), lse.detach(), True, q.detach(), k.detach(), v.detach(),
+                mask, None, sinks.detach(), None, None, None, 0.3, 3, 0, 0.0, 0.0, 0, 0)
     torch.library.opcheck(OPS.backward, bwd_args)
 
 
@@ -88,8 +90,7 @@ def test_eager_calls_skip_the_dispatcher_and_everything_else_goes_through_the_op
     with torch.no_grad():
         direct = mfa_hf.flash_attn_func(q, k, v, causal=True)
     assert through_op == [], "a no-grad eager call should not need the dispatcher"
-    assert torch.equal(direct, op(q, k, v, None, None, None, None, None, None, 0, 0, 8 ** -0.5, True, -1, -1,
-                                  0.0, 0.0)[0])
+    assert torch.equal(direct, op(q, k, v, None, None, None, None, None, None, 8 ** -0.5, -1, 0, 0.0, 0.0, 0, 0)[0])
     mfa_hf.flash_attn_func(q, k, v, causal=True)  # grad enabled, but nothing requires grad: still direct
     assert through_op == []
 
@@ -112,15 +113,16 @@ def test_eager_calls_skip_the_dispatcher_and_everything_else_goes_through_the_op
 
 
 def test_decode_op_passes_opcheck_and_shortcut_matches_it():
-    from mfa_hf.kernels.torch.backend import DECODE
+    from mfa_hf.kernels.contract import DecodeCall
 
+    DECODE = OPS.decode
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, 1, 4, 8, generator=g)
     cache = torch.randn(2, 12, 2, 8, generator=g)
     args = (q, cache, None, cache, None, torch.tensor([12, 5], dtype=torch.int32), None, None, None, "none", "none",
-            8, 8, 0.35, True, -1, -1, 0.0, 0)
+            8, 8, 0.35, -1, 0, 0.0, 0)
     torch.library.opcheck(DECODE.op, args)
-    assert all(torch.equal(a, b) for a, b in zip(DECODE(*args), DECODE.op(*args)))
+    assert all(torch.equal(a, b) for a, b in zip(DECODE(DecodeCall.from_op_args(args)), DECODE.op(*args)))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():

@@ -6,6 +6,7 @@ block-wise dequantization, append) from the quantization error, and the DESIGN.m
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -191,13 +192,13 @@ def test_auto_splits_come_from_the_shape():
     long_decode = decode.plan_decode(batch=1, heads_kv=8, group=4, lq=1, key_span=65536)
     short = decode.plan_decode(batch=1, heads_kv=8, group=4, lq=1, key_span=300)
     prefill = decode.plan_decode(batch=1, heads_kv=8, group=4, lq=2048, key_span=65536)
-    assert long_decode.num_splits == decode.TARGET_WORK_ITEMS // 8
+    assert long_decode.num_splits == decode.SPLITS.target_work // 8
     assert short.num_splits == 1 and prefill.num_splits == 1
 
 
 def test_auto_splits_agree_with_one_split(monkeypatch, small_tiles):
     """num_splits=0 on a shape where the plan splits gives the one-split answer (up to rounding)."""
-    monkeypatch.setattr(decode, "MIN_KEYS_PER_SPLIT", 8)
+    monkeypatch.setattr(decode, "SPLITS", dataclasses.replace(decode.SPLITS, min_keys=8))
     case = CacheCase("int8", lq=1, heads=(4, 1))
     assert decode.plan_decode(BATCH, 1, 4, 1, 70).num_splits > 1
     split, _ = run_kvcache(case, make_cache_inputs(case))

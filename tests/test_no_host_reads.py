@@ -302,13 +302,16 @@ def test_torch_backend_checks_the_offsets_it_reads():
 
     q, k, v = torch.randn(7, 4, 16), torch.randn(9, 2, 16), torch.randn(9, 2, 16)
     good = torch.tensor([0, 3, 7], dtype=torch.int32)
-    args = (None, None, None)
+    from mfa_hf.kernels.contract import AttentionCall
+
+    def forward(cu_q, cu_k):
+        return backend.forward(AttentionCall.from_op_args(
+            (q, k, v, None, None, None, cu_q, cu_k, None, 0.25, -1, -1, 0.0, 0.0, 4, 5)))
+
     with pytest.raises(ValueError, match=r"cu_seqlens_k: expected to end at the total length 9, got 12"):
-        backend.forward(q, k, v, *args, good, torch.tensor([0, 4, 12], dtype=torch.int32), None, 4, 5, 0.25, False,
-                        -1, -1, 0.0, 0.0)
+        forward(good, torch.tensor([0, 4, 12], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"cu_seqlens_q: expected non-decreasing offsets, got \[0, 5, 3, 7\]"):
-        backend.forward(q, k, v, *args, torch.tensor([0, 5, 3, 7], dtype=torch.int32),
-                        torch.tensor([0, 4, 6, 9], dtype=torch.int32), None, 4, 5, 0.25, False, -1, -1, 0.0, 0.0)
+        forward(torch.tensor([0, 5, 3, 7], dtype=torch.int32), torch.tensor([0, 4, 6, 9], dtype=torch.int32))
 
 
 @pytest.mark.parametrize("lengths, rows, match", [
@@ -317,13 +320,14 @@ def test_torch_backend_checks_the_offsets_it_reads():
     ([3, 4], [0, 3], r"cache_batch_idx: expected rows in \[0, 3\), got \[0, 3\]"),
 ])
 def test_torch_decode_checks_the_values_it_reads(lengths, rows, match):
-    from mfa_hf.kernels.torch.decode import run_decode
+    from mfa_hf.kernels.contract import DecodeCall
+    from mfa_hf.kernels.torch.decode import decode
 
     q, cache = torch.randn(2, 1, 4, 16), torch.randn(3 if rows else 2, 8, 2, 16)
     with pytest.raises(ValueError, match=match):
-        run_decode(q, cache, None, cache, None, torch.tensor(lengths, dtype=torch.int32),
-                   None if rows is None else torch.tensor(rows, dtype=torch.int32), None, None, "none", "none",
-                   16, 16, 0.25, True, -1, -1, 0.0, 0)
+        decode(DecodeCall.from_op_args((q, cache, None, cache, None, torch.tensor(lengths, dtype=torch.int32),
+                                        None if rows is None else torch.tensor(rows, dtype=torch.int32), None, None,
+                                        "none", "none", 16, 16, 0.25, -1, 0, 0.0, 0)))
 
 
 def test_device_append_clamps_out_of_range_indices():

@@ -77,8 +77,10 @@ def _decode_cache(q, k, v, seqlens, fmt: str):
     vc, vs, vf, vg, vb = _parts(v_cache)
 
     def call(cfg=None, splits=0):
-        return tb.run_decode(q, kc, ks, vc, vs, seqlens, None, None, None, kf, vf, kg, vg, 1 / math.sqrt(D), True,
-                             -1, -1, 0.0, splits, config=cfg)
+        from mfa_hf.kernels.contract import DecodeCall
+
+        return tb.decode(DecodeCall.from_op_args((q, kc, ks, vc, vs, seqlens, None, None, None, kf, vf, kg, vg,
+                                                  1 / math.sqrt(D), -1, 0, 0.0, splits)), config=cfg)
 
     return k_cache, v_cache, kb + vb, call
 
@@ -148,7 +150,7 @@ def decode(out_dir: str) -> list[dict]:
     return rows
 
 
-VARIANTS = {  # name -> decode config (run_decode's config override). Run 1 (H100) also had 64-key/8-warp
+VARIANTS = {  # name -> decode config (the triton decode's config override). Run 1 (H100) also had 64-key/8-warp
     # asm variants (7-48% slower than asm128) and a no-tl.dot FMA path (8-120x slower, removed).
     "old": dict(block_n=128, num_warps=4, num_stages=3, asm=False),  # the previous session's kernel
     "bf16old": dict(block_n=64, num_warps=2, num_stages=3),  # its bf16 config

@@ -39,7 +39,12 @@ def forward_layers() -> None:
     from mfa_hf.kernels.triton import forward as kernels
 
     q, k, v = (torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    args = (q, k, v, None, None, None, None, None, None, 0, 0, 0.125, True, -1, -1, 0.0, 0.0)
+    from mfa_hf import dispatch
+    from mfa_hf.kernels.contract import AttentionCall
+
+    args = (q, k, v, None, None, None, None, None, None, 0.125, -1, 0, 0.0, 0.0, 0, 0)  # the op schema
+    call = AttentionCall.from_op_args(args)
+    ops = dispatch.backend("triton").ops
     captured = {}
     launch = kernels.attention_forward_kernel.run
 
@@ -48,15 +53,15 @@ def forward_layers() -> None:
         return launch(*a, **kw)
 
     kernels.attention_forward_kernel.run = capture
-    tb.forward(*args)
+    tb.forward(call)
     kernels.attention_forward_kernel.run = launch
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     with torch.no_grad():
         rows = {
             "flash_attn_func (no grad)": host_us(lambda: mfa_hf.flash_attn_func(q, k, v, causal=True)),
-            "OPS.forward (eager shortcut: the op's implementation)": host_us(lambda: tb.OPS.forward(*args)),
-            "custom op mfa_hf::triton_attention_fwd (dispatcher)": host_us(lambda: tb.OPS.forward.op(*args)),
-            "triton backend launcher (forward)": host_us(lambda: tb.forward(*args)),
+            "ops.forward (eager shortcut: the op's implementation)": host_us(lambda: ops.forward(call)),
+            "custom op mfa_hf::triton_attention_fwd (dispatcher)": host_us(lambda: ops.forward.op(*args)),
+            "triton backend launcher (forward)": host_us(lambda: tb.forward(call)),
             "bare Triton launch (same arguments)": host_us(lambda: launch(*captured["a"], **captured["kw"])),
             "torch.empty x2 (the outputs)": host_us(
                 lambda: (torch.empty_like(q), torch.empty(1, 2, 64, device="cuda"))),

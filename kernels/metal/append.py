@@ -2,9 +2,9 @@
 cache in place, bit-exact with mfa_hf.quant.encode and its per-token absmax scales.
 
 `append(cache, new, cache_seqlens, cache_batch_idx)` writes new (B, Lnew, Hkv, D) at positions
-cache_seqlens[b] .. + Lnew - 1 of cache row cache_batch_idx[b] (or b). `append_parts` is the same on
-a cache given as parts; backend.py registers it as the metal APPEND op, which
-`mfa_hf.flash_attn_with_kvcache` uses whenever the metal backend serves the call.
+cache_seqlens[b] .. + Lnew - 1 of cache row cache_batch_idx[b] (or b). `append_call` is the same on
+an AppendCall (kernels/contract.py): the metal backend's append, which `mfa_hf.flash_attn_with_kvcache`
+uses whenever the metal backend serves the call.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from mfa_hf import kv_formats
 from mfa_hf.quant import QuantizedKV
 
+from ..contract import AppendCall
 from .decode import FORMAT_CODES, _code_type, _index_vector, _strides4
 from .forward import _placeholder
 from .loader import MSL_TYPES, library
@@ -60,17 +61,9 @@ def append(cache, new: torch.Tensor, cache_seqlens: torch.Tensor, cache_batch_id
                        threads=(32 * count, heads, batch), group_size=(32, 1, 1))
 
 
-def append_parts_generic(codes: torch.Tensor, scales: torch.Tensor, new: torch.Tensor, cache_seqlens: torch.Tensor,
-                         cache_batch_idx: torch.Tensor | None, format: str, group_size: int) -> None:
-    """The same write without the kernel (mfa_hf.kvcache's generic append): where it cannot be built."""
-    from mfa_hf.kvcache import append_generic
-
-    cache = codes if format == "none" else QuantizedKV(codes, scales, format, group_size, new.dtype)
-    append_generic(cache, new, cache_seqlens, cache_batch_idx)
-
-
-def append_parts(codes: torch.Tensor, scales: torch.Tensor, new: torch.Tensor, cache_seqlens: torch.Tensor,
-                 cache_batch_idx: torch.Tensor | None, format: str, group_size: int) -> None:
+def append_call(call: AppendCall) -> None:
     """append() on a cache given as its parts (the custom op's schema: no QuantizedKV crosses it)."""
-    cache = codes if format == "none" else QuantizedKV(codes, scales, format, group_size, new.dtype)
-    append(cache, new, cache_seqlens, cache_batch_idx)
+    side = call.cache
+    cache = side.codes if side.format == "none" else QuantizedKV(side.codes, side.scales, side.format,
+                                                                 side.group_size, call.new.dtype)
+    append(cache, call.new, call.cache_seqlens, call.cache_batch_idx)

@@ -10,16 +10,14 @@ from __future__ import annotations
 import torch
 
 from mfa_hf import kv_formats
-from mfa_hf.kernel_fallback import Fallback
-from mfa_hf.kernels.torch import backend as torch_backend
-from mfa_hf.ops import define_append_op, define_attention_ops, define_decode_op
 from mfa_hf.problem import AttentionProblem
 
+from ..contract import BackendDefinition
+from .append import append_call
+from .backward import backward
+from .decode import decode
 from .emulator.runtime_select import emulator_enabled
 from .emulator.targets import bfloat_available
-from .append import append_parts, append_parts_generic
-from .backward import backward
-from .decode import run_decode
 from .forward import forward
 from .loader import MSL_TYPES, runtime_msl_version
 
@@ -61,10 +59,7 @@ def _device_reason(device_type: str) -> str:
 
 
 # A kernel that cannot be compiled or launched on this machine hands its calls to the torch backend
-# (same semantics) with one warning, unless MFA_BACKEND=metal (mfa_hf/kernel_fallback.py).
-OPS = define_attention_ops(NAME, forward, backward, device_types=("mps", "cpu"),
-                           fallback=(Fallback("torch", torch_backend.forward), Fallback("torch", torch_backend.backward)))
-DECODE = define_decode_op(NAME, run_decode, device_types=("mps", "cpu"),  # decode.py: vector / split-K + merge
-                          fallback=Fallback("torch", torch_backend.run_decode))
-APPEND = define_append_op(NAME, append_parts, device_types=("mps", "cpu"),  # quantize on write, in-kernel
-                          fallback=Fallback("generic", append_parts_generic))
+# (same semantics; the append to the generic write) with one warning, unless MFA_BACKEND=metal
+# (mfa_hf/kernel_fallback.py).
+BACKEND = BackendDefinition(NAME, supports, forward, backward, decode, append=append_call,
+                            device_types=("mps", "cpu"), fallback="torch")

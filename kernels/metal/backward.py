@@ -13,7 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from mfa_hf.ops import empty_grads, new_output
+from ..contract import AttentionCall, Gradients
+from ..launch import empty_grads, new_output
 
 from .forward import _bshd_strides, _lse_strides, _placeholder, bound_mask, bound_slopes
 from .loader import MASK_KINDS, MSL_TYPES, header_fields, library
@@ -65,19 +66,18 @@ class BackwardVariant:
         }
 
 
-def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, cu_seqlens_q,
-             cu_seqlens_k, dropout_seed, max_seqlen_q, max_seqlen_k, scale, causal, window_left,
-             window_right, softcap, dropout_p, want_mask_grad):
-    """(dq, dk, dv, dsinks or None, dmask or None); arguments as mfa_hf.ops.define_attention_ops."""
-    if dropout_p > 0:
-        raise ValueError(f"dropout_p: the metal backward has no dropout (the torch backend serves it), got {dropout_p}")
-    varlen = cu_seqlens_q is not None
-    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
-    lq = max_seqlen_q if varlen else q.shape[1]
-    lk = max_seqlen_k if varlen else k.shape[1]
-    heads_q, heads_kv = q.shape[-2], k.shape[-2]
-    want_mask_grad = want_mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool
-    if lq == 0 or lk == 0 or batch == 0 or heads_q == 0:
+def backward(call: AttentionCall, grads: Gradients):
+    """(dq, dk, dv, dsinks or None, dmask or None) (kernels/contract.py)."""
+    q, k, v, attn_mask, alibi_slopes, sinks = call.q, call.k, call.v, call.attn_mask, call.alibi_slopes, call.sinks
+    cu_seqlens_q, cu_seqlens_k, o = call.cu_seqlens_q, call.cu_seqlens_k, call.options
+    grad_out, grad_lse, out, lse = grads.grad_out, grads.grad_lse, grads.out, grads.lse
+    if o.dropout_p > 0:
+        raise ValueError(f"dropout_p: the metal backward has no dropout (the torch backend serves it), got {o.dropout_p}")
+    varlen, batch, lq, lk = call.varlen, call.batch, call.seqlen_q, call.seqlen_k
+    heads_q, heads_kv = call.heads_q, call.heads_kv
+    scale, softcap = o.scale, o.softcap
+    want_mask_grad = grads.want_mask_grad and call.mask_kind == "additive"
+    if call.empty:
         return empty_grads(q, k, v, sinks, grad_lse, attn_mask.shape if want_mask_grad else None)
     dq, dk, dv = (new_output(t.shape, t.dtype, t.device) for t in (q, k, v))
 
@@ -91,9 +91,8 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
         q.dtype, q.shape[-1], v.shape[-1], mask_kind, None if mask_kind != "additive" else mask.dtype,
         softcap > 0, alibi_slopes is not None, varlen, cu_seqlens_q.dtype if varlen else torch.int32,
         dlse is not None, want_mask_grad)
-    right = 0 if causal else window_right
     params = ([s for t in (q, k, v, out, grad_out, dq, dk, dv) for s in _bshd_strides(t)] + _lse_strides(lse)
-              + mask_strides + [slopes_stride] + [lq, lk, heads_q, heads_q // heads_kv, window_left, right]
+              + mask_strides + [slopes_stride] + [lq, lk, heads_q, heads_q // heads_kv, o.window_left, o.window_right]
               + [q.shape[0], k.shape[0]])
     lib = library(variant, q.device, len(BACKWARD_PARAM_FIELDS))
     floats = _placeholder(q.device, torch.float32)

@@ -1,6 +1,6 @@
 """Launching the Metal decode kernels (attention_decode.metal) for mfa_hf::metal_decode.
 
-plan_splits() picks the split-K factor from the shape (batch, KV heads, row tiles, cache capacity),
+SPLITS (kernels/launch.py's policy) picks the split-K factor from the shape (batch, KV heads, row tiles, cache capacity),
 never from the lengths, which stay on the device: one pass (the vector kernel) when the grid
 already has enough threadgroups or the cache is short, else `splits` partial passes and a merge.
 Nothing here synchronizes with the device.
@@ -15,7 +15,8 @@ from typing import ClassVar
 import torch
 
 from mfa_hf import kv_formats
-from mfa_hf.ops import lse_dtype, new_output
+from ..contract import DecodeCall
+from ..launch import SplitPolicy, lse_dtype, new_output
 
 from .forward import LOG2E, _placeholder, bound_floats, bound_slopes
 from .loader import MSL_TYPES, header_defines, header_fields, library
@@ -44,12 +45,9 @@ SIMDGROUPS = 4  # WM: keys are spread over 4 simdgroups of 32 lanes
 # Query rows per threadgroup: each costs DL + DVL + 2 floats per lane (q, o, m/l); 8 rows at
 # D = 128 are 80 registers, and 4 rows at D = 256 the same.
 MAX_ROWS_SMALL_D, MAX_ROWS_LARGE_D = 8, 4
-# Split-K policy: enough threadgroups to fill a GPU (Apple M-series: 8-40 cores, several
-# threadgroups each), but never splits shorter than MIN_KEYS_PER_SPLIT keys (the merge and the
-# partial writes would dominate).
-TARGET_THREADGROUPS = 128
-MIN_KEYS_PER_SPLIT = 256
-MAX_SPLITS = 64
+# Split-K (kernels/launch.py): enough threadgroups to fill a GPU (Apple M-series: 8-40 cores, several
+# threadgroups each); each split reads the cache capacity's share (an upper bound of every length).
+SPLITS = SplitPolicy(target_work=128)
 
 
 @dataclass(frozen=True)
@@ -92,15 +90,6 @@ def rows_per_tile(group: int, lq: int, dim_qk: int, dim_v: int) -> int:
     return max(1, min(group * lq, limit))
 
 
-def plan_splits(threadgroups: int, capacity: int, num_splits: int = 0) -> int:
-    """Splits of each tile's key range, from the shape: `threadgroups` without splitting and the
-    cache capacity (an upper bound of every length). num_splits > 0 is taken as given (capped)."""
-    if num_splits <= 0:
-        wanted = math.ceil(TARGET_THREADGROUPS / max(1, threadgroups))
-        num_splits = min(wanted, capacity // MIN_KEYS_PER_SPLIT)
-    return max(1, min(num_splits, MAX_SPLITS, max(1, capacity)))
-
-
 def _strides4(t: torch.Tensor | None) -> list[int]:
     """Element strides of a 4-D tensor, 0 along size-1 (broadcast) dims; zeros when absent."""
     if t is None:
@@ -115,10 +104,13 @@ def _index_vector(t: torch.Tensor | None, device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.int32).contiguous()
 
 
-def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_idx, alibi_slopes, sinks,
-               k_format, v_format, k_group_size, v_group_size, scale, causal, window_left, window_right,
-               softcap, num_splits):
-    """The metal backend's mfa_hf::metal_decode (arguments: mfa_hf.ops.define_decode_op)."""
+def decode(call: DecodeCall):
+    """The metal backend's decode (kernels/contract.py DecodeCall): vector kernel, split-K + merge."""
+    q, keys, values, o = call.q, call.keys, call.values, call.options
+    k_codes, k_scales, k_format, k_group_size = keys.codes, keys.scales, keys.format, keys.group_size
+    v_codes, v_scales, v_format, v_group_size = values.codes, values.scales, values.format, values.group_size
+    alibi_slopes, sinks, cache_batch_idx, seqlens_k = call.alibi_slopes, call.sinks, call.cache_batch_idx, call.seqlens_k
+    scale, softcap = o.scale, o.softcap
     batch, lq, heads_q, dim_qk = q.shape
     heads_kv = k_codes.shape[2]
     group = heads_q // heads_kv
@@ -129,12 +121,11 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
         return out, lse
     rows = rows_per_tile(group, lq, dim_qk, dim_v)
     tiles = math.ceil(group * lq / rows)
-    splits = plan_splits(batch * heads_kv * tiles, k_codes.shape[1], num_splits)
-    right = 0 if causal else window_right
+    splits = SPLITS.splits(batch * heads_kv * tiles, k_codes.shape[1], 1, call.num_splits)
     slopes, slopes_stride = bound_slopes(alibi_slopes, q.device)
     params = (_strides4(q) + _strides4(k_codes) + _strides4(v_codes) + _strides4(k_scales) + _strides4(v_scales)
               + list(out.stride()) + list(lse.stride())
-              + [slopes_stride] + [lq, heads_q, group, window_left, right, splits, k_group_size, v_group_size]
+              + [slopes_stride] + [lq, heads_q, group, o.window_left, o.window_right, splits, k_group_size, v_group_size]
               + [k_codes.shape[1], k_codes.shape[0]])
     q_scale = scale / softcap if softcap > 0 else scale * LOG2E
     variant = DecodeVariant(q.dtype, dim_qk, dim_v, k_format, v_format, rows, softcap > 0, alibi_slopes is not None,

@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from mfa_hf.ops import empty_result, new_output
+from ..contract import AttentionCall
+from ..launch import empty_result, new_output
 
 from .loader import MSL_TYPES, ForwardVariant, header_fields, library
 
@@ -87,17 +88,16 @@ def bound_floats(t, device) -> torch.Tensor:
     return _placeholder(device, torch.float32) if t is None else t.to(torch.float32).contiguous()
 
 
-def forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, dropout_seed,
-            max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p):
-    if dropout_p > 0:
-        raise ValueError(f"dropout_p: the metal forward has no dropout (the torch backend serves it), got {dropout_p}")
-    varlen = cu_seqlens_q is not None
-    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
-    lq = max_seqlen_q if varlen else q.shape[1]
-    lk = max_seqlen_k if varlen else k.shape[1]
-    heads_q, heads_kv = q.shape[-2], k.shape[-2]
-    if lq == 0 or lk == 0 or batch == 0 or heads_q == 0:  # a Metal grid has no empty dimension
+def forward(call: AttentionCall):
+    q, k, v, attn_mask, alibi_slopes, sinks = call.q, call.k, call.v, call.attn_mask, call.alibi_slopes, call.sinks
+    cu_seqlens_q, cu_seqlens_k, o = call.cu_seqlens_q, call.cu_seqlens_k, call.options
+    if o.dropout_p > 0:
+        raise ValueError(f"dropout_p: the metal forward has no dropout (the torch backend serves it), got {o.dropout_p}")
+    if call.empty:  # a Metal grid has no empty dimension
         return empty_result(q, v, sinks)
+    varlen, batch, lq, lk = call.varlen, call.batch, call.seqlen_q, call.seqlen_k
+    heads_q, heads_kv = call.heads_q, call.heads_kv
+    scale, softcap = o.scale, o.softcap
 
     out = new_output(q.shape[:-1] + (v.shape[-1],), q.dtype, q.device)
     lse_shape = (heads_q, q.shape[0]) if varlen else (batch, heads_q, lq)
@@ -113,9 +113,8 @@ def forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k,
         cu_seqlens_dtype=cu_seqlens_q.dtype if varlen else torch.int32)
     config = variant.config()
 
-    right = 0 if causal else window_right
     params = (_bshd_strides(q) + _bshd_strides(k) + _bshd_strides(v) + _bshd_strides(out) + _lse_strides(lse)
-              + mask_strides + [slopes_stride] + [lq, lk, heads_q // heads_kv, window_left, right]
+              + mask_strides + [slopes_stride] + [lq, lk, heads_q // heads_kv, o.window_left, o.window_right]
               + [q.shape[0], k.shape[0]])
     unit = 1.0 if variant.mask_kind == "additive" else LOG2E  # attention_forward.metal's SCORE_UNIT
     q_scale = scale / softcap if softcap > 0 else scale * unit

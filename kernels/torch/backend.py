@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from mfa_hf.ops import define_attention_ops, define_decode_op, empty_grads, empty_result
 from mfa_hf.problem import AttentionProblem, check_offsets
 
+from ..contract import AttentionCall, BackendDefinition, Gradients
+from ..launch import empty_grads, empty_result
 from .backward import backward_dense
-from .decode import run_decode
+from .decode import decode
 from .forward import forward_dense
 from .scores import make_spec
 from .tiles import make_band
@@ -37,10 +38,10 @@ def _segments(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int):
         yield b, slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], starts_k[b + 1])
 
 
-def _spec(q, k, attn_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right,
-          softcap, dropout_p, batch_offset=0):
-    band = make_band(q.shape[1], k.shape[1], causal, window_left, window_right)
-    return make_spec(q, k, scale, softcap, band, alibi_slopes, attn_mask, dropout_p, dropout_seed,
+def _spec(call: AttentionCall, q, k, attn_mask, alibi_slopes, batch_offset=0):
+    o = call.options
+    band = make_band(q.shape[1], k.shape[1], o.window_left, o.window_right)
+    return make_spec(q, k, o.scale, o.softcap, band, alibi_slopes, attn_mask, o.dropout_p, call.dropout_seed,
                      batch_offset)
 
 
@@ -50,37 +51,34 @@ def _sequence_slopes(alibi_slopes, b):
     return alibi_slopes[b]
 
 
-def forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, dropout_seed,
-            max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p):
-    options = (scale, causal, window_left, window_right, softcap, dropout_p)
-    if cu_seqlens_q is None:
-        if q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0:
+def forward(call: AttentionCall):
+    q, k, v, sinks = call.q, call.k, call.v, call.sinks
+    if not call.varlen:
+        if call.empty:
             return empty_result(q, v, sinks)
-        spec = _spec(q, k, attn_mask, alibi_slopes, dropout_seed, *options)
-        return forward_dense(q, k, v, spec, sinks)
+        return forward_dense(q, k, v, _spec(call, q, k, call.attn_mask, call.alibi_slopes), sinks)
     out, lse = empty_result(q, v, sinks)
-    for b, rows, keys in _segments(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
+    for b, rows, keys in _segments(call.cu_seqlens_q, call.cu_seqlens_k, q.shape[0], k.shape[0]):
         if rows.stop == rows.start or keys.stop == keys.start:
             continue
         qb, kb, vb = q[None, rows], k[None, keys], v[None, keys]
-        spec = _spec(qb, kb, None, _sequence_slopes(alibi_slopes, b), dropout_seed, *options, batch_offset=b)
+        spec = _spec(call, qb, kb, None, _sequence_slopes(call.alibi_slopes, b), batch_offset=b)
         seq_out, seq_lse = forward_dense(qb, kb, vb, spec, sinks)
         out[rows] = seq_out[0]
         lse[:, rows] = seq_lse[0]
     return out, lse
 
 
-def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, cu_seqlens_q,
-             cu_seqlens_k, dropout_seed, max_seqlen_q, max_seqlen_k, scale, causal, window_left,
-             window_right, softcap, dropout_p, want_mask_grad):
-    options = (scale, causal, window_left, window_right, softcap, dropout_p)
-    if cu_seqlens_q is None:
-        if q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0:
-            return empty_grads(q, k, v, sinks, grad_lse, attn_mask.shape if want_mask_grad else None)
-        spec = _spec(q, k, attn_mask, alibi_slopes, dropout_seed, *options)
-        return backward_dense(grad_out, grad_lse, q, k, v, out, lse, spec, sinks, want_mask_grad)
+def backward(call: AttentionCall, grads: Gradients):
+    q, k, v, sinks, grad_lse = call.q, call.k, call.v, call.sinks, grads.grad_lse
+    if not call.varlen:
+        if call.empty:
+            return empty_grads(q, k, v, sinks, grad_lse, call.attn_mask.shape if grads.want_mask_grad else None)
+        spec = _spec(call, q, k, call.attn_mask, call.alibi_slopes)
+        return backward_dense(grads.grad_out, grad_lse, q, k, v, grads.out, grads.lse, spec, sinks,
+                              grads.want_mask_grad)
     dq, dk, dv, dsinks, _ = empty_grads(q, k, v, sinks, None)
-    for b, rows, keys in _segments(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
+    for b, rows, keys in _segments(call.cu_seqlens_q, call.cu_seqlens_k, q.shape[0], k.shape[0]):
         if rows.stop == rows.start:
             continue
         if keys.stop == keys.start:  # rows that see only their sink (empty_grads says why)
@@ -88,15 +86,14 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
                 dsinks += grad_lse[:, rows].sum(dim=-1).to(dsinks.dtype)
             continue
         qb, kb, vb = q[None, rows], k[None, keys], v[None, keys]
-        spec = _spec(qb, kb, None, _sequence_slopes(alibi_slopes, b), dropout_seed, *options, batch_offset=b)
+        spec = _spec(call, qb, kb, None, _sequence_slopes(call.alibi_slopes, b), batch_offset=b)
         seq_grad_lse = None if grad_lse is None else grad_lse[None, :, rows]
-        grads = backward_dense(grad_out[None, rows], seq_grad_lse, qb, kb, vb, out[None, rows],
-                               lse[None, :, rows], spec, sinks, False)
-        dq[rows], dk[keys], dv[keys] = grads[0][0], grads[1][0], grads[2][0]
+        result = backward_dense(grads.grad_out[None, rows], seq_grad_lse, qb, kb, vb, grads.out[None, rows],
+                                grads.lse[None, :, rows], spec, sinks, False)
+        dq[rows], dk[keys], dv[keys] = result[0][0], result[1][0], result[2][0]
         if dsinks is not None:
-            dsinks += grads[3]
+            dsinks += result[3]
     return dq, dk, dv, dsinks, None
 
 
-OPS = define_attention_ops(NAME, forward, backward)
-DECODE = define_decode_op(NAME, run_decode)  # quantized/plain KV-cache attention (decode.py)
+BACKEND = BackendDefinition(NAME, supports, forward, backward, decode)

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from mfa_hf.ops import new_output
+from ..launch import new_output
 from .forward import accumulation_dtype
 from .scores import (
     ScoreSpec,

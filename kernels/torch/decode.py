@@ -1,7 +1,7 @@
 """Decode over a (possibly quantized) KV cache: split-K ("flash-decoding") with a log-sum-exp merge.
 
 plan_decode() picks, from the shape only, how many splits the visible key range is cut into, the
-key block and the query tile; run_decode() executes a plan. Each step of the loop takes block t of
+key block and the query tile; decode() executes a plan. Each step of the loop takes block t of
 every split at once, so the splits run side by side in one batched matmul (that is what gives a
 single query row parallel work), and every split keeps its own online-softmax state; the splits
 are merged at the end by their log-sum-exps. All G query heads of one KV head are stacked into one
@@ -22,16 +22,16 @@ from dataclasses import dataclass
 import torch
 
 from mfa_hf import kv_formats
-from mfa_hf.ops import lse_dtype, new_output
 from mfa_hf.quant import dequantize_codes
+
+from ..contract import CacheSide, DecodeCall
+from ..launch import SplitPolicy, lse_dtype, new_output
 
 from . import tiles
 
 # Enough independent (batch, KV head, split) work items to fill a GPU's cores or a CPU's threads;
 # fewer splits leave a lone decode row serial, more only add merge work.
-TARGET_WORK_ITEMS = 128
-MAX_SPLITS = 64
-MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost outweighs its parallelism
+SPLITS = SplitPolicy(target_work=128)
 DECODE_ROWS = 64  # query rows (x group) up to which splitting pays; prefill has parallel rows
 
 
@@ -42,30 +42,21 @@ class DecodePlan:
     query_tile: int  # query rows per pass
 
 
-@dataclass(frozen=True)
-class CacheSide:
-    """One of K or V as the kernel reads it: codes (or the plain cache) and how to decode them."""
-
-    codes: torch.Tensor
-    scales: torch.Tensor | None
-    format: str
-    group_size: int
-
-    def block(self, window: KeyRuns, rows: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """Values at the window's cache positions of the selected rows, heads first:
-        (B, Hkv, runs * count, D) in `dtype`. Codes (1 byte or less an element) are taken as they are
-        and widened after; a plain cache is taken and converted in one copy."""
-        if self.format == "none":
-            return _take(self.codes, window, rows, dtype, view_ok=True)  # straight into the matmuls
-        codes = _take(self.codes, window, rows)  # contiguous: elementwise decoding of a view is slower
-        scales = self.scales
-        scale_rows = rows if scales.shape[0] > 1 else None
-        if scales.shape[1] > 1:  # per token: the same positions
-            scales = _take(scales, window, scale_rows)
-        else:  # per head or static: broadcast along the positions
-            scales = scales if scale_rows is None else scales.index_select(0, scale_rows)
-            scales = scales.transpose(1, 2)
-        return dequantize_codes(codes, scales, self.format, self.group_size, dtype)
+def side_block(side: CacheSide, window: "KeyRuns", rows: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Values of one cache side at the window's positions of the selected rows, heads first:
+    (B, Hkv, runs * count, D) in `dtype`. Codes (1 byte or less an element) are taken as they are
+    and widened after; a plain cache is taken and converted in one copy."""
+    if side.format == "none":
+        return _take(side.codes, window, rows, dtype, view_ok=True)  # straight into the matmuls
+    codes = _take(side.codes, window, rows)  # contiguous: elementwise decoding of a view is slower
+    scales = side.scales
+    scale_rows = rows if scales.shape[0] > 1 else None
+    if scales.shape[1] > 1:  # per token: the same positions
+        scales = _take(scales, window, scale_rows)
+    else:  # per head or static: broadcast along the positions
+        scales = scales if scale_rows is None else scales.index_select(0, scale_rows)
+        scales = scales.transpose(1, 2)
+    return dequantize_codes(codes, scales, side.format, side.group_size, dtype)
 
 
 @dataclass(frozen=True)
@@ -117,28 +108,21 @@ def _take(cache: torch.Tensor, window: KeyRuns, rows: torch.Tensor | None,
 def plan_decode(batch: int, heads_kv: int, group: int, lq: int, key_span: int, num_splits: int = 0) -> DecodePlan:
     """Splits, key block and query tile from the shape (num_splits > 0 is taken as given, capped)."""
     key_block = tiles.TILING.key_tile
-    max_useful = max(1, math.ceil(key_span / key_block))
-    if num_splits <= 0:
-        num_splits = _auto_splits(batch * heads_kv, group * lq, key_span)
-    num_splits = max(1, min(num_splits, max_useful, MAX_SPLITS))
+    if num_splits <= 0 and group * lq > DECODE_ROWS:
+        num_splits = 1
+    num_splits = SPLITS.splits(batch * heads_kv, key_span, key_block, num_splits)
     per_row = max(1, batch * heads_kv * group * num_splits * key_block)
     query_tile = max(1, min(lq, tiles.TILING.max_query_tile, tiles.TILING.score_block_elements // per_row))
     return DecodePlan(num_splits, key_block, query_tile)
 
 
-def _auto_splits(work_items: int, rows: int, key_span: int) -> int:
-    if rows > DECODE_ROWS:
-        return 1
-    wanted = math.ceil(TARGET_WORK_ITEMS / max(1, work_items))
-    return max(1, min(wanted, key_span // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
-
-
-def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_idx, alibi_slopes, sinks,
-               k_format, v_format, k_group_size, v_group_size, scale, causal, window_left, window_right,
-               softcap, num_splits):
-    """The torch backend's mfa_hf::torch_decode (arguments: mfa_hf.ops.define_decode_op)."""
-    keys = CacheSide(k_codes, k_scales, k_format, k_group_size)
-    values = CacheSide(v_codes, v_scales, v_format, v_group_size)
+def decode(call: DecodeCall):
+    """The torch backend's decode (kernels/contract.py DecodeCall)."""
+    q, keys, values, seqlens_k, cache_batch_idx = call.q, call.keys, call.values, call.seqlens_k, call.cache_batch_idx
+    k_codes, v_codes, v_format = keys.codes, values.codes, values.format
+    scale, window_left, right, softcap = (call.options.scale, call.options.window_left, call.options.window_right,
+                                          call.options.softcap)
+    alibi_slopes, sinks, num_splits = call.alibi_slopes, call.sinks, call.num_splits
     batch, lq, heads_q, _ = q.shape
     heads_kv = k_codes.shape[2]
     acc_dtype = lse_dtype(q.dtype)
@@ -147,7 +131,6 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
     lse = new_output((batch, heads_q, lq), acc_dtype, q.device)
     lengths = _host_lengths(seqlens_k, cache_batch_idx, k_codes.shape[0], k_codes.shape[1])
     rows = None if cache_batch_idx is None else cache_batch_idx.to(torch.long)
-    right = 0 if causal else window_right
     span = _visible_span(lengths, lq, 0, lq, window_left, right)
     plan = plan_decode(batch, heads_kv, heads_q // heads_kv, lq, span[1] - span[0], num_splits)
     setup = _Setup(scale, softcap, window_left, right, seqlens_k.to(q.device, torch.long), lq,
@@ -226,8 +209,8 @@ def _attend_tile(q_tile, i0, keys: CacheSide, values: CacheSide, rows, start, en
         positions = start + torch.arange(splits, device=q_tile.device)[:, None] * split_len + offsets  # (P, BK)
         in_range = positions < end
         window = KeyRuns(start + step, split_len, splits, offsets.numel())
-        k_block = keys.block(window, rows, setup.acc_dtype)  # (B, Hkv, P * BK, D)
-        v_block = values.block(window, rows, setup.acc_dtype)
+        k_block = side_block(keys, window, rows, setup.acc_dtype)  # (B, Hkv, P * BK, D)
+        v_block = side_block(values, window, rows, setup.acc_dtype)
         scores = _block_scores(q4, k_block, splits, positions, in_range, query_pos, setup, group, tile_rows)
         new_max = torch.maximum(row_max, scores.amax(dim=-1))
         safe_max = _finite_or_zero(new_max)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mfa_hf.ops import lse_dtype, new_output
+from ..launch import lse_dtype, new_output
 from .scores import ScoreSpec, block_scores, dropout_keep, grouped_queries, heads_last, ungroup
 from .tiles import key_blocks, query_tile, query_tiles
 

@@ -63,8 +63,9 @@ class Block:
     needs_band_mask: bool
 
 
-def make_band(lq: int, lk: int, causal: bool, window_left: int, window_right: int) -> Band:
-    return Band(lq, lk, window_left, 0 if causal else window_right)
+def make_band(lq: int, lk: int, window_left: int, window_right: int) -> Band:
+    """The band of a (causal-folded) window (kernels/contract.py)."""
+    return Band(lq, lk, window_left, window_right)
 
 
 def query_tile(batch_heads: int, lq: int) -> int:

@@ -15,8 +15,10 @@ import triton
 
 from mfa_hf import kv_formats
 from mfa_hf.kernels.dropout import MASK32, drop_threshold
-from mfa_hf.ops import define_attention_ops, define_decode_op, empty_grads, empty_result, new_output
 from mfa_hf.problem import AttentionProblem
+
+from ..contract import AttentionCall, BackendDefinition, DecodeCall, Gradients
+from ..launch import SplitPolicy, empty_grads, empty_result, new_output
 
 from . import backward as _compiled_backward
 from . import decode as _compiled_decode
@@ -87,28 +89,21 @@ def _dropout_args(dropout_p: float, dropout_seed):
     return int(dropout_seed.item()) & MASK32, drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
-def _shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
-    """(batch, Lq, Lk) as the grid sees them (maximum lengths for packed sequences)."""
-    if cu_seqlens_q is None:
-        return q.shape[0], q.shape[1], k.shape[1]
-    return cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
-
-
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     if dtype == torch.float32:
         return "ieee"  # tf32 would carry ~1e-3 relative error: float32 callers expect float32 accuracy
     return "upcast" if device.type == "cpu" and dtype == torch.bfloat16 else "tf32"
 
 
-def _common_meta(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, causal, window_left, window_right,
-                 softcap, dropout_p):
-    right = 0 if causal else window_right
+def _common_meta(call: AttentionCall):
+    q, v, attn_mask, o = call.q, call.v, call.attn_mask, call.options
+    window_left, right, softcap = o.window_left, o.window_right, o.softcap
     return dict(
         HEAD_DQK=q.shape[-1], HEAD_DV=v.shape[-1], BLOCK_DQK=padded_dim(q.shape[-1]),
         BLOCK_DV=padded_dim(v.shape[-1]), HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0,
-        SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None,
+        SOFTCAP=softcap > 0,
         MASK_KIND=0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2),
-        VARLEN=cu_seqlens_q is not None, DROPOUT=dropout_p > 0,
+        ALIBI=call.alibi_slopes is not None, VARLEN=call.varlen, DROPOUT=o.dropout_p > 0,
         DOT_PRECISION=_dot_precision(q.dtype, q.device),
     ), max(window_left, 0), max(right, 0)
 
@@ -119,12 +114,12 @@ def on_tensors_device(launcher):
     several. Switches only when they differ, so the usual call pays one comparison."""
 
     @functools.wraps(launcher)
-    def launch(first, *args):
-        device = first.device
+    def launch(call, *args, **kwargs):
+        device = call.q.device
         if device.type == "cuda" and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):
-                return launcher(first, *args)
-        return launcher(first, *args)
+                return launcher(call, *args, **kwargs)
+        return launcher(call, *args, **kwargs)
 
     return launch
 
@@ -132,21 +127,22 @@ def on_tensors_device(launcher):
 # ---------------------------------------------------------------------------------------------
 
 @on_tensors_device
-def forward(q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, dropout_seed,
-            max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p):
-    batch, lq, lk = _shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+def forward(call: AttentionCall):
+    q, k, v, attn_mask, alibi_slopes, sinks = call.q, call.k, call.v, call.attn_mask, call.alibi_slopes, call.sinks
+    cu_seqlens_q, cu_seqlens_k, o = call.cu_seqlens_q, call.cu_seqlens_k, call.options
+    scale, softcap, dropout_p = o.scale, o.softcap, o.dropout_p
+    batch, lq, lk = call.batch, call.seqlen_q, call.seqlen_k
     if q.shape[0] == 0 or lq == 0 or (cu_seqlens_q is None and lk == 0):
         return empty_result(q, v, sinks)
     heads_q, heads_kv = q.shape[-2], k.shape[-2]
     out = new_output(q.shape[:-1] + (v.shape[-1],), q.dtype, q.device)
     lse_shape = (heads_q, q.shape[0]) if cu_seqlens_q is not None else (batch, heads_q, lq)
     lse = new_output(lse_shape, torch.float32, q.device)
-    meta, left, right = _common_meta(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, causal, window_left,
-                                     window_right, softcap, dropout_p)
-    blocks = forward_blocks(max(q.shape[-1], v.shape[-1]), q.dtype, causal, q.device.type, lq)
+    meta, left, right = _common_meta(call)
+    blocks = forward_blocks(max(q.shape[-1], v.shape[-1]), q.dtype, o.causal, q.device.type, lq)
     mask, mask_strides, _ = _mask_args(attn_mask, q, batch, lq, lk)
     slopes, slope_strides = _alibi_args(alibi_slopes, q)
-    seed, threshold, keep_scale = _dropout_args(dropout_p, dropout_seed)
+    seed, threshold, keep_scale = _dropout_args(dropout_p, call.dropout_seed)
     cu_q = q if cu_seqlens_q is None else cu_seqlens_q
     cu_k = q if cu_seqlens_k is None else cu_seqlens_k
     grid = (cdiv(lq, blocks.block_m), batch * heads_q)
@@ -189,23 +185,24 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 @on_tensors_device
-def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, cu_seqlens_q,
-             cu_seqlens_k, dropout_seed, max_seqlen_q, max_seqlen_k, scale, causal, window_left,
-             window_right, softcap, dropout_p, want_mask_grad):
-    batch, lq, lk = _shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+def backward(call: AttentionCall, grads: Gradients):
+    q, k, v, attn_mask, alibi_slopes, sinks = call.q, call.k, call.v, call.attn_mask, call.alibi_slopes, call.sinks
+    cu_seqlens_q, cu_seqlens_k, o = call.cu_seqlens_q, call.cu_seqlens_k, call.options
+    grad_out, grad_lse, out, lse = grads.grad_out, grads.grad_lse, grads.out, grads.lse
+    scale, softcap = o.scale, o.softcap
+    batch, lq, lk = call.batch, call.seqlen_q, call.seqlen_k
     heads_q, heads_kv = q.shape[-2], k.shape[-2]
-    write_ds = bool(want_mask_grad and attn_mask is not None)
+    write_ds = bool(grads.want_mask_grad and attn_mask is not None)
     if q.shape[0] == 0 or k.shape[0] == 0 or lq == 0 or lk == 0:
         return empty_grads(q, k, v, sinks, grad_lse, attn_mask.shape if write_ds else None)
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     delta = _delta(grad_out, out, grad_lse)
-    meta, left, right = _common_meta(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, causal, window_left,
-                                     window_right, softcap, dropout_p)
+    meta, left, right = _common_meta(call)
     mask, mask_strides, _ = _mask_args(attn_mask, q, batch, lq, lk)
     slopes, slope_strides = _alibi_args(alibi_slopes, q)
-    seed, threshold, keep_scale = _dropout_args(dropout_p, dropout_seed)
+    seed, threshold, keep_scale = _dropout_args(o.dropout_p, call.dropout_seed)
     cu_q = q if cu_seqlens_q is None else cu_seqlens_q
     cu_k = q if cu_seqlens_k is None else cu_seqlens_k
     delta_strides = (0, delta.stride(0)) if delta.dim() == 2 else (delta.stride(0), delta.stride(1))
@@ -214,7 +211,7 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
     scalars = (scale, softcap, left, right, seed, threshold, keep_scale)
     dim = max(q.shape[-1], v.shape[-1])
 
-    kv = backward_kv_blocks(dim, q.dtype, causal, q.device.type)
+    kv = backward_kv_blocks(dim, q.dtype, o.causal, q.device.type)
     _, bwd = _kernels(q.device)
     bwd.attention_backward_kv_kernel[(cdiv(lk, kv.block_n), batch * heads_kv)](
         q, k, v, grad_out, lse, delta, dk, dv, mask, slopes, cu_q, cu_k, *shared,
@@ -222,7 +219,7 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
         BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, num_warps=kv.num_warps, num_stages=kv.num_stages, **meta)
 
     ds = torch.zeros((batch, heads_q, lq, lk), dtype=torch.float32, device=q.device) if write_ds else q
-    qb = backward_q_blocks(dim, q.dtype, causal, q.device.type)
+    qb = backward_q_blocks(dim, q.dtype, o.causal, q.device.type)
     bwd.attention_backward_q_kernel[(cdiv(lq, qb.block_m), batch * heads_q)](
         q, k, v, grad_out, lse, delta, dq, ds, mask, slopes, cu_q, cu_k, *shared, *_strides4(dq)[:3],
         lq, lk, heads_q, heads_q // heads_kv, *scalars, WRITE_DS=write_ds, BLOCK_M=qb.block_m,
@@ -232,19 +229,14 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, attn_mask, alibi_slopes, sin
     return dq, dk, dv, _sink_grad(sinks, lse, delta), dmask
 
 
-OPS = define_attention_ops(NAME, forward, backward)
 
 
 # ---------------------------------------------------------------------------------------------
 # Decode over a (possibly quantized) KV cache (decode.py): split-K + merge.
 
-# Split-K choice, from the shape only (batch x KV heads x query tiles, cache capacity): enough programs
-# to keep every SM busy several times over, each split at least MIN_KEYS_PER_SPLIT keys.
-# At most PROGRAMS_PER_SM x SMs programs (rounded down): H200, B=8 Hkv=8 64k, 9 splits (576 programs for
-# 528 resident slots: a second, nearly empty wave) ran int8 in 0.53 ms, 16 splits in 0.39 ms.
+# Split-K choice (kernels/launch.py's SplitPolicy), from the shape only (batch x KV heads x query tiles,
+# visible key span): at most PROGRAMS_PER_SM x SMs programs.
 PROGRAMS_PER_SM = 8
-MIN_KEYS_PER_SPLIT = 256
-MAX_SPLITS = 64
 # GPU launch config of the split kernel; the benchmark may override (decode_config).
 DECODE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3)
 # Quantized caches: H100 64k sweep (2026-11-21), packed conversions: 128 keys, 4 warps, 3 stages best for
@@ -262,7 +254,6 @@ def _asm_ok(device) -> bool:
     if index not in _asm_cache:
         _asm_cache[index] = torch.cuda.get_device_capability(index) >= (8, 9)
     return _asm_cache[index]
-_sm_count: dict = {}
 
 
 def _levels(device, dtype):
@@ -274,22 +265,19 @@ def _levels(device, dtype):
     return _levels_cache[key]
 
 
-def _programs_wanted(device) -> int:
+def split_policy(device) -> SplitPolicy:
+    """The split policy for `device`: its SM count (cached per device); the interpreter gets a few
+    splits of small blocks, so that the merge path is exercised."""
     if device.type != "cuda":
-        return 16  # the interpreter: a few splits, so the merge path is exercised
+        return SplitPolicy(target_work=16, min_keys=16)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_count:
-        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return PROGRAMS_PER_SM * _sm_count[index]
+    if index not in _policies:
+        sms = torch.cuda.get_device_properties(index).multi_processor_count
+        _policies[index] = SplitPolicy(target_work=PROGRAMS_PER_SM * sms)
+    return _policies[index]
 
 
-def decode_splits(work: int, key_span: int, block_n: int, device, num_splits: int = 0) -> int:
-    """Splits of the visible key range: from the shape (work = batch x KV heads x query tiles)."""
-    useful = max(1, cdiv(key_span, block_n))
-    if num_splits <= 0:
-        min_keys = MIN_KEYS_PER_SPLIT if device.type == "cuda" else 16
-        num_splits = min(max(1, _programs_wanted(device) // max(1, work)), max(1, key_span // min_keys))
-    return max(1, min(num_splits, useful, MAX_SPLITS))
+_policies: dict = {}
 
 
 def _scale_args(scales, codes, fmt, group_size):
@@ -311,10 +299,13 @@ def _pow2(n: int) -> int:
 
 
 @on_tensors_device
-def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_idx, alibi_slopes, sinks,
-               k_format, v_format, k_group_size, v_group_size, scale, causal, window_left, window_right,
-               softcap, num_splits, config=None):
-    """mfa_hf::triton_decode (arguments: mfa_hf.ops.define_decode_op); config overrides DECODE_CONFIG."""
+def decode(call: DecodeCall, config=None):
+    """The triton decode (kernels/contract.py DecodeCall); config overrides DECODE_CONFIG (benchmarks)."""
+    q, keys, values, o = call.q, call.keys, call.values, call.options
+    k_codes, k_scales, k_format, k_group_size = keys.codes, keys.scales, keys.format, keys.group_size
+    v_codes, v_scales, v_format, v_group_size = values.codes, values.scales, values.format, values.group_size
+    alibi_slopes, sinks, cache_batch_idx, seqlens_k = call.alibi_slopes, call.sinks, call.cache_batch_idx, call.seqlens_k
+    scale, softcap, window_left, right = o.scale, o.softcap, o.window_left, o.window_right
     batch, lq, heads_q, dim = q.shape
     heads_kv = k_codes.shape[2]
     group = heads_q // heads_kv
@@ -336,11 +327,10 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
     asm = _asm_ok(q.device) and bool(cfg.get("asm", True)) and not (
         q.dtype == torch.float32 and (k_spec.codebook or v_spec.codebook))
     q_tiles = cdiv(lq, block_q)
-    right = 0 if causal else window_right
     span = k_codes.shape[1]
     if window_left >= 0 and right >= 0:
         span = min(span, window_left + right + block_q)
-    splits = decode_splits(batch * heads_kv * q_tiles, span, block_n, q.device, num_splits)
+    splits = split_policy(q.device).splits(batch * heads_kv * q_tiles, span, block_n, call.num_splits)
     direct = splits == 1
     ks, ks_strides, k_mode, k_gs, k_ng = _scale_args(k_scales, k_codes, k_format, k_group_size)
     vs, vs_strides, v_mode, v_gs, v_ng = _scale_args(v_scales, v_codes, v_format, v_group_size)
@@ -377,4 +367,4 @@ def run_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_i
     return out, lse
 
 
-DECODE = define_decode_op(NAME, run_decode)
+BACKEND = BackendDefinition(NAME, supports, forward, backward, decode, device_types=None)

@@ -31,7 +31,7 @@ class Check:
 @contextmanager
 def metal_forced() -> Iterator[None]:
     """MFA_BACKEND=metal and NaN-poisoned outputs for the block; both restored after."""
-    from mfa_hf import ops
+    from mfa_hf.kernels import launch as ops  # POISON_OUTPUTS lives with the output allocation
 
     saved_env, saved_poison = os.environ.get("MFA_BACKEND"), ops.POISON_OUTPUTS
     os.environ["MFA_BACKEND"] = "metal"

@@ -8,6 +8,7 @@ torch's own conversion.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -87,12 +88,14 @@ def test_decode_shapes(case, metal_backend, two_schedules):
 def test_splits_come_from_the_shape_and_agree(metal_backend, two_schedules, monkeypatch):
     """Auto splits: one pass for short caches, several for long ones (from the capacity, not the
     lengths); a long cache gives the same answer with the auto choice and with one split."""
-    assert metal_decode.plan_splits(threadgroups=2, capacity=200) == 1
-    assert metal_decode.plan_splits(threadgroups=2, capacity=4096) == 16
-    assert metal_decode.plan_splits(threadgroups=256, capacity=4096) == 1
-    assert metal_decode.plan_splits(threadgroups=2, capacity=4096, num_splits=200) == metal_decode.MAX_SPLITS
-    monkeypatch.setattr(metal_decode, "MIN_KEYS_PER_SPLIT", 16)  # so that a small cache splits by itself
-    assert metal_decode.plan_splits(threadgroups=6, capacity=CAPACITY) == 5
+    splits = metal_decode.SPLITS
+    assert splits.splits(work=2, key_span=200) == 1
+    assert splits.splits(work=2, key_span=4096) == 16
+    assert splits.splits(work=256, key_span=4096) == 1
+    assert splits.splits(work=2, key_span=4096, requested=200) == splits.max_splits
+    # so that a small cache splits by itself
+    monkeypatch.setattr(metal_decode, "SPLITS", dataclasses.replace(splits, min_keys=16))
+    assert metal_decode.SPLITS.splits(work=6, key_span=CAPACITY) == 5
     case = DecodeCase("int8", 1, torch.float32, (4, 2), 32, sinks=True)
     check_decode(case, metal_backend, two_schedules)
 

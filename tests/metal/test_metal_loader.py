@@ -91,8 +91,8 @@ def test_opcheck_and_compile(metal_backend):
     inside torch.compile(fullgraph=True)."""
     case = Case(dtype=torch.float32, batch=1, lq=9, lk=12, heads_q=2, heads_kv=1, dim=16, dim_v=8, causal=True)
     inputs = make_inputs(case, device=metal_backend.device, requires_grad=True)
-    args = (inputs["q"], inputs["k"], inputs["v"], None, None, None, None, None, None, 0, 0, 0.25, True, -1, 0, 0.0, 0.0)
-    torch.library.opcheck(backend.OPS.forward.op, args)
+    args = (inputs["q"], inputs["k"], inputs["v"], None, None, None, None, None, None, 0.25, -1, 0, 0.0, 0.0, 0, 0)
+    torch.library.opcheck(mfa_hf.dispatch.backend("metal").ops.forward.op, args)
     compiled = torch.compile(lambda q, k, v: mfa_hf.flash_attn_func(q, k, v, causal=True), fullgraph=True,
                              backend="aot_eager")
     out = compiled(inputs["q"], inputs["k"], inputs["v"])

@@ -6,7 +6,8 @@ directly, past validation, with the bad values and with their clamped twins."""
 import torch
 
 from mfa_hf.kernels.metal.append import append
-from mfa_hf.kernels.metal.decode import run_decode
+from mfa_hf.kernels.contract import AttentionCall, DecodeCall
+from mfa_hf.kernels.metal.decode import decode as run_decode
 from mfa_hf.kernels.metal.forward import forward
 
 
@@ -20,7 +21,7 @@ def test_varlen_offsets_are_clamped_into_the_packed_tensors(metal_backend):
 
     def run(cu):
         cu = _int32(cu, device)
-        return forward(q, k, v, None, None, None, cu, cu, None, 40, 40, 0.2, True, -1, -1, 0.0, 0.0)
+        return forward(AttentionCall.from_op_args((q, k, v, None, None, None, cu, cu, None, 0.2, -1, 0, 0.0, 0.0, 40, 40)))
 
     bad_out, bad_lse = run([0, 30, 999])  # the last sequence ends past the 60 packed rows
     good_out, good_lse = run([0, 30, 60])
@@ -33,8 +34,9 @@ def test_decode_lengths_and_rows_are_clamped_into_the_cache(metal_backend):
     cache = torch.randn(3, 16, 1, 32, generator=g).to(device)
 
     def run(lengths, rows):
-        return run_decode(q, cache, None, cache, None, _int32(lengths, device), _int32(rows, device), None, None,
-                          "none", "none", 32, 32, 0.2, False, -1, -1, 0.0, 1)
+        return run_decode(DecodeCall.from_op_args((q, cache, None, cache, None, _int32(lengths, device),
+                                                   _int32(rows, device), None, None, "none", "none", 32, 32, 0.2,
+                                                   -1, -1, 0.0, 1)))
 
     bad = run([100, -5], [7, -1])
     good = run([16, 0], [2, 0])

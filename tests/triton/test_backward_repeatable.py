@@ -58,14 +58,14 @@ def test_offsets_past_int32_are_refused_clearly():
     import dataclasses
 
     from mfa_hf.kernels.triton import backend
+    from mfa_hf.kernels.contract import AttentionCall, Options
     from mfa_hf.ops import describe
 
     q, k = torch.empty(3, 4, 2, 8), torch.empty(3, 6, 2, 8)
-    problem = dataclasses.replace(describe(q, k, k, None, None, None, None, 0, 0, False, -1, -1, 0.0, 0.0),
-                                  device_type="cuda")
+    problem = dataclasses.replace(describe(AttentionCall(q, k, k, Options(0.25))), device_type="cuda")
     assert problem.largest_span == 6 * 2 * 8  # one batch row of k (batches are offset in 64 bits)
     assert backend.supports(dataclasses.replace(problem, largest_span=2**31))[0]
     ok, reason = backend.supports(dataclasses.replace(problem, largest_span=2**31 + 1))
     assert not ok and "32-bit offsets" in reason and "2147483648" in reason
     wide = torch.empty(1, 1, 1, 1).expand(2, 2**20, 2**11, 1)  # stride 0: reaches one element only
-    assert describe(wide, wide, wide, None, None, None, None, 0, 0, False, -1, -1, 0.0, 0.0).largest_span == 2**31
+    assert describe(AttentionCall(wide, wide, wide, Options(1.0))).largest_span == 2**31

@@ -375,11 +375,12 @@ def test_decode_splits_from_shape_only():
     from mfa_hf.kernels.triton import backend as tb
 
     device = torch.device(DEVICE)
-    chosen = {tb.decode_splits(8 * 8, capacity, 64, device) for capacity in (65536,)}
+    policy = tb.split_policy(device)
+    chosen = {policy.splits(8 * 8, capacity, 64) for capacity in (65536,)}
     assert len(chosen) == 1
-    assert tb.decode_splits(8 * 8, 65536, 64, device, num_splits=3) == 3
-    assert tb.decode_splits(8 * 8, 100, 64, device, num_splits=30) == 2, "splits beyond the key blocks are capped"
-    assert tb.decode_splits(1, 10**6, 64, device, num_splits=1000) == tb.MAX_SPLITS
+    assert policy.splits(8 * 8, 65536, 64, requested=3) == 3
+    assert policy.splits(8 * 8, 100, 64, requested=30) == 2, "splits beyond the key blocks are capped"
+    assert policy.splits(1, 10**6, 64, requested=1000) == policy.max_splits
 
 
 def test_decode_lengths_do_not_recompile():
@@ -416,9 +417,12 @@ def test_decode_clamps_trusted_indices():
     cache_k, cache_v = torch.randn(3, 8, 2, 16, device=device), torch.randn(3, 8, 2, 16, device=device)
 
     def run(lengths, rows):
-        return tb.run_decode(q, cache_k, None, cache_v, None, torch.tensor(lengths, dtype=torch.int32, device=device),
-                             torch.tensor(rows, dtype=torch.int32, device=device), None, None, "none", "none", 16, 16,
-                             0.25, True, -1, -1, 0.0, 1)
+        from mfa_hf.kernels.contract import DecodeCall
+
+        return tb.decode(DecodeCall.from_op_args((
+            q, cache_k, None, cache_v, None, torch.tensor(lengths, dtype=torch.int32, device=device),
+            torch.tensor(rows, dtype=torch.int32, device=device), None, None, "none", "none", 16, 16, 0.25, -1, 0,
+            0.0, 1)))
 
     bad_out, bad_lse = run([50, -3], [7, -2])
     good_out, good_lse = run([8, 0], [2, 0])
