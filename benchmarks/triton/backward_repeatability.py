@@ -147,7 +147,7 @@ def main(argv=None) -> int:
                                         f"kv={tuple(vars(chosen).values())}",
                                         lambda: check(dim, dtype, causal, args.repeats))
     if args.dump:
-        from mfa_hf.kernels.triton import backward
+        from mfa_hf.kernels.triton import backward_kernel as backward
         dump_compiled(backward.attention_backward_kv_kernel, args.dump)
     print(f"{failures} failing configurations")
     return 1 if failures else 0

@@ -36,7 +36,7 @@ def host_us(fn, calls: int = CALLS) -> float:
 def forward_layers() -> None:
     import mfa_hf
     from mfa_hf.kernels.triton import backend as tb
-    from mfa_hf.kernels.triton import forward as kernels
+    from mfa_hf.kernels.triton import forward_kernel as kernels
 
     q, k, v = (torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     from mfa_hf import dispatch

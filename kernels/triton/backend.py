@@ -20,9 +20,9 @@ from mfa_hf.problem import AttentionProblem
 from ..contract import AttentionCall, BackendDefinition, DecodeCall, Gradients
 from ..launch import SplitPolicy, empty_grads, empty_result, new_output
 
-from . import backward as _compiled_backward
-from . import decode as _compiled_decode
-from . import forward as _compiled_forward
+from . import backward_kernel as _compiled_backward
+from . import decode_kernel as _compiled_decode
+from . import forward_kernel as _compiled_forward
 from .blocks import backward_kv_blocks, backward_q_blocks, cdiv, forward_blocks, interpreting, padded_dim
 
 NAME = "triton"

@@ -29,7 +29,7 @@ from mfa_hf.problem import AttentionProblem
 from mfa_hf.testing import Case, assert_close_to_reference, check_against_reference, core_cases, full_cases
 
 from mfa_hf.kernels.triton import blocks
-from mfa_hf.kernels.triton import forward as triton_forward
+from mfa_hf.kernels.triton import forward_kernel as triton_forward
 
 FULL = os.environ.get("MFA_TRITON_FULL") == "1"
 DEVICE = "cuda" if FULL else "cpu"
@@ -206,7 +206,7 @@ def test_forced_triton_raises_with_reason_for_float64():
 def test_sequence_lengths_do_not_recompile():
     if not FULL:
         pytest.skip("compilation happens on CUDA only (the interpreter compiles nothing)")
-    from mfa_hf.kernels.triton import forward as fwd
+    from mfa_hf.kernels.triton import forward_kernel as fwd
 
     def run(n):
         x = torch.randn(1, n, 2, 64, device="cuda", dtype=torch.bfloat16)
@@ -386,7 +386,7 @@ def test_decode_splits_from_shape_only():
 def test_decode_lengths_do_not_recompile():
     if not FULL:
         pytest.skip("compilation happens on CUDA only (the interpreter compiles nothing)")
-    from mfa_hf.kernels.triton import decode as dec
+    from mfa_hf.kernels.triton import decode_kernel as dec
 
     cache = torch.randn(2, 8192, 2, 128, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(2, 1, 8, 128, device="cuda", dtype=torch.bfloat16)
