@@ -149,7 +149,14 @@ class CacheSide:
 class DecodeCall:
     """Attention of q (B, Lq, Hq, D) over each row's valid cache prefix: seqlens_k (B,) int32 keys
     visible to row b (new tokens included), cache_batch_idx (B,) int32 or None mapping rows to cache
-    rows. The window aligns bottom-right on seqlens_k[b]. num_splits 0 lets the backend choose."""
+    rows. The window aligns bottom-right on seqlens_k[b]. num_splits 0 lets the backend choose.
+
+    A cache in two parts (KIVI-style: quantized prefix, full-precision residual) adds residual_keys /
+    residual_values (B_cache, r, Hkv, D), rows chosen like the prefix's, and residual_lengths (B,) int32
+    (r for every row): row b's keys are then prefix[:seqlens_k[b]] followed by the r residual tokens, the
+    window counts in all of them, and sinks join once. kernels/merge.py composes that from two plain
+    decodes, so a backend's decode() only ever sees calls without a residual.
+    """
 
     q: Tensor
     keys: CacheSide
@@ -160,19 +167,28 @@ class DecodeCall:
     alibi_slopes: Optional[Tensor] = None
     sinks: Optional[Tensor] = None
     num_splits: int = 0
+    residual_keys: Optional[Tensor] = None
+    residual_values: Optional[Tensor] = None
+    residual_lengths: Optional[Tensor] = None
 
     def op_args(self) -> tuple:
         k, v, o = self.keys, self.values, self.options
         return (self.q, k.codes, k.scales, v.codes, v.scales, self.seqlens_k, self.cache_batch_idx,
                 self.alibi_slopes, self.sinks, k.format, v.format, k.group_size, v.group_size, o.scale,
-                o.window_left, o.window_right, o.softcap, self.num_splits)
+                o.window_left, o.window_right, o.softcap, self.num_splits, self.residual_keys,
+                self.residual_values, self.residual_lengths)
 
     @classmethod
     def from_op_args(cls, args) -> "DecodeCall":
         (q, k_codes, k_scales, v_codes, v_scales, seqlens_k, rows, slopes, sinks, k_format, v_format,
-         k_group, v_group, scale, left, right, softcap, num_splits) = args
+         k_group, v_group, scale, left, right, softcap, num_splits) = args[:18]
+        residual = tuple(args[18:21]) + (None,) * (21 - max(18, len(args)))
         return cls(q, CacheSide(k_codes, k_scales, k_format, k_group), CacheSide(v_codes, v_scales, v_format, v_group),
-                   seqlens_k, Options(scale, left, right, softcap), rows, slopes, sinks, num_splits)
+                   seqlens_k, Options(scale, left, right, softcap), rows, slopes, sinks, num_splits, *residual)
+
+    @property
+    def has_residual(self) -> bool:
+        return self.residual_keys is not None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ written, so a bad call leaves the cache untouched.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -141,22 +140,11 @@ def flash_attn_with_kvcache(
     they are trusted as in FlashAttention-2 (nothing is read back from the device; MFA_CHECK_VALUES=1 checks
     them at the price of a sync): out-of-range values give undefined results, bounded by the cache. Returns (B, Lq, Hq, Dv) (and lse (B, Hq, Lq) with return_lse).
     """
-    return attend_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, softmax_scale, causal,
-                          window_size, softcap, alibi_slopes, sinks, return_lse, num_splits)
-
-
-def attend_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cache_batch_idx=None, softmax_scale=None,
-                   causal=True, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None, sinks=None, return_lse=False,
-                   num_splits=0, host_batch_idx: list[int] | None = None):
-    """flash_attn_with_kvcache for callers that hold cache_batch_idx's values on the host as well
-    (host_batch_idx): those are checked instead of the tensor's (CPU tensors are always checked; device
-    ones only with MFA_CHECK_VALUES=1, see problem.values_checked)."""
     check_query(q)
     quantized = _check_caches(q, k_cache, v_cache)
     batch = q.shape[0]
     cache_batch, max_seqlen = k_cache.shape[0], k_cache.shape[1]
-    rows = _check_batch_idx(cache_batch_idx, batch, cache_batch, q.device, appending=k is not None,
-                            host_values=host_batch_idx)
+    rows = _check_batch_idx(cache_batch_idx, batch, cache_batch, q.device, appending=k is not None)
     new_len = _check_new(k, v, q, k_cache, v_cache, quantized)
     lengths = _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, q.device)
     # The append and decode kernels bind these as they are (helper_tensors.py says why).
@@ -170,6 +158,22 @@ def attend_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cach
     if k is not None and new_len:  # every check above ran first: a rejected call writes nothing
         _append_all(k_cache, v_cache, k, v, lengths, rows, chosen.ops.append)
     return _decode(call, problem, return_lse, chosen)
+
+
+def append_kv(k_cache, v_cache, k: Tensor, v: Tensor, cache_seqlens) -> None:
+    """Write k/v (B, Lnew, Hkv, D) into the caches at positions cache_seqlens .. + Lnew - 1 (an int for
+    every row, or a (B,) int32 tensor): flash_attn_with_kvcache's append without the attention. It goes
+    through the backend that serves these caches: its own append kernel (the metal backend quantizes on
+    write in one kernel), else the generic encode-and-write. Every check runs before anything is written."""
+    quantized = _check_caches(k, k_cache, v_cache, names=("k_cache", "v_cache"))
+    _check_batch_idx(None, k.shape[0], k_cache.shape[0], k.device, appending=True)
+    new_len = _check_new(k, v, k, k_cache, v_cache, quantized)
+    lengths = _check_seqlens(cache_seqlens, k.shape[0], k_cache.shape[1], new_len, k.device)
+    lengths = helper_tensors.index_vector(lengths, "cache_seqlens", k_cache.shape[1])
+    if not new_len:
+        return
+    call = _decode_call(k, k_cache, v_cache, lengths, None, None, None, Options(1.0), 0)
+    _append_all(k_cache, v_cache, k, v, lengths, None, dispatch.select(describe_decode(call)).ops.append)
 
 
 def attention_over_quantized(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
@@ -285,6 +289,30 @@ def check_query(q) -> None:
         raise ValueError(f"q: expected a head dim >= 1, got shape {tuple(q.shape)}")
 
 
+def check_decode_call(call: DecodeCall, host_rows=None) -> None:
+    """The checks flash_attn_with_kvcache runs, on a call a decode plan built (mfa_hf/decode_plan.py:
+    once per kind of layer per step). host_rows: cache_batch_idx's values, known on the host."""
+    q = call.q
+    check_query(q)
+    k_cache, v_cache = (_cache_of(side, q.dtype) for side in (call.keys, call.values))
+    _check_caches(q, k_cache, v_cache)
+    _check_batch_idx(call.cache_batch_idx, q.shape[0], k_cache.shape[0], q.device, appending=False,
+                     host_values=None if host_rows is None else list(host_rows))
+    o = call.options
+    _check_options(q, o.scale, False, o.window, o.softcap, call.alibi_slopes, call.sinks, call.num_splits)
+    if call.has_residual:
+        _check_caches(q, call.residual_keys, call.residual_values, names=("residual_keys", "residual_values"))
+        if call.residual_keys.shape[0] != k_cache.shape[0] or call.residual_keys.shape[2] != k_cache.shape[2]:
+            raise ValueError(f"residual_keys: expected (B_cache, r, Hkv) rows and heads like k_cache "
+                             f"{(k_cache.shape[0], k_cache.shape[2])}, got {tuple(call.residual_keys.shape)}")
+
+
+def _cache_of(side: CacheSide, dtype):
+    if side.format == "none":
+        return side.codes
+    return QuantizedKV(side.codes, side.scales, side.format, side.group_size, dtype)
+
+
 def _check_caches(q, k_cache, v_cache, names=("k_cache", "v_cache")) -> bool:
     k_quantized, v_quantized = isinstance(k_cache, QuantizedKV), isinstance(v_cache, QuantizedKV)
     if k_quantized != v_quantized:
@@ -374,23 +402,10 @@ def _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, device) -> Tensor:
     return cache_seqlens
 
 
-# Equal-length vectors built from host ints, kept for reuse: every layer of a decode step asks for the
-# same one, and on mps/cuda each new tensor is a device write. They are only ever read (the decode op
-# takes seqlens_k as an input; appends write the cache, never the lengths). functools.lru_cache is
-# safe under threads without a lock of ours (a hand-rolled dict evicting "the oldest" raised KeyError
-# when two threads evicted the same key); two threads missing at once may each build one, harmlessly.
-_LENGTHS_CACHE_SIZE = 8
-
-
-@functools.lru_cache(maxsize=_LENGTHS_CACHE_SIZE)
-def _cached_lengths(batch: int, length: int, device: torch.device) -> Tensor:
-    return torch.full((batch,), length, dtype=torch.int32, device=device)
-
-
 def _same_lengths(batch: int, length: int, device) -> Tensor:
-    if torch.compiler.is_compiling():  # a traced tensor must not outlive its graph
-        return torch.full((batch,), length, dtype=torch.int32, device=device)
-    return _cached_lengths(int(batch), int(length), torch.device(device))
+    """Every row's length, from a host int. Decode steps of a model get theirs from the step's plan
+    (mfa_hf/decode_plan.py), made once for all layers; a direct call makes its own."""
+    return torch.full((batch,), length, dtype=torch.int32, device=device)
 
 
 def _check_index_vector(name, t, batch, device) -> None:

@@ -19,6 +19,7 @@ from . import kernel_fallback, kv_formats, trace
 from .kernel_fallback import Fallback
 from .kernels.contract import AppendCall, AttentionCall, Backend, CacheSide, DecodeCall, Gradients
 from .kernels.launch import lse_dtype, output_shapes
+from .kernels.merge import decode_with_residual
 from .problem import AttentionProblem, MaskKind
 
 
@@ -224,7 +225,7 @@ def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendO
 
 
 def _fake_decode(q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_idx, alibi_slopes, sinks,
-                 k_format, v_format, *_options):
+                 k_format, v_format, *_options, residual_keys=None, residual_values=None, residual_lengths=None):
     batch, lq, heads_q, _ = q.shape
     dim_v = kv_formats.spec(v_format).logical_dim(v_codes.shape[-1])
     out = q.new_empty((batch, lq, heads_q, dim_v))
@@ -237,22 +238,30 @@ def _define_decode(backend: Backend, registry) -> EagerShortcut:
     name = backend.name
     fallback = _fallback(backend, "decode", registry)
 
-    def decode_call(call: DecodeCall, problem: Optional[AttentionProblem]) -> tuple:
+    def one_part(call: DecodeCall) -> tuple:
         result, served = kernel_fallback.call(name, backend.decode, fallback, (call,))
         if trace.enabled():
             trace.record(served, "decode", call.q.dtype, call.q.shape[-1], call.q.shape[1],
                          call.keys.codes.shape[1], _decode_flags(call))
         return result
 
+    def decode_call(call: DecodeCall, problem: Optional[AttentionProblem]) -> tuple:
+        if call.has_residual:  # two parts, merged in the kernels package
+            return decode_with_residual(one_part, call)
+        return one_part(call)
+
     def decode(
         q: Tensor, k_codes: Tensor, k_scales: Optional[Tensor], v_codes: Tensor, v_scales: Optional[Tensor],
         seqlens_k: Tensor, cache_batch_idx: Optional[Tensor], alibi_slopes: Optional[Tensor],
         sinks: Optional[Tensor], k_format: str, v_format: str, k_group_size: int, v_group_size: int,
         scale: float, window_left: int, window_right: int, softcap: float, num_splits: int,
+        residual_keys: Optional[Tensor] = None, residual_values: Optional[Tensor] = None,
+        residual_lengths: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor]:
         return decode_call(DecodeCall.from_op_args(
             (q, k_codes, k_scales, v_codes, v_scales, seqlens_k, cache_batch_idx, alibi_slopes, sinks, k_format,
-             v_format, k_group_size, v_group_size, scale, window_left, window_right, softcap, num_splits)), None)
+             v_format, k_group_size, v_group_size, scale, window_left, window_right, softcap, num_splits,
+             residual_keys, residual_values, residual_lengths)), None)
 
     op = torch.library.custom_op(f"mfa_hf::{name}_decode", decode, mutates_args=(),
                                  device_types=backend.device_types)

@@ -312,14 +312,17 @@ def test_plain_cache_dtype_and_batch_mismatch():
                                        torch.randn(2, 1, 2, 64), torch.randn(2, 1, 2, 64))
 
 
-def test_equal_lengths_are_built_once_and_never_written():
-    """Every layer of a decode step passes the same int length: one device tensor serves them all."""
-    from mfa_hf import kvcache
+def test_equal_lengths_are_built_once_per_step_and_never_written():
+    """Every layer of a decode step uses its plan's length vector (mfa_hf/decode_plan.py): one device
+    tensor serves them all; int lengths given to flash_attn_with_kvcache are never written by its append."""
+    from mfa_hf.decode_plan import DecodePlan
 
     q = torch.randn(2, 1, 4, 64)
     cache, v_cache = torch.randn(2, 16, 2, 64), torch.randn(2, 16, 2, 64)
-    first = kvcache._same_lengths(2, 9, q.device)
-    assert kvcache._same_lengths(2, 9, q.device) is first and kvcache._same_lengths(2, 10, q.device) is not first
+    plan = DecodePlan(2, 1)
+    first = plan._lengths_of(0, plan.groups[0], 9, q.device)
+    assert plan._lengths_of(0, plan.groups[0], 9, q.device) is first
+    assert plan._lengths_of(0, plan.groups[0], 10, q.device) is not first
     out = mfa_hf.flash_attn_with_kvcache(q, cache, v_cache, k=torch.randn(2, 1, 2, 64), v=torch.randn(2, 1, 2, 64),
                                          cache_seqlens=9)
     assert first.tolist() == [9, 9], "appending must not write the shared lengths"
@@ -329,9 +332,9 @@ def test_equal_lengths_are_built_once_and_never_written():
 
 
 def test_int_lengths_from_many_threads():
-    """8 threads x 50 calls with int cache_seqlens over more lengths than the reuse cache holds (so it
-    evicts all the time): no KeyError (the old dict evicted "the oldest" twice from two threads) and
-    every answer is the one a single thread gets."""
+    """8 threads x 50 calls with int cache_seqlens over many lengths: no error (a shared lengths memo once
+    raised KeyError when two threads evicted the same entry; decode plans now own the vectors) and every
+    answer is the one a single thread gets."""
     import sys
     import threading
 

@@ -19,7 +19,8 @@ import torch
 
 from ... import api
 from . import decode, internals
-from .mask_memo import once_per_mask, tagged_pattern
+from .mask_tags import tagged_pattern
+from .step import once_per_mask
 from .masks import is_packed_sequences
 
 
@@ -52,7 +53,7 @@ def _bias_mask(mask: torch.Tensor | None, position_bias: torch.Tensor | None, dt
 def _pattern(attention_mask, sliding_window, is_causal, q_len: int):
     """(mask, window, is_causal). A mask function of ours tagged the mask with the pattern it stands for
     (what eager applies), which wins over the module's kwargs, which some models omit or get wrong
-    (mask_memo.Pattern); a mask made only to carry the tag is no mask. Key-validity masks come back as
+    (mask_tags.Pattern); a mask made only to carry the tag is no mask. Key-validity masks come back as
     (B, L): tagged (B, 1, 1, L) ones, and untagged ones of several queries (a model sliced it and the tag
     is gone; an untagged single-row mask is a dense one, the whole truth for its query)."""
     pattern = tagged_pattern(attention_mask)

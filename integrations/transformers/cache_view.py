@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ...quant import QuantizedKV
+from .step import StepPlans
 
 
 class QuantizedCacheError(TypeError):
@@ -26,6 +27,10 @@ class QuantizedCacheView:
     quantized: QuantizedKV | None  # None until the first tokens leave the residual
     length: int
     residual: torch.Tensor | None = None
+    # The cache's holder of the current step's decode plan (shared by its layers), and the step: every
+    # layer of one step has seen the same number of tokens.
+    step_plans: StepPlans | None = None
+    step: int = 0
 
     @property
     def residual_length(self) -> int:

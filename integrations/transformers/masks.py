@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import internals
-from .mask_memo import Pattern, tag_pattern
+from .mask_tags import Pattern, tag_pattern
 
 # Leaf mask patterns the kernel expresses through is_causal / window_size, by qualified name:
 # the sliding-window overlays are closures, so identity checks cannot be used for them.
@@ -115,7 +115,7 @@ def _key_validity(attention_mask, batch_size: int, length: int, kv_length: int, 
 
 
 def with_pattern(mask, mask_function, batch_size: int, kv_length: int, device, key_mask_dims: int = 4):
-    """Tag the returned mask with the pattern it stands for (mask_memo.tag_pattern: causal or not, the
+    """Tag the returned mask with the pattern it stands for (mask_tags.tag_pattern: causal or not, the
     sliding window); where there is no mask to tag, an all-valid one made only to carry the tag. A (B, L)
     key-validity mask is handed out as (B, 1, 1, L) (key_mask_dims=4): code outside attention that
     consumes the mask (SigLIP2's pooling head repeats it per head and query) expects a broadcastable

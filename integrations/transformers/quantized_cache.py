@@ -29,12 +29,13 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ...kvcache import allocate_kv_cache
+from ...kvcache import allocate_kv_cache, append_kv
 from ... import scalars
 from ...kv_formats import QUANTIZED, QUANTIZED_NAMES, spec
-from ...quant import KVFormat, QuantizedKV, parse_format, quantize_kv
+from ...quant import KVFormat, QuantizedKV, parse_format
 from . import internals
 from .cache_view import QuantizedCacheError, QuantizedCacheView
+from .step import StepPlans
 
 __all__ = ["FORMATS", "MFAQuantizedCache", "MFAQuantizedLayer", "QuantizedCacheError", "QuantizedCacheView"]
 
@@ -67,16 +68,20 @@ class _Store:
     def residual_length(self) -> int:
         return 0 if self.residual is None else self.residual.shape[2]
 
-    def append_quantized(self, states: torch.Tensor) -> None:
-        """Quantize (B, H, n, D) states per token and write them after the valid prefix."""
-        n = states.shape[2]
+    @staticmethod
+    def append_quantized(stores: tuple["_Store", "_Store"], keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write (B, H, n, D) key and value states after the K and V stores' valid prefix (equal lengths),
+        quantized per token on the way in by the backend's append (mfa_hf.kvcache.append_kv: the metal
+        backend's kernel quantizes on write)."""
+        n = keys.shape[2]
         if n == 0:
             return
-        self._reserve(states, self.length + n)
-        new = quantize_kv(states, self.format.value, group_size=self.group_size, layout="bhsd").transpose(1, 2)
-        self.buffer.codes[:, self.length: self.length + n] = new.codes
-        self.buffer.scales[:, self.length: self.length + n] = new.scales
-        self.length += n
+        k_store, v_store = stores
+        for store, states in ((k_store, keys), (v_store, values)):
+            store._reserve(states, store.length + n)
+        append_kv(k_store.buffer, v_store.buffer, keys.transpose(1, 2), values.transpose(1, 2), k_store.length)
+        k_store.length += n
+        v_store.length += n
 
     def _reserve(self, states: torch.Tensor, needed: int) -> None:
         capacity = 0 if self.buffer is None else self.buffer.shape[1]
@@ -93,12 +98,15 @@ class _Store:
     def append_residual(self, states: torch.Tensor) -> None:
         self.residual = states if self.residual is None else torch.cat([self.residual, states], dim=2)
 
-    def flush(self, count: int) -> None:
-        """Quantize the oldest `count` residual tokens (a whole number of chunks)."""
+    @staticmethod
+    def flush(stores: tuple["_Store", "_Store"], count: int) -> None:
+        """Quantize the oldest `count` residual tokens of both stores (a whole number of chunks)."""
         if count:
-            self.append_quantized(self.residual[:, :, :count])
-            rest = self.residual[:, :, count:]
-            self.residual = rest if rest.shape[2] else None
+            k_store, v_store = stores
+            _Store.append_quantized(stores, k_store.residual[:, :, :count], v_store.residual[:, :, :count])
+            for store in stores:
+                rest = store.residual[:, :, count:]
+                store.residual = rest if rest.shape[2] else None
 
     def drop_front(self, count: int) -> None:
         """Forget the oldest `count` quantized tokens by moving the rest to the front (sliding layers)."""
@@ -126,8 +134,8 @@ class _Store:
         if self.residual is not None:
             self.residual = self.residual.index_select(0, index.to(self.residual.device))
 
-    def view(self) -> QuantizedCacheView:
-        return QuantizedCacheView(self.buffer, self.length, self.residual)
+    def view(self, step_plans: StepPlans | None = None, step: int = 0) -> QuantizedCacheView:
+        return QuantizedCacheView(self.buffer, self.length, self.residual, step_plans, step)
 
     def nbytes(self) -> int:
         held = 0 if self.buffer is None else self.buffer.nbytes()
@@ -156,8 +164,10 @@ class MFAQuantizedLayer(DynamicLayer):
     """One attention layer's quantized K/V (see the module docstring). `sliding_window` None: keep all."""
 
     def __init__(self, format: str = "int8", residual_length: int = 0, group_size: int | None = None,
-                 sliding_window: int | None = None, **kwargs):
+                 sliding_window: int | None = None, step_plans: StepPlans | None = None, **kwargs):
         super().__init__()
+        # The cache's layers share one holder of the step's decode plan (decode.py).
+        self.step_plans = StepPlans() if step_plans is None else step_plans
         self.format = parse_format(format)
         if self.format.value not in FORMATS:
             raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
@@ -207,17 +217,20 @@ class MFAQuantizedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         prefill = self.cumulative_length == 0
         drop, flush = self._drop_count(key_states.shape[2]), self._flush_count()
-        for store, new in ((self.k, key_states), (self.v, value_states)):
+        stores = (self.k, self.v)
+        for store in stores:
             store.drop_front(drop)
-            store.flush(flush)
-            if self.residual_length:
-                store.append_residual(new)
-            else:
-                store.append_quantized(new)
+        _Store.flush(stores, flush)
+        if self.residual_length:
+            self.k.append_residual(key_states)
+            self.v.append_residual(value_states)
+        else:
+            _Store.append_quantized(stores, key_states, value_states)
         self.cumulative_length += key_states.shape[2]
         if prefill:  # exact prompt attention; stored quantized for every later step
             return key_states, value_states
-        return self.k.view(), self.v.view()
+        return (self.k.view(self.step_plans, self.cumulative_length),
+                self.v.view(self.step_plans, self.cumulative_length))
 
     # -- generate's cache manipulation: scales always move with their codes --------------------------
 
@@ -251,7 +264,7 @@ class MFAQuantizedLayer(DynamicLayer):
                 store.select_rows(index)
 
     def reset(self) -> None:
-        self.__init__(self.format.value, self.residual_length, self.group_size, self.sliding_window)
+        self.__init__(self.format.value, self.residual_length, self.group_size, self.sliding_window, self.step_plans)
 
     def offload(self):  # the stores stay where they are (no offloading of quantized caches)
         pass
@@ -295,6 +308,7 @@ class MFAQuantizedCache(Cache):
     def __init__(self, format: str = "int8", config=None, residual_length: int = 0, group_size: int | None = None):
         options = dict(format=format, residual_length=residual_length, group_size=group_size)
         MFAQuantizedLayer(**options)  # validate the options now, not at the first forward
+        options["step_plans"] = StepPlans()  # one per cache: its layers share each step's decode plan
         self.format, self.residual_length = parse_format(format).value, residual_length
         if config is None:
             super().__init__(layer_class_to_replicate=lambda: MFAQuantizedLayer(**options))

@@ -374,7 +374,7 @@ def test_decode_steps_do_not_read_back_per_layer(monkeypatch, fmt):
 
 
 def test_mask_facts_are_computed_once_per_mask_object():
-    from mfa_hf.integrations.transformers.mask_memo import once_per_mask
+    from mfa_hf.integrations.transformers.step import once_per_mask
 
     calls = []
     mask = torch.ones(2, 5, dtype=torch.bool)

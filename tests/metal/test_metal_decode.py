@@ -239,3 +239,24 @@ def test_fp8_encoding_rounds_like_torch(metal):
     got = out.cpu()
     assert torch.equal(got[:n], want_e4m3), x[got[:n] != want_e4m3][:8]
     assert torch.equal(got[n:], want_e5m2), x[got[n:] != want_e5m2][:8]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_quantized_cache_writes_through_the_metal_append_kernel(fmt, metal_backend):
+    """MFAQuantizedCache stores new tokens through the serving backend's append (issue 18): on the metal
+    backend that is its quantize-on-write kernel, and the codes equal mfa_hf.quantize_kv's."""
+    from mfa_hf.integrations.transformers.quantized_cache import MFAQuantizedLayer
+
+    g = torch.Generator().manual_seed(5)
+    keys, values = (torch.randn(2, 2, 7, 64, generator=g) for _ in range(2))  # (B, Hkv, S, D)
+    layer = MFAQuantizedLayer(fmt)
+    with trace.capture() as calls:
+        layer.update(keys[:, :, :5].to(metal_backend.device), values[:, :, :5].to(metal_backend.device))
+        layer.update(keys[:, :, 5:].to(metal_backend.device), values[:, :, 5:].to(metal_backend.device))
+    assert calls[("metal", "append", "float32", 64, 5, 256, f"kvcache kv={fmt}")] == 2  # K and V, prompt
+    assert calls[("metal", "append", "float32", 64, 2, 256, f"kvcache kv={fmt}")] == 2  # K and V, next step
+    for store, states in ((layer.k, keys), (layer.v, values)):
+        expected = mfa_hf.quantize_kv(states, fmt, layout="bhsd").transpose(1, 2)
+        assert store.length == 7
+        assert torch.equal(store.buffer.codes[:, :7].cpu(), expected.codes)
+        torch.testing.assert_close(store.buffer.scales[:, :7].cpu(), expected.scales, rtol=0, atol=0)
