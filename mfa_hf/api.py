@@ -69,8 +69,10 @@ def flash_attn_func(
     batch, lq, heads_q, _ = q.shape
     check_mask(attn_mask, batch, heads_q, lq, k.shape[1], q.device)
     check_alibi(alibi_slopes, batch, heads_q, q.device)
-    return _attend(q, k, v, None, None, 0, 0, attn_mask, alibi_slopes, sinks, dropout_p, softmax_scale,
-                   causal, window_size, softcap, return_lse, dropout_seed, generator)
+    call = validated_call(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p,
+                          softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+                          dropout_seed=dropout_seed, generator=generator)
+    return _attend(call, return_lse)
 
 
 def flash_attn_varlen_func(
@@ -108,9 +110,11 @@ def flash_attn_varlen_func(
     max_seqlen_q = check_max_seqlen(max_seqlen_q, "max_seqlen_q", offsets_q)
     max_seqlen_k = check_max_seqlen(max_seqlen_k, "max_seqlen_k", offsets_k)
     check_alibi(alibi_slopes, batch, q.shape[1], q.device)
-    return _attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, alibi_slopes,
-                   sinks, dropout_p, softmax_scale, causal, window_size, softcap, return_lse,
-                   dropout_seed, generator)
+    call = validated_call(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                          max_seqlen_k=max_seqlen_k, alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p,
+                          softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+                          dropout_seed=dropout_seed, generator=generator)
+    return _attend(call, return_lse)
 
 
 def flash_attention(
@@ -199,26 +203,23 @@ def flash_attention_chunked(
                              alibi_slopes, return_lse)
 
 
-def _attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, alibi_slopes,
-            sinks, dropout_p, softmax_scale, causal, window_size, softcap, return_lse, dropout_seed,
-            generator):
-    call = validated_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, alibi_slopes,
-                          sinks, dropout_p, softmax_scale, causal, window_size, softcap, dropout_seed, generator)
+def _attend(call: AttentionCall, return_lse: bool):
+    """Dispatch a validated call and run it through the chosen backend's custom op."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (call.q, call.k, call.v, call.attn_mask, call.sinks)
     )
     problem = describe(call, needs_grad=needs_grad)
     chosen = dispatch.select(problem)
-    if q.is_meta:  # no values to read (a varlen backend may read cu_seqlens): the op's shape function
+    if call.q.is_meta:  # no values to read (a varlen backend may read cu_seqlens): the op's shape function
         out, lse = chosen.ops.forward.op(*call.op_args())
     else:
         out, lse = chosen.ops.forward(call, problem)
     return (out, lse) if return_lse else out
 
 
-def validated_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, alibi_slopes,
-                   sinks, dropout_p, softmax_scale, causal, window_size, softcap, dropout_seed=None,
-                   generator=None) -> AttentionCall:
+def validated_call(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, attn_mask=None,
+                   alibi_slopes=None, sinks=None, dropout_p=0.0, softmax_scale=None, causal=False,
+                   window_size=NO_WINDOW, softcap=0.0, dropout_seed=None, generator=None) -> AttentionCall:
     """The options checked and causal folded into the window; the helper tensors normalised to what
     every backend binds (helper_tensors.py says why). q/k/v/mask/slopes/offsets were checked by the caller."""
     window = fold_causal(scalars.flag(causal, "causal"), check_window(window_size))
