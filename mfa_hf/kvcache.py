@@ -21,7 +21,7 @@ from .kernels.contract import AppendCall, CacheSide, DecodeCall, Options, fold_c
 from .ops import describe_decode
 from .problem import (NO_WINDOW, check_alibi, check_dropout, check_scale, check_sinks, check_softcap, check_window,
                       values_checked)
-from .quant import SCALE_DTYPE, QuantizedKV, _absmax_scales, check_scale_values, encode, parse_format
+from .quant import SCALE_DTYPE, QuantizedKV, absmax_scales, check_scale_values, encode, parse_format
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -264,7 +264,7 @@ def _writes(cache, new, rows) -> list[tuple[Tensor, Tensor]]:
     if not isinstance(cache, QuantizedKV):
         return [(cache, new)]
     if _per_token_scales(cache):
-        scales = _absmax_scales(new, cache.format, "token", cache.group_size)
+        scales = absmax_scales(new, cache.format, "token", cache.group_size)
         return [(cache.codes, encode(new, scales, cache.format, cache.group_size)), (cache.scales, scales)]
     static = cache.scales
     if rows is not None and static.shape[0] > 1:

@@ -154,7 +154,7 @@ def quantize_kv(x: torch.Tensor, format="fp8_e4m3", *, group_size: int | None = 
     if layout == "bhsd":  # quantized as (B, S, H, D) views, handed back as a (B, H, S, D) view
         x, scales = x.transpose(1, 2), None if scales is None else scales.transpose(1, 2)
     if scales is None:
-        scales = _absmax_scales(x, fmt, granularity, group_size)
+        scales = absmax_scales(x, fmt, granularity, group_size)
     codes = encode(x, scales, fmt, group_size)
     packed = QuantizedKV(codes, scales, fmt, group_size, x.dtype)
     return packed.transpose(1, 2) if layout == "bhsd" else packed
@@ -211,7 +211,7 @@ def check_scale_values(scales: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected finite values > 0, got {scales[bad].flatten()[0].item()} among them")
 
 
-def _absmax_scales(x: torch.Tensor, fmt: KVFormat, granularity: str, group_size: int) -> torch.Tensor:
+def absmax_scales(x: torch.Tensor, fmt: KVFormat, granularity: str, group_size: int) -> torch.Tensor:
     b, s, h, d = x.shape
     grouped = x.detach().to(torch.float32).abs().reshape(b, s, h, d // group_size, group_size)
     amax = grouped.amax(dim=-1)  # (B, S, H, G)
