@@ -70,7 +70,7 @@ def _decode_problem(length: int):
 def _decode_cache(q, k, v, seqlens, fmt: str):
     """(k_cache, v_cache, bytes as stored, call(cfg, splits) running the decode op launcher directly)."""
     import mfa_hf
-    from mfa_hf.kernels.triton import backend as tb
+    from mfa_hf.kernels.triton import decode as td
 
     k_cache, v_cache = (k, v) if fmt == "bf16" else (mfa_hf.quantize_kv(k, fmt), mfa_hf.quantize_kv(v, fmt))
     kc, ks, kf, kg, kb = _parts(k_cache)
@@ -79,7 +79,7 @@ def _decode_cache(q, k, v, seqlens, fmt: str):
     def call(cfg=None, splits=0):
         from mfa_hf.kernels.contract import DecodeCall
 
-        return tb.decode(DecodeCall.from_op_args((q, kc, ks, vc, vs, seqlens, None, None, None, kf, vf, kg, vg,
+        return td.decode(DecodeCall.from_op_args((q, kc, ks, vc, vs, seqlens, None, None, None, kf, vf, kg, vg,
                                                   1 / math.sqrt(D), -1, 0, 0.0, splits)), config=cfg)
 
     return k_cache, v_cache, kb + vb, call
@@ -166,7 +166,7 @@ def variants(out_dir: str) -> list[dict]:
     """Decode variants (old kernel / packed-asm conversions with tl.dot / FMA path): check at 4k, time at 64k,
     then the best variant per format at 4k/16k/64k with the public API time."""
     import mfa_hf
-    from mfa_hf.kernels.triton import backend as tb
+    from mfa_hf.kernels.triton import decode as td
 
     copy = copy_bandwidth()
     print(f"copy bandwidth: {copy:.0f} GB/s", flush=True)
@@ -211,13 +211,13 @@ def variants(out_dir: str) -> list[dict]:
                 name = best[fmt]
                 ms = _ms(lambda: call(VARIANTS[name]))
                 ms2 = _ms(lambda: call(VARIANTS[name]))  # the same version twice: the spread
-                saved = dict(tb.DECODE_CONFIG), dict(tb.DECODE_CONFIG_QUANT)
-                tb.DECODE_CONFIG.update(VARIANTS[name])
-                tb.DECODE_CONFIG_QUANT.update(VARIANTS[name])
+                saved = dict(td.DECODE_CONFIG), dict(td.DECODE_CONFIG_QUANT)
+                td.DECODE_CONFIG.update(VARIANTS[name])
+                td.DECODE_CONFIG_QUANT.update(VARIANTS[name])
                 try:
                     api_ms = _ms(lambda: mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens))
                 finally:
-                    for table, old in zip((tb.DECODE_CONFIG, tb.DECODE_CONFIG_QUANT), saved):
+                    for table, old in zip((td.DECODE_CONFIG, td.DECODE_CONFIG_QUANT), saved):
                         table.clear()
                         table.update(old)
                 rows.append(dict(kind="decode", impl="mfa_triton", format=fmt, kv_len=length, variant=name,

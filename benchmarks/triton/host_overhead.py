@@ -35,7 +35,7 @@ def host_us(fn, calls: int = CALLS) -> float:
 
 def forward_layers() -> None:
     import mfa_hf
-    from mfa_hf.kernels.triton import backend as tb
+    from mfa_hf.kernels.triton import forward as tf
     from mfa_hf.kernels.triton import forward_kernel as kernels
 
     q, k, v = (torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -53,7 +53,7 @@ def forward_layers() -> None:
         return launch(*a, **kw)
 
     kernels.attention_forward_kernel.run = capture
-    tb.forward(call)
+    tf.forward(call)
     kernels.attention_forward_kernel.run = launch
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     with torch.no_grad():
@@ -61,7 +61,7 @@ def forward_layers() -> None:
             "flash_attn_func (no grad)": host_us(lambda: mfa_hf.flash_attn_func(q, k, v, causal=True)),
             "ops.forward (eager shortcut: the op's implementation)": host_us(lambda: ops.forward(call)),
             "custom op mfa_hf::triton_attention_fwd (dispatcher)": host_us(lambda: ops.forward.op(*args)),
-            "triton backend launcher (forward)": host_us(lambda: tb.forward(call)),
+            "triton backend launcher (forward)": host_us(lambda: tf.forward(call)),
             "bare Triton launch (same arguments)": host_us(lambda: launch(*captured["a"], **captured["kw"])),
             "torch.empty x2 (the outputs)": host_us(
                 lambda: (torch.empty_like(q), torch.empty(1, 2, 64, device="cuda"))),

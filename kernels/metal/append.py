@@ -18,8 +18,7 @@ from mfa_hf import kv_formats
 from mfa_hf.quant import QuantizedKV
 
 from ..contract import AppendCall
-from .decode import FORMAT_CODES, _code_type, _index_vector, _strides4
-from .forward import _placeholder
+from .binding import FORMAT_CODES, code_type, index_vector, placeholder, strides4
 from .loader import MSL_TYPES, library
 
 APPEND_PARAM_COUNT = 15
@@ -36,7 +35,7 @@ class AppendVariant:
 
     def defines(self, param_count: int) -> dict:
         return {"IN_T": MSL_TYPES[self.dtype], "FMT": FORMAT_CODES[self.format],
-                "CODE_T": _code_type(self.format, self.dtype), "CODE_MAX": f"{kv_formats.spec(self.format).code_max!r}f",
+                "CODE_T": code_type(self.format, self.dtype), "CODE_MAX": f"{kv_formats.spec(self.format).code_max!r}f",
                 "D": self.dim, "PER_TOKEN": self.per_token,
                 "HAS_BATCH_IDX": self.batch_idx, "APPEND_PARAM_COUNT": param_count}
 
@@ -54,10 +53,10 @@ def append(cache, new: torch.Tensor, cache_seqlens: torch.Tensor, cache_batch_id
     batch, count, heads, dim = new.shape
     variant = AppendVariant(new.dtype, fmt, dim, per_token, cache_batch_idx is not None)
     group = cache.group_size if quantized else dim
-    params = _strides4(new) + _strides4(codes) + _strides4(scales) + [group, codes.shape[1], codes.shape[0]]
+    params = strides4(new) + strides4(codes) + strides4(scales) + [group, codes.shape[1], codes.shape[0]]
     lib = library(variant, new.device, APPEND_PARAM_COUNT)
-    lib.kvcache_append(new, codes, _placeholder(new.device, torch.float32) if scales is None else scales,
-                       _index_vector(cache_seqlens, new.device), _index_vector(cache_batch_idx, new.device), params,
+    lib.kvcache_append(new, codes, placeholder(new.device, torch.float32) if scales is None else scales,
+                       index_vector(cache_seqlens, new.device), index_vector(cache_batch_idx, new.device), params,
                        threads=(32 * count, heads, batch), group_size=(32, 1, 1))
 
 

@@ -16,7 +16,7 @@ import torch
 from ..contract import AttentionCall, Gradients
 from ..launch import empty_grads, new_output
 
-from .forward import _bshd_strides, _lse_strides, _placeholder, bound_mask, bound_slopes
+from .binding import bound_mask, bound_slopes, bshd_strides, lse_strides, placeholder
 from .loader import MASK_KINDS, MSL_TYPES, header_fields, library
 
 BACKWARD_PARAM_FIELDS = tuple(
@@ -91,13 +91,13 @@ def backward(call: AttentionCall, grads: Gradients):
         q.dtype, q.shape[-1], v.shape[-1], mask_kind, None if mask_kind != "additive" else mask.dtype,
         softcap > 0, alibi_slopes is not None, varlen, cu_seqlens_q.dtype if varlen else torch.int32,
         dlse is not None, want_mask_grad)
-    params = ([s for t in (q, k, v, out, grad_out, dq, dk, dv) for s in _bshd_strides(t)] + _lse_strides(lse)
+    params = ([s for t in (q, k, v, out, grad_out, dq, dk, dv) for s in bshd_strides(t)] + lse_strides(lse)
               + mask_strides + [slopes_stride] + [lq, lk, heads_q, heads_q // heads_kv, o.window_left, o.window_right]
               + [q.shape[0], k.shape[0]])
     lib = library(variant, q.device, len(BACKWARD_PARAM_FIELDS))
-    floats = _placeholder(q.device, torch.float32)
-    cu_q = cu_seqlens_q if varlen else _placeholder(q.device, torch.int32)
-    cu_k = cu_seqlens_k if varlen else _placeholder(q.device, torch.int32)
+    floats = placeholder(q.device, torch.float32)
+    cu_q = cu_seqlens_q if varlen else placeholder(q.device, torch.int32)
+    cu_k = cu_seqlens_k if varlen else placeholder(q.device, torch.int32)
     dmask_full = floats
     if want_mask_grad:
         dmask_full = torch.zeros((batch, heads_q, lq, lk), dtype=torch.float32, device=q.device)

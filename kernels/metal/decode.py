@@ -18,8 +18,8 @@ from mfa_hf import kv_formats
 from ..contract import DecodeCall
 from ..launch import SplitPolicy, lse_dtype, new_output
 
-from .forward import LOG2E, _placeholder, bound_floats, bound_slopes
-from .loader import MSL_TYPES, header_defines, header_fields, library
+from .binding import FORMAT_CODES, LOG2E, bound_floats, bound_slopes, code_type, index_vector, placeholder, strides4
+from .loader import MSL_TYPES, header_fields, library
 
 DECODE_PARAM_FIELDS = (
     "q_stride_b", "q_stride_s", "q_stride_h", "q_stride_d",
@@ -36,11 +36,6 @@ _declared = header_fields("decode_params.h", "DecodeParams")
 if _declared != DECODE_PARAM_FIELDS:
     raise ImportError(f"decode_params.h: expected DecodeParams fields {DECODE_PARAM_FIELDS}, got {_declared}")
 
-FORMAT_CODES = kv_formats.kernel_ids("metal")  # what MFA_K_FMT / MFA_V_FMT / MFA_FMT take
-# dequant.h names the ids for the kernels' #if / switch code; they must be the descriptors' ids.
-_header_ids = {name[len("FMT_"):].lower(): value for name, value in header_defines("dequant.h", "FMT_").items()}
-if _header_ids != FORMAT_CODES:
-    raise ImportError(f"dequant.h: expected FMT_ constants {FORMAT_CODES} (mfa_hf/kv_formats.py), got {_header_ids}")
 SIMDGROUPS = 4  # WM: keys are spread over 4 simdgroups of 32 lanes
 # Query rows per threadgroup: each costs DL + DVL + 2 floats per lane (q, o, m/l); 8 rows at
 # D = 128 are 80 registers, and 4 rows at D = 256 the same.
@@ -69,8 +64,8 @@ class DecodeVariant:
 
     def defines(self, param_count: int) -> dict:
         return {
-            "IN_T": MSL_TYPES[self.dtype], "K_T": _code_type(self.k_format, self.dtype),
-            "V_T": _code_type(self.v_format, self.dtype),
+            "IN_T": MSL_TYPES[self.dtype], "K_T": code_type(self.k_format, self.dtype),
+            "V_T": code_type(self.v_format, self.dtype),
             "K_FMT": FORMAT_CODES[self.k_format], "V_FMT": FORMAT_CODES[self.v_format],
             "DQK": self.dim_qk, "DV": self.dim_v, "ROWS": self.rows, "WM": SIMDGROUPS,
             "HAS_SOFTCAP": self.softcap, "HAS_ALIBI": self.alibi, "HAS_SINKS": self.sinks,
@@ -78,30 +73,9 @@ class DecodeVariant:
         }
 
 
-def _code_type(fmt: str, dtype: torch.dtype) -> str:
-    code_dtype = kv_formats.spec(fmt).code_dtype
-    if code_dtype is None:
-        return MSL_TYPES[dtype]
-    return {torch.int8: "char", torch.uint8: "uchar"}[code_dtype]
-
-
 def rows_per_tile(group: int, lq: int, dim_qk: int, dim_v: int) -> int:
     limit = MAX_ROWS_SMALL_D if max(dim_qk, dim_v) <= 128 else MAX_ROWS_LARGE_D
     return max(1, min(group * lq, limit))
-
-
-def _strides4(t: torch.Tensor | None) -> list[int]:
-    """Element strides of a 4-D tensor, 0 along size-1 (broadcast) dims; zeros when absent."""
-    if t is None:
-        return [0, 0, 0, 0]
-    return [0 if n == 1 else s for n, s in zip(t.shape, t.stride())]
-
-
-def _index_vector(t: torch.Tensor | None, device) -> torch.Tensor:
-    """int32 on the device (a no-op when it already is; never a host read)."""
-    if t is None:
-        return _placeholder(device, torch.int32)
-    return t.to(device=device, dtype=torch.int32).contiguous()
 
 
 def decode(call: DecodeCall):
@@ -123,7 +97,7 @@ def decode(call: DecodeCall):
     tiles = math.ceil(group * lq / rows)
     splits = SPLITS.splits(batch * heads_kv * tiles, k_codes.shape[1], 1, call.num_splits)
     slopes, slopes_stride = bound_slopes(alibi_slopes, q.device)
-    params = (_strides4(q) + _strides4(k_codes) + _strides4(v_codes) + _strides4(k_scales) + _strides4(v_scales)
+    params = (strides4(q) + strides4(k_codes) + strides4(v_codes) + strides4(k_scales) + strides4(v_scales)
               + list(out.stride()) + list(lse.stride())
               + [slopes_stride] + [lq, heads_q, group, o.window_left, o.window_right, splits, k_group_size, v_group_size]
               + [k_codes.shape[1], k_codes.shape[0]])
@@ -131,7 +105,7 @@ def decode(call: DecodeCall):
     variant = DecodeVariant(q.dtype, dim_qk, dim_v, k_format, v_format, rows, softcap > 0, alibi_slopes is not None,
                             sinks is not None, cache_batch_idx is not None, splits > 1)
     lib = library(variant, q.device, len(DECODE_PARAM_FIELDS))
-    floats = _placeholder(q.device, torch.float32)
+    floats = placeholder(q.device, torch.float32)
     sink_logits = bound_floats(sinks, q.device)
     part_out, part_lse = floats, floats
     if splits > 1:
@@ -140,7 +114,7 @@ def decode(call: DecodeCall):
     threads = 32 * SIMDGROUPS
     lib.attention_decode(
         q, k_codes, floats if k_scales is None else k_scales, v_codes, floats if v_scales is None else v_scales,
-        _index_vector(seqlens_k, q.device), _index_vector(cache_batch_idx, q.device), slopes, sink_logits,
+        index_vector(seqlens_k, q.device), index_vector(cache_batch_idx, q.device), slopes, sink_logits,
         out, lse, part_out, part_lse, params, float(q_scale), float(softcap * LOG2E),
         threads=(threads * tiles * splits, heads_kv, batch), group_size=(threads, 1, 1))
     if splits > 1:

@@ -1,18 +1,21 @@
-"""Launching the Metal forward kernel: parameters, strides, grid. No host synchronization here:
-everything passed is known on the host (shapes, strides, Python scalars) or is a device tensor."""
+"""Launching the Metal forward kernel (attention_forward.metal): its variant (the library cache key),
+parameters, strides, grid. No host synchronization here: everything passed is known on the host
+(shapes, strides, Python scalars) or is a device tensor."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ..contract import AttentionCall
 from ..launch import empty_result, new_output
 
-from .loader import MSL_TYPES, ForwardVariant, header_fields, library
+from .binding import LOG2E, bound_floats, bound_mask, bound_slopes, bshd_strides, lse_strides, placeholder
+from .loader import MASK_KINDS, MSL_TYPES, BlockConfig, block_config, header_fields, library, round_up8
 
-LOG2E = 1.4426950408889634
 # The order of AttentionParams in attention_params.h; checked against the header at import.
 PARAM_FIELDS = (
     "q_stride_b", "q_stride_s", "q_stride_h", "q_stride_d",
@@ -29,66 +32,42 @@ if _declared != PARAM_FIELDS:
     raise ImportError(f"attention_params.h: expected AttentionParams fields {PARAM_FIELDS}, got {_declared}")
 
 
-def _bshd_strides(t: torch.Tensor) -> list[int]:
-    """(batch, sequence, head, dim) element strides; packed (T, H, D) tensors get batch stride 0."""
-    if t.dim() == 3:
-        return [0, *t.stride()]
-    return list(t.stride())
+@dataclass(frozen=True)
+class ForwardVariant:
+    """Everything that changes the forward kernel's code: the library cache key."""
 
+    SOURCE: ClassVar[str] = "attention_forward.metal"
+    dtype: torch.dtype
+    dim_qk: int
+    dim_v: int
+    mask_kind: str = "none"
+    mask_dtype: torch.dtype | None = None
+    softcap: bool = False
+    alibi: bool = False
+    sinks: bool = False
+    varlen: bool = False
+    cu_seqlens_dtype: torch.dtype = torch.int32
 
-def _lse_strides(lse: torch.Tensor) -> list[int]:
-    """(batch, head, sequence) strides of the LSE: (B, Hq, Lq), or (Hq, Tq) when packed."""
-    if lse.dim() == 2:
-        return [0, lse.stride(0), lse.stride(1)]
-    return list(lse.stride())
+    def config(self) -> BlockConfig:
+        return block_config(self.dtype, self.dim_qk, self.dim_v)
 
-
-
-
-_placeholders: dict = {}
-
-
-def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A one-element buffer bound where a feature is off (the kernel never reads it); allocated
-    once per device and dtype, not per call."""
-    key = (device, dtype)
-    if key not in _placeholders:
-        _placeholders[key] = torch.zeros(1, dtype=dtype, device=device)
-    return _placeholders[key]
-
-
-def _kernel_mask(attn_mask: torch.Tensor) -> torch.Tensor:
-    """The mask as the kernel reads it: bool as bytes (a view), additive in half/bfloat/float."""
-    if attn_mask.dtype == torch.bool:
-        return attn_mask.view(torch.uint8)
-    if attn_mask.dtype in MSL_TYPES:
-        return attn_mask
-    return attn_mask.to(torch.float32)  # float64 masks: rare, so a copy is acceptable
-
-
-# The strides passed for a helper tensor are always read from the tensor bound (a copy has its own).
-def bound_mask(attn_mask, device, batch: int, heads: int, lq: int, lk: int) -> tuple[torch.Tensor, list[int]]:
-    """The mask buffer the kernel binds and its (b, h, q, k) element strides."""
-    if attn_mask is None:
-        return _placeholder(device, torch.uint8), [0, 0, 0, 0]
-    mask = _kernel_mask(attn_mask)
-    return mask, list(mask.expand(batch, heads, lq, lk).stride())
-
-
-def bound_slopes(alibi_slopes, device) -> tuple[torch.Tensor, int]:
-    """The float32 slopes the kernel binds ((Hq,) or (B, Hq), heads contiguous) and their batch stride."""
-    if alibi_slopes is None:
-        return _placeholder(device, torch.float32), 0
-    slopes = alibi_slopes.to(torch.float32).contiguous()
-    return slopes, 0 if slopes.dim() == 1 else slopes.stride(0)
-
-
-def bound_floats(t, device) -> torch.Tensor:
-    """A contiguous float32 vector the kernel binds (sinks), or the placeholder."""
-    return _placeholder(device, torch.float32) if t is None else t.to(torch.float32).contiguous()
+    def defines(self, param_count: int) -> dict:
+        config = self.config()
+        mask_type = "uchar" if self.mask_kind != "additive" else MSL_TYPES[self.mask_dtype]
+        return {
+            "IN_T": MSL_TYPES[self.dtype], "MASK_T": mask_type, "MASK_KIND": MASK_KINDS[self.mask_kind],
+            "CU_T": "int" if self.cu_seqlens_dtype == torch.int32 else "long",
+            "DQK": self.dim_qk, "DV": self.dim_v,
+            "DQK_PAD": round_up8(self.dim_qk), "DV_PAD": round_up8(self.dim_v),
+            "BK": config.key_block, "WM": config.simdgroups, "Q_IN_TG": config.q_in_threadgroup,
+            "K_PITCH": config.k_pitch, "V_PITCH": config.v_pitch, "Q_PITCH": config.q_pitch,
+            "HAS_SOFTCAP": self.softcap, "HAS_ALIBI": self.alibi, "HAS_SINKS": self.sinks,
+            "VARLEN": self.varlen, "ATTENTION_PARAM_COUNT": param_count,
+        }
 
 
 def forward(call: AttentionCall):
+    """(out, lse) (kernels/contract.py)."""
     q, k, v, attn_mask, alibi_slopes, sinks = call.q, call.k, call.v, call.attn_mask, call.alibi_slopes, call.sinks
     cu_seqlens_q, cu_seqlens_k, o = call.cu_seqlens_q, call.cu_seqlens_k, call.options
     if o.dropout_p > 0:
@@ -113,7 +92,7 @@ def forward(call: AttentionCall):
         cu_seqlens_dtype=cu_seqlens_q.dtype if varlen else torch.int32)
     config = variant.config()
 
-    params = (_bshd_strides(q) + _bshd_strides(k) + _bshd_strides(v) + _bshd_strides(out) + _lse_strides(lse)
+    params = (bshd_strides(q) + bshd_strides(k) + bshd_strides(v) + bshd_strides(out) + lse_strides(lse)
               + mask_strides + [slopes_stride] + [lq, lk, heads_q // heads_kv, o.window_left, o.window_right]
               + [q.shape[0], k.shape[0]])
     unit = 1.0 if variant.mask_kind == "additive" else LOG2E  # attention_forward.metal's SCORE_UNIT
@@ -121,8 +100,8 @@ def forward(call: AttentionCall):
     cap_scale = softcap * unit
 
     sink_logits = bound_floats(sinks, q.device)
-    cu_q = cu_seqlens_q if varlen else _placeholder(q.device, torch.int32)
-    cu_k = cu_seqlens_k if varlen else _placeholder(q.device, torch.int32)
+    cu_q = cu_seqlens_q if varlen else placeholder(q.device, torch.int32)
+    cu_k = cu_seqlens_k if varlen else placeholder(q.device, torch.int32)
 
     lib = library(variant, q.device, len(PARAM_FIELDS))
     groups = math.ceil(lq / config.query_block)

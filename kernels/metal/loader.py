@@ -1,5 +1,9 @@
 """Metal kernel variants: block sizes per (dtype, head dims), #defines, and a per-variant library cache.
 
+A variant (ForwardVariant in forward.py, BackwardVariant, DecodeVariant, AppendVariant in the other
+launchers) names its source file (`SOURCE`) and its #defines; `library(variant, device, param_count)`
+compiles it once per process.
+
 compile_shader has no function constants, so every specialization is a set of #defines (named
 MFA_..., placed after `#include <metal_stdlib>`) in one source. The cache key is what changes the code (dtype, head dims, feature flags) and never a
 sequence length or batch size: a new length reuses the compiled library.
@@ -16,7 +20,6 @@ import re
 import threading
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
 from functools import lru_cache
 from pathlib import Path
 
@@ -81,40 +84,6 @@ def block_config(dtype: torch.dtype, dim_qk: int, dim_v: int) -> BlockConfig:
             if threadgroup_bytes(config, size) <= THREADGROUP_MEMORY_LIMIT:
                 return config
     raise ValueError(f"head dims ({dim_qk}, {dim_v}): no block configuration fits 32 KiB of threadgroup memory")
-
-
-@dataclass(frozen=True)
-class ForwardVariant:
-    """Everything that changes the forward kernel's code: the library cache key."""
-
-    SOURCE: ClassVar[str] = "attention_forward.metal"
-    dtype: torch.dtype
-    dim_qk: int
-    dim_v: int
-    mask_kind: str = "none"
-    mask_dtype: torch.dtype | None = None
-    softcap: bool = False
-    alibi: bool = False
-    sinks: bool = False
-    varlen: bool = False
-    cu_seqlens_dtype: torch.dtype = torch.int32
-
-    def config(self) -> BlockConfig:
-        return block_config(self.dtype, self.dim_qk, self.dim_v)
-
-    def defines(self, param_count: int) -> dict:
-        config = self.config()
-        mask_type = "uchar" if self.mask_kind != "additive" else MSL_TYPES[self.mask_dtype]
-        return {
-            "IN_T": MSL_TYPES[self.dtype], "MASK_T": mask_type, "MASK_KIND": MASK_KINDS[self.mask_kind],
-            "CU_T": "int" if self.cu_seqlens_dtype == torch.int32 else "long",
-            "DQK": self.dim_qk, "DV": self.dim_v,
-            "DQK_PAD": round_up8(self.dim_qk), "DV_PAD": round_up8(self.dim_v),
-            "BK": config.key_block, "WM": config.simdgroups, "Q_IN_TG": config.q_in_threadgroup,
-            "K_PITCH": config.k_pitch, "V_PITCH": config.v_pitch, "Q_PITCH": config.q_pitch,
-            "HAS_SOFTCAP": self.softcap, "HAS_ALIBI": self.alibi, "HAS_SINKS": self.sinks,
-            "VARLEN": self.varlen, "ATTENTION_PARAM_COUNT": param_count,
-        }
 
 
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.MULTILINE)

@@ -1,5 +1,8 @@
 """Backward of the torch backend, FlashAttention-2 style: recompute each score block from the
-saved LSE instead of differentiating through the forward's chunks."""
+saved LSE instead of differentiating through the forward's chunks.
+
+backward(call, grads) serves a dense call in one pass and a packed (varlen) one sequence at a time
+(sequences.py); backward_dense is the algorithm on one dense (B, S, H, D) problem."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ import math
 
 import torch
 
-from ..launch import new_output
+from ..contract import AttentionCall, Gradients
+from ..launch import empty_grads, new_output
 from .forward import accumulation_dtype
 from .scores import (
     ScoreSpec,
@@ -18,7 +22,36 @@ from .scores import (
     heads_last,
     ungroup,
 )
+from .sequences import call_spec, segments, sequence_slopes
 from .tiles import key_blocks, query_tile, query_tiles
+
+
+def backward(call: AttentionCall, grads: Gradients):
+    """(dq, dk, dv, dsinks or None, dmask or None) (kernels/contract.py)."""
+    q, k, v, sinks, grad_lse = call.q, call.k, call.v, call.sinks, grads.grad_lse
+    if not call.varlen:
+        if call.empty:
+            return empty_grads(q, k, v, sinks, grad_lse, call.attn_mask.shape if grads.want_mask_grad else None)
+        spec = call_spec(call, q, k, call.attn_mask, call.alibi_slopes)
+        return backward_dense(grads.grad_out, grad_lse, q, k, v, grads.out, grads.lse, spec, sinks,
+                              grads.want_mask_grad)
+    dq, dk, dv, dsinks, _ = empty_grads(q, k, v, sinks, None)
+    for b, rows, keys in segments(call.cu_seqlens_q, call.cu_seqlens_k, q.shape[0], k.shape[0]):
+        if rows.stop == rows.start:
+            continue
+        if keys.stop == keys.start:  # rows that see only their sink (empty_grads says why)
+            if dsinks is not None and grad_lse is not None:
+                dsinks += grad_lse[:, rows].sum(dim=-1).to(dsinks.dtype)
+            continue
+        qb, kb, vb = q[None, rows], k[None, keys], v[None, keys]
+        spec = call_spec(call, qb, kb, None, sequence_slopes(call.alibi_slopes, b), batch_offset=b)
+        seq_grad_lse = None if grad_lse is None else grad_lse[None, :, rows]
+        result = backward_dense(grads.grad_out[None, rows], seq_grad_lse, qb, kb, vb, grads.out[None, rows],
+                                grads.lse[None, :, rows], spec, sinks, False)
+        dq[rows], dk[keys], dv[keys] = result[0][0], result[1][0], result[2][0]
+        if dsinks is not None:
+            dsinks += result[3]
+    return dq, dk, dv, dsinks, None
 
 
 def backward_dense(

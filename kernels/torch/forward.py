@@ -1,4 +1,7 @@
-"""Forward of the torch backend: online softmax over key blocks (FlashAttention-2 order)."""
+"""Forward of the torch backend: online softmax over key blocks (FlashAttention-2 order).
+
+forward(call) serves a dense call in one pass and a packed (varlen) one sequence at a time
+(sequences.py); forward_dense is the algorithm on one dense (B, S, H, D) problem."""
 
 from __future__ import annotations
 
@@ -6,12 +9,33 @@ import math
 
 import torch
 
-from ..launch import lse_dtype, new_output
+from ..contract import AttentionCall
+from ..launch import empty_result, lse_dtype, new_output
 from .scores import ScoreSpec, block_scores, dropout_keep, grouped_queries, heads_last, ungroup
+from .sequences import call_spec, segments, sequence_slopes
 from .tiles import key_blocks, query_tile, query_tiles
 
 
 accumulation_dtype = lse_dtype  # float32, or float64 for float64 inputs
+
+
+def forward(call: AttentionCall):
+    """(out, lse) (kernels/contract.py)."""
+    q, k, v, sinks = call.q, call.k, call.v, call.sinks
+    if not call.varlen:
+        if call.empty:
+            return empty_result(q, v, sinks)
+        return forward_dense(q, k, v, call_spec(call, q, k, call.attn_mask, call.alibi_slopes), sinks)
+    out, lse = empty_result(q, v, sinks)
+    for b, rows, keys in segments(call.cu_seqlens_q, call.cu_seqlens_k, q.shape[0], k.shape[0]):
+        if rows.stop == rows.start or keys.stop == keys.start:
+            continue
+        qb, kb, vb = q[None, rows], k[None, keys], v[None, keys]
+        spec = call_spec(call, qb, kb, None, sequence_slopes(call.alibi_slopes, b), batch_offset=b)
+        seq_out, seq_lse = forward_dense(qb, kb, vb, spec, sinks)
+        out[rows] = seq_out[0]
+        lse[:, rows] = seq_lse[0]
+    return out, lse
 
 
 def forward_dense(

@@ -4,7 +4,7 @@
   head of its GQA group, so dK/dV come out already reduced to KV heads, deterministically.
 - dQ: one program per (query block, batch * query head), walking key blocks like the forward; it
   also writes dS when the additive mask needs a gradient.
-delta_i = rowsum(dO_i * O_i) - dLSE_i is computed beforehand (backend.py). Probabilities are
+delta_i = rowsum(dO_i * O_i) - dLSE_i is computed beforehand (backward.py). Probabilities are
 recomputed from the saved LSE in base 2; rows with LSE = -inf (nothing visible) get P = 0.
 """
 

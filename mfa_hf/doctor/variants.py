@@ -180,14 +180,14 @@ def _dims_of(values: dict) -> tuple:
 
 
 def _formats(dim: int) -> tuple:
-    from mfa_hf.kernels.metal.decode import FORMAT_CODES
+    from mfa_hf.kernels.metal.binding import FORMAT_CODES
     from mfa_hf.kv_formats import spec
 
     return tuple(f for f in FORMAT_CODES if not spec(f).grouped or dim % min(spec(f).group_sizes) == 0)
 
 
 def _all_formats(row: dict) -> tuple:
-    from mfa_hf.kernels.metal.decode import FORMAT_CODES
+    from mfa_hf.kernels.metal.binding import FORMAT_CODES
 
     return tuple(FORMAT_CODES)
 

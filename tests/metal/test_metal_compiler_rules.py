@@ -23,8 +23,8 @@ SHIPPED = sorted(p for pattern in ("*.metal", "*.h") for p in loader.HERE.glob(p
 
 # One variant of each kernel source, with its parameter count.
 VARIANTS = [
-    (loader.ForwardVariant(torch.float16, 64, 64, mask_kind="additive", mask_dtype=torch.float16, softcap=True,
-                           alibi=True, sinks=True, varlen=True), len(forward.PARAM_FIELDS)),
+    (forward.ForwardVariant(torch.float16, 64, 64, mask_kind="additive", mask_dtype=torch.float16, softcap=True,
+                            alibi=True, sinks=True, varlen=True), len(forward.PARAM_FIELDS)),
     (backward.BackwardVariant(torch.float32, 96, 64, mask_kind="bool", alibi=True, grad_lse=True),
      len(backward.BACKWARD_PARAM_FIELDS)),
     (decode.DecodeVariant(torch.float16, 128, 128, "nf4", "int8", 4, sinks=True, batch_idx=True, split=True),

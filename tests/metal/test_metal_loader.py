@@ -50,14 +50,14 @@ def test_library_cache_is_not_keyed_by_sequence_length(metal_backend):
     for lq, lk in ((5, 9), (70, 33), (31, 130)):
         case = Case(dtype=torch.float16, batch=1, lq=lq, lk=lk, heads_q=2, heads_kv=2, dim=48, dim_v=48)
         run_public_api(case, make_inputs(case, device=metal_backend.device))
-    variants = [v for v in loader.cached_variants() if isinstance(v, loader.ForwardVariant) and v.dtype == torch.float16 and v.dim_qk == 48 and v.mask_kind == "none"
+    variants = [v for v in loader.cached_variants() if isinstance(v, forward.ForwardVariant) and v.dtype == torch.float16 and v.dim_qk == 48 and v.mask_kind == "none"
                 and not (v.softcap or v.alibi or v.sinks or v.varlen)]
     assert len(variants) == 1, variants
 
 
 def test_params_size_is_checked_by_the_kernel(metal_backend):
     """A host that announces a different field count fails to compile (static_assert)."""
-    variant = loader.ForwardVariant(torch.float32, 32, 32)
+    variant = forward.ForwardVariant(torch.float32, 32, 32)
     source = loader.kernel_source("attention_forward.metal")
     compile_shader = metal_backend.compile_shader
     compile_shader(with_defines(source, loader.variant_defines(variant, len(forward.PARAM_FIELDS))))

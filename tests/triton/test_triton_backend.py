@@ -372,10 +372,10 @@ def test_decode_matches_reference(c):
 
 def test_decode_splits_from_shape_only():
     """The split count depends on the shape (batch x KV heads, cache capacity), never on the lengths."""
-    from mfa_hf.kernels.triton import backend as tb
+    from mfa_hf.kernels.triton import decode as td
 
     device = torch.device(DEVICE)
-    policy = tb.split_policy(device)
+    policy = td.split_policy(device)
     chosen = {policy.splits(8 * 8, capacity, 64) for capacity in (65536,)}
     assert len(chosen) == 1
     assert policy.splits(8 * 8, 65536, 64, requested=3) == 3
@@ -410,7 +410,7 @@ def test_decode_clamps_trusted_indices():
     """cache_seqlens and cache_batch_idx reach the kernel unread (issue 17: no device -> host reads): values
     outside the cache are clamped into it in-kernel (undefined results as in FlashAttention-2, never an
     out-of-bounds read): lengths to [0, capacity], rows to [0, cache rows)."""
-    from mfa_hf.kernels.triton import backend as tb
+    from mfa_hf.kernels.triton import decode as td
 
     device = torch.device(DEVICE)
     q = torch.randn(2, 1, 4, 16, device=device)
@@ -419,7 +419,7 @@ def test_decode_clamps_trusted_indices():
     def run(lengths, rows):
         from mfa_hf.kernels.contract import DecodeCall
 
-        return tb.decode(DecodeCall.from_op_args((
+        return td.decode(DecodeCall.from_op_args((
             q, cache_k, None, cache_v, None, torch.tensor(lengths, dtype=torch.int32, device=device),
             torch.tensor(rows, dtype=torch.int32, device=device), None, None, "none", "none", 16, 16, 0.25, -1, 0,
             0.0, 1)))

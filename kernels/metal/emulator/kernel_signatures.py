@@ -104,7 +104,7 @@ def _kernel_definitions(text: str) -> dict[str, _Definition]:
         trailing = _TRAILING_ATTRS.match(text, close + 1)
         if not text.startswith("{", trailing.end()):
             continue  # a declaration, not the definition
-        line = _line_of(text, m.start())
+        line = line_of(text, m.start())
         params = _parse_params(text[m.end() : close], line)
         host = _HOST_NAME.search(head)
         name, function = (host.group(1) if host else m.group(1)), m.group(1)
@@ -157,12 +157,12 @@ def _instantiations(text: str, templates: dict[str, Kernel]) -> list[Kernel]:
             statement = statement[_matching(statement, statement.index("("), "(", ")") + 1 :].strip()
         fm = re.match(r"([\w:]+)\s*<", statement)
         if not fm:
-            raise KernelSourceError(f"line {_line_of(text, m.start())}: cannot read the instantiation {statement!r}")
+            raise KernelSourceError(f"line {line_of(text, m.start())}: cannot read the instantiation {statement!r}")
         base = fm.group(1).split("::")[-1]
         close = _matching(statement, fm.end() - 1, "<", ">")
         if base not in templates:
             raise KernelSourceError(
-                f"line {_line_of(text, m.start())}: host_name {m.group(1)!r} instantiates {base!r}, "
+                f"line {line_of(text, m.start())}: host_name {m.group(1)!r} instantiates {base!r}, "
                 "which is not a kernel template defined in this source"
             )
         arguments = statement[fm.end() : close]
@@ -273,11 +273,11 @@ def matching(text: str, open_pos: int, opener: str = "(", closer: str = ")") -> 
 def _matching(text: str, open_pos: int, opener: str, closer: str) -> int:
     close = matching(text, open_pos, opener, closer)
     if close < 0:
-        raise KernelSourceError(f"line {_line_of(text, open_pos)}: unbalanced {opener!r}")
+        raise KernelSourceError(f"line {line_of(text, open_pos)}: unbalanced {opener!r}")
     return close
 
 
-def _line_of(text: str, pos: int) -> int:
+def line_of(text: str, pos: int) -> int:
     """The MSL line of `pos`, following the preprocessor's `# N "file"` line markers."""
     line, file_line = 1, 1
     for m in re.finditer(r'^# (\d+) "([^"]*)"[^\n]*$|\n', text[:pos], re.M):

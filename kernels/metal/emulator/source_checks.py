@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 
 from .errors import MetalCompileError
-from .kernel_signatures import _line_of
+from .kernel_signatures import line_of
 
 _DOUBLE = re.compile(r"\bdouble\b")
 _STRINGS = re.compile(r'"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'')
@@ -39,9 +39,9 @@ def check_ascii(source: str) -> None:
 
 def check_no_double(preprocessed: str, source_lines: list[str]) -> None:
     """`preprocessed`: the -E text of the kernel source (line markers kept, shim not included)."""
-    # Blanking string literals keeps offsets, so _line_of can still read the line markers.
+    # Blanking string literals keeps offsets, so line_of can still read the line markers.
     for m in _DOUBLE.finditer(_STRINGS.sub(lambda s: " " * len(s.group(0)), preprocessed)):
-        line = _line_of(preprocessed, m.start())
+        line = line_of(preprocessed, m.start())
         quoted = source_lines[line - 1].strip() if 0 < line <= len(source_lines) else ""
         raise MetalCompileError(
             f"MSL line {line}: `double` is not a Metal type (Apple's compiler rejects it: GPUs have no "

@@ -1,0 +1,150 @@
+"""Launching the triton decode kernels (decode_kernel.py) over a (possibly quantized) KV cache: split-K + merge.
+
+The split count comes from the shape (batch x KV heads x query tiles, visible key span), never from the
+lengths, which the kernels read on the device: no host read, no recompile per length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mfa_hf import kv_formats
+
+from ..contract import DecodeCall
+from ..launch import SplitPolicy, new_output
+
+from . import decode_kernel
+from .binding import alibi_args, dot_precision, on_tensors_device
+from .blocks import cdiv, padded_dim
+
+# Split-K choice (kernels/launch.py's SplitPolicy), from the shape only (batch x KV heads x query tiles,
+# visible key span): at most PROGRAMS_PER_SM x SMs programs.
+PROGRAMS_PER_SM = 8
+# GPU launch config of the split kernel; the benchmark may override (decode_config).
+DECODE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3)
+# Quantized caches: H100 64k sweep (2026-11-21), packed conversions: 128 keys, 4 warps, 3 stages best for
+# every format (64 keys 7-27% slower, 8 warps 37-48% slower).
+DECODE_CONFIG_QUANT = dict(block_n=128, num_warps=4, num_stages=3)
+_levels_cache: dict = {}
+_asm_cache: dict = {}
+
+
+def _asm_ok(device) -> bool:
+    """Packed inline-PTX code conversions (decode_kernel.py): CUDA, compute capability >= 8.9 (fp8 cvt)."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _asm_cache:
+        _asm_cache[index] = torch.cuda.get_device_capability(index) >= (8, 9)
+    return _asm_cache[index]
+
+
+def _levels(device, dtype):
+    """The 16 nf4 levels in the dtype of the dots (float16 on the GPU: gathered without conversion)."""
+    key = (str(device), dtype)
+    if key not in _levels_cache:
+        levels = kv_formats.spec("nf4").codebook
+        _levels_cache[key] = torch.tensor(levels, dtype=torch.float32, device=device).to(dtype)
+    return _levels_cache[key]
+
+
+def split_policy(device) -> SplitPolicy:
+    """The split policy for `device`: its SM count (cached per device); the interpreter gets a few
+    splits of small blocks, so that the merge path is exercised."""
+    if device.type != "cuda":
+        return SplitPolicy(target_work=16, min_keys=16)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _policies:
+        sms = torch.cuda.get_device_properties(index).multi_processor_count
+        _policies[index] = SplitPolicy(target_work=PROGRAMS_PER_SM * sms)
+    return _policies[index]
+
+
+_policies: dict = {}
+
+
+def _scale_args(scales, codes, fmt, group_size):
+    """(tensor, (batch, token, head, group) strides, mode, group size, groups).
+
+    mode 1: one scale per (token or static) row, 2: per group of D applied element-wise (int8/fp8
+    per channel), 3: nf4 groups (applied per group around the dots).
+    """
+    if fmt == "none":
+        return codes, (0, 0, 0, 0), 0, 2, 1
+    full = scales.expand(codes.shape[0], codes.shape[1], codes.shape[2], scales.shape[-1])
+    groups = scales.shape[-1]
+    mode = 1 if groups == 1 else (3 if kv_formats.spec(fmt).grouped else 2)
+    return full, tuple(full.stride()), mode, group_size, groups
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@on_tensors_device
+def decode(call: DecodeCall, config=None):
+    """The triton decode (kernels/contract.py DecodeCall); config overrides DECODE_CONFIG (benchmarks)."""
+    q, keys, values, o = call.q, call.keys, call.values, call.options
+    k_codes, k_scales, k_format, k_group_size = keys.codes, keys.scales, keys.format, keys.group_size
+    v_codes, v_scales, v_format, v_group_size = values.codes, values.scales, values.format, values.group_size
+    alibi_slopes, sinks, cache_batch_idx, seqlens_k = call.alibi_slopes, call.sinks, call.cache_batch_idx, call.seqlens_k
+    scale, softcap, window_left, right = o.scale, o.softcap, o.window_left, o.window_right
+    batch, lq, heads_q, dim = q.shape
+    heads_kv = k_codes.shape[2]
+    group = heads_q // heads_kv
+    k_spec, v_spec = kv_formats.spec(k_format), kv_formats.spec(v_format)
+    dim_v = v_spec.logical_dim(v_codes.shape[-1])
+    out = new_output((batch, lq, heads_q, dim_v), q.dtype, q.device)
+    lse = new_output((batch, heads_q, lq), torch.float32, q.device)
+    if batch == 0 or lq == 0:
+        return out, lse
+    quant = k_format != "none" or v_format != "none"
+    cfg = dict(DECODE_CONFIG_QUANT if quant else DECODE_CONFIG, **(config or {}))
+    on_gpu = q.device.type == "cuda"
+    block_n = cfg["block_n"] if on_gpu else 16
+    max_rows = 64 if on_gpu else 16
+    block_q = min(_pow2(lq), 1 << (max(1, max_rows // group).bit_length() - 1))  # power of two <= rows / G
+    block_m = max(16, _pow2(group * block_q))
+    # Packed PTX conversions (decode_kernel.py). Not for nf4 under float32 q: its levels would be float16-rounded
+    # (the integer and fp8 conversions are exact).
+    asm = _asm_ok(q.device) and bool(cfg.get("asm", True)) and not (
+        q.dtype == torch.float32 and (k_spec.codebook or v_spec.codebook))
+    q_tiles = cdiv(lq, block_q)
+    span = k_codes.shape[1]
+    if window_left >= 0 and right >= 0:
+        span = min(span, window_left + right + block_q)
+    splits = split_policy(q.device).splits(batch * heads_kv * q_tiles, span, block_n, call.num_splits)
+    direct = splits == 1
+    ks, ks_strides, k_mode, k_gs, k_ng = _scale_args(k_scales, k_codes, k_format, k_group_size)
+    vs, vs_strides, v_mode, v_gs, v_ng = _scale_args(v_scales, v_codes, v_format, v_group_size)
+    if direct:
+        part_o = part_lse = lse
+    else:
+        part_o = torch.empty(batch * heads_q * lq * splits * dim_v, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch * heads_q * lq * splits, dtype=torch.float32, device=q.device)
+    slopes, slope_strides = alibi_args(alibi_slopes, q)
+    rows = q if cache_batch_idx is None else cache_batch_idx
+    head_d, head_dv = k_spec.storage_dim(dim), v_spec.storage_dim(dim_v)
+    e4m3 = 1.0 if asm else 256.0  # decode_kernel.py's integer e4m3 decode yields value / 256
+    precision = dot_precision(q.dtype, q.device)
+    decode_kernel.decode_split_kernel[(splits, batch * heads_kv, q_tiles)](
+        q, k_codes, v_codes, ks, vs, seqlens_k, rows, slopes, q if sinks is None else sinks,
+        _levels(q.device, torch.float32 if precision == "upcast" or q.dtype == torch.float32 else torch.float16),
+        out, lse, part_o, part_lse, *q.stride(), *k_codes.stride(), *v_codes.stride(), *ks_strides, *vs_strides,
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), *slope_strides,
+        lq, heads_kv, group, splits, max(window_left, 0), max(right, 0), scale, softcap,
+        max(1, k_codes.shape[0]), k_codes.shape[1], HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=padded_dim(head_d), BLOCK_DV=padded_dim(head_dv),
+        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, K_FMT=k_spec.kernel_id,
+        V_FMT=v_spec.kernel_id, K_SCALE=k_mode, V_SCALE=v_mode,
+        K_CONST=e4m3 if k_format == "fp8_e4m3" else 1.0, V_CONST=e4m3 if v_format == "fp8_e4m3" else 1.0,
+        K_GS=k_gs, V_GS=v_gs, K_NG=k_ng, V_NG=v_ng,
+        HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0,
+        SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None, SINKS_ON=sinks is not None, DIRECT=direct,
+        DOT_PRECISION=precision, ASM=asm, num_warps=cfg["num_warps"] if on_gpu else 1,
+        num_stages=cfg["num_stages"] if on_gpu else 1)
+    if not direct:
+        decode_kernel.decode_merge_kernel[(batch * heads_q * lq,)](
+            part_o, part_lse, q if sinks is None else sinks, out, lse, out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1), lq, heads_q, splits, HEAD_DV=dim_v, BLOCK_DV=padded_dim(dim_v),
+            BLOCK_P=max(16, _pow2(splits)), SINKS_ON=sinks is not None, num_warps=4 if on_gpu else 1)
+    return out, lse
