@@ -69,7 +69,7 @@ class _Store:
         return 0 if self.residual is None else self.residual.shape[2]
 
     @staticmethod
-    def append_quantized(stores: tuple["_Store", "_Store"], keys: torch.Tensor, values: torch.Tensor) -> None:
+    def append_quantized(stores: tuple, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write (B, H, n, D) key and value states after the K and V stores' valid prefix (equal lengths),
         quantized per token on the way in by the backend's append (mfa_hf.kvcache.append_kv: the metal
         backend's kernel quantizes on write)."""
@@ -78,12 +78,12 @@ class _Store:
             return
         k_store, v_store = stores
         for store, states in ((k_store, keys), (v_store, values)):
-            store._reserve(states, store.length + n)
+            store.reserve(states, store.length + n)
         append_kv(k_store.buffer, v_store.buffer, keys.transpose(1, 2), values.transpose(1, 2), k_store.length)
         k_store.length += n
         v_store.length += n
 
-    def _reserve(self, states: torch.Tensor, needed: int) -> None:
+    def reserve(self, states: torch.Tensor, needed: int) -> None:
         capacity = 0 if self.buffer is None else self.buffer.shape[1]
         if needed <= capacity:
             return
@@ -99,7 +99,7 @@ class _Store:
         self.residual = states if self.residual is None else torch.cat([self.residual, states], dim=2)
 
     @staticmethod
-    def flush(stores: tuple["_Store", "_Store"], count: int) -> None:
+    def flush(stores: tuple, count: int) -> None:
         """Quantize the oldest `count` residual tokens of both stores (a whole number of chunks)."""
         if count:
             k_store, v_store = stores

@@ -16,7 +16,7 @@ import torch
 
 T = TypeVar("T")
 
-_ATTRIBUTE = "_mfa_step_facts"  # (version, {key: fact}) on the mask tensor
+_ATTRIBUTE = "mfa_hf_step_facts"  # (version, {key: fact}) on the mask tensor
 
 
 def once_per_mask(mask: torch.Tensor, key: tuple, compute: Callable[[], T]) -> T:
