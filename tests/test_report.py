@@ -3,6 +3,7 @@ suite's plan/derivations feed it. The real run (minutes) is a docs step: docs/be
 
 from __future__ import annotations
 
+import re
 from html.parser import HTMLParser
 
 import pytest
@@ -90,3 +91,61 @@ def test_cli_writes_the_report(tmp_path, monkeypatch):
     out = tmp_path / "report.html"
     assert main(["--suite", "full", "--device", "cpu", "--output", str(out)]) == 0
     assert _parse(out.read_text()).h2[0] == "Time vs sequence length"
+
+
+def _texts(svg: str, css_class: str) -> list[str]:
+    return re.findall(rf'<text class="{css_class}"[^>]*>([^<]*)</text>', svg)
+
+
+def _legend_colors(svg: str) -> dict[str, str]:
+    return dict((name, color) for color, name in re.findall(r'<g transform[^>]*>.*?<text [^>]*fill="(#\w+)">'
+                                                            r'([^<]*)</text></g>', svg))
+
+
+def test_log_axes_are_labelled_and_ticked_at_powers_of_ten():
+    series = {"sdpa": [(256, 0.01), (65536, 900.0)], "mfa[torch]": [(1024, 0.2), (16384, 40.0)]}
+    svg = report.line_chart("t", series, "sequence length (tokens)", "median time (ms)", log_y=True)
+    assert _texts(svg, "x-label") == ["sequence length (tokens, log scale)"]
+    assert _texts(svg, "y-label") == ["median time (ms, log scale)"]
+    assert {"0.01", "0.1", "1", "10", "100", "1k"} <= set(_texts(svg, "y-tick"))  # decades, not min/max
+    assert {"1k", "10k"} <= set(_texts(svg, "x-tick"))
+    assert "256" not in _texts(svg, "x-tick")  # ticks are round values, not the data points
+    # under three decades: 2x and 5x steps as well, so a narrow axis still reads
+    assert report.axis(256, 4096, log=True).ticks == [200, 500, 1000, 2000, 5000]
+    assert [report.tick_label(t) for t in report.axis(0, 9.4, log=False).ticks] == ["0", "2", "4", "6", "8", "10"]
+
+
+def test_one_colour_per_implementation_in_every_chart():
+    rows = suite_full._derive([dict(r) for r in ROWS[1::-1] + ROWS[3:1:-1] + ROWS[4:]])  # mfa[torch] first
+    page = report.render(rows, "cpu")
+    legends = [_legend_colors(svg) for svg in re.findall(r"<svg.*?</svg>", page)]
+    time, memory, speedup, decode, generate = legends
+    assert time["mfa[torch]"] == memory["mfa[torch]"] == speedup["mfa[torch]"]  # alone in speedup: still its own
+    assert time["sdpa"] == memory["sdpa"] == generate["sdpa"] != time["mfa[torch]"]
+    assert decode["mfa int8"] == decode["mfa nf4"] == generate["mps_flash"]  # mps_flash is mfa's attention
+    assert report.color_map(["zeta", "sdpa", "alpha"]) == report.color_map(["alpha", "sdpa", "zeta", "alpha"])
+    assert report.color_map(["sdpa"])["sdpa"] == report.color_map(["mfa", "flex", "sdpa"])["sdpa"]
+
+
+def test_unmeasured_memory_is_an_empty_cell_with_its_reason():
+    rows = [{"section": "scaling", "impl": "sdpa", "seqlen": 256, "median_ms": 2.0, "peak_mem_mb": 0.0,
+             "device": "cpu", "mem_method": "ru_maxrss growth of a subprocess"},
+            {"section": "scaling", "impl": "sdpa", "seqlen": 512, "median_ms": 4.0, "peak_mem_mb": None,
+             "device": "cpu"},
+            {"section": "scaling", "impl": "sdpa", "seqlen": 1024, "median_ms": 9.0, "peak_mem_mb": 0,
+             "peak_mem_mb_reason": "counter reset failed", "device": "cuda"},
+            {"section": "scaling", "impl": "sdpa", "seqlen": 2048, "median_ms": 30.0, "peak_mem_mb": 12.5,
+             "device": "cpu"}]
+    page = report.render(rows, "cpu")
+    table = page[page.index("<table>"):]
+    header = re.findall(r"<th>([^<]*)</th>", table)
+    column = header.index("peak_mem_mb")
+    cells = [re.findall(r"<td([^>]*)>(.*?)</td>", tr)[column] for tr in re.findall(r"<tr>(.*?)</tr>", table)[1:]]
+    assert [re.sub(r"<[^>]+>", "", text) for _, text in cells[:3]] == ["a", "b", "c"]  # footnote marks only
+    assert cells[3][1] == "12.5"
+    assert "no peak-memory counter on cpu" in cells[0][0] and "ru_maxrss" in cells[0][0]
+    assert "not measured: no peak-memory counter on cpu" in cells[1][0]
+    assert "counter reset failed" in cells[2][0] and "peak_mem_mb_reason" not in header
+    assert "<sup>c</sup> counter reset failed" in table
+    assert not re.search(r"<td>(0|0\.0|None)</td>", page)
+    assert "3 of 4 points left out" in page  # and the memory chart does not plot them at 0
