@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch, helper_tensors, scalars
+from . import dispatch, helper_tensors, native, scalars
 from .kernels.dropout import new_seed
 from .kernels.contract import AttentionCall, Options, fold_causal
 from .ops import describe
@@ -204,17 +204,28 @@ def flash_attention_chunked(
 
 
 def _attend(call: AttentionCall, return_lse: bool):
-    """Dispatch a validated call and run it through the chosen backend's custom op."""
+    """Route a validated call: the platform's fused kernel where it is exact, else the chosen backend's
+    custom op."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (call.q, call.k, call.v, call.attn_mask, call.sinks)
     )
     problem = describe(call, needs_grad=needs_grad)
+    mask = call.attn_mask
+    route = dispatch.route(problem, wants_lse=return_lse, mask_dtype=None if mask is None else mask.dtype,
+                           mask_needs_grad=mask is not None and mask.requires_grad,
+                           unit_stride=_unit_last_stride(call.q, call.k, call.v, mask))
+    if route.native:  # the platform's fused kernel computes exactly this call (routes.py)
+        return native.forward(call, route)
     chosen = dispatch.select(problem)
     if call.q.is_meta:  # no values to read (a varlen backend may read cu_seqlens): the op's shape function
         out, lse = chosen.ops.forward.op(*call.op_args())
     else:
         out, lse = chosen.ops.forward(call, problem)
     return (out, lse) if return_lse else out
+
+
+def _unit_last_stride(*tensors) -> bool:
+    return all(t is None or t.stride(-1) == 1 or t.shape[-1] == 1 for t in tensors)
 
 
 def validated_call(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, attn_mask=None,

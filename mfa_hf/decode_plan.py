@@ -3,8 +3,9 @@
 Every layer of one decode step attends the same batch with the same query length and the same left
 padding; only its K/V (and, for hybrid models, its window and cache length) differ. The plan holds
 what the layers share: the row groups (rows with equal left padding, as device index vectors made
-once), the length vectors each group's decode needs (made once per distinct length), the backend
-chosen for each kind of layer (dispatch runs once per kind, not per layer), and the inputs it checked
+once), the length vectors each group's decode needs (made once per distinct length), the path
+chosen for each kind of layer (routing and dispatch run once per kind, not per layer: the platform's
+own kernel where routes.py finds it exact, else one of our backends), and the inputs it checked
 (validation runs once per kind). `plan.run(q, layer)` then only builds the call and launches.
 
 Left padding is expressed without a mask: a row whose first `pad` keys are padding sees keys from
@@ -16,15 +17,26 @@ attention.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import dispatch, kvcache
+from . import dispatch, kvcache, native
 from .kernels.contract import CacheSide, DecodeCall, Options
 from .ops import describe_decode
+from .problem import AttentionProblem
+from .routes import Route
+
+
+# A layer's kind (dtypes, shapes, strides, formats, window, host row groups, MFA_BACKEND/MFA_ROUTE_TABLE: no
+# tensor, no value read from one) -> its checked path, a native Route or a dispatch.Backend. Shared by every
+# plan, so an unmasked decode, which has no step object to hold a plan, also checks and routes once per kind.
+# Bounded: cleared when full (a long generation adds one kind per cache length).
+_decisions: dict = {}
+DECISIONS_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,6 @@ class DecodePlan:
             raise NotImplementedError(f"left padding with {q_len} query tokens per step is not supported by the "
                                       "decode plan (one token per step is)")
         self._lengths: dict = {}  # (group index, length, device) -> int32 vector
-        self._backends: dict = {}  # AttentionProblem -> dispatch.Backend (validated once)
 
     def run(self, q: Tensor, layer: LayerKV, *, scale: float, window_left: int = -1, causal: bool = True,
             softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Tensor:
@@ -99,27 +110,55 @@ class DecodePlan:
                 raise ValueError(f"attention_mask: a row sees none of its {total} keys (padding {group.pad})")
             reach = total - 1 - group.pad
             left = reach if left < 0 else min(left, reach)
-        options = Options(float(scale), left, 0 if causal else -1, float(softcap or 0.0))
-        keys, values = layer.keys, layer.values
+        keys, values, residual = layer.keys, layer.values, layer.residual
         if keys is None:  # nothing stored yet: an empty prefix before the residual
-            k_res, v_res = layer.residual
+            k_res, v_res = residual
             keys = CacheSide(k_res[:, :0], None, "none", k_res.shape[-1])
             values = CacheSide(v_res[:, :0], None, "none", v_res.shape[-1])
+        # What decides the path (no tensor values): the first layer of a kind pays for checks and choice.
+        kind = (group.host_rows, q.dtype, q.device, q.shape, q.stride(-1), keys.codes.shape, keys.codes.stride(-1),
+                keys.format, values.codes.shape, values.codes.stride(-1), values.format, layer.length, left, causal,
+                softcap, None if sinks is None else (sinks.shape, sinks.dtype, sinks.device),
+                None if residual is None else residual[0].shape, os.environ.get("MFA_BACKEND"),
+                os.environ.get("MFA_ROUTE_TABLE"))
+        chosen = _decisions.get(kind)
+        if chosen is None:
+            chosen = self._choose(index, group, q, keys, values, layer, scale, left, causal, softcap, sinks)
+            if len(_decisions) >= DECISIONS_KEPT:
+                _decisions.clear()
+            _decisions[kind] = chosen
+        if isinstance(chosen, Route):  # the platform's kernel, exact here (routes.py): plain K/V, one row group
+            return native.sdpa(q, keys.codes[:, :layer.length], values.codes[:, :layer.length], None, chosen, scale)
+        return chosen.ops.decode(self._call(index, group, q, keys, values, layer, scale, left, causal, softcap,
+                                            sinks), None)[0]
+
+    def _call(self, index, group, q, keys, values, layer, scale, left, causal, softcap, sinks) -> DecodeCall:
+        options = Options(float(scale), left, 0 if causal else -1, float(softcap or 0.0))
         residual = layer.residual
-        call = DecodeCall(
+        return DecodeCall(
             q, keys, values, self._lengths_of(index, group, layer.length, q.device), options, group.rows,
             sinks=sinks,
             residual_keys=None if residual is None else residual[0],
             residual_values=None if residual is None else residual[1],
             residual_lengths=None if residual is None else self._lengths_of(index, group, residual[0].shape[1],
                                                                              q.device))
+
+    def _choose(self, index, group, q, keys, values, layer, scale, left, causal, softcap, sinks):
+        """Check the inputs of this kind of layer and pick its path: a native Route or one of our backends."""
+        call = self._call(index, group, q, keys, values, layer, scale, left, causal, softcap, sinks)
+        kvcache.check_decode_call(call, group.host_rows)
         problem = describe_decode(call)
-        backend = self._backends.get(problem)
-        if backend is None:  # the first layer of this kind in the step: check the inputs, pick the backend
-            kvcache.check_decode_call(call, group.host_rows)
-            backend = self._backends[problem] = dispatch.select(problem)
-        out, _ = backend.ops.decode(call, problem)
-        return out
+        other = ""
+        if group.rows is not None:
+            other = "left-padded rows (each row its own key range)"
+        elif layer.residual is not None:
+            other = "a two-part cache (quantized prefix + residual)"
+        plain = AttentionProblem(**{**problem.__dict__, "seqlen_k": layer.length})
+        route = dispatch.route(plain, other_reason=other, unit_stride=all(
+            t.stride(-1) == 1 or t.shape[-1] == 1 for t in (q, keys.codes, values.codes)))
+        if route.native:
+            return route
+        return dispatch.select(problem)
 
     def _lengths_of(self, index: int, group: RowGroup, length: int, device) -> Tensor:
         key = (index, length, device)
@@ -128,3 +167,4 @@ class DecodePlan:
             rows = self.batch if group.rows is None else len(group.host_rows)
             lengths = self._lengths[key] = torch.full((rows,), length, dtype=torch.int32, device=device)
         return lengths
+

@@ -4,6 +4,9 @@ REGISTRY is the one list of backends: a new backend is its folder (kernels/<name
 `BACKEND` object that implements kernels/contract.py's `Backend`) plus one line here.
 MFA_BACKEND=auto|metal|triton|torch forces one; forcing a backend that cannot serve the problem
 raises with its reason instead of silently falling back to another semantics or speed.
+
+Before any of ours, `route` asks routes.py whether the platform's own fused kernel computes exactly
+this call (auto only; MFA_BACKEND=native forces that path, any backend name turns routing off).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-from . import ops
+from . import ops, routes, trace
 from .kernels.contract import Backend as BackendContract
 from .problem import AttentionProblem
 
@@ -52,7 +55,7 @@ _lock = threading.RLock()  # loading registers custom ops: once per backend, als
 
 def backend(name: str) -> Backend:
     if name not in _MODULES:
-        raise ValueError(f"MFA_BACKEND: expected one of auto, {', '.join(PRIORITY)}, got {name!r}")
+        raise ValueError(f"MFA_BACKEND: expected one of auto, native, {', '.join(PRIORITY)}, got {name!r}")
     found = _loaded.get(name)
     if found is None:
         with _lock:
@@ -90,8 +93,23 @@ def forced_backend() -> str:
     return os.environ.get("MFA_BACKEND", "auto").strip().lower() or "auto"
 
 
+def route(problem: AttentionProblem, **facts) -> routes.Route:
+    """Native or ours for this problem (routes.choose under MFA_BACKEND; facts: its keywords), counted by
+    MFA_TRACE."""
+    chosen = routes.choose(problem, forced_backend(), **facts)
+    if trace.enabled():
+        trace.record_route(chosen.path, chosen.reason)
+        if chosen.native:
+            trace.record("native", "fwd", problem.dtype, problem.head_dim_qk, problem.seqlen_q, problem.seqlen_k,
+                         f"{problem.flags()} path={chosen.path}")
+    return chosen
+
+
 def select(problem: AttentionProblem) -> Backend:
     forced = forced_backend()
+    if forced == "native":
+        raise BackendUnavailable("MFA_BACKEND=native: this call has no native path (routes.py); unset MFA_BACKEND to "
+                                 "let our kernels serve it")
     if forced != "auto":
         chosen = backend(forced)
         ok, reason = chosen.supports(problem)

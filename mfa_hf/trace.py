@@ -22,50 +22,70 @@ _captures: list[Counter] = []
 # function, or by a backend whose kernel cannot be built or launched here to the next one ("metal -> torch").
 _fallbacks: Counter = Counter()
 _fallback_captures: list[Counter] = []
+# Routing decisions, {(path, reason): n}: "native" paths (the platform's fused kernel, mfa_hf/routes.py) or
+# "ours" with the reason the native kernel could not serve the call exactly.
+_routes: Counter = Counter()
+_route_captures: list[Counter] = []
 
 
 def enabled() -> bool:
-    """Whether calls are being counted: MFA_TRACE is set or a capture() is open. Callers check this
+    """Whether calls are being counted: MFA_TRACE is set or a capture is open. Callers check this
     before building a record, so an untraced call pays nothing for it."""
-    return bool(_captures) or os.environ.get("MFA_TRACE", "0") not in ("", "0")
+    return bool(_captures or _route_captures) or os.environ.get("MFA_TRACE", "0") not in ("", "0")
 
 
 def record(backend: str, op: str, dtype, head_dim: int, lq: int, lk: int, flags: str) -> None:
-    key = (backend, op, str(dtype).replace("torch.", ""), head_dim, lq, lk, flags)
-    _counts[key] += 1
-    for captured in _captures:
+    _tally(_counts, _captures, (backend, op, str(dtype).replace("torch.", ""), head_dim, lq, lk, flags))
+
+
+def capture():
+    """Count the calls made inside the block: {(backend, op, dtype, D, Lq, Lk, flags): n}."""
+    return _capturing(_captures)
+
+
+def _tally(total: Counter, captures: list[Counter], key) -> None:
+    total[key] += 1
+    for captured in captures:
         captured[key] += 1
 
 
 @contextmanager
-def capture() -> Iterator[Counter]:
-    """Count the calls made inside the block: {(backend, op, dtype, D, Lq, Lk, flags): n}."""
+def _capturing(captures: list[Counter]) -> Iterator[Counter]:
     captured: Counter = Counter()
-    _captures.append(captured)
+    captures.append(captured)
     try:
         yield captured
     finally:
-        # By identity: two captures with equal counts compare equal, and list.remove would take the
-        # first of them, not this one.
-        del _captures[next(i for i, c in enumerate(_captures) if c is captured)]
+        del captures[next(i for i, c in enumerate(captures) if c is captured)]  # by identity: equal counts compare equal
 
 
 def record_fallback(source: str, reason: str) -> None:
     """Count a call that `source` did not serve and handed on, with the reason."""
-    _fallbacks[source, reason] += 1
-    for captured in _fallback_captures:
-        captured[source, reason] += 1
+    _tally(_fallbacks, _fallback_captures, (source, reason))
 
 
-@contextmanager
-def capture_fallbacks() -> Iterator[Counter]:
+def capture_fallbacks():
     """Count the fallbacks recorded inside the block: {(source, reason): n}."""
-    captured: Counter = Counter()
-    _fallback_captures.append(captured)
-    try:
-        yield captured
-    finally:
-        del _fallback_captures[next(i for i, c in enumerate(_fallback_captures) if c is captured)]
+    return _capturing(_fallback_captures)
+
+
+def record_route(path: str, reason: str) -> None:
+    """Count a routing decision: the native path that served a call, or "ours" and why not native."""
+    _tally(_routes, _route_captures, (path, reason))
+
+
+def capture_routes():
+    """Count the routing decisions inside the block: {(path, reason): n}."""
+    return _capturing(_route_captures)
+
+
+def routes_report(counts: Counter | None = None) -> str:
+    counts = _routes if counts is None else counts
+    lines = ["mfa_hf trace: routing (native = the platform's fused kernel, exact here; ours = why not)",
+             f"{'calls':>7}  path: reason"]
+    for (path, reason), n in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        lines.append(f"{n:>7}  {path}: {reason}")
+    return "\n".join(lines)
 
 
 def fallback_report(counts: Counter | None = None) -> str:
@@ -101,6 +121,8 @@ def _report_at_exit() -> None:
         print(report(), file=sys.stderr)
     if _fallbacks:
         print(fallback_report(), file=sys.stderr)
+    if _routes:
+        print(routes_report(), file=sys.stderr)
 
 
 atexit.register(_report_at_exit)

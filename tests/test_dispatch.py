@@ -20,12 +20,15 @@ def small_qkv(requires_grad=False):
     return [t.contiguous().requires_grad_(requires_grad) for t in (q, k, v)]
 
 
-def test_auto_selects_torch_on_cpu_and_trace_counts_it():
-    with trace.capture() as calls:
-        out = mfa_hf.flash_attn_func(*small_qkv(), causal=True)
+def test_auto_routes_to_native_where_exact_else_selects_torch_on_cpu_and_trace_counts_it(monkeypatch):
+    monkeypatch.delenv("MFA_BACKEND", raising=False)
+    with trace.capture() as calls, trace.capture_routes() as routes:
+        out = mfa_hf.flash_attn_func(*small_qkv(), causal=True)  # square causal: SDPA's fused CPU kernel is exact
+        mfa_hf.flash_attn_func(*small_qkv(), causal=True, softcap=2.0)  # no native softcap: ours
     assert out.shape == (2, 9, 4, 8)
-    ((key, n),) = calls.items()
-    assert key == ("torch", "fwd", "float32", 8, 9, 9, "causal gqa=2") and n == 1
+    assert calls == {("native", "fwd", "float32", 8, 9, 9, "causal gqa=2 path=sdpa-cpu-flash"): 1,
+                     ("torch", "fwd", "float32", 8, 9, 9, "causal softcap gqa=2"): 1}
+    assert routes == {("sdpa-cpu-flash", "native has our semantics here"): 1, ("ours", "softcap"): 1}
 
 
 @pytest.mark.parametrize("forced", ["metal", "triton"])
@@ -39,7 +42,8 @@ def test_forcing_torch_works_and_unknown_names_are_rejected(monkeypatch):
     monkeypatch.setenv("MFA_BACKEND", "torch")
     assert mfa_hf.flash_attn_func(*small_qkv()).shape == (2, 9, 4, 8)
     monkeypatch.setenv("MFA_BACKEND", "cuda")
-    with pytest.raises(ValueError, match=r"MFA_BACKEND: expected one of auto, metal, triton, torch, got 'cuda'"):
+    with pytest.raises(ValueError, match=r"MFA_BACKEND: expected one of auto, native, metal, triton, torch, "
+                                         r"got 'cuda'"):
         mfa_hf.flash_attn_func(*small_qkv())
 
 
@@ -53,12 +57,15 @@ def test_supports_reports_reasons():
 def test_trace_report_printed_at_exit():
     code = ("import torch, mfa_hf; q = torch.randn(1, 5, 2, 8); "
             "mfa_hf.flash_attn_func(q, q, q, causal=True); mfa_hf.flash_attn_func(q, q, q, causal=True)")
-    env = dict(os.environ, MFA_TRACE="1")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "mfa_hf trace" in result.stderr
-    assert any(line.split()[:7] == ["torch", "fwd", "float32", "8", "5", "5", "2"]
-               for line in result.stderr.splitlines()), result.stderr
+    for backend, routed in (("torch", False), ("auto", True)):
+        env = dict(os.environ, MFA_TRACE="1", MFA_BACKEND=backend)
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "mfa_hf trace" in result.stderr
+        served = "native" if routed else "torch"
+        assert any(line.split()[:7] == [served, "fwd", "float32", "8", "5", "5", "2"]
+                   for line in result.stderr.splitlines()), result.stderr
+        assert ("2  sdpa-cpu-flash: native has our semantics here" in result.stderr) == routed, result.stderr
 
 
 def test_opcheck_forward_and_backward():
@@ -86,6 +93,7 @@ def test_eager_calls_skip_the_dispatcher_and_everything_else_goes_through_the_op
         return op(*args)
 
     monkeypatch.setattr(OPS.forward, "op", counting_op)
+    monkeypatch.setenv("MFA_BACKEND", "torch")  # our op, not the native route
     q, k, v = small_qkv()
     with torch.no_grad():
         direct = mfa_hf.flash_attn_func(q, k, v, causal=True)

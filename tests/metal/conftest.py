@@ -101,3 +101,14 @@ def two_schedules(metal_backend, monkeypatch):
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bits of a float tensor (so that NaN == NaN and -0 != 0)."""
     return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.fixture
+def no_native_routes(monkeypatch, tmp_path):
+    """Auto selection among our backends only: a route table with no native kernel for cpu (the emulator's
+    tensors) or mps, so these tests see the metal kernels serve what the router would send to SDPA."""
+    from mfa_hf import native_table
+
+    path = tmp_path / "no_native_routes.json"
+    native_table.write(path, {"cpu": (), "mps": ()})
+    monkeypatch.setenv("MFA_ROUTE_TABLE", str(path))

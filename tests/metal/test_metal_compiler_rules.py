@@ -180,7 +180,7 @@ def broken_forward(metal, monkeypatch):
     return metal
 
 
-def test_a_compile_failure_falls_back_to_torch_with_one_warning(broken_forward):
+def test_a_compile_failure_falls_back_to_torch_with_one_warning(broken_forward, no_native_routes):
     device = broken_forward.device
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 20, 2, 32, generator=g).to(device).requires_grad_(True) for _ in range(3))

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "nf4", None])
-def test_generate_is_served_by_metal(fmt, metal, monkeypatch):
+def test_generate_is_served_by_metal(fmt, metal, monkeypatch, no_native_routes):
     """fmt None: the plain cache, with a left-padded row (varlen prefill, padded decode steps)."""
     from mfa_hf.integrations.transformers import cache_kwargs  # (registers mps_flash)
     from mfa_hf.integrations.transformers.quantized_cache import MFAQuantizedCache

@@ -1,0 +1,149 @@
+"""End to end, one run: prefill and greedy-decode tokens/s of a model built from its config, per path.
+
+    python benchmarks/e2e_generate.py --device cuda --shape llama-1b --dtype bfloat16 --context 8192 --new 128
+    python benchmarks/e2e_generate.py --device cpu --shape smollm-135m --dtype float32 --context 1024 --new 32
+
+The weights are random (no hub here); attention cost does not depend on their values, and every row uses
+the same seed. Rows (each in its own subprocess, so peak memory is the row's own): sdpa, mps_flash (our
+attention function with transformers' default cache), mps_flash + MFAQuantizedCache (fp8_e4m3, int8, nf4),
+sdpa + transformers' QuantizedCache (quanto int4, hqq int8) when those packages are installed. Ratios are
+against sdpa measured in the same run. --contexts lists extra contexts for the int8 cache (e.g. 32768).
+Prints a markdown table and one JSON line per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=8192, vocab_size=128256),
+    "smollm-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                        intermediate_size=1536, vocab_size=49152),
+}
+ROWS = (("sdpa", "none"), ("mps_flash", "none"), ("mps_flash", "fp8_e4m3"), ("mps_flash", "int8"),
+        ("mps_flash", "nf4"), ("sdpa", "hf_quanto"), ("sdpa", "hf_hqq"))
+HF_CACHES = {"hf_quanto": ("quanto", 4, "optimum.quanto"), "hf_hqq": ("HQQ", 8, "hqq")}
+
+
+def measure(spec: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+
+    import mfa_hf.integrations.transformers  # noqa: F401  registers "mps_flash"
+    from mfa_hf import trace
+    from mfa_hf.integrations.transformers import cache_kwargs
+    from mfa_hf.integrations.transformers.generate import peak_memory_mb
+    from mfa_hf.integrations.transformers.quantized_cache import MFAQuantizedCache
+
+    device, dtype = spec["device"], getattr(torch, spec["dtype"])
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[spec["shape"]], max_position_embeddings=max(131072, spec["context"] * 2),
+                         rope_theta=500000.0, tie_word_embeddings=True)
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation=spec["attn"], dtype=dtype).to(device).eval()
+    ids = torch.randint(0, config.vocab_size, (1, spec["context"]), device=device)
+    kind = spec["kv_cache"]
+    if kind == "none":
+        cache = DynamicCache(config=lm.config)
+    elif kind in HF_CACHES:
+        from transformers import QuantizedCache
+
+        backend, bits, _ = HF_CACHES[kind]
+        cache = QuantizedCache(backend=backend, config=lm.config, nbits=bits)
+    else:
+        cache = MFAQuantizedCache(format=kind, config=lm.config)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    stamps = []
+
+    class Streamer:
+        def put(self, value):
+            sync()
+            stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode(), trace.capture() as calls:
+        sync()
+        start = time.perf_counter()
+        lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=spec["new"], min_new_tokens=spec["new"],
+                    do_sample=False, streamer=Streamer(), pad_token_id=0, **cache_kwargs(cache))
+        sync()
+        end = time.perf_counter()
+    first = stamps[1]  # stamps[0]: the prompt handed to the streamer; stamps[1]: the first new token
+    served = trace.served_by(calls)
+    peak = peak_memory_mb(device)  # cuda: max allocated; cpu: the row process's peak RSS (model included)
+    return dict(attn=spec["attn"], kv_cache=kind, context=spec["context"], new=spec["new"],
+                prefill_tok_s=round(spec["context"] / (first - start), 1),
+                decode_tok_s=round((len(stamps) - 2) / (end - first), 2),
+                peak_mem_mb=None if peak is None else round(peak), served_by=" ".join(
+                    f"{b}:{op}={n}" for (b, op), n in sorted(served.items())) or "-")
+
+
+def _row(spec: dict) -> dict:
+    missing = HF_CACHES.get(spec["kv_cache"], (None, None, None))[2]
+    if missing:
+        import importlib.util
+
+        if importlib.util.find_spec(missing.split(".")[0]) is None:
+            return dict(spec, error=f"{missing} not installed")
+    done = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+                          timeout=spec.get("timeout", 900), env=os.environ)
+    if done.returncode:
+        return dict(spec, error=(done.stderr.strip().splitlines() or ["?"])[-1][:160])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shape", default="smollm-135m", choices=sorted(SHAPES))
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--contexts", type=int, nargs="*", default=(), help="extra contexts for sdpa vs int8")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(json.loads(args.one))))
+        return
+    base = dict(device=args.device, shape=args.shape, dtype=args.dtype, new=args.new)
+    rows = [_row(dict(base, attn=a, kv_cache=c, context=args.context)) for a, c in ROWS]
+    for context in args.contexts:
+        rows += [_row(dict(base, attn=a, kv_cache=c, context=context)) for a, c in (("sdpa", "none"),
+                                                                                  ("mps_flash", "int8"))]
+    import torch
+    import transformers
+
+    print(f"# e2e {args.shape} {args.dtype} on {args.device}, torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, {time.strftime('%Y-%m-%d')}")
+    print("| attn | kv cache | context | prefill tok/s | x sdpa | decode tok/s | x sdpa | peak MB | served by |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['attn']} | {row['kv_cache']} | {row['context']} | - | - | - | - | - | {row['error']} |")
+            continue
+        sdpa = next((r for r in rows if r["attn"] == "sdpa" and r["kv_cache"] == "none"
+                     and r["context"] == row["context"] and "error" not in r), None)
+        ratio = (lambda key: f"{row[key] / sdpa[key]:.2f}") if sdpa else (lambda key: "-")
+        peak = row["peak_mem_mb"]
+        print(f"| {row['attn']} | {row['kv_cache']} | {row['context']} | {row['prefill_tok_s']} | "
+              f"{ratio('prefill_tok_s')} | {row['decode_tok_s']} | {ratio('decode_tok_s')} | {peak} | "
+              f"{row['served_by']} |")
+    for row in rows:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Run a routed call on the platform's own fused attention (torch SDPA), in our layout.
+
+routes.py decided that SDPA computes exactly our result here; this only maps the call: (B, S, H, D)
+-> SDPA's (B, H, S, D) as views, bottom-right causal -> SDPA's flag (Lq == Lk) or, for one query row
+under a left window, a slice of the keys. SDPA records its own autograd graph (a fused backward on
+the gated devices) and torch.compile traces it. The ATen binding is called, not
+`torch.nn.functional.scaled_dot_product_attention` (the same function), so integrations/sdpa_patch.py
+replacing the latter can never send a routed call back to us.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels.contract import AttentionCall
+from .routes import Route
+
+_stock_sdpa = torch._C._nn.scaled_dot_product_attention  # what F.scaled_dot_product_attention is, unpatched
+
+
+def sdpa(q, k, v, mask, route: Route, scale: float) -> torch.Tensor:
+    """q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D), mask broadcastable to (B, Hq, Lq, Lk) -> (B, Lq, Hq, D)."""
+    if route.key_start:
+        k, v = k[:, route.key_start:], v[:, route.key_start:]
+        mask = None if mask is None else mask[..., route.key_start:]
+    out = _stock_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                      is_causal=route.is_causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+    if route.gate.zeroes_nan_query_rows:
+        out = out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))
+    return out
+
+
+def forward(call: AttentionCall, route: Route) -> torch.Tensor:
+    return sdpa(call.q, call.k, call.v, call.attn_mask, route, call.options.scale)

@@ -1,0 +1,140 @@
+"""The gate table: per device, the platform's fused attention kernels and the problems they serve.
+
+Only limits live here (dtypes, head dims, query lengths, masks verified exact, GQA, gradients); the
+semantic rules are routes.py's and no table can widen them. Sources for the defaults:
+
+- cpu: torch's fused CPU SDPA (`_scaled_dot_product_flash_attention_for_cpu`, forward and backward):
+  fp32/fp16/bf16, any head dim, bool and additive masks, GQA, fully masked rows give 0
+  (tests/test_native_routes.py checks each class against the float64 reference and that the fused op
+  ran, not the math one). It zeroes a query row holding a NaN; the route puts the NaN back.
+- cuda: SDPA's flash/cuDNN kernels: fp16/bf16, head dim <= 256 and a multiple of 8, no mask (the
+  efficient kernel would take masks; its fully-masked rows are not verified), GQA, backward fused.
+- mps (torch >= 2.13, `_scaled_dot_product_attention_math_for_mps`, ../shared/research/anchors-2026-12.md
+  section 1): the prefill flash kernel (Lq > 8, D in {32, 64, 72, 80, 96, 128, 256}) and the vector
+  decode kernel (Lq <= 8, D in {64, 96, 128, 256}). Conservative until a Mac has run them: no masks
+  (masks past 100K tokens are an open torch bug), no GQA for decode (the two-pass GQA out-of-bounds
+  read is open), no gradients (training falls back to O(N^2) math), Lk <= 32768.
+
+A per-machine table (`mfa-hf doctor --write-route-table` on a Mac, opt-in; `default_path()`) replaces
+the default gates of its device; MFA_ROUTE_TABLE names another file, or "" to ignore any.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+INF = 1 << 62
+MASK_KINDS = ("none", "bool", "additive")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class NativeGate:
+    path: str  # what MFA_TRACE names
+    dtypes: tuple
+    head_dims: tuple | None = None  # None: any head dim within max_head_dim / head_dim_multiple
+    max_head_dim: int = 256
+    head_dim_multiple: int = 1
+    min_q: int = 1
+    max_q: int = INF
+    max_k: int = INF
+    masks: tuple = ("none",)
+    gqa: bool = True
+    grad: bool = True
+    # The kernel returns 0, not NaN, for a query row holding a NaN (it takes all-NaN scores for a fully
+    # masked row); native.py puts the NaN back, as ours and the reference propagate it.
+    zeroes_nan_query_rows: bool = False
+
+
+_HALF = (torch.float16, torch.bfloat16)
+DEFAULT = {
+    "cpu": (NativeGate("sdpa-cpu-flash", _HALF + (torch.float32,), max_head_dim=1 << 30, masks=MASK_KINDS,
+                       zeroes_nan_query_rows=True),),
+    "cuda": (NativeGate("sdpa-cuda-flash", _HALF, head_dim_multiple=8),),
+    "mps": (
+        NativeGate("sdpa-mps-prefill", _HALF + (torch.float32,), head_dims=(32, 64, 72, 80, 96, 128, 256), min_q=9,
+                   max_k=32768, grad=False),
+        NativeGate("sdpa-mps-vector-decode", _HALF + (torch.float32,), head_dims=(64, 96, 128, 256), max_q=8,
+                   max_k=32768, gqa=False, grad=False),
+    ),
+}
+
+
+def default_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mfa_hf" / "native_routes.json"
+
+
+_loaded: dict = {}
+
+
+def gates(device_type: str) -> tuple[NativeGate, ...]:
+    """The gates for a device: the per-machine table's where it has the device, else the default. The
+    file is read once per process (per value of MFA_ROUTE_TABLE): no file system access per call."""
+    source = os.environ.get("MFA_ROUTE_TABLE")
+    table = _loaded.get(source)
+    if table is None:
+        path = default_path() if source is None else (Path(source) if source else None)
+        table = _loaded[source] = dict(DEFAULT, **(read(path) if path is not None and path.exists() else {}))
+    return table.get(device_type, ())
+
+
+def read(path: Path) -> dict:
+    """{device: gates} from a table file; a clear error for a malformed one."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        return {device: tuple(_gate(entry) for entry in entries) for device, entries in raw["devices"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"native route table {path}: expected {{'devices': {{device: [gate, ...]}}}} as written by "
+                         f"`mfa-hf doctor --write-route-table`, got an unreadable file ({error}); delete it or set "
+                         "MFA_ROUTE_TABLE=\"\"") from error
+
+
+def _gate(entry: dict) -> NativeGate:
+    entry = dict(entry)
+    entry["dtypes"] = tuple(_DTYPES[name] for name in entry["dtypes"])
+    entry["masks"] = tuple(entry.get("masks", ("none",)))
+    if not set(entry["masks"]) <= set(MASK_KINDS):
+        raise ValueError(f"masks: expected a subset of {MASK_KINDS}, got {entry['masks']}")
+    if entry.get("head_dims") is not None:
+        entry["head_dims"] = tuple(int(d) for d in entry["head_dims"])
+    return NativeGate(**entry)
+
+
+def write(path: Path, table: dict) -> None:
+    """Write {device: gates} as a table file (the per-machine table)."""
+    devices = {}
+    for device, entries in table.items():
+        devices[device] = []
+        for gate in entries:
+            entry = asdict(gate)
+            entry["dtypes"] = [str(d).replace("torch.", "") for d in gate.dtypes]
+            entry["masks"] = list(gate.masks)
+            devices[device].append(entry)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"devices": devices}, indent=1) + "\n")
+
+
+def from_measurements(device: str, rows: list[dict]) -> dict:
+    """A device's gates from a self-test: each row {path, dtype, head_dim, q_len, exact, native_s, ours_s}.
+
+    A head dim joins a gate only when every row for it was exact (matched the float64 reference within
+    the tolerance rule) and native was at least as fast as ours there; everything else stays with the
+    default gate's limits. Returns {device: gates}."""
+    defaults = {gate.path: gate for gate in DEFAULT.get(device, ())}
+    chosen = []
+    for path, gate in defaults.items():
+        mine = [row for row in rows if row["path"] == path]
+        dims = sorted({row["head_dim"] for row in mine})
+        good = tuple(d for d in dims if all(r["exact"] and r["native_s"] <= r["ours_s"]
+                                            for r in mine if r["head_dim"] == d))
+        if gate.head_dims is not None:
+            good = tuple(d for d in good if d in gate.head_dims)
+        if good:
+            chosen.append(NativeGate(**{**asdict(gate), "head_dims": good}))
+    return {device: tuple(chosen)}

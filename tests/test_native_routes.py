@@ -1,0 +1,334 @@
+"""The native route (mfa_hf/routes.py): the platform's fused attention serves a call only where its result is
+ours, exactly in the sense of DESIGN.md's tolerance rule.
+
+For every class the issue names (causal alignment when Lq != Lk, masks, fully masked rows, GQA, precision,
+gradients) and every feature SDPA lacks, a call through flash_attn_func is checked three ways:
+- which path served it (MFA_TRACE's route counts), native or ours with the stated reason;
+- that the native path ran torch's fused CPU kernel, not its O(N^2) math (profiler);
+- output and every input gradient against the float64 reference, on fresh random inputs.
+The gate tables of the other devices are checked as data on described problems; the per-machine table
+round-trips through its file.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.profiler import profile
+
+import mfa_hf
+from mfa_hf import native_table, routes, trace
+from mfa_hf.problem import AttentionProblem, MaskKind
+from mfa_hf.testing import GRADIENT_FACTOR, Case, assert_close_to_reference, delta_rounding_effect, make_inputs, \
+    reference_of
+
+FUSED_CPU = "aten::_scaled_dot_product_flash_attention_for_cpu"
+MATH = "aten::_scaled_dot_product_attention_math"
+
+
+@pytest.fixture(autouse=True)
+def auto_routing(monkeypatch):
+    monkeypatch.delenv("MFA_BACKEND", raising=False)
+    monkeypatch.setenv("MFA_ROUTE_TABLE", "")  # the defaults, whatever this machine has cached
+
+
+def _run(case: Case, inputs: dict, return_lse: bool = False):
+    return mfa_hf.flash_attn_func(inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["attn_mask"],
+                                  alibi_slopes=inputs["alibi_slopes"], sinks=inputs["sinks"],
+                                  return_lse=return_lse, dropout_p=case.dropout_p, **case.options())
+
+
+def _check(case: Case, expect_native: bool, reason_part: str = "", grads: bool = True, seed: int = 0):
+    inputs = make_inputs(case, seed=seed, requires_grad=grads)
+    if case.mask == "additive" and inputs["attn_mask"] is not None:
+        inputs["attn_mask"] = inputs["attn_mask"].detach()  # a mask needing grad is its own class (below)
+    with trace.capture_routes() as decided, profile() as prof:
+        out = _run(case, inputs)
+        names = [n for n in ("q", "k", "v", "sinks") if inputs[n] is not None and inputs[n].requires_grad]
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out.dtype)
+        ours = torch.autograd.grad(out, [inputs[n] for n in names], grad_out) if grads else ()
+    ((path, reason),) = decided.keys()
+    ops = {event.key for event in prof.key_averages()}
+    if expect_native:
+        assert path == "sdpa-cpu-flash", reason
+        assert FUSED_CPU in ops and MATH not in ops, sorted(o for o in ops if "scaled_dot" in o)
+    else:
+        assert path == routes.OURS and reason_part in reason, reason
+        assert FUSED_CPU not in ops
+    ref, ref_lse, ref_args = reference_of(case, inputs, upcast=True)
+    base, _, base_args = reference_of(case, inputs, upcast=False)
+    assert_close_to_reference(out, ref, base, name="out")
+    if not grads:
+        return
+    want = torch.autograd.grad(ref, [ref_args[n] for n in names], grad_out.to(torch.float64), retain_graph=True)
+    baseline = torch.autograd.grad(base, [base_args[n] for n in names], grad_out)
+    effect = delta_rounding_effect(out, ref, ref_lse, [ref_args[n] for n in names], grad_out, names, case, inputs)
+    for name, g, g_ref, g_base, extra in zip(names, ours, want, baseline, effect):
+        assert_close_to_reference(g, g_ref, g_base, GRADIENT_FACTOR, f"d{name}", case.dtype, extra)
+
+
+NATIVE_CLASSES = {
+    "causal-square": Case(lq=45, lk=45, causal=True),
+    "causal-square-mha": Case(lq=33, lk=33, heads_kv=4, causal=True),
+    "full-lq<lk": Case(lq=19, lk=50),
+    "full-lq>lk": Case(lq=50, lk=29),
+    "gqa": Case(lq=40, lk=40, heads_q=4, heads_kv=2, causal=True),
+    "mqa": Case(lq=40, lk=40, heads_q=4, heads_kv=1, causal=True),
+    "one-row-causal": Case(lq=1, lk=50, causal=True),  # bottom-right: the row sees every key
+    "one-row-left-window": Case(lq=1, lk=50, causal=True, window=(6, -1)),  # a slice of the keys
+    "one-row-two-sided": Case(lq=1, lk=50, window=(9, 4)),
+    "bool-mask-fully-masked-rows": Case(lq=37, lk=50, mask="bool"),
+    "additive-mask-fully-masked-rows": Case(lq=37, lk=50, mask="additive"),
+    "one-row-window-and-mask": Case(lq=1, lk=50, window=(9, 0), mask="bool"),
+    "bf16": Case(dtype=torch.bfloat16, lq=45, lk=45, causal=True),
+    "fp16-mask": Case(dtype=torch.float16, lq=37, lk=50, mask="bool"),
+    "bf16-additive": Case(dtype=torch.bfloat16, lq=37, lk=50, mask="additive"),
+    "head-dim-odd": Case(lq=30, lk=30, dim=59, dim_v=59, causal=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE_CLASSES))
+def test_native_serves_with_our_semantics(name):
+    _check(NATIVE_CLASSES[name], expect_native=True)
+
+
+OURS_CLASSES = {
+    "causal-lq<lk": (Case(lq=19, lk=50, causal=True), "top-left"),
+    "causal-lq>lk": (Case(lq=50, lk=29, causal=True), "top-left"),
+    "window": (Case(lq=40, lk=40, window=(5, 3)), "sliding window"),
+    "causal-left-window": (Case(lq=40, lk=40, causal=True, window=(6, -1)), "sliding window"),
+    "softcap": (Case(lq=30, lk=30, softcap=3.0), "softcap"),
+    "sinks": (Case(lq=30, lk=30, sinks=True), "sinks"),
+    "alibi": (Case(lq=30, lk=30, alibi=True), "ALiBi"),
+    "head-dim-v": (Case(lq=30, lk=30, dim=33, dim_v=24), "head_dim_v"),
+    "mask-and-causal": (Case(lq=30, lk=30, causal=True, mask="bool"), "mask together with causal"),
+    "float64": (Case(dtype=torch.float64, lq=30, lk=30), "dtype"),
+    "last-dim-strided": (Case(lq=33, lk=40, strided=True), "last dim is strided"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OURS_CLASSES))
+def test_ours_serves_what_native_cannot(name):
+    case, reason = OURS_CLASSES[name]
+    _check(case, expect_native=False, reason_part=reason)
+
+
+def test_lse_dropout_mask_grad_and_mask_dtype_stay_ours():
+    case = Case(lq=20, lk=20)
+    inputs = make_inputs(case)
+    with trace.capture_routes() as decided:
+        _run(case, inputs, return_lse=True)
+        mfa_hf.flash_attn_func(inputs["q"], inputs["k"], inputs["v"], dropout_p=0.1, dropout_seed=3)
+        mask = torch.zeros(1, 1, 20, 20, requires_grad=True)
+        mfa_hf.flash_attn_func(inputs["q"].requires_grad_(), inputs["k"], inputs["v"], attn_mask=mask)
+        low = make_inputs(Case(dtype=torch.bfloat16, lq=20, lk=20))
+        mfa_hf.flash_attn_func(low["q"], low["k"], low["v"], attn_mask=torch.zeros(20, 20))  # float32 mask, bf16 q
+    reasons = [reason for (path, reason) in decided if path == routes.OURS]
+    for part in ("return_lse", "dropout", "requires grad", "additive mask in torch.float32"):
+        assert any(part in r for r in reasons), (part, reasons)
+
+
+def test_varlen_and_quantized_kv_stay_ours():
+    q = torch.randn(12, 4, 32)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    with trace.capture_routes() as decided:
+        mfa_hf.flash_attn_varlen_func(q, q, q, cu, cu, 7, 7)
+        kv = mfa_hf.quantize_kv(torch.randn(1, 16, 4, 32), "int8")
+        mfa_hf.flash_attn_func(torch.randn(1, 1, 4, 32), kv, kv)
+    reasons = " | ".join(reason for (path, reason) in decided if path == routes.OURS)
+    assert "varlen" in reasons
+
+
+def test_forced_backend_turns_routing_off_and_native_can_be_forced(monkeypatch):
+    case = Case(lq=30, lk=30, causal=True)
+    inputs = make_inputs(case)
+    monkeypatch.setenv("MFA_BACKEND", "torch")
+    with trace.capture() as served:
+        _run(case, inputs)
+    assert trace.served_by(served)[("torch", "fwd")] == 1
+    monkeypatch.setenv("MFA_BACKEND", "native")
+    with trace.capture() as served:
+        _run(case, inputs)
+    assert trace.served_by(served)[("native", "fwd")] == 1
+    with pytest.raises(routes.NativeUnavailable, match="MFA_BACKEND=native.*sliding window"):
+        mfa_hf.flash_attn_func(inputs["q"], inputs["k"], inputs["v"], window_size=(3, 3))
+
+
+def test_native_under_torch_compile_fullgraph():
+    q, k, v = (torch.randn(1, 24, 4, 32) for _ in range(3))
+    compiled = torch.compile(lambda a, b, c: mfa_hf.flash_attn_func(a, b, c, causal=True), fullgraph=True,
+                             backend="eager")
+    torch.testing.assert_close(compiled(q, k, v), mfa_hf.flash_attn_func(q, k, v, causal=True))
+
+
+def test_sdpa_patch_never_loops_back():
+    from mfa_hf.integrations import sdpa_patch
+
+    q, k, v = (torch.randn(1, 4, 64, 32) for _ in range(3))
+    with sdpa_patch.sdpa_patched(devices=("cpu",), min_scores=1):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, torch._C._nn.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+# --- the gate tables, as data -------------------------------------------------------------------------------
+
+def _problem(device="mps", dtype=torch.float16, lq=512, lk=512, hq=8, hkv=8, d=128, **kw) -> AttentionProblem:
+    return AttentionProblem(device_type=device, dtype=dtype, batch=1, seqlen_q=lq, seqlen_k=lk, heads_q=hq,
+                            heads_kv=hkv, head_dim_qk=d, head_dim_v=kw.pop("dv", d), **kw)
+
+
+@pytest.mark.parametrize("problem, path", [
+    (_problem(causal=True, window=(-1, 0)), "sdpa-mps-prefill"),
+    (_problem(lq=1, lk=4000, d=64), "sdpa-mps-vector-decode"),
+    (_problem(lq=1, lk=4000, d=64, hkv=2), None),  # decode GQA: the open two-pass out-of-bounds bug
+    (_problem(d=192), None),  # MPSGraph fallback head dim: O(N^2), bf16 softmax loses precision
+    (_problem(needs_grad=True), None),  # training falls back to O(N^2) math on mps
+    (_problem(mask=MaskKind.BOOL), None),  # not verified on hardware yet
+    (_problem(lk=65536, lq=65536), None),
+    (_problem(device="cuda", dtype=torch.float32), None),
+    (_problem(device="cuda", d=100), None),
+    (_problem(device="cuda", hkv=2, needs_grad=True), "sdpa-cuda-flash"),
+    (_problem(device="cpu", d=100, mask=MaskKind.ADDITIVE), "sdpa-cpu-flash"),
+    (_problem(device="xpu"), None),
+])
+def test_gate_tables(problem, path, monkeypatch):
+    route = routes.choose(problem, "auto", mask_dtype=problem.dtype)
+    assert route.path == (path or routes.OURS), route.reason
+    assert route.reason
+
+
+def test_per_machine_table_round_trip_and_measurement_rule(tmp_path, monkeypatch):
+    rows = [dict(path="sdpa-mps-prefill", dtype="float16", head_dim=d, q_len=512, exact=exact, native_s=n, ours_s=o)
+            for d, exact, n, o in ((64, True, 1.0, 2.0), (128, True, 3.0, 2.0), (256, False, 1.0, 2.0),
+                                   (80, True, 1.0, 1.5))]
+    table = native_table.from_measurements("mps", rows)
+    (gate,) = table["mps"]  # the decode gate had no rows: it is not listed, so its calls stay ours
+    assert gate.head_dims == (64, 80)  # 128 slower, 256 inexact
+    path = tmp_path / "routes.json"
+    native_table.write(path, table)
+    monkeypatch.setenv("MFA_ROUTE_TABLE", str(path))
+    assert native_table.gates("mps") == (gate,)
+    assert native_table.gates("cpu") == native_table.DEFAULT["cpu"]
+    assert routes.choose(_problem(d=80), "auto").native and not routes.choose(_problem(d=128), "auto").native
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    monkeypatch.setenv("MFA_ROUTE_TABLE", str(bad))
+    with pytest.raises(ValueError, match="native route table .*bad.json"):
+        native_table.gates("mps")
+
+
+def test_table_cannot_widen_the_semantics():
+    wide = native_table.NativeGate("anything", (torch.float16,), masks=native_table.MASK_KINDS)
+    for problem in (_problem(softcap=2.0), _problem(window=(3, 0)), _problem(has_sinks=True),
+                    _problem(lq=3, lk=9, window=(-1, 0)), _problem(kv_format="int8"), _problem(dv=64)):
+        assert routes.semantic_reason(problem, wants_lse=False, mask_dtype=torch.float16)
+    assert routes.gate_reason(wide, _problem()) == ""
+
+
+@pytest.mark.parametrize("lk, left", [(50, 6), (50, 0), (50, 60), (7, 2)])
+def test_one_row_window_is_a_key_slice(lk, left):
+    q, k, v = torch.randn(2, 1, 4, 16), torch.randn(2, lk, 2, 16), torch.randn(2, lk, 2, 16)
+    with trace.capture_routes() as decided:
+        out = mfa_hf.flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
+    assert next(iter(decided))[0] == "sdpa-cpu-flash"
+    start = max(0, lk - 1 - left)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2).double(), k[:, start:].transpose(1, 2).double(), v[:, start:].transpose(1, 2).double(),
+        enable_gqa=True).transpose(1, 2)
+    assert (out.double() - want).abs().max() < 1e-5
+    assert math.isfinite(float(out.abs().max()))
+
+
+@pytest.mark.parametrize("layout", ["bhsd-view", "sliced-batch", "expanded-mask"])
+def test_native_reads_unusual_unit_stride_layouts(layout):
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(3, 4, 40, 32, generator=g).transpose(1, 2) for _ in range(3))  # (B, S, H, D) views
+    mask = None
+    if layout == "sliced-batch":
+        q, k, v = q[::2], k[::2], v[::2]
+    if layout == "expanded-mask":
+        mask = (torch.rand(1, 1, 40, 40, generator=g) > 0.4).expand(3, 4, 40, 40)
+    with trace.capture_routes() as decided:
+        out = mfa_hf.flash_attn_func(q, k, v, attn_mask=mask)
+    assert next(iter(decided))[0] == "sdpa-cpu-flash"
+    from mfa_hf.kernels.reference import attention_reference
+
+    ref, _ = attention_reference(q.double(), k.double(), v.double(), attn_mask=mask)
+    base, _ = attention_reference(q, k, v, attn_mask=mask, upcast=False)
+    assert_close_to_reference(out, ref, base)
+
+
+# --- decode steps (mfa_hf/decode_plan.py): plain caches route too, decided once per kind of layer ----------------
+
+@pytest.mark.parametrize("window, length", [(None, 40), (7, 40), (None, 29), (3, 29)])
+def test_plain_decode_routes_one_row_exactly(window, length, monkeypatch):
+    """One query row over a plain cache (B, Hkv, S, D) whose first `length` slots hold keys (a StaticCache's
+    buffer is longer): native with a key slice, equal to the float64 reference over the valid keys."""
+    from mfa_hf import dispatch
+    from mfa_hf.decode_plan import DecodePlan, LayerKV
+    from mfa_hf.kernels.contract import CacheSide
+    from mfa_hf.kernels.reference import attention_reference
+
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(2, 1, 8, 32, generator=g)
+    k, v = (torch.randn(2, 40, 2, 32, generator=g) for _ in range(2))
+    layer = LayerKV(CacheSide(k, None, "none", 32), CacheSide(v, None, "none", 32), length)
+    left = -1 if window is None else window - 1
+    chosen = []
+    route = dispatch.route
+    monkeypatch.setattr(dispatch, "route", lambda *a, **kw: chosen.append(1) or route(*a, **kw))
+    with trace.capture_routes() as decided:
+        outs = [DecodePlan(2, 1).run(q, layer, scale=0.2, window_left=left) for _ in range(3)]  # three "layers"
+    assert list(decided) == [("sdpa-cpu-flash", "native has our semantics here")] and len(chosen) <= 1
+    window_size = (left, 0)
+    ref, _ = attention_reference(q.double(), k[:, :length].double(), v[:, :length].double(), softmax_scale=0.2,
+                                 causal=True, window_size=window_size)
+    base, _ = attention_reference(q, k[:, :length], v[:, :length], softmax_scale=0.2, causal=True,
+                                  window_size=window_size, upcast=False)
+    for out in outs:
+        assert_close_to_reference(out, ref, base)
+
+
+def test_decode_steps_that_native_cannot_serve_stay_ours():
+    from mfa_hf.decode_plan import DecodePlan, LayerKV, group_rows
+    from mfa_hf.kernels.contract import CacheSide
+
+    q = torch.randn(2, 1, 4, 16)
+    k = torch.randn(2, 20, 2, 16)
+    plain = LayerKV(CacheSide(k, None, "none", 16), CacheSide(k, None, "none", 16), 20)
+    kv = mfa_hf.quantize_kv(k, "int8")
+    from mfa_hf.kvcache import cache_side
+
+    quantized = LayerKV(cache_side(kv), cache_side(kv), 20)
+    with trace.capture_routes() as decided, trace.capture() as served:
+        DecodePlan(2, 1).run(q, plain, scale=0.25, softcap=5.0)  # softcap
+        DecodePlan(2, 1).run(q, plain, scale=0.25, sinks=torch.zeros(4))  # sinks
+        DecodePlan(2, 1, group_rows([0, 3], "cpu")).run(q, plain, scale=0.25)  # left padding: row groups
+        DecodePlan(2, 2).run(torch.randn(2, 2, 4, 16), plain, scale=0.25)  # two rows: bottom-right causal
+        DecodePlan(2, 1).run(q, quantized, scale=0.25)  # quantized cache: never routed
+    reasons = [reason for (path, reason) in decided]
+    assert all(path == routes.OURS for (path, _) in decided), decided
+    assert any("softcap" in r for r in reasons) and any("sinks" in r for r in reasons)
+    assert any("top-left" in r for r in reasons)
+    assert trace.served_by(served)[("torch", "decode")] == 6  # padding: two groups, two calls
+
+
+def test_tiny_llama_generate_routes_prefill_and_decode_and_matches_eager():
+    transformers = pytest.importorskip("transformers")
+    from mfa_hf.integrations.transformers import cache_kwargs  # noqa: F401  registers mps_flash
+
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(2))
+    outputs = {}
+    for attn in ("eager", "mps_flash"):
+        model.set_attn_implementation(attn)
+        with torch.no_grad(), trace.capture_routes() as decided:
+            outputs[attn] = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(outputs["eager"], outputs["mps_flash"])
+    assert decided[("sdpa-cpu-flash", "native has our semantics here")] >= 2, decided
