@@ -45,7 +45,8 @@ def measure(spec: dict) -> dict:
     torch.manual_seed(0)
     config = LlamaConfig(**SHAPES[spec["shape"]], max_position_embeddings=max(131072, spec["context"] * 2),
                          rope_theta=500000.0, tie_word_embeddings=True)
-    lm = AutoModelForCausalLM.from_config(config, attn_implementation=spec["attn"], dtype=dtype).to(device).eval()
+    with torch.device(device):  # initialised where it runs (a 1B model's CPU init would dominate the row)
+        lm = AutoModelForCausalLM.from_config(config, attn_implementation=spec["attn"], dtype=dtype).eval()
     ids = torch.randint(0, config.vocab_size, (1, spec["context"]), device=device)
     kind = spec["kv_cache"]
     if kind == "none":

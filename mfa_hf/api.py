@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch, helper_tensors, native, scalars
+from . import dispatch, helper_tensors, native, scalars, trace
 from .kernels.dropout import new_seed
 from .kernels.contract import AttentionCall, Options, fold_causal
 from .ops import describe
@@ -214,6 +214,8 @@ def _attend(call: AttentionCall, return_lse: bool):
     route = dispatch.route(problem, wants_lse=return_lse, mask_dtype=None if mask is None else mask.dtype,
                            mask_needs_grad=mask is not None and mask.requires_grad,
                            unit_stride=_unit_last_stride(call.q, call.k, call.v, mask))
+    if trace.enabled():
+        dispatch.record_route(route, problem, "fwd")
     if route.native:  # the platform's fused kernel computes exactly this call (routes.py)
         return native.forward(call, route)
     chosen = dispatch.select(problem)

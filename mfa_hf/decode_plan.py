@@ -24,16 +24,15 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import dispatch, kvcache, native
+from . import dispatch, kvcache, native, trace
 from .kernels.contract import CacheSide, DecodeCall, Options
 from .ops import describe_decode
 from .problem import AttentionProblem
-from .routes import Route
 
 
 # A layer's kind (dtypes, shapes, strides, formats, window, host row groups, MFA_BACKEND/MFA_ROUTE_TABLE: no
-# tensor, no value read from one) -> its checked path, a native Route or a dispatch.Backend. Shared by every
-# plan, so an unmasked decode, which has no step object to hold a plan, also checks and routes once per kind.
+# tensor, no value read from one) -> its checked path: (Route, dispatch.Backend or None when native, problem).
+# Shared by every plan, so an unmasked decode, which has no step object to hold a plan, also checks and routes once per kind.
 # Bounded: cleared when full (a long generation adds one kind per cache length).
 _decisions: dict = {}
 DECISIONS_KEPT = 1024
@@ -127,9 +126,12 @@ class DecodePlan:
             if len(_decisions) >= DECISIONS_KEPT:
                 _decisions.clear()
             _decisions[kind] = chosen
-        if isinstance(chosen, Route):  # the platform's kernel, exact here (routes.py): plain K/V, one row group
-            return native.sdpa(q, keys.codes[:, :layer.length], values.codes[:, :layer.length], None, chosen, scale)
-        return chosen.ops.decode(self._call(index, group, q, keys, values, layer, scale, left, causal, softcap,
+        route, backend, problem = chosen
+        if trace.enabled():
+            dispatch.record_route(route, problem, "decode")
+        if backend is None:  # the platform's kernel, exact here (routes.py): plain K/V, one row group
+            return native.sdpa(q, keys.codes[:, :layer.length], values.codes[:, :layer.length], None, route, scale)
+        return backend.ops.decode(self._call(index, group, q, keys, values, layer, scale, left, causal, softcap,
                                             sinks), None)[0]
 
     def _call(self, index, group, q, keys, values, layer, scale, left, causal, softcap, sinks) -> DecodeCall:
@@ -144,7 +146,8 @@ class DecodePlan:
                                                                              q.device))
 
     def _choose(self, index, group, q, keys, values, layer, scale, left, causal, softcap, sinks):
-        """Check the inputs of this kind of layer and pick its path: a native Route or one of our backends."""
+        """Check the inputs of this kind of layer and pick its path: (Route, our backend or None when the route is
+        native, the problem the trace names)."""
         call = self._call(index, group, q, keys, values, layer, scale, left, causal, softcap, sinks)
         kvcache.check_decode_call(call, group.host_rows)
         problem = describe_decode(call)
@@ -156,9 +159,7 @@ class DecodePlan:
         plain = AttentionProblem(**{**problem.__dict__, "seqlen_k": layer.length})
         route = dispatch.route(plain, other_reason=other, unit_stride=all(
             t.stride(-1) == 1 or t.shape[-1] == 1 for t in (q, keys.codes, values.codes)))
-        if route.native:
-            return route
-        return dispatch.select(problem)
+        return route, None if route.native else dispatch.select(problem), plain
 
     def _lengths_of(self, index: int, group: RowGroup, length: int, device) -> Tensor:
         key = (index, length, device)

@@ -94,15 +94,16 @@ def forced_backend() -> str:
 
 
 def route(problem: AttentionProblem, **facts) -> routes.Route:
-    """Native or ours for this problem (routes.choose under MFA_BACKEND; facts: its keywords), counted by
-    MFA_TRACE."""
-    chosen = routes.choose(problem, forced_backend(), **facts)
-    if trace.enabled():
-        trace.record_route(chosen.path, chosen.reason)
-        if chosen.native:
-            trace.record("native", "fwd", problem.dtype, problem.head_dim_qk, problem.seqlen_q, problem.seqlen_k,
-                         f"{problem.flags()} path={chosen.path}")
-    return chosen
+    """Native or ours for this problem: routes.choose under MFA_BACKEND (facts: its keywords)."""
+    return routes.choose(problem, forced_backend(), **facts)
+
+
+def record_route(chosen: routes.Route, problem: AttentionProblem, op: str) -> None:
+    """MFA_TRACE: count one call's route (path, reason) and, when native, the call as served by it."""
+    trace.record_route(chosen.path, chosen.reason)
+    if chosen.native:
+        trace.record("native", op, problem.dtype, problem.head_dim_qk, problem.seqlen_q, problem.seqlen_k,
+                     f"{problem.flags()} path={chosen.path}")
 
 
 def select(problem: AttentionProblem) -> Backend:

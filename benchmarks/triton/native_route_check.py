@@ -1,0 +1,147 @@
+"""GPU check of the native route and the decode plan's host cost and CUDA-graph capture (issue 19).
+
+    PYTHONPATH=. python benchmarks/triton/native_route_check.py
+
+1. Semantics on cuda: each class the router sends to SDPA (square causal, GQA, Lq != Lk without causal,
+   one row under a left window) against the float64 reference with DESIGN.md's rule, forward and
+   gradients; and what cuda SDPA does with a NaN in a query row (whether the gate must put it back).
+2. A decode step captured in a CUDA graph: DecodePlan.run on a plain bf16 layer (native route) and on an
+   int8 MFAQuantizedCache-like layer (triton decode op), replayed and compared with eager.
+3. Host µs per call, the GPU idle: flash_attn_func routed (auto) and forced triton, a decode layer through
+   the plan (native, triton plain, triton int8) and through the transformers attention function, SDPA.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+import mfa_hf
+from mfa_hf import trace
+from mfa_hf.decode_plan import DecodePlan, LayerKV
+from mfa_hf.kernels.contract import CacheSide
+from mfa_hf.kernels.reference import attention_reference
+from mfa_hf.kvcache import cache_side
+from mfa_hf.testing import GRADIENT_FACTOR, assert_close_to_reference
+
+DEV, BF16 = "cuda", torch.bfloat16
+
+
+def semantics() -> None:
+    g = torch.Generator().manual_seed(0)
+    cases = {"causal-square": (64, 64, 8, 2, (-1, 0)), "full-lq<lk": (40, 96, 8, 8, (-1, -1)),
+             "gqa-causal": (128, 128, 8, 2, (-1, 0)), "one-row-window": (1, 300, 8, 2, (31, 0)),
+             "one-row": (1, 300, 8, 1, (-1, 0))}
+    for name, (lq, lk, hq, hkv, window) in cases.items():
+        q = torch.randn(2, lq, hq, 64, generator=g).to(DEV, BF16).requires_grad_()
+        k, v = (torch.randn(2, lk, hkv, 64, generator=g).to(DEV, BF16).requires_grad_() for _ in range(2))
+        with trace.capture_routes() as decided:
+            out = mfa_hf.flash_attn_func(q, k, v, window_size=window)
+        grad = torch.randn(out.shape, generator=g).to(DEV, BF16)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+        leaves64 = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+        leaves = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+        ref, _ = attention_reference(*leaves64, window_size=window)
+        base, _ = attention_reference(*leaves, window_size=window, upcast=False)
+        want = torch.autograd.grad(ref, leaves64, grad.cpu().double())
+        have = torch.autograd.grad(base, leaves, grad.cpu())
+        verdict = "ok"
+        try:
+            assert_close_to_reference(out.cpu(), ref, base)
+            for n, a, r, b in zip("qkv", grads, want, have):
+                assert_close_to_reference(a.cpu(), r, b, GRADIENT_FACTOR, f"d{n}", BF16)
+        except AssertionError as error:
+            verdict = f"FAIL {error}"
+        print(f"  {name:16s} route {list(decided)} -> {verdict}", flush=True)
+    q, k, v = (torch.randn(1, 5, 2, 64, device=DEV, dtype=BF16) for _ in range(3))
+    q[0, 2, 1, 0] = float("nan")
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    print(f"  cuda SDPA, NaN in query row: that row -> {'NaN' if out[0, 1, 2].isnan().all() else out[0, 1, 2, :3]}; "
+          f"routed: {'NaN' if mfa_hf.flash_attn_func(q, k, v)[0, 2, 1].isnan().all() else 'not NaN'}", flush=True)
+
+
+def _layers(batch=8, length=4096, hq=32, hkv=8, dim=128):
+    q = torch.randn(batch, 1, hq, dim, device=DEV, dtype=BF16)
+    k, v = (torch.randn(batch, length, hkv, dim, device=DEV, dtype=BF16) for _ in range(2))
+    plain = LayerKV(CacheSide(k, None, "none", dim), CacheSide(v, None, "none", dim), length)
+    kq, vq = mfa_hf.quantize_kv(k, "int8"), mfa_hf.quantize_kv(v, "int8")
+    return q, plain, LayerKV(cache_side(kq), cache_side(vq), length)
+
+
+def cuda_graph() -> None:
+    q, plain, int8 = _layers()
+    for name, layer in (("plain bf16 (native)", plain), ("int8 (triton decode)", int8)):
+        plan = DecodePlan(q.shape[0], 1)
+        eager = plan.run(q, layer, scale=0.088)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            plan.run(q, layer, scale=0.088)  # warm on the side stream, as torch.cuda.graphs asks
+        torch.cuda.current_stream().wait_stream(stream)
+        try:
+            with torch.cuda.graph(graph):
+                captured = plan.run(q, layer, scale=0.088)
+            q.copy_(torch.randn_like(q))
+            graph.replay()
+            torch.cuda.synchronize()
+            fresh = plan.run(q, layer, scale=0.088)
+            diff = (captured.float() - fresh.float()).abs().max().item()
+            print(f"  CUDA graph, decode step {name}: captured and replayed; max |replay - eager| = {diff:.2e} "
+                  f"(eager before: {eager.shape})", flush=True)
+        except Exception as error:  # report, do not hide: the capture is an acceptance point
+            print(f"  CUDA graph, decode step {name}: FAILED {type(error).__name__}: {error}", flush=True)
+
+
+def host_us(fn, calls: int = 2000) -> float:
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def host_cost() -> None:
+    from mfa_hf.integrations.transformers import decode
+
+    q, k, v = (torch.randn(1, 64, 2, 64, device=DEV, dtype=BF16) for _ in range(3))
+    dq, plain, int8 = _layers(batch=1, length=256, hq=8, hkv=2, dim=64)
+    kt, vt = plain.keys.codes.transpose(1, 2), plain.values.codes.transpose(1, 2)
+    qt = dq.transpose(1, 2)
+    rows = {}
+    with torch.no_grad():
+        for backend in ("auto", "triton"):
+            os.environ["MFA_BACKEND"] = backend
+            rows[f"flash_attn_func causal N=64 [{backend}]"] = host_us(
+                lambda: mfa_hf.flash_attn_func(q, k, v, causal=True))
+            plan = DecodePlan(1, 1)
+            rows[f"decode layer: DecodePlan.run plain bf16 [{backend}]"] = host_us(
+                lambda: plan.run(dq, plain, scale=0.125))
+            rows[f"decode layer: transformers plain_decode [{backend}]"] = host_us(
+                lambda: decode.plain_decode(qt, kt, vt, scaling=0.125))
+        os.environ["MFA_BACKEND"] = "auto"
+        plan = DecodePlan(1, 1)
+        rows["decode layer: DecodePlan.run int8 [auto -> triton]"] = host_us(lambda: plan.run(dq, int8, scale=0.125))
+        rows["SDPA (is_causal, N=64)"] = host_us(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True))
+        rows["SDPA decode (1 row, GQA)"] = host_us(lambda: torch.nn.functional.scaled_dot_product_attention(
+            qt, kt, vt, enable_gqa=True))
+    print("host µs per call (GPU idle; B=1, bf16):")
+    for name, us in rows.items():
+        print(f"  {name:58s} {us:8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    print("1. native route semantics on cuda:")
+    semantics()
+    print("2. CUDA graph capture of a decode step:")
+    cuda_graph()
+    print("3. host cost:")
+    host_cost()
