@@ -32,8 +32,8 @@ from .problem import AttentionProblem
 
 # A layer's kind (dtypes, shapes, strides, formats, window, host row groups, MFA_BACKEND/MFA_ROUTE_TABLE: no
 # tensor, no value read from one) -> its checked path: (Route, dispatch.Backend or None when native, problem).
-# Shared by every plan, so an unmasked decode, which has no step object to hold a plan, also checks and routes once per kind.
-# Bounded: cleared when full (a long generation adds one kind per cache length).
+# Shared by every plan, so an unmasked decode, which has no step object to hold a plan, also checks and
+# routes once per kind. Bounded: cleared when full (a long generation adds one kind per cache length).
 _decisions: dict = {}
 DECISIONS_KEPT = 1024
 
