@@ -372,7 +372,8 @@ def equality_run(attention_fn: Callable, name: str) -> str | None:
              "packed (position_ids restart)": (dict(position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=cpu)), packed)}
     try:
         for case, (kwargs, additive) in cases.items():
-            out, _ = attention_fn(module, q, k, v, None, scaling=8 ** -0.5, **kwargs)
+            with cpu:  # a default device the caller set (`with torch.device("cuda"): from_config(...)`) stays out
+                out, _ = attention_fn(module, q, k, v, None, scaling=8 ** -0.5, **kwargs)
             expected, _ = eager_attention_forward(module, q, k, v, additive[None, None], scaling=8 ** -0.5, dropout=0.0)
             if out.shape != expected.shape or not torch.allclose(out, expected, atol=1e-5, rtol=1e-4):
                 return f"{case}: max difference {(out - expected).abs().max().item():.3g}" if out.shape == expected.shape \

@@ -127,3 +127,21 @@ def test_layer_types_and_kwargs_on_every_release():
     assert [kind for kind, _ in layers] == list(config.layer_types)
     for kind, kwargs in layers:
         assert kwargs == ({"sliding_window": 4} if kind == "sliding_attention" else {}), (kind, kwargs)
+
+
+@pytest.mark.parametrize("default_device", ["meta", "cpu", "cuda"])
+def test_probe_passes_under_a_default_device_context(fresh_probe, default_device):
+    """`with torch.device(...)`: from_config / from_pretrained build there. The equality run is a CPU run and
+    must not inherit the caller's default device (on a GPU box it refused mps_flash: tensors made inside the
+    flash path landed on cuda)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if default_device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run on the GPU machine)")
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    assert integration.register().ok
+    with torch.device(default_device):
+        AutoModelForCausalLM.from_config(config, attn_implementation="mps_flash")
+    assert internals.probe_result().ok, internals.probe_result()
