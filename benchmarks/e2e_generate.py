@@ -120,13 +120,14 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--contexts", type=int, nargs="*", default=(), help="extra contexts for sdpa vs int8")
+    parser.add_argument("--skip", nargs="*", default=(), help="kv caches to leave out, e.g. hf_quanto hf_hqq")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
         return
     base = dict(device=args.device, shape=args.shape, dtype=args.dtype, new=args.new)
-    rows = [_row(dict(base, attn=a, kv_cache=c, context=args.context)) for a, c in ROWS]
+    rows = [_row(dict(base, attn=a, kv_cache=c, context=args.context)) for a, c in ROWS if c not in args.skip]
     for context in args.contexts:
         rows += [_row(dict(base, attn=a, kv_cache=c, context=context)) for a, c in (("sdpa", "none"),
                                                                                   ("mps_flash", "int8"))]

@@ -364,9 +364,12 @@ def equality_run(attention_fn: Callable, name: str) -> str | None:
     module = _stub_attention_module(name)
     cpu = torch.device("cpu")  # explicit: from_pretrained builds models under a meta-device context
     generator = torch.Generator(cpu).manual_seed(0)
-    q, k, v = (torch.randn(1, heads, 7, 8, generator=generator, device=cpu) for heads in (4, 2, 2))
-    causal = torch.full((7, 7), float("-inf"), device=cpu).triu(1)
-    packed = torch.full((7, 7), float("-inf"), device=cpu)
+    # float32 named: from_pretrained(dtype=torch.bfloat16) sets the default dtype while the probe runs, and
+    # a bf16 run differs from eager by bf16 rounding, which refused mps_flash for every bf16 model.
+    f32 = torch.float32
+    q, k, v = (torch.randn(1, heads, 7, 8, generator=generator, device=cpu, dtype=f32) for heads in (4, 2, 2))
+    causal = torch.full((7, 7), float("-inf"), device=cpu, dtype=f32).triu(1)
+    packed = torch.full((7, 7), float("-inf"), device=cpu, dtype=f32)
     packed[:3, :3], packed[3:, 3:] = causal[:3, :3], causal[:4, :4]
     cases = {"causal": (dict(), causal),
              "packed (position_ids restart)": (dict(position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=cpu)), packed)}

@@ -129,11 +129,12 @@ def test_layer_types_and_kwargs_on_every_release():
         assert kwargs == ({"sliding_window": 4} if kind == "sliding_attention" else {}), (kind, kwargs)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("default_device", ["meta", "cpu", "cuda"])
-def test_probe_passes_under_a_default_device_context(fresh_probe, default_device):
-    """`with torch.device(...)`: from_config / from_pretrained build there. The equality run is a CPU run and
-    must not inherit the caller's default device (on a GPU box it refused mps_flash: tensors made inside the
-    flash path landed on cuda)."""
+def test_probe_passes_under_a_default_device_and_dtype(fresh_probe, default_device, dtype):
+    """`with torch.device(...)` and `dtype=`: from_config / from_pretrained build there and set the default
+    dtype meanwhile. The equality run is a float32 CPU run whatever the caller set (a bf16 model on the GPU
+    machine had mps_flash refused: the probe ran in bf16 and missed eager by bf16 rounding)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -143,5 +144,5 @@ def test_probe_passes_under_a_default_device_context(fresh_probe, default_device
                          num_attention_heads=4, num_key_value_heads=2)
     assert integration.register().ok
     with torch.device(default_device):
-        AutoModelForCausalLM.from_config(config, attn_implementation="mps_flash")
+        AutoModelForCausalLM.from_config(config, attn_implementation="mps_flash", dtype=getattr(torch, dtype))
     assert internals.probe_result().ok, internals.probe_result()
