@@ -332,3 +332,18 @@ def test_tiny_llama_generate_routes_prefill_and_decode_and_matches_eager():
             outputs[attn] = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(outputs["eager"], outputs["mps_flash"])
     assert decided[("sdpa-cpu-flash", "native has our semantics here")] >= 2, decided
+
+
+def test_doctor_route_table_measures_checks_and_refuses_off_a_mac(tmp_path):
+    """The opt-in per-machine table: rows from a real measurement (here the CPU gate against the torch backend,
+    small shapes: the code path, not a figure), the selection rule, and no table written without a Mac."""
+    from mfa_hf.doctor import route_table
+
+    rows = route_table.measure("cpu", native_table.DEFAULT["cpu"], "torch", runs=1, lengths=(32, 64))
+    assert [r["head_dim"] for r in rows] == [64, 128] and all(r["exact"] for r in rows), rows
+    assert all(0 < r["native_s"] < float("inf") and 0 < r["ours_s"] < float("inf") for r in rows)
+    if torch.backends.mps.is_available():
+        pytest.skip("a Mac: writing the table is the doctor's opt-in, not a test's")
+    with pytest.raises(RuntimeError, match="--write-route-table: expected a Mac"):
+        route_table.write_for_this_mac(runs=1, path=tmp_path / "t.json")
+    assert not (tmp_path / "t.json").exists()

@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time ours vs mps SDPA (the default on a Mac; under the emulator: small shapes, "
                              "to exercise the code only)")
     timing.add_argument("--no-time", action="store_false", dest="time", help="skip timing")
+    parser.add_argument("--write-route-table", action="store_true",
+                        help="opt-in, on a Mac: time torch's own mps attention kernels against ours per head dim, check "
+                             "them against the float64 reference, and write this machine's native-route gate table")
     parser.add_argument("--runs", type=positive_int, default=DEFAULT_RUNS, help="timed runs per shape (median)")
     parser.add_argument("--checks", type=_check_list, default=CHECK_NAMES, metavar="LIST",
                         help="comma-separated subset of compile,correctness,timing (default: all)")
@@ -112,6 +115,14 @@ def _run(args) -> int:
             fatal = fatal or done.get("fatal")
         report["selection"], report["skipped"] = first["selection"], first["skipped"]
         report["timing"] = _timing(args, runtime)
+    if args.write_route_table:
+        from .route_table import write_for_this_mac
+
+        try:
+            report["notes"].append(f"native route table written: {write_for_this_mac(args.runs, _progress)}")
+        except RuntimeError as error:
+            print(f"mfa-hf doctor: {error}", file=sys.stderr)
+            fatal = fatal or str(error)
     report["seconds"] = round((datetime.datetime.now() - started).total_seconds(), 1)
     report["summary"] = summarize(report["compile"], report["correctness"], report["timing"], fatal)
     _, markdown_path = write(report, folder)
