@@ -80,20 +80,20 @@ def capture_routes():
 
 
 def routes_report(counts: Counter | None = None) -> str:
-    counts = _routes if counts is None else counts
-    lines = ["mfa_hf trace: routing (native = the platform's fused kernel, exact here; ours = why not)",
-             f"{'calls':>7}  path: reason"]
-    for (path, reason), n in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
-        lines.append(f"{n:>7}  {path}: {reason}")
-    return "\n".join(lines)
+    return _reasons_report("mfa_hf trace: routing (native = the platform's fused kernel, exact here; ours = why not)",
+                           "path", _routes if counts is None else counts)
 
 
 def fallback_report(counts: Counter | None = None) -> str:
-    counts = _fallbacks if counts is None else counts
-    lines = ["mfa_hf trace: calls handed on (to the stock function, or from a kernel unavailable here to another backend)",
-             f"{'calls':>7}  source: reason"]
-    for (source, reason), n in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
-        lines.append(f"{n:>7}  {source}: {reason}")
+    return _reasons_report("mfa_hf trace: calls handed on (to the stock function, or from a kernel unavailable here "
+                           "to another backend)", "source", _fallbacks if counts is None else counts)
+
+
+def _reasons_report(title: str, what: str, counts: Counter) -> str:
+    """{(what, reason): n} as lines, the most frequent first."""
+    lines = [title, f"{'calls':>7}  {what}: reason"]
+    for (name, reason), n in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        lines.append(f"{n:>7}  {name}: {reason}")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@
 set -x
 ln -sfn ../kernels mfa_hf/kernels; ln -sfn ../integrations mfa_hf/integrations  # a source checkout
 export PYTHONPATH=. PYTHONUNBUFFERED=1
+export MFA_BACKEND=${MFA_BACKEND:-triton}  # the kernels themselves: routing to SDPA off (issue 19's rule)
 OUT=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv
 timeout ${HOST_S:-120} python benchmarks/triton/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log"

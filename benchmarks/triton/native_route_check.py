@@ -14,9 +14,9 @@
 from __future__ import annotations
 
 import os
-import time
 
 import torch
+from host_overhead import host_us  # benchmarks/triton/, on sys.path when this file runs as a script
 
 import mfa_hf
 from mfa_hf import trace
@@ -94,17 +94,6 @@ def cuda_graph() -> None:
                   f"(eager before: {eager.shape})", flush=True)
         except Exception as error:  # report, do not hide: the capture is an acceptance point
             print(f"  CUDA graph, decode step {name}: FAILED {type(error).__name__}: {error}", flush=True)
-
-
-def host_us(fn, calls: int = 2000) -> float:
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def host_cost() -> None:
