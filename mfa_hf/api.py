@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch, helper_tensors, native, scalars, trace
+from . import dispatch, helper_tensors, native, routes, scalars, trace
 from .kernels.dropout import new_seed
 from .kernels.contract import AttentionCall, Options, fold_causal
 from .ops import describe
@@ -213,7 +213,7 @@ def _attend(call: AttentionCall, return_lse: bool):
     mask = call.attn_mask
     route = dispatch.route(problem, wants_lse=return_lse, mask_dtype=None if mask is None else mask.dtype,
                            mask_needs_grad=mask is not None and mask.requires_grad,
-                           unit_stride=_unit_last_stride(call.q, call.k, call.v, mask))
+                           unit_stride=routes.unit_last_stride(call.q, call.k, call.v, mask))
     if trace.enabled():
         dispatch.record_route(route, problem, "fwd")
     if route.native:  # the platform's fused kernel computes exactly this call (routes.py)
@@ -224,10 +224,6 @@ def _attend(call: AttentionCall, return_lse: bool):
     else:
         out, lse = chosen.ops.forward(call, problem)
     return (out, lse) if return_lse else out
-
-
-def _unit_last_stride(*tensors) -> bool:
-    return all(t is None or t.stride(-1) == 1 or t.shape[-1] == 1 for t in tensors)
 
 
 def validated_call(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, attn_mask=None,

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import dispatch, kvcache, native, trace
+from . import dispatch, kvcache, native, routes, trace
 from .kernels.contract import CacheSide, DecodeCall, Options
 from .ops import describe_decode
 from .problem import AttentionProblem
@@ -157,8 +157,8 @@ class DecodePlan:
         elif layer.residual is not None:
             other = "a two-part cache (quantized prefix + residual)"
         plain = AttentionProblem(**{**problem.__dict__, "seqlen_k": layer.length})
-        route = dispatch.route(plain, other_reason=other, unit_stride=all(
-            t.stride(-1) == 1 or t.shape[-1] == 1 for t in (q, keys.codes, values.codes)))
+        route = dispatch.route(plain, other_reason=other,
+                               unit_stride=routes.unit_last_stride(q, keys.codes, values.codes))
         return route, None if route.native else dispatch.select(problem), plain
 
     def _lengths_of(self, index: int, group: RowGroup, length: int, device) -> Tensor:
@@ -168,4 +168,3 @@ class DecodePlan:
             rows = self.batch if group.rows is None else len(group.host_rows)
             lengths = self._lengths[key] = torch.full((rows,), length, dtype=torch.int32, device=device)
         return lengths
-

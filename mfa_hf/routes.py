@@ -20,12 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from . import native_table
-from .problem import AttentionProblem, MaskKind
-
-NO_WINDOW = (-1, -1)
+from .problem import NO_WINDOW, AttentionProblem, MaskKind
 
 
 @dataclass(frozen=True)
@@ -41,6 +37,11 @@ class Route:
 
 
 OURS = "ours"
+
+
+def unit_last_stride(*tensors) -> bool:
+    """Whether every tensor given (None skipped) has a unit-stride last dim, as SDPA's fused kernels need."""
+    return all(t is None or t.stride(-1) == 1 or t.shape[-1] == 1 for t in tensors)
 
 
 def semantic_reason(problem: AttentionProblem, *, wants_lse: bool, mask_dtype=None,
