@@ -13,7 +13,9 @@ pair being emulated):
    The front end emits unoptimised LLVM IR, with implicit conversions to bfloat reported
    (source_checks) and the call graph checked for recursion (call_graph.py).
 4. The IR is optimised and linked with the fiber runtime (built once per compiler, cached as an
-   object file, and never built with the target's fast-math flags).
+   object file, and never built with the target's fast-math flags). A counted target
+   (`emulate(counted=True)`) first optimises the IR on its own and lets cost_instrument.py add
+   the per-block cost counts to it.
 
 Results are cached by a hash of the source, the target, the compiler (resolved binary and
 version banner), the flags and the shim/runtime files; every cache write goes through a temporary
@@ -38,7 +40,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from . import call_graph, includes, source_checks, source_rewrite, targets
+from . import call_graph, cost_instrument, includes, source_checks, source_rewrite, targets
 from .errors import MetalCompileError
 from .kernel_signatures import Kernel, Param, find_kernels, with_thread_limit_helpers
 from .targets import Target, current_target
@@ -153,7 +155,7 @@ def _check_private(path: Path, label: str, kind: str) -> None:
 
 
 # The Python modules whose output is compiled into a library (generated entry points, rewrites).
-_CODEGEN_MODULES = ["compiler.py", "includes.py", "kernel_signatures.py", "source_rewrite.py"]
+_CODEGEN_MODULES = ["compiler.py", "includes.py", "kernel_signatures.py", "source_rewrite.py", "cost_instrument.py"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -223,7 +225,8 @@ def target_macros(target: Target) -> list[str]:
 
 
 def target_flags(target: Target) -> list[str]:
-    return list(_FAST_MATH_FLAGS) if target.fast_math else []
+    counted = list(cost_instrument.FRONT_END_FLAGS) if target.counted else []
+    return (list(_FAST_MATH_FLAGS) if target.fast_math else []) + counted
 
 
 def _compile(source: str, cmd: list[str], tmp: Path, folder: Path, target: Target) -> tuple[list[Kernel], bytes]:
@@ -249,9 +252,15 @@ def _compile(source: str, cmd: list[str], tmp: Path, folder: Path, target: Targe
                         "-disable-llvm-passes", "kernel.cpp", "-o", "kernel.ll"], tmp, source, target)
     source_checks.check_bfloat_conversions(front.stderr, lines)
     call_graph.check_no_recursion((tmp / "kernel.ll").read_text())
+    ir = "kernel.ll"
+    if target.counted:  # count on the optimised IR, then build from the counted IR
+        _run(cmd + [*flags, *cost_instrument.OPTIMISE_FLAGS, "-w", "-S", "-emit-llvm", ir, "-o", "optimised.ll"],
+             tmp, source, target)
+        ir = "counted.ll"
+        (tmp / ir).write_text(cost_instrument.instrument((tmp / "optimised.ll").read_text()))
     runtime = _runtime_object(cmd, folder)
     out = tmp / "kernel.so"
-    _run(cmd + [*flags, "-w", "-shared", "kernel.ll", str(runtime), "-o", str(out), "-lpthread"], tmp, source, target)
+    _run(cmd + [*flags, "-w", "-shared", ir, str(runtime), "-o", str(out), "-lpthread"], tmp, source, target)
     return kernels, out.read_bytes()
 
 

@@ -15,7 +15,7 @@ import threading
 import warnings
 from typing import Any
 
-from . import arguments, compiler, geometry, schedules
+from . import arguments, compiler, cost_counters, geometry, schedules
 from .kernel_signatures import Kernel
 from .targets import current_target
 
@@ -56,7 +56,7 @@ class EmulatedLibrary:
                                               ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
         self._dll.mslemu_last_error.restype = ctypes.c_char_p
         self._dll.mslemu_last_warnings.restype = ctypes.c_char_p
-        self._kernels = {k.name: EmulatedKernel(self._dll, k) for k in kernels}
+        self._kernels = {k.name: EmulatedKernel(self._dll, k, self.target.counted) for k in kernels}
 
     def __getattr__(self, name: str) -> "EmulatedKernel":
         kernels = self.__dict__.get("_kernels", {})
@@ -74,8 +74,9 @@ class EmulatedKernel:
     thread_execution_width = 32
     static_thread_group_memory_length = 0  # unknown before running: threadgroup arrays are allocated lazily
 
-    def __init__(self, dll: ctypes.CDLL, kernel: Kernel):
-        self._dll, self._kernel = dll, kernel
+    def __init__(self, dll: ctypes.CDLL, kernel: Kernel, counted: bool = False):
+        self._dll, self._kernel, self._counted = dll, kernel, counted
+        self.last_counters = None  # a counted build's LaunchCounters of the last launch
         self._entry = ctypes.cast(getattr(dll, f"mslemu_kernel_{kernel.symbol}"), ctypes.c_void_p).value
         self._sizes = self._describe()
         limit = getattr(dll, f"mslemu_max_threads_{kernel.symbol}")
@@ -106,6 +107,8 @@ class EmulatedKernel:
             warnings.warn(f"{name}: {message}", arguments.EmulatorWarning, stacklevel=2)
         if rc != 0:
             raise EmulatorRuntimeError(f"{name}: {self._dll.mslemu_last_error().decode()}")
+        if self._counted:
+            self.last_counters = cost_counters.read_launch(self._dll, name, group)
 
     def __repr__(self) -> str:
         return f"<emulated Metal kernel {self._kernel.name}>"

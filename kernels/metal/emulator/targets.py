@@ -68,6 +68,7 @@ class Target:
     macos: str
     torch: str
     fast_math: bool
+    counted: bool = False  # a cost-counting build (cost_counters.py); the code computes the same
 
     @property
     def msl_version(self) -> str:
@@ -79,7 +80,8 @@ class Target:
 
     def describe(self) -> str:
         math = "fast math" if self.fast_math else "safe math"
-        return f"macOS {self.macos} + torch {self.torch}: MSL {self.msl_version}, {math}"
+        counted = ", cost counters" if self.counted else ""
+        return f"macOS {self.macos} + torch {self.torch}: MSL {self.msl_version}, {math}{counted}"
 
 
 _OVERRIDE: contextvars.ContextVar[dict] = contextvars.ContextVar("mslemu_target", default={})
@@ -100,17 +102,20 @@ def current_target() -> Target:
     macos = override.get("macos") or os.environ.get("MSLEMU_MACOS") or DEFAULT_MACOS
     torch_version = override.get("torch") or os.environ.get("MSLEMU_TORCH") or _installed_torch()
     fast_math = override["fast_math"] if override.get("fast_math") is not None else fast_math_from_env()
-    target = Target(str(macos), str(torch_version), bool(fast_math))
+    target = Target(str(macos), str(torch_version), bool(fast_math), bool(override.get("counted")))
     target.msl_version  # validates both versions here, with the variable's name in the message
     return target
 
 
 @contextlib.contextmanager
-def emulate(macos: str | None = None, torch: str | None = None, fast_math: bool | None = None) -> Iterator[Target]:
+def emulate(macos: str | None = None, torch: str | None = None, fast_math: bool | None = None,
+            counted: bool | None = None) -> Iterator[Target]:
     """Compile as on `macos` with `torch` (and fast math on/off) inside the block; None keeps
-    what the environment or an enclosing block says."""
+    what the environment or an enclosing block says. `counted=True` makes compiles cost-counting
+    builds (cost_counters.py), a separate cache entry and a separate loader variant."""
     merged = dict(_OVERRIDE.get())
-    merged.update({k: v for k, v in {"macos": macos, "torch": torch, "fast_math": fast_math}.items() if v is not None})
+    wanted = {"macos": macos, "torch": torch, "fast_math": fast_math, "counted": counted}
+    merged.update({k: v for k, v in wanted.items() if v is not None})
     token = _OVERRIDE.set(merged)
     try:
         yield current_target()

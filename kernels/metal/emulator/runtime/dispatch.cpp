@@ -17,6 +17,11 @@ void Dispatch::warn(const std::string& message) {
   if (seen_.insert(message).second) warnings_.push_back(message);
 }
 
+void Dispatch::merge_counters(const Counters& worker) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  counters.merge(worker);
+}
+
 std::string Dispatch::error() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return error_;
@@ -33,13 +38,16 @@ namespace {
 std::mutex g_dispatch_mutex;  // one launch at a time per loaded library
 std::vector<std::unique_ptr<Threadgroup>> g_workers;  // kept between launches: stacks are reused
 std::string g_error, g_warnings;
+Counters g_counters;  // the last launch's, read by mslemu_cost_read
 
 void work(Dispatch& d, Threadgroup& tg, uint64_t total) {
+  tg.counters = Counters{};
   for (;;) {
     uint64_t gi = d.next_group.fetch_add(1);
-    if (gi >= total || d.failed.load(std::memory_order_relaxed)) return;
+    if (gi >= total || d.failed.load(std::memory_order_relaxed)) break;
     tg.run(d, gi);
   }
+  d.merge_counters(tg.counters);
 }
 }  // namespace
 }  // namespace mslemu_rt
@@ -77,6 +85,7 @@ __attribute__((visibility("default"))) int mslemu_dispatch(mslemu_kernel_fn kern
   }
   g_error = d.error();
   g_warnings = d.warnings();
+  g_counters = d.counters;
   return d.failed.load() ? 1 : 0;
 }
 
@@ -87,6 +96,12 @@ __attribute__((visibility("default"))) int mslemu_dispatch(mslemu_kernel_fn kern
 __attribute__((visibility("default"))) void mslemu_release_workers(void) {
   std::lock_guard<std::mutex> lock(g_dispatch_mutex);
   g_workers.clear();
+}
+
+// The last launch's counters (runtime.h's Counter order); returns how many there are.
+__attribute__((visibility("default"))) int mslemu_cost_read(int64_t* out) {
+  for (int i = 0; i < kCounterCount; ++i) out[i] = g_counters.v[i];
+  return kCounterCount;
 }
 
 __attribute__((visibility("default"))) const char* mslemu_last_error(void) { return g_error.c_str(); }
@@ -108,4 +123,13 @@ uint32_t mslemu_lane(void) { return Threadgroup::current()->lane(); }
 void mslemu_fail(const char* message) { Threadgroup::current()->fail_and_abort(message); }
 
 void mslemu_warn(const char* message) { Threadgroup::current()->warn(message); }
+
+// Called once per executed basic block by a counted build (cost_instrument.py): `block` holds the
+// block's kInstrumentedCounters static counts.
+void mslemu_cost_add(const int64_t* block) {
+  Threadgroup* tg = Threadgroup::current();
+  if (!tg) return;  // not inside a launch
+  Counters& c = tg->counters;
+  for (int i = 0; i < kInstrumentedCounters; ++i) c.v[i] += block[i];
+}
 }

@@ -50,6 +50,21 @@ struct Fiber {
   ~Fiber() { release_stack(stack); }
 };
 
+// Per-launch cost counters, totals over every thread of the launch (cost_counters.py names them,
+// in this order). The first kInstrumentedCounters are added per basic block by code that
+// cost_instrument.py inserts into a counted build; the rest are kept by the scheduler in every build.
+enum Counter : int {
+  kDeviceBytesRead, kDeviceBytesWritten, kConstantBytesRead, kThreadgroupBytesRead, kThreadgroupBytesWritten,
+  kMmaLaneCalls, kFloatOps, kFloatConversions, kInt64Ops,
+  kInstrumentedCounters,
+  kBarriers = kInstrumentedCounters, kSimdCollectives, kThreadgroups, kThreads, kPeakThreadgroupBytes,
+  kCounterCount
+};
+struct Counters {
+  int64_t v[kCounterCount] = {};
+  void merge(const Counters& other);  // sums, except the peak, which is a maximum
+};
+
 // The schedules a threadgroup can run under (names in schedules.py, same order).
 enum class Schedule : int { kForward, kReverse, kRandom, kSgForward, kSgReverse, kSgRandom };
 
@@ -65,6 +80,9 @@ struct Dispatch {
   bool poison = true;
   std::atomic<bool> failed{false};
   std::atomic<uint64_t> next_group{0};
+  Counters counters;  // merged from the workers when they finish (under the mutex)
+
+  void merge_counters(const Counters& worker);
 
   void fail(const std::string& message);
   void warn(const std::string& message);
@@ -97,6 +115,7 @@ class Threadgroup {
   void warn(const char* message) { d_->warn(message); }
 
   static Threadgroup* current();
+  Counters counters;  // this worker's share of the current launch
 
  private:
   struct Decl { uint32_t id; size_t offset; size_t size; };

@@ -39,6 +39,9 @@ void Threadgroup::run(Dispatch& d, uint64_t group_index) {
   tl_group = this;
   setup(group_index);
   schedule_loop();
+  counters.v[kThreadgroups] += 1;
+  counters.v[kThreads] += count_;
+  counters.v[kPeakThreadgroupBytes] = std::max(counters.v[kPeakThreadgroupBytes], int64_t(memory_used_));
   tl_group = nullptr;
 }
 
@@ -159,6 +162,7 @@ bool Threadgroup::resolve_collective(int sg) {
              "; the emulator completes each call site with its own lanes");
   }
   leader->fn(ins, outs, mask);
+  counters.v[kSimdCollectives] += 1;
   for (int l = 0; l < lanes; ++l)
     if (mask >> l & 1u) fibers_[first + l]->state = State::kRunnable;
   return true;
@@ -187,6 +191,7 @@ bool Threadgroup::release_barrier() {
   }
   for (int t = 0; t < count_; ++t)
     if (fibers_[t]->state == State::kAtBarrier) fibers_[t]->state = State::kRunnable;
+  counters.v[kBarriers] += 1;
   return true;
 }
 

@@ -38,6 +38,8 @@ uint32_t mslemu_lane(void);
 void mslemu_fail(const char* message);
 // Records a warning for the Python side, once per (message) per dispatch.
 void mslemu_warn(const char* message);
+// Adds one executed basic block's static cost counts (only counted builds call it: cost_instrument.py).
+void mslemu_cost_add(const int64_t* block);
 }
 
 namespace mslemu {
