@@ -1,0 +1,110 @@
+"""A pool of gloo worker processes for tests and benchmarks: started once, then given many tasks.
+
+Starting a process and a process group costs seconds (importing torch), so a test module starts one
+pool and sends it every case. Each worker runs `task(context, payload)` (a module-level function, so
+that it pickles by name) and sends back its result or its exception. The world has `size` ranks; a
+smaller case runs on the group of the first ranks (context.group_of(n)) while the others return None.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 120
+
+
+@dataclass
+class Context:
+    rank: int
+    size: int
+    groups: dict
+
+    def group_of(self, ranks: int):
+        """The group of ranks 0..ranks-1, or None when this rank is not in it."""
+        return self.groups[ranks] if self.rank < ranks else None
+
+
+@dataclass
+class Failure:
+    """An exception a worker raised: its type name, message and traceback text."""
+
+    kind: str
+    message: str
+    trace: str
+
+
+def _worker(rank: int, size: int, init_file: str, tasks, results, threads: int, subgroups: tuple) -> None:
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size,
+                            timeout=timedelta(seconds=TIMEOUT_S))
+    groups = {size: dist.GroupMember.WORLD}
+    for n in subgroups:  # every rank creates every group, in the same order (a collective)
+        groups[n] = dist.new_group(list(range(n)))
+    context = Context(rank, size, groups)
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        function, payload = task
+        try:
+            results.put((rank, function(context, payload)))
+        except BaseException as error:  # reported to the parent, which decides
+            results.put((rank, Failure(type(error).__name__, str(error), traceback.format_exc())))
+    dist.destroy_process_group()
+
+
+class Pool:
+    """`size` gloo ranks on this machine; run(task, payload) -> one result per rank."""
+
+    def __init__(self, size: int, threads: int = 1, subgroups: tuple = ()):
+        context = mp.get_context("spawn")
+        self.size = size
+        self._dir = tempfile.TemporaryDirectory()
+        init_file = os.path.join(self._dir.name, "init")
+        self._tasks = [context.Queue() for _ in range(size)]
+        self._results = context.Queue()
+        self._processes = [context.Process(target=_worker, daemon=True,
+                                           args=(r, size, init_file, self._tasks[r], self._results, threads,
+                                                 tuple(subgroups)))
+                           for r in range(size)]
+        for process in self._processes:
+            process.start()
+
+    def run(self, task, payload) -> list:
+        """Every rank's result (a Failure where it raised), in rank order."""
+        for tasks in self._tasks:
+            tasks.put((task, payload))
+        results: list = [None] * self.size
+        for _ in range(self.size):
+            try:
+                rank, result = self._results.get(timeout=TIMEOUT_S + 30)
+            except queue.Empty:
+                raise TimeoutError(f"no answer from the pool within {TIMEOUT_S + 30} s") from None
+            results[rank] = result
+        return results
+
+    def close(self) -> None:
+        for tasks in self._tasks:
+            tasks.put(None)
+        for process in self._processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+        self._dir.cleanup()
+
+
+def raise_failures(results: list) -> list:
+    """The results, or an AssertionError carrying the first worker traceback."""
+    for rank, result in enumerate(results):
+        if isinstance(result, Failure):
+            raise AssertionError(f"rank {rank} raised {result.kind}: {result.message}\n{result.trace}")
+    return results

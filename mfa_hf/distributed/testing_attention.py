@@ -1,0 +1,114 @@
+"""Test cases for the context-parallel functions: the whole problem is drawn in the parent, every rank
+runs its natural-order shard, and the assembled output and gradients are held to DESIGN.md's rule
+against the float64 reference of the whole problem (mfa_hf.testing: 2x PyTorch's own error in the
+input dtype for outputs, 3x plus FlashAttention's by-design backward effect for gradients).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..testing import (
+    FORWARD_FACTOR,
+    GRADIENT_FACTOR,
+    Case,
+    assert_close_to_reference,
+    delta_rounding_effect,
+    make_inputs,
+    reference_of,
+)
+from .testing import Context
+
+GRAD_NAMES = ("q", "k", "v", "sinks")
+
+
+@dataclass(frozen=True)
+class CPCase:
+    """An attention Case split over `ranks` ranks by `method` ("ring" or "ulysses"); lq/lk are global."""
+
+    method: str
+    ranks: int
+    case: Case
+    backward: bool = True
+    return_lse: bool = True
+
+    @property
+    def id(self) -> str:
+        return f"{self.method}{self.ranks}-{self.case.id}" + ("" if self.backward else "-fwd")
+
+
+def cp_case(method: str, ranks: int, **fields) -> CPCase:
+    backward = fields.pop("backward", True)
+    return CPCase(method, ranks, replace(Case(batch=1, lq=16, lk=16, heads_q=4, heads_kv=2, dim=16, dim_v=16),
+                                         **fields), backward)
+
+
+def draw(cp: CPCase, seed: int) -> dict:
+    """Fresh inputs for the whole problem, and the output / LSE gradients the ranks back-propagate."""
+    inputs = make_inputs(cp.case, seed=seed, requires_grad=cp.backward)
+    g = torch.Generator().manual_seed(seed + 7)
+    c = cp.case
+    inputs["grad_out"] = torch.randn(c.batch, c.lq, c.heads_q, c.dim_v, generator=g).to(c.dtype)
+    inputs["grad_lse"] = torch.randn(c.batch, c.heads_q, c.lq, generator=g)
+    return inputs
+
+
+def run_shard(context: Context, payload: tuple) -> dict | None:
+    """Worker task: this rank's shard through the method; its outputs and gradients (shards)."""
+    from . import ring_flash_attn_func, ulysses_flash_attn_func
+
+    cp, tensors = payload
+    group = context.group_of(cp.ranks)
+    if group is None:
+        return None
+    r, p = context.rank, cp.ranks
+    c = cp.case
+    mine = {name: tensors[name].detach().chunk(p, dim=1)[r].clone() for name in ("q", "k", "v", "grad_out")}
+    grad_lse = tensors["grad_lse"].chunk(p, dim=2)[r].clone()
+    sinks = None if tensors["sinks"] is None else tensors["sinks"].detach().clone()
+    leaves = [mine["q"], mine["k"], mine["v"], sinks]
+    for leaf in leaves:
+        if leaf is not None:
+            leaf.requires_grad_(cp.backward)
+    function = ring_flash_attn_func if cp.method == "ring" else ulysses_flash_attn_func
+    out, lse = function(mine["q"], mine["k"], mine["v"], group=group, causal=c.causal, window_size=c.window,
+                        softcap=c.softcap, sinks=sinks, return_lse=True)
+    result = {"out": out.detach(), "lse": lse.detach()}
+    if cp.backward:
+        used = [leaf for leaf in leaves if leaf is not None]
+        grads = torch.autograd.grad((out, lse), used, (mine["grad_out"], grad_lse))
+        result.update(zip(GRAD_NAMES, grads))
+    return result
+
+
+def assemble(results: list, ranks: int) -> dict:
+    """Concatenate the ranks' shards along the sequence; sum the sinks' per-rank shares."""
+    shards = results[:ranks]
+    whole = {"out": torch.cat([s["out"] for s in shards], 1), "lse": torch.cat([s["lse"] for s in shards], 2)}
+    for name, dim in (("q", 1), ("k", 1), ("v", 1)):
+        if name in shards[0]:
+            whole[name] = torch.cat([s[name] for s in shards], dim)
+    if "sinks" in shards[0]:
+        whole["sinks"] = sum(s["sinks"] for s in shards)
+    return whole
+
+
+def check(cp: CPCase, inputs: dict, whole: dict) -> None:
+    """Hold the assembled result to the tolerance rule against the float64 reference of the whole problem."""
+    ref, ref_lse, args64 = reference_of(cp.case, inputs, upcast=True)
+    base, base_lse, args = reference_of(cp.case, inputs, upcast=False)
+    assert_close_to_reference(whole["out"], ref, base, FORWARD_FACTOR, "out")
+    assert_close_to_reference(whole["lse"], ref_lse, base_lse, FORWARD_FACTOR, "lse", torch.float32)
+    if not cp.backward:
+        return
+    names = [n for n in GRAD_NAMES if args64[n] is not None]
+    grad_out, grad_lse = inputs["grad_out"], inputs["grad_lse"]
+    want = torch.autograd.grad((ref, ref_lse), [args64[n] for n in names],
+                               (grad_out.double(), grad_lse.double()), retain_graph=True)
+    baseline = torch.autograd.grad((base, base_lse), [args[n] for n in names], (grad_out, grad_lse.to(base_lse.dtype)))
+    effects = delta_rounding_effect(whole["out"], ref, ref_lse, [args64[n] for n in names], grad_out, names, cp.case,
+                                    args64)
+    for name, expected, base_grad, extra in zip(names, want, baseline, effects):
+        assert_close_to_reference(whole[name], expected, base_grad, GRADIENT_FACTOR, f"d{name}", cp.case.dtype, extra)
