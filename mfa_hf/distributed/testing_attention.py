@@ -112,3 +112,36 @@ def check(cp: CPCase, inputs: dict, whole: dict) -> None:
                                     args64)
     for name, expected, base_grad, extra in zip(names, want, baseline, effects):
         assert_close_to_reference(whole[name], expected, base_grad, GRADIENT_FACTOR, f"d{name}", cp.case.dtype, extra)
+
+
+BAD_CALLS = ("shard_lengths_differ", "options_differ", "heads_not_divisible", "bad_window_on_one_rank",
+             "not_a_member")
+
+
+def bad_call(context: Context, payload: tuple):
+    """Worker task: one kind of mistake (BAD_CALLS) over the first `ranks` ranks; what each rank raised."""
+    from . import ring_flash_attn_func, ulysses_flash_attn_func
+
+    ranks, kind = payload
+    r = context.rank
+    if kind == "not_a_member":  # a rank outside the group calls with it; the members do not call
+        if r != ranks:
+            return None
+        group = context.groups[ranks]
+    else:
+        group = context.group_of(ranks)
+        if group is None:
+            return None
+    q, k, v = (torch.randn(1, 8, 4, 16) for _ in range(3))
+    function, options = ring_flash_attn_func, {}
+    if kind == "shard_lengths_differ" and r == 1:
+        q, k, v = (torch.randn(1, 7, 4, 16) for _ in range(3))
+    elif kind == "options_differ":
+        options["causal"] = r == 1
+    elif kind == "heads_not_divisible":
+        function = ulysses_flash_attn_func
+        q, k, v = (torch.randn(1, 8, 3, 16) for _ in range(3))
+    elif kind == "bad_window_on_one_rank" and r == 1:
+        options["window_size"] = (-2, 0)
+    function(q, k, v, group=group, **options)
+    return "no error"
