@@ -43,6 +43,7 @@ class Options:
     dropout_p: float = 0.0
     max_seqlen_q: int = 0  # packed sequences only: the longest query / key sequence (grid sizes)
     max_seqlen_k: int = 0
+    bf16_backward: bool = False  # the backward's matmul operands in bfloat16, products summed in float32
 
     @property
     def causal(self) -> bool:
@@ -78,12 +79,12 @@ class AttentionCall:
         o = self.options
         return (self.q, self.k, self.v, self.attn_mask, self.alibi_slopes, self.sinks, self.cu_seqlens_q,
                 self.cu_seqlens_k, self.dropout_seed, o.scale, o.window_left, o.window_right, o.softcap,
-                o.dropout_p, o.max_seqlen_q, o.max_seqlen_k)
+                o.dropout_p, o.max_seqlen_q, o.max_seqlen_k, o.bf16_backward)
 
     @classmethod
     def from_op_args(cls, args) -> "AttentionCall":
         q, k, v, attn_mask, alibi_slopes, sinks, cu_q, cu_k, seed = args[:9]
-        return cls(q, k, v, Options(*args[9:16]), attn_mask, alibi_slopes, sinks, cu_q, cu_k, seed)
+        return cls(q, k, v, Options(*args[9:17]), attn_mask, alibi_slopes, sinks, cu_q, cu_k, seed)
 
     @property
     def varlen(self) -> bool:
@@ -210,13 +211,15 @@ class Backend(Protocol):
     name: the MFA_BACKEND name; device_types: the torch device types its custom ops are registered for
     (None: every device); fallback: the backend that serves a call whose kernel cannot be built or
     launched here (mfa_hf/kernel_fallback.py), or None. append: None when the backend has no append
-    kernel of its own (the generic torch write is used).
+    kernel of its own (the generic torch write is used). bf16_backward: whether backward() honours
+    Options.bf16_backward (the custom-op layer refuses the option for a backend that does not).
     """
 
     name: str
     device_types: Optional[tuple[str, ...]]
     fallback: Optional[str]
     append: Optional[Callable[[AppendCall], None]]
+    bf16_backward: bool
 
     def supports(self, problem) -> tuple[bool, str]:
         """(whether it serves this mfa_hf.problem.AttentionProblem, the reason either way)."""
@@ -243,3 +246,4 @@ class BackendDefinition:
     append: Optional[Callable] = None
     device_types: Optional[tuple[str, ...]] = None
     fallback: Optional[str] = None
+    bf16_backward: bool = False

@@ -18,6 +18,7 @@ from .quant import QuantizedKV
 from .problem import (
     NO_WINDOW,
     check_alibi,
+    check_bf16_backward,
     check_cu_seqlens,
     check_dropout,
     check_mask,
@@ -48,6 +49,7 @@ def flash_attn_func(
     attn_mask: torch.Tensor | None = None,
     dropout_seed: int | torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    bf16_backward: bool = False,
 ):
     """Attention over q (B, Lq, Hq, D), k (B, Lk, Hkv, D), v (B, Lk, Hkv, Dv) -> (B, Lq, Hq, Dv).
 
@@ -58,6 +60,7 @@ def flash_attn_func(
     dropout uses a counter-based RNG seeded by dropout_seed, or drawn from `generator`.
     deterministic is accepted for compatibility; every backend here is deterministic.
     return_lse=True returns (out, lse) with lse (B, Hq, Lq) float32.
+    bf16_backward=True: the backward's matmuls take bfloat16 operands, summed in float32 (see flash_attention).
     k and v may be QuantizedKV (mfa_hf.quantize_kv; forward only, no attn_mask/dropout).
     """
     if _quantized(k, v):
@@ -71,7 +74,7 @@ def flash_attn_func(
     check_alibi(alibi_slopes, batch, heads_q, q.device)
     call = validated_call(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p,
                           softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-                          dropout_seed=dropout_seed, generator=generator)
+                          dropout_seed=dropout_seed, generator=generator, bf16_backward=bf16_backward)
     return _attend(call, return_lse)
 
 
@@ -133,6 +136,7 @@ def flash_attention(
     *,
     dropout_seed: int | torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    bf16_backward: bool = False,
 ):
     """Attention over (B, H, S, D) tensors, the call shape of the `mps-flash-attn` package.
 
@@ -140,6 +144,10 @@ def flash_attention(
     means the last w keys (the query's own included); an int without is_causal bounds the left side
     only, as in mps-flash-attn; a (left, right) pair is passed through. Returns (B, H, Lq, Dv) (a
     transposed view of the kernel's (B, Lq, H, Dv) output: no copy).
+
+    bf16_backward=True (training): the backward's five matmuls take bfloat16 operands (Q, K, V, dO, P, dS
+    rounded to bfloat16) and sum in float32; gradients come out in the input dtype. The torch and triton
+    backends implement it, metal refuses it; the speed-up and the measured error are in docs/migrating.md.
     """
     if not _quantized(k, v):  # QuantizedKV (quantize_kv(..., layout="bhsd")) is checked downstream
         check_rank(q, k, v, rank=4, layout="(B, H, S, D)")
@@ -147,7 +155,7 @@ def flash_attention(
     out = flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, scale, is_causal,
         bhsd_window(window_size, is_causal), softcap, alibi_slopes, sinks, return_lse=return_lse,
-        attn_mask=attn_mask, dropout_seed=dropout_seed, generator=generator,
+        attn_mask=attn_mask, dropout_seed=dropout_seed, generator=generator, bf16_backward=bf16_backward,
     )
     if return_lse:
         return out[0].transpose(1, 2), out[1]
@@ -228,7 +236,8 @@ def _attend(call: AttentionCall, return_lse: bool):
 
 def validated_call(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, attn_mask=None,
                    alibi_slopes=None, sinks=None, dropout_p=0.0, softmax_scale=None, causal=False,
-                   window_size=NO_WINDOW, softcap=0.0, dropout_seed=None, generator=None) -> AttentionCall:
+                   window_size=NO_WINDOW, softcap=0.0, dropout_seed=None, generator=None,
+                   bf16_backward=False) -> AttentionCall:
     """The options checked and causal folded into the window; the helper tensors normalised to what
     every backend binds (helper_tensors.py says why). q/k/v/mask/slopes/offsets were checked by the caller."""
     window = fold_causal(scalars.flag(causal, "causal"), check_window(window_size))
@@ -237,7 +246,8 @@ def validated_call(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_
     dropout_p = check_dropout(dropout_p)
     check_sinks(sinks, q.shape[-2], q.device)
     seed = _dropout_seed(dropout_p, dropout_seed, generator)
-    options = Options(scale, window[0], window[1], softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+    bf16_backward = check_bf16_backward(bf16_backward, q.dtype)
+    options = Options(scale, window[0], window[1], softcap, dropout_p, max_seqlen_q, max_seqlen_k, bf16_backward)
     return AttentionCall(
         q, k, v, options,
         attn_mask=helper_tensors.attention_mask(attn_mask, q.dtype),

@@ -87,6 +87,7 @@ def describe(call: AttentionCall, kv_format: str = "none", needs_grad: bool = Fa
         has_alibi=call.alibi_slopes is not None, has_sinks=call.sinks is not None, mask=mask,
         varlen=call.varlen, dropout_p=o.dropout_p, kv_format=kv_format, needs_grad=needs_grad,
         largest_span=_largest_span(q, call.k, call.v, call.attn_mask),
+        bf16_backward=o.bf16_backward and needs_grad,
     )
 
 
@@ -142,6 +143,15 @@ def _fake_backward(grad_out, grad_lse, out, lse, want_mask_grad, q, k, v, attn_m
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks, dmask
 
 
+def refuse_bf16_backward(backend: Backend) -> None:
+    """bf16_backward=True under autograd, for a backend whose backward does not implement it."""
+    if not backend.bf16_backward:
+        raise NotImplementedError(
+            f"bf16_backward=True: the {backend.name} backend's backward has no bfloat16 mode (it computes in "
+            f"float32). Pass bf16_backward=False, or set MFA_BACKEND=torch (or triton on cuda), whose backward "
+            f"implements it.")
+
+
 def _fallback(backend: Backend, method: str, registry: Callable[[str], Backend]) -> Optional[Fallback]:
     if backend.fallback is None:
         return None
@@ -165,22 +175,22 @@ def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendO
         q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor],
         sinks: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
         dropout_seed: Optional[Tensor], scale: float, window_left: int, window_right: int, softcap: float,
-        dropout_p: float, max_seqlen_q: int, max_seqlen_k: int,
+        dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, bf16_backward: bool = False,
     ) -> tuple[Tensor, Tensor]:
         return forward_call(AttentionCall.from_op_args(
             (q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, dropout_seed, scale,
-             window_left, window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k)), None)
+             window_left, window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, bf16_backward)), None)
 
     def attention_bwd(
         grad_out: Tensor, grad_lse: Optional[Tensor], out: Tensor, lse: Tensor, want_mask_grad: bool,
         q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], alibi_slopes: Optional[Tensor],
         sinks: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
         dropout_seed: Optional[Tensor], scale: float, window_left: int, window_right: int, softcap: float,
-        dropout_p: float, max_seqlen_q: int, max_seqlen_k: int,
+        dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, bf16_backward: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         call = AttentionCall.from_op_args(
             (q, k, v, attn_mask, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, dropout_seed, scale,
-             window_left, window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k))
+             window_left, window_right, softcap, dropout_p, max_seqlen_q, max_seqlen_k, bf16_backward))
         grads = Gradients(grad_out, grad_lse, out, lse, want_mask_grad)
         (dq, dk, dv, dsinks, dmask), served = kernel_fallback.call(name, backend.backward, backward_fallback,
                                                                    (call, grads))
@@ -200,6 +210,8 @@ def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendO
 
     def setup_context(ctx, inputs, output):
         ctx.scalars = inputs[9:]
+        if ctx.scalars[-1]:  # bf16_backward: refused here, at the forward, by a backend that ignores it
+            refuse_bf16_backward(backend)
         out, lse = output
         ctx.save_for_backward(*inputs[:9], out, lse)
         mask, sinks = inputs[3], inputs[5]
@@ -213,7 +225,7 @@ def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendO
                                            *ctx.scalars)
         dsinks = dsinks.to(ctx.sinks_dtype) if ctx.needs_input_grad[5] else None
         dmask = dmask.to(ctx.mask_dtype) if want_mask_grad else None
-        return (dq, dk, dv, dmask, None, dsinks) + (None,) * 10
+        return (dq, dk, dv, dmask, None, dsinks) + (None,) * 11
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
     return BackendOps(backend, EagerShortcut(fwd_op, forward_call), bwd_op,

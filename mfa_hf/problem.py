@@ -52,6 +52,7 @@ class AttentionProblem:
     # pointer, outputs and the additive mask's gradient included: backends that index in 32 bits
     # refuse 2**31 and beyond.
     largest_span: int = 0
+    bf16_backward: bool = False  # a backward with bfloat16 matmul operands will be asked for (needs_grad)
 
     def flags(self) -> str:
         """A short, stable description of the features in use (for MFA_TRACE)."""
@@ -76,6 +77,8 @@ class AttentionProblem:
             parts.append(f"kv={self.kv_format}")
         if self.heads_q != self.heads_kv:
             parts.append(f"gqa={self.heads_q // self.heads_kv}")
+        if self.bf16_backward:
+            parts.append("bf16_backward")
         return " ".join(parts) or "-"
 
 
@@ -193,6 +196,15 @@ def check_dropout(dropout_p) -> float:
     value = scalars.real_number(dropout_p, "dropout_p", "a probability in [0, 1)")
     if not 0.0 <= value < 1.0:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+    return value
+
+
+def check_bf16_backward(bf16_backward, dtype: torch.dtype) -> bool:
+    """bf16_backward: a bool; bfloat16 matmul operands serve float16/bfloat16/float32 inputs only."""
+    value = scalars.flag(bf16_backward, "bf16_backward")
+    if value and dtype == torch.float64:
+        raise ValueError("bf16_backward: expected float16, bfloat16 or float32 inputs (a float64 backward stays "
+                         "float64), got torch.float64")
     return value
 
 

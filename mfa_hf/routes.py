@@ -66,6 +66,8 @@ def semantic_reason(problem: AttentionProblem, *, wants_lse: bool, mask_dtype=No
         return "ALiBi"
     if p.dropout_p > 0:
         return "dropout (our counter-based RNG)"
+    if p.bf16_backward:
+        return "bf16_backward (SDPA's backward has no bfloat16 mode)"
     if p.head_dim_v != p.head_dim_qk:
         return f"head_dim_v {p.head_dim_v} != head_dim_qk {p.head_dim_qk}"
     if p.heads_q % p.heads_kv:

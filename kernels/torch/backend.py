@@ -21,4 +21,4 @@ def supports(problem: AttentionProblem) -> tuple[bool, str]:
     return True, "the torch backend serves every feature on every device"
 
 
-BACKEND = BackendDefinition(NAME, supports, forward, backward, decode)
+BACKEND = BackendDefinition(NAME, supports, forward, backward, decode, bf16_backward=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dropout import keep_mask
+from .products import FullPrecision
 from .tiles import Band, Block
 
 
@@ -70,15 +71,16 @@ def heads_last(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def block_scores(
-    spec: ScoreSpec, q5: torch.Tensor, k_tile: torch.Tensor, block: Block
+    spec: ScoreSpec, q5: torch.Tensor, k_tile: torch.Tensor, block: Block, products=FullPrecision
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits of one block, -inf where not visible, and tanh(raw / softcap) for the backward."""
+    """Logits of one block, -inf where not visible, and tanh(raw / softcap) for the backward.
+    products: how q.k is multiplied (products.py; the backward's bf16_backward)."""
     batch, heads_kv = q5.shape[0], q5.shape[1]
     rows, cols = block.i1 - block.i0, block.j1 - block.j0
     # One fused product-and-scale: (B * Hkv, G * BQ, D) x (B * Hkv, D, BK), times scale.
     q3 = q5.reshape(batch * heads_kv, -1, q5.shape[-1])
     k3 = k_tile.transpose(-1, -2).reshape(batch * heads_kv, k_tile.shape[-1], cols)
-    raw = torch.baddbmm(q3.new_empty(()), q3, k3, beta=0.0, alpha=spec.scale)
+    raw = products.scores(q3, k3, spec.scale)
     scores = raw.reshape(batch, heads_kv, spec.group, rows, cols)
     capped = None
     if spec.softcap > 0:

@@ -42,4 +42,4 @@ def supports(problem: AttentionProblem) -> tuple[bool, str]:
     return True, "the triton kernels serve this problem"
 
 
-BACKEND = BackendDefinition(NAME, supports, forward, backward, decode, device_types=None)
+BACKEND = BackendDefinition(NAME, supports, forward, backward, decode, device_types=None, bf16_backward=True)

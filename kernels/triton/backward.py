@@ -2,6 +2,11 @@
 
 delta = rowsum(dO * O) - dLSE, dsinks and the reduction of dS over a broadcast mask's dims are torch
 ops on the device (small next to the kernels).
+
+bf16_backward: Q, K, V and dO are handed to the same kernels as bfloat16 copies (O(N D) work next to
+the kernels' O(N^2 D)), so every tl.dot takes bfloat16 operands (P and dS follow Q's dtype) and
+accumulates in float32; delta is taken from the unrounded dO and O, and dQ/dK/dV are written in the
+input dtype.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from ..contract import AttentionCall, Gradients
 from ..launch import empty_grads, new_output
 
 from . import backward_kernel
-from .binding import alibi_args, common_meta, dropout_args, lse_strides, mask_args, on_tensors_device, strides4
+from .binding import (alibi_args, common_meta, dot_precision, dropout_args, lse_strides, mask_args, on_tensors_device,
+                      strides4)
 from .blocks import backward_kv_blocks, backward_q_blocks, cdiv
 
 
@@ -61,6 +67,9 @@ def backward(call: AttentionCall, grads: Gradients):
     dv = new_output(v.shape, v.dtype, v.device)
     delta = _delta(grad_out, out, grad_lse)
     meta, left, right = common_meta(call)
+    if o.bf16_backward:
+        q, k, v, grad_out = (t.to(torch.bfloat16) for t in (q, k, v, grad_out))
+        meta["DOT_PRECISION"] = dot_precision(torch.bfloat16, q.device)
     mask, mask_strides, _ = mask_args(attn_mask, q, batch, lq, lk)
     slopes, slope_strides = alibi_args(alibi_slopes, q)
     seed, threshold, keep_scale = dropout_args(o.dropout_p, call.dropout_seed)
