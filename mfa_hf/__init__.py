@@ -7,6 +7,7 @@
 
 from . import dispatch, trace
 from .api import flash_attention, flash_attention_chunked, flash_attn_func, flash_attn_varlen_func
+from .custom_op_alias import register_custom_op  # torch.ops.mfa.flash_attention, as mps-flash-attn named it
 from .dispatch import BackendUnavailable
 from .kvcache import allocate_kv_cache, flash_attn_with_kvcache
 from .quant import KVFormat, QuantizedKV, quantize_kv
@@ -79,6 +80,7 @@ __all__ = [
     "quantize_kv_fp8",
     "quantize_kv_int8",
     "quantize_kv_nf4",
+    "register_custom_op",
     "install_flash_attn_shim",
     "replace_sdpa",
     "restore_sdpa",
