@@ -1,7 +1,8 @@
 """One measurement in a fresh process: `python -m mfa_hf.benchmark.worker '<json spec>'` prints a JSON row.
 
 A spec names the implementation ("sdpa", or "mfa" with MFA_BACKEND set by the caller), the shape
-(batch, heads, seqlen, head_dim, causal, dtype, device) and the pass ("fwd" or "fwd+bwd").
+(batch, heads, seqlen, head_dim, causal, dtype, device) and the pass ("fwd" or "fwd+bwd"); optional for
+"mfa": window (flash_attention's window_size) and bf16_backward.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ def attention_call(spec: dict):
         def forward():
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     else:
+        window, bf16_backward = spec.get("window"), spec.get("bf16_backward", False)
+
         def forward():
-            return mfa_hf.flash_attention(q, k, v, is_causal=causal)
+            return mfa_hf.flash_attention(q, k, v, is_causal=causal, window_size=window, bf16_backward=bf16_backward)
 
     def call():
         if not backward:
