@@ -17,7 +17,6 @@ attention.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -25,17 +24,16 @@ import torch
 from torch import Tensor
 
 from . import dispatch, kvcache, native, routes, trace
+from .decisions import Decisions, steering_environment
 from .kernels.contract import CacheSide, DecodeCall, Options
 from .ops import describe_decode
 from .problem import AttentionProblem
 
 
-# A layer's kind (dtypes, shapes, strides, formats, window, host row groups, MFA_BACKEND/MFA_ROUTE_TABLE: no
-# tensor, no value read from one) -> its checked path: (Route, dispatch.Backend or None when native, problem).
-# Shared by every plan, so an unmasked decode, which has no step object to hold a plan, also checks and
-# routes once per kind. Bounded: cleared when full (a long generation adds one kind per cache length).
-_decisions: dict = {}
-DECISIONS_KEPT = 1024
+# A layer's kind (dtypes, shapes, strides, formats, window, host row groups, steering environment) -> its
+# checked path: (Route, dispatch.Backend or None when native, problem). Shared by every plan, so an unmasked
+# decode, which has no step object to hold a plan, also checks and routes once per kind (decisions.py).
+_decisions = Decisions()
 
 
 @dataclass(frozen=True)
@@ -118,14 +116,11 @@ class DecodePlan:
         kind = (group.host_rows, q.dtype, q.device, q.shape, q.stride(-1), keys.codes.shape, keys.codes.stride(-1),
                 keys.format, values.codes.shape, values.codes.stride(-1), values.format, layer.length, left, causal,
                 softcap, None if sinks is None else (sinks.shape, sinks.dtype, sinks.device),
-                None if residual is None else residual[0].shape, os.environ.get("MFA_BACKEND"),
-                os.environ.get("MFA_ROUTE_TABLE"))
+                None if residual is None else residual[0].shape, steering_environment())
         chosen = _decisions.get(kind)
         if chosen is None:
-            chosen = self._choose(index, group, q, keys, values, layer, scale, left, causal, softcap, sinks)
-            if len(_decisions) >= DECISIONS_KEPT:
-                _decisions.clear()
-            _decisions[kind] = chosen
+            chosen = _decisions.keep(kind, self._choose(index, group, q, keys, values, layer, scale, left, causal,
+                                                        softcap, sinks))
         route, backend, problem = chosen
         if trace.enabled():
             dispatch.record_route(route, problem, "decode")

@@ -23,11 +23,25 @@ def sdpa(q, k, v, mask, route: Route, scale: float) -> torch.Tensor:
     if route.key_start:
         k, v = k[:, route.key_start:], v[:, route.key_start:]
         mask = None if mask is None else mask[..., route.key_start:]
-    out = _stock_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                      is_causal=route.is_causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+    # Positional arguments and no default keywords: each keyword costs the binding's parser time per call.
+    query, key, value = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.shape[2] == k.shape[2]:
+        out = _stock_sdpa(query, key, value, mask, 0.0, route.is_causal, scale=scale)
+    else:
+        out = _stock_sdpa(query, key, value, mask, 0.0, route.is_causal, scale=scale, enable_gqa=True)
+    out = out.transpose(1, 2)
     if route.gate.zeroes_nan_query_rows:
-        out = out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))
+        out = _nan_rows_restored(q, out)
     return out
+
+
+def _nan_rows_restored(q, out):
+    """Our semantics keep a NaN query row NaN; a kernel that zeroes it gets the NaN put back. On CPU one
+    host check first (nothing to wait for, and most inputs hold no NaN); elsewhere, and in a compiled
+    graph, no host read."""
+    if q.device.type == "cpu" and not torch.compiler.is_compiling() and not q.isnan().any():
+        return out
+    return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))
 
 
 def forward(call: AttentionCall, route: Route) -> torch.Tensor:

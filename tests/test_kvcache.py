@@ -15,7 +15,7 @@ import torch
 import mfa_hf
 from mfa_hf import trace
 from mfa_hf.kernels.reference import attention_reference
-from mfa_hf.kernels.torch import decode
+from mfa_hf.kernels.torch import cache_blocks, cpu_fused_decode, decode
 from mfa_hf.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
 from mfa_hf.testing_kvcache import (
     BATCH,
@@ -75,9 +75,11 @@ def _check_against_reference(case, inputs):
 
 @pytest.mark.parametrize("batch_idx", [False, True], ids=["rows", "batch_idx"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f or "plain")
-def test_full_cache_with_a_split_past_its_end(fmt, batch_idx, small_tiles):
+def test_full_cache_with_a_split_past_its_end(fmt, batch_idx, small_tiles, monkeypatch):
     """Full caches after the append, 7 splits of 14 keys over 96: the last split's runs reach past the
-    cache's end (read as zeros, masked) while each split spans two key tiles (runs not back to back)."""
+    cache's end (read as zeros, masked) while each split spans two key tiles (runs not back to back).
+    The block loop's case: the fused CPU path (tests/test_cpu_fused_decode.py) is off."""
+    monkeypatch.setattr(cpu_fused_decode, "ENABLED", False)
     for dtype in (torch.float32, torch.bfloat16):
         case = CacheCase(fmt, lq=1, dtype=dtype, heads=(4, 2), batch_idx=batch_idx, num_splits=7, sinks=True)
         inputs = make_decode_inputs(case, (MAX_SEQLEN - 1,) * BATCH, MAX_SEQLEN)
@@ -85,20 +87,21 @@ def test_full_cache_with_a_split_past_its_end(fmt, batch_idx, small_tiles):
 
 
 def test_take_reads_runs_like_a_gather():
-    """decode._take against index_select on the same positions: strided and sliced caches, rows,
+    """cache_blocks._take against index_select on the same positions: strided and sliced caches, rows,
     dtype conversion, runs that touch (a view) or not (a copy), and positions past the end (zeros)."""
     g = torch.Generator().manual_seed(2)
     base = torch.randn(4, 40, 3, 16, generator=g)
     caches = {"contiguous": base[:, :30], "strided": base.transpose(0, 1).contiguous().transpose(0, 1)[:, 5:35]}
     rows = torch.tensor([3, 0], dtype=torch.long)
     for name, cache in caches.items():
-        for window in (decode.KeyRuns(2, 6, 4, 6), decode.KeyRuns(1, 9, 3, 4), decode.KeyRuns(7, 8, 3, 8)):
+        for window in (cache_blocks.KeyRuns(2, 6, 4, 6), cache_blocks.KeyRuns(1, 9, 3, 4),
+                       cache_blocks.KeyRuns(7, 8, 3, 8)):
             positions = (window.start + torch.arange(window.runs)[:, None] * window.stride
                          + torch.arange(window.count)).reshape(-1)
             inside = positions < cache.shape[1]
             for take_rows in (None, rows):
                 for dtype in (torch.float32, torch.float64):
-                    got = decode._take(cache, window, take_rows, dtype, view_ok=dtype == torch.float32)
+                    got = cache_blocks._take(cache, window, take_rows, dtype, view_ok=dtype == torch.float32)
                     assert dtype != torch.float64 or got.is_contiguous()
                     picked = cache if take_rows is None else cache.index_select(0, take_rows)
                     want = picked.index_select(1, positions.clamp(max=cache.shape[1] - 1)).transpose(1, 2).to(dtype)

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from mfa_hf import kv_formats
-from mfa_hf.quant import dequantize_codes
-
 from ..contract import CacheSide, DecodeCall
 from ..launch import SplitPolicy, lse_dtype, new_output
 
-from . import tiles
+from . import cpu_fused_decode, tiles
+from .cache_blocks import KeyRuns, side_block, values_dim
 
 # Enough independent (batch, KV head, split) work items to fill a GPU's cores or a CPU's threads;
 # fewer splits leave a lone decode row serial, more only add merge work.
@@ -40,69 +39,6 @@ class DecodePlan:
     num_splits: int
     key_block: int  # keys of one split handled per loop step
     query_tile: int  # query rows per pass
-
-
-def side_block(side: CacheSide, window: "KeyRuns", rows: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """Values of one cache side at the window's positions of the selected rows, heads first:
-    (B, Hkv, runs * count, D) in `dtype`. Codes (1 byte or less an element) are taken as they are
-    and widened after; a plain cache is taken and converted in one copy."""
-    if side.format == "none":
-        return _take(side.codes, window, rows, dtype, view_ok=True)  # straight into the matmuls
-    codes = _take(side.codes, window, rows)  # contiguous: elementwise decoding of a view is slower
-    scales = side.scales
-    scale_rows = rows if scales.shape[0] > 1 else None
-    if scales.shape[1] > 1:  # per token: the same positions
-        scales = _take(scales, window, scale_rows)
-    else:  # per head or static: broadcast along the positions
-        scales = scales if scale_rows is None else scales.index_select(0, scale_rows)
-        scales = scales.transpose(1, 2)
-    return dequantize_codes(codes, scales, side.format, side.group_size, dtype)
-
-
-@dataclass(frozen=True)
-class KeyRuns:
-    """The cache positions of one loop step: run p (one per split) holds start + p * stride + t, t < count."""
-
-    start: int
-    stride: int
-    runs: int
-    count: int
-
-
-def _take(cache: torch.Tensor, window: KeyRuns, rows: torch.Tensor | None,
-          dtype: torch.dtype | None = None, view_ok: bool = False) -> torch.Tensor:
-    """(B or len(rows), H, runs * count, D) of cache (B, S, H, D), heads first, in `dtype`.
-
-    The runs are equally spaced, so they are one strided view of the cache: returned as it is when
-    view_ok, the runs touch and nothing needs converting, otherwise read by a single copy (which also converts
-    the dtype and lays the block out contiguously); never a gather. Positions past the cache's end
-    (the last split's tail, always masked) read as 0.
-    """
-    batch, capacity, heads, dim = cache.shape
-    dtype = cache.dtype if dtype is None else dtype
-    sb, ss, sh, sd = cache.stride()
-    tail = capacity - window.start - window.count  # run p lies inside the cache while p * stride <= tail
-    inside = 0 if tail < 0 else min(window.runs, tail // window.stride + 1)
-    if view_ok and window.stride == window.count and inside == window.runs and rows is None and dtype == cache.dtype:
-        # back-to-back runs (each split fits one step): a view, no copy; matmul reads it strided
-        return cache.as_strided((batch, heads, window.runs * window.count, dim), (sb, sh, ss, sd),
-                                cache.storage_offset() + window.start * ss)
-    out_batch = batch if rows is None else rows.numel()
-    out = torch.empty((out_batch, heads, window.runs, window.count, dim), dtype=dtype, device=cache.device)
-
-    def runs_view(first: int, runs: int, count: int) -> torch.Tensor:
-        view = cache.as_strided((batch, heads, runs, count, dim), (sb, sh, window.stride * ss, ss, sd),
-                                cache.storage_offset() + (window.start + first * window.stride) * ss)
-        return view if rows is None else view.index_select(0, rows)
-
-    if inside:
-        out[:, :, :inside].copy_(runs_view(0, inside, window.count))
-    for run in range(inside, window.runs):  # at most the last few splits reach past the end
-        valid = max(0, min(window.count, capacity - (window.start + run * window.stride)))
-        if valid:
-            out[:, :, run : run + 1, :valid].copy_(runs_view(run, 1, valid))
-        out[:, :, run, valid:].zero_()
-    return out.reshape(out_batch, heads, window.runs * window.count, dim)
 
 
 def plan_decode(batch: int, heads_kv: int, group: int, lq: int, key_span: int, num_splits: int = 0) -> DecodePlan:
@@ -126,10 +62,12 @@ def decode(call: DecodeCall):
     batch, lq, heads_q, _ = q.shape
     heads_kv = k_codes.shape[2]
     acc_dtype = lse_dtype(q.dtype)
+    lengths = _host_lengths(seqlens_k, cache_batch_idx, k_codes.shape[0], k_codes.shape[1])
+    if cpu_fused_decode.serves(call, lengths):
+        return cpu_fused_decode.decode(call, lengths[0])
     dim_v = kv_formats.spec(v_format).logical_dim(v_codes.shape[-1])
     out = new_output((batch, lq, heads_q, dim_v), q.dtype, q.device)
     lse = new_output((batch, heads_q, lq), acc_dtype, q.device)
-    lengths = _host_lengths(seqlens_k, cache_batch_idx, k_codes.shape[0], k_codes.shape[1])
     rows = None if cache_batch_idx is None else cache_batch_idx.to(torch.long)
     span = _visible_span(lengths, lq, 0, lq, window_left, right)
     plan = plan_decode(batch, heads_kv, heads_q // heads_kv, lq, span[1] - span[0], num_splits)
@@ -224,10 +162,6 @@ def _attend_tile(q_tile, i0, keys: CacheSide, values: CacheSide, rows, start, en
     if acc is None:  # no key visible anywhere: every row is empty
         acc = q4.new_zeros(batch, heads_kv, splits, group * tile_rows, values_dim(values))
     return _merge_splits(row_max, row_sum, acc, sinks, q_tile.dtype, tile_rows)
-
-
-def values_dim(values: CacheSide) -> int:
-    return kv_formats.spec(values.format).logical_dim(values.codes.shape[-1])
 
 
 def _block_scores(q4, k_block, splits, positions, in_range, query_pos, setup: _Setup, group, tile_rows):

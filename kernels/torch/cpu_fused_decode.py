@@ -1,0 +1,59 @@
+"""One query row per sequence over a (possibly quantized) cache, on CPU: dequantize, then torch's fused kernel.
+
+The common decode step (one new token, every row the same cache length, no ALiBi or softcap) is a
+plain attention of one row over the keys [start, L) its window leaves visible. On CPU, torch's fused
+flash kernel (the one SDPA uses) computes it in one call that also returns the log-sum-exp; the
+block loop of decode.py costs some sixty small ops per key block instead. The G query heads of a KV
+head are stacked as G rows of one problem (one row each, no mask: the rows are independent), so
+GQA needs no repeated K/V. The cache is read in chunks of CHUNK_BYTES of widened keys and values
+(the full-precision cache never exists) and the chunks merge exactly by their log-sum-exps, with the
+sinks joining once (kernels/merge.py). Everything else takes decode.py's loop.
+
+The kernel's one departure from our semantics: it returns 0 for a query row holding NaN (ours keeps
+NaN). Such a call takes the loop, which propagates it. NaN or inf in K/V propagate like ours.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..contract import DecodeCall
+from ..merge import merge_partials
+from .cache_blocks import span_block, values_dim
+
+ENABLED = True  # read at call time: tests turn it off to cover the loop on CPU too
+CHUNK_BYTES = 32 << 20  # widened K and V of one chunk, all rows and heads
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# torch's CPU flash kernel with its log-sum-exp output; None where this torch lacks it (the loop serves).
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def serves(call: DecodeCall, lengths: list[int]) -> bool:
+    """Whether this call is the plain one-row decode this path computes exactly (lengths: seqlens_k on the host)."""
+    q = call.q
+    return (ENABLED and _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in _DTYPES
+            and q.shape[1] == 1 and call.cache_batch_idx is None and call.alibi_slopes is None
+            and call.options.softcap == 0 and len(set(lengths)) == 1 and not bool(q.isnan().any()))
+
+
+def decode(call: DecodeCall, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, 1, Hq, Dv) in q's dtype, lse (B, Hq, 1) float32) over keys [start, length) of every row."""
+    q, keys, values, options = call.q, call.keys, call.values, call.options
+    batch, _, heads_q, dim = q.shape
+    heads_kv = keys.codes.shape[2]
+    start = 0 if options.window_left < 0 else max(0, length - 1 - options.window_left)
+    rows = q.reshape(batch, heads_kv, heads_q // heads_kv, dim).to(torch.float32)  # (B, Hkv, G, D)
+    per_key = batch * heads_kv * (dim + values_dim(values)) * 4
+    chunk = max(1, CHUNK_BYTES // per_key)
+    parts = []
+    for first in range(start, length, chunk):
+        count = min(chunk, length - first)
+        k_block = span_block(keys, first, count, torch.float32)  # (B, Hkv, count, D)
+        v_block = span_block(values, first, count, torch.float32)
+        out, lse = _FLASH_CPU(rows, k_block, v_block, 0.0, False, scale=options.scale)
+        parts.append((out.reshape(batch, 1, heads_q, -1), lse.reshape(batch, heads_q, 1)))
+    if not parts:  # no visible key: out 0, lse -inf (the sinks' logits after the merge)
+        parts.append((q.new_zeros((batch, 1, heads_q, values_dim(values)), dtype=torch.float32),
+                      q.new_full((batch, heads_q, 1), -torch.inf, dtype=torch.float32)))
+    out, lse = merge_partials(parts, call.sinks)
+    return out.to(q.dtype), lse

@@ -1,0 +1,29 @@
+"""Decisions made once per kind of call (checks, route, backend), kept under a key of what decides them.
+
+A key holds only metadata: dtypes, shapes, strides, devices, plain Python options and the environment
+variables that steer dispatch; never a tensor and never a value read from one. Validation, routing and
+backend selection are pure functions of that metadata, so a call whose key is known skips them and
+only builds its call and launches (the host cost of a decode layer or of a model's repeated attention
+calls). Bounded: cleared when full (a long generation adds a kind per cache length).
+"""
+
+from __future__ import annotations
+
+import os
+
+KEPT = 1024
+
+
+class Decisions(dict):
+    """key -> decision; `keep` stores one, clearing the memo first when it is full."""
+
+    def keep(self, key, decision):
+        if len(self) >= KEPT:
+            self.clear()
+        self[key] = decision
+        return decision
+
+
+def steering_environment() -> tuple:
+    """The environment variables that change a decision: the forced backend and the native-route table."""
+    return os.environ.get("MFA_BACKEND"), os.environ.get("MFA_ROUTE_TABLE")

@@ -1,0 +1,136 @@
+"""The torch backend's fused CPU decode (kernels/torch/cpu_fused_decode.py) against the float64 reference.
+
+It serves one query row per sequence with equal cache lengths and no ALiBi/softcap; every case here
+checks that it served (or, for the calls it must refuse, that the loop did), across formats (plain,
+FP8, INT8, NF4, mixed K/V), dtypes, GQA/MQA/MHA, windows, sinks, empty ranges, NaN rows and key
+ranges cut into many chunks (a tiny CHUNK_BYTES: the chunks merge by their log-sum-exps).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import mfa_hf
+from mfa_hf.kernels.torch import cpu_fused_decode
+from mfa_hf.testing_kvcache import (
+    BATCH,
+    FORMATS,
+    DecodeCase,
+    assert_matches_reference_over_cache,
+    make_decode_inputs,
+    run_kvcache,
+)
+
+CAPACITY = 80
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """Counts the calls the fused path computed."""
+    calls = []
+    fused = cpu_fused_decode.decode
+
+    def counting(call, length):
+        calls.append(length)
+        return fused(call, length)
+
+    monkeypatch.setattr(cpu_fused_decode, "decode", counting)
+    return calls
+
+
+def _cases():
+    windows = ((-1, -1), (9, -1), (0, -1), (200, 3))
+    heads = ((4, 2), (4, 1), (3, 3), (8, 2))
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    cases = []
+    for n, fmt in enumerate(FORMATS):
+        for m in range(3):
+            i = n + m
+            cases.append(DecodeCase(fmt, 1, dtypes[i % 3], heads[i % 4], window=windows[i % 4], sinks=bool(i % 2)))
+    cases.append(DecodeCase("int8", 1, torch.bfloat16, (4, 2), v_format="nf4", sinks=True))
+    cases.append(DecodeCase("fp8_e5m2", 1, torch.float32, (4, 2), dim=96, v_format="int8"))
+    return cases
+
+
+@pytest.mark.parametrize("chunk_bytes", [cpu_fused_decode.CHUNK_BYTES, 4096], ids=["one-chunk", "many-chunks"])
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: c.id)
+def test_matches_reference(case, chunk_bytes, served, monkeypatch):
+    monkeypatch.setattr(cpu_fused_decode, "CHUNK_BYTES", chunk_bytes)
+    for length in (0, 41, CAPACITY - 1):  # length before the append of the new token
+        inputs = make_decode_inputs(case, (length,) * BATCH, CAPACITY, seed=length)
+        out, lse = run_kvcache(case, inputs)
+        assert served[-1] == length + 1, "the fused path did not serve this call"
+        assert out.dtype == case.dtype and lse.dtype == torch.float32
+        assert_matches_reference_over_cache(case, inputs, out, lse)
+
+
+def test_equals_the_block_loop(monkeypatch):
+    """Same inputs through the fused path and through decode.py's loop agree to fp32 rounding."""
+    case = DecodeCase("nf4", 1, torch.float32, (8, 2), window=(30, -1), sinks=True)
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(cpu_fused_decode, "ENABLED", enabled)
+        inputs = make_decode_inputs(case, (63,) * BATCH, CAPACITY, seed=5)
+        results.append(run_kvcache(case, inputs))
+    for fused, loop in zip(*results):
+        torch.testing.assert_close(fused, loop, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("case", [
+    DecodeCase("int8", 1, heads=(4, 2), softcap=4.0),
+    DecodeCase("int8", 1, heads=(4, 2), alibi=True),
+    DecodeCase("int8", 1, heads=(4, 2), batch_idx=True),
+    DecodeCase("int8", 3, heads=(4, 2)),
+], ids=lambda c: c.id)
+def test_other_calls_take_the_loop(case, served):
+    inputs = make_decode_inputs(case, (20,) * BATCH, CAPACITY)
+    out, lse = run_kvcache(case, inputs)
+    assert not served
+    assert_matches_reference_over_cache(case, inputs, out, lse)
+
+
+def test_ragged_lengths_take_the_loop(served):
+    case = DecodeCase("fp8_e4m3", 1, heads=(4, 1))
+    inputs = make_decode_inputs(case, (0, 17, 40), CAPACITY)
+    out, lse = run_kvcache(case, inputs)
+    assert not served
+    assert_matches_reference_over_cache(case, inputs, out, lse)
+
+
+@pytest.mark.parametrize("fmt", ["int8", None])
+def test_a_nan_query_row_stays_nan(fmt, served):
+    """torch's fused CPU kernel zeroes a NaN query row; ours keeps it NaN (the loop serves that call)."""
+    case = DecodeCase(fmt, 1, heads=(4, 2))
+    inputs = make_decode_inputs(case, (30,) * BATCH, CAPACITY)
+    inputs["q"][1, 0, 2, 5] = float("nan")
+    out, _ = run_kvcache(case, inputs)
+    assert not served
+    assert bool(out[1, 0, 2].isnan().all()) and bool(torch.isfinite(out[0]).all())
+
+
+def test_nan_in_a_key_reaches_every_query_that_sees_it(served):
+    case = DecodeCase(None, 1, heads=(4, 2))
+    inputs = make_decode_inputs(case, (30,) * BATCH, CAPACITY)
+    inputs["k_cache"][2, 7, 1, 3] = float("nan")
+    out, _ = run_kvcache(case, inputs)
+    assert served
+    assert bool(out[2, 0, 2:4].isnan().all()) and bool(torch.isfinite(out[2, 0, :2]).all())
+    assert bool(torch.isfinite(out[:2]).all())
+
+
+def test_a_row_without_visible_keys_is_zero_with_its_sink(served):
+    """No key at all (length 0, no append): out 0 and lse the sink's logit, or -inf without sinks."""
+    q = torch.randn(2, 1, 4, 32)
+    cache, v_cache = (mfa_hf.allocate_kv_cache(2, 16, 2, 32, "int8") for _ in range(2))
+    lengths = torch.zeros(2, dtype=torch.int32)
+    sinks = torch.randn(4)
+    for sink in (None, sinks):
+        out, lse = mfa_hf.flash_attn_with_kvcache(q, cache, v_cache, cache_seqlens=lengths, sinks=sink,
+                                                 return_lse=True)
+        assert torch.equal(out, torch.zeros_like(out))
+        want = torch.full_like(lse, -torch.inf) if sink is None else sinks[None, :, None].expand_as(lse)
+        torch.testing.assert_close(lse, want)
+    assert served == [0, 0]
