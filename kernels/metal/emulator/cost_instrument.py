@@ -71,7 +71,7 @@ class CostInstrumentError(RuntimeError):
 def instrument(ir: str) -> str:
     """`ir` with a `mslemu_cost_add` call at the top of every block that has something to count."""
     lines = ir.split("\n")
-    files = _DebugFiles(lines)
+    files = DebugFiles(lines)
     out: list[str] = []
     tables: list[str] = []
     function: _Function | None = None
@@ -97,7 +97,7 @@ def instrument(ir: str) -> str:
 
 
 def block_counts(instructions: list[str], default_file: str = "kernel.metal",
-                 files: "_DebugFiles | None" = None) -> dict[str, int]:
+                 files: "DebugFiles | None" = None) -> dict[str, int]:
     """The counts of one block's instructions (`COUNTED` names)."""
     counts = dict.fromkeys(COUNTED, 0)
     for text in instructions:
@@ -109,7 +109,7 @@ def block_counts(instructions: list[str], default_file: str = "kernel.metal",
 @dataclass
 class _Function:
     default_file: str
-    files: "_DebugFiles"
+    files: "DebugFiles"
     block: list[str] = field(default_factory=list)
 
     def add(self, line: str) -> None:
@@ -301,7 +301,7 @@ def _dbg(line: str) -> str | None:
     return m.group(1)[1:] if m else None
 
 
-class _DebugFiles:
+class DebugFiles:
     """Which source file each `!dbg` location (and each function's subprogram) comes from."""
 
     def __init__(self, lines: list[str]):
