@@ -10,6 +10,10 @@ state is diffusers' own `model.set_attention_backend("mfa")`: besides setting ea
 backend it makes "mfa" the *global* active backend for every dispatcher model (and
 `reset_attention_backend()` does not undo that). `with attention_backend("mfa"):` restores the previous
 global on exit, and `enable()` sets per-processor backends only, never the global.
+
+Under context parallelism (`model.enable_parallelism(config=ContextParallelConfig(...))`) the backend
+hands the call to context_parallel.py: diffusers' ring/Ulysses templates with our forward/backward
+ops, or our own ring for causal and GQA calls, which the templates refuse.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ def mfa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     that the dispatcher still passes them under these names, and drops the ones we do not declare).
     """
     if _parallel_config is not None:
-        raise NotImplementedError("mfa attention backend: expected no context parallelism "
-                                  "(_parallel_config=None), got a parallel config; use backend 'native' under CP")
+        if not hasattr(_parallel_config, "context_parallel_config"):
+            raise NotImplementedError(f"_parallel_config: expected a diffusers ParallelConfig (or None), got "
+                                      f"{type(_parallel_config).__name__}")
+        if _parallel_config.context_parallel_config is not None:
+            from .context_parallel import attend_context_parallel  # local: torch.distributed only when used
+
+            return attend_context_parallel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                           return_lse, _parallel_config)
     return attend_bshd(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse)

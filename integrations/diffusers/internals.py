@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from . import set_time
-from .compat import ProbeResult, installed_diffusers_version
+from .compat import ProbeResult, UnsupportedDiffusersInternals, installed_diffusers_version
 from .dispatcher import BACKEND_NAME, mfa_attention
 
 _MEMBER_NAME = "MFA"
@@ -105,6 +105,7 @@ def _diffusers():
     return types.SimpleNamespace(
         enum=attention_dispatch.AttentionBackendName, registry=attention_dispatch._AttentionBackendRegistry,
         dispatch=attention_dispatch.dispatch_attention_fn, dispatcher_processor=FluxAttnProcessor,
+        templated=getattr(attention_dispatch, "_templated_context_parallel_attention", None),
         attach_methods=((attention_processor.Attention, "set_processor"),
                         (attention.AttentionModuleMixin, "set_processor"),
                         (attention.AttentionMixin, "set_attn_processor")))
@@ -128,7 +129,8 @@ def _extend_enum(enum_cls):
 def _register(d):
     member = _extend_enum(d.enum)
     if d.registry._backends.get(member) is not mfa_attention:
-        d.registry.register(member, constraints=[], supports_context_parallel=False)(mfa_attention)
+        supported = not _context_parallel_reason(d)  # declared only where the templates' contract holds
+        d.registry.register(member, constraints=[], supports_context_parallel=supported)(mfa_attention)
     return member
 
 
@@ -138,6 +140,7 @@ def _unregister(d) -> None:
     if member is not None:
         for table in (d.registry._backends, d.registry._constraints, d.registry._supported_arg_names):
             table.pop(member, None)
+        getattr(d.registry, "_supports_context_parallel", set()).discard(BACKEND_NAME)
     d.enum._member_map_.pop(_MEMBER_NAME, None)
     if _MEMBER_NAME in d.enum._member_names_:
         d.enum._member_names_.remove(_MEMBER_NAME)
@@ -157,6 +160,45 @@ def _uninstall_set_time(d) -> None:
         current = cls.__dict__.get(name)
         if current is not None and set_time.is_wrapper(current):
             setattr(cls, name, set_time.original(current))
+
+
+# ---- Context parallelism (context_parallel.py): diffusers' templates and its process groups
+
+_TEMPLATE_KEYWORDS = {"forward_op", "backward_op", "_parallel_config"}
+_CP_FIELDS = ("_ring_mesh", "_ulysses_mesh")
+
+
+def _context_parallel_reason(d) -> str:
+    """Why diffusers' context-parallel templates cannot call us ("" when they can): the template function
+    with forward_op/backward_op keywords, the registry's set of CP backends, the config's meshes."""
+    if d.templated is None:
+        return "expected attention_dispatch._templated_context_parallel_attention, got none"
+    missing = _TEMPLATE_KEYWORDS - inspect.signature(d.templated).parameters.keys()
+    if missing:
+        return f"expected _templated_context_parallel_attention to take {sorted(missing)}, got none"
+    if not isinstance(getattr(d.registry, "_supports_context_parallel", None), set):
+        return "expected _AttentionBackendRegistry._supports_context_parallel to be a set, got none"
+    from diffusers import ContextParallelConfig
+
+    fields = getattr(ContextParallelConfig, "__dataclass_fields__", {})
+    absent = [name for name in _CP_FIELDS if name not in fields]
+    return f"expected ContextParallelConfig fields {absent}, got none" if absent else ""
+
+
+def require_context_parallel():
+    """The template function, or UnsupportedDiffusersInternals naming what moved."""
+    require("context parallelism with the 'mfa' backend")
+    d = _diffusers()
+    reason = _context_parallel_reason(d)
+    if reason:
+        raise UnsupportedDiffusersInternals(f"context parallelism with the 'mfa' backend: {reason}")
+    return d.templated
+
+
+def context_parallel_groups(parallel_config):
+    """(ring group, ring degree, ulysses group, ulysses degree) of a parallel config diffusers set up."""
+    cp = parallel_config.context_parallel_config
+    return (cp._ring_mesh.get_group(), cp.ring_degree, cp._ulysses_mesh.get_group(), cp.ulysses_degree)
 
 
 # ---- The probe: each check raises (any exception) when the contract does not hold
