@@ -19,30 +19,17 @@ No download: set MFA_MLX_METAL_OFFLINE=1 to skip (otherwise these tests fail, ne
 from __future__ import annotations
 
 import math
-import struct
 
 import pytest
 import torch
 
 from mfa_hf.kernels.metal.emulator import run_two_schedules
+from mfa_hf.kernels.metal.emulator.mlx_launch import SteelBlocks, kv_strides, sdpa_vector_constants, \
+    steel_attention_launch, steel_attention_source
 from mfa_hf.kernels.metal.emulator.mlx_source import assemble
-from mfa_hf.kernels.metal.emulator.mlx_wheel import MlxWheelUnavailable, mlx_kernels_dir, offline
 
-MLX_TYPE = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat16_t"}
-STEEL_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
-SDPA_VECTOR_CONSTANTS = dict(has_mask=False, query_transposed=False, do_causal=False, bool_mask=False,
-                             float_mask=False, has_sinks=False, blocks=32)
-
-
-@pytest.fixture(scope="session")
-def mlx_dir():
-    try:
-        return mlx_kernels_dir()
-    except MlxWheelUnavailable as exc:
-        if offline():
-            pytest.skip(f"MFA_MLX_METAL_OFFLINE: {exc}")
-        pytest.fail(f"MLX's kernel headers are needed to validate the emulator: {exc}", pytrace=False)
+SDPA_VECTOR_CONSTANTS = sdpa_vector_constants(blocks=32)
 
 
 def _inputs(b, h, h_kv, q_len, k_len, d, dtype, seed):
@@ -85,18 +72,13 @@ def sdpa_vector_lib(emulator, mlx_dir):
     return emulator.compile_shader(assemble(mlx_dir, ["utils.h", "sdpa_vector.h"], SDPA_VECTOR_CONSTANTS, kernels))
 
 
-def _kv_strides(k):
-    # MLX: head stride is strides(0) when there is one KV head, else strides(1); then the row stride.
-    return [k.stride(0) if k.shape[1] == 1 else k.stride(1), k.stride(2)]
-
-
 def test_sdpa_vector_float32(sdpa_vector_lib):
     """MLX sdpa_vector, float32, D=64, GQA 4:2, 100 keys (not a multiple of 32): max error 1.3e-7."""
     b, h, h_kv, k_len, d = 1, 4, 2, 100, 64
     q, k, v = _inputs(b, h, h_kv, 1, k_len, d, torch.float32, seed=0)
     out = torch.full_like(q, float("nan"))
     scale = 1 / math.sqrt(d)
-    args = [q, k, v, out, h // h_kv, k_len, *_kv_strides(k), *_kv_strides(v), scale]
+    args = [q, k, v, out, h // h_kv, k_len, *kv_strides(k), *kv_strides(v), scale]
     run_two_schedules(sdpa_vector_lib, "sdpa_vector_float_64_64", args, outputs=[out],
                       threads=(b * h * 1024, 1, 1), group_size=(1024, 1, 1), arg_casts={4: "int32", 5: "int32"})
     error = _max_error(out, q, k, v, scale)
@@ -113,7 +95,7 @@ def test_sdpa_vector_2pass_float32(sdpa_vector_lib):
     sums, maxs = (torch.full((b, h, q_len, blocks), float("nan")) for _ in range(2))
     unbound = torch.zeros(1, dtype=torch.uint8)  # buffer 6: MLX's 2-pass kernel has none
     gqa = h // h_kv
-    args = [q, k, v, partials, sums, maxs, unbound, k_len, *_kv_strides(k), *_kv_strides(v), scale]
+    args = [q, k, v, partials, sums, maxs, unbound, k_len, *kv_strides(k), *kv_strides(v), scale]
     run_two_schedules(sdpa_vector_lib, "sdpa_vector_2pass_1_float_64_64", args, outputs=[partials, sums, maxs],
                       threads=(h_kv * 32, b * gqa, blocks * q_len), group_size=(32, gqa, q_len),
                       arg_casts={7: "int32"})
@@ -163,39 +145,15 @@ def test_steel_mma_gemm_8x32x8(emulator, mlx_dir):
 # steel attention (prefill): steel/attn/kernels/steel_attention.h, MMAs on simdgroup matrices
 
 
-def _steel_attention_lib(runtime, mlx_dir, dtype, d, causal, aligned_q, aligned_k, bk, wn):
-    constants = dict(align_Q=aligned_q, align_K=aligned_k, has_mask=False, do_causal=causal, has_sinks=False,
-                     save_lse=False)
-    name = f"steel_attention_{STEEL_NAME[dtype]}_bq32_bk{bk}_bd{d}_bv{d}_wm4_wn{wn}_mask{STEEL_NAME[dtype]}"
-    t = MLX_TYPE[dtype]
-    kernel = f'instantiate_kernel("{name}", attention, {t}, 32, {bk}, {d}, {d}, 4, {wn}, {t}, float)'
-    source = assemble(mlx_dir, ["utils.h", "steel/attn/kernels/steel_attention.h"], constants, [kernel])
-    return runtime.compile_shader(source), name
-
-
-def _attn_params(q, k, v, o, scale, bq, bk):
-    """mlx::steel::AttnParams, laid out as in steel/attn/params.h (14 x 4 bytes, then 4 x int64[3])."""
-    b, h, q_len, d = q.shape
-    k_len = k.shape[2]
-    nq, nk, nq_aligned, nk_aligned = -(-q_len // bq), -(-k_len // bk), q_len // bq, k_len // bk
-    ints = [b, h, d, q_len, k_len, h // k.shape[1]]
-    more = [nq, nk, nq_aligned, nk_aligned, q_len - nq_aligned * bq, k_len - nk_aligned * bk, k_len - q_len]
-    strides = [s for t in (q, k, v, o) for s in t.stride()[:3]]
-    raw = struct.pack("<6if7i12q", *ints, scale, *more, *strides)
-    assert len(raw) == 152
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-
-
 def _run_steel_attention(runtime, mlx_dir, dtype, b, h, h_kv, q_len, k_len, d, causal, seed, bk=32, wn=1):
-    bq, wm = 32, 4
-    lib, name = _steel_attention_lib(runtime, mlx_dir, dtype, d, causal, q_len % bq == 0, k_len % bk == 0, bk, wn)
+    blocks = SteelBlocks(32, bk, 4, wn)
+    source, name = steel_attention_source(mlx_dir, dtype, d, blocks, q_len % blocks.bq == 0, k_len % bk == 0, causal)
+    lib = runtime.compile_shader(source)
     q, k, v = _inputs(b, h, h_kv, q_len, k_len, d, dtype, seed)
     out = torch.full_like(q, float("nan"))
     scale = 1 / math.sqrt(d)
-    params = _attn_params(q, k, v, out, scale, bq, bk)
-    nq = -(-q_len // bq)
-    run_two_schedules(lib, name, [q, k, v, out, params], outputs=[out],
-                      threads=(nq * 32, h * wm, b * wn), group_size=(32, wm, wn))
+    args, launch = steel_attention_launch(q, k, v, out, scale, blocks)
+    run_two_schedules(lib, name, args, outputs=[out], **launch)
     return _max_error(out, q, k, v, scale, causal), _tolerance(q, k, v, scale, causal)
 
 
