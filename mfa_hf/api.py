@@ -8,15 +8,20 @@ has a registered backward. Semantics: kernels/reference.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
-from . import dispatch, helper_tensors, native, routes, scalars, trace
+from . import dispatch, helper_tensors, native, repeat_calls, routes, scalars, trace
+from .decisions import Decisions
 from .kernels.dropout import new_seed
 from .kernels.contract import AttentionCall, Options, fold_causal
 from .ops import describe
 from .quant import QuantizedKV
 from .problem import (
     NO_WINDOW,
+    AttentionProblem,
     check_alibi,
     check_bf16_backward,
     check_cu_seqlens,
@@ -63,6 +68,13 @@ def flash_attn_func(
     bf16_backward=True: the backward's matmuls take bfloat16 operands, summed in float32 (see flash_attention).
     k and v may be QuantizedKV (mfa_hf.quantize_kv; forward only, no attn_mask/dropout).
     """
+    kind = None
+    plain = attn_mask is None and alibi_slopes is None and sinks is None and not bf16_backward
+    if plain and dropout_seed is None and generator is None:
+        kind = repeat_calls.plain_kind(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, return_lse)
+        known = _plain_decisions.get(kind) if kind is not None else None
+        if known is not None:  # this kind of call was checked and routed before: only build it and launch
+            return _run(known, AttentionCall(q, k, v, known.options), return_lse)
     if _quantized(k, v):
         from .kvcache import attention_over_quantized  # local: the KV-cache module is not needed otherwise
 
@@ -75,7 +87,10 @@ def flash_attn_func(
     call = validated_call(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p,
                           softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
                           dropout_seed=dropout_seed, generator=generator, bf16_backward=bf16_backward)
-    return _attend(call, return_lse)
+    decision = _decide(call, return_lse)
+    if kind is not None:
+        _plain_decisions.keep(kind, decision)
+    return _run(decision, call, return_lse)
 
 
 def flash_attn_varlen_func(
@@ -211,9 +226,28 @@ def flash_attention_chunked(
                              alibi_slopes, return_lse)
 
 
+# Plain calls (no mask, helper tensors or dropout) by kind -> their Decision (repeat_calls.py says what a kind is).
+_plain_decisions = Decisions()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How a validated call runs: the route, our backend when the route is not native, the problem
+    (trace, backend), and the call's options (a repeated plain call reuses them)."""
+
+    route: routes.Route
+    backend: Optional[dispatch.Backend]
+    problem: AttentionProblem
+    options: Options
+
+
 def _attend(call: AttentionCall, return_lse: bool):
     """Route a validated call: the platform's fused kernel where it is exact, else the chosen backend's
     custom op."""
+    return _run(_decide(call, return_lse), call, return_lse)
+
+
+def _decide(call: AttentionCall, return_lse: bool) -> Decision:
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (call.q, call.k, call.v, call.attn_mask, call.sinks)
     )
@@ -222,15 +256,18 @@ def _attend(call: AttentionCall, return_lse: bool):
     route = dispatch.route(problem, wants_lse=return_lse, mask_dtype=None if mask is None else mask.dtype,
                            mask_needs_grad=mask is not None and mask.requires_grad,
                            unit_stride=routes.unit_last_stride(call.q, call.k, call.v, mask))
+    return Decision(route, None if route.native else dispatch.select(problem), problem, call.options)
+
+
+def _run(decision: Decision, call: AttentionCall, return_lse: bool):
     if trace.enabled():
-        dispatch.record_route(route, problem, "fwd")
-    if route.native:  # the platform's fused kernel computes exactly this call (routes.py)
-        return native.forward(call, route)
-    chosen = dispatch.select(problem)
+        dispatch.record_route(decision.route, decision.problem, "fwd")
+    if decision.backend is None:  # the platform's fused kernel computes exactly this call (routes.py)
+        return native.forward(call, decision.route)
     if call.q.is_meta:  # no values to read (a varlen backend may read cu_seqlens): the op's shape function
-        out, lse = chosen.ops.forward.op(*call.op_args())
+        out, lse = decision.backend.ops.forward.op(*call.op_args())
     else:
-        out, lse = chosen.ops.forward(call, problem)
+        out, lse = decision.backend.ops.forward(call, decision.problem)
     return (out, lse) if return_lse else out
 
 
