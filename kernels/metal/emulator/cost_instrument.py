@@ -36,6 +36,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
+from .kernel_signatures import split_top_level
+
 # clang front end: line tables let each instruction be traced to the file it was written in.
 FRONT_END_FLAGS = ("-gline-tables-only",)
 # The optimisation the counts are taken after (on top of the build's -O2).
@@ -235,18 +237,8 @@ def _skip_return_attributes(text: str) -> str:
 
 
 def _split_top_level(text: str) -> list[str]:
-    """`text` split at the commas outside brackets."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch in "([{<":
-            depth += 1
-        elif ch in ")]}>":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i].strip())
-            start = i + 1
-    parts.append(text[start:].strip())
-    return parts
+    """`text` split at the commas outside brackets, each piece stripped."""
+    return [part.strip() for part in split_top_level(text)]
 
 
 def _leading_type(text: str) -> str:
