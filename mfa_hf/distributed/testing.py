@@ -1,4 +1,4 @@
-"""A pool of gloo worker processes for tests and benchmarks: started once, then given many tasks.
+"""A pool of gloo (or NCCL) worker processes for tests and benchmarks: started once, then given many tasks.
 
 Starting a process and a process group costs seconds (importing torch), so a test module starts one
 pool and sends it every case. Each worker runs `task(context, payload)` (a module-level function, so
@@ -42,9 +42,12 @@ class Failure:
     trace: str
 
 
-def _worker(rank: int, size: int, init_file: str, tasks, results, threads: int, subgroups: tuple) -> None:
+def _worker(rank: int, size: int, init_file: str, tasks, results, threads: int, subgroups: tuple,
+            backend: str) -> None:
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=size,
                             timeout=timedelta(seconds=TIMEOUT_S))
     groups = {size: dist.GroupMember.WORLD}
     for n in subgroups:  # every rank creates every group, in the same order (a collective)
@@ -65,7 +68,7 @@ def _worker(rank: int, size: int, init_file: str, tasks, results, threads: int, 
 class Pool:
     """`size` gloo ranks on this machine; run(task, payload) -> one result per rank."""
 
-    def __init__(self, size: int, threads: int = 1, subgroups: tuple = ()):
+    def __init__(self, size: int, threads: int = 1, subgroups: tuple = (), backend: str = "gloo"):
         context = mp.get_context("spawn")
         self.size = size
         self._dir = tempfile.TemporaryDirectory()
@@ -74,7 +77,7 @@ class Pool:
         self._results = context.Queue()
         self._processes = [context.Process(target=_worker, daemon=True,
                                            args=(r, size, init_file, self._tasks[r], self._results, threads,
-                                                 tuple(subgroups)))
+                                                 tuple(subgroups), backend))
                            for r in range(size)]
         for process in self._processes:
             process.start()
