@@ -16,12 +16,12 @@ from .comm import Group, all_to_all
 
 def sequence_to_heads(group: Group, x: torch.Tensor) -> torch.Tensor:
     """(B, n, H, D) -> (B, P*n, H/P, D): all tokens of this rank's heads."""
-    return _SequenceToHeads.apply(x, group)
+    return _Exchange.apply(x, group, _scatter_heads, _gather_heads)
 
 
 def heads_to_sequence(group: Group, x: torch.Tensor) -> torch.Tensor:
     """(B, P*n, H/P, D) -> (B, n, H, D): this rank's tokens of every head."""
-    return _HeadsToSequence.apply(x, group)
+    return _Exchange.apply(x, group, _gather_heads, _scatter_heads)
 
 
 def _scatter_heads(group: Group, x: torch.Tensor) -> torch.Tensor:
@@ -40,26 +40,17 @@ def _gather_heads(group: Group, x: torch.Tensor) -> torch.Tensor:
     return received.permute(1, 2, 0, 3, 4).reshape(batch, total // p, p * heads, dim)
 
 
-class _SequenceToHeads(torch.autograd.Function):
+class _Exchange(torch.autograd.Function):
+    """One all-to-all (`there`) whose backward is the inverse one (`back`)."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _scatter_heads(group, x)
+    def forward(ctx, x, group, there, back):
+        ctx.group, ctx.back = group, back
+        return there(group, x)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_heads(ctx.group, grad), None
-
-
-class _HeadsToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_heads(group, x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _scatter_heads(ctx.group, grad), None
+        return ctx.back(ctx.group, grad), None, None, None
 
 
 def check_heads(q: torch.Tensor, k: torch.Tensor, group: Group) -> None:
