@@ -1,0 +1,73 @@
+"""from mfa_hf.benchmark import run_suite, compare_vs_sdpa (tiny shapes on CPU; timings are never asserted,
+only that each row was measured and that our output matches SDPA's)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from mfa_hf.benchmark import compare_vs_sdpa, programmatic, run_suite
+
+TINY = dict(seq_lengths=[24, 40], head_dims=[16], num_heads_list=[2], batch_sizes=[1], dtypes=["float32"],
+            device="cpu", repeats=1, verbose=False)
+
+
+def test_run_suite_rows(monkeypatch, capsys):
+    monkeypatch.setattr(programmatic, "WINDOW_MIN_SEQLEN", 40)
+    rows = run_suite(**{**TINY, "verbose": True}, include_backward=True, as_frame=False)
+    # per length: (not causal, causal) x (fwd, fwd+bwd), and a window row from 40 tokens on
+    assert len(rows) == 2 * 4 + 1
+    assert [r["pass"] for r in rows[:4]] == ["fwd", "fwd+bwd", "fwd", "fwd+bwd"]
+    for row in rows:
+        assert set(programmatic.COLUMNS) <= set(row)
+        assert row["mfa_ms"] > 0 and row["served_by"] not in ("", "?")
+        if row["window"] is None:
+            assert row["sdpa_ms"] > 0 and row["speedup"] > 0
+            assert row["max_diff"] < 1e-4, row  # ours and SDPA compute the same attention
+    window_row = rows[-1]
+    assert window_row["window"] == 10 and window_row["causal"] and window_row["sdpa_ms"] is None
+    assert window_row["served_by"] == "torch"  # SDPA has no window: ours
+    assert "[9/9]" in capsys.readouterr().err
+
+
+def test_run_suite_returns_a_frame_when_pandas_is_importable(monkeypatch):
+    made = []
+    fake = types.ModuleType("pandas")
+    fake.DataFrame = lambda rows, columns: made.append((rows, columns)) or "frame"
+    monkeypatch.setitem(sys.modules, "pandas", fake)
+    assert run_suite(**TINY, include_causal=False, include_window=False) == "frame"
+    rows, columns = made[0]
+    assert columns == programmatic.COLUMNS and len(rows) == 2
+    assert isinstance(run_suite(**TINY, include_causal=False, include_window=False, as_frame=False), list)
+
+
+def test_run_suite_without_pandas_gives_dicts(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas raises ImportError
+    rows = run_suite(**TINY, include_causal=False, include_window=False)
+    assert isinstance(rows, list) and isinstance(rows[0], dict)
+    with pytest.raises(ImportError):
+        run_suite(**TINY, include_causal=False, include_window=False, as_frame=True)
+
+
+def test_compare_vs_sdpa_prints_the_table(capsys):
+    summary = compare_vs_sdpa(seq_lengths=[24, 48], dtype="float32", device="cpu", repeats=1)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("# mfa_hf.flash_attention vs SDPA on cpu")
+    assert out[1].split() == ["seqlen", "dtype", "sdpa_ms", "mfa_ms", "speedup", "max_diff", "served_by"]
+    assert [line.split()[0] for line in out[3:]] == ["24", "48"]
+    assert summary["num_tests"] == 2 and len(summary["results"]) == 2
+    assert summary["min_speedup"] <= summary["average_speedup"] <= summary["max_speedup"]
+    assert summary["crossover_seq_len"] in (None, 24, 48)
+
+
+@pytest.mark.parametrize("argument, value, message", [
+    ("seq_lengths", [], r"seq_lengths: expected a non-empty list of ints >= 1, got \[\]"),
+    ("head_dims", [0], r"head_dims: expected a non-empty list of ints >= 1, got \[0\]"),
+    ("dtypes", ["half-ish"], r"dtypes: expected torch dtype names like 'float16', got 'half-ish'"),
+    ("repeats", 0, r"repeats: expected an int >= 1, got 0"),
+])
+def test_bad_arguments_are_named(argument, value, message):
+    with pytest.raises(ValueError, match=message):
+        run_suite(**{**TINY, argument: value})
