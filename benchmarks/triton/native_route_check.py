@@ -1,6 +1,6 @@
 """GPU check of the native route and the decode plan's host cost and CUDA-graph capture (issue 19).
 
-    PYTHONPATH=. python benchmarks/triton/native_route_check.py
+    PYTHONPATH=. python benchmarks/triton/native_route_check.py [--profile]
 
 1. Semantics on cuda: each class the router sends to SDPA (square causal, GQA, Lq != Lk without causal,
    one row under a left window) against the float64 reference with DESIGN.md's rule, forward and
@@ -13,7 +13,11 @@
 
 from __future__ import annotations
 
+import cProfile
+import io
 import os
+import pstats
+import sys
 
 import torch
 from host_overhead import host_us  # benchmarks/triton/, on sys.path when this file runs as a script
@@ -124,6 +128,32 @@ def host_cost() -> None:
     print("host µs per call (GPU idle; B=1, bf16):")
     for name, us in rows.items():
         print(f"  {name:58s} {us:8.1f}", flush=True)
+    if "--profile" in sys.argv:  # where the host time goes, per path (cProfile's own time, top functions)
+        with torch.no_grad():
+            for backend, name, fn in (
+                    ("auto", "flash_attn_func", lambda: mfa_hf.flash_attn_func(q, k, v, causal=True)),
+                    ("triton", "flash_attn_func", lambda: mfa_hf.flash_attn_func(q, k, v, causal=True)),
+                    ("auto", "DecodePlan.run plain", lambda: plan.run(dq, plain, scale=0.125)),
+                    ("auto", "DecodePlan.run int8", lambda: plan.run(dq, int8, scale=0.125))):
+                os.environ["MFA_BACKEND"] = backend
+                _profile(f"{name} [{backend}]", fn)
+        os.environ["MFA_BACKEND"] = "auto"
+
+
+def _profile(name: str, fn, calls: int = 2000) -> None:
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(14)
+    print(f"--- cProfile {name}, {calls} calls ---")
+    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:4000], flush=True)
 
 
 if __name__ == "__main__":
