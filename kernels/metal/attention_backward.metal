@@ -54,11 +54,12 @@ inline Sequence sequence_of(constant BackwardParams& p, device const MFA_CU_T* c
 }
 
 // This lane's N elements (columns lane * N + t) of a row, as float (zero past the real dim).
+// `unit` (stride_d == 1, tested once per kernel): 32-bit column offsets; else 64-bit ones.
 template <int N, int D>
-inline void load_lane(thread float* dst, device const MFA_IN_T* row, long stride_d, ushort lane) {
+inline void load_lane(thread float* dst, device const MFA_IN_T* row, long stride_d, bool unit, ushort lane) {
   for (int t = 0; t < N; ++t) {
     const int c = lane * N + t;
-    dst[t] = c < D ? float(row[c * stride_d]) : 0.0f;
+    dst[t] = c < D ? float(unit ? row[c] : row[c * stride_d]) : 0.0f;
   }
 }
 
@@ -126,8 +127,10 @@ inline float safe_lse(device const float* lse, long slot) {
   if (i >= seq.seqlen_q) return;
   const long row = seq.q_start + i;
   float o[DVL], d_o[DVL];
-  load_lane<DVL, MFA_DV>(o, out + b * p.o_stride_b + row * p.o_stride_s + head * p.o_stride_h, p.o_stride_d, lane);
-  load_lane<DVL, MFA_DV>(d_o, grad_out + b * p.do_stride_b + row * p.do_stride_s + head * p.do_stride_h, p.do_stride_d, lane);
+  load_lane<DVL, MFA_DV>(o, out + b * p.o_stride_b + row * p.o_stride_s + head * p.o_stride_h, p.o_stride_d,
+                         p.o_stride_d == 1, lane);
+  load_lane<DVL, MFA_DV>(d_o, grad_out + b * p.do_stride_b + row * p.do_stride_s + head * p.do_stride_h, p.do_stride_d,
+                         p.do_stride_d == 1, lane);
   float x = lane_dot<DVL>(o, d_o);
   const long slot = b * p.lse_stride_b + head * p.lse_stride_h + row * p.lse_stride_s;
 #if MFA_HAS_DLSE
@@ -161,14 +164,16 @@ inline float safe_lse(device const float* lse, long slot) {
   if (block0 >= seq.seqlen_q) return;
   const long offset = seq.seqlen_k - seq.seqlen_q;
   const long first_i = block0 + sg * MFA_R;
+  const bool k_unit = p.k_stride_d == 1, v_unit = p.v_stride_d == 1;
 
   float qr[MFA_R][DL], dor[MFA_R][DVL], dqr[MFA_R][DL], lse_r[MFA_R], delta_r[MFA_R];
   for (int r = 0; r < MFA_R; ++r) {
     const long i = lmin(first_i + r, seq.seqlen_q - 1);  // rows past the end repeat the last (never written)
     const long row = seq.q_start + i;
-    load_lane<DL, MFA_DQK>(qr[r], q + b * p.q_stride_b + row * p.q_stride_s + head * p.q_stride_h, p.q_stride_d, lane);
+    load_lane<DL, MFA_DQK>(qr[r], q + b * p.q_stride_b + row * p.q_stride_s + head * p.q_stride_h, p.q_stride_d,
+                           p.q_stride_d == 1, lane);
     load_lane<DVL, MFA_DV>(dor[r], grad_out + b * p.do_stride_b + row * p.do_stride_s + head * p.do_stride_h,
-                       p.do_stride_d, lane);
+                           p.do_stride_d, p.do_stride_d == 1, lane);
     const long slot = b * p.lse_stride_b + head * p.lse_stride_h + row * p.lse_stride_s;
     lse_r[r] = safe_lse(lse, slot);
     delta_r[r] = delta[slot];
@@ -184,11 +189,13 @@ inline float safe_lse(device const float* lse, long slot) {
   const long last_i = lmin(block0 + BLOCK, seq.seqlen_q) - 1;
   const long first_j = p.window_left >= 0 ? lmax(block0 + offset - p.window_left, 0) : 0;
   const long end_j = p.window_right >= 0 ? lmin(last_i + offset + p.window_right + 1, seq.seqlen_k) : seq.seqlen_k;
-  for (long j = first_j; j < end_j; ++j) {
+  // Key rows by pointer steps from the (b, KV head) base: no 64-bit index arithmetic per element.
+  device const MFA_IN_T* k_row = k + b * p.k_stride_b + kv_head * p.k_stride_h + (seq.k_start + first_j) * p.k_stride_s;
+  device const MFA_IN_T* v_row = v + b * p.v_stride_b + kv_head * p.v_stride_h + (seq.k_start + first_j) * p.v_stride_s;
+  for (long j = first_j; j < end_j; ++j, k_row += p.k_stride_s, v_row += p.v_stride_s) {
     float kr[DL], vr[DVL];
-    const long key = seq.k_start + j;
-    load_lane<DL, MFA_DQK>(kr, k + b * p.k_stride_b + key * p.k_stride_s + kv_head * p.k_stride_h, p.k_stride_d, lane);
-    load_lane<DVL, MFA_DV>(vr, v + b * p.v_stride_b + key * p.v_stride_s + kv_head * p.v_stride_h, p.v_stride_d, lane);
+    load_lane<DL, MFA_DQK>(kr, k_row, p.k_stride_d, k_unit, lane);
+    load_lane<DVL, MFA_DV>(vr, v_row, p.v_stride_d, v_unit, lane);
     for (int r = 0; r < MFA_R; ++r) {
       const long i = first_i + r;
       const float dot = lane_dot<DL>(qr[r], kr);
@@ -247,12 +254,15 @@ inline float safe_lse(device const float* lse, long slot) {
   if (block0 >= seq.seqlen_k) return;
   const long offset = seq.seqlen_k - seq.seqlen_q;
   const long first_j = block0 + sg * MFA_R;
+  const bool q_unit = p.q_stride_d == 1, do_unit = p.do_stride_d == 1;
 
   float kr[MFA_R][DL], vr[MFA_R][DVL], dkr[MFA_R][DL], dvr[MFA_R][DVL];
   for (int r = 0; r < MFA_R; ++r) {
     const long key = seq.k_start + lmin(first_j + r, seq.seqlen_k - 1);
-    load_lane<DL, MFA_DQK>(kr[r], k + b * p.k_stride_b + key * p.k_stride_s + kv_head * p.k_stride_h, p.k_stride_d, lane);
-    load_lane<DVL, MFA_DV>(vr[r], v + b * p.v_stride_b + key * p.v_stride_s + kv_head * p.v_stride_h, p.v_stride_d, lane);
+    load_lane<DL, MFA_DQK>(kr[r], k + b * p.k_stride_b + key * p.k_stride_s + kv_head * p.k_stride_h, p.k_stride_d,
+                           p.k_stride_d == 1, lane);
+    load_lane<DVL, MFA_DV>(vr[r], v + b * p.v_stride_b + key * p.v_stride_s + kv_head * p.v_stride_h, p.v_stride_d,
+                           p.v_stride_d == 1, lane);
     for (int t = 0; t < DL; ++t) dkr[r][t] = 0.0f;
     for (int t = 0; t < DVL; ++t) dvr[r][t] = 0.0f;
   }
@@ -269,12 +279,15 @@ inline float safe_lse(device const float* lse, long slot) {
 #else
     const float slope = 0.0f;
 #endif
-    for (long i = first_i; i < end_i; ++i) {
+    // Query rows by pointer steps from the (b, head) base: no 64-bit index arithmetic per element.
+    device const MFA_IN_T* q_row = q + b * p.q_stride_b + head * p.q_stride_h + (seq.q_start + first_i) * p.q_stride_s;
+    device const MFA_IN_T* do_row =
+        grad_out + b * p.do_stride_b + head * p.do_stride_h + (seq.q_start + first_i) * p.do_stride_s;
+    for (long i = first_i; i < end_i; ++i, q_row += p.q_stride_s, do_row += p.do_stride_s) {
       const long row = seq.q_start + i;
       float qv[DL], dov[DVL];
-      load_lane<DL, MFA_DQK>(qv, q + b * p.q_stride_b + row * p.q_stride_s + head * p.q_stride_h, p.q_stride_d, lane);
-      load_lane<DVL, MFA_DV>(dov, grad_out + b * p.do_stride_b + row * p.do_stride_s + head * p.do_stride_h,
-                         p.do_stride_d, lane);
+      load_lane<DL, MFA_DQK>(qv, q_row, p.q_stride_d, q_unit, lane);
+      load_lane<DVL, MFA_DV>(dov, do_row, p.do_stride_d, do_unit, lane);
       const long slot = b * p.lse_stride_b + head * p.lse_stride_h + row * p.lse_stride_s;
       const float row_lse = safe_lse(lse, slot), row_delta = delta[slot];
       for (int r = 0; r < MFA_R; ++r) {

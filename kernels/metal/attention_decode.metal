@@ -49,19 +49,17 @@ inline KeyRange visible_range(constant DecodeParams& p, long length, long i_firs
 }
 
 // One side's row of DL (or DVL) dequantized elements for this lane: columns lane * N + t.
+// `unit` (stride_d == 1, tested once per kernel): 32-bit column offsets; else 64-bit ones.
 template <int N, int D, int FMT, typename T>
-inline void load_row(thread float* dst, device const T* codes, device const float* scales, long position,
-                     long cache_row, long kv_head, long sb, long ss, long sh, long sd, long gb, long gs, long gh,
+inline void load_row(thread float* dst, device const T* row, device const float* scale_row, long sd, bool unit,
                      long gg, long group_size, ushort lane) {
-  device const T* row = codes + cache_row * sb + position * ss + kv_head * sh;
-  device const float* scale_row = scales + cache_row * gb + position * gs + kv_head * gh;
   for (int t = 0; t < N; ++t) {
     const int c = lane * N + t;
     if (c >= D) {
       dst[t] = 0.0f;
       continue;
     }
-    float x = code_value(row, c, sd, FMT);
+    float x = unit ? code_value(row, c, 1, FMT) : code_value(row, c, sd, FMT);
     if (FMT != FMT_NONE) x *= scale_row[(c / group_size) * gg];
     dst[t] = x;
   }
@@ -134,14 +132,21 @@ inline void load_row(thread float* dst, device const T* codes, device const floa
     for (int t = 0; t < DVL; ++t) o[r][t] = 0.0f;
   }
 
-  for (long key = key_first + sg; key < key_end; key += MFA_WM) {
+  // Code and scale rows by pointer steps from the (cache row, KV head) base: no 64-bit index
+  // arithmetic per element.
+  const long key_start = key_first + sg;
+  device const MFA_K_T* k_row = k + cache_row * p.k_stride_b + kv_head * p.k_stride_h + key_start * p.k_stride_s;
+  device const MFA_V_T* v_row = v + cache_row * p.v_stride_b + kv_head * p.v_stride_h + key_start * p.v_stride_s;
+  device const float* ks_row = k_scales + cache_row * p.ks_stride_b + kv_head * p.ks_stride_h + key_start * p.ks_stride_s;
+  device const float* vs_row = v_scales + cache_row * p.vs_stride_b + kv_head * p.vs_stride_h + key_start * p.vs_stride_s;
+  const long k_step = MFA_WM * p.k_stride_s, v_step = MFA_WM * p.v_stride_s;
+  const long ks_step = MFA_WM * p.ks_stride_s, vs_step = MFA_WM * p.vs_stride_s;
+  const bool k_unit = p.k_stride_d == 1, v_unit = p.v_stride_d == 1;
+  for (long key = key_start; key < key_end;
+       key += MFA_WM, k_row += k_step, v_row += v_step, ks_row += ks_step, vs_row += vs_step) {
     float kr[DL], vr[DVL];
-    load_row<DL, MFA_DQK, MFA_K_FMT>(kr, k, k_scales, key, cache_row, kv_head, p.k_stride_b, p.k_stride_s, p.k_stride_h,
-                             p.k_stride_d, p.ks_stride_b, p.ks_stride_s, p.ks_stride_h, p.ks_stride_g,
-                             p.k_group_size, lane);
-    load_row<DVL, MFA_DV, MFA_V_FMT>(vr, v, v_scales, key, cache_row, kv_head, p.v_stride_b, p.v_stride_s, p.v_stride_h,
-                             p.v_stride_d, p.vs_stride_b, p.vs_stride_s, p.vs_stride_h, p.vs_stride_g,
-                             p.v_group_size, lane);
+    load_row<DL, MFA_DQK, MFA_K_FMT>(kr, k_row, ks_row, p.k_stride_d, k_unit, p.ks_stride_g, p.k_group_size, lane);
+    load_row<DVL, MFA_DV, MFA_V_FMT>(vr, v_row, vs_row, p.v_stride_d, v_unit, p.vs_stride_g, p.v_group_size, lane);
     for (int r = 0; r < MFA_ROWS; ++r) {
       float partial = 0.0f;
       for (int t = 0; t < DL; ++t) partial += qr[r][t] * kr[t];

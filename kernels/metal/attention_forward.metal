@@ -28,6 +28,7 @@ using namespace metal;
 #include "bounds.h"
 #include "finite_math.h"
 #include "fragment.h"
+#include "staging.h"
 
 #define BQ (8 * MFA_WM)
 #define THREADS (32 * MFA_WM)
@@ -48,18 +49,6 @@ constant float LN2 = 0.6931471805599453f;
 #endif
 #define TO_LOG2 (LOG2E / SCORE_UNIT)
 
-
-// Stage `rows` x PAD columns of a (sequence, dim) matrix into a tile, zero past the sequence
-// end and past the real head dim (so padded products add exact zeros).
-template <int PAD, int REAL, int PITCH, int ROWS>
-inline void stage_tile(threadgroup MFA_IN_T* tile, device const MFA_IN_T* base, long first_row, long end_row,
-                       long row_stride, long col_stride, ushort tid) {
-  for (int i = tid; i < ROWS * PAD; i += THREADS) {
-    const int r = i / PAD, c = i % PAD;
-    const long row = first_row + r;
-    tile[r * PITCH + c] = (row < end_row && c < REAL) ? base[row * row_stride + c * col_stride] : MFA_IN_T(0.0f);
-  }
-}
 
 [[kernel, max_total_threads_per_threadgroup(THREADS)]] void attention_forward(
     device const MFA_IN_T* q [[buffer(0)]],
@@ -107,15 +96,18 @@ inline void stage_tile(threadgroup MFA_IN_T* tile, device const MFA_IN_T* base, 
 
 #if MFA_Q_IN_TG
   threadgroup MFA_IN_T q_tile[BQ * MFA_Q_PITCH];
-  stage_tile<MFA_DQK_PAD, MFA_DQK, MFA_Q_PITCH, BQ>(q_tile, q_seq, block_row0, seqlen_q, p.q_stride_s, p.q_stride_d, tid);
+  stage_rows<MFA_IN_T, MFA_DQK_PAD, MFA_DQK, MFA_Q_PITCH, BQ, THREADS>(q_tile, q_seq, block_row0, seqlen_q, p.q_stride_s,
+                                                                     p.q_stride_d, p.vector_rows & 1, tid);
   threadgroup_barrier(mem_flags::mem_threadgroup);
 #else
   simdgroup_float8x8 q_frag[DQK_BLOCKS];
+  device const MFA_IN_T* q_row = q_seq + (row_in ? row : 0) * p.q_stride_s;
+  const bool q_unit = p.vector_rows & 1;  // stride_d == 1: 32-bit column offsets
   for (int d = 0; d < DQK_BLOCKS; ++d) {
     for (int e = 0; e < 2; ++e) {
       const int col = d * 8 + at.col + e;
-      q_frag[d].thread_elements()[e] =
-          (row_in && col < MFA_DQK) ? float(q_seq[row * p.q_stride_s + col * p.q_stride_d]) : 0.0f;
+      const MFA_IN_T x = (row_in && col < MFA_DQK) ? (q_unit ? q_row[col] : q_row[col * p.q_stride_d]) : MFA_IN_T(0.0f);
+      q_frag[d].thread_elements()[e] = float(x);
     }
   }
 #endif
@@ -147,8 +139,10 @@ inline void stage_tile(threadgroup MFA_IN_T* tile, device const MFA_IN_T* base, 
   for (int d = 0; d < DV_BLOCKS; ++d) o[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
 
   for (long key0 = (first_key / MFA_BK) * MFA_BK; key0 < end_key; key0 += MFA_BK) {
-    stage_tile<MFA_DQK_PAD, MFA_DQK, MFA_K_PITCH, MFA_BK>(k_tile, k_seq, key0, seqlen_k, p.k_stride_s, p.k_stride_d, tid);
-    stage_tile<MFA_DV_PAD, MFA_DV, MFA_V_PITCH, MFA_BK>(v_tile, v_seq, key0, seqlen_k, p.v_stride_s, p.v_stride_d, tid);
+    stage_rows<MFA_IN_T, MFA_DQK_PAD, MFA_DQK, MFA_K_PITCH, MFA_BK, THREADS>(k_tile, k_seq, key0, seqlen_k, p.k_stride_s,
+                                                                         p.k_stride_d, p.vector_rows & 2, tid);
+    stage_rows<MFA_IN_T, MFA_DV_PAD, MFA_DV, MFA_V_PITCH, MFA_BK, THREADS>(v_tile, v_seq, key0, seqlen_k, p.v_stride_s,
+                                                                       p.v_stride_d, p.vector_rows & 4, tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
     // S = Q K^T: 8 rows x MFA_BK keys per simdgroup; K^T is read from the tile by swapping strides.
@@ -172,13 +166,19 @@ inline void stage_tile(threadgroup MFA_IN_T* tile, device const MFA_IN_T* base, 
     const bool inside = key0 + MFA_BK <= seqlen_k &&
                         (p.window_left < 0 || key0 >= sg_last + offset - p.window_left) &&
                         (p.window_right < 0 || key0 + MFA_BK - 1 <= sg_row0 + offset + p.window_right);
+    // This row's visible keys of the block as 32-bit offsets from key0 (clamped into [-1, BK]),
+    // so the per-element test below has no 64-bit arithmetic: [lo, hi] and < keys_in.
+    const int keys_in = int(clamp_index(seqlen_k - key0, 0, MFA_BK));
+    const int lo = p.window_left < 0 ? -1 : int(clamp_index(row + offset - p.window_left - key0, -1, MFA_BK));
+    const int hi = p.window_right < 0 ? MFA_BK : int(clamp_index(row + offset + p.window_right - key0, -1, MFA_BK));
     // Visibility is a flag, never a -inf score: the maximum is taken over visible scores only and
     // an invisible key's P is 0 by selection.
     float tile_max = LOWEST_FINITE;
     bool visible_at[KEY_FRAGMENTS][2];
     for (int j = 0; j < KEY_FRAGMENTS; ++j) {
       for (int e = 0; e < 2; ++e) {
-        const long key = key0 + j * 8 + at.col + e;
+        const int kk = j * 8 + at.col + e;  // key0 + kk is the key
+        const long key = key0 + kk;
         float x = s[j].thread_elements()[e] * q_scale;
 #if MFA_HAS_SOFTCAP
         x = precise::tanh(x) * cap_scale;
@@ -186,10 +186,9 @@ inline void stage_tile(threadgroup MFA_IN_T* tile, device const MFA_IN_T* base, 
 #if MFA_HAS_ALIBI
         x -= slope * fabs(float(row + offset - key));
 #endif
-        bool visible = inside || (key < seqlen_k && (p.window_left < 0 || key >= row + offset - p.window_left) &&
-                                  (p.window_right < 0 || key <= row + offset + p.window_right));
+        bool visible = inside || (kk < keys_in && kk >= lo && kk <= hi);
 #if MFA_MASK_KIND == 1
-        visible = visible && row_in && key < seqlen_k && mask_row[key * p.mask_stride_k] != 0;
+        visible = visible && row_in && kk < keys_in && mask_row[key * p.mask_stride_k] != 0;
 #elif MFA_MASK_KIND == 2
         if (visible && row_in) {
           const Stored bias = read_stored(mask_row, key * p.mask_stride_k);

@@ -21,6 +21,9 @@ struct AttentionParams {
   long group;  // query heads per KV head (GQA/MQA): KV head = query head / group
   long window_left, window_right;  // -1 = unbounded; causal arrives as window_right = 0
   long total_q, total_k;  // rows of packed (varlen) q and k: cu_seqlens values are clamped into them
+  // Bits 1 (q), 2 (k), 4 (v): that tensor's rows are staged with vector loads and 32-bit offsets
+  // (binding.vector_rows: stride_d == 1, 4-element aligned rows, a block's offsets fit 32 bits).
+  long vector_rows;
 };
 
 #ifdef MFA_ATTENTION_PARAM_COUNT

@@ -41,6 +41,29 @@ def bshd_strides(t: torch.Tensor) -> list[int]:
     return list(t.stride())
 
 
+VECTOR_WIDTH = 4  # elements per vector load in staging.h
+MAX_STAGED_ROWS = 64  # more than any block stages at once (BQ, BK <= 32)
+
+
+def vector_rows(t: torch.Tensor) -> bool:
+    """Whether staging.h may read `t`'s rows with 4-element vector loads and 32-bit offsets: unit
+    stride along the head dim, every row start 4-element aligned (storage offset and the strides of
+    the other dims, those of size 1 aside), and a block's row offsets within 32 bits. Shapes,
+    strides and the storage offset only: never a device read."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return False
+    outer = [s for n, s in zip(t.shape[:-1], t.stride()[:-1]) if n > 1]
+    if t.storage_offset() % VECTOR_WIDTH or any(s % VECTOR_WIDTH for s in outer):
+        return False
+    row_stride = t.stride(-3) if t.dim() >= 3 else 0
+    return row_stride * MAX_STAGED_ROWS + t.shape[-1] < 2**31
+
+
+def vector_row_bits(*tensors: torch.Tensor) -> int:
+    """The kernels' `vector_rows` flags: bit n set when tensors[n] passes vector_rows."""
+    return sum(1 << n for n, t in enumerate(tensors) if vector_rows(t))
+
+
 def lse_strides(lse: torch.Tensor) -> list[int]:
     """(batch, head, sequence) strides of the LSE: (B, Hq, Lq), or (Hq, Tq) when packed."""
     if lse.dim() == 2:

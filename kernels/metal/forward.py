@@ -13,7 +13,8 @@ import torch
 from ..contract import AttentionCall
 from ..launch import empty_result, new_output
 
-from .binding import LOG2E, bound_floats, bound_mask, bound_slopes, bshd_strides, lse_strides, placeholder
+from .binding import LOG2E, bound_floats, bound_mask, bound_slopes, bshd_strides, lse_strides, placeholder, \
+    vector_row_bits
 from .loader import MASK_KINDS, MSL_TYPES, BlockConfig, block_config, header_fields, library, round_up8
 
 # The order of AttentionParams in attention_params.h; checked against the header at import.
@@ -25,7 +26,7 @@ PARAM_FIELDS = (
     "lse_stride_b", "lse_stride_h", "lse_stride_s",
     "mask_stride_b", "mask_stride_h", "mask_stride_q", "mask_stride_k",
     "alibi_stride_b",
-    "seqlen_q", "seqlen_k", "group", "window_left", "window_right", "total_q", "total_k",
+    "seqlen_q", "seqlen_k", "group", "window_left", "window_right", "total_q", "total_k", "vector_rows",
 )
 _declared = header_fields("attention_params.h", "AttentionParams")
 if _declared != PARAM_FIELDS:
@@ -94,7 +95,7 @@ def forward(call: AttentionCall):
 
     params = (bshd_strides(q) + bshd_strides(k) + bshd_strides(v) + bshd_strides(out) + lse_strides(lse)
               + mask_strides + [slopes_stride] + [lq, lk, heads_q // heads_kv, o.window_left, o.window_right]
-              + [q.shape[0], k.shape[0]])
+              + [q.shape[0], k.shape[0], vector_row_bits(q, k, v)])
     unit = 1.0 if variant.mask_kind == "additive" else LOG2E  # attention_forward.metal's SCORE_UNIT
     q_scale = scale / softcap if softcap > 0 else scale * unit
     cap_scale = softcap * unit
