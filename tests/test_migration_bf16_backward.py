@@ -35,15 +35,23 @@ def _run(case, inputs, bf16_backward):
                                   bf16_backward=bf16_backward, **case.options())
 
 
+def _cpu_leaf(t):
+    if not isinstance(t, torch.Tensor):
+        return t
+    return t.detach().cpu().requires_grad_(t.requires_grad)
+
+
 def _bfloat16_copy(inputs):
     return {n: (t.detach().to(torch.bfloat16).requires_grad_(t.requires_grad)
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and n in ("q", "k", "v") else t)
             for n, t in inputs.items()}
 
 
-def _errors_against_reference(case, seed=0, backend="torch"):
-    """(errors of the default backward, errors with bf16_backward), asserting the tolerance on the latter."""
-    inputs = make_inputs(case, seed=seed, requires_grad=True)
+def _errors_against_reference(case, seed=0, backend="torch", device="cpu"):
+    """(errors of the default backward, errors with bf16_backward), asserting the tolerance on the latter.
+    The kernel runs on `device`; the references on CPU copies of its inputs."""
+    on_device = make_inputs(case, device=device, seed=seed, requires_grad=True)
+    inputs = {n: _cpu_leaf(t) for n, t in on_device.items()}
     names = differentiable(inputs)
     grad = torch.randn(case.batch, case.lq, case.heads_q, case.dim_v, generator=torch.Generator().manual_seed(9))
     ref, ref_lse, ref_args = reference_of(case, inputs, upcast=True)
@@ -54,9 +62,10 @@ def _errors_against_reference(case, seed=0, backend="torch"):
     errors = {}
     for bf16 in (False, True):
         with trace.capture() as calls:
-            out, _ = _run(case, inputs, bf16)
-            ours = torch.autograd.grad(out, [inputs[n] for n in names], grad.to(out.dtype))
+            out, _ = _run(case, on_device, bf16)
+            ours = torch.autograd.grad(out, [on_device[n] for n in names], grad.to(out.dtype).to(device))
         assert trace.served_by(calls)[(backend, "bwd")] == 1, dict(trace.served_by(calls))
+        out, ours = out.cpu(), [g.cpu() for g in ours]
         errors[bf16] = {n: float((g.double() - w).abs().max()) for n, g, w in zip(names, ours, want)}
         if bf16:
             effect = delta_rounding_effect(out, ref, ref_lse, [ref_args[n] for n in names], grad, names, case, inputs)
@@ -148,6 +157,16 @@ def test_float64_is_refused():
     q = torch.randn(1, 2, 8, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"bf16_backward: expected float16, bfloat16 or float32 inputs .*float64"):
         mfa_hf.flash_attn_func(q, q, q, bf16_backward=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_cuda_backends(case, backend, monkeypatch):
+    monkeypatch.setenv("MFA_BACKEND", backend)
+    default, bf16 = _errors_against_reference(case, backend=backend, device="cuda")
+    if case.dtype == torch.float32:
+        assert all(bf16[n] > 100 * default[n] for n in ("q", "k", "v")), (default, bf16)
 
 
 TRITON_SCRIPT = """
