@@ -13,6 +13,8 @@
 //   MFA_DQK, MFA_DV         the real head dims; MFA_DQK_PAD, MFA_DV_PAD rounded up to 8 (padding reads as 0)
 //   MFA_BK, MFA_WM          keys per block, simdgroups per threadgroup (BQ = 8 * MFA_WM query rows)
 //   MFA_K_PITCH, MFA_V_PITCH, MFA_Q_PITCH   row pitch of the threadgroup tiles (elements)
+//   MFA_SHARED_KV       1: K and V take turns in one tile (stage K, barrier, S and P, barrier, stage
+//                   V, barrier, O += P V); 0: both staged at once in their own tiles
 //   MFA_Q_IN_TG         1: Q is staged in threadgroup memory and re-read per product (large head
 //                   dims, where Q fragments would take too many registers); 0: Q in registers
 //   MFA_MASK_KIND       0 none, 1 bool (uchar, nonzero = attend), 2 additive (MFA_MASK_T)
@@ -85,8 +87,14 @@ constant float LN2 = 0.6931471805599453f;
   device const MFA_IN_T* k_seq = k + batch * p.k_stride_b + k_start * p.k_stride_s + kv_head * p.k_stride_h;
   device const MFA_IN_T* v_seq = v + batch * p.v_stride_b + k_start * p.v_stride_s + kv_head * p.v_stride_h;
 
+#if MFA_SHARED_KV
+  threadgroup MFA_IN_T kv_tile[MFA_BK * (MFA_K_PITCH > MFA_V_PITCH ? MFA_K_PITCH : MFA_V_PITCH)];
+  threadgroup MFA_IN_T* const k_tile = kv_tile;
+  threadgroup MFA_IN_T* const v_tile = kv_tile;
+#else
   threadgroup MFA_IN_T k_tile[MFA_BK * MFA_K_PITCH];
   threadgroup MFA_IN_T v_tile[MFA_BK * MFA_V_PITCH];
+#endif
 
   const FragmentLane at = fragment_lane(lane);
   const long sg_row0 = block_row0 + sg * 8;
@@ -141,8 +149,10 @@ constant float LN2 = 0.6931471805599453f;
   for (long key0 = (first_key / MFA_BK) * MFA_BK; key0 < end_key; key0 += MFA_BK) {
     stage_rows<MFA_IN_T, MFA_DQK_PAD, MFA_DQK, MFA_K_PITCH, MFA_BK, THREADS>(k_tile, k_seq, key0, seqlen_k, p.k_stride_s,
                                                                          p.k_stride_d, p.vector_rows & 2, tid);
+#if !MFA_SHARED_KV
     stage_rows<MFA_IN_T, MFA_DV_PAD, MFA_DV, MFA_V_PITCH, MFA_BK, THREADS>(v_tile, v_seq, key0, seqlen_k, p.v_stride_s,
                                                                        p.v_stride_d, p.vector_rows & 4, tid);
+#endif
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
     // S = Q K^T: 8 rows x MFA_BK keys per simdgroup; K^T is read from the tile by swapping strides.
@@ -219,6 +229,12 @@ constant float LN2 = 0.6931471805599453f;
     l = l * correction + row_sum(block_sum);
     m = m_new;
 
+#if MFA_SHARED_KV
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // every simdgroup is done with K: V takes its tile
+    stage_rows<MFA_IN_T, MFA_DV_PAD, MFA_DV, MFA_V_PITCH, MFA_BK, THREADS>(v_tile, v_seq, key0, seqlen_k, p.v_stride_s,
+                                                                       p.v_stride_d, p.vector_rows & 4, tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+#endif
     // O = O * correction + P V.
     for (int d = 0; d < DV_BLOCKS; ++d) {
       o[d].thread_elements() *= correction;

@@ -62,6 +62,7 @@ class ForwardVariant:
             "DQK_PAD": round_up8(self.dim_qk), "DV_PAD": round_up8(self.dim_v),
             "BK": config.key_block, "WM": config.simdgroups, "Q_IN_TG": config.q_in_threadgroup,
             "K_PITCH": config.k_pitch, "V_PITCH": config.v_pitch, "Q_PITCH": config.q_pitch,
+            "SHARED_KV": config.shared_kv,
             "HAS_SOFTCAP": self.softcap, "HAS_ALIBI": self.alibi, "HAS_SINKS": self.sinks,
             "VARLEN": self.varlen, "ATTENTION_PARAM_COUNT": param_count,
         }

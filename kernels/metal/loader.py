@@ -30,6 +30,8 @@ from mfa_hf.kernel_fallback import KernelUnavailable
 HERE = Path(__file__).parent
 THREADGROUP_MEMORY_LIMIT = 32 * 1024  # bytes: Apple GPUs' maxThreadgroupMemoryLength (M1-M4)
 KEY_BLOCK_CHOICES = (32, 16, 8)
+SIMDGROUP_CHOICES = (4, 2)  # BQ = 32 as MLX's steel attention; 16 only where Q's tile does not fit with 32
+SHARED_KV_FROM_DIM = 128  # K and V share one tile from this padded head dim on (see block_config)
 MSL_TYPES = {torch.float16: "half", torch.bfloat16: "bfloat", torch.float32: "float"}
 MASK_KINDS = {"none": 0, "bool": 1, "additive": 2}
 
@@ -48,6 +50,7 @@ class BlockConfig:
     k_pitch: int  # tile row pitches in elements (padded to spread threadgroup-memory banks)
     v_pitch: int
     q_pitch: int
+    shared_kv: bool = False  # K and V take turns in one tile (stage K, barrier, reuse it for V)
 
     @property
     def query_block(self) -> int:
@@ -59,7 +62,8 @@ class BlockConfig:
 
 
 def threadgroup_bytes(config: BlockConfig, element_size: int) -> int:
-    rows = config.key_block * (config.k_pitch + config.v_pitch)
+    kv = max(config.k_pitch, config.v_pitch) if config.shared_kv else config.k_pitch + config.v_pitch
+    rows = config.key_block * kv
     if config.q_in_threadgroup:
         rows += config.query_block * config.q_pitch
     return rows * element_size
@@ -69,21 +73,28 @@ def block_config(dtype: torch.dtype, dim_qk: int, dim_v: int) -> BlockConfig:
     """Block sizes for a head-dim pair and dtype.
 
     Up to D = 128 the 8 x D Q fragments stay in registers (D/4 floats per lane, as many again for
-    O) and 4 simdgroups (BQ = 32) share each staged K/V block; beyond 128 Q moves to threadgroup
-    memory and the threadgroup halves (BQ = 16) to keep registers and tile memory in budget.
-    BK is the largest of 32/16/8 whose K+V(+Q) tiles fit 32 KiB; a pitch pad of 16 bytes (to
+    O); beyond 128 Q moves to threadgroup memory. 4 simdgroups (BQ = 32, as MLX) share each staged
+    K/V block wherever that fits, else 2. From D = 128 on K and V take turns in one tile, as in
+    MLX (separate tiles there cost 1.17x MLX's threadgroup memory at D = 128 and kept D = 256 at
+    BQ = 16); below, separate tiles save two barriers per block and already take less memory
+    than MLX's. BK is the largest of 32/16/8 whose tiles fit 32 KiB; a pitch pad of 16 bytes (to
     spread the transposed K reads over banks) is kept only where it still fits.
     """
     qk, vv = round_up8(dim_qk), round_up8(dim_v)
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = _element_size(dtype)
     large = max(qk, vv) > 128
-    simdgroups = 2 if large else 4
-    for pad in (16 // size, 0):
-        for key_block in KEY_BLOCK_CHOICES:
-            config = BlockConfig(simdgroups, key_block, large, qk + pad, vv + pad, qk + pad)
-            if threadgroup_bytes(config, size) <= THREADGROUP_MEMORY_LIMIT:
-                return config
+    shared = max(qk, vv) >= SHARED_KV_FROM_DIM
+    for simdgroups in SIMDGROUP_CHOICES:
+        for pad in (16 // size, 0):
+            for key_block in KEY_BLOCK_CHOICES:
+                config = BlockConfig(simdgroups, key_block, large, qk + pad, vv + pad, qk + pad, shared)
+                if threadgroup_bytes(config, size) <= THREADGROUP_MEMORY_LIMIT:
+                    return config
     raise ValueError(f"head dims ({dim_qk}, {dim_v}): no block configuration fits 32 KiB of threadgroup memory")
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
 
 
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.MULTILINE)
