@@ -34,6 +34,13 @@ constant float LOG2E_D = 1.4426950408889634f;
 constant float LN2_D = 0.6931471805599453f;
 
 
+// Offsets of this lane's N columns' scales within a row of scales: (c / group_size) * group stride,
+// hoisted out of the key loop (the scale layout does not change per key).
+template <int N>
+inline void scale_offsets(thread int* at, long group_size, long group_stride, ushort lane) {
+  for (int t = 0; t < N; ++t) at[t] = int(((lane * N + t) / group_size) * group_stride);
+}
+
 // Key range [first, end) that some row of query positions [i_first, i_last] can see.
 struct KeyRange {
   long first, end;
@@ -50,9 +57,10 @@ inline KeyRange visible_range(constant DecodeParams& p, long length, long i_firs
 
 // One side's row of DL (or DVL) dequantized elements for this lane: columns lane * N + t.
 // `unit` (stride_d == 1, tested once per kernel): 32-bit column offsets; else 64-bit ones.
+// `scale_at[t]`: the offset of column t's scale in the row's scales (computed once per kernel).
 template <int N, int D, int FMT, typename T>
 inline void load_row(thread float* dst, device const T* row, device const float* scale_row, long sd, bool unit,
-                     long gg, long group_size, ushort lane) {
+                     thread const int* scale_at, ushort lane) {
   for (int t = 0; t < N; ++t) {
     const int c = lane * N + t;
     if (c >= D) {
@@ -60,7 +68,7 @@ inline void load_row(thread float* dst, device const T* row, device const float*
       continue;
     }
     float x = unit ? code_value(row, c, 1, FMT) : code_value(row, c, sd, FMT);
-    if (FMT != FMT_NONE) x *= scale_row[(c / group_size) * gg];
+    if (FMT != FMT_NONE) x *= scale_row[scale_at[t]];
     dst[t] = x;
   }
 }
@@ -106,20 +114,27 @@ inline void load_row(thread float* dst, device const T* row, device const float*
   const long key_end = lmin(range.end, key_first + share);
 
   // Q rows in registers, the softmax scale folded in once.
+  // Row state in 32-bit registers: each row's visible keys [lo, hi] (the window around its
+  // diagonal; keys, positions and rows fit 32 bits: the host checks the cache's capacity).
+  const int group = int(p.group), key_last = int(length) - 1;
+  const long reach = length + p.seqlen_q;
   float qr[MFA_ROWS][DL];
-  long row_pos[MFA_ROWS], row_head[MFA_ROWS];
+  int lo[MFA_ROWS], hi[MFA_ROWS], diagonal[MFA_ROWS];
   float slope[MFA_ROWS];
   for (int r = 0; r < MFA_ROWS; ++r) {
-    const long row = lmin(row0 + r, total_rows - 1);  // rows past the end repeat the last (never written)
-    row_pos[r] = row / p.group;
-    row_head[r] = kv_head * p.group + row % p.group;
-    device const MFA_IN_T* q_row = q + b * p.q_stride_b + row_pos[r] * p.q_stride_s + row_head[r] * p.q_stride_h;
+    const int row = int(lmin(row0 + r, total_rows - 1));  // rows past the end repeat the last (never written)
+    const int pos = row / group, head = int(kv_head) * group + row % group;
+    diagonal[r] = pos + int(offset);
+    // Windows are clamped to length + Lq, which already reaches every key from any diagonal.
+    lo[r] = p.window_left < 0 ? 0 : diagonal[r] - int(lmin(p.window_left, reach));
+    hi[r] = p.window_right < 0 ? key_last : diagonal[r] + int(lmin(p.window_right, reach));
+    device const MFA_IN_T* q_row = q + b * p.q_stride_b + pos * p.q_stride_s + head * p.q_stride_h;
     for (int t = 0; t < DL; ++t) {
       const int c = lane * DL + t;
       qr[r][t] = c < MFA_DQK ? float(q_row[c * p.q_stride_d]) * q_scale : 0.0f;
     }
 #if MFA_HAS_ALIBI
-    slope[r] = alibi_slopes[b * p.alibi_stride_b + row_head[r]] * LOG2E_D;
+    slope[r] = alibi_slopes[b * p.alibi_stride_b + head] * LOG2E_D;
 #else
     slope[r] = 0.0f;
 #endif
@@ -142,11 +157,14 @@ inline void load_row(thread float* dst, device const T* row, device const float*
   const long k_step = MFA_WM * p.k_stride_s, v_step = MFA_WM * p.v_stride_s;
   const long ks_step = MFA_WM * p.ks_stride_s, vs_step = MFA_WM * p.vs_stride_s;
   const bool k_unit = p.k_stride_d == 1, v_unit = p.v_stride_d == 1;
-  for (long key = key_start; key < key_end;
+  int k_scale_at[DL], v_scale_at[DVL];
+  scale_offsets<DL>(k_scale_at, p.k_group_size, p.ks_stride_g, lane);
+  scale_offsets<DVL>(v_scale_at, p.v_group_size, p.vs_stride_g, lane);
+  for (int key = int(key_start); key < int(key_end);
        key += MFA_WM, k_row += k_step, v_row += v_step, ks_row += ks_step, vs_row += vs_step) {
     float kr[DL], vr[DVL];
-    load_row<DL, MFA_DQK, MFA_K_FMT>(kr, k_row, ks_row, p.k_stride_d, k_unit, p.ks_stride_g, p.k_group_size, lane);
-    load_row<DVL, MFA_DV, MFA_V_FMT>(vr, v_row, vs_row, p.v_stride_d, v_unit, p.vs_stride_g, p.v_group_size, lane);
+    load_row<DL, MFA_DQK, MFA_K_FMT>(kr, k_row, ks_row, p.k_stride_d, k_unit, k_scale_at, lane);
+    load_row<DVL, MFA_DV, MFA_V_FMT>(vr, v_row, vs_row, p.v_stride_d, v_unit, v_scale_at, lane);
     for (int r = 0; r < MFA_ROWS; ++r) {
       float partial = 0.0f;
       for (int t = 0; t < DL; ++t) partial += qr[r][t] * kr[t];
@@ -154,12 +172,10 @@ inline void load_row(thread float* dst, device const T* row, device const float*
 #if MFA_HAS_SOFTCAP
       x = precise::tanh(x) * cap_scale;
 #endif
-      const long diagonal = row_pos[r] + offset;
 #if MFA_HAS_ALIBI
-      x -= slope[r] * fabs(float(diagonal - key));
+      x -= slope[r] * fabs(float(diagonal[r] - key));
 #endif
-      const bool visible = (p.window_left < 0 || key >= diagonal - p.window_left) &&
-                           (p.window_right < 0 || key <= diagonal + p.window_right);
+      const bool visible = key >= lo[r] && key <= hi[r];
       if (!visible) continue;  // uniform across the simdgroup: every lane has the same x and key
       // Before the first visible key l and o are 0, so the correction's value does not matter; a
       // NaN logit (max() skips NaN) still reaches l and o as NaN, as the reference says.
@@ -191,11 +207,12 @@ inline void load_row(thread float* dst, device const T* row, device const float*
     const int r = pair / MFA_DV, c = pair % MFA_DV;
     const long row = row0 + r;
     if (row >= total_rows) continue;
+    const int pos = int(row) / group, head = int(kv_head) * group + int(row) % group;
     // A simdgroup that saw nothing has l = 0 and o = 0: its weight multiplies zeros.
     float best = LOWEST_FINITE;
     for (int s = 0; s < MFA_WM; ++s) best = max(best, tg_m[s * MFA_ROWS + r]);
 #if MFA_HAS_SINKS && !MFA_SPLIT
-    const Stored sink_logit = read_stored(sinks, row_head[r]);
+    const Stored sink_logit = read_stored(sinks, head);
     const bool has_sink = !sink_logit.neg_inf;  // a -inf sink is no key at all
     const float sink = sink_logit.value * LOG2E_D;
     if (has_sink) best = max(best, sink);
@@ -213,13 +230,13 @@ inline void load_row(thread float* dst, device const T* row, device const float*
     const float value = total == 0.0f ? 0.0f : acc / total;
     const float row_lse = (best + log2(total)) * LN2_D;
 #if MFA_SPLIT
-    const long slot = ((b * p.heads_q + row_head[r]) * p.seqlen_q + row_pos[r]) * p.num_splits + split;
+    const long slot = ((b * p.heads_q + head) * p.seqlen_q + pos) * p.num_splits + split;
     part_out[slot * MFA_DV + c] = value;
     if (c == 0) store_or_neg_inf(part_lse, slot, total != 0.0f, row_lse);
 #else
-    out[b * p.o_stride_b + row_pos[r] * p.o_stride_s + row_head[r] * p.o_stride_h + c * p.o_stride_d] = MFA_IN_T(value);
+    out[b * p.o_stride_b + pos * p.o_stride_s + head * p.o_stride_h + c * p.o_stride_d] = MFA_IN_T(value);
     if (c == 0) {
-      store_or_neg_inf(lse, b * p.lse_stride_b + row_head[r] * p.lse_stride_h + row_pos[r] * p.lse_stride_s,
+      store_or_neg_inf(lse, b * p.lse_stride_b + head * p.lse_stride_h + pos * p.lse_stride_s,
                        total != 0.0f, row_lse);
     }
 #endif

@@ -93,6 +93,9 @@ def decode(call: DecodeCall):
     lse = new_output((batch, heads_q, lq), lse_dtype(q.dtype), q.device)
     if batch == 0 or lq == 0 or heads_q == 0:
         return out, lse
+    if k_codes.shape[1] + lq * group >= 2**31:  # the kernel keeps keys, positions and rows in 32 bits
+        raise ValueError(f"metal decode: cache capacity {k_codes.shape[1]} and {lq * group} rows per KV head "
+                         "exceed 32-bit positions")
     rows = rows_per_tile(group, lq, dim_qk, dim_v)
     tiles = math.ceil(group * lq / rows)
     splits = SPLITS.splits(batch * heads_kv * tiles, k_codes.shape[1], 1, call.num_splits)
