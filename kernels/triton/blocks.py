@@ -62,8 +62,12 @@ _FORWARD_SMALL_CAUSAL = {16: Blocks(64, 64, 4, 3), 32: Blocks(64, 64, 4, 3), 64:
 # d 32/64 timed side by side (forward + backward, bf16, B=4, H=16, L=4096, H200, triton 3.6: d=32
 # (64, 128, 4, 2) 2.19 / 1.62 ms non-causal / causal, best of six; d=64 (64, 64, 4, 2) 3.48 / 2.06 ms
 # against 3.89 / 2.38 for the racy (32, 128, 4, 2)): benchmarks/results/h200-backward-race-2026-12-03.log.
+# d 128: (128, 64, 8, 2) against the earlier (64, 128, 8, 2), forward + backward bf16, H200, triton 3.6, side by
+# side with SDPA-flash: B=4 H=16 N=4096 6.20 / 4.49 ms (was 9.78 / 6.08) non-causal / causal, GQA B=1 32/8 heads
+# N=8192 11.76 / 6.60 ms (was 17.11 / 10.25); bitwise repeatable, the same gradients:
+# benchmarks/results/h200-backward-sweep-d128-2026-12-04.log (benchmarks/triton/backward_sweep.py).
 _BACKWARD_KV = {16: Blocks(64, 128, 4, 2), 32: Blocks(64, 128, 4, 2), 64: Blocks(64, 64, 4, 2),
-                128: Blocks(64, 128, 8, 2), 256: Blocks(32, 64, 8, 1)}
+                128: Blocks(128, 64, 8, 2), 256: Blocks(32, 64, 8, 1)}
 # Why no dK/dV entry streams fewer than 64 query rows through a pipelined loop (the dK race found by
 # FlashAttention-2's tests on an H200, triton 3.6): with block_m = 32 the Q K^T and dO V^T products
 # (32 rows) compile to mma.sync while dV and dK (block_n rows) compile to async wgmma reading the

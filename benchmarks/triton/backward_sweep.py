@@ -1,0 +1,77 @@
+"""Backward block shapes for head dim 128, timed side by side with SDPA-flash (issue 19's fwd+bwd target).
+
+    PYTHONPATH=. MFA_BACKEND=triton python benchmarks/triton/backward_sweep.py
+
+The dK/dV and dQ kernels are independent, so each table entry is swept with the other fixed at its
+current value. Every candidate's gradients are compared with the current configuration's (a
+different answer is reported, not timed) and two runs must agree bitwise (the backward has no
+atomics: a difference is a race, see blocks.py). Shapes: the cuda suite's (B x N = 16k, 16 heads) and
+a GQA one (B = 1, 32 query heads over 8 KV heads), causal and full, bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import mfa_hf
+from mfa_hf.benchmark.measure import cuda_median_ms
+from mfa_hf.kernels.triton import blocks
+
+KV = [blocks.Blocks(*c) for c in ((64, 128, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3),
+                                  (128, 64, 8, 2), (64, 128, 8, 3), (128, 128, 8, 1))]
+Q = [blocks.Blocks(*c) for c in ((128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2),
+                                 (128, 64, 4, 3), (128, 64, 8, 3))]
+SHAPES = {"B4 H16 N4096": (4, 4096, 16, 16), "B1 H32/8 N8192": (1, 8192, 32, 8)}
+
+
+def _inputs(batch, n, hq, hkv):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(batch, n, hq, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    k, v = (torch.randn(batch, n, hkv, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+            for _ in range(2))
+    return q, k, v, torch.randn(q.shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+
+def _grads(q, k, v, grad, causal):
+    return torch.autograd.grad(mfa_hf.flash_attn_func(q, k, v, causal=causal), (q, k, v), grad)
+
+
+def _fwd_bwd_ms(fn):
+    return cuda_median_ms(fn, repeats=10, warmup=2)["median_ms"]
+
+
+def sweep():
+    for name, (batch, n, hq, hkv) in SHAPES.items():
+        q, k, v, grad = _inputs(batch, n, hq, hkv)
+        for causal in (False, True):
+            def sdpa():
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     is_causal=causal, enable_gqa=hq != hkv)
+                torch.autograd.grad(out, (q, k, v), grad.transpose(1, 2))
+            base = _grads(q, k, v, grad, causal)
+            reference_ms = _fwd_bwd_ms(sdpa)
+            print(f"{name} causal={causal}: sdpa-flash fwd+bwd {reference_ms:.3f} ms", flush=True)
+            for table, candidates in ((blocks._BACKWARD_KV, KV), (blocks._BACKWARD_Q, Q)):
+                saved = table[128]
+                label = "dKdV" if table is blocks._BACKWARD_KV else "dQ"
+                for cfg in candidates:
+                    table[128] = cfg
+                    try:
+                        first, second = _grads(q, k, v, grad, causal), _grads(q, k, v, grad, causal)
+                        race = any(not torch.equal(a, b) for a, b in zip(first, second))
+                        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(first, base))
+                        ms = _fwd_bwd_ms(lambda: _grads(q, k, v, grad, causal))
+                        verdict = "RACE" if race else ("DIFFERS" if diff > 0.05 else "ok")
+                        print(f"  {label} {tuple(cfg.__dict__.values())}: {ms:.3f} ms, sdpa/ours "
+                              f"{reference_ms / ms:.3f}, max|d - current| {diff:.2e} {verdict}", flush=True)
+                    except Exception as error:  # noqa: BLE001 - a config that does not compile is reported
+                        print(f"  {label} {tuple(cfg.__dict__.values())}: failed {type(error).__name__}: "
+                              f"{str(error)[:120]}", flush=True)
+                    finally:
+                        table[128] = saved
+
+
+if __name__ == "__main__":
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    sweep()
