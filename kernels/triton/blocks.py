@@ -110,7 +110,14 @@ def forward_blocks(dim: int, dtype: torch.dtype, causal: bool, device_type: str 
     return _pick(_FORWARD, dim, dtype, device_type, _FORWARD_CAUSAL if causal else None)
 
 
+# float32 keeps the dK/dV shape it had before the d 128 entry changed (halving (128, 64, 8, 2) would stream
+# 128-row fp32 Q/dO tiles, never measured on a GPU): what the full matrix last passed with.
+_BACKWARD_KV_FLOAT32 = {128: Blocks(64, 64, 8, 1)}
+
+
 def backward_kv_blocks(dim: int, dtype: torch.dtype, causal: bool, device_type: str = "cuda") -> Blocks:
+    if device_type != "cpu" and dtype == torch.float32 and padded_dim(dim) in _BACKWARD_KV_FLOAT32:
+        return _BACKWARD_KV_FLOAT32[padded_dim(dim)]
     return _pick(_BACKWARD_KV, dim, dtype, device_type)
 
 
