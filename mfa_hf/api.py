@@ -157,8 +157,10 @@ def flash_attention(
 
     Same semantics as flash_attn_func (bottom-right causal). window_size: an int w with is_causal
     means the last w keys (the query's own included); an int without is_causal bounds the left side
-    only, as in mps-flash-attn; a (left, right) pair is passed through. Returns (B, H, Lq, Dv) (a
-    transposed view of the kernel's (B, Lq, H, Dv) output: no copy).
+    only (w - 1 keys before the query's own); a (left, right) pair is passed through. mps-flash-attn
+    counts an int w as w keys *before* the query's own (w + 1 in all) and takes bool masks as True =
+    masked out: docs/migrating.md, or torch.ops.mfa.flash_attention (register_custom_op), which keeps
+    those meanings. Returns (B, H, Lq, Dv) (a transposed view of the kernel's (B, Lq, H, Dv) output: no copy).
 
     bf16_backward=True (training): the backward's five matmuls take bfloat16 operands (Q, K, V, dO, P, dS
     rounded to bfloat16) and sum in float32; gradients come out in the input dtype. The torch and triton
@@ -182,7 +184,7 @@ def _quantized(k, v) -> bool:
 
 
 def bhsd_window(window_size, is_causal: bool) -> tuple[int, int]:
-    """mps-flash-attn's window: None (none), int (left span in keys, own key included) or a pair."""
+    """flash_attention's window: None (none), int (left span in keys, own key included) or a pair."""
     is_causal = scalars.flag(is_causal, "is_causal")
     if window_size is None:
         return NO_WINDOW
