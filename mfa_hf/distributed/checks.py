@@ -19,6 +19,7 @@ from ..problem import check_qkv, check_scale, check_sinks, check_softcap, check_
 from .comm import Group, resolve_group
 
 LAYOUT = "(B, S, H, D), this rank's shard of the sequence"
+PACKED = "(T, H, D), this rank's contiguous shard of the packed token stream"
 
 
 @dataclass(frozen=True)
@@ -29,33 +30,38 @@ class Checked:
     window: tuple[int, int]  # causal folded in (right = 0)
     scale: float
     softcap: float
+    extra: object = None  # what local_check returned (equal on every rank)
 
 
 def validate(group, q, k, v, causal, window_size, softcap, sinks, softmax_scale,
-             local_check: Optional[Callable[[Group], None]] = None) -> Checked:
-    """Check this rank's arguments, agree with every rank of `group`, and return the options."""
+             local_check: Optional[Callable[[Group], object]] = None, packed: bool = False,
+             extra_name: str = "") -> Checked:
+    """Check this rank's arguments, agree with every rank of `group`, and return the options.
+
+    packed: q, k, v are (T, H, D) (varlen) instead of (B, S, H, D). local_check(group) may return facts
+    (picklable) that every rank must agree on; a disagreement raises naming `extra_name`."""
     resolved = resolve_group(group)
-    error, options = None, None
+    error, options, extra = None, None, None
     try:
-        check_qkv(q, k, v, rank=4, layout=LAYOUT)
+        check_qkv(q, k, v, rank=3 if packed else 4, layout=PACKED if packed else LAYOUT)
         window = fold_causal(scalars.flag(causal, "causal"), check_window(window_size))
         options = (window, check_scale(softmax_scale, q.shape[-1]), check_softcap(softcap))
         check_sinks(sinks, q.shape[-2], q.device)
         if local_check is not None:
-            local_check(resolved)
+            extra = local_check(resolved)
     except (TypeError, ValueError, NotImplementedError) as raised:
         error = raised
-    facts = _facts(q, k, v, sinks, options, error)
+    facts = _facts(q, k, v, sinks, options, error, extra)
     gathered: list = [None] * resolved.size
     dist.all_gather_object(gathered, facts, group=resolved.handle)
     if error is not None:
         raise error
-    _agree(gathered, resolved.rank)
+    _agree(gathered, resolved.rank, extra_name)
     window, scale, cap = options
-    return Checked(resolved.with_staging(q.device), window, scale, cap)
+    return Checked(resolved.with_staging(q.device), window, scale, cap, extra)
 
 
-def _facts(q, k, v, sinks, options, error) -> dict:
+def _facts(q, k, v, sinks, options, error, extra) -> dict:
     def shape(t):
         return tuple(t.shape) if isinstance(t, torch.Tensor) else None
 
@@ -64,7 +70,7 @@ def _facts(q, k, v, sinks, options, error) -> dict:
 
     return {"error": None if error is None else f"{type(error).__name__}: {error}",
             "q": shape(q), "k": shape(k), "v": shape(v), "sinks": shape(sinks),
-            "dtype": dtype(q), "options": options}
+            "dtype": dtype(q), "options": options, "extra": extra}
 
 
 _NAMES = {"q": "q: expected the same shape on every rank (each rank holds N / ranks tokens)",
@@ -75,12 +81,13 @@ _NAMES = {"q": "q: expected the same shape on every rank (each rank holds N / ra
           "options": "causal/window_size/softmax_scale/softcap: expected the same options on every rank"}
 
 
-def _agree(gathered: list[dict], rank: int) -> None:
+def _agree(gathered: list[dict], rank: int, extra_name: str) -> None:
     for other, facts in enumerate(gathered):
         if facts["error"] is not None:
             raise ValueError(f"group: rank {other} refused its arguments ({facts['error']})")
     mine = gathered[rank]
+    names = {**_NAMES, "extra": f"{extra_name}: expected the same values on every rank"}
     for other, facts in enumerate(gathered):
-        for key, message in _NAMES.items():
+        for key, message in names.items():
             if facts[key] != mine[key]:
                 raise ValueError(f"{message}, got {facts[key]} on rank {other} and {mine[key]} on rank {rank}")

@@ -16,7 +16,7 @@ from .checks import validate
 from .local import BlockOptions
 from .ring_function import RingAttention
 from .ring_plan import RingPlan
-from .ulysses import check_heads, heads_to_sequence, sequence_to_heads
+from .ulysses import check_heads, ulysses_attention
 
 
 def ring_flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, causal: bool = False,
@@ -48,14 +48,9 @@ def ulysses_flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
     and Hkv must divide by the group size; per rank memory is O(N * H / P) for q/k/v and out."""
     checked = validate(group, q, k, v, causal, window_size, softcap, sinks, softmax_scale,
                        local_check=lambda g: check_heads(q, k, g))
-    group_ = checked.group
-    heads = q.shape[2] // group_.size
-    local_sinks = None if sinks is None else sinks[group_.rank * heads:(group_.rank + 1) * heads]
-    out, lse = flash_attn_func(sequence_to_heads(group_, q), sequence_to_heads(group_, k),
-                               sequence_to_heads(group_, v), softmax_scale=checked.scale, window_size=checked.window,
-                               softcap=checked.softcap, sinks=local_sinks, return_lse=True)
-    out = heads_to_sequence(group_, out)
-    if not return_lse:
-        return out
-    lse = heads_to_sequence(group_, lse.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
-    return out, lse
+
+    def attend(q_, k_, v_, sinks_):
+        return flash_attn_func(q_, k_, v_, softmax_scale=checked.scale, window_size=checked.window,
+                               softcap=checked.softcap, sinks=sinks_, return_lse=True)
+
+    return ulysses_attention(checked.group, q, k, v, sinks, attend, return_lse)

@@ -63,33 +63,43 @@ def run_shard(context: Context, payload: tuple) -> dict | None:
     group = context.group_of(cp.ranks)
     if group is None:
         return None
-    r, p = context.rank, cp.ranks
     c = cp.case
-    mine = {name: tensors[name].detach().chunk(p, dim=1)[r].clone() for name in ("q", "k", "v", "grad_out")}
-    grad_lse = tensors["grad_lse"].chunk(p, dim=2)[r].clone()
+    function = ring_flash_attn_func if cp.method == "ring" else ulysses_flash_attn_func
+
+    def call(q, k, v, sinks):
+        return function(q, k, v, group=group, causal=c.causal, window_size=c.window, softcap=c.softcap, sinks=sinks,
+                        return_lse=True)
+
+    return attend_shards(context.rank, cp.ranks, tensors, 1, cp.backward, call)
+
+
+def attend_shards(rank: int, ranks: int, tensors: dict, seq_dim: int, backward: bool, call) -> dict:
+    """This rank's natural-order shard (along seq_dim; the LSE's is seq_dim + 1) of the whole inputs
+    through call(q, k, v, sinks) -> (out, lse); its outputs and, with backward, its gradients."""
+    mine = {name: tensors[name].detach().chunk(ranks, dim=seq_dim)[rank].clone() for name in ("q", "k", "v", "grad_out")}
+    grad_lse = tensors["grad_lse"].chunk(ranks, dim=seq_dim + 1)[rank].clone()
     sinks = None if tensors["sinks"] is None else tensors["sinks"].detach().clone()
     leaves = [mine["q"], mine["k"], mine["v"], sinks]
     for leaf in leaves:
         if leaf is not None:
-            leaf.requires_grad_(cp.backward)
-    function = ring_flash_attn_func if cp.method == "ring" else ulysses_flash_attn_func
-    out, lse = function(mine["q"], mine["k"], mine["v"], group=group, causal=c.causal, window_size=c.window,
-                        softcap=c.softcap, sinks=sinks, return_lse=True)
+            leaf.requires_grad_(backward)
+    out, lse = call(mine["q"], mine["k"], mine["v"], sinks)
     result = {"out": out.detach(), "lse": lse.detach()}
-    if cp.backward:
+    if backward:
         used = [leaf for leaf in leaves if leaf is not None]
         grads = torch.autograd.grad((out, lse), used, (mine["grad_out"], grad_lse))
         result.update(zip(GRAD_NAMES, grads))
     return result
 
 
-def assemble(results: list, ranks: int) -> dict:
+def assemble(results: list, ranks: int, seq_dim: int = 1) -> dict:
     """Concatenate the ranks' shards along the sequence; sum the sinks' per-rank shares."""
     shards = results[:ranks]
-    whole = {"out": torch.cat([s["out"] for s in shards], 1), "lse": torch.cat([s["lse"] for s in shards], 2)}
-    for name, dim in (("q", 1), ("k", 1), ("v", 1)):
+    whole = {"out": torch.cat([s["out"] for s in shards], seq_dim),
+             "lse": torch.cat([s["lse"] for s in shards], seq_dim + 1)}
+    for name in ("q", "k", "v"):
         if name in shards[0]:
-            whole[name] = torch.cat([s[name] for s in shards], dim)
+            whole[name] = torch.cat([s[name] for s in shards], seq_dim)
     if "sinks" in shards[0]:
         whole["sinks"] = sum(s["sinks"] for s in shards)
     return whole

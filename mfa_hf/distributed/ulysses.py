@@ -9,9 +9,26 @@ backward is the other) and through flash_attn_func's own backward.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .comm import Group, all_to_all
+
+
+def ulysses_attention(group: Group, q, k, v, sinks, attend: Callable, return_lse: bool):
+    """q, k, v (B, n, H, D) shards -> this rank's out (B, n, Hq, Dv) [, lse (B, Hq, n)], where
+    attend(q, k, v, sinks) runs one local call over all tokens of this rank's heads (and its sinks)
+    and returns (out, lse (B, Hq/P, N))."""
+    heads = q.shape[2] // group.size
+    local_sinks = None if sinks is None else sinks[group.rank * heads:(group.rank + 1) * heads]
+    out, lse = attend(sequence_to_heads(group, q), sequence_to_heads(group, k), sequence_to_heads(group, v),
+                      local_sinks)
+    out = heads_to_sequence(group, out)
+    if not return_lse:
+        return out
+    lse = heads_to_sequence(group, lse.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+    return out, lse
 
 
 def sequence_to_heads(group: Group, x: torch.Tensor) -> torch.Tensor:
