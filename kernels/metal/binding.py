@@ -50,13 +50,12 @@ def vector_rows(t: torch.Tensor) -> bool:
     stride along the head dim, every row start 4-element aligned (storage offset and the strides of
     the other dims, those of size 1 aside), and a block's row offsets within 32 bits. Shapes,
     strides and the storage offset only: never a device read."""
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
+    shape, stride = t.shape, t.stride()  # on every call: the cheap tests first
+    if (stride[-1] != 1 and shape[-1] > 1) or t.storage_offset() % VECTOR_WIDTH:
         return False
-    outer = [s for n, s in zip(t.shape[:-1], t.stride()[:-1]) if n > 1]
-    if t.storage_offset() % VECTOR_WIDTH or any(s % VECTOR_WIDTH for s in outer):
+    if any(s % VECTOR_WIDTH for s in stride[:-1]) and any(s % VECTOR_WIDTH for n, s in zip(shape, stride) if n > 1):
         return False
-    row_stride = t.stride(-3) if t.dim() >= 3 else 0
-    return row_stride * MAX_STAGED_ROWS + t.shape[-1] < 2**31
+    return len(stride) < 3 or stride[-3] * MAX_STAGED_ROWS + shape[-1] < 2**31
 
 
 def vector_row_bits(*tensors: torch.Tensor) -> int:

@@ -19,7 +19,7 @@ from ..contract import DecodeCall
 from ..launch import SplitPolicy, lse_dtype, new_output
 
 from .binding import FORMAT_CODES, LOG2E, bound_floats, bound_slopes, code_type, index_vector, placeholder, strides4
-from .loader import MSL_TYPES, header_fields, library
+from .loader import MSL_TYPES, header_fields, launch_target
 
 DECODE_PARAM_FIELDS = (
     "q_stride_b", "q_stride_s", "q_stride_h", "q_stride_d",
@@ -105,9 +105,9 @@ def decode(call: DecodeCall):
               + [slopes_stride] + [lq, heads_q, group, o.window_left, o.window_right, splits, k_group_size, v_group_size]
               + [k_codes.shape[1], k_codes.shape[0]])
     q_scale = scale / softcap if softcap > 0 else scale * LOG2E
-    variant = DecodeVariant(q.dtype, dim_qk, dim_v, k_format, v_format, rows, softcap > 0, alibi_slopes is not None,
-                            sinks is not None, cache_batch_idx is not None, splits > 1)
-    lib = library(variant, q.device, len(DECODE_PARAM_FIELDS))
+    ingredients = (q.dtype, dim_qk, dim_v, k_format, v_format, rows, softcap > 0, alibi_slopes is not None,
+                   sinks is not None, cache_batch_idx is not None, splits > 1)  # DecodeVariant's fields
+    _, lib = launch_target(ingredients, lambda: DecodeVariant(*ingredients), q.device, len(DECODE_PARAM_FIELDS))
     floats = placeholder(q.device, torch.float32)
     sink_logits = bound_floats(sinks, q.device)
     part_out, part_lse = floats, floats

@@ -15,7 +15,7 @@ from ..launch import empty_result, new_output
 
 from .binding import LOG2E, bound_floats, bound_mask, bound_slopes, bshd_strides, lse_strides, placeholder, \
     vector_row_bits
-from .loader import MASK_KINDS, MSL_TYPES, BlockConfig, block_config, header_fields, library, round_up8
+from .loader import MASK_KINDS, MSL_TYPES, BlockConfig, block_config, header_fields, launch_target, round_up8
 
 # The order of AttentionParams in attention_params.h; checked against the header at import.
 PARAM_FIELDS = (
@@ -86,12 +86,13 @@ def forward(call: AttentionCall):
 
     mask, mask_strides = bound_mask(attn_mask, q.device, batch, heads_q, lq, lk)
     slopes, slopes_stride = bound_slopes(alibi_slopes, q.device)
-    variant = ForwardVariant(
-        dtype=q.dtype, dim_qk=q.shape[-1], dim_v=v.shape[-1],
-        mask_kind="none" if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive"),
-        mask_dtype=None if attn_mask is None or attn_mask.dtype == torch.bool else mask.dtype,
-        softcap=softcap > 0, alibi=alibi_slopes is not None, sinks=sinks is not None, varlen=varlen,
-        cu_seqlens_dtype=cu_seqlens_q.dtype if varlen else torch.int32)
+    ingredients = (  # ForwardVariant's fields, in order
+        q.dtype, q.shape[-1], v.shape[-1],
+        "none" if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive"),
+        None if attn_mask is None or attn_mask.dtype == torch.bool else mask.dtype,
+        softcap > 0, alibi_slopes is not None, sinks is not None, varlen,
+        cu_seqlens_q.dtype if varlen else torch.int32)
+    variant, lib = launch_target(ingredients, lambda: ForwardVariant(*ingredients), q.device, len(PARAM_FIELDS))
     config = variant.config()
 
     params = (bshd_strides(q) + bshd_strides(k) + bshd_strides(v) + bshd_strides(out) + lse_strides(lse)
@@ -105,7 +106,6 @@ def forward(call: AttentionCall):
     cu_q = cu_seqlens_q if varlen else placeholder(q.device, torch.int32)
     cu_k = cu_seqlens_k if varlen else placeholder(q.device, torch.int32)
 
-    lib = library(variant, q.device, len(PARAM_FIELDS))
     groups = math.ceil(lq / config.query_block)
     lib.attention_forward(
         q, k, v, out, lse, params, float(q_scale), float(cap_scale), mask, slopes, sink_logits, cu_q, cu_k,

@@ -69,6 +69,7 @@ def threadgroup_bytes(config: BlockConfig, element_size: int) -> int:
     return rows * element_size
 
 
+@lru_cache(maxsize=None)
 def block_config(dtype: torch.dtype, dim_qk: int, dim_v: int) -> BlockConfig:
     """Block sizes for a head-dim pair and dtype.
 
@@ -224,6 +225,21 @@ def library(variant, device: torch.device, param_count: int):
     if isinstance(lib, KernelUnavailable):
         raise lib
     return lib
+
+
+_launch_targets: dict = {}
+
+
+def launch_target(ingredients: tuple, make_variant, device: torch.device, param_count: int):
+    """(variant, library) of the variant `make_variant()` builds from `ingredients` (a plain tuple of
+    the variant's fields), cached per (runtime, ingredients): a repeated call builds and hashes no
+    variant dataclass. A variant that fails to compile raises from `library` each time (not cached here)."""
+    key = (_runtime_key(device), ingredients)
+    hit = _launch_targets.get(key)
+    if hit is None or hit[2] is not _libraries:  # tests swap the library cache: follow it
+        variant = make_variant()
+        hit = _launch_targets[key] = (variant, library(variant, device, param_count), _libraries)
+    return hit[0], hit[1]
 
 
 def _compile(variant, device: torch.device, param_count: int):

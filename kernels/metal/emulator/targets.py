@@ -96,9 +96,22 @@ def _installed_torch() -> str:
         return "2.13"
 
 
+_TARGETS: dict = {}  # (override, environment) -> Target: launchers ask on every call
+
+
 def current_target() -> Target:
     """The target compiles use now: `emulate(...)` overrides, else the environment."""
     override = _OVERRIDE.get()
+    environ = os.environ
+    key = (tuple(override.items()), environ.get("MSLEMU_MACOS"), environ.get("MSLEMU_TORCH"),
+           environ.get("PYTORCH_MPS_FAST_MATH"))
+    target = _TARGETS.get(key)
+    if target is None:
+        target = _TARGETS[key] = _target_of(override)
+    return target
+
+
+def _target_of(override: dict) -> Target:
     macos = override.get("macos") or os.environ.get("MSLEMU_MACOS") or DEFAULT_MACOS
     torch_version = override.get("torch") or os.environ.get("MSLEMU_TORCH") or _installed_torch()
     fast_math = override["fast_math"] if override.get("fast_math") is not None else fast_math_from_env()
