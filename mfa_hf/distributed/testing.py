@@ -111,3 +111,12 @@ def raise_failures(results: list) -> list:
         if isinstance(result, Failure):
             raise AssertionError(f"rank {rank} raised {result.kind}: {result.message}\n{result.trace}")
     return results
+
+
+def assert_refused(results: list, kind: str, expected: str, errors: tuple[str, ...] = ("ValueError",)) -> None:
+    """Every rank that took part (a non-None result) raised one of `errors` with `expected` in its message."""
+    involved = [r for r in results if r is not None]
+    assert involved, "no rank took part"
+    for result in involved:
+        assert isinstance(result, Failure), f"{kind}: expected an error, got {result!r}"
+        assert result.kind in errors and expected in result.message, result.message

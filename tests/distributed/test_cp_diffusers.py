@@ -3,6 +3,9 @@
 - A tiny Flux and a tiny Wan transformer (built from configs) with `enable(model)` and
   `enable_parallelism(config=ContextParallelConfig(ring_degree=2))` (and Ulysses for Flux) give the
   single-process output: Diffusers' templates drive our forward op.
+- A tiny FluxPipeline and WanPipeline (from configs; mfa_hf.distributed.testing_pipelines): `enable(pipe)` and
+  `pipe.transformer.enable_parallelism(...)`; the latents after a few denoising steps equal the
+  single-process pipeline's.
 - Dispatcher calls: full MHA through Diffusers' ring and Ulysses templates (our forward and backward
   ops), causal GQA (which the templates refuse) through our ring; outputs and dq/dk/dv against the
   float64 reference by DESIGN.md's rule.
@@ -15,6 +18,7 @@ pytest.importorskip("diffusers")
 
 from mfa_hf.distributed.testing import Pool, raise_failures  # noqa: E402
 from mfa_hf.distributed.testing_diffusers import run_dispatcher, run_model  # noqa: E402
+from mfa_hf.distributed.testing_pipelines import run_pipeline  # noqa: E402
 from mfa_hf.kernels.reference import attention_reference  # noqa: E402
 from mfa_hf.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference  # noqa: E402
 
@@ -31,9 +35,19 @@ def pool():
 @pytest.mark.parametrize("name, config", [("flux", RING), ("wan", RING), ("flux", ULYSSES)],
                          ids=["flux-ring2", "wan-ring2", "flux-ulysses2"])
 def test_parallel_model_equals_the_single_process_model(pool, name, config):
-    for single, parallel, calls in raise_failures(pool.run(run_model, (name, config))):
+    _assert_parallel_equals_single(raise_failures(pool.run(run_model, (name, config))))
+
+
+@pytest.mark.parametrize("name, config", [("flux", RING), ("wan", RING), ("wan", ULYSSES)],
+                         ids=["flux-ring2", "wan-ring2", "wan-ulysses2"])
+def test_parallel_pipeline_equals_the_single_process_pipeline(pool, name, config):
+    _assert_parallel_equals_single(raise_failures(pool.run(run_pipeline, (name, config))))
+
+
+def _assert_parallel_equals_single(results):
+    for single, parallel, calls in results:
         assert calls["mfa_forward_op"] > 0, calls  # diffusers' templates ran our op
-        assert parallel.shape == single.shape
+        assert parallel.shape == single.shape and torch.isfinite(single).all()
         torch.testing.assert_close(parallel, single, rtol=1e-4, atol=1e-5)
 
 
