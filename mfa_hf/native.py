@@ -23,16 +23,30 @@ def sdpa(q, k, v, mask, route: Route, scale: float) -> torch.Tensor:
     if route.key_start:
         k, v = k[:, route.key_start:], v[:, route.key_start:]
         mask = None if mask is None else mask[..., route.key_start:]
+    batch, rows, heads_q, _ = q.shape
+    heads_kv = k.shape[2]
+    if rows == 1 and heads_q != heads_kv and mask is None and route.gate.stacks_query_groups:
+        out = _query_groups_as_rows(q, k, v, scale)
     # Positional arguments and no default keywords: each keyword costs the binding's parser time per call.
-    query, key, value = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if q.shape[2] == k.shape[2]:
-        out = _stock_sdpa(query, key, value, mask, 0.0, route.is_causal, scale=scale)
+    elif heads_q == heads_kv:
+        out = _stock_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, 0.0, route.is_causal,
+                          scale=scale).transpose(1, 2)
     else:
-        out = _stock_sdpa(query, key, value, mask, 0.0, route.is_causal, scale=scale, enable_gqa=True)
-    out = out.transpose(1, 2)
+        out = _stock_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, 0.0, route.is_causal,
+                          scale=scale, enable_gqa=True).transpose(1, 2)
     if route.gate.zeroes_nan_query_rows:
         out = _nan_rows_restored(q, out)
     return out
+
+
+def _query_groups_as_rows(q, k, v, scale: float):
+    """One query row (B, 1, Hq, D) over k/v (B, Lk, Hkv, D): the G = Hq / Hkv heads of KV head h become G
+    rows of head h (query head h * G + g is row g, the GQA grouping), so the kernel reads each K/V head once."""
+    batch, _, heads_q, dim = q.shape
+    heads_kv = k.shape[2]
+    rows = q.reshape(batch, heads_kv, heads_q // heads_kv, dim)
+    out = _stock_sdpa(rows, k.transpose(1, 2), v.transpose(1, 2), None, 0.0, False, scale=scale)
+    return out.reshape(batch, 1, heads_q, v.shape[-1])
 
 
 def _nan_rows_restored(q, out):

@@ -49,12 +49,16 @@ class NativeGate:
     # The kernel returns 0, not NaN, for a query row holding a NaN (it takes all-NaN scores for a fully
     # masked row); native.py puts the NaN back, as ours and the reference propagate it.
     zeroes_nan_query_rows: bool = False
+    # One query row with GQA: pass the G query heads of each KV head as G rows of one head instead of
+    # asking the kernel for GQA (exact: one row sees every key of its slice, so the rows are independent).
+    # Measured faster with torch's CPU kernel (1.1x at 9/3 heads, 1.4-2x at 32/8).
+    stacks_query_groups: bool = False
 
 
 _HALF = (torch.float16, torch.bfloat16)
 DEFAULT = {
     "cpu": (NativeGate("sdpa-cpu-flash", _HALF + (torch.float32,), max_head_dim=1 << 30, masks=MASK_KINDS,
-                       zeroes_nan_query_rows=True),),
+                       zeroes_nan_query_rows=True, stacks_query_groups=True),),
     "cuda": (NativeGate("sdpa-cuda-flash", _HALF, head_dim_multiple=8),),
     "mps": (
         NativeGate("sdpa-mps-prefill", _HALF + (torch.float32,), head_dims=(32, 64, 72, 80, 96, 128, 256), min_q=9,

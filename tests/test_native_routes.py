@@ -79,6 +79,10 @@ NATIVE_CLASSES = {
     "one-row-causal": Case(lq=1, lk=50, causal=True),  # bottom-right: the row sees every key
     "one-row-left-window": Case(lq=1, lk=50, causal=True, window=(6, -1)),  # a slice of the keys
     "one-row-two-sided": Case(lq=1, lk=50, window=(9, 4)),
+    "one-row-mqa-window-bf16": Case(dtype=torch.bfloat16, lq=1, lk=50, heads_q=6, heads_kv=1, causal=True,
+                                    window=(6, -1)),
+    "one-row-gqa-fp16": Case(dtype=torch.float16, lq=1, lk=33, heads_q=6, heads_kv=3),
+    "one-row-mha": Case(lq=1, lk=50, heads_q=3, heads_kv=3, causal=True),
     "bool-mask-fully-masked-rows": Case(lq=37, lk=50, mask="bool"),
     "additive-mask-fully-masked-rows": Case(lq=37, lk=50, mask="additive"),
     "one-row-window-and-mask": Case(lq=1, lk=50, window=(9, 0), mask="bool"),
@@ -239,6 +243,33 @@ def test_one_row_window_is_a_key_slice(lk, left):
         enable_gqa=True).transpose(1, 2)
     assert (out.double() - want).abs().max() < 1e-5
     assert math.isfinite(float(out.abs().max()))
+
+
+@pytest.mark.parametrize("heads, mask, stacked", [((8, 2), False, True), ((6, 1), False, True), ((4, 4), False, False),
+                                                  ((8, 2), True, False)])
+def test_one_row_gqa_passes_query_groups_as_rows(heads, mask, stacked, monkeypatch):
+    """On CPU one query row with GQA runs as G rows per KV head (native_table's stacks_query_groups), never for
+    MHA or with a mask; the result equals the float64 reference, a NaN query head stays NaN, the others do not."""
+    from mfa_hf import native
+    from mfa_hf.kernels.reference import attention_reference
+
+    calls = []
+    as_rows = native._query_groups_as_rows
+    monkeypatch.setattr(native, "_query_groups_as_rows", lambda *a: calls.append(1) or as_rows(*a))
+    g = torch.Generator().manual_seed(heads[0])
+    q = torch.randn(3, 1, heads[0], 32, generator=g)
+    k, v = (torch.randn(3, 45, heads[1], 32, generator=g) for _ in range(2))
+    q[1, 0, heads[0] - 1, 4] = float("nan")
+    attn_mask = (torch.rand(3, 1, 1, 45, generator=g) > 0.3) if mask else None
+    with trace.capture_routes() as decided:
+        out = mfa_hf.flash_attn_func(q, k, v, causal=True, window_size=(20, 0), attn_mask=attn_mask)
+    assert next(iter(decided))[0] == "sdpa-cpu-flash" and bool(calls) == stacked
+    ref, _ = attention_reference(q.double(), k.double(), v.double(), causal=True, window_size=(20, 0),
+                                 attn_mask=attn_mask)
+    base, _ = attention_reference(q, k, v, causal=True, window_size=(20, 0), attn_mask=attn_mask, upcast=False)
+    assert bool(out[1, 0, heads[0] - 1].isnan().all()) and bool(torch.isfinite(out[:, :, :heads[0] - 1]).all())
+    keep = ~ref.isnan()
+    assert_close_to_reference(out[keep], ref[keep], base[keep])
 
 
 @pytest.mark.parametrize("layout", ["bhsd-view", "sliced-batch", "expanded-mask"])
