@@ -236,7 +236,11 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, fmt, group_size:
 
     Kernels call this on one key block at a time; the whole cache is never dequantized.
     """
-    values = kv_formats.spec(KVFormat(fmt)).decode(codes)
+    fmt_spec = kv_formats.spec(KVFormat(fmt))
+    # Integer codes go straight into the multiply, which promotes them to float32 in the same pass (the
+    # same values as decoding first: int8 is exact in float32); other formats decode first.
+    integer = fmt_spec.codes_per_byte == 1 and fmt_spec.float8_dtype is None and fmt_spec.codebook is None
+    values = codes if integer else fmt_spec.decode(codes)
     b, s, h, d = values.shape
     grouped = values.reshape(b, s, h, d // group_size, group_size) * scales[..., None].to(torch.float32)
     return grouped.reshape(b, s, h, d).to(dtype)
