@@ -216,6 +216,88 @@ def test_fast_math_runs_the_other_mode_in_a_fresh_python(emulator_if_no_mps, tmp
     assert "| fast-math | passed |" in (tmp_path / "report.md").read_text()
 
 
+# ---------------------------------------------------------------------------------------------
+# Timing rows and table with the timers stubbed (the real figures need a Mac with mps and mlx).
+
+
+@pytest.fixture
+def stubbed_timers(monkeypatch):
+    """No kernel runs: _calls hands back named stand-ins and median_ms returns a figure per caller."""
+    from mfa_hf.doctor import mlx_timing, timing
+
+    figures = {"ours": 2.0, "sdpa": 3.0, "mlx": 4.0}
+    monkeypatch.setattr(timing, "_calls", lambda shape, device: ("ours", "sdpa", ("q", "k", "v", shape.causal)))
+    monkeypatch.setattr(timing, "median_ms", lambda call, device, runs: figures[call])
+    monkeypatch.setattr(mlx_timing, "mlx_call", lambda q, k, v, causal: "mlx")
+    return timing, mlx_timing
+
+
+def _timing_report(rows):
+    from mfa_hf.doctor import report
+
+    summary = report.summarize([], [], rows)
+    return summary, "\n".join(report._timing({"timing": rows, "summary": summary}))
+
+
+def test_timing_rows_time_sdpa_and_mlx_on_every_shape(stubbed_timers):
+    timing, _ = stubbed_timers
+    rows = [timing.time_shape(shape, "mps", emulated=False, runs=5, mlx_reason=None) for shape in timing.SHAPES]
+    for row in rows:
+        assert row["status"] == "measured" and row["runs"] == 5, row
+        assert (row["ours_ms"], row["sdpa_ms"], row["mlx_ms"]) == (2.0, 3.0, 4.0)
+        assert (row["speedup"], row["mlx_speedup"], row["mlx_detail"]) == (1.5, 2.0, "measured")
+    summary, table = _timing_report(rows)
+    assert summary["timing"] == {"total": len(rows), "measured": len(rows), "failed": 0} and summary["passed"]
+    assert "| MLX ms | MLX / ours |" in table
+    assert table.count("| 2 | 3 | 1.5 | 4 | 2 | measured |") == len(rows), table
+    assert "MLX not timed" not in table
+
+
+def test_mlx_failure_is_reported_without_failing_our_row(stubbed_timers, monkeypatch):
+    timing, mlx_timing = stubbed_timers
+
+    def broken(q, k, v, causal):
+        raise RuntimeError("no such kernel\nsecond line")
+
+    monkeypatch.setattr(mlx_timing, "mlx_call", broken)
+    row = timing.time_shape(timing.SHAPES[0], "mps", emulated=False, runs=3, mlx_reason=None)
+    assert row["status"] == "measured" and row["speedup"] == 1.5 and row["mlx_ms"] is None
+    assert row["mlx_detail"].startswith("MLX failed: RuntimeError: no such kernel")
+    row2 = timing.time_shape(timing.SHAPES[1], "mps", emulated=False, runs=3, mlx_reason=None)
+    row2["mlx_detail"] = "measured"
+    summary, table = _timing_report([row, row2])
+    assert summary["passed"] and "measured; MLX failed: RuntimeError: no such kernel |" in table, table
+
+
+def test_mlx_unavailable_is_said_once_with_its_reason(stubbed_timers, monkeypatch):
+    timing, mlx_timing = stubbed_timers
+    monkeypatch.setattr(mlx_timing, "mlx_call", lambda *a: pytest.fail("MLX timed although unavailable"))
+    reason = "MLX not timed: mlx is not importable (ModuleNotFoundError: No module named 'mlx'); pip install mlx"
+    monkeypatch.setattr(mlx_timing, "unavailable_reason", lambda emulated: reason)
+    rows = timing.run_timing("mps", emulated=False, runs=3)
+    assert all(row["mlx_ms"] is None and row["mlx_detail"] == reason and row["speedup"] == 1.5 for row in rows)
+    _, table = _timing_report(rows)
+    assert table.count(reason) == 1 and table.count("| 2 | 3 | 1.5 | - | - | measured |") == len(rows), table
+
+
+def test_mlx_reasons_here():
+    """Off a Mac (and always under the emulator) the reason names what is missing; on an Apple silicon Mac
+    without mlx it says how to install it."""
+    import platform
+    import sys
+
+    from mfa_hf.doctor import mlx_timing, timing
+
+    assert "emulated" in mlx_timing.unavailable_reason(emulated=True)
+    reason = mlx_timing.unavailable_reason(emulated=False)
+    if sys.platform != "darwin" or platform.machine() != "arm64":
+        assert reason.startswith("MLX not timed: MLX runs on Apple silicon Macs only"), reason
+    elif reason is not None:
+        assert "pip install mlx" in reason
+    for row in timing.not_measured_rows():
+        assert row["mlx_ms"] is None and "emulated" in row["mlx_detail"]
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["--runs", "0"], "--runs: expected an integer >= 1"),
     (["--checks", "compile,speed"], "--checks: expected a comma-separated subset"),

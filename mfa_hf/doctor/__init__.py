@@ -2,7 +2,8 @@
 
 1. compiles every Metal kernel variant the dispatcher can pick (variants.py, compile_check.py);
 2. runs the metal backend against the float64 reference (correctness.py);
-3. times ours against torch's own mps SDPA (timing.py; not on the emulator);
+3. times ours against torch's own mps SDPA and MLX's when installed (timing.py, mlx_timing.py; not on the
+   emulator);
 4. writes report.json and report.md (report.py), prints the markdown path and a one-line verdict.
 
 Exit code 0 when every check passed, 1 when any failed (or nothing could run), 2 on usage errors.

@@ -129,15 +129,30 @@ def _correctness(report: dict) -> list[str]:
 
 def _timing(report: dict) -> list[str]:
     rows = report["timing"]
-    lines = ["## Timing: ours vs torch's mps SDPA (median ms)", ""]
+    lines = ["## Timing: ours vs torch's mps SDPA and MLX's fused SDPA (median ms)", ""]
     if not rows:
         return lines + ["Skipped.", ""]
-    lines += ["| shape | ours ms | SDPA ms | SDPA / ours | status |", "|---|---|---|---|---|"]
+    lines += ["| shape | ours ms | SDPA ms | SDPA / ours | MLX ms | MLX / ours | status |",
+              "|---|---|---|---|---|---|---|"]
     for row in rows:
         status = row["status"] + (f": {_first_line(row['detail'])}" if row.get("detail") else "")
+        mlx = row.get("mlx_detail", "")
+        if mlx and mlx != "measured" and mlx not in _shared_mlx_reason(rows):
+            status += f"; {_first_line(mlx)}"
         lines.append(f"| {_cell(row['shape'])} | {_num(row['ours_ms'])} | {_num(row['sdpa_ms'])} | "
-                     f"{_num(row['speedup'])} | {_cell(status)} |")
-    return lines + ["", "SDPA / ours > 1 means ours is faster.", ""]
+                     f"{_num(row['speedup'])} | {_num(row.get('mlx_ms'))} | {_num(row.get('mlx_speedup'))} | "
+                     f"{_cell(status)} |")
+    lines += ["", "SDPA / ours > 1 and MLX / ours > 1 mean ours is faster."]
+    lines += [f"{reason}." for reason in _shared_mlx_reason(rows)]
+    return lines + [""]
+
+
+def _shared_mlx_reason(rows: list[dict]) -> list[str]:
+    """The reason MLX was not timed, when every row shares it (said once under the table)."""
+    reasons = {row.get("mlx_detail", "") for row in rows}
+    if len(reasons) == 1 and (reason := reasons.pop()) and reason != "measured":
+        return [reason]
+    return []
 
 
 def _num(value) -> str:

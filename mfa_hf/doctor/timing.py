@@ -1,5 +1,6 @@
 """Timing: our metal kernels against torch's own mps SDPA (torch >= 2.13 ships flash prefill and
-vector decode kernels for mps), median of N runs, each bracketed by torch.mps.synchronize().
+vector decode kernels for mps) and against MLX's fused SDPA when mlx is installed (mlx_timing.py),
+median of N runs, each bracketed by a synchronisation (torch.mps.synchronize(), mx.synchronize()).
 
 Only meaningful on a Mac. Under the emulator the figures would time a CPU emulation against
 nothing comparable, so they are reported as "not measured (emulated)"; `--time` there runs small
@@ -15,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from . import mlx_timing
 from .correctness import metal_forced
 
 NOT_MEASURED = "not measured (emulated)"
@@ -49,41 +51,63 @@ EMULATED_SHAPES = (
 )
 
 
+def _row(shape: Shape, status: str, runs: int, mlx_detail: str = "") -> dict:
+    return {"shape": shape.name, "status": status, "ours_ms": None, "sdpa_ms": None, "speedup": None,
+            "mlx_ms": None, "mlx_speedup": None, "mlx_detail": mlx_detail, "runs": runs, "detail": ""}
+
+
 def not_measured_rows() -> list[dict]:
-    return [{"shape": s.name, "status": NOT_MEASURED, "ours_ms": None, "sdpa_ms": None, "speedup": None,
-             "runs": 0, "detail": ""} for s in SHAPES]
+    return [_row(s, NOT_MEASURED, 0, mlx_timing.unavailable_reason(emulated=True)) for s in SHAPES]
 
 
 def run_timing(device: str, emulated: bool, runs: int, progress: Callable[[str], None] = lambda line: None) -> list[dict]:
     shapes = EMULATED_SHAPES if emulated else SHAPES
+    mlx_reason = mlx_timing.unavailable_reason(emulated)
     rows = []
     for shape in shapes:
-        rows.append(time_shape(shape, device, emulated, runs))
+        rows.append(time_shape(shape, device, emulated, runs, mlx_reason))
         progress(f"timing: {shape.name}: {rows[-1]['status']}")
     return rows
 
 
-def time_shape(shape: Shape, device: str, emulated: bool, runs: int) -> dict:
-    row = {"shape": shape.name, "status": "failed", "ours_ms": None, "sdpa_ms": None, "speedup": None,
-           "runs": runs, "detail": ""}
+def time_shape(shape: Shape, device: str, emulated: bool, runs: int, mlx_reason: str | None = None) -> dict:
+    """Ours and SDPA (a failure of either fails the row), then MLX unless `mlx_reason` says why not
+    (an MLX failure is reported in mlx_detail; it does not fail our row)."""
+    row = _row(shape, "failed", runs, mlx_reason or "")
     try:
-        ours, sdpa = _calls(shape, device)
+        ours, sdpa, sdpa_inputs = _calls(shape, device)
         with metal_forced():
             row["ours_ms"] = median_ms(ours, device, runs)
         row["sdpa_ms"] = median_ms(sdpa, device, runs)
     except Exception as error:  # a crash at a real shape is a failure worth reporting
-        row["detail"] = f"{type(error).__name__}: {error}"[:2000]
+        row["detail"] = _error(error)
         return row
     if emulated:  # CPU emulation against CPU SDPA: no ratio means anything
         row["status"] = EXERCISED
-    else:
-        row["speedup"] = round(row["sdpa_ms"] / row["ours_ms"], 3) if row["ours_ms"] else None
-        row["status"] = "measured"
+        return row
+    row["speedup"] = _ratio(row["sdpa_ms"], row["ours_ms"])
+    row["status"] = "measured"
+    if mlx_reason is None:
+        try:
+            row["mlx_ms"] = median_ms(mlx_timing.mlx_call(*sdpa_inputs), "mlx", runs)
+            row["mlx_speedup"] = _ratio(row["mlx_ms"], row["ours_ms"])
+            row["mlx_detail"] = "measured"
+        except Exception as error:
+            row["mlx_detail"] = f"MLX failed: {_error(error)}"
     return row
 
 
-def _calls(shape: Shape, device: str) -> tuple[Callable[[], object], Callable[[], object]]:
-    """Ours (FA layout (B, S, H, D)) and SDPA ((B, H, S, D)), each on contiguous inputs of its layout."""
+def _ratio(theirs: float, ours: float) -> float | None:
+    return round(theirs / ours, 3) if ours else None
+
+
+def _error(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"[:2000]
+
+
+def _calls(shape: Shape, device: str) -> tuple[Callable[[], object], Callable[[], object], tuple]:
+    """Ours (FA layout (B, S, H, D)) and SDPA ((B, H, S, D)), each on contiguous inputs of its layout,
+    and SDPA's inputs with its causal flag (what MLX is timed on)."""
     import mfa_hf
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -98,9 +122,9 @@ def _calls(shape: Shape, device: str) -> tuple[Callable[[], object], Callable[[]
     if shape.decode:
         lengths = torch.full((b,), shape.lk, dtype=torch.int32, device=device)
         return (lambda: mfa_hf.flash_attn_with_kvcache(q, k, v, cache_seqlens=lengths, causal=True),
-                lambda: sdpa(qt, kt, vt))  # one query over every key: no mask needed
+                lambda: sdpa(qt, kt, vt), (qt, kt, vt, False))  # one query over every key: no mask needed
     return (lambda: mfa_hf.flash_attn_func(q, k, v, causal=shape.causal),
-            lambda: sdpa(qt, kt, vt, is_causal=shape.causal))
+            lambda: sdpa(qt, kt, vt, is_causal=shape.causal), (qt, kt, vt, shape.causal))
 
 
 def median_ms(call: Callable[[], object], device: str, runs: int, warmup: int = 2) -> float:
@@ -117,5 +141,6 @@ def median_ms(call: Callable[[], object], device: str, runs: int, warmup: int = 
 
 
 def _synchronize(device: str) -> None:
-    if torch.device(device).type == "mps":
+    """torch's mps queue; other devices ("cpu", "mlx": its calls synchronise themselves) need nothing."""
+    if str(device).split(":")[0] == "mps":
         torch.mps.synchronize()
