@@ -245,12 +245,12 @@ def unserved_reason(gate: Gate, q, k, v, attn_mask, dropout_p, is_causal, scale,
 
 def _form_reason(gate, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """Tensors of one rank (validation's rule), then what stock SDPA allows and we do not serve."""
+    if any(isinstance(t, torch.Tensor) and t.is_nested for t in (q, k, v, attn_mask)):
+        return "nested tensors"
     rank = q.dim() if isinstance(q, torch.Tensor) else 4
     reason = problem.rank_reason(q, k, v, rank, _LAYOUTS.get(rank, "(..., H, L, E)"))
     if reason:
         return reason
-    if any(isinstance(t, torch.Tensor) and t.is_nested for t in (q, k, v, attn_mask)):
-        return "nested tensors"
     if rank not in (3, 4):
         return f"ranks q={q.dim()} k={k.dim()} v={v.dim()} (served: 3 or 4, all equal)"
     if q.shape[:-3] != k.shape[:-3] or q.shape[:-3] != v.shape[:-3]:

@@ -110,6 +110,10 @@ def _rank_refusal(q, k, v, rank: int, layout: str) -> Refusal | None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             return TypeError, f"{name}: expected a torch.Tensor, got {type(t).__name__}"
+        if t.is_nested or t.layout is not torch.strided:
+            got = "a nested tensor (pack its sequences for flash_attn_varlen_func)" if t.is_nested else \
+                f"a {str(t.layout).replace('torch.', '')} tensor"
+            return TypeError, f"{name}: expected a dense (strided) tensor, got {got}"
         if t.dim() != rank:
             return ValueError, f"{name}: expected a {rank}-D tensor {layout}, got shape {tuple(t.shape)}"
     return None

@@ -34,7 +34,7 @@ def plain_kind(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
     if window_size is not NO_WINDOW and not (type(window_size) is tuple and len(window_size) == 2
                                              and type(window_size[0]) is int and type(window_size[1]) is int):
         return None
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or q.is_nested or k.is_nested or v.is_nested:
         return None
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,

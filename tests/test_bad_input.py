@@ -41,6 +41,27 @@ def test_shape_and_dtype_errors(change, error, match):
         mfa_hf.flash_attn_func(*change(*qkv()))
 
 
+@pytest.mark.parametrize("kind", ["nested", "jagged", "sparse"])
+def test_non_dense_tensors_are_refused_by_name(kind):
+    """Nested (strided or jagged) and sparse inputs: a TypeError naming the argument, at every entry point
+    (they used to reach an internal 'doesn't support sizes' error)."""
+    import warnings
+
+    q, k, v = qkv()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # strided nested tensors warn that their API is a prototype
+        if kind == "sparse":
+            odd = k.to_sparse()
+        else:
+            layout = torch.jagged if kind == "jagged" else torch.strided
+            odd = torch.nested.nested_tensor([k[0], k[1, :3]], layout=layout)
+    name = "nested" if kind != "sparse" else "sparse_coo"
+    for call in (lambda: mfa_hf.flash_attn_func(q, odd, v), lambda: mfa_hf.flash_attn_func(q, odd, v),
+                 lambda: mfa_hf.flash_attention(q.transpose(1, 2), odd, v.transpose(1, 2))):
+        with pytest.raises(TypeError, match=rf"k: expected a dense \(strided\) tensor, got a {name}"):
+            call()
+
+
 def test_mixed_devices():
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"k: expected device cpu like q, got meta"):
