@@ -1,13 +1,16 @@
-"""python -m mfa_hf.benchmark --suite quick [--device cpu|cuda|mps] [--full-size] [--output report.html]
+"""python -m mfa_hf.benchmark --suite quick [--device cpu|cuda|mps] [--full-size] [--output report.html] [--json rows.json]
 
 Prints a table per suite; progress goes to stderr while it runs. --output writes a self-contained
-HTML report with plots (made for --suite full).
+HTML report with plots (made for --suite full); --json writes the rows as JSON (any suite).
+--suite standard is mps-flash-attn's run_suite grid (suite_standard.py); --seq-lengths, --dtypes and
+--backward set that grid, as in mps-flash-attn (the other suites have fixed shapes and refuse them).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 import torch
@@ -30,6 +33,8 @@ SUITES = {  # name -> (module, columns shown)
     "diffusers": ("mfa_hf.benchmark.suite_diffusers",
                   ["model", "processor", "tokens", "device", "dtype", "median_ms", "ratio_vs_default",
                    "peak_mem_mb", "forward_peak_growth_mb", "kernel_calls", "max_abs_diff_vs_default"]),
+    "standard": ("mfa_hf.benchmark.suite_standard", ["batch", "heads", "seqlen", "head_dim", "dtype", "causal", "window",
+                                                     "pass", "sdpa_ms", "mfa_ms", "speedup", "max_diff", "served_by"]),
     "full": ("mfa_hf.benchmark.suite_full",
              ["section", "impl", "format", "attn", "kv_cache", "seqlen", "kv_len", "median_ms", "x_sdpa", "gb_per_s",
               "decode_tok_s", "peak_mem_mb", "served_by", "error"]),
@@ -42,19 +47,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
     parser.add_argument("--full-size", action="store_true", help="the suite's larger shapes")
     parser.add_argument("--output", default=None, help="write an HTML report with plots to this path")
+    parser.add_argument("--json", default=None, help="write the rows as JSON to this path")
+    parser.add_argument("--seq-lengths", type=int, nargs="+", default=None, help="--suite standard: sequence lengths")
+    parser.add_argument("--dtypes", nargs="+", default=None, help="--suite standard: float16, bfloat16, float32")
+    parser.add_argument("--backward", action="store_true", help="--suite standard: forward+backward rows too")
     args = parser.parse_args(argv)
+    grid = {"seq_lengths": args.seq_lengths, "dtypes": args.dtypes, "backward": args.backward}
+    given = [f"--{name.replace('_', '-')}" for name, value in grid.items() if value]
+    if given and args.suite != "standard":
+        parser.error(f"{', '.join(given)}: set the grid of --suite standard (mps-flash-attn's run_suite grid); "
+                     f"--suite {args.suite} runs fixed shapes")
     from .suite_quick import default_device
 
     device = args.device or default_device()
     module_name, columns = SUITES[args.suite]
     module = importlib.import_module(module_name)
-    rows = module.run(device, not args.full_size, lambda message: print(message, file=sys.stderr, flush=True))
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    extra = {name: value for name, value in grid.items() if value} if args.suite == "standard" else {}
+    rows = module.run(device, not args.full_size, log, **extra)
     print(f"# suite {args.suite} on {device}; torch {torch.__version__}")
     print(format_table(rows, [c for c in columns if any(c in row for row in rows)]))
     if args.output:
         from .report import write_report
 
         print(f"# report written to {write_report(rows, device, args.output)}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(rows, handle, indent=2, default=str)
+        print(f"# JSON rows written to {args.json}", file=sys.stderr)
     return 0
 
 
