@@ -52,6 +52,11 @@ _LAZY_EXPORTS = {
     # Opt-in `import flash_attn` for code written for FlashAttention-2 (a real install wins).
     "install_flash_attn_shim": "mfa_hf.integrations.flash_attn_shim",
     "uninstall_flash_attn_shim": "mfa_hf.integrations.flash_attn_shim",
+    # mps-flash-attn's names whose meaning needs no other mfa_hf function (all of its names, with its
+    # meanings, including flash_attention and convert_mask: `from mfa_hf import mps_flash_attn`).
+    **{name: "mfa_hf.mps_flash_attn" for name in (
+        "flash_attention_with_bias", "flash_attention_quantized", "is_available", "precompile", "clear_cache",
+        "QUANT_FP8_E4M3", "QUANT_FP8_E5M2", "QUANT_INT8", "QUANT_NF4")},
 }
 
 
@@ -66,6 +71,15 @@ __all__ = [
     "AttentionProblem",
     "BackendUnavailable",
     "KVFormat",
+    "QUANT_FP8_E4M3",
+    "QUANT_FP8_E5M2",
+    "QUANT_INT8",
+    "QUANT_NF4",
+    "clear_cache",
+    "flash_attention_quantized",
+    "flash_attention_with_bias",
+    "is_available",
+    "precompile",
     "QuantizedKV",
     "allocate_kv_cache",
     "flash_attention",
