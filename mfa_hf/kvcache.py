@@ -19,8 +19,8 @@ from torch import Tensor
 from . import dispatch, helper_tensors, kv_formats, scalars
 from .kernels.contract import AppendCall, CacheSide, DecodeCall, Options, fold_causal
 from .ops import describe_decode
-from .problem import (NO_WINDOW, check_alibi, check_dropout, check_scale, check_sinks, check_softcap, check_window,
-                      values_checked)
+from .problem import (NO_WINDOW, check_alibi, check_dense, check_dropout, check_scale, check_sinks, check_softcap,
+                      check_window, values_checked)
 from .quant import SCALE_DTYPE, QuantizedKV, absmax_scales, check_scale_values, encode, parse_format
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -283,6 +283,7 @@ def _per_token_scales(cache: QuantizedKV) -> bool:
 
 
 def check_query(q) -> None:
+    check_dense(q, "q")
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or not q.is_floating_point():
         raise ValueError(f"q: expected a 4-D float tensor (B, Lq, Hq, D), got {_describe(q)}")
     if q.shape[-1] < 1:
@@ -320,6 +321,7 @@ def _check_caches(q, k_cache, v_cache, names=("k_cache", "v_cache")) -> bool:
                         f"{type(k_cache).__name__} and {type(v_cache).__name__}")
     for name, cache in zip(names, (k_cache, v_cache)):
         if not k_quantized:
+            check_dense(cache, name)
             if not isinstance(cache, torch.Tensor) or cache.dim() != 4:
                 raise ValueError(f"{name}: expected a 4-D tensor (B_cache, S_max, Hkv, D) or a QuantizedKV, "
                                  f"got {_describe(cache)}")
@@ -365,6 +367,7 @@ def _check_new(k, v, q, k_cache, v_cache, quantized) -> int:
     if k is None:
         return 0
     for name, new, cache in (("k", k, k_cache), ("v", v, v_cache)):
+        check_dense(new, name)
         if not isinstance(new, torch.Tensor) or new.dim() != 4:
             raise ValueError(f"{name}: expected a 4-D tensor (B, Lnew, Hkv, D), got {_describe(new)}")
         want = (q.shape[0], k.shape[1], cache.shape[2], cache.shape[3])
@@ -411,6 +414,7 @@ def _same_lengths(batch: int, length: int, device) -> Tensor:
 def _check_index_vector(name, t, batch, device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor (B,) int32, got {type(t).__name__}")
+    check_dense(t, name)
     if t.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name}: expected dtype torch.int32 (or int64), got {t.dtype}")
     if tuple(t.shape) != (batch,):

@@ -97,6 +97,22 @@ def _reason(refusal: Refusal | None) -> str:
     return "" if refusal is None else refusal[1]
 
 
+def dense_refusal(t: torch.Tensor, name: str) -> Refusal | None:
+    """Every tensor argument must be dense (strided): nested (strided or jagged) and sparse tensors have no
+    sizes/strides the kernels could bind, and used to fail deep inside with torch's internal errors."""
+    if t.is_nested or t.layout is not torch.strided:
+        got = "a nested tensor (pack its sequences for flash_attn_varlen_func)" if t.is_nested else \
+            f"a {str(t.layout).replace('torch.', '')} tensor"
+        return TypeError, f"{name}: expected a dense (strided) tensor, got {got}"
+    return None
+
+
+def check_dense(t, name: str) -> None:
+    """dense_refusal as a check (anything that is not a tensor passes: the caller's own check names it)."""
+    if isinstance(t, torch.Tensor):
+        _raise(dense_refusal(t, name))
+
+
 def check_rank(q, k, v, rank: int, layout: str) -> None:
     _raise(_rank_refusal(q, k, v, rank, layout))
 
@@ -110,10 +126,9 @@ def _rank_refusal(q, k, v, rank: int, layout: str) -> Refusal | None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             return TypeError, f"{name}: expected a torch.Tensor, got {type(t).__name__}"
-        if t.is_nested or t.layout is not torch.strided:
-            got = "a nested tensor (pack its sequences for flash_attn_varlen_func)" if t.is_nested else \
-                f"a {str(t.layout).replace('torch.', '')} tensor"
-            return TypeError, f"{name}: expected a dense (strided) tensor, got {got}"
+        refusal = dense_refusal(t, name)
+        if refusal is not None:
+            return refusal
         if t.dim() != rank:
             return ValueError, f"{name}: expected a {rank}-D tensor {layout}, got shape {tuple(t.shape)}"
     return None
@@ -230,6 +245,9 @@ def _mask_refusal(attn_mask, batch: int, heads_q: int, lq: int, lk: int, device:
         return None
     if not isinstance(attn_mask, torch.Tensor):
         return TypeError, f"attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}"
+    refusal = dense_refusal(attn_mask, "attn_mask")
+    if refusal is not None:
+        return refusal
     if attn_mask.dtype != torch.bool and attn_mask.dtype not in FLOAT_DTYPES:
         return TypeError, f"attn_mask: expected dtype bool (True = attend) or a float dtype, got {attn_mask.dtype}"
     if attn_mask.device != device:
@@ -265,6 +283,7 @@ def check_sinks(sinks, heads_q: int, device: torch.device) -> bool:
 def _check_float_vector(name: str, t, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    check_dense(t, name)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a float dtype, got {t.dtype}")
     if t.device != device:
@@ -297,6 +316,7 @@ def check_cu_seqlens(cu_seqlens, name: str, total: int, batch: int | None,
     else None: nothing is read back from the device."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(cu_seqlens).__name__}")
+    check_dense(cu_seqlens, name)
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: expected dtype int32 or int64, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:

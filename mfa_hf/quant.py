@@ -20,6 +20,7 @@ from enum import Enum
 import torch
 
 from . import kv_formats, scalars
+from .problem import check_dense
 from .kv_formats import NF4_LEVELS  # noqa: F401 (re-exported: the nf4 codebook, as before)
 
 SCALE_DTYPE = torch.float32
@@ -110,6 +111,7 @@ def check_parts(codes, scales, fmt, group_size: int, name: str) -> None:
     for part, t in (("codes", codes), ("scales", scales)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}.{part}: expected a torch.Tensor, got {type(t).__name__}")
+        check_dense(t, f"{name}.{part}")
         if t.dim() != 4:
             raise ValueError(f"{name}.{part}: expected a 4-D tensor, got shape {tuple(t.shape)}")
     if codes.dtype != code_dtype(fmt):
@@ -144,6 +146,7 @@ def quantize_kv(x: torch.Tensor, format="fp8_e4m3", *, group_size: int | None = 
     scales: reuse given static scales (per head/channel) instead of computing them, as an append does.
     """
     fmt = parse_format(format)
+    check_dense(x, "x")
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"x: expected a 4-D float tensor, got {_describe(x)}")
     if not isinstance(layout, str) or layout not in ("bshd", "bhsd"):
@@ -186,6 +189,7 @@ def _check_given_scales(scales, x: torch.Tensor, layout: str, groups: int) -> No
     order = "(B, H, S, G)" if layout == "bhsd" else "(B, S, H, G)"
     if not isinstance(scales, torch.Tensor):
         raise TypeError(f"scales: expected a float32 tensor {order} or None, got {type(scales).__name__}")
+    check_dense(scales, "scales")
     if scales.dtype != SCALE_DTYPE:
         raise TypeError(f"scales: expected dtype {SCALE_DTYPE}, got {scales.dtype}")
     if scales.device != x.device:

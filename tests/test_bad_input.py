@@ -41,25 +41,57 @@ def test_shape_and_dtype_errors(change, error, match):
         mfa_hf.flash_attn_func(*change(*qkv()))
 
 
-@pytest.mark.parametrize("kind", ["nested", "jagged", "sparse"])
-def test_non_dense_tensors_are_refused_by_name(kind):
-    """Nested (strided or jagged) and sparse inputs: a TypeError naming the argument, at every entry point
-    (they used to reach an internal 'doesn't support sizes' error)."""
+def _non_dense(t: torch.Tensor, kind: str) -> torch.Tensor:
     import warnings
 
-    q, k, v = qkv()
+    if kind == "sparse":
+        return t.to_sparse()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # strided nested tensors warn that their API is a prototype
-        if kind == "sparse":
-            odd = k.to_sparse()
-        else:
-            layout = torch.jagged if kind == "jagged" else torch.strided
-            odd = torch.nested.nested_tensor([k[0], k[1, :3]], layout=layout)
-    name = "nested" if kind != "sparse" else "sparse_coo"
-    for call in (lambda: mfa_hf.flash_attn_func(q, odd, v), lambda: mfa_hf.flash_attn_func(q, odd, v),
-                 lambda: mfa_hf.flash_attention(q.transpose(1, 2), odd, v.transpose(1, 2))):
-        with pytest.raises(TypeError, match=rf"k: expected a dense \(strided\) tensor, got a {name}"):
-            call()
+        parts = [t[0], t[0]] if t.dim() > 1 else [t, t]
+        return torch.nested.nested_tensor(parts, layout=torch.jagged if kind == "jagged" else torch.strided)
+
+
+def _entry_points():
+    """(entry point, call taking one replaced tensor argument) for every tensor argument of each entry point."""
+    q, k, v = qkv()
+    lengths = torch.tensor([3, 4], dtype=torch.int32)
+    kc, vc = torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)
+    new_k, new_v = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8)
+    tq, tk, tv, cu = packed()
+    x = torch.randn(1, 4, 2, 64)
+    fa = dict(q=q, k=k, v=v, attn_mask=torch.ones(2, 4, 5, 6, dtype=torch.bool), alibi_slopes=torch.rand(4),
+              sinks=torch.zeros(4))
+    kv = dict(q=torch.randn(2, 1, 4, 8), k_cache=kc, v_cache=vc, k=new_k, v=new_v, cache_seqlens=lengths,
+              sinks=torch.zeros(4), alibi_slopes=torch.rand(4))
+    vl = dict(q=tq, k=tk, v=tv, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    calls = []
+    for name in fa:
+        calls.append(("flash_attn_func", name, lambda a, name=name: mfa_hf.flash_attn_func(**{**fa, name: a})))
+    for name in kv:
+        calls.append(("flash_attn_with_kvcache", name, lambda a, name=name: mfa_hf.flash_attn_with_kvcache(
+            **{**kv, "k_cache": kv["k_cache"].clone(), "v_cache": kv["v_cache"].clone(), name: a})))
+    for name in vl:
+        calls.append(("flash_attn_varlen_func", name, lambda a, name=name: mfa_hf.flash_attn_varlen_func(
+            **{**vl, name: a}, max_seqlen_q=4, max_seqlen_k=4)))
+    calls.append(("quantize_kv", "x", lambda a: mfa_hf.quantize_kv(a, "int8")))
+    calls.append(("quantize_kv", "scales", lambda a: mfa_hf.quantize_kv(x, "int8", granularity="head", scales=a)))
+    tensors = {**{("flash_attn_func", n): t for n, t in fa.items()},
+               **{("flash_attn_with_kvcache", n): t for n, t in kv.items()},
+               **{("flash_attn_varlen_func", n): t for n, t in vl.items()},
+               ("quantize_kv", "x"): x, ("quantize_kv", "scales"): torch.ones(1, 1, 2, 1)}
+    return [(entry, name, call, tensors[(entry, name)]) for entry, name, call in calls]
+
+
+@pytest.mark.parametrize("kind", ["nested", "jagged", "sparse"])
+def test_non_dense_tensors_are_refused_by_name(kind):
+    """Every tensor argument of every entry point, nested (strided or jagged) or sparse: a TypeError naming
+    that argument (they used to reach internal 'doesn't support sizes' / sparse backend errors)."""
+    for entry, name, call, tensor in _entry_points():
+        odd = _non_dense(tensor, kind)
+        with pytest.raises(TypeError, match=rf"{name}: expected a dense \(strided\) tensor, got a "):
+            call(odd)
+        call(tensor)  # the same call with the dense argument is fine: the refusal is about the layout
 
 
 def test_mixed_devices():
