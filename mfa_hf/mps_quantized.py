@@ -76,7 +76,8 @@ def quantize_kv_int8(key, value=None):
 
 
 def quantize_kv_nf4(key, value=None):
-    return _both(quant_compat.quantize_kv_nf4, key, value)
+    """Scales per group of 64 along D (32 when D is not a multiple of 64; mps-flash-attn: one per head)."""
+    return _both(lambda x: quant_compat.quantize_kv_nf4(x, 64 if x.shape[-1] % 64 == 0 else 32), key, value)
 
 
 def _both(quantize, key, value):

@@ -1,0 +1,193 @@
+"""mps-flash-attn's remaining names (mfa_hf.mps_flash_attn) against a float64 reference written with ITS
+meanings: mask True = masked out, window w = keys i - w .. i, causal/window aligned top-left, bias added
+before the scale. Fresh random inputs on CPU; tolerances by mfa_hf.testing's rule (PyTorch's own error in
+the input dtype sets the bar)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mfa_hf
+from mfa_hf import mps_flash_attn as mfa
+from mfa_hf.mps_quantized import FORMATS
+from mfa_hf.quant import dequantize_codes
+from mfa_hf.testing import GRADIENT_FACTOR, assert_close_to_reference
+
+
+def _inputs(lq, lk, dtype, b=2, h=3, d=32, grad=False):
+    return [torch.randn(b, h, n, d).to(dtype).requires_grad_(grad) for n in (lq, lk, lk)]
+
+
+def mps_reference(q, k, v, is_causal=False, masked_out=None, window=0, bias=None, scale=None, dtype=torch.float64):
+    """softmax((Q K^T + bias) * scale) V with mps-flash-attn's top-left causal/window; in `dtype`
+    (float64: the reference; the input dtype: PyTorch's own error, the tolerance's baseline)."""
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = q @ k.transpose(-1, -2)
+    if bias is not None:
+        scores = scores + bias.to(dtype)
+    scores = (scores * scale).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    i = torch.arange(q.shape[2])[:, None]
+    j = torch.arange(k.shape[2])[None, :]
+    hidden = (j > i) if is_causal else torch.zeros_like(j > i)
+    if window:
+        hidden = hidden | (j < i - window)
+    if masked_out is not None:
+        hidden = hidden | masked_out.bool()
+    probs = torch.softmax(scores.masked_fill(hidden, -math.inf), dim=-1)
+    return probs.nan_to_num(0.0).to(dtype) @ v  # a row that sees no key: 0, mfa_hf's convention
+
+
+def _check(out, q, k, v, **semantics):
+    ref = mps_reference(q.detach(), k.detach(), v.detach(), **semantics)
+    baseline = mps_reference(q.detach(), k.detach(), v.detach(), dtype=q.dtype, **semantics)
+    assert_close_to_reference(out, ref, baseline)
+
+
+LENGTHS = [(24, 24), (9, 24), (24, 9)]  # square, Lq < Lk, Lq > Lk (top-left there)
+
+
+@pytest.mark.parametrize("lq,lk", LENGTHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("is_causal,window", [(False, 0), (True, 0), (True, 5), (False, 5)])
+def test_flash_attention_keeps_mps_meanings(lq, lk, dtype, is_causal, window):
+    q, k, v = _inputs(lq, lk, dtype)
+    masked_out = torch.rand(2, 1, lq, lk) < 0.3
+    masked_out[..., 0] = False  # every row keeps a key
+    # their positional order: query, key, value, is_causal, scale, attn_mask, window_size
+    out = mfa.flash_attention(q, k, v, is_causal, 0.2, masked_out, window)
+    _check(out, q, k, v, is_causal=is_causal, masked_out=masked_out, window=window, scale=0.2)
+
+
+@pytest.mark.parametrize("lq,lk", LENGTHS)
+@pytest.mark.parametrize("bias_shape", ["full", "broadcast", "3d"])
+@pytest.mark.parametrize("is_causal,window,scale", [(False, 0, None), (True, 4, 0.3), (True, 0, None)])
+def test_flash_attention_with_bias_adds_before_the_scale(lq, lk, bias_shape, is_causal, window, scale):
+    q, k, v = _inputs(lq, lk, torch.float32)
+    shape = {"full": (2, 3, lq, lk), "broadcast": (1, 3, lq, lk), "3d": (3, lq, lk)}[bias_shape]
+    bias = torch.randn(shape) * 3
+    out = mfa.flash_attention_with_bias(q, k, v, bias, is_causal, scale, window)
+    _check(out, q, k, v, is_causal=is_causal, window=window, bias=bias, scale=scale)
+    assert mfa_hf.flash_attention_with_bias is mfa.flash_attention_with_bias
+
+
+def test_flash_attention_with_bias_gradients():
+    q, k, v = _inputs(20, 20, torch.float32, grad=True)
+    bias = torch.randn(1, 3, 20, 20)
+    mfa.flash_attention_with_bias(q, k, v, bias, is_causal=True).sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    mps_reference(*leaves, is_causal=True, bias=bias).sum().backward()
+    base = [t.detach().requires_grad_() for t in (q, k, v)]
+    mps_reference(*base, is_causal=True, bias=bias, dtype=torch.float32).sum().backward()
+    for name, ours, ref, bl in zip("qkv", (q, k, v), leaves, base):
+        assert_close_to_reference(ours.grad, ref.grad, bl.grad, GRADIENT_FACTOR, name=f"d{name}")
+
+
+def test_bias_repeat_count_reads_bias_of_batch_modulo_n():
+    windows, batch = 3, 6
+    q, k, v = _inputs(16, 16, torch.float32, b=batch)
+    bias = torch.randn(windows, 3, 16, 16)
+    out = mfa.flash_attention_with_bias(q, k, v, bias, bias_repeat_count=windows)
+    _check(out, q, k, v, bias=bias[torch.arange(batch) % windows])
+    one = bias[:1]
+    torch.testing.assert_close(mfa.flash_attention_with_bias(q, k, v, one, bias_repeat_count=windows),
+                               mfa.flash_attention_with_bias(q, k, v, one.expand(batch, -1, -1, -1).contiguous()))
+
+
+def _dequantized(codes, scales, fmt, dtype):
+    group = 32 // scales.shape[-1]  # head dim 32
+    return dequantize_codes(codes.transpose(1, 2), scales.transpose(1, 2), fmt, group, dtype).transpose(1, 2)
+
+
+@pytest.mark.parametrize("quant_type", [mfa.QUANT_FP8_E4M3, mfa.QUANT_FP8_E5M2, mfa.QUANT_INT8, mfa.QUANT_NF4])
+@pytest.mark.parametrize("is_causal,window", [(False, 0), (True, 6)])
+def test_flash_attention_quantized_equals_attention_over_the_dequantized_cache(quant_type, is_causal, window):
+    q, k, v = _inputs(24, 24, torch.float32)
+    quantize = {3: mfa.quantize_kv_fp8, 4: lambda a, b: mfa.quantize_kv_fp8(a, b, use_e5m2=True),
+                5: mfa.quantize_kv_int8, 6: mfa.quantize_kv_nf4}[quant_type]
+    k_q, v_q, k_s, v_s = quantize(k, v)
+    out = mfa.flash_attention_quantized(q, k_q, v_q, k_s, v_s, quant_type, is_causal, None, window)
+    fmt = FORMATS[quant_type]
+    dk, dv = _dequantized(k_q, k_s, fmt, torch.float32), _dequantized(v_q, v_s, fmt, torch.float32)
+    _check(out, q, dk, dv, is_causal=is_causal, window=window)
+    named = {3: mfa.flash_attention_fp8, 5: mfa.flash_attention_int8, 6: mfa.flash_attention_nf4}.get(quant_type)
+    if named is not None:
+        torch.testing.assert_close(named(q, k_q, v_q, k_s, v_s, is_causal, None, window), out, rtol=0, atol=0)
+    assert (mfa_hf.QUANT_FP8_E4M3, mfa_hf.QUANT_FP8_E5M2, mfa_hf.QUANT_INT8, mfa_hf.QUANT_NF4) == (3, 4, 5, 6)
+
+
+def test_quantize_kv_takes_its_source_and_its_readme_call_shapes():
+    k, v = torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64)
+    four = mfa.quantize_kv_int8(k, v)
+    two = mfa.quantize_kv_int8(k)
+    assert len(four) == 4 and len(two) == 2 and torch.equal(four[0], two[0]) and torch.equal(four[2], two[1])
+
+
+def test_convert_mask():
+    assert mfa.convert_mask(None) is None
+    m = torch.rand(2, 1, 4, 5) < 0.5
+    assert mfa.convert_mask(m) is m
+    additive = torch.tensor([0.0, -999.0, -1e3, -1e4, -math.inf])
+    assert mfa.convert_mask(additive).tolist() == [False, False, True, True, True]
+    with pytest.raises(TypeError, match="attn_mask"):
+        mfa.convert_mask(torch.zeros(3, dtype=torch.int32))
+    # Its output feeds this module's flash_attention (True = masked out), the same as the float mask there:
+    q, k, v = _inputs(12, 12, torch.float32)
+    float_mask = torch.where(torch.rand(12, 12) < 0.3, -math.inf, 0.0)
+    float_mask[:, 0] = 0.0
+    _check(mfa.flash_attention(q, k, v, attn_mask=mfa.convert_mask(float_mask)), q, k, v,
+           masked_out=float_mask < 0)
+    assert not hasattr(mfa_hf, "convert_mask")  # mfa_hf.flash_attention reads bool masks the other way
+
+
+def test_is_available_precompile_clear_cache_off_a_mac(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert mfa.is_available() is False and mfa_hf.is_available is mfa.is_available
+    done = mfa.precompile()
+    assert done["device"] is None and done["compiled"] == [] and "nothing to compile" in done["note"]
+    assert mfa.clear_cache()["cleared"] == 0
+
+
+def test_precompile_on_a_mac_compiles_every_planned_variant(monkeypatch):
+    from mfa_hf.doctor import variants
+    from mfa_hf.kernels.metal import loader
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    compiled = []
+    monkeypatch.setattr(loader, "library", lambda variant, device, count: compiled.append((variant, device.type)))
+    planned = [p for p in variants.enumerate_variants(quick=True, device_type="mps").planned if not p.error]
+    done = mfa.precompile()
+    assert done["device"] == "mps" and done["compiled"] == [p.id for p in planned] and not done["failed"]
+    assert len(compiled) == len(planned) > 0 and {d for _, d in compiled} == {"mps"}
+
+
+@pytest.mark.parametrize("call,match,error", [
+    (lambda q, k, v: mfa.flash_attention(q, k, v, scale=0.0), "scale", ValueError),
+    (lambda q, k, v: mfa.flash_attention(q, k, v, scale=-1.0), "scale", ValueError),
+    (lambda q, k, v: mfa.flash_attention(q, k, v, window_size=-2), "window_size", ValueError),
+    (lambda q, k, v: mfa.flash_attention(q, k, v, attn_mask=torch.zeros(8, 8)), "attn_mask", TypeError),
+    (lambda q, k, v: mfa.flash_attention(q[0], k, v), "query", ValueError),
+    (lambda q, k, v: mfa.flash_attention(q, k, v, is_causal=1), "is_causal", TypeError),
+    (lambda q, k, v: mfa.flash_attention_with_bias(q, k, v, torch.zeros(8, 8)), "attn_bias", ValueError),
+    (lambda q, k, v: mfa.flash_attention_with_bias(q, k, v, torch.zeros(1, 2, 8, 8, dtype=torch.int64)),
+     "attn_bias", TypeError),
+    (lambda q, k, v: mfa.flash_attention_with_bias(q, k, v, torch.zeros(1, 2, 8, 8), bias_repeat_count=-1),
+     "bias_repeat_count", ValueError),
+    (lambda q, k, v: mfa.flash_attention_with_bias(q, k, v, torch.zeros(2, 2, 8, 8), bias_repeat_count=3),
+     "bias_repeat_count", ValueError),
+    (lambda q, k, v: mfa.flash_attention_quantized(q, *mfa.quantize_kv_int8(k, v), 7), "quant_type", ValueError),
+    (lambda q, k, v: mfa.flash_attention_quantized(q[:, :, :3], *mfa.quantize_kv_int8(k, v), 5, True),
+     "is_causal", NotImplementedError),
+    (lambda q, k, v: mfa.flash_attention_quantized(q, *mfa.quantize_kv_int8(k, v), 5,
+                                                   attn_mask=torch.zeros(8, 8, dtype=torch.bool)), "attn_mask",
+     ValueError),
+    (lambda q, k, v: mfa.flash_attention_quantized(q, k, v, torch.ones(1), torch.ones(1), 5), "k_scale|key",
+     ValueError),
+])
+def test_bad_inputs_name_the_argument(call, match, error):
+    q, k, v = _inputs(8, 8, torch.float32, h=2)
+    with pytest.raises(error, match=match):
+        call(q, k, v)
