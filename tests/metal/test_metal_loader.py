@@ -46,7 +46,9 @@ def test_every_head_dim_fits_threadgroup_memory():
                 assert loader.threadgroup_bytes(config, size) <= loader.THREADGROUP_MEMORY_LIMIT, (dtype, dim, dim_v)
 
 
-def test_library_cache_is_not_keyed_by_sequence_length(metal_backend):
+def test_library_cache_is_not_keyed_by_sequence_length(metal_backend, monkeypatch):
+    # A fresh cache: the process-wide one also holds the other math mode's libraries (keyed by runtime).
+    monkeypatch.setattr(loader, "_libraries", {})
     for lq, lk in ((5, 9), (70, 33), (31, 130)):
         case = Case(dtype=torch.float16, batch=1, lq=lq, lk=lk, heads_q=2, heads_kv=2, dim=48, dim_v=48)
         run_public_api(case, make_inputs(case, device=metal_backend.device))
