@@ -156,19 +156,21 @@ constant float LN2 = 0.6931471805599453f;
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
     // S = Q K^T: 8 rows x MFA_BK keys per simdgroup; K^T is read from the tile by swapping strides.
+    // The head dim is the outer loop, so a Q fragment staged in threadgroup memory is read once per
+    // block, not once per key fragment; each s[j] still sums over d in ascending order.
     simdgroup_float8x8 s[KEY_FRAGMENTS];
-    for (int j = 0; j < KEY_FRAGMENTS; ++j) {
-      s[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-      for (int d = 0; d < DQK_BLOCKS; ++d) {
+    for (int j = 0; j < KEY_FRAGMENTS; ++j) s[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    for (int d = 0; d < DQK_BLOCKS; ++d) {
+#if MFA_Q_IN_TG
+      simdgroup_float8x8 qd;
+      load_fragment(qd, q_tile + sg * 8 * MFA_Q_PITCH + d * 8, MFA_Q_PITCH, 1, at);
+#else
+      const simdgroup_float8x8 qd = q_frag[d];
+#endif
+      for (int j = 0; j < KEY_FRAGMENTS; ++j) {
         simdgroup_float8x8 kt;
         load_fragment(kt, k_tile + j * 8 * MFA_K_PITCH + d * 8, 1, MFA_K_PITCH, at);
-#if MFA_Q_IN_TG
-        simdgroup_float8x8 qd;
-        load_fragment(qd, q_tile + sg * 8 * MFA_Q_PITCH + d * 8, MFA_Q_PITCH, 1, at);
         simdgroup_multiply_accumulate(s[j], qd, kt, s[j]);
-#else
-        simdgroup_multiply_accumulate(s[j], q_frag[d], kt, s[j]);
-#endif
       }
     }
 

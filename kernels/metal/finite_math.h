@@ -68,4 +68,12 @@ inline void store_or_neg_inf(device float* p, long i, bool keep, float value) {
 // below -256 (0 in float32), including one that overflowed to -inf from two finite extremes such
 // as finfo.min - 5, is taken as -256; a NaN compares false and passes through, so a NaN score
 // still reaches the output as the reference says (without fast math).
-inline float exp2_of_nonpositive(float d) { return exp2(d < -256.0f ? -256.0f : d); }
+// Compiled with fast math (torch's PYTORCH_MPS_FAST_MATH=1; clang defines __FINITE_MATH_ONLY__)
+// it is fast::exp2, as MLX's kernels use; torch's safe mode keeps precise::exp2, the variant
+// whose NaN propagation and error bound the tests hold the safe mode to.
+#if defined(__FAST_MATH__) || (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__)
+#define MFA_EXP2 fast::exp2
+#else
+#define MFA_EXP2 precise::exp2
+#endif
+inline float exp2_of_nonpositive(float d) { return MFA_EXP2(d < -256.0f ? -256.0f : d); }
