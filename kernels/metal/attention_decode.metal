@@ -29,6 +29,10 @@ using namespace metal;
 #define THREADS (32 * MFA_WM)
 #define DL ((MFA_DQK + 31) / 32)  // q/k elements per lane
 #define DVL ((MFA_DV + 31) / 32)  // output/v elements per lane
+// Threadgroup floats shared by the q rows (at the start) and the simdgroups' outputs (the merge).
+#define TG_Q (MFA_ROWS * DL * 32)
+#define TG_O (MFA_WM * MFA_ROWS * DVL * 32)
+#define TG_SHARED (TG_Q > TG_O ? TG_Q : TG_O)
 
 constant float LOG2E_D = 1.4426950408889634f;
 constant float LN2_D = 0.6931471805599453f;
@@ -99,7 +103,8 @@ inline void load_row(thread float* dst, device const T* row, device const float*
   const long total_rows = p.seqlen_q * p.group;
   const long row0 = tile * MFA_ROWS;
   // Lengths and rows are clamped into the cache: the host does not read them back off the CPU.
-  const long length = clamp_index(long(seqlens[b]), 0, p.capacity);
+  // One device read per simdgroup (lane 0's, broadcast), not one per thread.
+  const long length = clamp_index(long(simd_broadcast_first(lane == 0 ? seqlens[b] : 0)), 0, p.capacity);
 #if MFA_HAS_BATCH_IDX
   const long cache_row = clamp_index(long(batch_idx[b]), 0, p.cache_rows - 1);
 #else
@@ -118,27 +123,35 @@ inline void load_row(thread float* dst, device const T* row, device const float*
   // diagonal; keys, positions and rows fit 32 bits: the host checks the cache's capacity).
   const int group = int(p.group), key_last = int(length) - 1;
   const long reach = length + p.seqlen_q;
+  // The tile's q rows are read from device memory once per threadgroup (not once per simdgroup)
+  // into threadgroup memory that the final merge reuses (tg_o), then into each lane's registers.
+  threadgroup float tg_shared[TG_SHARED];
+  for (int i = tid; i < TG_Q; i += THREADS) {
+    const int r = i / (DL * 32), c = i % (DL * 32);
+    const int row = int(lmin(row0 + r, total_rows - 1));  // rows past the end repeat the last (never written)
+    const int pos = row / group, head = int(kv_head) * group + row % group;
+    device const MFA_IN_T* q_row = q + b * p.q_stride_b + pos * p.q_stride_s + head * p.q_stride_h;
+    tg_shared[i] = c < MFA_DQK ? float(q_row[c * p.q_stride_d]) * q_scale : 0.0f;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
   float qr[MFA_ROWS][DL];
   int lo[MFA_ROWS], hi[MFA_ROWS], diagonal[MFA_ROWS];
   float slope[MFA_ROWS];
   for (int r = 0; r < MFA_ROWS; ++r) {
-    const int row = int(lmin(row0 + r, total_rows - 1));  // rows past the end repeat the last (never written)
+    const int row = int(lmin(row0 + r, total_rows - 1));
     const int pos = row / group, head = int(kv_head) * group + row % group;
     diagonal[r] = pos + int(offset);
     // Windows are clamped to length + Lq, which already reaches every key from any diagonal.
     lo[r] = p.window_left < 0 ? 0 : diagonal[r] - int(lmin(p.window_left, reach));
     hi[r] = p.window_right < 0 ? key_last : diagonal[r] + int(lmin(p.window_right, reach));
-    device const MFA_IN_T* q_row = q + b * p.q_stride_b + pos * p.q_stride_s + head * p.q_stride_h;
-    for (int t = 0; t < DL; ++t) {
-      const int c = lane * DL + t;
-      qr[r][t] = c < MFA_DQK ? float(q_row[c * p.q_stride_d]) * q_scale : 0.0f;
-    }
+    for (int t = 0; t < DL; ++t) qr[r][t] = tg_shared[r * DL * 32 + lane * DL + t];
 #if MFA_HAS_ALIBI
     slope[r] = alibi_slopes[b * p.alibi_stride_b + head] * LOG2E_D;
 #else
     slope[r] = 0.0f;
 #endif
   }
+  threadgroup_barrier(mem_flags::mem_threadgroup);  // every q row is in registers: the merge may reuse tg_shared
 
   float m[MFA_ROWS], l[MFA_ROWS], o[MFA_ROWS][DVL];
   for (int r = 0; r < MFA_ROWS; ++r) {
@@ -193,7 +206,7 @@ inline void load_row(thread float* dst, device const T* row, device const float*
   // Flat (simdgroup, row[, column]) arrays: tg_o holds DVL * 32 columns a row.
   threadgroup float tg_m[MFA_WM * MFA_ROWS];
   threadgroup float tg_l[MFA_WM * MFA_ROWS];
-  threadgroup float tg_o[MFA_WM * MFA_ROWS * DVL * 32];
+  threadgroup float* const tg_o = tg_shared;
   for (int r = 0; r < MFA_ROWS; ++r) {
     if (lane == 0) {
       tg_m[sg * MFA_ROWS + r] = m[r];
@@ -280,12 +293,25 @@ inline void load_row(thread float* dst, device const T* row, device const float*
 #if MFA_HAS_SINKS
   if (has_sink) total += exp2_of_nonpositive((sink - best) * LOG2E_D);
 #endif
+  // Lane s keeps split s's weight (-1: an empty split); the column loop takes it by shuffle rather
+  // than every lane reading every split's LSE again (splits past 32 are read directly).
+  float lane_weight = -1.0f;
+  if (lane < p.num_splits) {
+    const Stored x = read_stored(part_lse, slot0 + lane);
+    if (!x.neg_inf) lane_weight = exp2_of_nonpositive((x.value - best) * LOG2E_D);
+  }
   device MFA_IN_T* out_row = out + b * p.o_stride_b + row * p.o_stride_s + head * p.o_stride_h;
   for (int c = lane; c < MFA_DV; c += 32) {
     float acc = 0.0f;
     for (long s = 0; s < p.num_splits; ++s) {
-      const Stored x = read_stored(part_lse, slot0 + s);
-      if (!x.neg_inf) acc += exp2_of_nonpositive((x.value - best) * LOG2E_D) * part_out[(slot0 + s) * MFA_DV + c];
+      float w = -1.0f;
+      if (s < 32) {
+        w = simd_shuffle(lane_weight, ushort(s));
+      } else {
+        const Stored x = read_stored(part_lse, slot0 + s);
+        if (!x.neg_inf) w = exp2_of_nonpositive((x.value - best) * LOG2E_D);
+      }
+      if (w != -1.0f) acc += w * part_out[(slot0 + s) * MFA_DV + c];
     }
     out_row[c * p.o_stride_d] = MFA_IN_T(total == 0.0f ? 0.0f : acc / total);
   }
