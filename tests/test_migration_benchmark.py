@@ -71,3 +71,40 @@ def test_compare_vs_sdpa_prints_the_table(capsys):
 def test_bad_arguments_are_named(argument, value, message):
     with pytest.raises(ValueError, match=message):
         run_suite(**{**TINY, argument: value})
+
+
+def test_cli_standard_suite_with_mps_flash_attn_flags_and_json(tmp_path, capsys):
+    import json
+
+    from mfa_hf.benchmark.__main__ import main
+
+    path = tmp_path / "rows.json"
+    assert main(["--suite", "standard", "--device", "cpu", "--seq-lengths", "24", "--dtypes", "float32",
+                 "--backward", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    assert [(r["seqlen"], r["dtype"], r["causal"], r["pass"]) for r in rows] == [
+        (24, "float32", False, "fwd"), (24, "float32", False, "fwd+bwd"),
+        (24, "float32", True, "fwd"), (24, "float32", True, "fwd+bwd")]
+    assert all(r["max_diff"] < 1e-4 for r in rows)
+    out = capsys.readouterr().out
+    assert out.startswith("# suite standard on cpu") and "speedup" in out
+
+
+def test_cli_refuses_grid_flags_for_fixed_suites(capsys):
+    from mfa_hf.benchmark.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--suite", "quick", "--seq-lengths", "512"])
+    assert "--seq-lengths" in capsys.readouterr().err
+
+
+def test_generate_report_writes_the_summary(tmp_path, capsys):
+    from mfa_hf.benchmark import generate_report
+
+    rows = run_suite(**TINY, include_causal=False, include_window=False, as_frame=False)
+    path = generate_report(rows, tmp_path / "r.html", title="My <report>")
+    page = path.read_text()
+    assert "<title>My &lt;report&gt;</title>" in page and "Total benchmarks: 2" in page and "Average speedup" in page
+    assert f"Report written to {path}" in capsys.readouterr().out
+    with pytest.raises(TypeError, match="results"):
+        generate_report([object()], tmp_path / "x.html")

@@ -7,6 +7,7 @@ that differ (window_size counts one key fewer here; bool masks are True = attend
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -181,3 +182,74 @@ def test_mtl_sdpa_patch():
         mfa_hf.restore_sdpa()  # was: sdpa.uninstall()
     assert sum(trace.served_by(calls).values()) == 1  # ours (or the exact native path) served it
     _close(out, _reference(q, k, v), 1e-5)
+
+
+# ---- mps-flash-attn's own docstring and tests (tests/test_mfa_v2.py), import changed -------------
+
+def test_mps_docstring_mask_and_bias_examples():
+    from mfa_hf import mps_flash_attn  # was: import mps_flash_attn
+
+    q, k, v = _bhsd(6, n=64, dtype=torch.float32)
+    # With attention mask: True masks out (mps-flash-attn's convention, kept by mfa_hf.mps_flash_attn)
+    mask = torch.zeros(2, 1, 64, 64, dtype=torch.bool)
+    mask[:, :, :, 32:] = True  # mask out second half of keys
+    out = mps_flash_attn.flash_attention(q, k, v, attn_mask=mask)
+    _close(out, _reference(q[:, :, :, :], k[:, :, :32], v[:, :, :32]), 1e-5)
+    # Relative position bias (Swin Transformer style), pre-scaled by sqrt(head_dim)
+    bias = torch.randn(1, 8, 64, 64)
+    out = mps_flash_attn.flash_attention_with_bias(q, k, v, bias * math.sqrt(64))
+    _close(out, _reference(q, k, v, attn_mask=bias.double()), 1e-5)
+
+
+def test_mps_v2_bias_not_ignored_and_repeat_count():
+    import mfa_hf as mfa  # was: import mps_flash_attn as mfa
+
+    B, H, N, D = 1, 4, 64, 32
+    torch.manual_seed(42)
+    q, k, v = (torch.randn(B, H, N, D, dtype=torch.float16) for _ in range(3))
+    zero_bias = torch.zeros(B, H, N, N, dtype=torch.float16)
+    output_zero_bias = mfa.flash_attention_with_bias(q, k, v, zero_bias)
+    output_no_bias = mfa.flash_attention(q, k, v)
+    large_bias = torch.randn(B, H, N, N, dtype=torch.float16) * 10.0
+    output_large_bias = mfa.flash_attention_with_bias(q, k, v, large_bias)
+    assert (output_zero_bias - output_no_bias).abs().max().item() < 0.01
+    assert (output_large_bias - output_no_bias).abs().max().item() > 0.1
+
+    num_windows, H, ws, D = 8, 4, 32, 32
+    q, k, v = (torch.randn(num_windows, H, ws, D, dtype=torch.float16) for _ in range(3))
+    bias_single = torch.randn(1, H, ws, ws, dtype=torch.float16) * 0.1
+    out1 = mfa.flash_attention_with_bias(q, k, v, bias_single, bias_repeat_count=num_windows)
+    bias_expanded = bias_single.expand(num_windows, H, ws, ws).contiguous()
+    out2 = mfa.flash_attention_with_bias(q, k, v, bias_expanded, bias_repeat_count=0)
+    assert (out1 - out2).abs().max().item() < 0.01
+
+
+def test_mps_v2_relative_position_bias_backward():
+    import mfa_hf as mfa
+
+    B, H, ws, D = 1, 4, 49, 32  # 7x7 window
+    q, k, v = (torch.randn(B, H, ws, D, requires_grad=True) for _ in range(3))
+    rel_pos_bias = (torch.randn(H, ws, ws) * 0.02).unsqueeze(0)
+    output = mfa.flash_attention_with_bias(q, k, v, rel_pos_bias * math.sqrt(D))
+    output.sum().backward()
+    assert not any(torch.isnan(t).any() for t in (output, q.grad, k.grad, v.grad))
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = _reference(*ref_leaves, attn_mask=rel_pos_bias.double())
+    ref.sum().backward()
+    for ours, theirs in zip((q, k, v), ref_leaves):
+        assert float((ours.grad.double() - theirs.grad).abs().max()) < 1e-4
+
+
+def test_mps_v2_is_available_and_benchmark_names(tmp_path):
+    import mfa_hf as mps_flash_attn
+    from mfa_hf import benchmark  # was: from mps_flash_attn import benchmark
+
+    assert mps_flash_attn.is_available() == torch.backends.mps.is_available()  # gates their MPS-only tests
+    assert hasattr(benchmark, "run_suite") and hasattr(benchmark, "compare_vs_sdpa")
+    assert hasattr(benchmark, "generate_report")
+    results = benchmark.run_suite(seq_lengths=[32], dtypes=["float32"], batch_sizes=[1], head_dims=[16],
+                                  include_causal=False, include_window=False, verbose=False, device="cpu",
+                                  as_frame=False)
+    assert len(results) > 0 and results[0]["mfa_ms"] is not None  # theirs: results[0].mfa_time_ms
+    benchmark.generate_report(results, tmp_path / "report.html")
+    assert "Total benchmarks: 1" in (tmp_path / "report.html").read_text()
