@@ -16,8 +16,9 @@ Arguments keep mps-flash-attn's meaning, which differs from mfa_hf.flash_attenti
   without it, every key from i - w on): w + 1 keys, where mfa_hf.flash_attention(window_size=w) means w.
 - attn_mask: bool or uint8, True / non-zero = masked out (mfa_hf.flash_attention's bool masks follow
   SDPA: True = attend). Float masks are refused: mps-flash-attn had no additive mask on this op.
-Causal and windows align bottom-right when Lq != Lk (our semantics of record; mps-flash-attn's kernel
-aligns top-left), the same for Lq == Lk. docs/migrating.md lists every difference.
+Causal and windows align top-left when Lq != Lk, as mps-flash-attn's kernel does (mps_visibility.py: a bool
+mask then; for Lq == Lk the flags, where top-left and bottom-right agree), the same as the rest of
+mfa_hf.mps_flash_attn. docs/migrating.md lists every difference.
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ def _defined_elsewhere() -> bool:
 
 def _alias(query, key, value, is_causal=False, attn_mask=None, window_size=None):
     from .api import flash_attention  # local: the public API imports the core, which is not needed before a call
+    from .mps_visibility import visibility  # local: it imports mps_window from here
 
-    return flash_attention(query, key, value, is_causal=is_causal, attn_mask=mps_mask(attn_mask),
-                           window_size=mps_window(window_size, is_causal))
+    causal, window, keep = visibility(query, key, is_causal, window_size, mps_mask(attn_mask))
+    return flash_attention(query, key, value, is_causal=causal, attn_mask=keep, window_size=window)
 
 
 def mps_window(window_size, is_causal: bool):

@@ -47,21 +47,21 @@ def flash_attention_fp8(q, k_codes, v_codes, k_scale, v_scale, is_causal: bool =
                         **options):
     """flash_attention (B, H, S, D) over float8 K/V codes from quantize_kv_fp8."""
     fmt = _fp8_format(fp8_format)
-    return _attend(q, k_codes, v_codes, k_scale, v_scale, fmt, None, is_causal, options)
+    return attend_codes(q, k_codes, v_codes, k_scale, v_scale, fmt, None, is_causal, options)
 
 
 def flash_attention_int8(q, k_codes, v_codes, k_scale, v_scale, is_causal: bool = False, **options):
     """flash_attention (B, H, S, D) over int8 K/V codes from quantize_kv_int8."""
-    return _attend(q, k_codes, v_codes, k_scale, v_scale, "int8", None, is_causal, options)
+    return attend_codes(q, k_codes, v_codes, k_scale, v_scale, "int8", None, is_causal, options)
 
 
 def flash_attention_nf4(q, k_codes, v_codes, k_scale, v_scale, is_causal: bool = False,
                         group_size: int | None = None, **options):
     """flash_attention (B, H, S, D) over nf4 K/V codes; group_size defaults to D // scales.shape[-1]."""
-    return _attend(q, k_codes, v_codes, k_scale, v_scale, "nf4", group_size, is_causal, options)
+    return attend_codes(q, k_codes, v_codes, k_scale, v_scale, "nf4", group_size, is_causal, options)
 
 
-def _attend(q, k_codes, v_codes, k_scale, v_scale, fmt, group_size, is_causal, options):
+def attend_codes(q, k_codes, v_codes, k_scale, v_scale, fmt, group_size, is_causal, options):
     if not isinstance(q, torch.Tensor) or not q.is_floating_point():
         raise TypeError(f"q: expected a float tensor (B, H, Lq, D), got "
                         f"{q.dtype if isinstance(q, torch.Tensor) else type(q).__name__}")

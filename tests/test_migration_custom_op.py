@@ -46,10 +46,18 @@ def _inputs(case, seed):
 
 
 def _reference(q, k, v, case, masked_out, upcast):
-    """Our reference with mps-flash-attn's window (w keys before the own one) and mask polarity."""
-    _, _, _, _, _, _, causal, window, _ = case
+    """Our reference with mps-flash-attn's window (w keys before the own one), mask polarity and top-left
+    alignment of causal/window when Lq != Lk (its kernel masks j > i and j < i - w)."""
+    _, _, _, lq, lk, _, causal, window, _ = case
     pair = (-1, -1) if not window else (window, 0 if causal else -1)
     keep = None if masked_out is None else masked_out == 0
+    if lq != lk and (causal or window):
+        rows, cols = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
+        visible = (cols <= rows) if causal else torch.ones(lq, lk, dtype=torch.bool)
+        if window:
+            visible = visible & (cols >= rows - window)
+        keep = visible if keep is None else keep & visible
+        causal, pair = False, (-1, -1)
     dtype = torch.float64 if upcast else q.dtype
     leaves = [t.detach().to(dtype).transpose(1, 2).requires_grad_() for t in (q, k, v)]
     out, _ = attention_reference(*leaves, causal=causal, window_size=pair, attn_mask=keep, upcast=upcast)
