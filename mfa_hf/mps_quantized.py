@@ -41,7 +41,7 @@ def flash_attention_quantized(query, key, value, k_scale, v_scale, quant_type: i
             "here; pass is_causal=False, window_size=0, or dequantized K/V to mfa_hf.mps_flash_attn.flash_attention")
     try:
         return quant_compat.attend_codes(query, key, value, k_scale, v_scale, fmt, None, is_causal,
-                                   dict(attn_mask=mask, window_size=window, scale=scale))
+                                         dict(attn_mask=mask, window_size=window, scale=scale))
     except (TypeError, ValueError) as error:  # name this function's arguments
         message = str(error).replace("k_codes", "key").replace("v_codes", "value").replace("q:", "query:", 1)
         raise type(error)(message) from None
