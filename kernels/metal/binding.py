@@ -49,9 +49,25 @@ def vector_rows(t: torch.Tensor) -> bool:
     """Whether staging.h may read `t`'s rows with 4-element vector loads and 32-bit offsets: unit
     stride along the head dim, every row start 4-element aligned (storage offset and the strides of
     the other dims, those of size 1 aside), and a block's row offsets within 32 bits. Shapes,
-    strides and the storage offset only: never a device read."""
-    shape, stride = t.shape, t.stride()  # on every call: the cheap tests first
-    if (stride[-1] != 1 and shape[-1] > 1) or t.storage_offset() % VECTOR_WIDTH:
+    strides and the storage offset only: never a device read. The storage offset is tested on
+    every call; the shape/stride part is remembered per (shape, strides)."""
+    if t.storage_offset() % VECTOR_WIDTH:
+        return False
+    key = (t.shape, t.stride())
+    fits = _row_layouts.get(key)
+    if fits is None:
+        if len(_row_layouts) >= 4096:  # bounded: a new shape per call (growing caches) must not grow it forever
+            _row_layouts.clear()
+        fits = _row_layouts[key] = _vector_row_layout(*key)
+    return fits
+
+
+_row_layouts: dict = {}
+
+
+def _vector_row_layout(shape, stride) -> bool:
+    """vector_rows' conditions on the shape and strides (the storage offset aside)."""
+    if stride[-1] != 1 and shape[-1] > 1:
         return False
     if any(s % VECTOR_WIDTH for s in stride[:-1]) and any(s % VECTOR_WIDTH for n, s in zip(shape, stride) if n > 1):
         return False
@@ -60,7 +76,11 @@ def vector_rows(t: torch.Tensor) -> bool:
 
 def vector_row_bits(*tensors: torch.Tensor) -> int:
     """The kernels' `vector_rows` flags: bit n set when tensors[n] passes vector_rows."""
-    return sum(1 << n for n, t in enumerate(tensors) if vector_rows(t))
+    bits = 0
+    for n, t in enumerate(tensors):
+        if vector_rows(t):
+            bits |= 1 << n
+    return bits
 
 
 def lse_strides(lse: torch.Tensor) -> list[int]:
@@ -74,7 +94,8 @@ def strides4(t: torch.Tensor | None) -> list[int]:
     """Element strides of a 4-D tensor, 0 along size-1 (broadcast) dims; zeros when absent."""
     if t is None:
         return [0, 0, 0, 0]
-    return [0 if n == 1 else s for n, s in zip(t.shape, t.stride())]
+    (n0, n1, n2, n3), (s0, s1, s2, s3) = t.shape, t.stride()
+    return [0 if n0 == 1 else s0, 0 if n1 == 1 else s1, 0 if n2 == 1 else s2, 0 if n3 == 1 else s3]
 
 
 def index_vector(t: torch.Tensor | None, device) -> torch.Tensor:

@@ -78,48 +78,73 @@ def rows_per_tile(group: int, lq: int, dim_qk: int, dim_v: int) -> int:
     return max(1, min(group * lq, limit))
 
 
+_plans: dict = {}  # (q shape, codes shape, V codes' last dim, V format, requested splits) -> _plan(...)
+
+
+def _plan(q_shape, k_shape, v_storage_dim: int, v_format: str, requested: int) -> tuple:
+    """(group, dim_v, rows per tile, tiles, splits) of a decode shape: shapes only, never a length."""
+    batch, lq, heads_q, dim_qk = q_shape
+    heads_kv = k_shape[2]
+    group = heads_q // heads_kv
+    dim_v = kv_formats.spec(v_format).logical_dim(v_storage_dim)
+    rows = rows_per_tile(group, lq, dim_qk, dim_v)
+    tiles = math.ceil(group * lq / rows)
+    splits = SPLITS.splits(batch * heads_kv * tiles, k_shape[1], 1, requested)
+    return group, dim_v, rows, tiles, splits
+
+
 def decode(call: DecodeCall):
-    """The metal backend's decode (kernels/contract.py DecodeCall): vector kernel, split-K + merge."""
+    """The metal backend's decode (kernels/contract.py DecodeCall): vector kernel, split-K + merge.
+    The shape-only plan (rows per tile, tiles, splits) is remembered per shape; out and lse are
+    contiguous (new_output), so their strides follow from the shape."""
     q, keys, values, o = call.q, call.keys, call.values, call.options
     k_codes, k_scales, k_format, k_group_size = keys.codes, keys.scales, keys.format, keys.group_size
     v_codes, v_scales, v_format, v_group_size = values.codes, values.scales, values.format, values.group_size
-    alibi_slopes, sinks, cache_batch_idx, seqlens_k = call.alibi_slopes, call.sinks, call.cache_batch_idx, call.seqlens_k
+    alibi_slopes, sinks, cache_batch_idx = call.alibi_slopes, call.sinks, call.cache_batch_idx
     scale, softcap = o.scale, o.softcap
-    batch, lq, heads_q, dim_qk = q.shape
-    heads_kv = k_codes.shape[2]
-    group = heads_q // heads_kv
-    dim_v = kv_formats.spec(v_format).logical_dim(v_codes.shape[-1])
-    out = new_output((batch, lq, heads_q, dim_v), q.dtype, q.device)
-    lse = new_output((batch, heads_q, lq), lse_dtype(q.dtype), q.device)
+    q_shape, k_shape, v_storage_dim = q.shape, k_codes.shape, v_codes.shape[-1]
+    batch, lq, heads_q, dim_qk = q_shape
+    key = (q_shape, k_shape, v_storage_dim, v_format, call.num_splits)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= 4096:  # bounded (a growing cache changes its capacity, hence the key)
+            _plans.clear()
+        plan = _plans[key] = _plan(*key)
+    group, dim_v, rows, tiles, splits = plan
+    device, dtype = q.device, q.dtype
+    out = new_output((batch, lq, heads_q, dim_v), dtype, device)
+    lse = new_output((batch, heads_q, lq), lse_dtype(dtype), device)
     if batch == 0 or lq == 0 or heads_q == 0:
         return out, lse
-    if k_codes.shape[1] + lq * group >= 2**31:  # the kernel keeps keys, positions and rows in 32 bits
-        raise ValueError(f"metal decode: cache capacity {k_codes.shape[1]} and {lq * group} rows per KV head "
+    capacity = k_shape[1]
+    if capacity + lq * group >= 2**31:  # the kernel keeps keys, positions and rows in 32 bits
+        raise ValueError(f"metal decode: cache capacity {capacity} and {lq * group} rows per KV head "
                          "exceed 32-bit positions")
-    rows = rows_per_tile(group, lq, dim_qk, dim_v)
-    tiles = math.ceil(group * lq / rows)
-    splits = SPLITS.splits(batch * heads_kv * tiles, k_codes.shape[1], 1, call.num_splits)
-    slopes, slopes_stride = bound_slopes(alibi_slopes, q.device)
-    params = (strides4(q) + strides4(k_codes) + strides4(v_codes) + strides4(k_scales) + strides4(v_scales)
-              + list(out.stride()) + list(lse.stride())
-              + [slopes_stride] + [lq, heads_q, group, o.window_left, o.window_right, splits, k_group_size, v_group_size]
-              + [k_codes.shape[1], k_codes.shape[0]])
+    if alibi_slopes is None:
+        slopes, slopes_stride = placeholder(device, torch.float32), 0
+    else:
+        slopes, slopes_stride = bound_slopes(alibi_slopes, device)
+    o_head = heads_q * dim_v  # out.stride() and lse.stride(): both contiguous
+    params = [*strides4(q), *strides4(k_codes), *strides4(v_codes), *strides4(k_scales), *strides4(v_scales),
+              lq * o_head, o_head, dim_v, 1, heads_q * lq, lq, 1,
+              slopes_stride, lq, heads_q, group, o.window_left, o.window_right, splits, k_group_size, v_group_size,
+              capacity, k_shape[0]]
     q_scale = scale / softcap if softcap > 0 else scale * LOG2E
-    ingredients = (q.dtype, dim_qk, dim_v, k_format, v_format, rows, softcap > 0, alibi_slopes is not None,
+    ingredients = (dtype, dim_qk, dim_v, k_format, v_format, rows, softcap > 0, alibi_slopes is not None,
                    sinks is not None, cache_batch_idx is not None, splits > 1)  # DecodeVariant's fields
-    _, lib = launch_target(ingredients, lambda: DecodeVariant(*ingredients), q.device, len(DECODE_PARAM_FIELDS))
-    floats = placeholder(q.device, torch.float32)
-    sink_logits = bound_floats(sinks, q.device)
+    _, lib = launch_target(ingredients, lambda: DecodeVariant(*ingredients), device, len(DECODE_PARAM_FIELDS))
+    floats = placeholder(device, torch.float32)
+    sink_logits = floats if sinks is None else bound_floats(sinks, device)
     part_out, part_lse = floats, floats
     if splits > 1:
-        part_out = torch.empty((batch, heads_q, lq, splits, dim_v), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((batch, heads_q, lq, splits), dtype=torch.float32, device=q.device)
+        part_out = torch.empty((batch, heads_q, lq, splits, dim_v), dtype=torch.float32, device=device)
+        part_lse = torch.empty((batch, heads_q, lq, splits), dtype=torch.float32, device=device)
     threads = 32 * SIMDGROUPS
     lib.attention_decode(
         q, k_codes, floats if k_scales is None else k_scales, v_codes, floats if v_scales is None else v_scales,
-        index_vector(seqlens_k, q.device), index_vector(cache_batch_idx, q.device), slopes, sink_logits,
+        index_vector(call.seqlens_k, device), index_vector(cache_batch_idx, device), slopes, sink_logits,
         out, lse, part_out, part_lse, params, float(q_scale), float(softcap * LOG2E),
-        threads=(threads * tiles * splits, heads_kv, batch), group_size=(threads, 1, 1))
+        threads=(threads * tiles * splits, k_shape[2], batch), group_size=(threads, 1, 1))
     if splits > 1:
         lib.attention_decode_merge(part_out, part_lse, sink_logits, out, lse, params,
                                    threads=(32 * lq, heads_q, batch), group_size=(32, 1, 1))

@@ -4,8 +4,8 @@ parameters, strides, grid. No host synchronization here: everything passed is kn
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -13,8 +13,7 @@ import torch
 from ..contract import AttentionCall
 from ..launch import empty_result, new_output
 
-from .binding import LOG2E, bound_floats, bound_mask, bound_slopes, bshd_strides, lse_strides, placeholder, \
-    vector_row_bits
+from .binding import LOG2E, bound_floats, bound_mask, bound_slopes, placeholder, vector_row_bits
 from .loader import MASK_KINDS, MSL_TYPES, BlockConfig, block_config, header_fields, launch_target, round_up8
 
 # The order of AttentionParams in attention_params.h; checked against the header at import.
@@ -52,6 +51,13 @@ class ForwardVariant:
     def config(self) -> BlockConfig:
         return block_config(self.dtype, self.dim_qk, self.dim_v)
 
+    @cached_property
+    def launch_constants(self) -> tuple[int, int, float]:
+        """(query rows per threadgroup, threads per threadgroup, attention_forward.metal's SCORE_UNIT),
+        computed once per variant (the launcher reads them on every call)."""
+        config = self.config()
+        return config.query_block, config.threads, 1.0 if self.mask_kind == "additive" else LOG2E
+
     def defines(self, param_count: int) -> dict:
         config = self.config()
         mask_type = "uchar" if self.mask_kind != "additive" else MSL_TYPES[self.mask_dtype]
@@ -69,45 +75,67 @@ class ForwardVariant:
 
 
 def forward(call: AttentionCall):
-    """(out, lse) (kernels/contract.py)."""
+    """(out, lse) (kernels/contract.py). The per-call work is kept to what the call changes: shapes,
+    strides and storage offsets are read once each, the output strides follow from the shapes
+    (new_output allocates contiguous), and the variant's launch constants come with its library."""
     q, k, v, attn_mask, alibi_slopes, sinks = call.q, call.k, call.v, call.attn_mask, call.alibi_slopes, call.sinks
-    cu_seqlens_q, cu_seqlens_k, o = call.cu_seqlens_q, call.cu_seqlens_k, call.options
+    cu_seqlens_q, o = call.cu_seqlens_q, call.options
     if o.dropout_p > 0:
         raise ValueError(f"dropout_p: the metal forward has no dropout (the torch backend serves it), got {o.dropout_p}")
-    if call.empty:  # a Metal grid has no empty dimension
+    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        batch, lq, lk = cu_seqlens_q.numel() - 1, o.max_seqlen_q, o.max_seqlen_k
+    else:
+        batch, lq, lk = q_shape[0], q_shape[1], k_shape[1]
+    heads_q, dim_v = q_shape[-2], v_shape[-1]
+    if min(batch, lq, lk, heads_q) == 0:  # a Metal grid has no empty dimension (call.empty)
         return empty_result(q, v, sinks)
-    varlen, batch, lq, lk = call.varlen, call.batch, call.seqlen_q, call.seqlen_k
-    heads_q, heads_kv = call.heads_q, call.heads_kv
-    scale, softcap = o.scale, o.softcap
+    scale, softcap, device, dtype = o.scale, o.softcap, q.device, q.dtype
 
-    out = new_output(q.shape[:-1] + (v.shape[-1],), q.dtype, q.device)
-    lse_shape = (heads_q, q.shape[0]) if varlen else (batch, heads_q, lq)
-    lse = new_output(lse_shape, torch.float32, q.device)
+    rows_q = q_shape[0]  # packed: total query rows; dense: the batch
+    out = new_output(q_shape[:-1] + (dim_v,), dtype, device)
+    lse = new_output((heads_q, rows_q) if varlen else (batch, heads_q, lq), torch.float32, device)
+    # out and lse are contiguous: (B, Lq, Hq, Dv) / (Tq, Hq, Dv) and (B, Hq, Lq) / (Hq, Tq)
+    o_head = heads_q * dim_v
+    if varlen:
+        out_lse = (0, o_head, dim_v, 1, 0, rows_q, 1)
+    else:
+        out_lse = (lq * o_head, o_head, dim_v, 1, heads_q * lq, lq, 1)
 
-    mask, mask_strides = bound_mask(attn_mask, q.device, batch, heads_q, lq, lk)
-    slopes, slopes_stride = bound_slopes(alibi_slopes, q.device)
+    if attn_mask is None:
+        mask_kind, mask_dtype = "none", None
+        mask, mask_strides = placeholder(device, torch.uint8), (0, 0, 0, 0)
+    else:
+        mask, mask_strides = bound_mask(attn_mask, device, batch, heads_q, lq, lk)
+        mask_kind, mask_dtype = ("bool", None) if attn_mask.dtype == torch.bool else ("additive", mask.dtype)
+    if alibi_slopes is None:
+        slopes, slopes_stride = placeholder(device, torch.float32), 0
+    else:
+        slopes, slopes_stride = bound_slopes(alibi_slopes, device)
     ingredients = (  # ForwardVariant's fields, in order
-        q.dtype, q.shape[-1], v.shape[-1],
-        "none" if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive"),
-        None if attn_mask is None or attn_mask.dtype == torch.bool else mask.dtype,
-        softcap > 0, alibi_slopes is not None, sinks is not None, varlen,
-        cu_seqlens_q.dtype if varlen else torch.int32)
-    variant, lib = launch_target(ingredients, lambda: ForwardVariant(*ingredients), q.device, len(PARAM_FIELDS))
-    config = variant.config()
+        dtype, q_shape[-1], dim_v, mask_kind, mask_dtype, softcap > 0, alibi_slopes is not None,
+        sinks is not None, varlen, cu_seqlens_q.dtype if varlen else torch.int32)
+    variant, lib = launch_target(ingredients, lambda: ForwardVariant(*ingredients), device, len(PARAM_FIELDS))
+    query_block, threads, unit = variant.launch_constants
 
-    params = (bshd_strides(q) + bshd_strides(k) + bshd_strides(v) + bshd_strides(out) + lse_strides(lse)
-              + mask_strides + [slopes_stride] + [lq, lk, heads_q // heads_kv, o.window_left, o.window_right]
-              + [q.shape[0], k.shape[0], vector_row_bits(q, k, v)])
-    unit = 1.0 if variant.mask_kind == "additive" else LOG2E  # attention_forward.metal's SCORE_UNIT
+    q_stride, k_stride, v_stride = q.stride(), k.stride(), v.stride()
+    if varlen:  # packed (T, H, D): batch stride 0 (bshd_strides)
+        q_stride, k_stride, v_stride = (0, *q_stride), (0, *k_stride), (0, *v_stride)
+    params = [*q_stride, *k_stride, *v_stride, *out_lse, *mask_strides, slopes_stride,
+              lq, lk, heads_q // k_shape[-2], o.window_left, o.window_right, rows_q, k_shape[0],
+              vector_row_bits(q, k, v)]
     q_scale = scale / softcap if softcap > 0 else scale * unit
     cap_scale = softcap * unit
 
-    sink_logits = bound_floats(sinks, q.device)
-    cu_q = cu_seqlens_q if varlen else placeholder(q.device, torch.int32)
-    cu_k = cu_seqlens_k if varlen else placeholder(q.device, torch.int32)
+    floats = placeholder(device, torch.float32)
+    sink_logits = floats if sinks is None else bound_floats(sinks, device)
+    if varlen:
+        cu_q, cu_k = cu_seqlens_q, call.cu_seqlens_k
+    else:
+        cu_q = cu_k = placeholder(device, torch.int32)
 
-    groups = math.ceil(lq / config.query_block)
     lib.attention_forward(
         q, k, v, out, lse, params, float(q_scale), float(cap_scale), mask, slopes, sink_logits, cu_q, cu_k,
-        threads=(config.threads * groups, heads_q, batch), group_size=(config.threads, 1, 1))
+        threads=(threads * -(-lq // query_block), heads_q, batch), group_size=(threads, 1, 1))
     return out, lse

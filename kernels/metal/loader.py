@@ -228,17 +228,31 @@ def library(variant, device: torch.device, param_count: int):
 
 
 _launch_targets: dict = {}
+_current_target = None
+
+
+def _emulated_target():
+    global _current_target
+    if _current_target is None:  # imported on first use: the emulator is only needed off mps
+        from .emulator.targets import current_target
+
+        _current_target = current_target
+    return _current_target()
 
 
 def launch_target(ingredients: tuple, make_variant, device: torch.device, param_count: int):
     """(variant, library) of the variant `make_variant()` builds from `ingredients` (a plain tuple of
     the variant's fields), cached per (runtime, ingredients): a repeated call builds and hashes no
-    variant dataclass. A variant that fails to compile raises from `library` each time (not cached here)."""
-    key = (_runtime_key(device), ingredients)
+    variant dataclass. A variant that fails to compile raises from `library` each time (not cached here).
+    The emulated target enters the key by identity (current_target keeps one object per target; the
+    hit holds it, so an id is never reused for another): hashing the Target dataclass costs ~1 us."""
+    device_type = device.type
+    target = None if device_type == "mps" else _emulated_target()
+    key = (device_type, id(target), ingredients)
     hit = _launch_targets.get(key)
-    if hit is None or hit[2] is not _libraries:  # tests swap the library cache: follow it
+    if hit is None or hit[2] is not _libraries or hit[3] is not target:  # tests swap the library cache: follow it
         variant = make_variant()
-        hit = _launch_targets[key] = (variant, library(variant, device, param_count), _libraries)
+        hit = _launch_targets[key] = (variant, library(variant, device, param_count), _libraries, target)
     return hit[0], hit[1]
 
 

@@ -97,14 +97,26 @@ def _installed_torch() -> str:
 
 
 _TARGETS: dict = {}  # (override, environment) -> Target: launchers ask on every call
+_ENV_NAMES = ("MSLEMU_MACOS", "MSLEMU_TORCH", "PYTORCH_MPS_FAST_MATH")
+try:  # os.environ's own store, keyed as it keys it: a plain dict read (os.environ.get decodes, ~2 us each)
+    _ENV_KEYS = tuple(os.environ.encodekey(name) for name in _ENV_NAMES)
+except AttributeError:
+    _ENV_KEYS = None
+
+
+def _environment_key() -> tuple:
+    data = getattr(os.environ, "_data", None)
+    if _ENV_KEYS is None or not isinstance(data, dict):
+        return tuple(os.environ.get(name) for name in _ENV_NAMES)
+    first, second, third = _ENV_KEYS
+    return data.get(first), data.get(second), data.get(third)
 
 
 def current_target() -> Target:
-    """The target compiles use now: `emulate(...)` overrides, else the environment."""
+    """The target compiles use now: `emulate(...)` overrides, else the environment. One Target
+    object per (override, environment): launchers may key caches on its identity."""
     override = _OVERRIDE.get()
-    environ = os.environ
-    key = (tuple(override.items()), environ.get("MSLEMU_MACOS"), environ.get("MSLEMU_TORCH"),
-           environ.get("PYTORCH_MPS_FAST_MATH"))
+    key = (tuple(override.items()) if override else (), _environment_key())
     target = _TARGETS.get(key)
     if target is None:
         target = _TARGETS[key] = _target_of(override)
