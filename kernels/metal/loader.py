@@ -285,8 +285,8 @@ class CheckedKernel:
         return getattr(self._kernel, "max_threads_per_threadgroup", None)
 
     def __call__(self, *args, group_size, **launch):
-        wanted = math.prod(group_size) if isinstance(group_size, (tuple, list)) else group_size
         limit = self.max_threads_per_threadgroup
+        wanted = math.prod(group_size) if type(group_size) is not int else group_size
         if limit is not None and wanted > limit:
             raise self._unavailable(f"{self._name} is launched with {wanted} threads per threadgroup, its pipeline "
                                     f"allows {limit}")
