@@ -19,6 +19,10 @@
 //                   dims, where Q fragments would take too many registers); 0: Q in registers
 //   MFA_MASK_KIND       0 none, 1 bool (uchar, nonzero = attend), 2 additive (MFA_MASK_T)
 //   MFA_HAS_SOFTCAP, MFA_HAS_ALIBI, MFA_HAS_SINKS, MFA_VARLEN, MFA_CU_T (int | long: cu_seqlens' type)
+//   MFA_LONG_POSITIONS  0: positions (rows, keys, lengths, windows) and the mask's key stride times
+//                   64 fit 32 bits with room (forward.py's POSITION_LIMIT, checked on the host), so
+//                   the block loop, the visibility bounds and the mask/ALiBi index arithmetic are
+//                   `int`; 1: the general path for huge problems, the same code on `long`
 //   MFA_ATTENTION_PARAM_COUNT   the number of int64 fields the host passes (size check)
 //
 // Launch: threads = (32 * MFA_WM * ceil(max Lq / BQ), Hq, B), group_size = (32 * MFA_WM, 1, 1).
@@ -51,6 +55,17 @@ constant float LN2 = 0.6931471805599453f;
 #endif
 #define TO_LOG2 (LOG2E / SCORE_UNIT)
 
+// Sequence positions. Row pointers are 64-bit only in the per-(batch, head) bases and the
+// per-block pointer increments; everything indexed by a position below is pos_t.
+#if MFA_LONG_POSITIONS
+typedef long pos_t;
+#else
+typedef int pos_t;
+#endif
+inline pos_t pmin(pos_t a, pos_t b) { return a < b ? a : b; }
+inline pos_t pmax(pos_t a, pos_t b) { return a > b ? a : b; }
+inline pos_t pclamp(pos_t x, pos_t lo, pos_t hi) { return pmin(pmax(x, lo), hi); }
+
 
 [[kernel, max_total_threads_per_threadgroup(THREADS)]] void attention_forward(
     device const MFA_IN_T* q [[buffer(0)]],
@@ -75,13 +90,16 @@ constant float LN2 = 0.6931471805599453f;
   // Offsets are clamped into the packed tensors: the host does not read them back off the CPU.
   const long q_start = clamp_index(long(cu_seqlens_q[batch]), 0, p.total_q);
   const long k_start = clamp_index(long(cu_seqlens_k[batch]), 0, p.total_k);
-  const long seqlen_q = clamp_index(long(cu_seqlens_q[batch + 1]), q_start, p.total_q) - q_start;
-  const long seqlen_k = clamp_index(long(cu_seqlens_k[batch + 1]), k_start, p.total_k) - k_start;
+  const pos_t seqlen_q = pos_t(clamp_index(long(cu_seqlens_q[batch + 1]), q_start, p.total_q) - q_start);
+  const pos_t seqlen_k = pos_t(clamp_index(long(cu_seqlens_k[batch + 1]), k_start, p.total_k) - k_start);
 #else
-  const long q_start = 0, k_start = 0, seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
+  const long q_start = 0, k_start = 0;
+  const pos_t seqlen_q = pos_t(p.seqlen_q), seqlen_k = pos_t(p.seqlen_k);
 #endif
-  const long block_row0 = long(group_id.x) * BQ;
+  const pos_t block_row0 = pos_t(group_id.x) * BQ;
   if (block_row0 >= seqlen_q) return;  // the whole threadgroup: a shorter sequence of a varlen batch
+  const pos_t window_left = pos_t(p.window_left), window_right = pos_t(p.window_right);  // -1: unbounded
+  const int vector_rows = int(p.vector_rows);
 
   device const MFA_IN_T* q_seq = q + batch * p.q_stride_b + q_start * p.q_stride_s + head * p.q_stride_h;
   device const MFA_IN_T* k_seq = k + batch * p.k_stride_b + k_start * p.k_stride_s + kv_head * p.k_stride_h;
@@ -97,20 +115,21 @@ constant float LN2 = 0.6931471805599453f;
 #endif
 
   const FragmentLane at = fragment_lane(lane);
-  const long sg_row0 = block_row0 + sg * 8;
-  const long row = sg_row0 + at.row;  // this lane's query row
+  const pos_t sg_row0 = block_row0 + sg * 8;
+  const pos_t row = sg_row0 + at.row;  // this lane's query row
   const bool row_in = row < seqlen_q;
-  const long offset = seqlen_k - seqlen_q;  // bottom-right alignment: row i's diagonal is i + offset
+  const pos_t offset = seqlen_k - seqlen_q;  // bottom-right alignment: row i's diagonal is i + offset
 
 #if MFA_Q_IN_TG
   threadgroup MFA_IN_T q_tile[BQ * MFA_Q_PITCH];
-  stage_rows<MFA_IN_T, MFA_DQK_PAD, MFA_DQK, MFA_Q_PITCH, BQ, THREADS>(q_tile, q_seq, block_row0, seqlen_q, p.q_stride_s,
-                                                                     p.q_stride_d, p.vector_rows & 1, tid);
+  stage_block<MFA_IN_T, MFA_DQK_PAD, MFA_DQK, MFA_Q_PITCH, BQ, THREADS>(
+      q_tile, q_seq + long(block_row0) * p.q_stride_s, int(pmin(seqlen_q - block_row0, BQ)), p.q_stride_s,
+      p.q_stride_d, vector_rows & 1, tid);
   threadgroup_barrier(mem_flags::mem_threadgroup);
 #else
   simdgroup_float8x8 q_frag[DQK_BLOCKS];
-  device const MFA_IN_T* q_row = q_seq + (row_in ? row : 0) * p.q_stride_s;
-  const bool q_unit = p.vector_rows & 1;  // stride_d == 1: 32-bit column offsets
+  device const MFA_IN_T* q_row = q_seq + long(row_in ? row : 0) * p.q_stride_s;
+  const bool q_unit = vector_rows & 1;  // stride_d == 1: 32-bit column offsets
   for (int d = 0; d < DQK_BLOCKS; ++d) {
     for (int e = 0; e < 2; ++e) {
       const int col = d * 8 + at.col + e;
@@ -121,16 +140,17 @@ constant float LN2 = 0.6931471805599453f;
 #endif
 
   // The key blocks some row of this threadgroup can see.
-  const long last_row = lmin(block_row0 + BQ, seqlen_q) - 1;
-  const long first_key = p.window_left >= 0 ? lmax(block_row0 + offset - p.window_left, 0) : 0;
-  const long end_key = p.window_right >= 0 ? lmin(last_row + offset + p.window_right + 1, seqlen_k) : seqlen_k;
-  const long sg_last = lmin(sg_row0 + 7, seqlen_q - 1);
+  const pos_t last_row = pmin(block_row0 + BQ, seqlen_q) - 1;
+  const pos_t first_key = window_left >= 0 ? pmax(block_row0 + offset - window_left, 0) : 0;
+  const pos_t end_key = window_right >= 0 ? pmin(last_row + offset + window_right + 1, seqlen_k) : seqlen_k;
+  const pos_t sg_last = pmin(sg_row0 + 7, seqlen_q - 1);
 
 #if MFA_HAS_ALIBI
   const float slope = alibi_slopes[batch * p.alibi_stride_b + head] * SCORE_UNIT;
 #endif
 #if MFA_MASK_KIND
-  device const MFA_MASK_T* mask_row = mask + batch * p.mask_stride_b + head * p.mask_stride_h + row * p.mask_stride_q;
+  const pos_t mask_k = pos_t(p.mask_stride_k);  // the key block's elements: 32-bit offsets from its pointer
+  const long mask_step = MFA_BK * p.mask_stride_k;
 #endif
 
   // Running max (in score units, finite from the start: see finite_math.h) and sum; a sink is a
@@ -146,12 +166,24 @@ constant float LN2 = 0.6931471805599453f;
   simdgroup_float8x8 o[DV_BLOCKS];
   for (int d = 0; d < DV_BLOCKS; ++d) o[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
 
-  for (long key0 = (first_key / MFA_BK) * MFA_BK; key0 < end_key; key0 += MFA_BK) {
-    stage_rows<MFA_IN_T, MFA_DQK_PAD, MFA_DQK, MFA_K_PITCH, MFA_BK, THREADS>(k_tile, k_seq, key0, seqlen_k, p.k_stride_s,
-                                                                         p.k_stride_d, p.vector_rows & 2, tid);
+  // The block loop walks 32-bit positions (pos_t) and advances the K, V (and mask) block pointers
+  // by increments fixed per launch: no 64-bit row arithmetic per block.
+  pos_t key0 = (first_key / MFA_BK) * MFA_BK;
+  const long k_step = MFA_BK * p.k_stride_s, v_step = MFA_BK * p.v_stride_s;
+  device const MFA_IN_T* k_block = k_seq + long(key0) * p.k_stride_s;
+  device const MFA_IN_T* v_block = v_seq + long(key0) * p.v_stride_s;
+#if MFA_MASK_KIND
+  device const MFA_MASK_T* mask_block = mask + batch * p.mask_stride_b + head * p.mask_stride_h +
+                                        long(row) * p.mask_stride_q + long(key0) * p.mask_stride_k;
+#endif
+  for (; key0 < end_key; key0 += MFA_BK, k_block += k_step, v_block += v_step) {
+    // Real keys of the block (key0 < end_key <= seqlen_k, so at least one).
+    const int keys_in = int(pmin(seqlen_k - key0, MFA_BK));
+    stage_block<MFA_IN_T, MFA_DQK_PAD, MFA_DQK, MFA_K_PITCH, MFA_BK, THREADS>(k_tile, k_block, keys_in, p.k_stride_s,
+                                                                          p.k_stride_d, vector_rows & 2, tid);
 #if !MFA_SHARED_KV
-    stage_rows<MFA_IN_T, MFA_DV_PAD, MFA_DV, MFA_V_PITCH, MFA_BK, THREADS>(v_tile, v_seq, key0, seqlen_k, p.v_stride_s,
-                                                                       p.v_stride_d, p.vector_rows & 4, tid);
+    stage_block<MFA_IN_T, MFA_DV_PAD, MFA_DV, MFA_V_PITCH, MFA_BK, THREADS>(v_tile, v_block, keys_in, p.v_stride_s,
+                                                                        p.v_stride_d, vector_rows & 4, tid);
 #endif
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -175,14 +207,13 @@ constant float LN2 = 0.6931471805599453f;
     }
 
     // Blocks inside every row's window (and the sequence) need no per-element visibility test.
-    const bool inside = key0 + MFA_BK <= seqlen_k &&
-                        (p.window_left < 0 || key0 >= sg_last + offset - p.window_left) &&
-                        (p.window_right < 0 || key0 + MFA_BK - 1 <= sg_row0 + offset + p.window_right);
-    // This row's visible keys of the block as 32-bit offsets from key0 (clamped into [-1, BK]),
-    // so the per-element test below has no 64-bit arithmetic: [lo, hi] and < keys_in.
-    const int keys_in = int(clamp_index(seqlen_k - key0, 0, MFA_BK));
-    const int lo = p.window_left < 0 ? -1 : int(clamp_index(row + offset - p.window_left - key0, -1, MFA_BK));
-    const int hi = p.window_right < 0 ? MFA_BK : int(clamp_index(row + offset + p.window_right - key0, -1, MFA_BK));
+    const bool inside = keys_in == MFA_BK &&
+                        (window_left < 0 || key0 >= sg_last + offset - window_left) &&
+                        (window_right < 0 || key0 + MFA_BK - 1 <= sg_row0 + offset + window_right);
+    // This row's visible keys of the block as offsets from key0 (clamped into [-1, BK]), so the
+    // per-element test below is on `int` whatever pos_t is: [lo, hi] and < keys_in.
+    const int lo = window_left < 0 ? -1 : int(pclamp(row + offset - window_left - key0, -1, MFA_BK));
+    const int hi = window_right < 0 ? MFA_BK : int(pclamp(row + offset + window_right - key0, -1, MFA_BK));
     // Visibility is a flag, never a -inf score: the maximum is taken over visible scores only and
     // an invisible key's P is 0 by selection.
     float tile_max = LOWEST_FINITE;
@@ -190,20 +221,19 @@ constant float LN2 = 0.6931471805599453f;
     for (int j = 0; j < KEY_FRAGMENTS; ++j) {
       for (int e = 0; e < 2; ++e) {
         const int kk = j * 8 + at.col + e;  // key0 + kk is the key
-        const long key = key0 + kk;
         float x = s[j].thread_elements()[e] * q_scale;
 #if MFA_HAS_SOFTCAP
         x = precise::tanh(x) * cap_scale;
 #endif
 #if MFA_HAS_ALIBI
-        x -= slope * fabs(float(row + offset - key));
+        x -= slope * fabs(float(row + offset - key0 - kk));
 #endif
         bool visible = inside || (kk < keys_in && kk >= lo && kk <= hi);
 #if MFA_MASK_KIND == 1
-        visible = visible && row_in && kk < keys_in && mask_row[key * p.mask_stride_k] != 0;
+        visible = visible && row_in && kk < keys_in && mask_block[kk * mask_k] != 0;
 #elif MFA_MASK_KIND == 2
         if (visible && row_in) {
-          const Stored bias = read_stored(mask_row, key * p.mask_stride_k);
+          const Stored bias = read_stored(mask_block + kk * mask_k, 0);
           visible = !bias.neg_inf;  // a -inf entry removes the key, as in the reference
           x += bias.value;
         }
@@ -233,8 +263,8 @@ constant float LN2 = 0.6931471805599453f;
 
 #if MFA_SHARED_KV
     threadgroup_barrier(mem_flags::mem_threadgroup);  // every simdgroup is done with K: V takes its tile
-    stage_rows<MFA_IN_T, MFA_DV_PAD, MFA_DV, MFA_V_PITCH, MFA_BK, THREADS>(v_tile, v_seq, key0, seqlen_k, p.v_stride_s,
-                                                                       p.v_stride_d, p.vector_rows & 4, tid);
+    stage_block<MFA_IN_T, MFA_DV_PAD, MFA_DV, MFA_V_PITCH, MFA_BK, THREADS>(v_tile, v_block, keys_in, p.v_stride_s,
+                                                                        p.v_stride_d, vector_rows & 4, tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
 #endif
     // O = O * correction + P V.
@@ -247,6 +277,9 @@ constant float LN2 = 0.6931471805599453f;
       }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);  // the next block overwrites k_tile and v_tile
+#if MFA_MASK_KIND
+    mask_block += mask_step;
+#endif
   }
 
   if (!row_in) return;
@@ -254,10 +287,11 @@ constant float LN2 = 0.6931471805599453f;
   // "> 0", so that a NaN propagates as the reference says.
   const float inv = l == 0.0f ? 0.0f : 1.0f / l;
   device MFA_IN_T* out_row = out + batch * p.o_stride_b + (q_start + row) * p.o_stride_s + head * p.o_stride_h;
+  const int o_d = int(p.o_stride_d);  // the host allocates out contiguous: 1
   for (int d = 0; d < DV_BLOCKS; ++d) {
     for (int e = 0; e < 2; ++e) {
       const int col = d * 8 + at.col + e;
-      if (col < MFA_DV) out_row[col * p.o_stride_d] = MFA_IN_T(o[d].thread_elements()[e] * inv);
+      if (col < MFA_DV) out_row[col * o_d] = MFA_IN_T(o[d].thread_elements()[e] * inv);
     }
   }
   if (at.col == 0) {

@@ -32,6 +32,14 @@ if _declared != PARAM_FIELDS:
     raise ImportError(f"attention_params.h: expected AttentionParams fields {PARAM_FIELDS}, got {_declared}")
 
 
+# The kernel keeps sequence positions (rows, keys, lengths, window bounds) in 32-bit `int` below
+# this, and sums of three of them stay below 2^31; the mask's key stride times a key block (<= 32,
+# so 64 with room) must fit 32 bits too. Otherwise the variant with MFA_LONG_POSITIONS (the same
+# code on `long`) serves the call.
+POSITION_LIMIT = 2**29
+MASK_KEY_STRIDE_LIMIT = 2**31 // 64
+
+
 @dataclass(frozen=True)
 class ForwardVariant:
     """Everything that changes the forward kernel's code: the library cache key."""
@@ -47,6 +55,7 @@ class ForwardVariant:
     sinks: bool = False
     varlen: bool = False
     cu_seqlens_dtype: torch.dtype = torch.int32
+    long_positions: bool = False  # the kernel's general path: positions on `long` (see POSITION_LIMIT)
 
     def config(self) -> BlockConfig:
         return block_config(self.dtype, self.dim_qk, self.dim_v)
@@ -70,7 +79,7 @@ class ForwardVariant:
             "K_PITCH": config.k_pitch, "V_PITCH": config.v_pitch, "Q_PITCH": config.q_pitch,
             "SHARED_KV": config.shared_kv,
             "HAS_SOFTCAP": self.softcap, "HAS_ALIBI": self.alibi, "HAS_SINKS": self.sinks,
-            "VARLEN": self.varlen, "ATTENTION_PARAM_COUNT": param_count,
+            "VARLEN": self.varlen, "LONG_POSITIONS": self.long_positions, "ATTENTION_PARAM_COUNT": param_count,
         }
 
 
@@ -94,8 +103,12 @@ def forward(call: AttentionCall):
     scale, softcap, device, dtype = o.scale, o.softcap, q.device, q.dtype
 
     rows_q = q_shape[0]  # packed: total query rows; dense: the batch
-    out = new_output(q_shape[:-1] + (dim_v,), dtype, device)
-    lse = new_output((heads_q, rows_q) if varlen else (batch, heads_q, lq), torch.float32, device)
+    if varlen:  # plain tuples: torch.empty takes them faster than a torch.Size built by slicing
+        out = new_output((rows_q, heads_q, dim_v), dtype, device)
+        lse = new_output((heads_q, rows_q), torch.float32, device)
+    else:
+        out = new_output((batch, lq, heads_q, dim_v), dtype, device)
+        lse = new_output((batch, heads_q, lq), torch.float32, device)
     # out and lse are contiguous: (B, Lq, Hq, Dv) / (Tq, Hq, Dv) and (B, Hq, Lq) / (Hq, Tq)
     o_head = heads_q * dim_v
     if varlen:
@@ -113,9 +126,11 @@ def forward(call: AttentionCall):
         slopes, slopes_stride = placeholder(device, torch.float32), 0
     else:
         slopes, slopes_stride = bound_slopes(alibi_slopes, device)
+    long_positions = max(lq, lk, rows_q, k_shape[0], o.window_left, o.window_right) >= POSITION_LIMIT or (
+        attn_mask is not None and abs(mask_strides[3]) >= MASK_KEY_STRIDE_LIMIT)
     ingredients = (  # ForwardVariant's fields, in order
         dtype, q_shape[-1], dim_v, mask_kind, mask_dtype, softcap > 0, alibi_slopes is not None,
-        sinks is not None, varlen, cu_seqlens_q.dtype if varlen else torch.int32)
+        sinks is not None, varlen, cu_seqlens_q.dtype if varlen else torch.int32, long_positions)
     variant, lib = launch_target(ingredients, lambda: ForwardVariant(*ingredients), device, len(PARAM_FIELDS))
     query_block, threads, unit = variant.launch_constants
 

@@ -41,15 +41,23 @@ inline void stage_rows_strided(threadgroup T* tile, device const T* block, int r
   }
 }
 
-// Rows [first_row, first_row + ROWS) of `seq` (rows at or past end_row read as zero).
+// The ROWS rows from `block` (its first row), `rows` of them real (the rest read as zero). A caller
+// that walks blocks advances `block` by a pointer increment: no 64-bit row arithmetic per block.
 template <typename T, int PAD, int REAL, int PITCH, int ROWS, int THREADS>
-inline void stage_rows(threadgroup T* tile, device const T* seq, long first_row, long end_row, long row_stride,
-                       long col_stride, bool vector, ushort tid) {
-  device const T* block = seq + first_row * row_stride;
-  const int rows = int(lmin(end_row - first_row, ROWS));
+inline void stage_block(threadgroup T* tile, device const T* block, int rows, long row_stride, long col_stride,
+                        bool vector, ushort tid) {
   if (vector) {
     stage_rows_vector<T, PAD, REAL, PITCH, ROWS, THREADS>(tile, block, rows, int(row_stride), tid);
   } else {
     stage_rows_strided<T, PAD, REAL, PITCH, ROWS, THREADS>(tile, block, rows, row_stride, col_stride, tid);
   }
+}
+
+// Rows [first_row, first_row + ROWS) of `seq` (rows at or past end_row read as zero).
+template <typename T, int PAD, int REAL, int PITCH, int ROWS, int THREADS>
+inline void stage_rows(threadgroup T* tile, device const T* seq, long first_row, long end_row, long row_stride,
+                       long col_stride, bool vector, ushort tid) {
+  stage_block<T, PAD, REAL, PITCH, ROWS, THREADS>(tile, seq + first_row * row_stride,
+                                                  int(lmin(end_row - first_row, ROWS)), row_stride, col_stride,
+                                                  vector, tid);
 }

@@ -217,3 +217,26 @@ def test_varlen_int64_offsets(metal_backend, two_schedules):
         base, base_lse = attention_reference(*args, causal=True, upcast=False)
         assert_close_to_reference(out.cpu()[None, rows], ref, base, name=f"out[{b}]")
         assert_close_to_reference(lse.cpu()[None, :, rows], ref_lse, base_lse, name=f"lse[{b}]")
+
+
+# The general path (MFA_LONG_POSITIONS: positions on `long`) that serves problems past
+# forward.POSITION_LIMIT: the same cases through it, forced by a limit of 0.
+LONG_POSITION_CASES = [c for c in core_cases() if c.dtype == torch.float16 and
+                       any(f in c.id for f in ("w5_3-alibi-mask_bool", "causal-w6_-1-softcap-sinks-alibi-mask_additive",
+                                               "-d40-40-mask_additive", "-d111-111-causal-mask_bool"))]
+
+
+@pytest.mark.parametrize("case", LONG_POSITION_CASES, ids=lambda c: c.id)
+def test_long_positions_path(case, metal_backend, two_schedules, monkeypatch):
+    from mfa_hf.kernels.metal import forward
+
+    monkeypatch.setattr(forward, "POSITION_LIMIT", 0)
+    check_case(case, metal_backend, two_schedules)
+    assert any(getattr(v, "long_positions", False) for v in loader.cached_variants())
+
+
+def test_long_positions_path_varlen(metal_backend, two_schedules, monkeypatch):
+    from mfa_hf.kernels.metal import forward
+
+    monkeypatch.setattr(forward, "POSITION_LIMIT", 0)
+    test_varlen(torch.float16, {"window_size": (4, 1), "alibi": True}, metal_backend, two_schedules)
