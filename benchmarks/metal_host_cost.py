@@ -38,19 +38,23 @@ def stub_kernels() -> None:
     loader.runtime_compile_shader = lambda device: lambda source: _NoOpLibrary()
 
 
-def per_call_us(fn, calls: int, repeats: int) -> str:
-    """Median over repeats of µs per call: this thread's CPU time (what the launch path costs; on a
-    shared machine wall time also counts time spent descheduled) and wall time."""
-    for _ in range(200):
-        fn()
-    cpu, wall = [], []
-    for _ in range(repeats):
-        start_cpu, start_wall = time.thread_time(), time.perf_counter()
-        for _ in range(calls):
+def per_call_us(fns: dict, calls: int, repeats: int) -> dict:
+    """{name: "cpu / wall" µs per call}: medians over repeats, the functions timed in turn within each
+    repeat (a shared machine's slow phases then hit all of them alike). CPU time is this thread's
+    (what the launch path costs); wall time also counts time spent descheduled."""
+    for fn in fns.values():
+        for _ in range(200):
             fn()
-        cpu.append((time.thread_time() - start_cpu) / calls * 1e6)
-        wall.append((time.perf_counter() - start_wall) / calls * 1e6)
-    return f"{statistics.median(cpu):6.1f} cpu {statistics.median(wall):6.1f} wall"
+    cpu = {name: [] for name in fns}
+    wall = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start_cpu, start_wall = time.thread_time(), time.perf_counter()
+            for _ in range(calls):
+                fn()
+            cpu[name].append((time.thread_time() - start_cpu) / calls * 1e6)
+            wall[name].append((time.perf_counter() - start_wall) / calls * 1e6)
+    return {name: f"{statistics.median(cpu[name]):6.1f} cpu {statistics.median(wall[name]):6.1f} wall" for name in fns}
 
 
 def main() -> None:
@@ -70,14 +74,16 @@ def main() -> None:
     dec = DecodeCall(torch.randn(b, 1, h, d, dtype=torch.float16), CacheSide(cache_k, None, "none", 0),
                      CacheSide(cache_v, None, "none", 0), torch.full((b,), 700, dtype=torch.int32),
                      Options(scale=d ** -0.5, window_right=0))
+    results = per_call_us({
+        f"forward  (B={b}, L=256, Hq={h}, Hkv={hkv}, D={d}, causal, fp16)": lambda: forward_mod.forward(fwd),
+        f"decode   (B={b}, Lq=1, Hq={h}, Hkv={hkv}, D={d}, cache 1024, fp16)": lambda: decode_mod.decode(dec),
+        "torch.empty x2 alone (the forward's out and lse)": lambda: (
+            torch.empty((b, 256, h, d), dtype=torch.float16), torch.empty((b, h, 256), dtype=torch.float32)),
+    }, args.calls, args.repeats)
     print(f"torch {torch.__version__}, {args.calls} calls x {args.repeats} repeats, median µs per call "
           "(kernel stubbed, CPU tensors)")
-    print(f"forward  (B={b}, L=256, Hq={h}, Hkv={hkv}, D={d}, causal, fp16): "
-          f"{per_call_us(lambda: forward_mod.forward(fwd), args.calls, args.repeats)}")
-    print(f"decode   (B={b}, Lq=1, Hq={h}, Hkv={hkv}, D={d}, cache 1024, fp16): "
-          f"{per_call_us(lambda: decode_mod.decode(dec), args.calls, args.repeats)}")
-    print(f"torch.empty x2 alone (floor of the output allocation): "
-          f"{per_call_us(lambda: (torch.empty((b, 256, h, d), dtype=torch.float16), torch.empty((b, h, 256), dtype=torch.float32)), args.calls, args.repeats)}")
+    for name, value in results.items():
+        print(f"{name}: {value}")
 
 
 if __name__ == "__main__":

@@ -58,14 +58,14 @@ def vector_rows(t: torch.Tensor) -> bool:
     if fits is None:
         if len(_row_layouts) >= 4096:  # bounded: a new shape per call (growing caches) must not grow it forever
             _row_layouts.clear()
-        fits = _row_layouts[key] = _vector_row_layout(*key)
+        fits = _row_layouts[key] = vector_row_layout(*key)
     return fits
 
 
 _row_layouts: dict = {}
 
 
-def _vector_row_layout(shape, stride) -> bool:
+def vector_row_layout(shape, stride) -> bool:
     """vector_rows' conditions on the shape and strides (the storage offset aside)."""
     if stride[-1] != 1 and shape[-1] > 1:
         return False

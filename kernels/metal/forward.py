@@ -5,7 +5,6 @@ parameters, strides, grid. No host synchronization here: everything passed is kn
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -13,7 +12,8 @@ import torch
 from ..contract import AttentionCall
 from ..launch import empty_result, new_output
 
-from .binding import LOG2E, bound_floats, bound_mask, bound_slopes, placeholder, vector_row_bits
+from . import loader
+from .binding import LOG2E, VECTOR_WIDTH, bound_floats, bound_mask, bound_slopes, placeholder, vector_row_layout
 from .loader import MASK_KINDS, MSL_TYPES, BlockConfig, block_config, header_fields, launch_target, round_up8
 
 # The order of AttentionParams in attention_params.h; checked against the header at import.
@@ -60,13 +60,6 @@ class ForwardVariant:
     def config(self) -> BlockConfig:
         return block_config(self.dtype, self.dim_qk, self.dim_v)
 
-    @cached_property
-    def launch_constants(self) -> tuple[int, int, float]:
-        """(query rows per threadgroup, threads per threadgroup, attention_forward.metal's SCORE_UNIT),
-        computed once per variant (the launcher reads them on every call)."""
-        config = self.config()
-        return config.query_block, config.threads, 1.0 if self.mask_kind == "additive" else LOG2E
-
     def defines(self, param_count: int) -> dict:
         config = self.config()
         mask_type = "uchar" if self.mask_kind != "additive" else MSL_TYPES[self.mask_dtype]
@@ -83,74 +76,118 @@ class ForwardVariant:
         }
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything of a forward launch but its tensors, the storage offsets' part of vector_rows and
+    the scale scalars: remembered per launch key (see forward) for calls without a mask."""
+
+    lib: object
+    params: tuple  # PARAM_FIELDS but the last (vector_rows)
+    layout_bits: int  # vector_rows' shape/stride part per tensor (bit 0 q, 1 k, 2 v)
+    unit: float  # SCORE_UNIT
+    out_shape: tuple
+    lse_shape: tuple
+    threads: tuple
+    group_size: tuple
+    libraries: dict  # loader._libraries when made (tests swap it: a plan follows)
+    target: object  # the emulated target it was made for (None on mps)
+
+
+_plans: dict = {}
+
+
+def _make_plan(q, k, v, mask_strides, mask_kind, mask_dtype, slopes_stride, batch, lq, lk, o, varlen, cu_dtype,
+               has_alibi, has_sinks, target) -> _Plan:
+    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+    heads_q, dim_v, rows_q = q_shape[-2], v_shape[-1], q_shape[0]  # rows_q: packed: total query rows; dense: B
+    if varlen:  # out and lse are contiguous (new_output): (Tq, Hq, Dv) and (Hq, Tq)
+        out_shape, lse_shape = (rows_q, heads_q, dim_v), (heads_q, rows_q)
+    else:  # (B, Lq, Hq, Dv) and (B, Hq, Lq); plain tuples: torch.empty takes them faster than a torch.Size
+        out_shape, lse_shape = (batch, lq, heads_q, dim_v), (batch, heads_q, lq)
+    o_head = heads_q * dim_v
+    out_lse = (0, o_head, dim_v, 1, 0, rows_q, 1) if varlen else (lq * o_head, o_head, dim_v, 1, heads_q * lq, lq, 1)
+    long_positions = max(lq, lk, rows_q, k_shape[0], o.window_left, o.window_right) >= POSITION_LIMIT or (
+        mask_kind != "none" and abs(mask_strides[3]) >= MASK_KEY_STRIDE_LIMIT)
+    ingredients = (  # ForwardVariant's fields, in order
+        q.dtype, q_shape[-1], dim_v, mask_kind, mask_dtype, o.softcap > 0, has_alibi, has_sinks, varlen, cu_dtype,
+        long_positions)
+    variant, lib = launch_target(ingredients, lambda: ForwardVariant(*ingredients), q.device, len(PARAM_FIELDS))
+    config = variant.config()
+    q_stride, k_stride, v_stride = q.stride(), k.stride(), v.stride()
+    if varlen:  # packed (T, H, D): batch stride 0 (bshd_strides)
+        q_stride, k_stride, v_stride = (0, *q_stride), (0, *k_stride), (0, *v_stride)
+    params = (*q_stride, *k_stride, *v_stride, *out_lse, *mask_strides, slopes_stride,
+              lq, lk, heads_q // k_shape[-2], o.window_left, o.window_right, rows_q, k_shape[0])
+    layout_bits = sum(1 << n for n, t in enumerate((q, k, v)) if vector_row_layout(t.shape, t.stride()))
+    return _Plan(lib, params, layout_bits, 1.0 if mask_kind == "additive" else LOG2E, out_shape, lse_shape,
+                 (config.threads * -(-lq // config.query_block), heads_q, batch), (config.threads, 1, 1),
+                 loader._libraries, target)
+
+
+def vector_bits(layout_bits: int, q, k, v) -> int:
+    """The kernel's `vector_rows` flags (binding.vector_rows for q, k, v): the plan's shape/stride
+    part, and each tensor's storage offset, which is read on every call."""
+    if layout_bits & 1 and q.storage_offset() % VECTOR_WIDTH:
+        layout_bits &= ~1
+    if layout_bits & 2 and k.storage_offset() % VECTOR_WIDTH:
+        layout_bits &= ~2
+    if layout_bits & 4 and v.storage_offset() % VECTOR_WIDTH:
+        layout_bits &= ~4
+    return layout_bits
+
+
 def forward(call: AttentionCall):
-    """(out, lse) (kernels/contract.py). The per-call work is kept to what the call changes: shapes,
-    strides and storage offsets are read once each, the output strides follow from the shapes
-    (new_output allocates contiguous), and the variant's launch constants come with its library."""
+    """(out, lse) (kernels/contract.py). Per call: the launch key (shapes, strides, lengths,
+    windows, feature flags, dtype, device, emulated target) and its remembered _Plan (built on a
+    miss, and on every call with a mask, whose strides the plan would have to key too), the output
+    allocation, the storage offsets' vector_rows bits, the scales and the launch."""
     q, k, v, attn_mask, alibi_slopes, sinks = call.q, call.k, call.v, call.attn_mask, call.alibi_slopes, call.sinks
     cu_seqlens_q, o = call.cu_seqlens_q, call.options
     if o.dropout_p > 0:
         raise ValueError(f"dropout_p: the metal forward has no dropout (the torch backend serves it), got {o.dropout_p}")
-    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+    q_shape, k_shape = q.shape, k.shape
     varlen = cu_seqlens_q is not None
     if varlen:
         batch, lq, lk = cu_seqlens_q.numel() - 1, o.max_seqlen_q, o.max_seqlen_k
     else:
         batch, lq, lk = q_shape[0], q_shape[1], k_shape[1]
-    heads_q, dim_v = q_shape[-2], v_shape[-1]
-    if min(batch, lq, lk, heads_q) == 0:  # a Metal grid has no empty dimension (call.empty)
+    if min(batch, lq, lk, q_shape[-2]) == 0:  # a Metal grid has no empty dimension (call.empty)
         return empty_result(q, v, sinks)
-    scale, softcap, device, dtype = o.scale, o.softcap, q.device, q.dtype
-
-    rows_q = q_shape[0]  # packed: total query rows; dense: the batch
-    if varlen:  # plain tuples: torch.empty takes them faster than a torch.Size built by slicing
-        out = new_output((rows_q, heads_q, dim_v), dtype, device)
-        lse = new_output((heads_q, rows_q), torch.float32, device)
-    else:
-        out = new_output((batch, lq, heads_q, dim_v), dtype, device)
-        lse = new_output((batch, heads_q, lq), torch.float32, device)
-    # out and lse are contiguous: (B, Lq, Hq, Dv) / (Tq, Hq, Dv) and (B, Hq, Lq) / (Hq, Tq)
-    o_head = heads_q * dim_v
-    if varlen:
-        out_lse = (0, o_head, dim_v, 1, 0, rows_q, 1)
-    else:
-        out_lse = (lq * o_head, o_head, dim_v, 1, heads_q * lq, lq, 1)
-
+    softcap, device = o.softcap, q.device
+    target = None if device.type == "mps" else loader.emulated_target()
+    cu_dtype = cu_seqlens_q.dtype if varlen else torch.int32
     if attn_mask is None:
-        mask_kind, mask_dtype = "none", None
-        mask, mask_strides = placeholder(device, torch.uint8), (0, 0, 0, 0)
+        mask = placeholder(device, torch.uint8)
+        key = (device, id(target), q.dtype, q_shape, q.stride(), k_shape, k.stride(), v.shape, v.stride(), batch, lq,
+               lk, o.window_left, o.window_right, softcap > 0, None if alibi_slopes is None else alibi_slopes.dim(),
+               sinks is None, cu_dtype)
+        plan = _plans.get(key)
+        if plan is None or plan.libraries is not loader._libraries or plan.target is not target:
+            if len(_plans) >= 4096:  # bounded: a new length per call must not grow it forever
+                _plans.clear()
+            plan = _plans[key] = _make_plan(q, k, v, (0, 0, 0, 0), "none", None, 0 if alibi_slopes is None or
+                                            alibi_slopes.dim() == 1 else alibi_slopes.shape[-1], batch, lq, lk, o,
+                                            varlen, cu_dtype, alibi_slopes is not None, sinks is not None, target)
     else:
+        heads_q = q_shape[-2]
         mask, mask_strides = bound_mask(attn_mask, device, batch, heads_q, lq, lk)
-        mask_kind, mask_dtype = ("bool", None) if attn_mask.dtype == torch.bool else ("additive", mask.dtype)
-    if alibi_slopes is None:
-        slopes, slopes_stride = placeholder(device, torch.float32), 0
-    else:
-        slopes, slopes_stride = bound_slopes(alibi_slopes, device)
-    long_positions = max(lq, lk, rows_q, k_shape[0], o.window_left, o.window_right) >= POSITION_LIMIT or (
-        attn_mask is not None and abs(mask_strides[3]) >= MASK_KEY_STRIDE_LIMIT)
-    ingredients = (  # ForwardVariant's fields, in order
-        dtype, q_shape[-1], dim_v, mask_kind, mask_dtype, softcap > 0, alibi_slopes is not None,
-        sinks is not None, varlen, cu_seqlens_q.dtype if varlen else torch.int32, long_positions)
-    variant, lib = launch_target(ingredients, lambda: ForwardVariant(*ingredients), device, len(PARAM_FIELDS))
-    query_block, threads, unit = variant.launch_constants
+        kind, mask_dtype = ("bool", None) if attn_mask.dtype == torch.bool else ("additive", mask.dtype)
+        slopes_stride = 0 if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes.shape[-1]
+        plan = _make_plan(q, k, v, mask_strides, kind, mask_dtype, slopes_stride, batch, lq, lk, o, varlen, cu_dtype,
+                          alibi_slopes is not None, sinks is not None, target)
 
-    q_stride, k_stride, v_stride = q.stride(), k.stride(), v.stride()
-    if varlen:  # packed (T, H, D): batch stride 0 (bshd_strides)
-        q_stride, k_stride, v_stride = (0, *q_stride), (0, *k_stride), (0, *v_stride)
-    params = [*q_stride, *k_stride, *v_stride, *out_lse, *mask_strides, slopes_stride,
-              lq, lk, heads_q // k_shape[-2], o.window_left, o.window_right, rows_q, k_shape[0],
-              vector_row_bits(q, k, v)]
-    q_scale = scale / softcap if softcap > 0 else scale * unit
-    cap_scale = softcap * unit
-
+    out = new_output(plan.out_shape, q.dtype, device)
+    lse = new_output(plan.lse_shape, torch.float32, device)
+    unit = plan.unit
+    q_scale = o.scale / softcap if softcap > 0 else o.scale * unit
     floats = placeholder(device, torch.float32)
+    slopes = floats if alibi_slopes is None else bound_slopes(alibi_slopes, device)[0]
     sink_logits = floats if sinks is None else bound_floats(sinks, device)
     if varlen:
         cu_q, cu_k = cu_seqlens_q, call.cu_seqlens_k
     else:
         cu_q = cu_k = placeholder(device, torch.int32)
-
-    lib.attention_forward(
-        q, k, v, out, lse, params, float(q_scale), float(cap_scale), mask, slopes, sink_logits, cu_q, cu_k,
-        threads=(threads * -(-lq // query_block), heads_q, batch), group_size=(threads, 1, 1))
+    plan.lib.attention_forward(
+        q, k, v, out, lse, [*plan.params, vector_bits(plan.layout_bits, q, k, v)], float(q_scale),
+        float(softcap * unit), mask, slopes, sink_logits, cu_q, cu_k, threads=plan.threads, group_size=plan.group_size)
     return out, lse

@@ -231,7 +231,7 @@ _launch_targets: dict = {}
 _current_target = None
 
 
-def _emulated_target():
+def emulated_target():
     global _current_target
     if _current_target is None:  # imported on first use: the emulator is only needed off mps
         from .emulator.targets import current_target
@@ -247,7 +247,7 @@ def launch_target(ingredients: tuple, make_variant, device: torch.device, param_
     The emulated target enters the key by identity (current_target keeps one object per target; the
     hit holds it, so an id is never reused for another): hashing the Target dataclass costs ~1 us."""
     device_type = device.type
-    target = None if device_type == "mps" else _emulated_target()
+    target = None if device_type == "mps" else emulated_target()
     key = (device_type, id(target), ingredients)
     hit = _launch_targets.get(key)
     if hit is None or hit[2] is not _libraries or hit[3] is not target:  # tests swap the library cache: follow it

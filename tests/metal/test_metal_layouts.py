@@ -29,12 +29,15 @@ def _layout(kind: str, shape, dtype, device, g) -> torch.Tensor:
 def recorded_bits(monkeypatch):
     seen = []
 
-    def record(*tensors):
-        bits = binding.vector_row_bits(*tensors)
+    launched = forward.vector_bits  # the flags the launcher passes (a plan's layout bits and the offsets)
+
+    def record(layout_bits, *tensors):
+        bits = launched(layout_bits, *tensors)
+        assert bits == binding.vector_row_bits(*tensors)
         seen.append(bits)
         return bits
 
-    monkeypatch.setattr(forward, "vector_row_bits", record)
+    monkeypatch.setattr(forward, "vector_bits", record)
     return seen
 
 
