@@ -19,6 +19,7 @@ from ..contract import DecodeCall
 from ..launch import SplitPolicy, lse_dtype, new_output
 
 from .binding import FORMAT_CODES, LOG2E, bound_floats, bound_slopes, code_type, index_vector, placeholder, strides4
+from . import loader
 from .loader import MSL_TYPES, header_fields, launch_target
 
 DECODE_PARAM_FIELDS = (
@@ -78,74 +79,99 @@ def rows_per_tile(group: int, lq: int, dim_qk: int, dim_v: int) -> int:
     return max(1, min(group * lq, limit))
 
 
-_plans: dict = {}  # (q shape, codes shape, V codes' last dim, V format, requested splits) -> _plan(...)
+_plans: dict = {}  # launch key (see decode) -> _Plan
 
 
-def _plan(q_shape, k_shape, v_storage_dim: int, v_format: str, requested: int) -> tuple:
-    """(group, dim_v, rows per tile, tiles, splits) of a decode shape: shapes only, never a length."""
-    batch, lq, heads_q, dim_qk = q_shape
-    heads_kv = k_shape[2]
+@dataclass(frozen=True)
+class _Plan:
+    """Everything of a decode launch but its tensors and scale scalars, remembered per launch key."""
+
+    lib: object
+    params: list  # DecodeParams, as passed (the kernels only read it)
+    out_shape: tuple
+    lse_shape: tuple
+    part_shapes: tuple | None  # (partial outputs, partial LSEs) with split-K, else None
+    threads: tuple
+    merge_threads: tuple
+    libraries: dict  # loader._libraries when made (tests swap it: a plan follows)
+    target: object  # the emulated target it was made for (None on mps)
+
+
+def _make_plan(call: DecodeCall, target) -> _Plan:
+    q, keys, values, o = call.q, call.keys, call.values, call.options
+    k_codes, v_codes = keys.codes, values.codes
+    batch, lq, heads_q, dim_qk = q.shape
+    capacity, heads_kv = k_codes.shape[1], k_codes.shape[2]
     group = heads_q // heads_kv
-    dim_v = kv_formats.spec(v_format).logical_dim(v_storage_dim)
+    dim_v = kv_formats.spec(values.format).logical_dim(v_codes.shape[-1])
+    if capacity + lq * group >= 2**31:  # the kernel keeps keys, positions and rows in 32 bits
+        raise ValueError(f"metal decode: cache capacity {capacity} and {lq * group} rows per KV head "
+                         "exceed 32-bit positions")
     rows = rows_per_tile(group, lq, dim_qk, dim_v)
     tiles = math.ceil(group * lq / rows)
-    splits = SPLITS.splits(batch * heads_kv * tiles, k_shape[1], 1, requested)
-    return group, dim_v, rows, tiles, splits
+    splits = SPLITS.splits(batch * heads_kv * tiles, capacity, 1, call.num_splits)
+    alibi = call.alibi_slopes
+    slopes_stride = 0 if alibi is None or alibi.dim() == 1 else alibi.shape[-1]  # bound_slopes' (contiguous)
+    o_head = heads_q * dim_v  # out.stride() and lse.stride(): both contiguous (new_output)
+    params = [*strides4(q), *strides4(k_codes), *strides4(v_codes), *strides4(keys.scales), *strides4(values.scales),
+              lq * o_head, o_head, dim_v, 1, heads_q * lq, lq, 1,
+              slopes_stride, lq, heads_q, group, o.window_left, o.window_right, splits, keys.group_size,
+              values.group_size, capacity, k_codes.shape[0]]
+    ingredients = (q.dtype, dim_qk, dim_v, keys.format, values.format, rows, o.softcap > 0, alibi is not None,
+                   call.sinks is not None, call.cache_batch_idx is not None, splits > 1)  # DecodeVariant's fields
+    _, lib = launch_target(ingredients, lambda: DecodeVariant(*ingredients), q.device, len(DECODE_PARAM_FIELDS))
+    threads = 32 * SIMDGROUPS
+    return _Plan(lib, params, (batch, lq, heads_q, dim_v), (batch, heads_q, lq),
+                 ((batch, heads_q, lq, splits, dim_v), (batch, heads_q, lq, splits)) if splits > 1 else None,
+                 (threads * tiles * splits, heads_kv, batch), (32 * lq, heads_q, batch), loader._libraries, target)
+
+
+def _strided(t):
+    return None if t is None else (t.shape, t.stride())
 
 
 def decode(call: DecodeCall):
     """The metal backend's decode (kernels/contract.py DecodeCall): vector kernel, split-K + merge.
-    The shape-only plan (rows per tile, tiles, splits) is remembered per shape; out and lse are
-    contiguous (new_output), so their strides follow from the shape."""
+    Per call: the launch key (shapes, strides, formats, group sizes, windows, feature flags,
+    requested splits, dtype, device, emulated target; never a length) and its remembered _Plan, the
+    output and split-K scratch allocation, the scales and the launches."""
     q, keys, values, o = call.q, call.keys, call.values, call.options
-    k_codes, k_scales, k_format, k_group_size = keys.codes, keys.scales, keys.format, keys.group_size
-    v_codes, v_scales, v_format, v_group_size = values.codes, values.scales, values.format, values.group_size
+    k_codes, k_scales, v_codes, v_scales = keys.codes, keys.scales, values.codes, values.scales
     alibi_slopes, sinks, cache_batch_idx = call.alibi_slopes, call.sinks, call.cache_batch_idx
-    scale, softcap = o.scale, o.softcap
-    q_shape, k_shape, v_storage_dim = q.shape, k_codes.shape, v_codes.shape[-1]
-    batch, lq, heads_q, dim_qk = q_shape
-    key = (q_shape, k_shape, v_storage_dim, v_format, call.num_splits)
+    softcap, device, dtype, q_shape = o.softcap, q.device, q.dtype, q.shape
+    target = None if device.type == "mps" else loader.emulated_target()
+    key = (device, id(target), dtype, q_shape, q.stride(), k_codes.shape, k_codes.stride(), v_codes.shape,
+           v_codes.stride(), _strided(k_scales), _strided(v_scales), keys.format, values.format, keys.group_size,
+           values.group_size, o.window_left, o.window_right, softcap > 0,
+           None if alibi_slopes is None else alibi_slopes.dim(), sinks is None, cache_batch_idx is None,
+           call.num_splits)
+    batch, lq, heads_q = q_shape[0], q_shape[1], q_shape[2]
+    if batch == 0 or lq == 0 or heads_q == 0:
+        dim_v = kv_formats.spec(values.format).logical_dim(v_codes.shape[-1])
+        return (new_output((batch, lq, heads_q, dim_v), dtype, device),
+                new_output((batch, heads_q, lq), lse_dtype(dtype), device))
     plan = _plans.get(key)
-    if plan is None:
+    if plan is None or plan.libraries is not loader._libraries or plan.target is not target:
         if len(_plans) >= 4096:  # bounded (a growing cache changes its capacity, hence the key)
             _plans.clear()
-        plan = _plans[key] = _plan(*key)
-    group, dim_v, rows, tiles, splits = plan
-    device, dtype = q.device, q.dtype
-    out = new_output((batch, lq, heads_q, dim_v), dtype, device)
-    lse = new_output((batch, heads_q, lq), lse_dtype(dtype), device)
-    if batch == 0 or lq == 0 or heads_q == 0:
-        return out, lse
-    capacity = k_shape[1]
-    if capacity + lq * group >= 2**31:  # the kernel keeps keys, positions and rows in 32 bits
-        raise ValueError(f"metal decode: cache capacity {capacity} and {lq * group} rows per KV head "
-                         "exceed 32-bit positions")
-    if alibi_slopes is None:
-        slopes, slopes_stride = placeholder(device, torch.float32), 0
-    else:
-        slopes, slopes_stride = bound_slopes(alibi_slopes, device)
-    o_head = heads_q * dim_v  # out.stride() and lse.stride(): both contiguous
-    params = [*strides4(q), *strides4(k_codes), *strides4(v_codes), *strides4(k_scales), *strides4(v_scales),
-              lq * o_head, o_head, dim_v, 1, heads_q * lq, lq, 1,
-              slopes_stride, lq, heads_q, group, o.window_left, o.window_right, splits, k_group_size, v_group_size,
-              capacity, k_shape[0]]
-    q_scale = scale / softcap if softcap > 0 else scale * LOG2E
-    ingredients = (dtype, dim_qk, dim_v, k_format, v_format, rows, softcap > 0, alibi_slopes is not None,
-                   sinks is not None, cache_batch_idx is not None, splits > 1)  # DecodeVariant's fields
-    _, lib = launch_target(ingredients, lambda: DecodeVariant(*ingredients), device, len(DECODE_PARAM_FIELDS))
+        plan = _plans[key] = _make_plan(call, target)
+    out = new_output(plan.out_shape, dtype, device)
+    lse = new_output(plan.lse_shape, lse_dtype(dtype), device)
+    q_scale = o.scale / softcap if softcap > 0 else o.scale * LOG2E
     floats = placeholder(device, torch.float32)
+    slopes = floats if alibi_slopes is None else bound_slopes(alibi_slopes, device)[0]
     sink_logits = floats if sinks is None else bound_floats(sinks, device)
-    part_out, part_lse = floats, floats
-    if splits > 1:
-        part_out = torch.empty((batch, heads_q, lq, splits, dim_v), dtype=torch.float32, device=device)
-        part_lse = torch.empty((batch, heads_q, lq, splits), dtype=torch.float32, device=device)
+    part_out = part_lse = floats
+    if plan.part_shapes is not None:
+        part_out = torch.empty(plan.part_shapes[0], dtype=torch.float32, device=device)
+        part_lse = torch.empty(plan.part_shapes[1], dtype=torch.float32, device=device)
     threads = 32 * SIMDGROUPS
-    lib.attention_decode(
+    plan.lib.attention_decode(
         q, k_codes, floats if k_scales is None else k_scales, v_codes, floats if v_scales is None else v_scales,
         index_vector(call.seqlens_k, device), index_vector(cache_batch_idx, device), slopes, sink_logits,
-        out, lse, part_out, part_lse, params, float(q_scale), float(softcap * LOG2E),
-        threads=(threads * tiles * splits, k_shape[2], batch), group_size=(threads, 1, 1))
-    if splits > 1:
-        lib.attention_decode_merge(part_out, part_lse, sink_logits, out, lse, params,
-                                   threads=(32 * lq, heads_q, batch), group_size=(32, 1, 1))
+        out, lse, part_out, part_lse, plan.params, float(q_scale), float(softcap * LOG2E),
+        threads=plan.threads, group_size=(threads, 1, 1))
+    if plan.part_shapes is not None:
+        plan.lib.attention_decode_merge(part_out, part_lse, sink_logits, out, lse, plan.params,
+                                        threads=plan.merge_threads, group_size=(32, 1, 1))
     return out, lse
