@@ -33,6 +33,7 @@ using namespace metal;
 #define TG_Q (MFA_ROWS * DL * 32)
 #define TG_O (MFA_WM * MFA_ROWS * DVL * 32)
 #define TG_SHARED (TG_Q > TG_O ? TG_Q : TG_O)
+#define PART_STRIDE (MFA_DV + 1)  // floats per split row in the split-K scratch: the row, then its LSE
 
 constant float LOG2E_D = 1.4426950408889634f;
 constant float LN2_D = 0.6931471805599453f;
@@ -89,11 +90,10 @@ inline void load_row(thread float* dst, device const T* row, device const float*
     device const float* sinks [[buffer(8)]],
     device MFA_IN_T* out [[buffer(9)]],
     device float* lse [[buffer(10)]],
-    device float* part_out [[buffer(11)]],  // MFA_SPLIT: (B, Hq, Lq, splits, MFA_DV)
-    device float* part_lse [[buffer(12)]],  // MFA_SPLIT: (B, Hq, Lq, splits)
-    constant DecodeParams& p [[buffer(13)]],
-    constant float& q_scale [[buffer(14)]],    // scale * log2(e); with softcap, scale / softcap
-    constant float& cap_scale [[buffer(15)]],  // softcap * log2(e)
+    device float* part [[buffer(11)]],  // MFA_SPLIT: (B, Hq, Lq, splits, MFA_DV + 1): each split's row, then its LSE
+    constant DecodeParams& p [[buffer(12)]],
+    constant float& q_scale [[buffer(13)]],    // scale * log2(e); with softcap, scale / softcap
+    constant float& cap_scale [[buffer(14)]],  // softcap * log2(e)
     uint3 group_id [[threadgroup_position_in_grid]],
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]],
@@ -244,8 +244,8 @@ inline void load_row(thread float* dst, device const T* row, device const float*
     const float row_lse = (best + log2(total)) * LN2_D;
 #if MFA_SPLIT
     const long slot = ((b * p.heads_q + head) * p.seqlen_q + pos) * p.num_splits + split;
-    part_out[slot * MFA_DV + c] = value;
-    if (c == 0) store_or_neg_inf(part_lse, slot, total != 0.0f, row_lse);
+    part[slot * PART_STRIDE + c] = value;
+    if (c == 0) store_or_neg_inf(part + MFA_DV, slot * PART_STRIDE, total != 0.0f, row_lse);
 #else
     out[b * p.o_stride_b + pos * p.o_stride_s + head * p.o_stride_h + c * p.o_stride_d] = MFA_IN_T(value);
     if (c == 0) {
@@ -261,20 +261,20 @@ inline void load_row(thread float* dst, device const T* row, device const float*
 // for the maximum and over the columns for the output.
 // Launch: threads = (32 * Lq, Hq, B), group_size = (32, 1, 1).
 [[kernel, max_total_threads_per_threadgroup(32)]] void attention_decode_merge(
-    device const float* part_out [[buffer(0)]],
-    device const float* part_lse [[buffer(1)]],
-    device const float* sinks [[buffer(2)]],
-    device MFA_IN_T* out [[buffer(3)]],
-    device float* lse [[buffer(4)]],
-    constant DecodeParams& p [[buffer(5)]],
+    device const float* part [[buffer(0)]],  // (B, Hq, Lq, splits, MFA_DV + 1), as attention_decode wrote it
+    device const float* sinks [[buffer(1)]],
+    device MFA_IN_T* out [[buffer(2)]],
+    device float* lse [[buffer(3)]],
+    constant DecodeParams& p [[buffer(4)]],
     uint3 group_id [[threadgroup_position_in_grid]],
     ushort lane [[thread_index_in_simdgroup]]) {
   const long b = group_id.z, head = group_id.y, row = group_id.x;
   const long slot0 = ((b * p.heads_q + head) * p.seqlen_q + row) * p.num_splits;
+  device const float* part_lse = part + MFA_DV;  // split s's LSE: part_lse[(slot0 + s) * PART_STRIDE]
   // An empty split wrote LSE -inf (its bits are tested, never its value) and takes no part.
   float best = LOWEST_FINITE;
   for (long s = lane; s < p.num_splits; s += 32) {
-    const Stored x = read_stored(part_lse, slot0 + s);
+    const Stored x = read_stored(part_lse, (slot0 + s) * PART_STRIDE);
     if (!x.neg_inf) best = max(best, x.value);
   }
   best = simd_max(best);
@@ -286,7 +286,7 @@ inline void load_row(thread float* dst, device const T* row, device const float*
 #endif
   float total = 0.0f;
   for (long s = lane; s < p.num_splits; s += 32) {
-    const Stored x = read_stored(part_lse, slot0 + s);
+    const Stored x = read_stored(part_lse, (slot0 + s) * PART_STRIDE);
     total += x.neg_inf ? 0.0f : exp2_of_nonpositive((x.value - best) * LOG2E_D);
   }
   total = simd_sum(total);
@@ -297,7 +297,7 @@ inline void load_row(thread float* dst, device const T* row, device const float*
   // than every lane reading every split's LSE again (splits past 32 are read directly).
   float lane_weight = -1.0f;
   if (lane < p.num_splits) {
-    const Stored x = read_stored(part_lse, slot0 + lane);
+    const Stored x = read_stored(part_lse, (slot0 + lane) * PART_STRIDE);
     if (!x.neg_inf) lane_weight = exp2_of_nonpositive((x.value - best) * LOG2E_D);
   }
   device MFA_IN_T* out_row = out + b * p.o_stride_b + row * p.o_stride_s + head * p.o_stride_h;
@@ -308,10 +308,10 @@ inline void load_row(thread float* dst, device const T* row, device const float*
       if (s < 32) {
         w = simd_shuffle(lane_weight, ushort(s));
       } else {
-        const Stored x = read_stored(part_lse, slot0 + s);
+        const Stored x = read_stored(part_lse, (slot0 + s) * PART_STRIDE);
         if (!x.neg_inf) w = exp2_of_nonpositive((x.value - best) * LOG2E_D);
       }
-      if (w != -1.0f) acc += w * part_out[(slot0 + s) * MFA_DV + c];
+      if (w != -1.0f) acc += w * part[(slot0 + s) * PART_STRIDE + c];
     }
     out_row[c * p.o_stride_d] = MFA_IN_T(total == 0.0f ? 0.0f : acc / total);
   }

@@ -90,7 +90,7 @@ class _Plan:
     params: list  # DecodeParams, as passed (the kernels only read it)
     out_shape: tuple
     lse_shape: tuple
-    part_shapes: tuple | None  # (partial outputs, partial LSEs) with split-K, else None
+    part_shape: tuple | None  # split-K scratch (B, Hq, Lq, splits, Dv + 1): each split's row, then its LSE
     threads: tuple
     merge_threads: tuple
     libraries: dict  # loader._libraries when made (tests swap it: a plan follows)
@@ -122,7 +122,7 @@ def _make_plan(call: DecodeCall, target) -> _Plan:
     _, lib = launch_target(ingredients, lambda: DecodeVariant(*ingredients), q.device, len(DECODE_PARAM_FIELDS))
     threads = 32 * SIMDGROUPS
     return _Plan(lib, params, (batch, lq, heads_q, dim_v), (batch, heads_q, lq),
-                 ((batch, heads_q, lq, splits, dim_v), (batch, heads_q, lq, splits)) if splits > 1 else None,
+                 (batch, heads_q, lq, splits, dim_v + 1) if splits > 1 else None,
                  (threads * tiles * splits, heads_kv, batch), (32 * lq, heads_q, batch), loader._libraries, target)
 
 
@@ -161,17 +161,14 @@ def decode(call: DecodeCall):
     floats = placeholder(device, torch.float32)
     slopes = floats if alibi_slopes is None else bound_slopes(alibi_slopes, device)[0]
     sink_logits = floats if sinks is None else bound_floats(sinks, device)
-    part_out = part_lse = floats
-    if plan.part_shapes is not None:
-        part_out = torch.empty(plan.part_shapes[0], dtype=torch.float32, device=device)
-        part_lse = torch.empty(plan.part_shapes[1], dtype=torch.float32, device=device)
+    part = floats if plan.part_shape is None else torch.empty(plan.part_shape, dtype=torch.float32, device=device)
     threads = 32 * SIMDGROUPS
     plan.lib.attention_decode(
         q, k_codes, floats if k_scales is None else k_scales, v_codes, floats if v_scales is None else v_scales,
         index_vector(call.seqlens_k, device), index_vector(cache_batch_idx, device), slopes, sink_logits,
-        out, lse, part_out, part_lse, plan.params, float(q_scale), float(softcap * LOG2E),
+        out, lse, part, plan.params, float(q_scale), float(softcap * LOG2E),
         threads=plan.threads, group_size=(threads, 1, 1))
-    if plan.part_shapes is not None:
-        plan.lib.attention_decode_merge(part_out, part_lse, sink_logits, out, lse, plan.params,
+    if plan.part_shape is not None:
+        plan.lib.attention_decode_merge(part, sink_logits, out, lse, plan.params,
                                         threads=plan.merge_threads, group_size=(32, 1, 1))
     return out, lse
