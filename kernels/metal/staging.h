@@ -52,12 +52,3 @@ inline void stage_block(threadgroup T* tile, device const T* block, int rows, lo
     stage_rows_strided<T, PAD, REAL, PITCH, ROWS, THREADS>(tile, block, rows, row_stride, col_stride, tid);
   }
 }
-
-// Rows [first_row, first_row + ROWS) of `seq` (rows at or past end_row read as zero).
-template <typename T, int PAD, int REAL, int PITCH, int ROWS, int THREADS>
-inline void stage_rows(threadgroup T* tile, device const T* seq, long first_row, long end_row, long row_stride,
-                       long col_stride, bool vector, ushort tid) {
-  stage_block<T, PAD, REAL, PITCH, ROWS, THREADS>(tile, seq + first_row * row_stride,
-                                                  int(lmin(end_row - first_row, ROWS)), row_stride, col_stride,
-                                                  vector, tid);
-}
