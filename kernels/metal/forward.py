@@ -91,6 +91,7 @@ class _Plan:
     group_size: tuple
     libraries: dict  # loader._libraries when made (tests swap it: a plan follows)
     target: object  # the emulated target it was made for (None on mps)
+    placeholders: tuple  # the device's (uchar mask, float, int) placeholders (binding.placeholder)
 
 
 _plans: dict = {}
@@ -121,7 +122,8 @@ def _make_plan(q, k, v, mask_strides, mask_kind, mask_dtype, slopes_stride, batc
     layout_bits = sum(1 << n for n, t in enumerate((q, k, v)) if vector_row_layout(t.shape, t.stride()))
     return _Plan(lib, params, layout_bits, 1.0 if mask_kind == "additive" else LOG2E, out_shape, lse_shape,
                  (config.threads * -(-lq // config.query_block), heads_q, batch), (config.threads, 1, 1),
-                 loader._libraries, target)
+                 loader._libraries, target,
+                 tuple(placeholder(q.device, t) for t in (torch.uint8, torch.float32, torch.int32)))
 
 
 def vector_bits(layout_bits: int, q, k, v) -> int:
@@ -157,7 +159,6 @@ def forward(call: AttentionCall):
     target = None if device.type == "mps" else loader.emulated_target()
     cu_dtype = cu_seqlens_q.dtype if varlen else torch.int32
     if attn_mask is None:
-        mask = placeholder(device, torch.uint8)
         key = (device, id(target), q.dtype, q_shape, q.stride(), k_shape, k.stride(), v.shape, v.stride(), batch, lq,
                lk, o.window_left, o.window_right, softcap > 0, None if alibi_slopes is None else alibi_slopes.dim(),
                sinks is None, cu_dtype)
@@ -168,6 +169,7 @@ def forward(call: AttentionCall):
             plan = _plans[key] = _make_plan(q, k, v, (0, 0, 0, 0), "none", None, 0 if alibi_slopes is None or
                                             alibi_slopes.dim() == 1 else alibi_slopes.shape[-1], batch, lq, lk, o,
                                             varlen, cu_dtype, alibi_slopes is not None, sinks is not None, target)
+        mask = plan.placeholders[0]
     else:
         heads_q = q_shape[-2]
         mask, mask_strides = bound_mask(attn_mask, device, batch, heads_q, lq, lk)
@@ -180,13 +182,10 @@ def forward(call: AttentionCall):
     lse = new_output(plan.lse_shape, torch.float32, device)
     unit = plan.unit
     q_scale = o.scale / softcap if softcap > 0 else o.scale * unit
-    floats = placeholder(device, torch.float32)
+    _, floats, ints = plan.placeholders
     slopes = floats if alibi_slopes is None else bound_slopes(alibi_slopes, device)[0]
     sink_logits = floats if sinks is None else bound_floats(sinks, device)
-    if varlen:
-        cu_q, cu_k = cu_seqlens_q, call.cu_seqlens_k
-    else:
-        cu_q = cu_k = placeholder(device, torch.int32)
+    cu_q, cu_k = (cu_seqlens_q, call.cu_seqlens_k) if varlen else (ints, ints)
     plan.lib.attention_forward(
         q, k, v, out, lse, [*plan.params, vector_bits(plan.layout_bits, q, k, v)], float(q_scale),
         float(softcap * unit), mask, slopes, sink_logits, cu_q, cu_k, threads=plan.threads, group_size=plan.group_size)
