@@ -95,6 +95,7 @@ class _Plan:
     merge_threads: tuple
     libraries: dict  # loader._libraries when made (tests swap it: a plan follows)
     target: object  # the emulated target it was made for (None on mps)
+    placeholders: tuple  # the device's (float, int) placeholders (binding.placeholder)
 
 
 def _make_plan(call: DecodeCall, target) -> _Plan:
@@ -123,7 +124,8 @@ def _make_plan(call: DecodeCall, target) -> _Plan:
     threads = 32 * SIMDGROUPS
     return _Plan(lib, params, (batch, lq, heads_q, dim_v), (batch, heads_q, lq),
                  (batch, heads_q, lq, splits, dim_v + 1) if splits > 1 else None,
-                 (threads * tiles * splits, heads_kv, batch), (32 * lq, heads_q, batch), loader._libraries, target)
+                 (threads * tiles * splits, heads_kv, batch), (32 * lq, heads_q, batch), loader._libraries, target,
+                 (placeholder(q.device, torch.float32), placeholder(q.device, torch.int32)))
 
 
 def _strided(t):
@@ -158,14 +160,14 @@ def decode(call: DecodeCall):
     out = new_output(plan.out_shape, dtype, device)
     lse = new_output(plan.lse_shape, lse_dtype(dtype), device)
     q_scale = o.scale / softcap if softcap > 0 else o.scale * LOG2E
-    floats = placeholder(device, torch.float32)
+    floats, ints = plan.placeholders
     slopes = floats if alibi_slopes is None else bound_slopes(alibi_slopes, device)[0]
     sink_logits = floats if sinks is None else bound_floats(sinks, device)
     part = floats if plan.part_shape is None else torch.empty(plan.part_shape, dtype=torch.float32, device=device)
     threads = 32 * SIMDGROUPS
     plan.lib.attention_decode(
         q, k_codes, floats if k_scales is None else k_scales, v_codes, floats if v_scales is None else v_scales,
-        index_vector(call.seqlens_k, device), index_vector(cache_batch_idx, device), slopes, sink_logits,
+        index_vector(call.seqlens_k, device), ints if cache_batch_idx is None else index_vector(cache_batch_idx, device), slopes, sink_logits,
         out, lse, part, plan.params, float(q_scale), float(softcap * LOG2E),
         threads=plan.threads, group_size=(threads, 1, 1))
     if plan.part_shape is not None:
