@@ -8,12 +8,15 @@ smaller case runs on the group of the first ranks (context.group_of(n)) while th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
+import sys
 import tempfile
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -65,6 +68,21 @@ def _worker(rank: int, size: int, init_file: str, tasks, results, threads: int, 
     dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _without_shadowing_paths():
+    """Spawned children start with the parent's sys.path. In a source checkout that holds the repository root,
+    where our kernels/ folder (installed as mfa_hf.kernels) would shadow PyPI's `kernels` package, which
+    transformers and diffusers import ("cannot import name 'CUDAProperties' from 'kernels'"); the root
+    conftest.py keeps it out of the test process for the same reason. Leave such entries out while the
+    children start (mfa_hf itself is importable from its install)."""
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if not (Path(p or os.getcwd()) / "kernels" / "contract.py").is_file()]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 class Pool:
     """`size` gloo ranks on this machine; run(task, payload) -> one result per rank."""
 
@@ -79,8 +97,9 @@ class Pool:
                                            args=(r, size, init_file, self._tasks[r], self._results, threads,
                                                  tuple(subgroups), backend))
                            for r in range(size)]
-        for process in self._processes:
-            process.start()
+        with _without_shadowing_paths():
+            for process in self._processes:
+                process.start()
 
     def run(self, task, payload) -> list:
         """Every rank's result (a Failure where it raised), in rank order."""
