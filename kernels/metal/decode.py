@@ -93,7 +93,7 @@ class _Plan:
     part_shape: tuple | None  # split-K scratch (B, Hq, Lq, splits, Dv + 1): each split's row, then its LSE
     threads: tuple
     merge_threads: tuple
-    libraries: dict  # loader._libraries when made (tests swap it: a plan follows)
+    libraries: dict  # loader.library_cache() when made (tests swap it: a plan follows)
     target: object  # the emulated target it was made for (None on mps)
     placeholders: tuple  # the device's (float, int) placeholders (binding.placeholder)
 
@@ -124,7 +124,7 @@ def _make_plan(call: DecodeCall, target) -> _Plan:
     threads = 32 * SIMDGROUPS
     return _Plan(lib, params, (batch, lq, heads_q, dim_v), (batch, heads_q, lq),
                  (batch, heads_q, lq, splits, dim_v + 1) if splits > 1 else None,
-                 (threads * tiles * splits, heads_kv, batch), (32 * lq, heads_q, batch), loader._libraries, target,
+                 (threads * tiles * splits, heads_kv, batch), (32 * lq, heads_q, batch), loader.library_cache(), target,
                  (placeholder(q.device, torch.float32), placeholder(q.device, torch.int32)))
 
 
@@ -153,7 +153,7 @@ def decode(call: DecodeCall):
         return (new_output((batch, lq, heads_q, dim_v), dtype, device),
                 new_output((batch, heads_q, lq), lse_dtype(dtype), device))
     plan = _plans.get(key)
-    if plan is None or plan.libraries is not loader._libraries or plan.target is not target:
+    if plan is None or plan.libraries is not loader.library_cache() or plan.target is not target:
         if len(_plans) >= 4096:  # bounded (a growing cache changes its capacity, hence the key)
             _plans.clear()
         plan = _plans[key] = _make_plan(call, target)

@@ -89,7 +89,7 @@ class _Plan:
     lse_shape: tuple
     threads: tuple
     group_size: tuple
-    libraries: dict  # loader._libraries when made (tests swap it: a plan follows)
+    libraries: dict  # loader.library_cache() when made (tests swap it: a plan follows)
     target: object  # the emulated target it was made for (None on mps)
     placeholders: tuple  # the device's (uchar mask, float, int) placeholders (binding.placeholder)
 
@@ -122,7 +122,7 @@ def _make_plan(q, k, v, mask_strides, mask_kind, mask_dtype, slopes_stride, batc
     layout_bits = sum(1 << n for n, t in enumerate((q, k, v)) if vector_row_layout(t.shape, t.stride()))
     return _Plan(lib, params, layout_bits, 1.0 if mask_kind == "additive" else LOG2E, out_shape, lse_shape,
                  (config.threads * -(-lq // config.query_block), heads_q, batch), (config.threads, 1, 1),
-                 loader._libraries, target,
+                 loader.library_cache(), target,
                  tuple(placeholder(q.device, t) for t in (torch.uint8, torch.float32, torch.int32)))
 
 
@@ -163,7 +163,7 @@ def forward(call: AttentionCall):
                lk, o.window_left, o.window_right, softcap > 0, None if alibi_slopes is None else alibi_slopes.dim(),
                sinks is None, cu_dtype)
         plan = _plans.get(key)
-        if plan is None or plan.libraries is not loader._libraries or plan.target is not target:
+        if plan is None or plan.libraries is not loader.library_cache() or plan.target is not target:
             if len(_plans) >= 4096:  # bounded: a new length per call must not grow it forever
                 _plans.clear()
             plan = _plans[key] = _make_plan(q, k, v, (0, 0, 0, 0), "none", None, 0 if alibi_slopes is None or

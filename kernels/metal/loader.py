@@ -190,6 +190,12 @@ def runtime_compile_shader(device: torch.device):
 
 
 _libraries: dict = {}
+
+
+def library_cache() -> dict:
+    """The compiled-library cache as it is now (tests swap the module's dict; launch plans remember which one
+    they were made with, so a swap invalidates them)."""
+    return _libraries
 _lock = threading.Lock()
 
 
