@@ -69,13 +69,17 @@ class Transfer:
         return [buffer.to(device, non_blocking=False) for buffer, device in self.received]
 
 
+def _on_the_wire(group: Group, tensor: torch.Tensor) -> torch.Tensor:
+    """What a send hands the backend: contiguous, and in CPU memory when the group stages (gloo with mps)."""
+    return (tensor.detach().to("cpu") if group.staged else tensor.detach()).contiguous()
+
+
 def post(group: Group, sends: list[tuple[torch.Tensor, int, int]],
          receives: list[tuple[torch.Tensor, int, int]]) -> Transfer:
     """Start sends (tensor, to group rank, tag) and receives (like-tensor, from group rank, tag) at once."""
     transfer = Transfer()
     for tensor, peer, tag in sends:
-        payload = tensor.detach().to("cpu") if group.staged else tensor.detach().contiguous()
-        transfer.works.append(dist.isend(payload.contiguous(), group.global_rank(peer), group.handle, tag))
+        transfer.works.append(dist.isend(_on_the_wire(group, tensor), group.global_rank(peer), group.handle, tag))
     for like, peer, tag in receives:
         device = "cpu" if group.staged else like.device
         buffer = torch.empty(like.shape, dtype=like.dtype, device=device)
@@ -95,8 +99,7 @@ def ring_shift(group: Group, tensors: list[torch.Tensor], hops: int = 1, tag: in
 def all_to_all(group: Group, x: torch.Tensor) -> torch.Tensor:
     """x (P, ...): slice p goes to rank p; returns (P, ...) whose slice p came from rank p."""
     device = x.device
-    payload = x.detach().to("cpu") if group.staged else x.detach()
-    payload = payload.contiguous()
+    payload = _on_the_wire(group, x)
     result = torch.empty_like(payload)
     dist.all_to_all_single(result, payload, group=group.handle)
     return result.to(device)
