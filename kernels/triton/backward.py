@@ -20,6 +20,12 @@ from . import backward_kernel
 from .binding import (alibi_args, common_meta, dot_precision, dropout_args, lse_strides, mask_args, on_tensors_device,
                       strides4)
 from .blocks import backward_kv_blocks, backward_q_blocks, cdiv
+from .direct_launch import DirectLauncher
+
+# Kernels relaunched without Triton's per-call binding once compiled for a kind of call (direct_launch.py).
+_BACKWARD_KV = DirectLauncher(backward_kernel.attention_backward_kv_kernel)
+_BACKWARD_Q = DirectLauncher(backward_kernel.attention_backward_q_kernel)
+
 
 
 def _delta(grad_out, out, grad_lse):
@@ -82,14 +88,14 @@ def backward(call: AttentionCall, grads: Gradients):
     dim = max(q.shape[-1], v.shape[-1])
 
     kv = backward_kv_blocks(dim, q.dtype, o.causal, q.device.type)
-    backward_kernel.attention_backward_kv_kernel[(cdiv(lk, kv.block_n), batch * heads_kv)](
+    _BACKWARD_KV[(cdiv(lk, kv.block_n), batch * heads_kv)](
         q, k, v, grad_out, lse, delta, dk, dv, mask, slopes, cu_q, cu_k, *shared,
         *strides4(dk)[:3], *strides4(dv)[:3], lq, lk, heads_q, heads_kv, heads_q // heads_kv, *scalars,
         BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, num_warps=kv.num_warps, num_stages=kv.num_stages, **meta)
 
     ds = torch.zeros((batch, heads_q, lq, lk), dtype=torch.float32, device=q.device) if write_ds else q
     qb = backward_q_blocks(dim, q.dtype, o.causal, q.device.type)
-    backward_kernel.attention_backward_q_kernel[(cdiv(lq, qb.block_m), batch * heads_q)](
+    _BACKWARD_Q[(cdiv(lq, qb.block_m), batch * heads_q)](
         q, k, v, grad_out, lse, delta, dq, ds, mask, slopes, cu_q, cu_k, *shared, *strides4(dq)[:3],
         lq, lk, heads_q, heads_q // heads_kv, *scalars, WRITE_DS=write_ds, BLOCK_M=qb.block_m,
         BLOCK_N=qb.block_n, num_warps=qb.num_warps, num_stages=qb.num_stages, **meta)

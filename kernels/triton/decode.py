@@ -16,6 +16,12 @@ from ..launch import SplitPolicy, new_output
 from . import decode_kernel
 from .binding import alibi_args, dot_precision, on_tensors_device
 from .blocks import cdiv, padded_dim
+from .direct_launch import DirectLauncher
+
+# Kernels relaunched without Triton's per-call binding once compiled for a kind of call (direct_launch.py).
+_SPLIT = DirectLauncher(decode_kernel.decode_split_kernel)
+_MERGE = DirectLauncher(decode_kernel.decode_merge_kernel)
+
 
 # Split-K choice (kernels/launch.py's SplitPolicy), from the shape only (batch x KV heads x query tiles,
 # visible key span): at most PROGRAMS_PER_SM x SMs programs.
@@ -127,7 +133,7 @@ def decode(call: DecodeCall, config=None):
     head_d, head_dv = k_spec.storage_dim(dim), v_spec.storage_dim(dim_v)
     e4m3 = 1.0 if asm else 256.0  # decode_kernel.py's integer e4m3 decode yields value / 256
     precision = dot_precision(q.dtype, q.device)
-    decode_kernel.decode_split_kernel[(splits, batch * heads_kv, q_tiles)](
+    _SPLIT[(splits, batch * heads_kv, q_tiles)](
         q, k_codes, v_codes, ks, vs, seqlens_k, rows, slopes, q if sinks is None else sinks,
         _levels(q.device, torch.float32 if precision == "upcast" or q.dtype == torch.float32 else torch.float16),
         out, lse, part_o, part_lse, *q.stride(), *k_codes.stride(), *v_codes.stride(), *ks_strides, *vs_strides,
@@ -143,7 +149,7 @@ def decode(call: DecodeCall, config=None):
         DOT_PRECISION=precision, ASM=asm, num_warps=cfg["num_warps"] if on_gpu else 1,
         num_stages=cfg["num_stages"] if on_gpu else 1)
     if not direct:
-        decode_kernel.decode_merge_kernel[(batch * heads_q * lq,)](
+        _MERGE[(batch * heads_q * lq,)](
             part_o, part_lse, q if sinks is None else sinks, out, lse, out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1), lq, heads_q, splits, HEAD_DV=dim_v, BLOCK_DV=padded_dim(dim_v),
             BLOCK_P=max(16, _pow2(splits)), SINKS_ON=sinks is not None, num_warps=4 if on_gpu else 1)

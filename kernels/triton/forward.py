@@ -14,6 +14,11 @@ from ..launch import empty_result, new_output
 from . import forward_kernel
 from .binding import alibi_args, common_meta, dropout_args, lse_strides, mask_args, on_tensors_device, strides4
 from .blocks import cdiv, forward_blocks
+from .direct_launch import DirectLauncher
+
+# Kernels relaunched without Triton's per-call binding once compiled for a kind of call (direct_launch.py).
+_FORWARD = DirectLauncher(forward_kernel.attention_forward_kernel)
+
 
 
 @on_tensors_device
@@ -37,7 +42,7 @@ def forward(call: AttentionCall):
     cu_q = q if cu_seqlens_q is None else cu_seqlens_q
     cu_k = q if cu_seqlens_k is None else cu_seqlens_k
     grid = (cdiv(lq, blocks.block_m), batch * heads_q)
-    forward_kernel.attention_forward_kernel[grid](
+    _FORWARD[grid](
         q, k, v, out, lse, mask, slopes, q if sinks is None else sinks, cu_q, cu_k,
         *strides4(q), *strides4(k), *strides4(v), *strides4(out), *lse_strides(lse), *mask_strides,
         *slope_strides, lq, lk, heads_q, heads_q // heads_kv, scale, softcap, left, right, seed, threshold,

@@ -1,0 +1,110 @@
+"""Relaunching a compiled Triton kernel without Triton's per-call binding.
+
+`JITFunction.run` binds and specializes every argument on every call (about 46 arguments for our
+kernels: tens of microseconds of host time, most of a decode layer's cost on the H200). Its result
+only depends on what Triton specializes on, so `DirectLauncher` keys the compiled kernel by exactly
+those properties and launches it through `CompiledKernel[grid](*args)`:
+
+- a tensor: its dtype and whether its data pointer is 16-byte aligned;
+- an int: whether it equals 1, whether it is a multiple of 16, and whether it fits 32, 64 or more bits;
+- a float: nothing (Triton passes every Python float as fp32);
+- a constexpr, a bool, None or anything else: the value itself.
+
+A key finer than Triton's only costs an extra miss; a miss goes through Triton's own `fn[grid](...)`,
+which compiles or finds the kernel and returns it. Triton's internals stop at this module: the
+compiled kernel's `[grid]` launcher (which calls Triton's launch hooks, as the JIT path does, so
+profilers still see every launch), the JIT function's parameter list and its pre-run hooks (a JIT
+function that has any always takes Triton's own path). `MFA_TRITON_DIRECT_LAUNCH=0`
+turns the fast path off; `tests/triton/test_direct_launch.py` checks it on a GPU against the JIT.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+
+CACHE_LIMIT = 512  # keys per table and kernel; a full table starts over (a bound against unbounded growth)
+_I32_MIN, _I32_MAX, _I64_MIN, _I64_MAX = -(2**31), 2**31 - 1, -(2**63), 2**63 - 1
+
+
+def _enabled() -> bool:
+    return os.environ.get("MFA_TRITON_DIRECT_LAUNCH", "1") != "0"
+
+
+def _plain_key(args) -> tuple:
+    """Triton's specialization classes of positional arguments that are not constexprs (see the
+    module docstring); bool is tested before int because it is one."""
+    return tuple([
+        (a.dtype, not (a.data_ptr() & 15)) if isinstance(a, torch.Tensor)
+        else (a == 1, not (a & 15), 0 if _I32_MIN <= a <= _I32_MAX else 1 if _I64_MIN <= a <= _I64_MAX else 2)
+        if type(a) is int
+        else float if type(a) is float
+        else a
+        for a in args
+    ])
+
+
+class DirectLauncher:
+    """`launcher[grid](*args, **constexprs)` as `jit_fn[grid](...)`, minus the per-call binding once
+    a kernel is compiled for that kind of call. Anything this module cannot prove it handles
+    (interpreter mode, CPU tensors, pre-run hooks, a Triton without these internals) goes to `jit_fn`."""
+
+    def __init__(self, jit_fn):
+        self.fn = jit_fn
+        params = getattr(jit_fn, "params", None)
+        self._usable = params is not None and hasattr(jit_fn, "pre_run_hooks")
+        if self._usable:
+            self._names = [p.name for p in params]
+            self._defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+            constexpr = [n for n, p in enumerate(params) if p.is_constexpr]
+            self._first_constexpr = constexpr[0] if constexpr else len(params)
+        self._by_class: dict = {}
+        self._by_value: dict = {}
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def launch(self, grid, args: tuple, kwargs: dict):
+        first = args[0] if args else None
+        if (not self._usable or callable(grid) or not isinstance(first, torch.Tensor) or first.device.type != "cuda"
+                or self.fn.pre_run_hooks or not _enabled()):
+            return self.fn[grid](*args, **kwargs)
+        device, options = torch.cuda.current_device(), tuple(kwargs.items())
+        # Two tables: by value (ints and floats as they are: a repeat of the same kind of call, e.g. the
+        # layers of one decode step, costs one tuple), then by Triton's classes (a cache that grew by a
+        # token: new lengths, same kernel). The value key refines the class key, so both are sound.
+        exact = (device, tuple([a if type(a) is not torch.Tensor else (a.dtype, not (a.data_ptr() & 15))
+                                for a in args]), options)
+        entry = self._by_value.get(exact)
+        if entry is None:
+            cut = self._first_constexpr
+            entry = self._by_class.get((device, _plain_key(args[:cut]), args[cut:], options))
+            if entry is None:
+                return self._compile((device, _plain_key(args[:cut]), args[cut:], options), grid, args, kwargs)
+            _bounded_put(self._by_value, exact, entry)
+        compiled, tail = entry
+        compiled[_grid3(grid)](*args, *tail)
+        return compiled
+
+    def _compile(self, key, grid, args, kwargs):
+        compiled = self.fn[grid](*args, **kwargs)
+        if hasattr(compiled, "result"):  # an asynchronous compile's future
+            compiled = compiled.result()
+        names = self._names[len(args):]
+        if not hasattr(compiled, "__getitem__") or any(n not in kwargs and n not in self._defaults for n in names):
+            return compiled  # nothing to reuse: the next call binds again
+        _bounded_put(self._by_class, key, (compiled, tuple(kwargs[n] if n in kwargs else self._defaults[n] for n in names)))
+        return compiled
+
+
+def _bounded_put(table: dict, key, value) -> None:
+    if len(table) >= CACHE_LIMIT:
+        table.clear()
+    table[key] = value
+
+
+def _grid3(grid) -> tuple:
+    grid = tuple(grid)
+    return grid + (1,) * (3 - len(grid))

@@ -1,0 +1,136 @@
+"""kernels/triton/direct_launch.py: the key it reuses a compiled kernel under is never coarser than
+Triton's own specialization (checked against Triton's specializer, anywhere), and on a GPU every
+launcher gives bitwise the JIT path's results over the layouts that change Triton's specialization:
+unaligned data pointers, unit and 16-multiple strides, lengths that grow from call to call."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from mfa_hf.kernels.triton import direct_launch
+
+triton = pytest.importorskip("triton")
+
+
+def _triton_classes(arg):
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    return native_specialize_impl(BaseBackend, arg, False, True, True)
+
+
+def _arguments():
+    ints = [0, 1, 2, 15, 16, 17, 32, -1, -16, 2**31 - 16, 2**31 - 1, 2**31, -(2**31), -(2**31) - 16,
+            2**40, 2**40 + 1, 2**63 - 16, 2**63, 2**64 - 16]
+    base = torch.zeros(64, dtype=torch.float32)
+    tensors = [base, base[1:], base[4:], base[8:], base.view(torch.int32), base.view(torch.float16)[2:],
+               base.view(torch.bfloat16), base.view(torch.uint8)[16:], base.view(torch.uint8)[3:]]
+    return ints + [0.0, 1.0, 2.5, True, False, None] + tensors
+
+
+def test_key_refines_triton_specialization():
+    """Any two arguments that share a direct-launch key share Triton's specialization (the reverse
+    may fail: a finer key only costs a compile-cache lookup)."""
+    args = _arguments()
+    for a, b in itertools.combinations(args, 2):
+        if direct_launch._plain_key((a,)) == direct_launch._plain_key((b,)):
+            assert _triton_classes(a) == _triton_classes(b), (a, b)
+
+
+def test_constexpr_positions_are_keyed_by_value():
+    """A constexpr passed positionally must be keyed by its value (two head dims, both multiples of 16,
+    have the same int class but are different kernels)."""
+
+    class Param:
+        def __init__(self, name, constexpr):
+            self.name, self.is_constexpr, self.default = name, constexpr, __import__("inspect").Parameter.empty
+
+    class FakeJit:
+        params = [Param("x", False), Param("n", False), Param("HEAD", True)]
+        pre_run_hooks: list = []
+
+    launcher = direct_launch.DirectLauncher(FakeJit())
+    assert launcher._first_constexpr == 2
+    t = torch.zeros(4)
+    key64 = (direct_launch._plain_key((t, 32)), (64,))
+    key128 = (direct_launch._plain_key((t, 32)), (128,))
+    assert key64 != key128
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches run on a CUDA device")
+
+
+def _both_paths(monkeypatch, run):
+    """run() with the direct launcher, then with Triton's JIT path."""
+    monkeypatch.setenv("MFA_BACKEND", "triton")
+    monkeypatch.setenv("MFA_TRITON_DIRECT_LAUNCH", "1")
+    fast = [run() for _ in range(2)]  # the second call is the one served from the key table
+    monkeypatch.setenv("MFA_TRITON_DIRECT_LAUNCH", "0")
+    slow = run()
+    return fast, slow
+
+
+def _assert_bitwise(fast, slow):
+    for got in fast:
+        for x, y in zip(got, slow):
+            assert torch.equal(x, y) or (x.isnan() == y.isnan()).all() and torch.equal(x.nan_to_num(), y.nan_to_num())
+
+
+@needs_cuda
+@pytest.mark.parametrize("offset", [0, 1, 3, 8], ids=lambda o: f"offset{o}")
+@pytest.mark.parametrize("dim", [64, 80, 128])
+def test_forward_backward_match_jit(offset, dim, monkeypatch):
+    """Storage offsets move q/k/v off 16-byte alignment; dims change stride classes."""
+    import mfa_hf
+
+    g = torch.Generator(device="cuda").manual_seed(offset * 1000 + dim)
+
+    def tensor(n):
+        flat = torch.randn(offset + 2 * n * 4 * dim, generator=g, device="cuda", dtype=torch.bfloat16)
+        return flat[offset:].view(2, n, 4, dim).requires_grad_()
+
+    q, k, v = tensor(37), tensor(53), tensor(53)
+    grad = torch.randn(2, 37, 4, dim, generator=g, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        out = mfa_hf.flash_attn_func(q, k, v, causal=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+    fast, slow = _both_paths(monkeypatch, run)
+    _assert_bitwise(fast, slow)
+    from mfa_hf.kernels.triton import backward, forward
+
+    for launcher in (forward._FORWARD, backward._BACKWARD_KV, backward._BACKWARD_Q):
+        assert launcher._by_class and launcher._by_value, "the direct path never kept a compiled kernel"
+
+
+@needs_cuda
+@pytest.mark.parametrize("kv_format", ["none", "int8", "fp8_e4m3", "nf4"])
+def test_decode_over_growing_cache_matches_jit(kv_format, monkeypatch):
+    """A cache that grows by one key per step changes lengths (and strides of a (B, H, S, D) view):
+    each step, direct and JIT launches agree bitwise, and the key table stays small."""
+    import mfa_hf
+    from mfa_hf.kernels.triton import decode as triton_decode
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    q = torch.randn(2, 1, 8, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    before = len(triton_decode._SPLIT._by_class)
+    for length in (255, 256, 257, 1000, 1024, 4097):
+        k = torch.randn(2, length, 2, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(2, length, 2, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+        if kv_format != "none":
+            k, v = mfa_hf.quantize_kv(k, kv_format), mfa_hf.quantize_kv(v, kv_format)
+
+        def run(k=k, v=v):
+            return mfa_hf.flash_attn_with_kvcache(q, k, v)
+
+        fast, slow = _both_paths(monkeypatch, lambda: _as_tuple(run()))
+        _assert_bitwise(fast, slow)
+    assert len(triton_decode._SPLIT._by_class) > before
+
+
+def _as_tuple(result):
+    return result if isinstance(result, tuple) else (result,)
