@@ -6,6 +6,9 @@ lengths, which the kernels read on the device: no host read, no recompile per le
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from mfa_hf import kv_formats
@@ -87,23 +90,44 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-@on_tensors_device
-def decode(call: DecodeCall, config=None):
-    """The triton decode (kernels/contract.py DecodeCall); config overrides DECODE_CONFIG (benchmarks)."""
+def _strided(t):
+    return None if t is None else (t.shape, t.stride())
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything of a decode launch but its tensors and the two float scalars, made once per launch key
+    (see decode): on the H200 host the arithmetic below cost more than Triton's own launch."""
+
+    out_shape: tuple
+    lse_shape: tuple
+    part_sizes: Optional[tuple]  # split-K scratch (normalized rows, LSEs), None with one split
+    levels: torch.Tensor
+    k_scale_strides: tuple
+    v_scale_strides: tuple
+    slope_strides: tuple
+    split_grid: tuple
+    split_ints: tuple  # the integer arguments between the tensors and (scale, softcap)
+    split_tail: tuple  # the integer arguments after them
+    split_options: dict
+    merge_grid: tuple
+    merge_ints: tuple
+    merge_options: dict
+
+
+_plans: dict = {}
+PLAN_LIMIT = 4096  # bounded (a cache that grows by reallocation changes its capacity, hence the key)
+
+
+def _make_plan(call: DecodeCall, config) -> _Plan:
     q, keys, values, o = call.q, call.keys, call.values, call.options
-    k_codes, k_scales, k_format, k_group_size = keys.codes, keys.scales, keys.format, keys.group_size
-    v_codes, v_scales, v_format, v_group_size = values.codes, values.scales, values.format, values.group_size
-    alibi_slopes, sinks, cache_batch_idx, seqlens_k = call.alibi_slopes, call.sinks, call.cache_batch_idx, call.seqlens_k
-    scale, softcap, window_left, right = o.scale, o.softcap, o.window_left, o.window_right
+    k_codes, v_codes, k_format, v_format = keys.codes, values.codes, keys.format, values.format
+    window_left, right = o.window_left, o.window_right
     batch, lq, heads_q, dim = q.shape
     heads_kv = k_codes.shape[2]
     group = heads_q // heads_kv
     k_spec, v_spec = kv_formats.spec(k_format), kv_formats.spec(v_format)
     dim_v = v_spec.logical_dim(v_codes.shape[-1])
-    out = new_output((batch, lq, heads_q, dim_v), q.dtype, q.device)
-    lse = new_output((batch, heads_q, lq), torch.float32, q.device)
-    if batch == 0 or lq == 0:
-        return out, lse
     quant = k_format != "none" or v_format != "none"
     cfg = dict(DECODE_CONFIG_QUANT if quant else DECODE_CONFIG, **(config or {}))
     on_gpu = q.device.type == "cuda"
@@ -121,36 +145,77 @@ def decode(call: DecodeCall, config=None):
         span = min(span, window_left + right + block_q)
     splits = split_policy(q.device).splits(batch * heads_kv * q_tiles, span, block_n, call.num_splits)
     direct = splits == 1
-    ks, ks_strides, k_mode, k_gs, k_ng = _scale_args(k_scales, k_codes, k_format, k_group_size)
-    vs, vs_strides, v_mode, v_gs, v_ng = _scale_args(v_scales, v_codes, v_format, v_group_size)
-    if direct:
-        part_o = part_lse = lse
-    else:
-        part_o = torch.empty(batch * heads_q * lq * splits * dim_v, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(batch * heads_q * lq * splits, dtype=torch.float32, device=q.device)
-    slopes, slope_strides = alibi_args(alibi_slopes, q)
-    rows = q if cache_batch_idx is None else cache_batch_idx
+    _, k_scale_strides, k_mode, k_gs, k_ng = _scale_args(keys.scales, k_codes, k_format, keys.group_size)
+    _, v_scale_strides, v_mode, v_gs, v_ng = _scale_args(values.scales, v_codes, v_format, values.group_size)
+    _, slope_strides = alibi_args(call.alibi_slopes, q)
     head_d, head_dv = k_spec.storage_dim(dim), v_spec.storage_dim(dim_v)
     e4m3 = 1.0 if asm else 256.0  # decode_kernel.py's integer e4m3 decode yields value / 256
     precision = dot_precision(q.dtype, q.device)
-    _SPLIT[(splits, batch * heads_kv, q_tiles)](
-        q, k_codes, v_codes, ks, vs, seqlens_k, rows, slopes, q if sinks is None else sinks,
-        _levels(q.device, torch.float32 if precision == "upcast" or q.dtype == torch.float32 else torch.float16),
-        out, lse, part_o, part_lse, *q.stride(), *k_codes.stride(), *v_codes.stride(), *ks_strides, *vs_strides,
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), *slope_strides,
-        lq, heads_kv, group, splits, max(window_left, 0), max(right, 0), scale, softcap,
-        max(1, k_codes.shape[0]), k_codes.shape[1], HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=padded_dim(head_d), BLOCK_DV=padded_dim(head_dv),
+    # out (B, Lq, Hq, Dv) and lse (B, Hq, Lq) are allocated contiguous (new_output).
+    out_strides = (lq * heads_q * dim_v, heads_q * dim_v, dim_v)
+    lse_strides = (heads_q * lq, lq)
+    split_ints = (*q.stride(), *k_codes.stride(), *v_codes.stride(), *k_scale_strides, *v_scale_strides,
+                  *out_strides, *lse_strides, *slope_strides,
+                  lq, heads_kv, group, splits, max(window_left, 0), max(right, 0))
+    sinks_on = call.sinks is not None
+    split_options = dict(
+        HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=padded_dim(head_d), BLOCK_DV=padded_dim(head_dv),
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, K_FMT=k_spec.kernel_id,
         V_FMT=v_spec.kernel_id, K_SCALE=k_mode, V_SCALE=v_mode,
         K_CONST=e4m3 if k_format == "fp8_e4m3" else 1.0, V_CONST=e4m3 if v_format == "fp8_e4m3" else 1.0,
         K_GS=k_gs, V_GS=v_gs, K_NG=k_ng, V_NG=v_ng,
-        HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0,
-        SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None, SINKS_ON=sinks is not None, DIRECT=direct,
+        HAS_BATCH_IDX=call.cache_batch_idx is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0,
+        SOFTCAP=o.softcap > 0, ALIBI=call.alibi_slopes is not None, SINKS_ON=sinks_on, DIRECT=direct,
         DOT_PRECISION=precision, ASM=asm, num_warps=cfg["num_warps"] if on_gpu else 1,
         num_stages=cfg["num_stages"] if on_gpu else 1)
-    if not direct:
-        _MERGE[(batch * heads_q * lq,)](
-            part_o, part_lse, q if sinks is None else sinks, out, lse, out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1), lq, heads_q, splits, HEAD_DV=dim_v, BLOCK_DV=padded_dim(dim_v),
-            BLOCK_P=max(16, _pow2(splits)), SINKS_ON=sinks is not None, num_warps=4 if on_gpu else 1)
+    merge_options = dict(HEAD_DV=dim_v, BLOCK_DV=padded_dim(dim_v), BLOCK_P=max(16, _pow2(splits)), SINKS_ON=sinks_on,
+                         num_warps=4 if on_gpu else 1)
+    rows = batch * heads_q * lq
+    return _Plan(
+        (batch, lq, heads_q, dim_v), (batch, heads_q, lq), None if direct else (rows * splits * dim_v, rows * splits),
+        _levels(q.device, torch.float32 if precision == "upcast" or q.dtype == torch.float32 else torch.float16),
+        k_scale_strides, v_scale_strides, slope_strides, (splits, batch * heads_kv, q_tiles), split_ints,
+        (max(1, k_codes.shape[0]), k_codes.shape[1]), split_options, (rows,),
+        (*out_strides, *lse_strides, lq, heads_q, splits), merge_options)
+
+
+@on_tensors_device
+def decode(call: DecodeCall, config=None):
+    """The triton decode (kernels/contract.py DecodeCall); config overrides DECODE_CONFIG (benchmarks).
+    Per call: the launch key (shapes, strides, dtypes, formats, group sizes, windows, feature flags,
+    requested splits, config; never a length) and its remembered _Plan, the allocations, the launches."""
+    q, keys, values, o = call.q, call.keys, call.values, call.options
+    k_codes, k_scales, v_codes, v_scales = keys.codes, keys.scales, values.codes, values.scales
+    alibi_slopes, sinks, cache_batch_idx = call.alibi_slopes, call.sinks, call.cache_batch_idx
+    key = (q.device, q.dtype, q.shape, q.stride(), k_codes.dtype, k_codes.shape, k_codes.stride(), v_codes.dtype,
+           v_codes.shape, v_codes.stride(), _strided(k_scales), _strided(v_scales), keys.format, values.format,
+           keys.group_size, values.group_size, o.window_left, o.window_right, o.softcap > 0, _strided(alibi_slopes),
+           sinks is None, cache_batch_idx is None, call.num_splits,
+           None if config is None else tuple(sorted(config.items())))
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        dim_v = kv_formats.spec(values.format).logical_dim(v_codes.shape[-1])
+        return (new_output((q.shape[0], q.shape[1], q.shape[2], dim_v), q.dtype, q.device),
+                new_output((q.shape[0], q.shape[2], q.shape[1]), torch.float32, q.device))
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= PLAN_LIMIT:
+            _plans.clear()
+        plan = _plans[key] = _make_plan(call, config)
+    out = new_output(plan.out_shape, q.dtype, q.device)
+    lse = new_output(plan.lse_shape, torch.float32, q.device)
+    if plan.part_sizes is None:
+        part_o = part_lse = lse
+    else:
+        part_o = torch.empty(plan.part_sizes[0], dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(plan.part_sizes[1], dtype=torch.float32, device=q.device)
+    # Scales are read through the strides of their expansion to (B, S, H, groups): the same pointer.
+    ks = k_codes if keys.format == "none" else k_scales
+    vs = v_codes if values.format == "none" else v_scales
+    sink_arg = q if sinks is None else sinks
+    _SPLIT.launch(plan.split_grid, (
+        q, k_codes, v_codes, ks, vs, call.seqlens_k, q if cache_batch_idx is None else cache_batch_idx,
+        q if alibi_slopes is None else alibi_slopes, sink_arg, plan.levels, out, lse, part_o, part_lse,
+        *plan.split_ints, o.scale, o.softcap, *plan.split_tail), plan.split_options)
+    if plan.part_sizes is not None:
+        _MERGE.launch(plan.merge_grid, (part_o, part_lse, sink_arg, out, lse, *plan.merge_ints), plan.merge_options)
     return out, lse
