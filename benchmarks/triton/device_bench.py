@@ -32,7 +32,7 @@ FORMATS = tuple(os.environ.get("DECODE_FORMATS", "bf16,fp8_e4m3,fp8_e5m2,int8,nf
 SWEEP = os.environ.get("DECODE_SWEEP", "1") != "0"  # 0: the backend's default launch configs, no sweep
 CONFIGS = [dict(block_n=n, num_warps=w, num_stages=s)
            for n, w, s in ((64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (64, 4, 4),
-                           (128, 8, 2), (64, 2, 3), (128, 4, 4))]
+                           (128, 8, 2), (64, 2, 3), (128, 4, 4), (256, 4, 3), (256, 8, 3), (256, 8, 4))]
 
 
 def _ms(fn) -> float:
