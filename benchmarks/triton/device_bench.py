@@ -272,6 +272,7 @@ def forward(out_dir: str) -> list[dict]:
     """Forward block-table sweep at small N (D=128 and 64, causal and not): TFLOP/s per config."""
     import mfa_hf
     from mfa_hf.kernels.triton import blocks
+    from mfa_hf.kernels.triton import forward as triton_forward
 
     from triton.runtime.errors import OutOfResources  # noqa: F401 - the failure a config may hit
 
@@ -290,6 +291,7 @@ def forward(out_dir: str) -> list[dict]:
                     table = blocks._FORWARD_CAUSAL if causal else blocks._FORWARD
                     saved = dict(table)
                     table[blocks.padded_dim(dim)] = cfg
+                    triton_forward.forget_plans()  # launch plans hold the block choice
                     try:
                         ms = _ms(lambda: mfa_hf.flash_attn_func(q, k, v, causal=causal))
                         results.append((round(flops / ms / 1e9, 1), tuple(cfg.__dict__.values())))
@@ -298,6 +300,7 @@ def forward(out_dir: str) -> list[dict]:
                     finally:
                         table.clear()
                         table.update(saved)
+                        triton_forward.forget_plans()
                 results.sort(reverse=True)
                 print(f"D={dim} causal={causal} N={n}: " + ", ".join(f"{t} {c}" for t, c in results[:4]), flush=True)
                 rows.append(dict(dim=dim, causal=causal, n=n, results=results))

@@ -215,7 +215,8 @@ def decode(call: DecodeCall, config=None):
     _SPLIT.launch(plan.split_grid, (
         q, k_codes, v_codes, ks, vs, call.seqlens_k, q if cache_batch_idx is None else cache_batch_idx,
         q if alibi_slopes is None else alibi_slopes, sink_arg, plan.levels, out, lse, part_o, part_lse,
-        *plan.split_ints, o.scale, o.softcap, *plan.split_tail), plan.split_options)
+        *plan.split_ints, float(o.scale), float(o.softcap), *plan.split_tail), plan.split_options, known=key, tensors=14)
     if plan.part_sizes is not None:
-        _MERGE.launch(plan.merge_grid, (part_o, part_lse, sink_arg, out, lse, *plan.merge_ints), plan.merge_options)
+        _MERGE.launch(plan.merge_grid, (part_o, part_lse, sink_arg, out, lse, *plan.merge_ints), plan.merge_options,
+                      known=key, tensors=5)
     return out, lse

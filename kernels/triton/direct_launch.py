@@ -62,31 +62,51 @@ class DirectLauncher:
             self._first_constexpr = constexpr[0] if constexpr else len(params)
         self._by_class: dict = {}
         self._by_value: dict = {}
+        self._by_known: dict = {}
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
-    def launch(self, grid, args: tuple, kwargs: dict):
+    def launch(self, grid, args: tuple, kwargs: dict, known=None, tensors: int = 0):
+        """Launch `args`/`kwargs` on `grid`. A caller that already holds a key of its own for the kind of
+        call (a launch plan) passes it as `known`, with its tensors first in `args` (`tensors` of them):
+        `known` must determine every other argument and every keyword exactly, floats as Python floats
+        (whose values Triton ignores). The lookup then costs one small tuple."""
         first = args[0] if args else None
         if (not self._usable or callable(grid) or not isinstance(first, torch.Tensor) or first.device.type != "cuda"
                 or self.fn.pre_run_hooks or not _enabled()):
             return self.fn[grid](*args, **kwargs)
-        device, options = torch.cuda.current_device(), tuple(kwargs.items())
-        # Two tables: by value (ints and floats as they are: a repeat of the same kind of call, e.g. the
-        # layers of one decode step, costs one tuple), then by Triton's classes (a cache that grew by a
-        # token: new lengths, same kernel). The value key refines the class key, so both are sound.
-        exact = (device, tuple([a if type(a) is not torch.Tensor else (a.dtype, not (a.data_ptr() & 15))
-                                for a in args]), options)
-        entry = self._by_value.get(exact)
+        device = torch.cuda.current_device()
+        if known is not None:
+            table = self._by_known
+            key = (device, known, tuple([(t.dtype, not (t.data_ptr() & 15)) for t in args[:tensors]]))
+        else:
+            # By value (ints and floats as they are: a repeat of the same kind of call costs one tuple),
+            # then by Triton's classes in _entry (a cache that grew by a token: new lengths, same kernel).
+            # The value key refines the class key, so both are sound.
+            table = self._by_value
+            key = (device, tuple([a if type(a) is not torch.Tensor else (a.dtype, not (a.data_ptr() & 15))
+                                  for a in args]), tuple(kwargs.items()))
+        entry = table.get(key)
         if entry is None:
-            cut = self._first_constexpr
-            entry = self._by_class.get((device, _plain_key(args[:cut]), args[cut:], options))
-            if entry is None:
-                return self._compile((device, _plain_key(args[:cut]), args[cut:], options), grid, args, kwargs)
-            _bounded_put(self._by_value, exact, entry)
+            entry = self._entry(device, grid, args, kwargs)  # launches
+            if entry is not None:
+                _bounded_put(table, key, entry)
+            return
         compiled, tail = entry
         compiled[_grid3(grid)](*args, *tail)
-        return compiled
+
+    def _entry(self, device, grid, args, kwargs):
+        """The (compiled kernel, trailing arguments) for Triton's classes of this call, launching it: from
+        the class table, else through the JIT (which compiles or finds it). None when it cannot be kept."""
+        cut = self._first_constexpr
+        key = (device, _plain_key(args[:cut]), args[cut:], tuple(kwargs.items()))
+        entry = self._by_class.get(key)
+        if entry is not None:
+            compiled, tail = entry
+            compiled[_grid3(grid)](*args, *tail)
+            return entry
+        return self._compile(key, grid, args, kwargs)
 
     def _compile(self, key, grid, args, kwargs):
         compiled = self.fn[grid](*args, **kwargs)
@@ -94,9 +114,10 @@ class DirectLauncher:
             compiled = compiled.result()
         names = self._names[len(args):]
         if not hasattr(compiled, "__getitem__") or any(n not in kwargs and n not in self._defaults for n in names):
-            return compiled  # nothing to reuse: the next call binds again
-        _bounded_put(self._by_class, key, (compiled, tuple(kwargs[n] if n in kwargs else self._defaults[n] for n in names)))
-        return compiled
+            return None  # nothing to reuse: the next call binds again
+        entry = (compiled, tuple(kwargs[n] if n in kwargs else self._defaults[n] for n in names))
+        _bounded_put(self._by_class, key, entry)
+        return entry
 
 
 def _bounded_put(table: dict, key, value) -> None:

@@ -6,13 +6,15 @@ No host synchronization: everything passed is a shape, a stride, a Python scalar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..contract import AttentionCall
 from ..launch import empty_result, new_output
 
 from . import forward_kernel
-from .binding import alibi_args, common_meta, dropout_args, lse_strides, mask_args, on_tensors_device, strides4
+from .binding import alibi_args, common_meta, dropout_args, mask_args, on_tensors_device, strides4
 from .blocks import cdiv, forward_blocks
 from .direct_launch import DirectLauncher
 
@@ -21,31 +23,88 @@ _FORWARD = DirectLauncher(forward_kernel.attention_forward_kernel)
 
 
 
-@on_tensors_device
-def forward(call: AttentionCall):
-    """(out, lse) (kernels/contract.py)."""
-    q, k, v, attn_mask, alibi_slopes, sinks = call.q, call.k, call.v, call.attn_mask, call.alibi_slopes, call.sinks
-    cu_seqlens_q, cu_seqlens_k, o = call.cu_seqlens_q, call.cu_seqlens_k, call.options
-    scale, softcap, dropout_p = o.scale, o.softcap, o.dropout_p
+def _strided(t):
+    return None if t is None else (t.dtype, t.shape, t.stride())
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything of a forward launch but its tensors and float scalars, made once per launch key."""
+
+    out_shape: tuple
+    lse_shape: tuple
+    grid: tuple
+    ints: tuple  # the integer arguments between the tensors and (scale, softcap)
+    window: tuple  # (left, right)
+    options: dict  # constexprs and launch options
+
+
+_plans: dict = {}
+PLAN_LIMIT = 4096
+
+
+def forget_plans() -> None:
+    """Drop every launch plan: a benchmark that swaps the block table (blocks.py) calls this."""
+    _plans.clear()
+
+
+def _make_plan(call: AttentionCall) -> _Plan:
+    q, k, v, o = call.q, call.k, call.v, call.options
     batch, lq, lk = call.batch, call.seqlen_q, call.seqlen_k
-    if q.shape[0] == 0 or lq == 0 or (cu_seqlens_q is None and lk == 0):
-        return empty_result(q, v, sinks)
     heads_q, heads_kv = q.shape[-2], k.shape[-2]
-    out = new_output(q.shape[:-1] + (v.shape[-1],), q.dtype, q.device)
-    lse_shape = (heads_q, q.shape[0]) if cu_seqlens_q is not None else (batch, heads_q, lq)
-    lse = new_output(lse_shape, torch.float32, q.device)
+    out_shape = q.shape[:-1] + (v.shape[-1],)
+    lse_shape = (heads_q, q.shape[0]) if call.varlen else (batch, heads_q, lq)
     meta, left, right = common_meta(call)
     blocks = forward_blocks(max(q.shape[-1], v.shape[-1]), q.dtype, o.causal, q.device.type, lq)
-    mask, mask_strides, _ = mask_args(attn_mask, q, batch, lq, lk)
-    slopes, slope_strides = alibi_args(alibi_slopes, q)
-    seed, threshold, keep_scale = dropout_args(dropout_p, call.dropout_seed)
-    cu_q = q if cu_seqlens_q is None else cu_seqlens_q
-    cu_k = q if cu_seqlens_k is None else cu_seqlens_k
-    grid = (cdiv(lq, blocks.block_m), batch * heads_q)
-    _FORWARD[grid](
-        q, k, v, out, lse, mask, slopes, q if sinks is None else sinks, cu_q, cu_k,
-        *strides4(q), *strides4(k), *strides4(v), *strides4(out), *lse_strides(lse), *mask_strides,
-        *slope_strides, lq, lk, heads_q, heads_q // heads_kv, scale, softcap, left, right, seed, threshold,
-        keep_scale, SINKS_ON=sinks is not None, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages, **meta)
+    _, mask_strides, _ = mask_args(call.attn_mask, q, batch, lq, lk)
+    _, slope_strides = alibi_args(call.alibi_slopes, q)
+    # out and lse are allocated contiguous (new_output); packed ones have batch stride 0 (strides4, lse_strides).
+    out_strides, lse_strides_ = _contiguous_strides(out_shape), _contiguous_strides(lse_shape)
+    out_strides = out_strides if len(out_strides) == 4 else (0, *out_strides)
+    lse_strides_ = lse_strides_ if len(lse_strides_) == 3 else (0, *lse_strides_)
+    ints = (*strides4(q), *strides4(k), *strides4(v), *out_strides, *lse_strides_, *mask_strides, *slope_strides,
+            lq, lk, heads_q, heads_q // heads_kv)
+    options = dict(SINKS_ON=call.sinks is not None, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+                   num_warps=blocks.num_warps, num_stages=blocks.num_stages, **meta)
+    return _Plan(tuple(out_shape), lse_shape, (cdiv(lq, blocks.block_m), batch * heads_q), ints, (left, right), options)
+
+
+def _contiguous_strides(shape) -> tuple:
+    """The strides torch.empty(shape) has."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+@on_tensors_device
+def forward(call: AttentionCall):
+    """(out, lse) (kernels/contract.py). Per call: the launch key (shapes, strides, dtypes, lengths, windows,
+    flags; never a tensor's values) and its remembered _Plan, the two allocations, the launch."""
+    q, k, v, attn_mask, alibi_slopes, sinks = call.q, call.k, call.v, call.attn_mask, call.alibi_slopes, call.sinks
+    cu_seqlens_q, cu_seqlens_k, o = call.cu_seqlens_q, call.cu_seqlens_k, call.options
+    lq, lk = call.seqlen_q, call.seqlen_k
+    if q.shape[0] == 0 or lq == 0 or (cu_seqlens_q is None and lk == 0):
+        return empty_result(q, v, sinks)
+    key = (q.device, q.dtype, q.shape, q.stride(), k.dtype, k.shape, k.stride(), v.dtype, v.shape, v.stride(),
+           _strided(attn_mask), _strided(alibi_slopes), sinks is None, _strided(cu_seqlens_q), _strided(cu_seqlens_k),
+           lq, lk, o.causal, o.window_left, o.window_right, o.softcap > 0, o.dropout_p > 0)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= PLAN_LIMIT:
+            _plans.clear()
+        plan = _plans[key] = _make_plan(call)
+    out = new_output(plan.out_shape, q.dtype, q.device)
+    lse = new_output(plan.lse_shape, torch.float32, q.device)
+    mask = q if attn_mask is None else mask_args(attn_mask, q, call.batch, lq, lk)[0]
+    tensors = (q, k, v, out, lse, mask, q if alibi_slopes is None else alibi_slopes, q if sinks is None else sinks,
+               q if cu_seqlens_q is None else cu_seqlens_q, q if cu_seqlens_k is None else cu_seqlens_k)
+    if o.dropout_p > 0:  # the seed is a per-call int: Triton's own classes decide
+        seed, threshold, keep_scale = dropout_args(o.dropout_p, call.dropout_seed)
+        _FORWARD.launch(plan.grid, (*tensors, *plan.ints, float(o.scale), float(o.softcap), *plan.window, seed,
+                                    threshold, keep_scale), plan.options)
+    else:
+        _FORWARD.launch(plan.grid, (*tensors, *plan.ints, float(o.scale), float(o.softcap), *plan.window, 0, 0, 1.0),
+                        plan.options, known=key, tensors=len(tensors))
     return out, lse
