@@ -103,8 +103,24 @@ def test_forward_backward_match_jit(offset, dim, monkeypatch):
     _assert_bitwise(fast, slow)
     from mfa_hf.kernels.triton import backward, forward
 
-    for launcher in (forward._FORWARD, backward._BACKWARD_KV, backward._BACKWARD_Q):
+    assert forward._FORWARD._by_known, "the planned forward never kept a compiled kernel"
+    for launcher in (backward._BACKWARD_KV, backward._BACKWARD_Q):
         assert launcher._by_class and launcher._by_value, "the direct path never kept a compiled kernel"
+
+
+@needs_cuda
+def test_dropout_forward_matches_jit(monkeypatch):
+    """Dropout passes a per-call seed: the launcher keys it by value, not by the plan."""
+    import mfa_hf
+
+    q = torch.randn(2, 64, 4, 64, device="cuda", dtype=torch.float16)
+
+    def run():
+        torch.manual_seed(3)
+        return (mfa_hf.flash_attn_func(q, q, q, dropout_p=0.2),)
+
+    fast, slow = _both_paths(monkeypatch, run)
+    _assert_bitwise(fast, slow)
 
 
 @needs_cuda
@@ -129,7 +145,7 @@ def test_decode_over_growing_cache_matches_jit(kv_format, monkeypatch):
 
         fast, slow = _both_paths(monkeypatch, lambda: _as_tuple(run()))
         _assert_bitwise(fast, slow)
-    assert len(triton_decode._SPLIT._by_class) > before
+    assert len(triton_decode._SPLIT._by_class) > before and triton_decode._SPLIT._by_known
 
 
 def _as_tuple(result):
