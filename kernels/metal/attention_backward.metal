@@ -18,13 +18,17 @@
 // that the causal/window band leaves visible to some of its rows (keys).
 //
 // Defines: MFA_IN_T, MFA_MASK_T, MFA_MASK_KIND (0 none, 1 bool, 2 additive), MFA_CU_T, MFA_DQK, MFA_DV, MFA_WM, MFA_R,
-// MFA_HAS_SOFTCAP, MFA_HAS_ALIBI, MFA_HAS_DLSE, MFA_WANT_DMASK, MFA_VARLEN, MFA_BACKWARD_PARAM_COUNT.
+// MFA_HAS_SOFTCAP, MFA_HAS_ALIBI, MFA_HAS_DLSE, MFA_WANT_DMASK, MFA_VARLEN, MFA_BACKWARD_PARAM_COUNT;
+// MFA_MMA (head dims <= 128: the dQ kernel on simdgroup_matrix) with MFA_BK, MFA_DQK_PAD, MFA_DV_PAD,
+// MFA_K_PITCH, MFA_V_PITCH (its key block and tiles).
 #include <metal_stdlib>
 using namespace metal;
 // The loader inserts the variant's MFA_ #defines here, after Apple's headers.
 #include "backward_params.h"
 #include "bounds.h"
 #include "finite_math.h"
+#include "fragment.h"
+#include "staging.h"
 
 #define THREADS (32 * MFA_WM)
 #define BLOCK (MFA_WM * MFA_R)  // query rows (dQ) or keys (dK/dV) per threadgroup
@@ -139,6 +143,170 @@ inline float safe_lse(device const float* lse, long slot) {
   if (lane == 0) delta[slot] = x;
 }
 
+#if MFA_MMA
+// dQ on 8x8 simdgroup_matrix products (head dims up to 128): a threadgroup = MFA_WM simdgroups x 8 query
+// rows of one (batch, query head), Q and dO fragments in registers; per key block of MFA_BK keys, K and
+// V are staged in threadgroup memory, S = Q K^T and dP = dO V^T are float fragments, dS = P (dP - delta)
+// chain replaces S in the same registers (the accumulator layout is the A-operand layout), and
+// dQ += dS K. Each dS element is this lane's own: the dmask write needs no reduction.
+#define BQ (8 * MFA_WM)
+#define DQK_BLOCKS (MFA_DQK_PAD / 8)
+#define DV_BLOCKS (MFA_DV_PAD / 8)
+#define KEY_FRAGMENTS (MFA_BK / 8)
+
+[[kernel, max_total_threads_per_threadgroup(THREADS)]] void attention_backward_dq(
+    device const MFA_IN_T* q [[buffer(0)]],
+    device const MFA_IN_T* k [[buffer(1)]],
+    device const MFA_IN_T* v [[buffer(2)]],
+    device const MFA_IN_T* grad_out [[buffer(3)]],
+    device const float* lse [[buffer(4)]],
+    device const float* delta [[buffer(5)]],
+    device MFA_IN_T* dq [[buffer(6)]],
+    device float* dmask [[buffer(7)]],  // MFA_WANT_DMASK: (B, Hq, Lq, Lk) contiguous
+    device const MFA_MASK_T* mask [[buffer(8)]],
+    device const float* alibi_slopes [[buffer(9)]],
+    device const MFA_CU_T* cu_seqlens_q [[buffer(10)]],
+    device const MFA_CU_T* cu_seqlens_k [[buffer(11)]],
+    constant BackwardParams& p [[buffer(12)]],
+    constant float& scale [[buffer(13)]],
+    constant float& softcap [[buffer(14)]],
+    uint3 group_id [[threadgroup_position_in_grid]],
+    ushort sg [[simdgroup_index_in_threadgroup]],
+    ushort lane [[thread_index_in_simdgroup]],
+    ushort tid [[thread_index_in_threadgroup]]) {
+  const long b = group_id.z, head = group_id.y, kv_head = head / p.group;
+  const Sequence seq = sequence_of(p, cu_seqlens_q, cu_seqlens_k, b);
+  const long block0 = long(group_id.x) * BQ;
+  if (block0 >= seq.seqlen_q) return;  // the whole threadgroup
+  const long offset = seq.seqlen_k - seq.seqlen_q;
+  const int vector_rows = int(p.vector_rows);
+  threadgroup MFA_IN_T k_tile[MFA_BK * MFA_K_PITCH];
+  threadgroup MFA_IN_T v_tile[MFA_BK * MFA_V_PITCH];
+
+  const FragmentLane at = fragment_lane(lane);
+  const long sg_row0 = block0 + sg * 8;
+  const long i = sg_row0 + at.row;  // this lane's query row
+  const bool row_in = i < seq.seqlen_q;
+  const long row = seq.q_start + (row_in ? i : 0);
+  simdgroup_float8x8 q_frag[DQK_BLOCKS], do_frag[DV_BLOCKS], dq_acc[DQK_BLOCKS];
+  {
+    device const MFA_IN_T* q_row = q + b * p.q_stride_b + row * p.q_stride_s + head * p.q_stride_h;
+    device const MFA_IN_T* do_row = grad_out + b * p.do_stride_b + row * p.do_stride_s + head * p.do_stride_h;
+    const bool q_unit = p.q_stride_d == 1, do_unit = p.do_stride_d == 1;
+    for (int d = 0; d < DQK_BLOCKS; ++d) {
+      dq_acc[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      for (int e = 0; e < 2; ++e) {
+        const int col = d * 8 + at.col + e;
+        q_frag[d].thread_elements()[e] =
+            (row_in && col < MFA_DQK) ? float(q_unit ? q_row[col] : q_row[col * p.q_stride_d]) : 0.0f;
+      }
+    }
+    for (int d = 0; d < DV_BLOCKS; ++d) {
+      for (int e = 0; e < 2; ++e) {
+        const int col = d * 8 + at.col + e;
+        do_frag[d].thread_elements()[e] =
+            (row_in && col < MFA_DV) ? float(do_unit ? do_row[col] : do_row[col * p.do_stride_d]) : 0.0f;
+      }
+    }
+  }
+  const long slot = b * p.lse_stride_b + head * p.lse_stride_h + row * p.lse_stride_s;
+  const float row_lse = row_in ? safe_lse(lse, slot) : 0.0f;
+  const float row_delta = row_in ? delta[slot] : 0.0f;
+#if MFA_HAS_ALIBI
+  const float slope = alibi_slopes[b * p.alibi_stride_b + head];
+#else
+  const float slope = 0.0f;
+#endif
+
+  // The keys some row of this threadgroup sees, from a block boundary.
+  const long last_i = lmin(block0 + BQ, seq.seqlen_q) - 1;
+  const long first_j = p.window_left >= 0 ? lmax(block0 + offset - p.window_left, 0) : 0;
+  const long end_j = p.window_right >= 0 ? lmin(last_i + offset + p.window_right + 1, seq.seqlen_k) : seq.seqlen_k;
+  long key0 = (first_j / MFA_BK) * MFA_BK;
+  const long k_step = MFA_BK * p.k_stride_s, v_step = MFA_BK * p.v_stride_s;
+  device const MFA_IN_T* k_block = k + b * p.k_stride_b + kv_head * p.k_stride_h + (seq.k_start + key0) * p.k_stride_s;
+  device const MFA_IN_T* v_block = v + b * p.v_stride_b + kv_head * p.v_stride_h + (seq.k_start + key0) * p.v_stride_s;
+  for (; key0 < end_j; key0 += MFA_BK, k_block += k_step, v_block += v_step) {
+    const int keys_in = int(lmin(seq.seqlen_k - key0, MFA_BK));
+    stage_block<MFA_IN_T, MFA_DQK_PAD, MFA_DQK, MFA_K_PITCH, MFA_BK, THREADS>(k_tile, k_block, keys_in, p.k_stride_s,
+                                                                          p.k_stride_d, vector_rows & 1, tid);
+    stage_block<MFA_IN_T, MFA_DV_PAD, MFA_DV, MFA_V_PITCH, MFA_BK, THREADS>(v_tile, v_block, keys_in, p.v_stride_s,
+                                                                        p.v_stride_d, vector_rows & 2, tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+
+    // S = Q K^T and dP = dO V^T (K^T, V^T read from the tiles by swapping strides).
+    simdgroup_float8x8 s[KEY_FRAGMENTS], dp[KEY_FRAGMENTS];
+    for (int j = 0; j < KEY_FRAGMENTS; ++j) {
+      s[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      dp[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+    for (int d = 0; d < DQK_BLOCKS; ++d) {
+      for (int j = 0; j < KEY_FRAGMENTS; ++j) {
+        simdgroup_float8x8 kt;
+        load_fragment(kt, k_tile + j * 8 * MFA_K_PITCH + d * 8, 1, MFA_K_PITCH, at);
+        simdgroup_multiply_accumulate(s[j], q_frag[d], kt, s[j]);
+      }
+    }
+    for (int d = 0; d < DV_BLOCKS; ++d) {
+      for (int j = 0; j < KEY_FRAGMENTS; ++j) {
+        simdgroup_float8x8 vt;
+        load_fragment(vt, v_tile + j * 8 * MFA_V_PITCH + d * 8, 1, MFA_V_PITCH, at);
+        simdgroup_multiply_accumulate(dp[j], do_frag[d], vt, dp[j]);
+      }
+    }
+
+    // dS * chain in place of S; invisible keys (window, sequence end, mask) give exact zeros.
+    for (int j = 0; j < KEY_FRAGMENTS; ++j) {
+      for (int e = 0; e < 2; ++e) {
+        const int kk = j * 8 + at.col + e;
+        const long jj = key0 + kk;  // the key
+        float dsc = 0.0f;
+        bool visible = row_in && kk < keys_in && is_visible(p, i, jj, offset);
+        float bias = 0.0f;
+#if MFA_MASK_KIND
+        if (visible) {
+          const long m_at = b * p.mask_stride_b + head * p.mask_stride_h + i * p.mask_stride_q + jj * p.mask_stride_k;
+#if MFA_MASK_KIND == 1
+          visible = mask[m_at] != 0;
+#else
+          const Stored m = read_stored(mask, m_at);
+          visible = !m.neg_inf;  // a -inf entry removes the key (p = 0)
+          bias = m.value;
+#endif
+        }
+#endif
+        if (visible) {
+          const Prob pr = probability(s[j].thread_elements()[e], row_lse, scale, softcap, slope, bias, i + offset - jj);
+          const float ds = pr.p * (dp[j].thread_elements()[e] - row_delta);
+#if MFA_WANT_DMASK
+          dmask[((b * p.heads_q + head) * p.seqlen_q + i) * p.seqlen_k + jj] = ds;
+#endif
+          dsc = ds * pr.chain;
+        }
+        s[j].thread_elements()[e] = dsc;
+      }
+    }
+    // dQ += dS K.
+    for (int d = 0; d < DQK_BLOCKS; ++d) {
+      for (int j = 0; j < KEY_FRAGMENTS; ++j) {
+        simdgroup_float8x8 kf;
+        load_fragment(kf, k_tile + j * 8 * MFA_K_PITCH + d * 8, MFA_K_PITCH, 1, at);
+        simdgroup_multiply_accumulate(dq_acc[d], s[j], kf, dq_acc[d]);
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // the next block overwrites the tiles
+  }
+
+  if (!row_in) return;
+  device MFA_IN_T* dq_row = dq + b * p.dq_stride_b + row * p.dq_stride_s + head * p.dq_stride_h;
+  for (int d = 0; d < DQK_BLOCKS; ++d) {
+    for (int e = 0; e < 2; ++e) {
+      const int col = d * 8 + at.col + e;
+      if (col < MFA_DQK) dq_row[col * p.dq_stride_d] = MFA_IN_T(dq_acc[d].thread_elements()[e]);
+    }
+  }
+}
+#else
 [[kernel, max_total_threads_per_threadgroup(THREADS)]] void attention_backward_dq(
     device const MFA_IN_T* q [[buffer(0)]],
     device const MFA_IN_T* k [[buffer(1)]],
@@ -228,6 +396,8 @@ inline float safe_lse(device const float* lse, long slot) {
     store_lane<DL, MFA_DQK>(dq + b * p.dq_stride_b + row * p.dq_stride_s + head * p.dq_stride_h, p.dq_stride_d, dqr[r], lane);
   }
 }
+
+#endif  // MFA_MMA
 
 [[kernel, max_total_threads_per_threadgroup(THREADS)]] void attention_backward_dkdv(
     device const MFA_IN_T* q [[buffer(0)]],

@@ -16,14 +16,14 @@ import torch
 from ..contract import AttentionCall, Gradients
 from ..launch import empty_grads, new_output
 
-from .binding import bound_mask, bound_slopes, bshd_strides, lse_strides, placeholder
+from .binding import bound_mask, bound_slopes, bshd_strides, lse_strides, placeholder, vector_row_bits
 from .loader import MASK_KINDS, MSL_TYPES, header_fields, library
 
 BACKWARD_PARAM_FIELDS = tuple(
     f"{name}_stride_{axis}" for name in ("q", "k", "v", "o", "do", "dq", "dk", "dv") for axis in "bshd"
 ) + ("lse_stride_b", "lse_stride_h", "lse_stride_s", "mask_stride_b", "mask_stride_h", "mask_stride_q",
      "mask_stride_k", "alibi_stride_b", "seqlen_q", "seqlen_k", "heads_q", "group", "window_left", "window_right",
-     "total_q", "total_k")
+     "total_q", "total_k", "vector_rows")
 _declared = header_fields("backward_params.h", "BackwardParams")
 if _declared != BACKWARD_PARAM_FIELDS:
     raise ImportError(f"backward_params.h: expected BackwardParams fields {BACKWARD_PARAM_FIELDS}, got {_declared}")
@@ -32,6 +32,10 @@ SIMDGROUPS = 4  # WM
 # Rows (dQ) or keys (dK/dV) per simdgroup held in registers: R (DL + DVL) * 2 floats a lane,
 # 32 at D = 128 with R = 2; R = 1 beyond 128 keeps D = 256 at the same count.
 ROWS_SMALL_D, ROWS_LARGE_D = 2, 1
+# The dQ kernel runs on simdgroup_matrix up to this head dim (Q, dO and dQ fragments in registers: 3 D / 4
+# floats a lane at D = 128); beyond it, the lane-wise kernel above serves.
+MMA_MAX_DIM = 128
+MMA_KEY_BLOCK = 16  # keys per staged K/V block of the MMA dQ kernel: 2 x 16 x (128 + pad) x 4 B < 32 KiB in fp32
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,21 @@ class BackwardVariant:
     def rows(self) -> int:
         return ROWS_SMALL_D if max(self.dim_qk, self.dim_v) <= 128 else ROWS_LARGE_D
 
+    @property
+    def mma(self) -> bool:
+        return max(self.dim_qk, self.dim_v) <= MMA_MAX_DIM
+
+    @property
+    def dq_rows(self) -> int:
+        """Query rows per dQ threadgroup: 8 a simdgroup on simdgroup_matrix, else R."""
+        return 8 * SIMDGROUPS if self.mma else SIMDGROUPS * self.rows
+
     def defines(self, param_count: int) -> dict:
-        return {
+        size = torch.finfo(self.dtype).bits // 8
+        dqk_pad, dv_pad = -(-self.dim_qk // 8) * 8, -(-self.dim_v // 8) * 8
+        return {"MMA": self.mma, "BK": MMA_KEY_BLOCK, "DQK_PAD": dqk_pad, "DV_PAD": dv_pad,
+                # a 16-byte pitch pad spreads the transposed K/V fragment reads over banks (as the forward's)
+                "K_PITCH": dqk_pad + 16 // size, "V_PITCH": dv_pad + 16 // size,
             "IN_T": MSL_TYPES[self.dtype], "MASK_KIND": MASK_KINDS[self.mask_kind],
             "MASK_T": "uchar" if self.mask_kind != "additive" else MSL_TYPES[self.mask_dtype],
             "CU_T": "int" if self.cu_seqlens_dtype == torch.int32 else "long",
@@ -93,7 +110,7 @@ def backward(call: AttentionCall, grads: Gradients):
         dlse is not None, want_mask_grad)
     params = ([s for t in (q, k, v, out, grad_out, dq, dk, dv) for s in bshd_strides(t)] + lse_strides(lse)
               + mask_strides + [slopes_stride] + [lq, lk, heads_q, heads_q // heads_kv, o.window_left, o.window_right]
-              + [q.shape[0], k.shape[0]])
+              + [q.shape[0], k.shape[0], vector_row_bits(k, v)])
     lib = library(variant, q.device, len(BACKWARD_PARAM_FIELDS))
     floats = placeholder(q.device, torch.float32)
     cu_q = cu_seqlens_q if varlen else placeholder(q.device, torch.int32)
@@ -107,7 +124,8 @@ def backward(call: AttentionCall, grads: Gradients):
     threads, block = 32 * SIMDGROUPS, SIMDGROUPS * variant.rows
     common = (mask, slopes, cu_q, cu_k, params, float(scale), float(softcap))
     lib.attention_backward_dq(q, k, v, grad_out, lse, delta, dq, dmask_full, *common,
-                              threads=(threads * math.ceil(lq / block), heads_q, batch), group_size=(threads, 1, 1))
+                              threads=(threads * math.ceil(lq / variant.dq_rows), heads_q, batch),
+                              group_size=(threads, 1, 1))
     lib.attention_backward_dkdv(q, k, v, grad_out, lse, delta, dk, dv, *common,
                                 threads=(threads * math.ceil(lk / block), heads_kv, batch), group_size=(threads, 1, 1))
     dsinks = None if sinks is None else _sink_grad(sinks, lse, delta, varlen)
