@@ -32,10 +32,11 @@ SIMDGROUPS = 4  # WM
 # Rows (dQ) or keys (dK/dV) per simdgroup held in registers: R (DL + DVL) * 2 floats a lane,
 # 32 at D = 128 with R = 2; R = 1 beyond 128 keeps D = 256 at the same count.
 ROWS_SMALL_D, ROWS_LARGE_D = 2, 1
-# The dQ kernel runs on simdgroup_matrix up to this head dim (Q, dO and dQ fragments in registers: 3 D / 4
-# floats a lane at D = 128); beyond it, the lane-wise kernel above serves.
+# Both gradient kernels run on simdgroup_matrix up to this head dim (dQ: Q, dO and dQ fragments in registers,
+# dK/dV: K, V, dK and dV fragments, D / 4 floats a lane each); beyond it, the lane-wise kernels serve.
 MMA_MAX_DIM = 128
-MMA_KEY_BLOCK = 16  # keys per staged K/V block of the MMA dQ kernel: 2 x 16 x (128 + pad) x 4 B < 32 KiB in fp32
+MMA_KEY_BLOCK = 16  # keys per staged K/V block of the dQ kernel (the dK/dV kernel stages 16 rows of Q, dO):
+# 2 x 16 x (128 + pad) x 4 B < 32 KiB in fp32
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,8 @@ class BackwardVariant:
         return max(self.dim_qk, self.dim_v) <= MMA_MAX_DIM
 
     @property
-    def dq_rows(self) -> int:
-        """Query rows per dQ threadgroup: 8 a simdgroup on simdgroup_matrix, else R."""
+    def block(self) -> int:
+        """Query rows (dQ) or keys (dK/dV) per threadgroup: 8 a simdgroup on simdgroup_matrix, else R."""
         return 8 * SIMDGROUPS if self.mma else SIMDGROUPS * self.rows
 
     def defines(self, param_count: int) -> dict:
@@ -110,7 +111,7 @@ def backward(call: AttentionCall, grads: Gradients):
         dlse is not None, want_mask_grad)
     params = ([s for t in (q, k, v, out, grad_out, dq, dk, dv) for s in bshd_strides(t)] + lse_strides(lse)
               + mask_strides + [slopes_stride] + [lq, lk, heads_q, heads_q // heads_kv, o.window_left, o.window_right]
-              + [q.shape[0], k.shape[0], vector_row_bits(k, v)])
+              + [q.shape[0], k.shape[0], vector_row_bits(k, v, q, grad_out)])
     lib = library(variant, q.device, len(BACKWARD_PARAM_FIELDS))
     floats = placeholder(q.device, torch.float32)
     cu_q = cu_seqlens_q if varlen else placeholder(q.device, torch.int32)
@@ -121,13 +122,14 @@ def backward(call: AttentionCall, grads: Gradients):
 
     lib.attention_backward_preprocess(out, grad_out, floats if dlse is None else dlse, delta, params, cu_q, cu_k,
                                       threads=(32 * lq, heads_q, batch), group_size=(32, 1, 1))
-    threads, block = 32 * SIMDGROUPS, SIMDGROUPS * variant.rows
+    threads = 32 * SIMDGROUPS
     common = (mask, slopes, cu_q, cu_k, params, float(scale), float(softcap))
     lib.attention_backward_dq(q, k, v, grad_out, lse, delta, dq, dmask_full, *common,
-                              threads=(threads * math.ceil(lq / variant.dq_rows), heads_q, batch),
+                              threads=(threads * math.ceil(lq / variant.block), heads_q, batch),
                               group_size=(threads, 1, 1))
     lib.attention_backward_dkdv(q, k, v, grad_out, lse, delta, dk, dv, *common,
-                                threads=(threads * math.ceil(lk / block), heads_kv, batch), group_size=(threads, 1, 1))
+                                threads=(threads * math.ceil(lk / variant.block), heads_kv, batch),
+                                group_size=(threads, 1, 1))
     dsinks = None if sinks is None else _sink_grad(sinks, lse, delta, varlen)
     dmask = _reduce_to(dmask_full, attn_mask.shape) if want_mask_grad else None
     return dq, dk, dv, dsinks, dmask

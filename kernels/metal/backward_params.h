@@ -20,7 +20,7 @@ struct BackwardParams {
   long heads_q, group;
   long window_left, window_right;  // -1 = unbounded; causal arrives as window_right = 0
   long total_q, total_k;  // rows of packed (varlen) q and k: cu_seqlens values are clamped into them
-  long vector_rows;  // staging.h's vector path per tensor: bit 0 k, bit 1 v (binding.vector_row_bits)
+  long vector_rows;  // staging.h's vector path per tensor: bit 0 k, 1 v (dQ), 2 q, 3 dO (dK/dV) (binding.vector_row_bits)
 };
 
 #ifdef MFA_BACKWARD_PARAM_COUNT
