@@ -3,7 +3,9 @@
 - forward: our prefill forward (kernels/metal/forward.py) against MLX's steel attention with the
   block sizes MLX's host picks (mlx_launch.SteelBlocks.mlx_default);
 - decode: our decode (kernels/metal/decode.py, split policy included) against MLX's 2-pass
-  `sdpa_vector` with `blocks` = 64 (MLX's choice on 'g' and 's' devices at these shapes).
+  `sdpa_vector` with `blocks` = 64 (MLX's choice on 'g' and 's' devices at these shapes);
+- backward: ours only (kernels/metal/backward.py: preprocess, dQ, dK/dV); MLX has no attention
+  backward kernel. Its gradients are checked against float64 autograd before the counters are used.
 
 Both sides get the same inputs (B = 1, not causal, no mask); each output is checked against a
 float64 reference before its counters are used, so a wrong result can never produce a number.
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ...contract import AttentionCall, CacheSide, DecodeCall, Options
+from ...contract import AttentionCall, CacheSide, DecodeCall, Gradients, Options
+from ..backward import backward as our_backward
 from ..decode import decode as our_decode
 from ..forward import forward as our_forward
 from .cost_counters import LaunchCounters, record_costs
@@ -31,7 +34,7 @@ TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4}
 
 @dataclass(frozen=True)
 class Shape:
-    kind: str  # "forward" or "decode"
+    kind: str  # "forward", "decode" or "backward"
     head_dim: int
     keys: int  # key (cache) length; the forward's query length too
     heads_q: int
@@ -51,6 +54,10 @@ class Shape:
 
 def forward_shape(head_dim: int, length: int, heads: int = 1) -> Shape:
     return Shape("forward", head_dim, length, heads, heads, length)
+
+
+def backward_shape(head_dim: int, length: int, heads: int = 1) -> Shape:
+    return Shape("backward", head_dim, length, heads, heads, length)
 
 
 def decode_shape(head_dim: int, cache_length: int, heads_q: int = 8, heads_kv: int = 2) -> Shape:
@@ -115,4 +122,28 @@ def mlx(shape: Shape, kernels_dir: Path, seed: int = 0) -> list[LaunchCounters]:
                                                              MLX_DECODE_BLOCKS)
             out = sdpa_vector_2pass(compile_shader(source), first, second, qm, km, vm, scale, MLX_DECODE_BLOCKS)
     _check(out.transpose(1, 2), q, k, v, f"MLX {shape.kind} {shape.label}")
+    return list(launches)
+
+
+BACKWARD_TOLERANCE = {torch.float16: 5e-2, torch.bfloat16: 2e-1, torch.float32: 1e-3}
+
+
+def ours_backward(shape: Shape, seed: int = 0) -> list[LaunchCounters]:
+    """The launches of our backward (preprocess, dQ, dK/dV) on `shape` (B = 1, not causal, no mask),
+    after the forward that gives it out and LSE (not counted). dq, dk, dv are checked against float64
+    autograd (relative to each gradient's largest element) before the counters are returned."""
+    q, k, v = _inputs(shape, seed)
+    grad_out = torch.randn(q.shape[:3] + (shape.head_dim,), generator=torch.Generator().manual_seed(seed + 1))
+    grad_out = grad_out.to(shape.dtype)
+    call = AttentionCall(q, k, v, Options(scale=1 / math.sqrt(shape.head_dim)))
+    out, lse = our_forward(call)
+    with record_costs() as launches:
+        dq, dk, dv, _, _ = our_backward(call, Gradients(grad_out, None, out, lse))
+    leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    want = torch.autograd.grad(_reference(*leaves), leaves, grad_out.double())
+    for name, got, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
+        error = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        if not error <= BACKWARD_TOLERANCE[shape.dtype]:
+            raise AssertionError(f"our backward {shape.label}: {name} relative error {error} against float64 "
+                                 f"(> {BACKWARD_TOLERANCE[shape.dtype]}): counters not used")
     return list(launches)
