@@ -42,14 +42,14 @@ def measure(shapes, kernels_dir: Path) -> list[Comparison]:
     return [Comparison(s, ours(s), mlx(s, kernels_dir)) for s in shapes]
 
 
-def _n(x: float) -> str:
+def short_number(x: float) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= size:
             return f"{x / size:.3g}{unit}"
     return f"{x:.3g}"
 
 
-def _ratio(a: float, b: float) -> str:
+def ratio_text(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b else ("=" if a == b else "inf")
 
 
@@ -61,7 +61,7 @@ def counter_table(comparisons: list[Comparison]) -> list[str]:
         cells = []
         for c in comparisons:
             a, b = total(c.ours, row), total(c.mlx, row)
-            cells.append(f"{_n(a)} / {_n(b)} ({_ratio(a, b)})")
+            cells.append(f"{short_number(a)} / {short_number(b)} ({ratio_text(a, b)})")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     kernels = lambda launches: " + ".join(f"`{l.kernel}` ({l.threads_per_threadgroup} thr)" for l in launches)  # noqa: E731
     lines.append(f"\nLaunches at {comparisons[-1].shape.label}: ours {kernels(comparisons[-1].ours)}; "
@@ -124,7 +124,7 @@ def roofline_table(comparisons: list[Comparison]) -> list[str]:
             launches = getattr(c, who)
             f, b = flops(launches), device_bytes(launches)
             cells = [f"{r.time_us:.3g} us ({r.bound})" for r in (roofline(launches, chip) for chip in CHIPS)]
-            lines.append(f"| {who} {c.shape.kind} {c.shape.label} | {_n(f)} | {_n(b)} | {f / b:.1f} | "
+            lines.append(f"| {who} {c.shape.kind} {c.shape.label} | {short_number(f)} | {short_number(b)} | {f / b:.1f} | "
                          + " | ".join(cells) + " |")
     return lines
 
