@@ -165,3 +165,28 @@ def test_empty_dimensions(metal_backend, batch, lq, lk, heads):
     assert out.shape == (batch, lq, heads, 8) and lse.shape == (batch, heads, lq)
     (out.sum() + lse.sum()).backward()
     torch.testing.assert_close(sinks.grad, torch.full((heads,), float(batch * lq if lk == 0 else 0)))
+
+
+MMA_BOUNDARY_CASES = [
+    # rows that see no key (Lq > Lk under causal) and single rows/keys
+    Case(dtype=torch.float16, batch=1, lq=33, lk=1, heads_q=2, heads_kv=1, dim=64, dim_v=64, causal=True),
+    Case(dtype=torch.float32, batch=1, lq=1, lk=33, heads_q=2, heads_kv=2, dim=16, dim_v=16, causal=True),
+    # G = 8 over one KV head; a window that leaves whole 16-row / 32-key blocks empty
+    Case(dtype=torch.bfloat16, batch=1, lq=70, lk=97, heads_q=8, heads_kv=1, dim=64, dim_v=64, window=(5, 3)),
+    # head dims that are not multiples of 8, D_v != D_qk, an additive mask, more keys than rows
+    Case(dtype=torch.float32, batch=2, lq=17, lk=100, heads_q=3, heads_kv=1, dim=20, dim_v=36, causal=True,
+         mask="additive"),
+    # only the diagonal, ALiBi, a bool mask; D = 128 in both dims, strided (non-vector staging) inputs
+    Case(dtype=torch.float16, batch=1, lq=48, lk=48, heads_q=2, heads_kv=2, dim=128, dim_v=128, window=(0, 0),
+         alibi=True, strided=True),
+    Case(dtype=torch.bfloat16, batch=2, lq=40, lk=40, heads_q=4, heads_kv=2, dim=120, dim_v=8, mask="bool",
+         softcap=5.0, sinks=True),
+]
+
+
+@pytest.mark.parametrize("case", MMA_BOUNDARY_CASES, ids=lambda c: c.id)
+def test_mma_block_boundaries(case, metal_backend, two_schedules):
+    """The simdgroup_matrix kernels' tiles (16 keys / 16 rows staged, 32 rows / keys a threadgroup):
+    partial and empty blocks, rows that see nothing, large groups, odd dims, strided staging."""
+    assert metal_backward.BackwardVariant(case.dtype, case.dim, case.dim_v).mma
+    check_backward(case, metal_backend, two_schedules)
