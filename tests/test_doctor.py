@@ -228,7 +228,7 @@ def stubbed_timers(monkeypatch):
     figures = {"ours": 2.0, "sdpa": 3.0, "mlx": 4.0}
     monkeypatch.setattr(timing, "_calls", lambda shape, device: ("ours", "sdpa", ("q", "k", "v", shape.causal)))
     monkeypatch.setattr(timing, "median_ms", lambda call, device, runs: figures[call])
-    monkeypatch.setattr(mlx_timing, "mlx_call", lambda q, k, v, causal: "mlx")
+    monkeypatch.setattr(mlx_timing, "mlx_call", lambda q, k, v, causal, backward=False: "mlx")
     return timing, mlx_timing
 
 
@@ -256,7 +256,7 @@ def test_timing_rows_time_sdpa_and_mlx_on_every_shape(stubbed_timers):
 def test_mlx_failure_is_reported_without_failing_our_row(stubbed_timers, monkeypatch):
     timing, mlx_timing = stubbed_timers
 
-    def broken(q, k, v, causal):
+    def broken(q, k, v, causal, backward=False):
         raise RuntimeError("no such kernel\nsecond line")
 
     monkeypatch.setattr(mlx_timing, "mlx_call", broken)

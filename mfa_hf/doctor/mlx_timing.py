@@ -30,10 +30,11 @@ def unavailable_reason(emulated: bool) -> str | None:
     return None
 
 
-def mlx_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Callable[[], None]:
+def mlx_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, backward: bool = False) -> Callable[[], None]:
     """MLX's fused SDPA on copies of q, k, v ((B, H, S, D), as torch's SDPA takes them), one call per
     invocation, evaluated and synchronised before it returns. Causal masking is MLX's `"causal"`
-    mask (bottom-right aligned, as ours for L_q <= L_k); one query row needs no mask."""
+    mask (bottom-right aligned, as ours for L_q <= L_k); one query row needs no mask. backward: the
+    output and the gradients of q, k, v through mx.vjp (whatever MLX's VJP of its SDPA runs)."""
     import mlx.core as mx
 
     dtype = {torch.float16: mx.float16, torch.bfloat16: mx.bfloat16, torch.float32: mx.float32}[q.dtype]
@@ -44,8 +45,21 @@ def mlx_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) ->
     mask = "causal" if causal and q.shape[-2] > 1 else None
     sdpa = mx.fast.scaled_dot_product_attention
 
+    def attention(a, b, c):
+        return sdpa(a, b, c, scale=scale, mask=mask)
+
+    if backward:
+        cotangent = mx.ones(qm.shape[:-1] + (vm.shape[-1],), dtype=dtype)
+
+        def call() -> None:
+            outputs, grads = mx.vjp(attention, [qm, km, vm], [cotangent])
+            mx.eval(outputs, grads)
+            mx.synchronize()
+
+        return call
+
     def call() -> None:
-        mx.eval(sdpa(qm, km, vm, scale=scale, mask=mask))
+        mx.eval(attention(qm, km, vm))
         mx.synchronize()
 
     return call

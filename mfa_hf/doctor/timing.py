@@ -34,6 +34,7 @@ class Shape:
     causal: bool
     decode: bool = False
     dtype: torch.dtype = torch.float16
+    backward: bool = False  # forward + backward (gradients of q, k, v), as a training step runs it
 
 
 SHAPES = (
@@ -43,11 +44,14 @@ SHAPES = (
     Shape("prefill causal B=1 H=16 L=4096 D=128", 1, 16, 4096, 4096, 128, True),
     Shape("decode B=1 H=16 L_k=4096 D=128", 1, 16, 1, 4096, 128, True, decode=True),
     Shape("diffusers-like non-causal B=2 H=10 L=4096 D=64", 2, 10, 4096, 4096, 64, False),
+    Shape("forward+backward causal B=1 H=16 L=1024 D=64", 1, 16, 1024, 1024, 64, True, backward=True),
+    Shape("forward+backward causal B=1 H=16 L=1024 D=128", 1, 16, 1024, 1024, 128, True, backward=True),
 )
 # Under the emulator (--time): small shapes, only to run the code path.
 EMULATED_SHAPES = (
     Shape("prefill causal B=1 H=2 L=64 D=64 (emulated, code path only)", 1, 2, 64, 64, 64, True),
     Shape("decode B=1 H=2 L_k=128 D=64 (emulated, code path only)", 1, 2, 1, 128, 64, True, decode=True),
+    Shape("forward+backward B=1 H=2 L=64 D=64 (emulated, code path only)", 1, 2, 64, 64, 64, True, backward=True),
 )
 
 
@@ -89,7 +93,7 @@ def time_shape(shape: Shape, device: str, emulated: bool, runs: int, mlx_reason:
     row["status"] = "measured"
     if mlx_reason is None:
         try:
-            row["mlx_ms"] = median_ms(mlx_timing.mlx_call(*sdpa_inputs), "mlx", runs)
+            row["mlx_ms"] = median_ms(mlx_timing.mlx_call(*sdpa_inputs, backward=shape.backward), "mlx", runs)
             row["mlx_speedup"] = _ratio(row["mlx_ms"], row["ours_ms"])
             row["mlx_detail"] = "measured"
         except Exception as error:
@@ -123,6 +127,13 @@ def _calls(shape: Shape, device: str) -> tuple[Callable[[], object], Callable[[]
         lengths = torch.full((b,), shape.lk, dtype=torch.int32, device=device)
         return (lambda: mfa_hf.flash_attn_with_kvcache(q, k, v, cache_seqlens=lengths, causal=True),
                 lambda: sdpa(qt, kt, vt), (qt, kt, vt, False))  # one query over every key: no mask needed
+    if shape.backward:  # our backward kernels against SDPA's mps backward (O(N^2) math on torch <= 2.13)
+        grad = randn(b, shape.lq, h, d)
+        grad_t = grad.transpose(1, 2).contiguous()
+        leaves, leaves_t = [t.requires_grad_() for t in (q, k, v)], [t.requires_grad_() for t in (qt, kt, vt)]
+        return (lambda: torch.autograd.grad(mfa_hf.flash_attn_func(*leaves, causal=shape.causal), leaves, grad),
+                lambda: torch.autograd.grad(sdpa(*leaves_t, is_causal=shape.causal), leaves_t, grad_t),
+                (qt, kt, vt, shape.causal))
     return (lambda: mfa_hf.flash_attn_func(q, k, v, causal=shape.causal),
             lambda: sdpa(qt, kt, vt, is_causal=shape.causal), (qt, kt, vt, shape.causal))
 
