@@ -153,28 +153,37 @@ def render(forward: list[Comparison], decode: list[Comparison]) -> str:
     return "\n".join(parts)
 
 
-def write_readme(section: str, path: Path = README) -> None:
+def write_readme(section: str, path: Path = README, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the README's section between `begin` and `end` (markers included in `section`), or append it."""
     text = path.read_text()
-    if BEGIN in text and END in text:
-        start, stop = text.index(BEGIN), text.index(END) + len(END)
+    if begin in text and end in text:
+        start, stop = text.index(begin), text.index(end) + len(end)
         text = text[:start] + section + text[stop:]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def section_cli(argv: list[str] | None, doc: str, make_section, write) -> int:
+    """`--print` prints the section; otherwise `write(section)` puts it into the README."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--print", action="store_true", help="print the section instead of writing the README")
     args = parser.parse_args(argv)
-    kernels_dir = mlx_kernels_dir()
-    section = render(measure(FORWARD_SHAPES, kernels_dir), measure(DECODE_SHAPES, kernels_dir))
+    section = make_section()
     if args.print:
         print(section)
     else:
-        write_readme(section)
-        print(f"wrote the cost tables into {README}")
+        write(section)
+        print(f"wrote the section into {README}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def section() -> str:
+        kernels_dir = mlx_kernels_dir()
+        return render(measure(FORWARD_SHAPES, kernels_dir), measure(DECODE_SHAPES, kernels_dir))
+
+    return section_cli(argv, __doc__, section, write_readme)
 
 
 if __name__ == "__main__":
