@@ -144,15 +144,18 @@ inline float safe_lse(device const float* lse, long slot) {
 }
 
 #if MFA_MMA
-// dQ on 8x8 simdgroup_matrix products (head dims up to 128): a threadgroup = MFA_WM simdgroups x 8 query
-// rows of one (batch, query head), Q and dO fragments in registers; per key block of MFA_BK keys, K and
-// V are staged in threadgroup memory, S = Q K^T and dP = dO V^T are float fragments, dS = P (dP - delta)
-// chain replaces S in the same registers (the accumulator layout is the A-operand layout), and
-// dQ += dS K. Each dS element is this lane's own: the dmask write needs no reduction.
+// dQ on 8x8 simdgroup_matrix products: a threadgroup = MFA_WM simdgroups x 8 query rows of one (batch,
+// query head). Up to D = 128 Q and dO are fragments in registers; beyond (MFA_HELD_IN_TG) they are staged
+// once in threadgroup memory and re-read per product, as the forward does with Q, and K and V take turns
+// in one tile. Per key block of MFA_BK keys, K and V are staged in threadgroup memory, S = Q K^T and
+// dP = dO V^T are float fragments, dS = P (dP - delta) chain replaces S in the same registers (the
+// accumulator layout is the A-operand layout), and dQ += dS K. Each dS element is this lane's own: the
+// dmask write needs no reduction.
 #define BQ (8 * MFA_WM)
 #define DQK_BLOCKS (MFA_DQK_PAD / 8)
 #define DV_BLOCKS (MFA_DV_PAD / 8)
 #define KEY_FRAGMENTS (MFA_BK / 8)
+#define SHARED_PITCH (MFA_K_PITCH > MFA_V_PITCH ? MFA_K_PITCH : MFA_V_PITCH)
 
 [[kernel, max_total_threads_per_threadgroup(THREADS)]] void attention_backward_dq(
     device const MFA_IN_T* q [[buffer(0)]],
@@ -180,21 +183,44 @@ inline float safe_lse(device const float* lse, long slot) {
   if (block0 >= seq.seqlen_q) return;  // the whole threadgroup
   const long offset = seq.seqlen_k - seq.seqlen_q;
   const int vector_rows = int(p.vector_rows);
-  threadgroup MFA_IN_T k_tile[MFA_BK * MFA_K_PITCH];
-  threadgroup MFA_IN_T v_tile[MFA_BK * MFA_V_PITCH];
 
   const FragmentLane at = fragment_lane(lane);
   const long sg_row0 = block0 + sg * 8;
   const long i = sg_row0 + at.row;  // this lane's query row
   const bool row_in = i < seq.seqlen_q;
   const long row = seq.q_start + (row_in ? i : 0);
-  simdgroup_float8x8 q_frag[DQK_BLOCKS], do_frag[DV_BLOCKS], dq_acc[DQK_BLOCKS];
+  simdgroup_float8x8 dq_acc[DQK_BLOCKS];
+  for (int d = 0; d < DQK_BLOCKS; ++d) dq_acc[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+#if MFA_HELD_IN_TG
+  // Q and dO of the threadgroup's rows, staged once (the first key block's barrier publishes them).
+  threadgroup MFA_IN_T q_held[BQ * MFA_K_PITCH];
+  threadgroup MFA_IN_T do_held[BQ * MFA_V_PITCH];
+  threadgroup MFA_IN_T kv_tile[MFA_BK * SHARED_PITCH];  // K and V take turns
+#define K_TILE kv_tile
+#define V_TILE kv_tile
+  {
+    const int rows_in = int(lmin(seq.seqlen_q - block0, BQ));
+    device const MFA_IN_T* q_block = q + b * p.q_stride_b + head * p.q_stride_h + (seq.q_start + block0) * p.q_stride_s;
+    device const MFA_IN_T* do_block =
+        grad_out + b * p.do_stride_b + head * p.do_stride_h + (seq.q_start + block0) * p.do_stride_s;
+    stage_block<MFA_IN_T, MFA_DQK_PAD, MFA_DQK, MFA_K_PITCH, BQ, THREADS>(q_held, q_block, rows_in, p.q_stride_s,
+                                                                      p.q_stride_d, vector_rows & 4, tid);
+    stage_block<MFA_IN_T, MFA_DV_PAD, MFA_DV, MFA_V_PITCH, BQ, THREADS>(do_held, do_block, rows_in, p.do_stride_s,
+                                                                    p.do_stride_d, vector_rows & 8, tid);
+  }
+#define Q_OPERAND(frag, d) load_fragment(frag, q_held + sg * 8 * MFA_K_PITCH + (d) * 8, MFA_K_PITCH, 1, at)
+#define DO_OPERAND(frag, d) load_fragment(frag, do_held + sg * 8 * MFA_V_PITCH + (d) * 8, MFA_V_PITCH, 1, at)
+#else
+  threadgroup MFA_IN_T k_tile[MFA_BK * MFA_K_PITCH];
+  threadgroup MFA_IN_T v_tile[MFA_BK * MFA_V_PITCH];
+#define K_TILE k_tile
+#define V_TILE v_tile
+  simdgroup_float8x8 q_frag[DQK_BLOCKS], do_frag[DV_BLOCKS];
   {
     device const MFA_IN_T* q_row = q + b * p.q_stride_b + row * p.q_stride_s + head * p.q_stride_h;
     device const MFA_IN_T* do_row = grad_out + b * p.do_stride_b + row * p.do_stride_s + head * p.do_stride_h;
     const bool q_unit = p.q_stride_d == 1, do_unit = p.do_stride_d == 1;
     for (int d = 0; d < DQK_BLOCKS; ++d) {
-      dq_acc[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       for (int e = 0; e < 2; ++e) {
         const int col = d * 8 + at.col + e;
         q_frag[d].thread_elements()[e] =
@@ -209,6 +235,9 @@ inline float safe_lse(device const float* lse, long slot) {
       }
     }
   }
+#define Q_OPERAND(frag, d) frag = q_frag[d]
+#define DO_OPERAND(frag, d) frag = do_frag[d]
+#endif
   const long slot = b * p.lse_stride_b + head * p.lse_stride_h + row * p.lse_stride_s;
   const float row_lse = row_in ? safe_lse(lse, slot) : 0.0f;
   const float row_delta = row_in ? delta[slot] : 0.0f;
@@ -228,33 +257,45 @@ inline float safe_lse(device const float* lse, long slot) {
   device const MFA_IN_T* v_block = v + b * p.v_stride_b + kv_head * p.v_stride_h + (seq.k_start + key0) * p.v_stride_s;
   for (; key0 < end_j; key0 += MFA_BK, k_block += k_step, v_block += v_step) {
     const int keys_in = int(lmin(seq.seqlen_k - key0, MFA_BK));
-    stage_block<MFA_IN_T, MFA_DQK_PAD, MFA_DQK, MFA_K_PITCH, MFA_BK, THREADS>(k_tile, k_block, keys_in, p.k_stride_s,
-                                                                          p.k_stride_d, vector_rows & 1, tid);
-    stage_block<MFA_IN_T, MFA_DV_PAD, MFA_DV, MFA_V_PITCH, MFA_BK, THREADS>(v_tile, v_block, keys_in, p.v_stride_s,
+    stage_block<MFA_IN_T, MFA_DV_PAD, MFA_DV, MFA_V_PITCH, MFA_BK, THREADS>(V_TILE, v_block, keys_in, p.v_stride_s,
                                                                         p.v_stride_d, vector_rows & 2, tid);
+#if !MFA_HELD_IN_TG
+    stage_block<MFA_IN_T, MFA_DQK_PAD, MFA_DQK, MFA_K_PITCH, MFA_BK, THREADS>(K_TILE, k_block, keys_in, p.k_stride_s,
+                                                                          p.k_stride_d, vector_rows & 1, tid);
+#endif
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
-    // S = Q K^T and dP = dO V^T (K^T, V^T read from the tiles by swapping strides).
+    // dP = dO V^T and S = Q K^T (V^T, K^T read from the tiles by swapping strides), the head dim outermost
+    // so that an operand staged in threadgroup memory is read once per block.
     simdgroup_float8x8 s[KEY_FRAGMENTS], dp[KEY_FRAGMENTS];
     for (int j = 0; j < KEY_FRAGMENTS; ++j) {
       s[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       dp[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
-    for (int d = 0; d < DQK_BLOCKS; ++d) {
-      for (int j = 0; j < KEY_FRAGMENTS; ++j) {
-        simdgroup_float8x8 kt;
-        load_fragment(kt, k_tile + j * 8 * MFA_K_PITCH + d * 8, 1, MFA_K_PITCH, at);
-        simdgroup_multiply_accumulate(s[j], q_frag[d], kt, s[j]);
-      }
-    }
     for (int d = 0; d < DV_BLOCKS; ++d) {
+      simdgroup_float8x8 dof;
+      DO_OPERAND(dof, d);
       for (int j = 0; j < KEY_FRAGMENTS; ++j) {
         simdgroup_float8x8 vt;
-        load_fragment(vt, v_tile + j * 8 * MFA_V_PITCH + d * 8, 1, MFA_V_PITCH, at);
-        simdgroup_multiply_accumulate(dp[j], do_frag[d], vt, dp[j]);
+        load_fragment(vt, V_TILE + j * 8 * MFA_V_PITCH + d * 8, 1, MFA_V_PITCH, at);
+        simdgroup_multiply_accumulate(dp[j], dof, vt, dp[j]);
       }
     }
-
+#if MFA_HELD_IN_TG
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // every simdgroup is done with V: K takes the tile
+    stage_block<MFA_IN_T, MFA_DQK_PAD, MFA_DQK, MFA_K_PITCH, MFA_BK, THREADS>(K_TILE, k_block, keys_in, p.k_stride_s,
+                                                                          p.k_stride_d, vector_rows & 1, tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+#endif
+    for (int d = 0; d < DQK_BLOCKS; ++d) {
+      simdgroup_float8x8 qf;
+      Q_OPERAND(qf, d);
+      for (int j = 0; j < KEY_FRAGMENTS; ++j) {
+        simdgroup_float8x8 kt;
+        load_fragment(kt, K_TILE + j * 8 * MFA_K_PITCH + d * 8, 1, MFA_K_PITCH, at);
+        simdgroup_multiply_accumulate(s[j], qf, kt, s[j]);
+      }
+    }
     // dS * chain in place of S; invisible keys (window, sequence end, mask) give exact zeros.
     for (int j = 0; j < KEY_FRAGMENTS; ++j) {
       for (int e = 0; e < 2; ++e) {
@@ -290,7 +331,7 @@ inline float safe_lse(device const float* lse, long slot) {
     for (int d = 0; d < DQK_BLOCKS; ++d) {
       for (int j = 0; j < KEY_FRAGMENTS; ++j) {
         simdgroup_float8x8 kf;
-        load_fragment(kf, k_tile + j * 8 * MFA_K_PITCH + d * 8, MFA_K_PITCH, 1, at);
+        load_fragment(kf, K_TILE + j * 8 * MFA_K_PITCH + d * 8, MFA_K_PITCH, 1, at);
         simdgroup_multiply_accumulate(dq_acc[d], s[j], kf, dq_acc[d]);
       }
     }
@@ -306,7 +347,245 @@ inline float safe_lse(device const float* lse, long slot) {
     }
   }
 }
+#undef K_TILE
+#undef V_TILE
+#undef Q_OPERAND
+#undef DO_OPERAND
+
+// dK, dV on 8x8 simdgroup_matrix products: a threadgroup = MFA_WM simdgroups x 8 keys of one (batch, KV
+// head), the dK, dV accumulators in registers; K and V are fragments in registers up to D = 128 and,
+// beyond (MFA_HELD_IN_TG), staged once in threadgroup memory (Q and dO then take turns in one tile). For
+// each query head of the group and each block of MFA_BK rows that sees some of these keys, Q and dO are
+// staged in threadgroup memory (with the rows' LSE and delta); S^T = K Q^T and dP^T = V dO^T are float
+// fragments, P^T and dS^T chain come from them element-wise, and dV += P^T dO, dK += dS^T Q (the
+// accumulator layout is the A-operand layout: P^T and dS^T never go through memory). The GQA reduction
+// is the loop over the group's heads, in registers: no atomics.
+#define KB (8 * MFA_WM)  // keys per threadgroup
+#define ROW_FRAGMENTS (MFA_BK / 8)
+
+[[kernel, max_total_threads_per_threadgroup(THREADS)]] void attention_backward_dkdv(
+    device const MFA_IN_T* q [[buffer(0)]],
+    device const MFA_IN_T* k [[buffer(1)]],
+    device const MFA_IN_T* v [[buffer(2)]],
+    device const MFA_IN_T* grad_out [[buffer(3)]],
+    device const float* lse [[buffer(4)]],
+    device const float* delta [[buffer(5)]],
+    device MFA_IN_T* dk [[buffer(6)]],
+    device MFA_IN_T* dv [[buffer(7)]],
+    device const MFA_MASK_T* mask [[buffer(8)]],
+    device const float* alibi_slopes [[buffer(9)]],
+    device const MFA_CU_T* cu_seqlens_q [[buffer(10)]],
+    device const MFA_CU_T* cu_seqlens_k [[buffer(11)]],
+    constant BackwardParams& p [[buffer(12)]],
+    constant float& scale [[buffer(13)]],
+    constant float& softcap [[buffer(14)]],
+    uint3 group_id [[threadgroup_position_in_grid]],
+    ushort sg [[simdgroup_index_in_threadgroup]],
+    ushort lane [[thread_index_in_simdgroup]],
+    ushort tid [[thread_index_in_threadgroup]]) {
+  const long b = group_id.z, kv_head = group_id.y;
+  const Sequence seq = sequence_of(p, cu_seqlens_q, cu_seqlens_k, b);
+  const long block0 = long(group_id.x) * KB;
+  if (block0 >= seq.seqlen_k) return;  // the whole threadgroup
+  const long offset = seq.seqlen_k - seq.seqlen_q;
+  const int vector_rows = int(p.vector_rows);
+  threadgroup float lse_tile[MFA_BK];
+  threadgroup float delta_tile[MFA_BK];
+
+  const FragmentLane at = fragment_lane(lane);
+  const long j = block0 + sg * 8 + at.row;  // this lane's key
+  const bool key_in = j < seq.seqlen_k;
+  const long key = seq.k_start + (key_in ? j : 0);
+  simdgroup_float8x8 dk_acc[DQK_BLOCKS], dv_acc[DV_BLOCKS];
+  for (int d = 0; d < DQK_BLOCKS; ++d) dk_acc[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  for (int d = 0; d < DV_BLOCKS; ++d) dv_acc[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+#if MFA_HELD_IN_TG
+  // K and V of the threadgroup's keys, staged once (the first row block's barrier publishes them).
+  threadgroup MFA_IN_T k_held[KB * MFA_K_PITCH];
+  threadgroup MFA_IN_T v_held[KB * MFA_V_PITCH];
+  threadgroup MFA_IN_T qdo_tile[MFA_BK * SHARED_PITCH];  // Q and dO take turns
+#define Q_TILE qdo_tile
+#define DO_TILE qdo_tile
+  {
+    const int keys_in = int(lmin(seq.seqlen_k - block0, KB));
+    device const MFA_IN_T* k_block = k + b * p.k_stride_b + kv_head * p.k_stride_h + (seq.k_start + block0) * p.k_stride_s;
+    device const MFA_IN_T* v_block = v + b * p.v_stride_b + kv_head * p.v_stride_h + (seq.k_start + block0) * p.v_stride_s;
+    stage_block<MFA_IN_T, MFA_DQK_PAD, MFA_DQK, MFA_K_PITCH, KB, THREADS>(k_held, k_block, keys_in, p.k_stride_s,
+                                                                      p.k_stride_d, vector_rows & 1, tid);
+    stage_block<MFA_IN_T, MFA_DV_PAD, MFA_DV, MFA_V_PITCH, KB, THREADS>(v_held, v_block, keys_in, p.v_stride_s,
+                                                                    p.v_stride_d, vector_rows & 2, tid);
+  }
+#define K_OPERAND(frag, d) load_fragment(frag, k_held + sg * 8 * MFA_K_PITCH + (d) * 8, MFA_K_PITCH, 1, at)
+#define V_OPERAND(frag, d) load_fragment(frag, v_held + sg * 8 * MFA_V_PITCH + (d) * 8, MFA_V_PITCH, 1, at)
 #else
+  threadgroup MFA_IN_T q_tile[MFA_BK * MFA_K_PITCH];
+  threadgroup MFA_IN_T do_tile[MFA_BK * MFA_V_PITCH];
+#define Q_TILE q_tile
+#define DO_TILE do_tile
+  simdgroup_float8x8 k_frag[DQK_BLOCKS], v_frag[DV_BLOCKS];
+  {
+    device const MFA_IN_T* k_row = k + b * p.k_stride_b + key * p.k_stride_s + kv_head * p.k_stride_h;
+    device const MFA_IN_T* v_row = v + b * p.v_stride_b + key * p.v_stride_s + kv_head * p.v_stride_h;
+    const bool k_unit = p.k_stride_d == 1, v_unit = p.v_stride_d == 1;
+    for (int d = 0; d < DQK_BLOCKS; ++d) {
+      for (int e = 0; e < 2; ++e) {
+        const int col = d * 8 + at.col + e;
+        k_frag[d].thread_elements()[e] =
+            (key_in && col < MFA_DQK) ? float(k_unit ? k_row[col] : k_row[col * p.k_stride_d]) : 0.0f;
+      }
+    }
+    for (int d = 0; d < DV_BLOCKS; ++d) {
+      for (int e = 0; e < 2; ++e) {
+        const int col = d * 8 + at.col + e;
+        v_frag[d].thread_elements()[e] =
+            (key_in && col < MFA_DV) ? float(v_unit ? v_row[col] : v_row[col * p.v_stride_d]) : 0.0f;
+      }
+    }
+  }
+#define K_OPERAND(frag, d) frag = k_frag[d]
+#define V_OPERAND(frag, d) frag = v_frag[d]
+#endif
+
+  // The rows that see some key of this block: key j is seen by rows j - offset - right .. j - offset + left.
+  const long last_j = lmin(block0 + KB, seq.seqlen_k) - 1;
+  const long first_i = p.window_right >= 0 ? lmax(block0 - offset - p.window_right, 0) : 0;
+  const long end_i = p.window_left >= 0 ? lmin(last_j - offset + p.window_left + 1, seq.seqlen_q) : seq.seqlen_q;
+  const long row0 = (first_i / MFA_BK) * MFA_BK;
+  for (long g = 0; g < p.group; ++g) {  // the GQA reduction: every query head of this KV head
+    const long head = kv_head * p.group + g;
+#if MFA_HAS_ALIBI
+    const float slope = alibi_slopes[b * p.alibi_stride_b + head];
+#else
+    const float slope = 0.0f;
+#endif
+    const long q_step = MFA_BK * p.q_stride_s, do_step = MFA_BK * p.do_stride_s;
+    device const MFA_IN_T* q_block = q + b * p.q_stride_b + head * p.q_stride_h + (seq.q_start + row0) * p.q_stride_s;
+    device const MFA_IN_T* do_block =
+        grad_out + b * p.do_stride_b + head * p.do_stride_h + (seq.q_start + row0) * p.do_stride_s;
+    for (long i0 = row0; i0 < end_i; i0 += MFA_BK, q_block += q_step, do_block += do_step) {
+      const int rows_in = int(lmin(seq.seqlen_q - i0, MFA_BK));
+      stage_block<MFA_IN_T, MFA_DQK_PAD, MFA_DQK, MFA_K_PITCH, MFA_BK, THREADS>(Q_TILE, q_block, rows_in, p.q_stride_s,
+                                                                            p.q_stride_d, vector_rows & 4, tid);
+#if !MFA_HELD_IN_TG
+      stage_block<MFA_IN_T, MFA_DV_PAD, MFA_DV, MFA_V_PITCH, MFA_BK, THREADS>(DO_TILE, do_block, rows_in,
+                                                                          p.do_stride_s, p.do_stride_d,
+                                                                          vector_rows & 8, tid);
+#endif
+      if (tid < MFA_BK) {
+        const long slot = b * p.lse_stride_b + head * p.lse_stride_h + (seq.q_start + i0 + tid) * p.lse_stride_s;
+        lse_tile[tid] = tid < rows_in ? safe_lse(lse, slot) : 0.0f;
+        delta_tile[tid] = tid < rows_in ? delta[slot] : 0.0f;
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+
+      // S^T = K Q^T and dP^T = V dO^T: 8 keys x MFA_BK rows per simdgroup (Q^T, dO^T read by swapped
+      // strides), the head dim outermost.
+      simdgroup_float8x8 st[ROW_FRAGMENTS], dpt[ROW_FRAGMENTS], pt[ROW_FRAGMENTS];
+      for (int f = 0; f < ROW_FRAGMENTS; ++f) {
+        st[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+        dpt[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      }
+      for (int d = 0; d < DQK_BLOCKS; ++d) {
+        simdgroup_float8x8 kf;
+        K_OPERAND(kf, d);
+        for (int f = 0; f < ROW_FRAGMENTS; ++f) {
+          simdgroup_float8x8 qt;
+          load_fragment(qt, Q_TILE + f * 8 * MFA_K_PITCH + d * 8, 1, MFA_K_PITCH, at);
+          simdgroup_multiply_accumulate(st[f], kf, qt, st[f]);
+        }
+      }
+#if MFA_HELD_IN_TG
+      threadgroup_barrier(mem_flags::mem_threadgroup);  // every simdgroup is done with Q: dO takes the tile
+      stage_block<MFA_IN_T, MFA_DV_PAD, MFA_DV, MFA_V_PITCH, MFA_BK, THREADS>(DO_TILE, do_block, rows_in,
+                                                                          p.do_stride_s, p.do_stride_d,
+                                                                          vector_rows & 8, tid);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+#endif
+      for (int d = 0; d < DV_BLOCKS; ++d) {
+        simdgroup_float8x8 vf;
+        V_OPERAND(vf, d);
+        for (int f = 0; f < ROW_FRAGMENTS; ++f) {
+          simdgroup_float8x8 dot_;
+          load_fragment(dot_, DO_TILE + f * 8 * MFA_V_PITCH + d * 8, 1, MFA_V_PITCH, at);
+          simdgroup_multiply_accumulate(dpt[f], vf, dot_, dpt[f]);
+        }
+      }
+      // P^T and dS^T chain element-wise; invisible (row, key) pairs give exact zeros.
+      for (int f = 0; f < ROW_FRAGMENTS; ++f) {
+        for (int e = 0; e < 2; ++e) {
+          const int r = f * 8 + at.col + e;
+          const long i = i0 + r;  // the row
+          float pe = 0.0f, dsc = 0.0f;
+          bool visible = key_in && r < rows_in && is_visible(p, i, j, offset);
+          float bias = 0.0f;
+#if MFA_MASK_KIND
+          if (visible) {
+            const long m_at = b * p.mask_stride_b + head * p.mask_stride_h + i * p.mask_stride_q + j * p.mask_stride_k;
+#if MFA_MASK_KIND == 1
+            visible = mask[m_at] != 0;
+#else
+            const Stored m = read_stored(mask, m_at);
+            visible = !m.neg_inf;  // a -inf entry removes the key (p = 0)
+            bias = m.value;
+#endif
+          }
+#endif
+          if (visible) {
+            const Prob pr = probability(st[f].thread_elements()[e], lse_tile[r], scale, softcap, slope, bias, i + offset - j);
+            pe = pr.p;
+            dsc = pr.p * (dpt[f].thread_elements()[e] - delta_tile[r]) * pr.chain;
+          }
+          pt[f].thread_elements()[e] = pe;
+          st[f].thread_elements()[e] = dsc;
+        }
+      }
+      // dV += P^T dO, dK += dS^T Q.
+      for (int d = 0; d < DV_BLOCKS; ++d) {
+        for (int f = 0; f < ROW_FRAGMENTS; ++f) {
+          simdgroup_float8x8 dof;
+          load_fragment(dof, DO_TILE + f * 8 * MFA_V_PITCH + d * 8, MFA_V_PITCH, 1, at);
+          simdgroup_multiply_accumulate(dv_acc[d], pt[f], dof, dv_acc[d]);
+        }
+      }
+#if MFA_HELD_IN_TG
+      threadgroup_barrier(mem_flags::mem_threadgroup);  // every simdgroup is done with dO: Q again
+      stage_block<MFA_IN_T, MFA_DQK_PAD, MFA_DQK, MFA_K_PITCH, MFA_BK, THREADS>(Q_TILE, q_block, rows_in, p.q_stride_s,
+                                                                            p.q_stride_d, vector_rows & 4, tid);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+#endif
+      for (int d = 0; d < DQK_BLOCKS; ++d) {
+        for (int f = 0; f < ROW_FRAGMENTS; ++f) {
+          simdgroup_float8x8 qf;
+          load_fragment(qf, Q_TILE + f * 8 * MFA_K_PITCH + d * 8, MFA_K_PITCH, 1, at);
+          simdgroup_multiply_accumulate(dk_acc[d], st[f], qf, dk_acc[d]);
+        }
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);  // the next block overwrites the tiles
+    }
+  }
+
+  if (!key_in) return;
+  device MFA_IN_T* dk_row = dk + b * p.dk_stride_b + key * p.dk_stride_s + kv_head * p.dk_stride_h;
+  device MFA_IN_T* dv_row = dv + b * p.dv_stride_b + key * p.dv_stride_s + kv_head * p.dv_stride_h;
+  for (int d = 0; d < DQK_BLOCKS; ++d) {
+    for (int e = 0; e < 2; ++e) {
+      const int col = d * 8 + at.col + e;
+      if (col < MFA_DQK) dk_row[col * p.dk_stride_d] = MFA_IN_T(dk_acc[d].thread_elements()[e]);
+    }
+  }
+  for (int d = 0; d < DV_BLOCKS; ++d) {
+    for (int e = 0; e < 2; ++e) {
+      const int col = d * 8 + at.col + e;
+      if (col < MFA_DV) dv_row[col * p.dv_stride_d] = MFA_IN_T(dv_acc[d].thread_elements()[e]);
+    }
+  }
+}
+#undef Q_TILE
+#undef DO_TILE
+#undef K_OPERAND
+#undef V_OPERAND
+
+#else  // the lane-wise kernels (backward.MMA_MAX_DIM = 0: the baseline of the backward cost table)
 [[kernel, max_total_threads_per_threadgroup(THREADS)]] void attention_backward_dq(
     device const MFA_IN_T* q [[buffer(0)]],
     device const MFA_IN_T* k [[buffer(1)]],
@@ -397,193 +676,6 @@ inline float safe_lse(device const float* lse, long slot) {
   }
 }
 
-#endif  // MFA_MMA
-
-#if MFA_MMA
-// dK, dV on 8x8 simdgroup_matrix products (head dims up to 128): a threadgroup = MFA_WM simdgroups x 8
-// keys of one (batch, KV head), their K and V fragments and the dK, dV accumulators in registers. For
-// each query head of the group and each block of QB rows that sees some of these keys, Q and dO are
-// staged in threadgroup memory (with the rows' LSE and delta); S^T = K Q^T and dP^T = V dO^T are float
-// fragments, P^T and dS^T chain come from them element-wise, and dV += P^T dO, dK += dS^T Q (the
-// accumulator layout is the A-operand layout: P^T and dS^T never go through memory). The GQA reduction
-// is the loop over the group's heads, in registers: no atomics.
-#define KB (8 * MFA_WM)  // keys per threadgroup
-#define QB 16            // query rows per staged block
-#define ROW_FRAGMENTS (QB / 8)
-
-[[kernel, max_total_threads_per_threadgroup(THREADS)]] void attention_backward_dkdv(
-    device const MFA_IN_T* q [[buffer(0)]],
-    device const MFA_IN_T* k [[buffer(1)]],
-    device const MFA_IN_T* v [[buffer(2)]],
-    device const MFA_IN_T* grad_out [[buffer(3)]],
-    device const float* lse [[buffer(4)]],
-    device const float* delta [[buffer(5)]],
-    device MFA_IN_T* dk [[buffer(6)]],
-    device MFA_IN_T* dv [[buffer(7)]],
-    device const MFA_MASK_T* mask [[buffer(8)]],
-    device const float* alibi_slopes [[buffer(9)]],
-    device const MFA_CU_T* cu_seqlens_q [[buffer(10)]],
-    device const MFA_CU_T* cu_seqlens_k [[buffer(11)]],
-    constant BackwardParams& p [[buffer(12)]],
-    constant float& scale [[buffer(13)]],
-    constant float& softcap [[buffer(14)]],
-    uint3 group_id [[threadgroup_position_in_grid]],
-    ushort sg [[simdgroup_index_in_threadgroup]],
-    ushort lane [[thread_index_in_simdgroup]],
-    ushort tid [[thread_index_in_threadgroup]]) {
-  const long b = group_id.z, kv_head = group_id.y;
-  const Sequence seq = sequence_of(p, cu_seqlens_q, cu_seqlens_k, b);
-  const long block0 = long(group_id.x) * KB;
-  if (block0 >= seq.seqlen_k) return;  // the whole threadgroup
-  const long offset = seq.seqlen_k - seq.seqlen_q;
-  const int vector_rows = int(p.vector_rows);
-  threadgroup MFA_IN_T q_tile[QB * MFA_K_PITCH];
-  threadgroup MFA_IN_T do_tile[QB * MFA_V_PITCH];
-  threadgroup float lse_tile[QB];
-  threadgroup float delta_tile[QB];
-
-  const FragmentLane at = fragment_lane(lane);
-  const long j = block0 + sg * 8 + at.row;  // this lane's key
-  const bool key_in = j < seq.seqlen_k;
-  const long key = seq.k_start + (key_in ? j : 0);
-  simdgroup_float8x8 k_frag[DQK_BLOCKS], v_frag[DV_BLOCKS], dk_acc[DQK_BLOCKS], dv_acc[DV_BLOCKS];
-  {
-    device const MFA_IN_T* k_row = k + b * p.k_stride_b + key * p.k_stride_s + kv_head * p.k_stride_h;
-    device const MFA_IN_T* v_row = v + b * p.v_stride_b + key * p.v_stride_s + kv_head * p.v_stride_h;
-    const bool k_unit = p.k_stride_d == 1, v_unit = p.v_stride_d == 1;
-    for (int d = 0; d < DQK_BLOCKS; ++d) {
-      dk_acc[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-      for (int e = 0; e < 2; ++e) {
-        const int col = d * 8 + at.col + e;
-        k_frag[d].thread_elements()[e] =
-            (key_in && col < MFA_DQK) ? float(k_unit ? k_row[col] : k_row[col * p.k_stride_d]) : 0.0f;
-      }
-    }
-    for (int d = 0; d < DV_BLOCKS; ++d) {
-      dv_acc[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-      for (int e = 0; e < 2; ++e) {
-        const int col = d * 8 + at.col + e;
-        v_frag[d].thread_elements()[e] =
-            (key_in && col < MFA_DV) ? float(v_unit ? v_row[col] : v_row[col * p.v_stride_d]) : 0.0f;
-      }
-    }
-  }
-
-  // The rows that see some key of this block: key j is seen by rows j - offset - right .. j - offset + left.
-  const long last_j = lmin(block0 + KB, seq.seqlen_k) - 1;
-  const long first_i = p.window_right >= 0 ? lmax(block0 - offset - p.window_right, 0) : 0;
-  const long end_i = p.window_left >= 0 ? lmin(last_j - offset + p.window_left + 1, seq.seqlen_q) : seq.seqlen_q;
-  const long row0 = (first_i / QB) * QB;
-  for (long g = 0; g < p.group; ++g) {  // the GQA reduction: every query head of this KV head
-    const long head = kv_head * p.group + g;
-#if MFA_HAS_ALIBI
-    const float slope = alibi_slopes[b * p.alibi_stride_b + head];
-#else
-    const float slope = 0.0f;
-#endif
-    const long q_step = QB * p.q_stride_s, do_step = QB * p.do_stride_s;
-    device const MFA_IN_T* q_block = q + b * p.q_stride_b + head * p.q_stride_h + (seq.q_start + row0) * p.q_stride_s;
-    device const MFA_IN_T* do_block =
-        grad_out + b * p.do_stride_b + head * p.do_stride_h + (seq.q_start + row0) * p.do_stride_s;
-    for (long i0 = row0; i0 < end_i; i0 += QB, q_block += q_step, do_block += do_step) {
-      const int rows_in = int(lmin(seq.seqlen_q - i0, QB));
-      stage_block<MFA_IN_T, MFA_DQK_PAD, MFA_DQK, MFA_K_PITCH, QB, THREADS>(q_tile, q_block, rows_in, p.q_stride_s,
-                                                                        p.q_stride_d, vector_rows & 4, tid);
-      stage_block<MFA_IN_T, MFA_DV_PAD, MFA_DV, MFA_V_PITCH, QB, THREADS>(do_tile, do_block, rows_in, p.do_stride_s,
-                                                                      p.do_stride_d, vector_rows & 8, tid);
-      if (tid < QB) {
-        const long slot = b * p.lse_stride_b + head * p.lse_stride_h + (seq.q_start + i0 + tid) * p.lse_stride_s;
-        lse_tile[tid] = tid < rows_in ? safe_lse(lse, slot) : 0.0f;
-        delta_tile[tid] = tid < rows_in ? delta[slot] : 0.0f;
-      }
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-
-      // S^T = K Q^T and dP^T = V dO^T: 8 keys x QB rows per simdgroup (Q^T, dO^T read by swapped strides).
-      simdgroup_float8x8 st[ROW_FRAGMENTS], dpt[ROW_FRAGMENTS], pt[ROW_FRAGMENTS];
-      for (int f = 0; f < ROW_FRAGMENTS; ++f) {
-        st[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-        dpt[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-      }
-      for (int d = 0; d < DQK_BLOCKS; ++d) {
-        for (int f = 0; f < ROW_FRAGMENTS; ++f) {
-          simdgroup_float8x8 qt;
-          load_fragment(qt, q_tile + f * 8 * MFA_K_PITCH + d * 8, 1, MFA_K_PITCH, at);
-          simdgroup_multiply_accumulate(st[f], k_frag[d], qt, st[f]);
-        }
-      }
-      for (int d = 0; d < DV_BLOCKS; ++d) {
-        for (int f = 0; f < ROW_FRAGMENTS; ++f) {
-          simdgroup_float8x8 dot_;
-          load_fragment(dot_, do_tile + f * 8 * MFA_V_PITCH + d * 8, 1, MFA_V_PITCH, at);
-          simdgroup_multiply_accumulate(dpt[f], v_frag[d], dot_, dpt[f]);
-        }
-      }
-
-      // P^T and dS^T chain element-wise; invisible (row, key) pairs give exact zeros.
-      for (int f = 0; f < ROW_FRAGMENTS; ++f) {
-        for (int e = 0; e < 2; ++e) {
-          const int r = f * 8 + at.col + e;
-          const long i = i0 + r;  // the row
-          float pe = 0.0f, dsc = 0.0f;
-          bool visible = key_in && r < rows_in && is_visible(p, i, j, offset);
-          float bias = 0.0f;
-#if MFA_MASK_KIND
-          if (visible) {
-            const long m_at = b * p.mask_stride_b + head * p.mask_stride_h + i * p.mask_stride_q + j * p.mask_stride_k;
-#if MFA_MASK_KIND == 1
-            visible = mask[m_at] != 0;
-#else
-            const Stored m = read_stored(mask, m_at);
-            visible = !m.neg_inf;  // a -inf entry removes the key (p = 0)
-            bias = m.value;
-#endif
-          }
-#endif
-          if (visible) {
-            const Prob pr = probability(st[f].thread_elements()[e], lse_tile[r], scale, softcap, slope, bias, i + offset - j);
-            pe = pr.p;
-            dsc = pr.p * (dpt[f].thread_elements()[e] - delta_tile[r]) * pr.chain;
-          }
-          pt[f].thread_elements()[e] = pe;
-          st[f].thread_elements()[e] = dsc;
-        }
-      }
-      // dV += P^T dO, dK += dS^T Q.
-      for (int d = 0; d < DV_BLOCKS; ++d) {
-        for (int f = 0; f < ROW_FRAGMENTS; ++f) {
-          simdgroup_float8x8 dof;
-          load_fragment(dof, do_tile + f * 8 * MFA_V_PITCH + d * 8, MFA_V_PITCH, 1, at);
-          simdgroup_multiply_accumulate(dv_acc[d], pt[f], dof, dv_acc[d]);
-        }
-      }
-      for (int d = 0; d < DQK_BLOCKS; ++d) {
-        for (int f = 0; f < ROW_FRAGMENTS; ++f) {
-          simdgroup_float8x8 qf;
-          load_fragment(qf, q_tile + f * 8 * MFA_K_PITCH + d * 8, MFA_K_PITCH, 1, at);
-          simdgroup_multiply_accumulate(dk_acc[d], st[f], qf, dk_acc[d]);
-        }
-      }
-      threadgroup_barrier(mem_flags::mem_threadgroup);  // the next block overwrites the tiles
-    }
-  }
-
-  if (!key_in) return;
-  device MFA_IN_T* dk_row = dk + b * p.dk_stride_b + key * p.dk_stride_s + kv_head * p.dk_stride_h;
-  device MFA_IN_T* dv_row = dv + b * p.dv_stride_b + key * p.dv_stride_s + kv_head * p.dv_stride_h;
-  for (int d = 0; d < DQK_BLOCKS; ++d) {
-    for (int e = 0; e < 2; ++e) {
-      const int col = d * 8 + at.col + e;
-      if (col < MFA_DQK) dk_row[col * p.dk_stride_d] = MFA_IN_T(dk_acc[d].thread_elements()[e]);
-    }
-  }
-  for (int d = 0; d < DV_BLOCKS; ++d) {
-    for (int e = 0; e < 2; ++e) {
-      const int col = d * 8 + at.col + e;
-      if (col < MFA_DV) dv_row[col * p.dv_stride_d] = MFA_IN_T(dv_acc[d].thread_elements()[e]);
-    }
-  }
-}
-#else
 [[kernel, max_total_threads_per_threadgroup(THREADS)]] void attention_backward_dkdv(
     device const MFA_IN_T* q [[buffer(0)]],
     device const MFA_IN_T* k [[buffer(1)]],

@@ -7,6 +7,7 @@ torch ops on the device (both are small next to the kernels: (B, Hq, Lq) and the
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -28,15 +29,58 @@ _declared = header_fields("backward_params.h", "BackwardParams")
 if _declared != BACKWARD_PARAM_FIELDS:
     raise ImportError(f"backward_params.h: expected BackwardParams fields {BACKWARD_PARAM_FIELDS}, got {_declared}")
 
-SIMDGROUPS = 4  # WM
-# Rows (dQ) or keys (dK/dV) per simdgroup held in registers: R (DL + DVL) * 2 floats a lane,
-# 32 at D = 128 with R = 2; R = 1 beyond 128 keeps D = 256 at the same count.
+SIMDGROUPS = 4  # WM of the lane-wise kernels and the largest of the simdgroup_matrix ones
+# The lane-wise kernels (MMA_MAX_DIM = 0 selects them: the baseline of emulator/backward_cost_table.py):
+# rows (dQ) or keys (dK/dV) per simdgroup held in registers, R (DL + DVL) * 2 floats a lane.
 ROWS_SMALL_D, ROWS_LARGE_D = 2, 1
-# Both gradient kernels run on simdgroup_matrix up to this head dim (dQ: Q, dO and dQ fragments in registers,
-# dK/dV: K, V, dK and dV fragments, D / 4 floats a lane each); beyond it, the lane-wise kernels serve.
-MMA_MAX_DIM = 128
-MMA_KEY_BLOCK = 16  # keys per staged K/V block of the dQ kernel (the dK/dV kernel stages 16 rows of Q, dO):
-# 2 x 16 x (128 + pad) x 4 B < 32 KiB in fp32
+# Both gradient kernels run on simdgroup_matrix up to this head dim (every dim the backend serves).
+MMA_MAX_DIM = 256
+# Up to this head dim the operands a threadgroup keeps (dQ: Q, dO; dK/dV: K, V) are fragments in registers
+# (D / 4 floats a lane each, as the forward keeps Q); beyond it they are staged once in threadgroup memory
+# and the streamed pair (K and V, or Q and dO) takes turns in one tile.
+HELD_IN_REGISTERS_MAX_DIM = 128
+THREADGROUP_MEMORY = 32 * 1024
+ROW_PAD_BYTES = 16  # spreads the transposed fragment reads over banks (as the forward's tiles)
+STREAM_BLOCKS = (16, 8)  # rows (keys for dQ, query rows for dK/dV) per staged block, preferred first
+
+
+@dataclass(frozen=True)
+class MmaBlocks:
+    """One simdgroup_matrix configuration: WM simdgroups (8 WM rows or keys a threadgroup), the streamed
+    block, the row pitches of the tiles (elements) and where the held operands live."""
+
+    simdgroups: int
+    stream: int
+    k_pitch: int
+    v_pitch: int
+    held_in_tg: bool
+
+    def threadgroup_bytes(self, size: int) -> int:
+        """The threadgroup memory of the dK/dV kernel, the larger of the two (each array rounded up to 16
+        bytes): the dQ kernel's tiles with the rows (keys) roles swapped, plus the LSE and delta tiles."""
+        up = lambda n: -(-n // 16) * 16  # noqa: E731
+        own, one = 8 * self.simdgroups, max(self.k_pitch, self.v_pitch)
+        if self.held_in_tg:
+            dq = up(own * self.k_pitch * size) + up(own * self.v_pitch * size) + up(self.stream * one * size)
+        else:
+            dq = up(self.stream * self.k_pitch * size) + up(self.stream * self.v_pitch * size)
+        return dq + 2 * up(4 * self.stream)
+
+
+@functools.lru_cache(maxsize=None)
+def mma_blocks(dtype: torch.dtype, dim_qk: int, dim_v: int) -> MmaBlocks:
+    """The first configuration that fits THREADGROUP_MEMORY, preferring more simdgroups, then the row pad,
+    then a longer streamed block (the forward's order of preference)."""
+    size = torch.finfo(dtype).bits // 8
+    dqk_pad, dv_pad = -(-dim_qk // 8) * 8, -(-dim_v // 8) * 8
+    held_in_tg = max(dim_qk, dim_v) > HELD_IN_REGISTERS_MAX_DIM
+    for simdgroups in (SIMDGROUPS, 2, 1):
+        for pad in (ROW_PAD_BYTES // size, 0):
+            for stream in STREAM_BLOCKS:
+                blocks = MmaBlocks(simdgroups, stream, dqk_pad + pad, dv_pad + pad, held_in_tg)
+                if blocks.threadgroup_bytes(size) <= THREADGROUP_MEMORY:
+                    return blocks
+    raise ValueError(f"head dims ({dim_qk}, {dim_v}): no backward tile configuration fits {THREADGROUP_MEMORY} B")
 
 
 @dataclass(frozen=True)
@@ -65,23 +109,30 @@ class BackwardVariant:
         return max(self.dim_qk, self.dim_v) <= MMA_MAX_DIM
 
     @property
+    def blocks(self) -> MmaBlocks:
+        return mma_blocks(self.dtype, self.dim_qk, self.dim_v)
+
+    @property
+    def simdgroups(self) -> int:
+        return self.blocks.simdgroups if self.mma else SIMDGROUPS
+
+    @property
     def block(self) -> int:
         """Query rows (dQ) or keys (dK/dV) per threadgroup: 8 a simdgroup on simdgroup_matrix, else R."""
-        return 8 * SIMDGROUPS if self.mma else SIMDGROUPS * self.rows
+        return 8 * self.simdgroups if self.mma else SIMDGROUPS * self.rows
 
     def defines(self, param_count: int) -> dict:
-        size = torch.finfo(self.dtype).bits // 8
-        dqk_pad, dv_pad = -(-self.dim_qk // 8) * 8, -(-self.dim_v // 8) * 8
-        return {"MMA": self.mma, "BK": MMA_KEY_BLOCK, "DQK_PAD": dqk_pad, "DV_PAD": dv_pad,
-                # a 16-byte pitch pad spreads the transposed K/V fragment reads over banks (as the forward's)
-                "K_PITCH": dqk_pad + 16 // size, "V_PITCH": dv_pad + 16 // size,
-            "IN_T": MSL_TYPES[self.dtype], "MASK_KIND": MASK_KINDS[self.mask_kind],
-            "MASK_T": "uchar" if self.mask_kind != "additive" else MSL_TYPES[self.mask_dtype],
-            "CU_T": "int" if self.cu_seqlens_dtype == torch.int32 else "long",
-            "DQK": self.dim_qk, "DV": self.dim_v, "WM": SIMDGROUPS, "R": self.rows,
-            "HAS_SOFTCAP": self.softcap, "HAS_ALIBI": self.alibi, "HAS_DLSE": self.grad_lse,
-            "WANT_DMASK": self.want_mask_grad, "VARLEN": self.varlen, "BACKWARD_PARAM_COUNT": param_count,
-        }
+        blocks = self.blocks
+        return {"MMA": self.mma, "BK": blocks.stream, "HELD_IN_TG": blocks.held_in_tg,
+                "DQK_PAD": -(-self.dim_qk // 8) * 8, "DV_PAD": -(-self.dim_v // 8) * 8,
+                "K_PITCH": blocks.k_pitch, "V_PITCH": blocks.v_pitch,
+                "IN_T": MSL_TYPES[self.dtype], "MASK_KIND": MASK_KINDS[self.mask_kind],
+                "MASK_T": "uchar" if self.mask_kind != "additive" else MSL_TYPES[self.mask_dtype],
+                "CU_T": "int" if self.cu_seqlens_dtype == torch.int32 else "long",
+                "DQK": self.dim_qk, "DV": self.dim_v, "WM": self.simdgroups, "R": self.rows,
+                "HAS_SOFTCAP": self.softcap, "HAS_ALIBI": self.alibi, "HAS_DLSE": self.grad_lse,
+                "WANT_DMASK": self.want_mask_grad, "VARLEN": self.varlen, "BACKWARD_PARAM_COUNT": param_count,
+                }
 
 
 def backward(call: AttentionCall, grads: Gradients):
@@ -122,7 +173,7 @@ def backward(call: AttentionCall, grads: Gradients):
 
     lib.attention_backward_preprocess(out, grad_out, floats if dlse is None else dlse, delta, params, cu_q, cu_k,
                                       threads=(32 * lq, heads_q, batch), group_size=(32, 1, 1))
-    threads = 32 * SIMDGROUPS
+    threads = 32 * variant.simdgroups
     common = (mask, slopes, cu_q, cu_k, params, float(scale), float(softcap))
     lib.attention_backward_dq(q, k, v, grad_out, lse, delta, dq, dmask_full, *common,
                               threads=(threads * math.ceil(lq / variant.block), heads_q, batch),

@@ -190,3 +190,32 @@ def test_mma_block_boundaries(case, metal_backend, two_schedules):
     partial and empty blocks, rows that see nothing, large groups, odd dims, strided staging."""
     assert metal_backward.BackwardVariant(case.dtype, case.dim, case.dim_v).mma
     check_backward(case, metal_backend, two_schedules)
+
+
+LARGE_DIM_CASES = [
+    # fp32 at D = 256: one simdgroup, 8-row blocks; G = 4, causal, an additive mask's gradient
+    Case(dtype=torch.float32, batch=1, lq=21, lk=45, heads_q=4, heads_kv=1, dim=256, dim_v=256, causal=True,
+         mask="additive"),
+    # fp16 at D = 192 (4 simdgroups, 16-key blocks at the 32 KiB edge): Lq >> Lk, a window, ALiBi, strided
+    Case(dtype=torch.float16, batch=2, lq=70, lk=19, heads_q=2, heads_kv=2, dim=192, dim_v=192, window=(9, 4),
+         alibi=True, strided=True),
+    # dims that are not multiples of 8 on both sides of 128, G = 8, a bool mask, softcap, sinks
+    Case(dtype=torch.bfloat16, batch=1, lq=33, lk=40, heads_q=8, heads_kv=1, dim=130, dim_v=201, mask="bool",
+         softcap=4.0, sinks=True),
+    # a single query row over many keys, D_v < D_qk
+    Case(dtype=torch.float32, batch=2, lq=1, lk=50, heads_q=2, heads_kv=1, dim=160, dim_v=64, causal=True),
+    # rows that see nothing (causal, Lq > Lk), fp16 at D = 256 (2 simdgroups), an additive mask
+    Case(dtype=torch.float16, batch=1, lq=50, lk=3, heads_q=2, heads_kv=1, dim=256, dim_v=256, causal=True,
+         mask="additive"),
+]
+
+
+@pytest.mark.parametrize("case", LARGE_DIM_CASES, ids=lambda c: c.id)
+def test_large_head_dims_on_simdgroup_matrix(case, metal_backend, two_schedules):
+    """Head dims above 128: the held operands (Q, dO for dQ; K, V for dK/dV) staged once in threadgroup
+    memory, the streamed pair taking turns in one tile, fewer simdgroups where 32 KiB demands it."""
+    variant = metal_backward.BackwardVariant(case.dtype, case.dim, case.dim_v)
+    assert variant.mma and variant.blocks.held_in_tg
+    size = torch.finfo(case.dtype).bits // 8
+    assert variant.blocks.threadgroup_bytes(size) <= metal_backward.THREADGROUP_MEMORY
+    check_backward(case, metal_backend, two_schedules)
