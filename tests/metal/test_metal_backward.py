@@ -93,20 +93,21 @@ def test_broadcast_additive_mask_gradient(shape, metal_backend):
         assert_close_to_reference(a.cpu(), w, b, GRADIENT_FACTOR, f"d{name}")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_backward_varlen(dtype, metal_backend, two_schedules):
-    """Packed sequences (one empty query sequence, one empty key sequence), causal, ALiBi, sinks."""
+@pytest.mark.parametrize("dtype, dim", [(torch.bfloat16, 24), (torch.float32, 24), (torch.float16, 200)], ids=str)
+def test_backward_varlen(dtype, dim, metal_backend, two_schedules):
+    """Packed sequences (one empty query sequence, one empty key sequence), causal, ALiBi, sinks; D = 200
+    stages the held operands in threadgroup memory."""
     lengths_q, lengths_k = [5, 19, 0, 11, 3], [14, 9, 6, 11, 0]
     g = torch.Generator().manual_seed(6)
     device = metal_backend.device
     tq, tk = sum(lengths_q), sum(lengths_k)
-    q = torch.randn(tq, 4, 24, generator=g).to(dtype)
-    k, v = (torch.randn(tk, 2, 24, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(tq, 4, dim, generator=g).to(dtype)
+    k, v = (torch.randn(tk, 2, dim, generator=g).to(dtype) for _ in range(2))
     cu_q = torch.tensor([0] + list(torch.tensor(lengths_q).cumsum(0)), dtype=torch.int32)
     cu_k = torch.tensor([0] + list(torch.tensor(lengths_k).cumsum(0)), dtype=torch.int32)
     slopes = torch.rand(len(lengths_q), 4, generator=g) * 0.5
     sinks = torch.randn(4, generator=g)
-    grad = torch.randn(tq, 4, 24, generator=g).to(dtype)
+    grad = torch.randn(tq, 4, dim, generator=g).to(dtype)
 
     def run():
         leaves = [t.clone().to(device).requires_grad_(True) for t in (q, k, v, sinks)]
