@@ -12,15 +12,20 @@
 // ds before the softcap factor, written per (b, query head, i, j) by the dQ kernel and summed
 // over broadcast dims by the host. dsinks needs only lse and delta: the host computes it.
 //
-// Layout in both gradient kernels: head dims over the 32 lanes (DL, DVL elements a lane), rows
-// (dQ) or keys (dK/dV) over MFA_WM simdgroups, MFA_R of them per simdgroup held in registers; each dot
-// product is one simd_sum. Block skipping: each threadgroup visits only the key (query) range
-// that the causal/window band leaves visible to some of its rows (keys).
+// Both gradient kernels run on 8x8 simdgroup_matrix products with float fragments (fragment.h) and tiles
+// staged in threadgroup memory (staging.h): a threadgroup = MFA_WM simdgroups x 8 query rows (dQ) or 8 keys
+// (dK/dV). The operands a threadgroup keeps (dQ: Q, dO; dK/dV: K, V) are fragments in registers, or with
+// MFA_HELD_IN_TG (head dims above 128) staged once in threadgroup memory; the streamed ones (K, V or Q,
+// dO) are staged per block of MFA_BK, in one shared tile with MFA_HELD_IN_TG. Block skipping: each
+// threadgroup visits only the key (query) range that the causal/window band leaves visible to some of
+// its rows (keys). The lane-wise kernels at the end (lanes over the head dim, MFA_R rows or keys per
+// simdgroup, one simd_sum per dot product) are compiled only without MFA_MMA: backward.MMA_MAX_DIM = 0,
+// the counter baseline.
 //
 // Defines: MFA_IN_T, MFA_MASK_T, MFA_MASK_KIND (0 none, 1 bool, 2 additive), MFA_CU_T, MFA_DQK, MFA_DV, MFA_WM, MFA_R,
 // MFA_HAS_SOFTCAP, MFA_HAS_ALIBI, MFA_HAS_DLSE, MFA_WANT_DMASK, MFA_VARLEN, MFA_BACKWARD_PARAM_COUNT;
-// MFA_MMA (head dims <= 128: the dQ kernel on simdgroup_matrix) with MFA_BK, MFA_DQK_PAD, MFA_DV_PAD,
-// MFA_K_PITCH, MFA_V_PITCH (its key block and tiles).
+// MFA_MMA with MFA_BK, MFA_HELD_IN_TG, MFA_DQK_PAD, MFA_DV_PAD, MFA_K_PITCH, MFA_V_PITCH (blocks and tile
+// pitches: backward.mma_blocks).
 #include <metal_stdlib>
 using namespace metal;
 // The loader inserts the variant's MFA_ #defines here, after Apple's headers.
