@@ -185,14 +185,6 @@ MMA_BOUNDARY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", MMA_BOUNDARY_CASES, ids=lambda c: c.id)
-def test_mma_block_boundaries(case, metal_backend, two_schedules):
-    """The simdgroup_matrix kernels' tiles (16 keys / 16 rows staged, 32 rows / keys a threadgroup):
-    partial and empty blocks, rows that see nothing, large groups, odd dims, strided staging."""
-    assert metal_backward.BackwardVariant(case.dtype, case.dim, case.dim_v).mma
-    check_backward(case, metal_backend, two_schedules)
-
-
 LARGE_DIM_CASES = [
     # fp32 at D = 256: one simdgroup, 8-row blocks; G = 4, causal, an additive mask's gradient
     Case(dtype=torch.float32, batch=1, lq=21, lk=45, heads_q=4, heads_kv=1, dim=256, dim_v=256, causal=True,
@@ -211,12 +203,13 @@ LARGE_DIM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", LARGE_DIM_CASES, ids=lambda c: c.id)
-def test_large_head_dims_on_simdgroup_matrix(case, metal_backend, two_schedules):
-    """Head dims above 128: the held operands (Q, dO for dQ; K, V for dK/dV) staged once in threadgroup
-    memory, the streamed pair taking turns in one tile, fewer simdgroups where 32 KiB demands it."""
+@pytest.mark.parametrize("case", MMA_BOUNDARY_CASES + LARGE_DIM_CASES, ids=lambda c: c.id)
+def test_simdgroup_matrix_tiles(case, metal_backend, two_schedules):
+    """The simdgroup_matrix kernels' tiles: partial and empty blocks, rows that see nothing, large groups,
+    odd dims, strided staging; above D = 128 the held operands (Q, dO for dQ; K, V for dK/dV) staged once
+    in threadgroup memory, the streamed pair taking turns in one tile, fewer simdgroups where 32 KiB demands it."""
     variant = metal_backward.BackwardVariant(case.dtype, case.dim, case.dim_v)
-    assert variant.mma and variant.blocks.held_in_tg
+    assert variant.mma and variant.blocks.held_in_tg == (max(case.dim, case.dim_v) > 128)
     size = torch.finfo(case.dtype).bits // 8
     assert variant.blocks.threadgroup_bytes(size) <= metal_backward.THREADGROUP_MEMORY
     check_backward(case, metal_backend, two_schedules)
