@@ -17,6 +17,19 @@ from torch import Tensor
 POISON_OUTPUTS = False
 
 
+class BoundedMemo(dict):
+    """key -> what a kind of call decided (a launch plan, a compiled kernel); `keep` stores one, clearing
+    the memo first when it holds `limit` (a long generation adds a kind per cache length)."""
+
+    limit = 1024
+
+    def keep(self, key, value):
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = value
+        return value
+
+
 def new_output(shape, dtype, device) -> Tensor:
     """Allocate a kernel output (NaN-filled while POISON_OUTPUTS is set)."""
     if POISON_OUTPUTS:

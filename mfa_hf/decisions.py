@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import os
 
+from .kernels.launch import BoundedMemo
+
 KEPT = 1024
 
 
-class Decisions(dict):
-    """key -> decision; `keep` stores one, clearing the memo first when it is full."""
+class Decisions(BoundedMemo):
+    """key -> decision; `keep` stores one, clearing the memo first when it holds KEPT."""
 
-    def keep(self, key, decision):
-        if len(self) >= KEPT:
-            self.clear()
-        self[key] = decision
-        return decision
+    @property
+    def limit(self) -> int:
+        return KEPT
 
 
 def steering_environment() -> tuple:

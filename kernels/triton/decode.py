@@ -14,7 +14,7 @@ import torch
 from mfa_hf import kv_formats
 
 from ..contract import DecodeCall
-from ..launch import SplitPolicy, new_output
+from ..launch import BoundedMemo, SplitPolicy, new_output
 
 from . import decode_kernel
 from .binding import alibi_args, dot_precision, on_tensors_device
@@ -103,9 +103,6 @@ class _Plan:
     lse_shape: tuple
     part_sizes: Optional[tuple]  # split-K scratch (normalized rows, LSEs), None with one split
     levels: torch.Tensor
-    k_scale_strides: tuple
-    v_scale_strides: tuple
-    slope_strides: tuple
     split_grid: tuple
     split_ints: tuple  # the integer arguments between the tensors and (scale, softcap)
     split_tail: tuple  # the integer arguments after them
@@ -115,8 +112,7 @@ class _Plan:
     merge_options: dict
 
 
-_plans: dict = {}
-PLAN_LIMIT = 4096  # bounded (a cache that grows by reallocation changes its capacity, hence the key)
+_plans = BoundedMemo()  # launch key -> _Plan (bounded)
 
 
 def _make_plan(call: DecodeCall, config) -> _Plan:
@@ -174,7 +170,7 @@ def _make_plan(call: DecodeCall, config) -> _Plan:
     return _Plan(
         (batch, lq, heads_q, dim_v), (batch, heads_q, lq), None if direct else (rows * splits * dim_v, rows * splits),
         _levels(q.device, torch.float32 if precision == "upcast" or q.dtype == torch.float32 else torch.float16),
-        k_scale_strides, v_scale_strides, slope_strides, (splits, batch * heads_kv, q_tiles), split_ints,
+        (splits, batch * heads_kv, q_tiles), split_ints,
         (max(1, k_codes.shape[0]), k_codes.shape[1]), split_options, (rows,),
         (*out_strides, *lse_strides, lq, heads_q, splits), merge_options)
 
@@ -196,11 +192,7 @@ def decode(call: DecodeCall, config=None):
         dim_v = kv_formats.spec(values.format).logical_dim(v_codes.shape[-1])
         return (new_output((q.shape[0], q.shape[1], q.shape[2], dim_v), q.dtype, q.device),
                 new_output((q.shape[0], q.shape[2], q.shape[1]), torch.float32, q.device))
-    plan = _plans.get(key)
-    if plan is None:
-        if len(_plans) >= PLAN_LIMIT:
-            _plans.clear()
-        plan = _plans[key] = _make_plan(call, config)
+    plan = _plans.get(key) or _plans.keep(key, _make_plan(call, config))
     out = new_output(plan.out_shape, q.dtype, q.device)
     lse = new_output(plan.lse_shape, torch.float32, q.device)
     if plan.part_sizes is None:

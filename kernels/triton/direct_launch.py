@@ -25,7 +25,8 @@ import os
 
 import torch
 
-CACHE_LIMIT = 512  # keys per table and kernel; a full table starts over (a bound against unbounded growth)
+from ..launch import BoundedMemo  # a full table starts over
+
 _I32_MIN, _I32_MAX, _I64_MIN, _I64_MAX = -(2**31), 2**31 - 1, -(2**63), 2**63 - 1
 
 
@@ -60,9 +61,7 @@ class DirectLauncher:
             self._defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
             constexpr = [n for n, p in enumerate(params) if p.is_constexpr]
             self._first_constexpr = constexpr[0] if constexpr else len(params)
-        self._by_class: dict = {}
-        self._by_value: dict = {}
-        self._by_known: dict = {}
+        self._by_class, self._by_value, self._by_known = BoundedMemo(), BoundedMemo(), BoundedMemo()
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
@@ -91,7 +90,7 @@ class DirectLauncher:
         if entry is None:
             entry = self._entry(device, grid, args, kwargs)  # launches
             if entry is not None:
-                _bounded_put(table, key, entry)
+                table.keep(key, entry)
             return
         compiled, tail = entry
         compiled[_grid3(grid)](*args, *tail)
@@ -116,14 +115,7 @@ class DirectLauncher:
         if not hasattr(compiled, "__getitem__") or any(n not in kwargs and n not in self._defaults for n in names):
             return None  # nothing to reuse: the next call binds again
         entry = (compiled, tuple(kwargs[n] if n in kwargs else self._defaults[n] for n in names))
-        _bounded_put(self._by_class, key, entry)
-        return entry
-
-
-def _bounded_put(table: dict, key, value) -> None:
-    if len(table) >= CACHE_LIMIT:
-        table.clear()
-    table[key] = value
+        return self._by_class.keep(key, entry)
 
 
 def _grid3(grid) -> tuple:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..contract import AttentionCall
-from ..launch import empty_result, new_output
+from ..launch import BoundedMemo, empty_result, new_output
 
 from . import forward_kernel
 from .binding import alibi_args, common_meta, dropout_args, mask_args, on_tensors_device, strides4
@@ -20,7 +20,6 @@ from .direct_launch import DirectLauncher
 
 # Kernels relaunched without Triton's per-call binding once compiled for a kind of call (direct_launch.py).
 _FORWARD = DirectLauncher(forward_kernel.attention_forward_kernel)
-
 
 
 def _strided(t):
@@ -39,8 +38,7 @@ class _Plan:
     options: dict  # constexprs and launch options
 
 
-_plans: dict = {}
-PLAN_LIMIT = 4096
+_plans = BoundedMemo()  # launch key -> _Plan (bounded)
 
 
 def forget_plans() -> None:
@@ -90,11 +88,7 @@ def forward(call: AttentionCall):
     key = (q.device, q.dtype, q.shape, q.stride(), k.dtype, k.shape, k.stride(), v.dtype, v.shape, v.stride(),
            _strided(attn_mask), _strided(alibi_slopes), sinks is None, _strided(cu_seqlens_q), _strided(cu_seqlens_k),
            lq, lk, o.causal, o.window_left, o.window_right, o.softcap > 0, o.dropout_p > 0)
-    plan = _plans.get(key)
-    if plan is None:
-        if len(_plans) >= PLAN_LIMIT:
-            _plans.clear()
-        plan = _plans[key] = _make_plan(call)
+    plan = _plans.get(key) or _plans.keep(key, _make_plan(call))
     out = new_output(plan.out_shape, q.dtype, q.device)
     lse = new_output(plan.lse_shape, torch.float32, q.device)
     mask = q if attn_mask is None else mask_args(attn_mask, q, call.batch, lq, lk)[0]
