@@ -8,7 +8,11 @@ the same seed. Rows (each in its own subprocess, so peak memory is the row's own
 attention function with transformers' default cache), mps_flash + MFAQuantizedCache (fp8_e4m3, int8, nf4),
 sdpa + transformers' QuantizedCache (quanto int4, hqq int8) when those packages are installed. Ratios are
 against sdpa measured in the same run. --contexts lists extra contexts for the int8 cache (e.g. 32768).
-Prints a markdown table and one JSON line per row.
+
+--repeats N (default 3 on cpu, 1 elsewhere) runs every row N times, round-robin (row 1, row 2, ..., row 1, ...),
+so a slow spell of a noisy host lands on every row rather than on one. Each row reports its median tok/s (the
+ratios are medians over medians) and the spread (min-max) of its runs. Prints a markdown table and one JSON line
+per row (prefill_tok_s/decode_tok_s are the medians; *_runs hold every run).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -112,6 +117,26 @@ def _row(spec: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _combined(runs: list[dict]) -> dict:
+    """One row from its repeated runs: medians, every run's figures, and the first error if any run failed."""
+    failed = next((run for run in runs if "error" in run), None)
+    if failed is not None:
+        return failed
+    row = dict(runs[0], repeats=len(runs))
+    for key in ("prefill_tok_s", "decode_tok_s"):
+        values = [run[key] for run in runs]
+        row[key] = round(statistics.median(values), 2)
+        row[key + "_runs"] = values
+    peaks = [run["peak_mem_mb"] for run in runs if run["peak_mem_mb"] is not None]
+    row["peak_mem_mb"] = max(peaks) if peaks else None
+    return row
+
+
+def _spread(row: dict, key: str) -> str:
+    runs = row.get(key + "_runs", [row[key]])
+    return f"{min(runs)}-{max(runs)}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
@@ -121,34 +146,44 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--contexts", type=int, nargs="*", default=(), help="extra contexts for sdpa vs int8")
     parser.add_argument("--skip", nargs="*", default=(), help="kv caches to leave out, e.g. hf_quanto hf_hqq")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per row, round-robin (default: 3 on cpu, 1 "
+                        "elsewhere); medians are reported")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
         return
+    repeats = args.repeats or (3 if args.device == "cpu" else 1)
     base = dict(device=args.device, shape=args.shape, dtype=args.dtype, new=args.new)
-    rows = [_row(dict(base, attn=a, kv_cache=c, context=args.context)) for a, c in ROWS if c not in args.skip]
+    specs = [dict(base, attn=a, kv_cache=c, context=args.context) for a, c in ROWS if c not in args.skip]
     for context in args.contexts:
-        rows += [_row(dict(base, attn=a, kv_cache=c, context=context)) for a, c in (("sdpa", "none"),
-                                                                                  ("mps_flash", "int8"))]
+        specs += [dict(base, attn=a, kv_cache=c, context=context) for a, c in (("sdpa", "none"), ("mps_flash", "int8"))]
+    runs = [[] for _ in specs]
+    for _ in range(repeats):  # round-robin: every row's n-th run before any row's (n+1)-th
+        for spec, row_runs in zip(specs, runs):
+            row_runs.append(_row(spec))
+    rows = [_combined(row_runs) for row_runs in runs]
     import torch
     import transformers
 
     print(f"# e2e {args.shape} {args.dtype} on {args.device}, torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, {time.strftime('%Y-%m-%d')}")
-    print("| attn | kv cache | context | prefill tok/s | x sdpa | decode tok/s | x sdpa | peak MB | served by |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"{transformers.__version__}, {time.strftime('%Y-%m-%d')}, {repeats} run(s) per row round-robin: "
+          f"medians, ratios of medians")
+    print("| attn | kv cache | context | prefill tok/s | min-max | x sdpa | decode tok/s | min-max | x sdpa | peak MB "
+          "| served by |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
-            print(f"| {row['attn']} | {row['kv_cache']} | {row['context']} | - | - | - | - | - | {row['error']} |")
+            print(f"| {row['attn']} | {row['kv_cache']} | {row['context']} | - | - | - | - | - | - | - | "
+                  f"{row['error']} |")
             continue
         sdpa = next((r for r in rows if r["attn"] == "sdpa" and r["kv_cache"] == "none"
                      and r["context"] == row["context"] and "error" not in r), None)
         ratio = (lambda key: f"{row[key] / sdpa[key]:.2f}") if sdpa else (lambda key: "-")
         peak = row["peak_mem_mb"]
         print(f"| {row['attn']} | {row['kv_cache']} | {row['context']} | {row['prefill_tok_s']} | "
-              f"{ratio('prefill_tok_s')} | {row['decode_tok_s']} | {ratio('decode_tok_s')} | {peak} | "
-              f"{row['served_by']} |")
+              f"{_spread(row, 'prefill_tok_s')} | {ratio('prefill_tok_s')} | {row['decode_tok_s']} | "
+              f"{_spread(row, 'decode_tok_s')} | {ratio('decode_tok_s')} | {peak} | {row['served_by']} |")
     for row in rows:
         print(json.dumps(row))
 
