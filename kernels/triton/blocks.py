@@ -22,6 +22,7 @@ class Blocks:
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False  # forward only: stream K/V through TMA descriptors where the layout allows (tma.py)
 
 
 # Triton decides interpretation when a kernel is decorated (at import), so later changes of the
@@ -46,9 +47,16 @@ def padded_dim(dim: int) -> int:
 _TINY = Blocks(16, 16, 1, 1)
 
 # (padded max(Dqk, Dv)) -> Blocks, for 2-byte dtypes.
-_FORWARD = {16: Blocks(128, 64, 4, 3), 32: Blocks(128, 64, 4, 3), 64: Blocks(128, 64, 4, 3),
-            128: Blocks(128, 64, 8, 3), 256: Blocks(64, 32, 4, 2)}
-_FORWARD_CAUSAL = {128: Blocks(128, 64, 8, 3)}
+# D 64 and 128 at N > SMALL_N, bf16, H200, triton 3.6, side by side (benchmarks/triton/forward_variants.py,
+# results/h200-forward-variants-2026-12-04-session4*.log), TFLOP/s at N = 4k / 16k, the entry before -> now:
+# - D 128, K/V through TMA descriptors and (128, 128, 8, 3): non-causal 457 / 480 -> 515 / 536, causal
+#   416 / 464 -> 441 / 517 (0.86-0.91x cuDNN). Bitwise the outputs of the pointer loads with the same blocks.
+#   (128, 128, 8, 2) with TMA crashes ptxas (-11).
+# - D 64, (128, 64, 8, 4): non-causal 378 / 387 -> 417 / 426, causal 357 / 374 -> 374 / 413 (0.90-0.93x cuDNN);
+#   TMA was no faster there (406 / 412 non-causal), so the pointer loads stay.
+_FORWARD = {16: Blocks(128, 64, 4, 3), 32: Blocks(128, 64, 4, 3), 64: Blocks(128, 64, 8, 4),
+            128: Blocks(128, 128, 8, 3, tma=True), 256: Blocks(64, 32, 4, 2)}
+_FORWARD_CAUSAL = {128: Blocks(128, 128, 8, 3, tma=True)}
 # Short sequences (max query length <= SMALL_N): more, smaller programs fill the SMs
 # (benchmarks/triton/device_bench.py forward sweep, H200 2026-11-21: D=128 N=512 non-causal 310 TFLOP/s
 # with (64, 64, 4, 3) against <= 215 with (128, 64, 8, 3)). Two tables, so at most two compiled
@@ -99,14 +107,21 @@ def _pick(table: dict, dim: int, dtype: torch.dtype, device_type: str, override:
         return _TINY
     key = padded_dim(dim)
     chosen = (override or {}).get(key, table[key])
-    if dtype == torch.float32:  # twice the bytes per element: halve the streamed tile
+    if dtype == torch.float32:  # twice the bytes per element: halve the streamed tile (pointer loads: TMA unmeasured)
         return Blocks(chosen.block_m, max(16, chosen.block_n // 2), chosen.num_warps, max(1, chosen.num_stages - 1))
     return chosen
+
+
+# float32 keeps the forward shapes it had before the D 64 / 128 entries changed for bf16 (halving the new ones
+# was never run on a GPU).
+_FORWARD_FLOAT32 = {64: Blocks(128, 32, 4, 2), 128: Blocks(128, 32, 8, 2)}
 
 
 def forward_blocks(dim: int, dtype: torch.dtype, causal: bool, device_type: str = "cuda", seqlen_q: int = 0) -> Blocks:
     if 0 < seqlen_q <= SMALL_N:
         return _pick(_FORWARD, dim, dtype, device_type, _FORWARD_SMALL_CAUSAL if causal else _FORWARD_SMALL)
+    if device_type != "cpu" and dtype == torch.float32 and padded_dim(dim) in _FORWARD_FLOAT32:
+        return _FORWARD_FLOAT32[padded_dim(dim)]
     return _pick(_FORWARD, dim, dtype, device_type, _FORWARD_CAUSAL if causal else None)
 
 

@@ -63,6 +63,12 @@ class DirectLauncher:
             self._first_constexpr = constexpr[0] if constexpr else len(params)
         self._by_class, self._by_value, self._by_known = BoundedMemo(), BoundedMemo(), BoundedMemo()
 
+    def forget(self) -> None:
+        """Drop every remembered kernel: a caller whose plans changed under the same keys (a benchmark that
+        swaps block tables) starts over."""
+        for table in (self._by_class, self._by_value, self._by_known):
+            table.clear()
+
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 

@@ -13,7 +13,7 @@ import torch
 from ..contract import AttentionCall
 from ..launch import BoundedMemo, empty_result, new_output
 
-from . import forward_kernel
+from . import forward_kernel, tma
 from .binding import alibi_args, common_meta, dropout_args, mask_args, on_tensors_device, strides4
 from .blocks import cdiv, forward_blocks
 from .direct_launch import DirectLauncher
@@ -42,8 +42,10 @@ _plans = BoundedMemo()  # launch key -> _Plan (bounded)
 
 
 def forget_plans() -> None:
-    """Drop every launch plan: a benchmark that swaps the block table (blocks.py) calls this."""
+    """Drop every launch plan and the kernels launched by them: a benchmark that swaps the block table
+    (blocks.py) calls this."""
     _plans.clear()
+    _FORWARD.forget()
 
 
 def _make_plan(call: AttentionCall) -> _Plan:
@@ -63,7 +65,8 @@ def _make_plan(call: AttentionCall) -> _Plan:
     ints = (*strides4(q), *strides4(k), *strides4(v), *out_strides, *lse_strides_, *mask_strides, *slope_strides,
             lq, lk, heads_q, heads_q // heads_kv)
     options = dict(SINKS_ON=call.sinks is not None, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-                   num_warps=blocks.num_warps, num_stages=blocks.num_stages, **meta)
+                   num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+                   TMA=tma.chosen(blocks.tma, k, v, strides4(k), strides4(v)), **meta)
     return _Plan(tuple(out_shape), lse_shape, (cdiv(lq, blocks.block_m), batch * heads_q), ints, (left, right), options)
 
 
@@ -87,7 +90,8 @@ def forward(call: AttentionCall):
         return empty_result(q, v, sinks)
     key = (q.device, q.dtype, q.shape, q.stride(), k.dtype, k.shape, k.stride(), v.dtype, v.shape, v.stride(),
            _strided(attn_mask), _strided(alibi_slopes), sinks is None, _strided(cu_seqlens_q), _strided(cu_seqlens_k),
-           lq, lk, o.causal, o.window_left, o.window_right, o.softcap > 0, o.dropout_p > 0)
+           lq, lk, o.causal, o.window_left, o.window_right, o.softcap > 0, o.dropout_p > 0,
+           (k.data_ptr() | v.data_ptr()) & 15)  # TMA needs 16-byte aligned K and V
     plan = _plans.get(key) or _plans.keep(key, _make_plan(call))
     out = new_output(plan.out_shape, q.dtype, q.device)
     lse = new_output(plan.lse_shape, torch.float32, q.device)
@@ -96,9 +100,13 @@ def forward(call: AttentionCall):
                q if cu_seqlens_q is None else cu_seqlens_q, q if cu_seqlens_k is None else cu_seqlens_k)
     if o.dropout_p > 0:  # the seed is a per-call int: Triton's own classes decide
         seed, threshold, keep_scale = dropout_args(o.dropout_p, call.dropout_seed)
-        _FORWARD.launch(plan.grid, (*tensors, *plan.ints, float(o.scale), float(o.softcap), *plan.window, seed,
-                                    threshold, keep_scale), plan.options)
+        args, known = (*tensors, *plan.ints, float(o.scale), float(o.softcap), *plan.window, seed, threshold,
+                       keep_scale), None
     else:
-        _FORWARD.launch(plan.grid, (*tensors, *plan.ints, float(o.scale), float(o.softcap), *plan.window, 0, 0, 1.0),
-                        plan.options, known=key, tensors=len(tensors))
+        args, known = (*tensors, *plan.ints, float(o.scale), float(o.softcap), *plan.window, 0, 0, 1.0), key
+    launch = lambda: _FORWARD.launch(plan.grid, args, plan.options, known=known, tensors=len(tensors))  # noqa: E731
+    if plan.options["TMA"]:
+        tma.launch_with_allocator(launch)
+    else:
+        launch()
     return out, lse

@@ -17,17 +17,22 @@ def _step(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, diag, seql
           left, right, hhash, threshold, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
           offs_dk, offs_dv, HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr,
           CHECKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-          ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+          ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+          TMA: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
-    k_ptrs = k_base + cols[None, :] * stride_kn + offs_dk[:, None] * stride_kd
-    v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     col_ok = cols < seqlen_k
-    if CHECKED:
-        k = tl.load(k_ptrs, mask=col_ok[None, :] & (offs_dk[:, None] < HEAD_DQK), other=0.0)
-        v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+    if TMA:  # k_base / v_base are this sequence's descriptors: rows past seqlen_k and columns past the dim read 0
+        k = k_base.load([start_n, 0]).T
+        v = v_base.load([start_n, 0])
     else:
-        k = tl.load(k_ptrs, mask=offs_dk[:, None] < HEAD_DQK, other=0.0)
-        v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
+        k_ptrs = k_base + cols[None, :] * stride_kn + offs_dk[:, None] * stride_kd
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        if CHECKED:
+            k = tl.load(k_ptrs, mask=col_ok[None, :] & (offs_dk[:, None] < HEAD_DQK), other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=offs_dk[:, None] < HEAD_DQK, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
     qk = dot(q, k, DOT_PRECISION)
     mask_ptrs = mask_base + cols[None, :] * stride_mn
     s, _ = transform_scores(qk, rows, cols, diag, scale, softcap, slope2, mask_ptrs, col_ok[None, :],
@@ -56,7 +61,8 @@ def attention_forward_kernel(
     HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS_ON: tl.constexpr, MASK_KIND: tl.constexpr,
-    VARLEN: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     # Heaviest (last, for causal) query blocks first: they start early and the tail is short ones.
     m_block = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -78,6 +84,11 @@ def attention_forward_kernel(
     kv_head = h // group
     k_base = K + b.to(tl.int64) * stride_kb + start_k.to(tl.int64) * stride_kn + kv_head * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + start_k.to(tl.int64) * stride_vn + kv_head * stride_vh
+    if TMA:  # Hopper's tensor memory accelerator streams the K/V tiles (the launcher checked the alignment)
+        k_base = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DQK], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_DQK])
+        v_base = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DV], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_DV])
     # Rows past the end read the last row's mask (their results are never stored).
     mask_rows = tl.minimum(rows, seqlen_q - 1).to(tl.int64)
     mask_base = MASK + b.to(tl.int64) * stride_mb + h * stride_mh + mask_rows[:, None] * stride_mm
@@ -99,19 +110,19 @@ def attention_forward_kernel(
                               scale, softcap, slope2, left, right, hhash, threshold, keep_scale,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, offs_dk, offs_dv,
                               HEAD_DQK, HEAD_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
-                              MASK_KIND, DROPOUT, DOT_PRECISION)
-    for start_n in range(mid_lo, mid_hi, BLOCK_N):
+                              MASK_KIND, DROPOUT, DOT_PRECISION, TMA)
+    for start_n in tl.range(mid_lo, mid_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         acc, l_i, m_i = _step(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, diag, seqlen_k,
                               scale, softcap, slope2, left, right, hhash, threshold, keep_scale,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, offs_dk, offs_dv,
                               HEAD_DQK, HEAD_DV, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
-                              MASK_KIND, DROPOUT, DOT_PRECISION)
+                              MASK_KIND, DROPOUT, DOT_PRECISION, TMA)
     for start_n in range(mid_hi, hi, BLOCK_N):
         acc, l_i, m_i = _step(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, diag, seqlen_k,
                               scale, softcap, slope2, left, right, hhash, threshold, keep_scale,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, offs_dk, offs_dv,
                               HEAD_DQK, HEAD_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
-                              MASK_KIND, DROPOUT, DOT_PRECISION)
+                              MASK_KIND, DROPOUT, DOT_PRECISION, TMA)
 
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     unit = score_unit(MASK_KIND)
