@@ -6,6 +6,7 @@ No host synchronization: everything passed is a shape, a stride, a Python scalar
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,10 @@ def _make_plan(call: AttentionCall) -> _Plan:
     return _Plan(tuple(out_shape), lse_shape, (cdiv(lq, blocks.block_m), batch * heads_q), ints, (left, right), options)
 
 
+def _pointer_loads(plan: _Plan) -> dict:
+    return dict(plan.options, TMA=False)
+
+
 def _contiguous_strides(shape) -> tuple:
     """The strides torch.empty(shape) has."""
     strides, step = [], 1
@@ -104,9 +109,10 @@ def forward(call: AttentionCall):
                        keep_scale), None
     else:
         args, known = (*tensors, *plan.ints, float(o.scale), float(o.softcap), *plan.window, 0, 0, 1.0), key
-    launch = lambda: _FORWARD.launch(plan.grid, args, plan.options, known=known, tensors=len(tensors))  # noqa: E731
-    if plan.options["TMA"]:
-        tma.launch_with_allocator(launch)
-    else:
-        launch()
+
+    def launch(options):
+        _FORWARD.launch(plan.grid, args, options, known=known, tensors=len(tensors))
+
+    if not tma.launch(plan.options["TMA"], lambda: launch(plan.options), lambda: launch(_pointer_loads(plan))):
+        _plans[key] = dataclasses.replace(plan, options=_pointer_loads(plan))
     return out, lse

@@ -14,14 +14,20 @@ again, and an allocator someone else set is never replaced.
 
 The block table (blocks.py) says where it pays: MFA_TRITON_TMA=0 turns it off, =1 uses it wherever the
 layout allows, Triton's interpreter included (tests cover the descriptor path on CPU that way); the
-default follows the table on compute capability 9.0 and later.
+default follows the table on compute capability 9.0 and later. Only the forward uses it: TMA in the
+backward's streamed tiles (Q/dO for dK/dV, K/V for dQ) was no faster on the H200 and crashed ptxas for
+every non-causal shape (results/h200-backward-tma-2026-12-04-session4.log).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
+import triton
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources, PTXASError
 
 _capable: dict = {}
 
@@ -59,16 +65,30 @@ def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def launch_with_allocator(launch) -> None:
-    """Run `launch()`. Where Triton reports that this thread has no allocator for the descriptors' scratch,
-    give it ours and launch again: the allocation comes before the kernel is queued, so nothing ran. A
-    thread whose allocator was set by someone else keeps it."""
-    try:
-        launch()
-    except RuntimeError as error:
-        if "no allocator was set" not in str(error):
-            raise
-        import triton
+def launch(uses_tma: bool, launch, without_tma) -> bool:
+    """Run `launch()`; False when TMA had to be given up and `without_tma()` ran instead.
 
-        triton.set_allocator(_scratch)
+    - Triton refuses a TMA kernel in a thread that has no allocator for the descriptors' scratch: this
+      gives the thread ours and launches again (the allocation comes before the kernel is queued, so
+      nothing ran). A thread whose allocator was set by someone else keeps it.
+    - Triton 3.6's ptxas crashed on some block shapes with descriptors ((128, 128, 8, 2) forward; every
+      backward tried): a kernel that does not build with TMA is launched with the pointer loads, which
+      give the same results, and the caller keeps that choice for the kind of call.
+    """
+    if not uses_tma:
         launch()
+        return True
+    try:
+        try:
+            launch()
+        except RuntimeError as error:
+            if "no allocator was set" not in str(error):
+                raise
+            triton.set_allocator(_scratch)
+            launch()
+    except (CompilationError, OutOfResources, PTXASError) as error:
+        warnings.warn(f"mfa_hf: the Triton forward did not build with TMA descriptors ({type(error).__name__}); "
+                      "using pointer loads for this kind of call", RuntimeWarning, stacklevel=3)
+        without_tma()
+        return False
+    return True

@@ -1,5 +1,7 @@
-"""kernels/triton/tma.py: the forward's K/V tiles read through TMA descriptors give bitwise the pointer
-loads' results, and layouts the hardware cannot take fall back to the pointer loads.
+"""kernels/triton/tma.py: the forward's K/V tiles read through TMA descriptors give bitwise the pointer loads'
+outputs (and so the same gradients, which the backward computes from the forward's output and LSE), and layouts
+the hardware cannot take, kernels that do not build with descriptors, and threads without Triton's allocator are
+all served.
 
 The descriptor path is run through Triton's interpreter here (MFA_TRITON_TMA=1 allows it there), in a
 child process because interpretation is decided when mfa_hf is imported; on a CUDA machine the same
@@ -38,8 +40,9 @@ CASES = [
 def _tensors(case, device, seed=0):
     name, dtype, batch, lq, lk, hq, hkv, d, dv, kwargs = case
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, lq, hq, d, generator=g).to(dtype)
-    # K/V are the first lk positions of longer buffers whose tail is NaN: a descriptor whose bounds were
+    q_buf = torch.full((batch, lq + 24, hq, d), float("nan"), dtype=dtype)
+    q_buf[:, :lq] = torch.randn(batch, lq, hq, d, generator=g).to(dtype)
+    # Q/K/V are the first positions of longer buffers whose tail is NaN: a descriptor whose bounds were
     # wrong would read it.
     k_buf = torch.full((batch, lk + 24, hkv, d), float("nan"), dtype=dtype)
     v_buf = torch.full((batch, lk + 24, hkv, dv), float("nan"), dtype=dtype)
@@ -50,7 +53,7 @@ def _tensors(case, device, seed=0):
         args["sinks"] = torch.randn(hq, generator=g).to(device)
     if args.get("attn_mask") == "mask":
         args["attn_mask"] = torch.randn(batch, 1, lq, lk, generator=g).to(device, dtype)
-    return q.to(device), k_buf.to(device)[:, :lk], v_buf.to(device)[:, :lk], args
+    return q_buf.to(device)[:, :lq], k_buf.to(device)[:, :lk], v_buf.to(device)[:, :lk], args
 
 
 def _varlen(device, dtype=torch.float16):
@@ -58,7 +61,7 @@ def _varlen(device, dtype=torch.float16):
     bounds, so the last one's stand for all)."""
     g = torch.Generator().manual_seed(3)
     lens_q, lens_k = [5, 19, 1], [23, 7, 40]
-    q = torch.randn(sum(lens_q), 4, 64, generator=g).to(dtype)
+    q = _nan_tailed(torch.randn(sum(lens_q), 4, 64, generator=g), "cpu", dtype)
     k = torch.full((sum(lens_k) + 16, 2, 64), float("nan"), dtype=dtype)
     v = torch.full((sum(lens_k) + 16, 2, 64), float("nan"), dtype=dtype)
     k[:sum(lens_k)] = torch.randn(sum(lens_k), 2, 64, generator=g).to(dtype)
@@ -70,32 +73,44 @@ def _varlen(device, dtype=torch.float16):
 
 
 def _run(mode: str, device: str) -> dict:
-    """{case: (output as a list, whether the plan chose TMA)} with MFA_TRITON_TMA=mode."""
+    """{case: (output and gradients as lists, whether the forward plan chose TMA)} with MFA_TRITON_TMA=mode."""
     import mfa_hf
     from mfa_hf.kernels.triton import forward
 
     os.environ["MFA_TRITON_TMA"] = mode
     results = {}
 
-    def record(name, out):
+    def record(name, attend, *inputs):
+        leaves = [t.detach().requires_grad_() for t in inputs]  # detach keeps the storage: the NaN tails stay
+        out = attend(*leaves)
+        grad = _nan_tailed(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)), out.device, out.dtype)
+        grads = torch.autograd.grad(out, leaves, grad)
         chose = [plan.options["TMA"] for plan in forward._plans.values()]
-        results[name] = (out.float().cpu().tolist(), chose[-1])
+        results[name] = ([t.float().cpu().tolist() for t in (out, *grads)], chose[-1])
 
     for case in CASES:
         forward.forget_plans()
         q, k, v, args = _tensors(case, device)
-        record(case[0], mfa_hf.flash_attn_func(q, k, v, **args))
+        record(case[0], lambda q, k, v: mfa_hf.flash_attn_func(q, k, v, **args), q, k, v)
     forward.forget_plans()
     q, k, v, cu_q, cu_k, max_q, max_k = _varlen(device)
-    record("varlen", mfa_hf.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=True))
+    record("varlen", lambda q, k, v: mfa_hf.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=True),
+           q, k, v)
     # A data pointer off by one element: no descriptor can take it, the pointer loads serve it.
     forward.forget_plans()
     q, k, v, _ = _tensors(CASES[0], device)
     shifted = torch.empty(k.numel() + 1, dtype=k.dtype, device=device)[1:].view(k.shape)
     shifted.copy_(k)
-    record("unaligned", mfa_hf.flash_attn_func(q, shifted, v))
+    record("unaligned", lambda q, k, v: mfa_hf.flash_attn_func(q, k, v), q, shifted, v)
     forward.forget_plans()
     return results
+
+
+def _nan_tailed(values: torch.Tensor, device, dtype) -> torch.Tensor:
+    """`values` in a buffer with NaN rows after it along dim 0 (a read past the end would show)."""
+    buffer = torch.full((values.shape[0] + 8, *values.shape[1:]), float("nan"), dtype=dtype)
+    buffer[:values.shape[0]] = values.to(dtype)
+    return buffer.to(device)[:values.shape[0]]
 
 
 def _compare(pointer: dict, descriptor: dict) -> None:
@@ -103,9 +118,10 @@ def _compare(pointer: dict, descriptor: dict) -> None:
         assert not chose, f"{name}: MFA_TRITON_TMA=0 still chose TMA"
         tma_out, tma_chose = descriptor[name]
         assert tma_chose == (name != "unaligned"), f"{name}: expected TMA {'off' if name == 'unaligned' else 'on'}"
-        got, want = torch.tensor(tma_out), torch.tensor(out)
-        assert got.isfinite().all(), f"{name}: the descriptor path read past a sequence (NaN in the output)"
-        assert torch.equal(got, want), f"{name}: TMA differs from the pointer loads by {(got - want).abs().max()}"
+        for part, got, want in zip(("out", "dq", "dk", "dv"), tma_out, out):
+            got, want = torch.tensor(got), torch.tensor(want)
+            assert got.isfinite().all(), f"{name} {part}: the descriptor path read past a sequence (NaN)"
+            assert torch.equal(got, want), f"{name} {part}: TMA differs from the pointer loads by {(got - want).abs().max()}"
 
 
 def test_descriptor_path_matches_pointer_loads_in_the_interpreter():
@@ -204,3 +220,44 @@ def test_off_switch_and_table_preference(monkeypatch):
 if __name__ == "__main__":  # the interpreter child: both modes, as JSON
     device = "cpu"
     print(json.dumps({mode: _run(mode, device) for mode in ("0", "1")}))
+
+
+def test_a_kernel_that_does_not_build_with_tma_takes_the_pointer_loads():
+    """ptxas crashed on some TMA block shapes (triton 3.6): the launch falls back, says so, and reports it."""
+    from triton.runtime.errors import PTXASError
+
+    ran = []
+
+    def broken():
+        raise PTXASError("`ptxas` failed with error code -11")
+
+    with pytest.warns(RuntimeWarning, match="pointer loads"):
+        assert tma.launch(True, broken, lambda: ran.append("pointer")) is False
+    assert ran == ["pointer"]
+    assert tma.launch(True, lambda: ran.append("tma"), lambda: ran.append("pointer")) is True
+    assert tma.launch(False, lambda: ran.append("plain"), lambda: ran.append("pointer")) is True
+    assert ran == ["pointer", "tma", "plain"]
+
+
+def test_other_errors_are_not_swallowed():
+    def failing():
+        raise ValueError("a real bug")
+
+    with pytest.raises(ValueError, match="a real bug"):
+        tma.launch(True, failing, lambda: None)
+
+
+def test_a_thread_without_an_allocator_gets_ours_once(monkeypatch):
+    """Triton's refusal for want of an allocator: ours is set and the launch repeated (nothing had run)."""
+    import triton
+
+    given, attempts = [], []
+    monkeypatch.setattr(triton, "set_allocator", given.append)
+
+    def launch():
+        attempts.append(1)
+        if not given:
+            raise RuntimeError("Kernel requires a runtime memory allocation, but no allocator was set.")
+
+    assert tma.launch(True, launch, lambda: None) is True
+    assert len(attempts) == 2 and len(given) == 1
