@@ -7,7 +7,9 @@ block loop of decode.py costs some sixty small ops per key block instead. The G 
 head are stacked as G rows of one problem (one row each, no mask: the rows are independent), so
 GQA needs no repeated K/V. The cache is read in chunks of CHUNK_BYTES of widened keys and values
 (the full-precision cache never exists) and the chunks merge exactly by their log-sum-exps, with the
-sinks joining once (kernels/merge.py). Everything else takes decode.py's loop.
+sinks joining once (kernels/merge.py). Codes with one scale per key and head (int8, fp8) skip the
+dequantization and the fused kernel: cpu_scaled_codes.py widens them and applies the scales after the
+products. Everything else takes decode.py's loop.
 
 The kernel's one departure from our semantics: it returns 0 for a query row holding NaN (ours keeps
 NaN). Such a call takes the loop, which propagates it. NaN or inf in K/V propagate like ours.
@@ -19,6 +21,7 @@ import torch
 
 from ..contract import DecodeCall
 from ..merge import merge_partials
+from . import cpu_scaled_codes
 from .cache_blocks import span_block, values_dim
 
 ENABLED = True  # read at call time: tests turn it off to cover the loop on CPU too
@@ -41,10 +44,24 @@ def serves(call: DecodeCall, lengths: list[int]) -> bool:
 
 def decode(call: DecodeCall, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, 1, Hq, Dv) in q's dtype, lse (B, Hq, 1) float32) over keys [start, length) of every row."""
-    q, keys, values, options = call.q, call.keys, call.values, call.options
+    q, values, options = call.q, call.values, call.options
+    batch, _, heads_q, _ = q.shape
+    start = 0 if options.window_left < 0 else max(0, length - 1 - options.window_left)
+    chunk_parts = cpu_scaled_codes.parts if cpu_scaled_codes.serves(call) else _fused_parts
+    parts = chunk_parts(call, start, length) if start < length else []
+    if not parts:  # no visible key: out 0, lse -inf (the sinks' logits after the merge)
+        parts.append((q.new_zeros((batch, 1, heads_q, values_dim(values)), dtype=torch.float32),
+                      q.new_full((batch, heads_q, 1), -torch.inf, dtype=torch.float32)))
+    out, lse = merge_partials(parts, call.sinks)
+    return out.to(q.dtype), lse
+
+
+def _fused_parts(call: DecodeCall, start: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(out (B, 1, Hq, Dv), lse (B, Hq, 1)) of each chunk of keys [start, length): dequantized K/V through torch's
+    fused kernel."""
+    q, keys, values = call.q, call.keys, call.values
     batch, _, heads_q, dim = q.shape
     heads_kv = keys.codes.shape[2]
-    start = 0 if options.window_left < 0 else max(0, length - 1 - options.window_left)
     rows = q.reshape(batch, heads_kv, heads_q // heads_kv, dim).to(torch.float32)  # (B, Hkv, G, D)
     per_key = batch * heads_kv * (dim + values_dim(values)) * 4
     chunk = max(1, CHUNK_BYTES // per_key)
@@ -53,10 +70,6 @@ def decode(call: DecodeCall, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         count = min(chunk, length - first)
         k_block = span_block(keys, first, count, torch.float32)  # (B, Hkv, count, D)
         v_block = span_block(values, first, count, torch.float32)
-        out, lse = _FLASH_CPU(rows, k_block, v_block, 0.0, False, scale=options.scale)
+        out, lse = _FLASH_CPU(rows, k_block, v_block, 0.0, False, scale=call.options.scale)
         parts.append((out.reshape(batch, 1, heads_q, -1), lse.reshape(batch, heads_q, 1)))
-    if not parts:  # no visible key: out 0, lse -inf (the sinks' logits after the merge)
-        parts.append((q.new_zeros((batch, 1, heads_q, values_dim(values)), dtype=torch.float32),
-                      q.new_full((batch, heads_q, 1), -torch.inf, dtype=torch.float32)))
-    out, lse = merge_partials(parts, call.sinks)
-    return out.to(q.dtype), lse
+    return parts

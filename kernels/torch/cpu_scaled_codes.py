@@ -1,0 +1,100 @@
+"""One query row per sequence over int8 / fp8 codes with one scale per key and head: widen, multiply, scale after.
+
+With a single scale s per (token, head) (or per head), a key is k = s_k c and a value v = s_v c, so both scales
+factor out of the two products: q.k = s_k (q.c) and sum_j p_j v_j = sum_j (p_j s_v,j) c_j. The codes are
+then only widened to float32 (int8 and the float8 formats convert exactly, in one copy into a buffer that
+both sides and every chunk of the call reuse, heads first), the key scales multiply the scores and the value
+scales the probabilities, which are small (G rows per key instead of D columns).
+
+Why not dequantize and call torch's fused kernel (cpu_fused_decode's other path): codes * scales costs torch's
+CPU type promotion a full float copy of the codes plus the multiply, and the fused kernel ran about 2x slower
+on a (B, S, H, D) chunk viewed heads first than on a heads-first one.
+Measured on a noisy 2-core x86 host, smollm-shaped int8 at 8k keys (benchmarks/cpu_quant_decode.py, medians):
+about 1.5-2.3 ms a call against 2.6-4.1 ms before, SDPA on the float32 cache 1.0-1.2 ms. fp8 gains less:
+torch's float8 -> float32 conversion is slow on CPU (a 256-entry table through index_select was 2x faster
+than the copy; not done here).
+
+The keys [start, length) are cut into chunks of WIDE_BYTES of widened codes (one side at a time: the
+full-precision cache never exists); each chunk is one exact softmax (all its keys are visible: the window
+only moves `start`), and cpu_fused_decode merges the chunks by their log-sum-exps. Few large chunks win on
+that host (8k keys: 1 MiB chunks 1.5-1.9x the time of 8 MiB ones): each chunk's dozen small ops cost more than
+keeping its widened codes in L2 saves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mfa_hf import kv_formats
+from ..contract import CacheSide, DecodeCall
+from ..launch import new_output
+from .cache_blocks import values_dim
+
+ENABLED = True  # read at call time: tests turn it off to cover the flash-chunk path with the same formats
+# Widened codes of one side per chunk (float32): 8 MiB holds a smollm-shaped layer's 8k keys in one chunk.
+WIDE_BYTES = 8 << 20
+
+
+def serves(call: DecodeCall) -> bool:
+    """Whether both sides are codes that widen exactly with one scale per key and head (int8, fp8 per token
+    or per head; not nf4's codebook and groups, not per-channel scales)."""
+    return ENABLED and _factorable(call.keys) and _factorable(call.values)
+
+
+def _factorable(side: CacheSide) -> bool:
+    if side.format == "none":
+        return False
+    spec = kv_formats.spec(side.format)
+    return spec.codes_per_byte == 1 and spec.codebook is None and side.scales.shape[-1] == 1
+
+
+def parts(call: DecodeCall, start: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(out (B, 1, Hq, Dv) float32, lse (B, Hq, 1) float32) of each chunk of keys [start, length)."""
+    q, keys, values = call.q, call.keys, call.values
+    batch, _, heads_q, dim = q.shape
+    heads_kv = keys.codes.shape[2]
+    dim_v = values_dim(values)
+    # (B * Hkv, G, D): the G query heads of a KV head are the rows of one product; the scale folded in once.
+    rows = q.reshape(batch * heads_kv, heads_q // heads_kv, dim).to(torch.float32) * call.options.scale
+    chunk = max(1, WIDE_BYTES // (batch * heads_kv * max(dim, dim_v) * 4))
+    count = min(chunk, length - start)
+    # One buffer for both sides and every chunk (a side's widened codes are dead once its product ran).
+    wide = new_output((batch * heads_kv * count * max(dim, dim_v),), torch.float32, q.device)
+    found = []
+    for first in range(start, length, chunk):
+        count = min(chunk, length - first)
+        k_wide = _widen(keys, first, count, wide)  # (B * Hkv, count, D)
+        scores = torch.bmm(rows, k_wide.transpose(1, 2))  # (B * Hkv, G, count)
+        _scale_keys(scores, keys, first, count, batch)
+        # No -inf to guard: every key of the chunk is visible (the window only moved `start`); a NaN or inf code
+        # turns its KV head's rows NaN, as in the reference.
+        top = scores.amax(dim=-1, keepdim=True)
+        weights = scores.sub_(top).exp_()
+        total = weights.sum(dim=-1, keepdim=True)  # >= 1 (the top key's weight)
+        _scale_keys(weights, values, first, count, batch)
+        out = torch.bmm(weights, _widen(values, first, count, wide)).div_(total)  # (B * Hkv, G, Dv)
+        lse = top.add_(total.log_())
+        found.append((out.reshape(batch, 1, heads_q, dim_v), lse.reshape(batch, heads_q, 1)))
+    return found
+
+
+def _widen(side: CacheSide, first: int, count: int, wide: torch.Tensor) -> torch.Tensor:
+    """Codes of positions [first, first + count), every row and head, as float32 (B * H, count, D), exact."""
+    codes = side.codes[:, first:first + count]
+    float8 = kv_formats.spec(side.format).float8_dtype
+    if float8 is not None:
+        codes = codes.view(float8)  # the bytes of a float8 value: converts exactly, like int8
+    batch, _, heads, dim = codes.shape
+    out = wide[:batch * heads * count * dim].view(batch, heads, count, dim)
+    out.copy_(codes.transpose(1, 2))  # one pass: converts and lays the heads out first for the product
+    return out.view(batch * heads, count, dim)
+
+
+def _scale_keys(per_key: torch.Tensor, side: CacheSide, first: int, count: int, batch: int) -> None:
+    """per_key (B * Hkv, G, count) *= the side's scale of each key (per token, or one per head)."""
+    scales = side.scales  # (B or 1, S or 1, Hkv, 1)
+    if scales.shape[1] > 1:
+        scales = scales[:, first:first + count]
+    heads = scales.shape[2]
+    per_key.view(batch, heads, per_key.shape[1], count).mul_(scales[..., 0].transpose(1, 2)[:, :, None, :])
+

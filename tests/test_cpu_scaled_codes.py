@@ -1,0 +1,136 @@
+"""The CPU one-row decode over int8 / fp8 codes with their scales applied after the products
+(kernels/torch/cpu_scaled_codes.py) against the float64 reference.
+
+Every case checks that this path served (or, for per-channel scales, that it did not), over formats, dtypes,
+GQA/MQA/MHA, odd head dims, windows, sinks, lengths that are no multiple of the chunk (a tiny WIDE_BYTES cuts
+the keys into many chunks), per-token and per-head scales, unusual strides of every tensor argument, and a NaN
+code (it must reach only the query heads of its KV head). Outputs and the widening buffer start as NaN
+(tests/conftest.py), so an element read before it is written fails the comparison.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mfa_hf
+from mfa_hf.kernels.torch import cpu_scaled_codes
+from mfa_hf.testing_kvcache import (
+    BATCH,
+    DecodeCase,
+    assert_matches_reference_over_cache,
+    make_decode_inputs,
+    run_kvcache,
+)
+
+CAPACITY = 80
+FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2")
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """Counts the calls this path computed (the (start, length) of each)."""
+    calls = []
+    parts = cpu_scaled_codes.parts
+
+    def counting(call, start, length):
+        calls.append((start, length))
+        return parts(call, start, length)
+
+    monkeypatch.setattr(cpu_scaled_codes, "parts", counting)
+    return calls
+
+
+def _cases():
+    windows = ((-1, -1), (9, -1), (0, -1), (200, 3))
+    heads = ((4, 2), (4, 1), (3, 3), (8, 2))
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    dims = (64, 40, 72)
+    cases = []
+    for n, fmt in enumerate(FORMATS):
+        for m in range(4):
+            i = n + m
+            cases.append(DecodeCase(fmt, 1, dtypes[i % 3], heads[i % 4], dim=dims[i % 3], window=windows[m],
+                                    sinks=bool(i % 2)))
+    cases.append(DecodeCase("int8", 1, torch.float32, (4, 2), v_format="fp8_e5m2", sinks=True))
+    return cases
+
+
+@pytest.mark.parametrize("wide_bytes", [cpu_scaled_codes.WIDE_BYTES, 5000], ids=["one-chunk", "many-chunks"])
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: c.id)
+def test_matches_reference(case, wide_bytes, served, monkeypatch):
+    monkeypatch.setattr(cpu_scaled_codes, "WIDE_BYTES", wide_bytes)
+    for length in (0, 41, CAPACITY - 1):  # length before the append of the new token
+        inputs = make_decode_inputs(case, (length,) * BATCH, CAPACITY, seed=length + 7)
+        out, lse = run_kvcache(case, inputs)
+        assert served and served[-1][1] == length + 1, "the scaled-codes path did not serve this call"
+        assert out.dtype == case.dtype and lse.dtype == torch.float32
+        assert_matches_reference_over_cache(case, inputs, out, lse)
+
+
+def test_equals_the_fused_kernel_chunks(monkeypatch):
+    """Same inputs through this path and through dequantize + torch's fused kernel agree to fp32 rounding."""
+    case = DecodeCase("int8", 1, torch.float32, (8, 2), window=(30, -1), sinks=True)
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(cpu_scaled_codes, "ENABLED", enabled)
+        inputs = make_decode_inputs(case, (63,) * BATCH, CAPACITY, seed=5)
+        results.append(run_kvcache(case, inputs))
+    for scaled, fused in zip(*results):
+        torch.testing.assert_close(scaled, fused, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("granularity,serves", [("head", True), ("channel", False)])
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+def test_static_scales(fmt, granularity, serves, served):
+    """Per-head scales factor out like per-token ones; per-channel ones do not (the fused-kernel chunks serve)."""
+    g = torch.Generator().manual_seed(3)
+    case = DecodeCase(fmt, 1, torch.float32, (6, 2), sinks=True)
+    inputs = make_decode_inputs(case, (50,) * BATCH, CAPACITY, seed=11)
+    for name in ("k_cache", "v_cache"):
+        content = torch.randn(BATCH, CAPACITY, 2, 64, generator=g)
+        inputs[name] = mfa_hf.quantize_kv(content, fmt, granularity=granularity)
+    out, lse = run_kvcache(case, inputs)
+    assert bool(served) == serves
+    assert_matches_reference_over_cache(case, inputs, out, lse)
+
+
+def _odd_layout(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values with unusual strides: 'heads' (4-D, the two middle dims swapped in memory), 'offset'
+    (every other element of a larger buffer, at an offset)."""
+    if kind == "heads":
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    buffer = torch.full((t.numel() * 2 + 3,), 7, dtype=t.dtype)
+    out = buffer.as_strided(t.shape, [2 * s for s in t.contiguous().stride()], 3)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_unusual_strides_of_every_argument(fmt, served):
+    case = DecodeCase(fmt, 1, torch.float32, (8, 2), window=(40, -1), sinks=True)
+    inputs = make_decode_inputs(case, (57,) * BATCH, CAPACITY, seed=2)
+    for name in ("k_cache", "v_cache"):
+        cache = inputs[name]
+        codes = _odd_layout(cache.codes, "heads")
+        scales = _odd_layout(cache.scales, "offset")
+        inputs[name] = mfa_hf.QuantizedKV(codes, scales, cache.format, cache.group_size, cache.dtype)
+    for name in ("q", "k", "v"):
+        inputs[name] = _odd_layout(inputs[name], "offset")
+    inputs["cache_seqlens"] = _odd_layout(inputs["cache_seqlens"], "offset")
+    inputs["sinks"] = _odd_layout(inputs["sinks"], "offset")
+    assert not inputs["q"].is_contiguous() and not inputs["k_cache"].codes.is_contiguous()
+    out, lse = run_kvcache(case, inputs)
+    assert served
+    assert_matches_reference_over_cache(case, inputs, out, lse)
+
+
+def test_a_nan_code_reaches_only_its_heads(served):
+    """A NaN key (an fp8 NaN byte) makes the rows of the query heads of its KV head NaN, and no others."""
+    case = DecodeCase("fp8_e4m3", 1, torch.float32, (4, 2))
+    inputs = make_decode_inputs(case, (30,) * BATCH, CAPACITY)
+    inputs["k_cache"].codes[2, 7, 1, 3] = 0x7F  # e4m3fn's NaN
+    out, _ = run_kvcache(case, inputs)
+    assert served
+    assert bool(out[2, 0, 2:4].isnan().all()) and bool(torch.isfinite(out[2, 0, :2]).all())
+    assert bool(torch.isfinite(out[:2]).all())
