@@ -150,6 +150,31 @@ def test_descriptor_path_matches_pointer_loads_on_the_gpu(monkeypatch):
     _compare(_run("0", "cuda"), _run("1", "cuda"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_the_tables_tma_entries_build_and_match_pointer_loads(dtype, monkeypatch):
+    """Every head dim that pads onto a TMA entry of the block table (N past SMALL_N), causal or not, with GQA:
+    the default (descriptors) builds and gives bitwise the pointer loads' output."""
+    import mfa_hf
+    from mfa_hf.kernels.triton import blocks, forward
+
+    _gpu_with_tma(monkeypatch)
+    n = blocks.SMALL_N + 77
+    for dim in (72, 80, 96, 128):
+        for causal in (False, True):
+            g = torch.Generator(device="cuda").manual_seed(dim)
+            q = torch.randn(2, n, 4, dim, device="cuda", dtype=dtype, generator=g)
+            k, v = (torch.randn(2, n, 2, dim, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+            outs = {}
+            for mode in ("auto", "0"):
+                monkeypatch.setenv("MFA_TRITON_TMA", mode)
+                forward.forget_plans()
+                outs[mode] = mfa_hf.flash_attn_func(q, k, v, causal=causal)
+                chose = [plan.options["TMA"] for plan in forward._plans.values()]
+                assert chose == [mode == "auto" and blocks.forward_blocks(dim, dtype, causal, "cuda", n).tma]
+            forward.forget_plans()
+            assert torch.equal(outs["auto"], outs["0"]), (dim, causal)
+
+
 def test_a_new_thread_gets_the_descriptor_scratch_allocator(monkeypatch):
     """Triton's allocator lives in a context variable a new thread starts without (generate() in a
     TextIteratorStreamer thread): the first TMA launch there must still run, with the same result."""
