@@ -12,7 +12,7 @@ against sdpa measured in the same run. --contexts lists extra contexts for the i
 --repeats N (default 3 on cpu, 1 elsewhere) runs every row N times, round-robin (row 1, row 2, ..., row 1, ...),
 so a slow spell of a noisy host lands on every row rather than on one. Each row reports its median tok/s (the
 ratios are medians over medians) and the spread (min-max) of its runs. Prints a markdown table and one JSON line
-per row (prefill_tok_s/decode_tok_s are the medians; *_runs hold every run).
+per row (prefill_tok_s/decode_tok_s are the medians; *_runs hold every run; peak_mem_mb is the largest run's).
 """
 
 from __future__ import annotations
