@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import dispatch, helper_tensors, kv_formats, scalars
 from .kernels.contract import AppendCall, CacheSide, DecodeCall, Options, fold_causal
-from .ops import describe_decode
+from .ops import describe_decode, plain_eager
 from .problem import (NO_WINDOW, check_alibi, check_dense, check_dropout, check_scale, check_sinks, check_softcap,
                       check_window, values_checked)
 from .quant import SCALE_DTYPE, QuantizedKV, absmax_scales, check_scale_values, encode, parse_format
@@ -26,16 +26,43 @@ from .quant import SCALE_DTYPE, QuantizedKV, absmax_scales, check_scale_values, 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-@torch.library.custom_op("mfa_hf::kvcache_append", mutates_args=("cache",))
-def _append(cache: Tensor, new: Tensor, cache_seqlens: Tensor, cache_batch_idx: Optional[Tensor]) -> None:
+def _write(cache: Tensor, new: Tensor, cache_seqlens: Tensor, cache_batch_idx: Optional[Tensor]) -> None:
     """cache[row_b, cache_seqlens[b] + t] = new[b, t] for every t (rows: cache_batch_idx or b).
 
     Off the CPU the indices are clamped into the cache: values there are not read back (problem.values_checked),
     and an out-of-range index would write past the cache on mps (no bounds check) or kill the CUDA context
     (a device-side assert); a bad value then overwrites a slot of the cache, never memory beyond it."""
-    rows, positions = _append_indices(cache, cache_seqlens, cache_batch_idx, new.shape[1],
-                                      bounded=cache.device.type != "cpu")  # CPU: validated, and indexing raises
+    _put(cache, new, *_cache_indices(cache, cache_seqlens, cache_batch_idx, new.shape[1]))
+
+
+def _cache_indices(cache: Tensor, cache_seqlens: Tensor, cache_batch_idx: Optional[Tensor], count: int):
+    # CPU: validated, and indexing raises
+    return _append_indices(cache, cache_seqlens, cache_batch_idx, count, bounded=cache.device.type != "cpu")
+
+
+def _put(cache: Tensor, new: Tensor, rows: Tensor, positions: Tensor) -> None:
     cache[rows[:, None], positions] = new.to(cache.dtype)
+
+
+# The op compiled and traced code sees (it mutates `cache`); plain eager calls write directly (_append_each), as
+# the attention ops do (ops.plain_eager): the four writes of a layer's decode step each paid the dispatcher.
+_append = torch.library.custom_op("mfa_hf::kvcache_append", _write, mutates_args=("cache",))
+
+
+def _append_each(writes: list[tuple[Tensor, Tensor]], cache_seqlens: Tensor, cache_batch_idx: Optional[Tensor]) -> None:
+    """Every (cache, new) write of one append. Plain eager calls share the indices between the writes (one
+    cache's codes and scales, K and V: the same rows and positions whenever the caches' first two dims agree)."""
+    flat = [t for pair in writes for t in pair]
+    if not plain_eager((*flat, cache_seqlens, cache_batch_idx)):
+        for cache, new in writes:
+            _append(cache, new, cache_seqlens, cache_batch_idx)
+        return
+    indices = {}
+    for cache, new in writes:
+        key = (cache.shape[0], cache.shape[1], new.shape[1])
+        if key not in indices:
+            indices[key] = _cache_indices(cache, cache_seqlens, cache_batch_idx, new.shape[1])
+        _put(cache, new, *indices[key])
 
 
 def _append_indices(cache: Tensor, cache_seqlens: Tensor, cache_batch_idx: Optional[Tensor], count: int,
@@ -248,16 +275,13 @@ def _append_all(k_cache, v_cache, k, v, lengths, rows, backend_append=None):
                 side = CacheSide(side.codes, new.new_empty((0,), dtype=torch.float32), side.format, side.group_size)
             backend_append(AppendCall(side, new, lengths, rows))
         return
-    writes = _writes(k_cache, k, rows) + _writes(v_cache, v, rows)
-    for cache, new in writes:
-        _append(cache, new, lengths, rows)
+    _append_each(_writes(k_cache, k, rows) + _writes(v_cache, v, rows), lengths, rows)
 
 
 def append_generic(cache, new: Tensor, lengths: Tensor, rows: Optional[Tensor]) -> None:
     """One side's append without a backend kernel (encode, then write): what a backend whose append
     kernel cannot be built here hands its call to (mfa_hf/kernel_fallback.py)."""
-    for target, values in _writes(cache, new, rows):
-        _append(target, values, lengths, rows)
+    _append_each(_writes(cache, new, rows), lengths, rows)
 
 
 def _writes(cache, new, rows) -> list[tuple[Tensor, Tensor]]:

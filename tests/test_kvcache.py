@@ -371,3 +371,31 @@ def test_int_lengths_from_many_threads():
     finally:
         sys.setswitchinterval(interval)
     assert not errors and not wrong, (errors[:3], wrong[:3])
+
+
+@pytest.mark.parametrize("fmt", [None, "int8", "nf4"])
+def test_append_under_compile_writes_what_eager_writes(fmt, monkeypatch):
+    """The append's writes: plain eager calls index the caches directly (one set of indices for every write),
+    compiled code goes through the mutating op mfa_hf::kvcache_append; both leave the same caches."""
+    from mfa_hf import kvcache
+
+    def caches():
+        return [mfa_hf.allocate_kv_cache(2, 24, 2, 64, fmt) for _ in range(2)]
+
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 3, 4, 64, generator=g)
+    k, v = (torch.randn(2, 3, 2, 64, generator=g) for _ in range(2))
+    lengths = torch.tensor([5, 9], dtype=torch.int32)
+    op_calls = []
+    op = kvcache._append
+    monkeypatch.setattr(kvcache, "_append", lambda *a: op_calls.append(1) or op(*a))
+    eager_k, eager_v = caches()
+    eager = mfa_hf.flash_attn_with_kvcache(q, eager_k, eager_v, k, v, cache_seqlens=lengths)
+    assert op_calls == []  # eager: no dispatcher
+    compiled_k, compiled_v = caches()
+    step = torch.compile(lambda q, k, v: mfa_hf.flash_attn_with_kvcache(q, compiled_k, compiled_v, k, v,
+                                                                        cache_seqlens=lengths), fullgraph=True)
+    torch.testing.assert_close(step(q, k, v), eager)
+    assert op_calls  # traced through the op
+    for got, want in zip(_snapshot(compiled_k) + _snapshot(compiled_v), _snapshot(eager_k) + _snapshot(eager_v)):
+        assert torch.equal(got, want)
