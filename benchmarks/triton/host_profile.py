@@ -1,5 +1,5 @@
 """Where the host time of one Triton-served call goes, on a CUDA machine: cProfile over many calls of a tiny
-forward (the GPU idles) and of an int8 decode layer, the top functions by own time; then the compiled kernel
+forward (the GPU idles) and of a bf16 decode call, the top functions by own time; then the compiled kernel
 launched three ways with the launcher's exact arguments (Triton's JIT `run`, `CompiledKernel[grid](...)`,
 and the compiled launcher's `run` with the stream and metadata passed in), µs per call.
 
@@ -8,40 +8,10 @@ and the compiled launcher's `run` with the stream and metadata passed in), µs p
 
 from __future__ import annotations
 
-import cProfile
-import io
-import pstats
-import time
-
 import torch
 
-CALLS = 3000
-
-
-def _us(fn, calls: int = CALLS) -> float:
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
-
-
-def _profile(name: str, fn) -> None:
-    fn()
-    torch.cuda.synchronize()
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(CALLS):
-        fn()
-    profiler.disable()
-    torch.cuda.synchronize()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(22)
-    print(f"== {name}: {_us(fn):.1f} µs per call (unprofiled)")
-    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:6000])
+from host_overhead import host_us  # siblings: a script's own folder is on sys.path
+from native_route_check import profile_calls
 
 
 def main() -> None:
@@ -52,11 +22,11 @@ def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__)
     q, k, v = (torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     with torch.no_grad():
-        _profile("flash_attn_func, tiny forward", lambda: mfa_hf.flash_attn_func(q, k, v, causal=True))
+        profile_calls("flash_attn_func, tiny forward", lambda: mfa_hf.flash_attn_func(q, k, v, causal=True), 3000)
         qd = torch.randn(8, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
         k_cache, v_cache = (torch.randn(8, 256, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        _profile("flash_attn_with_kvcache bf16, int lengths",
-                 lambda: mfa_hf.flash_attn_with_kvcache(qd, k_cache, v_cache, cache_seqlens=200))
+        profile_calls("flash_attn_with_kvcache bf16, int lengths",
+                      lambda: mfa_hf.flash_attn_with_kvcache(qd, k_cache, v_cache, cache_seqlens=200), 3000)
 
     # The compiled kernel, three ways, with the launcher's exact arguments.
     captured = {}
@@ -93,7 +63,7 @@ def main() -> None:
     print(f"launch µs per call ({n_params} kernel parameters, {len(args)} passed):")
     for name, fn in rows.items():
         try:
-            print(f"  {name:55s} {_us(fn):8.1f}", flush=True)
+            print(f"  {name:55s} {host_us(fn, 3000):8.1f}", flush=True)
         except Exception as error:  # noqa: BLE001 - a way this Triton does not offer is reported
             print(f"  {name:55s} failed: {type(error).__name__}: {error}", flush=True)
 

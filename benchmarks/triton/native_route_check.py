@@ -136,11 +136,11 @@ def host_cost() -> None:
                     ("auto", "DecodePlan.run plain", lambda: plan.run(dq, plain, scale=0.125)),
                     ("auto", "DecodePlan.run int8", lambda: plan.run(dq, int8, scale=0.125))):
                 os.environ["MFA_BACKEND"] = backend
-                _profile(f"{name} [{backend}]", fn)
+                profile_calls(f"{name} [{backend}]", fn)
         os.environ["MFA_BACKEND"] = "auto"
 
 
-def _profile(name: str, fn, calls: int = 2000) -> None:
+def profile_calls(name: str, fn, calls: int = 2000) -> None:
     for _ in range(50):
         fn()
     torch.cuda.synchronize()
