@@ -151,3 +151,28 @@ def run_kvcache(case: DecodeCase, inputs: dict, device=None):
         cache_seqlens=on(inputs["cache_seqlens"]), cache_batch_idx=on(inputs["cache_batch_idx"]),
         causal=case.causal, window_size=case.window, softcap=case.softcap, alibi_slopes=on(inputs["alibi_slopes"]),
         sinks=on(inputs["sinks"]), return_lse=True, num_splits=case.num_splits)
+
+
+def assert_path_switch_agrees(switch, case: DecodeCase, length: int, capacity: int) -> None:
+    """The same decode with `switch` (a callable turning a fast path on or off) on, then off: out and lse agree
+    to float32 rounding. Both paths are also checked against the reference on their own; this catches a path
+    that drifts from the other within the reference's tolerance."""
+    results = []
+    for enabled in (True, False):
+        switch(enabled)
+        inputs = make_decode_inputs(case, (length,) * BATCH, capacity, seed=5)
+        results.append(run_kvcache(case, inputs))
+    for on, off in zip(*results):
+        torch.testing.assert_close(on, off, rtol=2e-5, atol=2e-6)
+
+
+def assert_served_and_matches_reference(case: DecodeCase, capacity: int, last_served, path: str, seed: int = 0):
+    """The decode over a cache holding 0, 41 and capacity - 1 tokens before the new one: `last_served()` (the
+    length the path under test last served, from the test's recording) must be that length + 1, the output
+    dtypes right, and the result within the reference's tolerance."""
+    for length in (0, 41, capacity - 1):
+        inputs = make_decode_inputs(case, (length,) * BATCH, capacity, seed=length + seed)
+        out, lse = run_kvcache(case, inputs)
+        assert last_served() == length + 1, f"the {path} did not serve this call"
+        assert out.dtype == case.dtype and lse.dtype == torch.float32
+        assert_matches_reference_over_cache(case, inputs, out, lse)

@@ -20,6 +20,8 @@ from mfa_hf.testing_kvcache import (
     FORMATS,
     DecodeCase,
     assert_matches_reference_over_cache,
+    assert_path_switch_agrees,
+    assert_served_and_matches_reference,
     make_decode_inputs,
     run_kvcache,
 )
@@ -59,24 +61,14 @@ def _cases():
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: c.id)
 def test_matches_reference(case, chunk_bytes, served, monkeypatch):
     monkeypatch.setattr(cpu_fused_decode, "CHUNK_BYTES", chunk_bytes)
-    for length in (0, 41, CAPACITY - 1):  # length before the append of the new token
-        inputs = make_decode_inputs(case, (length,) * BATCH, CAPACITY, seed=length)
-        out, lse = run_kvcache(case, inputs)
-        assert served[-1] == length + 1, "the fused path did not serve this call"
-        assert out.dtype == case.dtype and lse.dtype == torch.float32
-        assert_matches_reference_over_cache(case, inputs, out, lse)
+    assert_served_and_matches_reference(case, CAPACITY, lambda: served[-1] if served else None, "fused path")
 
 
 def test_equals_the_block_loop(monkeypatch):
     """Same inputs through the fused path and through decode.py's loop agree to fp32 rounding."""
     case = DecodeCase("nf4", 1, torch.float32, (8, 2), window=(30, -1), sinks=True)
-    results = []
-    for enabled in (True, False):
-        monkeypatch.setattr(cpu_fused_decode, "ENABLED", enabled)
-        inputs = make_decode_inputs(case, (63,) * BATCH, CAPACITY, seed=5)
-        results.append(run_kvcache(case, inputs))
-    for fused, loop in zip(*results):
-        torch.testing.assert_close(fused, loop, rtol=2e-5, atol=2e-6)
+    assert_path_switch_agrees(lambda enabled: monkeypatch.setattr(cpu_fused_decode, "ENABLED", enabled), case,
+                              length=63, capacity=CAPACITY)
 
 
 @pytest.mark.parametrize("case", [

@@ -19,6 +19,8 @@ from mfa_hf.testing_kvcache import (
     BATCH,
     DecodeCase,
     assert_matches_reference_over_cache,
+    assert_path_switch_agrees,
+    assert_served_and_matches_reference,
     make_decode_inputs,
     run_kvcache,
 )
@@ -60,24 +62,15 @@ def _cases():
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: c.id)
 def test_matches_reference(case, wide_bytes, served, monkeypatch):
     monkeypatch.setattr(cpu_scaled_codes, "WIDE_BYTES", wide_bytes)
-    for length in (0, 41, CAPACITY - 1):  # length before the append of the new token
-        inputs = make_decode_inputs(case, (length,) * BATCH, CAPACITY, seed=length + 7)
-        out, lse = run_kvcache(case, inputs)
-        assert served and served[-1][1] == length + 1, "the scaled-codes path did not serve this call"
-        assert out.dtype == case.dtype and lse.dtype == torch.float32
-        assert_matches_reference_over_cache(case, inputs, out, lse)
+    assert_served_and_matches_reference(case, CAPACITY, lambda: served[-1][1] if served else None,
+                                        "scaled-codes path", seed=7)
 
 
 def test_equals_the_fused_kernel_chunks(monkeypatch):
     """Same inputs through this path and through dequantize + torch's fused kernel agree to fp32 rounding."""
     case = DecodeCase("int8", 1, torch.float32, (8, 2), window=(30, -1), sinks=True)
-    results = []
-    for enabled in (True, False):
-        monkeypatch.setattr(cpu_scaled_codes, "ENABLED", enabled)
-        inputs = make_decode_inputs(case, (63,) * BATCH, CAPACITY, seed=5)
-        results.append(run_kvcache(case, inputs))
-    for scaled, fused in zip(*results):
-        torch.testing.assert_close(scaled, fused, rtol=2e-5, atol=2e-6)
+    assert_path_switch_agrees(lambda enabled: monkeypatch.setattr(cpu_scaled_codes, "ENABLED", enabled), case,
+                              length=63, capacity=CAPACITY)
 
 
 @pytest.mark.parametrize("granularity,serves", [("head", True), ("channel", False)])

@@ -1,5 +1,6 @@
 """Forward kernel variants on one GPU, side by side with SDPA-flash and cuDNN: pointer loads vs TMA
-descriptors (kernels/triton/tma.py), block shapes, and Triton's warp specialization of the inner loop.
+descriptors (kernels/triton/tma.py) and block shapes. (Triton's warp specialization of the inner loop was timed
+too, in the 2026-12-04 logs, gained nothing on Hopper and is no longer a kernel option.)
 
     MFA_BACKEND=triton PYTHONPATH=. python benchmarks/triton/forward_variants.py [--out DIR] [--quick]
 
@@ -26,27 +27,26 @@ from mfa_hf.kernels.triton import blocks, forward, tma
 from mfa_hf.kernels.triton.binding import strides4
 
 VARIANTS = {  # name -> (TMA: True / False / None for the table's, (block_m, block_n, num_warps, num_stages) or None
-    #          for the table's, warp_specialize)
-    "table": (None, None, False),
-    "ptr": (False, None, False),
-    "tma": (True, None, False),
-    "tma-128x128x8x3": (True, (128, 128, 8, 3), False),
-    "tma-128x64x8x3": (True, (128, 64, 8, 3), False),
-    "tma-128x64x8x4": (True, (128, 64, 8, 4), False),
-    "tma-128x64x4x3": (True, (128, 64, 4, 3), False),
-    "ptr-128x64x8x3": (False, (128, 64, 8, 3), False),
-    "tma-ws-128x128x8x3": (True, (128, 128, 8, 3), True),
+    #          for the table's)
+    "table": (None, None),
+    "ptr": (False, None),
+    "tma": (True, None),
+    "tma-128x128x8x3": (True, (128, 128, 8, 3)),
+    "tma-128x64x8x3": (True, (128, 64, 8, 3)),
+    "tma-128x64x8x4": (True, (128, 64, 8, 4)),
+    "tma-128x64x4x3": (True, (128, 64, 4, 3)),
+    "ptr-128x64x8x3": (False, (128, 64, 8, 3)),
 }
 _make_plan = forward._make_plan
 
 
 def _use(variant: str) -> None:
-    use_tma, shape, warp_spec = VARIANTS[variant]
+    use_tma, shape = VARIANTS[variant]
 
     def make_plan(call):
         plan = _make_plan(call)
         layout_ok = tma.chosen(True, call.k, call.v, strides4(call.k), strides4(call.v))
-        options = dict(plan.options, WARP_SPECIALIZE=warp_spec)
+        options = dict(plan.options)
         if use_tma is not None:
             options["TMA"] = use_tma and layout_ok
         grid = plan.grid

@@ -62,7 +62,6 @@ def attention_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS_ON: tl.constexpr, MASK_KIND: tl.constexpr,
     VARLEN: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
-    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     # Heaviest (last, for causal) query blocks first: they start early and the tail is short ones.
     m_block = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -111,7 +110,7 @@ def attention_forward_kernel(
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, offs_dk, offs_dv,
                               HEAD_DQK, HEAD_DV, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
                               MASK_KIND, DROPOUT, DOT_PRECISION, TMA)
-    for start_n in tl.range(mid_lo, mid_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start_n in range(mid_lo, mid_hi, BLOCK_N):
         acc, l_i, m_i = _step(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, diag, seqlen_k,
                               scale, softcap, slope2, left, right, hhash, threshold, keep_scale,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, offs_dk, offs_dv,
