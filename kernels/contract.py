@@ -233,6 +233,10 @@ class Backend(Protocol):
     def decode(self, call: DecodeCall) -> tuple[Tensor, Tensor]:
         """(out (B, Lq, Hq, Dv), lse (B, Hq, Lq) float32)."""
 
+    # Optional, as an attribute (None: absent): forward_replay(call) -> a function (q, k, v) -> (out, lse) or None,
+    # relaunching what forward(call) just launched for later plain eager calls of exactly the same kind (the
+    # caller guarantees the kind; the function returns None for a call it cannot replay). Host cost only.
+
 
 @dataclass(frozen=True)
 class BackendDefinition:
@@ -247,3 +251,4 @@ class BackendDefinition:
     device_types: Optional[tuple[str, ...]] = None
     fallback: Optional[str] = None
     bf16_backward: bool = False
+    forward_replay: Optional[Callable] = None

@@ -8,12 +8,13 @@ has a registered backward. Semantics: kernels/reference.py.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from . import dispatch, helper_tensors, native, repeat_calls, routes, scalars, trace
+from . import dispatch, helper_tensors, native, ops, repeat_calls, routes, scalars, trace
 from .decisions import Decisions
 from .kernels.dropout import new_seed
 from .kernels.contract import AttentionCall, Options, fold_causal
@@ -74,7 +75,18 @@ def flash_attn_func(
         kind = repeat_calls.plain_kind(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, return_lse)
         known = _plain_decisions.get(kind) if kind is not None else None
         if known is not None:  # this kind of call was checked and routed before: only build it and launch
-            return _run(known, AttentionCall(q, k, v, known.options), return_lse)
+            replay = known.replay
+            if replay is not None and not trace.enabled() and ops.eager_context():
+                result = replay(q, k, v)
+                if result is not None:
+                    return result if return_lse else result[0]
+            call = AttentionCall(q, k, v, known.options)
+            result = _run(known, call, return_lse)
+            if replay is None:
+                replay = _replay_for(known, call)
+                if replay is not None:
+                    _plain_decisions[kind] = dataclasses.replace(known, replay=replay)
+            return result
     if _quantized(k, v):
         from .kvcache import attention_over_quantized  # local: the KV-cache module is not needed otherwise
 
@@ -241,6 +253,26 @@ class Decision:
     backend: Optional[dispatch.Backend]
     problem: AttentionProblem
     options: Options
+    # A plain kind's relaunch of its kernel (ops.EagerShortcut.replay_for), made at its second call: None until
+    # then, _NO_REPLAY when the backend has none for it. A call the replay declines takes the path above.
+    replay: Optional[Callable] = None
+
+
+def _no_replay(q, k, v):
+    return None
+
+
+_NO_REPLAY = _no_replay
+
+
+def _replay_for(decision: Decision, call: AttentionCall):
+    """The replay to keep for the kind of `call`: _NO_REPLAY where there can be none (the native route, which has
+    its own dispatch; a graph to record; a backend without replays), None to try again at the next call."""
+    if decision.backend is None or decision.problem.needs_grad or not decision.backend.ops.forward.replays:
+        return _NO_REPLAY
+    if trace.enabled():  # a traced call counts in the op's implementation: the full path
+        return None
+    return decision.backend.ops.forward.replay_for(call)
 
 
 def _attend(call: AttentionCall, return_lse: bool):

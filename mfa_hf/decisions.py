@@ -9,8 +9,7 @@ calls). Bounded: cleared when full (a long generation adds a kind per cache leng
 
 from __future__ import annotations
 
-import os
-
+from .kernels.environment import reader
 from .kernels.launch import BoundedMemo
 
 KEPT = 1024
@@ -24,6 +23,6 @@ class Decisions(BoundedMemo):
         return KEPT
 
 
-def steering_environment() -> tuple:
-    """The environment variables that change a decision: the forced backend and the native-route table."""
-    return os.environ.get("MFA_BACKEND"), os.environ.get("MFA_ROUTE_TABLE")
+steering_environment = reader("MFA_BACKEND", "MFA_ROUTE_TABLE")
+"""() -> the environment variables that change a decision, as stored (a memo key): the forced backend and the
+native-route table."""

@@ -33,7 +33,7 @@ def plain_eager(args) -> bool:
     """
     if torch.compiler.is_compiling():  # checked first: dynamo folds it and traces nothing below
         return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+    if not eager_context():
         return False
     grad = torch.is_grad_enabled()
     for arg in args:
@@ -49,14 +49,33 @@ def plain_eager(args) -> bool:
 _SCALARS = frozenset((int, float, bool, str, type(None)))
 
 
+def eager_context() -> bool:
+    """plain_eager's checks of the context alone (no dispatch mode, no functorch transform; not compiling is the
+    caller's): for a call whose tensors and grad mode its memo key already proved plain."""
+    return not (torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active())
+
+
 class EagerShortcut:
     """A registered custom op taking a call object: plain eager calls (plain_eager) run the
     implementation on the call directly; compiled, traced and autograd calls go through `op` with the
     call's flat arguments (fake, autograd, opcheck)."""
 
-    def __init__(self, op: Callable, impl: Callable):
+    def __init__(self, op: Callable, impl: Callable, replayer: Optional[Callable] = None):
         self.op = op
         self.impl = impl
+        self._replayer = replayer
+
+    @property
+    def replays(self) -> bool:
+        """Whether the backend can replay a launch at all."""
+        return self._replayer is not None
+
+    def replay_for(self, call) -> Optional[Callable]:
+        """The backend's replay of the launch `self(call)` just made (kernels/contract.py, forward_replay), for
+        later calls of exactly its kind; None when the backend has none or this call went through the op."""
+        if self._replayer is None or not plain_eager(call.op_args()):
+            return None
+        return self._replayer(call)
 
     def __call__(self, call, problem: Optional[AttentionProblem] = None):
         args = call.op_args()
@@ -228,7 +247,7 @@ def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendO
         return (dq, dk, dv, dmask, None, dsinks) + (None,) * 11
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
-    return BackendOps(backend, EagerShortcut(fwd_op, forward_call), bwd_op,
+    return BackendOps(backend, EagerShortcut(fwd_op, forward_call, getattr(backend, "forward_replay", None)), bwd_op,
                       _define_decode(backend, registry), _define_append(backend, registry))
 
 

@@ -14,6 +14,9 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator
 
+from .kernels.environment import is_on, reader
+
+_read_trace = reader("MFA_TRACE")  # checked on every call: a dict read, not os.environ.get
 TraceKey = tuple  # (backend, op, dtype, head_dim, lq, lk, flags)
 
 _counts: Counter = Counter()
@@ -31,7 +34,7 @@ _route_captures: list[Counter] = []
 def enabled() -> bool:
     """Whether calls are being counted: MFA_TRACE is set or a capture is open. Callers check this
     before building a record, so an untraced call pays nothing for it."""
-    return bool(_captures or _route_captures) or os.environ.get("MFA_TRACE", "0") not in ("", "0")
+    return bool(_captures or _route_captures) or is_on(_read_trace()[0])
 
 
 def record(backend: str, op: str, dtype, head_dim: int, lq: int, lk: int, flags: str) -> None:

@@ -18,7 +18,7 @@ from ..contract import BackendDefinition
 from .backward import backward
 from .blocks import interpreting
 from .decode import decode
-from .forward import forward
+from .forward import forward, replay
 
 NAME = "triton"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -42,4 +42,5 @@ def supports(problem: AttentionProblem) -> tuple[bool, str]:
     return True, "the triton kernels serve this problem"
 
 
-BACKEND = BackendDefinition(NAME, supports, forward, backward, decode, device_types=None, bf16_backward=True)
+BACKEND = BackendDefinition(NAME, supports, forward, backward, decode, device_types=None, bf16_backward=True,
+                            forward_replay=replay)

@@ -21,17 +21,21 @@ turns the fast path off; `tests/triton/test_direct_launch.py` checks it on a GPU
 from __future__ import annotations
 
 import inspect
-import os
 
 import torch
 
+from ..environment import raw, reader
 from ..launch import BoundedMemo  # a full table starts over
 
 _I32_MIN, _I32_MAX, _I64_MIN, _I64_MAX = -(2**31), 2**31 - 1, -(2**63), 2**63 - 1
 
 
+_read_switch = reader("MFA_TRITON_DIRECT_LAUNCH")
+_OFF = raw("0")
+
+
 def _enabled() -> bool:
-    return os.environ.get("MFA_TRITON_DIRECT_LAUNCH", "1") != "0"
+    return _read_switch()[0] != _OFF
 
 
 def _plain_key(args) -> tuple:
@@ -84,7 +88,7 @@ class DirectLauncher:
         device = torch.cuda.current_device()
         if known is not None:
             table = self._by_known
-            key = (device, known, tuple([(t.dtype, not (t.data_ptr() & 15)) for t in args[:tensors]]))
+            key = (device, known, tensor_classes(args[:tensors]))
         else:
             # By value (ints and floats as they are: a repeat of the same kind of call costs one tuple),
             # then by Triton's classes in _entry (a cache that grew by a token: new lengths, same kernel).
@@ -100,6 +104,19 @@ class DirectLauncher:
             return
         compiled, tail = entry
         compiled[_grid3(grid)](*args, *tail)
+
+    def runner(self, device: int, grid, known, classes: tuple):
+        """(launch, trailing arguments) of the kernel that `launch(grid, ..., known=known)` kept on CUDA device
+        `device` for tensors of these `tensor_classes`, or None (none kept, or the direct path is off).
+        `launch(*args, *trailing)` then queues it on the current device's current stream with no key at all:
+        for a caller that proves on its own, per call, that its arguments are of that kind (a replay)."""
+        if not self._usable or self.fn.pre_run_hooks or not _enabled():
+            return None
+        entry = self._by_known.get((device, known, classes))
+        if entry is None:
+            return None
+        compiled, tail = entry
+        return compiled[_grid3(grid)], tail
 
     def _entry(self, device, grid, args, kwargs):
         """The (compiled kernel, trailing arguments) for Triton's classes of this call, launching it: from
@@ -122,6 +139,11 @@ class DirectLauncher:
             return None  # nothing to reuse: the next call binds again
         entry = (compiled, tuple(kwargs[n] if n in kwargs else self._defaults[n] for n in names))
         return self._by_class.keep(key, entry)
+
+
+def tensor_classes(tensors) -> tuple:
+    """What Triton specializes a tensor argument on: its dtype and whether its address is 16-byte aligned."""
+    return tuple([(t.dtype, not (t.data_ptr() & 15)) for t in tensors])
 
 
 def _grid3(grid) -> tuple:

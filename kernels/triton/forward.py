@@ -12,12 +12,13 @@ from dataclasses import dataclass
 import torch
 
 from ..contract import AttentionCall
+from ..environment import reader
 from ..launch import BoundedMemo, empty_result, new_output
 
 from . import forward_kernel, tma
 from .binding import alibi_args, common_meta, dropout_args, mask_args, on_tensors_device, strides4
 from .blocks import cdiv, forward_blocks
-from .direct_launch import DirectLauncher
+from .direct_launch import DirectLauncher, tensor_classes
 
 # Kernels relaunched without Triton's per-call binding once compiled for a kind of call (direct_launch.py).
 _FORWARD = DirectLauncher(forward_kernel.attention_forward_kernel)
@@ -40,6 +41,8 @@ class _Plan:
 
 
 _plans = BoundedMemo()  # launch key -> _Plan (bounded)
+_generation = [0]  # bumped by forget_plans: a replay made before then declines
+_read_switches = reader("MFA_TRITON_DIRECT_LAUNCH", "MFA_TRITON_TMA")  # what else changes a launch
 
 
 def forget_plans() -> None:
@@ -47,6 +50,7 @@ def forget_plans() -> None:
     (blocks.py) calls this."""
     _plans.clear()
     _FORWARD.forget()
+    _generation[0] += 1
 
 
 def _make_plan(call: AttentionCall) -> _Plan:
@@ -84,6 +88,14 @@ def _contiguous_strides(shape) -> tuple:
     return tuple(reversed(strides))
 
 
+def _launch_key(call: AttentionCall) -> tuple:
+    q, k, v, o = call.q, call.k, call.v, call.options
+    return (q.device, q.dtype, q.shape, q.stride(), k.dtype, k.shape, k.stride(), v.dtype, v.shape, v.stride(),
+            _strided(call.attn_mask), _strided(call.alibi_slopes), call.sinks is None, _strided(call.cu_seqlens_q),
+            _strided(call.cu_seqlens_k), call.seqlen_q, call.seqlen_k, o.causal, o.window_left, o.window_right,
+            o.softcap > 0, o.dropout_p > 0, (k.data_ptr() | v.data_ptr()) & 15)  # TMA needs 16-byte aligned K and V
+
+
 @on_tensors_device
 def forward(call: AttentionCall):
     """(out, lse) (kernels/contract.py). Per call: the launch key (shapes, strides, dtypes, lengths, windows,
@@ -93,10 +105,7 @@ def forward(call: AttentionCall):
     lq, lk = call.seqlen_q, call.seqlen_k
     if q.shape[0] == 0 or lq == 0 or (cu_seqlens_q is None and lk == 0):
         return empty_result(q, v, sinks)
-    key = (q.device, q.dtype, q.shape, q.stride(), k.dtype, k.shape, k.stride(), v.dtype, v.shape, v.stride(),
-           _strided(attn_mask), _strided(alibi_slopes), sinks is None, _strided(cu_seqlens_q), _strided(cu_seqlens_k),
-           lq, lk, o.causal, o.window_left, o.window_right, o.softcap > 0, o.dropout_p > 0,
-           (k.data_ptr() | v.data_ptr()) & 15)  # TMA needs 16-byte aligned K and V
+    key = _launch_key(call)
     plan = _plans.get(key) or _plans.keep(key, _make_plan(call))
     out = new_output(plan.out_shape, q.dtype, q.device)
     lse = new_output(plan.lse_shape, torch.float32, q.device)
@@ -116,3 +125,51 @@ def forward(call: AttentionCall):
     if not tma.launch(plan.options["TMA"], lambda: launch(plan.options), lambda: launch(_pointer_loads(plan))):
         _plans[key] = dataclasses.replace(plan, options=_pointer_loads(plan))
     return out, lse
+
+
+def replay(call: AttentionCall):
+    """After `forward(call)` ran: a function (q, k, v) -> (out, lse) that launches the same compiled kernel with
+    the same plan for later calls of exactly this kind, with no key, plan or launcher lookup; or None where there
+    is none (only plain calls on CUDA, with 16-byte aligned q, k and v, get one).
+
+    The caller guarantees the kind: the same shapes, strides, dtypes, devices and options, no helper tensors,
+    and plain eager code (mfa_hf/repeat_calls.py, api.py). The replay checks, per call, what that kind does not
+    hold and the launch depends on: 16-byte aligned q, k and v (Triton's and TMA's specialization), the current
+    CUDA device (Triton launches on it), the plans not forgotten since, and the launch switches in the
+    environment. When one of them differs it returns None, and the caller takes the full path.
+    """
+    q, k, v, o = call.q, call.k, call.v, call.options
+    if (call.attn_mask is not None or call.alibi_slopes is not None or call.sinks is not None or call.varlen
+            or o.dropout_p > 0 or q.device.type != "cuda" or (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15
+            or q.device.index != torch.cuda.current_device()):
+        return None
+    key = _launch_key(call)
+    plan = _plans.get(key)
+    if plan is None:
+        return None
+    out_dtype, device, index = q.dtype, q.device, q.device.index
+    # The argument kinds forward() launched with: q, k, v, out, lse, then q for each absent helper tensor.
+    classes = tensor_classes((q, k, v)) + ((out_dtype, True), (torch.float32, True)) + ((q.dtype, True),) * 5
+    found = _FORWARD.runner(index, plan.grid, key, classes)
+    if found is None:
+        return None
+    run, tail = found
+    rest = (*plan.ints, float(o.scale), float(o.softcap), *plan.window, 0, 0, 1.0, *tail)
+    out_shape, lse_shape, uses_tma = plan.out_shape, plan.lse_shape, plan.options["TMA"]
+    generation, switches, current_device = _generation[0], _read_switches(), torch.cuda.current_device
+
+    def launch(q, k, v):
+        if ((q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15 or current_device() != index
+                or _generation[0] != generation or _read_switches() != switches):
+            return None
+        out = new_output(out_shape, out_dtype, device)
+        lse = new_output(lse_shape, torch.float32, device)
+        try:
+            run(q, k, v, out, lse, q, q, q, q, q, *rest)
+        except RuntimeError as error:
+            if not (uses_tma and tma.missing_allocator(error)):
+                raise
+            return None  # nothing ran: the full path gives this thread an allocator (tma.py)
+        return out, lse
+
+    return launch

@@ -65,6 +65,11 @@ def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def missing_allocator(error: RuntimeError) -> bool:
+    """Whether Triton refused a launch, before queueing it, for want of an allocator in this thread."""
+    return "no allocator was set" in str(error)
+
+
 def launch(uses_tma: bool, launch, without_tma) -> bool:
     """Run `launch()`; False when TMA had to be given up and `without_tma()` ran instead.
 
@@ -82,7 +87,7 @@ def launch(uses_tma: bool, launch, without_tma) -> bool:
         try:
             launch()
         except RuntimeError as error:
-            if "no allocator was set" not in str(error):
+            if not missing_allocator(error):
                 raise
             triton.set_allocator(_scratch)
             launch()

@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
+from ...environment import reader
+
 DEFAULT_MACOS = "15"
 LATEST_OS_RULE_FROM_TORCH = (2, 11)  # first release with pytorch#172230 (inferred from merge date)
 MSL_VERSIONS = ("3.0", "3.1", "3.2", "4.0")
@@ -97,19 +99,8 @@ def _installed_torch() -> str:
 
 
 _TARGETS: dict = {}  # (override, environment) -> Target: launchers ask on every call
-_ENV_NAMES = ("MSLEMU_MACOS", "MSLEMU_TORCH", "PYTORCH_MPS_FAST_MATH")
-try:  # os.environ's own store, keyed as it keys it: a plain dict read (os.environ.get decodes, ~2 us each)
-    _ENV_KEYS = tuple(os.environ.encodekey(name) for name in _ENV_NAMES)
-except AttributeError:
-    _ENV_KEYS = None
-
-
-def _environment_key() -> tuple:
-    data = getattr(os.environ, "_data", None)
-    if _ENV_KEYS is None or not isinstance(data, dict):
-        return tuple(os.environ.get(name) for name in _ENV_NAMES)
-    first, second, third = _ENV_KEYS
-    return data.get(first), data.get(second), data.get(third)
+# Read on every call: os.environ's own store, not os.environ.get (kernels/environment.py says why).
+_environment_key = reader("MSLEMU_MACOS", "MSLEMU_TORCH", "PYTORCH_MPS_FAST_MATH")
 
 
 def current_target() -> Target:

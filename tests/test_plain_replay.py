@@ -1,0 +1,146 @@
+"""api.py's replay of repeated plain calls: when it is made, used, declined and never made.
+
+A backend may offer a replay of a launch (kernels/contract.py `forward_replay`; the triton backend does, tested on
+a GPU in tests/triton/test_replay.py). Here a stand-in replay on the torch backend records what api.py does with
+it, so the rules hold on every machine: the second call of a kind makes it, later calls use it, a declined call
+takes the full path, and a traced call, a dispatch mode, inputs that require grad and the native route never use
+one. Every result is compared with the same call on an emptied memo.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mfa_hf
+from mfa_hf import api, dispatch, trace
+from mfa_hf.kernels.contract import AttentionCall
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """Use the torch backend with a stand-in replay; returns the log: ("made", shape) and ("used", shape)."""
+    monkeypatch.setenv("MFA_BACKEND", "torch")
+    monkeypatch.delenv("MFA_TRACE", raising=False)
+    backend = dispatch.backend("torch")
+    log, decline = [], []
+
+    def replayer(call):
+        options = call.options
+        log.append(("made", tuple(call.q.shape)))
+
+        def replay(q, k, v):
+            if decline:
+                return None
+            log.append(("used", tuple(q.shape)))
+            return backend.impl.forward(AttentionCall(q, k, v, options))
+
+        return replay
+
+    monkeypatch.setattr(backend.ops.forward, "_replayer", replayer)
+    api._plain_decisions.clear()
+    yield log, decline
+    api._plain_decisions.clear()
+
+
+def _qkv(seed, grad=False, shape=(2, 9, 4, 16)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g).requires_grad_(grad) for _ in range(3)]
+
+
+def _fresh(q, k, v, **kwargs):
+    saved = dict(api._plain_decisions)
+    api._plain_decisions.clear()
+    try:
+        return mfa_hf.flash_attn_func(q, k, v, **kwargs)
+    finally:
+        api._plain_decisions.clear()
+        api._plain_decisions.update(saved)
+
+
+def _same(a, b):
+    a, b = (x if isinstance(x, tuple) else (x,) for x in (a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"causal": True, "return_lse": True}, {"window_size": (2, 1)}])
+def test_the_second_call_makes_the_replay_and_later_calls_use_it(replays, kwargs):
+    log, _ = replays
+    results = [(qkv, mfa_hf.flash_attn_func(*qkv, **kwargs)) for qkv in map(_qkv, range(4))]
+    assert log == [("made", (2, 9, 4, 16)), ("used", (2, 9, 4, 16)), ("used", (2, 9, 4, 16))]
+    for qkv, result in results:
+        _same(result, _fresh(*qkv, **kwargs))
+
+
+def test_each_kind_has_its_own_replay(replays):
+    log, _ = replays
+    for shape in ((2, 9, 4, 16), (1, 5, 4, 16)):
+        for seed in range(3):
+            mfa_hf.flash_attn_func(*_qkv(seed, shape=shape))
+    assert [entry for entry in log if entry[0] == "made"] == [("made", (2, 9, 4, 16)), ("made", (1, 5, 4, 16))]
+
+
+def test_a_declined_call_takes_the_full_path_and_the_replay_stays(replays):
+    log, decline = replays
+    for seed in range(2):
+        mfa_hf.flash_attn_func(*_qkv(seed))
+    decline.append(True)
+    qkv = _qkv(2)
+    _same(mfa_hf.flash_attn_func(*qkv), _fresh(*qkv))
+    decline.clear()
+    mfa_hf.flash_attn_func(*_qkv(3))
+    assert log == [("made", (2, 9, 4, 16)), ("used", (2, 9, 4, 16))]
+
+
+def test_traced_calls_are_counted_and_never_replayed(replays):
+    log, _ = replays
+    with trace.capture() as counted:
+        for seed in range(3):
+            mfa_hf.flash_attn_func(*_qkv(seed))
+    assert sum(counted.values()) == 3 and not log
+    mfa_hf.flash_attn_func(*_qkv(3))  # untraced again: the replay is made now
+    with trace.capture() as counted:
+        mfa_hf.flash_attn_func(*_qkv(4))
+    assert sum(counted.values()) == 1 and log == [("made", (2, 9, 4, 16))]
+
+
+def test_a_dispatch_mode_sees_the_op(replays):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    log, _ = replays
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for seed in range(2):
+        mfa_hf.flash_attn_func(*_qkv(seed))
+    with Log():
+        mfa_hf.flash_attn_func(*_qkv(2))
+    assert any("torch_attention_fwd" in name for name in seen), seen
+    assert ("used", (2, 9, 4, 16)) not in log
+
+
+def test_inputs_that_require_grad_never_get_a_replay(replays):
+    log, _ = replays
+    for seed in range(3):
+        q, k, v = _qkv(seed, grad=True)
+        mfa_hf.flash_attn_func(q, k, v).sum().backward()
+        assert q.grad is not None
+    assert not log
+    with torch.no_grad():  # the same tensors without a graph to record: another kind, which replays
+        for seed in range(3):
+            mfa_hf.flash_attn_func(*_qkv(seed, grad=True))
+    assert log == [("made", (2, 9, 4, 16)), ("used", (2, 9, 4, 16))]
+
+
+def test_the_native_route_has_no_replay(replays, monkeypatch):
+    log, _ = replays
+    monkeypatch.delenv("MFA_BACKEND")
+    for seed in range(3):
+        mfa_hf.flash_attn_func(*_qkv(seed))
+    decisions = list(api._plain_decisions.values())
+    assert decisions and all(d.backend is None for d in decisions), "expected CPU SDPA's native route here"
+    assert all(d.replay is api._NO_REPLAY for d in decisions) and not log

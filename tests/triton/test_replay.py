@@ -1,0 +1,229 @@
+"""The triton forward's replay (kernels/triton/forward.py `replay`, api.py): a repeated plain flash_attn_func call
+relaunches the kernel with no key, plan or launcher lookup, and gives bitwise what the full path gives.
+
+The whole class of what a replay could get wrong is what its kind does not hold: each case below makes a kind,
+lets it replay, then calls it with fresh tensors that differ in one such property (a 16-byte misaligned k, a
+forgotten plan, a changed launch switch, a traced call, a dispatch mode, a thread without Triton's allocator)
+and checks the result against the full path and the float64 reference. Outputs are poisoned (NaN) first.
+CUDA only: the replay launches compiled kernels, which the interpreter has not.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the replay launches CUDA kernels")
+
+import mfa_hf  # noqa: E402
+from mfa_hf import api, trace  # noqa: E402
+from mfa_hf.kernels import launch as kernel_launch  # noqa: E402
+from mfa_hf.kernels import reference  # noqa: E402
+from mfa_hf.kernels.triton import forward as triton_forward  # noqa: E402
+from mfa_hf.testing import assert_close_to_reference  # noqa: E402
+
+# (name, dtype, B, Lq, Lk, Hq, Hkv, D, keyword arguments): the kinds, small and large N (TMA on sm90 at D 128).
+KINDS = [
+    ("plain", torch.float16, 2, 37, 53, 4, 2, 64, {}),
+    ("causal_lse", torch.bfloat16, 1, 64, 64, 4, 4, 128, {"causal": True, "return_lse": True}),
+    ("window_softcap", torch.float16, 2, 40, 40, 4, 1, 32, {"window_size": (9, 3), "softcap": 5.0}),
+    ("scale_fp32", torch.float32, 1, 18, 45, 2, 1, 16, {"softmax_scale": 0.3}),
+    ("large_tma", torch.bfloat16, 1, 1500, 1500, 2, 1, 128, {"causal": True}),
+    ("large_d64", torch.float16, 1, 1300, 1400, 2, 2, 64, {}),
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    monkeypatch.setenv("MFA_BACKEND", "triton")
+    monkeypatch.delenv("MFA_TRACE", raising=False)
+    monkeypatch.setattr(kernel_launch, "POISON_OUTPUTS", True)
+    api._plain_decisions.clear()
+    yield
+    api._plain_decisions.clear()
+
+
+def _qkv(kind, seed, layout="bshd", offset=0):
+    _, dtype, batch, lq, lk, hq, hkv, d, _ = kind
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((batch, lq, hq, d), (batch, lk, hkv, d), (batch, lk, hkv, d))
+    tensors = []
+    for shape in shapes:
+        values = torch.randn(*shape, generator=g).to(dtype)
+        if layout == "bhsd":  # heads-first storage: other strides
+            values = values.transpose(1, 2).contiguous().transpose(1, 2)
+        tensors.append(values.cuda())
+    if offset:  # the same shape and strides, k shifted by `offset` elements in a larger buffer
+        k = tensors[1]
+        buffer = torch.empty(k.numel() + offset, dtype=dtype, device="cuda")
+        shifted = buffer[offset:].view(k.shape)
+        shifted.copy_(k)
+        tensors[1] = shifted
+    return tensors
+
+
+def _replays(_kwargs=None) -> list:
+    """The replays kept for plain kinds (not the _NO_REPLAY marker)."""
+    return [d.replay for d in api._plain_decisions.values() if d.replay not in (None, api._NO_REPLAY)]
+
+
+def _full_path(q, k, v, kwargs):
+    """The same call with the memo emptied first: validation, routing and the launcher in full."""
+    saved = dict(api._plain_decisions)
+    api._plain_decisions.clear()
+    try:
+        return mfa_hf.flash_attn_func(q, k, v, **kwargs)
+    finally:
+        api._plain_decisions.clear()
+        api._plain_decisions.update(saved)
+
+
+def _outputs(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+def _assert_same(a, b, what):
+    for x, y in zip(_outputs(a), _outputs(b)):
+        assert not x.isnan().any(), f"{what}: NaN in the output (an element the kernel did not write)"
+        assert torch.equal(x, y), f"{what}: differs from the full path"
+
+
+def _check_reference(kind, q, k, v, result):
+    options = {name: value for name, value in kind[-1].items() if name != "return_lse"}
+    expected, _ = reference.attention_reference(q, k, v, **options)
+    baseline, _ = reference.attention_reference(q, k, v, upcast=False, **options)
+    assert_close_to_reference(_outputs(result)[0], expected, baseline)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k[0] for k in KINDS])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_replayed_calls_equal_the_full_path(kind, layout):
+    kwargs = kind[-1]
+    with torch.no_grad():
+        for seed in range(2):  # the first call decides, the second makes the replay
+            mfa_hf.flash_attn_func(*_qkv(kind, seed, layout), **kwargs)
+        assert len(_replays(kwargs)) == 1, "the kind made no replay"
+        for seed in range(2, 4):
+            q, k, v = _qkv(kind, seed, layout)
+            replayed = mfa_hf.flash_attn_func(q, k, v, **kwargs)
+            _assert_same(replayed, _full_path(q, k, v, kwargs), f"{kind[0]} seed {seed}")
+            _check_reference(kind, q, k, v, replayed)
+
+
+def _with_replay(kind):
+    with torch.no_grad():
+        for seed in range(2):
+            mfa_hf.flash_attn_func(*_qkv(kind, seed), **kind[-1])
+    (replay,) = _replays(kind[-1])
+    return replay
+
+
+def _declined(kind, q, k, v):
+    """Whether the kept replay declines these tensors (and the call still gives the full path's result)."""
+    (replay,) = _replays(kind[-1])
+    declined = replay(q, k, v) is None
+    with torch.no_grad():
+        result = mfa_hf.flash_attn_func(q, k, v, **kind[-1])
+    _assert_same(result, _full_path(q, k, v, kind[-1]), kind[0])
+    return declined
+
+
+@pytest.mark.parametrize("kind", [KINDS[0], KINDS[4]], ids=["plain", "large_tma"])
+def test_a_misaligned_tensor_takes_the_full_path(kind):
+    _with_replay(kind)
+    q, k, v = _qkv(kind, 5, offset=1)  # same shape and strides, k 2 bytes off 16
+    assert _declined(kind, q, k, v)
+    _check_reference(kind, q, k, v, mfa_hf.flash_attn_func(q, k, v, **kind[-1]))
+
+
+def test_forgotten_plans_and_changed_switches_take_the_full_path(monkeypatch):
+    kind = KINDS[4]
+    _with_replay(kind)
+    triton_forward.forget_plans()
+    assert _declined(kind, *_qkv(kind, 6))
+    api._plain_decisions.clear()
+    _with_replay(kind)
+    monkeypatch.setenv("MFA_TRITON_TMA", "0")
+    assert _declined(kind, *_qkv(kind, 7))
+    api._plain_decisions.clear()
+    _with_replay(kind)
+    monkeypatch.setenv("MFA_TRITON_DIRECT_LAUNCH", "0")
+    assert _declined(kind, *_qkv(kind, 8))
+
+
+def test_a_traced_call_is_counted_by_the_op():
+    kind = KINDS[0]
+    _with_replay(kind)
+    with trace.capture() as counted, torch.no_grad():
+        mfa_hf.flash_attn_func(*_qkv(kind, 9), **kind[-1])
+    assert sum(counted.values()) == 1
+
+
+def test_a_dispatch_mode_sees_the_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    kind = KINDS[0]
+    _with_replay(kind)
+    q, k, v = _qkv(kind, 10)
+    with Log(), torch.no_grad():
+        result = mfa_hf.flash_attn_func(q, k, v, **kind[-1])
+    assert any("triton_attention_fwd" in name for name in seen), seen
+    _assert_same(result, _full_path(q, k, v, kind[-1]), "under a dispatch mode")
+
+
+def test_inputs_that_require_grad_get_no_replay():
+    kind = KINDS[0]
+    for seed in range(3):
+        q, k, v = (t.requires_grad_() for t in _qkv(kind, seed))
+        mfa_hf.flash_attn_func(q, k, v).sum().backward()
+        assert q.grad is not None and not q.grad.isnan().any()
+    assert not _replays(kind[-1])
+
+
+def test_a_new_thread_without_an_allocator_is_served():
+    kind = KINDS[4]
+    _with_replay(kind)
+    results, errors = [], []
+
+    def worker():
+        try:
+            q, k, v = _qkv(kind, 11)
+            with torch.no_grad():
+                results.append((mfa_hf.flash_attn_func(q, k, v, **kind[-1]), _full_path(q, k, v, kind[-1])))
+        except Exception as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    _assert_same(*results[0], "new thread")
+
+
+def test_a_replayed_call_captures_in_a_cuda_graph():
+    kind = KINDS[1]
+    _with_replay(kind)
+    static = _qkv(kind, 12)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        mfa_hf.flash_attn_func(*static, **kind[-1])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        captured = mfa_hf.flash_attn_func(*static, **kind[-1])
+    for seed in (13, 14):
+        for target, values in zip(static, _qkv(kind, seed)):
+            target.copy_(values)
+        graph.replay()
+        _assert_same(captured, _full_path(*static, kind[-1]), f"graph replay {seed}")
