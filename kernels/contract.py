@@ -236,6 +236,7 @@ class Backend(Protocol):
     # Optional, as an attribute (None: absent): forward_replay(call) -> a function (q, k, v) -> (out, lse) or None,
     # relaunching what forward(call) just launched for later plain eager calls of exactly the same kind (the
     # caller guarantees the kind; the function returns None for a call it cannot replay). Host cost only.
+    # decode_replay(call) -> a function (q, keys, values, lengths) -> (out, lse) or None, the same for decode().
 
 
 @dataclass(frozen=True)
@@ -252,3 +253,4 @@ class BackendDefinition:
     fallback: Optional[str] = None
     bf16_backward: bool = False
     forward_replay: Optional[Callable] = None
+    decode_replay: Optional[Callable] = None

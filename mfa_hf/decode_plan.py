@@ -18,12 +18,12 @@ attention.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import dispatch, kvcache, native, routes, trace
+from . import dispatch, kvcache, native, ops, routes, trace
 from .decisions import Decisions, steering_environment
 from .kernels.contract import CacheSide, DecodeCall, Options
 from .ops import describe_decode
@@ -31,9 +31,28 @@ from .problem import AttentionProblem
 
 
 # A layer's kind (dtypes, shapes, strides, formats, window, host row groups, steering environment) -> its
-# checked path: (Route, dispatch.Backend or None when native, problem). Shared by every plan, so an unmasked
+# checked path (_LayerPath: route, dispatch.Backend or None when native, problem, replay). Shared by every plan, so an unmasked
 # decode, which has no step object to hold a plan, also checks and routes once per kind (decisions.py).
 _decisions = Decisions()
+
+
+@dataclass
+class _LayerPath:
+    """A kind of layer's checked path: the route, our backend (None when native), the problem the trace names, and
+    the backend's replay of its launch (ops.EagerShortcut.replay_for): None until made, _NO_REPLAY where the kind
+    can have none. A call the replay declines takes the full path."""
+
+    route: routes.Route
+    backend: Optional[dispatch.Backend]
+    problem: AttentionProblem
+    replay: Optional[Callable]
+
+
+def _no_replay(q, keys, values, lengths):
+    return None
+
+
+_NO_REPLAY = _no_replay
 
 
 @dataclass(frozen=True)
@@ -117,17 +136,26 @@ class DecodePlan:
                 keys.format, values.codes.shape, values.codes.stride(-1), values.format, layer.length, left, causal,
                 softcap, None if sinks is None else (sinks.shape, sinks.dtype, sinks.device),
                 None if residual is None else residual[0].shape, steering_environment())
-        chosen = _decisions.get(kind)
-        if chosen is None:
-            chosen = _decisions.keep(kind, self._choose(index, group, q, keys, values, layer, scale, left, causal,
-                                                        softcap, sinks))
-        route, backend, problem = chosen
-        if trace.enabled():
-            dispatch.record_route(route, problem, "decode")
-        if backend is None:  # the platform's kernel, exact here (routes.py): plain K/V, one row group
-            return native.sdpa(q, keys.codes[:, :layer.length], values.codes[:, :layer.length], None, route, scale)
-        return backend.ops.decode(self._call(index, group, q, keys, values, layer, scale, left, causal, softcap,
-                                            sinks), None)[0]
+        path = _decisions.get(kind)
+        if path is None:
+            path = _decisions.keep(kind, self._choose(index, group, q, keys, values, layer, scale, left, causal,
+                                                      softcap, sinks))
+        traced = trace.enabled()
+        if traced:
+            dispatch.record_route(path.route, path.problem, "decode")
+        if path.backend is None:  # the platform's kernel, exact here (routes.py): plain K/V, one row group
+            return native.sdpa(q, keys.codes[:, :layer.length], values.codes[:, :layer.length], None, path.route,
+                               scale)
+        replay = path.replay
+        if replay is not None and not traced and ops.plain_eager((q, keys.codes, values.codes)):
+            result = replay(q, keys, values, self._lengths_of(index, group, layer.length, q.device))
+            if result is not None:
+                return result[0]
+        call = self._call(index, group, q, keys, values, layer, scale, left, causal, softcap, sinks)
+        out = path.backend.ops.decode(call, None)[0]
+        if replay is None and not traced:
+            path.replay = path.backend.ops.decode.replay_for(call)
+        return out
 
     def _call(self, index, group, q, keys, values, layer, scale, left, causal, softcap, sinks) -> DecodeCall:
         options = Options(float(scale), left, 0 if causal else -1, float(softcap or 0.0))
@@ -154,7 +182,11 @@ class DecodePlan:
         plain = AttentionProblem(**{**problem.__dict__, "seqlen_k": layer.length})
         route = dispatch.route(plain, other_reason=other,
                                unit_stride=routes.unit_last_stride(q, keys.codes, values.codes))
-        return route, None if route.native else dispatch.select(problem), plain
+        backend = None if route.native else dispatch.select(problem)
+        # Only a plain layer (one row group, no residual, no sinks) of a backend with replays can have one.
+        replayable = backend is not None and backend.ops.decode.replays and not (
+            group.rows is not None or layer.residual is not None or sinks is not None)
+        return _LayerPath(route, backend, plain, None if replayable else _NO_REPLAY)
 
     def _lengths_of(self, index: int, group: RowGroup, length: int, device) -> Tensor:
         key = (index, length, device)

@@ -297,7 +297,7 @@ def _define_decode(backend: Backend, registry) -> EagerShortcut:
     op = torch.library.custom_op(f"mfa_hf::{name}_decode", decode, mutates_args=(),
                                  device_types=backend.device_types)
     op.register_fake(_fake_decode)
-    return EagerShortcut(op, decode_call)
+    return EagerShortcut(op, decode_call, getattr(backend, "decode_replay", None))
 
 
 def _decode_flags(call: DecodeCall) -> str:

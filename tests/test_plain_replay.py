@@ -144,3 +144,91 @@ def test_the_native_route_has_no_replay(replays, monkeypatch):
     decisions = list(api._plain_decisions.values())
     assert decisions and all(d.backend is None for d in decisions), "expected CPU SDPA's native route here"
     assert all(d.replay is api._NO_REPLAY for d in decisions) and not log
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode plan's layers (mfa_hf/decode_plan.py): the same rules for the backend's decode replay.
+
+from mfa_hf import decode_plan  # noqa: E402
+from mfa_hf.decode_plan import DecodePlan, LayerKV  # noqa: E402
+from mfa_hf.kernels.contract import CacheSide, DecodeCall  # noqa: E402
+
+
+@pytest.fixture
+def decode_replays(monkeypatch):
+    monkeypatch.setenv("MFA_BACKEND", "torch")
+    monkeypatch.delenv("MFA_TRACE", raising=False)
+    backend = dispatch.backend("torch")
+    log, decline = [], []
+
+    def replayer(call):
+        options, rows = call.options, call.cache_batch_idx
+        log.append("made")
+
+        def replay(q, keys, values, lengths):
+            if decline:
+                return None
+            log.append("used")
+            return backend.impl.decode(DecodeCall(q, keys, values, lengths, options, rows))
+
+        return replay
+
+    monkeypatch.setattr(backend.ops.decode, "_replayer", replayer)
+    decode_plan._decisions.clear()
+    yield log, decline
+    decode_plan._decisions.clear()
+
+
+def _layer(seed, length=20, capacity=24, residual=False):
+    g = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(2, capacity, 2, 16, generator=g) for _ in range(2))
+    extra = tuple(torch.randn(2, 3, 2, 16, generator=g) for _ in range(2)) if residual else None
+    return (torch.randn(2, 1, 4, 16, generator=g),
+            LayerKV(CacheSide(k, None, "none", 16), CacheSide(v, None, "none", 16), length, extra))
+
+
+def _decode_fresh(plan, q, layer, **kwargs):
+    saved = dict(decode_plan._decisions)
+    decode_plan._decisions.clear()
+    try:
+        with trace.capture():  # the full path, making no replay
+            return plan.run(q, layer, **kwargs)
+    finally:
+        decode_plan._decisions.clear()
+        decode_plan._decisions.update(saved)
+
+
+@pytest.mark.parametrize("kwargs", [{"scale": 0.25}, {"scale": 0.3, "window_left": 5, "softcap": 4.0}])
+def test_decode_layers_replay_after_the_first(decode_replays, kwargs):
+    log, _ = decode_replays
+    plan = DecodePlan(2, 1)
+    for seed in range(4):
+        q, layer = _layer(seed)
+        assert torch.equal(plan.run(q, layer, **kwargs), _decode_fresh(plan, q, layer, **kwargs))
+    assert log == ["made", "used", "used", "used"]
+
+
+def test_decode_kinds_that_cannot_replay(decode_replays):
+    log, _ = decode_replays
+    plan = DecodePlan(2, 1)
+    for seed in range(3):
+        q, layer = _layer(seed, residual=True)
+        assert torch.equal(plan.run(q, layer, scale=0.25), _decode_fresh(plan, q, layer, scale=0.25))
+        plan.run(q, _layer(seed)[1], scale=0.25, sinks=torch.zeros(4))
+    with trace.capture() as counted:
+        for seed in range(3):
+            q, layer = _layer(seed, length=11)
+            plan.run(q, layer, scale=0.25)
+    assert not log and sum(counted.values()) == 3
+    assert all(path.replay is decode_plan._NO_REPLAY for kind, path in decode_plan._decisions.items()
+               if kind[-2] is not None or kind[-3] is not None)
+
+
+def test_a_declined_decode_takes_the_full_path(decode_replays):
+    log, decline = decode_replays
+    plan = DecodePlan(2, 1)
+    plan.run(*_layer(0), scale=0.25)
+    decline.append(True)
+    q, layer = _layer(1)
+    assert torch.equal(plan.run(q, layer, scale=0.25), _decode_fresh(plan, q, layer, scale=0.25))
+    assert log == ["made"]

@@ -2,7 +2,7 @@
 descriptors (kernels/triton/tma.py) and block shapes. (Triton's warp specialization of the inner loop was timed
 too, in the 2026-12-04 logs, gained nothing on Hopper and is no longer a kernel option.)
 
-    MFA_BACKEND=triton PYTHONPATH=. python benchmarks/triton/forward_variants.py [--out DIR] [--quick]
+    MFA_BACKEND=triton PYTHONPATH=. python benchmarks/triton/forward_variants.py [--out DIR] [--quick | --small]
 
 Every variant's output is compared with the shipped default's and with SDPA's before it is timed (a variant
 that differs by more than bf16 rounding is reported, not timed). Times: triton.testing.do_bench medians.
@@ -36,6 +36,10 @@ VARIANTS = {  # name -> (TMA: True / False / None for the table's, (block_m, blo
     "tma-128x64x8x4": (True, (128, 64, 8, 4)),
     "tma-128x64x4x3": (True, (128, 64, 4, 3)),
     "ptr-128x64x8x3": (False, (128, 64, 8, 3)),
+    "ptr-128x64x4x3": (False, (128, 64, 4, 3)),
+    "ptr-128x128x8x3": (False, (128, 128, 8, 3)),
+    "ptr-64x128x4x3": (False, (64, 128, 4, 3)),
+    "ptr-64x64x4x4": (False, (64, 64, 4, 4)),
 }
 _make_plan = forward._make_plan
 
@@ -78,14 +82,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="two shapes only")
+    parser.add_argument("--small", action="store_true",
+                        help="D 128 at N 512 and 1024 with 16k tokens a call (host_overhead.py's shapes)")
     args = parser.parse_args()
     shapes = [(d, causal, n) for d in (128, 64) for causal in (False, True) for n in (1024, 4096, 16384)]
+    tokens = 65536
     if args.quick:
         shapes = [(128, False, 16384), (128, True, 4096)]
+    if args.small:
+        shapes, tokens = [(128, causal, n) for causal in (False, True) for n in (512, 1024)], 16384
     rows = []
     for dim, causal, n in shapes:
         heads = 2048 // dim
-        batch = max(1, 65536 // n)
+        batch = max(1, tokens // n)
         g = torch.Generator(device="cuda").manual_seed(n + dim)
         q, k, v = (torch.randn(batch, n, heads, dim, device="cuda", dtype=torch.bfloat16, generator=g)
                    for _ in range(3))

@@ -88,7 +88,21 @@ def decode_layers() -> None:
         "flash_attn_with_kvcache, cache_seqlens int (host)": host_us(
             lambda: mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=200), 500),
     }
-    print("host µs per decode call (B=8, Hq=32, Hkv=8, D=128, 256-token cache):")
+    from mfa_hf.decode_plan import DecodePlan, LayerKV
+    from mfa_hf.kernels.contract import CacheSide
+    from mfa_hf.kvcache import cache_side
+
+    plain = LayerKV(CacheSide(k_cache, None, "none", 128), CacheSide(v_cache, None, "none", 128), 200)
+    int8 = LayerKV(*(cache_side(mfa_hf.quantize_kv(c, "int8")) for c in (k_cache, v_cache)), 200)
+    plan = DecodePlan(8, 1)
+    qt, kt, vt = q.transpose(1, 2), k_cache[:, :200].transpose(1, 2), v_cache[:, :200].transpose(1, 2)
+    with torch.no_grad():
+        rows["decode plan layer (a model's decode step), plain cache"] = host_us(
+            lambda: plan.run(q, plain, scale=128 ** -0.5), 2000)
+        rows["decode plan layer, int8 cache (no residual)"] = host_us(lambda: plan.run(q, int8, scale=128 ** -0.5), 2000)
+        rows["SDPA over the cache view (enable_gqa)"] = host_us(
+            lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True), 2000)
+    print("host µs per decode call (B=8, Hq=32, Hkv=8, D=128, 256-token cache, 200 valid):")
     for name, us in rows.items():
         print(f"  {name:55s} {us:8.1f}")
 

@@ -18,6 +18,7 @@ from ..contract import BackendDefinition
 from .backward import backward
 from .blocks import interpreting
 from .decode import decode
+from .decode import replay as decode_replay
 from .forward import forward, replay
 
 NAME = "triton"
@@ -43,4 +44,4 @@ def supports(problem: AttentionProblem) -> tuple[bool, str]:
 
 
 BACKEND = BackendDefinition(NAME, supports, forward, backward, decode, device_types=None, bf16_backward=True,
-                            forward_replay=replay)
+                            forward_replay=replay, decode_replay=decode_replay)

@@ -19,7 +19,8 @@ from ..launch import BoundedMemo, SplitPolicy, new_output
 from . import decode_kernel
 from .binding import alibi_args, dot_precision, on_tensors_device
 from .blocks import cdiv, padded_dim
-from .direct_launch import DirectLauncher
+from .direct_launch import DirectLauncher, tensor_classes
+from .forward import launches_unchanged
 
 # Kernels relaunched without Triton's per-call binding once compiled for a kind of call (direct_launch.py).
 _SPLIT = DirectLauncher(decode_kernel.decode_split_kernel)
@@ -175,6 +176,16 @@ def _make_plan(call: DecodeCall, config) -> _Plan:
         (*out_strides, *lse_strides, lq, heads_q, splits), merge_options)
 
 
+def _launch_key(call: DecodeCall, config) -> tuple:
+    q, keys, values, o = call.q, call.keys, call.values, call.options
+    k_codes, v_codes = keys.codes, values.codes
+    return (q.device, q.dtype, q.shape, q.stride(), k_codes.dtype, k_codes.shape, k_codes.stride(), v_codes.dtype,
+            v_codes.shape, v_codes.stride(), _strided(keys.scales), _strided(values.scales), keys.format,
+            values.format, keys.group_size, values.group_size, o.window_left, o.window_right, o.softcap > 0,
+            _strided(call.alibi_slopes), call.sinks is None, call.cache_batch_idx is None, call.num_splits,
+            None if config is None else tuple(sorted(config.items())))
+
+
 @on_tensors_device
 def decode(call: DecodeCall, config=None):
     """The triton decode (kernels/contract.py DecodeCall); config overrides DECODE_CONFIG (benchmarks).
@@ -183,11 +194,7 @@ def decode(call: DecodeCall, config=None):
     q, keys, values, o = call.q, call.keys, call.values, call.options
     k_codes, k_scales, v_codes, v_scales = keys.codes, keys.scales, values.codes, values.scales
     alibi_slopes, sinks, cache_batch_idx = call.alibi_slopes, call.sinks, call.cache_batch_idx
-    key = (q.device, q.dtype, q.shape, q.stride(), k_codes.dtype, k_codes.shape, k_codes.stride(), v_codes.dtype,
-           v_codes.shape, v_codes.stride(), _strided(k_scales), _strided(v_scales), keys.format, values.format,
-           keys.group_size, values.group_size, o.window_left, o.window_right, o.softcap > 0, _strided(alibi_slopes),
-           sinks is None, cache_batch_idx is None, call.num_splits,
-           None if config is None else tuple(sorted(config.items())))
+    key = _launch_key(call, config)
     if q.shape[0] == 0 or q.shape[1] == 0:
         dim_v = kv_formats.spec(values.format).logical_dim(v_codes.shape[-1])
         return (new_output((q.shape[0], q.shape[1], q.shape[2], dim_v), q.dtype, q.device),
@@ -212,3 +219,81 @@ def decode(call: DecodeCall, config=None):
         _MERGE.launch(plan.merge_grid, (part_o, part_lse, sink_arg, out, lse, *plan.merge_ints), plan.merge_options,
                       known=key, tensors=5)
     return out, lse
+
+
+def replay(call: DecodeCall):
+    """After `decode(call)` ran: a function (q, keys, values, lengths) -> (out, lse), with CacheSides and an int32
+    (B,) lengths vector as in DecodeCall,
+    that launches the same compiled kernels with the same plan for later calls of this kind, or None where there
+    is none: plain calls only (no row map, ALiBi, sinks or residual), on CUDA, with 16-byte aligned tensors.
+
+    The caller guarantees the shapes, dtypes, formats, devices and options (mfa_hf/decode_plan.py's kind). The
+    replay checks, per call, the rest of what the launch depends on: every stride and the scales' layout and
+    group sizes, 16-byte alignment, the current CUDA device, and the launch switches (forward.py); when one
+    differs it returns None and the caller takes the full path.
+    """
+    q, keys, values = call.q, call.keys, call.values
+    if (call.cache_batch_idx is not None or call.alibi_slopes is not None or call.sinks is not None
+            or call.has_residual or call.num_splits or q.device.type != "cuda"
+            or q.device.index != torch.cuda.current_device()):
+        return None
+    key = _launch_key(call, None)
+    plan = _plans.get(key)
+    if plan is None or call.seqlens_k.dtype != torch.int32 or _misaligned(q, keys, values, call.seqlens_k):
+        return None
+    index, device, dtype = q.device.index, q.device, q.dtype
+    # The argument kinds decode() launched with (q stands in for the absent row map, slopes and sinks).
+    split_classes = tensor_classes((q, keys.codes, values.codes, _scales_arg(keys), _scales_arg(values),
+                                    call.seqlens_k, q, q, q, plan.levels)) + (
+        (dtype, True), (torch.float32, True), (torch.float32, True), (torch.float32, True))  # out, lse, scratch
+    split = _SPLIT.runner(index, plan.split_grid, key, split_classes)
+    merge = None
+    if plan.part_sizes is not None:
+        merge = _MERGE.runner(index, plan.merge_grid, key, (
+            (torch.float32, True), (torch.float32, True), (dtype, True), (dtype, True), (torch.float32, True)))
+        if merge is None:
+            return None
+    if split is None:
+        return None
+    (run_split, split_tail), o, layout = split, call.options, _layout(q, keys, values)
+    middle = (*plan.split_ints, float(o.scale), float(o.softcap), *plan.split_tail, *split_tail)
+    levels, out_shape, lse_shape, part_sizes = plan.levels, plan.out_shape, plan.lse_shape, plan.part_sizes
+    unchanged = launches_unchanged()
+
+    def launch(q, keys, values, lengths):
+        if (lengths.dtype != torch.int32 or _layout(q, keys, values) != layout or _misaligned(q, keys, values, lengths)
+                or not unchanged()):
+            return None
+        out = new_output(out_shape, dtype, device)
+        lse = new_output(lse_shape, torch.float32, device)
+        if part_sizes is None:
+            part_o = part_lse = lse
+        else:
+            part_o = torch.empty(part_sizes[0], dtype=torch.float32, device=device)
+            part_lse = torch.empty(part_sizes[1], dtype=torch.float32, device=device)
+        run_split(q, keys.codes, values.codes, _scales_arg(keys), _scales_arg(values), lengths, q, q, q, levels,
+                  out, lse, part_o, part_lse, *middle)
+        if merge is not None:
+            run_merge, merge_tail = merge
+            run_merge(part_o, part_lse, q, out, lse, *plan.merge_ints, *merge_tail)
+        return out, lse
+
+    return launch
+
+
+def _scales_arg(side):
+    """What decode() binds for a side's scales: the codes stand in for a plain cache's absent scales."""
+    return side.codes if side.format == "none" else side.scales
+
+
+def _layout(q, keys, values) -> tuple:
+    return (q.stride(), keys.codes.stride(), _strided(keys.scales), keys.group_size, values.codes.stride(),
+            _strided(values.scales), values.group_size, torch.cuda.current_device())
+
+
+def _misaligned(q, keys, values, lengths) -> int:
+    pointer = q.data_ptr() | keys.codes.data_ptr() | values.codes.data_ptr() | lengths.data_ptr()
+    for side in (keys, values):
+        if side.format != "none":
+            pointer |= side.scales.data_ptr()
+    return pointer & 15

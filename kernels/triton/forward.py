@@ -127,6 +127,13 @@ def forward(call: AttentionCall):
     return out, lse
 
 
+def launches_unchanged():
+    """A function telling whether what a launch made now depends on beyond its key is still the same: the plans
+    not forgotten since (forget_plans) and the launch switches in the environment. For replays."""
+    generation, switches = _generation[0], _read_switches()
+    return lambda: _generation[0] == generation and _read_switches() == switches
+
+
 def replay(call: AttentionCall):
     """After `forward(call)` ran: a function (q, k, v) -> (out, lse) that launches the same compiled kernel with
     the same plan for later calls of exactly this kind, with no key, plan or launcher lookup; or None where there
@@ -156,11 +163,10 @@ def replay(call: AttentionCall):
     run, tail = found
     rest = (*plan.ints, float(o.scale), float(o.softcap), *plan.window, 0, 0, 1.0, *tail)
     out_shape, lse_shape, uses_tma = plan.out_shape, plan.lse_shape, plan.options["TMA"]
-    generation, switches, current_device = _generation[0], _read_switches(), torch.cuda.current_device
+    unchanged, current_device = launches_unchanged(), torch.cuda.current_device
 
     def launch(q, k, v):
-        if ((q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15 or current_device() != index
-                or _generation[0] != generation or _read_switches() != switches):
+        if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15 or current_device() != index or not unchanged():
             return None
         out = new_output(out_shape, out_dtype, device)
         lse = new_output(lse_shape, torch.float32, device)

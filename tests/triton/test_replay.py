@@ -227,3 +227,109 @@ def test_a_replayed_call_captures_in_a_cuda_graph():
             target.copy_(values)
         graph.replay()
         _assert_same(captured, _full_path(*static, kind[-1]), f"graph replay {seed}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode plan's layers (mfa_hf/decode_plan.py): the triton decode replay (kernels/triton/decode.py `replay`).
+
+from mfa_hf import decode_plan  # noqa: E402
+from mfa_hf.decode_plan import DecodePlan, LayerKV  # noqa: E402
+from mfa_hf.kernels.contract import CacheSide  # noqa: E402
+from mfa_hf.kvcache import cache_side  # noqa: E402
+from mfa_hf.quant import quantize_kv  # noqa: E402
+
+# (name, format, cache capacity, valid length, Hq, Hkv, D, layout): one split and split-K + merge.
+DECODE_KINDS = [
+    ("bf16_short", None, 96, 70, 8, 2, 128, "bshd"),
+    ("bf16_long_hf_layout", None, 4096, 3000, 8, 2, 128, "bhsd"),
+    ("int8", "int8", 2048, 1500, 8, 2, 64, "bshd"),
+    ("fp8", "fp8_e4m3", 2048, 1900, 4, 4, 128, "bshd"),
+    ("nf4", "nf4", 1024, 1000, 8, 1, 128, "bshd"),
+]
+
+
+@pytest.fixture
+def empty_decisions():
+    decode_plan._decisions.clear()
+    yield
+    decode_plan._decisions.clear()
+
+
+def _decode_layer(kind, seed, offset=0):
+    _, fmt, capacity, length, hq, hkv, d, layout = kind
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 1, hq, d, generator=g).to(torch.bfloat16).cuda()
+    sides = []
+    for _ in range(2):
+        values = torch.randn(2, capacity, hkv, d, generator=g).to(torch.bfloat16).cuda()
+        if layout == "bhsd":  # transformers' cache layout (B, Hkv, S, D), read as a (B, S, Hkv, D) view
+            values = values.transpose(1, 2).contiguous().transpose(1, 2)
+        if offset:
+            buffer = torch.empty(values.numel() + offset, dtype=values.dtype, device="cuda")
+            shifted = buffer[offset:].view(values.shape)
+            shifted.copy_(values)
+            values = shifted
+        sides.append(CacheSide(values, None, "none", d) if fmt is None else cache_side(quantize_kv(values, fmt)))
+    return q, LayerKV(sides[0], sides[1], length)
+
+
+def _decode_full_path(plan, q, layer, **kwargs):
+    saved = dict(decode_plan._decisions)
+    decode_plan._decisions.clear()
+    try:
+        with trace.capture():  # traced: the full path, making no replay
+            return plan.run(q, layer, **kwargs)
+    finally:
+        decode_plan._decisions.clear()
+        decode_plan._decisions.update(saved)
+
+
+def _decode_replays():
+    return [p.replay for p in decode_plan._decisions.values() if p.replay not in (None, decode_plan._NO_REPLAY)]
+
+
+@pytest.mark.parametrize("kind", DECODE_KINDS, ids=[k[0] for k in DECODE_KINDS])
+@pytest.mark.parametrize("options", [{"scale": 0.09}, {"scale": 0.1, "window_left": 300, "softcap": 20.0}],
+                         ids=["plain", "window_softcap"])
+def test_decode_replays_equal_the_full_path(kind, options, empty_decisions):
+    plan = DecodePlan(2, 1)
+    with torch.no_grad():
+        plan.run(*_decode_layer(kind, 0), **options)
+        assert len(_decode_replays()) == 1, "the kind made no replay"
+        for seed in (1, 2):
+            q, layer = _decode_layer(kind, seed)
+            replayed = plan.run(q, layer, **options)
+            assert not replayed.isnan().any()
+            assert torch.equal(replayed, _decode_full_path(plan, q, layer, **options)), f"{kind[0]} seed {seed}"
+
+
+def test_a_misaligned_cache_takes_the_full_path(empty_decisions):
+    kind, plan = DECODE_KINDS[0], DecodePlan(2, 1)
+    with torch.no_grad():
+        plan.run(*_decode_layer(kind, 0), scale=0.09)
+        (replay,) = _decode_replays()
+        q, layer = _decode_layer(kind, 3, offset=1)
+        assert replay(q, layer.keys, layer.values, torch.full((2,), 70, dtype=torch.int32, device="cuda")) is None
+        assert torch.equal(plan.run(q, layer, scale=0.09), _decode_full_path(plan, q, layer, scale=0.09))
+
+
+def test_a_replayed_decode_step_captures_in_a_cuda_graph(empty_decisions):
+    kind, plan = DECODE_KINDS[1], DecodePlan(2, 1)
+    q, layer = _decode_layer(kind, 0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(2):  # decide, then make the replay (and the plan's length vector)
+            plan.run(q, layer, scale=0.09)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert len(_decode_replays()) == 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        captured = plan.run(q, layer, scale=0.09)
+    for seed in (4, 5):
+        new_q, new_layer = _decode_layer(kind, seed)
+        q.copy_(new_q)
+        layer.keys.codes.copy_(new_layer.keys.codes)
+        layer.values.codes.copy_(new_layer.values.codes)
+        graph.replay()
+        assert torch.equal(captured, _decode_full_path(plan, q, layer, scale=0.09)), f"graph replay {seed}"
