@@ -82,7 +82,7 @@ def flash_attn_func(
                     return result if return_lse else result[0]
             call = AttentionCall(q, k, v, known.options)
             result = _run(known, call, return_lse)
-            if replay is None:
+            if replay is not _NO_REPLAY:  # none yet, or one that declined (it may be stale: plans forgotten since)
                 replay = _replay_for(known, call)
                 if replay is not None:
                     _plain_decisions[kind] = dataclasses.replace(known, replay=replay)
@@ -254,7 +254,8 @@ class Decision:
     problem: AttentionProblem
     options: Options
     # A plain kind's relaunch of its kernel (ops.EagerShortcut.replay_for), made at its second call: None until
-    # then, _NO_REPLAY when the backend has none for it. A call the replay declines takes the path above.
+    # then, _NO_REPLAY when the backend has none for it. A call the replay declines takes the full path, and a
+    # replay made from that call replaces it (a replay made before the plans were forgotten declines for good).
     replay: Optional[Callable] = None
 
 

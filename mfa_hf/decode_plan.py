@@ -153,8 +153,8 @@ class DecodePlan:
                 return result[0]
         call = self._call(index, group, q, keys, values, layer, scale, left, causal, softcap, sinks)
         out = path.backend.ops.decode(call, None)[0]
-        if replay is None and not traced:
-            path.replay = path.backend.ops.decode.replay_for(call)
+        if replay is not _NO_REPLAY and not traced:  # none yet, or one that declined (it may be stale)
+            path.replay = path.backend.ops.decode.replay_for(call) or replay
         return out
 
     def _call(self, index, group, q, keys, values, layer, scale, left, causal, softcap, sinks) -> DecodeCall:

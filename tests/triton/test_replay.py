@@ -141,9 +141,11 @@ def test_a_misaligned_tensor_takes_the_full_path(kind):
 
 def test_forgotten_plans_and_changed_switches_take_the_full_path(monkeypatch):
     kind = KINDS[4]
-    _with_replay(kind)
+    stale = _with_replay(kind)
     triton_forward.forget_plans()
     assert _declined(kind, *_qkv(kind, 6))
+    (fresh,) = _replays()  # the declined call made a new replay, which serves the next calls
+    assert fresh is not stale and fresh(*_qkv(kind, 7)) is not None
     api._plain_decisions.clear()
     _with_replay(kind)
     monkeypatch.setenv("MFA_TRITON_TMA", "0")
