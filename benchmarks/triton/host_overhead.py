@@ -3,7 +3,8 @@
     PYTHONPATH=. python benchmarks/triton/host_overhead.py
 
 A tiny problem (the GPU finishes each kernel in a few µs) is called back to back N times and the wall
-time divided by N: with the device idle most of the time, that is the host's cost of one call. Layers,
+time divided by N: with the device idle most of the time, that is the host's cost of one call (the best of
+five rounds: the lent machines' hosts were seen to differ by 2x between runs, and within a run). Layers,
 outermost first: the public function (validation, dispatch, custom op, launcher), the custom op alone,
 the backend's launcher, the bare Triton launch with the launcher's arguments, and SDPA for scale.
 Then, at B x N = 16384 (H x D = 2048, bf16), the forward timed both ways: one synchronized call at a
@@ -22,15 +23,24 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 CALLS = 2000
 
 
-def host_us(fn, calls: int = CALLS) -> float:
+REPEATS = 5
+
+
+def host_us(fn, calls: int = CALLS, repeats: int = REPEATS) -> float:
+    """µs per call: the best of `repeats` rounds of calls // repeats back-to-back calls (timeit's rule: the
+    fastest round is the one least disturbed by the rest of the machine, whose noise only adds time)."""
     for _ in range(50):
         fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
+    rounds = []
+    per_round = max(1, calls // repeats)
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(per_round):
+            fn()
+        torch.cuda.synchronize()
+        rounds.append((time.perf_counter() - start) / per_round * 1e6)
+    return min(rounds)
 
 
 def forward_layers() -> None:
