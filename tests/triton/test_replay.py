@@ -10,6 +10,7 @@ CUDA only: the replay launches compiled kernels, which the interpreter has not.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -105,10 +106,15 @@ def test_replayed_calls_equal_the_full_path(kind, layout):
     with torch.no_grad():
         for seed in range(2):  # the first call decides, the second makes the replay
             mfa_hf.flash_attn_func(*_qkv(kind, seed, layout), **kwargs)
-        assert len(_replays(kwargs)) == 1, "the kind made no replay"
+        ((kind_key, decision),) = [(key, d) for key, d in api._plain_decisions.items()
+                                   if d.replay not in (None, api._NO_REPLAY)]
+        used = []
+        counted = lambda *args: used.append(1) or decision.replay(*args)  # noqa: E731 - counts the calls it serves
+        api._plain_decisions[kind_key] = dataclasses.replace(decision, replay=counted)
         for seed in range(2, 4):
             q, k, v = _qkv(kind, seed, layout)
             replayed = mfa_hf.flash_attn_func(q, k, v, **kwargs)
+            assert len(used) == seed - 1 and api._plain_decisions[kind_key].replay is counted, "replay unused"
             _assert_same(replayed, _full_path(q, k, v, kwargs), f"{kind[0]} seed {seed}")
             _check_reference(kind, q, k, v, replayed)
 
@@ -297,10 +303,13 @@ def test_decode_replays_equal_the_full_path(kind, options, empty_decisions):
     plan = DecodePlan(2, 1)
     with torch.no_grad():
         plan.run(*_decode_layer(kind, 0), **options)
-        assert len(_decode_replays()) == 1, "the kind made no replay"
+        (path,) = [p for p in decode_plan._decisions.values() if p.replay not in (None, decode_plan._NO_REPLAY)]
+        made, used = path.replay, []
+        counted = path.replay = lambda *args: used.append(1) or made(*args)  # counts the calls it serves
         for seed in (1, 2):
             q, layer = _decode_layer(kind, seed)
             replayed = plan.run(q, layer, **options)
+            assert len(used) == seed and path.replay is counted, "the replay was not used, or declined"
             assert not replayed.isnan().any()
             assert torch.equal(replayed, _decode_full_path(plan, q, layer, **options)), f"{kind[0]} seed {seed}"
 
