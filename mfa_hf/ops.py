@@ -23,19 +23,20 @@ from .kernels.merge import decode_with_residual
 from .problem import AttentionProblem, MaskKind
 
 
-def plain_eager(args) -> bool:
+def plain_eager(args, autograd: bool = False) -> bool:
     """Whether calling an op's implementation directly is the same as calling the op.
 
     True in plain eager code: not compiling or tracing (fake tensors and make_fx run under a dispatch
     mode), no functorch transform (vmap, grad), no tensor subclass, and no autograd graph to record.
     The dispatcher costs ~18 µs of host time per call on a fast x86 core and ~56 µs on the H100
     machine's host (benchmarks/triton/host_overhead.py), paid by every layer of every decode step.
+    autograd=True allows a graph to record (the caller records it itself: EagerAutograd).
     """
     if torch.compiler.is_compiling():  # checked first: dynamo folds it and traces nothing below
         return False
     if not eager_context():
         return False
-    grad = torch.is_grad_enabled()
+    grad = torch.is_grad_enabled() and not autograd
     for arg in args:
         kind = type(arg)
         if kind is Tensor or kind is torch.nn.Parameter:
@@ -57,13 +58,16 @@ def eager_context() -> bool:
 
 class EagerShortcut:
     """A registered custom op taking a call object: plain eager calls (plain_eager) run the
-    implementation on the call directly; compiled, traced and autograd calls go through `op` with the
-    call's flat arguments (fake, autograd, opcheck)."""
+    implementation on the call directly, and eager calls that record autograd its autograd.Function when
+    it has one (the op's own setup_context and backward); compiled, traced and transformed calls go through
+    `op` with the call's flat arguments (fake, autograd, opcheck)."""
 
-    def __init__(self, op: Callable, impl: Callable, replayer: Optional[Callable] = None):
+    def __init__(self, op: Callable, impl: Callable, replayer: Optional[Callable] = None,
+                 autograd: Optional[type] = None):
         self.op = op
         self.impl = impl
         self._replayer = replayer
+        self._autograd = autograd  # the op's autograd as a torch.autograd.Function, for plain eager calls
 
     @property
     def replays(self) -> bool:
@@ -81,6 +85,8 @@ class EagerShortcut:
         args = call.op_args()
         if plain_eager(args):
             return self.impl(call, problem)
+        if self._autograd is not None and plain_eager(args, autograd=True):
+            return self._autograd.apply(*args)
         return self.op(*args)
 
 
@@ -240,14 +246,28 @@ def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendO
     def backward(ctx, grad_out, grad_lse):
         *tensors, out, lse = ctx.saved_tensors
         want_mask_grad = bool(ctx.needs_input_grad[3]) and ctx.mask_dtype != torch.bool
-        dq, dk, dv, dsinks, dmask = bwd_op(grad_out.contiguous(), grad_lse, out, lse, want_mask_grad, *tensors,
-                                           *ctx.scalars)
+        args = (grad_out.contiguous(), grad_lse, out, lse, want_mask_grad, *tensors, *ctx.scalars)
+        # The implementation directly where that is the same as the op (eager, no graph of the backward to record)
+        dq, dk, dv, dsinks, dmask = attention_bwd(*args) if plain_eager(args) else bwd_op(*args)
         dsinks = dsinks.to(ctx.sinks_dtype) if ctx.needs_input_grad[5] else None
         dmask = dmask.to(ctx.mask_dtype) if want_mask_grad else None
         return (dq, dk, dv, dmask, None, dsinks) + (None,) * 11
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
-    return BackendOps(backend, EagerShortcut(fwd_op, forward_call, getattr(backend, "forward_replay", None)), bwd_op,
+
+    def eager_forward(ctx, *args):  # ctx in forward, not a setup_context: apply() would bind a signature per call
+        output = forward_call(AttentionCall.from_op_args(args), None)
+        setup_context(ctx, args, output)
+        return output
+
+    # The forward op's autograd (the same setup_context and backward) for plain eager calls that record a graph:
+    # the op's own autograd wrapper costs ~100 µs of host time per call more (dispatcher round trips and
+    # torch.library's per-call schema walk), paid by every layer of every training step. Named for the backend,
+    # so that a graph shows <name>_attentionBackward.
+    EagerAutograd = type(f"{name}_attention", (torch.autograd.Function,), {
+        "forward": staticmethod(eager_forward), "backward": staticmethod(backward)})
+    forward_ops = EagerShortcut(fwd_op, forward_call, getattr(backend, "forward_replay", None), EagerAutograd)
+    return BackendOps(backend, forward_ops, bwd_op,
                       _define_decode(backend, registry), _define_append(backend, registry))
 
 

@@ -83,8 +83,9 @@ def test_opcheck_forward_and_backward():
 
 def test_eager_calls_skip_the_dispatcher_and_everything_else_goes_through_the_op(monkeypatch):
     """Plain eager calls run the op's implementation directly (the dispatcher's host cost is paid by every
-    layer of every decode step); calls that record autograd, run under a tracer's dispatch mode (fake
-    tensors) or a functorch transform go through the registered op. Both give identical results."""
+    layer of every decode step), and eager calls that record autograd its autograd.Function; calls that run
+    under a tracer's dispatch mode (fake tensors) or a functorch transform go through the registered op. All
+    give identical results."""
     through_op = []
     op = OPS.forward.op
 
@@ -102,16 +103,25 @@ def test_eager_calls_skip_the_dispatcher_and_everything_else_goes_through_the_op
     mfa_hf.flash_attn_func(q, k, v, causal=True)  # grad enabled, but nothing requires grad: still direct
     assert through_op == []
 
+    # Eager calls that record autograd take the op's autograd as an autograd.Function (ops.define_ops: the
+    # same setup_context and backward, without the dispatcher): the same output and the same gradients as the op.
     leaves = small_qkv(requires_grad=True)
     out = mfa_hf.flash_attn_func(*leaves, causal=True)
-    assert through_op == [1] and out.grad_fn is not None, "autograd must record the op"
+    assert through_op == [] and type(out.grad_fn).__name__.startswith("torch_attention"), out.grad_fn
     assert torch.equal(out.detach(), direct)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), leaves)
+    op_leaves = small_qkv(requires_grad=True)
+    op_out = op(*op_leaves, None, None, None, None, None, None, 8 ** -0.5, -1, 0, 0.0, 0.0, 0, 0)[0]
+    assert type(op_out.grad_fn).__name__.startswith("GeneratedBackwardFor_mfa_hf_torch_attention_fwd")
+    for ours, theirs in zip(grads, torch.autograd.grad((op_out * weights).sum(), op_leaves)):
+        assert torch.equal(ours, theirs)
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
         fake = mfa_hf.flash_attn_func(*(mode.from_tensor(t) for t in (q, k, v)), causal=True)
-    assert through_op == [1, 1] and fake.shape == direct.shape
+    assert through_op == [1] and fake.shape == direct.shape
 
     from mfa_hf.ops import plain_eager
 
