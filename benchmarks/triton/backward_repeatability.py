@@ -27,11 +27,15 @@ REPEATS = 20
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def table_configurations() -> list[tuple[int, torch.dtype, bool]]:
-    """(head dim, dtype, causal) reaching every entry of the backward tables (float32 halves BLOCK_N,
-    so it selects other configurations than the 2-byte types)."""
+def table_configurations() -> list[tuple[int, torch.dtype, bool, int]]:
+    """(head dim, dtype, causal, sequence length) reaching every entry of the backward tables (float32 halves
+    BLOCK_N, so it selects other configurations than the 2-byte types; a head dim with a short-sequence entry is
+    also run past blocks.SMALL_BACKWARD_N, where the long-sequence entry serves)."""
     dims = sorted(set(blocks._BACKWARD_KV) | set(blocks._BACKWARD_Q))
-    return [(dim, dtype, causal) for dim in dims for dtype in DTYPES for causal in (False, True)]
+    short = [(dim, dtype, causal, 509) for dim in dims for dtype in DTYPES for causal in (False, True)]
+    long = [(dim, dtype, causal, blocks.SMALL_BACKWARD_N + 61) for dim in sorted(blocks._BACKWARD_KV_SMALL)
+            for dtype in (torch.bfloat16,) for causal in (False, True)]
+    return short + long
 
 
 @contextmanager
@@ -133,12 +137,12 @@ def main(argv=None) -> int:
                                              (32, 128, 4, 2), (128, 128, 8, 2)])
         return 0
     print(f"torch {torch.__version__}, triton {__import__('triton').__version__}, {torch.cuda.get_device_name()}")
-    for dim, dtype, causal in table_configurations():
-        kv = blocks.backward_kv_blocks(dim, dtype, causal)
+    for dim, dtype, causal, seqlen in table_configurations():
+        kv = blocks.backward_kv_blocks(dim, dtype, causal, "cuda", seqlen + 6)
         q = blocks.backward_q_blocks(dim, dtype, causal)
-        failures += _report(f"d={dim} {str(dtype)[6:]} causal={causal} table kv={tuple(vars(kv).values())} "
+        failures += _report(f"d={dim} {str(dtype)[6:]} causal={causal} N={seqlen} table kv={tuple(vars(kv).values())} "
                             f"q={tuple(vars(q).values())}",
-                            lambda: check(dim, dtype, causal, args.repeats))
+                            lambda: check(dim, dtype, causal, args.repeats, seqlen))
     for dim in ([] if args.probe is None else (args.probe or [32, 64])):
         for chosen in _probe_variants(dim):
             for dtype, causal in itertools.product((torch.bfloat16,), (False, True)):

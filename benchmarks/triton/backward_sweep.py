@@ -1,6 +1,6 @@
 """Backward block shapes for head dim 128, timed side by side with SDPA-flash (issue 19's fwd+bwd target).
 
-    PYTHONPATH=. MFA_BACKEND=triton python benchmarks/triton/backward_sweep.py
+    PYTHONPATH=. MFA_BACKEND=triton python benchmarks/triton/backward_sweep.py [--small]
 
 The dK/dV and dQ kernels are independent, so each table entry is swept with the other fixed at its
 current value. Every candidate's gradients are compared with the current configuration's (a
@@ -24,6 +24,13 @@ KV = [blocks.Blocks(*c) for c in ((64, 128, 8, 2), (64, 128, 4, 2), (128, 128, 8
 Q = [blocks.Blocks(*c) for c in ((128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2),
                                  (128, 64, 4, 3), (128, 64, 8, 3))]
 SHAPES = {"B4 H16 N4096": (4, 4096, 16, 16), "B1 H32/8 N8192": (1, 8192, 32, 8)}
+# --small: the cuda suite's short sequences (B x N = 16k tokens, 16 heads), where the backward trails most, and
+# candidates with more, smaller programs (dK/dV keeps block_m >= 64 or one stage: blocks.py's race rule).
+SMALL_SHAPES = {"B32 H16 N512": (32, 512, 16, 16), "B16 H16 N1024": (16, 1024, 16, 16), "B8 H16 N2048": (8, 2048, 16, 16)}
+SMALL_KV = [blocks.Blocks(*c) for c in ((128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2),
+                                        (128, 32, 8, 2), (64, 128, 4, 2))]
+SMALL_Q = [blocks.Blocks(*c) for c in ((128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 4, 2),
+                                       (64, 64, 4, 3), (128, 64, 4, 2))]
 
 
 def _inputs(batch, n, hq, hkv):
@@ -42,8 +49,8 @@ def _fwd_bwd_ms(fn):
     return cuda_median_ms(fn, repeats=10, warmup=2)["median_ms"]
 
 
-def sweep():
-    for name, (batch, n, hq, hkv) in SHAPES.items():
+def sweep(shapes=SHAPES, kv_candidates=KV, q_candidates=Q):
+    for name, (batch, n, hq, hkv) in shapes.items():
         q, k, v, grad = _inputs(batch, n, hq, hkv)
         for causal in (False, True):
             def sdpa():
@@ -58,7 +65,7 @@ def sweep():
             reference_ms = _fwd_bwd_ms(sdpa_flash)
             print(f"{name} causal={causal}: sdpa-flash fwd+bwd {reference_ms:.3f} ms "
                   f"(SDPA's default backend {_fwd_bwd_ms(sdpa):.3f} ms)", flush=True)
-            for table, candidates in ((blocks._BACKWARD_KV, KV), (blocks._BACKWARD_Q, Q)):
+            for table, candidates in ((blocks._BACKWARD_KV, kv_candidates), (blocks._BACKWARD_Q, q_candidates)):
                 saved = table[128]
                 label = "dKdV" if table is blocks._BACKWARD_KV else "dQ"
                 for cfg in candidates:
@@ -79,5 +86,10 @@ def sweep():
 
 
 if __name__ == "__main__":
+    import sys
+
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
-    sweep()
+    if "--small" in sys.argv:
+        sweep(SMALL_SHAPES, SMALL_KV, SMALL_Q)
+    else:
+        sweep()

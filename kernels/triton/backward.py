@@ -87,7 +87,7 @@ def backward(call: AttentionCall, grads: Gradients):
     scalars = (scale, softcap, left, right, seed, threshold, keep_scale)
     dim = max(q.shape[-1], v.shape[-1])
 
-    kv = backward_kv_blocks(dim, q.dtype, o.causal, q.device.type)
+    kv = backward_kv_blocks(dim, q.dtype, o.causal, q.device.type, max(lq, lk))
     _BACKWARD_KV[(cdiv(lk, kv.block_n), batch * heads_kv)](
         q, k, v, grad_out, lse, delta, dk, dv, mask, slopes, cu_q, cu_k, *shared,
         *strides4(dk)[:3], *strides4(dv)[:3], lq, lk, heads_q, heads_kv, heads_q // heads_kv, *scalars,

@@ -92,6 +92,16 @@ _BACKWARD_Q = {16: Blocks(128, 32, 4, 2), 32: Blocks(128, 32, 4, 2), 64: Blocks(
                128: Blocks(128, 64, 8, 2), 256: Blocks(64, 32, 8, 1)}
 
 
+# Short sequences (max(Lq, Lk) <= SMALL_BACKWARD_N), d 128: more, smaller dK/dV programs. The cuda suite's shapes
+# (B x N = 16k tokens, 16 heads, bf16, H200, triton 3.6, fwd+bwd side by side with SDPA-flash): (64, 64, 4, 2)
+# against (128, 64, 8, 2) 1.633 / 1.460 ms (was 1.786 / 1.670) non-causal / causal at N 512, 2.014 / 1.740 (2.168 /
+# 1.927) at 1024, 3.163 / 2.239 (3.444 / 2.546) at 2048; bitwise repeatable
+# (benchmarks/results/h200-backward-sweep-small-2026-12-04-session5.log, backward_sweep.py --small). dQ: no shape
+# was better at every length, it keeps its entry.
+SMALL_BACKWARD_N = 2048
+_BACKWARD_KV_SMALL = {128: Blocks(64, 64, 4, 2)}
+
+
 def _check_backward_kv(table: dict) -> None:
     for dim, chosen in table.items():
         if chosen.num_stages > 1 and chosen.block_m < MIN_PIPELINED_KV_ROWS:
@@ -100,6 +110,7 @@ def _check_backward_kv(table: dict) -> None:
 
 
 _check_backward_kv(_BACKWARD_KV)
+_check_backward_kv(_BACKWARD_KV_SMALL)
 
 
 def _pick(table: dict, dim: int, dtype: torch.dtype, device_type: str, override: dict | None = None) -> Blocks:
@@ -130,10 +141,12 @@ def forward_blocks(dim: int, dtype: torch.dtype, causal: bool, device_type: str 
 _BACKWARD_KV_FLOAT32 = {128: Blocks(64, 64, 8, 1)}
 
 
-def backward_kv_blocks(dim: int, dtype: torch.dtype, causal: bool, device_type: str = "cuda") -> Blocks:
+def backward_kv_blocks(dim: int, dtype: torch.dtype, causal: bool, device_type: str = "cuda",
+                       seqlen: int = 0) -> Blocks:
+    """seqlen: max(Lq, Lk) (0: unknown, the long-sequence entry)."""
     if device_type != "cpu" and dtype == torch.float32 and padded_dim(dim) in _BACKWARD_KV_FLOAT32:
         return _BACKWARD_KV_FLOAT32[padded_dim(dim)]
-    return _pick(_BACKWARD_KV, dim, dtype, device_type)
+    return _pick(_BACKWARD_KV, dim, dtype, device_type, _BACKWARD_KV_SMALL if 0 < seqlen <= SMALL_BACKWARD_N else None)
 
 
 def backward_q_blocks(dim: int, dtype: torch.dtype, causal: bool, device_type: str = "cuda") -> Blocks:

@@ -33,16 +33,20 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
 
 @needs_cuda
 @pytest.mark.parametrize("deterministic", [True, False])
-@pytest.mark.parametrize("dim, dtype, causal", table_configurations(), ids=str)
-def test_backward_matches_reference_and_repeats(dim, dtype, causal, deterministic, monkeypatch):
+@pytest.mark.parametrize("dim, dtype, causal, seqlen", table_configurations(), ids=str)
+def test_backward_matches_reference_and_repeats(dim, dtype, causal, seqlen, deterministic, monkeypatch):
     monkeypatch.setenv("MFA_BACKEND", "triton")
-    check(dim, dtype, causal, deterministic=deterministic)
+    check(dim, dtype, causal, seqlen=seqlen, deterministic=deterministic)
 
 
 def test_every_table_configuration_is_reached():
-    """table_configurations() picks every entry of both backward tables, for each dtype."""
-    picked = {(blocks.padded_dim(d), t) for d, t, _ in table_configurations()}
+    """table_configurations() picks every entry of both backward tables, for each dtype, and the long-sequence
+    entry of every head dim that has a short-sequence one (check() runs Lk = seqlen + 6)."""
+    picked = {(blocks.padded_dim(d), t) for d, t, _, _ in table_configurations()}
     assert {(d, t) for d in blocks._BACKWARD_KV for t in (torch.float16, torch.bfloat16, torch.float32)} <= picked
+    chosen = {blocks.backward_kv_blocks(d, t, c, "cuda", n + 6) for d, t, c, n in table_configurations()}
+    assert set(blocks._BACKWARD_KV_SMALL.values()) <= chosen
+    assert {blocks._BACKWARD_KV[d] for d in blocks._BACKWARD_KV_SMALL} <= chosen
 
 
 @pytest.mark.parametrize("shape", [(32, 128, 4, 2), (16, 64, 4, 3)])
