@@ -18,7 +18,7 @@ from .backward import backward
 from .decode import decode
 from .emulator.runtime_select import emulator_enabled
 from .emulator.targets import bfloat_available
-from .forward import forward
+from .forward import forward, replay
 from .loader import MSL_TYPES, runtime_msl_version
 
 NAME = "metal"
@@ -62,4 +62,4 @@ def _device_reason(device_type: str) -> str:
 # (same semantics; the append to the generic write) with one warning, unless MFA_BACKEND=metal
 # (mfa_hf/kernel_fallback.py).
 BACKEND = BackendDefinition(NAME, supports, forward, backward, decode, append=append_call,
-                            device_types=("mps", "cpu"), fallback="torch")
+                            device_types=("mps", "cpu"), fallback="torch", forward_replay=replay)

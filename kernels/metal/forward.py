@@ -9,6 +9,8 @@ from typing import ClassVar
 
 import torch
 
+from mfa_hf.kernel_fallback import KernelUnavailable
+
 from ..contract import AttentionCall
 from ..launch import empty_result, new_output
 
@@ -138,6 +140,13 @@ def vector_bits(layout_bits: int, q, k, v) -> int:
     return layout_bits
 
 
+def _plan_key(call: AttentionCall, target, batch: int, lq: int, lk: int, cu_dtype) -> tuple:
+    q, k, v, o, alibi_slopes = call.q, call.k, call.v, call.options, call.alibi_slopes
+    return (q.device, id(target), q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), batch, lq,
+            lk, o.window_left, o.window_right, o.softcap > 0, None if alibi_slopes is None else alibi_slopes.dim(),
+            call.sinks is None, cu_dtype)
+
+
 def forward(call: AttentionCall):
     """(out, lse) (kernels/contract.py). Per call: the launch key (shapes, strides, lengths,
     windows, feature flags, dtype, device, emulated target) and its remembered _Plan (built on a
@@ -159,9 +168,7 @@ def forward(call: AttentionCall):
     target = None if device.type == "mps" else loader.emulated_target()
     cu_dtype = cu_seqlens_q.dtype if varlen else torch.int32
     if attn_mask is None:
-        key = (device, id(target), q.dtype, q_shape, q.stride(), k_shape, k.stride(), v.shape, v.stride(), batch, lq,
-               lk, o.window_left, o.window_right, softcap > 0, None if alibi_slopes is None else alibi_slopes.dim(),
-               sinks is None, cu_dtype)
+        key = _plan_key(call, target, batch, lq, lk, cu_dtype)
         plan = _plans.get(key)
         if plan is None or plan.libraries is not loader.library_cache() or plan.target is not target:
             if len(_plans) >= 4096:  # bounded: a new length per call must not grow it forever
@@ -190,3 +197,47 @@ def forward(call: AttentionCall):
         q, k, v, out, lse, [*plan.params, vector_bits(plan.layout_bits, q, k, v)], float(q_scale),
         float(softcap * unit), mask, slopes, sink_logits, cu_q, cu_k, threads=plan.threads, group_size=plan.group_size)
     return out, lse
+
+
+def replay(call: AttentionCall):
+    """After `forward(call)` ran: a function (q, k, v) -> (out, lse) launching the same library kernel with the same
+    plan for later calls of exactly this kind, with no key or plan lookup (what every layer of every step pays on
+    a Mac, besides torch's own dispatch); or None where there is none (only plain dense calls get one: no mask,
+    helper tensors or packed sequences).
+
+    The caller guarantees the kind: shapes, strides, dtypes, device and options (mfa_hf/repeat_calls.py). The
+    replay checks, per call, what else the launch depends on: the library cache the plan was made with (tests swap
+    it), the emulated target (macOS, torch, fast math: a context or the environment picks it), and the storage
+    offsets (the kernel's vector_rows bits). A launch the runtime refuses returns None as well: the full path
+    then hands the call to the fallback backend, with its warning (mfa_hf/kernel_fallback.py).
+    """
+    q, k, v, o = call.q, call.k, call.v, call.options
+    if (call.attn_mask is not None or call.alibi_slopes is not None or call.sinks is not None or call.varlen
+            or o.dropout_p > 0 or q.dim() != 4 or min(q.shape[0], q.shape[1], k.shape[1], q.shape[2]) == 0):
+        return None
+    device = q.device
+    target = None if device.type == "mps" else loader.emulated_target()
+    plan = _plans.get(_plan_key(call, target, q.shape[0], q.shape[1], k.shape[1], torch.int32))
+    libraries = loader.library_cache()
+    if plan is None or plan.libraries is not libraries or plan.target is not target:
+        return None
+    kernel, mask, floats, ints = plan.lib.attention_forward, *plan.placeholders
+    softcap = o.softcap
+    q_scale = float(o.scale / softcap if softcap > 0 else o.scale * plan.unit)
+    capped = float(softcap * plan.unit)
+    params, layout_bits, out_shape, lse_shape = plan.params, plan.layout_bits, plan.out_shape, plan.lse_shape
+    threads, group_size, dtype, emulated = plan.threads, plan.group_size, q.dtype, target is not None
+
+    def launch(q, k, v):
+        if loader.library_cache() is not libraries or (emulated and loader.emulated_target() is not target):
+            return None
+        out = new_output(out_shape, dtype, device)
+        lse = new_output(lse_shape, torch.float32, device)
+        try:
+            kernel(q, k, v, out, lse, [*params, vector_bits(layout_bits, q, k, v)], q_scale, capped, mask, floats,
+                   floats, ints, ints, threads=threads, group_size=group_size)
+        except KernelUnavailable:
+            return None
+        return out, lse
+
+    return launch

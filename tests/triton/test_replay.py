@@ -10,7 +10,6 @@ CUDA only: the replay launches compiled kernels, which the interpreter has not.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 
 import pytest
@@ -25,6 +24,7 @@ from mfa_hf.kernels import launch as kernel_launch  # noqa: E402
 from mfa_hf.kernels import reference  # noqa: E402
 from mfa_hf.kernels.triton import forward as triton_forward  # noqa: E402
 from mfa_hf.testing import assert_close_to_reference  # noqa: E402
+from mfa_hf.testing_replay import ReplayCounter, full_path, kept_replays  # noqa: E402
 
 # (name, dtype, B, Lq, Lk, Hq, Hkv, D, keyword arguments): the kinds, small and large N (TMA on sm90 at D 128).
 KINDS = [
@@ -66,20 +66,8 @@ def _qkv(kind, seed, layout="bshd", offset=0):
     return tensors
 
 
-def _replays(_kwargs=None) -> list:
-    """The replays kept for plain kinds (not the _NO_REPLAY marker)."""
-    return [d.replay for d in api._plain_decisions.values() if d.replay not in (None, api._NO_REPLAY)]
-
-
 def _full_path(q, k, v, kwargs):
-    """The same call with the memo emptied first: validation, routing and the launcher in full."""
-    saved = dict(api._plain_decisions)
-    api._plain_decisions.clear()
-    try:
-        return mfa_hf.flash_attn_func(q, k, v, **kwargs)
-    finally:
-        api._plain_decisions.clear()
-        api._plain_decisions.update(saved)
+    return full_path(lambda: mfa_hf.flash_attn_func(q, k, v, **kwargs))
 
 
 def _outputs(result):
@@ -106,15 +94,11 @@ def test_replayed_calls_equal_the_full_path(kind, layout):
     with torch.no_grad():
         for seed in range(2):  # the first call decides, the second makes the replay
             mfa_hf.flash_attn_func(*_qkv(kind, seed, layout), **kwargs)
-        ((kind_key, decision),) = [(key, d) for key, d in api._plain_decisions.items()
-                                   if d.replay not in (None, api._NO_REPLAY)]
-        used = []
-        counted = lambda *args: used.append(1) or decision.replay(*args)  # noqa: E731 - counts the calls it serves
-        api._plain_decisions[kind_key] = dataclasses.replace(decision, replay=counted)
+        counter = ReplayCounter()
         for seed in range(2, 4):
             q, k, v = _qkv(kind, seed, layout)
             replayed = mfa_hf.flash_attn_func(q, k, v, **kwargs)
-            assert len(used) == seed - 1 and api._plain_decisions[kind_key].replay is counted, "replay unused"
+            assert counter.served == seed - 1 and counter.intact, "the replay was not used, or declined"
             _assert_same(replayed, _full_path(q, k, v, kwargs), f"{kind[0]} seed {seed}")
             _check_reference(kind, q, k, v, replayed)
 
@@ -123,13 +107,13 @@ def _with_replay(kind):
     with torch.no_grad():
         for seed in range(2):
             mfa_hf.flash_attn_func(*_qkv(kind, seed), **kind[-1])
-    (replay,) = _replays(kind[-1])
+    (replay,) = kept_replays()
     return replay
 
 
 def _declined(kind, q, k, v):
     """Whether the kept replay declines these tensors (and the call still gives the full path's result)."""
-    (replay,) = _replays(kind[-1])
+    (replay,) = kept_replays()
     declined = replay(q, k, v) is None
     with torch.no_grad():
         result = mfa_hf.flash_attn_func(q, k, v, **kind[-1])
@@ -150,7 +134,7 @@ def test_forgotten_plans_and_changed_switches_take_the_full_path(monkeypatch):
     stale = _with_replay(kind)
     triton_forward.forget_plans()
     assert _declined(kind, *_qkv(kind, 6))
-    (fresh,) = _replays()  # the declined call made a new replay, which serves the next calls
+    (fresh,) = kept_replays()  # the declined call made a new replay, which serves the next calls
     assert fresh is not stale and fresh(*_qkv(kind, 7)) is not None
     api._plain_decisions.clear()
     _with_replay(kind)
@@ -195,7 +179,7 @@ def test_inputs_that_require_grad_get_no_replay():
         q, k, v = (t.requires_grad_() for t in _qkv(kind, seed))
         mfa_hf.flash_attn_func(q, k, v).sum().backward()
         assert q.grad is not None and not q.grad.isnan().any()
-    assert not _replays(kind[-1])
+    assert not kept_replays()
 
 
 def test_a_new_thread_without_an_allocator_is_served():
