@@ -30,6 +30,18 @@ class BoundedMemo(dict):
         return value
 
 
+def decode_layout(q: Tensor, keys, values) -> tuple:
+    """What a decode launch depends on beyond its kind's shapes, dtypes and formats (mfa_hf/decode_plan.py): every
+    stride, the scales' layout and the group sizes (keys/values: contract.CacheSide). Decode replays compare it
+    on every call."""
+    return (q.stride(), keys.codes.stride(), _strided(keys.scales), keys.group_size, values.codes.stride(),
+            _strided(values.scales), values.group_size)
+
+
+def _strided(t: Optional[Tensor]):
+    return None if t is None else (t.shape, t.stride())
+
+
 def new_output(shape, dtype, device) -> Tensor:
     """Allocate a kernel output (NaN-filled while POISON_OUTPUTS is set)."""
     if POISON_OUTPUTS:

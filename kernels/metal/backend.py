@@ -16,6 +16,7 @@ from ..contract import BackendDefinition
 from .append import append_call
 from .backward import backward
 from .decode import decode
+from .decode import replay as decode_replay
 from .emulator.runtime_select import emulator_enabled
 from .emulator.targets import bfloat_available
 from .forward import forward, replay
@@ -62,4 +63,5 @@ def _device_reason(device_type: str) -> str:
 # (same semantics; the append to the generic write) with one warning, unless MFA_BACKEND=metal
 # (mfa_hf/kernel_fallback.py).
 BACKEND = BackendDefinition(NAME, supports, forward, backward, decode, append=append_call,
-                            device_types=("mps", "cpu"), fallback="torch", forward_replay=replay)
+                            device_types=("mps", "cpu"), fallback="torch", forward_replay=replay,
+                            decode_replay=decode_replay)

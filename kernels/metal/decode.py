@@ -15,8 +15,9 @@ from typing import ClassVar
 import torch
 
 from mfa_hf import kv_formats
+from mfa_hf.kernel_fallback import KernelUnavailable
 from ..contract import DecodeCall
-from ..launch import SplitPolicy, lse_dtype, new_output
+from ..launch import SplitPolicy, decode_layout, lse_dtype, new_output
 
 from .binding import FORMAT_CODES, LOG2E, bound_floats, bound_slopes, code_type, index_vector, placeholder, strides4
 from . import loader
@@ -132,6 +133,16 @@ def _strided(t):
     return None if t is None else (t.shape, t.stride())
 
 
+def _launch_key(call: DecodeCall, target) -> tuple:
+    q, keys, values, o, alibi_slopes = call.q, call.keys, call.values, call.options, call.alibi_slopes
+    k_codes, v_codes = keys.codes, values.codes
+    return (q.device, id(target), q.dtype, q.shape, q.stride(), k_codes.shape, k_codes.stride(), v_codes.shape,
+            v_codes.stride(), _strided(keys.scales), _strided(values.scales), keys.format, values.format,
+            keys.group_size, values.group_size, o.window_left, o.window_right, o.softcap > 0,
+            None if alibi_slopes is None else alibi_slopes.dim(), call.sinks is None, call.cache_batch_idx is None,
+            call.num_splits)
+
+
 def decode(call: DecodeCall):
     """The metal backend's decode (kernels/contract.py DecodeCall): vector kernel, split-K + merge.
     Per call: the launch key (shapes, strides, formats, group sizes, windows, feature flags,
@@ -142,11 +153,7 @@ def decode(call: DecodeCall):
     alibi_slopes, sinks, cache_batch_idx = call.alibi_slopes, call.sinks, call.cache_batch_idx
     softcap, device, dtype, q_shape = o.softcap, q.device, q.dtype, q.shape
     target = None if device.type == "mps" else loader.emulated_target()
-    key = (device, id(target), dtype, q_shape, q.stride(), k_codes.shape, k_codes.stride(), v_codes.shape,
-           v_codes.stride(), _strided(k_scales), _strided(v_scales), keys.format, values.format, keys.group_size,
-           values.group_size, o.window_left, o.window_right, softcap > 0,
-           None if alibi_slopes is None else alibi_slopes.dim(), sinks is None, cache_batch_idx is None,
-           call.num_splits)
+    key = _launch_key(call, target)
     batch, lq, heads_q = q_shape[0], q_shape[1], q_shape[2]
     if batch == 0 or lq == 0 or heads_q == 0:
         dim_v = kv_formats.spec(values.format).logical_dim(v_codes.shape[-1])
@@ -174,3 +181,51 @@ def decode(call: DecodeCall):
         plan.lib.attention_decode_merge(part, sink_logits, out, lse, plan.params,
                                         threads=plan.merge_threads, group_size=(32, 1, 1))
     return out, lse
+
+
+def replay(call: DecodeCall):
+    """After `decode(call)` ran: a function (q, keys, values, lengths) -> (out, lse), with CacheSides and an int32
+    (B,) lengths vector as in DecodeCall, that launches the same library kernels with the same plan for later calls
+    of this kind; or None where there is none (plain calls only: no row map, ALiBi, sinks or residual).
+
+    The caller guarantees the shapes, dtypes, formats, device and options (mfa_hf/decode_plan.py's kind); the
+    replay checks, per call, every stride, the scales' layout and group sizes (launch.decode_layout), the library
+    cache and the emulated target. A launch the runtime refuses returns None: the full path then hands the call
+    to the fallback backend, with its warning (mfa_hf/kernel_fallback.py).
+    """
+    q, keys, values, o = call.q, call.keys, call.values, call.options
+    if (call.cache_batch_idx is not None or call.alibi_slopes is not None or call.sinks is not None
+            or call.has_residual or call.num_splits or min(q.shape[0], q.shape[1], q.shape[2]) == 0
+            or call.seqlens_k.dtype != torch.int32 or call.seqlens_k.device != q.device):
+        return None
+    device = q.device
+    target = None if device.type == "mps" else loader.emulated_target()
+    plan = _plans.get(_launch_key(call, target))
+    libraries = loader.library_cache()
+    if plan is None or plan.libraries is not libraries or plan.target is not target:
+        return None
+    layout, emulated, dtype, softcap = decode_layout(q, keys, values), target is not None, q.dtype, o.softcap
+    q_scale, capped = float(o.scale / softcap if softcap > 0 else o.scale * LOG2E), float(softcap * LOG2E)
+    floats, ints = plan.placeholders
+    group_size = (32 * SIMDGROUPS, 1, 1)
+
+    def launch(q, keys, values, lengths):
+        if (lengths.dtype != torch.int32 or decode_layout(q, keys, values) != layout
+                or loader.library_cache() is not libraries or (emulated and loader.emulated_target() is not target)):
+            return None
+        out = new_output(plan.out_shape, dtype, device)
+        lse = new_output(plan.lse_shape, lse_dtype(dtype), device)
+        part = floats if plan.part_shape is None else torch.empty(plan.part_shape, dtype=torch.float32, device=device)
+        try:
+            plan.lib.attention_decode(
+                q, keys.codes, floats if keys.scales is None else keys.scales, values.codes,
+                floats if values.scales is None else values.scales, lengths.contiguous(), ints, floats, floats, out,
+                lse, part, plan.params, q_scale, capped, threads=plan.threads, group_size=group_size)
+            if plan.part_shape is not None:
+                plan.lib.attention_decode_merge(part, floats, out, lse, plan.params, threads=plan.merge_threads,
+                                                group_size=(32, 1, 1))
+        except KernelUnavailable:
+            return None
+        return out, lse
+
+    return launch

@@ -14,7 +14,7 @@ import torch
 from mfa_hf import kv_formats
 
 from ..contract import DecodeCall
-from ..launch import BoundedMemo, SplitPolicy, new_output
+from ..launch import BoundedMemo, SplitPolicy, decode_layout, new_output
 
 from . import decode_kernel
 from .binding import alibi_args, dot_precision, on_tensors_device
@@ -287,8 +287,7 @@ def _scales_arg(side):
 
 
 def _layout(q, keys, values) -> tuple:
-    return (q.stride(), keys.codes.stride(), _strided(keys.scales), keys.group_size, values.codes.stride(),
-            _strided(values.scales), values.group_size, torch.cuda.current_device())
+    return decode_layout(q, keys, values), torch.cuda.current_device()
 
 
 def _misaligned(q, keys, values, lengths) -> int:

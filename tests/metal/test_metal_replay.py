@@ -124,3 +124,88 @@ def test_another_emulated_target_takes_the_full_path(replaying):
         result = _call(kind, q, k, v)
         assert counter.served == 0, "a replay made for another target was used"
         _check(kind, q, k, v, result)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode plan's layers (mfa_hf/decode_plan.py): the Metal decode replay (kernels/metal/decode.py `replay`).
+
+from mfa_hf import decode_plan, trace  # noqa: E402
+from mfa_hf.decode_plan import DecodePlan, LayerKV  # noqa: E402
+from mfa_hf.kernels.contract import CacheSide  # noqa: E402
+from mfa_hf.kvcache import cache_side  # noqa: E402
+from mfa_hf.quant import quantize_kv  # noqa: E402
+
+# (name, format, dtype, capacity, valid length, Hq, Hkv, D, layout)
+DECODE_KINDS = [
+    ("fp32", None, torch.float32, 40, 33, 4, 2, 16, "bshd"),
+    ("fp16_hf_layout", None, torch.float16, 300, 290, 4, 1, 32, "bhsd"),
+    ("int8", "int8", torch.float32, 64, 50, 4, 2, 32, "bshd"),
+    ("nf4", "nf4", torch.float16, 64, 64, 2, 2, 64, "bshd"),
+]
+
+
+@pytest.fixture
+def decode_replaying(replaying):
+    decode_plan._decisions.clear()
+    yield replaying
+    decode_plan._decisions.clear()
+
+
+def _decode_layer(kind, seed, device):
+    _, fmt, dtype, capacity, length, hq, hkv, d, layout = kind
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 1, hq, d, generator=g).to(dtype).to(device)
+    sides = []
+    for _ in range(2):
+        values = torch.randn(2, capacity, hkv, d, generator=g).to(dtype)
+        if layout == "bhsd":  # transformers' cache layout (B, Hkv, S, D), read as a (B, S, Hkv, D) view
+            values = values.transpose(1, 2).contiguous().transpose(1, 2)
+        values = values.to(device)
+        sides.append(CacheSide(values, None, "none", d) if fmt is None else cache_side(quantize_kv(values, fmt)))
+    return q, LayerKV(sides[0], sides[1], length)
+
+
+def _decode_full_path(plan, q, layer, **options):
+    saved = dict(decode_plan._decisions)
+    decode_plan._decisions.clear()
+    try:
+        with trace.capture():  # traced: the full path, making no replay
+            return plan.run(q, layer, **options)
+    finally:
+        decode_plan._decisions.clear()
+        decode_plan._decisions.update(saved)
+
+
+@pytest.mark.parametrize("kind", DECODE_KINDS, ids=[k[0] for k in DECODE_KINDS])
+@pytest.mark.parametrize("options", [{"scale": 0.2}, {"scale": 0.25, "window_left": 20, "softcap": 3.0}],
+                         ids=["plain", "window_softcap"])
+def test_decode_replays_equal_the_full_path(kind, options, decode_replaying):
+    device, plan = decode_replaying.device, DecodePlan(2, 1)
+    with torch.no_grad():
+        plan.run(*_decode_layer(kind, 0, device), **options)
+        (path,) = [p for p in decode_plan._decisions.values() if p.replay not in (None, decode_plan._NO_REPLAY)]
+        made, served = path.replay, []
+        counted = path.replay = lambda *args: served.append(1) or made(*args)  # counts the calls it serves
+        for seed in (1, 2):
+            q, layer = _decode_layer(kind, seed, device)
+            replayed = plan.run(q, layer, **options)
+            assert len(served) == seed and path.replay is counted, "the replay was not used, or declined"
+            assert not replayed.isnan().any()
+            assert torch.equal(replayed, _decode_full_path(plan, q, layer, **options)), f"{kind[0]} seed {seed}"
+
+
+def test_a_decode_replay_declines_another_layout(decode_replaying):
+    kind, device, plan = DECODE_KINDS[0], decode_replaying.device, DecodePlan(2, 1)
+    with torch.no_grad():
+        plan.run(*_decode_layer(kind, 0, device), scale=0.2)
+        (path,) = [p for p in decode_plan._decisions.values() if p.replay not in (None, decode_plan._NO_REPLAY)]
+        q, layer = _decode_layer(kind, 1, device)
+        lengths = torch.full((2,), 33, dtype=torch.int32, device=device)
+        strided_q = torch.zeros(2, 1, 8, 16, dtype=q.dtype, device=device)[:, :, :4]  # q's head stride differs
+        strided_q.copy_(q)
+        wide = torch.zeros(2, 40, 2, 32, dtype=layer.keys.codes.dtype, device=device)[..., :16]
+        wide.copy_(layer.keys.codes)  # same shape and values, another row stride
+        assert path.replay(q, CacheSide(wide, None, "none", 16), layer.values, lengths) is None
+        assert path.replay(q, layer.keys, layer.values, lengths.long()) is None
+        assert path.replay(strided_q, layer.keys, layer.values, lengths) is None
+        assert path.replay(q, layer.keys, layer.values, lengths) is not None  # the kind's own layout replays
