@@ -44,3 +44,39 @@ class ReplayCounter:
     @property
     def intact(self) -> bool:
         return api._plain_decisions[self.key].replay is self.replay
+
+
+def decode_full_path(plan, q, layer, **options):
+    """plan.run(q, layer) on the full path: the decode plan's memo emptied, and traced (a traced call never makes
+    or uses a replay); then the memo as it was."""
+    from . import decode_plan, trace
+
+    saved = dict(decode_plan._decisions)
+    decode_plan._decisions.clear()
+    try:
+        with trace.capture():
+            return plan.run(q, layer, **options)
+    finally:
+        decode_plan._decisions.clear()
+        decode_plan._decisions.update(saved)
+
+
+class DecodeReplayCounter:
+    """Wraps the one replay the decode plan keeps, counting the calls it serves; `intact` as ReplayCounter's."""
+
+    def __init__(self):
+        from . import decode_plan
+
+        (self.path,) = [p for p in decode_plan._decisions.values() if p.replay not in (None, decode_plan._NO_REPLAY)]
+        made, self.served = self.path.replay, 0
+
+        def counted(*args):
+            result = made(*args)
+            self.served += result is not None
+            return result
+
+        self.replay = self.path.replay = counted
+
+    @property
+    def intact(self) -> bool:
+        return self.path.replay is self.replay

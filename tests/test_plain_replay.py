@@ -17,28 +17,34 @@ from mfa_hf import api, dispatch, trace
 from mfa_hf.kernels.contract import AttentionCall
 
 
-@pytest.fixture
-def replays(monkeypatch):
-    """Use the torch backend with a stand-in replay; returns the log: ("made", shape) and ("used", shape)."""
+def _stand_in(monkeypatch, shortcut, memo, log, decline, launch):
+    """Give the torch backend's `shortcut` (ops.EagerShortcut) a stand-in replayer: each replay it makes logs
+    ("made", q's shape), each call it serves ("used", q's shape) and computes launch(call, *tensors); it declines
+    while `decline` is non-empty. `memo` (api's or the decode plan's) is emptied before and after."""
     monkeypatch.setenv("MFA_BACKEND", "torch")
     monkeypatch.delenv("MFA_TRACE", raising=False)
-    backend = dispatch.backend("torch")
-    log, decline = [], []
 
     def replayer(call):
-        options = call.options
         log.append(("made", tuple(call.q.shape)))
 
-        def replay(q, k, v):
+        def replay(*tensors):
             if decline:
                 return None
-            log.append(("used", tuple(q.shape)))
-            return backend.impl.forward(AttentionCall(q, k, v, options))
+            log.append(("used", tuple(tensors[0].shape)))
+            return launch(call, *tensors)
 
         return replay
 
-    monkeypatch.setattr(backend.ops.forward, "_replayer", replayer)
-    api._plain_decisions.clear()
+    monkeypatch.setattr(shortcut, "_replayer", replayer)
+    memo.clear()
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """The torch backend with a stand-in forward replay; returns (log, decline)."""
+    backend, log, decline = dispatch.backend("torch"), [], []
+    _stand_in(monkeypatch, backend.ops.forward, api._plain_decisions, log, decline,
+              lambda call, q, k, v: backend.impl.forward(AttentionCall(q, k, v, call.options)))
     yield log, decline
     api._plain_decisions.clear()
 
@@ -153,31 +159,22 @@ def test_the_native_route_has_no_replay(replays, monkeypatch):
 from mfa_hf import decode_plan  # noqa: E402
 from mfa_hf.decode_plan import DecodePlan, LayerKV  # noqa: E402
 from mfa_hf.kernels.contract import CacheSide, DecodeCall  # noqa: E402
+from mfa_hf.testing_replay import decode_full_path  # noqa: E402
 
 
 @pytest.fixture
 def decode_replays(monkeypatch):
-    monkeypatch.setenv("MFA_BACKEND", "torch")
-    monkeypatch.delenv("MFA_TRACE", raising=False)
-    backend = dispatch.backend("torch")
-    log, decline = [], []
-
-    def replayer(call):
-        options, rows = call.options, call.cache_batch_idx
-        log.append("made")
-
-        def replay(q, keys, values, lengths):
-            if decline:
-                return None
-            log.append("used")
-            return backend.impl.decode(DecodeCall(q, keys, values, lengths, options, rows))
-
-        return replay
-
-    monkeypatch.setattr(backend.ops.decode, "_replayer", replayer)
-    decode_plan._decisions.clear()
+    """The torch backend with a stand-in decode replay; returns (log, decline), the log's entries "made"/"used"."""
+    backend, log, decline = dispatch.backend("torch"), [], []
+    _stand_in(monkeypatch, backend.ops.decode, decode_plan._decisions, log, decline,
+              lambda call, q, keys, values, lengths: backend.impl.decode(
+                  DecodeCall(q, keys, values, lengths, call.options, call.cache_batch_idx)))
     yield log, decline
     decode_plan._decisions.clear()
+
+
+def _names(log) -> list:
+    return [entry[0] for entry in log]
 
 
 def _layer(seed, length=20, capacity=24, residual=False):
@@ -189,14 +186,7 @@ def _layer(seed, length=20, capacity=24, residual=False):
 
 
 def _decode_fresh(plan, q, layer, **kwargs):
-    saved = dict(decode_plan._decisions)
-    decode_plan._decisions.clear()
-    try:
-        with trace.capture():  # the full path, making no replay
-            return plan.run(q, layer, **kwargs)
-    finally:
-        decode_plan._decisions.clear()
-        decode_plan._decisions.update(saved)
+    return decode_full_path(plan, q, layer, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs", [{"scale": 0.25}, {"scale": 0.3, "window_left": 5, "softcap": 4.0}])
@@ -206,7 +196,7 @@ def test_decode_layers_replay_after_the_first(decode_replays, kwargs):
     for seed in range(4):
         q, layer = _layer(seed)
         assert torch.equal(plan.run(q, layer, **kwargs), _decode_fresh(plan, q, layer, **kwargs))
-    assert log == ["made", "used", "used", "used"]
+    assert _names(log) == ["made", "used", "used", "used"]
 
 
 def test_decode_kinds_that_cannot_replay(decode_replays):
@@ -234,4 +224,4 @@ def test_a_declined_decode_takes_the_full_path(decode_replays):
     assert torch.equal(plan.run(q, layer, scale=0.25), _decode_fresh(plan, q, layer, scale=0.25))
     decline.clear()
     plan.run(*_layer(2), scale=0.25)
-    assert log == ["made", "made", "used"]  # the declined call made a new replay, which the next call used
+    assert _names(log) == ["made", "made", "used"]  # the declined call made a new replay, which the next call used

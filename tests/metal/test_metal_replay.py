@@ -19,7 +19,8 @@ from mfa_hf.kernels import launch as kernel_launch
 from mfa_hf.kernels.metal import loader
 from mfa_hf.kernels.reference import attention_reference
 from mfa_hf.testing import assert_close_to_reference
-from mfa_hf.testing_replay import ReplayCounter, full_path, kept_replays
+from mfa_hf.testing_replay import (DecodeReplayCounter, ReplayCounter, decode_full_path, full_path,
+                                   kept_replays)
 
 # (name, dtype, B, Lq, Lk, Hq, Hkv, D, keyword arguments of flash_attn_func)
 KINDS = [
@@ -166,14 +167,7 @@ def _decode_layer(kind, seed, device):
 
 
 def _decode_full_path(plan, q, layer, **options):
-    saved = dict(decode_plan._decisions)
-    decode_plan._decisions.clear()
-    try:
-        with trace.capture():  # traced: the full path, making no replay
-            return plan.run(q, layer, **options)
-    finally:
-        decode_plan._decisions.clear()
-        decode_plan._decisions.update(saved)
+    return decode_full_path(plan, q, layer, **options)
 
 
 @pytest.mark.parametrize("kind", DECODE_KINDS, ids=[k[0] for k in DECODE_KINDS])
@@ -183,13 +177,11 @@ def test_decode_replays_equal_the_full_path(kind, options, decode_replaying):
     device, plan = decode_replaying.device, DecodePlan(2, 1)
     with torch.no_grad():
         plan.run(*_decode_layer(kind, 0, device), **options)
-        (path,) = [p for p in decode_plan._decisions.values() if p.replay not in (None, decode_plan._NO_REPLAY)]
-        made, served = path.replay, []
-        counted = path.replay = lambda *args: served.append(1) or made(*args)  # counts the calls it serves
+        counter = DecodeReplayCounter()
         for seed in (1, 2):
             q, layer = _decode_layer(kind, seed, device)
             replayed = plan.run(q, layer, **options)
-            assert len(served) == seed and path.replay is counted, "the replay was not used, or declined"
+            assert counter.served == seed and counter.intact, "the replay was not used, or declined"
             assert not replayed.isnan().any()
             assert torch.equal(replayed, _decode_full_path(plan, q, layer, **options)), f"{kind[0]} seed {seed}"
 

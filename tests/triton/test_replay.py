@@ -24,7 +24,8 @@ from mfa_hf.kernels import launch as kernel_launch  # noqa: E402
 from mfa_hf.kernels import reference  # noqa: E402
 from mfa_hf.kernels.triton import forward as triton_forward  # noqa: E402
 from mfa_hf.testing import assert_close_to_reference  # noqa: E402
-from mfa_hf.testing_replay import ReplayCounter, full_path, kept_replays  # noqa: E402
+from mfa_hf.testing_replay import (  # noqa: E402
+    DecodeReplayCounter, ReplayCounter, decode_full_path, full_path, kept_replays)
 
 # (name, dtype, B, Lq, Lk, Hq, Hkv, D, keyword arguments): the kinds, small and large N (TMA on sm90 at D 128).
 KINDS = [
@@ -265,15 +266,8 @@ def _decode_layer(kind, seed, offset=0):
     return q, LayerKV(sides[0], sides[1], length)
 
 
-def _decode_full_path(plan, q, layer, **kwargs):
-    saved = dict(decode_plan._decisions)
-    decode_plan._decisions.clear()
-    try:
-        with trace.capture():  # traced: the full path, making no replay
-            return plan.run(q, layer, **kwargs)
-    finally:
-        decode_plan._decisions.clear()
-        decode_plan._decisions.update(saved)
+def _decode_full_path(plan, q, layer, **options):
+    return decode_full_path(plan, q, layer, **options)
 
 
 def _decode_replays():
@@ -287,13 +281,11 @@ def test_decode_replays_equal_the_full_path(kind, options, empty_decisions):
     plan = DecodePlan(2, 1)
     with torch.no_grad():
         plan.run(*_decode_layer(kind, 0), **options)
-        (path,) = [p for p in decode_plan._decisions.values() if p.replay not in (None, decode_plan._NO_REPLAY)]
-        made, used = path.replay, []
-        counted = path.replay = lambda *args: used.append(1) or made(*args)  # counts the calls it serves
+        counter = DecodeReplayCounter()
         for seed in (1, 2):
             q, layer = _decode_layer(kind, seed)
             replayed = plan.run(q, layer, **options)
-            assert len(used) == seed and path.replay is counted, "the replay was not used, or declined"
+            assert counter.served == seed and counter.intact, "the replay was not used, or declined"
             assert not replayed.isnan().any()
             assert torch.equal(replayed, _decode_full_path(plan, q, layer, **options)), f"{kind[0]} seed {seed}"
 
