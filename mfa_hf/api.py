@@ -83,7 +83,7 @@ def flash_attn_func(
             call = AttentionCall(q, k, v, known.options)
             result = _run(known, call, return_lse)
             if replay is not _NO_REPLAY:  # none yet, or one that declined (it may be stale: plans forgotten since)
-                replay = _replay_for(known, call)
+                replay = _replay_for(known, call, return_lse)
                 if replay is not None:
                     _plain_decisions[kind] = dataclasses.replace(known, replay=replay)
             return result
@@ -253,9 +253,10 @@ class Decision:
     backend: Optional[dispatch.Backend]
     problem: AttentionProblem
     options: Options
-    # A plain kind's relaunch of its kernel (ops.EagerShortcut.replay_for), made at its second call: None until
-    # then, _NO_REPLAY when the backend has none for it. A call the replay declines takes the full path, and a
-    # replay made from that call replaces it (a replay made before the plans were forgotten declines for good).
+    # A plain kind's relaunch of its kernel (ops.EagerShortcut.replay_for, or native.replay on the native route),
+    # made at its second call: None until then, _NO_REPLAY when there is none for it. A call the replay declines
+    # takes the full path, and a replay made from that call replaces it (one made before the plans were forgotten
+    # declines for good).
     replay: Optional[Callable] = None
 
 
@@ -266,10 +267,13 @@ def _no_replay(q, k, v):
 _NO_REPLAY = _no_replay
 
 
-def _replay_for(decision: Decision, call: AttentionCall):
-    """The replay to keep for the kind of `call`: _NO_REPLAY where there can be none (the native route, which has
-    its own dispatch; a graph to record; a backend without replays), None to try again at the next call."""
-    if decision.backend is None or decision.problem.needs_grad or not decision.backend.ops.forward.replays:
+def _replay_for(decision: Decision, call: AttentionCall, return_lse: bool):
+    """The replay to keep for the kind of `call`: _NO_REPLAY where there can be none (a graph our op would record;
+    a backend without replays), None to try again at the next call. The native route's replay is SDPA with the
+    kind's route (native.replay); it never serves a call that wants the LSE (routes.py)."""
+    if decision.backend is None:
+        return _NO_REPLAY if return_lse else native.replay(decision.route, decision.options.scale)
+    if decision.problem.needs_grad or not decision.backend.ops.forward.replays:
         return _NO_REPLAY
     if trace.enabled():  # a traced call counts in the op's implementation: the full path
         return None

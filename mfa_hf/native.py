@@ -55,5 +55,12 @@ def _nan_rows_restored(q, out):
     return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))
 
 
+def replay(route: Route, scale: float):
+    """A function (q, k, v) -> (out, None) for later plain calls of a kind routed here (mfa_hf/api.py): `sdpa` with
+    the kind's route and scale, which the kind's shapes and options decided; SDPA records its own autograd graph,
+    as on the full path."""
+    return lambda q, k, v: (sdpa(q, k, v, None, route, scale), None)
+
+
 def forward(call: AttentionCall, route: Route) -> torch.Tensor:
     return sdpa(call.q, call.k, call.v, call.attn_mask, route, call.options.scale)

@@ -15,6 +15,7 @@ import torch
 import mfa_hf
 from mfa_hf import api, dispatch, trace
 from mfa_hf.kernels.contract import AttentionCall
+from mfa_hf.testing_replay import ReplayCounter
 
 
 def _stand_in(monkeypatch, shortcut, memo, log, decline, launch):
@@ -143,14 +144,57 @@ def test_inputs_that_require_grad_never_get_a_replay(replays):
     assert log == [("made", (2, 9, 4, 16)), ("used", (2, 9, 4, 16))]
 
 
-def test_the_native_route_has_no_replay(replays, monkeypatch):
+NATIVE_KINDS = {  # what the CPU route sends to SDPA: (q shape, KV heads, options)
+    "square": ((2, 9, 4, 16), 4, {}),
+    "square_causal": ((2, 9, 4, 16), 4, {"causal": True}),
+    "one_row_gqa_causal": ((2, 1, 6, 16), 2, {"causal": True}),
+    "one_row_left_window": ((1, 1, 4, 16), 4, {"window_size": (3, 0)}),
+    "one_row_gqa_left_window": ((2, 1, 6, 16), 2, {"causal": True, "window_size": (5, 0)}),
+}
+
+
+@pytest.mark.parametrize("shape, heads_kv, kwargs", NATIVE_KINDS.values(), ids=NATIVE_KINDS.keys())
+def test_the_native_route_replays_sdpa_with_the_kinds_route(replays, monkeypatch, shape, heads_kv, kwargs):
+    """Routed to the platform's SDPA (CPU here), a kind's replay calls the same SDPA with the same route (causal
+    flag, the one-row window's key slice, query groups as rows): bitwise the full path, gradients included."""
     log, _ = replays
     monkeypatch.delenv("MFA_BACKEND")
-    for seed in range(3):
+    batch, lq, heads, dim = shape
+
+    def qkv(seed, grad=False):
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(batch, lq, heads, dim, generator=g)
+        keys = lq if lq > 1 else 11  # square where Lq > 1: SDPA's top-left causal is ours only there
+        k, v = (torch.randn(batch, keys, heads_kv, dim, generator=g) for _ in range(2))
+        return [t.requires_grad_(grad) for t in (q, k, v)]
+
+    for grad in (False, True):
+        api._plain_decisions.clear()
+        for seed in range(4):
+            tensors = qkv(seed, grad)
+            out = mfa_hf.flash_attn_func(*tensors, **kwargs)
+            fresh_tensors = qkv(seed, grad)
+            fresh = _fresh(*fresh_tensors, **kwargs)
+            assert torch.equal(out, fresh)
+            if grad:
+                weights = torch.randn_like(out)
+                for ours, theirs in zip(torch.autograd.grad((out * weights).sum(), tensors),
+                                        torch.autograd.grad((fresh * weights).sum(), fresh_tensors)):
+                    assert torch.equal(ours, theirs)
+        (decision,) = api._plain_decisions.values()
+        assert decision.backend is None, "expected CPU SDPA's native route here"
+        assert decision.replay not in (None, api._NO_REPLAY)
+    assert not log  # the torch backend's stand-in was never asked
+
+
+def test_the_native_route_replay_is_used(replays, monkeypatch):
+    monkeypatch.delenv("MFA_BACKEND")
+    for seed in range(2):
         mfa_hf.flash_attn_func(*_qkv(seed))
-    decisions = list(api._plain_decisions.values())
-    assert decisions and all(d.backend is None for d in decisions), "expected CPU SDPA's native route here"
-    assert all(d.replay is api._NO_REPLAY for d in decisions) and not log
+    counter = ReplayCounter()
+    for seed in range(2, 4):
+        mfa_hf.flash_attn_func(*_qkv(seed))
+    assert counter.served == 2 and counter.intact
 
 
 # ----------------------------------------------------------------------------------------------
