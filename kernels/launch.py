@@ -34,11 +34,12 @@ def decode_layout(q: Tensor, keys, values) -> tuple:
     """What a decode launch depends on beyond its kind's shapes, dtypes and formats (mfa_hf/decode_plan.py): every
     stride, the scales' layout and the group sizes (keys/values: contract.CacheSide). Decode replays compare it
     on every call."""
-    return (q.stride(), keys.codes.stride(), _strided(keys.scales), keys.group_size, values.codes.stride(),
-            _strided(values.scales), values.group_size)
+    return (q.stride(), keys.codes.stride(), shape_and_strides(keys.scales), keys.group_size,
+            values.codes.stride(), shape_and_strides(values.scales), values.group_size)
 
 
-def _strided(t: Optional[Tensor]):
+def shape_and_strides(t: Optional[Tensor]):
+    """(shape, strides) of an optional tensor: part of a launch key (None when absent)."""
     return None if t is None else (t.shape, t.stride())
 
 

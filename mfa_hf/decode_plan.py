@@ -31,8 +31,9 @@ from .problem import AttentionProblem
 
 
 # A layer's kind (dtypes, shapes, strides, formats, window, host row groups, steering environment) -> its
-# checked path (_LayerPath: route, dispatch.Backend or None when native, problem, replay). Shared by every plan, so an unmasked
-# decode, which has no step object to hold a plan, also checks and routes once per kind (decisions.py).
+# checked path (_LayerPath: route, dispatch.Backend or None when native, problem, replay). Shared by every plan,
+# so an unmasked decode, which has no step object to hold a plan, also checks and routes once per kind
+# (decisions.py).
 _decisions = Decisions()
 
 

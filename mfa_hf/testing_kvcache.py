@@ -176,3 +176,15 @@ def assert_served_and_matches_reference(case: DecodeCase, capacity: int, last_se
         assert last_served() == length + 1, f"the {path} did not serve this call"
         assert out.dtype == case.dtype and lse.dtype == torch.float32
         assert_matches_reference_over_cache(case, inputs, out, lse)
+
+
+def record_calls(monkeypatch, owner, name: str, entry) -> list:
+    """Wrap `owner.name` (a path under test) so that every call appends entry(*args) to the returned list."""
+    calls, original = [], getattr(owner, name)
+
+    def recording(*args):
+        calls.append(entry(*args))
+        return original(*args)
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls

@@ -23,6 +23,7 @@ from mfa_hf.testing_kvcache import (
     assert_path_switch_agrees,
     assert_served_and_matches_reference,
     make_decode_inputs,
+    record_calls,
     run_kvcache,
 )
 
@@ -31,16 +32,8 @@ CAPACITY = 80
 
 @pytest.fixture
 def served(monkeypatch):
-    """Counts the calls the fused path computed."""
-    calls = []
-    fused = cpu_fused_decode.decode
-
-    def counting(call, length):
-        calls.append(length)
-        return fused(call, length)
-
-    monkeypatch.setattr(cpu_fused_decode, "decode", counting)
-    return calls
+    """Counts the calls the fused path computed (the length of each)."""
+    return record_calls(monkeypatch, cpu_fused_decode, "decode", lambda call, length: length)
 
 
 def _cases():

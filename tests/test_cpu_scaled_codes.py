@@ -22,6 +22,7 @@ from mfa_hf.testing_kvcache import (
     assert_path_switch_agrees,
     assert_served_and_matches_reference,
     make_decode_inputs,
+    record_calls,
     run_kvcache,
 )
 
@@ -32,15 +33,7 @@ FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2")
 @pytest.fixture
 def served(monkeypatch):
     """Counts the calls this path computed (the (start, length) of each)."""
-    calls = []
-    parts = cpu_scaled_codes.parts
-
-    def counting(call, start, length):
-        calls.append((start, length))
-        return parts(call, start, length)
-
-    monkeypatch.setattr(cpu_scaled_codes, "parts", counting)
-    return calls
+    return record_calls(monkeypatch, cpu_scaled_codes, "parts", lambda call, start, length: (start, length))
 
 
 def _cases():

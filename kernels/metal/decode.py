@@ -17,7 +17,7 @@ import torch
 from mfa_hf import kv_formats
 from mfa_hf.kernel_fallback import KernelUnavailable
 from ..contract import DecodeCall
-from ..launch import SplitPolicy, decode_layout, lse_dtype, new_output
+from ..launch import SplitPolicy, decode_layout, lse_dtype, new_output, shape_and_strides
 
 from .binding import FORMAT_CODES, LOG2E, bound_floats, bound_slopes, code_type, index_vector, placeholder, strides4
 from . import loader
@@ -129,16 +129,13 @@ def _make_plan(call: DecodeCall, target) -> _Plan:
                  (placeholder(q.device, torch.float32), placeholder(q.device, torch.int32)))
 
 
-def _strided(t):
-    return None if t is None else (t.shape, t.stride())
-
 
 def _launch_key(call: DecodeCall, target) -> tuple:
     q, keys, values, o, alibi_slopes = call.q, call.keys, call.values, call.options, call.alibi_slopes
     k_codes, v_codes = keys.codes, values.codes
     return (q.device, id(target), q.dtype, q.shape, q.stride(), k_codes.shape, k_codes.stride(), v_codes.shape,
-            v_codes.stride(), _strided(keys.scales), _strided(values.scales), keys.format, values.format,
-            keys.group_size, values.group_size, o.window_left, o.window_right, o.softcap > 0,
+            v_codes.stride(), shape_and_strides(keys.scales), shape_and_strides(values.scales), keys.format,
+            values.format, keys.group_size, values.group_size, o.window_left, o.window_right, o.softcap > 0,
             None if alibi_slopes is None else alibi_slopes.dim(), call.sinks is None, call.cache_batch_idx is None,
             call.num_splits)
 
@@ -149,14 +146,13 @@ def decode(call: DecodeCall):
     requested splits, dtype, device, emulated target; never a length) and its remembered _Plan, the
     output and split-K scratch allocation, the scales and the launches."""
     q, keys, values, o = call.q, call.keys, call.values, call.options
-    k_codes, k_scales, v_codes, v_scales = keys.codes, keys.scales, values.codes, values.scales
     alibi_slopes, sinks, cache_batch_idx = call.alibi_slopes, call.sinks, call.cache_batch_idx
-    softcap, device, dtype, q_shape = o.softcap, q.device, q.dtype, q.shape
+    device, dtype, q_shape = q.device, q.dtype, q.shape
     target = None if device.type == "mps" else loader.emulated_target()
     key = _launch_key(call, target)
     batch, lq, heads_q = q_shape[0], q_shape[1], q_shape[2]
     if batch == 0 or lq == 0 or heads_q == 0:
-        dim_v = kv_formats.spec(values.format).logical_dim(v_codes.shape[-1])
+        dim_v = kv_formats.spec(values.format).logical_dim(values.codes.shape[-1])
         return (new_output((batch, lq, heads_q, dim_v), dtype, device),
                 new_output((batch, heads_q, lq), lse_dtype(dtype), device))
     plan = _plans.get(key)
@@ -164,22 +160,27 @@ def decode(call: DecodeCall):
         if len(_plans) >= 4096:  # bounded (a growing cache changes its capacity, hence the key)
             _plans.clear()
         plan = _plans[key] = _make_plan(call, target)
-    out = new_output(plan.out_shape, dtype, device)
-    lse = new_output(plan.lse_shape, lse_dtype(dtype), device)
-    q_scale = o.scale / softcap if softcap > 0 else o.scale * LOG2E
     floats, ints = plan.placeholders
     slopes = floats if alibi_slopes is None else bound_slopes(alibi_slopes, device)[0]
     sink_logits = floats if sinks is None else bound_floats(sinks, device)
+    rows = ints if cache_batch_idx is None else index_vector(cache_batch_idx, device)
+    return _launch(plan, q, keys, values, index_vector(call.seqlens_k, device), rows, slopes, sink_logits, o)
+
+
+def _launch(plan: _Plan, q, keys, values, lengths, rows, slopes, sink_logits, o) -> tuple:
+    """Allocate out, lse and the split-K scratch, and launch the plan's decode kernel (and its merge)."""
+    dtype, device, softcap, floats, lib = q.dtype, q.device, o.softcap, plan.placeholders[0], plan.lib
+    out = new_output(plan.out_shape, dtype, device)
+    lse = new_output(plan.lse_shape, lse_dtype(dtype), device)
+    q_scale = o.scale / softcap if softcap > 0 else o.scale * LOG2E
     part = floats if plan.part_shape is None else torch.empty(plan.part_shape, dtype=torch.float32, device=device)
-    threads = 32 * SIMDGROUPS
-    plan.lib.attention_decode(
-        q, k_codes, floats if k_scales is None else k_scales, v_codes, floats if v_scales is None else v_scales,
-        index_vector(call.seqlens_k, device), ints if cache_batch_idx is None else index_vector(cache_batch_idx, device), slopes, sink_logits,
-        out, lse, part, plan.params, float(q_scale), float(softcap * LOG2E),
-        threads=plan.threads, group_size=(threads, 1, 1))
+    lib.attention_decode(
+        q, keys.codes, floats if keys.scales is None else keys.scales, values.codes,
+        floats if values.scales is None else values.scales, lengths, rows, slopes, sink_logits, out, lse, part,
+        plan.params, float(q_scale), float(softcap * LOG2E), threads=plan.threads, group_size=(32 * SIMDGROUPS, 1, 1))
     if plan.part_shape is not None:
-        plan.lib.attention_decode_merge(part, sink_logits, out, lse, plan.params,
-                                        threads=plan.merge_threads, group_size=(32, 1, 1))
+        lib.attention_decode_merge(part, sink_logits, out, lse, plan.params, threads=plan.merge_threads,
+                                   group_size=(32, 1, 1))
     return out, lse
 
 
@@ -204,28 +205,15 @@ def replay(call: DecodeCall):
     libraries = loader.library_cache()
     if plan is None or plan.libraries is not libraries or plan.target is not target:
         return None
-    layout, emulated, dtype, softcap = decode_layout(q, keys, values), target is not None, q.dtype, o.softcap
-    q_scale, capped = float(o.scale / softcap if softcap > 0 else o.scale * LOG2E), float(softcap * LOG2E)
-    floats, ints = plan.placeholders
-    group_size = (32 * SIMDGROUPS, 1, 1)
+    layout, emulated, (floats, ints) = decode_layout(q, keys, values), target is not None, plan.placeholders
 
     def launch(q, keys, values, lengths):
         if (lengths.dtype != torch.int32 or decode_layout(q, keys, values) != layout
                 or loader.library_cache() is not libraries or (emulated and loader.emulated_target() is not target)):
             return None
-        out = new_output(plan.out_shape, dtype, device)
-        lse = new_output(plan.lse_shape, lse_dtype(dtype), device)
-        part = floats if plan.part_shape is None else torch.empty(plan.part_shape, dtype=torch.float32, device=device)
         try:
-            plan.lib.attention_decode(
-                q, keys.codes, floats if keys.scales is None else keys.scales, values.codes,
-                floats if values.scales is None else values.scales, lengths.contiguous(), ints, floats, floats, out,
-                lse, part, plan.params, q_scale, capped, threads=plan.threads, group_size=group_size)
-            if plan.part_shape is not None:
-                plan.lib.attention_decode_merge(part, floats, out, lse, plan.params, threads=plan.merge_threads,
-                                                group_size=(32, 1, 1))
+            return _launch(plan, q, keys, values, lengths.contiguous(), ints, floats, floats, o)
         except KernelUnavailable:
             return None
-        return out, lse
 
     return launch

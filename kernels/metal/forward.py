@@ -164,7 +164,7 @@ def forward(call: AttentionCall):
         batch, lq, lk = q_shape[0], q_shape[1], k_shape[1]
     if min(batch, lq, lk, q_shape[-2]) == 0:  # a Metal grid has no empty dimension (call.empty)
         return empty_result(q, v, sinks)
-    softcap, device = o.softcap, q.device
+    device = q.device
     target = None if device.type == "mps" else loader.emulated_target()
     cu_dtype = cu_seqlens_q.dtype if varlen else torch.int32
     if attn_mask is None:
@@ -185,17 +185,22 @@ def forward(call: AttentionCall):
         plan = _make_plan(q, k, v, mask_strides, kind, mask_dtype, slopes_stride, batch, lq, lk, o, varlen, cu_dtype,
                           alibi_slopes is not None, sinks is not None, target)
 
-    out = new_output(plan.out_shape, q.dtype, device)
-    lse = new_output(plan.lse_shape, torch.float32, device)
-    unit = plan.unit
-    q_scale = o.scale / softcap if softcap > 0 else o.scale * unit
     _, floats, ints = plan.placeholders
     slopes = floats if alibi_slopes is None else bound_slopes(alibi_slopes, device)[0]
     sink_logits = floats if sinks is None else bound_floats(sinks, device)
     cu_q, cu_k = (cu_seqlens_q, call.cu_seqlens_k) if varlen else (ints, ints)
-    plan.lib.attention_forward(
-        q, k, v, out, lse, [*plan.params, vector_bits(plan.layout_bits, q, k, v)], float(q_scale),
-        float(softcap * unit), mask, slopes, sink_logits, cu_q, cu_k, threads=plan.threads, group_size=plan.group_size)
+    return _launch(plan, q, k, v, o, mask, slopes, sink_logits, cu_q, cu_k)
+
+
+def _launch(plan: _Plan, q, k, v, o, mask, slopes, sink_logits, cu_q, cu_k) -> tuple:
+    """Allocate out and lse and launch the plan's forward kernel on them."""
+    out = new_output(plan.out_shape, q.dtype, q.device)
+    lse = new_output(plan.lse_shape, torch.float32, q.device)
+    softcap, unit = o.softcap, plan.unit
+    q_scale = o.scale / softcap if softcap > 0 else o.scale * unit
+    plan.lib.attention_forward(q, k, v, out, lse, [*plan.params, vector_bits(plan.layout_bits, q, k, v)], float(q_scale),
+           float(softcap * unit), mask, slopes, sink_logits, cu_q, cu_k, threads=plan.threads,
+           group_size=plan.group_size)
     return out, lse
 
 
@@ -211,7 +216,7 @@ def replay(call: AttentionCall):
     offsets (the kernel's vector_rows bits). A launch the runtime refuses returns None as well: the full path
     then hands the call to the fallback backend, with its warning (mfa_hf/kernel_fallback.py).
     """
-    q, k, v, o = call.q, call.k, call.v, call.options
+    q, k, o = call.q, call.k, call.options
     if (call.attn_mask is not None or call.alibi_slopes is not None or call.sinks is not None or call.varlen
             or o.dropout_p > 0 or q.dim() != 4 or min(q.shape[0], q.shape[1], k.shape[1], q.shape[2]) == 0):
         return None
@@ -221,23 +226,14 @@ def replay(call: AttentionCall):
     libraries = loader.library_cache()
     if plan is None or plan.libraries is not libraries or plan.target is not target:
         return None
-    kernel, mask, floats, ints = plan.lib.attention_forward, *plan.placeholders
-    softcap = o.softcap
-    q_scale = float(o.scale / softcap if softcap > 0 else o.scale * plan.unit)
-    capped = float(softcap * plan.unit)
-    params, layout_bits, out_shape, lse_shape = plan.params, plan.layout_bits, plan.out_shape, plan.lse_shape
-    threads, group_size, dtype, emulated = plan.threads, plan.group_size, q.dtype, target is not None
+    (mask, floats, ints), emulated = plan.placeholders, target is not None
 
     def launch(q, k, v):
         if loader.library_cache() is not libraries or (emulated and loader.emulated_target() is not target):
             return None
-        out = new_output(out_shape, dtype, device)
-        lse = new_output(lse_shape, torch.float32, device)
         try:
-            kernel(q, k, v, out, lse, [*params, vector_bits(layout_bits, q, k, v)], q_scale, capped, mask, floats,
-                   floats, ints, ints, threads=threads, group_size=group_size)
+            return _launch(plan, q, k, v, o, mask, floats, floats, ints, ints)
         except KernelUnavailable:
             return None
-        return out, lse
 
     return launch

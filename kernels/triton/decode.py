@@ -14,7 +14,7 @@ import torch
 from mfa_hf import kv_formats
 
 from ..contract import DecodeCall
-from ..launch import BoundedMemo, SplitPolicy, decode_layout, new_output
+from ..launch import BoundedMemo, SplitPolicy, decode_layout, new_output, shape_and_strides
 
 from . import decode_kernel
 from .binding import alibi_args, dot_precision, on_tensors_device
@@ -90,9 +90,6 @@ def _scale_args(scales, codes, fmt, group_size):
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
-
-def _strided(t):
-    return None if t is None else (t.shape, t.stride())
 
 
 @dataclass(frozen=True)
@@ -180,10 +177,34 @@ def _launch_key(call: DecodeCall, config) -> tuple:
     q, keys, values, o = call.q, call.keys, call.values, call.options
     k_codes, v_codes = keys.codes, values.codes
     return (q.device, q.dtype, q.shape, q.stride(), k_codes.dtype, k_codes.shape, k_codes.stride(), v_codes.dtype,
-            v_codes.shape, v_codes.stride(), _strided(keys.scales), _strided(values.scales), keys.format,
-            values.format, keys.group_size, values.group_size, o.window_left, o.window_right, o.softcap > 0,
-            _strided(call.alibi_slopes), call.sinks is None, call.cache_batch_idx is None, call.num_splits,
-            None if config is None else tuple(sorted(config.items())))
+            v_codes.shape, v_codes.stride(), shape_and_strides(keys.scales), shape_and_strides(values.scales),
+            keys.format, values.format, keys.group_size, values.group_size, o.window_left, o.window_right,
+            o.softcap > 0, shape_and_strides(call.alibi_slopes), call.sinks is None, call.cache_batch_idx is None,
+            call.num_splits, None if config is None else tuple(sorted(config.items())))
+
+
+def _outputs(plan: _Plan, dtype, device) -> tuple:
+    """(out, lse, partial outputs, partial LSEs): with one split the kernel writes out/lse itself, and lse stands in
+    for the unused partials."""
+    out = new_output(plan.out_shape, dtype, device)
+    lse = new_output(plan.lse_shape, torch.float32, device)
+    if plan.part_sizes is None:
+        return out, lse, lse, lse
+    return (out, lse, torch.empty(plan.part_sizes[0], dtype=torch.float32, device=device),
+            torch.empty(plan.part_sizes[1], dtype=torch.float32, device=device))
+
+
+def _split_args(plan: _Plan, q, keys, values, lengths, rows, slopes, sinks, out, lse, part_o, part_lse, o) -> tuple:
+    """The split kernel's arguments; its 14 tensors first (rows, slopes, sinks: q where absent)."""
+    return (q, keys.codes, values.codes, _scales_arg(keys), _scales_arg(values), lengths, rows, slopes, sinks,
+            plan.levels, out, lse, part_o, part_lse, *plan.split_ints, float(o.scale), float(o.softcap),
+            *plan.split_tail)
+
+
+def _scales_arg(side):
+    """A side's scales as the kernel binds them, read through the strides of their expansion to (B, S, H, groups):
+    the same pointer. A plain cache's codes stand in for its absent scales."""
+    return side.codes if side.format == "none" else side.scales
 
 
 @on_tensors_device
@@ -192,29 +213,19 @@ def decode(call: DecodeCall, config=None):
     Per call: the launch key (shapes, strides, dtypes, formats, group sizes, windows, feature flags,
     requested splits, config; never a length) and its remembered _Plan, the allocations, the launches."""
     q, keys, values, o = call.q, call.keys, call.values, call.options
-    k_codes, k_scales, v_codes, v_scales = keys.codes, keys.scales, values.codes, values.scales
     alibi_slopes, sinks, cache_batch_idx = call.alibi_slopes, call.sinks, call.cache_batch_idx
     key = _launch_key(call, config)
     if q.shape[0] == 0 or q.shape[1] == 0:
-        dim_v = kv_formats.spec(values.format).logical_dim(v_codes.shape[-1])
+        dim_v = kv_formats.spec(values.format).logical_dim(values.codes.shape[-1])
         return (new_output((q.shape[0], q.shape[1], q.shape[2], dim_v), q.dtype, q.device),
                 new_output((q.shape[0], q.shape[2], q.shape[1]), torch.float32, q.device))
     plan = _plans.get(key) or _plans.keep(key, _make_plan(call, config))
-    out = new_output(plan.out_shape, q.dtype, q.device)
-    lse = new_output(plan.lse_shape, torch.float32, q.device)
-    if plan.part_sizes is None:
-        part_o = part_lse = lse
-    else:
-        part_o = torch.empty(plan.part_sizes[0], dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(plan.part_sizes[1], dtype=torch.float32, device=q.device)
-    # Scales are read through the strides of their expansion to (B, S, H, groups): the same pointer.
-    ks = k_codes if keys.format == "none" else k_scales
-    vs = v_codes if values.format == "none" else v_scales
+    out, lse, part_o, part_lse = _outputs(plan, q.dtype, q.device)
     sink_arg = q if sinks is None else sinks
-    _SPLIT.launch(plan.split_grid, (
-        q, k_codes, v_codes, ks, vs, call.seqlens_k, q if cache_batch_idx is None else cache_batch_idx,
-        q if alibi_slopes is None else alibi_slopes, sink_arg, plan.levels, out, lse, part_o, part_lse,
-        *plan.split_ints, float(o.scale), float(o.softcap), *plan.split_tail), plan.split_options, known=key, tensors=14)
+    _SPLIT.launch(plan.split_grid, _split_args(
+        plan, q, keys, values, call.seqlens_k, q if cache_batch_idx is None else cache_batch_idx,
+        q if alibi_slopes is None else alibi_slopes, sink_arg, out, lse, part_o, part_lse, o),
+        plan.split_options, known=key, tensors=14)
     if plan.part_sizes is not None:
         _MERGE.launch(plan.merge_grid, (part_o, part_lse, sink_arg, out, lse, *plan.merge_ints), plan.merge_options,
                       known=key, tensors=5)
@@ -223,9 +234,9 @@ def decode(call: DecodeCall, config=None):
 
 def replay(call: DecodeCall):
     """After `decode(call)` ran: a function (q, keys, values, lengths) -> (out, lse), with CacheSides and an int32
-    (B,) lengths vector as in DecodeCall,
-    that launches the same compiled kernels with the same plan for later calls of this kind, or None where there
-    is none: plain calls only (no row map, ALiBi, sinks or residual), on CUDA, with 16-byte aligned tensors.
+    (B,) lengths vector as in DecodeCall, that launches the same compiled kernels with the same plan for later
+    calls of this kind; or None where there is none: plain calls only (no row map, ALiBi, sinks or residual), on
+    CUDA, with 16-byte aligned tensors.
 
     The caller guarantees the shapes, dtypes, formats, devices and options (mfa_hf/decode_plan.py's kind). The
     replay checks, per call, the rest of what the launch depends on: every stride and the scales' layout and
@@ -241,49 +252,32 @@ def replay(call: DecodeCall):
     plan = _plans.get(key)
     if plan is None or call.seqlens_k.dtype != torch.int32 or _misaligned(q, keys, values, call.seqlens_k):
         return None
-    index, device, dtype = q.device.index, q.device, q.dtype
-    # The argument kinds decode() launched with (q stands in for the absent row map, slopes and sinks).
-    split_classes = tensor_classes((q, keys.codes, values.codes, _scales_arg(keys), _scales_arg(values),
-                                    call.seqlens_k, q, q, q, plan.levels)) + (
-        (dtype, True), (torch.float32, True), (torch.float32, True), (torch.float32, True))  # out, lse, scratch
-    split = _SPLIT.runner(index, plan.split_grid, key, split_classes)
+    index, device = q.device.index, q.device
+    # The argument kinds decode() launched with: its 14 tensors, with q for the absent row map, slopes and sinks.
+    out, lse, part_o, part_lse = _outputs(plan, q.dtype, device)
+    split_args = _split_args(plan, q, keys, values, call.seqlens_k, q, q, q, out, lse, part_o, part_lse, call.options)
+    split = _SPLIT.runner(index, plan.split_grid, key, tensor_classes(split_args[:14]))
     merge = None
     if plan.part_sizes is not None:
-        merge = _MERGE.runner(index, plan.merge_grid, key, (
-            (torch.float32, True), (torch.float32, True), (dtype, True), (dtype, True), (torch.float32, True)))
+        merge = _MERGE.runner(index, plan.merge_grid, key, tensor_classes((part_o, part_lse, q, out, lse)))
         if merge is None:
             return None
     if split is None:
         return None
-    (run_split, split_tail), o, layout = split, call.options, _layout(q, keys, values)
-    middle = (*plan.split_ints, float(o.scale), float(o.softcap), *plan.split_tail, *split_tail)
-    levels, out_shape, lse_shape, part_sizes = plan.levels, plan.out_shape, plan.lse_shape, plan.part_sizes
-    unchanged = launches_unchanged()
+    (run_split, split_tail), o, layout, unchanged = split, call.options, _layout(q, keys, values), launches_unchanged()
 
     def launch(q, keys, values, lengths):
         if (lengths.dtype != torch.int32 or _layout(q, keys, values) != layout or _misaligned(q, keys, values, lengths)
                 or not unchanged()):
             return None
-        out = new_output(out_shape, dtype, device)
-        lse = new_output(lse_shape, torch.float32, device)
-        if part_sizes is None:
-            part_o = part_lse = lse
-        else:
-            part_o = torch.empty(part_sizes[0], dtype=torch.float32, device=device)
-            part_lse = torch.empty(part_sizes[1], dtype=torch.float32, device=device)
-        run_split(q, keys.codes, values.codes, _scales_arg(keys), _scales_arg(values), lengths, q, q, q, levels,
-                  out, lse, part_o, part_lse, *middle)
+        out, lse, part_o, part_lse = _outputs(plan, q.dtype, device)
+        run_split(*_split_args(plan, q, keys, values, lengths, q, q, q, out, lse, part_o, part_lse, o), *split_tail)
         if merge is not None:
             run_merge, merge_tail = merge
             run_merge(part_o, part_lse, q, out, lse, *plan.merge_ints, *merge_tail)
         return out, lse
 
     return launch
-
-
-def _scales_arg(side):
-    """What decode() binds for a side's scales: the codes stand in for a plain cache's absent scales."""
-    return side.codes if side.format == "none" else side.scales
 
 
 def _layout(q, keys, values) -> tuple:
