@@ -108,3 +108,25 @@ def test_generate_report_writes_the_summary(tmp_path, capsys):
     assert f"Report written to {path}" in capsys.readouterr().out
     with pytest.raises(TypeError, match="results"):
         generate_report([object()], tmp_path / "x.html")
+
+
+def test_timings_and_ratios_never_round_a_positive_value_to_zero(monkeypatch):
+    """A slow outlier (a GC pause in a one-repeat run) once made speedup round(0.004, 2) == 0.0."""
+    from mfa_hf.benchmark import measure
+
+    assert measure.ratio(0.015, 3.9) > 0 and measure.ratio(0.015, 3.9) == pytest.approx(0.015 / 3.9, rel=1e-2)
+    assert measure.ratio(1e-4, 1e3) > 0 and measure.ratio(2e3, 1e-3) == 2e6
+    assert measure.significant(0.00012345) == 0.0001234 and measure.significant(0.0) == 0.0
+    ticks = iter([0.0, 2e-7, 1.0, 1.0 + 3e-7])  # sub-microsecond calls (perf_counter, in seconds)
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(ticks))
+    timing = measure.median_ms(lambda: None, "cpu", repeats=2, warmup=0)
+    assert 0 < timing["min_ms"] <= timing["median_ms"] and timing["min_ms"] == pytest.approx(2e-4)
+
+
+def test_a_slow_outlier_gives_a_small_positive_speedup(monkeypatch):
+    timings = iter([{"median_ms": 4.0}, {"median_ms": 0.015}])  # ours first, then SDPA
+    monkeypatch.setattr(programmatic, "median_ms", lambda *args, **kwargs: next(timings))
+    spec = dict(batch=1, heads=2, seqlen=24, head_dim=16, dtype="float32", device="cpu", repeats=1,
+                window=None, causal=False, **{"pass": "fwd"})
+    row = programmatic.measure_row(spec)
+    assert row["sdpa_ms"] == 0.015 and 0 < row["speedup"] < 0.01

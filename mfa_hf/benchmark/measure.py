@@ -17,6 +17,16 @@ from typing import Callable
 import torch
 
 
+def significant(value: float, digits: int = 4) -> float:
+    """value rounded to `digits` significant figures: a fast call never reads as 0 ms (round(x, 3) did)."""
+    return float(f"{value:.{digits}g}")
+
+
+def ratio(numerator: float, denominator: float, digits: int = 4) -> float:
+    """numerator / denominator to `digits` significant figures, so a ratio far below 1 stays above 0."""
+    return significant(numerator / denominator, digits)
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -57,7 +67,7 @@ def median_ms(call: Callable[[], object], device: str, repeats: int, warmup: int
         call()
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3), "repeats": repeats}
+    return {"median_ms": significant(statistics.median(times)), "min_ms": significant(min(times)), "repeats": repeats}
 
 
 def cuda_median_ms(call: Callable[[], object], repeats: int = 20, warmup: int = 3) -> dict:
@@ -73,4 +83,4 @@ def cuda_median_ms(call: Callable[[], object], repeats: int = 20, warmup: int = 
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return {"median_ms": round(statistics.median(times), 4), "min_ms": round(min(times), 4), "repeats": repeats}
+    return {"median_ms": significant(statistics.median(times)), "min_ms": significant(min(times)), "repeats": repeats}

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from .measure import median_ms
+from .measure import median_ms, ratio
 from .suite_quick import default_device
 from .table import format_table
 from .worker import attention_call
@@ -86,7 +86,7 @@ def measure_row(spec: dict) -> dict:
     sdpa = attention_call({**spec, "impl": "sdpa"})
     theirs = median_ms(sdpa, spec["device"], spec["repeats"])
     max_diff = float((mfa().detach().float() - sdpa().detach().float()).abs().max())
-    return {**row, "sdpa_ms": theirs["median_ms"], "speedup": round(theirs["median_ms"] / ours["median_ms"], 2),
+    return {**row, "sdpa_ms": theirs["median_ms"], "speedup": ratio(theirs["median_ms"], ours["median_ms"]),
             "max_diff": max_diff}
 
 
@@ -129,7 +129,7 @@ def _served(calls, routes) -> str:
 
 def _label(row: dict) -> str:
     window = f" window={row['window']}" if row["window"] else ""
-    timing = f"mfa {row['mfa_ms']} ms" + (f", sdpa {row['sdpa_ms']} ms, x{row['speedup']}" if row["sdpa_ms"] else "")
+    timing = f"mfa {row['mfa_ms']} ms" + (f", sdpa {row['sdpa_ms']} ms, x{row['speedup']}" if row["sdpa_ms"] is not None else "")
     return (f"B={row['batch']} H={row['heads']} N={row['seqlen']} D={row['head_dim']} {row['dtype']} "
             f"causal={row['causal']}{window} {row['pass']}: {timing}")
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .measure import median_ms, peak_memory, start_memory
+from .measure import median_ms, peak_memory, ratio, significant, start_memory
 from .runner import measure_in_subprocess
 
 KV_LENGTHS = (4096, 16384, 65536)
@@ -40,7 +40,7 @@ def run(device: str, quick: bool, progress: Callable[[str], None]) -> list[dict]
         row = measure_in_subprocess("mfa_hf.benchmark.suite_decode", spec)
         if (impl, fmt) == ("sdpa", "bf16"):
             sdpa_ms[length] = row["median_ms"]
-        row["x_sdpa_bf16"] = round(sdpa_ms[length] / row["median_ms"], 2)
+        row["x_sdpa_bf16"] = ratio(sdpa_ms[length], row["median_ms"])
         rows.append(row)
     return rows
 
@@ -78,7 +78,7 @@ def measure(spec: dict) -> dict:
         timing = median_ms(call, spec["device"], spec.get("repeats", 5), warmup=2)
     served = sorted({backend for backend, _ in trace.served_by(calls)})
     tokens = spec["batch"] * spec["kv_len"]
-    return {**spec, **timing, **peak_memory(spec["device"], before), "cache_mb": round(nbytes / 2**20, 1),
+    return {**spec, **timing, **peak_memory(spec["device"], before), "cache_mb": significant(nbytes / 2**20),
             "bytes_per_token": round(nbytes / tokens, 1), "served_by": "+".join(served) or "torch.nn.functional"}
 
 

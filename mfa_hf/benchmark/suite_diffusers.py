@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Callable
 
-from .measure import maxrss_mb, synchronize
+from .measure import maxrss_mb, ratio, significant, synchronize
 from .runner import measure_in_subprocess
 
 PROCESSORS = ("default", "mfa")
@@ -52,7 +52,7 @@ def _rows(model: str, results: dict) -> list[dict]:
         fingerprint = result.pop("fingerprint")
         diff = max(abs(a - b) for a, b in zip(fingerprint, default["fingerprint"]))
         rows.append({"suite": "diffusers", "model": model, "processor": processor, **result,
-                     "ratio_vs_default": round(result["median_ms"] / default["median_ms"], 3),
+                     "ratio_vs_default": ratio(result["median_ms"], default["median_ms"]),
                      "max_abs_diff_vs_default": diff})
     return rows
 
@@ -113,7 +113,7 @@ def _worker(model_name: str, processor: str, device: str, mode: str) -> dict:
         with trace.capture() as calls:
             times, output = _timed(model, inputs, device, repeats)
     row = {"device": device, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens, "repeats": repeats,
-           "median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2),
+           "median_ms": significant(statistics.median(times)), "min_ms": significant(min(times)),
            "kernel_calls": sum(trace.served_by(calls).values()), **_memory(device, rss_before),
            "fingerprint": output.flatten()[:FINGERPRINT_VALUES].double().tolist()}
     if processor == "mfa" and row["kernel_calls"] == 0:

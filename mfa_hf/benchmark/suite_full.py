@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .measure import ratio
 from .runner import measure_in_subprocess
 from .suite_quick import available_backends
 
@@ -106,9 +107,9 @@ def _derive(rows: list[dict]) -> list[dict]:
         if "median_ms" not in row:
             continue
         if row["section"] == "scaling" and row["seqlen"] in sdpa:
-            row["x_sdpa"] = round(sdpa[row["seqlen"]] / row["median_ms"], 3)
+            row["x_sdpa"] = ratio(sdpa[row["seqlen"]], row["median_ms"])
         if row["section"] == "decode":
-            row["gb_per_s"] = round(row["cache_mb"] * 2**20 / (row["median_ms"] / 1e3) / 1e9, 3)
+            row["gb_per_s"] = ratio(row["cache_mb"] * 2**20, row["median_ms"] / 1e3 * 1e9)
     return rows
 
 

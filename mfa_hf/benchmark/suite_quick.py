@@ -12,6 +12,7 @@ import torch
 
 from .. import dispatch
 from ..problem import AttentionProblem
+from .measure import ratio
 from .runner import measure_in_subprocess
 
 SHAPES = {  # (batch, heads, seqlen, head_dim, causal)
@@ -55,6 +56,6 @@ def run(device: str, quick: bool, progress: Callable[[str], None]) -> list[dict]
         key = (shape, kind)
         if impl == "sdpa":
             sdpa_ms[key] = row["median_ms"]
-        row["x_sdpa"] = round(sdpa_ms[key] / row["median_ms"], 2)
+        row["x_sdpa"] = ratio(sdpa_ms[key], row["median_ms"])
         rows.append(row)
     return rows
