@@ -20,7 +20,7 @@ from . import dispatch, helper_tensors, kv_formats, scalars
 from .kernels.contract import AppendCall, CacheSide, DecodeCall, Options, fold_causal
 from .ops import describe_decode, plain_eager
 from .problem import (NO_WINDOW, check_alibi, check_dense, check_dropout, check_scale, check_sinks, check_softcap,
-                      check_window, values_checked)
+                      check_window, fits_dim, values_checked)
 from .quant import SCALE_DTYPE, QuantizedKV, absmax_scales, check_scale_values, encode, parse_format
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -121,8 +121,8 @@ def allocate_kv_cache(batch: int, max_seqlen: int, heads_kv: int, head_dim: int,
         if not isinstance(static_scales, torch.Tensor) or static_scales.dim() != 4:
             raise TypeError(f"static_scales: expected a 4-D float32 tensor, per head (1 or B, 1, H, 1) or per "
                             f"channel (1 or B, 1, H, D), got {_describe(static_scales)}")
-        if static_scales.shape[1] != 1 or static_scales.shape[2] != heads_kv or static_scales.shape[-1] not in (1, head_dim) \
-                or static_scales.shape[0] not in (1, batch):
+        if static_scales.shape[1] != 1 or static_scales.shape[2] != heads_kv or not fits_dim(static_scales.shape[-1], head_dim) \
+                or not fits_dim(static_scales.shape[0], batch):
             raise ValueError(f"static_scales: expected shape (1 or {batch}, 1, {heads_kv}, 1 or {head_dim}), got "
                              f"{tuple(static_scales.shape)}")
         if static_scales.dtype != SCALE_DTYPE:

@@ -82,9 +82,23 @@ def gates(device_type: str) -> tuple[NativeGate, ...]:
     source = os.environ.get("MFA_ROUTE_TABLE")
     table = _loaded.get(source)
     if table is None:
-        path = default_path() if source is None else (Path(source) if source else None)
-        table = _loaded[source] = dict(DEFAULT, **(read(path) if path is not None and path.exists() else {}))
+        table = _loaded[source] = _table(source)
     return table.get(device_type, ())
+
+
+def _table(source: str | None) -> dict:
+    path = default_path() if source is None else (Path(source) if source else None)
+    return dict(DEFAULT, **(read(path) if path is not None and path.exists() else {}))
+
+
+def preload() -> None:
+    """Read the table at import: a first call inside torch.compile(fullgraph=True) cannot stat a file (dynamo
+    does not trace os.stat). An unreadable file is left for the first call to report, not import."""
+    source = os.environ.get("MFA_ROUTE_TABLE")
+    try:
+        _loaded[source] = _table(source)
+    except ValueError:
+        pass
 
 
 def read(path: Path) -> dict:
@@ -142,3 +156,6 @@ def from_measurements(device: str, rows: list[dict]) -> dict:
         if good:
             chosen.append(NativeGate(**{**asdict(gate), "head_dims": good}))
     return {device: tuple(chosen)}
+
+
+preload()

@@ -88,6 +88,18 @@ class AttentionProblem:
 Refusal = tuple[type[Exception], str]
 
 
+def fits_dim(got, full) -> bool:
+    """Whether a size `got` broadcasts to `full` (1 or equal). Written with ==, never `got in (1, full)`: under
+    torch.compile with dynamic shapes dynamo answers `5 in (1, s0)` False (it matches a SymInt in a tuple by
+    identity), so a static mask beside a dynamic q was refused."""
+    return got == 1 or got == full
+
+
+def shape_is(shape, *options) -> bool:
+    """Whether `shape` equals one of the option shapes, dim by dim with == (see fits_dim)."""
+    return any(len(shape) == len(option) and all(a == b for a, b in zip(shape, option)) for option in options)
+
+
 def _raise(refusal: Refusal | None) -> None:
     if refusal is not None:
         raise refusal[0](refusal[1])
@@ -255,7 +267,7 @@ def _mask_refusal(attn_mask, batch: int, heads_q: int, lq: int, lk: int, device:
     target = (batch, heads_q, lq, lk)
     shape = tuple(attn_mask.shape)
     padded = (1,) * (4 - len(shape)) + shape if len(shape) <= 4 else None
-    if padded is None or any(m not in (1, t) for m, t in zip(padded, target)):
+    if padded is None or not all(fits_dim(m, t) for m, t in zip(padded, target)):
         return ValueError, f"attn_mask: expected a shape broadcastable to (B, Hq, Lq, Lk) = {target}, got {shape}"
     return None
 
@@ -264,7 +276,7 @@ def check_alibi(alibi_slopes, batch: int, heads_q: int, device: torch.device) ->
     if alibi_slopes is None:
         return False
     _check_float_vector("alibi_slopes", alibi_slopes, device)
-    if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)):
+    if not shape_is(alibi_slopes.shape, (heads_q,), (batch, heads_q)):
         raise ValueError(
             f"alibi_slopes: expected shape ({heads_q},) or ({batch}, {heads_q}), got {tuple(alibi_slopes.shape)}"
         )

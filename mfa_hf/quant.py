@@ -20,7 +20,7 @@ from enum import Enum
 import torch
 
 from . import kv_formats, scalars
-from .problem import check_dense
+from .problem import check_dense, fits_dim
 from .kv_formats import NF4_LEVELS  # noqa: F401 (re-exported: the nf4 codebook, as before)
 
 SCALE_DTYPE = torch.float32
@@ -130,7 +130,7 @@ def check_parts(codes, scales, fmt, group_size: int, name: str) -> None:
     b, s, h, _ = codes.shape
     want = f"({b} or 1, {s} or 1, {h}, {groups})"
     sb, ss, sh, sg = scales.shape
-    if sb not in (1, b) or ss not in (1, s) or sh != h or sg != groups:
+    if not fits_dim(sb, b) or not fits_dim(ss, s) or sh != h or sg != groups:
         raise ValueError(f"{name}.scales: expected shape {want} for {fmt.value} with group size {group_size}, "
                          f"got {tuple(scales.shape)}")
 
@@ -199,7 +199,7 @@ def _check_given_scales(scales, x: torch.Tensor, layout: str, groups: int) -> No
     want = [f"{b} or 1", f"{d1} or 1", f"{d2} or 1", str(groups)]
     want[heads_dim] = str(x.shape[heads_dim])
     shape = tuple(scales.shape)
-    if len(shape) != 4 or any(got not in (1, full) for got, full in zip(shape, x.shape[:3])) \
+    if len(shape) != 4 or not all(fits_dim(got, full) for got, full in zip(shape, x.shape[:3])) \
             or shape[heads_dim] != x.shape[heads_dim] or shape[3] != groups:
         raise ValueError(f"scales: expected shape {order} = ({', '.join(want)}), got {shape}")
     check_scale_values(scales, "scales")

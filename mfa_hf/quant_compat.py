@@ -14,6 +14,7 @@ import torch
 
 from . import kv_formats
 from .api import flash_attention
+from .problem import fits_dim
 from .quant import QuantizedKV, quantize_kv
 
 
@@ -77,7 +78,7 @@ def _packed(side: str, codes, scales, fmt: str, group_size, dtype) -> QuantizedK
             got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name}: expected a 4-D tensor (B, H, S, ...), got {got}")
     (b, h, s, _), (sb, sh, ss, _) = codes.shape, scales.shape
-    if sb not in (1, b) or sh != h or ss not in (1, s):
+    if not fits_dim(sb, b) or sh != h or not fits_dim(ss, s):
         raise ValueError(f"{side}_scale: expected shape ({b} or 1, {h}, {s} or 1, G) to match {side}_codes "
                          f"{tuple(codes.shape)}, got {tuple(scales.shape)}")
     if group_size is None:

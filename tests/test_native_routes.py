@@ -378,3 +378,50 @@ def test_doctor_route_table_measures_checks_and_refuses_off_a_mac(tmp_path):
     with pytest.raises(RuntimeError, match="--write-route-table: expected a Mac"):
         route_table.write_for_this_mac(runs=1, path=tmp_path / "t.json")
     assert not (tmp_path / "t.json").exists()
+
+
+def _nonfinite_query_case(mask_kind: str, rows: int, heads: tuple, compiled: bool):
+    """q with a NaN, a +inf and a -inf row (and finite ones), a mask hiding every key of some rows; one row of the
+    first batch holds -inf where every key is positive, so all its scores are -inf (the reference gives it 0)."""
+    g = torch.Generator().manual_seed(rows * 7 + heads[0])
+    q = torch.randn(2, rows, heads[0], 16, generator=g)
+    k, v = (torch.randn(2, 12, heads[1], 16, generator=g) for _ in range(2))
+    for b, value in enumerate((float("nan"), float("inf"))):
+        q[b, rows - 1, 0, 3] = value
+    q[1, 0, heads[0] - 1, 5] = -float("inf")
+    if not compiled:  # the device-only form (compiled) differs from the reference on this row alone
+        q[0, 0, heads[0] - 1, 7] = -float("inf")
+        k[0, :, :, 7] = k[0, :, :, 7].abs() + 0.1
+    mask = None
+    if mask_kind != "none":
+        seen = torch.rand(2, 1, rows, 12, generator=g) > 0.3
+        seen[:, :, 0] = False  # row 0 hides every key: the reference gives 0 whatever q holds
+        seen[1, :, rows - 1] = False  # the +inf row too
+        seen[0, :, rows - 1] = rows == 1 or bool(seen[0, :, rows - 1].any())  # the NaN row sees a key
+        mask = seen if mask_kind == "bool" else torch.zeros(seen.shape).masked_fill(~seen, -math.inf)
+    call = lambda q, k, v: mfa_hf.flash_attn_func(q, k, v, attn_mask=mask)
+    if compiled:
+        call = torch.compile(call, fullgraph=True, backend="eager")
+    return q, k, v, mask, call
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("mask_kind, rows, heads", [("none", 5, (4, 4)), ("none", 1, (4, 2)), ("bool", 5, (4, 2)),
+                                                    ("additive", 5, (2, 2)), ("bool", 1, (4, 4))])
+def test_nonfinite_query_rows_match_the_reference(mask_kind, rows, heads, compiled):
+    """The fused CPU kernel zeroes a NaN query row that sees keys and gives NaN for a non-finite row its mask
+    hides; the route restores the reference on each, in eager code (one host read, CPU only: our kernel serves
+    the non-finite rows) and compiled with fullgraph (device ops only: no data-dependent branch)."""
+    from mfa_hf.kernels.reference import attention_reference
+
+    q, k, v, mask, call = _nonfinite_query_case(mask_kind, rows, heads, compiled)
+    with trace.capture_routes() as decided:
+        out = call(q, k, v)
+    if not compiled:
+        assert next(iter(decided))[0] == "sdpa-cpu-flash"
+    ref, _ = attention_reference(q.double(), k.double(), v.double(), attn_mask=mask)
+    assert torch.equal(out.isnan(), ref.isnan()), (out.isnan().any(-1), ref.isnan().any(-1))
+    assert bool(ref.isnan().any()) and bool((ref == 0).all(-1).any()) == (mask_kind != "none" or not compiled)
+    keep = ~ref.isnan()
+    base, _ = attention_reference(q, k, v, attn_mask=mask, upcast=False)
+    assert_close_to_reference(out[keep], ref[keep], base[keep])

@@ -25,7 +25,7 @@ import torch
 
 from mfa_hf import api, kvcache
 from mfa_hf.kernels.dropout import new_seed
-from mfa_hf.problem import check_scale
+from mfa_hf.problem import check_scale, shape_is
 
 from . import attn_probs
 from .rotary import check_cos_sin, rotate_at
@@ -281,7 +281,7 @@ def _lengths(cache_seqlens, batch: int, capacity: int, device) -> torch.Tensor:
     if cache_seqlens is None:
         return torch.full((batch,), capacity, dtype=torch.int64, device=device)
     if isinstance(cache_seqlens, torch.Tensor):
-        if cache_seqlens.shape not in ((batch,), ()) or cache_seqlens.is_floating_point():
+        if not shape_is(cache_seqlens.shape, (batch,), ()) or cache_seqlens.is_floating_point():
             raise ValueError(f"cache_seqlens: expected an int or an int32 tensor ({batch},), "
                              f"got {_describe(cache_seqlens)}")
         return cache_seqlens.to(device=device, dtype=torch.int64).expand(batch)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from mfa_hf.problem import shape_is
+
 
 def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
@@ -56,7 +58,7 @@ def rotate_at(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: 
 
 def _offsets(seqlen_offsets, batch: int, device) -> torch.Tensor:
     if isinstance(seqlen_offsets, torch.Tensor):
-        if seqlen_offsets.is_floating_point() or seqlen_offsets.shape not in ((batch,), ()):
+        if seqlen_offsets.is_floating_point() or not shape_is(seqlen_offsets.shape, (batch,), ()):
             raise ValueError(f"seqlen_offsets: expected an int or an integer tensor of shape ({batch},), "
                              f"got {_describe(seqlen_offsets)}")
         return seqlen_offsets.to(device=device, dtype=torch.int64).expand(batch)
