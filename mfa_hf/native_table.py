@@ -6,7 +6,7 @@ semantic rules are routes.py's and no table can widen them. Sources for the defa
 - cpu: torch's fused CPU SDPA (`_scaled_dot_product_flash_attention_for_cpu`, forward and backward):
   fp32/fp16/bf16, any head dim, bool and additive masks, GQA, fully masked rows give 0
   (tests/test_native_routes.py checks each class against the float64 reference and that the fused op
-  ran, not the math one). It zeroes a query row holding a NaN; the route puts the NaN back.
+  ran, not the math one). Query rows holding NaN or inf get the reference's result from native.py.
 - cuda: SDPA's flash/cuDNN kernels: fp16/bf16, head dim <= 256 and a multiple of 8, no mask (the
   efficient kernel would take masks; its fully-masked rows are not verified), GQA, backward fused.
 - mps (torch >= 2.13, `_scaled_dot_product_attention_math_for_mps`, ../shared/research/anchors-2026-12.md
@@ -46,8 +46,8 @@ class NativeGate:
     masks: tuple = ("none",)
     gqa: bool = True
     grad: bool = True
-    # The kernel returns 0, not NaN, for a query row holding a NaN (it takes all-NaN scores for a fully
-    # masked row); native.py puts the NaN back, as ours and the reference propagate it.
+    # The kernel departs from the reference on query rows holding NaN or inf (0 for a NaN row that sees keys,
+    # NaN for an inf row its bool mask hides); native.py gives those rows the reference's result.
     zeroes_nan_query_rows: bool = False
     # One query row with GQA: pass the G query heads of each KV head as G rows of one head instead of
     # asking the kernel for GQA (exact: one row sees every key of its slice, so the rows are independent).

@@ -425,3 +425,22 @@ def test_nonfinite_query_rows_match_the_reference(mask_kind, rows, heads, compil
     keep = ~ref.isnan()
     base, _ = attention_reference(q, k, v, attn_mask=mask, upcast=False)
     assert_close_to_reference(out[keep], ref[keep], base[keep])
+
+
+def test_the_finiteness_check_reads_the_host_on_cpu_only(monkeypatch):
+    """On CPU one host read skips the row fix; off the CPU (meta tensors stand for mps/cuda here), under a
+    dispatch mode or compiling, the fix is device ops alone: no read that would wait for a device."""
+    from mfa_hf import native
+
+    reads = []
+    for name in ("item", "__bool__", "__float__", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
+    q, k, v = (torch.randn(1, 3, 2, 8) for _ in range(3))
+    out = torch.randn(1, 3, 2, 8)
+    assert native._nonfinite_rows_restored(q, k, v, None, False, 0.35, out) is out and reads == ["__float__"]
+    reads.clear()
+    meta = [t.to("meta") for t in (q, k, v, out)]
+    mask = torch.ones(1, 1, 3, 3, dtype=torch.bool, device="meta")
+    fixed = native._nonfinite_rows_restored(*meta[:3], mask, False, 0.35, meta[3])
+    assert fixed.shape == out.shape and fixed.device.type == "meta" and reads == []

@@ -316,12 +316,18 @@ def test_views_are_not_copies():
 HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "unique")
 
 
+# Code that reads the host on the CPU alone, where a read waits for nothing: the CPU native route's check that q
+# is finite (mfa_hf/native.py, _host_readable; tests/test_native_routes.py checks it reads nothing off the CPU).
+CPU_ONLY_READERS = {("mfa_hf.native", "_nonfinite_rows_restored")}
+
+
 def _in_cpu_backend() -> bool:
-    """True when called from the torch backend's kernels: the CPU fallback sizes its loops from host
-    values (free on the CPU); the GPU backends read lengths on the device."""
+    """True when called from the torch backend's kernels (the CPU fallback sizes its loops from host values,
+    free on the CPU; the GPU backends read lengths on the device) or from a CPU-only reader."""
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_globals.get("__name__", "").startswith("mfa_hf.kernels.torch"):
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("mfa_hf.kernels.torch") or (module, frame.f_code.co_name) in CPU_ONLY_READERS:
             return True
         frame = frame.f_back
     return False
