@@ -119,3 +119,45 @@ def test_a_row_without_visible_keys_is_zero_with_its_sink(served):
         want = torch.full_like(lse, -torch.inf) if sink is None else sinks[None, :, None].expand_as(lse)
         torch.testing.assert_close(lse, want)
     assert served == [0, 0]
+
+
+def _unit_stride_broken(t: torch.Tensor, how: str) -> torch.Tensor:
+    """The same values with a last dim that is not unit-stride: every other element of a wider buffer, every
+    stride reversed, or one value broadcast along it (stride 0)."""
+    if how == "sliced":
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if how == "permuted":
+        return t.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+    return t[..., :1].expand(t.shape)
+
+
+@pytest.mark.parametrize("how", ["sliced", "permuted", "broadcast"])
+@pytest.mark.parametrize("which", ["q", "k_codes", "v_codes", "k_scales"])
+@pytest.mark.parametrize("fmt, granularity", [("int8", "channel"), ("nf4", None), ("fp8_e4m3", "token"),
+                                               ("int8", "token")])
+def test_quantized_kv_of_any_layout_on_the_fused_path(fmt, granularity, which, how, served):
+    """flash_attn_func over QuantizedKV with one query row reaches the fused path; whatever the layout of q, of the
+    codes or of the scales, the result is the reference's over the same codes (the aten kernel reads the last dim
+    as unit-stride). A broadcast changes the values: the reference dequantizes the same broadcast tensors."""
+    from mfa_hf.kernels.reference import attention_reference
+    from mfa_hf.quant import QuantizedKV
+
+    g = torch.Generator().manual_seed(len(which) + len(how))
+    q = torch.randn(2, 1, 4, 64, generator=g)
+    k, v = (torch.randn(2, 9, 2, 64, generator=g) for _ in range(2))
+    kq = mfa_hf.quantize_kv(k, fmt, **({"granularity": granularity} if granularity else {}))
+    vq = mfa_hf.quantize_kv(v, fmt)
+    if which == "q":
+        q = _unit_stride_broken(q, how)
+    elif which == "k_scales":
+        kq = QuantizedKV(kq.codes, _unit_stride_broken(kq.scales, how), kq.format, kq.group_size, kq.dtype)
+    else:
+        side = kq if which == "k_codes" else vq
+        side = QuantizedKV(_unit_stride_broken(side.codes, how), side.scales, side.format, side.group_size, side.dtype)
+        kq, vq = (side, vq) if which == "k_codes" else (kq, side)
+    ref, _ = attention_reference(q.double(), kq.dequantize(torch.float64), vq.dequantize(torch.float64))
+    out = mfa_hf.flash_attn_func(q, kq, vq)
+    assert served, "the fused path did not serve"
+    assert (out.double() - ref).abs().max() < 1e-5

@@ -39,7 +39,14 @@ def serves(call: DecodeCall, lengths: list[int]) -> bool:
     q = call.q
     return (ENABLED and _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in _DTYPES
             and q.shape[1] == 1 and call.cache_batch_idx is None and call.alibi_slopes is None
-            and call.options.softcap == 0 and len(set(lengths)) == 1 and not bool(q.isnan().any()))
+            and call.options.softcap == 0 and len(set(lengths)) == 1 and _same_head_dims(call)
+            and not bool(q.isnan().any()))
+
+
+def _same_head_dims(call: DecodeCall) -> bool:
+    """The fused kernel takes one head dim for Q, K and V (D_v != D_qk, e.g. MLA, takes the loop); scaled codes
+    need no such thing, their products are plain matmuls."""
+    return cpu_scaled_codes.serves(call) or values_dim(call.values) == call.q.shape[-1]
 
 
 def decode(call: DecodeCall, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +69,7 @@ def _fused_parts(call: DecodeCall, start: int, length: int) -> list[tuple[torch.
     q, keys, values = call.q, call.keys, call.values
     batch, _, heads_q, dim = q.shape
     heads_kv = keys.codes.shape[2]
-    rows = q.reshape(batch, heads_kv, heads_q // heads_kv, dim).to(torch.float32)  # (B, Hkv, G, D)
+    rows = _unit_last(q.reshape(batch, heads_kv, heads_q // heads_kv, dim).to(torch.float32))  # (B, Hkv, G, D)
     per_key = batch * heads_kv * (dim + values_dim(values)) * 4
     chunk = max(1, CHUNK_BYTES // per_key)
     parts = []
@@ -70,6 +77,12 @@ def _fused_parts(call: DecodeCall, start: int, length: int) -> list[tuple[torch.
         count = min(chunk, length - first)
         k_block = span_block(keys, first, count, torch.float32)  # (B, Hkv, count, D)
         v_block = span_block(values, first, count, torch.float32)
-        out, lse = _FLASH_CPU(rows, k_block, v_block, 0.0, False, scale=call.options.scale)
+        out, lse = _FLASH_CPU(rows, _unit_last(k_block), _unit_last(v_block), 0.0, False, scale=call.options.scale)
         parts.append((out.reshape(batch, 1, heads_q, -1), lse.reshape(batch, heads_q, 1)))
     return parts
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """t with a unit-stride last dim, as the aten kernel reads it without checking (a strided, permuted or
+    broadcast D gave garbage); a copy only where the stride is not 1 already."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()

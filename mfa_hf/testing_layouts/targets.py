@@ -201,6 +201,17 @@ def _kvcache_targets() -> list[Target]:
         layout = named_layout("expanded", 4, (0,))
         spec = KVCacheSpec(new=0, seqlens="none", **{name: layout})
         targets.append(Target(f"kvcache-{name}-{layout.name}-no_append", spec))
+    # Every row the same length and one query row: the CPU's fused decode (kernels/torch/cpu_fused_decode.py), which
+    # hands its operands to an aten kernel that reads the last dim as unit-stride; D_v != D_qk must not reach it.
+    same = dict(lq=1, lengths=(9, 9, 9))
+    for a, name in enumerate(("q", "k_cache", "v_cache")):
+        for n, (kind, expand) in enumerate((("permuted", ()), ("sliced", ()), ("expanded", (3,)), ("mixed", ()))):
+            layout = named_layout(kind, 4, expand)
+            spec = KVCacheSpec(dtype=KERNEL_DTYPES[(n + a) % 3], new=n % 2, **same, **{name: layout})
+            targets.append(Target(f"kvcache-{name}-{layout.name}-{spec.dtype}-same_lengths", spec))
+    for n, seqlens in enumerate(("tensor", "int", "none")):
+        spec = KVCacheSpec(dtype=KERNEL_DTYPES[n], dim_v=8, new=0, seqlens=seqlens, lq=1, lengths=(24, 24, 24))
+        targets.append(Target(f"kvcache-dim_v-8-{seqlens}-same_lengths", spec))
     for name in ("k_new", "v_new"):
         for n, (kind, expand) in enumerate((("transposed", ()), ("sliced", ()), ("offset", ()), ("expanded", (2,)))):
             layout = named_layout(kind, 4, expand)
