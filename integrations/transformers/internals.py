@@ -92,6 +92,27 @@ def can_set_attn_implementation(model_cls) -> bool:
     return model_cls._can_set_attn_implementation()
 
 
+@functools.lru_cache(maxsize=None)
+def modeling_source_calls_interface(model_cls) -> bool:
+    """Whether the modeling file defining this class looks attention functions up in transformers'
+    AttentionInterface (ALL_ATTENTION_FUNCTIONS): a release can port a model from inline attention to the
+    interface (Falcon, GPT-J and CodeGen did by 5.25), so this is read, not listed per release."""
+    import sys
+
+    module = sys.modules.get(model_cls.__module__)
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(module)
+    except (OSError, TypeError):  # no source (frozen or compiled): take transformers' heuristic alone
+        return True
+
+
+def supports_only_eager(model) -> bool:
+    """Whether transformers marks this class as supporting no attention but eager (no sdpa, flash or flex flag):
+    such layers may read the mask themselves in eager's additive form (routers, inline or sparse attention)."""
+    flags = ("_supports_sdpa", "_supports_flash_attn", "_supports_flash_attn_2", "_supports_flex_attn")
+    return not any(getattr(model, flag, False) for flag in flags)
+
+
 def supports_flash_attention(model) -> bool:
     """transformers marks classes whose FlashAttention path drops part of the mask (image prefixes)."""
     return bool(getattr(model, "_supports_flash_attn", False) or getattr(model, "_supports_flash_attn_2", False))

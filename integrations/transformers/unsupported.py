@@ -1,9 +1,12 @@
 """Refuse mfa-hf names, at model init, on models where they could not be right.
 
-- Models whose attention layers bypass transformers' AttentionInterface (Falcon, GPT-J, GPT-Neo,
-  Bloom, MPT, CodeGen and other legacy ports compute attention inline): a registered function is
-  never called, so "mps_flash"/"mfa" would be a silent no-op. transformers detects these classes for
-  `set_attn_implementation` with a source heuristic; we add the types it passes.
+- Models whose attention layers bypass transformers' AttentionInterface (GPT-Neo, Bloom, MPT and other
+  legacy ports compute attention inline; Falcon, GPT-J and CodeGen did before 5.25): a registered function
+  is never called, so "mps_flash"/"mfa" would be a silent no-op. transformers detects these classes for
+  `set_attn_implementation` with a source heuristic; we add the types it passed, while their modeling
+  file does not call the interface.
+- Classes transformers serves only with eager attention (no sdpa/flash/flex flag: NLLB-MoE's router,
+  BigBird-Pegasus's and Informer's inline attention read eager's additive mask themselves).
 - "mps_flash" on classes transformers marks as not supporting FlashAttention (`_supports_flash_attn =
   False`: Gemma 3 / PaliGemma with image tokens, SigLIP2, ...): their FA path drops part of the
   mask, so transformers refuses flash_attention_2 there and we refuse our flash flavour the same
@@ -18,10 +21,13 @@ from typing import Callable
 
 from . import internals
 
-# Model types known to compute attention inline (GIT picks a class from a per-name table and fails
-# with a KeyError on any other name), checked by reading their modeling files in 5.17
-# and 5.24. Needed on top of transformers' source heuristic, which passes Bloom and CodeGen.
-LEGACY_MODEL_TYPES = frozenset({"falcon", "gptj", "gpt_neo", "bloom", "mpt", "codegen", "git"})
+# Model types that computed attention inline in some tested release (5.17 and 5.24: Falcon, GPT-J, CodeGen;
+# still in 5.25: GPT-Neo, Bloom, MPT) where transformers' source heuristic passed some of them (Bloom, CodeGen).
+# One is refused while its modeling file does not call the AttentionInterface (internals probes the file:
+# 5.25 ported Falcon, GPT-J and CodeGen, which then run our kernel).
+INLINE_ATTENTION_MODEL_TYPES = frozenset({"falcon", "gptj", "gpt_neo", "bloom", "mpt", "codegen"})
+# Picks its attention class from a per-name table (a KeyError on any other name), whatever its file calls.
+NAMED_CLASS_TABLE_MODEL_TYPES = frozenset({"git"})
 # Marked `_supports_flash_attn = False` only because FA2 cannot add T5's relative position bias;
 # "mps_flash" hands a bias to the "mfa" path, which adds it exactly (model_tests: t5 under both names).
 FLASH_BIAS_ONLY_MODEL_TYPES = frozenset({"t5", "mt5", "umt5"})
@@ -37,7 +43,11 @@ class UnsupportedModelError(ValueError):
 
 def routes_through_interface(model) -> bool:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return model_type not in LEGACY_MODEL_TYPES and internals.can_set_attn_implementation(type(model))
+    if model_type in NAMED_CLASS_TABLE_MODEL_TYPES:
+        return False
+    if model_type in INLINE_ATTENTION_MODEL_TYPES and not internals.modeling_source_calls_interface(type(model)):
+        return False
+    return internals.can_set_attn_implementation(type(model))
 
 
 def _flash_is_exact(model) -> bool:
@@ -54,11 +64,18 @@ def message(model_cls: type, name: str) -> str:
             "Gemma 2/3, GPT-OSS, Phi-3, GPT-2, OPT, Whisper, T5, BERT, ModernBERT, CLIP and ViT.")
 
 
+def eager_only_message(model_cls: type, name: str) -> str:
+    return (f"{model_cls.__name__} supports only eager attention in transformers (no sdpa or flash support): its "
+            f"layers may read the attention mask themselves, in eager's additive form (a router, an inline or "
+            f'sparse attention), so attn_implementation="{name}" could give wrong outputs. Use '
+            'attn_implementation="eager" for this model.')
+
+
 def flash_message(model_cls: type, name: str) -> str:
-    return (f"{model_cls.__name__} does not support FlashAttention (transformers marks it so: its flash path "
-            f"drops part of the attention mask, e.g. the bidirectional image-token prefix), so "
-            f'attn_implementation="{name}" would give wrong outputs. Use attn_implementation="mfa": the same '
-            "kernels with the model's full mask.")
+    return (f"{model_cls.__name__} does not support FlashAttention (transformers marks it `_supports_flash_attn = "
+            f"False`: a flash path may drop part of the mask, e.g. a bidirectional image-token prefix, or the model "
+            f'was never verified with one), so attn_implementation="{name}" could give wrong outputs. Use '
+            'attn_implementation="mfa": the same kernels with the model\'s full mask.')
 
 
 def paged_message(name: str) -> str:
@@ -77,6 +94,8 @@ def install(flash_name: str, names: tuple[str, ...], probe: Callable[[], interna
             return
         if not routes_through_interface(model):
             raise UnsupportedModelError(message(type(model), sorted(asked)[0]))
+        if internals.supports_only_eager(model):
+            raise UnsupportedModelError(eager_only_message(type(model), sorted(asked)[0]))
         if flash_name in asked:
             result = probe()
             if not result.ok:

@@ -575,6 +575,12 @@ def test_per_token_sinks_are_refused_not_dropped():
     cls = getattr(tf, "Inkling2ForCausalLM", None)
     if cls is None:
         pytest.skip("Inkling2 is not in this transformers release")
+    from mfa_hf.integrations.transformers import internals
+
+    if internals.supports_only_eager(cls):  # refused earlier, at init, with every other eager-only class
+        with pytest.raises(UnsupportedModelError, match=r"Inkling2ForCausalLM supports only eager"):
+            cls._from_config(_tiny("inkling2_text"), attn_implementation="mfa")
+        return
     model = cls._from_config(_tiny("inkling2_text"), attn_implementation="mfa").eval()
     with pytest.raises(NotImplementedError, match=r"Inkling2\w*Attention: .*sinks of shape"):
         with torch.no_grad():

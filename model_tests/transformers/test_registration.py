@@ -4,13 +4,14 @@ contract probe: test_release_policy.py)."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
 import pytest
 import torch
 import transformers as tf
-from conftest import BATCH, IMPLEMENTATIONS, kernel_calls, padded_batch, twin_models
+from conftest import BATCH, IMPLEMENTATIONS, assert_close_where, kernel_calls, padded_batch, twin_models
 from families import BY_NAME, DECODERS
 
 from mfa_hf import trace
@@ -126,9 +127,65 @@ LEGACY = {
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("name", sorted(LEGACY))
-def test_legacy_models_refuse_with_the_model_name(name, implementation):
+def test_legacy_models_refuse_while_they_compute_attention_inline(name, implementation):
+    """A legacy port is refused, naming the model, while its modeling file does not call the AttentionInterface
+    (GPT-Neo, Bloom, MPT; Falcon, GPT-J, CodeGen before 5.25; GIT always: it picks its attention class by
+    name). Once its file calls the interface (Falcon, GPT-J, CodeGen in 5.25) the refusal would be false: the
+    model is served, runs our kernel and equals eager on a padded batch."""
+    from mfa_hf.integrations.transformers import internals, unsupported
+
     model = LEGACY[name]()
-    with pytest.raises(UnsupportedModelError, match=rf"{type(model).__name__}.*\"{implementation}\".*\"sdpa\""):
+    inline = (name in unsupported.NAMED_CLASS_TABLE_MODEL_TYPES or not internals.can_set_attn_implementation(type(model))
+              or not internals.modeling_source_calls_interface(type(model)))
+    if inline:
+        with pytest.raises(UnsupportedModelError, match=rf"{type(model).__name__}.*\"{implementation}\".*\"sdpa\""):
+            model.set_attn_implementation(implementation)
+        config = model.config
+        config._attn_implementation_internal = None
+        with pytest.raises(UnsupportedModelError, match=type(model).__name__):
+            type(model)._from_config(config, attn_implementation=implementation)
+        return
+    torch.manual_seed(0)
+    reference = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="eager").eval()
+    ours = type(model)._from_config(copy.deepcopy(model.config), attn_implementation=implementation).eval()
+    ours.load_state_dict(reference.state_dict())
+    ids, mask = padded_batch("left")
+    with torch.no_grad(), trace.capture() as calls:
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+    assert kernel_calls(calls) >= 1
+    assert_close_where(got, expected, mask, what=f"{name} logits")
+
+
+EAGER_ONLY = {  # transformers serves these with eager attention alone; their layers read the mask themselves
+    "nllb_moe": lambda: tf.NllbMoeForConditionalGeneration(tf.NllbMoeConfig(
+        vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, num_experts=4,
+        expert_capacity=8, encoder_sparse_step=2, decoder_sparse_step=2, decoder_start_token_id=1)),  # router
+    "bigbird_pegasus": lambda: tf.BigBirdPegasusModel(tf.BigBirdPegasusConfig(
+        vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        attention_type="original_full")),  # scores + mask, inline
+    "informer": lambda: tf.InformerModel(tf.InformerConfig(
+        prediction_length=4, context_length=8, lags_sequence=[1, 2], d_model=32, encoder_layers=2, decoder_layers=1,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        num_time_features=1)),  # ProbSparse attention, inline
+}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", sorted(EAGER_ONLY))
+def test_eager_only_models_refuse_with_the_model_name(name, implementation):
+    """A class with no sdpa/flash/flex support in transformers is refused under both names: given our mask it was
+    silently wrong (NLLB-MoE's router inverted a bool mask, BigBird-Pegasus added it as +1/0) or crashed inside the
+    model (Informer)."""
+    from mfa_hf.integrations.transformers import internals
+
+    model = EAGER_ONLY[name]()
+    if not internals.supports_only_eager(model):
+        pytest.skip(f"{type(model).__name__} supports sdpa or flash in this transformers: not eager-only here")
+    with pytest.raises(UnsupportedModelError, match=rf"{type(model).__name__} supports only eager.*\"{implementation}\""):
         model.set_attn_implementation(implementation)
     config = model.config
     config._attn_implementation_internal = None
