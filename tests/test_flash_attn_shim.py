@@ -530,3 +530,32 @@ def test_kvcache_bad_inputs_are_named(flash_attn, case, error, match):
         return
     with pytest.raises(error, match=match):
         flash_attn.flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=lengths, **calls[case])
+
+
+def test_kvcache_bad_index_and_cache_arguments_name_themselves():
+    """Found by a fuzzing pass: these reached torch (AttributeError, .item() on meta), were cast before any check
+    (float, bool, int64 > 2**31 lengths) or silently read another cache row (a negative cache_batch_idx)."""
+    from mfa_hf.integrations.flash_attn_shim import interface as shim
+
+    q = torch.randn(2, 1, 2, 8)
+    k_cache, v_cache = torch.randn(2, 8, 1, 8), torch.randn(2, 8, 1, 8)
+    lengths, pad = torch.tensor([5, 6], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32)
+    for bad in (torch.tensor([1.5, 2.7]), torch.tensor([True, False])):
+        with pytest.raises(TypeError, match=r"cache_seqlens: expected .*int32.*got a torch\.(float32|bool)"):
+            shim.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=bad)
+    with pytest.raises(ValueError, match=r"cache_seqlens: .*capacity 8.*4294967299"):
+        shim.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([2**32 + 3, 4]))
+    for rows in ([1, -2], [0, 7]):
+        with pytest.raises(ValueError, match=r"cache_batch_idx: expected integer cache rows in \[0, 2\)"):
+            shim.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, cache_leftpad=pad,
+                                         cache_batch_idx=torch.tensor(rows, dtype=torch.int32))
+    new = torch.randn(2, 1, 1, 8)
+    with pytest.raises(ValueError, match=r"cache_batch_idx: expected distinct cache rows"):
+        shim.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=lengths, cache_leftpad=pad,
+                                     cache_batch_idx=torch.tensor([1, 1], dtype=torch.int32))
+    for cache in (None, [[0.0]]):
+        with pytest.raises(TypeError, match=r"k_cache: expected a tensor"):
+            shim.flash_attn_with_kvcache(q, cache, v_cache)
+    with pytest.raises(ValueError, match=r"block_table: expected device cpu like k_cache, got meta"):
+        shim.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
+                                     block_table=torch.tensor([[0], [1]], device="meta"))

@@ -203,6 +203,8 @@ def _check_pages(k_pages, v_pages, block_table, names=("k", "v")):
             or block_table.dtype == torch.bool):
         raise ValueError(f"block_table: expected a 2-D integer tensor (batch, max_blocks_per_seq), "
                          f"got {_describe(block_table)}")
+    if block_table.device != k_pages.device:
+        raise ValueError(f"block_table: expected device {k_pages.device} like {names[0]}, got {block_table.device}")
     if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= k_pages.shape[0]):
         raise ValueError(f"block_table: expected page indices in [0, {k_pages.shape[0]}), "
                          f"got [{int(block_table.min())}, {int(block_table.max())}]")
@@ -246,8 +248,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if block_table is not None and cache_leftpad is not None:
         raise NotImplementedError("flash_attn_with_kvcache: block_table with cache_leftpad is not supported "
                                   "(FA2 refuses it too)")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(cache, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor (B, S_max, Hkv, D), or pages with block_table, "
+                            f"got {_describe(cache)}")
     if isinstance(cache_seqlens, torch.Tensor):
-        cache_seqlens = cache_seqlens.to(torch.int32)
+        # Kept as given (int32 or int64): a cast here truncated float lengths, took bools and wrapped int64 values
+        # past 2**31 before any check could see them; the checks below and the core's see the values themselves.
+        if cache_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cache_seqlens: expected an int or an int32 tensor, got a {cache_seqlens.dtype} tensor")
     elif cache_seqlens is not None:
         cache_seqlens = _int_like(cache_seqlens, "cache_seqlens")
     table = _check_pages(k_cache, v_cache, block_table, ("k_cache", "v_cache")) if block_table is not None else None
@@ -328,6 +337,12 @@ def _leftpad_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
     rows = cache_batch_idx.tolist() if isinstance(cache_batch_idx, torch.Tensor) else list(range(batch))
     if len(rows) != batch:
         raise ValueError(f"cache_batch_idx: expected {batch} indices, got {len(rows)}")
+    # Each row is a slice bound, where a negative index would silently pick another cache row.
+    if any(not isinstance(r, int) or not 0 <= r < k_cache.shape[0] for r in rows):
+        raise ValueError(f"cache_batch_idx: expected integer cache rows in [0, {k_cache.shape[0]}), got {rows}")
+    if k is not None and len(set(rows)) != len(rows):
+        raise ValueError(f"cache_batch_idx: expected distinct cache rows when appending k/v (two batch rows would "
+                         f"write one cache row), got {rows}")
     for b, (pad, length) in enumerate(zip(pads, lengths)):
         if not 0 <= pad <= length:
             raise ValueError(f"cache_leftpad: expected 0 <= cache_leftpad[{b}] <= cache_seqlens[{b}] = {length}, "
