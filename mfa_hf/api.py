@@ -87,6 +87,7 @@ def flash_attn_func(
                 if replay is not None:
                     _plain_decisions[kind] = dataclasses.replace(known, replay=replay)
             return result
+    return_lse = scalars.flag(return_lse, "return_lse")  # the memo path above took only a bool
     if _quantized(k, v):
         from .kvcache import attention_over_quantized  # local: the KV-cache module is not needed otherwise
 
@@ -231,7 +232,8 @@ def flash_attention_chunked(
     """
     from .chunked import chunked_attention  # local: keeps this module free of the chunk planner
 
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    chunk_size = scalars.int_like(chunk_size, "chunk_size", "an int >= 1", error=ValueError)
+    if chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
     check_rank(q, k, v, rank=4, layout="(B, H, S, D)")
     window = bhsd_window(window_size, is_causal)
@@ -338,6 +340,8 @@ def _dropout_seed(dropout_p: float, dropout_seed, generator) -> torch.Tensor | N
     if dropout_p == 0:
         return None
     if dropout_seed is None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         return new_seed(generator)
     if isinstance(dropout_seed, torch.Tensor):
         return scalars.seed_tensor(dropout_seed, "dropout_seed").to(torch.int64).reshape(())

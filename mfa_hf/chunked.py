@@ -43,7 +43,7 @@ def chunked_attention(q, k, v, chunk_size, causal, attn_mask, window, scale, sof
     check_mask(attn_mask, q.shape[0], q.shape[1], lq, lk, q.device)  # whole, before it is sliced per chunk
     whole = dict(softmax_scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                  return_lse=True)
-    plans = [(i0, min(lq, i0 + chunk_size)) for i0 in range(0, lq, chunk_size)]
+    plans = [(i0, min(lq, i0 + chunk_size)) for i0 in range(0, lq, chunk_size)] or [(0, 0)]  # no rows: one call
     plans = [(i0, i1) + chunk_plan(lq, lk, i0, i1, window, causal) for i0, i1 in plans]
     if alibi_slopes is not None and any(plan[-1] != 0 for plan in plans):
         # ALiBi distances are measured from the sub-call's diagonal, so a shifted chunk would

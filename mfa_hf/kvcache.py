@@ -168,6 +168,7 @@ def flash_attn_with_kvcache(
     them at the price of a sync): out-of-range values give undefined results, bounded by the cache. Returns (B, Lq, Hq, Dv) (and lse (B, Hq, Lq) with return_lse).
     """
     check_query(q)
+    return_lse = scalars.flag(return_lse, "return_lse")
     quantized = _check_caches(q, k_cache, v_cache)
     batch = q.shape[0]
     cache_batch, max_seqlen = k_cache.shape[0], k_cache.shape[1]

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy
 import pytest
 import torch
 
@@ -394,3 +395,24 @@ def test_kvcache_on_meta_gives_the_output_shape():
     out, lse = mfa_hf.flash_attn_with_kvcache(q, kc, vc, k=new, v=new, cache_seqlens=lengths, return_lse=True,
                                               cache_batch_idx=meta(torch.tensor([1, 0], dtype=torch.int32)))
     assert out.is_meta and out.shape == (2, 1, 4, 8) and lse.shape == (2, 4, 1)
+
+
+def test_flags_generators_and_sizes_of_every_entry_point():
+    """Found by a fuzzing pass: return_lse took any truthy value, a wrong generator failed inside torch.randint,
+    chunk_size refused __index__ values the README promises, and zero query rows broke the chunked path."""
+    q, k, v = (torch.randn(1, 6, 2, 8) for _ in range(3))
+    with pytest.raises(TypeError, match=r"return_lse: expected a bool, got 'no'"):
+        mfa_hf.flash_attn_func(q, k, v, return_lse="no")
+    with pytest.raises(TypeError, match=r"return_lse: expected a bool, got 'no'"):
+        mfa_hf.flash_attn_with_kvcache(q[:, :1], k, v, return_lse="no")
+    with pytest.raises(TypeError, match=r"generator: expected a torch.Generator or None, got int"):
+        mfa_hf.flash_attn_func(q, k, v, dropout_p=0.1, generator=5)
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    whole = mfa_hf.flash_attention(qh, kh, vh, is_causal=True)
+    for size in (numpy.int64(2), torch.tensor(2)):
+        torch.testing.assert_close(mfa_hf.flash_attention_chunked(qh, kh, vh, is_causal=True, chunk_size=size), whole)
+    for size in (0, 2.0, True):
+        with pytest.raises(ValueError, match=r"chunk_size: expected an int >= 1"):
+            mfa_hf.flash_attention_chunked(qh, kh, vh, chunk_size=size)
+    empty = mfa_hf.flash_attention_chunked(qh[:, :, :0], kh, vh, chunk_size=2)
+    assert empty.shape == (1, 2, 0, 8)
