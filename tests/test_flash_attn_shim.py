@@ -559,3 +559,23 @@ def test_kvcache_bad_index_and_cache_arguments_name_themselves():
     with pytest.raises(ValueError, match=r"block_table: expected device cpu like k_cache, got meta"):
         shim.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
                                      block_table=torch.tensor([[0], [1]], device="meta"))
+
+
+def test_rotary_offsets_and_tables_are_checked():
+    """apply_rotary_emb's cu_seqlens get the varlen rules (int dtype, 0, non-decreasing, x's total) and the cos/sin
+    tables x's device, instead of a silent rotation at wrong positions or torch's meta-copy error."""
+    from mfa_hf.integrations.flash_attn_shim.rotary import apply_rotary_emb
+
+    x, cos, sin = torch.randn(5, 2, 8), torch.randn(16, 2), torch.randn(16, 2)
+    bad = {"expected dtype int32 or int64": torch.tensor([0.0, 2.5, 5.0]),
+           "expected non-decreasing offsets": torch.tensor([0, 4, 2]),
+           "expected to end at the total length 5": torch.tensor([0, 2, 9]),
+           "expected to start at 0": torch.tensor([3, 4, 5])}
+    for message, cu in bad.items():
+        with pytest.raises((TypeError, ValueError), match=f"cu_seqlens: {message}"):
+            apply_rotary_emb(x, cos, sin, cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"cos: expected device cpu like the rotated tensor, got meta"):
+        apply_rotary_emb(torch.randn(2, 3, 4, 8), cos.to("meta"), sin.to("meta"))
+    ok = apply_rotary_emb(x, cos, sin, cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32))
+    parts = [apply_rotary_emb(x[None, a:b], cos, sin)[0] for a, b in ((0, 2), (2, 5))]
+    torch.testing.assert_close(ok, torch.cat(parts))

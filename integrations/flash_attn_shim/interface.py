@@ -268,7 +268,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if k is None:
             raise ValueError("rotary_cos: rotary embedding rotates the new k (and q); expected k and v to append, "
                              "got k=None")
-        check_cos_sin(rotary_cos, rotary_sin, q.shape[-1], ("rotary_cos", "rotary_sin"))
+        check_cos_sin(rotary_cos, rotary_sin, q.shape[-1], ("rotary_cos", "rotary_sin"), q.device)
         local = any(0 <= side < capacity for side in window)  # FA2: a side >= the cache length is unbounded
         q, k = _rotate(q, k, rotary_cos, rotary_sin, cache_seqlens, capacity, bool(causal) or local,
                        bool(rotary_interleaved))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mfa_hf.problem import shape_is
+from mfa_hf.problem import check_cu_seqlens, shape_is
 
 
 def _describe(value) -> str:
@@ -19,11 +19,13 @@ def _describe(value) -> str:
     return repr(value)
 
 
-def check_cos_sin(cos, sin, head_dim: int, names=("cos", "sin")) -> int:
-    """Validate (seqlen_ro, rotary_dim / 2) tables; returns rotary_dim."""
+def check_cos_sin(cos, sin, head_dim: int, names=("cos", "sin"), device: torch.device | None = None) -> int:
+    """Validate (seqlen_ro, rotary_dim / 2) tables (on `device` when given); returns rotary_dim."""
     for name, table in zip(names, (cos, sin)):
         if not isinstance(table, torch.Tensor) or table.dim() != 2 or not table.is_floating_point():
             raise ValueError(f"{name}: expected a 2-D float tensor (seqlen_ro, rotary_dim / 2), got {_describe(table)}")
+        if device is not None and table.device != device:
+            raise ValueError(f"{name}: expected device {device} like the rotated tensor, got {table.device}")
     if tuple(sin.shape) != tuple(cos.shape):
         raise ValueError(f"{names[1]}: expected shape {tuple(cos.shape)} like {names[0]}, got {tuple(sin.shape)}")
     rotary_dim = 2 * cos.shape[1]
@@ -86,14 +88,14 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != (3 if cu_seqlens is not None else 4):
         layout = "(total, nheads, headdim) with cu_seqlens" if cu_seqlens is not None else "(batch, seqlen, nheads, headdim)"
         raise ValueError(f"x: expected a float tensor {layout}, got {_describe(x)}")
-    check_cos_sin(cos, sin, x.shape[-1])
+    check_cos_sin(cos, sin, x.shape[-1], device=x.device)
     if cu_seqlens is None:
         batch, seqlen = x.shape[0], x.shape[1]
         offsets = _offsets(seqlen_offsets, batch, x.device)
         positions = offsets[:, None] + torch.arange(seqlen, device=x.device)[None, :]
     else:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-            raise ValueError(f"cu_seqlens: expected a 1-D integer tensor (batch + 1,), got {_describe(cu_seqlens)}")
+        # int32/int64 offsets from 0, non-decreasing, ending at x's total (values read where that is free).
+        check_cu_seqlens(cu_seqlens, "cu_seqlens", x.shape[0], None, cu_seqlens.device)
         cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
         batch = cu.numel() - 1
         offsets = _offsets(seqlen_offsets, batch, x.device)
