@@ -138,12 +138,7 @@ def test_legacy_models_refuse_while_they_compute_attention_inline(name, implemen
     inline = (name in unsupported.NAMED_CLASS_TABLE_MODEL_TYPES or not internals.can_set_attn_implementation(type(model))
               or not internals.modeling_source_calls_interface(type(model)))
     if inline:
-        with pytest.raises(UnsupportedModelError, match=rf"{type(model).__name__}.*\"{implementation}\".*\"sdpa\""):
-            model.set_attn_implementation(implementation)
-        config = model.config
-        config._attn_implementation_internal = None
-        with pytest.raises(UnsupportedModelError, match=type(model).__name__):
-            type(model)._from_config(config, attn_implementation=implementation)
+        _assert_refused(model, implementation, rf"{type(model).__name__}.*\"{implementation}\".*\"sdpa\"")
         return
     torch.manual_seed(0)
     reference = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="eager").eval()
@@ -185,7 +180,12 @@ def test_eager_only_models_refuse_with_the_model_name(name, implementation):
     model = EAGER_ONLY[name]()
     if not internals.supports_only_eager(model):
         pytest.skip(f"{type(model).__name__} supports sdpa or flash in this transformers: not eager-only here")
-    with pytest.raises(UnsupportedModelError, match=rf"{type(model).__name__} supports only eager.*\"{implementation}\""):
+    _assert_refused(model, implementation, rf"{type(model).__name__} supports only eager.*\"{implementation}\"")
+
+
+def _assert_refused(model, implementation: str, message: str) -> None:
+    """Refused through set_attn_implementation (with `message`) and at init from the model's config."""
+    with pytest.raises(UnsupportedModelError, match=message):
         model.set_attn_implementation(implementation)
     config = model.config
     config._attn_implementation_internal = None
