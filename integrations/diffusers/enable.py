@@ -80,6 +80,8 @@ def enable(pipe_or_model, strict: bool = False) -> MFAHandle:
             continue
         if internals.uses_dispatcher(current):
             handle.backends.append((name, current, internals.own_backend(current)))
+        elif not hasattr(module, "set_processor"):  # its processor cannot be swapped (Mochi's attention)
+            handle.skipped[name] = f"{type(current).__name__} (the module has no set_processor)"
         elif type(current) in table:
             swaps.append((name, module, shared[table[type(current)]]))
         else:
@@ -104,7 +106,9 @@ def set_processor(model: nn.Module, processor) -> MFAHandle:
     handle, swaps, wrong = MFAHandle(), [], {}
     for name, module in attention_modules(model):
         current_cls = type(module.processor)
-        if current_cls is not type(processor) and table.get(current_cls) is not type(processor):
+        if not hasattr(module, "set_processor"):
+            wrong[name] = f"{current_cls.__name__} (the module has no set_processor)"
+        elif current_cls is not type(processor) and table.get(current_cls) is not type(processor):
             wrong[name] = current_cls.__name__
         swaps.append((name, module, processor))
     if wrong:
@@ -116,10 +120,12 @@ def set_processor(model: nn.Module, processor) -> MFAHandle:
 
 
 def attention_modules(pipe_or_model):
-    """(qualified name, module) for every diffusers attention module of a pipeline or a model."""
+    """(qualified name, module) for every diffusers attention module of a pipeline or a model: a module holding a
+    callable `processor` (most also have set_processor; Mochi's attention has none, and is listed all the same,
+    so that enable() reports it instead of passing it over)."""
     for prefix, component in _components(pipe_or_model):
         for name, module in component.named_modules():
-            if hasattr(module, "set_processor") and hasattr(module, "processor"):
+            if callable(getattr(module, "processor", None)):
                 yield f"{prefix}{name}", module
 
 

@@ -28,8 +28,21 @@ def _mfa_processors() -> tuple[type, ...]:
 
 
 def _check(module, processor) -> None:
-    if isinstance(processor, _mfa_processors()):
-        processor.check(module)
+    """Our processor replaces the module's current one only where that one follows the same contract (the
+    math ours computes): Sana's linear attention or CogView3Plus's own processor look like attention modules,
+    and softmax attention in their place was silently wrong or failed later with a shape error."""
+    if not isinstance(processor, _mfa_processors()):
+        return
+    from .contracts import ContractMismatch
+    from .enable import replacement_table
+
+    processor.check(module)  # the module's own structure first: its message names what differs
+    held = getattr(module, "processor", None)  # None while the module is being built with our processor
+    current = type(held)
+    if held is not None and current is not type(processor) and replacement_table().get(current) is not type(processor):
+        raise ContractMismatch(f"{type(module).__name__}: its processor {current.__name__} does not compute what "
+                               f"{type(processor).__name__} serves ({processor.serves}); use "
+                               f"mfa_hf.integrations.diffusers.enable(model) to pick per module")
 
 
 def _checked_set_processor(original):

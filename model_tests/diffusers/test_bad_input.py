@@ -71,11 +71,52 @@ def test_without_the_set_time_checks_a_wrong_processor_fails_on_first_call_not_w
 
 
 def test_attn_processor_refuses_rotary_embeddings(tiny):
+    """Refused at set time (the modules follow CogVideoXAttnProcessor2_0, another contract), and, without the
+    set-time checks, at the first call with the rotary embeddings named."""
     cog, inputs = tiny.build("cogvideox")
-    cog.set_attn_processor(MFAProcessor())
+    with pytest.raises(ContractMismatch, match="its processor CogVideoXAttnProcessor2_0 does not compute what "
+                                               "MFAProcessor serves"):
+        cog.set_attn_processor(MFAProcessor())
+    internals.uninstall_set_time_checks()
+    try:
+        cog.set_attn_processor(MFAProcessor())
+    finally:
+        internals.install_set_time_checks()
     with pytest.raises(ContractMismatch, match="expected no image_rotary_emb .*MFACogVideoXAttnProcessor"):
         with torch.no_grad():
             cog(**inputs)
+
+
+def test_a_processor_of_other_math_is_never_replaced_by_ours(tiny):
+    """Found by a model sweep: Sana's linear attention (and CogView3Plus's processor) sit in plain Attention modules;
+    set_attn_processor(MFAProcessor()) put softmax attention there (0.11 off, silently, or a later shape error).
+    The module's current processor must follow the contract ours serves."""
+    import diffusers
+
+    sana = diffusers.SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                            num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                            cross_attention_dim=16, caption_channels=16, sample_size=8, patch_size=1)
+    before = _processor_classes(sana)
+    with pytest.raises(ContractMismatch, match="its processor SanaLinearAttnProcessor2_0 does not compute what"):
+        sana.set_attn_processor(MFAProcessor())
+    assert _processor_classes(sana) == before, "a refused set_attn_processor must change nothing"
+
+
+def test_modules_without_set_processor_are_reported_not_passed_over():
+    """Mochi's attention holds a processor but has no set_processor: enable() lists it as skipped (strict refuses)
+    instead of returning with nothing changed and nothing said."""
+    import diffusers
+
+    from mfa_hf.integrations.diffusers import enable
+
+    mochi = diffusers.MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                              pooled_projection_dim=16, in_channels=4, text_embed_dim=16,
+                                              time_embed_dim=8, max_sequence_length=7)
+    handle = enable(mochi)
+    assert handle.skipped and all("no set_processor" in why for why in handle.skipped.values()), handle.skipped
+    handle.restore()
+    with pytest.raises(ContractMismatch, match="enable\\(strict=True\\).*no set_processor"):
+        enable(mochi, strict=True)
 
 
 def test_joint_and_cogvideox_processors_refuse_vae_style_modules(tiny):
