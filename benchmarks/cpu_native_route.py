@@ -12,12 +12,12 @@ same run. Each round calls every variant once in turn; the table gives the media
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 import mfa_hf
+from interleaved import interleaved_seconds, summary  # benchmarks/interleaved.py, beside this file
 from mfa_hf import native
 
 SHAPES = ((1, 24, 2, 16), (1, 128, 8, 64), (1, 1024, 8, 64), (2, 2048, 8, 64))
@@ -55,22 +55,11 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for shape in SHAPES:
         for causal in (False, True):
-            runs = variants(shape, causal)
             repeat = max(1, 20000 // (shape[1] * shape[2]))  # calls per sample: µs-scale calls timed in batches
-            times = {name: [] for name in runs}
-            for fn in runs.values():
-                fn()
-                fn()  # the second plain call of a kind makes its replay
-            for _ in range(args.rounds):
-                for name, fn in runs.items():
-                    start = time.perf_counter()
-                    for _ in range(repeat):
-                        fn()
-                    times[name].append((time.perf_counter() - start) / repeat)
-            sdpa = statistics.median(times["sdpa"])
-            for name, ts in times.items():
-                median = statistics.median(ts)
-                print(f"| {shape} | {causal} | {name} | {median * 1e6:.1f} | {sdpa / median:.2f} |")
+            # Two warm-up calls: the second plain call of a kind makes its replay.
+            times = interleaved_seconds(variants(shape, causal), args.rounds, repeat, warmup=2)
+            for name, median, _, relative in summary(times):
+                print(f"| {shape} | {causal} | {name} | {median * 1e6:.1f} | {1 / relative:.2f} |")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ over each format (kernels/torch/cpu_fused_decode.decode, the attention alone: no
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 import mfa_hf
+from interleaved import interleaved_seconds, summary  # benchmarks/interleaved.py, beside this file
 from mfa_hf.kernels.contract import CacheSide, DecodeCall, Options
 from mfa_hf.kernels.torch import cpu_fused_decode, cpu_scaled_codes
 
@@ -66,19 +66,9 @@ def main() -> None:
     print("| context | variant | median us | min us | median x sdpa |")
     print("|---|---|---|---|---|")
     for context in args.contexts:
-        runs = variants(context, *args.heads, args.dim)
-        times = {name: [] for name in runs}
-        for fn in runs.values():  # warm-up
-            fn()
-        for _ in range(args.rounds):
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-        sdpa = statistics.median(times["sdpa"])
-        for name, ts in times.items():
-            median = statistics.median(ts)
-            print(f"| {context} | {name} | {median * 1e6:.0f} | {min(ts) * 1e6:.0f} | {median / sdpa:.2f} |")
+        times = interleaved_seconds(variants(context, *args.heads, args.dim), args.rounds)
+        for name, median, fastest, relative in summary(times):
+            print(f"| {context} | {name} | {median * 1e6:.0f} | {fastest * 1e6:.0f} | {relative:.2f} |")
 
 
 if __name__ == "__main__":
