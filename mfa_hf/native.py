@@ -67,12 +67,12 @@ def _nonfinite_rows_restored(q, k, v, mask, is_causal: bool, scale: float, out):
     compiled or traced calls), the rows are fixed with device ops alone: NaN where the row sees a key (any
     additive mask lets a NaN through), else 0. That is the reference for NaN rows; for a row of ±inf it differs
     only when every key it sees scores -inf (the reference gives 0)."""
-    if _host_readable(q):
-        if math.isfinite(float(q.detach().sum(dtype=torch.float32))):
-            return out
-        bad = ~torch.isfinite(q).all(-1, keepdim=True)  # (B, Lq, Hq, 1)
+    readable = q.device.type == "cpu" and ops.plain_eager((q,), autograd=True)  # a free read that breaks no trace
+    if readable and math.isfinite(float(q.detach().sum(dtype=torch.float32))):
+        return out
+    bad = ~torch.isfinite(q).all(-1, keepdim=True)  # (B, Lq, Hq, 1)
+    if readable:
         return torch.where(bad, _ours(q, k, v, mask, is_causal, scale), out)
-    bad = ~torch.isfinite(q).all(-1, keepdim=True)
     if mask is None or mask.dtype != torch.bool:
         return out.masked_fill(bad, math.nan)
     seen = mask.any(-1).transpose(-1, -2).unsqueeze(-1)  # (B|1, Lq|1, H|1, 1), as out's dims
@@ -87,12 +87,6 @@ def _ours(q, k, v, mask, is_causal: bool, scale: float) -> torch.Tensor:
     options = Options(scale, window_right=0 if is_causal else -1)
     with torch.no_grad():
         return forward(AttentionCall(q.detach(), k.detach(), v.detach(), options, attn_mask=mask))[0]
-
-
-def _host_readable(q) -> bool:
-    """A CPU tensor of plain eager code: reading a value back costs no device sync and breaks no trace."""
-    return (q.device.type == "cpu" and type(q) in (torch.Tensor, torch.nn.Parameter)
-            and not torch.compiler.is_compiling() and ops.eager_context())
 
 
 def replay(route: Route, scale: float):

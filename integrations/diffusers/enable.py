@@ -97,18 +97,23 @@ def enable(pipe_or_model, strict: bool = False) -> MFAHandle:
     return handle
 
 
+def follows_contract(current, processor) -> bool:
+    """Whether a module's current processor computes what `processor` (ours) serves: the same class, or the
+    upstream class it replaces (replacement_table)."""
+    return type(current) is type(processor) or replacement_table().get(type(current)) is type(processor)
+
+
 def set_processor(model: nn.Module, processor) -> MFAHandle:
     """`model.set_attn_processor(processor)`, but checked at set time against every module's contract."""
     if not isinstance(processor, OUR_PROCESSORS):
         raise TypeError(f"processor: expected one of {[c.__name__ for c in OUR_PROCESSORS]}, "
                         f"got {type(processor).__name__}")
-    table = replacement_table()
     handle, swaps, wrong = MFAHandle(), [], {}
     for name, module in attention_modules(model):
         current_cls = type(module.processor)
         if not hasattr(module, "set_processor"):
             wrong[name] = f"{current_cls.__name__} (the module has no set_processor)"
-        elif current_cls is not type(processor) and table.get(current_cls) is not type(processor):
+        elif not follows_contract(module.processor, processor):
             wrong[name] = current_cls.__name__
         swaps.append((name, module, processor))
     if wrong:

@@ -34,13 +34,12 @@ def _check(module, processor) -> None:
     if not isinstance(processor, _mfa_processors()):
         return
     from .contracts import ContractMismatch
-    from .enable import replacement_table
+    from .enable import follows_contract
 
     processor.check(module)  # the module's own structure first: its message names what differs
     held = getattr(module, "processor", None)  # None while the module is being built with our processor
-    current = type(held)
-    if held is not None and current is not type(processor) and replacement_table().get(current) is not type(processor):
-        raise ContractMismatch(f"{type(module).__name__}: its processor {current.__name__} does not compute what "
+    if held is not None and not follows_contract(held, processor):
+        raise ContractMismatch(f"{type(module).__name__}: its processor {type(held).__name__} does not compute what "
                                f"{type(processor).__name__} serves ({processor.serves}); use "
                                f"mfa_hf.integrations.diffusers.enable(model) to pick per module")
 

@@ -337,12 +337,9 @@ def _leftpad_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
     rows = cache_batch_idx.tolist() if isinstance(cache_batch_idx, torch.Tensor) else list(range(batch))
     if len(rows) != batch:
         raise ValueError(f"cache_batch_idx: expected {batch} indices, got {len(rows)}")
-    # Each row is a slice bound, where a negative index would silently pick another cache row.
-    if any(not isinstance(r, int) or not 0 <= r < k_cache.shape[0] for r in rows):
-        raise ValueError(f"cache_batch_idx: expected integer cache rows in [0, {k_cache.shape[0]}), got {rows}")
-    if k is not None and len(set(rows)) != len(rows):
-        raise ValueError(f"cache_batch_idx: expected distinct cache rows when appending k/v (two batch rows would "
-                         f"write one cache row), got {rows}")
+    if isinstance(cache_batch_idx, torch.Tensor):  # each row is a slice bound: a negative one picked another row
+        kvcache._check_batch_idx(cache_batch_idx, batch, k_cache.shape[0], q.device, appending=k is not None,
+                                 host_values=rows)
     for b, (pad, length) in enumerate(zip(pads, lengths)):
         if not 0 <= pad <= length:
             raise ValueError(f"cache_leftpad: expected 0 <= cache_leftpad[{b}] <= cache_seqlens[{b}] = {length}, "

@@ -109,8 +109,8 @@ def modeling_source_calls_interface(model_cls) -> bool:
 def supports_only_eager(model) -> bool:
     """Whether transformers marks this class as supporting no attention but eager (no sdpa, flash or flex flag):
     such layers may read the mask themselves in eager's additive form (routers, inline or sparse attention)."""
-    flags = ("_supports_sdpa", "_supports_flash_attn", "_supports_flash_attn_2", "_supports_flex_attn")
-    return not any(getattr(model, flag, False) for flag in flags)
+    return not (supports_flash_attention(model) or getattr(model, "_supports_sdpa", False)
+                or getattr(model, "_supports_flex_attn", False))
 
 
 def supports_flash_attention(model) -> bool:

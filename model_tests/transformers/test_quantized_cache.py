@@ -317,7 +317,7 @@ HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__",
 
 
 # Code that reads the host on the CPU alone, where a read waits for nothing: the CPU native route's check that q
-# is finite (mfa_hf/native.py, _host_readable; tests/test_native_routes.py checks it reads nothing off the CPU).
+# is finite (mfa_hf/native.py, CPU plain-eager calls only; tests/test_native_routes.py checks it reads nothing off the CPU).
 CPU_ONLY_READERS = {("mfa_hf.native", "_nonfinite_rows_restored")}
 
 
