@@ -5,6 +5,8 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAPPING = {"mfa_hf": ROOT / "mfa_hf", "mfa_hf.kernels": ROOT / "kernels", "mfa_hf.integrations": ROOT / "integrations"}
 
@@ -55,3 +57,42 @@ def test_built_wheel_imports_every_module(tmp_path):
                             text=True, timeout=600, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(result.stdout.split()[-1]) >= 20
+
+
+def _python_in_checkout(code: str) -> subprocess.CompletedProcess:
+    """`python -c code` started in the repository root, the root on sys.path (as a user's shell gives it)."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONSAFEPATH"}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _installed_kernels() -> bool:
+    import importlib.machinery
+
+    elsewhere = [p for p in sys.path if pathlib.Path(p or ".").resolve() != ROOT.resolve()]
+    return importlib.machinery.PathFinder.find_spec("kernels", elsewhere) is not None
+
+
+@pytest.mark.skipif(not _installed_kernels(), reason="PyPI's kernels is not installed: nothing to shadow")
+def test_transformers_imports_from_a_checkout_root():
+    """The checkout's kernels/ folder, on sys.path as a top-level `kernels`, hands that import to PyPI's kernels
+    (transformers >= 5.25 imports it: 'cannot import name CUDAProperties from kernels' before), while
+    mfa_hf.kernels stays the kernel core."""
+    done = _python_in_checkout(
+        "import kernels, transformers.modeling_utils, mfa_hf.kernels.reference as r; "
+        "print(kernels.__file__); print(r.__name__)")
+    assert done.returncode == 0, done.stderr[-2000:]
+    found, core = done.stdout.split()
+    assert pathlib.Path(found).resolve().parent != ROOT / "kernels" and core == "mfa_hf.kernels.reference"
+
+
+def test_without_pypi_kernels_the_folder_imports_as_nothing():
+    """Where no other `kernels` exists, `import kernels` from a checkout fails as a missing module (what
+    transformers' availability checks expect), naming the folder's real import."""
+    done = _python_in_checkout(
+        "import sys; sys.path[:] = [p for p in sys.path if 'packages' not in p]\n"
+        "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print(e.name, '|', e)\n"
+        "print('kernels' in sys.modules)")
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second = done.stdout.strip().splitlines()
+    assert first.startswith("kernels |") and "mfa_hf.kernels" in first and second == "False"
