@@ -50,6 +50,16 @@ def _real_key_count(q_length, kv_length, q_offset, kv_offset, causal: bool) -> i
     return max(0, min(kv_length, filled))
 
 
+def _unwritten_keys_possible(q_length, kv_length, q_offset, kv_offset, mask_function) -> bool:
+    """Keys past the last query under a causal pattern: only a static cache's buffer has them (a dynamic cache's
+    keys end with the queries). A static layer gives its offset as a tensor (no host read to compare it)."""
+    if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+        past = True
+    else:
+        past = kv_offset + kv_length > q_offset + q_length
+    return past and (mask_function is None or torch.compiler.is_compiling() or _is_causal_pattern(mask_function))
+
+
 def _is_causal_pattern(mask_function) -> bool:
     return any("causal" in leaf or leaf.startswith("sliding_window_overlay") for leaf in internals.mask_leaves(mask_function))
 
@@ -158,6 +168,13 @@ def flash_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
     is (the attention function applies it as a key mask either way)."""
     from transformers.masking_utils import flash_attention_mask
 
+    if attention_mask is None and _unwritten_keys_possible(q_length, kv_length, q_offset, kv_offset, mask_function):
+        # No mask came and the keys run past the last query: a StaticCache's slots not written yet, which
+        # transformers' FA mask (None) lets flash attention read (bottom-right causal over every slot; a
+        # forward with a StaticCache and no attention_mask, as in compiled decode loops). The "mfa" mask
+        # counts the real keys (or, compiling, is the dense mask eager applies).
+        return compact_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, None,
+                            device=device, **kwargs)
     if torch.compiler.is_compiling():
         return None if attention_mask is None else attention_mask[:, -kv_length:]
     mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,

@@ -59,6 +59,51 @@ def test_decoder_greedy_generate(family, cache, implementation):
         assert forward_calls == LAYERS and decode_calls >= LAYERS * 4, f"{family.name}: {served}"
 
 
+def _static_steps(model, ids, steps: int = 3, compiled_step=None) -> list:
+    """Logits of a forward over a StaticCache with no attention_mask (a prefill of `ids`, then `steps` one-token
+    steps feeding each argmax), as compiled decode loops call models: keys past the last query are the cache's
+    unwritten slots, which no mask tells the attention about."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 7)
+    step = model if compiled_step is None else compiled_step
+    found = []
+    with torch.no_grad():
+        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        found.append(logits)
+        for n in range(steps):
+            position = torch.tensor([ids.shape[1] + n])
+            logits = step(logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True,
+                          cache_position=position).logits
+            found.append(logits)
+    return found
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", _ids(DECODERS))
+def test_decoder_static_cache_without_mask(family, implementation):
+    reference, model = twin_models(family, implementation)
+    ids = padded_batch("left")[0][:, 4:]  # no padding: the mask would be all ones, and none is passed
+    expected = _static_steps(reference, ids)
+    with trace.capture() as calls:
+        actual = _static_steps(model, ids)
+    assert kernel_calls(calls) >= LAYERS * 4, f"{family.name}: kernel ran {trace.served_by(calls)}"
+    for n, (have, want) in enumerate(zip(actual, expected)):
+        assert_close_where(have, want, torch.ones(have.shape[:2]), what=f"{family.name} static step {n}")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_compiled_static_decode_without_mask(implementation):
+    """The same loop with the decode step compiled (the mask is then built while tracing)."""
+    reference, model = twin_models(BY_NAME["llama"], implementation)
+    ids = padded_batch("left")[0][:, 4:]
+    expected = _static_steps(reference, ids)
+    torch._dynamo.reset()
+    actual = _static_steps(model, ids, compiled_step=torch.compile(model, dynamic=False))
+    for n, (have, want) in enumerate(zip(actual, expected)):
+        assert_close_where(have, want, torch.ones(have.shape[:2]), what=f"compiled static step {n}")
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("family", _ids([BY_NAME["bert"], BY_NAME["modernbert"]]))
 def test_encoder_padded_forward(family, implementation):
@@ -92,8 +137,13 @@ def test_seq2seq_forward_and_generate(family, implementation):
             actual = model(**inputs, decoder_input_ids=decoder_ids).logits
     assert kernel_calls(calls) >= 3 * LAYERS  # encoder self, decoder self and cross
     assert_close_where(actual, expected, torch.ones(decoder_ids.shape), what=f"{family.name} logits")
-    kwargs = dict(max_new_tokens=4, do_sample=False)
-    assert torch.equal(model.generate(**inputs, **kwargs), reference.generate(**inputs, **kwargs))
+    for cache in ("dynamic", "static"):  # no decoder mask: a static cache's unwritten slots must stay unseen
+        kwargs = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                      **({"cache_implementation": "static"} if cache == "static" else {}))
+        have, want = model.generate(**inputs, **kwargs), reference.generate(**inputs, **kwargs)
+        assert torch.equal(have.sequences, want.sequences), f"{family.name} ({cache})"
+        for n, (a, b) in enumerate(zip(have.logits, want.logits)):
+            assert_close_where(a[:, None], b[:, None], torch.ones(a.shape[0], 1), what=f"{family.name} {cache} {n}")
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
