@@ -83,6 +83,16 @@ def _(cache, new, cache_seqlens, cache_batch_idx):
     return None
 
 
+
+def check_head_dim_fits_groups(format, group_size: int | None, head_dim: int) -> None:
+    """A grouped format (nf4) keeps a scale per group of group_size (None: its default) along D: D must be a
+    multiple of it."""
+    spec = kv_formats.spec(parse_format(format))
+    group_size = group_size or spec.default_group_size
+    if spec.grouped and head_dim % group_size:
+        raise ValueError(f"head_dim: expected a multiple of the {spec.name} group size {group_size} "
+                         f"({spec.group_sizes_text()}), got {head_dim}")
+
 def allocate_kv_cache(batch: int, max_seqlen: int, heads_kv: int, head_dim: int, format: str | None = None, *,
                       dtype: torch.dtype = torch.float32, device=None, group_size: int | None = None,
                       static_scales: Tensor | None = None):
@@ -108,9 +118,7 @@ def allocate_kv_cache(batch: int, max_seqlen: int, heads_kv: int, head_dim: int,
             group_size, "group_size", f"{sizes} for {fmt.value}")
         if group_size not in spec.group_sizes:
             raise ValueError(f"group_size: expected {sizes} for {fmt.value}, got {group_size!r}")
-        if head_dim % group_size:
-            raise ValueError(f"head_dim: expected a multiple of the {fmt.value} group size {group_size} ({sizes}), "
-                             f"got {head_dim}")
+        check_head_dim_fits_groups(fmt, group_size, head_dim)
     elif group_size is not None:
         grouped = ", ".join(f.name for f in kv_formats.QUANTIZED if f.grouped)
         raise ValueError(f"group_size: expected None for {fmt.value} (only {grouped} has groups), got {group_size!r}")

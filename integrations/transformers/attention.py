@@ -164,6 +164,12 @@ def _decode_route(module, query, key, value, attention_mask, causal, scaling, sl
                   position_bias):
     """Decode steps go to the decode op: always for MFAQuantizedCache handles, and for a small causal
     query against plain cached K/V without a mask. Returns (B, S_q, H_q, D_v), or None (not a decode)."""
+    if key is None or value is None:
+        raise ValueError(
+            "key, value: expected tensors, got None: the model read its K/V back from a cache layer that holds none. "
+            "MFAQuantizedCache's layers hold quantized codes, and encoder-decoder models reuse their cross-attention "
+            "K/V from the cache: use EncoderDecoderCache(MFAQuantizedCache(...), DynamicCache()) so that the "
+            "cross-attention half stays plain.")
     if decode.is_cache_view(key):
         if position_bias is not None:
             raise NotImplementedError("MFAQuantizedCache: position_bias (T5) is not supported with a quantized cache")

@@ -47,7 +47,10 @@ def _left_pads(attention_mask, batch: int, total: int, q_len: int) -> torch.Tens
             "mask (a pattern the decode kernel cannot express).")
     valid = attention_mask[:, -total:].bool()
     if valid.shape[-1] < total:  # a compact mask shorter than the keys: the tail is invalid
-        raise NotImplementedError(f"MFAQuantizedCache: expected a key mask of length {total}, got {valid.shape[-1]}")
+        raise NotImplementedError(
+            f"MFAQuantizedCache: expected a key mask of length {total}, got {valid.shape[-1]} (an encoder-decoder "
+            "model given one cache stores its cross-attention K/V in the same layers: pass "
+            "EncoderDecoderCache(MFAQuantizedCache(...), DynamicCache()))")
     pads, left_padded = _padding_pattern(valid)
     if not bool(left_padded):
         raise NotImplementedError("MFAQuantizedCache: expected left padding (False then True per row) in the key "

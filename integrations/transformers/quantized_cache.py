@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ...kvcache import allocate_kv_cache, append_kv
+from ...kvcache import allocate_kv_cache, append_kv, check_head_dim_fits_groups
 from ... import scalars
 from ...kv_formats import QUANTIZED, QUANTIZED_NAMES, spec
 from ...quant import KVFormat, QuantizedKV, parse_format
@@ -278,13 +278,24 @@ class MFAQuantizedLayer(DynamicLayer):
 
 def check_model_config(config) -> None:
     """Refuse models whose cache does not hold per-head K/V, naming the model and what it caches."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if not callable(getattr(config, "get_text_config", None)):
+        raise TypeError("config: expected the model's transformers config (a PreTrainedConfig such as model.config), "
+                        f"got {type(config).__name__}")
+    text = config.get_text_config(decoder=True)
     model_type = getattr(text, "model_type", None)
     if model_type in LATENT_CACHE_MODELS or getattr(text, "kv_lora_rank", None) is not None:
         what = LATENT_CACHE_MODELS.get(model_type, "a compressed latent (kv_lora_rank), expanded after the cache")
         raise ValueError(
             f"MFAQuantizedCache: model_type {model_type!r} caches {what}, not per-head K/V, so the quantized "
             "values cannot go straight to the attention kernel. Use the default DynamicCache for this model.")
+
+
+def _head_dim(text_config) -> int | None:
+    head_dim = getattr(text_config, "head_dim", None)
+    if isinstance(head_dim, int):
+        return head_dim
+    hidden, heads = getattr(text_config, "hidden_size", None), getattr(text_config, "num_attention_heads", None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
 
 
 def _layer_kwargs(config) -> list[dict]:
@@ -314,7 +325,11 @@ class MFAQuantizedCache(Cache):
             super().__init__(layer_class_to_replicate=lambda: MFAQuantizedLayer(**options))
             return
         check_model_config(config)
-        super().__init__(layers=[MFAQuantizedLayer(**options, **extra) for extra in _layer_kwargs(config)])
+        layers = [MFAQuantizedLayer(**options, **extra) for extra in _layer_kwargs(config)]
+        head_dim = _head_dim(config.get_text_config(decoder=True))
+        if head_dim is not None and layers:  # what the first forward would refuse, said now
+            check_head_dim_fits_groups(self.format, layers[0].group_size, head_dim)
+        super().__init__(layers=layers)
 
     def nbytes(self) -> int:
         """Bytes held by all layers' codes, scales and residuals (capacity included)."""

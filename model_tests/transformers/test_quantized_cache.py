@@ -291,6 +291,59 @@ def test_bad_options(kwargs, message):
         MFAQuantizedCache(**kwargs)
 
 
+@pytest.mark.parametrize("config", ["llama", "model"])
+def test_config_must_be_a_model_config(config):
+    model = _model(BY_NAME["llama"], "int8")
+    with pytest.raises(TypeError, match="config: expected the model's transformers config"):
+        MFAQuantizedCache("int8", config=config if config == "llama" else model)
+
+
+@pytest.mark.parametrize("group_size, head_dim", [(None, 16), (64, 96), (32, 48)])
+def test_nf4_groups_that_do_not_divide_the_head_dim_are_refused_at_construction(group_size, head_dim):
+    """With the config given, the head dim is known: refused when the cache is made, not at the first forward."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim, num_hidden_layers=1)
+    with pytest.raises(ValueError, match=f"head_dim: expected a multiple of the nf4 group size {group_size or 64}"):
+        MFAQuantizedCache("nf4", config=config, group_size=group_size)
+    MFAQuantizedCache("int8", config=config)  # no groups: any head dim
+
+
+def _bart():
+    import transformers as tf
+
+    config = tf.BartConfig(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, pad_token_id=1,
+                           bos_token_id=0, eos_token_id=127, decoder_start_token_id=2, forced_eos_token_id=None)
+    torch.manual_seed(0)
+    return tf.BartForConditionalGeneration._from_config(config, attn_implementation="mps_flash").eval()
+
+
+def test_encoder_decoder_caches_say_how_to_quantize():
+    """An encoder-decoder keeps cross-attention K/V in its cache: a quantized cross-attention half is refused, and
+    so is one bare quantized cache for both where a padded encoder mask shows the mix-up (without one it is as
+    wrong as a bare DynamicCache upstream), each naming EncoderDecoderCache(MFAQuantizedCache(...), DynamicCache()),
+    which serves (the self-attention half quantized) with the plain pair's tokens."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    model = _bart()
+    ids = torch.randint(3, 120, (2, 12), generator=torch.Generator().manual_seed(1))
+    padded = torch.ones_like(ids)
+    padded[1, 8:] = 0
+    kwargs = dict(input_ids=ids, max_new_tokens=6, do_sample=False)
+    quantized = lambda: MFAQuantizedCache("int8", config=model.config)  # noqa: E731
+    for cache, mask, error in ((EncoderDecoderCache(quantized(), quantized()), None, ValueError),
+                               (quantized(), padded, NotImplementedError)):
+        with pytest.raises(error, match=r"EncoderDecoderCache\(MFAQuantizedCache\(\.\.\.\), DynamicCache\(\)\)"):
+            with torch.no_grad():
+                model.generate(**kwargs, attention_mask=mask, past_key_values=cache)
+    with torch.no_grad():
+        with trace.capture() as calls:
+            served = model.generate(**kwargs, past_key_values=EncoderDecoderCache(quantized(), DynamicCache()))
+        plain = model.generate(**kwargs, past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+    assert _decode_calls(calls) > 0 and torch.equal(served, plain)
+
+
 def test_plain_decode_steps_use_the_decode_op():
     """Item 5 for plain caches: a one-token step against cached K/V runs on the decode op."""
     reference, model = twin_models(BY_NAME["mistral"], "mfa")
