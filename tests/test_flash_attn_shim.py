@@ -300,8 +300,9 @@ def test_bert_padding_round_trip(flash_attn, as_int):
     mask = mask.to(torch.int32) if as_int else mask
     x = torch.randn(3, 6, 2, 4, requires_grad=True)
     result = unpad_input(x, mask)
-    assert len(result) == 4  # FA2 2.6.3's arity (2.7 added seqused)
-    x_unpad, indices, cu_seqlens, max_seqlen = result
+    assert len(result) == 5  # FA2 2.8.3's arity (2.7 added seqused)
+    x_unpad, indices, cu_seqlens, max_seqlen, seqused = result
+    assert seqused.dtype == torch.int32 and seqused.tolist() == [3, 0, 4]
     assert x_unpad.shape == (7, 2, 4) and indices.dtype == torch.int64
     assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, 3, 3, 7]
     assert max_seqlen == 4 and isinstance(max_seqlen, int)
@@ -321,9 +322,32 @@ def test_unpad_input_of_an_all_padding_batch(flash_attn):
     from flash_attn.bert_padding import pad_input, unpad_input
 
     x = torch.randn(2, 3, 4)
-    x_unpad, indices, cu_seqlens, max_seqlen = unpad_input(x, torch.zeros(2, 3, dtype=torch.bool))
+    x_unpad, indices, cu_seqlens, max_seqlen, seqused = unpad_input(x, torch.zeros(2, 3, dtype=torch.bool))
     assert x_unpad.shape == (0, 4) and cu_seqlens.tolist() == [0, 0, 0] and max_seqlen == 0
+    assert seqused.tolist() == [0, 0]
     assert torch.equal(pad_input(x_unpad, indices, 2, 3), torch.zeros_like(x))
+
+
+def test_unpad_input_keeps_unused_slots(flash_attn):
+    """FA2 >= 2.7: unused_mask marks slots allocated but unused; they are kept and counted in cu_seqlens and
+    max_seqlen, while seqused counts attention_mask's tokens only."""
+    from flash_attn.bert_padding import unpad_input
+
+    x = torch.arange(12.0).view(2, 6, 1)
+    used = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    unused = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0]], dtype=torch.int32)
+    x_unpad, indices, cu_seqlens, max_seqlen, seqused = unpad_input(x, used, unused)
+    assert indices.tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 10] and torch.equal(x_unpad.flatten(), indices.float())
+    assert cu_seqlens.tolist() == [0, 4, 9] and max_seqlen == 5 and seqused.tolist() == [2, 4]
+    with pytest.raises(ValueError, match="unused_mask: expected shape"):
+        unpad_input(x, used, unused[:, :3])
+
+
+def test_fa2_tests_imports_resolve(flash_attn):
+    """What FA2's own tests import from the package (2.8.3 and its main branch): USE_TRITON_ROCM is False."""
+    from flash_attn.flash_attn_interface import USE_TRITON_ROCM, _get_block_size_n  # noqa: F401
+
+    assert USE_TRITON_ROCM is False
 
 
 def test_unpad_input_for_concatenated_sequences(flash_attn):
@@ -530,6 +554,22 @@ def test_kvcache_bad_inputs_are_named(flash_attn, case, error, match):
         return
     with pytest.raises(error, match=match):
         flash_attn.flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=lengths, **calls[case])
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_lengths_past_the_block_table_are_refused_as_fa2_does(flash_attn, append):
+    """cache_seqlens (+ the appended keys) beyond what block_table's pages hold: FA2 raises RuntimeError naming
+    block_table (its tests expect that type); ours is also a ValueError naming cache_seqlens, and nothing is written."""
+    k_pages, v_pages = torch.randn(4, 16, 1, 8), torch.randn(4, 16, 1, 8)
+    table = torch.zeros(1, 1, dtype=torch.int32)
+    new = torch.randn(1, 1, 1, 8) if append else None
+    lengths = torch.full((1,), 16 if append else 17, dtype=torch.int32)
+    before = k_pages.clone()
+    for error in (RuntimeError, ValueError):
+        with pytest.raises(error, match=r"cache_seqlens: .*block_table's 1 blocks per sequence of 16 tokens"):
+            flash_attn.flash_attn_with_kvcache(torch.randn(1, 1, 1, 8), k_pages, v_pages, k=new, v=new,
+                                               cache_seqlens=lengths, block_table=table, causal=False)
+    assert torch.equal(k_pages, before)
 
 
 def test_kvcache_bad_index_and_cache_arguments_name_themselves():

@@ -22,11 +22,11 @@ import os
 import sys
 
 ENV_VAR = "MFA_FLASH_ATTN_SHIM"
-VERSION = "2.6.3+mfahf"  # FA2's API level the shim follows; the local label marks it as ours
+VERSION = "2.8.3+mfahf"  # FA2's API level the shim follows (its newest release); the local label marks it as ours
 # Served module -> (our module in this package, extra names beyond its __all__, is a package).
 _SERVED = {
     "flash_attn": ("interface", (), True),
-    "flash_attn.flash_attn_interface": ("interface", ("_get_block_size_n",), False),
+    "flash_attn.flash_attn_interface": ("interface", ("_get_block_size_n", "USE_TRITON_ROCM"), False),
     "flash_attn.bert_padding": ("bert_padding", (), False),
     "flash_attn.layers": (None, (), True),
     "flash_attn.layers.rotary": ("rotary", (), False),

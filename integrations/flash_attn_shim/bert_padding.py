@@ -1,9 +1,9 @@
 """`flash_attn.bert_padding` while the shim is enabled: move tokens between padded (B, S, ...) batches
 and the packed (T, ...) layout that the varlen functions take.
 
-Signatures and return tuples follow FlashAttention 2.6.3 (the API level the shim claims):
-`unpad_input` returns 4 values (2.7 added a fifth, `seqused`, and an `unused_mask` argument; code
-written for 2.7+ that unpacks five values fails with a clear ValueError from the unpacking).
+Signatures and return tuples follow FlashAttention 2.8.3 (the API level the shim claims, what pip installs):
+`unpad_input` takes `unused_mask` and returns 5 values, `seqused` last (2.7 added both; code written for 2.6
+that unpacks four values fails with a clear ValueError from the unpacking, as with FA2 itself).
 Written from the documented behaviour in plain torch ops, so autograd works through every function.
 """
 
@@ -62,19 +62,26 @@ def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
     return cu
 
 
-def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
-    """Keep the tokens where attention_mask (batch, seqlen) is nonzero, in row-major order.
+def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor, unused_mask: torch.Tensor | None = None):
+    """Keep the tokens where attention_mask (batch, seqlen) is nonzero, in row-major order, and also those where
+    unused_mask is (allocated but unused slots, which count in the lengths).
 
     Returns (hidden_states (total, ...), indices (total,) int64 into the flattened batch * seqlen
-    positions, cu_seqlens (batch + 1,) int32, max_seqlen_in_batch: int). The kept tokens of a row
-    need not be contiguous (left or right padding both work); a row with no token gives length 0.
+    positions, cu_seqlens (batch + 1,) int32, max_seqlen_in_batch: int, seqused (batch,) int32: the tokens
+    attention_mask alone selects per row). The kept tokens of a row need not be contiguous (left or right
+    padding both work); a row with no token gives length 0.
     """
     _check_mask(hidden_states, attention_mask, "attention_mask")
-    lengths = attention_mask.sum(dim=-1, dtype=torch.int32)
-    indices = torch.nonzero(attention_mask.flatten(), as_tuple=False).flatten()
+    kept = attention_mask
+    if unused_mask is not None:
+        _check_mask(hidden_states, unused_mask, "unused_mask")
+        kept = attention_mask.bool() | unused_mask.bool()
+    lengths = kept.sum(dim=-1, dtype=torch.int32)
+    indices = torch.nonzero(kept.flatten(), as_tuple=False).flatten()
     max_seqlen = int(lengths.max().item()) if lengths.numel() else 0
     flat = hidden_states.reshape(-1, *hidden_states.shape[2:])
-    return index_first_axis(flat, indices), indices, _cumulative(lengths), max_seqlen
+    seqused = attention_mask.sum(dim=-1, dtype=torch.int32)
+    return index_first_axis(flat, indices), indices, _cumulative(lengths), max_seqlen, seqused
 
 
 def unpad_input_for_concatenated_sequences(hidden_states: torch.Tensor, attention_mask_in_length: torch.Tensor):
@@ -82,8 +89,8 @@ def unpad_input_for_concatenated_sequences(hidden_states: torch.Tensor, attentio
 
     attention_mask_in_length (batch, seqlen), integers: row b lists the lengths of the sequences
     packed one after another from position 0 of row b, followed by zeros (e.g. [2, 3, 0, 0, 0, 0]:
-    tokens 0-1 are one sequence, 2-4 another, 5 is padding). Returns the same 4-tuple as
-    unpad_input, with one cu_seqlens entry per packed sequence (all rows' sequences in order).
+    tokens 0-1 are one sequence, 2-4 another, 5 is padding). Returns unpad_input's first four values
+    (FA2 keeps four here), with one cu_seqlens entry per packed sequence (all rows' sequences in order).
     """
     _check_mask(hidden_states, attention_mask_in_length, "attention_mask_in_length")
     lengths_2d = attention_mask_in_length.to(torch.int64)

@@ -1,7 +1,7 @@
 """FlashAttention-2's public functions, with its signatures, served by mfa-hf kernels.
 
 This is what `import flash_attn` (and `flash_attn.flash_attn_interface`) returns while the shim is
-enabled. Meanings are FA2 2.6.3's, which are ours (bottom-right causal, window_size=(-1, -1)
+enabled. Meanings are FA2 2.8.3's (the same as 2.6.3's), which are ours (bottom-right causal, window_size=(-1, -1)
 unbounded, softcap 0 = off). Where FA2 and mfa-hf differ in a convention, the shim converts to FA2's:
 
 - window_size: any pair of int-likes (ints, numpy integers, 0-d or 1-element integer tensors, a
@@ -31,6 +31,8 @@ from . import attn_probs
 from .rotary import check_cos_sin, rotate_at
 
 NO_WINDOW = (-1, -1)
+# FA2 >= 2.7 says here whether its ROCm Triton backend serves; FA2's own tests import it. Never ours.
+USE_TRITON_ROCM = False
 
 
 def _describe(value) -> str:
@@ -310,10 +312,26 @@ def _rotate(q, k, cos, sin, cache_seqlens, capacity, sequential_q, interleaved):
     return rotate_at(q, cos, sin, q_positions, interleaved), rotate_at(k, cos, sin, k_positions, interleaved)
 
 
+class PagedCapacityError(ValueError, RuntimeError):
+    """Lengths past what a block_table's pages hold: a ValueError as mfa-hf's bad input is, and a RuntimeError as
+    FlashAttention's own check (mha_fwd_kvcache) raises it, so code written for either catches it."""
+
+
+def _check_paged_capacity(cache_seqlens, table, page: int, new: int, batch: int, device) -> None:
+    capacity = table.shape[1] * page
+    lengths = _lengths(cache_seqlens, batch, capacity, device).tolist()
+    over = [n for n in lengths if n + new > capacity]
+    if over:
+        raise PagedCapacityError(
+            f"cache_seqlens: expected lengths + {new} new tokens <= {capacity}, what block_table's {table.shape[1]} "
+            f"blocks per sequence of {page} tokens hold, got {lengths}")
+
+
 def _paged_kvcache(q, k_pages, v_pages, k, v, cache_seqlens, table, options):
     """Gather each sequence's pages into a contiguous cache, attend (appending there), then write
     the appended rows back into their pages."""
     page = k_pages.shape[1]
+    _check_paged_capacity(cache_seqlens, table, page, 0 if k is None else k.shape[1], q.shape[0], q.device)
     k_lin, v_lin = k_pages[table].flatten(1, 2), v_pages[table].flatten(1, 2)
     result = kvcache.flash_attn_with_kvcache(q, k_lin, v_lin, k, v, cache_seqlens, None, **options)
     if k is not None and k.shape[1]:

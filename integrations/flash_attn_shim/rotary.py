@@ -1,6 +1,6 @@
 """`flash_attn.layers.rotary` while the shim is enabled: rotary position embeddings in plain torch.
 
-apply_rotary_emb follows FlashAttention 2.6.3's signature and meaning. The rotation is computed
+apply_rotary_emb follows FlashAttention 2.8.3's signature and meaning (unchanged since 2.6.3). The rotation is computed
 in float32 (float64 for float64 input) and stored in x's dtype; cos/sin may have any float dtype
 (FA2's kernel requires x's); autograd works through it (the backward is the inverse
 rotation). flash_attn_with_kvcache's rotary_cos / rotary_sin use the same code (rotate_at).

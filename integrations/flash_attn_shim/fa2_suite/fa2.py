@@ -1,8 +1,8 @@
 """Run FlashAttention-2's own tests/test_flash_attn.py against mfa-hf's flash_attn shim.
 
-    python integrations/flash_attn_shim/fa2_suite/fa2.py prepare [--ref v2.6.3] [--repo GITDIR]
-    python integrations/flash_attn_shim/fa2_suite/fa2.py collect [--ref v2.6.3]
-    python integrations/flash_attn_shim/fa2_suite/fa2.py run [--ref v2.6.3] [--every N] [--offset K]
+    python integrations/flash_attn_shim/fa2_suite/fa2.py prepare [--ref v2.8.3] [--repo GITDIR]
+    python integrations/flash_attn_shim/fa2_suite/fa2.py collect [--ref v2.8.3]
+    python integrations/flash_attn_shim/fa2_suite/fa2.py run [--ref v2.8.3] [--every N] [--offset K]
             [--match REGEX] [--shard I/K] [--budget SECONDS] [--report FILE] [--cpu [--smoke]] [-- PYTEST_ARGS...]
     python integrations/flash_attn_shim/fa2_suite/fa2.py merge REPORT.json... [--report MERGED.json]
 
@@ -45,7 +45,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 FOLDER = REPO / ".fa2_tests"
-DEFAULT_REF = "v2.6.3"  # the API level the shim claims (flash_attn.__version__ == "2.6.3+mfahf")
+DEFAULT_REF = "v2.8.3"  # the API level the shim claims (flash_attn.__version__ == "2.8.3+mfahf")
 TEST_PATH = "tests/test_flash_attn.py"
 MIRROR = Path("/work/.mirror/Dao-AILab+flash-attention/repo")
 UPSTREAM = "https://github.com/Dao-AILab/flash-attention.git"
