@@ -140,6 +140,13 @@ def flash_attn_varlen_func(
     _, offsets_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], batch, q.device)
     max_seqlen_q = check_max_seqlen(max_seqlen_q, "max_seqlen_q", offsets_q)
     max_seqlen_k = check_max_seqlen(max_seqlen_k, "max_seqlen_k", offsets_k)
+    if offsets_q == [0, q.shape[0]] and offsets_k == [0, k.shape[0]]:
+        # One sequence, its offsets read (CPU, or MFA_CHECK_VALUES=1): the dense problem of a batch of one, served
+        # by the same route as flash_attn_func on it, so the two agree bitwise (varlen alone never routes natively).
+        found = flash_attn_func(q[None], k[None], v[None], dropout_p, softmax_scale, causal, window_size, softcap,
+                                alibi_slopes, sinks, deterministic, return_lse, dropout_seed=dropout_seed,
+                                generator=generator)
+        return (found[0][0], found[1][0]) if scalars.flag(return_lse, "return_lse") else found[0]
     check_alibi(alibi_slopes, batch, q.shape[1], q.device)
     call = validated_call(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                           max_seqlen_k=max_seqlen_k, alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p,

@@ -145,6 +145,45 @@ def test_varlen_and_quantized_kv_stay_ours():
     assert "varlen" in reasons
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("options", [dict(causal=True), dict(window_size=(7, 0), softcap=5.0),
+                                     dict(alibi_slopes="slopes"), dict(sinks="sinks", causal=True),
+                                     dict(return_lse=True, causal=True), dict(grad=True, causal=True)],
+                         ids=["causal", "window_softcap", "alibi", "sinks", "lse", "grad"])
+def test_one_sequence_varlen_is_the_dense_call(dtype, options):
+    """A varlen call holding one sequence (offsets read: CPU) is the dense problem of a batch of one and takes the
+    same route: out, lse and gradients equal flash_attn_func's on q[None] bitwise (a peer's suite compares them at
+    fp16 rounding; before, varlen took our kernel and dense the native one). Lq != Lk, GQA."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(40, 4, 32, generator=g).to(dtype)
+    k, v = (torch.randn(57, 2, 32, generator=g).to(dtype) for _ in range(2))
+    options = dict(options)
+    grad = options.pop("grad", False)
+    if options.get("alibi_slopes") == "slopes":
+        options["alibi_slopes"] = torch.rand(4, generator=g)
+    if options.get("sinks") == "sinks":
+        options["sinks"] = torch.randn(4, generator=g)
+    cu_q, cu_k = torch.tensor([0, 40], dtype=torch.int32), torch.tensor([0, 57], dtype=torch.int64)
+    results = []
+    for packed in (True, False):
+        leaves = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+        with trace.capture_routes() as decided:
+            if packed:
+                found = mfa_hf.flash_attn_varlen_func(*leaves, cu_q, cu_k, 40, 57, **options)
+            else:
+                found = mfa_hf.flash_attn_func(*(t[None] for t in leaves), **options)
+                found = (found[0][0], found[1][0]) if options.get("return_lse") else found[0]
+        found = found if isinstance(found, tuple) else (found,)
+        if grad:
+            found[0].float().square().sum().backward()
+            found = (*found, *(t.grad for t in leaves))
+        results.append((found, decided))
+    (packed, packed_routes), (dense, dense_routes) = results
+    assert packed_routes == dense_routes
+    for a, b in zip(packed, dense):
+        assert torch.equal(a, b)
+
+
 def test_forced_backend_turns_routing_off_and_native_can_be_forced(monkeypatch):
     case = Case(lq=30, lk=30, causal=True)
     inputs = make_inputs(case)
