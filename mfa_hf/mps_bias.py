@@ -20,7 +20,7 @@ def flash_attention_with_bias(query: torch.Tensor, key: torch.Tensor, value: tor
                               bias_repeat_count: int = 0) -> torch.Tensor:
     """(B, H, Nq, D) attention with an additive bias (B | 1, H | 1, Nq, Nkv) or (H, Nq, Nkv), added before
     the scale; is_causal / window_size as mps-flash-attn means them (mfa_hf.mps_flash_attn)."""
-    check_scale(scale)
+    check_scale(scale, query.shape[-1] if isinstance(query, torch.Tensor) and query.dim() else None)
     bias = _bias(attn_bias, query, bias_repeat_count)
     is_causal, window, keep = visibility(query, key, is_causal, window_size, None)
     factor = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)

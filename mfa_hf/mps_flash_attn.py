@@ -35,7 +35,7 @@ def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     scale: float | None = None, attn_mask: torch.Tensor | None = None, window_size: int = 0,
                     bf16_backward: bool = False) -> torch.Tensor:
     """mps-flash-attn's flash_attention: (B, H, S, D); mask True = masked out; window w = w + 1 keys."""
-    check_scale(scale)
+    check_scale(scale, query.shape[-1] if isinstance(query, torch.Tensor) and query.dim() else None)
     is_causal, window, mask = visibility(query, key, is_causal, window_size, mps_mask(attn_mask))
     return _ours(query, key, value, is_causal=is_causal, attn_mask=mask, window_size=window, scale=scale,
                  bf16_backward=bf16_backward)

@@ -13,6 +13,8 @@ with Lq != Lk (top-left there, a mask here), are refused with an error naming th
 
 from __future__ import annotations
 
+import torch
+
 from . import quant_compat
 from .custom_op_alias import mps_mask
 from .mps_visibility import check_scale, visibility
@@ -31,7 +33,7 @@ def flash_attention_quantized(query, key, value, k_scale, v_scale, quant_type: i
     if fmt is None:
         raise ValueError(f"quant_type: expected one of {sorted(FORMATS)} (QUANT_FP8_E4M3, QUANT_FP8_E5M2, QUANT_INT8, "
                          f"QUANT_NF4), got {quant_type!r}")
-    check_scale(scale)
+    check_scale(scale, query.shape[-1] if isinstance(query, torch.Tensor) and query.dim() else None)
     flags = is_causal, window_size
     is_causal, window, mask = visibility(query, key, is_causal, window_size, mps_mask(attn_mask))
     if attn_mask is None and mask is not None:

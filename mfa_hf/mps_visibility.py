@@ -8,18 +8,38 @@ call keeps our flags (the kernels skip masked blocks); for Lq != Lk the visible 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from .custom_op_alias import mps_window
+from .problem import InputError
 
 
-def check_scale(scale) -> None:
-    """mps-flash-attn refuses scale <= 0 (ValueError); None is 1/sqrt(D)."""
+def check_scale(scale, head_dim: int | None = None) -> None:
+    """mps-flash-attn refuses scale <= 0 (ValueError, "scale must be positive") and warns where scale is over
+    100x from 1/sqrt(D) either way (UserWarning, its wording); None is 1/sqrt(D)."""
     if scale is None:
         return
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale: expected a positive finite number or None (1/sqrt(head_dim)), got {scale!r}")
+        raise ValueError(f"scale must be positive: expected a positive finite number or None (1/sqrt(head_dim)), "
+                         f"got {scale!r}")
+    if head_dim:
+        default = 1.0 / math.sqrt(head_dim)
+        if not default * 0.01 <= scale <= default * 100:
+            warnings.warn(f"scale={scale:.6g} is very different from default {default:.6g} (1/sqrt(head_dim)), "
+                          "this may cause numerical issues", UserWarning, stacklevel=3)
+
+
+def _check_mask_shape(mask, lq: int, lk: int) -> None:
+    """mps-flash-attn takes 4-D masks whose query and key dims are Lq or 1 and Lk or 1 (its ValueErrors)."""
+    if mask is None:
+        return
+    if mask.dim() != 4:
+        raise ValueError(f"attn_mask must be 4D (B, H, N_q, N_kv), got {mask.dim()}D: shape {tuple(mask.shape)}")
+    if mask.shape[2] not in (1, lq) or mask.shape[3] not in (1, lk):
+        raise ValueError(f"attn_mask shape mismatch: expected (B or 1, H or 1, {lq} or 1, {lk} or 1), "
+                         f"got {tuple(mask.shape)}")
 
 
 def visibility(query, key, is_causal: bool, window_size, keep: torch.Tensor | None):
@@ -30,9 +50,10 @@ def visibility(query, key, is_causal: bool, window_size, keep: torch.Tensor | No
     for name, t in (("query", query), ("key", key)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = f"{t.dim()}-D" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name}: expected a 4-D tensor (B, H, S, D), got {got}")
+            raise InputError(f"{name} must be 4D: expected a 4-D tensor (B, H, S, D), got {got}")  # a RuntimeError there
     window = mps_window(window_size, is_causal)
     lq, lk = query.shape[2], key.shape[2]
+    _check_mask_shape(keep, lq, lk)
     if lq == lk or (not is_causal and window is None):
         return is_causal, window, keep
     rows = torch.arange(lq, device=query.device)[:, None]

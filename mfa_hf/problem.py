@@ -19,6 +19,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NO_WINDOW = (-1, -1)
 
 
+class InputError(ValueError, RuntimeError):
+    """Bad input where the API mfa-hf stands in for raises RuntimeError (FlashAttention's C++ checks,
+    mps-flash-attn's rank checks): code written against either type catches it; ours is a ValueError."""
+
+
 class MaskKind(str, Enum):
     NONE = "none"
     BOOL = "bool"

@@ -138,8 +138,33 @@ def test_convert_mask():
     q, k, v = _inputs(12, 12, torch.float32)
     float_mask = torch.where(torch.rand(12, 12) < 0.3, -math.inf, 0.0)
     float_mask[:, 0] = 0.0
-    _check(mfa.flash_attention(q, k, v, attn_mask=mfa.convert_mask(float_mask)), q, k, v,
+    _check(mfa.flash_attention(q, k, v, attn_mask=mfa.convert_mask(float_mask)[None, None]), q, k, v,
            masked_out=float_mask < 0)
+
+
+@pytest.mark.parametrize("shape, message", [((12, 12), "must be 4D"), ((2, 12, 12), "must be 4D"),
+                                            ((1, 1, 12, 5), "shape mismatch"), ((1, 1, 7, 12), "shape mismatch")])
+def test_masks_are_checked_as_mps_flash_attn_checks_them(shape, message):
+    """Its flash_attention takes 4-D masks (B or 1, H or 1, Lq or 1, Lk or 1) only, ValueError otherwise."""
+    q, k, v = _inputs(12, 12, torch.float32)
+    with pytest.raises(ValueError, match=f"attn_mask {message}"):
+        mfa.flash_attention(q, k, v, attn_mask=torch.zeros(shape, dtype=torch.bool))
+    for served in ((2, 1, 1, 12), (1, 3, 12, 1)):
+        mfa.flash_attention(q, k, v, attn_mask=torch.zeros(served, dtype=torch.bool))
+
+
+def test_scale_and_rank_errors_are_mps_flash_attns():
+    """scale <= 0: ValueError "scale must be positive"; a scale 100x off 1/sqrt(D) warns as there; a query that is
+    not 4-D raises what catches as its RuntimeError and as our ValueError."""
+    q, k, v = _inputs(12, 12, torch.float32)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="scale must be positive"):
+            mfa.flash_attention(q, k, v, scale=bad)
+    with pytest.warns(UserWarning, match="very different from default"):
+        mfa.flash_attention(q, k, v, scale=100.0)
+    for error in (RuntimeError, ValueError):
+        with pytest.raises(error, match="query must be 4D"):
+            mfa.flash_attention(q[0], k, v)
     assert not hasattr(mfa_hf, "convert_mask")  # mfa_hf.flash_attention reads bool masks the other way
 
 

@@ -25,7 +25,7 @@ import torch
 
 from mfa_hf import api, kvcache
 from mfa_hf.kernels.dropout import new_seed
-from mfa_hf.problem import check_scale, shape_is
+from mfa_hf.problem import InputError, check_scale, shape_is
 
 from . import attn_probs
 from .rotary import check_cos_sin, rotate_at
@@ -312,17 +312,12 @@ def _rotate(q, k, cos, sin, cache_seqlens, capacity, sequential_q, interleaved):
     return rotate_at(q, cos, sin, q_positions, interleaved), rotate_at(k, cos, sin, k_positions, interleaved)
 
 
-class PagedCapacityError(ValueError, RuntimeError):
-    """Lengths past what a block_table's pages hold: a ValueError as mfa-hf's bad input is, and a RuntimeError as
-    FlashAttention's own check (mha_fwd_kvcache) raises it, so code written for either catches it."""
-
-
 def _check_paged_capacity(cache_seqlens, table, page: int, new: int, batch: int, device) -> None:
     capacity = table.shape[1] * page
     lengths = _lengths(cache_seqlens, batch, capacity, device).tolist()
     over = [n for n in lengths if n + new > capacity]
     if over:
-        raise PagedCapacityError(
+        raise InputError(  # FA2's own check (mha_fwd_kvcache) raises RuntimeError
             f"cache_seqlens: expected lengths + {new} new tokens <= {capacity}, what block_table's {table.shape[1]} "
             f"blocks per sequence of {page} tokens hold, got {lengths}")
 
