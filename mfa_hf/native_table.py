@@ -4,7 +4,8 @@ Only limits live here (dtypes, head dims, query lengths, masks verified exact, G
 semantic rules are routes.py's and no table can widen them. Sources for the defaults:
 
 - cpu: torch's fused CPU SDPA (`_scaled_dot_product_flash_attention_for_cpu`, forward and backward):
-  fp32/fp16/bf16, any head dim, bool and additive masks, GQA, fully masked rows give 0
+  fp32/fp16/bf16, any head dim, bool and additive masks, GQA, fully masked rows give 0; fp16 forward only (its
+  fp16 backward: 7-9x slower than ours on a 2-core x86 VM, dV error 1.9x PyTorch math's where ours is 1.0x)
   (tests/test_native_routes.py checks each class against the float64 reference and that the fused op
   ran, not the math one). Query rows holding NaN or inf get the reference's result from native.py.
 - cuda: SDPA's flash/cuDNN kernels: fp16/bf16, head dim <= 256 and a multiple of 8, no mask (the
@@ -46,6 +47,7 @@ class NativeGate:
     masks: tuple = ("none",)
     gqa: bool = True
     grad: bool = True
+    grad_reason: str = "its backward is not fused"  # the route's reason when grad is False
     # The kernel departs from the reference on query rows holding NaN or inf (0 for a NaN row that sees keys,
     # NaN for an inf row its bool mask hides); native.py gives those rows the reference's result.
     zeroes_nan_query_rows: bool = False
@@ -57,8 +59,12 @@ class NativeGate:
 
 _HALF = (torch.float16, torch.bfloat16)
 DEFAULT = {
-    "cpu": (NativeGate("sdpa-cpu-flash", _HALF + (torch.float32,), max_head_dim=1 << 30, masks=MASK_KINDS,
-                       zeroes_nan_query_rows=True, stacks_query_groups=True),),
+    "cpu": (NativeGate("sdpa-cpu-flash", (torch.bfloat16, torch.float32), max_head_dim=1 << 30, masks=MASK_KINDS,
+                       zeroes_nan_query_rows=True, stacks_query_groups=True),
+            NativeGate("sdpa-cpu-flash", (torch.float16,), max_head_dim=1 << 30, masks=MASK_KINDS,
+                       zeroes_nan_query_rows=True, stacks_query_groups=True, grad=False,
+                       grad_reason="its float16 backward ran 7-9x slower than ours with up to 2x PyTorch math's "
+                                   "dV error (x86 without fp16 arithmetic)")),
     "cuda": (NativeGate("sdpa-cuda-flash", _HALF, head_dim_multiple=8),),
     "mps": (
         NativeGate("sdpa-mps-prefill", _HALF + (torch.float32,), head_dims=(32, 64, 72, 80, 96, 128, 256), min_q=9,

@@ -118,7 +118,7 @@ def gate_reason(gate: native_table.NativeGate, p: AttentionProblem) -> str:
     if p.heads_q != p.heads_kv and not gate.gqa:
         return f"{gate.path}: GQA"
     if p.needs_grad and not gate.grad:
-        return f"{gate.path}: gradients (its backward is not fused)"
+        return f"{gate.path}: gradients ({gate.grad_reason})"
     return ""
 
 
