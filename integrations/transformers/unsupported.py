@@ -64,11 +64,23 @@ def message(model_cls: type, name: str) -> str:
             "Gemma 2/3, GPT-OSS, Phi-3, GPT-2, OPT, Whisper, T5, BERT, ModernBERT, CLIP and ViT.")
 
 
+# Eager-only classes whose layers take the mask as given, verified equal to eager with padding under the neutral
+# name (model_tests/transformers/test_registration.py, test_verified_eager_only_classes_equal_eager); transformers
+# marks no flash support for them, so the flash name stays refused.
+VERIFIED_EAGER_ONLY_MODEL_TYPES = frozenset({"splinter", "markuplm", "longt5"})
+
+
 def eager_only_message(model_cls: type, name: str) -> str:
     return (f"{model_cls.__name__} supports only eager attention in transformers (no sdpa or flash support): its "
             f"layers may read the attention mask themselves, in eager's additive form (a router, an inline or "
             f'sparse attention), so attn_implementation="{name}" could give wrong outputs. Use '
             'attn_implementation="eager" for this model.')
+
+
+def verified_eager_only_message(model_cls: type, flash_name: str, neutral: str) -> str:
+    return (f"{model_cls.__name__} supports only eager attention in transformers (no flash support), so "
+            f'attn_implementation="{flash_name}" is refused; attn_implementation="{neutral}" serves it (verified equal '
+            "to eager with padding).")
 
 
 def flash_message(model_cls: type, name: str) -> str:
@@ -95,7 +107,12 @@ def install(flash_name: str, names: tuple[str, ...], probe: Callable[[], interna
         if not routes_through_interface(model):
             raise UnsupportedModelError(message(type(model), sorted(asked)[0]))
         if internals.supports_only_eager(model):
-            raise UnsupportedModelError(eager_only_message(type(model), sorted(asked)[0]))
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            if model_type not in VERIFIED_EAGER_ONLY_MODEL_TYPES:
+                raise UnsupportedModelError(eager_only_message(type(model), sorted(asked)[0]))
+            if flash_name in asked:
+                neutral = next((n for n in names if n != flash_name), flash_name)
+                raise UnsupportedModelError(verified_eager_only_message(type(model), flash_name, neutral))
         if flash_name in asked:
             result = probe()
             if not result.ok:

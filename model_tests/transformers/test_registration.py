@@ -183,6 +183,55 @@ def test_eager_only_models_refuse_with_the_model_name(name, implementation):
     _assert_refused(model, implementation, rf"{type(model).__name__} supports only eager.*\"{implementation}\"")
 
 
+def _seq2seq_tiny(model_cls, config_cls, **extra):
+    return lambda: model_cls(config_cls(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                        num_heads=4, decoder_start_token_id=0, pad_token_id=0, **extra))
+
+
+VERIFIED_EAGER_ONLY = {  # eager-only in transformers; their layers take the mask as given (unsupported.py)
+    "splinter": lambda: tf.SplinterModel(tf.SplinterConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64)),
+    "markuplm": lambda: tf.MarkupLMModel(tf.MarkupLMConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64)),
+    "longt5_local": _seq2seq_tiny(tf.LongT5ForConditionalGeneration, tf.LongT5Config, local_radius=2,
+                                  encoder_attention_type="local"),
+    "longt5_transient_global": _seq2seq_tiny(tf.LongT5ForConditionalGeneration, tf.LongT5Config, local_radius=2,
+                                             global_block_size=4, encoder_attention_type="transient-global"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VERIFIED_EAGER_ONLY))
+def test_verified_eager_only_classes_equal_eager(name):
+    """Served under "mfa" (equal to eager with right padding, our kernel run), refused under "mps_flash" with a
+    message naming "mfa"."""
+    torch.manual_seed(0)
+    reference = VERIFIED_EAGER_ONLY[name]().eval()
+    if not internals.supports_only_eager(reference):
+        pytest.skip(f"{type(reference).__name__} supports sdpa or flash in this transformers: not eager-only here")
+    reference.set_attn_implementation("eager")
+    model = copy.deepcopy(reference)
+    model.set_attn_implementation("mfa")
+    ids, mask = padded_batch("right", seq=12)
+    inputs = dict(input_ids=ids.clamp(min=1), attention_mask=mask)
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = padded_batch("left", seq=6)[0].clamp(min=1)
+    with torch.no_grad():
+        expected = reference(**inputs)
+        with trace.capture() as calls:
+            actual = model(**inputs)
+    assert kernel_calls(calls) >= 2, trace.served_by(calls)
+    if model.config.is_encoder_decoder:
+        assert_close_where(actual.logits, expected.logits, torch.ones(actual.logits.shape[:2]), what=f"{name} logits")
+        assert_close_where(actual.encoder_last_hidden_state, expected.encoder_last_hidden_state, mask,
+                           what=f"{name} encoder states")
+    else:
+        assert_close_where(actual.last_hidden_state, expected.last_hidden_state, mask, what=f"{name} hidden states")
+    with pytest.raises(UnsupportedModelError, match='"mps_flash" is refused; attn_implementation="mfa" serves it'):
+        model.set_attn_implementation("mps_flash")
+
+
 def _assert_refused(model, implementation: str, message: str) -> None:
     """Refused through set_attn_implementation (with `message`) and at init from the model's config."""
     with pytest.raises(UnsupportedModelError, match=message):
