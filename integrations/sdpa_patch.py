@@ -293,7 +293,7 @@ def _option_reason(gate, q, k, v, attn_mask, dropout_p, is_causal, scale, enable
         return "dropout_p > 0 (stock SDPA's RNG stream; ours differs)"
     if sdpa_semantics.causal_with_mask(is_causal, attn_mask):
         return "attn_mask with is_causal (stock SDPA combines them on some backends, raises on others)"
-    if scale is not None and not math.isfinite(float(scale)):
+    if scale is not None and not scalars.is_finite(float(scale)):
         return f"scale={scale!r} is not finite"
     return ""
 

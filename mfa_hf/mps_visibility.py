@@ -13,6 +13,7 @@ import warnings
 import torch
 
 from .custom_op_alias import mps_window
+from . import scalars
 from .problem import InputError
 
 
@@ -21,7 +22,8 @@ def check_scale(scale, head_dim: int | None = None) -> None:
     100x from 1/sqrt(D) either way (UserWarning, its wording); None is 1/sqrt(D)."""
     if scale is None:
         return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymFloat)) or not scalars.is_finite(scale) \
+            or scale <= 0:
         raise ValueError(f"scale must be positive: expected a positive finite number or None (1/sqrt(head_dim)), "
                          f"got {scale!r}")
     if head_dim:

@@ -216,14 +216,14 @@ def check_scale(softmax_scale, head_dim: int, name: str = "softmax_scale") -> fl
             raise ValueError(f"q: expected a head dim >= 1, got {head_dim}")
         return 1.0 / math.sqrt(head_dim)
     value = scalars.real_number(softmax_scale, name, "a finite number or None (1/sqrt(D))")
-    if not math.isfinite(value):
+    if not scalars.is_finite(value):
         raise ValueError(f"{name}: expected a finite number, got {softmax_scale!r}")
     return value
 
 
 def check_softcap(softcap) -> float:
     value = scalars.real_number(softcap, "softcap", "a finite number >= 0 (0 = off)")
-    if not math.isfinite(value) or value < 0:
+    if not scalars.is_finite(value) or value < 0:
         raise ValueError(f"softcap: expected a finite number >= 0 (0 = off), got {softcap!r}")
     return value
 

@@ -26,6 +26,12 @@ def _shown(value) -> str:
     return text if len(text) <= 60 else f"{type(value).__name__} {text[:57]}..."
 
 
+def is_finite(value) -> bool:
+    """math.isfinite that torch.compile traces: under dynamic shapes (or a float argument that changed between
+    calls) a float arrives as a SymFloat, which math.isfinite cannot take. x - x is 0 exactly when x is finite."""
+    return bool(value - value == 0)
+
+
 def real_number(value, name: str, expected: str) -> float:
     """float(value) for a real number; TypeError naming `name` for anything else (see the module doc)."""
     if type(value) is float or type(value) is int:  # the common case, first

@@ -86,3 +86,31 @@ def test_first_call_of_a_process_inside_fullgraph_compile(tmp_path):
     env.pop("MFA_ROUTE_TABLE", None)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("keyword", ["softcap", "softmax_scale"])
+def test_float_arguments_that_become_symbolic(keyword):
+    """A float argument that changes between calls (or any float under dynamic=True, the defaults included) reaches
+    the checks as a SymFloat, which math.isfinite cannot trace: fullgraph compile failed on the second value
+    ('torch.* op returned non-Tensor ... isfinite'). Three values, one compiled function, each equal to eager."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 9, 2, 16, generator=g) for _ in range(3))
+
+    def fn(q, k, v, value):
+        return mfa_hf.flash_attn_func(q, k, v, causal=True, **{keyword: value})
+
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    for value in (2.0, 3.0, 0.5):
+        torch.testing.assert_close(compiled(q, k, v, value), fn(q, k, v, value))
+    dynamic = torch.compile(lambda q, k, v: mfa_hf.flash_attn_func(q, k, v, causal=True), dynamic=True,
+                            fullgraph=True, backend="eager")
+    for length in (5, 9):
+        torch.testing.assert_close(dynamic(q[:, :length], k, v), mfa_hf.flash_attn_func(q[:, :length], k, v, causal=True))
+
+
+def test_the_finite_check_traces():
+    from mfa_hf import scalars
+
+    assert scalars.is_finite(1.5) and scalars.is_finite(-0.0) and scalars.is_finite(0)
+    assert not any(scalars.is_finite(x) for x in (float("inf"), -float("inf"), float("nan")))
