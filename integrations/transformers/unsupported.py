@@ -67,7 +67,8 @@ def message(model_cls: type, name: str) -> str:
 # Eager-only classes whose layers take the mask as given, verified equal to eager with padding under the neutral
 # name (model_tests/transformers/test_registration.py, test_verified_eager_only_classes_equal_eager); transformers
 # marks no flash support for them, so the flash name stays refused.
-VERIFIED_EAGER_ONLY_MODEL_TYPES = frozenset({"splinter", "markuplm", "longt5"})
+VERIFIED_EAGER_ONLY_MODEL_TYPES = frozenset({"splinter", "markuplm", "longt5", "speech_to_text",
+                                             "time_series_transformer"})
 
 
 def eager_only_message(model_cls: type, name: str) -> str:

@@ -188,46 +188,86 @@ def _seq2seq_tiny(model_cls, config_cls, **extra):
                                         num_heads=4, decoder_start_token_id=0, pad_token_id=0, **extra))
 
 
+def _text_inputs(config):
+    ids, mask = padded_batch("right", seq=12)
+    inputs = dict(input_ids=ids.clamp(min=1), attention_mask=mask)
+    if config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = padded_batch("left", seq=6)[0].clamp(min=1)
+    return inputs, mask
+
+
+def _speech_inputs(config):
+    mask = torch.ones(BATCH, 40, dtype=torch.long)
+    mask[1, 28:] = 0
+    features = torch.randn(BATCH, 40, 16, generator=torch.Generator().manual_seed(3))
+    return dict(input_features=features, attention_mask=mask,
+                decoder_input_ids=padded_batch("left", seq=6)[0].clamp(min=1)), None
+
+
+def _time_series_inputs(config):
+    g = torch.Generator().manual_seed(3)
+    past = config.context_length + max(config.lags_sequence)
+    observed = torch.ones(BATCH, past)
+    observed[1, :3] = 0
+    return dict(past_values=torch.randn(BATCH, past, generator=g), past_time_features=torch.randn(BATCH, past, 1, generator=g),
+                past_observed_mask=observed, future_values=torch.randn(BATCH, config.prediction_length, generator=g),
+                future_time_features=torch.randn(BATCH, config.prediction_length, 1, generator=g)), None
+
+
 VERIFIED_EAGER_ONLY = {  # eager-only in transformers; their layers take the mask as given (unsupported.py)
-    "splinter": lambda: tf.SplinterModel(tf.SplinterConfig(
+    "splinter": (lambda: tf.SplinterModel(tf.SplinterConfig(
         vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64)),
-    "markuplm": lambda: tf.MarkupLMModel(tf.MarkupLMConfig(
+        max_position_embeddings=64)), _text_inputs),
+    "markuplm": (lambda: tf.MarkupLMModel(tf.MarkupLMConfig(
         vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64)),
-    "longt5_local": _seq2seq_tiny(tf.LongT5ForConditionalGeneration, tf.LongT5Config, local_radius=2,
-                                  encoder_attention_type="local"),
-    "longt5_transient_global": _seq2seq_tiny(tf.LongT5ForConditionalGeneration, tf.LongT5Config, local_radius=2,
-                                             global_block_size=4, encoder_attention_type="transient-global"),
+        max_position_embeddings=64)), _text_inputs),
+    "longt5_local": (_seq2seq_tiny(tf.LongT5ForConditionalGeneration, tf.LongT5Config, local_radius=2,
+                                   encoder_attention_type="local"), _text_inputs),
+    "longt5_transient_global": (_seq2seq_tiny(tf.LongT5ForConditionalGeneration, tf.LongT5Config, local_radius=2,
+                                              global_block_size=4, encoder_attention_type="transient-global"),
+                                _text_inputs),
+    "speech_to_text": (lambda: tf.Speech2TextForConditionalGeneration(tf.Speech2TextConfig(
+        vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=64,
+        max_target_positions=64, input_feat_per_channel=16, num_conv_layers=2, conv_channels=16,
+        conv_kernel_sizes=[5, 5], input_channels=1, decoder_start_token_id=2)), _speech_inputs),
+    "time_series_transformer": (lambda: tf.TimeSeriesTransformerModel(tf.TimeSeriesTransformerConfig(
+        prediction_length=4, context_length=8, lags_sequence=[1, 2], d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        num_time_features=1)), _time_series_inputs),
 }
+
+
+def _main_output(output):
+    for name in ("logits", "last_hidden_state"):
+        if getattr(output, name, None) is not None:
+            return getattr(output, name)
+    raise AssertionError(f"no logits or last_hidden_state in {type(output).__name__}")
 
 
 @pytest.mark.parametrize("name", sorted(VERIFIED_EAGER_ONLY))
 def test_verified_eager_only_classes_equal_eager(name):
-    """Served under "mfa" (equal to eager with right padding, our kernel run), refused under "mps_flash" with a
-    message naming "mfa"."""
+    """Served under "mfa" (equal to eager with padding, our kernel run), refused under "mps_flash" with a message
+    naming "mfa"."""
+    build, make_inputs = VERIFIED_EAGER_ONLY[name]
     torch.manual_seed(0)
-    reference = VERIFIED_EAGER_ONLY[name]().eval()
+    reference = build().eval()
     if not internals.supports_only_eager(reference):
         pytest.skip(f"{type(reference).__name__} supports sdpa or flash in this transformers: not eager-only here")
     reference.set_attn_implementation("eager")
     model = copy.deepcopy(reference)
     model.set_attn_implementation("mfa")
-    ids, mask = padded_batch("right", seq=12)
-    inputs = dict(input_ids=ids.clamp(min=1), attention_mask=mask)
-    if model.config.is_encoder_decoder:
-        inputs["decoder_input_ids"] = padded_batch("left", seq=6)[0].clamp(min=1)
+    inputs, key_mask = make_inputs(model.config)
     with torch.no_grad():
         expected = reference(**inputs)
         with trace.capture() as calls:
             actual = model(**inputs)
     assert kernel_calls(calls) >= 2, trace.served_by(calls)
-    if model.config.is_encoder_decoder:
-        assert_close_where(actual.logits, expected.logits, torch.ones(actual.logits.shape[:2]), what=f"{name} logits")
-        assert_close_where(actual.encoder_last_hidden_state, expected.encoder_last_hidden_state, mask,
-                           what=f"{name} encoder states")
-    else:
-        assert_close_where(actual.last_hidden_state, expected.last_hidden_state, mask, what=f"{name} hidden states")
+    have, want = _main_output(actual), _main_output(expected)
+    assert_close_where(have, want, torch.ones(have.shape[:2]), what=f"{name} output")
+    encoder = getattr(actual, "encoder_last_hidden_state", None)
+    if encoder is not None and key_mask is not None:
+        assert_close_where(encoder, expected.encoder_last_hidden_state, key_mask, what=f"{name} encoder states")
     with pytest.raises(UnsupportedModelError, match='"mps_flash" is refused; attn_implementation="mfa" serves it'):
         model.set_attn_implementation("mps_flash")
 
