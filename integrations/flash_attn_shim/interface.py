@@ -25,7 +25,7 @@ import torch
 
 from mfa_hf import api, kvcache
 from mfa_hf.kernels.dropout import new_seed
-from mfa_hf.problem import InputError, check_scale, shape_is
+from mfa_hf.problem import InputError, check_scale, shape_is, values_checked
 
 from . import attn_probs
 from .rotary import check_cos_sin, rotate_at
@@ -313,6 +313,10 @@ def _rotate(q, k, cos, sin, cache_seqlens, capacity, sequential_q, interleaved):
 
 
 def _check_paged_capacity(cache_seqlens, table, page: int, new: int, batch: int, device) -> None:
+    """Lengths past what block_table's pages hold, refused before the pages are gathered. Device lengths are read
+    only where the core reads index values (problem.values_checked): else trusted, with no sync per call."""
+    if isinstance(cache_seqlens, torch.Tensor) and not values_checked(cache_seqlens):
+        return
     capacity = table.shape[1] * page
     lengths = _lengths(cache_seqlens, batch, capacity, device).tolist()
     over = [n for n in lengths if n + new > capacity]
