@@ -12,12 +12,11 @@ same run. Each round calls every variant once in turn; the table gives the media
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import mfa_hf
-from interleaved import interleaved_seconds, summary  # benchmarks/interleaved.py, beside this file
+from interleaved import interleaved_seconds, print_header, summary  # benchmarks/interleaved.py, beside this file
 from mfa_hf import native
 
 SHAPES = ((1, 24, 2, 16), (1, 128, 8, 64), (1, 1024, 8, 64), (2, 2048, 8, 64))
@@ -49,10 +48,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
-    print(f"# flash_attn_func (CPU native route) vs SDPA, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, {args.rounds} interleaved rounds, {time.strftime('%Y-%m-%d %H:%M')}")
-    print("| B, S, H, D | causal | variant | median us | x sdpa (above 1: ours faster) |")
-    print("|---|---|---|---|---|")
+    print_header("flash_attn_func (CPU native route) vs SDPA", args.rounds,
+                 ("B, S, H, D", "causal", "variant", "median us", "x sdpa (above 1: ours faster)"))
     for shape in SHAPES:
         for causal in (False, True):
             repeat = max(1, 20000 // (shape[1] * shape[2]))  # calls per sample: µs-scale calls timed in batches

@@ -14,12 +14,11 @@ over each format (kernels/torch/cpu_fused_decode.decode, the attention alone: no
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import mfa_hf
-from interleaved import interleaved_seconds, summary  # benchmarks/interleaved.py, beside this file
+from interleaved import interleaved_seconds, print_header, summary  # benchmarks/interleaved.py, beside this file
 from mfa_hf.kernels.contract import CacheSide, DecodeCall, Options
 from mfa_hf.kernels.torch import cpu_fused_decode, cpu_scaled_codes
 
@@ -61,10 +60,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, nargs=2, default=[9, 3], metavar=("HQ", "HKV"))
     parser.add_argument("--dim", type=int, default=64)
     args = parser.parse_args()
-    print(f"# one decode call, Hq {args.heads[0]} Hkv {args.heads[1]} D {args.dim}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds, {time.strftime('%Y-%m-%d %H:%M')}")
-    print("| context | variant | median us | min us | median x sdpa |")
-    print("|---|---|---|---|---|")
+    print_header(f"one decode call, Hq {args.heads[0]} Hkv {args.heads[1]} D {args.dim}", args.rounds,
+                 ("context", "variant", "median us", "min us", "median x sdpa"))
     for context in args.contexts:
         times = interleaved_seconds(variants(context, *args.heads, args.dim), args.rounds)
         for name, median, fastest, relative in summary(times):

@@ -9,6 +9,8 @@ import statistics
 import time
 from typing import Callable
 
+import torch
+
 
 def interleaved_seconds(runs: dict[str, Callable[[], object]], rounds: int, repeat: int = 1,
                         warmup: int = 1) -> dict[str, list[float]]:
@@ -32,3 +34,11 @@ def summary(times: dict[str, list[float]], baseline: str = "sdpa"):
     for name, samples in times.items():
         median = statistics.median(samples)
         yield name, median, min(samples), median / base
+
+
+def print_header(what: str, rounds: int, columns: tuple[str, ...]) -> None:
+    """The record's first lines: what ran, where (torch, threads), rounds and date; then a markdown table head."""
+    print(f"# {what}, torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} interleaved rounds, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
