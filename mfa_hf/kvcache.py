@@ -11,12 +11,13 @@ written, so a bad call leaves the cache untouched.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from . import dispatch, helper_tensors, kv_formats, scalars
+from .decisions import Decisions, steering_environment
 from .kernels.contract import AppendCall, CacheSide, DecodeCall, Options, fold_causal
 from .ops import describe_decode, plain_eager
 from .problem import (NO_WINDOW, check_alibi, check_dense, check_dropout, check_scale, check_sinks, check_softcap,
@@ -49,13 +50,20 @@ def _put(cache: Tensor, new: Tensor, rows: Tensor, positions: Tensor) -> None:
 _append = torch.library.custom_op("mfa_hf::kvcache_append", _write, mutates_args=("cache",))
 
 
-def _append_each(writes: list[tuple[Tensor, Tensor]], cache_seqlens: Tensor, cache_batch_idx: Optional[Tensor]) -> None:
+def _append_each(writes: list[tuple[Tensor, Tensor]], cache_seqlens: Tensor, cache_batch_idx: Optional[Tensor],
+                 position: Optional[int] = None) -> None:
     """Every (cache, new) write of one append. Plain eager calls share the indices between the writes (one
-    cache's codes and scales, K and V: the same rows and positions whenever the caches' first two dims agree)."""
+    cache's codes and scales, K and V: the same rows and positions whenever the caches' first two dims agree);
+    with `position` (every row's length, a host int already checked against the capacity) they write slices,
+    no index tensors."""
     flat = [t for pair in writes for t in pair]
     if not plain_eager((*flat, cache_seqlens, cache_batch_idx)):
         for cache, new in writes:
             _append(cache, new, cache_seqlens, cache_batch_idx)
+        return
+    if position is not None and cache_batch_idx is None:
+        for cache, new in writes:
+            cache[:, position:position + new.shape[1]] = new
         return
     indices = {}
     for cache, new in writes:
@@ -192,7 +200,7 @@ def flash_attn_with_kvcache(
     problem = describe_decode(call)
     chosen = dispatch.select(problem)
     if k is not None and new_len:  # every check above ran first: a rejected call writes nothing
-        _append_all(k_cache, v_cache, k, v, lengths, rows, chosen.ops.append)
+        _append_all(k_cache, v_cache, k, v, lengths, rows, chosen.ops.append, _host_position(cache_seqlens))
     return _decode(call, problem, return_lse, chosen)
 
 
@@ -208,8 +216,34 @@ def append_kv(k_cache, v_cache, k: Tensor, v: Tensor, cache_seqlens) -> None:
     lengths = helper_tensors.index_vector(lengths, "cache_seqlens", k_cache.shape[1])
     if not new_len:
         return
+    _append_all(k_cache, v_cache, k, v, lengths, None, _append_kernel(k, k_cache, v_cache, lengths),
+                _host_position(cache_seqlens))
+
+
+def _host_position(cache_seqlens) -> Optional[int]:
+    """Every row's length when the caller gave it as a host int (checked against the capacity by then)."""
+    return None if cache_seqlens is None or isinstance(cache_seqlens, Tensor) else int(cache_seqlens)
+
+
+# A kind of append (what selects the backend: dtypes, shapes, formats, device, steering environment) -> the backend's
+# append kernel or None (the generic write): selection costs more than a decode step's encode and write.
+_append_kernels = Decisions()
+
+
+def _append_kernel(k: Tensor, k_cache, v_cache, lengths: Tensor) -> Optional[Callable]:
+    kind = (k.dtype, k.device, k.shape, k.stride(), _layout(k_cache), _layout(v_cache), steering_environment())
+    if kind in _append_kernels:
+        return _append_kernels[kind]
     call = _decode_call(k, k_cache, v_cache, lengths, None, None, None, Options(1.0), 0)
-    _append_all(k_cache, v_cache, k, v, lengths, None, dispatch.select(describe_decode(call)).ops.append)
+    return _append_kernels.keep(kind, dispatch.select(describe_decode(call)).ops.append)
+
+
+def _layout(cache) -> tuple:
+    """What a backend's support can depend on in a cache: format, shapes and strides (index spans)."""
+    if isinstance(cache, QuantizedKV):
+        return (cache.format, cache.group_size, cache.codes.shape, cache.codes.stride(), cache.scales.shape,
+                cache.scales.stride())
+    return (cache.dtype, cache.shape, cache.stride())
 
 
 def attention_over_quantized(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
@@ -271,11 +305,12 @@ def cache_side(cache) -> CacheSide:
 # Appending: quantize the new tokens with the cache's format (and static scales), then write.
 
 
-def _append_all(k_cache, v_cache, k, v, lengths, rows, backend_append=None):
+def _append_all(k_cache, v_cache, k, v, lengths, rows, backend_append=None, position: Optional[int] = None):
     """Encode both sides first, write after: a failure while encoding leaves the cache untouched.
 
     A backend with its own append kernel (metal: quantize on write in-kernel) gets the raw new
-    tokens instead; everything it could reject was validated before this point.
+    tokens instead; everything it could reject was validated before this point. position: every
+    row's length as a host int (checked), when the caller had one.
     """
     if backend_append is not None:
         for cache, new in ((k_cache, k), (v_cache, v)):
@@ -284,7 +319,7 @@ def _append_all(k_cache, v_cache, k, v, lengths, rows, backend_append=None):
                 side = CacheSide(side.codes, new.new_empty((0,), dtype=torch.float32), side.format, side.group_size)
             backend_append(AppendCall(side, new, lengths, rows))
         return
-    _append_each(_writes(k_cache, k, rows) + _writes(v_cache, v, rows), lengths, rows)
+    _append_each(_writes_of_both(k_cache, v_cache, k, v, rows), lengths, rows, position)
 
 
 def append_generic(cache, new: Tensor, lengths: Tensor, rows: Optional[Tensor]) -> None:
@@ -305,6 +340,21 @@ def _writes(cache, new, rows) -> list[tuple[Tensor, Tensor]]:
     elif static.shape[0] > 1 and static.shape[0] != new.shape[0]:
         raise ValueError(f"scales: expected batch {new.shape[0]} or 1, got {static.shape[0]}")
     return [(cache.codes, encode(new, static, cache.format, cache.group_size))]
+
+
+def _writes_of_both(k_cache, v_cache, k: Tensor, v: Tensor, rows) -> list[tuple[Tensor, Tensor]]:
+    """_writes of K and V. Two quantized sides of one shape and format with per-token scales are encoded as one
+    tensor: the same values (each token's scale is its own), half the small ops of a decode step's append."""
+    if not (isinstance(k_cache, QuantizedKV) and isinstance(v_cache, QuantizedKV) and k.shape == v.shape
+            and k_cache.format == v_cache.format and k_cache.group_size == v_cache.group_size
+            and _per_token_scales(k_cache) and _per_token_scales(v_cache)):
+        return _writes(k_cache, k, rows) + _writes(v_cache, v, rows)
+    both = torch.cat([k, v])  # (2B, n, H, D): K's rows, then V's
+    scales = absmax_scales(both, k_cache.format, "token", k_cache.group_size)
+    codes = encode(both, scales, k_cache.format, k_cache.group_size)
+    batch = k.shape[0]
+    return [(k_cache.codes, codes[:batch]), (k_cache.scales, scales[:batch]),
+            (v_cache.codes, codes[batch:]), (v_cache.scales, scales[batch:])]
 
 
 def _per_token_scales(cache: QuantizedKV) -> bool:

@@ -29,7 +29,8 @@ def sdpa(q, k, v, mask, route: Route, scale: float) -> torch.Tensor:
     # From here the problem is plain: SDPA's top-left causal flag or none, over these keys (routes.py).
     batch, rows, heads_q, _ = q.shape
     heads_kv = k.shape[2]
-    if rows == 1 and heads_q != heads_kv and mask is None and route.gate.stacks_query_groups:
+    if rows == 1 and heads_q != heads_kv and mask is None and route.gate.stacks_query_groups \
+            and stacking_pays(batch, heads_q, heads_kv, q.shape[-1], _threads()):
         out = _query_groups_as_rows(q, k, v, scale)
     # Positional arguments and no default keywords: each keyword costs the binding's parser time per call.
     elif heads_q == heads_kv:
@@ -41,6 +42,30 @@ def sdpa(q, k, v, mask, route: Route, scale: float) -> torch.Tensor:
     if route.gate.zeroes_nan_query_rows:
         out = _nonfinite_rows_restored(q, k, v, mask, route.is_causal, scale, out)
     return out
+
+
+# What one stacked item costs, in items of one query head: 1 + (G - 1) * extra row. Measured with torch's CPU
+# kernel (one row, 1k and 8k keys, one thread, G = 3-8): 0.2-0.3 at D=128, 0.35-0.9 at D=64. The worst of each
+# is taken, so stacking is chosen only where it wins even then.
+EXTRA_ROW_WIDE, EXTRA_ROW = 0.35, 0.9  # head dims >= 128, smaller ones
+
+
+@torch.compiler.assume_constant_result  # a compiled graph keeps the choice of the count it was traced with
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def stacking_pays(batch: int, heads_q: int, heads_kv: int, head_dim: int, threads: int) -> bool:
+    """Whether G rows per KV head beat the kernel's own GQA for one query row. The kernel splits (batch, head)
+    items over its threads: stacking reads each K/V head once but leaves B * Hkv items, and where they do not
+    fill the threads evenly it loses (9 / 3 heads on 2 threads: 3 items in 2 rounds, each 2.8 heads' work,
+    against 9 items in 5 rounds; measured 1.2x slower), while one thread always gains (0.3-0.9x the time)."""
+    threads = max(1, threads)
+    group = heads_q // heads_kv
+    stacked_rounds = -(-batch * heads_kv // threads)
+    plain_rounds = -(-batch * heads_q // threads)
+    extra_row = EXTRA_ROW_WIDE if head_dim >= 128 else EXTRA_ROW
+    return stacked_rounds * (1 + (group - 1) * extra_row) <= plain_rounds
 
 
 def _query_groups_as_rows(q, k, v, scale: float):

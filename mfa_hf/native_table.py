@@ -53,7 +53,8 @@ class NativeGate:
     zeroes_nan_query_rows: bool = False
     # One query row with GQA: pass the G query heads of each KV head as G rows of one head instead of
     # asking the kernel for GQA (exact: one row sees every key of its slice, so the rows are independent).
-    # Measured faster with torch's CPU kernel (1.1x at 9/3 heads, 1.4-2x at 32/8).
+    # Measured faster with torch's CPU kernel where the KV heads fill its threads (one thread: 1.1x at 9/3 heads,
+    # 1.2-2x at 32/8); native.stacking_pays decides per call from the thread count.
     stacks_query_groups: bool = False
 
 

@@ -399,3 +399,81 @@ def test_append_under_compile_writes_what_eager_writes(fmt, monkeypatch):
     assert op_calls  # traced through the op
     for got, want in zip(_snapshot(compiled_k) + _snapshot(compiled_v), _snapshot(eager_k) + _snapshot(eager_v)):
         assert torch.equal(got, want)
+
+
+def _new_tokens(layout: str, shape, g) -> torch.Tensor:
+    """New k or v (B, n, H, D) in an unusual layout: a (B, H, n, D) buffer seen token-major (what a model's
+    cache update passes), a sliced wider head dim, or a batch broadcast from one row."""
+    batch, count, heads, dim = shape
+    if layout == "heads-first":
+        return torch.randn(batch, heads, count, dim, generator=g).transpose(1, 2)
+    if layout == "sliced-dim":
+        return torch.randn(batch, count, heads, dim + 8, generator=g)[..., 4:dim + 4]
+    if layout == "broadcast-batch":
+        return torch.randn(1, count, heads, dim, generator=g).expand(batch, count, heads, dim)
+    return torch.randn(*shape, generator=g)
+
+
+@pytest.mark.parametrize("fmt, granularity", [(None, "token"), ("fp8_e4m3", "token"), ("fp8_e5m2", "token"),
+                                              ("int8", "token"), ("nf4", "token"), ("int8", "channel"),
+                                              ("fp8_e4m3", "head")])
+@pytest.mark.parametrize("layout", ["contiguous", "heads-first", "sliced-dim", "broadcast-batch"])
+@pytest.mark.parametrize("dim_v", [64, 32])
+def test_append_at_a_host_position_writes_what_the_index_path_writes(fmt, granularity, layout, dim_v, monkeypatch):
+    """append_kv and flash_attn_with_kvcache given an int length write slices, and K and V of one shape are
+    encoded together; a (B,) length tensor takes the index path, one side at a time. Both leave the same caches
+    (codes and scales bitwise), equal to quantizing the new tokens alone, and touch nothing else."""
+    from mfa_hf import kvcache
+    from mfa_hf.kvcache import append_kv
+
+    indexed = []
+    put = kvcache._put
+    monkeypatch.setattr(kvcache, "_put", lambda *a: indexed.append(1) or put(*a))
+    g = torch.Generator().manual_seed(17)
+    batch, capacity, heads, dim = 2, 40, 2, 64
+    if fmt is None and granularity != "token":
+        pytest.skip("plain caches have no scales")
+    k_all, v_all = torch.randn(batch, capacity, heads, dim, generator=g), torch.randn(batch, capacity, heads, dim_v,
+                                                                                      generator=g)
+    static, groups = {}, 32 if fmt == "nf4" else None  # nf4: groups that divide both head dims
+    if granularity != "token":
+        static = {side: mfa_hf.quantize_kv(x, fmt, granularity=granularity).scales
+                  for side, x in (("k", k_all), ("v", v_all))}
+
+    def caches():
+        made = []
+        for side, d in (("k", dim), ("v", dim_v)):
+            fresh = mfa_hf.allocate_kv_cache(batch, capacity, heads, d, fmt, static_scales=static.get(side),
+                                             group_size=groups)
+            if fmt is None:
+                fresh.normal_(generator=torch.Generator().manual_seed(5))  # old contents must survive
+            made.append(fresh)
+        return made
+
+    by_int, by_tensor, by_call = caches(), caches(), caches()
+    length = 0
+    for count in (7, 1, 1, 5):  # a prefill, two decode steps, a chunk
+        k = _new_tokens(layout, (batch, count, heads, dim), g)
+        v = _new_tokens(layout, (batch, count, heads, dim_v), g)
+        append_kv(*by_int, k, v, length)
+        assert not indexed  # slices
+        append_kv(*by_tensor, k, v, torch.full((batch,), length, dtype=torch.int32))
+        assert indexed
+        indexed.clear()
+        if dim_v == dim:
+            q = torch.randn(batch, count, 4, dim, generator=g)
+            mfa_hf.flash_attn_with_kvcache(q, *by_call, k, v, cache_seqlens=length)
+        for cache, new in zip(by_int, (k, v)):
+            want = new if fmt is None else mfa_hf.quantize_kv(
+                new.contiguous(), fmt, granularity=granularity, group_size=groups,
+                scales=None if granularity == "token" else cache.scales)
+            got = cache[:, length:length + count] if fmt is None else cache.codes[:, length:length + count]
+            assert torch.equal(got, want if fmt is None else want.codes), (fmt, layout, count)
+        length += count
+    compared = (by_tensor, by_call) if dim_v == dim else (by_tensor,)
+    for other in compared:
+        for got, want in zip(_snapshot(by_int[0]) + _snapshot(by_int[1]), _snapshot(other[0]) + _snapshot(other[1])):
+            assert torch.equal(got, want)
+    if fmt is None:  # past the written prefix: what the caches held before
+        untouched = caches()
+        assert torch.equal(by_int[0][:, length:], untouched[0][:, length:])

@@ -304,17 +304,40 @@ def test_one_row_window_is_a_key_slice(lk, left):
     assert math.isfinite(float(out.abs().max()))
 
 
-@pytest.mark.parametrize("heads, mask, stacked", [((8, 2), False, True), ((6, 1), False, True), ((4, 4), False, False),
-                                                  ((8, 2), True, False)])
-def test_one_row_gqa_passes_query_groups_as_rows(heads, mask, stacked, monkeypatch):
-    """On CPU one query row with GQA runs as G rows per KV head (native_table's stacks_query_groups), never for
-    MHA or with a mask; the result equals the float64 reference, a NaN query head stays NaN, the others do not."""
+@pytest.mark.parametrize("heads, mask, threads, stacked", [
+    ((8, 2), False, 1, True), ((6, 1), False, 1, True), ((4, 4), False, 1, False), ((8, 2), True, 1, False),
+    ((6, 1), False, 4, False), ((9, 3), False, 2, True)])
+def test_one_row_gqa_passes_query_groups_as_rows(heads, mask, threads, stacked, monkeypatch):
+    """On CPU one query row with GQA runs as G rows per KV head (native_table's stacks_query_groups) where that
+    fills the kernel's threads (native.stacking_pays), never for MHA or with a mask; either way the result
+    equals the float64 reference, a NaN query head stays NaN, the others do not."""
     from mfa_hf import native
-    from mfa_hf.kernels.reference import attention_reference
 
     calls = []
     as_rows = native._query_groups_as_rows
     monkeypatch.setattr(native, "_query_groups_as_rows", lambda *a: calls.append(1) or as_rows(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_one_row_gqa(heads, mask, stacked, calls)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("batch, heads, head_dim, threads, pays", [
+    (1, (9, 3), 64, 1, True), (1, (9, 3), 64, 2, False), (4, (9, 3), 64, 2, True), (1, (32, 8), 64, 2, True),
+    (1, (32, 8), 128, 8, True), (1, (16, 2), 128, 2, True), (1, (16, 2), 64, 8, False), (1, (9, 3), 64, 8, False)])
+def test_stacking_pays_where_the_kv_heads_fill_the_threads(batch, heads, head_dim, threads, pays):
+    """The cases measured on torch's CPU kernel: 3 KV heads on 2 threads ran 1.2x slower stacked, one thread and
+    KV heads that split evenly over the threads gained (native.stacking_pays)."""
+    from mfa_hf.native import stacking_pays
+
+    assert stacking_pays(batch, *heads, head_dim, threads) == pays
+
+
+def _check_one_row_gqa(heads, mask, stacked, calls):
+    from mfa_hf.kernels.reference import attention_reference
+
     g = torch.Generator().manual_seed(heads[0])
     q = torch.randn(3, 1, heads[0], 32, generator=g)
     k, v = (torch.randn(3, 45, heads[1], 32, generator=g) for _ in range(2))
