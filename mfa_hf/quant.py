@@ -14,6 +14,8 @@ format's range). Everything crosses the custom-op boundary as (codes, scales, fo
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from enum import Enum
 
@@ -223,8 +225,11 @@ def absmax_scales(x: torch.Tensor, fmt: KVFormat, granularity: str, group_size: 
         amax = amax.amax(dim=1, keepdim=True) if s else amax.new_zeros(b, 1, h, amax.shape[-1])
         if granularity == "head":
             amax = amax.amax(dim=-1, keepdim=True)
-    # An all-zero group keeps scale 1 (its codes are all zero) instead of dividing by zero.
-    return torch.where(amax > 0, amax / kv_formats.spec(fmt).code_max, 1.0).to(SCALE_DTYPE).contiguous()
+    # An all-zero group keeps scale 1 (its codes are all zero) instead of dividing by zero. A group holding NaN or
+    # inf gets a NaN scale: int8 and nf4 have no NaN code, so the whole group dequantizes to NaN and the NaN
+    # propagates, as in the reference, instead of turning the group into zeros (kvcache_append.metal: the same).
+    scales = torch.where(amax == 0, 1.0, amax / kv_formats.spec(fmt).code_max).nan_to_num_(nan=math.nan, posinf=math.nan)
+    return scales.to(SCALE_DTYPE).contiguous()
 
 
 def encode(x: torch.Tensor, scales: torch.Tensor, fmt: KVFormat, group_size: int) -> torch.Tensor:

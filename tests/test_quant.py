@@ -120,6 +120,36 @@ def test_all_zero_groups_round_trip_to_zero():
         assert bool(torch.isfinite(packed.scales).all())
 
 
+@pytest.mark.parametrize("fmt", [f.value for f in KVFormat])
+@pytest.mark.parametrize("bad", [math.nan, -math.nan, math.inf, -math.inf])
+def test_a_nan_or_inf_makes_its_group_nan_not_zero(fmt, bad):
+    """A group holding NaN or inf dequantizes to NaN (its scale is NaN: int8 and nf4 have no NaN code); before,
+    its scale fell back to 1 and the group came back as zeros, the NaN gone. Other groups and tokens keep their
+    values. Also through the append of a cache (one token at a time, K and V together)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 2, 64, generator=g)
+    x[1, 2, 0, 5] = bad
+    group = 32 if fmt == "nf4" else 64
+    poisoned = torch.zeros(2, 3, 2, 64, dtype=torch.bool)
+    poisoned[1, 2, 0, :group] = True  # the group of element 5
+    clean = x.masked_fill(poisoned, 0.0)
+    for packed in (quantize_kv(x, fmt, group_size=32 if fmt == "nf4" else None), _appended(x, fmt)):
+        values = packed.dequantize()
+        assert bool(values[poisoned].isnan().all())
+        want = quantize_kv(clean, fmt, group_size=32 if fmt == "nf4" else None).dequantize()
+        assert torch.equal(values[~poisoned], want[~poisoned])
+
+
+def _appended(x, fmt):
+    group = 32 if fmt == "nf4" else None
+    k_cache, v_cache = (mfa_hf.allocate_kv_cache(2, 8, 2, 64, fmt, group_size=group) for _ in range(2))
+    for t in range(x.shape[1]):
+        mfa_hf.flash_attn_with_kvcache(torch.randn(2, 1, 2, 64), k_cache, v_cache, x[:, t:t + 1], x[:, t:t + 1],
+                                       cache_seqlens=t)
+    return mfa_hf.QuantizedKV(k_cache.codes[:, :3], k_cache.scales[:, :3], k_cache.format, k_cache.group_size,
+                              k_cache.dtype)
+
+
 def test_static_scales_saturate_out_of_range_values():
     x = torch.randn(1, 4, 2, 64)
     static = quantize_kv(x, "fp8_e4m3", granularity="head").scales

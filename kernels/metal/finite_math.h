@@ -23,6 +23,7 @@ struct Stored {
   float value;
   bool neg_inf;
   bool nan;
+  bool nonfinite;  // NaN or an infinity (every exponent bit set)
   bool negative;  // the sign bit (of a NaN too)
 };
 
@@ -32,6 +33,7 @@ inline Stored read_stored(device const float* p, long i) {
   s.value = as_type<float>(bits);
   s.neg_inf = bits == NEG_INF_BITS;
   s.nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  s.nonfinite = (bits & 0x7FFFFFFFu) >= 0x7F800000u;
   s.negative = (bits >> 31) != 0;
   return s;
 }
@@ -42,6 +44,7 @@ inline Stored stored_16(ushort bits, float value, ushort infinity) {
   s.value = value;
   s.neg_inf = bits == ushort(infinity | 0x8000);
   s.nan = (bits & ushort(0x7FFF)) > infinity;
+  s.nonfinite = (bits & ushort(0x7FFF)) >= infinity;
   s.negative = (bits >> 15) != 0;
   return s;
 }

@@ -2,7 +2,8 @@
 //
 // One simdgroup per (sequence b, new token t, KV head): the token goes to cache row
 // batch_idx[b] (or b) at position seqlens[b] + t. Per-token scales (MFA_PER_TOKEN = 1) are the absmax
-// of each group of GROUP elements divided by the format's largest code (1 for an all-zero group),
+// of each group of GROUP elements divided by the format's largest code (1 for an all-zero group, NaN for
+// a group holding NaN or inf),
 // written beside the codes; static scales (per head or channel) are read. Lanes stride over
 // elements (nf4: over bytes, each lane packing element 2c in the low nibble, 2c + 1 in the high).
 //
@@ -26,10 +27,21 @@ struct AppendParams {
 static_assert(sizeof(AppendParams) == MFA_APPEND_PARAM_COUNT * sizeof(long), "AppendParams does not match the host");
 #endif
 
-inline float group_absmax(device const MFA_IN_T* row, long stride_d, long group, long size) {
+// A group's per-token scale, as float bits: its absmax over the format's largest code, 1 for an all-zero group, and
+// NaN when an element is NaN or infinite, so that the whole group dequantizes to NaN, as mfa_hf/quant.py's
+// absmax_scales does (int8 and nf4 have no NaN code). Under fast math the compiler may assume no float is NaN or
+// inf: the elements are tested on their stored bits, only finite values reach float arithmetic, and the NaN is
+// chosen and stored as integer bits (a float select that yields NaN may be folded to its other arm).
+inline uint group_scale_bits(device const MFA_IN_T* row, long stride_d, long group, long size) {
   float amax = 0.0f;
-  for (long c = group * size; c < (group + 1) * size; ++c) amax = max(amax, fabs(float(row[c * stride_d])));
-  return amax;
+  bool nonfinite = false;
+  for (long c = group * size; c < (group + 1) * size; ++c) {
+    const Stored element = read_stored(row, c * stride_d);
+    nonfinite = nonfinite || element.nonfinite;
+    amax = max(amax, fabs(element.nonfinite ? 0.0f : element.value));
+  }
+  const float scale = amax > 0.0f ? amax / MFA_CODE_MAX : 1.0f;
+  return nonfinite ? 0x7FC00000u : as_type<uint>(scale);
 }
 
 [[kernel, max_total_threads_per_threadgroup(32)]] void kvcache_append(
@@ -58,8 +70,7 @@ inline float group_absmax(device const MFA_IN_T* row, long stride_d, long group,
 #else
 #if MFA_PER_TOKEN
   for (long g = lane; g < MFA_D / p.group_size; g += 32) {
-    const float amax = group_absmax(src, p.new_stride_d, g, p.group_size);
-    scale_row[g * p.s_stride_g] = amax > 0.0f ? amax / MFA_CODE_MAX : 1.0f;
+    ((device uint*)scale_row)[g * p.s_stride_g] = group_scale_bits(src, p.new_stride_d, g, p.group_size);
   }
   simdgroup_barrier(mem_flags::mem_device);  // the scales just written are read back below
 #endif

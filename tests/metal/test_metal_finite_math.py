@@ -133,3 +133,30 @@ def test_append_keeps_nan_codes(fmt, metal):
                                    ours.group_size, ours.dtype)
     append(on_device, new.to(metal.device), lengths.to(metal.device))
     assert torch.equal(on_device.codes.cpu(), want.codes), int((on_device.codes.cpu() != want.codes).sum())
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "nf4"])
+def test_append_gives_a_nan_or_inf_group_a_nan_scale(fmt, metal):
+    """Per-token scales: a group holding NaN or inf gets a NaN scale, as mfa_hf.quant does (the whole group
+    dequantizes to NaN; int8 and nf4 have no NaN code), found from the stored bits so fast math cannot drop it.
+    The other groups are the torch append's, code for code."""
+    from mfa_hf import kvcache
+    from mfa_hf.kernels.metal.append import append
+
+    g = torch.Generator().manual_seed(12)
+    group = 32 if fmt == "nf4" else None
+    new = torch.randn(2, 2, 1, 64, generator=g)
+    new[0, 1, 0, 5] = float("nan")
+    new[1, 0, 0, 40] = float("-inf")
+    lengths = torch.tensor([1, 4], dtype=torch.int32)
+    want, ours = (mfa_hf.allocate_kv_cache(2, 8, 1, 64, fmt, group_size=group) for _ in range(2))
+    kvcache._append_all(want, want, new, new, lengths, None)
+    on_device = mfa_hf.QuantizedKV(ours.codes.to(metal.device), ours.scales.to(metal.device), ours.format,
+                                   ours.group_size, ours.dtype)
+    append(on_device, new.to(metal.device), lengths.to(metal.device))
+    got = mfa_hf.QuantizedKV(on_device.codes.cpu(), on_device.scales.cpu(), ours.format, ours.group_size, ours.dtype)
+    assert torch.equal(got.scales.view(torch.int32), want.scales.view(torch.int32))
+    values, expected = got.dequantize(), want.dequantize()
+    assert torch.equal(values.isnan(), expected.isnan()) and int(values.isnan().sum()) == 2 * (group or 64)
+    finite = ~expected.isnan()
+    assert torch.equal(values[finite], expected[finite])
