@@ -30,10 +30,16 @@ def chunk_plan(lq: int, lk: int, i0: int, i1: int, window: tuple[int, int], caus
 
 
 def _slice_mask(attn_mask, i0, i1, k0, k1):
+    """The chunk's rows [i0, i1) and keys [k0, k1) of a mask broadcastable to (B, H, Lq, Lk): a dim of size 1, or
+    one the mask does not have (a (Lk,) or 0-d mask), broadcasts and is kept whole."""
     if attn_mask is None:
         return None
-    rows = slice(i0, i1) if attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1 else slice(None)
+    if attn_mask.dim() == 0:
+        return attn_mask
     cols = slice(k0, k1) if attn_mask.shape[-1] != 1 else slice(None)
+    if attn_mask.dim() == 1:
+        return attn_mask[cols]
+    rows = slice(i0, i1) if attn_mask.shape[-2] != 1 else slice(None)
     return attn_mask[..., rows, cols]
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 from . import dispatch, helper_tensors, kv_formats, scalars
 from .decisions import Decisions, steering_environment
 from .kernels.contract import AppendCall, CacheSide, DecodeCall, Options, fold_causal
+from .kernels.launch import lse_dtype
 from .ops import describe_decode, plain_eager
 from .problem import (NO_WINDOW, check_alibi, check_dense, check_dropout, check_scale, check_sinks, check_softcap,
                       check_window, fits_dim, values_checked)
@@ -190,6 +191,7 @@ def flash_attn_with_kvcache(
     cache_batch, max_seqlen = k_cache.shape[0], k_cache.shape[1]
     rows = _check_batch_idx(cache_batch_idx, batch, cache_batch, q.device, appending=k is not None)
     new_len = _check_new(k, v, q, k_cache, v_cache, quantized)
+    _check_writable(k_cache, v_cache, new_len)
     lengths = _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, q.device)
     # The append and decode kernels bind these as they are (helper_tensors.py says why).
     lengths = helper_tensors.index_vector(lengths, "cache_seqlens", max_seqlen)
@@ -212,6 +214,7 @@ def append_kv(k_cache, v_cache, k: Tensor, v: Tensor, cache_seqlens) -> None:
     quantized = _check_caches(k, k_cache, v_cache, names=("k_cache", "v_cache"))
     _check_batch_idx(None, k.shape[0], k_cache.shape[0], k.device, appending=True)
     new_len = _check_new(k, v, k, k_cache, v_cache, quantized)
+    _check_writable(k_cache, v_cache, new_len)
     lengths = _check_seqlens(cache_seqlens, k.shape[0], k_cache.shape[1], new_len, k.device)
     lengths = helper_tensors.index_vector(lengths, "cache_seqlens", k_cache.shape[1])
     if not new_len:
@@ -287,6 +290,11 @@ def _decode_call(q, k_cache, v_cache, lengths, rows, alibi_slopes, sinks, option
 
 
 def _decode(call: DecodeCall, problem, return_lse: bool, backend):
+    q = call.q
+    if q.shape[0] == 0:  # no rows: nothing to launch (kernels size their grids and splits from the batch)
+        out = q.new_empty((0, q.shape[1], q.shape[2], problem.head_dim_v))
+        lse = q.new_empty((0, q.shape[2], q.shape[1]), dtype=lse_dtype(q.dtype))
+        return (out, lse) if return_lse else out
     if call.q.is_meta:  # no values to read: the registered op's shape function gives the output
         out, lse = backend.ops.decode.op(*call.op_args())
     else:
@@ -312,6 +320,8 @@ def _append_all(k_cache, v_cache, k, v, lengths, rows, backend_append=None, posi
     tokens instead; everything it could reject was validated before this point. position: every
     row's length as a host int (checked), when the caller had one.
     """
+    if k.shape[0] == 0:  # no rows: nothing to write (nf4's packing cannot reshape an empty batch)
+        return
     if backend_append is not None:
         for cache, new in ((k_cache, k), (v_cache, v)):
             side = cache_side(cache)
@@ -461,6 +471,33 @@ def _check_new(k, v, q, k_cache, v_cache, quantized) -> int:
         if new.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} like q, got {new.device}")
     return k.shape[1]
+
+
+def _check_writable(k_cache, v_cache, new_len: int) -> None:
+    """Caches that get new tokens must not share memory between their own elements: in an expanded (zero-stride)
+    or otherwise overlapping view, a token written for one row lands in another row's keys too."""
+    if not new_len:
+        return
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        written = [(name, cache)] if not isinstance(cache, QuantizedKV) else [(f"{name}.codes", cache.codes)]
+        if isinstance(cache, QuantizedKV) and _per_token_scales(cache):
+            written.append((f"{name}.scales", cache.scales))
+        for label, t in written:
+            if _may_overlap(t):
+                raise ValueError(f"{label}: expected a cache whose elements do not share memory when k/v are "
+                                 f"appended, got shape {tuple(t.shape)} with strides {t.stride()} (an expanded or "
+                                 "overlapping view; pass a cache of its own, e.g. .clone())")
+
+
+def _may_overlap(t: Tensor) -> bool:
+    """Whether two indices of t may reach one element: its dims of size > 1, by increasing stride, must each step
+    past everything the smaller ones span (False for every layout a cache allocates or slices)."""
+    span = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride < span:
+            return True
+        span += stride * (size - 1)
+    return False
 
 
 def _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, device) -> Tensor:

@@ -83,6 +83,10 @@ def test_varlen_matches_reference(causal, dtype, small_tiles):
     dict(is_causal=False, alibi=True),
     dict(is_causal=True, alibi=True),
     dict(is_causal=True, mask=True),
+    dict(is_causal=False, mask="keys"),
+    dict(is_causal=False, mask="scalar"),
+    dict(is_causal=False, mask="rows"),
+    dict(is_causal=True, mask="additive-keys"),
 ], ids=str)
 @pytest.mark.parametrize("lq, lk", [(53, 53), (29, 61), (61, 29)])
 def test_chunked_equals_unchunked(opts, lq, lk):
@@ -91,8 +95,14 @@ def test_chunked_equals_unchunked(opts, lq, lk):
     k, v = randn(1, 2, lk, 16, seed=1).requires_grad_(), randn(1, 2, lk, 16, seed=2).requires_grad_()
     if opts.pop("alibi", False):
         opts["alibi_slopes"] = torch.rand(4)
-    if opts.pop("mask", False):
-        opts["attn_mask"] = torch.rand(1, 1, lq, lk, generator=torch.Generator().manual_seed(4)) > 0.2
+    mask = opts.pop("mask", False)
+    if mask:  # every broadcast form flash_attention takes: (B, H, Lq, Lk), (Lk,), 0-d, (Lq, 1), additive (Lk,)
+        g = torch.Generator().manual_seed(4)
+        opts["attn_mask"] = {True: lambda: torch.rand(1, 1, lq, lk, generator=g) > 0.2,
+                             "keys": lambda: torch.rand(lk, generator=g) > 0.2,
+                             "scalar": lambda: torch.tensor(True),
+                             "rows": lambda: torch.rand(lq, 1, generator=g) > 0.2,
+                             "additive-keys": lambda: torch.randn(lk, generator=g)}[mask]()
     out, lse = mfa_hf.flash_attention_chunked(q, k, v, chunk_size=10, return_lse=True, **opts)
     full, full_lse = mfa_hf.flash_attention(q, k, v, return_lse=True, **opts)
     torch.testing.assert_close(out, full, atol=1e-6, rtol=0)

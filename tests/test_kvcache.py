@@ -477,3 +477,62 @@ def test_append_at_a_host_position_writes_what_the_index_path_writes(fmt, granul
     if fmt is None:  # past the written prefix: what the caches held before
         untouched = caches()
         assert torch.equal(by_int[0][:, length:], untouched[0][:, length:])
+
+
+@pytest.mark.parametrize("fmt", [None, "int8", "nf4"])
+@pytest.mark.parametrize("shared", ["batch", "heads", "positions"])
+def test_appending_into_a_cache_that_shares_memory_is_refused(fmt, shared):
+    """An expanded or overlapping cache (rows, heads or positions on the same memory) would send one row's new token
+    into another's keys: refused naming the cache, before anything is written. Reading it without appending is
+    served and equals the reference."""
+    from mfa_hf.kvcache import append_kv
+
+    g = torch.Generator().manual_seed(21)
+    batch, capacity, heads, dim = 2, 12, 2, 64
+
+    def shared_view(t):
+        if shared == "batch":
+            return t[:1].expand(batch, *t.shape[1:])
+        if shared == "heads":
+            return t[:, :, :1].expand(*t.shape[:2], heads, t.shape[-1])
+        return t.as_strided(t.shape, (t.stride(0), t.stride(2), t.stride(2), t.stride(3)))  # positions overlap heads
+
+    def cache():
+        made = mfa_hf.allocate_kv_cache(batch, capacity, heads, dim, fmt)
+        if fmt is None:
+            return shared_view(made.normal_(generator=g))
+        filled = mfa_hf.quantize_kv(torch.randn(batch, capacity, heads, dim, generator=g), fmt)
+        return mfa_hf.QuantizedKV(shared_view(filled.codes), filled.scales, filled.format, filled.group_size,
+                                  filled.dtype)
+
+    k_cache, v_cache = cache(), cache()
+    before = _snapshot(k_cache) + _snapshot(v_cache)
+    q = torch.randn(batch, 1, heads, dim, generator=g)
+    k, v = (torch.randn(batch, 1, heads, dim, generator=g) for _ in range(2))
+    lengths = torch.tensor([3, 7], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"k_cache(\.codes)?: expected a cache whose elements do not share memory"):
+        mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths)
+    with pytest.raises(ValueError, match="do not share memory"):
+        append_kv(k_cache, v_cache, k, v, 3)
+    assert all(torch.equal(a, b) for a, b in zip(_snapshot(k_cache) + _snapshot(v_cache), before))
+    out = mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)
+    for b, length in enumerate(lengths.tolist()):
+        keys, values = (dense(c)[b:b + 1, :length] for c in (k_cache, v_cache))
+        ref, _ = attention_reference(q[b:b + 1].double(), keys.double(), values.double(), causal=True)
+        base, _ = attention_reference(q[b:b + 1], keys, values, causal=True, upcast=False)
+        assert_close_to_reference(out[b:b + 1], ref, base)
+
+
+@pytest.mark.parametrize("fmt", [None, "int8", "nf4"])
+@pytest.mark.parametrize("lq", [1, 3])
+def test_an_empty_batch_returns_empty_outputs(fmt, lq):
+    """Batch 0, with and without an append and lse: empty outputs of the right shapes and dtypes (a reshape inside
+    the decode failed before), as flash_attn_func gives."""
+    q = torch.randn(0, lq, 4, 64)
+    k_cache, v_cache = (mfa_hf.allocate_kv_cache(0, 16, 2, 64, fmt) for _ in range(2))
+    new = torch.randn(0, lq, 2, 64)
+    for extra in ({}, {"k": new, "v": new}):
+        out, lse = mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.zeros(0, dtype=torch.int32),
+                                                  return_lse=True, **extra)
+        assert out.shape == (0, lq, 4, 64) and out.dtype == q.dtype
+        assert lse.shape == (0, 4, lq) and lse.dtype == torch.float32
