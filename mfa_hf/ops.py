@@ -317,7 +317,24 @@ def _define_decode(backend: Backend, registry) -> EagerShortcut:
     op = torch.library.custom_op(f"mfa_hf::{name}_decode", decode, mutates_args=(),
                                  device_types=backend.device_types)
     op.register_fake(_fake_decode)
+    op.register_autograd(_decode_backward, setup_context=_no_context)
     return EagerShortcut(op, decode_call, getattr(backend, "decode_replay", None))
+
+
+DECODE_HAS_NO_BACKWARD = (
+    "q, sinks: expected no backward through a decode (flash_attn_with_kvcache, attention over quantized K/V, a "
+    "model's cached decode step), which computes no gradients, got a backward through one; call it under "
+    "torch.no_grad(), or train with flash_attn_func / flash_attention over plain K/V")
+
+
+def _no_context(ctx, inputs, output) -> None:
+    return None
+
+
+def _decode_backward(ctx, grad_out, grad_lse):
+    """The decode has no gradient: said when a backward reaches it (the forward stays served with grad enabled,
+    as inference code often runs without no_grad), not as torch's 'no autograd formula' error."""
+    raise RuntimeError(DECODE_HAS_NO_BACKWARD)
 
 
 def _decode_flags(call: DecodeCall) -> str:

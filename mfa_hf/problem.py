@@ -285,6 +285,11 @@ def check_alibi(alibi_slopes, batch: int, heads_q: int, device: torch.device) ->
         raise ValueError(
             f"alibi_slopes: expected shape ({heads_q},) or ({batch}, {heads_q}), got {tuple(alibi_slopes.shape)}"
         )
+    if alibi_slopes.requires_grad and torch.is_grad_enabled():
+        # No kernel computes d(loss)/d(slopes) (nor does FlashAttention-2's): a silent None gradient would train a
+        # learnable slope as a constant.
+        raise ValueError("alibi_slopes: expected fixed slopes (no gradient is computed for them), got a tensor "
+                         "requiring grad; pass alibi_slopes.detach()")
     return True
 
 

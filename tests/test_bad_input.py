@@ -416,3 +416,32 @@ def test_flags_generators_and_sizes_of_every_entry_point():
             mfa_hf.flash_attention_chunked(qh, kh, vh, chunk_size=size)
     empty = mfa_hf.flash_attention_chunked(qh[:, :, :0], kh, vh, chunk_size=2)
     assert empty.shape == (1, 2, 0, 8)
+
+
+def _alibi_calls(slopes):
+    """Every entry point that takes ALiBi slopes, each with q requiring grad (a training call)."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 6, 2, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 6, 2, 8, generator=g) for _ in range(2))
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    return {
+        "flash_attn_func": lambda: mfa_hf.flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes),
+        "flash_attn_varlen_func": lambda: mfa_hf.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 6, 6, causal=True,
+                                                                        alibi_slopes=slopes),
+        "flash_attention": lambda: mfa_hf.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                          is_causal=True, alibi_slopes=slopes),
+        "flash_attn_with_kvcache": lambda: mfa_hf.flash_attn_with_kvcache(q, k, v, alibi_slopes=slopes),
+    }
+
+
+@pytest.mark.parametrize("entry", list(_alibi_calls(None)))
+def test_alibi_slopes_requiring_grad_are_refused(entry):
+    """No kernel computes a gradient for the slopes: slopes requiring grad were accepted and their .grad stayed
+    None (a learnable slope silently trained as a constant). Refused naming alibi_slopes; detached slopes and
+    no_grad calls are served."""
+    slopes = torch.rand(2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"alibi_slopes: expected fixed slopes .*requiring grad"):
+        _alibi_calls(slopes)[entry]()
+    assert _alibi_calls(slopes.detach())[entry]() is not None
+    with torch.no_grad():
+        assert _alibi_calls(slopes)[entry]() is not None

@@ -536,3 +536,24 @@ def test_an_empty_batch_returns_empty_outputs(fmt, lq):
                                                   return_lse=True, **extra)
         assert out.shape == (0, lq, 4, 64) and out.dtype == q.dtype
         assert lse.shape == (0, 4, lq) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("fmt", [None, "int8"])
+@pytest.mark.parametrize("grad_of", ["q", "sinks"])
+def test_a_backward_through_a_decode_says_it_has_none(fmt, grad_of):
+    """The decode op computes no gradients. Its forward is served with grad enabled (inference code often runs
+    without no_grad); a backward through it raised torch's "no autograd formula was registered" error, and now
+    says what has no backward and what to use instead."""
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 1, 4, 64, generator=g, requires_grad=grad_of == "q")
+    sinks = torch.randn(4, generator=g, requires_grad=grad_of == "sinks")
+    cache = [torch.randn(2, 16, 2, 64, generator=g) for _ in range(2)]
+    if fmt:
+        cache = [mfa_hf.quantize_kv(c, fmt) for c in cache]
+    outs = [mfa_hf.flash_attn_with_kvcache(q, *cache, cache_seqlens=torch.tensor([5, 9], dtype=torch.int32),
+                                           sinks=sinks)]
+    if fmt and grad_of == "sinks":  # attention over quantized K/V through flash_attn_func
+        outs.append(mfa_hf.flash_attn_func(q, *cache, sinks=sinks))
+    for out in outs:
+        with pytest.raises(RuntimeError, match="expected no backward through a decode"):
+            out.sum().backward()

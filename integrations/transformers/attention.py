@@ -176,7 +176,9 @@ def _decode_route(module, query, key, value, attention_mask, causal, scaling, sl
         return decode.quantized_attention(module, query, key, value, attention_mask, scaling=scaling,
                                           sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, causal=causal)
     q_len, kv_len = query.shape[2], key.shape[2]
-    plain_decode = (position_bias is None and not module.training
+    # A backward through the step (gradients in eval mode) takes the general path: the decode op has none.
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    plain_decode = (position_bias is None and not module.training and not needs_grad
                     and (causal or q_len == 1) and q_len <= decode.DECODE_MAX_Q and kv_len > q_len
                     and key.shape[-1] == value.shape[-1] and getattr(module, "layer_idx", None) is not None)
     if not plain_decode:
