@@ -43,6 +43,21 @@ def uses_dispatcher(processor) -> bool:
     return hasattr(processor, _BACKEND_ATTR)
 
 
+_SUPPORTED_ATTR = "_SUPPORTED_BACKENDS"  # a processor that works only with the backends it names (AnyFlow's: flex)
+
+
+def pinned_backends(processor) -> tuple | None:
+    """The backends a dispatcher processor is limited to, or None when it takes any: the ones its class lists, or
+    the backend its class defaults to when that is not None (a processor that builds inputs only that backend
+    reads, such as flex's BlockMask)."""
+    cls = type(processor)
+    listed = getattr(cls, _SUPPORTED_ATTR, None)
+    if listed is not None:
+        return tuple(str(getattr(name, "value", name)) for name in listed)
+    default = getattr(cls, _BACKEND_ATTR, None)
+    return None if default is None else (str(getattr(default, "value", default)),)
+
+
 def own_backend(processor):
     return processor.__dict__.get(_BACKEND_ATTR, MISSING)
 

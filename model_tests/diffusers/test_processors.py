@@ -108,3 +108,33 @@ def test_public_names_and_a_light_import():
     assert mfa_hf.MFACogVideoXAttnProcessor is mfa_diffusers.MFACogVideoXAttnProcessor
     probe = "import sys, mfa_hf; assert 'diffusers' not in sys.modules, 'import mfa_hf pulled in diffusers'"
     subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+def test_enable_leaves_processors_pinned_to_another_backend_alone():
+    """AnyFlow's causal processor builds a flex BlockMask and accepts only the flex backends (its class lists them);
+    enable() gave it "mfa", even with strict=False and nothing skipped, and the first forward failed inside
+    diffusers. Now it is skipped, named with the backends it takes, and the model's output is its default one."""
+    diffusers = pytest.importorskip("diffusers")
+    model_cls = getattr(diffusers, "AnyFlowFARTransformer3DModel", None)
+    if model_cls is None:
+        pytest.skip("this diffusers has no AnyFlowFARTransformer3DModel")
+    torch.manual_seed(0)
+    model = model_cls(patch_size=(1, 2, 2), compressed_patch_size=(1, 4, 4), full_chunk_limit=3, num_attention_heads=2,
+                      attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32,
+                      num_layers=2, cross_attn_norm=True, rope_max_seq_len=32, gate_value=0.25,
+                      deltatime_type="r").eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, 4, 4, 16, 16, generator=g), timestep=torch.full((1, 4), 500.0),
+                  r_timestep=torch.full((1, 4), 250.0), encoder_hidden_states=torch.randn(1, 12, 16, generator=g),
+                  chunk_partition=[2, 2])
+    with torch.no_grad():
+        want = model(**inputs)[0]
+    handle = enable(model)
+    pinned = {name: why for name, why in handle.skipped.items() if "works only with the flex" in why}
+    assert pinned, handle.skipped
+    with torch.no_grad():
+        got = model(**inputs)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(mfa_diffusers.ContractMismatch, match="works only with the flex"):
+        enable(model_cls.from_config(model.config), strict=True)
+    handle.restore()
