@@ -27,6 +27,8 @@ import threading
 
 import torch
 
+from . import scalars
+
 NAMESPACE = "mfa"
 NAME = "flash_attention"
 SCHEMA = (f"{NAME}(Tensor query, Tensor key, Tensor value, bool is_causal=False, Tensor? attn_mask=None, "
@@ -73,18 +75,22 @@ def _alias(query, key, value, is_causal=False, attn_mask=None, window_size=None)
 
 def mps_window(window_size, is_causal: bool):
     """mps-flash-attn's window_size as our (left, right) pair, or None for full attention."""
-    if window_size is None or window_size == 0:
+    if window_size is None:
         return None
-    if window_size < 0:
-        raise ValueError(f"window_size: expected 0 or None (full attention) or an int >= 1 (keys before the "
-                         f"query's own that it sees), got {window_size}")
-    return (int(window_size), 0 if is_causal else -1)
+    expected = "0 or None (full attention) or an int >= 1 (keys before the query's own that it sees)"
+    window = scalars.int_like(window_size, "window_size", expected)  # 2.5 or True is refused, not truncated
+    if window < 0:
+        raise ValueError(f"window_size: expected {expected}, got {window}")
+    return None if window == 0 else (window, 0 if is_causal else -1)
 
 
 def mps_mask(attn_mask):
     """mps-flash-attn's mask (True / non-zero = masked out) as ours (True = attend)."""
     if attn_mask is None:
         return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask: expected a torch.Tensor (mps-flash-attn's bool or uint8 mask, True = masked out) "
+                        f"or None, got {type(attn_mask).__module__}.{type(attn_mask).__name__}")
     if attn_mask.dtype == torch.bool:
         return ~attn_mask
     if attn_mask.dtype == torch.uint8:

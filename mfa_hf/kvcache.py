@@ -21,8 +21,8 @@ from .decisions import Decisions, steering_environment
 from .kernels.contract import AppendCall, CacheSide, DecodeCall, Options, fold_causal
 from .kernels.launch import lse_dtype
 from .ops import describe_decode, plain_eager
-from .problem import (NO_WINDOW, check_alibi, check_dense, check_dropout, check_scale, check_sinks, check_softcap,
-                      check_window, fits_dim, values_checked)
+from .problem import (FLOAT_DTYPES, NO_WINDOW, check_alibi, check_dense, check_dropout, check_scale, check_sinks,
+                      check_softcap, check_window, fits_dim, values_checked)
 from .quant import SCALE_DTYPE, QuantizedKV, absmax_scales, check_scale_values, encode, parse_format
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -112,8 +112,10 @@ def allocate_kv_cache(batch: int, max_seqlen: int, heads_kv: int, head_dim: int,
     """
     batch, max_seqlen = scalars.int_at_least(batch, "batch", 0), scalars.int_at_least(max_seqlen, "max_seqlen", 0)
     heads_kv, head_dim = scalars.int_at_least(heads_kv, "heads_kv", 1), scalars.int_at_least(head_dim, "head_dim", 1)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype: expected a float torch.dtype (the cache's logical dtype), got {dtype!r}")
+    if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected float16, bfloat16, float32 or float64 (the cache's logical dtype), got "
+                        f"{dtype!r}")
+    device = _device(device)
     if format is None or format == "none":
         if group_size is not None or static_scales is not None:
             raise ValueError("group_size, static_scales: expected None for an unquantized cache (format None), got "
@@ -152,6 +154,17 @@ def allocate_kv_cache(batch: int, max_seqlen: int, heads_kv: int, head_dim: int,
     group_size = group_size if spec.grouped else head_dim
     scales = torch.ones(batch, max_seqlen, heads_kv, head_dim // group_size, dtype=SCALE_DTYPE, device=device)
     return QuantizedKV(codes, scales, fmt, group_size, dtype)
+
+
+def _device(device):
+    """allocate_kv_cache's device as torch takes it, or a ValueError naming the argument."""
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: expected a torch.device, a device string ('cpu', 'mps', 'cuda:0') or an index, got "
+                         f"{device!r} ({error})") from None
 
 
 def flash_attn_with_kvcache(
@@ -379,6 +392,8 @@ def check_query(q) -> None:
     check_dense(q, "q")
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or not q.is_floating_point():
         raise ValueError(f"q: expected a 4-D float tensor (B, Lq, Hq, D), got {_describe(q)}")
+    if q.dtype not in FLOAT_DTYPES:  # float8 q: the kernels compute in q's dtype (a float8 output, as no other API)
+        raise TypeError(f"q: expected float16, bfloat16, float32 or float64, got {q.dtype}")
     if q.shape[-1] < 1:
         raise ValueError(f"q: expected a head dim >= 1, got shape {tuple(q.shape)}")
 

@@ -22,8 +22,9 @@ def check_scale(scale, head_dim: int | None = None) -> None:
     100x from 1/sqrt(D) either way (UserWarning, its wording); None is 1/sqrt(D)."""
     if scale is None:
         return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymFloat)) or not scalars.is_finite(scale) \
-            or scale <= 0:
+    if not isinstance(scale, torch.SymFloat):  # a real number of any kind (numpy's too); a tensor or bool is not
+        scale = scalars.real_number(scale, "scale", "a positive finite number or None (1/sqrt(head_dim))")
+    if not scalars.is_finite(scale) or scale <= 0:
         raise ValueError(f"scale must be positive: expected a positive finite number or None (1/sqrt(head_dim)), "
                          f"got {scale!r}")
     if head_dim:
@@ -47,8 +48,10 @@ def _check_mask_shape(mask, lq: int, lk: int) -> None:
 def visibility(query, key, is_causal: bool, window_size, keep: torch.Tensor | None):
     """(is_causal, window_size, attn_mask) for mfa_hf.flash_attention with mps-flash-attn's meaning of
     is_causal and window_size. keep: the caller's mask in our polarity (True = attend) or None."""
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal: expected a bool, got {type(is_causal).__name__}")
+    if not scalars.is_bool(is_causal):  # numpy's bool too; 0/1 stay refused
+        raise TypeError(f"is_causal: expected a bool, got {type(is_causal).__module__}.{type(is_causal).__name__} "
+                        f"{is_causal!r}")
+    is_causal = bool(is_causal)
     for name, t in (("query", query), ("key", key)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = f"{t.dim()}-D" if isinstance(t, torch.Tensor) else type(t).__name__

@@ -209,6 +209,9 @@ def check_window(window_size) -> tuple[int, int]:
     return sides[0], sides[1]
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def check_scale(softmax_scale, head_dim: int, name: str = "softmax_scale") -> float:
     """None: 1/sqrt(head_dim). Else a finite real number (negative and 0 allowed); see mfa_hf.scalars."""
     if softmax_scale is None:
@@ -216,15 +219,17 @@ def check_scale(softmax_scale, head_dim: int, name: str = "softmax_scale") -> fl
             raise ValueError(f"q: expected a head dim >= 1, got {head_dim}")
         return 1.0 / math.sqrt(head_dim)
     value = scalars.real_number(softmax_scale, name, "a finite number or None (1/sqrt(D))")
-    if not scalars.is_finite(value):
-        raise ValueError(f"{name}: expected a finite number, got {softmax_scale!r}")
+    if not scalars.is_finite(value) or abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name}: expected a finite number within float32's range (kernels compute in float32), "
+                         f"got {softmax_scale!r}")
     return value
 
 
 def check_softcap(softcap) -> float:
     value = scalars.real_number(softcap, "softcap", "a finite number >= 0 (0 = off)")
-    if not scalars.is_finite(value) or value < 0:
-        raise ValueError(f"softcap: expected a finite number >= 0 (0 = off), got {softcap!r}")
+    if not scalars.is_finite(value) or value < 0 or value > FLOAT32_MAX:
+        raise ValueError(f"softcap: expected a finite number >= 0 (0 = off) within float32's range (kernels "
+                         f"compute in float32: a larger cap became inf and every output NaN), got {softcap!r}")
     return value
 
 

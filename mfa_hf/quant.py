@@ -77,6 +77,7 @@ class QuantizedKV:
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise TypeError(f"QuantizedKV.dtype: expected a float torch.dtype (the logical dtype), got {self.dtype!r}")
         check_parts(self.codes, self.scales, self.format, self.group_size, "QuantizedKV")
+        object.__setattr__(self, "group_size", int(self.group_size))  # a numpy int, checked, kept as a Python int
 
     @property
     def shape(self) -> torch.Size:
@@ -124,8 +125,10 @@ def check_parts(codes, scales, fmt, group_size: int, name: str) -> None:
         raise ValueError(f"{name}.scales: expected device {codes.device} like the codes, got {scales.device}")
     spec = kv_formats.spec(fmt)
     dim = spec.logical_dim(codes.shape[-1])
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or dim % group_size:
-        raise ValueError(f"{name}.group_size: expected an int dividing the head dim {dim}, got {group_size!r}")
+    expected = f"an int dividing the head dim {dim}"
+    group_size = scalars.int_like(group_size, f"{name}.group_size", expected, ValueError)  # numpy ints too
+    if group_size < 1 or dim % group_size:
+        raise ValueError(f"{name}.group_size: expected {expected}, got {group_size!r}")
     if spec.grouped and group_size not in spec.group_sizes:
         raise ValueError(f"{name}.group_size: expected {spec.group_sizes_text()} for {fmt.value}, got {group_size}")
     groups = dim // group_size

@@ -83,6 +83,11 @@ def flag(value, name: str) -> bool:
     raise TypeError(f"{name}: expected a bool, got {_shown(value)}")
 
 
+def is_bool(value) -> bool:
+    """A Python or numpy bool (not 0/1, not a tensor)."""
+    return isinstance(value, bool) or _is_bool(value)
+
+
 def _is_bool(value) -> bool:
     """numpy's bool scalar (no numpy import needed: it names itself numpy.bool / numpy.bool_)."""
     kind = type(value)

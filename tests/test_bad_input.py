@@ -445,3 +445,32 @@ def test_alibi_slopes_requiring_grad_are_refused(entry):
     assert _alibi_calls(slopes.detach())[entry]() is not None
     with torch.no_grad():
         assert _alibi_calls(slopes)[entry]() is not None
+
+
+@pytest.mark.parametrize("call, error, match", [
+    # softcap / scale beyond float32: a cap of 1e39 became inf in the kernels and every output NaN
+    (lambda q, k, v: mfa_hf.flash_attn_func(q, k, v, softcap=1e39), ValueError, "softcap: .*float32's range"),
+    (lambda q, k, v: mfa_hf.flash_attn_func(q, k, v, softmax_scale=-1e39), ValueError,
+     "softmax_scale: .*float32's range"),
+    (lambda q, k, v: mfa_hf.flash_attn_with_kvcache(q, k, v, softcap=1e39), ValueError, "softcap"),
+    (lambda q, k, v: mfa_hf.flash_attention(q, k, v, scale=1e39), ValueError, "scale"),
+    # decode accepted float8 q and caches, returning a float8 output no other entry point gives
+    (lambda q, k, v: mfa_hf.flash_attn_with_kvcache(q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn),
+                                                    v.to(torch.float8_e4m3fn)), TypeError, "q: expected float16"),
+    (lambda q, k, v: mfa_hf.allocate_kv_cache(1, 4, 1, 8, dtype=torch.float8_e4m3fn), TypeError, "dtype: expected"),
+    # torch's own device-string error did not name the argument
+    (lambda q, k, v: mfa_hf.allocate_kv_cache(1, 4, 1, 8, device="nope"), ValueError, "device: expected"),
+])
+def test_values_beyond_what_the_kernels_compute_are_refused(call, error, match):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 2, 8, generator=g) for _ in range(3))
+    with pytest.raises(error, match=match):
+        call(q, k, v)
+    assert not mfa_hf.flash_attn_func(q, k, v, softcap=3e38).isnan().any()  # the largest float32 cap is served
+
+
+def test_quantized_kv_takes_a_numpy_group_size():
+    """Ints are anything with __index__ (README): QuantizedKV refused numpy's, which quantize_kv accepts."""
+    packed = mfa_hf.quantize_kv(torch.randn(1, 4, 2, 64), "nf4")
+    again = mfa_hf.QuantizedKV(packed.codes, packed.scales, "nf4", numpy.int64(packed.group_size))
+    assert type(again.group_size) is int and torch.equal(again.dequantize(), packed.dequantize())

@@ -196,6 +196,16 @@ def test_precompile_on_a_mac_compiles_every_planned_variant(monkeypatch):
     (lambda q, k, v: mfa.flash_attention(q, k, v, attn_mask=torch.zeros(8, 8)), "attn_mask", TypeError),
     (lambda q, k, v: mfa.flash_attention(q[0], k, v), "query", ValueError),
     (lambda q, k, v: mfa.flash_attention(q, k, v, is_causal=1), "is_causal", TypeError),
+    # kinds a sweep found crashing or truncated: a list mask (AttributeError), a str or tuple window (TypeError
+    # without the name), a float or bool window (silently int()-ed)
+    (lambda q, k, v: mfa.flash_attention(q, k, v, attn_mask=[[True]]), "attn_mask: expected a torch.Tensor", TypeError),
+    (lambda q, k, v: mfa.flash_attention(q, k, v, window_size="3"), "window_size", TypeError),
+    (lambda q, k, v: mfa.flash_attention(q, k, v, window_size=(1, 1)), "window_size", TypeError),
+    (lambda q, k, v: mfa.flash_attention(q, k, v, window_size=2.5), "window_size", TypeError),
+    (lambda q, k, v: mfa.flash_attention(q, k, v, window_size=True), "window_size", TypeError),
+    (lambda q, k, v: mfa.flash_attention_quantized(q, *mfa.quantize_kv_int8(k, v), 5, window_size=2.0),
+     "window_size", TypeError),
+    (lambda q, k, v: mfa.flash_attention(q, k, v, scale="0.1"), "scale", TypeError),
     (lambda q, k, v: mfa.flash_attention_with_bias(q, k, v, torch.zeros(8, 8)), "attn_bias", ValueError),
     (lambda q, k, v: mfa.flash_attention_with_bias(q, k, v, torch.zeros(1, 2, 8, 8, dtype=torch.int64)),
      "attn_bias", TypeError),
@@ -216,3 +226,14 @@ def test_bad_inputs_name_the_argument(call, match, error):
     q, k, v = _inputs(8, 8, torch.float32, h=2)
     with pytest.raises(error, match=match):
         call(q, k, v)
+
+
+def test_numpy_scalars_are_taken_as_their_values():
+    """numpy bools, ints and floats work in mps-flash-attn (plain Python comparisons); they gave 'expected a bool,
+    got bool' or 'scale must be positive' for a positive numpy scale."""
+    import numpy
+
+    q, k, v = _inputs(8, 8, torch.float32, h=2)
+    want = mfa.flash_attention(q, k, v, True, 0.3, None, 2)
+    got = mfa.flash_attention(q, k, v, numpy.bool_(True), numpy.float32(0.3), None, numpy.int64(2))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

@@ -106,10 +106,29 @@ def modeling_source_calls_interface(model_cls) -> bool:
         return True
 
 
+@functools.lru_cache(maxsize=None)
+def modeling_source_picks_attention_class_by_name(model_cls) -> bool:
+    """Whether the modeling file defining this class builds some attention layer from a table keyed by the
+    implementation's name (`SAM_VISION_ATTENTION_CLASSES[config._attn_implementation]`, GIT, Bark, ...): any
+    other name is a KeyError there, or (after set_attn_implementation) leaves that layer on its eager class."""
+    import re
+    import sys
+
+    module = sys.modules.get(model_cls.__module__)
+    try:
+        return re.search(r"\w+_ATTENTION_CLASSES\[", inspect.getsource(module)) is not None
+    except (OSError, TypeError):  # no source: take transformers' heuristic alone
+        return False
+
+
+def supports_sdpa(model) -> bool:
+    return bool(getattr(model, "_supports_sdpa", False))
+
+
 def supports_only_eager(model) -> bool:
     """Whether transformers marks this class as supporting no attention but eager (no sdpa, flash or flex flag):
     such layers may read the mask themselves in eager's additive form (routers, inline or sparse attention)."""
-    return not (supports_flash_attention(model) or getattr(model, "_supports_sdpa", False)
+    return not (supports_flash_attention(model) or supports_sdpa(model)
                 or getattr(model, "_supports_flex_attn", False))
 
 

@@ -213,6 +213,10 @@ class MFAQuantizedLayer(DynamicLayer):
     # -- update ------------------------------------------------------------------------------------
 
     def update(self, key_states, value_states, *args, **kwargs):
+        for name, states in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(states, torch.Tensor) or states.dim() != 4:
+                got = f"shape {tuple(states.shape)}" if isinstance(states, torch.Tensor) else type(states).__name__
+                raise ValueError(f"MFAQuantizedCache.update: {name}: expected a 4-D tensor (B, H, S, D), got {got}")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         prefill = self.cumulative_length == 0

@@ -26,8 +26,9 @@ from . import internals
 # One is refused while its modeling file does not call the AttentionInterface (internals probes the file:
 # 5.25 ported Falcon, GPT-J and CodeGen, which then run our kernel).
 INLINE_ATTENTION_MODEL_TYPES = frozenset({"falcon", "gptj", "gpt_neo", "bloom", "mpt", "codegen"})
-# Picks its attention class from a per-name table (a KeyError on any other name), whatever its file calls.
-NAMED_CLASS_TABLE_MODEL_TYPES = frozenset({"git"})
+# Falcon with ALiBi adds its position bias to the attention mask, which a flash path does not take: transformers
+# raises at the first forward under any flash name; "mfa" takes the mask and is exact.
+FLASH_DROPS_ALIBI_MODEL_TYPES = frozenset({"falcon"})
 # Marked `_supports_flash_attn = False` only because FA2 cannot add T5's relative position bias;
 # "mps_flash" hands a bias to the "mfa" path, which adds it exactly (model_tests: t5 under both names).
 FLASH_BIAS_ONLY_MODEL_TYPES = frozenset({"t5", "mt5", "umt5"})
@@ -43,7 +44,7 @@ class UnsupportedModelError(ValueError):
 
 def routes_through_interface(model) -> bool:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in NAMED_CLASS_TABLE_MODEL_TYPES:
+    if internals.modeling_source_picks_attention_class_by_name(type(model)):  # SAM's vision encoder, GIT, Bark
         return False
     if model_type in INLINE_ATTENTION_MODEL_TYPES and not internals.modeling_source_calls_interface(type(model)):
         return False
@@ -51,16 +52,21 @@ def routes_through_interface(model) -> bool:
 
 
 def _flash_is_exact(model) -> bool:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
     if model_type in FLASH_DROPS_IMAGE_MASK_MODEL_TYPES:
+        return False
+    if model_type in FLASH_DROPS_ALIBI_MODEL_TYPES and getattr(config, "alibi", False):
         return False
     return internals.supports_flash_attention(model) or model_type in FLASH_BIAS_ONLY_MODEL_TYPES
 
 
-def message(model_cls: type, name: str) -> str:
-    return (f"{model_cls.__name__} does not route attention through transformers' AttentionInterface, "
+def message(model, name: str) -> str:
+    # Only what transformers itself serves for this class is suggested (DeBERTa-v2, MPNet, ... have no sdpa path).
+    instead = '"sdpa" (or "eager")' if internals.supports_sdpa(model) else '"eager"'
+    return (f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
             f'so attn_implementation="{name}" would never run mfa-hf\'s kernel. Use attn_implementation='
-            '"sdpa" (or "eager") for this model; mfa-hf serves models such as Llama, Mistral, Qwen2/3, '
+            f"{instead} for this model; mfa-hf serves models such as Llama, Mistral, Qwen2/3, "
             "Gemma 2/3, GPT-OSS, Phi-3, GPT-2, OPT, Whisper, T5, BERT, ModernBERT, CLIP and ViT.")
 
 
@@ -106,7 +112,7 @@ def install(flash_name: str, names: tuple[str, ...], probe: Callable[[], interna
         if not asked:
             return
         if not routes_through_interface(model):
-            raise UnsupportedModelError(message(type(model), sorted(asked)[0]))
+            raise UnsupportedModelError(message(model, sorted(asked)[0]))
         if internals.supports_only_eager(model):
             model_type = getattr(getattr(model, "config", None), "model_type", None)
             if model_type not in VERIFIED_EAGER_ONLY_MODEL_TYPES:

@@ -478,3 +478,14 @@ def test_padded_generate_under_inference_mode(fmt):
     with torch.inference_mode():
         actual = model.generate(ids, **cache_kwargs(new_cache()), **kwargs)
     assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("states", ["3-D", "list"])
+def test_update_with_states_that_are_not_4d_names_them(states):
+    """A 3-D state gave 'not enough values to unpack (expected 4, got 3)' from inside the store."""
+    from mfa_hf.integrations.transformers.quantized_cache import MFAQuantizedCache
+
+    cache = MFAQuantizedCache(format="int8")
+    bad = torch.randn(1, 4, 8) if states == "3-D" else [[0.0]]
+    with pytest.raises(ValueError, match=r"update: key_states: expected a 4-D tensor \(B, H, S, D\)"):
+        cache.update(bad, torch.randn(1, 2, 4, 8), 0)

@@ -122,6 +122,13 @@ LEGACY = {
                                                   vision_config=dict(hidden_size=32, intermediate_size=64,
                                                                      num_hidden_layers=1, num_attention_heads=4,
                                                                      image_size=32, patch_size=8))),
+    # The vision encoder picks its attention class from a table keyed by name: "mfa" was a KeyError inside.
+    "sam": lambda: tf.SamModel(tf.SamConfig(
+        vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=64, patch_size=16, mlp_dim=64, global_attn_indexes=[1], window_size=2),
+        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16),
+        mask_decoder_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_dim=32,
+                                 iou_head_hidden_dim=16))),
 }
 
 
@@ -135,10 +142,12 @@ def test_legacy_models_refuse_while_they_compute_attention_inline(name, implemen
     from mfa_hf.integrations.transformers import internals, unsupported
 
     model = LEGACY[name]()
-    inline = (name in unsupported.NAMED_CLASS_TABLE_MODEL_TYPES or not internals.can_set_attn_implementation(type(model))
+    inline = (internals.modeling_source_picks_attention_class_by_name(type(model))
+              or not internals.can_set_attn_implementation(type(model))
               or not internals.modeling_source_calls_interface(type(model)))
     if inline:
-        _assert_refused(model, implementation, rf"{type(model).__name__}.*\"{implementation}\".*\"sdpa\"")
+        instead = "sdpa" if internals.supports_sdpa(model) else "eager"
+        _assert_refused(model, implementation, rf"{type(model).__name__}.*\"{implementation}\".*\"{instead}\"")
         return
     torch.manual_seed(0)
     reference = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="eager").eval()
@@ -280,3 +289,45 @@ def _assert_refused(model, implementation: str, message: str) -> None:
     config._attn_implementation_internal = None
     with pytest.raises(UnsupportedModelError, match=type(model).__name__):
         type(model)._from_config(config, attn_implementation=implementation)
+
+
+NO_SDPA = {  # refused (they do not route through the interface); transformers has no sdpa path for them either
+    "deberta_v2": lambda: tf.DebertaV2Model(tf.DebertaV2Config(vocab_size=128, hidden_size=32, num_hidden_layers=1,
+                                                               num_attention_heads=4, intermediate_size=64)),
+    "mpnet": lambda: tf.MPNetModel(tf.MPNetConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=4, intermediate_size=64)),
+}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", sorted(NO_SDPA))
+def test_refusals_suggest_only_what_transformers_serves(name, implementation):
+    """The refusal told users of DeBERTa-v2, MPNet, Funnel, ... to use "sdpa", which transformers then refuses for
+    them; it suggests "sdpa" only where the class has an sdpa path, else "eager"."""
+    from mfa_hf.integrations.transformers import internals
+
+    model = NO_SDPA[name]()
+    assert not internals.supports_sdpa(model)
+    with pytest.raises(UnsupportedModelError) as refused:
+        model.set_attn_implementation(implementation)
+    assert '"eager"' in str(refused.value) and '"sdpa"' not in str(refused.value)
+
+
+def test_falcon_with_alibi_refuses_the_flash_name_and_mfa_equals_eager():
+    """Falcon with alibi=True adds its bias to the mask, which a flash path does not take: transformers raised at
+    the first forward under "mps_flash" without naming "mfa". Now refused at init naming "mfa", which is exact."""
+    config = tf.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+                             new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True)
+    with pytest.raises(UnsupportedModelError, match=r'FalconForCausalLM.*"mps_flash".*"mfa"'):
+        tf.FalconForCausalLM._from_config(copy.deepcopy(config), attn_implementation="mps_flash")
+    torch.manual_seed(0)
+    reference = tf.FalconForCausalLM._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    ours = tf.FalconForCausalLM._from_config(copy.deepcopy(config), attn_implementation="mfa").eval()
+    ours.load_state_dict(reference.state_dict())
+    ids, mask = padded_batch("left")
+    with torch.no_grad(), trace.capture() as calls:
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+    assert kernel_calls(calls) >= 1
+    assert_close_where(got, expected, mask, what="falcon alibi logits")
