@@ -344,13 +344,22 @@ def validated_call(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_
 
 
 def _dropout_seed(dropout_p: float, dropout_seed, generator) -> torch.Tensor | None:
+    """The dropout seed of a call. Both arguments are checked whatever dropout_p is (a wrong kind was accepted and
+    ignored at dropout_p=0). An int seed is taken modulo 2**32, the kernels' seed width."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if dropout_seed is not None and generator is not None:
+        raise ValueError("dropout_seed, generator: expected one of them (the seed fixes the mask, so the generator "
+                         "would be ignored), got both")
+    seed = None
+    if isinstance(dropout_seed, torch.Tensor):
+        seed = scalars.seed_tensor(dropout_seed, "dropout_seed")
+    elif dropout_seed is not None:
+        seed = scalars.int_like(dropout_seed, "dropout_seed", "an int, a 1-element int tensor or None")
     if dropout_p == 0:
         return None
-    if dropout_seed is None:
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if seed is None:
         return new_seed(generator)
-    if isinstance(dropout_seed, torch.Tensor):
-        return scalars.seed_tensor(dropout_seed, "dropout_seed").to(torch.int64).reshape(())
-    seed = scalars.int_like(dropout_seed, "dropout_seed", "an int, a 1-element int tensor or None")
+    if isinstance(seed, torch.Tensor):
+        return seed.to(torch.int64).reshape(())
     return torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64)

@@ -113,8 +113,8 @@ def allocate_kv_cache(batch: int, max_seqlen: int, heads_kv: int, head_dim: int,
     batch, max_seqlen = scalars.int_at_least(batch, "batch", 0), scalars.int_at_least(max_seqlen, "max_seqlen", 0)
     heads_kv, head_dim = scalars.int_at_least(heads_kv, "heads_kv", 1), scalars.int_at_least(head_dim, "head_dim", 1)
     if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype: expected float16, bfloat16, float32 or float64 (the cache's logical dtype), got "
-                        f"{dtype!r}")
+        raise TypeError(f"dtype: expected a float torch.dtype (the cache's logical dtype: float16, bfloat16, float32 "
+                        f"or float64), got {dtype!r}")
     device = _device(device)
     if format is None or format == "none":
         if group_size is not None or static_scales is not None:

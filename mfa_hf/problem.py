@@ -219,9 +219,11 @@ def check_scale(softmax_scale, head_dim: int, name: str = "softmax_scale") -> fl
             raise ValueError(f"q: expected a head dim >= 1, got {head_dim}")
         return 1.0 / math.sqrt(head_dim)
     value = scalars.real_number(softmax_scale, name, "a finite number or None (1/sqrt(D))")
-    if not scalars.is_finite(value) or abs(value) > FLOAT32_MAX:
-        raise ValueError(f"{name}: expected a finite number within float32's range (kernels compute in float32), "
-                         f"got {softmax_scale!r}")
+    if not scalars.is_finite(value):
+        raise ValueError(f"{name}: expected a finite number, got {softmax_scale!r}")
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name}: expected a number within float32's range (kernels compute in float32), got "
+                         f"{softmax_scale!r}")
     return value
 
 

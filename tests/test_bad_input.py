@@ -474,3 +474,17 @@ def test_quantized_kv_takes_a_numpy_group_size():
     packed = mfa_hf.quantize_kv(torch.randn(1, 4, 2, 64), "nf4")
     again = mfa_hf.QuantizedKV(packed.codes, packed.scales, "nf4", numpy.int64(packed.group_size))
     assert type(again.group_size) is int and torch.equal(again.dequantize(), packed.dequantize())
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(dropout_seed="abc"), TypeError, "dropout_seed"),
+    (dict(generator="x"), TypeError, "generator"),
+    (dict(dropout_seed=7, generator=torch.Generator()), ValueError, "dropout_seed, generator: expected one of them"),
+])
+def test_dropout_arguments_are_checked_at_every_probability(dropout_p, kwargs, error, match):
+    """A wrong kind of seed or generator was accepted (and ignored) at dropout_p=0, and a generator given beside
+    a seed was silently ignored."""
+    q, k, v = (torch.randn(1, 4, 2, 8) for _ in range(3))
+    with pytest.raises(error, match=match):
+        mfa_hf.flash_attn_func(q, k, v, dropout_p=dropout_p, **kwargs)

@@ -557,3 +557,37 @@ def test_a_backward_through_a_decode_says_it_has_none(fmt, grad_of):
     for out in outs:
         with pytest.raises(RuntimeError, match="expected no backward through a decode"):
             out.sum().backward()
+
+
+@pytest.mark.parametrize("fmt", [None, "int8", "fp8_e5m2", "nf4"])
+@pytest.mark.parametrize("lengths, splits", [((5, 17), 0), ((13, 13), 3), ((0, 9), 2)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_slots_past_each_rows_length_are_never_read(fmt, lengths, splits, fused, monkeypatch):
+    """Slots at or past cache_seqlens[b] are not part of row b (an empty or reused cache holds any bits there):
+    NaN in them, or NaN scales, must not reach the output. The torch decode loop loads key blocks up to the longest
+    row (and padded splits past every row), and weight 0 times a NaN value was NaN for the whole shorter row."""
+    monkeypatch.setattr(cpu_fused_decode, "ENABLED", fused)
+    g = torch.Generator().manual_seed(31)
+    q = torch.randn(2, 1, 4, 64, generator=g)
+    k, v = (torch.randn(2, 24, 2, 64, generator=g) for _ in range(2))
+    caches, valid = [], []
+    for x in (k, v):
+        if fmt is None:
+            cache = x.clone()
+            for b, length in enumerate(lengths):
+                cache[b, length:] = float("nan")
+            valid.append(x)
+        else:
+            cache = mfa_hf.quantize_kv(x, fmt)
+            valid.append(cache.dequantize())
+            for b, length in enumerate(lengths):
+                cache.scales[b, length:] = float("nan")
+        caches.append(cache)
+    out = mfa_hf.flash_attn_with_kvcache(q, *caches, cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
+                                         causal=False, num_splits=splits)
+    for b, length in enumerate(lengths):
+        keys, values = (x[b:b + 1, :length] for x in valid)
+        ref, _ = attention_reference(q[b:b + 1].double(), keys.double(), values.double())
+        base, _ = attention_reference(q[b:b + 1], keys, values, upcast=False)
+        assert not bool(out[b].isnan().any()), (b, length)
+        assert_close_to_reference(out[b:b + 1], ref, base)

@@ -72,7 +72,7 @@ def decode(call: DecodeCall):
     span = _visible_span(lengths, lq, 0, lq, window_left, right)
     plan = plan_decode(batch, heads_kv, heads_q // heads_kv, lq, span[1] - span[0], num_splits)
     setup = _Setup(scale, softcap, window_left, right, seqlens_k.to(q.device, torch.long), lq,
-                   _grouped_slopes(alibi_slopes, batch, heads_kv, heads_q), acc_dtype)
+                   _grouped_slopes(alibi_slopes, batch, heads_kv, heads_q), acc_dtype, min(lengths, default=0))
     for i0 in range(0, lq, plan.query_tile):
         i1 = min(lq, i0 + plan.query_tile)
         start, end = _visible_span(lengths, lq, i0, i1, window_left, right)
@@ -109,6 +109,7 @@ class _Setup:
     lq: int
     slopes: torch.Tensor | None  # (B or 1, Hkv, 1, G, 1, 1) float32
     acc_dtype: torch.dtype
+    shortest: int  # the shortest row's length (host): a block reaching past it reads slots some row does not own
 
 
 def _grouped_slopes(alibi_slopes, batch, heads_kv, heads_q):
@@ -149,6 +150,11 @@ def _attend_tile(q_tile, i0, keys: CacheSide, values: CacheSide, rows, start, en
         window = KeyRuns(start + step, split_len, splits, offsets.numel())
         k_block = side_block(keys, window, rows, setup.acc_dtype)  # (B, Hkv, P * BK, D)
         v_block = side_block(values, window, rows, setup.acc_dtype)
+        if start + (splits - 1) * split_len + step + offsets.numel() > setup.shortest:
+            # Slots past a row's length (an empty or reused cache: any bits, NaN too) get weight 0, and 0 x NaN is
+            # NaN: their values are zeroed for that row. Scores are masked to -inf, which replaces NaN already.
+            beyond = positions[None] >= setup.lengths[:, None, None]  # (B, P, BK)
+            v_block = v_block.masked_fill(beyond.reshape(batch, 1, -1, 1), 0.0)
         scores = _block_scores(q4, k_block, splits, positions, in_range, query_pos, setup, group, tile_rows)
         new_max = torch.maximum(row_max, scores.amax(dim=-1))
         safe_max = _finite_or_zero(new_max)
