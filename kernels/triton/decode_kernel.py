@@ -183,7 +183,7 @@ def decode_split_kernel(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     K_FMT: tl.constexpr, V_FMT: tl.constexpr, K_SCALE: tl.constexpr, V_SCALE: tl.constexpr,
-    K_CONST: tl.constexpr, V_CONST: tl.constexpr, K_GS: tl.constexpr, V_GS: tl.constexpr,
+    K_CONST: tl.constexpr, V_CONST: tl.constexpr, V_OUT: tl.constexpr, K_GS: tl.constexpr, V_GS: tl.constexpr,
     K_NG: tl.constexpr, V_NG: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     SINKS_ON: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -346,6 +346,8 @@ def decode_split_kernel(
         m_i = m_new
     nonzero = l_i != 0  # not "> 0": a NaN sum must give NaN (out and LSE), as the reference says
     inv = tl.where(nonzero, 1.0 / tl.where(nonzero, l_i, 1.0), 0.0)
+    if V_OUT != 1.0:  # the probabilities were lifted by 1 / V_OUT before the value dot (decode.py E5M2_LIFT)
+        inv = inv * V_OUT
     lse2 = tl.where(nonzero, m_i + tl.log2(tl.where(nonzero, l_i, 1.0)), float("-inf"))
     out_lo = acc_lo * inv[:, None]
     out_hi = acc_hi * inv[:, None]
