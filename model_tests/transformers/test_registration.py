@@ -149,9 +149,15 @@ def test_legacy_models_refuse_while_they_compute_attention_inline(name, implemen
         instead = "sdpa" if internals.supports_sdpa(model) else "eager"
         _assert_refused(model, implementation, rf"{type(model).__name__}.*\"{implementation}\".*\"{instead}\"")
         return
+    _assert_padded_logits_equal_eager(type(model), model.config, implementation, name)
+
+
+def _assert_padded_logits_equal_eager(model_cls, config, implementation: str, what: str) -> None:
+    """The class built under eager and under `implementation` with the same weights: logits on a left-padded
+    batch equal on the valid positions, our kernel run."""
     torch.manual_seed(0)
-    reference = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="eager").eval()
-    ours = type(model)._from_config(copy.deepcopy(model.config), attn_implementation=implementation).eval()
+    reference = model_cls._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    ours = model_cls._from_config(copy.deepcopy(config), attn_implementation=implementation).eval()
     ours.load_state_dict(reference.state_dict())
     ids, mask = padded_batch("left")
     with torch.no_grad(), trace.capture() as calls:
@@ -159,7 +165,7 @@ def test_legacy_models_refuse_while_they_compute_attention_inline(name, implemen
     with torch.no_grad():
         expected = reference(input_ids=ids, attention_mask=mask).logits
     assert kernel_calls(calls) >= 1
-    assert_close_where(got, expected, mask, what=f"{name} logits")
+    assert_close_where(got, expected, mask, what=f"{what} logits")
 
 
 EAGER_ONLY = {  # transformers serves these with eager attention alone; their layers read the mask themselves
@@ -320,14 +326,4 @@ def test_falcon_with_alibi_refuses_the_flash_name_and_mfa_equals_eager():
                              new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True)
     with pytest.raises(UnsupportedModelError, match=r'FalconForCausalLM.*"mps_flash".*"mfa"'):
         tf.FalconForCausalLM._from_config(copy.deepcopy(config), attn_implementation="mps_flash")
-    torch.manual_seed(0)
-    reference = tf.FalconForCausalLM._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
-    ours = tf.FalconForCausalLM._from_config(copy.deepcopy(config), attn_implementation="mfa").eval()
-    ours.load_state_dict(reference.state_dict())
-    ids, mask = padded_batch("left")
-    with torch.no_grad(), trace.capture() as calls:
-        got = ours(input_ids=ids, attention_mask=mask).logits
-    with torch.no_grad():
-        expected = reference(input_ids=ids, attention_mask=mask).logits
-    assert kernel_calls(calls) >= 1
-    assert_close_where(got, expected, mask, what="falcon alibi logits")
+    _assert_padded_logits_equal_eager(tf.FalconForCausalLM, config, "mfa", "falcon alibi")
