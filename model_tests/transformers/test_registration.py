@@ -322,8 +322,15 @@ def test_refusals_suggest_only_what_transformers_serves(name, implementation):
 def test_falcon_with_alibi_refuses_the_flash_name_and_mfa_equals_eager():
     """Falcon with alibi=True adds its bias to the mask, which a flash path does not take: transformers raised at
     the first forward under "mps_flash" without naming "mfa". Now refused at init naming "mfa", which is exact."""
+    from mfa_hf.integrations.transformers import internals
+
     config = tf.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True,
                              new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True)
+    if not internals.modeling_source_calls_interface(tf.FalconForCausalLM):  # before 5.25: inline, both refused
+        for name in IMPLEMENTATIONS:
+            with pytest.raises(UnsupportedModelError, match="does not route attention"):
+                tf.FalconForCausalLM._from_config(copy.deepcopy(config), attn_implementation=name)
+        return
     with pytest.raises(UnsupportedModelError, match=r'FalconForCausalLM.*"mps_flash".*"mfa"'):
         tf.FalconForCausalLM._from_config(copy.deepcopy(config), attn_implementation="mps_flash")
     _assert_padded_logits_equal_eager(tf.FalconForCausalLM, config, "mfa", "falcon alibi")
