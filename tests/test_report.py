@@ -149,3 +149,17 @@ def test_unmeasured_memory_is_an_empty_cell_with_its_reason():
     assert "<sup>c</sup> counter reset failed" in table
     assert not re.search(r"<td>(0|0\.0|None)</td>", page)
     assert "3 of 4 points left out" in page  # and the memory chart does not plot them at 0
+
+
+def test_cpu_memory_that_did_not_grow_is_not_reported_as_zero():
+    """On CPU the only counter is ru_maxrss, a process high-water mark: calls that stay under a peak set earlier
+    (the inputs' creation) read 0 growth, which printed tables showed as 0 MB. It is None with its reason, printed
+    as "-", and the HTML report's note says why."""
+    from mfa_hf.benchmark.measure import maxrss_mb, peak_memory
+    from mfa_hf.benchmark.table import format_table
+
+    row = peak_memory("cpu", maxrss_mb() + 1.0)
+    assert row["peak_mem_mb"] is None and "ru_maxrss did not grow" in row["peak_mem_mb_reason"]
+    text = format_table([{"impl": "mfa", **row}], ["impl", "peak_mem_mb"])
+    assert text.splitlines()[-1].split()[-1] == "-"
+    assert "did not grow" in report.memory_reason(row, "peak_mem_mb")

@@ -54,7 +54,12 @@ def peak_memory(device: str, before_mb: float) -> dict:
     if device.startswith("mps"):
         return {"peak_mem_mb": round(torch.mps.driver_allocated_memory() / 2**20, 1),
                 "mem_method": "torch.mps.driver_allocated_memory after the calls (no peak counter)"}
-    return {"peak_mem_mb": round(maxrss_mb() - before_mb, 1), "mem_method": "ru_maxrss growth of a subprocess"}
+    growth = round(maxrss_mb() - before_mb, 1)
+    if growth <= 0:  # a high-water mark set earlier (the inputs' creation): the calls' own peak is unknown, not 0
+        return {"peak_mem_mb": None, "mem_method": "ru_maxrss growth of a subprocess",
+                "peak_mem_mb_reason": "not measured: no peak-memory counter on cpu (the process-wide ru_maxrss did "
+                                      "not grow above its earlier high-water mark)"}
+    return {"peak_mem_mb": growth, "mem_method": "ru_maxrss growth of a subprocess"}
 
 
 def median_ms(call: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> dict:

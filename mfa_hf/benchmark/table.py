@@ -19,6 +19,8 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 
 def _cell(value) -> str:
+    if value is None:  # not measured (the row's *_reason says why), never shown as 0
+        return "-"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1e-3 and value != 0 else f"{value:,.2f}".rstrip("0").rstrip(".")
     return str(value)
