@@ -91,8 +91,10 @@ def _run_generate(args) -> int:
     print(f"Prompt:\n{_shown(prompt)}\n\nOutput:\n{result.text.strip()}\n")
     print(f"attn={args.attn} kv_cache={args.kv_cache} device={device} prompt={result.prompt_tokens} tok "
           f"new={result.new_tokens} tok")
-    print(f"prefill: {result.prefill_tok_s:.1f} tok/s  decode: {result.decode_tok_s:.1f} tok/s  "
-          f"peak memory: {result.peak_memory_mb:.0f} MiB")
+    decode = f"{result.decode_tok_s:.1f} tok/s" if result.new_tokens > 1 else "- (one token: no decode step)"
+    print(f"prefill: {result.prefill_tok_s:.1f} tok/s  decode: {decode}  peak memory: {result.peak_memory_mb:.0f} MiB")
+    if result.served_by:
+        print(f"attention served by: {result.served_by}")
     return 0
 
 

@@ -123,6 +123,7 @@ class Result:
     prefill_tok_s: float
     decode_tok_s: float
     peak_memory_mb: float
+    served_by: str = ""  # which kernels served attention (served_by()), for the printed summary
 
 
 def peak_memory_mb(device: str) -> float:
@@ -160,7 +161,27 @@ def generate(tokenizer, lm, prompt: str, max_new_tokens: int, kv_cache: str = "n
     decode_s = max(end - first, 1e-9)
     return Result(text=tokenizer.decode(out[0, n_prompt:], skip_special_tokens=True), prompt_tokens=n_prompt,
                   new_tokens=clock.tokens, prefill_tok_s=n_prompt / max(first - start, 1e-9),
-                  decode_tok_s=max(clock.tokens - 1, 0) / decode_s, peak_memory_mb=peak_memory_mb(device))
+                  decode_tok_s=max(clock.tokens - 1, 0) / decode_s, peak_memory_mb=peak_memory_mb(device),
+                  served_by=served_by(tokenizer, lm, inputs, kv_cache))
+
+
+def served_by(tokenizer, lm, inputs: dict, kv_cache: str) -> str:
+    """Which kernels serve this model's attention here, from an untimed prefill of 16 tokens and two decode steps
+    under the trace (kept out of the timed run: tracing turns off the launch replays). On CPU and mps the
+    platform's own fused kernel serves the calls it computes exactly (routes.py), so a speed printed under our
+    name may be that kernel's: this says so."""
+    from mfa_hf import trace
+    from .internals import cache_kwargs
+
+    short = {k: v[:, :16] for k, v in inputs.items()}
+    with torch.inference_mode(), trace.capture() as calls, trace.capture_routes() as routes:
+        lm.generate(**short, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                    **cache_kwargs(make_cache(kv_cache, lm)))
+    parts = [f"native {path} x{n}" for (path, _), n in sorted(routes.items()) if path != "ours"]
+    parts += [f"mfa-hf {backend} {op} x{n}" for (backend, op), n in sorted(trace.served_by(calls).items())
+              if backend != "native"]
+    return ", ".join(parts) or "the model's own attention (no call reached mfa-hf)"
 
 
 def read_prompt(path: str | None) -> str:
