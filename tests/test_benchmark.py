@@ -1,5 +1,8 @@
 """The benchmark CLI runs and prints its table (tiny shapes; timings are never asserted)."""
 
+import pytest
+import torch
+
 from mfa_hf.benchmark import __main__ as cli
 from mfa_hf.benchmark import suite_quick
 from mfa_hf.benchmark.table import format_table
@@ -22,3 +25,14 @@ def test_table_formats_numbers_and_text():
     text = format_table([{"name": "a", "ms": 1.5}, {"name": "bb", "ms": 12.25}])
     assert text.splitlines()[0].split() == ["name", "ms"]
     assert text.splitlines()[3].split() == ["bb", "12.25"]
+
+
+def test_a_suite_for_another_device_is_a_usage_error(capsys):
+    """--suite cuda on a machine without CUDA: one line and exit 2 (was a ValueError traceback)."""
+    from mfa_hf.benchmark.__main__ import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as exited:
+        main(["--suite", "cuda", "--device", "cpu"])
+    assert exited.value.code == 2 and "--device: the cuda suite needs a cuda device" in capsys.readouterr().err

@@ -411,3 +411,13 @@ def test_an_unknown_variant_field_is_enumerated_or_noted():
     assert {row["shiny"] for row in rows} == {False, True}
     assert {row["level"] for row in rows} == {3}
     assert any("NewVariant.level" in note for note in notes)
+
+
+def test_an_out_folder_that_cannot_be_made_is_a_usage_error(tmp_path, capsys):
+    """--out under a path that cannot hold a folder ended in a FileNotFoundError traceback after the run."""
+    from mfa_hf.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["doctor", "--quick", "--out", str(blocker / "sub")]) == 2
+    assert "--out" in capsys.readouterr().err

@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from ..cli_checks import UsageError
+
 from .table import format_table
 
 SUITES = {  # name -> (module, columns shown)
@@ -64,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     extra = {name: value for name, value in grid.items() if value} if args.suite == "standard" else {}
-    rows = module.run(device, not args.full_size, log, **extra)
+    try:
+        rows = module.run(device, not args.full_size, log, **extra)
+    except UsageError as error:  # a suite's own argument check: one line and exit 2, as argparse's
+        parser.error(str(error))
     print(f"# suite {args.suite} on {device}; torch {torch.__version__}")
     print(format_table(rows, [c for c in columns if any(c in row for row in rows)]))
     if args.output:

@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from ..cli_checks import UsageError
+
 from .measure import cuda_median_ms
 
 
@@ -67,7 +69,7 @@ def _flops(batch, heads, n, dim, causal, backward):
 
 def run(device: str, quick: bool, progress) -> list[dict]:
     if not device.startswith("cuda"):
-        raise ValueError(f"--device: the cuda suite needs a cuda device, got {device}")
+        raise UsageError(f"--device: the cuda suite needs a cuda device, got {device}")
     lengths = (512, 2048, 8192) if quick else (512, 1024, 2048, 4096, 8192, 16384)
     rows = []
     for dim in (128, 64):

@@ -207,6 +207,10 @@ def _out_folder(out: str | None) -> Path:
     folder = Path(out).expanduser()
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out {out}: expected a directory, got a file")
+    try:  # made now: a folder that cannot be made is a usage error, not a traceback after the run
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot create the directory ({error.strerror or error})") from None
     return folder
 
 
