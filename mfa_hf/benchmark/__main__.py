@@ -33,7 +33,7 @@ SUITES = {  # name -> (module, columns shown)
              ["impl", "pass_", "dtype", "head_dim", "seqlen", "batch", "heads", "causal", "median_ms", "tflops",
               "error"]),
     "diffusers": ("mfa_hf.benchmark.suite_diffusers",
-                  ["model", "processor", "tokens", "device", "dtype", "median_ms", "ratio_vs_default",
+                  ["model", "processor", "tokens", "device", "dtype", "median_ms", "median_ms_runs", "ratio_vs_default",
                    "peak_mem_mb", "forward_peak_growth_mb", "kernel_calls", "max_abs_diff_vs_default"]),
     "standard": ("mfa_hf.benchmark.suite_standard", ["batch", "heads", "seqlen", "head_dim", "dtype", "causal", "window",
                                                      "pass", "sdpa_ms", "mfa_ms", "speedup", "max_diff", "served_by"]),
