@@ -87,7 +87,7 @@ def _run_generate(args) -> int:
     tokenizer, lm = gen.load(args.model, args.gguf_file, args.attn, getattr(torch, DTYPES[args.dtype]), device,
                              local_files_only=files_only)
     result = gen.generate(tokenizer, lm, prompt, args.max_new_tokens, args.kv_cache,
-                          progress=not args.no_progress, chat=not args.no_chat)
+                          progress=not args.no_progress, chat=not args.no_chat, name_kernels=True)
     print(f"Prompt:\n{_shown(prompt)}\n\nOutput:\n{result.text.strip()}\n")
     print(f"attn={args.attn} kv_cache={args.kv_cache} device={device} prompt={result.prompt_tokens} tok "
           f"new={result.new_tokens} tok")

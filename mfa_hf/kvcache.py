@@ -19,7 +19,7 @@ from torch import Tensor
 from . import dispatch, helper_tensors, kv_formats, scalars
 from .decisions import Decisions, steering_environment
 from .kernels.contract import AppendCall, CacheSide, DecodeCall, Options, fold_causal
-from .kernels.launch import lse_dtype
+from .kernels.launch import lse_dtype, shape_and_strides
 from .ops import describe_decode, plain_eager
 from .problem import (FLOAT_DTYPES, NO_WINDOW, check_alibi, check_dense, check_dropout, check_scale, check_sinks,
                       check_softcap, check_window, fits_dim, values_checked)
@@ -257,9 +257,8 @@ def _append_kernel(k: Tensor, k_cache, v_cache, lengths: Tensor) -> Optional[Cal
 def _layout(cache) -> tuple:
     """What a backend's support can depend on in a cache: format, shapes and strides (index spans)."""
     if isinstance(cache, QuantizedKV):
-        return (cache.format, cache.group_size, cache.codes.shape, cache.codes.stride(), cache.scales.shape,
-                cache.scales.stride())
-    return (cache.dtype, cache.shape, cache.stride())
+        return (cache.format, cache.group_size, shape_and_strides(cache.codes), shape_and_strides(cache.scales))
+    return (cache.dtype, shape_and_strides(cache))
 
 
 def attention_over_quantized(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,

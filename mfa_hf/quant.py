@@ -15,7 +15,6 @@ format's range). Everything crosses the custom-op boundary as (codes, scales, fo
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from enum import Enum
 
@@ -76,8 +75,9 @@ class QuantizedKV:
         object.__setattr__(self, "format", parse_format(self.format))
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise TypeError(f"QuantizedKV.dtype: expected a float torch.dtype (the logical dtype), got {self.dtype!r}")
-        check_parts(self.codes, self.scales, self.format, self.group_size, "QuantizedKV")
-        object.__setattr__(self, "group_size", int(self.group_size))  # a numpy int, checked, kept as a Python int
+        # a numpy group size, checked, kept as a Python int
+        object.__setattr__(self, "group_size", check_parts(self.codes, self.scales, self.format, self.group_size,
+                                                           "QuantizedKV"))
 
     @property
     def shape(self) -> torch.Size:
@@ -108,8 +108,9 @@ class QuantizedKV:
         return dequantize_codes(self.codes, self.scales, self.format, self.group_size, dtype or self.dtype)
 
 
-def check_parts(codes, scales, fmt, group_size: int, name: str) -> None:
-    """Codes and scales agree with the format: errors name `name`, what was expected and what came."""
+def check_parts(codes, scales, fmt, group_size: int, name: str) -> int:
+    """Codes and scales agree with the format: errors name `name`, what was expected and what came. Returns the
+    group size as a Python int (numpy ints are taken)."""
     fmt = parse_format(fmt)
     for part, t in (("codes", codes), ("scales", scales)):
         if not isinstance(t, torch.Tensor):
@@ -138,6 +139,7 @@ def check_parts(codes, scales, fmt, group_size: int, name: str) -> None:
     if not fits_dim(sb, b) or not fits_dim(ss, s) or sh != h or sg != groups:
         raise ValueError(f"{name}.scales: expected shape {want} for {fmt.value} with group size {group_size}, "
                          f"got {tuple(scales.shape)}")
+    return group_size
 
 
 def quantize_kv(x: torch.Tensor, format="fp8_e4m3", *, group_size: int | None = None,
@@ -231,7 +233,8 @@ def absmax_scales(x: torch.Tensor, fmt: KVFormat, granularity: str, group_size: 
     # An all-zero group keeps scale 1 (its codes are all zero) instead of dividing by zero. A group holding NaN or
     # inf gets a NaN scale: int8 and nf4 have no NaN code, so the whole group dequantizes to NaN and the NaN
     # propagates, as in the reference, instead of turning the group into zeros (kvcache_append.metal: the same).
-    scales = torch.where(amax == 0, 1.0, amax / kv_formats.spec(fmt).code_max).nan_to_num_(nan=math.nan, posinf=math.nan)
+    scales = torch.where(amax == 0, 1.0, amax / kv_formats.spec(fmt).code_max)
+    scales.nan_to_num_(nan=math.nan, posinf=math.nan)
     return scales.to(SCALE_DTYPE).contiguous()
 
 

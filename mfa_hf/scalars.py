@@ -53,7 +53,7 @@ def int_like(value, name: str, expected: str, error: type = TypeError) -> int:
     arguments that always raised it for a wrong kind) naming `name`."""
     if type(value) is int:
         return value
-    if not (isinstance(value, bool) or _is_bool(value)):
+    if not is_bool(value):
         if isinstance(value, torch.Tensor) and value.is_meta:
             raise error(f"{name}: expected {expected}, got {_shown(value)} (a meta tensor has no value)")
         try:

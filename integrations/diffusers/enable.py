@@ -79,11 +79,12 @@ def enable(pipe_or_model, strict: bool = False) -> MFAHandle:
         current = module.processor
         if isinstance(current, OUR_PROCESSORS):
             continue
-        pinned = internals.pinned_backends(current) if internals.uses_dispatcher(current) else None
-        if pinned is not None and BACKEND_NAME not in pinned:  # e.g. a flex BlockMask: only that backend reads it
-            handle.skipped[name] = f"{type(current).__name__} (works only with the {', '.join(pinned)} backend)"
-        elif internals.uses_dispatcher(current):
-            handle.backends.append((name, current, internals.own_backend(current)))
+        if internals.uses_dispatcher(current):
+            pinned = internals.pinned_backends(current)
+            if pinned is not None and BACKEND_NAME not in pinned:  # e.g. a flex BlockMask: only that backend reads it
+                handle.skipped[name] = f"{type(current).__name__} (works only with the {', '.join(pinned)} backend)"
+            else:
+                handle.backends.append((name, current, internals.own_backend(current)))
         elif not hasattr(module, "set_processor"):  # its processor cannot be swapped (Mochi's attention)
             handle.skipped[name] = f"{type(current).__name__} (the module has no set_processor)"
         elif type(current) in table:

@@ -137,7 +137,9 @@ def peak_memory_mb(device: str) -> float:
 
 
 def generate(tokenizer, lm, prompt: str, max_new_tokens: int, kv_cache: str = "none", progress: bool = True,
-             chat: bool = True) -> Result:
+             chat: bool = True, name_kernels: bool = False) -> Result:
+    """Greedy generation, timed. name_kernels: also fill Result.served_by (one more, untimed, short generate
+    under the trace; the CLI asks for it, benchmark loops do not pay for it)."""
     device = str(lm.device)
     if chat and getattr(tokenizer, "chat_template", None):
         inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -162,7 +164,7 @@ def generate(tokenizer, lm, prompt: str, max_new_tokens: int, kv_cache: str = "n
     return Result(text=tokenizer.decode(out[0, n_prompt:], skip_special_tokens=True), prompt_tokens=n_prompt,
                   new_tokens=clock.tokens, prefill_tok_s=n_prompt / max(first - start, 1e-9),
                   decode_tok_s=max(clock.tokens - 1, 0) / decode_s, peak_memory_mb=peak_memory_mb(device),
-                  served_by=served_by(tokenizer, lm, inputs, kv_cache))
+                  served_by=served_by(tokenizer, lm, inputs, kv_cache) if name_kernels else "")
 
 
 def served_by(tokenizer, lm, inputs: dict, kv_cache: str) -> str:
