@@ -1,19 +1,58 @@
 #!/bin/bash
-# One measurement call on a single-GPU CUDA machine (the H100 for the issue's tables), ~7 minutes:
-#   1. host cost per call of each layer of our path (host_overhead.py), and the forward timed
-#      synchronized vs queued, ours and SDPA-flash side by side;
-#   2. the cuda suite (forward and forward+backward TFLOP/s: ours, SDPA flash, SDPA cuDNN, FlexAttention);
-#   3. the decode table (bf16 and every quantized format at 4k/16k/64k, api time with tensor and int
-#      lengths), with the backend's default launch configs.
+# The H200 tables of issue 19 on a single-GPU CUDA machine, step by step; STEPS picks the steps (default: all,
+# ~20 minutes, more than one device call allows: split it, e.g. STEPS="tests host decode" then
+# STEPS="suite flex e2e", back to back on the same machine):
+#   tests   tests/triton on the GPU (the default matrix, one xdist worker per 2 cores: compiling sets the pace);
+#   routes  the native routes' semantics on cuda, a decode step in a CUDA graph, host µs of a decode layer
+#           (native_route_check.py);
+#   host    host cost per call of each layer of our path (host_overhead.py), and the forward timed
+#           synchronized vs queued, ours and SDPA-flash side by side;
+#   suite   the cuda suite (forward and forward+backward TFLOP/s: ours, SDPA flash, SDPA cuDNN, FlexAttention);
+#   decode  the decode table (bf16 and every quantized format at 4k/16k/64k, api time with tensor and int
+#           lengths), with the backend's default launch configs;
+#   flex    sliding-window and softcap problems against compiled FlexAttention (flex_features.py);
+#   e2e     Llama-3.2-1B-shaped model end to end: sdpa, mps_flash, MFAQuantizedCache, and transformers' own
+#           quanto/hqq caches when .whl/ carries them (the device README's way: carry .whl).
 # Run from the repository root. Logs land in $OUT (default benchmarks/results). The full correctness
 # matrix is a separate call: benchmarks/triton/full_matrix.sh.
 set -x
 ln -sfn ../kernels mfa_hf/kernels; ln -sfn ../integrations mfa_hf/integrations  # a source checkout
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-export MFA_BACKEND=${MFA_BACKEND:-triton}  # the kernels themselves: routing to SDPA off (issue 19's rule)
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
+STEPS=${STEPS:-tests routes host suite decode flex e2e}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv
-timeout ${HOST_S:-120} python benchmarks/triton/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log"
-timeout ${SUITE_S:-300} python -m mfa_hf.benchmark --suite cuda --full-size --device cuda 2>&1 | tee "$OUT/cuda_suite.log"
-DECODE_SWEEP=0 timeout ${DECODE_S:-150} python benchmarks/triton/device_bench.py decode --out "$OUT" 2>&1 \
-    | tee "$OUT/decode.log" | grep -v "^  "
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+'transformers', transformers.__version__)"
+step() { [[ " $STEPS " == *" $1 "* ]]; }
+kernels() { MFA_BACKEND=${MFA_BACKEND:-triton} "$@"; }  # the kernels themselves: routing to SDPA off (issue 19)
+WORKERS=$(( $(python -c "import os; print(len(os.sched_getaffinity(0)))") / 2 ))
+if step tests; then
+    OMP_NUM_THREADS=1 timeout ${TESTS_S:-240} python -m pytest -q -p no:cacheprovider -n "$WORKERS" tests/triton \
+        2>&1 | tail -30 | tee "$OUT/gpu_tests.log"
+fi
+if step routes; then
+    timeout ${ROUTES_S:-120} python benchmarks/triton/native_route_check.py 2>&1 | tee "$OUT/native_route_check.log"
+fi
+if step host; then
+    kernels timeout ${HOST_S:-120} python benchmarks/triton/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log"
+fi
+if step suite; then
+    kernels timeout ${SUITE_S:-300} python -m mfa_hf.benchmark --suite cuda --full-size --device cuda 2>&1 \
+        | tee "$OUT/cuda_suite.log"
+fi
+if step decode; then
+    kernels env DECODE_SWEEP=0 timeout ${DECODE_S:-150} python benchmarks/triton/device_bench.py decode --out "$OUT" \
+        2>&1 | tee "$OUT/decode.log" | grep -v "^  "
+fi
+if step flex; then
+    kernels timeout ${FLEX_S:-150} python benchmarks/triton/flex_features.py --out "$OUT" 2>&1 | tee "$OUT/flex.log"
+fi
+if step e2e; then
+    if ls .whl/*.whl >/dev/null 2>&1; then  # quanto/hqq for transformers' quantized caches
+        python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    fi
+    # Routing on (the user's default): end to end measures what a user gets.
+    timeout ${E2E_S:-240} python benchmarks/e2e_generate.py --device cuda --shape llama-1b --dtype bfloat16 \
+        --context 8192 --new 128 --contexts 32768 2>&1 | tee "$OUT/e2e.log"
+fi
