@@ -62,10 +62,21 @@ def _worker(rank: int, size: int, init_file: str, tasks, results, threads: int, 
             break
         function, payload = task
         try:
-            results.put((rank, function(context, payload)))
+            results.put((rank, _settled(function(context, payload))))
         except BaseException as error:  # reported to the parent, which decides
             results.put((rank, Failure(type(error).__name__, str(error), traceback.format_exc())))
     dist.destroy_process_group()
+
+
+def _settled(result):
+    """The result with every functional collective's output waited for. Diffusers returns the gathered output
+    of a context-parallel model as an AsyncCollectiveTensor, which waits for its gather only when a torch op
+    reads it; pickling it for the parent reads its storage directly, and a gather not yet finished then
+    arrived as uninitialised memory (a parallel output of NaN, now and then)."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+    from torch.utils._pytree import tree_map_only
+
+    return tree_map_only(AsyncCollectiveTensor, AsyncCollectiveTensor.wait, result)
 
 
 @contextlib.contextmanager
@@ -139,3 +150,12 @@ def assert_refused(results: list, kind: str, expected: str, errors: tuple[str, .
     for result in involved:
         assert isinstance(result, Failure), f"{kind}: expected an error, got {result!r}"
         assert result.kind in errors and expected in result.message, result.message
+
+
+def gather_unwaited(context: Context, payload: int):
+    """Pool's own test task: an all-gather's output handed back without waiting for it (as Diffusers' gathered
+    model output is), inside a structure; every rank contributes `payload` rows of its rank number."""
+    from torch.distributed import _functional_collectives as funcol
+
+    mine = torch.full((payload, 3), float(context.rank))
+    return {"gathered": (funcol.all_gather_tensor(mine, 0, group=context.groups[context.size]),)}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mfa_hf.distributed import ring_flash_attn_func
-from mfa_hf.distributed.testing import Pool, assert_refused, raise_failures
+from mfa_hf.distributed.testing import Pool, assert_refused, gather_unwaited, raise_failures
 from mfa_hf.distributed.testing_attention import BAD_CALLS, assemble, bad_call, check, cp_case, draw, run_shard
 
 CASES = [
@@ -90,3 +90,14 @@ def test_without_an_initialised_process_group_the_error_names_group():
     q = torch.randn(1, 8, 2, 8)
     with pytest.raises(RuntimeError, match="group: expected an initialised torch.distributed"):
         ring_flash_attn_func(q, q, q)
+
+
+def test_the_pool_sends_back_collective_outputs_only_once_they_arrived(pool):
+    # A worker's unwaited functional-collective output (Diffusers returns a context-parallel model's output
+    # so) was pickled from its storage before the gather finished: now and then uninitialised memory.
+    for rows in (1, 4096):
+        for result in raise_failures(pool.run(gather_unwaited, rows)):
+            gathered = result["gathered"][0]
+            assert type(gathered) is torch.Tensor, type(gathered)
+            expected = torch.arange(pool.size, dtype=torch.float32).repeat_interleave(rows)[:, None].expand(-1, 3)
+            torch.testing.assert_close(gathered, expected, rtol=0, atol=0)
