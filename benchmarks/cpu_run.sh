@@ -1,0 +1,32 @@
+#!/bin/bash
+# The CPU tables of issue 19 in one run (~20 minutes on a 2-core host), each beside the stock path in the same
+# process or the same run; STEPS picks the steps (default: all):
+#   kernels   the kernel suite against SDPA (python -m mfa_hf.benchmark --suite quick --device cpu);
+#   decode    one decode call per KV format at 4k/16k/64k against SDPA (--suite decode);
+#   e2e       smollm-135m end to end (sdpa, mps_flash, MFAQuantizedCache int8/nf4, and transformers'
+#             quanto/hqq caches where optimum-quanto / hqq are installed), 1k and 8k context, 3 rounds;
+#   diffusers a UNet and a Flux transformer, default processors against ours, 3 alternating rounds.
+# Run from the repository root, on an otherwise idle machine (the rows are ratios of medians; a busy host
+# spreads them). Logs land in $OUT (default benchmarks/results), named cpu-<step>.log.
+set -o pipefail
+OUT=${OUT:-benchmarks/results}
+STEPS=${STEPS:-kernels decode e2e diffusers}
+PYTHON=${PYTHON:-python}
+step() { [[ " $STEPS " == *" $1 "* ]]; }
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+header() {
+    echo "# command: $*"
+    echo "# $(date -u +%F), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), main at" \
+         "$(git rev-parse --short HEAD 2>/dev/null)"
+    "$PYTHON" -c "import torch, transformers; print('# torch', torch.__version__, 'transformers', transformers.__version__)"
+}
+run() {  # run <log name> <command...>: the command's output, under a header, into $OUT/cpu-<name>.log
+    local log="$OUT/cpu-$1.log"; shift
+    { header "$@"; "$@"; } 2>&1 | tee "$log"
+}
+step kernels && run kernels "$PYTHON" -m mfa_hf.benchmark --suite quick --device cpu
+step decode && run decode "$PYTHON" -m mfa_hf.benchmark --suite decode --device cpu
+step e2e && run e2e "$PYTHON" benchmarks/e2e_generate.py --device cpu --shape smollm-135m --dtype float32 \
+    --context 1024 --new 32 --contexts 8192 --skip fp8_e4m3 --repeats 3
+step diffusers && run diffusers "$PYTHON" -m mfa_hf.benchmark --suite diffusers --device cpu
+exit 0
