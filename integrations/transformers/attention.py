@@ -64,6 +64,21 @@ def _pattern(attention_mask, sliding_window, is_causal, q_len: int):
     return (None if pattern.synthetic else attention_mask), pattern.window, pattern.causal
 
 
+def _check_mask_covers_keys(module, attention_mask, key) -> None:
+    """A padding mask built for another number of keys than the layer has: the model's cache reported the mask
+    sizes of another layer (MiniMax's cache gives its full-attention layers a 1-key mask at decode steps).
+    Eager broadcasts that mask over every key, which is wrong for padded rows too; read as key validity it
+    would hide every key but the first ones from every row. Refused, naming what came."""
+    pattern = tagged_pattern(attention_mask)
+    if pattern is None or pattern.synthetic or pattern.kv_length is None or pattern.kv_length == key.shape[2]:
+        return
+    raise NotImplementedError(
+        f"{type(module).__name__}: attention_mask was built for {pattern.kv_length} keys but this layer attends "
+        f"over {key.shape[2]} (the model's cache reports the mask sizes of another layer), so which keys are "
+        "padding is unknown. Generate without padding (batch of one, or equal lengths), or use "
+        'attn_implementation="eager" or "sdpa" for this model.')
+
+
 def _is_key_mask(mask) -> bool:
     return mask is not None and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1 \
         and mask.dtype == torch.bool
@@ -97,6 +112,7 @@ def mfa_attention_forward(module, query, key, value, attention_mask, *, scaling=
     """transformers attention function (B, H, S, D) -> ((B, S_q, H_q, D_v), None)."""
     _warn_no_weights(kwargs)
     s_aux = _sinks(module, s_aux, kwargs)
+    _check_mask_covers_keys(module, attention_mask, key)
     attention_mask, sliding_window, is_causal = _pattern(attention_mask, sliding_window, is_causal, query.shape[2])
     q_len = query.shape[2]
     causal = _is_causal(module, is_causal, q_len)

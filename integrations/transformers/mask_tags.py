@@ -25,6 +25,9 @@ class Pattern:
     causal: bool
     window: int | None  # attention-function convention: keys at distance < window are visible
     synthetic: bool = False
+    # The key count transformers asked the mask for (the cache's get_mask_sizes): the layer's K/V must have as
+    # many, or the mask describes other keys (None: not known).
+    kv_length: int | None = None
 
 
 def tag_pattern(mask: torch.Tensor, pattern: Pattern) -> torch.Tensor:

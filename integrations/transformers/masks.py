@@ -130,10 +130,11 @@ def with_pattern(mask, mask_function, batch_size: int, kv_length: int, device, k
     key-validity mask is handed out as (B, 1, 1, L) (key_mask_dims=4): code outside attention that
     consumes the mask (SigLIP2's pooling head repeats it per head and query) expects a broadcastable
     4-D mask; the attention functions read it back as key validity."""
-    pattern = Pattern(causal=_is_causal_pattern(mask_function), window=internals.mask_window(mask_function))
+    pattern = Pattern(causal=_is_causal_pattern(mask_function), window=internals.mask_window(mask_function),
+                      kv_length=kv_length if isinstance(kv_length, int) else None)
     if mask is None:
         mask, pattern = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device), Pattern(
-            pattern.causal, pattern.window, synthetic=True)
+            pattern.causal, pattern.window, synthetic=True, kv_length=pattern.kv_length)
     if key_mask_dims == 4 and mask.dtype == torch.bool:
         mask = mask[:, None, None, :]
     return tag_pattern(mask, pattern)
@@ -177,6 +178,13 @@ def flash_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
                             device=device, **kwargs)
     if torch.compiler.is_compiling():
         return None if attention_mask is None else attention_mask[:, -kv_length:]
+    if mask_function is not None and not is_expressible(mask_function):
+        # A pattern beyond causal, window, padding and packing: an or_masks union (Gemma 3 / EmbeddingGemma's
+        # bidirectional window, |q - kv| < w over a causal sliding mask) or a model's own leaf. Neither a
+        # tag nor FA2's flags carry it (the tag read it as no window at all); the dense mask eager applies,
+        # which the "mfa" mask also falls back to, is exact.
+        return compact_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                            device=device, **kwargs)
     mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
                                 **({} if mask_function is None else {"mask_function": mask_function}),
                                 attention_mask=attention_mask, device=device, **kwargs)

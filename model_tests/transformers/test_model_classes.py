@@ -585,3 +585,77 @@ def test_per_token_sinks_are_refused_not_dropped():
     with pytest.raises(NotImplementedError, match=r"Inkling2\w*Attention: .*sinks of shape"):
         with torch.no_grad():
             model(padded_batch("left")[0])
+
+
+# -- 7. mask patterns that are unions (or_masks) ---------------------------------------------------------
+
+def _gemma3_bidirectional(layer_types):
+    return tf.Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                               max_position_embeddings=256, sliding_window=4, layer_types=layer_types,
+                               use_bidirectional_attention=True, **IDS)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("side", ["left", "right", "none"])
+@pytest.mark.parametrize("layer_types", [("sliding_attention", "full_attention"), ("sliding_attention",) * 2],
+                         ids=["sliding+full", "sliding"])
+def test_union_mask_patterns_equal_eager(layer_types, side, implementation):
+    """EmbeddingGemma-style Gemma 3 (use_bidirectional_attention): its masks are or_masks unions (a causal
+    window OR |q - kv| < w; causal OR everything), which no causal/window flag or tag carries. Under
+    "mps_flash" the sliding layers lost their window (3.8 off eager); every name must apply them exactly."""
+    family = Family("gemma3_bidirectional", tf.Gemma3TextModel, lambda: _gemma3_bidirectional(list(layer_types)))
+    reference, model = twin_models(family, implementation)
+    make = {"left": _left_padded, "right": _right_padded}.get(side)
+    ids, mask = make(seq=12, pads=(0, 2, 5)) if make else _left_padded(seq=12, pads=(0, 0, 0))
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).last_hidden_state
+        with trace.capture() as calls:
+            actual = model(ids, attention_mask=mask).last_hidden_state
+    _ran(calls, 2, "gemma3 bidirectional")
+    assert_close_where(actual, expected, mask, what=f"gemma3 bidirectional {side}-padded hidden states")
+
+
+def test_union_mask_pattern_matters_in_that_test():
+    """Guard: the window is shorter than the sequence, so the bidirectional window differs from full attention."""
+    family = Family("gemma3_bidirectional", tf.Gemma3TextModel,
+                    lambda: _gemma3_bidirectional(["sliding_attention", "full_attention"]))
+    windowed, _ = twin_models(family, "eager")
+    unwindowed = Family("gemma3_full", tf.Gemma3TextModel,
+                        lambda: _gemma3_bidirectional(["full_attention", "full_attention"]))
+    full, _ = twin_models(unwindowed, "eager")
+    full.load_state_dict(windowed.state_dict())
+    ids, mask = _left_padded(seq=12, pads=(0, 0, 0))
+    with torch.no_grad():
+        assert not torch.allclose(windowed(ids).last_hidden_state, full(ids).last_hidden_state, atol=1e-3)
+
+
+def _minimax():
+    return tf.MiniMaxConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            layer_types=["linear_attention", "full_attention"], num_local_experts=2,
+                            num_experts_per_tok=1, block_size=4, max_position_embeddings=128, **IDS)
+
+
+def test_a_mask_built_for_other_keys_is_refused_not_misread():
+    """MiniMax's cache gives its full-attention layers a mask of 1 key at decode steps (the sizes of its linear
+    layers). Read as key validity it hid every cached key of every row from "mfa" (1.2e-2 off on an unpadded row);
+    eager broadcasts it, wrong on padded rows. Padded batches are refused naming the mismatch; unpadded ones equal
+    eager."""
+    if not hasattr(tf, "MiniMaxForCausalLM"):
+        pytest.skip("MiniMax is not in this transformers release")
+    family = Family("minimax", tf.MiniMaxForCausalLM, _minimax)
+    reference, model = twin_models(family, "mfa")
+    ids, mask = _left_padded(batch=2, seq=10, pads=(0, 3))
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+    with pytest.raises(NotImplementedError, match=r"MiniMaxAttention: attention_mask was built for 1 keys but this "
+                                                  r"layer attends over 11"):
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, **kwargs)
+    unpadded = torch.ones_like(mask)
+    with torch.no_grad():
+        expected = reference.generate(ids, attention_mask=unpadded, **kwargs)
+        with trace.capture() as calls:
+            actual = model.generate(ids, attention_mask=unpadded, **kwargs)
+    _ran(calls, 1, "minimax")
+    assert torch.equal(actual, expected)
