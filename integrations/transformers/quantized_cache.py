@@ -184,6 +184,41 @@ class MFAQuantizedLayer(DynamicLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
+    # -- `keys` / `values`: what transformers' own code reads off a layer ----------------------------------
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The layer's K as a DynamicLayer holds it, (B, Hkv, L, D) in the model's dtype: a dequantized copy.
+        Attention never reads it (update() hands the kernels the codes); code outside attention does, e.g.
+        Whisper's generate splitting the cache per row for return_dict_in_generate, or cross-attention reuse."""
+        return self._states(self.k)
+
+    @keys.setter
+    def keys(self, states) -> None:
+        self._refuse_assignment("keys", states)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """The layer's V, as `keys`."""
+        return self._states(self.v)
+
+    @values.setter
+    def values(self, states) -> None:
+        self._refuse_assignment("values", states)
+
+    def _states(self, store: "_Store") -> torch.Tensor | None:
+        if not self.is_initialized:
+            return None
+        if store.buffer is None and store.residual is None:
+            return torch.empty(0, dtype=self.dtype, device=self.device)  # as DynamicLayer's before its first tokens
+        return store.view().dequantize().to(self.dtype)
+
+    @staticmethod
+    def _refuse_assignment(name: str, states) -> None:
+        if states is not None:  # CacheLayerMixin.__init__ assigns None; the stores hold the tokens
+            raise AttributeError(f"MFAQuantizedLayer.{name} is read-only (a dequantized copy of the stored codes); "
+                                 "add tokens with update()")
+
     # -- what update() will do, computed the same way by get_mask_sizes() ------------------------
 
     def _flush_count(self) -> int:

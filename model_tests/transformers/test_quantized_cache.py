@@ -344,6 +344,47 @@ def test_encoder_decoder_caches_say_how_to_quantize():
     assert _decode_calls(calls) > 0 and torch.equal(served, plain)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "nf4"])
+@pytest.mark.parametrize("residual", [0, 4])
+def test_layer_keys_and_values_read_as_a_dynamic_layers(fmt, residual):
+    """Code outside attention reads `layer.keys` / `layer.values` (Whisper's generate, cross-attention reuse,
+    mllama): they were None. Now the stored tokens as a DynamicLayer holds them, dequantized, read-only."""
+    fresh = MFAQuantizedCache(fmt, group_size=_group(fmt))
+    assert fresh.layers == [] or fresh.layers[0].keys is None
+    cache, layer = _filled_layer(fmt, residual=residual)
+    for states, store in ((layer.keys, layer.k), (layer.values, layer.v)):
+        assert states.shape == (3, 2, 10, 32) and states.dtype == torch.float32
+        torch.testing.assert_close(states, store.view().dequantize(), rtol=0, atol=0)
+    with pytest.raises(AttributeError, match="MFAQuantizedLayer.keys is read-only"):
+        layer.keys = torch.zeros(3, 2, 10, 32)
+
+
+@pytest.mark.parametrize("implementation", ["mfa", "mps_flash"])
+def test_whisper_generate_with_return_dict_and_the_quantized_self_attention_cache(implementation):
+    """Whisper's short-form generate with return_dict_in_generate splits the cache per row through
+    layer.keys[row]: TypeError on the documented EncoderDecoderCache(MFAQuantizedCache(...), DynamicCache())."""
+    import transformers as tf
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    config = tf.WhisperConfig(vocab_size=100, d_model=64, encoder_layers=2, decoder_layers=2,
+                              encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                              decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=16, max_target_positions=64,
+                              pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                              begin_suppress_tokens=None, suppress_tokens=None)
+    torch.manual_seed(0)
+    model = tf.WhisperForConditionalGeneration._from_config(config, attn_implementation=implementation).eval()
+    features = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(input_features=features, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                  output_scores=True)
+    with torch.no_grad():
+        plain = model.generate(**kwargs, **cache_kwargs(EncoderDecoderCache(DynamicCache(), DynamicCache())))
+        with trace.capture() as calls:
+            quantized = model.generate(**kwargs, **cache_kwargs(
+                EncoderDecoderCache(MFAQuantizedCache("int8", config=model.config), DynamicCache())))
+    assert _decode_calls(calls) > 0
+    assert torch.equal(quantized.sequences, plain.sequences)
+
+
 def test_plain_decode_steps_use_the_decode_op():
     """Item 5 for plain caches: a one-token step against cached K/V runs on the decode op."""
     reference, model = twin_models(BY_NAME["mistral"], "mfa")
