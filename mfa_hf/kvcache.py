@@ -432,6 +432,8 @@ def _check_caches(q, k_cache, v_cache, names=("k_cache", "v_cache")) -> bool:
             if not isinstance(cache, torch.Tensor) or cache.dim() != 4:
                 raise ValueError(f"{name}: expected a 4-D tensor (B_cache, S_max, Hkv, D) or a QuantizedKV, "
                                  f"got {_describe(cache)}")
+            if cache.device != q.device:
+                raise ValueError(f"{name}: expected device {q.device} like q, got {cache.device}")
             if cache.dtype != q.dtype:
                 raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {cache.dtype}")
             if cache.shape[-1] < 1:
@@ -480,10 +482,10 @@ def _check_new(k, v, q, k_cache, v_cache, quantized) -> int:
         want = (q.shape[0], k.shape[1], cache.shape[2], cache.shape[3])
         if tuple(new.shape) != want:
             raise ValueError(f"{name}: expected shape (B, Lnew, Hkv, D) = {want}, got {tuple(new.shape)}")
-        if new.dtype != q.dtype:
-            raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {new.dtype}")
         if new.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} like q, got {new.device}")
+        if new.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {new.dtype}")
     return k.shape[1]
 
 

@@ -172,11 +172,11 @@ def _qkv_refusal(q, k, v, rank: int, layout: str, seq_dim: int, head_dim: int) -
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in FLOAT_DTYPES:
             return TypeError, f"{name}: expected float16, bfloat16, float32 or float64, got {t.dtype}"
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            return TypeError, f"{name}: expected dtype {q.dtype} like q, got {t.dtype}"
+    for name, t in (("k", k), ("v", v)):  # the device first, as FlashAttention and mps-flash-attn check it
         if t.device != q.device:
             return ValueError, f"{name}: expected device {q.device} like q, got {t.device}"
+        if t.dtype != q.dtype:
+            return TypeError, f"{name}: expected dtype {q.dtype} like q, got {t.dtype}"
     if rank == 4 and not (q.shape[0] == k.shape[0] == v.shape[0]):
         return ValueError, f"k, v: expected batch {q.shape[0]} like q, got {k.shape[0]} and {v.shape[0]}"
     if k.shape[seq_dim] != v.shape[seq_dim]:

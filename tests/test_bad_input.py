@@ -101,6 +101,33 @@ def test_mixed_devices():
         mfa_hf.flash_attn_func(q, k.to("meta"), v)
 
 
+def _cache_call(q, k, v, move):
+    k_cache, v_cache = (torch.zeros(2, 16, 2, 8) for _ in range(2))
+    if move == "cache":
+        k_cache, v_cache = (t.to("meta", torch.float16) for t in (k_cache, v_cache))
+        return mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=4)
+    return mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, k[:, :1].to("meta", torch.float16),
+                                          v[:, :1].to("meta", torch.float16), cache_seqlens=4)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda q, k, v: mfa_hf.flash_attn_func(q, k.to("meta", torch.float16), v.to("meta", torch.float16)), "k"),
+    (lambda q, k, v: mfa_hf.flash_attention(q.transpose(1, 2), k.transpose(1, 2).to("meta", torch.float16),
+                                            v.transpose(1, 2).to("meta", torch.float16)), "k"),
+    (lambda q, k, v: __import__("mfa_hf.mps_flash_attn").mps_flash_attn.flash_attention(
+        q.transpose(1, 2), k.transpose(1, 2).to("meta", torch.float16), v.transpose(1, 2).to("meta", torch.float16)),
+     "k"),
+    (lambda q, k, v: _cache_call(q, k, v, "cache"), "k_cache"),
+    (lambda q, k, v: _cache_call(q, k, v, "new"), "k"),
+], ids=["flash_attn_func", "flash_attention", "mps_flash_attn", "kvcache_cache", "kvcache_new"])
+def test_another_device_is_named_before_another_dtype(call, name):
+    # FlashAttention and mps-flash-attn check devices first, and their tests expect ValueError/RuntimeError for
+    # tensors on two devices whatever their dtypes (ours said TypeError for the dtype).
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=rf"{name}: expected device cpu like q, got meta"):
+        call(q, k, v)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(window_size=(-2, 0)), ValueError, r"window_size: expected left >= -1 .*got -2"),
     (dict(window_size=(3,)), ValueError, r"window_size: expected a pair \(left, right\), got \(3,\)"),
