@@ -320,10 +320,11 @@ def _bart():
 
 
 def test_encoder_decoder_caches_say_how_to_quantize():
-    """An encoder-decoder keeps cross-attention K/V in its cache: a quantized cross-attention half is refused, and
-    so is one bare quantized cache for both where a padded encoder mask shows the mix-up (without one it is as
-    wrong as a bare DynamicCache upstream), each naming EncoderDecoderCache(MFAQuantizedCache(...), DynamicCache()),
-    which serves (the self-attention half quantized) with the plain pair's tokens."""
+    """An encoder-decoder keeps cross-attention K/V in its cache. One bare quantized cache for both is refused where a
+    padded encoder mask shows the mix-up (without one it is as wrong as a bare DynamicCache upstream), naming
+    EncoderDecoderCache(MFAQuantizedCache(...), DynamicCache()), which serves (the self-attention half quantized)
+    with the plain pair's tokens. A quantized cross-attention half serves too: the model reads its K/V back through
+    layer.keys/.values, dequantized copies (it was refused while those were None)."""
     from transformers import DynamicCache, EncoderDecoderCache
 
     model = _bart()
@@ -332,16 +333,19 @@ def test_encoder_decoder_caches_say_how_to_quantize():
     padded[1, 8:] = 0
     kwargs = dict(input_ids=ids, max_new_tokens=6, do_sample=False)
     quantized = lambda: MFAQuantizedCache("int8", config=model.config)  # noqa: E731
-    for cache, mask, error in ((EncoderDecoderCache(quantized(), quantized()), None, ValueError),
-                               (quantized(), padded, NotImplementedError)):
-        with pytest.raises(error, match=r"EncoderDecoderCache\(MFAQuantizedCache\(\.\.\.\), DynamicCache\(\)\)"):
-            with torch.no_grad():
-                model.generate(**kwargs, attention_mask=mask, past_key_values=cache)
+    with pytest.raises(NotImplementedError, match=r"EncoderDecoderCache\(MFAQuantizedCache\(\.\.\.\), DynamicCache\(\)\)"):
+        with torch.no_grad():
+            model.generate(**kwargs, attention_mask=padded, past_key_values=quantized())
     with torch.no_grad():
         with trace.capture() as calls:
             served = model.generate(**kwargs, past_key_values=EncoderDecoderCache(quantized(), DynamicCache()))
         plain = model.generate(**kwargs, past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+        both = model.generate(**kwargs, attention_mask=padded,
+                              past_key_values=EncoderDecoderCache(quantized(), quantized()))
+        plain_padded = model.generate(**kwargs, attention_mask=padded,
+                                      past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
     assert _decode_calls(calls) > 0 and torch.equal(served, plain)
+    assert torch.equal(both, plain_padded)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "nf4"])
