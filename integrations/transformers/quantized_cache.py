@@ -206,7 +206,7 @@ class MFAQuantizedLayer(DynamicLayer):
     def values(self, states) -> None:
         self._refuse_assignment("values", states)
 
-    def _states(self, store: "_Store") -> torch.Tensor | None:
+    def _states(self, store: _Store) -> torch.Tensor | None:
         if not self.is_initialized:
             return None
         if store.buffer is None and store.residual is None:
