@@ -27,8 +27,11 @@ step() { [[ " $STEPS " == *" $1 "* ]]; }
 kernels() { MFA_BACKEND=${MFA_BACKEND:-triton} "$@"; }  # the kernels themselves: routing to SDPA off (issue 19)
 WORKERS=$(( $(python -c "import os; print(len(os.sched_getaffinity(0)))") / 2 ))
 if step tests; then
-    OMP_NUM_THREADS=1 timeout ${TESTS_S:-240} python -m pytest -q -p no:cacheprovider -n "$WORKERS" tests/triton \
-        2>&1 | tail -30 | tee "$OUT/gpu_tests.log"
+    # -v into the log: each result line names its test, so failures stay named when the timeout cuts the summary
+    # (2026-12-05: two F, names lost). The interpreter cases run the CPU interpreter, not this GPU's kernels.
+    OMP_NUM_THREADS=1 timeout ${TESTS_S:-240} python -m pytest -v -rf -p no:cacheprovider -n "$WORKERS" tests/triton \
+        -k "not interpreter" > "$OUT/gpu_tests.log" 2>&1
+    grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -30
 fi
 if step routes; then
     timeout ${ROUTES_S:-120} python benchmarks/triton/native_route_check.py 2>&1 | tee "$OUT/native_route_check.log"
@@ -48,11 +51,16 @@ if step flex; then
     kernels timeout ${FLEX_S:-150} python benchmarks/triton/flex_features.py --out "$OUT" 2>&1 | tee "$OUT/flex.log"
 fi
 if step e2e; then
+    # The repository root must not be on the path here: with it, transformers 5.17 on the H200 image failed to
+    # import LlamaConfig (2026-12-05; the root's kernels/ shadows PyPI's `kernels`, which transformers imports).
+    # A folder holding only the package stands in for it.
+    site=/tmp/mfa-e2e-path; mkdir -p $site && ln -sfn "$PWD/mfa_hf" $site/mfa_hf
     if ls .whl/*.whl >/dev/null 2>&1; then  # quanto/hqq for transformers' quantized caches
         python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+            .whl/*.whl && site=$site:/tmp/site
     fi
     # Routing on (the user's default): end to end measures what a user gets.
-    timeout ${E2E_S:-240} python benchmarks/e2e_generate.py --device cuda --shape llama-1b --dtype bfloat16 \
-        --context 8192 --new 128 --contexts 32768 2>&1 | tee "$OUT/e2e.log"
+    (root=$PWD; cd /tmp && PYTHONPATH=$site timeout ${E2E_S:-240} python "$root/benchmarks/e2e_generate.py" \
+        --device cuda --shape llama-1b --dtype bfloat16 --context 8192 --new 128 --contexts 32768) 2>&1 \
+        | tee "$OUT/e2e.log"
 fi
