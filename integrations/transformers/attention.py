@@ -74,8 +74,9 @@ def _check_mask_covers_keys(module, attention_mask, key) -> None:
         return
     raise NotImplementedError(
         f"{type(module).__name__}: attention_mask was built for {pattern.kv_length} keys but this layer attends "
-        f"over {key.shape[2]} (the model's cache reports the mask sizes of another layer), so which keys are "
-        "padding is unknown. Generate without padding (batch of one, or equal lengths), or use "
+        f"over {key.shape[2]} (the model's cache reports the mask sizes of another layer; an encoder-decoder given "
+        "one cache for both attentions needs EncoderDecoderCache(MFAQuantizedCache(...), DynamicCache())), so which "
+        "keys are padding is unknown. Generate without padding (batch of one, or equal lengths), or use "
         'attn_implementation="eager" or "sdpa" for this model.')
 
 

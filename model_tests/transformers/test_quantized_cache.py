@@ -309,14 +309,14 @@ def test_nf4_groups_that_do_not_divide_the_head_dim_are_refused_at_construction(
     MFAQuantizedCache("int8", config=config)  # no groups: any head dim
 
 
-def _bart():
+def _bart(implementation="mps_flash"):
     import transformers as tf
 
     config = tf.BartConfig(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, pad_token_id=1,
                            bos_token_id=0, eos_token_id=127, decoder_start_token_id=2, forced_eos_token_id=None)
     torch.manual_seed(0)
-    return tf.BartForConditionalGeneration._from_config(config, attn_implementation="mps_flash").eval()
+    return tf.BartForConditionalGeneration._from_config(config, attn_implementation=implementation).eval()
 
 
 def test_encoder_decoder_caches_say_how_to_quantize():
@@ -333,9 +333,11 @@ def test_encoder_decoder_caches_say_how_to_quantize():
     padded[1, 8:] = 0
     kwargs = dict(input_ids=ids, max_new_tokens=6, do_sample=False)
     quantized = lambda: MFAQuantizedCache("int8", config=model.config)  # noqa: E731
-    with pytest.raises(NotImplementedError, match=r"EncoderDecoderCache\(MFAQuantizedCache\(\.\.\.\), DynamicCache\(\)\)"):
-        with torch.no_grad():
-            model.generate(**kwargs, attention_mask=padded, past_key_values=quantized())
+    for bare in (model, _bart("mfa")):
+        with pytest.raises(NotImplementedError,
+                           match=r"EncoderDecoderCache\(MFAQuantizedCache\(\.\.\.\), DynamicCache\(\)\)"):
+            with torch.no_grad():
+                bare.generate(**kwargs, attention_mask=padded, past_key_values=quantized())
     with torch.no_grad():
         with trace.capture() as calls:
             served = model.generate(**kwargs, past_key_values=EncoderDecoderCache(quantized(), DynamicCache()))
