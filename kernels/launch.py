@@ -44,9 +44,11 @@ def shape_and_strides(t: Optional[Tensor]):
 
 
 def new_output(shape, dtype, device) -> Tensor:
-    """Allocate a kernel output (NaN-filled while POISON_OUTPUTS is set)."""
+    """Allocate a kernel output (NaN-filled while POISON_OUTPUTS is set; an integer buffer gets its dtype's
+    largest value, which no exact integer product of the kernels reaches)."""
     if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        poison = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max
+        return torch.full(shape, poison, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from ..contract import DecodeCall
 from ..merge import merge_partials
-from . import cpu_scaled_codes
+from . import cpu_int8_products, cpu_scaled_codes
 from .cache_blocks import span_block, values_dim
 
 ENABLED = True  # read at call time: tests turn it off to cover the loop on CPU too
@@ -54,7 +54,10 @@ def decode(call: DecodeCall, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     q, values, options = call.q, call.values, call.options
     batch, _, heads_q, _ = q.shape
     start = 0 if options.window_left < 0 else max(0, length - 1 - options.window_left)
-    chunk_parts = cpu_scaled_codes.parts if cpu_scaled_codes.serves(call) else _fused_parts
+    if cpu_int8_products.serves(call, start, length):
+        chunk_parts = cpu_int8_products.parts
+    else:
+        chunk_parts = cpu_scaled_codes.parts if cpu_scaled_codes.serves(call) else _fused_parts
     parts = chunk_parts(call, start, length) if start < length else []
     if not parts:  # no visible key: out 0, lse -inf (the sinks' logits after the merge)
         parts.append((q.new_zeros((batch, 1, heads_q, values_dim(values)), dtype=torch.float32),

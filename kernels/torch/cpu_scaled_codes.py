@@ -65,13 +65,13 @@ def parts(call: DecodeCall, start: int, length: int) -> list[tuple[torch.Tensor,
         count = min(chunk, length - first)
         k_wide = _widen(keys, first, count, wide)  # (B * Hkv, count, D)
         scores = torch.bmm(rows, k_wide.transpose(1, 2))  # (B * Hkv, G, count)
-        _scale_keys(scores, keys, first, count, batch)
+        scale_per_key(scores, keys, first, count, batch)
         # No -inf to guard: every key of the chunk is visible (the window only moved `start`); a NaN or inf code
         # turns its KV head's rows NaN, as in the reference.
         top = scores.amax(dim=-1, keepdim=True)
         weights = scores.sub_(top).exp_()
         total = weights.sum(dim=-1, keepdim=True)  # >= 1 (the top key's weight)
-        _scale_keys(weights, values, first, count, batch)
+        scale_per_key(weights, values, first, count, batch)
         out = torch.bmm(weights, _widen(values, first, count, wide)).div_(total)  # (B * Hkv, G, Dv)
         lse = top.add_(total.log_())
         found.append((out.reshape(batch, 1, heads_q, dim_v), lse.reshape(batch, heads_q, 1)))
@@ -90,7 +90,7 @@ def _widen(side: CacheSide, first: int, count: int, wide: torch.Tensor) -> torch
     return out.view(batch * heads, count, dim)
 
 
-def _scale_keys(per_key: torch.Tensor, side: CacheSide, first: int, count: int, batch: int) -> None:
+def scale_per_key(per_key: torch.Tensor, side: CacheSide, first: int, count: int, batch: int) -> None:
     """per_key (B * Hkv, G, count) *= the side's scale of each key (per token, or one per head)."""
     scales = side.scales  # (B or 1, S or 1, Hkv, 1)
     if scales.shape[1] > 1:
