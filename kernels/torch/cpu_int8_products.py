@@ -131,7 +131,17 @@ def _products(digits: torch.Tensor, codes: torch.Tensor, *, transpose: bool) -> 
     for b in range(batch):
         for h in range(heads):
             item = b * heads + h
-            side = codes[b, :, h]  # (count, D), rows Hkv * D apart: the integer matmul reads it in place
+            side = _row_major(codes[b, :, h])  # (count, D)
             _INT_MM(digits[item], side.t() if transpose else side, out=out[item])
     return out
+
+
+def _row_major(side: torch.Tensor) -> torch.Tensor:
+    """side as the integer matmul reads it right: unit-stride rows that do not overlap (a cache's (B, S, H, D)
+    codes give rows Hkv * D apart: no copy). Rows 0 or 1 apart (a broadcast cache) came back wrong, and rows of
+    another element stride made it warn and fall back to a slow loop; those are copied first."""
+    count, dim = side.shape
+    if side.stride(1) == 1 and (count == 1 or side.stride(0) >= dim):
+        return side
+    return side.contiguous()
 
