@@ -7,7 +7,10 @@ The weights are random (no hub here); attention cost does not depend on their va
 the same seed. Rows (each in its own subprocess, so peak memory is the row's own): sdpa, mps_flash (our
 attention function with transformers' default cache), mps_flash + MFAQuantizedCache (fp8_e4m3, int8, nf4),
 sdpa + transformers' QuantizedCache (quanto int4, hqq int8) when those packages are installed. Ratios are
-against sdpa measured in the same run. --contexts lists extra contexts for the int8 cache (e.g. 32768).
+against sdpa measured in the same run. --contexts lists extra contexts (e.g. 8192 32768), each run for sdpa and
+the caches of --context-caches (default int8; e.g. int8 nf4 hf_hqq hf_quanto), with --context-repeats runs a row
+(default --repeats). A second table sets each of our quantized caches beside transformers' own at the same bits and
+context (int8 against hqq 8-bit, nf4 against quanto 4-bit).
 
 --repeats N (default 3 on cpu, 1 elsewhere) runs every row N times, round-robin (row 1, row 2, ..., row 1, ...),
 so a slow spell of a noisy host lands on every row rather than on one. Each row reports its median tok/s (the
@@ -111,7 +114,7 @@ def _row(spec: dict) -> dict:
         if importlib.util.find_spec(missing.split(".")[0]) is None:
             return dict(spec, error=f"{missing} not installed")
     done = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                          timeout=spec.get("timeout", 900), env=os.environ)
+                          timeout=spec.get("timeout", 900 + spec["context"] // 16), env=os.environ)
     if done.returncode:
         return dict(spec, error=(done.stderr.strip().splitlines() or ["?"])[-1][:400])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -144,8 +147,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--new", type=int, default=32)
-    parser.add_argument("--contexts", type=int, nargs="*", default=(), help="extra contexts for sdpa vs int8")
+    parser.add_argument("--contexts", type=int, nargs="*", default=(), help="extra contexts, for sdpa and the caches "
+                        "of --context-caches")
+    parser.add_argument("--context-caches", nargs="*", default=("int8",), help="kv caches run at the extra contexts")
+    parser.add_argument("--context-repeats", type=int, default=None, help="runs a row at the extra contexts "
+                        "(default: --repeats)")
     parser.add_argument("--skip", nargs="*", default=(), help="kv caches to leave out, e.g. hf_quanto hf_hqq")
+    parser.add_argument("--main-rows", action=argparse.BooleanOptionalAction, default=True,
+                        help="run every row at --context (--no-main-rows: only the --contexts rows)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per row, round-robin (default: 3 on cpu, 1 "
                         "elsewhere); medians are reported")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -155,14 +164,11 @@ def main() -> None:
         return
     repeats = args.repeats or (3 if args.device == "cpu" else 1)
     base = dict(device=args.device, shape=args.shape, dtype=args.dtype, new=args.new)
-    specs = [dict(base, attn=a, kv_cache=c, context=args.context) for a, c in ROWS if c not in args.skip]
-    for context in args.contexts:
-        specs += [dict(base, attn=a, kv_cache=c, context=context) for a, c in (("sdpa", "none"), ("mps_flash", "int8"))]
-    runs = [[] for _ in specs]
-    for _ in range(repeats):  # round-robin: every row's n-th run before any row's (n+1)-th
-        for spec, row_runs in zip(specs, runs):
-            row_runs.append(_row(spec))
-    rows = [_combined(row_runs) for row_runs in runs]
+    main_rows = [dict(base, attn=a, kv_cache=c, context=args.context) for a, c in ROWS
+                 if c not in args.skip and args.main_rows]
+    extra = [(a, c) for a, c in ROWS if (a, c) == ("sdpa", "none") or c in args.context_caches]
+    extra_rows = [dict(base, attn=a, kv_cache=c, context=context) for context in args.contexts for a, c in extra]
+    rows = _measured(main_rows, repeats) + _measured(extra_rows, args.context_repeats or repeats)
     import torch
     import transformers
 
@@ -184,8 +190,37 @@ def main() -> None:
         print(f"| {row['attn']} | {row['kv_cache']} | {row['context']} | {row['prefill_tok_s']} | "
               f"{_spread(row, 'prefill_tok_s')} | {ratio('prefill_tok_s')} | {row['decode_tok_s']} | "
               f"{_spread(row, 'decode_tok_s')} | {ratio('decode_tok_s')} | {peak} | {row['served_by']} |")
+    _print_same_bits(rows)
     for row in rows:
         print(json.dumps(row))
+
+
+def _measured(specs: list[dict], repeats: int) -> list[dict]:
+    """Each spec's row from `repeats` runs, round-robin: every row's n-th run before any row's (n+1)-th."""
+    runs = [[] for _ in specs]
+    for _ in range(repeats):
+        for spec, row_runs in zip(specs, runs):
+            row_runs.append(_row(spec))
+    return [_combined(row_runs) for row_runs in runs]
+
+
+SAME_BITS = (("int8", "hf_hqq"), ("nf4", "hf_quanto"))  # ours, transformers' cache at the same bits
+
+
+def _print_same_bits(rows: list[dict]) -> None:
+    """Our quantized caches against transformers' at the same bits and context, where both rows ran."""
+    found = {(r["kv_cache"], r["context"]): r for r in rows if "error" not in r}
+    pairs = [(ours, theirs, context) for ours, theirs in SAME_BITS for (kind, context) in found
+             if kind == ours and (theirs, context) in found]
+    if not pairs:
+        return
+    print()
+    print("| ours | transformers' | context | prefill x theirs | decode x theirs |")
+    print("|---|---|---|---|---|")
+    for ours, theirs, context in pairs:
+        a, b = found[(ours, context)], found[(theirs, context)]
+        print(f"| {ours} | {theirs} ({HF_CACHES[theirs][0]} {HF_CACHES[theirs][1]}-bit) | {context} | "
+              f"{a['prefill_tok_s'] / b['prefill_tok_s']:.2f} | {a['decode_tok_s'] / b['decode_tok_s']:.2f} |")
 
 
 if __name__ == "__main__":
