@@ -40,7 +40,9 @@ CAPACITY = 80
 @pytest.fixture
 def served(monkeypatch):
     """Counts the calls this path computed (the (start, length) of each), with every span and head dim from 8 up
-    served (the gate serves long spans at D >= 64 only; the arithmetic is the same for any)."""
+    served (the gate serves long spans at D >= 64 only; the arithmetic is the same for any), also on a CPU whose
+    integer matmul is torch's scalar loop (slow, but exact: the tests check the arithmetic)."""
+    monkeypatch.setattr(cpu_int8_products, "int_mm_is_fast", lambda: True)
     monkeypatch.setattr(cpu_int8_products, "MIN_KEYS", 1)
     monkeypatch.setattr(cpu_int8_products, "MIN_HEAD_DIM", 8)
     return record_calls(monkeypatch, cpu_int8_products, "parts", lambda call, start, length: (start, length))
@@ -238,7 +240,10 @@ def test_digits_rebuild_their_rows(count):
 
 @pytest.mark.parametrize("keys,dim,serves", [(8192, 64, True), (8191, 64, False), (8192, 32, False), (9000, 128, True)])
 def test_the_default_gate(keys, dim, serves, monkeypatch):
-    """Untouched, the gate serves spans of MIN_KEYS keys and more at head dims of 64 and more (as measured)."""
+    """Untouched, the gate serves spans of MIN_KEYS keys and more at head dims of 64 and more (as measured), where
+    torch's integer matmul is oneDNN's."""
+    if not cpu_int8_products.int_mm_is_fast():
+        serves = False
     calls = record_calls(monkeypatch, cpu_int8_products, "parts", lambda call, start, length: (start, length))
     g = torch.Generator().manual_seed(keys)
     k, v = torch.randn(1, keys, 2, dim, generator=g), torch.randn(1, keys, 2, dim, generator=g)
@@ -248,7 +253,7 @@ def test_the_default_gate(keys, dim, serves, monkeypatch):
     assert bool(calls) == serves and bool(torch.isfinite(out).all())
 
 
-@pytest.mark.parametrize("reason", ["short", "inf-query", "fp8-values", "tiny-dim", "disabled"])
+@pytest.mark.parametrize("reason", ["short", "inf-query", "fp8-values", "tiny-dim", "disabled", "slow-int-mm"])
 def test_declined_calls_are_served_elsewhere_and_exact(reason, monkeypatch):
     """Each call this path must not take goes to another path, which gets it right."""
     calls = record_calls(monkeypatch, cpu_int8_products, "parts", lambda call, start, length: (start, length))
@@ -256,6 +261,8 @@ def test_declined_calls_are_served_elsewhere_and_exact(reason, monkeypatch):
     monkeypatch.setattr(cpu_int8_products, "MIN_HEAD_DIM", 8)
     if reason == "disabled":
         monkeypatch.setattr(cpu_int8_products, "ENABLED", False)
+    if reason == "slow-int-mm":  # a CPU without AVX512-VNNI, Apple Silicon included: torch's scalar loop
+        monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
     case = DecodeCase("int8", 1, torch.float32, (4, 2), dim=4 if reason == "tiny-dim" else 64,
                       v_format="fp8_e4m3" if reason == "fp8-values" else "same")
     inputs = make_decode_inputs(case, (40,) * BATCH, CAPACITY, seed=9)

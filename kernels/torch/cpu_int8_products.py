@@ -2,8 +2,10 @@
 
 cpu_scaled_codes.py widens the codes to float32 before each product: a read of the codes, a write and a read of
 four times their bytes, so on a long cache it moves more memory than SDPA over a float32 cache does.
-`torch._int_mm` (int8 x int8 -> int32, oneDNN on x86 and Arm) multiplies the codes as they lie, so an int8
-cache is read once, at a quarter of a float32 cache's bytes.
+`torch._int_mm` (int8 x int8 -> int32) multiplies the codes as they lie, so an int8 cache is read once, at a
+quarter of a float32 cache's bytes. torch computes it with oneDNN only on x86 CPUs with AVX512-VNNI (and oneDNN
+enabled); elsewhere, Apple Silicon included, it runs a scalar loop far slower than the widening path, so the
+path serves only where that check passes (`int_mm_is_fast`).
 
 Its other operand must be int8 too. The float operand of each product (the scaled query rows, then the
 probabilities times the value scales) is written exactly enough as a few int8 rows: each row, over its largest
@@ -25,8 +27,8 @@ over another layer's cache (benchmarks/cpu_quant_decode.py --layers), as time of
   D 128 (32/8, 12/2, 8/1 heads): 1.4-1.7 at 16k keys, 1.4-3.0 at 32k; 32/8 1.66 at 4k, 8/1 0.91 at 4k;
   D 64 (9/3, 6/2, 8/4, 24/8, 32/8, 14/2, 16/16 heads): 0.85-1.33 at 16k and 32k, 0.64-0.82 at 4k;
   bfloat16 queries, 16k keys: 9/3 D 64 1.33, 32/8 D 64 0.85, 32/8 D 128 1.58.
-In a model's decode step the codes this path reads once weigh more than the call alone shows (the widened copies
-compete with the weights for the caches): generating at 8k keys with MFAQuantizedCache("int8"), a float32
+In a model's decode step this path gains more than the call alone shows (likely because the widened copies compete
+with the weights for the caches; not verified): generating at 8k keys with MFAQuantizedCache("int8"), a float32
 smollm-135m-shaped model (9/3 heads, D 64) decoded 9.4 tok/s against 7.5 through cpu_scaled_codes (SDPA on a
 float32 cache: 9.9), and a 16-layer 16/4-head D 64 model 9.5 against 9.0 (SDPA 7.3), three rounds each.
 Hence from 8192 keys at D >= 64. The query must be finite: a fixed point has no NaN or inf (cpu_scaled_codes
@@ -54,10 +56,19 @@ CHUNK_KEYS = 1 << 16  # keys per integer product at most: each adds at most 2^14
 _BALANCE = 0x808080  # +128 on each low byte, then flip its top bit: the bytes read as signed digits in [-128, 127]
 
 
+def int_mm_is_fast() -> bool:
+    """Whether torch's integer matmul runs on oneDNN here: its CPU kernel asks for oneDNN (built and enabled) and
+    AVX512-VNNI, and otherwise loops over the outputs one scalar product at a time."""
+    vnni = getattr(torch.cpu, "_is_vnni_supported", None)  # torch's own probe of the same flag; absent: unknown
+    return (_INT_MM is not None and vnni is not None and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled and bool(vnni()))
+
+
 def serves(call: DecodeCall, start: int, length: int) -> bool:
     """Whether both sides are int8 codes with one scale per key and head, the head dims are not tiny, the visible
-    span is long enough to pay, and the query is finite (a host read: this path runs on CPU only)."""
-    return (ENABLED and _INT_MM is not None and length - start >= MIN_KEYS and _int8_per_key(call.keys)
+    span is long enough to pay, torch's integer matmul is the fast one, and the query is finite (a host read: this
+    path runs on CPU only)."""
+    return (ENABLED and length - start >= MIN_KEYS and int_mm_is_fast() and _int8_per_key(call.keys)
             and _int8_per_key(call.values) and min(call.q.shape[-1], call.values.codes.shape[-1]) >= MIN_HEAD_DIM
             and bool(torch.isfinite(call.q).all()))
 
