@@ -43,6 +43,7 @@ def served(monkeypatch):
     served (the gate serves long spans at D >= 64 only; the arithmetic is the same for any), also on a CPU whose
     integer matmul is torch's scalar loop (slow, but exact: the tests check the arithmetic)."""
     monkeypatch.setattr(cpu_int8_products, "int_mm_is_fast", lambda: True)
+    monkeypatch.setattr(cpu_int8_products, "MAX_ITEMS", 1 << 20)
     monkeypatch.setattr(cpu_int8_products, "MIN_KEYS", 1)
     monkeypatch.setattr(cpu_int8_products, "MIN_HEAD_DIM", 8)
     return record_calls(monkeypatch, cpu_int8_products, "parts", lambda call, start, length: (start, length))
@@ -60,7 +61,8 @@ def _cases():
     return cases
 
 
-@pytest.mark.parametrize("chunk_keys", [cpu_int8_products.CHUNK_KEYS, 7, 1], ids=["one-chunk", "chunks-of-7", "chunks-of-1"])
+@pytest.mark.parametrize("chunk_keys", [cpu_int8_products.CHUNK_KEYS, 7, 1],
+                         ids=["one-chunk", "chunks-of-7", "chunks-of-1"])
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: c.id)
 def test_matches_reference(case, chunk_keys, served, monkeypatch):
     monkeypatch.setattr(cpu_int8_products, "CHUNK_KEYS", chunk_keys)
@@ -238,18 +240,19 @@ def test_digits_rebuild_their_rows(count):
     assert int(d[1, :, 2].abs().max()) == 0
 
 
-@pytest.mark.parametrize("keys,dim,serves", [(8192, 64, True), (8191, 64, False), (8192, 32, False), (9000, 128, True)])
-def test_the_default_gate(keys, dim, serves, monkeypatch):
-    """Untouched, the gate serves spans of MIN_KEYS keys and more at head dims of 64 and more (as measured), where
-    torch's integer matmul is oneDNN's."""
+@pytest.mark.parametrize("keys,dim,batch,serves", [(8192, 64, 1, True), (8191, 64, 1, False), (8192, 32, 1, False),
+                                                   (9000, 128, 4, True), (8192, 64, 5, False)])
+def test_the_default_gate(keys, dim, batch, serves, monkeypatch):
+    """Untouched, the gate serves spans of MIN_KEYS keys and more at head dims of 64 and more, for up to MAX_ITEMS
+    (row, KV head) pairs (as measured), where torch's integer matmul is oneDNN's."""
     if not cpu_int8_products.int_mm_is_fast():
         serves = False
     calls = record_calls(monkeypatch, cpu_int8_products, "parts", lambda call, start, length: (start, length))
     g = torch.Generator().manual_seed(keys)
-    k, v = torch.randn(1, keys, 2, dim, generator=g), torch.randn(1, keys, 2, dim, generator=g)
-    q = torch.randn(1, 1, 4, dim, generator=g)
+    k, v = torch.randn(batch, keys, 2, dim, generator=g), torch.randn(batch, keys, 2, dim, generator=g)
+    q = torch.randn(batch, 1, 4, dim, generator=g)
     out = mfa_hf.flash_attn_with_kvcache(q, mfa_hf.quantize_kv(k, "int8"), mfa_hf.quantize_kv(v, "int8"),
-                                         cache_seqlens=torch.tensor([keys], dtype=torch.int32), causal=True)
+                                         cache_seqlens=torch.tensor([keys] * batch, dtype=torch.int32), causal=True)
     assert bool(calls) == serves and bool(torch.isfinite(out).all())
 
 

@@ -46,6 +46,7 @@ from .cpu_scaled_codes import scale_per_key
 _INT_MM = getattr(torch, "_int_mm", None)  # absent from old torch builds: cpu_scaled_codes serves
 ENABLED = True  # read at call time: tests turn it off to cover the widening path with the same formats
 MIN_KEYS = 8192  # visible keys from which this path serves (see the module docstring)
+MAX_ITEMS = 8  # (row, KV head) pairs up to which it serves: its per-chunk buffers grow with them (docstring)
 # Head dims from which it serves (see the module docstring). Never below 2: torch's integer matmul returned
 # garbage for a (1, n) operand with unit strides both ways, which a key side of D = 1 would be.
 MIN_HEAD_DIM = 64
@@ -68,7 +69,9 @@ def serves(call: DecodeCall, start: int, length: int) -> bool:
     """Whether both sides are int8 codes with one scale per key and head, the head dims are not tiny, the visible
     span is long enough to pay, torch's integer matmul is the fast one, and the query is finite (a host read: this
     path runs on CPU only)."""
-    return (ENABLED and length - start >= MIN_KEYS and int_mm_is_fast() and _int8_per_key(call.keys)
+    items = call.q.shape[0] * call.keys.codes.shape[2]
+    return (ENABLED and length - start >= MIN_KEYS and items <= MAX_ITEMS and int_mm_is_fast()
+            and _int8_per_key(call.keys)
             and _int8_per_key(call.values) and min(call.q.shape[-1], call.values.codes.shape[-1]) >= MIN_HEAD_DIM
             and bool(torch.isfinite(call.q).all()))
 
@@ -131,7 +134,8 @@ def _placed(products: torch.Tensor, count: int, group: int) -> torch.Tensor:
     over the fixed point's 1 (powers of two: exact), i.e. in units of the row's top."""
     n, _, m = products.shape
     places = torch.tensor([256.0 ** i / _fixed_one(count) for i in range(count)], dtype=torch.float32)
-    return torch.matmul(places.view(1, 1, count), products.view(n, count, group * m).to(torch.float32)).view(n, group, m)
+    weighted = torch.matmul(places.view(1, 1, count), products.view(n, count, group * m).to(torch.float32))
+    return weighted.view(n, group, m)
 
 
 def _products(digits: torch.Tensor, codes: torch.Tensor, *, transpose: bool) -> torch.Tensor:
