@@ -26,12 +26,13 @@ on a loaded 2-core x86 host (AVX512-VNNI), float32 queries, one row, medians of 
 over another layer's cache (benchmarks/cpu_quant_decode.py --layers), as time of cpu_scaled_codes / this path:
   D 128 (32/8, 12/2, 8/1 heads): 1.4-1.7 at 16k keys, 1.4-3.0 at 32k; 32/8 1.66 at 4k, 8/1 0.91 at 4k;
   D 64 (9/3, 6/2, 8/4, 24/8, 32/8, 14/2, 16/16 heads): 0.85-1.33 at 16k and 32k, 0.64-0.82 at 4k;
-  bfloat16 queries, 16k keys: 9/3 D 64 1.33, 32/8 D 64 0.85, 32/8 D 128 1.58.
+  bfloat16 queries, 16k keys: 9/3 D 64 1.33, 32/8 D 64 0.85, 32/8 D 128 1.58;
+  4 rows of 32/8 D 64 (32 (row, KV head) pairs): 0.71 at 8k keys, 0.36 at 32k (hence MAX_ITEMS).
 In a model's decode step this path gains more than the call alone shows (likely because the widened copies compete
 with the weights for the caches; not verified): generating at 8k keys with MFAQuantizedCache("int8"), a float32
 smollm-135m-shaped model (9/3 heads, D 64) decoded 9.4 tok/s against 7.5 through cpu_scaled_codes (SDPA on a
 float32 cache: 9.9), and a 16-layer 16/4-head D 64 model 9.5 against 9.0 (SDPA 7.3), three rounds each.
-Hence from 8192 keys at D >= 64. The query must be finite: a fixed point has no NaN or inf (cpu_scaled_codes
+Hence from 8192 keys at D >= 64, for up to 8 (row, KV head) pairs. The query must be finite: a fixed point has no NaN or inf (cpu_scaled_codes
 serves those rows).
 """
 
