@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mfa_hf
+from mfa_hf import kv_formats
 from mfa_hf.quant import (
     NF4_LEVELS,
     KVFormat,
@@ -219,3 +220,25 @@ def test_mixed_formats_between_k_and_v_are_served():
     ref, _ = attention_reference(q.double(), qk.dequantize(torch.float64), qv.dequantize(torch.float64), causal=True)
     assert float((out.double() - ref).abs().max()) < 1e-5
     assert math.isfinite(float(out.sum()))
+
+
+@pytest.mark.parametrize("fmt", list(kv_formats.QUANTIZED_NAMES))
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced", "empty"])
+def test_decode_from_byte_tables_equals_element_by_element(fmt, layout):
+    """Every byte value (NaN codes included) decodes through the 256-entry tables to what float8 conversion or
+    nibble unpacking into the codebook gives, in any layout of the codes, also when written into a buffer."""
+    spec = kv_formats.spec(fmt)
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(spec.code_dtype)
+    codes = every[torch.randperm(256, generator=torch.Generator().manual_seed(0))].repeat(6).view(2, 3, 4, 64)
+    if layout == "transposed":
+        codes = codes.transpose(1, 2)
+    elif layout == "sliced":
+        codes = codes[:, 1:, :, ::2]
+    elif layout == "empty":
+        codes = codes[:, :0]
+    expected = spec.decode_bytes(codes)
+    into = torch.full(expected.shape, 7.0)
+    for got in (spec.decode(codes), spec.decode_into(codes, into), into):
+        assert got.shape == expected.shape and got.dtype == torch.float32
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(expected))

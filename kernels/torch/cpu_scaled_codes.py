@@ -2,17 +2,16 @@
 
 With a single scale s per (token, head) (or per head), a key is k = s_k c and a value v = s_v c, so both scales
 factor out of the two products: q.k = s_k (q.c) and sum_j p_j v_j = sum_j (p_j s_v,j) c_j. The codes are
-then only widened to float32 (int8 and the float8 formats convert exactly, in one copy into a buffer that
-both sides and every chunk of the call reuse, heads first), the key scales multiply the scores and the value
+then only widened to float32 (exactly, into a buffer that both sides and every chunk of the call reuse, heads
+first: int8 in one converting copy, float8 bytes through their format's 256-entry table), the key scales multiply the scores and the value
 scales the probabilities, which are small (G rows per key instead of D columns).
 
 Why not dequantize and call torch's fused kernel (cpu_fused_decode's other path): codes * scales costs torch's
 CPU type promotion a full float copy of the codes plus the multiply, and the fused kernel ran about 2x slower
 on a (B, S, H, D) chunk viewed heads first than on a heads-first one.
 Measured on a noisy 2-core x86 host, smollm-shaped int8 at 8k keys (benchmarks/cpu_quant_decode.py, medians):
-about 1.5-2.3 ms a call against 2.6-4.1 ms before, SDPA on the float32 cache 1.0-1.2 ms. fp8 gains less:
-torch's float8 -> float32 conversion is slow on CPU (a 256-entry table through index_select was 2x faster
-than the copy; not done here).
+about 1.5-2.3 ms a call against 2.6-4.1 ms before, SDPA on the float32 cache 1.0-1.2 ms. For fp8 the table
+matters: torch's float8 -> float32 conversion is slow on CPU (4M codes: 6.4 ms, the table 2.8 ms).
 
 The keys [start, length) are cut into chunks of WIDE_BYTES of widened codes (one side at a time: the
 full-precision cache never exists); each chunk is one exact softmax (all its keys are visible: the window
@@ -81,12 +80,11 @@ def parts(call: DecodeCall, start: int, length: int) -> list[tuple[torch.Tensor,
 def _widen(side: CacheSide, first: int, count: int, wide: torch.Tensor) -> torch.Tensor:
     """Codes of positions [first, first + count), every row and head, as float32 (B * H, count, D), exact."""
     codes = side.codes[:, first:first + count]
-    float8 = kv_formats.spec(side.format).float8_dtype
-    if float8 is not None:
-        codes = codes.view(float8)  # the bytes of a float8 value: converts exactly, like int8
     batch, _, heads, dim = codes.shape
     out = wide[:batch * heads * count * dim].view(batch, heads, count, dim)
-    out.copy_(codes.transpose(1, 2))  # one pass: converts and lays the heads out first for the product
+    # int8 converts in one copy that also lays the heads out first for the product; float8 bytes go through
+    # their format's table of values (torch's float8 conversion is slow on CPU).
+    kv_formats.spec(side.format).decode_into(codes.transpose(1, 2), out)
     return out.view(batch * heads, count, dim)
 
 
