@@ -76,6 +76,53 @@ def make_decode_inputs(case: DecodeCase, lengths: tuple[int, ...], capacity: int
     )
 
 
+def odd_layout(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values with unusual strides: 'heads' (4-D, the two middle dims swapped in memory), 'offset'
+    (every other element of a larger buffer, at an offset); or values of the same shape broadcast from one
+    position ('expanded-keys', stride 0 along dim 1) or one element of the last dim ('expanded-last')."""
+    if kind == "heads":
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    if kind == "expanded-keys":
+        return t[:, :1].expand(t.shape)
+    if kind == "expanded-last":
+        return t[..., :1].expand(t.shape)
+    buffer = torch.full((t.numel() * 2 + 3,), 7, dtype=t.dtype)
+    out = buffer.as_strided(t.shape, [2 * s for s in t.contiguous().stride()], 3)
+    out.copy_(t)
+    return out
+
+
+def run_with_odd_layouts(case: DecodeCase, codes_layout: str, capacity: int, length: int, seed: int = 0):
+    """A quantized-cache call with every tensor argument in an unusual layout: the codes in `codes_layout` (see
+    odd_layout), scales, q, k, v, cache_seqlens and sinks every other element of a buffer. A broadcast
+    ('expanded-*') cache cannot take an append, so that call only reads it. Torch warnings are errors (its
+    integer matmul warns where it falls back to a slow loop). Returns (out, lse, the inputs to check against with
+    assert_matches_reference_over_cache)."""
+    import warnings
+
+    import mfa_hf
+
+    inputs = make_decode_inputs(case, (length,) * BATCH, capacity, seed=seed)
+    for name in ("k_cache", "v_cache"):
+        cache = inputs[name]
+        inputs[name] = mfa_hf.QuantizedKV(odd_layout(cache.codes, codes_layout), odd_layout(cache.scales, "offset"),
+                                          cache.format, cache.group_size, cache.dtype)
+    for name in ("q", "k", "v"):
+        inputs[name] = odd_layout(inputs[name], "offset")
+    reference_inputs = inputs
+    if codes_layout.startswith("expanded"):
+        inputs["k"] = inputs["v"] = None
+        # The reference reads cache_seqlens + lq keys (an append's); without one the call reads cache_seqlens.
+        reference_inputs = dict(inputs, cache_seqlens=inputs["cache_seqlens"] - case.lq)
+    inputs["cache_seqlens"] = odd_layout(inputs["cache_seqlens"], "offset")
+    inputs["sinks"] = None if inputs["sinks"] is None else odd_layout(inputs["sinks"], "offset")
+    assert not inputs["q"].is_contiguous() and not inputs["k_cache"].codes.is_contiguous()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, lse = run_kvcache(case, inputs)
+    return out, lse, reference_inputs
+
+
 def caches_on(inputs: dict, device) -> dict:
     """`inputs` with k_cache and v_cache (tensors or QuantizedKV) moved to `device` (the call appends
     to them in place, and the reference reads the appended tokens back on the CPU)."""

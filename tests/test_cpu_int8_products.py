@@ -13,8 +13,6 @@ buffers start poisoned (tests/conftest.py), so an element read before it is writ
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -32,6 +30,7 @@ from mfa_hf.testing_kvcache import (
     make_decode_inputs,
     record_calls,
     run_kvcache,
+    run_with_odd_layouts,
 )
 
 CAPACITY = 80
@@ -109,44 +108,10 @@ def test_static_scales(granularity, serves, served):
     assert_matches_reference_over_cache(case, inputs, out, lse)
 
 
-def _odd_layout(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """The same values with unusual strides: 'heads' (4-D, the two middle dims swapped in memory), 'offset'
-    (every other element of a larger buffer, at an offset); or values of the same shape broadcast from one
-    position ('expanded-keys', stride 0 along dim 1) or one element of the last dim ('expanded-last')."""
-    if kind == "heads":
-        return t.transpose(1, 2).contiguous().transpose(1, 2)
-    if kind == "expanded-keys":
-        return t[:, :1].expand(t.shape)
-    if kind == "expanded-last":
-        return t[..., :1].expand(t.shape)
-    buffer = torch.full((t.numel() * 2 + 3,), 7, dtype=t.dtype)
-    out = buffer.as_strided(t.shape, [2 * s for s in t.contiguous().stride()], 3)
-    out.copy_(t)
-    return out
-
-
 @pytest.mark.parametrize("codes_layout", ["heads", "offset", "expanded-keys", "expanded-last"])
 def test_unusual_strides_of_every_argument(codes_layout, served):
     case = DecodeCase("int8", 1, torch.float32, (8, 2), window=(40, -1), sinks=True)
-    inputs = make_decode_inputs(case, (57,) * BATCH, CAPACITY, seed=2)
-    for name in ("k_cache", "v_cache"):
-        cache = inputs[name]
-        codes = _odd_layout(cache.codes, codes_layout)
-        scales = _odd_layout(cache.scales, "offset")
-        inputs[name] = mfa_hf.QuantizedKV(codes, scales, cache.format, cache.group_size, cache.dtype)
-    for name in ("q", "k", "v"):
-        inputs[name] = _odd_layout(inputs[name], "offset")
-    reference_inputs = inputs
-    if codes_layout.startswith("expanded"):  # a broadcast cache cannot take an append: the call only reads it
-        inputs["k"] = inputs["v"] = None
-        # The reference reads cache_seqlens + lq keys (an append's); without one the call reads cache_seqlens.
-        reference_inputs = dict(inputs, cache_seqlens=inputs["cache_seqlens"] - case.lq)
-    inputs["cache_seqlens"] = _odd_layout(inputs["cache_seqlens"], "offset")
-    inputs["sinks"] = _odd_layout(inputs["sinks"], "offset")
-    assert not inputs["q"].is_contiguous() and not inputs["k_cache"].codes.is_contiguous()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch's integer matmul warns where it falls back to a slow loop
-        out, lse = run_kvcache(case, inputs)
+    out, lse, reference_inputs = run_with_odd_layouts(case, codes_layout, CAPACITY, 57, seed=2)
     assert served
     assert_matches_reference_over_cache(case, reference_inputs, out, lse)
 

@@ -24,6 +24,7 @@ from mfa_hf.testing_kvcache import (
     make_decode_inputs,
     record_calls,
     run_kvcache,
+    run_with_odd_layouts,
 )
 
 CAPACITY = 80
@@ -81,34 +82,13 @@ def test_static_scales(fmt, granularity, serves, served):
     assert_matches_reference_over_cache(case, inputs, out, lse)
 
 
-def _odd_layout(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """The same values with unusual strides: 'heads' (4-D, the two middle dims swapped in memory), 'offset'
-    (every other element of a larger buffer, at an offset)."""
-    if kind == "heads":
-        return t.transpose(1, 2).contiguous().transpose(1, 2)
-    buffer = torch.full((t.numel() * 2 + 3,), 7, dtype=t.dtype)
-    out = buffer.as_strided(t.shape, [2 * s for s in t.contiguous().stride()], 3)
-    out.copy_(t)
-    return out
-
-
+@pytest.mark.parametrize("codes_layout", ["heads", "offset", "expanded-keys", "expanded-last"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_unusual_strides_of_every_argument(fmt, served):
+def test_unusual_strides_of_every_argument(fmt, codes_layout, served):
     case = DecodeCase(fmt, 1, torch.float32, (8, 2), window=(40, -1), sinks=True)
-    inputs = make_decode_inputs(case, (57,) * BATCH, CAPACITY, seed=2)
-    for name in ("k_cache", "v_cache"):
-        cache = inputs[name]
-        codes = _odd_layout(cache.codes, "heads")
-        scales = _odd_layout(cache.scales, "offset")
-        inputs[name] = mfa_hf.QuantizedKV(codes, scales, cache.format, cache.group_size, cache.dtype)
-    for name in ("q", "k", "v"):
-        inputs[name] = _odd_layout(inputs[name], "offset")
-    inputs["cache_seqlens"] = _odd_layout(inputs["cache_seqlens"], "offset")
-    inputs["sinks"] = _odd_layout(inputs["sinks"], "offset")
-    assert not inputs["q"].is_contiguous() and not inputs["k_cache"].codes.is_contiguous()
-    out, lse = run_kvcache(case, inputs)
+    out, lse, reference_inputs = run_with_odd_layouts(case, codes_layout, CAPACITY, 57, seed=2)
     assert served
-    assert_matches_reference_over_cache(case, inputs, out, lse)
+    assert_matches_reference_over_cache(case, reference_inputs, out, lse)
 
 
 def test_a_nan_code_reaches_only_its_heads(served):
