@@ -59,8 +59,8 @@ def _decode_calls(calls) -> int:
     return sum(n for (_, op), n in trace.served_by(calls).items() if op == "decode")
 
 
-def _generate(model, cache, **kwargs):
-    ids, mask = _inputs()
+def _generate(model, cache, batch: int = 2, **kwargs):
+    ids, mask = _inputs(batch)
     with torch.no_grad(), trace.capture() as calls:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                              **cache_kwargs(cache), pad_token_id=0, **kwargs)
@@ -130,6 +130,31 @@ def _reference(query, key, value, pads, scaling, window, softcap, sinks, dtype):
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_oss", "qwen2"])
 def test_kernel_matches_reference_on_dequantized_cache(monkeypatch, name, fmt, residual):
     """Every decode call with a handle is recomputed in float64 on handle.dequantize() (tight bound)."""
+    checked = _generate_checked(monkeypatch, name, fmt, residual)
+    assert any(checked) == bool(residual)  # the residual part really took part
+
+
+@pytest.mark.parametrize("residual", [0, 3])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_oss", "qwen2"])
+def test_int8_integer_products_in_model_layers(monkeypatch, name, residual):
+    """The CPU integer-product path (kernels/torch/cpu_int8_products.py, which serves long caches of D >= 64 where
+    torch's integer matmul is oneDNN's) with its gate opened for a tiny model's short cache: every decode layer
+    (windows, sinks, softcap, a residual part) still matches the float64 reference, and the path really served."""
+    from mfa_hf.kernels.torch import cpu_int8_products
+
+    monkeypatch.setattr(cpu_int8_products, "int_mm_is_fast", lambda: True)
+    for name_, value in (("MIN_KEYS", 1), ("MIN_HEAD_DIM", 8), ("MAX_ITEMS", 1 << 20)):
+        monkeypatch.setattr(cpu_int8_products, name_, value)
+    served = []
+    original_parts = cpu_int8_products.parts
+    monkeypatch.setattr(cpu_int8_products, "parts", lambda *args: served.append(1) or original_parts(*args))
+    _generate_checked(monkeypatch, name, "int8", residual, batch=1)  # one row: no padding groups
+    assert bool(served) == (name != "gemma2")  # gemma2's softcap takes the block loop (decode.py)
+
+
+def _generate_checked(monkeypatch, name, fmt, residual, batch: int = 2) -> list[int]:
+    """Generate with the family's tiny model; every decode call with a handle is recomputed in float64 on
+    handle.dequantize() (tight bound). Returns each checked call's residual length."""
     original, checked = decode.quantized_attention, []
 
     def checking(module, query, key, value, attention_mask, **kw):
@@ -146,9 +171,9 @@ def test_kernel_matches_reference_on_dequantized_cache(monkeypatch, name, fmt, r
     monkeypatch.setattr(decode, "quantized_attention", checking)
     model = _model(BY_NAME[name], fmt)
     cache = MFAQuantizedCache(fmt, config=model.config, residual_length=residual, group_size=_group(fmt))
-    _generate(model, cache)
+    _generate(model, cache, batch=batch)
     assert len(checked) == model.config.num_hidden_layers * (NEW_TOKENS - 1)
-    assert any(checked) == bool(residual)  # the residual part really took part
+    return checked
 
 
 def _stepwise_logits(reference, model, cache, steps: int = 3):
