@@ -239,3 +239,16 @@ def test_declined_calls_are_served_elsewhere_and_exact(reason, monkeypatch):
     out, lse = run_kvcache(case, inputs)
     assert not calls
     assert_matches_reference_over_cache(case, inputs, out, lse)
+
+
+@pytest.mark.parametrize("side", ["k_cache", "v_cache"])
+def test_a_nan_scale_reaches_only_its_heads(side, served):
+    """A NaN scale (what quantizing a NaN or inf token gives) makes the rows of its KV head's query heads NaN, and
+    no others: each row's fixed point has its own largest magnitude."""
+    case = DecodeCase("int8", 1, torch.float32, (4, 2))
+    inputs = make_decode_inputs(case, (30,) * BATCH, CAPACITY)
+    inputs[side].scales[2, 7, 1] = float("nan")
+    out, _ = run_kvcache(case, inputs)
+    assert served
+    assert bool(out[2, 0, 2:4].isnan().all()) and bool(torch.isfinite(out[2, 0, :2]).all())
+    assert bool(torch.isfinite(out[:2]).all())
