@@ -36,15 +36,29 @@ def side_block(side: CacheSide, window: "KeyRuns", rows: torch.Tensor | None, dt
 
 def span_block(side: CacheSide, first: int, count: int, dtype: torch.dtype) -> torch.Tensor:
     """Values of positions [first, first + count) of every row of one cache side, heads first: (B, H, count, D)
-    in `dtype`, a transposed view where the values need no copy. One slice of the cache, decoded where
-    it lies (a slice along the positions keeps each row's codes together, so no gather or copy first)."""
+    in `dtype`: a transposed view where the values need no copy, contiguous where a table decodes them. One slice
+    of the cache, decoded where it lies (a slice along the positions keeps each row's codes together, so no gather
+    or copy first)."""
     codes = side.codes[:, first:first + count]
     if side.format == "none":
         return codes.to(dtype).transpose(1, 2)
     scales = side.scales
     if scales.shape[1] > 1:  # per token: the same positions; per head or static: broadcast along them
         scales = scales[:, first:first + count]
-    return dequantize_codes(codes, scales, side.format, side.group_size, dtype).transpose(1, 2)
+    fmt = kv_formats.spec(side.format)
+    if dtype != torch.float32 or fmt.codebook is None and fmt.float8_dtype is None:
+        return dequantize_codes(codes, scales, side.format, side.group_size, dtype).transpose(1, 2)
+    # Codes that decode through a table (nf4, fp8) are gathered straight into heads-first order, and scaled there:
+    # torch's fused kernel reads a contiguous heads-first block faster than a transposed view (nf4 decode call,
+    # smollm-shaped, over 8 layers' caches: 370 / 3090 us at 1k / 8k keys against 475 / 3540).
+    batch, _, heads, _ = codes.shape
+    out = torch.empty((batch, heads, count, fmt.logical_dim(codes.shape[-1])), dtype=torch.float32,
+                      device=codes.device)
+    fmt.decode_into(codes.transpose(1, 2), out)
+    group = side.group_size
+    grouped = out.view(batch, heads, count, out.shape[-1] // group, group)
+    grouped.mul_(scales.transpose(1, 2).to(torch.float32)[..., None])
+    return out
 
 
 @dataclass(frozen=True)
