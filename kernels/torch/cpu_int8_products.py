@@ -32,8 +32,8 @@ In a model's decode step this path gains more than the call alone shows (likely 
 with the weights for the caches; not verified): generating at 8k keys with MFAQuantizedCache("int8"), a float32
 smollm-135m-shaped model (9/3 heads, D 64) decoded 9.4 tok/s against 7.5 through cpu_scaled_codes (SDPA on a
 float32 cache: 9.9), and a 16-layer 16/4-head D 64 model 9.5 against 9.0 (SDPA 7.3), three rounds each.
-Hence from 8192 keys at D >= 64, for up to 8 (row, KV head) pairs. The query must be finite: a fixed point has no NaN or inf (cpu_scaled_codes
-serves those rows).
+Hence from 8192 keys at D >= 64, for up to 8 (row, KV head) pairs. The query must be finite: a fixed point has no
+NaN or inf (cpu_scaled_codes serves those rows).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 With a single scale s per (token, head) (or per head), a key is k = s_k c and a value v = s_v c, so both scales
 factor out of the two products: q.k = s_k (q.c) and sum_j p_j v_j = sum_j (p_j s_v,j) c_j. The codes are
 then only widened to float32 (exactly, into a buffer that both sides and every chunk of the call reuse, heads
-first: int8 in one converting copy, float8 bytes through their format's 256-entry table), the key scales multiply the scores and the value
-scales the probabilities, which are small (G rows per key instead of D columns).
+first: int8 in one converting copy, float8 bytes through their format's 256-entry table), the key scales multiply
+the scores and the value scales the probabilities, which are small (G rows per key instead of D columns).
 
 Why not dequantize and call torch's fused kernel (cpu_fused_decode's other path): codes * scales costs torch's
 CPU type promotion a full float copy of the codes plus the multiply, and the fused kernel ran about 2x slower
