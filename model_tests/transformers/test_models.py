@@ -10,6 +10,7 @@ from conftest import BATCH, IMPLEMENTATIONS, assert_close_where, kernel_calls, p
 from families import BY_NAME, DECODERS, FAMILIES
 
 from mfa_hf import trace
+from mfa_hf.integrations.transformers import cache_kwargs
 
 LAYERS = 2
 
@@ -69,11 +70,11 @@ def _static_steps(model, ids, steps: int = 3, compiled_step=None) -> list:
     step = model if compiled_step is None else compiled_step
     found = []
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        logits = model(ids, **cache_kwargs(cache), use_cache=True).logits
         found.append(logits)
         for n in range(steps):
             position = torch.tensor([ids.shape[1] + n])
-            logits = step(logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True,
+            logits = step(logits[:, -1:].argmax(-1), **cache_kwargs(cache), use_cache=True,
                           cache_position=position).logits
             found.append(logits)
     return found
@@ -207,9 +208,9 @@ def test_gradients_through_a_cached_decode_step_equal_eager(family, implementati
     for lm in (reference, model):
         cache = DynamicCache(config=lm.config)
         with torch.no_grad():
-            lm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True)
+            lm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], **cache_kwargs(cache), use_cache=True)
         lm.zero_grad()
-        logits = lm(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        logits = lm(input_ids=ids[:, -1:], attention_mask=mask, **cache_kwargs(cache), use_cache=True).logits
         logits.float().pow(2).sum().backward()
         grads.append((logits.detach(), {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}))
     (want_logits, want), (got_logits, got) = grads

@@ -362,15 +362,15 @@ def test_encoder_decoder_caches_say_how_to_quantize():
         with pytest.raises(NotImplementedError,
                            match=r"EncoderDecoderCache\(MFAQuantizedCache\(\.\.\.\), DynamicCache\(\)\)"):
             with torch.no_grad():
-                bare.generate(**kwargs, attention_mask=padded, past_key_values=quantized())
+                bare.generate(**kwargs, attention_mask=padded, **cache_kwargs(quantized()))
     with torch.no_grad():
         with trace.capture() as calls:
-            served = model.generate(**kwargs, past_key_values=EncoderDecoderCache(quantized(), DynamicCache()))
-        plain = model.generate(**kwargs, past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+            served = model.generate(**kwargs, **cache_kwargs(EncoderDecoderCache(quantized(), DynamicCache())))
+        plain = model.generate(**kwargs, **cache_kwargs(EncoderDecoderCache(DynamicCache(), DynamicCache())))
         both = model.generate(**kwargs, attention_mask=padded,
-                              past_key_values=EncoderDecoderCache(quantized(), quantized()))
+                              **cache_kwargs(EncoderDecoderCache(quantized(), quantized())))
         plain_padded = model.generate(**kwargs, attention_mask=padded,
-                                      past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+                                      **cache_kwargs(EncoderDecoderCache(DynamicCache(), DynamicCache())))
     assert _decode_calls(calls) > 0 and torch.equal(served, plain)
     assert torch.equal(both, plain_padded)
 
