@@ -47,6 +47,9 @@ def _cases():
             cases.append(DecodeCase(fmt, 1, dtypes[i % 3], heads[i % 4], window=windows[i % 4], sinks=bool(i % 2)))
     cases.append(DecodeCase("int8", 1, torch.bfloat16, (4, 2), v_format="nf4", sinks=True))
     cases.append(DecodeCase("fp8_e5m2", 1, torch.float32, (4, 2), dim=96, v_format="int8"))
+    for i, fmt in enumerate(FORMATS):  # a row map (cache_batch_idx): rows read other cache rows, out of order
+        cases.append(DecodeCase(fmt, 1, dtypes[i % 3], heads[i % 4], window=windows[(i + 1) % 4], sinks=bool(i % 2),
+                                batch_idx=True))
     return cases
 
 
@@ -67,13 +70,33 @@ def test_equals_the_block_loop(monkeypatch):
 @pytest.mark.parametrize("case", [
     DecodeCase("int8", 1, heads=(4, 2), softcap=4.0),
     DecodeCase("int8", 1, heads=(4, 2), alibi=True),
-    DecodeCase("int8", 1, heads=(4, 2), batch_idx=True),
     DecodeCase("int8", 3, heads=(4, 2)),
 ], ids=lambda c: c.id)
 def test_other_calls_take_the_loop(case, served):
     inputs = make_decode_inputs(case, (20,) * BATCH, CAPACITY)
     out, lse = run_kvcache(case, inputs)
     assert not served
+    assert_matches_reference_over_cache(case, inputs, out, lse)
+
+
+@pytest.mark.parametrize("rows", [(1, 2, 3), (2, 3, 0), (3, 2, 1), (4, 0, 1)])
+@pytest.mark.parametrize("fmt, granularity", [("int8", "token"), ("nf4", None), ("fp8_e4m3", "head"), (None, None)])
+def test_row_maps_read_their_cache_rows(rows, fmt, granularity, served):
+    """Consecutive cache rows are read as one run (a view), others run by run; scales of one
+    batch row (broadcast to every cache row) stay whole. Each result is the reference's for the row's cache row."""
+    from mfa_hf.quant import QuantizedKV
+
+    case = DecodeCase(fmt, 1, torch.float32, (4, 2), window=(12, -1), sinks=True, batch_idx=True)
+    inputs = make_decode_inputs(case, (30,) * BATCH, CAPACITY)
+    inputs["cache_batch_idx"] = torch.tensor(rows, dtype=torch.int32)
+    if granularity is not None:
+        for name in ("k_cache", "v_cache"):
+            cache = mfa_hf.quantize_kv(inputs[name].dequantize(), fmt, granularity=granularity)
+            if granularity == "head":  # one batch row of scales for every cache row (broadcast)
+                cache = QuantizedKV(cache.codes, cache.scales[:1], cache.format, cache.group_size, cache.dtype)
+            inputs[name] = cache
+    out, lse = run_kvcache(case, inputs)
+    assert served == [31]
     assert_matches_reference_over_cache(case, inputs, out, lse)
 
 

@@ -17,9 +17,11 @@ NaN). Such a call takes the loop, which propagates it. NaN or inf in K/V propaga
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from ..contract import DecodeCall
+from ..contract import CacheSide, DecodeCall
 from ..merge import merge_partials
 from . import cpu_int8_products, cpu_scaled_codes
 from .cache_blocks import span_block, values_dim
@@ -38,9 +40,14 @@ def serves(call: DecodeCall, lengths: list[int]) -> bool:
     """Whether this call is the plain one-row decode this path computes exactly (lengths: seqlens_k on the host)."""
     q = call.q
     return (ENABLED and _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in _DTYPES
-            and q.shape[1] == 1 and call.cache_batch_idx is None and call.alibi_slopes is None
+            and q.shape[1] == 1 and _host_rows(call.cache_batch_idx) and call.alibi_slopes is None
             and call.options.softcap == 0 and len(set(lengths)) == 1 and _same_head_dims(call)
             and not bool(q.isnan().any()))
+
+
+def _host_rows(cache_batch_idx) -> bool:
+    """No row map, or one on the host, where reading it is free (decode.py has checked its values)."""
+    return cache_batch_idx is None or cache_batch_idx.device.type == "cpu"
 
 
 def _same_head_dims(call: DecodeCall) -> bool:
@@ -50,7 +57,46 @@ def _same_head_dims(call: DecodeCall) -> bool:
 
 
 def decode(call: DecodeCall, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, 1, Hq, Dv) in q's dtype, lse (B, Hq, 1) float32) over keys [start, length) of every row."""
+    """(out (B, 1, Hq, Dv) in q's dtype, lse (B, Hq, 1) float32) over keys [start, length) of every row.
+
+    A row map (cache_batch_idx: batched generate's rows grouped by their padding) is served run by run: rows
+    that map to consecutive cache rows read those rows as a view (no gather of a row's whole cache)."""
+    if call.cache_batch_idx is None:
+        return _decode(call, length)
+    parts = [_decode(_run_call(call, first, cache_row, count), length)
+             for first, cache_row, count in _runs(call.cache_batch_idx.tolist())]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([out for out, _ in parts]), torch.cat([lse for _, lse in parts])
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int, int]]:
+    """(first query row, its cache row, count) of each run of query rows mapped to consecutive cache rows."""
+    runs = []
+    for b, row in enumerate(rows):
+        if runs and runs[-1][1] + runs[-1][2] == row:
+            first, cache_row, count = runs[-1]
+            runs[-1] = (first, cache_row, count + 1)
+        else:
+            runs.append((b, row, 1))
+    return runs
+
+
+def _run_call(call: DecodeCall, first: int, cache_row: int, count: int) -> DecodeCall:
+    """The call of query rows [first, first + count) over cache rows [cache_row, cache_row + count), as views."""
+    return dataclasses.replace(call, q=call.q[first:first + count], keys=_side_rows(call.keys, cache_row, count),
+                               values=_side_rows(call.values, cache_row, count),
+                               seqlens_k=call.seqlens_k[first:first + count], cache_batch_idx=None)
+
+
+def _side_rows(side: CacheSide, row: int, count: int) -> CacheSide:
+    scales = side.scales
+    if scales is not None and scales.shape[0] > 1:  # one batch row of scales broadcasts to every cache row
+        scales = scales[row:row + count]
+    return dataclasses.replace(side, codes=side.codes[row:row + count], scales=scales)
+
+
+def _decode(call: DecodeCall, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     q, values, options = call.q, call.values, call.options
     batch, _, heads_q, _ = q.shape
     start = 0 if options.window_left < 0 else max(0, length - 1 - options.window_left)

@@ -134,12 +134,14 @@ def test_kernel_matches_reference_on_dequantized_cache(monkeypatch, name, fmt, r
     assert any(checked) == bool(residual)  # the residual part really took part
 
 
+@pytest.mark.parametrize("batch", [1, 2], ids=["one-row", "left-padded"])
 @pytest.mark.parametrize("residual", [0, 3])
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_oss", "qwen2"])
-def test_int8_integer_products_in_model_layers(monkeypatch, name, residual):
+def test_int8_integer_products_in_model_layers(monkeypatch, name, residual, batch):
     """The CPU integer-product path (kernels/torch/cpu_int8_products.py, which serves long caches of D >= 64 where
     torch's integer matmul is oneDNN's) with its gate opened for a tiny model's short cache: every decode layer
-    (windows, sinks, softcap, a residual part) still matches the float64 reference, and the path really served."""
+    (windows, sinks, softcap, a residual part) still matches the float64 reference, and the path really served,
+    also for a left-padded batch (its rows grouped by padding reach the path through cache_batch_idx)."""
     from mfa_hf.kernels.torch import cpu_int8_products
 
     monkeypatch.setattr(cpu_int8_products, "int_mm_is_fast", lambda: True)
@@ -148,7 +150,7 @@ def test_int8_integer_products_in_model_layers(monkeypatch, name, residual):
     served = []
     original_parts = cpu_int8_products.parts
     monkeypatch.setattr(cpu_int8_products, "parts", lambda *args: served.append(1) or original_parts(*args))
-    _generate_checked(monkeypatch, name, "int8", residual, batch=1)  # one row: no padding groups
+    _generate_checked(monkeypatch, name, "int8", residual, batch=batch)
     assert bool(served) == (name != "gemma2")  # gemma2's softcap takes the block loop (decode.py)
 
 
