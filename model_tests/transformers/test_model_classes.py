@@ -659,3 +659,23 @@ def test_a_mask_built_for_other_keys_is_refused_not_misread():
             actual = model.generate(ids, attention_mask=unpadded, **kwargs)
     _ran(calls, 1, "minimax")
     assert torch.equal(actual, expected)
+
+
+def test_minimax_padded_under_mps_flash_equals_each_row_alone():
+    """Under "mps_flash" transformers hands the layers the 2-D padding mask itself, not MiniMax's 1-key 4-D one, so
+    a padded batch is served: each row's tokens equal that row generated alone, unpadded (the truth eager's
+    broadcast misses on padded rows)."""
+    if not hasattr(tf, "MiniMaxForCausalLM"):
+        pytest.skip("MiniMax is not in this transformers release")
+    reference, model = twin_models(Family("minimax", tf.MiniMaxForCausalLM, _minimax), "mps_flash")
+    pads = (0, 3)
+    ids, mask = _left_padded(batch=2, seq=10, pads=pads)
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        with trace.capture() as calls:
+            batched = model.generate(ids, attention_mask=mask, **kwargs)
+        for row, pad in enumerate(pads):
+            alone = ids[row:row + 1, pad:]
+            expected = reference.generate(alone, attention_mask=torch.ones_like(alone), **kwargs)
+            assert torch.equal(batched[row, pad:], expected[0]), f"row {row}"
+    _ran(calls, 1, "minimax")
