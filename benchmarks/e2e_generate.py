@@ -47,6 +47,7 @@ def measure(spec: dict) -> dict:
 
     import mfa_hf.integrations.transformers  # noqa: F401  registers "mps_flash"
     from mfa_hf import trace
+    from mfa_hf.benchmark.measure import PrefillTraced
     from mfa_hf.integrations.transformers import cache_kwargs
     from mfa_hf.integrations.transformers.generate import peak_memory_mb
     from mfa_hf.integrations.transformers.quantized_cache import MFAQuantizedCache
@@ -80,35 +81,28 @@ def measure(spec: dict) -> dict:
             torch.cuda.synchronize()
 
     stamps = []
-    # The prefill runs under a trace capture (it names the kernels that served); the decode steps must not: a
-    # traced call records its route each time and skips the decode plan's replay, host time a user never pays.
-    # One more step after the timing, traced, names the decode's kernels at the final length.
-    prefill_trace = trace.capture()
-    calls = prefill_trace.__enter__()
 
-    class Streamer:
+    class Stamps:
         def put(self, value):
             sync()
             stamps.append(time.perf_counter())
-            if len(stamps) == 2:  # the first new token: the prefill is done
-                prefill_trace.__exit__(None, None, None)
 
         def end(self):
             pass
 
+    streamer = PrefillTraced(Stamps())  # the prefill traced (it names the kernels), the timed decode steps not
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
         sync()
         start = time.perf_counter()
         out = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=spec["new"],
-                          min_new_tokens=spec["new"], do_sample=False, streamer=Streamer(), pad_token_id=0,
+                          min_new_tokens=spec["new"], do_sample=False, streamer=streamer, pad_token_id=0,
                           **cache_kwargs(cache))
         sync()
         end = time.perf_counter()
-        with trace.capture() as step_calls:
-            lm(out[:, -1:], **cache_kwargs(cache), use_cache=True)
-    calls.update(step_calls)
+    streamer.named_step(lm, out, cache_kwargs(cache))
+    calls = streamer.calls
     first = stamps[1]  # stamps[0]: the prompt handed to the streamer; stamps[1]: the first new token
     served = trace.served_by(calls)
     peak = peak_memory_mb(device)  # cuda: max allocated; cpu: the row process's peak RSS (model included)

@@ -89,3 +89,55 @@ def cuda_median_ms(call: Callable[[], object], repeats: int = 20, warmup: int = 
         end.synchronize()
         times.append(start.elapsed_time(end))
     return {"median_ms": significant(statistics.median(times)), "min_ms": significant(min(times)), "repeats": repeats}
+
+
+# ---- naming what served without paying for it -----------------------------------------------------------------
+# A traced call (mfa_hf.trace capture open) records its route and skips the replays that make a repeated call cheap
+# on the host (mfa_hf/api.py, mfa_hf/decode_plan.py): timing under a capture times a path no user takes. So calls
+# are timed untraced and named by one more traced call afterwards.
+
+def timed_then_named(call: Callable[[], object], device: str, repeats: int, warmup: int = 1):
+    """(median_ms's timing of untraced calls, the kernels' counter, the routes' counter) of one traced call after."""
+    from mfa_hf import trace
+
+    timing = median_ms(call, device, repeats, warmup)
+    with trace.capture() as calls, trace.capture_routes() as routes:
+        call()
+        synchronize(device)
+    return timing, calls, routes
+
+
+class PrefillTraced:
+    """A generate() streamer around `inner` whose trace capture (`calls`) is open for the prefill only: it closes at
+    the first new token, so the timed decode steps run untraced. `named_step(lm, tokens, cache_kwargs)` then adds one
+    traced decode step after the timing, at the final length."""
+
+    def __init__(self, inner):
+        from mfa_hf import trace
+
+        self.inner, self._puts = inner, 0
+        self._capture = trace.capture()
+        self.calls = self._capture.__enter__()
+
+    def put(self, value):
+        self._puts += 1
+        if self._puts == 2:  # the first put carries the prompt, the second the first new token
+            self._close()
+        self.inner.put(value)
+
+    def end(self):
+        self._close()
+        self.inner.end()
+
+    def _close(self):
+        if self._capture is not None:
+            self._capture.__exit__(None, None, None)
+            self._capture = None
+
+    def named_step(self, lm, tokens, cache_kwargs: dict) -> None:
+        from mfa_hf import trace
+
+        self._close()
+        with torch.inference_mode(), trace.capture() as step:
+            lm(tokens[:, -1:], **cache_kwargs, use_cache=True)
+        self.calls.update(step)

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from .measure import median_ms, ratio
+from .measure import median_ms, ratio, timed_then_named
 from .suite_quick import default_device
 from .table import format_table
 from .worker import attention_call
@@ -75,11 +75,8 @@ def compare_vs_sdpa(seq_lengths=None, dtype: str | None = None, verbose: bool = 
 
 def measure_row(spec: dict) -> dict:
     """One row: ours (and SDPA unless the spec has a window) timed, and their outputs compared."""
-    from mfa_hf import trace
-
     mfa = attention_call({**spec, "impl": "mfa"})
-    with trace.capture() as calls, trace.capture_routes() as routes:
-        ours = median_ms(mfa, spec["device"], spec["repeats"])
+    ours, calls, routes = timed_then_named(mfa, spec["device"], spec["repeats"])
     row = {**{c: spec.get(c) for c in COLUMNS[:8]}, "mfa_ms": ours["median_ms"], "served_by": _served(calls, routes)}
     if spec.get("window") is not None:
         return {**row, "sdpa_ms": None, "speedup": None, "max_diff": None}

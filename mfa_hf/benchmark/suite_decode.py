@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .measure import median_ms, peak_memory, ratio, significant, start_memory
+from .measure import peak_memory, ratio, significant, start_memory, timed_then_named
 from .runner import measure_in_subprocess
 
 KV_LENGTHS = (4096, 16384, 65536)
@@ -74,8 +74,8 @@ def measure(spec: dict) -> dict:
 
     call, nbytes = _cache_and_call(spec)
     before = start_memory(spec["device"])
-    with torch.inference_mode(), trace.capture() as calls:
-        timing = median_ms(call, spec["device"], spec.get("repeats", 5), warmup=2)
+    with torch.inference_mode():
+        timing, calls, _ = timed_then_named(call, spec["device"], spec.get("repeats", 5), warmup=2)
     served = sorted({backend for backend, _ in trace.served_by(calls)})
     tokens = spec["batch"] * spec["kv_len"]
     return {**spec, **timing, **peak_memory(spec["device"], before), "cache_mb": significant(nbytes / 2**20),

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .measure import PrefillTraced
 from .runner import measure_in_subprocess
 
 ROWS = (  # (attention, kv cache)
@@ -83,17 +84,19 @@ def measure(spec: dict) -> dict:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=lm.config)
-    clock = gen._Clock(spec["new_tokens"], progress=False)
-    start = time.perf_counter()
-    with torch.inference_mode(), trace.capture() as calls:
-        from mfa_hf.integrations.transformers import cache_kwargs
+    from mfa_hf.integrations.transformers import cache_kwargs
 
-        lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=spec["new_tokens"],
-                    min_new_tokens=spec["new_tokens"], do_sample=False, streamer=clock,
-                    pad_token_id=tokenizer.eos_token_id, **cache_kwargs(cache))
+    clock = gen._Clock(spec["new_tokens"], progress=False)
+    streamer = PrefillTraced(clock)  # the prefill traced (it names the kernels), the timed decode steps not
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=spec["new_tokens"],
+                          min_new_tokens=spec["new_tokens"], do_sample=False, streamer=streamer,
+                          pad_token_id=tokenizer.eos_token_id, **cache_kwargs(cache))
     end = time.perf_counter()
+    streamer.named_step(lm, out, cache_kwargs(cache))
     first = clock.first_token_at or end
-    served = trace.served_by(calls)
+    served = trace.served_by(streamer.calls)
     return dict(attn=spec["attn"], kv_cache=spec["kv_cache"], context=spec["context"], new_tokens=clock.tokens,
                 prefill_s=round(first - start, 2), decode_tok_s=round((clock.tokens - 1) / max(end - first, 1e-9), 2),
                 peak_mem_mb=round(gen.peak_memory_mb(spec["device"])), cache_mb=round(_cache_mb(cache), 1),

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .measure import median_ms, peak_memory, start_memory
+from .measure import peak_memory, start_memory, timed_then_named
 
 
 def attention_call(spec: dict):
@@ -54,8 +54,7 @@ def measure(spec: dict) -> dict:
     attention_call({**spec, "batch": 1, "heads": 1, "seqlen": 16})()
     call = attention_call(spec)
     before = start_memory(spec["device"])
-    with trace.capture() as calls:
-        timing = median_ms(call, spec["device"], spec.get("repeats", 5), warmup=2)
+    timing, calls, _ = timed_then_named(call, spec["device"], spec.get("repeats", 5), warmup=2)
     served = sorted({backend for backend, _ in trace.served_by(calls)})
     return {**spec, **timing, **peak_memory(spec["device"], before), "served_by": "+".join(served) or "torch.nn.functional"}
 
