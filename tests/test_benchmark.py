@@ -55,3 +55,53 @@ def test_diffusers_rounds_alternate_the_processors_and_take_the_median(monkeypat
     unet = {row["processor"]: row for row in rows if row["model"] == "unet"}
     assert unet["default"]["median_ms_runs"] == [10.0, 30.0, 11.0] and unet["default"]["median_ms"] == 11.0
     assert unet["mfa"]["median_ms"] == 18.0 and unet["mfa"]["ratio_vs_default"] == suite_diffusers.ratio(18.0, 11.0)
+
+
+def test_timed_calls_run_untraced_and_one_traced_call_names_them():
+    """A traced call skips the replays (host time no user pays): every timed call runs with the trace off, one call
+    after them with it on, and what that call recorded comes back."""
+    from mfa_hf import trace
+    from mfa_hf.benchmark.measure import timed_then_named
+
+    states = []
+
+    def call():
+        states.append(trace.enabled())
+        trace.record("torch", "fwd", torch.float32, 8, 1, 1, "")
+
+    timing, calls, _ = timed_then_named(call, "cpu", repeats=4, warmup=2)
+    assert states == [False] * 6 + [True] and timing["repeats"] == 4
+    assert sum(calls.values()) == 1
+
+
+def test_generate_streamer_traces_the_prefill_and_one_named_step_only():
+    """PrefillTraced: the trace is open until the first new token (the prefill names its kernels), off for the decode
+    steps, and on again for the one step named after the timing; the wrapped streamer sees every put."""
+    from mfa_hf import trace
+    from mfa_hf.benchmark.measure import PrefillTraced
+
+    seen = []
+
+    class Inner:
+        def put(self, value):
+            seen.append(value)
+
+        def end(self):
+            seen.append("end")
+
+    class Model:
+        def __call__(self, tokens, **kwargs):
+            assert trace.enabled() and kwargs["use_cache"] and tokens.shape == (1, 1)
+            trace.record("torch", "decode", torch.float32, 8, 1, 5, "")
+
+    streamer = PrefillTraced(Inner())
+    states = [trace.enabled()]
+    trace.record("native", "fwd", torch.float32, 8, 4, 4, "")  # the prefill
+    for token in ("prompt", 1, 2, 3):
+        streamer.put(token)
+        states.append(trace.enabled())
+    streamer.end()
+    assert states == [True, True, False, False, False] and seen == ["prompt", 1, 2, 3, "end"]
+    streamer.named_step(Model(), torch.zeros(1, 6, dtype=torch.long), {"cache": None})
+    assert not trace.enabled()
+    assert trace.served_by(streamer.calls) == {("native", "fwd"): 1, ("torch", "decode"): 1}
