@@ -28,7 +28,7 @@ from mfa_hf.testing_kvcache import (
 )
 
 CAPACITY = 80
-FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2")
+FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2", "nf4")
 
 
 @pytest.fixture
@@ -41,14 +41,17 @@ def _cases():
     windows = ((-1, -1), (9, -1), (0, -1), (200, 3))
     heads = ((4, 2), (4, 1), (3, 3), (8, 2))
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    dims = (64, 40, 72)
     cases = []
     for n, fmt in enumerate(FORMATS):
+        # nf4's head dims are multiples of its groups: 96 and 128 hold several groups of 32 and 64 per key
+        dims = (64, 96, 128) if fmt == "nf4" else (64, 40, 72)
         for m in range(4):
             i = n + m
             cases.append(DecodeCase(fmt, 1, dtypes[i % 3], heads[i % 4], dim=dims[i % 3], window=windows[m],
                                     sinks=bool(i % 2)))
     cases.append(DecodeCase("int8", 1, torch.float32, (4, 2), v_format="fp8_e5m2", sinks=True))
+    cases.append(DecodeCase("nf4", 1, torch.float32, (6, 2), dim=96, v_format="int8", sinks=True))
+    cases.append(DecodeCase("fp8_e4m3", 1, torch.bfloat16, (6, 3), dim=128, v_format="nf4", window=(20, -1)))
     return cases
 
 
@@ -79,6 +82,20 @@ def test_static_scales(fmt, granularity, serves, served):
         inputs[name] = mfa_hf.quantize_kv(content, fmt, granularity=granularity)
     out, lse = run_kvcache(case, inputs)
     assert bool(served) == serves
+    assert_matches_reference_over_cache(case, inputs, out, lse)
+
+
+@pytest.mark.parametrize("k_group,v_group", [(32, 64), (64, 32), (32, 32)])
+def test_groups_of_either_side(k_group, v_group, served):
+    """nf4 keys and values with their own group sizes (one or two groups a key at D 64) against the reference."""
+    g = torch.Generator().manual_seed(5)
+    case = DecodeCase("nf4", 1, torch.float32, (6, 2), sinks=True, window=(33, -1))
+    inputs = make_decode_inputs(case, (70,) * BATCH, CAPACITY, seed=13)
+    for name, group in (("k_cache", k_group), ("v_cache", v_group)):
+        content = torch.randn(BATCH, CAPACITY, 2, 64, generator=g) * torch.rand(1, 1, 1, 64, generator=g) * 4
+        inputs[name] = mfa_hf.quantize_kv(content, "nf4", group_size=group)
+    out, lse = run_kvcache(case, inputs)
+    assert served
     assert_matches_reference_over_cache(case, inputs, out, lse)
 
 

@@ -223,7 +223,7 @@ def test_mixed_formats_between_k_and_v_are_served():
 
 
 @pytest.mark.parametrize("fmt", list(kv_formats.QUANTIZED_NAMES))
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced", "empty"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced", "expanded", "flat", "empty"])
 def test_decode_from_byte_tables_equals_element_by_element(fmt, layout):
     """Every byte value (NaN codes included) decodes through the 256-entry tables to what float8 conversion or
     nibble unpacking into the codebook gives, in any layout of the codes, also when written into a buffer."""
@@ -234,6 +234,10 @@ def test_decode_from_byte_tables_equals_element_by_element(fmt, layout):
         codes = codes.transpose(1, 2)
     elif layout == "sliced":
         codes = codes[:, 1:, :, ::2]
+    elif layout == "expanded":  # one position broadcast along the sequence (stride 0)
+        codes = codes[:, :1].expand(2, 5, 4, 64)
+    elif layout == "flat":
+        codes = codes.reshape(-1)
     elif layout == "empty":
         codes = codes[:, :0]
     expected = spec.decode_bytes(codes)

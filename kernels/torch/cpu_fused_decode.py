@@ -7,9 +7,10 @@ block loop of decode.py costs some sixty small ops per key block instead. The G 
 head are stacked as G rows of one problem (one row each, no mask: the rows are independent), so
 GQA needs no repeated K/V. The cache is read in chunks of CHUNK_BYTES of widened keys and values
 (the full-precision cache never exists) and the chunks merge exactly by their log-sum-exps, with the
-sinks joining once (kernels/merge.py). Codes with one scale per key and head (int8, fp8) skip the
-dequantization and the fused kernel: cpu_scaled_codes.py widens them and applies the scales after the
-products. Everything else takes decode.py's loop.
+sinks joining once (kernels/merge.py). Codes whose scales factor out of the products (one per key and head:
+int8, fp8; one per key, head and group of D: nf4) skip the dequantization and the fused kernel:
+cpu_scaled_codes.py widens them and applies the scales after the products. Everything else takes decode.py's
+loop.
 
 The kernel's one departure from our semantics: it returns 0 for a query row holding NaN (ours keeps
 NaN). Such a call takes the loop, which propagates it. NaN or inf in K/V propagate like ours.

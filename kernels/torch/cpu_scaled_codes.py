@@ -1,10 +1,16 @@
-"""One query row per sequence over int8 / fp8 codes with one scale per key and head: widen, multiply, scale after.
+"""One query row per sequence over codes whose scales factor out of the products: widen, multiply, scale after.
 
 With a single scale s per (token, head) (or per head), a key is k = s_k c and a value v = s_v c, so both scales
 factor out of the two products: q.k = s_k (q.c) and sum_j p_j v_j = sum_j (p_j s_v,j) c_j. The codes are
 then only widened to float32 (exactly, into a buffer that both sides and every chunk of the call reuse, heads
-first: int8 in one converting copy, float8 bytes through their format's 256-entry table), the key scales multiply
-the scores and the value scales the probabilities, which are small (G rows per key instead of D columns).
+first: int8 in one converting copy, float8 bytes and nf4 byte pairs through their format's 256-entry table), the
+key scales multiply the scores and the value scales the probabilities, which are small (G rows per key instead of
+D columns).
+
+Scales per group of D (nf4: one per 32 or 64 values of a key) factor the same way group by group: q.k =
+sum_g s_k,g (q_g.c_g), one product row per query row and group (the query's other groups zeroed), and value
+group g of the output is sum_j (p_j s_v,j,g) c_j,g, the diagonal blocks of one product with G * groups rows.
+A head dim of one group (nf4 at D 64) is the per-key case.
 
 Why not dequantize and call torch's fused kernel (cpu_fused_decode's other path): codes * scales costs torch's
 CPU type promotion a full float copy of the codes plus the multiply, and the fused kernel ran about 2x slower
@@ -35,16 +41,17 @@ WIDE_BYTES = 8 << 20
 
 
 def serves(call: DecodeCall) -> bool:
-    """Whether both sides are codes that widen exactly with one scale per key and head (int8, fp8 per token
-    or per head; not nf4's codebook and groups, not per-channel scales)."""
+    """Whether both sides are codes that widen exactly with scales that factor out: one per key and head (int8,
+    fp8 per token or per head) or one per key, head and group of D (nf4); not per-channel scales."""
     return ENABLED and _factorable(call.keys) and _factorable(call.values)
 
 
 def _factorable(side: CacheSide) -> bool:
     if side.format == "none":
         return False
-    spec = kv_formats.spec(side.format)
-    return spec.codes_per_byte == 1 and spec.codebook is None and side.scales.shape[-1] == 1
+    # A grouped format has one scale per token, head and group of D; others need one per token (or head), not
+    # one per channel.
+    return kv_formats.spec(side.format).grouped or side.scales.shape[-1] == 1
 
 
 def parts(call: DecodeCall, start: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -53,8 +60,9 @@ def parts(call: DecodeCall, start: int, length: int) -> list[tuple[torch.Tensor,
     batch, _, heads_q, dim = q.shape
     heads_kv = keys.codes.shape[2]
     dim_v = values_dim(values)
+    group_rows = heads_q // heads_kv
     # (B * Hkv, G, D): the G query heads of a KV head are the rows of one product; the scale folded in once.
-    rows = q.reshape(batch * heads_kv, heads_q // heads_kv, dim).to(torch.float32) * call.options.scale
+    rows = q.reshape(batch * heads_kv, group_rows, dim).to(torch.float32) * call.options.scale
     chunk = max(1, WIDE_BYTES // (batch * heads_kv * max(dim, dim_v) * 4))
     count = min(chunk, length - start)
     # One buffer for both sides and every chunk (a side's widened codes are dead once its product ran).
@@ -63,36 +71,68 @@ def parts(call: DecodeCall, start: int, length: int) -> list[tuple[torch.Tensor,
     for first in range(start, length, chunk):
         count = min(chunk, length - first)
         k_wide = _widen(keys, first, count, wide)  # (B * Hkv, count, D)
-        scores = torch.bmm(rows, k_wide.transpose(1, 2))  # (B * Hkv, G, count)
-        scale_per_key(scores, keys, first, count, batch)
+        products = _group_products(rows, k_wide.transpose(1, 2), _groups(keys), split=-1)  # (B*Hkv, G, groups, n)
+        scores = scale_per_key(products, keys, first, count, batch).sum(dim=2)  # (B * Hkv, G, count)
         # No -inf to guard: every key of the chunk is visible (the window only moved `start`); a NaN or inf code
         # turns its KV head's rows NaN, as in the reference.
         top = scores.amax(dim=-1, keepdim=True)
         weights = scores.sub_(top).exp_()
         total = weights.sum(dim=-1, keepdim=True)  # >= 1 (the top key's weight)
+        groups_v = _groups(values)
+        # (B * Hkv, G, value groups, count): group g's weights times its scales
+        weights = weights.unsqueeze(2) if groups_v == 1 else weights[:, :, None].repeat(1, 1, groups_v, 1)
         scale_per_key(weights, values, first, count, batch)
-        out = torch.bmm(weights, _widen(values, first, count, wide)).div_(total)  # (B * Hkv, G, Dv)
+        out = _group_products(weights, _widen(values, first, count, wide), groups_v, split=2)
+        out = out.reshape(batch * heads_kv, group_rows, dim_v).div_(total)
         lse = top.add_(total.log_())
         found.append((out.reshape(batch, 1, heads_q, dim_v), lse.reshape(batch, heads_q, 1)))
     return found
 
 
+def _groups(side: CacheSide) -> int:
+    """Scales per key and head: 1, or the groups of D of a grouped format."""
+    return side.scales.shape[-1]
+
+
+def _group_products(left: torch.Tensor, right: torch.Tensor, groups: int, split: int) -> torch.Tensor:
+    """The product of each group of D on its own: (N, G, groups, n) of left's and right's groups.
+
+    split -1 (keys): left (N, G, D) and right (N, D, n) are cut along D, the product of group g being its partial dot
+    products. split 2 (values): left (N, G, groups, n) holds one row set per group, right (N, n, D) is cut along D;
+    group g's product is the g-th block of the output's D. One bmm per group, not one over zero-padded rows: that
+    rounded the partial dots about twice as coarsely (MKL's small-M kernel)."""
+    if groups == 1:
+        return torch.bmm(left if split == -1 else left[:, :, 0], right).unsqueeze(2)
+    width = (left.shape[-1] if split == -1 else right.shape[-1]) // groups
+    found = []
+    for g in range(groups):
+        cut = slice(g * width, (g + 1) * width)
+        if split == -1:
+            found.append(torch.bmm(left[..., cut], right[:, cut]))
+        else:
+            found.append(torch.bmm(left[:, :, g], right[..., cut]))
+    return torch.stack(found, dim=2)
+
+
 def _widen(side: CacheSide, first: int, count: int, wide: torch.Tensor) -> torch.Tensor:
     """Codes of positions [first, first + count), every row and head, as float32 (B * H, count, D), exact."""
     codes = side.codes[:, first:first + count]
-    batch, _, heads, dim = codes.shape
+    fmt = kv_formats.spec(side.format)
+    batch, _, heads, stored = codes.shape
+    dim = fmt.logical_dim(stored)
     out = wide[:batch * heads * count * dim].view(batch, heads, count, dim)
-    # int8 converts in one copy that also lays the heads out first for the product; float8 bytes go through
-    # their format's table of values (torch's float8 conversion is slow on CPU).
-    kv_formats.spec(side.format).decode_into(codes.transpose(1, 2), out)
+    # int8 converts in one copy that also lays the heads out first for the product; float8 bytes and nf4 byte
+    # pairs go through their format's table of values (torch's float8 conversion is slow on CPU).
+    fmt.decode_into(codes.transpose(1, 2), out)
     return out.view(batch * heads, count, dim)
 
 
-def scale_per_key(per_key: torch.Tensor, side: CacheSide, first: int, count: int, batch: int) -> None:
-    """per_key (B * Hkv, G, count) *= the side's scale of each key (per token, or one per head)."""
-    scales = side.scales  # (B or 1, S or 1, Hkv, 1)
+def scale_per_key(per_key: torch.Tensor, side: CacheSide, first: int, count: int, batch: int) -> torch.Tensor:
+    """per_key (B * Hkv, rows, [groups,] count) *= the side's scale of each key (per token, or one per head) and
+    group of D; returned."""
+    scales = side.scales  # (B or 1, S or 1, Hkv, groups)
     if scales.shape[1] > 1:
         scales = scales[:, first:first + count]
-    heads = scales.shape[2]
-    per_key.view(batch, heads, per_key.shape[1], count).mul_(scales[..., 0].transpose(1, 2)[:, :, None, :])
-
+    heads, groups = scales.shape[2], scales.shape[3]
+    per_key.view(batch, heads, -1, groups, count).mul_(scales.permute(0, 2, 3, 1)[:, :, None])
+    return per_key
