@@ -74,10 +74,7 @@ class KVFormatSpec:
             # float8_e4m3fn has no infinity: clamp first so out-of-range values saturate, not NaN.
             return scaled.clamp(-limit, limit).to(self.float8_dtype).view(torch.uint8)
         if self.codebook is not None:
-            levels = torch.tensor(self.codebook, dtype=torch.float32, device=scaled.device)
-            midpoints = (levels[1:] + levels[:-1]) / 2
-            indices = torch.bucketize(scaled.clamp(-limit, limit).contiguous(), midpoints).to(torch.uint8)
-            return _pack(indices, self.codes_per_byte)
+            return _pack(_nearest_level(scaled.clamp(-limit, limit), self.codebook), self.codes_per_byte)
         return _pack(scaled.round().clamp(-limit, limit).to(self.code_dtype), self.codes_per_byte)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -139,6 +136,19 @@ def _lookup(table: torch.Tensor, codes: torch.Tensor, entries: torch.Tensor) -> 
     rows = table.view(1, -1).expand(index.shape[0], table.shape[0])
     torch.gather(rows, 1, index, out=entries.view(index.shape))
     return entries
+
+
+def _nearest_level(values: torch.Tensor, levels: tuple[float, ...]) -> torch.Tensor:
+    """uint8 index of the nearest of the sorted levels for each value (a tie goes to the lower level; NaN to the
+    last): the number of midpoints between levels that a value is not <= to, i.e. torch.bucketize over the midpoints.
+    Counted one midpoint at a time (15 comparisons for nf4, each over all values on every thread): bucketize's binary
+    search is one loop on one thread (1.5M values, 2 cores: about 5.5 ms against 15-17 ms)."""
+    table = torch.tensor(levels, dtype=values.dtype, device=values.device)
+    midpoints = (table[1:] + table[:-1]) / 2  # in the values' dtype, as the comparisons read them
+    found = torch.full(values.shape, len(levels) - 1, dtype=torch.uint8, device=values.device)
+    for midpoint in midpoints:
+        found.sub_((values <= midpoint).view(torch.uint8))
+    return found
 
 
 def _pack(indices: torch.Tensor, codes_per_byte: int) -> torch.Tensor:

@@ -95,6 +95,23 @@ def test_nf4_codebook_and_nibble_order():
     assert torch.equal(packed.dequantize(), x)
 
 
+def test_nf4_codes_are_the_nearest_level_ties_down():
+    """Each scaled value gets the nearest level's index: the same as a binary search over the midpoints
+    (torch.bucketize) for random values, values on a midpoint (the lower level), one float either side of it,
+    the ends, and NaN (whose group's scale is NaN anyway)."""
+    spec = kv_formats.spec("nf4")
+    levels = torch.tensor(NF4_LEVELS)
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    edges = torch.cat([midpoints, midpoints.nextafter(torch.tensor(2.0)), midpoints.nextafter(torch.tensor(-2.0)),
+                       levels, torch.tensor([-1.0, 1.0, 0.0, -0.0, math.nan])])
+    values = torch.cat([edges, torch.rand(4000, generator=torch.Generator().manual_seed(0)) * 2 - 1])
+    values = values[: values.numel() // 2 * 2]
+    codes = spec.encode(values.view(1, 1, 1, -1))
+    indices = torch.stack((codes & 0xF, codes >> 4), dim=-1).reshape(-1)
+    assert torch.equal(indices, torch.bucketize(values, midpoints).to(torch.uint8))
+    assert torch.equal(indices[:15], torch.arange(15, dtype=torch.uint8))  # a tie goes to the lower level
+
+
 @pytest.mark.parametrize("fmt,group_size,granularity,expected", [
     ("fp8_e4m3", None, "token", 128 + 4), ("fp8_e5m2", None, "token", 128 + 4), ("int8", None, "token", 128 + 4),
     ("nf4", 64, "token", 64 + 2 * 4), ("nf4", 32, "token", 64 + 4 * 4),

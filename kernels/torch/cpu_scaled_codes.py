@@ -72,7 +72,7 @@ def parts(call: DecodeCall, start: int, length: int) -> list[tuple[torch.Tensor,
         count = min(chunk, length - first)
         k_wide = _widen(keys, first, count, wide)  # (B * Hkv, count, D)
         products = _group_products(rows, k_wide.transpose(1, 2), _groups(keys), split=-1)  # (B*Hkv, G, groups, n)
-        scores = scale_per_key(products, keys, first, count, batch).sum(dim=2)  # (B * Hkv, G, count)
+        scores = _group_sum(scale_per_key(products, keys, first, count, batch))  # (B * Hkv, G, count)
         # No -inf to guard: every key of the chunk is visible (the window only moved `start`); a NaN or inf code
         # turns its KV head's rows NaN, as in the reference.
         top = scores.amax(dim=-1, keepdim=True)
@@ -92,6 +92,11 @@ def parts(call: DecodeCall, start: int, length: int) -> list[tuple[torch.Tensor,
 def _groups(side: CacheSide) -> int:
     """Scales per key and head: 1, or the groups of D of a grouped format."""
     return side.scales.shape[-1]
+
+
+def _group_sum(products: torch.Tensor) -> torch.Tensor:
+    """(N, G, groups, n) -> (N, G, n), summed over the groups (one group: a view, no op)."""
+    return products.squeeze(2) if products.shape[2] == 1 else products.sum(dim=2)
 
 
 def _group_products(left: torch.Tensor, right: torch.Tensor, groups: int, split: int) -> torch.Tensor:
