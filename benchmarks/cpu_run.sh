@@ -1,11 +1,12 @@
 #!/bin/bash
-# The CPU tables of issue 19 in one run (~45 minutes on a 2-core host), each beside the stock path in the same
+# The CPU tables of issue 19 in one run (~60 minutes on a 2-core host), each beside the stock path in the same
 # process or the same run; STEPS picks the steps (default: all):
 #   kernels   the kernel suite against SDPA (python -m mfa_hf.benchmark --suite quick --device cpu);
 #   decode    one decode call per KV format at 4k/16k/64k against SDPA (--suite decode);
 #   e2e       smollm-135m end to end (sdpa, mps_flash, MFAQuantizedCache int8/nf4, and transformers'
 #             quanto/hqq caches where optimum-quanto / hqq are installed) at 1k and 8k context, 3 rounds, then
-#             sdpa and int8 at 32k, one round (cpu-e2e-32k.log: each row prefills 32k tokens, minutes on CPU);
+#             sdpa, int8, nf4 and transformers' caches at 16k, one round (cpu-e2e-16k.log), and sdpa and int8 at
+#             32k, one round (cpu-e2e-32k.log: each row prefills 32k tokens, minutes on CPU);
 #   diffusers a UNet and a Flux transformer, default processors against ours, 3 alternating rounds.
 # Run from the repository root, on an otherwise idle machine (the rows are ratios of medians; a busy host
 # spreads them). Logs land in $OUT (default benchmarks/results), named cpu-<step>.log.
@@ -29,6 +30,8 @@ step kernels && run kernels "$PYTHON" -m mfa_hf.benchmark --suite quick --device
 step decode && run decode "$PYTHON" -m mfa_hf.benchmark --suite decode --device cpu
 step e2e && run e2e "$PYTHON" benchmarks/e2e_generate.py --device cpu --shape smollm-135m --dtype float32 \
     --context 1024 --new 32 --contexts 8192 --context-caches int8 nf4 hf_hqq hf_quanto --skip fp8_e4m3 --repeats 3
+step e2e && run e2e-16k "$PYTHON" benchmarks/e2e_generate.py --device cpu --shape smollm-135m --dtype float32 \
+    --new 32 --no-main-rows --contexts 16384 --context-caches int8 nf4 hf_hqq hf_quanto --repeats 1
 step e2e && run e2e-32k "$PYTHON" benchmarks/e2e_generate.py --device cpu --shape smollm-135m --dtype float32 \
     --new 32 --no-main-rows --contexts 32768 --context-caches int8 --repeats 1
 step diffusers && run diffusers "$PYTHON" -m mfa_hf.benchmark --suite diffusers --device cpu
