@@ -8,9 +8,9 @@ key scales multiply the scores and the value scales the probabilities, which are
 D columns).
 
 Scales per group of D (nf4: one per 32 or 64 values of a key) factor the same way group by group: q.k =
-sum_g s_k,g (q_g.c_g), one product row per query row and group (the query's other groups zeroed), and value
-group g of the output is sum_j (p_j s_v,j,g) c_j,g, the diagonal blocks of one product with G * groups rows.
-A head dim of one group (nf4 at D 64) is the per-key case.
+sum_g s_k,g (q_g.c_g), one product per group over its slice of D, scaled, then summed; value group g of the
+output is sum_j (p_j s_v,j,g) c_j,g, one product per group with the weights scaled by that group's scales. A head
+dim of one group (nf4 at D 64) is the per-key case.
 
 Why not dequantize and call torch's fused kernel (cpu_fused_decode's other path): codes * scales costs torch's
 CPU type promotion a full float copy of the codes plus the multiply, and the fused kernel ran about 2x slower
@@ -60,9 +60,8 @@ def parts(call: DecodeCall, start: int, length: int) -> list[tuple[torch.Tensor,
     batch, _, heads_q, dim = q.shape
     heads_kv = keys.codes.shape[2]
     dim_v = values_dim(values)
-    group_rows = heads_q // heads_kv
     # (B * Hkv, G, D): the G query heads of a KV head are the rows of one product; the scale folded in once.
-    rows = q.reshape(batch * heads_kv, group_rows, dim).to(torch.float32) * call.options.scale
+    rows = q.reshape(batch * heads_kv, heads_q // heads_kv, dim).to(torch.float32) * call.options.scale
     chunk = max(1, WIDE_BYTES // (batch * heads_kv * max(dim, dim_v) * 4))
     count = min(chunk, length - start)
     # One buffer for both sides and every chunk (a side's widened codes are dead once its product ran).
@@ -71,7 +70,7 @@ def parts(call: DecodeCall, start: int, length: int) -> list[tuple[torch.Tensor,
     for first in range(start, length, chunk):
         count = min(chunk, length - first)
         k_wide = _widen(keys, first, count, wide)  # (B * Hkv, count, D)
-        products = _group_products(rows, k_wide.transpose(1, 2), _groups(keys), split=-1)  # (B*Hkv, G, groups, n)
+        products = _key_group_products(rows, k_wide, _groups(keys))  # (B * Hkv, G, key groups, count)
         scores = _group_sum(scale_per_key(products, keys, first, count, batch))  # (B * Hkv, G, count)
         # No -inf to guard: every key of the chunk is visible (the window only moved `start`); a NaN or inf code
         # turns its KV head's rows NaN, as in the reference.
@@ -82,8 +81,7 @@ def parts(call: DecodeCall, start: int, length: int) -> list[tuple[torch.Tensor,
         # (B * Hkv, G, value groups, count): group g's weights times its scales
         weights = weights.unsqueeze(2) if groups_v == 1 else weights[:, :, None].repeat(1, 1, groups_v, 1)
         scale_per_key(weights, values, first, count, batch)
-        out = _group_products(weights, _widen(values, first, count, wide), groups_v, split=2)
-        out = out.reshape(batch * heads_kv, group_rows, dim_v).div_(total)
+        out = _value_group_products(weights, _widen(values, first, count, wide)).div_(total)  # (B * Hkv, G, Dv)
         lse = top.add_(total.log_())
         found.append((out.reshape(batch, 1, heads_q, dim_v), lse.reshape(batch, heads_q, 1)))
     return found
@@ -99,24 +97,23 @@ def _group_sum(products: torch.Tensor) -> torch.Tensor:
     return products.squeeze(2) if products.shape[2] == 1 else products.sum(dim=2)
 
 
-def _group_products(left: torch.Tensor, right: torch.Tensor, groups: int, split: int) -> torch.Tensor:
-    """The product of each group of D on its own: (N, G, groups, n) of left's and right's groups.
+def _key_group_products(rows: torch.Tensor, keys: torch.Tensor, groups: int) -> torch.Tensor:
+    """rows (N, G, D) . keys (N, n, D) per group of D: (N, G, groups, n), group g's partial dot products. One bmm
+    per group over its slice of D, not one over zero-padded rows: that rounded the partial dots about twice as
+    coarsely (MKL's small-M kernel)."""
+    width = rows.shape[-1] // groups
+    parts = [torch.bmm(rows[..., g * width:(g + 1) * width], keys[..., g * width:(g + 1) * width].transpose(1, 2))
+             for g in range(groups)]
+    return parts[0].unsqueeze(2) if groups == 1 else torch.stack(parts, dim=2)  # one group: a view, no copy
 
-    split -1 (keys): left (N, G, D) and right (N, D, n) are cut along D, the product of group g being its partial dot
-    products. split 2 (values): left (N, G, groups, n) holds one row set per group, right (N, n, D) is cut along D;
-    group g's product is the g-th block of the output's D. One bmm per group, not one over zero-padded rows: that
-    rounded the partial dots about twice as coarsely (MKL's small-M kernel)."""
-    if groups == 1:
-        return torch.bmm(left if split == -1 else left[:, :, 0], right).unsqueeze(2)
-    width = (left.shape[-1] if split == -1 else right.shape[-1]) // groups
-    found = []
-    for g in range(groups):
-        cut = slice(g * width, (g + 1) * width)
-        if split == -1:
-            found.append(torch.bmm(left[..., cut], right[:, cut]))
-        else:
-            found.append(torch.bmm(left[:, :, g], right[..., cut]))
-    return torch.stack(found, dim=2)
+
+def _value_group_products(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """weights (N, G, groups, n) @ values (N, n, Dv) per group of Dv: (N, G, Dv), group g of the output from group
+    g's weights."""
+    groups = weights.shape[2]
+    width = values.shape[-1] // groups
+    parts = [torch.bmm(weights[:, :, g], values[..., g * width:(g + 1) * width]) for g in range(groups)]
+    return parts[0] if groups == 1 else torch.cat(parts, dim=-1)
 
 
 def _widen(side: CacheSide, first: int, count: int, wide: torch.Tensor) -> torch.Tensor:
