@@ -103,6 +103,9 @@ class DecodePlan:
             raise NotImplementedError(f"left padding with {q_len} query tokens per step is not supported by the "
                                       "decode plan (one token per step is)")
         self._lengths: dict = {}  # (group index, length, device) -> int32 vector
+        # The route of the latest layer run when the platform's kernel served it, else None: a caller can replay
+        # that kind of layer without the plan (integrations/transformers/decode.py).
+        self.native_route: Optional[routes.Route] = None
 
     def run(self, q: Tensor, layer: LayerKV, *, scale: float, window_left: int = -1, causal: bool = True,
             softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Tensor:
@@ -145,8 +148,10 @@ class DecodePlan:
         if traced:
             dispatch.record_route(path.route, path.problem, "decode")
         if path.backend is None:  # the platform's kernel, exact here (routes.py): plain K/V, one row group
-            return native.sdpa(q, keys.codes[:, :layer.length], values.codes[:, :layer.length], None, path.route,
-                               scale)
+            self.native_route = path.route
+            return native.sdpa(q, _first(keys.codes, layer.length), _first(values.codes, layer.length), None,
+                               path.route, scale)
+        self.native_route = None
         replay = path.replay
         if replay is not None and not traced and ops.plain_eager((q, keys.codes, values.codes)):
             result = replay(q, keys, values, self._lengths_of(index, group, layer.length, q.device))
@@ -196,3 +201,9 @@ class DecodePlan:
             rows = self.batch if group.rows is None else len(group.host_rows)
             lengths = self._lengths[key] = torch.full((rows,), length, dtype=torch.int32, device=device)
         return lengths
+
+
+def _first(codes: Tensor, length: int) -> Tensor:
+    """The first `length` slots of a plain cache (B, S, Hkv, D); the tensor itself when it holds no more (a slice
+    costs about a microsecond of host time, paid by every layer)."""
+    return codes if codes.shape[1] == length else codes[:, :length]

@@ -23,24 +23,29 @@ _stock_sdpa = torch._C._nn.scaled_dot_product_attention  # what F.scaled_dot_pro
 
 def sdpa(q, k, v, mask, route: Route, scale: float) -> torch.Tensor:
     """q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D), mask broadcastable to (B, Hq, Lq, Lk) -> (B, Lq, Hq, D)."""
+    return sdpa_heads_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, route, scale).transpose(1, 2)
+
+
+def sdpa_heads_first(q, k, v, mask, route: Route, scale: float, readable: bool | None = None) -> torch.Tensor:
+    """`sdpa` in SDPA's own layout: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> (B, Hq, Lq, Dv). A caller holding
+    heads-first tensors (transformers' attention functions) pays no transposes. readable: whether q may be read
+    on the host (see _nonfinite_rows_restored), when the caller already knows; None: find out."""
     if route.key_start:
-        k, v = k[:, route.key_start:], v[:, route.key_start:]
+        k, v = k[:, :, route.key_start:], v[:, :, route.key_start:]
         mask = None if mask is None else mask[..., route.key_start:]
     # From here the problem is plain: SDPA's top-left causal flag or none, over these keys (routes.py).
-    batch, rows, heads_q, _ = q.shape
-    heads_kv = k.shape[2]
+    batch, heads_q, rows, _ = q.shape
+    heads_kv = k.shape[1]
     if rows == 1 and heads_q != heads_kv and mask is None and route.gate.stacks_query_groups \
             and stacking_pays(batch, heads_q, heads_kv, q.shape[-1], _threads()):
         out = _query_groups_as_rows(q, k, v, scale)
     # Positional arguments and no default keywords: each keyword costs the binding's parser time per call.
     elif heads_q == heads_kv:
-        out = _stock_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, 0.0, route.is_causal,
-                          scale=scale).transpose(1, 2)
+        out = _stock_sdpa(q, k, v, mask, 0.0, route.is_causal, scale=scale)
     else:
-        out = _stock_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, 0.0, route.is_causal,
-                          scale=scale, enable_gqa=True).transpose(1, 2)
+        out = _stock_sdpa(q, k, v, mask, 0.0, route.is_causal, scale=scale, enable_gqa=True)
     if route.gate.zeroes_nan_query_rows:
-        out = _nonfinite_rows_restored(q, k, v, mask, route.is_causal, scale, out)
+        out = _nonfinite_rows_restored(q, k, v, mask, route.is_causal, scale, out, readable)
     return out
 
 
@@ -69,16 +74,16 @@ def stacking_pays(batch: int, heads_q: int, heads_kv: int, head_dim: int, thread
 
 
 def _query_groups_as_rows(q, k, v, scale: float):
-    """One query row (B, 1, Hq, D) over k/v (B, Lk, Hkv, D): the G = Hq / Hkv heads of KV head h become G
+    """One query row (B, Hq, 1, D) over k/v (B, Hkv, Lk, D): the G = Hq / Hkv heads of KV head h become G
     rows of head h (query head h * G + g is row g, the GQA grouping), so the kernel reads each K/V head once."""
-    batch, _, heads_q, dim = q.shape
-    heads_kv = k.shape[2]
+    batch, heads_q, _, dim = q.shape
+    heads_kv = k.shape[1]
     rows = q.reshape(batch, heads_kv, heads_q // heads_kv, dim)
-    out = _stock_sdpa(rows, k.transpose(1, 2), v.transpose(1, 2), None, 0.0, False, scale=scale)
-    return out.reshape(batch, 1, heads_q, v.shape[-1])
+    out = _stock_sdpa(rows, k, v, None, 0.0, False, scale=scale)
+    return out.reshape(batch, heads_q, 1, v.shape[-1])
 
 
-def _nonfinite_rows_restored(q, k, v, mask, is_causal: bool, scale: float, out):
+def _nonfinite_rows_restored(q, k, v, mask, is_causal: bool, scale: float, out, readable: bool | None = None):
     """The reference's result for query rows holding NaN or inf, where the kernel differs: torch's CPU kernel
     returns 0 for a NaN row that sees keys, and NaN for an inf row its bool mask hides (it adds the mask).
     Rows of finite values are the kernel's, untouched.
@@ -92,26 +97,36 @@ def _nonfinite_rows_restored(q, k, v, mask, is_causal: bool, scale: float, out):
     compiled or traced calls), the rows are fixed with device ops alone: NaN where the row sees a key (any
     additive mask lets a NaN through), else 0. That is the reference for NaN rows; for a row of ±inf it differs
     only when every key it sees scores -inf (the reference gives 0)."""
-    readable = q.device.type == "cpu" and ops.plain_eager((q,), autograd=True)  # a free read that breaks no trace
-    if readable and math.isfinite(float(q.detach().sum(dtype=torch.float32))):
+    if readable is None:
+        readable = q.device.type == "cpu" and ops.plain_eager((q,), autograd=True)  # a free read, breaking no trace
+    if readable and _finite(q):
         return out
-    bad = ~torch.isfinite(q).all(-1, keepdim=True)  # (B, Lq, Hq, 1)
+    bad = ~torch.isfinite(q).all(-1, keepdim=True)  # (B, Hq, Lq, 1)
     if readable:
         return torch.where(bad, _ours(q, k, v, mask, is_causal, scale), out)
     if mask is None or mask.dtype != torch.bool:
         return out.masked_fill(bad, math.nan)
-    seen = mask.any(-1).transpose(-1, -2).unsqueeze(-1)  # (B|1, Lq|1, H|1, 1), as out's dims
+    seen = mask.any(-1, keepdim=True)  # (B|1, H|1, Lq|1, 1), as out's dims
     return out.masked_fill(bad & seen, math.nan).masked_fill(bad & ~seen, 0.0)
 
 
+def _finite(q) -> bool:
+    """Whether q holds only finite values, by one sum (float32: a half-precision sum overflows sooner)."""
+    if q.requires_grad:
+        q = q.detach()
+    return math.isfinite(float(q.sum() if q.dtype == torch.float32 else q.sum(dtype=torch.float32)))
+
+
 def _ours(q, k, v, mask, is_causal: bool, scale: float) -> torch.Tensor:
-    """The same plain problem on our torch kernel (no autograd graph: the rows it fills are not finite)."""
+    """The same plain problem (heads first) on our torch kernel, heads first (no autograd graph: the rows it
+    fills are not finite)."""
     from .kernels.contract import Options
     from .kernels.torch.forward import forward
 
     options = Options(scale, window_right=0 if is_causal else -1)
+    q, k, v = (x.detach().transpose(1, 2) for x in (q, k, v))
     with torch.no_grad():
-        return forward(AttentionCall(q.detach(), k.detach(), v.detach(), options, attn_mask=mask))[0]
+        return forward(AttentionCall(q, k, v, options, attn_mask=mask))[0].transpose(1, 2)
 
 
 def replay(route: Route, scale: float):

@@ -404,6 +404,70 @@ def test_plain_decode_routes_one_row_exactly(window, length, monkeypatch):
         assert_close_to_reference(out, ref, base)
 
 
+def _heads_first_cache(layout: str, g, batch=2, heads_kv=2, length=37, dim=16):
+    """Plain cached K/V (B, Hkv, S, D) as transformers hands them over, in the layouts caches produce."""
+    if layout == "contiguous":
+        return torch.randn(batch, heads_kv, length, dim, generator=g)
+    if layout == "buffer-prefix":  # a longer buffer's first `length` slots (strides of the buffer)
+        return torch.randn(batch, heads_kv, length + 9, dim, generator=g)[:, :, :length]
+    if layout == "sequence-major":  # (B, S, Hkv, D) storage seen heads first
+        return torch.randn(batch, length, heads_kv, dim, generator=g).transpose(1, 2)
+    if layout == "expanded-batch":  # one row broadcast over the batch (stride 0)
+        return torch.randn(1, heads_kv, length, dim, generator=g).expand(batch, -1, -1, -1)
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "buffer-prefix", "sequence-major", "expanded-batch"])
+@pytest.mark.parametrize("heads, window, scaling, nonfinite", [
+    ((8, 2), None, None, False), ((8, 2), 5, 0.3, False), ((4, 4), None, 0.3, True), ((6, 1), 40, None, True)])
+def test_plain_decode_layers_replay_the_native_route_exactly(layout, heads, window, scaling, nonfinite,
+                                                             monkeypatch):
+    """transformers' unmasked decode step (integrations/transformers/decode.py plain_decode): the first layer of a
+    kind takes the plan (checks, route), the other layers of that kind call the route in transformers' heads-first
+    layout directly. Every layer equals the float64 reference (non-finite query rows included: the host check),
+    whatever the layout of q, K and V; a traced call, another scale or another backend takes the plan again."""
+    from mfa_hf.decode_plan import DecodePlan
+    from mfa_hf.integrations.transformers import decode
+    from mfa_hf.kernels.reference import attention_reference
+
+    planned = []
+    run = DecodePlan.run
+    monkeypatch.setattr(DecodePlan, "run", lambda self, *a, **kw: planned.append(1) or run(self, *a, **kw))
+    decode._native_kinds.clear()
+    g = torch.Generator().manual_seed(heads[0] * 31 + (window or 0))
+    options = dict(scaling=scaling, sliding_window=window)
+    for layer in range(4):
+        q = torch.randn(2, 1, heads[0], 16, generator=g).transpose(1, 2)  # (B, Hq, 1, D) from (B, 1, Hq, D)
+        if nonfinite:
+            q[0, heads[0] - 1, 0, 3] = float("nan")
+            q[1, 0, 0, 5] = float("inf")
+        k, v = _heads_first_cache(layout, g, heads_kv=heads[1]), _heads_first_cache(layout, g, heads_kv=heads[1])
+        out = decode.plain_decode(q, k, v, **options)
+        assert out.shape == (2, 1, heads[0], 16)
+        scale = 16 ** -0.5 if scaling is None else scaling
+        left = -1 if window is None or window >= k.shape[2] + 1 else window - 1
+        args = [x.transpose(1, 2) for x in (q, k, v)]
+        ref, _ = attention_reference(*(x.double() for x in args), softmax_scale=scale, causal=True,
+                                     window_size=(left, 0))
+        base, _ = attention_reference(*args, softmax_scale=scale, causal=True, window_size=(left, 0), upcast=False)
+        assert torch.equal(out.isnan(), ref.isnan()), f"layer {layer}"
+        keep = ~ref.isnan()
+        assert_close_to_reference(out[keep], ref[keep], base[keep])
+    assert len(planned) == 1, f"{len(planned)} layers of one kind took the plan"
+    with trace.capture_routes() as decided:  # traced: the plan, which records the route
+        decode.plain_decode(q, k, v, **options)
+    assert len(planned) == 2 and list(decided)[0][0] == "sdpa-cpu-flash"
+    decode.plain_decode(q, k, v, scaling=0.125, sliding_window=window)  # another kind
+    assert len(planned) == 3
+    monkeypatch.setenv("MFA_BACKEND", "torch")  # untraced: a replay of the native route would skip the plan
+    forced = decode.plain_decode(q, k, v, **options)
+    assert len(planned) == 4 and torch.equal(forced.isnan(), out.isnan())
+    with trace.capture() as served:
+        decode.plain_decode(q, k, v, **options)
+    assert trace.served_by(served) == {("torch", "decode"): 1}
+    decode._native_kinds.clear()
+
+
 def test_decode_steps_that_native_cannot_serve_stay_ours():
     from mfa_hf.decode_plan import DecodePlan, LayerKV, group_rows
     from mfa_hf.kernels.contract import CacheSide
@@ -518,8 +582,8 @@ def test_the_finiteness_check_reads_the_host_on_cpu_only(monkeypatch):
     for name in ("item", "__bool__", "__float__", "tolist"):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
-    q, k, v = (torch.randn(1, 3, 2, 8) for _ in range(3))
-    out = torch.randn(1, 3, 2, 8)
+    q, k, v = (torch.randn(1, 2, 3, 8) for _ in range(3))  # heads first (B, H, L, D), as SDPA takes them
+    out = torch.randn(1, 2, 3, 8)
     assert native._nonfinite_rows_restored(q, k, v, None, False, 0.35, out) is out and reads == ["__float__"]
     reads.clear()
     meta = [t.to("meta") for t in (q, k, v, out)]

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from ... import native, ops, trace
+from ...decisions import Decisions, steering_environment
 from ...decode_plan import DecodePlan, LayerKV, group_rows
 from ...kernels.contract import CacheSide
 from ...kvcache import cache_side
@@ -103,14 +105,37 @@ def _plain_layer(key, value, length: int) -> LayerKV:
     return LayerKV(CacheSide(k, None, "none", k.shape[-1]), CacheSide(v, None, "none", v.shape[-1]), length)
 
 
+# A kind of unmasked plain decode layer (shapes, strides, dtypes, device, options, steering environment) whose plan
+# found the platform's kernel exact -> that call in transformers' own heads-first layout. The other layers of the
+# step (same kind) skip the plan, its layer objects and six transposes: a decode layer's host time on CPU is
+# about that of torch's kernel at 1k keys. Bounded like the plan's own decisions.
+_native_kinds = Decisions()
+
+
+def _native_kind(query, key, value, scaling, sliding_window, softcap):
+    return (query.shape, query.stride(), query.dtype, query.device, key.shape, key.stride(), key.dtype,
+            value.shape, value.stride(), value.dtype, scaling, sliding_window, softcap, steering_environment())
+
+
 def plain_decode(query, key, value, *, scaling=None, sliding_window=None, softcap=None, s_aux=None):
     """A small, unmasked query against plain cached K/V (B, Hkv, S, D) -> (B, Lq, Hq, D). No mask carries
     a step here, so the plan (a length vector, the backend) is this layer's own."""
+    kind = None
+    if s_aux is None:
+        kind = _native_kind(query, key, value, scaling, sliding_window, softcap)
+        route = _native_kinds.get(kind)
+        if route is not None and not trace.enabled() and not torch.compiler.is_compiling() and ops.eager_context():
+            # eager and no grad (the caller's decode conditions): q may be read on the host where it is on the CPU
+            return native.sdpa_heads_first(query, key, value, None, route, _scale(scaling, query),
+                                           readable=query.device.type == "cpu").transpose(1, 2)
     q, total = query.transpose(1, 2), key.shape[2]
     plan = DecodePlan(q.shape[0], q.shape[1])
-    return plan.run(q, _plain_layer(key, value, total), scale=_scale(scaling, q),
-                    window_left=_window_left(sliding_window, total), causal=True, softcap=softcap or 0.0,
-                    sinks=None if s_aux is None else s_aux.float())
+    out = plan.run(q, _plain_layer(key, value, total), scale=_scale(scaling, q),
+                   window_left=_window_left(sliding_window, total), causal=True, softcap=softcap or 0.0,
+                   sinks=None if s_aux is None else s_aux.float())
+    if kind is not None and plan.native_route is not None:
+        _native_kinds.keep(kind, plan.native_route)
+    return out
 
 
 def _plain_plan(valid: torch.Tensor, q_len: int) -> DecodePlan | None:
