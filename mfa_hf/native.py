@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import ops
 from .kernels.contract import AttentionCall
@@ -39,14 +40,36 @@ def sdpa_heads_first(q, k, v, mask, route: Route, scale: float, readable: bool |
     if rows == 1 and heads_q != heads_kv and mask is None and route.gate.stacks_query_groups \
             and stacking_pays(batch, heads_q, heads_kv, q.shape[-1], _threads()):
         out = _query_groups_as_rows(q, k, v, scale)
-    # Positional arguments and no default keywords: each keyword costs the binding's parser time per call.
-    elif heads_q == heads_kv:
-        out = _stock_sdpa(q, k, v, mask, 0.0, route.is_causal, scale=scale)
+    elif route.gate.sdpa_backend is not None:
+        out = _held_to(route.gate.sdpa_backend, q, k, v, mask, route.is_causal, scale)
     else:
-        out = _stock_sdpa(q, k, v, mask, 0.0, route.is_causal, scale=scale, enable_gqa=True)
+        out = _plain_sdpa(q, k, v, mask, route.is_causal, scale)
     if route.gate.zeroes_nan_query_rows:
         out = _nonfinite_rows_restored(q, k, v, mask, route.is_causal, scale, out, readable)
     return out
+
+
+def _plain_sdpa(q, k, v, mask, is_causal: bool, scale: float):
+    # Positional arguments and no default keywords: each keyword costs the binding's parser time per call.
+    if q.shape[1] == k.shape[1]:
+        return _stock_sdpa(q, k, v, mask, 0.0, is_causal, scale=scale)
+    return _stock_sdpa(q, k, v, mask, 0.0, is_causal, scale=scale, enable_gqa=True)
+
+
+_SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def _held_to(backend: str, q, k, v, mask, is_causal: bool, scale: float):
+    """SDPA with only `backend` enabled (the gate's sdpa_backend). Where that kernel cannot run here (an older GPU
+    without flash attention), SDPA's own choice serves: the same semantics, the gate named the faster kernel."""
+    try:
+        with sdpa_kernel(_SDPA_BACKENDS[backend]):
+            return _plain_sdpa(q, k, v, mask, is_causal, scale)
+    except RuntimeError as error:  # cuda's words for no kernel, then the CPU's
+        if not any(words in str(error) for words in ("No available kernel", "No viable backend")):
+            raise
+    return _plain_sdpa(q, k, v, mask, is_causal, scale)
 
 
 # What one stacked item costs, in items of one query head: 1 + (G - 1) * extra row. Measured with torch's CPU

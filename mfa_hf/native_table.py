@@ -9,7 +9,8 @@ semantic rules are routes.py's and no table can widen them. Sources for the defa
   (tests/test_native_routes.py checks each class against the float64 reference and that the fused op
   ran, not the math one). Query rows holding NaN or inf get the reference's result from native.py.
 - cuda: SDPA's flash/cuDNN kernels: fp16/bf16, head dim <= 256 and a multiple of 8, no mask (the
-  efficient kernel would take masks; its fully-masked rows are not verified), GQA, backward fused.
+  efficient kernel would take masks; its fully-masked rows are not verified), GQA, backward fused; decode-sized
+  queries held to the flash kernel (cuDNN builds a graph per key length, i.e. per generated token).
 - mps (torch >= 2.13, `_scaled_dot_product_attention_math_for_mps`, ../shared/research/anchors-2026-12.md
   section 1): the prefill flash kernel (Lq > 8, D in {32, 64, 72, 80, 96, 128, 256}) and the vector
   decode kernel (Lq <= 8, D in {64, 96, 128, 256}). Conservative until a Mac has run them: no masks
@@ -56,9 +57,18 @@ class NativeGate:
     # Measured faster with torch's CPU kernel where the KV heads fill its threads (one thread: 1.1x at 9/3 heads,
     # 1.2-2x at 32/8); native.stacking_pays decides per call from the thread count.
     stacks_query_groups: bool = False
+    # The SDPA backend the call is held to (SDPA_BACKENDS), None: SDPA's own choice. On cuda, torch 2.11 picks
+    # cuDNN for one-row decode, and cuDNN builds a graph for every new key length: each generated token paid
+    # about 42 ms on an H100 (llama-1b, 8k: 52.5 ms a step on first visit, 11.1 on the second; 10.6 with the
+    # flash kernel, which needs no per-shape build). Results: benchmarks/README.md (session 13).
+    sdpa_backend: str | None = None
+
+
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 
 
 _HALF = (torch.float16, torch.bfloat16)
+DECODE_ROWS = 16  # query rows up to this are a decode step (integrations/transformers/decode.py DECODE_MAX_Q)
 DEFAULT = {
     "cpu": (NativeGate("sdpa-cpu-flash", (torch.bfloat16, torch.float32), max_head_dim=1 << 30, masks=MASK_KINDS,
                        zeroes_nan_query_rows=True, stacks_query_groups=True),
@@ -66,7 +76,10 @@ DEFAULT = {
                        zeroes_nan_query_rows=True, stacks_query_groups=True, grad=False,
                        grad_reason="its float16 backward ran 7-9x slower than ours with up to 2x PyTorch math's "
                                    "dV error (x86 without fp16 arithmetic)")),
-    "cuda": (NativeGate("sdpa-cuda-flash", _HALF, head_dim_multiple=8),),
+    # Decode-sized queries (a generated token's step, a speculative block) are held to the flash kernel; longer
+    # ones keep SDPA's choice (cuDNN's forward is faster once its graph for the shape exists).
+    "cuda": (NativeGate("sdpa-cuda-flash", _HALF, head_dim_multiple=8, max_q=DECODE_ROWS, sdpa_backend="flash"),
+             NativeGate("sdpa-cuda-flash", _HALF, head_dim_multiple=8)),
     "mps": (
         NativeGate("sdpa-mps-prefill", _HALF + (torch.float32,), head_dims=(32, 64, 72, 80, 96, 128, 256), min_q=9,
                    max_k=32768, grad=False),
@@ -125,6 +138,8 @@ def _gate(entry: dict) -> NativeGate:
     entry["masks"] = tuple(entry.get("masks", ("none",)))
     if not set(entry["masks"]) <= set(MASK_KINDS):
         raise ValueError(f"masks: expected a subset of {MASK_KINDS}, got {entry['masks']}")
+    if entry.get("sdpa_backend") not in (None,) + SDPA_BACKENDS:
+        raise ValueError(f"sdpa_backend: expected one of {SDPA_BACKENDS} or null, got {entry['sdpa_backend']!r}")
     if entry.get("head_dims") is not None:
         entry["head_dims"] = tuple(int(d) for d in entry["head_dims"])
     return NativeGate(**entry)

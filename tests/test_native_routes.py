@@ -282,6 +282,61 @@ def test_per_machine_table_round_trip_and_measurement_rule(tmp_path, monkeypatch
         native_table.gates("mps")
 
 
+@pytest.mark.parametrize("lq, held", [(1, "flash"), (16, "flash"), (17, None), (512, None)])
+def test_cuda_decode_rows_are_held_to_the_flash_kernel(lq, held):
+    """cuDNN, SDPA's choice for a one-row decode on cuda (torch 2.11), builds a graph for every new key length, i.e.
+    for every generated token; decode-sized queries are held to the flash kernel, longer ones keep SDPA's choice."""
+    route = routes.choose(_problem(device="cuda", lq=lq, lk=4096, hq=32, hkv=8, d=64), "auto")
+    assert route.path == "sdpa-cuda-flash" and route.gate.sdpa_backend == held
+
+
+@pytest.mark.parametrize("backend, op", [("math", MATH), ("flash", FUSED_CPU), ("cudnn", FUSED_CPU)])
+@pytest.mark.parametrize("heads, window", [((4, 4), None), ((8, 2), 5)])
+def test_a_gate_holds_sdpa_to_its_backend(backend, op, heads, window, monkeypatch):
+    """A gate's sdpa_backend holds SDPA to that kernel (the CPU has math and flash: the profiler names which ran);
+    one that cannot run here (cuDNN on a CPU) leaves the choice to SDPA. Each equals the float64 reference, on
+    the decode plan's path and on the heads-first replay of transformers' decode layers."""
+    import dataclasses
+
+    from mfa_hf import decode_plan
+    from mfa_hf.integrations.transformers import decode
+    from mfa_hf.kernels.reference import attention_reference
+
+    cpu = tuple(dataclasses.replace(gate, sdpa_backend=backend, stacks_query_groups=False)
+                for gate in native_table.DEFAULT["cpu"])
+    monkeypatch.setitem(native_table.DEFAULT, "cpu", cpu)
+    monkeypatch.setattr(native_table, "_loaded", {})
+    monkeypatch.setattr(decode_plan, "_decisions", decode_plan.Decisions())  # decided under the default table
+    decode._native_kinds.clear()
+    g = torch.Generator().manual_seed(heads[0] + (window or 0))
+    for layer in range(2):  # the first layer takes the plan, the second the replay
+        q = torch.randn(2, heads[0], 1, 16, generator=g)
+        k, v = (torch.randn(2, heads[1], 30, 16, generator=g) for _ in range(2))
+        with profile() as prof:
+            out = decode.plain_decode(q, k, v, sliding_window=window)
+        ops = {event.key for event in prof.key_averages()}
+        assert op in ops and (MATH not in ops or op == MATH), sorted(o for o in ops if "scaled_dot" in o)
+        left = -1 if window is None else window - 1
+        args = [x.transpose(1, 2) for x in (q, k, v)]
+        ref, _ = attention_reference(*(x.double() for x in args), causal=True, window_size=(left, 0))
+        base, _ = attention_reference(*args, causal=True, window_size=(left, 0), upcast=False)
+        assert_close_to_reference(out, ref, base)
+    decode._native_kinds.clear()
+
+
+def test_a_table_file_names_a_known_sdpa_backend(tmp_path, monkeypatch):
+    gate = native_table.NativeGate("sdpa-cuda-flash", (torch.bfloat16,), max_q=16, sdpa_backend="flash")
+    path = tmp_path / "routes.json"
+    native_table.write(path, {"cuda": (gate,)})
+    monkeypatch.setenv("MFA_ROUTE_TABLE", str(path))
+    assert native_table.gates("cuda") == (gate,)
+    path.write_text(path.read_text().replace('"flash"', '"fastest"'))
+    monkeypatch.setitem(native_table._loaded, str(path), None)
+    native_table._loaded.pop(str(path))
+    with pytest.raises(ValueError, match="sdpa_backend: expected one of"):
+        native_table.gates("cuda")
+
+
 def test_table_cannot_widen_the_semantics():
     wide = native_table.NativeGate("anything", (torch.float16,), masks=native_table.MASK_KINDS)
     for problem in (_problem(softcap=2.0), _problem(window=(3, 0)), _problem(has_sinks=True),

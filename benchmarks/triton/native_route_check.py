@@ -5,6 +5,8 @@
 1. Semantics on cuda: each class the router sends to SDPA (square causal, GQA, Lq != Lk without causal,
    one row under a left window) against the float64 reference with DESIGN.md's rule, forward and
    gradients; and what cuda SDPA does with a NaN in a query row (whether the gate must put it back).
+   1b. One decode row at key lengths seen for the first time: SDPA's own choice against the routed call (held to
+   the flash kernel: cuDNN builds a graph per key length), and the kernel each ran.
 2. A decode step captured in a CUDA graph: DecodePlan.run on a plain bf16 layer (native route) and on an
    int8 MFAQuantizedCache-like layer (triton decode op), replayed and compared with eager.
 3. Host µs per call, the GPU idle: flash_attn_func routed (auto) and forced triton, a decode layer through
@@ -64,6 +66,41 @@ def semantics() -> None:
     out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     print(f"  cuda SDPA, NaN in query row: that row -> {'NaN' if out[0, 1, 2].isnan().all() else out[0, 1, 2, :3]}; "
           f"routed: {'NaN' if mfa_hf.flash_attn_func(q, k, v)[0, 2, 1].isnan().all() else 'not NaN'}", flush=True)
+
+
+def new_lengths(steps: int = 16) -> None:
+    """One decode row at key lengths seen for the first time, as every generated token's step is: SDPA's own
+    choice (torch 2.11 picks cuDNN, which builds a graph per shape) against the routed call (the gate holds
+    decode rows to the flash kernel), ms per call synchronized, and the kernel each ran. K/V are contiguous
+    heads-first tensors, as transformers' DynamicCache hands them over."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 32, 1, 64, generator=g).to(DEV, BF16)
+    variants = {
+        "SDPA's choice": lambda k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        "routed (flash_attn_func)": lambda k, v: mfa_hf.flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True),
+    }
+    for index, (name, call) in enumerate(variants.items()):
+        first = 8192 + index * 2 * steps  # lengths no variant has run
+        caches = [[torch.randn(1, 8, length, 64, generator=g).to(DEV, BF16) for _ in range(2)]
+                  for length in range(first, first + steps + 1)]
+        events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for k, v in caches[:-1]:
+            torch.cuda.synchronize()
+            events[0].record()
+            call(k, v)
+            events[1].record()
+            torch.cuda.synchronize()
+            times.append(events[0].elapsed_time(events[1]))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            call(*caches[-1])
+            torch.cuda.synchronize()
+        kernels = sorted({e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product_")})
+        print(f"  {name:26s} new lengths: first {times[0]:.2f} ms, median {sorted(times)[steps // 2]:.3f} ms; "
+              f"ran {kernels}", flush=True)
 
 
 def _layers(batch=8, length=4096, hq=32, hkv=8, dim=128):
@@ -160,6 +197,8 @@ if __name__ == "__main__":
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     print("1. native route semantics on cuda:")
     semantics()
+    print("1b. decode rows at new key lengths:")
+    new_lengths()
     print("2. CUDA graph capture of a decode step:")
     cuda_graph()
     print("3. host cost:")

@@ -24,10 +24,11 @@ from ...decisions import Decisions, steering_environment
 from ...decode_plan import DecodePlan, LayerKV, group_rows
 from ...kernels.contract import CacheSide
 from ...kvcache import cache_side
+from ...native_table import DECODE_ROWS
 from .cache_view import QuantizedCacheView
 from .step import once_per_mask
 
-DECODE_MAX_Q = 16  # query lengths up to this are "decode" (speculative / assisted steps included)
+DECODE_MAX_Q = DECODE_ROWS  # query lengths up to this are "decode" (speculative / assisted steps included)
 
 
 def is_cache_view(x) -> bool:
