@@ -40,7 +40,7 @@ def sdpa_heads_first(q, k, v, mask, route: Route, scale: float, readable: bool |
     if rows == 1 and heads_q != heads_kv and mask is None and route.gate.stacks_query_groups \
             and stacking_pays(batch, heads_q, heads_kv, q.shape[-1], _threads()):
         out = _query_groups_as_rows(q, k, v, scale)
-    elif route.gate.sdpa_backend is not None:
+    elif route.gate.sdpa_backend is not None and not torch.compiler.is_compiling():  # compiled: fixed shapes
         out = _held_to(route.gate.sdpa_backend, q, k, v, mask, route.is_causal, scale)
     else:
         out = _plain_sdpa(q, k, v, mask, route.is_causal, scale)
@@ -141,8 +141,8 @@ def _finite(q) -> bool:
 
 
 def _ours(q, k, v, mask, is_causal: bool, scale: float) -> torch.Tensor:
-    """The same plain problem (heads first) on our torch kernel, heads first (no autograd graph: the rows it
-    fills are not finite)."""
+    """The same plain problem, heads first, on our torch kernel (no autograd graph: the rows it fills are not
+    finite)."""
     from .kernels.contract import Options
     from .kernels.torch.forward import forward
 
