@@ -101,6 +101,16 @@ def new_lengths(steps: int = 16) -> None:
         kernels = sorted({e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product_")})
         print(f"  {name:26s} new lengths: first {times[0]:.2f} ms, median {sorted(times)[steps // 2]:.3f} ms; "
               f"ran {kernels}", flush=True)
+    # What the flash kernel itself gives a NaN query row (the held gate restores such rows until this says NaN).
+    k, v = caches[0]
+    bad = q.clone()
+    bad[0, 3, 0, 5] = float("nan")
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        raw = torch.nn.functional.scaled_dot_product_attention(bad, k, v, enable_gqa=True)
+    routed = mfa_hf.flash_attn_func(bad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    print(f"  flash kernel, one-row decode, NaN in a query row: that row -> "
+          f"{'NaN' if raw[0, 3, 0].isnan().all() else raw[0, 3, 0, :3].tolist()}; routed: "
+          f"{'NaN' if routed[0, 0, 3].isnan().all() else routed[0, 0, 3, :3].tolist()}", flush=True)
 
 
 def _layers(batch=8, length=4096, hq=32, hkv=8, dim=128):
