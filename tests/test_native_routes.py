@@ -298,7 +298,8 @@ def test_cuda_decode_rows_are_held_to_the_flash_kernel(lq, held):
 def test_a_gate_holds_sdpa_to_its_backend(backend, op, heads, window, monkeypatch):
     """A gate's sdpa_backend holds SDPA to that kernel (the CPU has math and flash: the profiler names which ran);
     one that cannot run here (cuDNN on a CPU) leaves the choice to SDPA. Each equals the float64 reference, on
-    the decode plan's path and on the heads-first replay of transformers' decode layers."""
+    the decode plan's path and on the heads-first replay of transformers' decode layers, and SDPA's backend switches
+    are as they were after each call."""
     import dataclasses
 
     from mfa_hf import decode_plan
@@ -312,6 +313,7 @@ def test_a_gate_holds_sdpa_to_its_backend(backend, op, heads, window, monkeypatc
     monkeypatch.setattr(decode_plan, "_decisions", decode_plan.Decisions())  # decided under the default table
     decode._native_kinds.clear()
     g = torch.Generator().manual_seed(heads[0] + (window or 0))
+    switches = _sdpa_switches()
     for layer in range(2):  # the first layer takes the plan, the second the replay
         q = torch.randn(2, heads[0], 1, 16, generator=g)
         k, v = (torch.randn(2, heads[1], 30, 16, generator=g) for _ in range(2))
@@ -324,7 +326,20 @@ def test_a_gate_holds_sdpa_to_its_backend(backend, op, heads, window, monkeypatc
         ref, _ = attention_reference(*(x.double() for x in args), causal=True, window_size=(left, 0))
         base, _ = attention_reference(*args, causal=True, window_size=(left, 0), upcast=False)
         assert_close_to_reference(out, ref, base)
+        assert _sdpa_switches() == switches, "the held call left SDPA's backend switches changed"
     decode._native_kinds.clear()
+
+
+def _sdpa_switches() -> tuple:
+    from mfa_hf import native
+
+    return tuple(enabled() for enabled, _ in native._SWITCHES.values())
+
+
+def test_every_table_backend_has_its_switch():
+    from mfa_hf import native
+
+    assert set(native._SWITCHES) == set(native_table.SDPA_BACKENDS)
 
 
 def test_a_table_file_names_a_known_sdpa_backend(tmp_path, monkeypatch):
