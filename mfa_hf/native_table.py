@@ -77,11 +77,10 @@ DEFAULT = {
                        grad_reason="its float16 backward ran 7-9x slower than ours with up to 2x PyTorch math's "
                                    "dV error (x86 without fp16 arithmetic)")),
     # Decode-sized queries (a generated token's step, a speculative block) are held to the flash kernel; longer
-    # ones keep SDPA's choice (cuDNN's forward is faster once its graph for the shape exists). What the flash
-    # kernel gives a NaN query row has not been seen on a GPU yet (benchmarks/triton/native_route_check.py 1b prints
-    # it): until then native.py restores those rows with device ops, as for a kernel known to zero them.
-    "cuda": (NativeGate("sdpa-cuda-flash", _HALF, head_dim_multiple=8, max_q=DECODE_ROWS, sdpa_backend="flash",
-                        zeroes_nan_query_rows=True),
+    # ones keep SDPA's choice (cuDNN's forward is faster once its graph for the shape exists). The flash kernel
+    # keeps a NaN query row NaN, as the reference does (native_route_check.py 1b, H100, session 14), so no row is
+    # restored: the restore's three device ops cost ~90 us of host time a decode layer there.
+    "cuda": (NativeGate("sdpa-cuda-flash", _HALF, head_dim_multiple=8, max_q=DECODE_ROWS, sdpa_backend="flash"),
              NativeGate("sdpa-cuda-flash", _HALF, head_dim_multiple=8)),
     "mps": (
         NativeGate("sdpa-mps-prefill", _HALF + (torch.float32,), head_dims=(32, 64, 72, 80, 96, 128, 256), min_q=9,

@@ -21,8 +21,8 @@ from torch.profiler import profile
 import mfa_hf
 from mfa_hf import native_table, routes, trace
 from mfa_hf.problem import AttentionProblem, MaskKind
-from mfa_hf.testing import GRADIENT_FACTOR, Case, assert_close_to_reference, delta_rounding_effect, make_inputs, \
-    reference_of
+from mfa_hf.testing import Case, assert_close_to_reference, make_inputs
+from mfa_hf.testing_routes import check_route, nonfinite_query_case, run_routed
 
 FUSED_CPU = "aten::_scaled_dot_product_flash_attention_for_cpu"
 MATH = "aten::_scaled_dot_product_attention_math"
@@ -34,39 +34,14 @@ def auto_routing(monkeypatch):
     monkeypatch.setenv("MFA_ROUTE_TABLE", "")  # the defaults, whatever this machine has cached
 
 
-def _run(case: Case, inputs: dict, return_lse: bool = False):
-    return mfa_hf.flash_attn_func(inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["attn_mask"],
-                                  alibi_slopes=inputs["alibi_slopes"], sinks=inputs["sinks"],
-                                  return_lse=return_lse, dropout_p=case.dropout_p, **case.options())
+_run = run_routed
 
 
 def _check(case: Case, expect_native: bool, reason_part: str = "", grads: bool = True, seed: int = 0):
-    inputs = make_inputs(case, seed=seed, requires_grad=grads)
-    if case.mask == "additive" and inputs["attn_mask"] is not None:
-        inputs["attn_mask"] = inputs["attn_mask"].detach()  # a mask needing grad is its own class (below)
-    with trace.capture_routes() as decided, profile() as prof:
-        out = _run(case, inputs)
-        names = [n for n in ("q", "k", "v", "sinks") if inputs[n] is not None and inputs[n].requires_grad]
-        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out.dtype)
-        ours = torch.autograd.grad(out, [inputs[n] for n in names], grad_out) if grads else ()
-    ((path, reason),) = decided.keys()
-    ops = {event.key for event in prof.key_averages()}
     if expect_native:
-        assert path == "sdpa-cpu-flash", reason
-        assert FUSED_CPU in ops and MATH not in ops, sorted(o for o in ops if "scaled_dot" in o)
+        check_route(case, "sdpa-cpu-flash", ran=(FUSED_CPU,), not_ran=(MATH,), grads=grads, seed=seed)
     else:
-        assert path == routes.OURS and reason_part in reason, reason
-        assert FUSED_CPU not in ops
-    ref, ref_lse, ref_args = reference_of(case, inputs, upcast=True)
-    base, _, base_args = reference_of(case, inputs, upcast=False)
-    assert_close_to_reference(out, ref, base, name="out")
-    if not grads:
-        return
-    want = torch.autograd.grad(ref, [ref_args[n] for n in names], grad_out.to(torch.float64), retain_graph=True)
-    baseline = torch.autograd.grad(base, [base_args[n] for n in names], grad_out)
-    effect = delta_rounding_effect(out, ref, ref_lse, [ref_args[n] for n in names], grad_out, names, case, inputs)
-    for name, g, g_ref, g_base, extra in zip(names, ours, want, baseline, effect):
-        assert_close_to_reference(g, g_ref, g_base, GRADIENT_FACTOR, f"d{name}", case.dtype, extra)
+        check_route(case, routes.OURS, reason_part, not_ran=(FUSED_CPU,), grads=grads, seed=seed)
 
 
 NATIVE_CLASSES = {
@@ -286,11 +261,10 @@ def test_per_machine_table_round_trip_and_measurement_rule(tmp_path, monkeypatch
 def test_cuda_decode_rows_are_held_to_the_flash_kernel(lq, held):
     """cuDNN, SDPA's choice for a one-row decode on cuda (torch 2.11), builds a graph for every new key length, i.e.
     for every generated token; decode-sized queries are held to the flash kernel, longer ones keep SDPA's choice.
-    The held route restores NaN query rows until a GPU run shows the flash kernel keeps them NaN."""
+    Neither restores NaN query rows: both kernels keep them NaN on the GPU (native_route_check.py 1 and 1b)."""
     route = routes.choose(_problem(device="cuda", lq=lq, lk=4096, hq=32, hkv=8, d=64), "auto")
     assert route.path == "sdpa-cuda-flash" and route.gate.sdpa_backend == held
-    # the held kernel's NaN-row result is not verified on a GPU yet: such rows are restored (device ops on cuda)
-    assert route.gate.zeroes_nan_query_rows == (held is not None)
+    assert not route.gate.zeroes_nan_query_rows
 
 
 @pytest.mark.parametrize("backend, op", [("math", MATH), ("flash", FUSED_CPU), ("cudnn", FUSED_CPU)])
@@ -598,31 +572,6 @@ def test_doctor_route_table_measures_checks_and_refuses_off_a_mac(tmp_path):
     assert not (tmp_path / "t.json").exists()
 
 
-def _nonfinite_query_case(mask_kind: str, rows: int, heads: tuple, compiled: bool):
-    """q with a NaN, a +inf and a -inf row (and finite ones), a mask hiding every key of some rows; one row of the
-    first batch holds -inf where every key is positive, so all its scores are -inf (the reference gives it 0)."""
-    g = torch.Generator().manual_seed(rows * 7 + heads[0])
-    q = torch.randn(2, rows, heads[0], 16, generator=g)
-    k, v = (torch.randn(2, 12, heads[1], 16, generator=g) for _ in range(2))
-    for b, value in enumerate((float("nan"), float("inf"))):
-        q[b, rows - 1, 0, 3] = value
-    q[1, 0, heads[0] - 1, 5] = -float("inf")
-    if not compiled:  # the device-only form (compiled) differs from the reference on this row alone
-        q[0, 0, heads[0] - 1, 7] = -float("inf")
-        k[0, :, :, 7] = k[0, :, :, 7].abs() + 0.1
-    mask = None
-    if mask_kind != "none":
-        seen = torch.rand(2, 1, rows, 12, generator=g) > 0.3
-        seen[:, :, 0] = False  # row 0 hides every key: the reference gives 0 whatever q holds
-        seen[1, :, rows - 1] = False  # the +inf row too
-        seen[0, :, rows - 1] = rows == 1 or bool(seen[0, :, rows - 1].any())  # the NaN row sees a key
-        mask = seen if mask_kind == "bool" else torch.zeros(seen.shape).masked_fill(~seen, -math.inf)
-    call = lambda q, k, v: mfa_hf.flash_attn_func(q, k, v, attn_mask=mask)
-    if compiled:
-        call = torch.compile(call, fullgraph=True, backend="eager")
-    return q, k, v, mask, call
-
-
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("mask_kind, rows, heads", [("none", 5, (4, 4)), ("none", 1, (4, 2)), ("bool", 5, (4, 2)),
                                                     ("additive", 5, (2, 2)), ("bool", 1, (4, 4))])
@@ -632,7 +581,7 @@ def test_nonfinite_query_rows_match_the_reference(mask_kind, rows, heads, compil
     the non-finite rows) and compiled with fullgraph (device ops only: no data-dependent branch)."""
     from mfa_hf.kernels.reference import attention_reference
 
-    q, k, v, mask, call = _nonfinite_query_case(mask_kind, rows, heads, compiled)
+    q, k, v, mask, call = nonfinite_query_case(mask_kind, rows, heads, compiled)
     with trace.capture_routes() as decided:
         out = call(q, k, v)
     if not compiled:

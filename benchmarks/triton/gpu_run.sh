@@ -11,6 +11,7 @@
 #   decode  the decode table (bf16 and every quantized format at 4k/16k/64k, api time with tensor and int
 #           lengths), with the backend's default launch configs;
 #   flex    sliding-window and softcap problems against compiled FlexAttention (flex_features.py);
+#   visit   decode steps at new key lengths (decode_first_visit.py: sdpa, sdpa without cuDNN, mps_flash);
 #   e2e     Llama-3.2-1B-shaped model end to end: sdpa, mps_flash, MFAQuantizedCache, and transformers' own
 #           quanto/hqq caches when .whl/ carries them (the device README's way: carry .whl).
 # Run from the repository root. Logs land in $OUT (default benchmarks/results). The full correctness
@@ -19,7 +20,7 @@ set -x
 ln -sfn ../kernels mfa_hf/kernels; ln -sfn ../integrations mfa_hf/integrations  # a source checkout
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
-STEPS=${STEPS:-tests routes host suite decode flex e2e}
+STEPS=${STEPS:-tests routes host suite decode flex visit e2e}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)"
@@ -50,15 +51,27 @@ fi
 if step flex; then
     kernels timeout ${FLEX_S:-150} python benchmarks/triton/flex_features.py --out "$OUT" 2>&1 | tee "$OUT/flex.log"
 fi
-if step e2e; then
-    # The repository root must not be on the path here: with it, transformers 5.17 on the H200 image failed to
-    # import LlamaConfig (2026-12-05; the root's kernels/ shadows PyPI's `kernels`, which transformers imports).
-    # A folder holding only the package stands in for it.
+# The repository root must not be on the path for the transformers steps: with it, transformers 5.17 on the H200
+# image failed to import LlamaConfig (2026-12-05; the root's kernels/ shadows PyPI's `kernels`, which transformers
+# imports). A folder holding only the package stands in for it; quanto/hqq join it when .whl/ carries them.
+model_path() {
     site=/tmp/mfa-e2e-path; mkdir -p $site && ln -sfn "$PWD/mfa_hf" $site/mfa_hf
     if ls .whl/*.whl >/dev/null 2>&1; then  # quanto/hqq for transformers' quantized caches
         python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             .whl/*.whl && site=$site:/tmp/site
     fi
+    echo $site
+}
+if step visit; then
+    # decode steps at key lengths seen for the first time vs again, each variant in its own process
+    site=$(model_path); root=$PWD
+    for variant in "sdpa" "sdpa --no-cudnn" "mps_flash"; do
+        (cd /tmp && PYTHONPATH=$site timeout ${VISIT_S:-60} python "$root/benchmarks/triton/decode_first_visit.py" \
+            $variant) 2>&1 | grep -v -i warn | tee -a "$OUT/first_visit.log"
+    done
+fi
+if step e2e; then
+    site=$(model_path)
     # Routing on (the user's default): end to end measures what a user gets.
     (root=$PWD; cd /tmp && PYTHONPATH=$site timeout ${E2E_S:-240} python "$root/benchmarks/e2e_generate.py" \
         --device cuda --shape llama-1b --dtype bfloat16 --context 8192 --new 128 --contexts 32768) 2>&1 \
