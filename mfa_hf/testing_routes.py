@@ -13,6 +13,15 @@ from mfa_hf.testing import GRADIENT_FACTOR, Case, _to_cpu_leaf, assert_close_to_
     delta_rounding_effect, make_inputs, reference_of
 
 
+MATH = "aten::_scaled_dot_product_attention_math"  # SDPA's O(N^2) fallback: a native route must never run it
+
+
+def default_routing(monkeypatch) -> None:
+    """Routing as a user has it: no forced backend, the default gate tables (whatever this machine has cached)."""
+    monkeypatch.delenv("MFA_BACKEND", raising=False)
+    monkeypatch.setenv("MFA_ROUTE_TABLE", "")
+
+
 def run_routed(case: Case, inputs: dict, return_lse: bool = False):
     import mfa_hf
 

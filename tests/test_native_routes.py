@@ -22,16 +22,14 @@ import mfa_hf
 from mfa_hf import native_table, routes, trace
 from mfa_hf.problem import AttentionProblem, MaskKind
 from mfa_hf.testing import Case, assert_close_to_reference, make_inputs
-from mfa_hf.testing_routes import check_route, nonfinite_query_case, run_routed
+from mfa_hf.testing_routes import MATH, check_route, default_routing, nonfinite_query_case, run_routed
 
 FUSED_CPU = "aten::_scaled_dot_product_flash_attention_for_cpu"
-MATH = "aten::_scaled_dot_product_attention_math"
 
 
 @pytest.fixture(autouse=True)
 def auto_routing(monkeypatch):
-    monkeypatch.delenv("MFA_BACKEND", raising=False)
-    monkeypatch.setenv("MFA_ROUTE_TABLE", "")  # the defaults, whatever this machine has cached
+    default_routing(monkeypatch)
 
 
 _run = run_routed

@@ -15,17 +15,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuda 
 from mfa_hf import native_table, routes, trace  # noqa: E402
 from mfa_hf.kernels.reference import attention_reference  # noqa: E402
 from mfa_hf.testing import Case, assert_close_to_reference  # noqa: E402
-from mfa_hf.testing_routes import check_route, nonfinite_query_case  # noqa: E402
+from mfa_hf.testing_routes import MATH, check_route, default_routing, nonfinite_query_case  # noqa: E402
 
 FLASH = "aten::_scaled_dot_product_flash_attention"
-MATH = "aten::_scaled_dot_product_attention_math"
 PATH = "sdpa-cuda-flash"
 
 
 @pytest.fixture(autouse=True)
 def auto_routing(monkeypatch):
-    monkeypatch.delenv("MFA_BACKEND", raising=False)
-    monkeypatch.setenv("MFA_ROUTE_TABLE", "")  # the defaults, whatever this machine has cached
+    default_routing(monkeypatch)
 
 
 def _switches() -> tuple:
