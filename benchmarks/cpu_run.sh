@@ -7,7 +7,8 @@
 #             quanto/hqq caches where optimum-quanto / hqq are installed) at 1k and 8k context, 3 rounds, then
 #             sdpa, int8, nf4 and transformers' caches at 16k, one round (cpu-e2e-16k.log), and sdpa and int8 at
 #             32k, one round (cpu-e2e-32k.log: each row prefills 32k tokens, minutes on CPU);
-#   diffusers a UNet and a Flux transformer, default processors against ours, 3 alternating rounds.
+#   diffusers a UNet and a Flux transformer, default processors against ours, 7 alternating rounds (DIFFUSERS_ROUNDS;
+#             3 left the two medians within each other's spread on this host).
 # Run from the repository root, on an otherwise idle machine (the rows are ratios of medians; a busy host
 # spreads them). Logs land in $OUT (default benchmarks/results), named cpu-<step>.log.
 set -o pipefail
@@ -34,5 +35,5 @@ step e2e && run e2e-16k "$PYTHON" benchmarks/e2e_generate.py --device cpu --shap
     --new 32 --no-main-rows --contexts 16384 --context-caches int8 nf4 hf_hqq hf_quanto --repeats 1
 step e2e && run e2e-32k "$PYTHON" benchmarks/e2e_generate.py --device cpu --shape smollm-135m --dtype float32 \
     --new 32 --no-main-rows --contexts 32768 --context-caches int8 --repeats 1
-step diffusers && run diffusers "$PYTHON" -m mfa_hf.benchmark --suite diffusers --device cpu
+step diffusers && run diffusers "$PYTHON" -m mfa_hf.benchmark --suite diffusers --device cpu --rounds ${DIFFUSERS_ROUNDS:-7}
 exit 0

@@ -57,6 +57,21 @@ def test_diffusers_rounds_alternate_the_processors_and_take_the_median(monkeypat
     assert unet["mfa"]["median_ms"] == 18.0 and unet["mfa"]["ratio_vs_default"] == suite_diffusers.ratio(18.0, 11.0)
 
 
+def test_rounds_flag_reaches_a_suite_with_rounds_and_is_refused_elsewhere(monkeypatch, capsys):
+    """--rounds N: the diffusers suite runs N alternating rounds; a suite without rounds, or a count below 1, is a
+    usage error (one line, exit 2), not an ignored flag."""
+    from mfa_hf.benchmark import suite_diffusers
+
+    seen = []
+    monkeypatch.setattr(suite_diffusers, "run", lambda device, quick, progress, rounds=None: seen.append(rounds) or [])
+    assert cli.main(["--suite", "diffusers", "--device", "cpu", "--rounds", "7"]) == 0 and seen == [7]
+    for argv, message in ((["--suite", "quick", "--rounds", "2"], "--suite quick runs no alternating rounds"),
+                          (["--suite", "diffusers", "--rounds", "0"], "expected a positive count, got 0")):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv + ["--device", "cpu"])
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_timed_calls_run_untraced_and_one_traced_call_names_them():
     """A traced call skips the replays (host time no user pays): every timed call runs with the trace off, one call
     after them with it on, and what that call recorded comes back."""

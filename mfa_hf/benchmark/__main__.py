@@ -9,6 +9,7 @@ HTML report with plots (made for --suite full); --json writes the rows as JSON (
 from __future__ import annotations
 
 import argparse
+import inspect
 import importlib
 import json
 import sys
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-lengths", type=int, nargs="+", default=None, help="--suite standard: sequence lengths")
     parser.add_argument("--dtypes", nargs="+", default=None, help="--suite standard: float16, bfloat16, float32")
     parser.add_argument("--backward", action="store_true", help="--suite standard: forward+backward rows too")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="suites that alternate rounds (diffusers): how many (default: the suite's)")
     args = parser.parse_args(argv)
     grid = {"seq_lengths": args.seq_lengths, "dtypes": args.dtypes, "backward": args.backward}
     given = [f"--{name.replace('_', '-')}" for name, value in grid.items() if value]
@@ -66,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     extra = {name: value for name, value in grid.items() if value} if args.suite == "standard" else {}
+    if args.rounds is not None:
+        if "rounds" not in inspect.signature(module.run).parameters:
+            parser.error(f"--rounds: --suite {args.suite} runs no alternating rounds")
+        if args.rounds < 1:
+            parser.error(f"--rounds: expected a positive count, got {args.rounds}")
+        extra["rounds"] = args.rounds
     try:
         rows = module.run(device, not args.full_size, log, **extra)
     except UsageError as error:  # a suite's own argument check: one line and exit 2, as argparse's
