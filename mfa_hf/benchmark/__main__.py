@@ -9,8 +9,8 @@ HTML report with plots (made for --suite full); --json writes the rows as JSON (
 from __future__ import annotations
 
 import argparse
-import inspect
 import importlib
+import inspect
 import json
 import sys
 
