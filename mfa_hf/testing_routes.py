@@ -5,10 +5,14 @@ reference on the CPU with DESIGN.md's rule, on fresh random inputs."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.profiler import profile
 
+import mfa_hf
 from mfa_hf import trace
+from mfa_hf.kernels.reference import attention_reference
 from mfa_hf.testing import GRADIENT_FACTOR, Case, _to_cpu_leaf, assert_close_to_reference, \
     delta_rounding_effect, make_inputs, reference_of
 
@@ -22,9 +26,14 @@ def default_routing(monkeypatch) -> None:
     monkeypatch.setenv("MFA_ROUTE_TABLE", "")
 
 
-def run_routed(case: Case, inputs: dict, return_lse: bool = False):
-    import mfa_hf
+def sdpa_switches() -> tuple:
+    """SDPA's backend switches (flash, cuDNN, efficient, math) as they stand: a held call must leave them so."""
+    from mfa_hf import native
 
+    return tuple(enabled() for enabled, _ in native._SWITCHES.values())
+
+
+def run_routed(case: Case, inputs: dict, return_lse: bool = False):
     return mfa_hf.flash_attn_func(inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["attn_mask"],
                                   alibi_slopes=inputs["alibi_slopes"], sinks=inputs["sinks"],
                                   return_lse=return_lse, dropout_p=case.dropout_p, **case.options())
@@ -67,10 +76,6 @@ def nonfinite_query_case(mask_kind: str, rows: int, heads: tuple, compiled: bool
     """q with a NaN, a +inf and a -inf row (and finite ones), a mask hiding every key of some rows; one row of the
     first batch holds -inf where every key is positive, so all its scores are -inf (the reference gives it 0).
     Returns q, k, v, the mask and the call (compiled with fullgraph when asked), the tensors on `device`."""
-    import math
-
-    import mfa_hf
-
     g = torch.Generator().manual_seed(rows * 7 + heads[0])
     q = torch.randn(2, rows, heads[0], 16, generator=g)
     k, v = (torch.randn(2, 12, heads[1], 16, generator=g) for _ in range(2))
@@ -93,3 +98,16 @@ def nonfinite_query_case(mask_kind: str, rows: int, heads: tuple, compiled: bool
     if compiled:
         call = torch.compile(call, fullgraph=True, backend="eager")
     return q, k, v, mask, call
+
+
+def assert_nonfinite_rows_match(out, q, k, v, mask=None) -> torch.Tensor:
+    """out has NaN exactly where the float64 reference has, and its other rows hold the tolerance rule (all
+    compared on the CPU); returns the reference for the caller's own checks."""
+    q, k, v, out = (t.cpu() for t in (q, k, v, out))
+    mask = None if mask is None else mask.cpu()
+    ref, _ = attention_reference(q.double(), k.double(), v.double(), attn_mask=mask)
+    assert torch.equal(out.isnan(), ref.isnan()), (out.isnan().any(-1), ref.isnan().any(-1))
+    keep = ~ref.isnan()
+    base, _ = attention_reference(q, k, v, attn_mask=mask, upcast=False)
+    assert_close_to_reference(out[keep], ref[keep], base[keep])
+    return ref

@@ -22,7 +22,8 @@ import mfa_hf
 from mfa_hf import native_table, routes, trace
 from mfa_hf.problem import AttentionProblem, MaskKind
 from mfa_hf.testing import Case, assert_close_to_reference, make_inputs
-from mfa_hf.testing_routes import MATH, check_route, default_routing, nonfinite_query_case, run_routed
+from mfa_hf.testing_routes import MATH, assert_nonfinite_rows_match, check_route, default_routing, \
+    nonfinite_query_case, run_routed, sdpa_switches
 
 FUSED_CPU = "aten::_scaled_dot_product_flash_attention_for_cpu"
 
@@ -30,9 +31,6 @@ FUSED_CPU = "aten::_scaled_dot_product_flash_attention_for_cpu"
 @pytest.fixture(autouse=True)
 def auto_routing(monkeypatch):
     default_routing(monkeypatch)
-
-
-_run = run_routed
 
 
 def _check(case: Case, expect_native: bool, reason_part: str = "", grads: bool = True, seed: int = 0):
@@ -98,7 +96,7 @@ def test_lse_dropout_mask_grad_and_mask_dtype_stay_ours():
     case = Case(lq=20, lk=20)
     inputs = make_inputs(case)
     with trace.capture_routes() as decided:
-        _run(case, inputs, return_lse=True)
+        run_routed(case, inputs, return_lse=True)
         mfa_hf.flash_attn_func(inputs["q"], inputs["k"], inputs["v"], dropout_p=0.1, dropout_seed=3)
         mask = torch.zeros(1, 1, 20, 20, requires_grad=True)
         mfa_hf.flash_attn_func(inputs["q"].requires_grad_(), inputs["k"], inputs["v"], attn_mask=mask)
@@ -128,9 +126,9 @@ def test_cpu_training_in_float16_takes_ours(dtype, native):
     case = Case(lq=48, lk=48, causal=True, dtype=dtype)
     inputs = make_inputs(case)
     with trace.capture_routes() as trained:
-        _run(case, {**inputs, "q": inputs["q"].detach().requires_grad_()})
+        run_routed(case, {**inputs, "q": inputs["q"].detach().requires_grad_()})
     with trace.capture_routes() as forward:
-        _run(case, inputs)
+        run_routed(case, inputs)
     ((trained_path, trained_reason),), ((forward_path, _),) = trained.keys(), forward.keys()
     assert (trained_path != routes.OURS) == native and forward_path != routes.OURS
     if not native:
@@ -182,11 +180,11 @@ def test_forced_backend_turns_routing_off_and_native_can_be_forced(monkeypatch):
     inputs = make_inputs(case)
     monkeypatch.setenv("MFA_BACKEND", "torch")
     with trace.capture() as served:
-        _run(case, inputs)
+        run_routed(case, inputs)
     assert trace.served_by(served)[("torch", "fwd")] == 1
     monkeypatch.setenv("MFA_BACKEND", "native")
     with trace.capture() as served:
-        _run(case, inputs)
+        run_routed(case, inputs)
     assert trace.served_by(served)[("native", "fwd")] == 1
     with pytest.raises(routes.NativeUnavailable, match="MFA_BACKEND=native.*sliding window"):
         mfa_hf.flash_attn_func(inputs["q"], inputs["k"], inputs["v"], window_size=(3, 3))
@@ -285,7 +283,7 @@ def test_a_gate_holds_sdpa_to_its_backend(backend, op, heads, window, monkeypatc
     monkeypatch.setattr(decode_plan, "_decisions", decode_plan.Decisions())  # decided under the default table
     decode._native_kinds.clear()
     g = torch.Generator().manual_seed(heads[0] + (window or 0))
-    switches = _sdpa_switches()
+    switches = sdpa_switches()
     for layer in range(2):  # the first layer takes the plan, the second the replay
         q = torch.randn(2, heads[0], 1, 16, generator=g)
         k, v = (torch.randn(2, heads[1], 30, 16, generator=g) for _ in range(2))
@@ -298,14 +296,8 @@ def test_a_gate_holds_sdpa_to_its_backend(backend, op, heads, window, monkeypatc
         ref, _ = attention_reference(*(x.double() for x in args), causal=True, window_size=(left, 0))
         base, _ = attention_reference(*args, causal=True, window_size=(left, 0), upcast=False)
         assert_close_to_reference(out, ref, base)
-        assert _sdpa_switches() == switches, "the held call left SDPA's backend switches changed"
+        assert sdpa_switches() == switches, "the held call left SDPA's backend switches changed"
     decode._native_kinds.clear()
-
-
-def _sdpa_switches() -> tuple:
-    from mfa_hf import native
-
-    return tuple(enabled() for enabled, _ in native._SWITCHES.values())
 
 
 def test_every_table_backend_has_its_switch():
@@ -577,19 +569,13 @@ def test_nonfinite_query_rows_match_the_reference(mask_kind, rows, heads, compil
     """The fused CPU kernel zeroes a NaN query row that sees keys and gives NaN for a non-finite row its mask
     hides; the route restores the reference on each, in eager code (one host read, CPU only: our kernel serves
     the non-finite rows) and compiled with fullgraph (device ops only: no data-dependent branch)."""
-    from mfa_hf.kernels.reference import attention_reference
-
     q, k, v, mask, call = nonfinite_query_case(mask_kind, rows, heads, compiled)
     with trace.capture_routes() as decided:
         out = call(q, k, v)
     if not compiled:
         assert next(iter(decided))[0] == "sdpa-cpu-flash"
-    ref, _ = attention_reference(q.double(), k.double(), v.double(), attn_mask=mask)
-    assert torch.equal(out.isnan(), ref.isnan()), (out.isnan().any(-1), ref.isnan().any(-1))
+    ref = assert_nonfinite_rows_match(out, q, k, v, mask)
     assert bool(ref.isnan().any()) and bool((ref == 0).all(-1).any()) == (mask_kind != "none" or not compiled)
-    keep = ~ref.isnan()
-    base, _ = attention_reference(q, k, v, attn_mask=mask, upcast=False)
-    assert_close_to_reference(out[keep], ref[keep], base[keep])
 
 
 def test_the_finiteness_check_reads_the_host_on_cpu_only(monkeypatch):

@@ -7,15 +7,17 @@ row restored; SDPA's backend switches are as before after every held call. CUDA 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuda native route runs SDPA on a GPU")
 
 from mfa_hf import native_table, routes, trace  # noqa: E402
-from mfa_hf.kernels.reference import attention_reference  # noqa: E402
-from mfa_hf.testing import Case, assert_close_to_reference  # noqa: E402
-from mfa_hf.testing_routes import MATH, check_route, default_routing, nonfinite_query_case  # noqa: E402
+from mfa_hf.testing import Case  # noqa: E402
+from mfa_hf.testing_routes import MATH, assert_nonfinite_rows_match, check_route, default_routing, \
+    nonfinite_query_case, sdpa_switches  # noqa: E402
 
 FLASH = "aten::_scaled_dot_product_flash_attention"
 PATH = "sdpa-cuda-flash"
@@ -24,11 +26,6 @@ PATH = "sdpa-cuda-flash"
 @pytest.fixture(autouse=True)
 def auto_routing(monkeypatch):
     default_routing(monkeypatch)
-
-
-def _switches() -> tuple:
-    b = torch.backends.cuda
-    return (b.flash_sdp_enabled(), b.cudnn_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled())
 
 
 # name -> (case, held to the flash kernel): held where the query is decode-sized (native_table.DECODE_ROWS)
@@ -59,20 +56,20 @@ OURS_CLASSES = {
 @pytest.mark.parametrize("name", sorted(NATIVE_CLASSES))
 def test_native_serves_with_our_semantics_on_cuda(name, dtype):
     case, held = NATIVE_CLASSES[name]
-    case = Case(**{**case.__dict__, "dtype": dtype})
-    before = _switches()
-    check_route(case, PATH, ran=(FLASH,) if held else (), not_ran=(MATH,), device="cuda")
-    assert _switches() == before
+    before = sdpa_switches()
+    check_route(dataclasses.replace(case, dtype=dtype), PATH, ran=(FLASH,) if held else (), not_ran=(MATH,),
+                device="cuda")
+    assert sdpa_switches() == before
 
 
 @pytest.mark.parametrize("name", sorted(OURS_CLASSES))
 def test_ours_serves_what_native_cannot_on_cuda(name):
     case, reason = OURS_CLASSES[name]
-    check_route(Case(**{**case.__dict__, "dtype": torch.bfloat16}), routes.OURS, reason, not_ran=(MATH, FLASH),
+    check_route(dataclasses.replace(case, dtype=torch.bfloat16), routes.OURS, reason, not_ran=(MATH, FLASH),
                 device="cuda")
 
 
-def test_decode_rows_are_held_and_longer_ones_are_not():
+def test_held_gates_cover_decode_rows_only_and_restore_no_rows():
     gates = native_table.gates("cuda")
     held = [g for g in gates if g.sdpa_backend is not None]
     assert held and all(g.max_q <= native_table.DECODE_ROWS and not g.zeroes_nan_query_rows for g in held)
@@ -86,11 +83,7 @@ def test_nonfinite_query_rows_match_the_reference_on_cuda(rows, heads, dtype):
     the tolerance rule. No row is restored on cuda, so this is the kernels' own behaviour."""
     q, k, v, _, call = nonfinite_query_case("none", rows, heads, compiled=False, device="cuda", dtype=dtype)
     with trace.capture_routes() as decided:
-        out = call(q, k, v).cpu()
+        out = call(q, k, v)
     assert next(iter(decided))[0] == PATH
-    ref, _ = attention_reference(q.cpu().double(), k.cpu().double(), v.cpu().double())
-    assert torch.equal(out.isnan(), ref.isnan()), (out.isnan().any(-1), ref.isnan().any(-1))
+    ref = assert_nonfinite_rows_match(out, q, k, v)
     assert bool(ref.isnan().any()) and bool((ref == 0).all(-1).any())
-    keep = ~ref.isnan()
-    base, _ = attention_reference(q.cpu(), k.cpu(), v.cpu(), upcast=False)
-    assert_close_to_reference(out[keep], ref[keep], base[keep])
