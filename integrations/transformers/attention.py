@@ -99,6 +99,30 @@ def _sinks(module, s_aux, kwargs):
     return sinks
 
 
+def _selected_keys(module, attention_mask, indices, key):
+    """The dense mask with only the keys a sparse-attention indexer selected left visible (what eager and sdpa
+    get from DSA models: the selection folded into the mask). The indices (B, Lq, k) index the layer's keys; the
+    indexer chose them over the dense mask's visible keys, which only a dense 4-D mask carries (masks.py gives
+    one to every model with such an indexer): with a compact mask the selection itself would be wrong."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        got = "no mask" if attention_mask is None else f"a {attention_mask.dim()}-D mask"
+        raise NotImplementedError(
+            f"{type(module).__name__}: the model passes sparse top-k key indices ({internals.SPARSE_INDICES_KWARG}=), "
+            f"which mfa-hf applies on the dense 4-D mask its indexer read, got {got} (the model's config has no "
+            "index_topk, so its mask was not built dense); use attn_implementation=\"eager\" or \"sdpa\" for this model.")
+    batch, q_len, keys = attention_mask.shape[0], attention_mask.shape[2], key.shape[2]
+    if indices.dim() != 3 or indices.shape[1] != q_len or indices.dtype.is_floating_point:
+        raise ValueError(f"{internals.SPARSE_INDICES_KWARG}: expected integer top-k key indices (B, {q_len}, k), got "
+                         f"a {indices.dtype} tensor of shape {tuple(indices.shape)}")
+    chosen = torch.zeros(indices.shape[0], 1, q_len, keys, dtype=torch.bool, device=indices.device)
+    chosen.scatter_(-1, indices[:, None].long(), True)
+    mask = attention_mask[..., :keys]
+    if mask.dtype == torch.bool:
+        return mask & chosen
+    # an additive mask takes the model's own fill (dtype min, as eager gets it), not -inf
+    return mask.masked_fill(~chosen, torch.finfo(mask.dtype).min).expand(batch, -1, -1, -1)
+
+
 def _warn_no_weights(kwargs) -> None:
     # transformers' sdpa and flash paths warn and return no weights (model outputs carry `attentions=()`).
     if kwargs.pop("output_attentions", None):  # popped: the mps_flash -> mfa path would warn twice
@@ -115,6 +139,9 @@ def mfa_attention_forward(module, query, key, value, attention_mask, *, scaling=
     s_aux = _sinks(module, s_aux, kwargs)
     _check_mask_covers_keys(module, attention_mask, key)
     attention_mask, sliding_window, is_causal = _pattern(attention_mask, sliding_window, is_causal, query.shape[2])
+    indices = kwargs.pop(internals.SPARSE_INDICES_KWARG, None)
+    if indices is not None:
+        attention_mask = _selected_keys(module, attention_mask, indices, key)
     q_len = query.shape[2]
     causal = _is_causal(module, is_causal, q_len)
     routed = _decode_route(module, query, key, value, attention_mask, causal, scaling, sliding_window, softcap,
@@ -215,10 +242,11 @@ def _packed(kwargs) -> bool:
 
 def _needs_mfa_path(attention_mask, kwargs) -> bool:
     """Inputs FA2's signature cannot carry exactly go to the "mfa" path: T5's position_bias, a dense
-    4-D mask, and a 2-D padding mask. transformers' flash path unpads a 2-D mask assuming left
+    4-D mask, a 2-D padding mask, and a sparse-attention indexer's top-k key indices. transformers' flash path unpads a 2-D mask assuming left
     padding whenever Lq != Lk and applies it to the queries too, which is wrong for cross-attention
     (the mask is the encoder's) and for right-padded chunks; as a key mask it is exact everywhere."""
-    return attention_mask is not None or kwargs.get("position_bias") is not None
+    return (attention_mask is not None or kwargs.get("position_bias") is not None
+            or kwargs.get(internals.SPARSE_INDICES_KWARG) is not None)
 
 
 def mps_flash_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,

@@ -148,6 +148,18 @@ def keep_flash_name(model, name: str) -> None:
 
 PACKED_SEQUENCE_LEAF = "packed_sequence_mask_function.<locals>.inner_mask"
 
+# The keyword under which sparse-attention models (DSA: DeepSeek-V3.2, GLM-MoE-DSA, Mistral Large 4, ...) hand
+# the attention function their indexer's top-k key indices (B, Lq, k) when the implementation is neither eager
+# nor sdpa (eager and sdpa get the selection folded into the mask instead).
+SPARSE_INDICES_KWARG = "indices"
+# Config fields that mark a model whose indexer reads the attention mask itself (its top-k over the mask's
+# visible keys): such a model needs the dense mask eager gets, at every query length.
+INDEXER_CONFIG_FIELDS = ("index_topk",)
+
+
+def has_mask_reading_indexer(config) -> bool:
+    return any(getattr(config, field, None) is not None for field in INDEXER_CONFIG_FIELDS)
+
 
 def _cells(fn) -> dict:
     return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))

@@ -93,17 +93,27 @@ def compact_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
                        batch_size, kv_length, device)
 
 
-# Models whose own code adds onto the mask it gets (Doge's dynamic mask), checked in 5.17 and 5.24.
+# Models whose own code adds onto the mask it gets (Doge's dynamic mask), checked in 5.17 and 5.24; models with
+# a sparse-attention indexer (internals.has_mask_reading_indexer) are found by their config.
 CONSUMES_MASK_MODEL_TYPES = frozenset({"doge"})
 
 
+def consumes_mask(config) -> bool:
+    """Whether the model's own code reads the mask outside attention, so that it must be the dense mask eager
+    gets: Doge adds its dynamic mask onto it; DSA models (DeepSeek-V3.2, GLM-MoE-DSA, ...) take their indexer's
+    top-k over the keys it leaves visible (a key-validity mask there lets every query select future keys)."""
+    return config is not None and (getattr(config, "model_type", None) in CONSUMES_MASK_MODEL_TYPES
+                                   or internals.has_mask_reading_indexer(config))
+
+
 def _materialize_requested(q_length: int, mask_function, kwargs) -> bool:
-    """A model that consumes the mask itself needs it materialized: Doge adds a dynamic mask onto it
-    (since 5.24 it asks with allow_is_causal_skip=False). transformers also sets that flag for packing
-    (expressed as sequence ids here) and for compiled static-cache decode steps (q_length 1, where a
-    key mask is the whole row), so only several-query masks without a packed leaf go dense by it."""
-    if getattr(kwargs.get("config"), "model_type", None) in CONSUMES_MASK_MODEL_TYPES:
-        return q_length > 1
+    """A model that consumes the mask itself needs it materialized, at every query length: a static cache's
+    decode step included (a mask of the filled keys only does not fit the model's scores over the whole
+    buffer). transformers also sets allow_is_causal_skip=False for packing (expressed as sequence ids here)
+    and for compiled static-cache decode steps (q_length 1, where a key mask is the whole row), so only
+    several-query masks without a packed leaf go dense by it."""
+    if consumes_mask(kwargs.get("config")):
+        return True
     return (kwargs.get("allow_is_causal_skip") is False and q_length > 1
             and internals.packed_sequence_ids(mask_function) is None)
 
