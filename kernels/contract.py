@@ -32,6 +32,19 @@ def fold_causal(causal: bool, window: tuple[int, int]) -> tuple[int, int]:
     return (left, 0) if causal else (left, right)
 
 
+# Head dims the compiled kernels (metal, triton) are built for; larger ones (Gemma 4's 512-wide global layers)
+# are served by the torch backend, which takes any head dim.
+KERNEL_MAX_HEAD_DIM = 256
+
+
+def head_dims_beyond(head_dim_qk: int, head_dim_v: int, kernels: str) -> str:
+    """Why `kernels` cannot serve these head dims, or "" when they can."""
+    if max(head_dim_qk, head_dim_v) <= KERNEL_MAX_HEAD_DIM:
+        return ""
+    return (f"head dims ({head_dim_qk}, {head_dim_v}): the {kernels} kernels go up to {KERNEL_MAX_HEAD_DIM} "
+            "(the torch backend serves larger ones)")
+
+
 @dataclass(frozen=True)
 class Options:
     """The scalar options of an attention call, validated."""

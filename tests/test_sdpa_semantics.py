@@ -23,7 +23,6 @@ import mfa_hf
 from mfa_hf import problem, sdpa_semantics, trace
 from mfa_hf.integrations import sdpa_patch
 from mfa_hf.integrations.diffusers.attend import attend_bhsd, attend_bshd
-from mfa_hf.problem import MAX_HEAD_DIM
 from mfa_hf.testing import GRADIENT_FACTOR, assert_close_to_reference, delta_rounding_effect
 
 STOCK = torch._C._nn.scaled_dot_product_attention
@@ -274,8 +273,7 @@ QKV_CASES = {
     "device_mismatch": lambda: (_bshd()[0], _bshd()[1].to("meta"), _bshd()[2]),
     "heads_not_dividing": lambda: _bshd(heads_kv=3),
     "head_dim_0": lambda: _bshd(dim=0),
-    f"head_dim_{MAX_HEAD_DIM + 1}": lambda: _bshd(dim=MAX_HEAD_DIM + 1),
-    f"head_dim_v_{MAX_HEAD_DIM + 1}": lambda: _bshd(dim_v=MAX_HEAD_DIM + 1),
+    "head_dim_v_0": lambda: _bshd(dim_v=0),
     "v_keys": lambda: (*_bshd()[:2], _bshd()[2][:, :3]),
 }
 
@@ -341,7 +339,7 @@ def _bhsd(heads_q=4, heads_kv=4, dim=16, dim_v=16):
 
 PATCH_TWIN_CASES = {
     "heads_not_dividing": (lambda: _bhsd(heads_kv=3), dict(enable_gqa=True)),
-    "head_dim_257": (lambda: _bhsd(dim=MAX_HEAD_DIM + 1), {}),
+    "head_dim_0": (lambda: _bhsd(dim=0, dim_v=0), {}),
     "mask_shape": (lambda: _bhsd(), dict(attn_mask=torch.ones(2, 3, 9, 13, dtype=torch.bool))),
     "mask_int_dtype": (lambda: _bhsd(), dict(attn_mask=torch.ones(9, 13, dtype=torch.int64))),
 }

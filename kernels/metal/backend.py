@@ -12,7 +12,7 @@ import torch
 from mfa_hf import kv_formats
 from mfa_hf.problem import AttentionProblem
 
-from ..contract import BackendDefinition
+from ..contract import BackendDefinition, head_dims_beyond
 from .append import append_call
 from .backward import backward
 from .decode import decode
@@ -23,7 +23,6 @@ from .forward import forward, replay
 from .loader import MSL_TYPES, runtime_msl_version
 
 NAME = "metal"
-MAX_HEAD_DIM = 256
 
 
 def supports(problem: AttentionProblem) -> tuple[bool, str]:
@@ -37,8 +36,9 @@ def supports(problem: AttentionProblem) -> tuple[bool, str]:
         if not bfloat_available(version):
             return False, (f"bfloat16: torch compiles Metal shaders as MSL {version} here, and `bfloat` needs "
                            "MSL 3.1 (macOS 14, or a newer torch)")
-    if problem.head_dim_qk > MAX_HEAD_DIM or problem.head_dim_v > MAX_HEAD_DIM:
-        return False, f"head dims ({problem.head_dim_qk}, {problem.head_dim_v}): the Metal kernels go up to {MAX_HEAD_DIM}"
+    too_wide = head_dims_beyond(problem.head_dim_qk, problem.head_dim_v, "Metal")
+    if too_wide:
+        return False, too_wide
     if problem.dropout_p > 0:
         return False, "dropout is served by the torch backend"
     if problem.kv_format != "none":

@@ -14,7 +14,7 @@ import torch
 from mfa_hf import kv_formats
 from mfa_hf.problem import AttentionProblem
 
-from ..contract import BackendDefinition
+from ..contract import BackendDefinition, head_dims_beyond
 from .backward import backward
 from .blocks import interpreting
 from .decode import decode
@@ -33,6 +33,9 @@ def supports(problem: AttentionProblem) -> tuple[bool, str]:
         return False, f"the triton backend serves cuda tensors, got {problem.device_type}"
     if problem.dtype not in DTYPES:
         return False, f"the triton kernels take float16, bfloat16 or float32, got {problem.dtype}"
+    too_wide = head_dims_beyond(problem.head_dim_qk, problem.head_dim_v, "triton")
+    if too_wide:
+        return False, too_wide
     if problem.largest_span > INT32_LIMIT:
         return False, (f"the triton kernels index tensors with 32-bit offsets, and this call reaches element "
                        f"{problem.largest_span - 1} (2**31 or more; the torch backend serves it)")
