@@ -35,6 +35,7 @@ from ...kv_formats import QUANTIZED, QUANTIZED_NAMES, spec
 from ...quant import KVFormat, QuantizedKV, parse_format
 from . import internals
 from .cache_view import QuantizedCacheError, QuantizedCacheView
+from .masks import consumes_mask
 from .step import StepPlans
 
 __all__ = ["FORMATS", "MFAQuantizedCache", "MFAQuantizedLayer", "QuantizedCacheError", "QuantizedCacheView"]
@@ -327,6 +328,12 @@ def check_model_config(config) -> None:
         raise ValueError(
             f"MFAQuantizedCache: model_type {model_type!r} caches {what}, not per-head K/V, so the quantized "
             "values cannot go straight to the attention kernel. Use the default DynamicCache for this model.")
+    if consumes_mask(text):
+        raise ValueError(
+            f"MFAQuantizedCache: model_type {model_type!r} reads the attention mask in its own code (a sparse-attention "
+            "indexer's top-k, or Doge's dynamic mask over its value states), so its decode steps need the dense mask "
+            "and, for Doge, the cached values as tensors; the quantized decode kernel takes key-padding masks and "
+            "hands the model codes, not tensors. Use the default DynamicCache for this model.")
 
 
 def _head_dim(text_config) -> int | None:

@@ -152,3 +152,16 @@ def test_malformed_indices_are_refused():
     with pytest.raises(ValueError, match=r"indices: expected integer top-k key indices \(B, 5, k\), got a "
                                          r"torch.float32 tensor of shape \(2, 5, 2\)"):
         attention.mfa_attention_forward(_Layer(), q, k, v, mask, indices=torch.zeros(2, 5, 2))
+
+
+@pytest.mark.parametrize("model_type", ["doge", "minimax_m3_vl_text"])
+def test_the_quantized_cache_refuses_them_up_front(model_type):
+    """Their decode steps need the dense mask (an arbitrary top-k of keys, not key padding) and Doge reads its
+    cached values as tensors: refused when the cache is made, not mid-generate (a NotImplementedError for the
+    mask, or a QuantizedCacheError on `.transpose`, after the prefill had run)."""
+    from mfa_hf.integrations.transformers.quantized_cache import MFAQuantizedCache
+
+    config = _config(model_type, kv_lora_rank=None, q_lora_rank=None)
+    with pytest.raises(ValueError, match=rf"MFAQuantizedCache: model_type '{model_type}' reads the attention mask in "
+                                         r"its own code .* Use the default DynamicCache"):
+        MFAQuantizedCache("int8", config=config)
