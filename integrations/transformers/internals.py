@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -204,6 +205,16 @@ def packed_sequence_ids(fn):
         if getattr(leaf, "__qualname__", "") == PACKED_SEQUENCE_LEAF:
             return _cells(leaf).get("packed_sequence_mask")
     return None
+
+
+def per_layer_values(config, name: str, layers: int) -> list:
+    """`name` of each of `layers` layers. Heterogeneous configs (5.25's per_layer_config view: Gemma 4's 512-wide
+    global layers) answer per layer, and reading such an attribute off the config itself raises (not an
+    AttributeError); other configs answer once for every layer (None where absent)."""
+    per_layer = getattr(config, "per_layer_config", None)
+    if isinstance(per_layer, Sequence) and len(per_layer) == layers:
+        return [getattr(per_layer[i], name, None) for i in range(layers)]
+    return [getattr(config, name, None)] * layers
 
 
 def layer_types_and_kwargs(config) -> list[tuple[str, dict]]:

@@ -336,12 +336,14 @@ def check_model_config(config) -> None:
             "hands the model codes, not tensors. Use the default DynamicCache for this model.")
 
 
-def _head_dim(text_config) -> int | None:
-    head_dim = getattr(text_config, "head_dim", None)
-    if isinstance(head_dim, int):
-        return head_dim
-    hidden, heads = getattr(text_config, "hidden_size", None), getattr(text_config, "num_attention_heads", None)
-    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
+def _head_dims(text_config, layers: int) -> list[int | None]:
+    """Each layer's head dim (heterogeneous configs give it per layer), or hidden size / heads where unset."""
+    if not layers:
+        return []
+    hidden, heads = (internals.per_layer_values(text_config, name, layers)[0]
+                     for name in ("hidden_size", "num_attention_heads"))
+    derived = hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
+    return [dim if isinstance(dim, int) else derived for dim in internals.per_layer_values(text_config, "head_dim", layers)]
 
 
 def _layer_kwargs(config) -> list[dict]:
@@ -372,9 +374,8 @@ class MFAQuantizedCache(Cache):
             return
         check_model_config(config)
         layers = [MFAQuantizedLayer(**options, **extra) for extra in _layer_kwargs(config)]
-        head_dim = _head_dim(config.get_text_config(decoder=True))
-        if head_dim is not None and layers:  # what the first forward would refuse, said now
-            check_head_dim_fits_groups(self.format, layers[0].group_size, head_dim)
+        for head_dim in sorted(set(_head_dims(config.get_text_config(decoder=True), len(layers))) - {None}):
+            check_head_dim_fits_groups(self.format, layers[0].group_size, head_dim)  # what a forward would refuse
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:

@@ -61,3 +61,29 @@ def test_greedy_generate_equals_eager(implementation):
         expected = reference.generate(ids, **options)
         actual = model.generate(ids, **options)
     assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_int8_cache_generate_equals_eager(implementation):
+    """MFAQuantizedCache reads each layer's head dim from the per-layer config (reading config.head_dim of a
+    heterogeneous config raises: the cache could not be made for Gemma 4)."""
+    from mfa_hf.integrations.transformers import cache_kwargs
+    from mfa_hf.integrations.transformers.quantized_cache import MFAQuantizedCache
+
+    reference, model = _twins(implementation)
+    ids, mask = padded_batch("left")
+    options = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = reference.generate(ids, **options)
+        with trace.capture() as calls:
+            actual = model.generate(ids, **options, **cache_kwargs(MFAQuantizedCache("int8", config=model.config)))
+    assert kernel_calls(calls) >= 2
+    assert torch.equal(actual, expected)
+
+
+def test_nf4_cache_checks_every_layers_head_dim():
+    """nf4 groups must divide every layer's head dim: the 16-wide sliding layers fail, said when the cache is made."""
+    from mfa_hf.integrations.transformers.quantized_cache import MFAQuantizedCache
+
+    with pytest.raises(ValueError, match=r"head_dim: expected a multiple of the nf4 group size 64 .*got 16"):
+        MFAQuantizedCache("nf4", config=_gemma4())
