@@ -110,7 +110,7 @@ def _selected_keys(module, attention_mask, indices, key):
             f"{type(module).__name__}: the model passes sparse top-k key indices ({internals.SPARSE_INDICES_KWARG}=), "
             f"which mfa-hf applies on the dense 4-D mask its indexer read, got {got} (the model's config has no "
             "index_topk, so its mask was not built dense); use attn_implementation=\"eager\" or \"sdpa\" for this model.")
-    batch, q_len, keys = attention_mask.shape[0], attention_mask.shape[2], key.shape[2]
+    q_len, keys = attention_mask.shape[2], key.shape[2]
     if indices.dim() != 3 or indices.shape[1] != q_len or indices.dtype.is_floating_point:
         raise ValueError(f"{internals.SPARSE_INDICES_KWARG}: expected integer top-k key indices (B, {q_len}, k), got "
                          f"a {indices.dtype} tensor of shape {tuple(indices.shape)}")
@@ -119,8 +119,8 @@ def _selected_keys(module, attention_mask, indices, key):
     mask = attention_mask[..., :keys]
     if mask.dtype == torch.bool:
         return mask & chosen
-    # an additive mask takes the model's own fill (dtype min, as eager gets it), not -inf
-    return mask.masked_fill(~chosen, torch.finfo(mask.dtype).min).expand(batch, -1, -1, -1)
+    # an additive mask takes the model's own fill (dtype min, as eager gets it), not -inf; a batch-1 mask broadcasts
+    return torch.where(chosen, mask, torch.finfo(mask.dtype).min)
 
 
 def _warn_no_weights(kwargs) -> None:
@@ -242,9 +242,10 @@ def _packed(kwargs) -> bool:
 
 def _needs_mfa_path(attention_mask, kwargs) -> bool:
     """Inputs FA2's signature cannot carry exactly go to the "mfa" path: T5's position_bias, a dense
-    4-D mask, a 2-D padding mask, and a sparse-attention indexer's top-k key indices. transformers' flash path unpads a 2-D mask assuming left
-    padding whenever Lq != Lk and applies it to the queries too, which is wrong for cross-attention
-    (the mask is the encoder's) and for right-padded chunks; as a key mask it is exact everywhere."""
+    4-D mask, a 2-D padding mask, and a sparse-attention indexer's top-k key indices. transformers' flash
+    path unpads a 2-D mask assuming left padding whenever Lq != Lk and applies it to the queries too,
+    which is wrong for cross-attention (the mask is the encoder's) and for right-padded chunks; as a key
+    mask it is exact everywhere."""
     return (attention_mask is not None or kwargs.get("position_bias") is not None
             or kwargs.get(internals.SPARSE_INDICES_KWARG) is not None)
 

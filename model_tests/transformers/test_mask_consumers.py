@@ -114,8 +114,9 @@ def _qkv(batch=2, heads=2, q_len=5, keys=5, dim=8):
     return [torch.randn(batch, heads, n, dim, generator=generator) for n in (q_len, keys, keys)]
 
 
+@pytest.mark.parametrize("mask_batch", [2, 1], ids=["per-row mask", "broadcast mask"])
 @pytest.mark.parametrize("additive", [False, True], ids=["bool", "additive"])
-def test_indices_restrict_the_dense_mask_like_eager(additive):
+def test_indices_restrict_the_dense_mask_like_eager(additive, mask_batch):
     """The attention function alone: indices (B, Lq, k) leave only the selected keys of the dense mask visible,
     as eager's folded mask does (an additive mask takes dtype min, the models' own fill)."""
     from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -128,6 +129,7 @@ def test_indices_restrict_the_dense_mask_like_eager(additive):
     minimum = torch.finfo(torch.float32).min
     folded = causal & chosen
     mask = torch.zeros(2, 1, 5, 5).masked_fill(~causal, minimum) if additive else causal
+    mask = mask[:mask_batch]
     expected_mask = torch.zeros(2, 1, 5, 5).masked_fill(~folded, minimum)  # eager adds its mask
     layer = _Layer()
     layer.num_key_value_groups, layer.training = 1, False
