@@ -59,6 +59,17 @@ def kernel_calls(calls) -> int:
     return sum(trace.served_by(calls).values())
 
 
+def assert_logits_like_eager(reference, model, ids, mask, what: str) -> None:
+    """A causal LM's logits under our implementation (`model`) close to eager's (`reference`) on the valid
+    positions, with our kernel having served at least two calls."""
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+        with trace.capture() as calls:
+            actual = model(ids, attention_mask=mask).logits
+    assert kernel_calls(calls) >= 2, f"{what}: mfa-hf kernel did not run ({dict(trace.served_by(calls))})"
+    assert_close_where(actual, expected, mask, what=f"{what} logits")
+
+
 @pytest.fixture
 def capture():
     with trace.capture() as calls:

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import transformers as tf
-from conftest import IMPLEMENTATIONS, assert_close_where, kernel_calls, padded_batch
+from conftest import IMPLEMENTATIONS, assert_logits_like_eager, kernel_calls, padded_batch
 
 from mfa_hf import trace
 
@@ -43,13 +43,7 @@ def test_the_global_layer_is_wide():
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_forward_equals_eager(implementation, side):
     reference, model = _twins(implementation)
-    ids, mask = padded_batch(side)
-    with torch.no_grad():
-        expected = reference(ids, attention_mask=mask).logits
-        with trace.capture() as calls:
-            actual = model(ids, attention_mask=mask).logits
-    assert kernel_calls(calls) >= 2, f"{implementation}: mfa-hf kernel did not run ({dict(trace.served_by(calls))})"
-    assert_close_where(actual, expected, mask, what=f"gemma4 {side}-padded logits")
+    assert_logits_like_eager(reference, model, *padded_batch(side), f"gemma4 {implementation} {side}-padded")
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
