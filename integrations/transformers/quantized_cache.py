@@ -24,7 +24,6 @@ window (correct, more memory).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
