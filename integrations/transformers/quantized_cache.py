@@ -24,7 +24,6 @@ window (correct, more memory).
 
 from __future__ import annotations
 
-
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
