@@ -8,6 +8,8 @@ What each module gets is decided by the processor it has now, which names the co
     a dispatcher processor (a per-processor backend; Flux, Wan, LTX, QwenImage, ...)
                                            -> its own backend set to "mfa" (per processor; the global
                                               active backend is left alone)
+    another processor whose __call__ calls F.scaled_dot_product_attention (AuraFlow, CogView4,
+    HunyuanDiT, Lumina 2, HiDream, ...)    -> a copy whose SDPA calls are routed to our kernels (routed.py)
 
 Anything else (linear attention, IP-Adapter, xformers, ...) is left as it is and listed in
 `handle.skipped` (or refused with strict=True). Every check runs before anything is changed.
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from . import internals
+from . import internals, routed
 from .contracts import ContractMismatch
 from .dispatcher import BACKEND_NAME
 from .processors import MFACogVideoXAttnProcessor, MFAJointAttnProcessor, MFAProcessor
@@ -77,7 +79,7 @@ def enable(pipe_or_model, strict: bool = False) -> MFAHandle:
     handle, swaps = MFAHandle(), []
     for name, module in attention_modules(pipe_or_model):
         current = module.processor
-        if isinstance(current, OUR_PROCESSORS):
+        if isinstance(current, OUR_PROCESSORS) or routed.is_routed(current):
             continue
         if internals.uses_dispatcher(current):
             pinned = internals.pinned_backends(current)
@@ -89,6 +91,8 @@ def enable(pipe_or_model, strict: bool = False) -> MFAHandle:
             handle.skipped[name] = f"{type(current).__name__} (the module has no set_processor)"
         elif type(current) in table:
             swaps.append((name, module, shared[table[type(current)]]))
+        elif routed.routable(current):
+            swaps.append((name, module, routed.routed(current)))
         else:
             handle.skipped[name] = type(current).__name__
     if strict and handle.skipped:
@@ -151,6 +155,8 @@ def _components(pipe_or_model):
 
 def _check_all(swaps) -> None:
     for name, module, processor in swaps:
+        if routed.is_routed(processor):  # the upstream processor itself runs: its own contract
+            continue
         try:
             processor.check(module)
         except ContractMismatch as error:

@@ -1,0 +1,70 @@
+"""Processors we have no class of our own for, whose attention is a call of `F.scaled_dot_product_attention`.
+
+AuraFlow, CogView4, HunyuanDiT, Lumina and Lumina 2, HiDream, EasyAnimate, Allegro, OmniGen, Stable Audio and
+Sana's cross-attention each compute plain softmax attention by calling F.scaled_dot_product_attention inside a
+processor of their own (RoPE, norms and projections their own way). Rewriting each would copy all of that;
+instead enable() gives such a module a copy of its processor whose class runs the upstream `__call__` unchanged
+inside `sdpa_patched()` (integrations/sdpa_patch.py), so every SDPA call it makes is served by our kernels where
+we reproduce that call's SDPA meaning exactly, and by stock SDPA otherwise (the reason counted in mfa_hf.trace).
+
+The routed class subclasses the upstream one (isinstance checks and attributes still hold) and keeps its
+`__call__` signature (diffusers passes a processor only the keyword arguments its signature names). Processors
+that are torch modules (IP-Adapter's carry weights) and those whose `__call__` does not call SDPA by attribute
+(xformers, sliced, linear attention) are not routed: enable() lists them in handle.skipped as before. Under
+torch.compile the upstream call runs as it is (the patch swaps a module attribute, which a traced graph cannot).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+
+import torch
+
+from ..sdpa_patch import sdpa_patched
+
+# Every device: enable() asked for our kernels; calls we cannot reproduce exactly still go to stock SDPA.
+ROUTED_DEVICES = ("mps", "cuda", "cpu")
+_SDPA_CALL = re.compile(r"\b(?:F|torch\.nn\.functional)\.scaled_dot_product_attention\(")
+_routed_classes: dict[type, type] = {}
+
+
+def routable(processor) -> bool:
+    """Whether `processor` computes its attention by calling F.scaled_dot_product_attention from its own
+    `__call__` (found at call time, so the patch reaches it), and is a plain object (not a torch module)."""
+    if isinstance(processor, torch.nn.Module) or is_routed(processor):
+        return False
+    try:
+        source = inspect.getsource(type(processor).__call__)
+    except (OSError, TypeError):  # no source (built at run time, or a C callable): cannot tell
+        return False
+    return _SDPA_CALL.search(source) is not None
+
+
+def is_routed(processor) -> bool:
+    return type(processor) in _routed_classes.values()
+
+
+def routed(processor):
+    """A copy of `processor` (same attributes) whose SDPA calls go through sdpa_patched()."""
+    copy = object.__new__(_routed_class(type(processor)))
+    copy.__dict__.update(vars(processor))
+    return copy
+
+
+def _routed_class(upstream: type) -> type:
+    if upstream not in _routed_classes:
+        call = upstream.__call__
+
+        @functools.wraps(call)  # __wrapped__: inspect.signature reports the upstream parameters
+        def __call__(self, *args, **kwargs):
+            if torch.compiler.is_compiling():
+                return call(self, *args, **kwargs)
+            with sdpa_patched(devices=ROUTED_DEVICES, min_scores=0):
+                return call(self, *args, **kwargs)
+
+        _routed_classes[upstream] = type(f"MFARouted{upstream.__name__}", (upstream,), {
+            "__call__": __call__, "__module__": __name__,
+            "serves": f"{upstream.__name__}, its F.scaled_dot_product_attention calls routed to mfa-hf"})
+    return _routed_classes[upstream]

@@ -1,0 +1,119 @@
+"""Models whose processors we have no class for, but whose attention is F.scaled_dot_product_attention (AuraFlow,
+HunyuanDiT, Stable Audio, Lumina 2, ...): enable() routes their SDPA calls to our kernels (routed.py). A sweep
+of diffusers 0.42.1 found them left alone (in handle.skipped: correct, but no kernel at all).
+
+Each model: the default processors against enable() with MFA_BACKEND=torch (our torch backend computes, not
+torch's own SDPA that the CPU route would pick), every routed module reaching our kernel, restore() giving back
+the exact default output, strict=True accepting the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from mfa_hf import trace  # noqa: E402
+from mfa_hf.integrations.diffusers import enable  # noqa: E402
+from mfa_hf.integrations.diffusers import routed  # noqa: E402
+
+BATCH = 2
+
+
+def _inputs(generator, **shapes):
+    return {name: torch.randn(*shape, generator=generator) for name, shape in shapes.items()}
+
+
+def _auraflow(generator):
+    model = diffusers.AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, out_channels=4, pos_embed_max_size=64)
+    return model, dict(**_inputs(generator, hidden_states=(BATCH, 4, 8, 8), encoder_hidden_states=(BATCH, 7, 32)),
+                       timestep=torch.tensor([10, 20]))
+
+
+def _hunyuan_dit(generator):
+    model = diffusers.HunyuanDiT2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        cross_attention_dim=8, cross_attention_dim_t5=8, pooled_projection_dim=4, hidden_size=16, text_len=4,
+        text_len_t5=4, activation_fn="gelu-approximate")
+    inputs = _inputs(generator, hidden_states=(BATCH, 4, 8, 8), encoder_hidden_states=(BATCH, 4, 8),
+                     encoder_hidden_states_t5=(BATCH, 4, 8), image_meta_size=(BATCH, 6))
+    return model, dict(inputs, text_embedding_mask=torch.ones(BATCH, 4), text_embedding_mask_t5=torch.ones(BATCH, 4),
+                       timestep=torch.tensor([10.0, 20.0]), style=torch.zeros(BATCH, dtype=torch.long),
+                       image_rotary_emb=[torch.ones(16, 8), torch.zeros(16, 8)])
+
+
+def _stable_audio(generator):
+    model = diffusers.StableAudioDiTModel(  # GQA: 2 KV heads
+        sample_size=4, in_channels=3, num_layers=2, attention_head_dim=4, num_key_value_attention_heads=2,
+        out_channels=3, cross_attention_dim=4, time_proj_dim=8, global_states_input_dim=8, cross_attention_input_dim=4)
+    return model, dict(**_inputs(generator, hidden_states=(BATCH, 3, 8), encoder_hidden_states=(BATCH, 7, 4),
+                                 global_hidden_states=(BATCH, 1, 8)), timestep=torch.tensor([10, 20]))
+
+
+def _lumina2(generator):
+    model = diffusers.Lumina2Transformer2DModel(  # GQA (1 KV head) and a caption padding mask
+        sample_size=16, patch_size=2, in_channels=4, hidden_size=24, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=3, num_kv_heads=1, multiple_of=2, ffn_dim_multiplier=None, norm_eps=1e-5,
+        scaling_factor=1.0, axes_dim_rope=(4, 2, 2), axes_lens=(128, 128, 128), cap_feat_dim=32)
+    mask = torch.ones(BATCH, 16, dtype=torch.bool)
+    mask[1, 11:] = False  # the second caption is 11 tokens
+    return model, dict(**_inputs(generator, hidden_states=(BATCH, 4, 16, 16), encoder_hidden_states=(BATCH, 16, 32)),
+                       timestep=torch.rand(BATCH, generator=generator), encoder_attention_mask=mask)
+
+
+MODELS = {"auraflow": _auraflow, "hunyuan_dit": _hunyuan_dit, "stable_audio": _stable_audio, "lumina2": _lumina2}
+
+
+def _first(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_enable_routes_their_sdpa_calls_to_our_kernels(monkeypatch, name):
+    monkeypatch.setenv("MFA_BACKEND", "torch")
+    torch.manual_seed(0)
+    model, inputs = MODELS[name](torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad(), trace.capture() as default_calls:
+        expected = _first(model(**inputs))
+    assert sum(trace.served_by(default_calls).values()) == 0
+    handle = enable(model, strict=True)
+    routed_modules = [module for module in model.modules() if routed.is_routed(getattr(module, "processor", None))]
+    assert routed_modules and not handle.skipped
+    with torch.no_grad(), trace.capture() as calls, trace.capture_fallbacks() as fell:
+        actual = _first(model(**inputs))
+    assert sum(trace.served_by(calls).values()) >= len(routed_modules), dict(trace.served_by(calls))
+    assert not fell, f"calls left to stock SDPA: {dict(fell)}"
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
+    handle.restore()
+    assert not any(routed.is_routed(getattr(m, "processor", None)) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(_first(model(**inputs)), expected)
+
+
+def test_a_routed_processor_keeps_its_class_attributes_and_signature():
+    from diffusers.models.attention_processor import AuraFlowAttnProcessor2_0
+
+    upstream = AuraFlowAttnProcessor2_0()
+    upstream.marker = "kept"
+    copy = routed.routed(upstream)
+    assert isinstance(copy, AuraFlowAttnProcessor2_0) and copy.marker == "kept"
+    # diffusers hands a processor only the keyword arguments its __call__ signature names
+    assert inspect.signature(copy.__call__).parameters.keys() == inspect.signature(upstream.__call__).parameters.keys()
+    assert type(routed.routed(AuraFlowAttnProcessor2_0())) is type(copy)  # one routed class per upstream class
+
+
+def test_what_is_not_routed():
+    """Torch-module processors (IP-Adapter's weights), processors that never call SDPA by attribute (sliced,
+    xformers, linear attention) and our own: enable() keeps listing them in handle.skipped."""
+    from diffusers.models import attention_processor as upstream
+
+    assert not routed.routable(upstream.SlicedAttnProcessor(slice_size=2))
+    assert not routed.routable(upstream.IPAdapterAttnProcessor2_0(hidden_size=8, cross_attention_dim=8))
+    assert not routed.routable(routed.routed(upstream.AuraFlowAttnProcessor2_0()))
+    assert routed.routable(upstream.AuraFlowAttnProcessor2_0())
