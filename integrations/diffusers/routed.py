@@ -33,8 +33,8 @@ _routed_classes: dict[type, type] = {}
 def routable(processor) -> bool:
     """Whether `processor` computes its attention by calling F.scaled_dot_product_attention from its own
     `__call__` (found at call time, so the patch reaches it), and is a plain object (not a torch module)."""
-    if isinstance(processor, torch.nn.Module) or is_routed(processor):
-        return False
+    if isinstance(processor, torch.nn.Module) or is_routed(processor) or not hasattr(processor, "__dict__"):
+        return False  # a module's weights or a slotted object would not copy as plain attributes
     try:
         source = inspect.getsource(type(processor).__call__)
     except (OSError, TypeError):  # no source (built at run time, or a C callable): cannot tell
