@@ -117,3 +117,19 @@ def test_what_is_not_routed():
     assert not routed.routable(upstream.IPAdapterAttnProcessor2_0(hidden_size=8, cross_attention_dim=8))
     assert not routed.routable(routed.routed(upstream.AuraFlowAttnProcessor2_0()))
     assert routed.routable(upstream.AuraFlowAttnProcessor2_0())
+
+
+def test_a_routed_model_compiles_with_fullgraph():
+    """Under torch.compile the upstream processor runs as it is (the patch swaps a module attribute, which a traced
+    graph cannot): no graph break, the default output."""
+    torch.manual_seed(0)
+    model, inputs = _auraflow(torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        expected = _first(model(**inputs))
+    handle = enable(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(_first(compiled(**inputs)), expected, atol=2e-5, rtol=1e-4)
+    handle.restore()
