@@ -31,6 +31,9 @@ class QuantizedCacheView:
     # layer of one step has seen the same number of tokens.
     step_plans: StepPlans | None = None
     step: int = 0
+    # The layer's own sliding window (transformers' count: the current token included), None for a full layer:
+    # the window a DynamicCache applies by trimming, which some models (Moshi) pass to attention no other way.
+    window: int | None = None
 
     @property
     def residual_length(self) -> int:

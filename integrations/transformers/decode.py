@@ -43,11 +43,16 @@ def _padding_pattern(valid: torch.Tensor):
 
 
 def _left_pads(attention_mask, batch: int, total: int, q_len: int) -> torch.Tensor:
-    """Padding keys at the start of each row (B,) from a 2-D key mask; other patterns are refused."""
+    """Padding keys at the start of each row (B,) from a 2-D key mask, or from a dense mask of one query row
+    (a pattern transformers could not give compactly: a chunked layer's, a VLM's image-token union); other
+    patterns are refused."""
+    if attention_mask.dim() == 4 and attention_mask.shape[1] == attention_mask.shape[2] == 1 and q_len == 1:
+        attention_mask = _row_as_key_validity(attention_mask[:, 0, 0])
     if attention_mask.dim() != 2:
         raise NotImplementedError(
-            f"MFAQuantizedCache: expected no mask or a 2-D key-padding mask at decode, got a {attention_mask.dim()}-D "
-            "mask (a pattern the decode kernel cannot express).")
+            f"MFAQuantizedCache: expected no mask, a 2-D key-padding mask or one query row's dense mask at decode, got "
+            f"a {attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)} (a pattern the decode kernel cannot "
+            "express).")
     valid = attention_mask[:, -total:].bool()
     if valid.shape[-1] < total:  # a compact mask shorter than the keys: the tail is invalid
         raise NotImplementedError(
@@ -62,6 +67,19 @@ def _left_pads(attention_mask, batch: int, total: int, q_len: int) -> torch.Tens
         raise NotImplementedError(f"MFAQuantizedCache: padded rows with {q_len} query tokens against a quantized "
                                   "cache are not supported (one token per step is)")
     return pads
+
+
+def _row_as_key_validity(row: torch.Tensor) -> torch.Tensor:
+    """A dense mask's only query row (B, L) as key validity: bool as it is; an additive row only when it holds
+    nothing but 0 (visible) and masking values (-inf or below half the dtype's minimum), else refused: a finite
+    bias is not a key mask."""
+    if row.dtype == torch.bool:
+        return row
+    visible = row == 0
+    if not bool((visible | (row <= torch.finfo(row.dtype).min / 2)).all()):
+        raise NotImplementedError("MFAQuantizedCache: expected a decode step's additive mask to hold only 0 and "
+                                  "masking values, got a finite bias (a pattern the decode kernel cannot express).")
+    return visible
 
 
 def _window_left(sliding_window: int | None, total: int) -> int:
@@ -93,6 +111,8 @@ def quantized_attention(module, query, key: QuantizedCacheView, value: Quantized
         residual=None if key.residual is None else (key.residual.transpose(1, 2), value.residual.transpose(1, 2)))
     if layer.keys is None and layer.residual is None:
         raise ValueError("MFAQuantizedCache: the layer holds no keys")
+    if sliding_window is None:  # a model that leaves the window to the cache's trimming (Moshi): the layer's own
+        sliding_window = key.window
     return plan.run(q, layer, scale=_scale(scaling, q), window_left=_window_left(sliding_window, key.shape[2]),
                     causal=causal, softcap=softcap or 0.0, sinks=None if s_aux is None else s_aux.float())
 

@@ -42,6 +42,10 @@ FORMATS = QUANTIZED_NAMES
 # Models whose cache holds something other than per-head K/V (DeepSeek-V3 caches the MLA latent and
 # expands it with linears after the cache), so a handle cannot go straight to the kernel.
 LATENT_CACHE_MODELS = {"deepseek_v3": "the MLA latent (kv_lora_rank) and k_rot, expanded by linears after the cache"}
+# Models whose attention code reshapes the K/V it gets back from the cache before attention (the handle is not a
+# tensor), found by a sweep of transformers 5.25's causal LMs.
+TRANSFORMED_KV_MODELS = {"diffllama": "splits its cached values into two halves (torch.chunk) for its differential attention",
+                         "jetmoe": "repeats its cached keys and values for each expert (.repeat)"}
 _MIN_CAPACITY = 256
 # Capacity grows by a quarter (in whole blocks of _MIN_CAPACITY tokens) when full: appends stay
 # amortized O(1), and the spare room is at most a quarter of the tokens held (doubling would leave up
@@ -133,8 +137,8 @@ class _Store:
         if self.residual is not None:
             self.residual = self.residual.index_select(0, index.to(self.residual.device))
 
-    def view(self, step_plans: StepPlans | None = None, step: int = 0) -> QuantizedCacheView:
-        return QuantizedCacheView(self.buffer, self.length, self.residual, step_plans, step)
+    def view(self, step_plans: StepPlans | None = None, step: int = 0, window: int | None = None) -> QuantizedCacheView:
+        return QuantizedCacheView(self.buffer, self.length, self.residual, step_plans, step, window)
 
     def nbytes(self) -> int:
         held = 0 if self.buffer is None else self.buffer.nbytes()
@@ -267,8 +271,8 @@ class MFAQuantizedLayer(DynamicLayer):
         self.cumulative_length += key_states.shape[2]
         if prefill:  # exact prompt attention; stored quantized for every later step
             return key_states, value_states
-        return (self.k.view(self.step_plans, self.cumulative_length),
-                self.v.view(self.step_plans, self.cumulative_length))
+        return (self.k.view(self.step_plans, self.cumulative_length, self.sliding_window),
+                self.v.view(self.step_plans, self.cumulative_length, self.sliding_window))
 
     # -- generate's cache manipulation: scales always move with their codes --------------------------
 
@@ -326,6 +330,10 @@ def check_model_config(config) -> None:
         raise ValueError(
             f"MFAQuantizedCache: model_type {model_type!r} caches {what}, not per-head K/V, so the quantized "
             "values cannot go straight to the attention kernel. Use the default DynamicCache for this model.")
+    if model_type in TRANSFORMED_KV_MODELS:
+        raise ValueError(
+            f"MFAQuantizedCache: model_type {model_type!r} {TRANSFORMED_KV_MODELS[model_type]} after the cache, so the "
+            "quantized values cannot go straight to the attention kernel. Use the default DynamicCache for this model.")
     if consumes_mask(text):
         raise ValueError(
             f"MFAQuantizedCache: model_type {model_type!r} reads the attention mask in its own code (a sparse-attention "
