@@ -109,7 +109,8 @@ def _selected_keys(module, attention_mask, indices, key):
         raise NotImplementedError(
             f"{type(module).__name__}: the model passes sparse top-k key indices ({internals.SPARSE_INDICES_KWARG}=), "
             f"which mfa-hf applies on the dense 4-D mask its indexer read, got {got} (the model's config has no "
-            "index_topk, so its mask was not built dense); use attn_implementation=\"eager\" or \"sdpa\" for this model.")
+            "index_topk, so its mask was not built dense); use attn_implementation=\"eager\" or \"sdpa\" for this "
+            "model.")
     q_len, keys = attention_mask.shape[2], key.shape[2]
     if indices.dim() != 3 or indices.shape[1] != q_len or indices.dtype.is_floating_point:
         raise ValueError(f"{internals.SPARSE_INDICES_KWARG}: expected integer top-k key indices (B, {q_len}, k), got "

@@ -50,9 +50,9 @@ def _left_pads(attention_mask, batch: int, total: int, q_len: int) -> torch.Tens
         attention_mask = _row_as_key_validity(attention_mask[:, 0, 0])
     if attention_mask.dim() != 2:
         raise NotImplementedError(
-            f"MFAQuantizedCache: expected no mask, a 2-D key-padding mask or one query row's dense mask at decode, got "
-            f"a {attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)} (a pattern the decode kernel cannot "
-            "express).")
+            "MFAQuantizedCache: expected no mask, a 2-D key-padding mask or one query row's dense mask at decode, "
+            f"got a {attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)} (a pattern the decode kernel "
+            "cannot express).")
     valid = attention_mask[:, -total:].bool()
     if valid.shape[-1] < total:  # a compact mask shorter than the keys: the tail is invalid
         raise NotImplementedError(

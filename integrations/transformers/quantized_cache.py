@@ -44,8 +44,10 @@ FORMATS = QUANTIZED_NAMES
 LATENT_CACHE_MODELS = {"deepseek_v3": "the MLA latent (kv_lora_rank) and k_rot, expanded by linears after the cache"}
 # Models whose attention code reshapes the K/V it gets back from the cache before attention (the handle is not a
 # tensor), found by a sweep of transformers 5.25's causal LMs.
-TRANSFORMED_KV_MODELS = {"diffllama": "splits its cached values into two halves (torch.chunk) for its differential attention",
-                         "jetmoe": "repeats its cached keys and values for each expert (.repeat)"}
+TRANSFORMED_KV_MODELS = {
+    "diffllama": "splits its cached values into two halves (torch.chunk) for its differential attention",
+    "jetmoe": "repeats its cached keys and values for each expert (.repeat)",
+}
 _MIN_CAPACITY = 256
 # Capacity grows by a quarter (in whole blocks of _MIN_CAPACITY tokens) when full: appends stay
 # amortized O(1), and the spare room is at most a quarter of the tokens held (doubling would leave up
@@ -336,10 +338,10 @@ def check_model_config(config) -> None:
             "quantized values cannot go straight to the attention kernel. Use the default DynamicCache for this model.")
     if consumes_mask(text):
         raise ValueError(
-            f"MFAQuantizedCache: model_type {model_type!r} reads the attention mask in its own code (a sparse-attention "
-            "indexer's top-k, or Doge's dynamic mask over its value states), so its decode steps need the dense mask "
-            "and, for Doge, the cached values as tensors; the quantized decode kernel takes key-padding masks and "
-            "hands the model codes, not tensors. Use the default DynamicCache for this model.")
+            f"MFAQuantizedCache: model_type {model_type!r} reads the attention mask in its own code (a "
+            "sparse-attention indexer's top-k, or Doge's dynamic mask over its value states), so its decode steps "
+            "need the dense mask and, for Doge, the cached values as tensors; the quantized decode kernel takes "
+            "key-padding masks and hands the model codes, not tensors. Use the default DynamicCache for this model.")
 
 
 def _head_dims(text_config, layers: int) -> list[int | None]:
@@ -349,7 +351,8 @@ def _head_dims(text_config, layers: int) -> list[int | None]:
     hidden, heads = (internals.per_layer_values(text_config, name, layers)[0]
                      for name in ("hidden_size", "num_attention_heads"))
     derived = hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
-    return [dim if isinstance(dim, int) else derived for dim in internals.per_layer_values(text_config, "head_dim", layers)]
+    head_dims = internals.per_layer_values(text_config, "head_dim", layers)
+    return [dim if isinstance(dim, int) else derived for dim in head_dims]
 
 
 def _layer_kwargs(config) -> list[dict]:

@@ -86,7 +86,8 @@ def test_chunked_layers_decode_over_a_quantized_cache(fmt_residual):
     reference, model = _twins(config, "mfa")
     ids, mask = padded_batch("left")
     expected, _ = _generate(reference, ids, mask, 6)
-    actual, calls = _generate(model, ids, mask, 6, MFAQuantizedCache(fmt, config=model.config, residual_length=residual))
+    cache = MFAQuantizedCache(fmt, config=model.config, residual_length=residual)
+    actual, calls = _generate(model, ids, mask, 6, cache)
     assert calls > 0
     if residual:
         _assert_same_steps(actual, expected, "llama4 chunked")
