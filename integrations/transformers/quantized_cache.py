@@ -344,6 +344,12 @@ def check_model_config(config) -> None:
             "key-padding masks and hands the model codes, not tensors. Use the default DynamicCache for this model.")
 
 
+def _stored_head_dims(text_config, layers: int) -> list[int]:
+    """Every head dim a layer stores: keys' (per layer) and values' where a config sets them apart (v_head_dim)."""
+    values = internals.per_layer_values(text_config, "v_head_dim", layers) if layers else []
+    return sorted({dim for dim in _head_dims(text_config, layers) + values if isinstance(dim, int)})
+
+
 def _head_dims(text_config, layers: int) -> list[int | None]:
     """Each layer's head dim (heterogeneous configs give it per layer), or hidden size / heads where unset."""
     if not layers:
@@ -383,7 +389,7 @@ class MFAQuantizedCache(Cache):
             return
         check_model_config(config)
         layers = [MFAQuantizedLayer(**options, **extra) for extra in _layer_kwargs(config)]
-        for head_dim in sorted(set(_head_dims(config.get_text_config(decoder=True), len(layers))) - {None}):
+        for head_dim in _stored_head_dims(config.get_text_config(decoder=True), len(layers)):
             check_head_dim_fits_groups(self.format, layers[0].group_size, head_dim)  # what a forward would refuse
         super().__init__(layers=layers)
 

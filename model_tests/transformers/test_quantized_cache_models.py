@@ -114,3 +114,12 @@ def test_a_dense_decode_row_is_key_validity_only_when_it_masks_without_bias():
     with pytest.raises(NotImplementedError, match=r"expected a decode step's additive mask to hold only 0 and masking "
                                                   r"values, got a finite bias"):
         _row_as_key_validity(torch.tensor([[0.0, -1.5, 0.0]]))
+
+
+def test_nf4_checks_the_value_head_dim_when_the_model_sets_it_apart():
+    """MiMo-V2-Flash-style configs (v_head_dim != head_dim): a value dim the nf4 group does not divide is refused
+    when the cache is made, not at the first update inside the forward."""
+    config = _config("mimo_v2_flash", head_dim=64, v_head_dim=16)
+    with pytest.raises(ValueError, match=r"head_dim: expected a multiple of the nf4 group size 32 .*got 16"):
+        MFAQuantizedCache("nf4", config=config, group_size=32)
+    MFAQuantizedCache("nf4", config=_config("mimo_v2_flash", head_dim=64, v_head_dim=32), group_size=32)
