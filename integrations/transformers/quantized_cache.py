@@ -326,22 +326,28 @@ def check_model_config(config) -> None:
         raise TypeError("config: expected the model's transformers config (a PreTrainedConfig such as model.config), "
                         f"got {type(config).__name__}")
     text = config.get_text_config(decoder=True)
+    reason = _not_per_head_kv(text)
+    if reason:
+        raise ValueError(f"MFAQuantizedCache: model_type {getattr(text, 'model_type', None)!r} {reason}. Use the "
+                         "default DynamicCache for this model.")
+
+
+_STRAIGHT = "so the quantized values cannot go straight to the attention kernel"
+
+
+def _not_per_head_kv(text) -> str:
+    """Why the model's attention cannot take the cache's handles as its K/V, or "" when it can."""
     model_type = getattr(text, "model_type", None)
     if model_type in LATENT_CACHE_MODELS or getattr(text, "kv_lora_rank", None) is not None:
         what = LATENT_CACHE_MODELS.get(model_type, "a compressed latent (kv_lora_rank), expanded after the cache")
-        raise ValueError(
-            f"MFAQuantizedCache: model_type {model_type!r} caches {what}, not per-head K/V, so the quantized "
-            "values cannot go straight to the attention kernel. Use the default DynamicCache for this model.")
+        return f"caches {what}, not per-head K/V, {_STRAIGHT}"
     if model_type in TRANSFORMED_KV_MODELS:
-        raise ValueError(
-            f"MFAQuantizedCache: model_type {model_type!r} {TRANSFORMED_KV_MODELS[model_type]} after the cache, so the "
-            "quantized values cannot go straight to the attention kernel. Use the default DynamicCache for this model.")
+        return f"{TRANSFORMED_KV_MODELS[model_type]} after the cache, {_STRAIGHT}"
     if consumes_mask(text):
-        raise ValueError(
-            f"MFAQuantizedCache: model_type {model_type!r} reads the attention mask in its own code (a "
-            "sparse-attention indexer's top-k, or Doge's dynamic mask over its value states), so its decode steps "
-            "need the dense mask and, for Doge, the cached values as tensors; the quantized decode kernel takes "
-            "key-padding masks and hands the model codes, not tensors. Use the default DynamicCache for this model.")
+        return ("reads the attention mask in its own code (a sparse-attention indexer's top-k, or Doge's dynamic mask "
+                "over its value states), so its decode steps need the dense mask and, for Doge, the cached values as "
+                "tensors; the quantized decode kernel takes key-padding masks and hands the model codes, not tensors")
+    return ""
 
 
 def _stored_head_dims(text_config, layers: int) -> list[int]:
