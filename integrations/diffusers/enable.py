@@ -9,9 +9,11 @@ What each module gets is decided by the processor it has now, which names the co
                                            -> its own backend set to "mfa" (per processor; the global
                                               active backend is left alone)
     another processor whose __call__ calls F.scaled_dot_product_attention (AuraFlow, CogView4,
-    HunyuanDiT, Lumina 2, HiDream, ...)    -> a copy whose SDPA calls are routed to our kernels (routed.py)
+    HunyuanDiT, Lumina 2, HiDream, IP-Adapter, ...)
+                                           -> the same processor under a class whose SDPA calls are routed
+                                              to our kernels (routed.py)
 
-Anything else (linear attention, IP-Adapter, xformers, ...) is left as it is and listed in
+Anything else (linear attention, xformers, sliced, ...) is left as it is and listed in
 `handle.skipped` (or refused with strict=True). Every check runs before anything is changed.
 """
 

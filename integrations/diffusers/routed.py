@@ -7,11 +7,15 @@ instead enable() gives such a module a copy of its processor whose class runs th
 inside `sdpa_patched()` (integrations/sdpa_patch.py), so every SDPA call it makes is served by our kernels where
 we reproduce that call's SDPA meaning exactly, and by stock SDPA otherwise (the reason counted in mfa_hf.trace).
 
-The routed class subclasses the upstream one (isinstance checks and attributes still hold) and keeps its
-`__call__` signature (diffusers passes a processor only the keyword arguments its signature names). Processors
-that are torch modules (IP-Adapter's carry weights) and those whose `__call__` does not call SDPA by attribute
-(xformers, sliced, linear attention) are not routed: enable() lists them in handle.skipped as before. Under
-torch.compile the upstream call runs as it is (the patch swaps a module attribute, which a traced graph cannot).
+The routed class subclasses the upstream one (isinstance checks hold) and keeps its `__call__` signature
+(diffusers passes a processor only the keyword arguments its signature names). The routed processor shares the
+upstream one's attribute dict rather than copying it: one state under two classes. So processors that are torch
+modules route too (IP-Adapter's and Custom Diffusion's, whose weights stay the same Parameters: the state dict's
+keys, `.to()` and training see one set), and what is set on the routed one while enabled
+(`pipe.set_ip_adapter_scale(...)`) is what the upstream one has after restore(). Processors whose `__call__` does
+not call SDPA by attribute (xformers, sliced, linear attention, the pre-2.0 IP-Adapter's baddbmm) are not routed:
+enable() lists them in handle.skipped. Under torch.compile the upstream call runs as it is (the patch swaps a
+module attribute, which a traced graph cannot).
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ _routed_classes: dict[type, type] = {}
 
 def routable(processor) -> bool:
     """Whether `processor` computes its attention by calling F.scaled_dot_product_attention from its own
-    `__call__` (found at call time, so the patch reaches it), and is a plain object (not a torch module)."""
-    if isinstance(processor, torch.nn.Module) or is_routed(processor) or not hasattr(processor, "__dict__"):
-        return False  # a module's weights or a slotted object would not copy as plain attributes
+    `__call__` (found at call time, so the patch reaches it), and keeps its state in an attribute dict."""
+    if is_routed(processor) or not isinstance(getattr(processor, "__dict__", None), dict):
+        return False  # a slotted object has no dict to share
     try:
         source = inspect.getsource(type(processor).__call__)
     except (OSError, TypeError):  # no source (built at run time, or a C callable): cannot tell
@@ -47,10 +51,11 @@ def is_routed(processor) -> bool:
 
 
 def routed(processor):
-    """A copy of `processor` (same attributes) whose SDPA calls go through sdpa_patched()."""
-    copy = object.__new__(_routed_class(type(processor)))
-    copy.__dict__.update(vars(processor))
-    return copy
+    """`processor` under a class whose SDPA calls go through sdpa_patched(): a second object sharing its attribute
+    dict (see the module docstring), so the upstream object, which restore() puts back, is never out of date."""
+    view = object.__new__(_routed_class(type(processor)))
+    object.__setattr__(view, "__dict__", processor.__dict__)  # past nn.Module.__setattr__: a plain instance dict
+    return view
 
 
 def _routed_class(upstream: type) -> type:

@@ -109,14 +109,104 @@ def test_a_routed_processor_keeps_its_class_attributes_and_signature():
 
 
 def test_what_is_not_routed():
-    """Torch-module processors (IP-Adapter's weights), processors that never call SDPA by attribute (sliced,
-    xformers, linear attention) and our own: enable() keeps listing them in handle.skipped."""
+    """Processors that never call SDPA by attribute (sliced, xformers, the pre-2.0 IP-Adapter's baddbmm) and routed
+    ones: enable() lists them in handle.skipped. Torch-module processors that call SDPA are routed."""
     from diffusers.models import attention_processor as upstream
 
     assert not routed.routable(upstream.SlicedAttnProcessor(slice_size=2))
-    assert not routed.routable(upstream.IPAdapterAttnProcessor2_0(hidden_size=8, cross_attention_dim=8))
+    assert not routed.routable(upstream.IPAdapterAttnProcessor(hidden_size=8, cross_attention_dim=8))
     assert not routed.routable(routed.routed(upstream.AuraFlowAttnProcessor2_0()))
     assert routed.routable(upstream.AuraFlowAttnProcessor2_0())
+    assert routed.routable(upstream.IPAdapterAttnProcessor2_0(hidden_size=8, cross_attention_dim=8))
+
+
+def test_a_routed_processor_shares_the_upstream_state():
+    """One attribute dict under two classes: what is set on either is the other's, and a module processor's weights
+    are the same Parameters (restore() gives back an object that is not out of date)."""
+    from diffusers.models import attention_processor as upstream
+
+    plain = upstream.AuraFlowAttnProcessor2_0()
+    view = routed.routed(plain)
+    view.marker = "set while routed"
+    assert plain.marker == "set while routed"
+    module = upstream.IPAdapterAttnProcessor2_0(hidden_size=8, cross_attention_dim=8, num_tokens=(4, 2))
+    view = routed.routed(module)
+    assert isinstance(view, torch.nn.Module) and view.to_k_ip[1].weight is module.to_k_ip[1].weight
+    assert list(view.state_dict()) == list(module.state_dict())
+    view.scale = [0.3, 0.4]
+    assert module.scale == [0.3, 0.4]
+
+
+def _unet_with_ip_adapter(scale):
+    """A tiny UNet whose cross-attention layers carry IP-Adapter processors (random weights, set through the public
+    set_attn_processor, with the image projection the adapter's loader would add): one image, 4 image tokens."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8).eval()
+    processors = {}
+    for name, module in unet.named_modules():
+        if name.endswith("attn1"):
+            processors[f"{name}.processor"] = AttnProcessor2_0()
+        elif name.endswith("attn2"):
+            processor = IPAdapterAttnProcessor2_0(hidden_size=module.inner_dim, cross_attention_dim=24, scale=scale)
+            for linear in (*processor.to_k_ip, *processor.to_v_ip):
+                torch.nn.init.normal_(linear.weight, std=0.2)  # the image tokens must move the output
+            processors[f"{name}.processor"] = processor
+    unet.set_attn_processor(processors)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection(
+        [ImageProjection(image_embed_dim=12, cross_attention_dim=24, num_image_text_embeds=4)])
+    unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
+    return unet
+
+
+@pytest.mark.parametrize("masks", ["none", "text mask", "ip_adapter_masks"])
+def test_ip_adapter_processors_are_routed(monkeypatch, masks):
+    """IP-Adapter's processor (a torch module holding the image-token projections) calls SDPA twice a layer, the
+    text attention (with the text mask, if any) and the image tokens': both reach our kernel, the output equals the
+    default processors', the state dict keeps its keys, and a scale set while enabled (set_ip_adapter_scale's way:
+    on the processors unet.attn_processors lists) holds after restore()."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    monkeypatch.setenv("MFA_BACKEND", "torch")
+    unet = _unet_with_ip_adapter(scale=0.7)
+    generator = torch.Generator().manual_seed(1)
+    inputs = dict(sample=torch.randn(BATCH, 4, 8, 8, generator=generator), timestep=torch.tensor([10, 20]),
+                  encoder_hidden_states=torch.randn(BATCH, 7, 24, generator=generator),
+                  added_cond_kwargs={"image_embeds": [torch.randn(BATCH, 1, 12, generator=generator)]})
+    if masks == "text mask":
+        inputs["encoder_attention_mask"] = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    elif masks == "ip_adapter_masks":  # the image prompt acts on the left half of the picture only
+        region = torch.zeros(1, 1, 8, 8)
+        region[..., :4] = 1
+        inputs["cross_attention_kwargs"] = {"ip_adapter_masks": [region]}
+    keys = list(unet.state_dict())
+    with torch.no_grad():
+        expected = unet(**inputs).sample
+    adapters = [m for m in unet.modules() if isinstance(getattr(m, "processor", None), IPAdapterAttnProcessor2_0)]
+    handle = enable(unet, strict=True)
+    assert not handle.skipped and list(unet.state_dict()) == keys
+    assert all(routed.is_routed(m.processor) for m in adapters)
+    with torch.no_grad(), trace.capture() as calls, trace.capture_fallbacks() as fell:
+        actual = unet(**inputs).sample
+    assert sum(trace.served_by(calls).values()) >= 2 * len(adapters), dict(trace.served_by(calls))
+    assert not fell, f"calls left to stock SDPA: {dict(fell)}"
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
+
+    for processor in unet.attn_processors.values():  # what pipe.set_ip_adapter_scale(0.2) does
+        if isinstance(processor, IPAdapterAttnProcessor2_0):
+            processor.scale = [0.2]
+    with torch.no_grad():
+        rescaled = unet(**inputs).sample
+    assert not torch.allclose(rescaled, actual, atol=1e-4)  # the scale matters here
+    handle.restore()
+    assert all(type(m.processor) is IPAdapterAttnProcessor2_0 and m.processor.scale == [0.2] for m in adapters)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(**inputs).sample, rescaled, atol=2e-5, rtol=1e-4)
 
 
 def test_a_routed_model_compiles_with_fullgraph():
@@ -133,3 +223,30 @@ def test_a_routed_model_compiles_with_fullgraph():
     with torch.no_grad():
         torch.testing.assert_close(_first(compiled(**inputs)), expected, atol=2e-5, rtol=1e-4)
     handle.restore()
+
+
+def test_custom_diffusion_processors_are_routed(monkeypatch):
+    """Custom Diffusion's processor (a torch module with its own K/V and output projections) on a cross-attention
+    module: routed, equal to the default, the same weights. (No mask: upstream's processor hands SDPA the mask in
+    the (B * heads, 1, keys) layout of the pre-2.0 processors, which SDPA cannot broadcast.)"""
+    from diffusers.models.attention_processor import Attention, CustomDiffusionAttnProcessor2_0
+
+    monkeypatch.setenv("MFA_BACKEND", "torch")
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.attn = Attention(query_dim=16, cross_attention_dim=12, heads=4, dim_head=4).eval()
+    processor = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=True, hidden_size=16, cross_attention_dim=12)
+    holder.attn.set_processor(processor)
+    generator = torch.Generator().manual_seed(1)
+    hidden, text = torch.randn(BATCH, 9, 16, generator=generator), torch.randn(BATCH, 5, 12, generator=generator)
+    with torch.no_grad():
+        expected = holder.attn(hidden, encoder_hidden_states=text)
+    handle = enable(holder, strict=True)
+    assert routed.is_routed(holder.attn.processor) and holder.attn.processor.to_k_custom_diffusion is \
+        processor.to_k_custom_diffusion
+    with torch.no_grad(), trace.capture() as calls, trace.capture_fallbacks() as fell:
+        actual = holder.attn(hidden, encoder_hidden_states=text)
+    assert sum(trace.served_by(calls).values()) == 1 and not fell, (dict(trace.served_by(calls)), dict(fell))
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
+    handle.restore()
+    assert holder.attn.processor is processor
