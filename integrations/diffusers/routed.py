@@ -1,10 +1,10 @@
 """Processors we have no class of our own for, whose attention is a call of `F.scaled_dot_product_attention`.
 
-AuraFlow, CogView4, HunyuanDiT, Lumina and Lumina 2, HiDream, EasyAnimate, Allegro, OmniGen, Stable Audio and
-Sana's cross-attention each compute plain softmax attention by calling F.scaled_dot_product_attention inside a
-processor of their own (RoPE, norms and projections their own way). Rewriting each would copy all of that;
-instead enable() gives such a module a copy of its processor whose class runs the upstream `__call__` unchanged
-inside `sdpa_patched()` (integrations/sdpa_patch.py), so every SDPA call it makes is served by our kernels where
+AuraFlow, CogView4, HunyuanDiT, Lumina and Lumina 2, HiDream, EasyAnimate, Allegro, OmniGen, Stable Audio,
+Sana's cross-attention, IP-Adapter and Custom Diffusion each compute plain softmax attention by calling
+F.scaled_dot_product_attention inside a processor of their own (RoPE, norms and projections their own way).
+Rewriting each would copy all of that; instead enable() gives such a module its processor under a class that runs
+the upstream `__call__` unchanged inside `sdpa_patched()` (integrations/sdpa_patch.py), so every SDPA call it makes is served by our kernels where
 we reproduce that call's SDPA meaning exactly, and by stock SDPA otherwise (the reason counted in mfa_hf.trace).
 
 The routed class subclasses the upstream one (isinstance checks hold) and keeps its `__call__` signature
