@@ -211,6 +211,8 @@ def per_layer_values(config, name: str, layers: int) -> list:
     """`name` of each of `layers` layers. Heterogeneous configs (5.25's per_layer_config view: Gemma 4's 512-wide
     global layers) answer per layer, and reading such an attribute off the config itself raises (not an
     AttributeError); other configs answer once for every layer (None where absent)."""
+    if not layers:
+        return []
     per_layer = getattr(config, "per_layer_config", None)
     if isinstance(per_layer, Sequence) and len(per_layer) == layers:
         return [getattr(per_layer[i], name, None) for i in range(layers)]

@@ -352,15 +352,13 @@ def _not_per_head_kv(text) -> str:
 
 def _stored_head_dims(text_config, layers: int) -> list[int]:
     """Every head dim a layer stores: keys' (per layer) and values' where a config sets them apart (v_head_dim)."""
-    values = internals.per_layer_values(text_config, "v_head_dim", layers) if layers else []
+    values = internals.per_layer_values(text_config, "v_head_dim", layers)
     return sorted({dim for dim in _head_dims(text_config, layers) + values if isinstance(dim, int)})
 
 
 def _head_dims(text_config, layers: int) -> list[int | None]:
     """Each layer's head dim (heterogeneous configs give it per layer), or hidden size / heads where unset."""
-    if not layers:
-        return []
-    hidden, heads = (internals.per_layer_values(text_config, name, layers)[0]
+    hidden, heads = (next(iter(internals.per_layer_values(text_config, name, layers)), None)
                      for name in ("hidden_size", "num_attention_heads"))
     derived = hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
     head_dims = internals.per_layer_values(text_config, "head_dim", layers)
