@@ -69,7 +69,22 @@ def _routed_class(upstream: type) -> type:
             with sdpa_patched(devices=ROUTED_DEVICES, min_scores=0):
                 return call(self, *args, **kwargs)
 
+        def __reduce_ex__(self, protocol):  # the class is made at run time: pickle names the upstream one
+            return _unpickle_routed, (upstream, self.__getstate__())
+
         _routed_classes[upstream] = type(f"MFARouted{upstream.__name__}", (upstream,), {
-            "__call__": __call__, "__module__": __name__,
+            "__call__": __call__, "__reduce_ex__": __reduce_ex__, "__module__": __name__,
             "serves": f"{upstream.__name__}, its F.scaled_dot_product_attention calls routed to mfa-hf"})
     return _routed_classes[upstream]
+
+
+def _unpickle_routed(upstream: type, state: dict):
+    """A routed processor back from pickle (torch.save of a whole model, copy.deepcopy, spawned workers): the upstream
+    processor rebuilt from its state as pickle would (nn.Module's __setstate__ where it has one), routed again, so a
+    saved model loads with the processors it was saved with."""
+    processor = upstream.__new__(upstream)
+    if hasattr(processor, "__setstate__"):
+        processor.__setstate__(state)
+    else:
+        processor.__dict__.update(state or {})  # object.__getstate__ gives None for an empty dict
+    return routed(processor)

@@ -9,7 +9,10 @@ the exact default output, strict=True accepting the model.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import io
+import pickle
 
 import pytest
 import torch
@@ -250,3 +253,42 @@ def test_custom_diffusion_processors_are_routed(monkeypatch):
     torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
     handle.restore()
     assert holder.attn.processor is processor
+
+
+def _save_and_load(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_a_routed_model_saves_whole_and_copies(monkeypatch, how):
+    """Routed classes are made at run time, so pickle cannot name them: a whole model saved while enabled (or deep
+    copied, or sent to a spawned worker) comes back with its processors routed again over their own state, a
+    module processor's weights included, and the same output served by our kernels."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    monkeypatch.setenv("MFA_BACKEND", "torch")
+    unet = _unet_with_ip_adapter(scale=0.7)
+    generator = torch.Generator().manual_seed(1)
+    inputs = dict(sample=torch.randn(BATCH, 4, 8, 8, generator=generator), timestep=torch.tensor([10, 20]),
+                  encoder_hidden_states=torch.randn(BATCH, 7, 24, generator=generator),
+                  added_cond_kwargs={"image_embeds": [torch.randn(BATCH, 1, 12, generator=generator)]})
+    enable(unet, strict=True)
+    with torch.no_grad():
+        expected = unet(**inputs).sample
+    twin = _save_and_load(unet) if how == "torch.save" else copy.deepcopy(unet)
+    adapters = [m.processor for m in twin.modules() if isinstance(getattr(m, "processor", None),
+                                                                  IPAdapterAttnProcessor2_0)]
+    assert adapters and all(routed.is_routed(p) for p in adapters)
+    assert twin.state_dict().keys() == unet.state_dict().keys()
+    with torch.no_grad(), trace.capture() as calls, trace.capture_fallbacks() as fell:
+        actual = twin(**inputs).sample
+    assert sum(trace.served_by(calls).values()) >= 2 * len(adapters) and not fell
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+    adapters[0].scale = [0.1]  # the twin's state is its own
+    assert all(m.processor.scale == [0.7] for m in unet.modules()
+               if isinstance(getattr(m, "processor", None), IPAdapterAttnProcessor2_0))
+    plain = routed.routed(diffusers.models.attention_processor.AuraFlowAttnProcessor2_0())  # no state at all
+    assert routed.is_routed(pickle.loads(pickle.dumps(plain)))
