@@ -292,3 +292,44 @@ def test_a_routed_model_saves_whole_and_copies(monkeypatch, how):
                if isinstance(getattr(m, "processor", None), IPAdapterAttnProcessor2_0))
     plain = routed.routed(diffusers.models.attention_processor.AuraFlowAttnProcessor2_0())  # no state at all
     assert routed.is_routed(pickle.loads(pickle.dumps(plain)))
+
+
+def test_sd3_ip_adapter_processors_are_routed(monkeypatch):
+    """SD3's IP-Adapter processor (a torch module: joint attention, then the image tokens' attention, with the time
+    projection the loader adds as image_proj): both SDPA calls of each layer reach our kernel, the output equals the
+    default processors' and the image tokens matter in it."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    monkeypatch.setenv("MFA_BACKEND", "torch")
+    torch.manual_seed(0)
+    model = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+        pos_embed_max_size=16).eval()
+    model.set_attn_processor({name: SD3IPAdapterJointAttnProcessor2_0(
+        hidden_size=16, ip_hidden_states_dim=16, head_dim=8, timesteps_emb_dim=32, scale=0.7)
+        for name in model.attn_processors})
+    model.image_proj = IPAdapterTimeImageProjection(embed_dim=12, output_dim=16, hidden_dim=32, depth=1, dim_head=8,
+                                                    heads=4, num_queries=4, ffn_ratio=2, timestep_in_dim=16)
+
+    def inputs(image=True):  # fresh each call: the model pops the image embeddings out of joint_attention_kwargs
+        generator = torch.Generator().manual_seed(1)
+        tensors = _inputs(generator, hidden_states=(BATCH, 4, 8, 8), encoder_hidden_states=(BATCH, 5, 16),
+                          pooled_projections=(BATCH, 8), image=(BATCH, 3, 12))
+        embeds = tensors.pop("image")
+        kwargs = {"ip_adapter_image_embeds": embeds} if image else None
+        return dict(tensors, timestep=torch.tensor([10, 20]), joint_attention_kwargs=kwargs)
+
+    with torch.no_grad():
+        expected = model(**inputs()).sample
+        assert not torch.allclose(model(**inputs(image=False)).sample, expected, atol=1e-3)
+    handle = enable(model, strict=True)
+    layers = [p for p in model.attn_processors.values() if isinstance(p, SD3IPAdapterJointAttnProcessor2_0)]
+    assert len(layers) == 2 and all(routed.is_routed(p) for p in layers) and not handle.skipped
+    with torch.no_grad(), trace.capture() as calls, trace.capture_fallbacks() as fell:
+        actual = model(**inputs()).sample
+    assert sum(trace.served_by(calls).values()) == 2 * len(layers) and not fell, (dict(trace.served_by(calls)), fell)
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
+    handle.restore()
+    assert all(type(block.attn.processor) is SD3IPAdapterJointAttnProcessor2_0 for block in model.transformer_blocks)
