@@ -1,7 +1,7 @@
 """Launching the triton backward kernels (backward_kernel.py): a dK/dV kernel, then a dQ kernel.
 
-delta = rowsum(dO * O) - dLSE, dsinks and the reduction of dS over a broadcast mask's dims are torch
-ops on the device (small next to the kernels).
+delta = rowsum(dO * O) - dLSE is a kernel of its own (one pass over O and dO); dsinks and the reduction of dS
+over a broadcast mask's dims are torch ops on the device (small next to the kernels).
 
 bf16_backward: Q, K, V and dO are handed to the same kernels as bfloat16 copies (O(N D) work next to
 the kernels' O(N^2 D)), so every tl.dot takes bfloat16 operands (P and dS follow Q's dtype) and
@@ -12,6 +12,7 @@ input dtype.
 from __future__ import annotations
 
 import torch
+import triton
 
 from ..contract import AttentionCall, Gradients
 from ..launch import empty_grads, new_output
@@ -25,15 +26,22 @@ from .direct_launch import DirectLauncher
 # Kernels relaunched without Triton's per-call binding once compiled for a kind of call (direct_launch.py).
 _BACKWARD_KV = DirectLauncher(backward_kernel.attention_backward_kv_kernel)
 _BACKWARD_Q = DirectLauncher(backward_kernel.attention_backward_q_kernel)
-
+_DELTA = DirectLauncher(backward_kernel.attention_backward_delta_kernel)
 
 
 def _delta(grad_out, out, grad_lse):
-    """delta = rowsum(dO * O) - dLSE, float32, contiguous in the LSE's layout."""
-    delta = (grad_out.float() * out.float()).sum(-1)  # (B, Lq, Hq) or (T, Hq)
-    delta = delta.transpose(-1, -2).contiguous()
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
+    """delta = rowsum(dO * O) - dLSE, float32, contiguous in the LSE's layout ((B, Hq, Lq) or packed (Hq, Tq)),
+    from the unrounded dO and O in one pass (attention_backward_delta_kernel)."""
+    rows, heads, dim_v = out.shape[-3], out.shape[-2], out.shape[-1]
+    batch = out.shape[0] if out.dim() == 4 else 1
+    delta = torch.empty((batch, heads, rows) if out.dim() == 4 else (heads, rows), dtype=torch.float32,
+                        device=out.device)
+    block_dv = max(16, triton.next_power_of_2(dim_v))
+    block_r = max(16, min(128, 8192 // block_dv))
+    _DELTA[(cdiv(rows, block_r), batch * heads)](
+        out, grad_out, out if grad_lse is None else grad_lse, delta, *strides4(out), *strides4(grad_out),
+        *((0, 0, 0) if grad_lse is None else lse_strides(grad_lse)), rows, heads,
+        HEAD_DV=dim_v, BLOCK_DV=block_dv, BLOCK_R=block_r, HAS_DLSE=grad_lse is not None, num_warps=4)
     return delta
 
 

@@ -4,8 +4,8 @@
   head of its GQA group, so dK/dV come out already reduced to KV heads, deterministically.
 - dQ: one program per (query block, batch * query head), walking key blocks like the forward; it
   also writes dS when the additive mask needs a gradient.
-delta_i = rowsum(dO_i * O_i) - dLSE_i is computed beforehand (backward.py). Probabilities are
-recomputed from the saved LSE in base 2; rows with LSE = -inf (nothing visible) get P = 0.
+- delta: delta_i = rowsum(dO_i * O_i) - dLSE_i, beforehand, one pass over O and dO.
+Probabilities are recomputed from the saved LSE in base 2; rows with LSE = -inf (nothing visible) get P = 0.
 """
 
 import triton
@@ -252,3 +252,31 @@ def attention_backward_q_kernel(
     dq_base = DQ + b.to(tl.int64) * stride_dqb + start_q.to(tl.int64) * stride_dqm + h * stride_dqh
     tl.store(dq_base + rows[:, None] * stride_dqm + offs_dk[None, :], stored(dq, DQ.dtype.element_ty, DOT_PRECISION),
              mask=row_ok[:, None] & (offs_dk[None, :] < HEAD_DQK))
+
+
+@triton.jit(do_not_specialize=["rows"])
+def attention_backward_delta_kernel(
+        O, DO, DLSE, DELTA,
+        stride_ob, stride_om, stride_oh, stride_od, stride_gb, stride_gm, stride_gh, stride_gd,
+        stride_lb, stride_lh, stride_lm, rows, heads,
+        HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta = rowsum(dO * O) - dLSE in float32, one program per (row block, batch * head): O and dO are read once
+    in their own dtype (torch ops took ~7x the bytes: float32 copies of both, their product, then the sum), delta
+    is written contiguous (B, H, rows) as the kernels above read it."""
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_DV)
+    row_ok = r < rows
+    ok = row_ok[:, None] & (d[None, :] < HEAD_DV)
+    r64 = r.to(tl.int64)
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h * stride_oh + r64[:, None] * stride_om + d[None, :] * stride_od,
+                mask=ok, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_gb + h * stride_gh + r64[:, None] * stride_gm + d[None, :] * stride_gd,
+                 mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + b.to(tl.int64) * stride_lb + h * stride_lh + r64 * stride_lm, mask=row_ok,
+                         other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * rows + r, delta, mask=row_ok)
