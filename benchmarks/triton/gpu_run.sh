@@ -8,6 +8,7 @@
 #   host    host cost per call of each layer of our path (host_overhead.py), and the forward timed
 #           synchronized vs queued, ours and SDPA-flash side by side;
 #   suite   the cuda suite (forward and forward+backward TFLOP/s: ours, SDPA flash, SDPA cuDNN, FlexAttention);
+#   profile one forward+backward kernel by kernel, ours and SDPA-flash side by side (backward_profile.py);
 #   decode  the decode table (bf16 and every quantized format at 4k/16k/64k, api time with tensor and int
 #           lengths), with the backend's default launch configs;
 #   flex    sliding-window and softcap problems against compiled FlexAttention (flex_features.py);
@@ -20,7 +21,7 @@ set -x
 ln -sfn ../kernels mfa_hf/kernels; ln -sfn ../integrations mfa_hf/integrations  # a source checkout
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
-STEPS=${STEPS:-tests routes host suite decode flex visit e2e}
+STEPS=${STEPS:-tests routes host suite profile decode flex visit e2e}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)"
@@ -43,6 +44,9 @@ fi
 if step suite; then
     kernels timeout ${SUITE_S:-300} python -m mfa_hf.benchmark --suite cuda --full-size --device cuda 2>&1 \
         | tee "$OUT/cuda_suite.log"
+fi
+if step profile; then
+    kernels timeout ${PROFILE_S:-90} python benchmarks/triton/backward_profile.py 2>&1 | tee "$OUT/backward_profile.log"
 fi
 if step decode; then
     kernels env DECODE_SWEEP=0 timeout ${DECODE_S:-150} python benchmarks/triton/device_bench.py decode --out "$OUT" \

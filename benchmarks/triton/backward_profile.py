@@ -1,0 +1,63 @@
+"""Where the time of one forward+backward goes, kernel by kernel: ours and SDPA-flash, side by side (CUDA).
+
+    MFA_BACKEND=triton PYTHONPATH=. python benchmarks/triton/backward_profile.py
+
+The suite's shapes (B x N = 16384, H x D = 2048, bf16) at the lengths where fwd+bwd trails SDPA-flash. Each
+problem runs 3 warm-up steps, then 5 profiled ones; the table lists each kernel's device time per step, so the
+torch ops around our kernels (copies, reductions, fills) show beside the kernels themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+
+STEPS = 5
+PROBLEMS = ((64, 2048, True), (64, 2048, False), (128, 2048, True), (64, 512, False))  # (D, N, causal)
+
+
+def _step_fn(impl, dim, n, causal):
+    import mfa_hf
+
+    b, h = 16384 // n, 2048 // dim
+    q, k, v = (torch.randn(b, n, h, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn(b, n, h, dim, device="cuda", dtype=torch.bfloat16)
+    if impl == "ours":
+        def step():
+            torch.autograd.backward(mfa_hf.flash_attn_func(q, k, v, causal=causal), grad)
+    else:
+        qt, kt, vt, gt = (t.transpose(1, 2) for t in (q, k, v, grad))
+
+        def step():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                torch.autograd.backward(F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal), gt)
+    return step
+
+
+def main() -> None:
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    for dim, n, causal in PROBLEMS:
+        for impl in ("ours", "sdpa_flash"):
+            step = _step_fn(impl, dim, n, causal)
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                start.record()
+                for _ in range(STEPS):
+                    step()
+                end.record()
+                torch.cuda.synchronize()
+            total = start.elapsed_time(end) / STEPS
+            print(f"\n== D={dim} N={n} causal={causal} {impl}: {total:.3f} ms per fwd+bwd step (profiled)")
+            rows = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
+                          key=lambda e: -e.self_device_time_total)
+            for e in rows[:12]:
+                print(f"  {e.self_device_time_total / STEPS / 1e3:8.3f} ms  x{e.count // STEPS:<3d} {e.key[:110]}")
+
+
+if __name__ == "__main__":
+    main()
