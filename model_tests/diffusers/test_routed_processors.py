@@ -167,6 +167,14 @@ def _unet_with_ip_adapter(scale):
     return unet
 
 
+def _ip_adapter_inputs():
+    """The tiny IP-Adapter UNet's inputs: latents, 7 text tokens, one image's embedding."""
+    generator = torch.Generator().manual_seed(1)
+    return dict(sample=torch.randn(BATCH, 4, 8, 8, generator=generator), timestep=torch.tensor([10, 20]),
+                encoder_hidden_states=torch.randn(BATCH, 7, 24, generator=generator),
+                added_cond_kwargs={"image_embeds": [torch.randn(BATCH, 1, 12, generator=generator)]})
+
+
 @pytest.mark.parametrize("masks", ["none", "text mask", "ip_adapter_masks"])
 def test_ip_adapter_processors_are_routed(monkeypatch, masks):
     """IP-Adapter's processor (a torch module holding the image-token projections) calls SDPA twice a layer, the
@@ -177,10 +185,7 @@ def test_ip_adapter_processors_are_routed(monkeypatch, masks):
 
     monkeypatch.setenv("MFA_BACKEND", "torch")
     unet = _unet_with_ip_adapter(scale=0.7)
-    generator = torch.Generator().manual_seed(1)
-    inputs = dict(sample=torch.randn(BATCH, 4, 8, 8, generator=generator), timestep=torch.tensor([10, 20]),
-                  encoder_hidden_states=torch.randn(BATCH, 7, 24, generator=generator),
-                  added_cond_kwargs={"image_embeds": [torch.randn(BATCH, 1, 12, generator=generator)]})
+    inputs = _ip_adapter_inputs()
     if masks == "text mask":
         inputs["encoder_attention_mask"] = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
     elif masks == "ip_adapter_masks":  # the image prompt acts on the left half of the picture only
@@ -271,10 +276,7 @@ def test_a_routed_model_saves_whole_and_copies(monkeypatch, how):
 
     monkeypatch.setenv("MFA_BACKEND", "torch")
     unet = _unet_with_ip_adapter(scale=0.7)
-    generator = torch.Generator().manual_seed(1)
-    inputs = dict(sample=torch.randn(BATCH, 4, 8, 8, generator=generator), timestep=torch.tensor([10, 20]),
-                  encoder_hidden_states=torch.randn(BATCH, 7, 24, generator=generator),
-                  added_cond_kwargs={"image_embeds": [torch.randn(BATCH, 1, 12, generator=generator)]})
+    inputs = _ip_adapter_inputs()
     enable(unet, strict=True)
     with torch.no_grad():
         expected = unet(**inputs).sample
