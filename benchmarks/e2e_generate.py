@@ -208,6 +208,8 @@ def _measured(specs: list[dict], repeats: int) -> list[dict]:
     for _ in range(repeats):
         for spec, row_runs in zip(specs, runs):
             row_runs.append(_row(spec))
+            # at once, one line a run: a run cut by a time limit (a lent GPU's call) keeps the rows it measured
+            print("# run", json.dumps(row_runs[-1]), flush=True)
     return [_combined(row_runs) for row_runs in runs]
 
 
