@@ -81,6 +81,15 @@ def forward_layers() -> None:
     grad_q, grad_k, grad_v = (t.clone().requires_grad_() for t in (q, k, v))
     rows["flash_attn_func (inputs require grad, forward only)"] = host_us(
         lambda: mfa_hf.flash_attn_func(grad_q, grad_k, grad_v, causal=True))
+    # A training step's host cost: forward with grad, then autograd.grad (backward_profile.py saw the GPU idle
+    # 0.3-1 ms per fwd+bwd step at 2k, beside kernels that summed below SDPA-flash's).
+    leaves, grad = (grad_q, grad_k, grad_v), torch.randn_like(q)
+    rows["flash_attn_func forward + autograd.grad (a training step)"] = host_us(
+        lambda: torch.autograd.grad(mfa_hf.flash_attn_func(*leaves, causal=True), leaves, grad), 1000)
+    heads_first = [t.detach().transpose(1, 2).requires_grad_() for t in leaves]
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        rows["SDPA flash forward + autograd.grad"] = host_us(lambda: torch.autograd.grad(
+            F.scaled_dot_product_attention(*heads_first, is_causal=True), heads_first, grad.transpose(1, 2)), 1000)
     print("host µs per call (B=1, N=64, H=2, D=64 bf16, causal; the GPU idles most of the time):")
     for name, us in rows.items():
         print(f"  {name:55s} {us:8.1f}")
