@@ -4,10 +4,13 @@
 
 The suite's shapes (B x N = 16384, H x D = 2048, bf16) at the lengths where fwd+bwd trails SDPA-flash. Each
 problem runs 3 warm-up steps, then 5 profiled ones; the table lists each kernel's device time per step, so the
-torch ops around our kernels (copies, reductions, fills) show beside the kernels themselves.
+torch ops around our kernels (copies, reductions, fills) show beside the kernels themselves, and the host's time
+to queue a step tells a host-bound step (queueing takes about the step's time) from gaps on the GPU.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +50,16 @@ def main() -> None:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 start.record()
+                issue = time.perf_counter()
                 for _ in range(STEPS):
                     step()
+                issue = (time.perf_counter() - issue) * 1e3 / STEPS  # the host's time to queue a step
                 end.record()
                 torch.cuda.synchronize()
             total = start.elapsed_time(end) / STEPS
-            print(f"\n== D={dim} N={n} causal={causal} {impl}: {total:.3f} ms per fwd+bwd step (profiled)")
+            # host-bound when queueing a step takes about as long as the step: the GPU waits for the host
+            print(f"\n== D={dim} N={n} causal={causal} {impl}: {total:.3f} ms per fwd+bwd step (profiled), "
+                  f"host {issue:.3f} ms to queue one")
             rows = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
                           key=lambda e: -e.self_device_time_total)
             for e in rows[:12]:
