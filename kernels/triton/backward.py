@@ -29,16 +29,14 @@ _BACKWARD_Q = DirectLauncher(backward_kernel.attention_backward_q_kernel)
 _DELTA = DirectLauncher(backward_kernel.attention_backward_delta_kernel)
 
 
-def _delta(grad_out, out, grad_lse):
-    """delta = rowsum(dO * O) - dLSE, float32, contiguous in the LSE's layout ((B, Hq, Lq) or packed (Hq, Tq)),
+def _delta(grad_out, out, grad_lse, lse):
+    """delta = rowsum(dO * O) - dLSE, float32, contiguous in the LSE's shape ((B, Hq, Lq) or packed (Hq, Tq)),
     from the unrounded dO and O in one pass (attention_backward_delta_kernel)."""
     rows, heads, dim_v = out.shape[-3], out.shape[-2], out.shape[-1]
-    batch = out.shape[0] if out.dim() == 4 else 1
-    delta = torch.empty((batch, heads, rows) if out.dim() == 4 else (heads, rows), dtype=torch.float32,
-                        device=out.device)
+    delta = new_output(lse.shape, torch.float32, out.device)
     block_dv = max(16, triton.next_power_of_2(dim_v))
     block_r = max(16, min(128, 8192 // block_dv))
-    _DELTA[(cdiv(rows, block_r), batch * heads)](
+    _DELTA[(cdiv(rows, block_r), delta.numel() // rows)](
         out, grad_out, out if grad_lse is None else grad_lse, delta, *strides4(out), *strides4(grad_out),
         *((0, 0, 0) if grad_lse is None else lse_strides(grad_lse)), rows, heads,
         HEAD_DV=dim_v, BLOCK_DV=block_dv, BLOCK_R=block_r, HAS_DLSE=grad_lse is not None, num_warps=4)
@@ -79,7 +77,7 @@ def backward(call: AttentionCall, grads: Gradients):
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    delta = _delta(grad_out, out, grad_lse)
+    delta = _delta(grad_out, out, grad_lse, lse)
     meta, left, right = common_meta(call)
     if o.bf16_backward:
         q, k, v, grad_out = (t.to(torch.bfloat16) for t in (q, k, v, grad_out))
