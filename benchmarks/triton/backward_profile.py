@@ -39,6 +39,24 @@ def _step_fn(impl, dim, n, causal):
     return step
 
 
+def _print_gaps(prof) -> None:
+    """The GPU's idle time inside the profiled steps (between the first kernel's start and the last one's end), and
+    the widest gaps with the kernels on either side: a gap after one of our kernels that the host queued late."""
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and e.time_range.end > e.time_range.start), key=lambda e: e.time_range.start)
+    if len(kernels) < 2:
+        return
+    gaps, end = [], kernels[0].time_range.end
+    for before, after in zip(kernels, kernels[1:]):
+        if after.time_range.start > end:
+            gaps.append((after.time_range.start - end, before.name, after.name))
+        end = max(end, after.time_range.end)
+    idle = sum(g for g, _, _ in gaps) / STEPS / 1e3
+    print(f"  GPU idle {idle:.3f} ms per step in {len(gaps)} gaps; widest:")
+    for gap, before, after in sorted(gaps, reverse=True)[:4]:
+        print(f"    {gap:8.1f} us  after {before[:50]}  before {after[:50]}")
+
+
 def main() -> None:
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     for dim, n, causal in PROBLEMS:
@@ -60,6 +78,7 @@ def main() -> None:
             # host-bound when queueing a step takes about as long as the step: the GPU waits for the host
             print(f"\n== D={dim} N={n} causal={causal} {impl}: {total:.3f} ms per fwd+bwd step (profiled), "
                   f"host {issue:.3f} ms to queue one")
+            _print_gaps(prof)
             rows = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
                           key=lambda e: -e.self_device_time_total)
             for e in rows[:12]:
