@@ -234,6 +234,9 @@ def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendO
     bwd_op.register_fake(_fake_backward)
 
     def setup_context(ctx, inputs, output):
+        # An output nobody used (usually the LSE) reaches backward as None, not as zeros: no fill kernel, and the
+        # backward skips its term.
+        ctx.set_materialize_grads(False)
         ctx.scalars = inputs[9:]
         if ctx.scalars[-1]:  # bf16_backward: refused here, at the forward, by a backend that ignores it
             refuse_bf16_backward(backend)
@@ -245,6 +248,8 @@ def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendO
 
     def backward(ctx, grad_out, grad_lse):
         *tensors, out, lse = ctx.saved_tensors
+        if grad_out is None:  # only the LSE was used
+            grad_out = torch.zeros_like(out)
         want_mask_grad = bool(ctx.needs_input_grad[3]) and ctx.mask_dtype != torch.bool
         args = (grad_out.contiguous(), grad_lse, out, lse, want_mask_grad, *tensors, *ctx.scalars)
         # The implementation directly where that is the same as the op (eager, no graph of the backward to record)

@@ -154,6 +154,25 @@ def test_lse_gradient_is_supported():
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("used", ["out", "lse", "both"])
+def test_gradient_through_either_output_alone(used):
+    """An output the loss does not use reaches the backward as None (no zero tensor is made for it): the
+    gradient must equal the reference's whichever output drives it, the LSE alone included."""
+    q, k, v = (randn(2, 9, 4, 8, seed=s).double().requires_grad_() for s in range(3))
+    out, lse = mfa_hf.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    ref, ref_lse = attention_reference(q, k, v, causal=True)
+    weight_out, weight_lse = randn(*out.shape, seed=7).double(), randn(*lse.shape, seed=8).double()
+
+    def loss(o, l):
+        return {"out": (o * weight_out).sum(), "lse": (l * weight_lse).sum(),
+                "both": (o * weight_out).sum() + (l * weight_lse).sum()}[used]
+
+    ours = torch.autograd.grad(loss(out, lse), (q, k, v))
+    want = torch.autograd.grad(loss(ref, ref_lse), (q, k, v), materialize_grads=True)  # the LSE has no dV
+    for a, b in zip(ours, want):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
 def test_additive_mask_gradient_reduces_to_broadcast_shape():
     q, k, v = (randn(2, 7, 4, 8, seed=s).double().requires_grad_() for s in range(3))
     bias = randn(1, 4, 1, 7, seed=5).double().requires_grad_()  # broadcast over batch and queries

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import torch
 
-from mfa_hf.kernels.triton import blocks
+from mfa_hf.kernels.triton import blocks, forward
 
 REPEATS = 20
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,10 +46,12 @@ def dkdv_blocks(dim: int, chosen: blocks.Blocks | None):
         return
     saved = blocks._BACKWARD_KV[dim]
     blocks._BACKWARD_KV[dim] = chosen
+    forward.forget_plans()  # launch plans hold the block choice
     try:
         yield
     finally:
         blocks._BACKWARD_KV[dim] = saved
+        forward.forget_plans()
 
 
 def check(dim: int, dtype: torch.dtype, causal: bool, repeats: int = REPEATS, seqlen: int = 509,

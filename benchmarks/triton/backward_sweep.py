@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mfa_hf
 from mfa_hf.benchmark.measure import cuda_median_ms
-from mfa_hf.kernels.triton import blocks
+from mfa_hf.kernels.triton import blocks, forward
 
 KV = [blocks.Blocks(*c) for c in ((64, 128, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3),
                                   (128, 64, 8, 2), (64, 128, 8, 3), (128, 128, 8, 1))]
@@ -70,6 +70,7 @@ def sweep(shapes=SHAPES, kv_candidates=KV, q_candidates=Q):
                 label = "dKdV" if table is blocks._BACKWARD_KV else "dQ"
                 for cfg in candidates:
                     table[128] = cfg
+                    forward.forget_plans()  # launch plans hold the block choice
                     try:
                         first, second = _grads(q, k, v, grad, causal), _grads(q, k, v, grad, causal)
                         race = any(not torch.equal(a, b) for a, b in zip(first, second))
@@ -83,6 +84,7 @@ def sweep(shapes=SHAPES, kv_candidates=KV, q_candidates=Q):
                               f"{str(error)[:120]}", flush=True)
                     finally:
                         table[128] = saved
+                        forward.forget_plans()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 #   routes  the native routes' semantics on cuda, a decode step in a CUDA graph, host µs of a decode layer
 #           (native_route_check.py);
 #   host    host cost per call of each layer of our path (host_overhead.py), and the forward timed
-#           synchronized vs queued, ours and SDPA-flash side by side;
+#           synchronized vs queued, ours and SDPA-flash side by side; then the functions behind it (host_profile.py);
 #   suite   the cuda suite (forward and forward+backward TFLOP/s: ours, SDPA flash, SDPA cuDNN, FlexAttention);
 #   profile one forward+backward kernel by kernel, ours and SDPA-flash side by side (backward_profile.py);
 #   decode  the decode table (bf16 and every quantized format at 4k/16k/64k, api time with tensor and int
@@ -40,6 +40,7 @@ if step routes; then
 fi
 if step host; then
     kernels timeout ${HOST_S:-120} python benchmarks/triton/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log"
+    kernels timeout ${HOST_PROFILE_S:-60} python benchmarks/triton/host_profile.py 2>&1 | tee "$OUT/host_profile.log"
 fi
 if step suite; then
     kernels timeout ${SUITE_S:-300} python -m mfa_hf.benchmark --suite cuda --full-size --device cuda 2>&1 \

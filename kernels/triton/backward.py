@@ -11,36 +11,26 @@ input dtype.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 
 from ..contract import AttentionCall, Gradients
-from ..launch import empty_grads, new_output
+from ..launch import BoundedMemo, empty_grads, new_output
 
 from . import backward_kernel
 from .binding import (alibi_args, common_meta, dot_precision, dropout_args, lse_strides, mask_args, on_tensors_device,
                       strides4)
 from .blocks import backward_kv_blocks, backward_q_blocks, cdiv
 from .direct_launch import DirectLauncher
+from .forward import _contiguous_strides
+from .forward import _launch_key as forward_key
 
 # Kernels relaunched without Triton's per-call binding once compiled for a kind of call (direct_launch.py).
 _BACKWARD_KV = DirectLauncher(backward_kernel.attention_backward_kv_kernel)
 _BACKWARD_Q = DirectLauncher(backward_kernel.attention_backward_q_kernel)
 _DELTA = DirectLauncher(backward_kernel.attention_backward_delta_kernel)
-
-
-def _delta(grad_out, out, grad_lse, lse):
-    """delta = rowsum(dO * O) - dLSE, float32, contiguous in the LSE's shape ((B, Hq, Lq) or packed (Hq, Tq)),
-    from the unrounded dO and O in one pass (attention_backward_delta_kernel)."""
-    rows, heads, dim_v = out.shape[-3], out.shape[-2], out.shape[-1]
-    delta = new_output(lse.shape, torch.float32, out.device)
-    block_dv = max(16, triton.next_power_of_2(dim_v))
-    block_r = max(16, min(128, 8192 // block_dv))
-    _DELTA[(cdiv(rows, block_r), delta.numel() // rows)](
-        out, grad_out, out if grad_lse is None else grad_lse, delta, *strides4(out), *strides4(grad_out),
-        *((0, 0, 0) if grad_lse is None else lse_strides(grad_lse)), rows, heads,
-        HEAD_DV=dim_v, BLOCK_DV=block_dv, BLOCK_R=block_r, HAS_DLSE=grad_lse is not None, num_warps=4)
-    return delta
 
 
 def _sink_grad(sinks, lse, delta):
@@ -62,49 +52,115 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum(dim=dims, keepdim=True).reshape(shape)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything of a backward's three launches but its tensors and float scalars, made once per launch key."""
+
+    delta_grid: tuple
+    delta_ints: tuple
+    delta_options: dict
+    kv_grid: tuple
+    kv_ints: tuple  # the dK/dV kernel's integers between its tensors and (scale, softcap)
+    kv_options: dict
+    q_grid: tuple
+    q_ints: tuple
+    q_options: dict
+    window: tuple  # (left, right)
+
+
+_plans = BoundedMemo()  # launch key -> _Plan (bounded)
+
+
+def forget_plans() -> None:
+    """Drop every backward plan and the kernels launched by them: a benchmark that swaps the backward's block
+    tables (blocks.py) calls this (forward.forget_plans does, for both passes)."""
+    _plans.clear()
+    for launcher in (_BACKWARD_KV, _BACKWARD_Q, _DELTA):
+        launcher.forget()
+
+
+def _launch_key(call: AttentionCall, grads: Gradients) -> tuple:
+    """What the plan depends on: the forward's key (shapes, strides, dtypes, lengths, window, flags), the
+    gradients' layouts, the mask gradient and bf16_backward; never a tensor's values."""
+    grad_out, grad_lse, lse, o = grads.grad_out, grads.grad_lse, grads.lse, call.options
+    return (forward_key(call), grad_out.dtype, grad_out.stride(), grads.out.stride(), lse.shape, lse.stride(),
+            None if grad_lse is None else grad_lse.stride(), bool(grads.want_mask_grad and call.attn_mask is not None),
+            o.bf16_backward)
+
+
+def _make_plan(call: AttentionCall, grads: Gradients, q, k, v, grad_out) -> _Plan:
+    """The plan of this backward: q, k, v and grad_out as the kernels read them (bfloat16 copies under
+    bf16_backward, whose strides follow from the originals')."""
+    o, batch, lq, lk = call.options, call.batch, call.seqlen_q, call.seqlen_k
+    out, lse, grad_lse = grads.out, grads.lse, grads.grad_lse
+    heads_q, heads_kv = q.shape[-2], k.shape[-2]
+    rows, dim_v = out.shape[-3], out.shape[-1]
+    block_dv = max(16, triton.next_power_of_2(dim_v))
+    block_r = max(16, min(128, 8192 // block_dv))
+    delta_ints = (*strides4(out), *strides4(grad_out), *((0, 0, 0) if grad_lse is None else lse_strides(grad_lse)),
+                  rows, out.shape[-2])
+    delta_options = dict(HEAD_DV=dim_v, BLOCK_DV=block_dv, BLOCK_R=block_r, HAS_DLSE=grad_lse is not None,
+                         num_warps=4)
+    delta_strides = _contiguous_strides(lse.shape)  # delta is allocated contiguous in the LSE's shape
+    delta_strides = (0, delta_strides[0]) if len(delta_strides) == 2 else delta_strides[:2]
+    meta, left, right = common_meta(call)
+    if o.bf16_backward:
+        meta["DOT_PRECISION"] = dot_precision(torch.bfloat16, q.device)
+    _, mask_strides, _ = mask_args(call.attn_mask, q, batch, lq, lk)
+    _, slope_strides = alibi_args(call.alibi_slopes, q)
+    shared = (*strides4(q), *strides4(k), *strides4(v), *strides4(grad_out), *lse_strides(lse),
+              *delta_strides, *mask_strides, *slope_strides)
+    grad_strides = [_contiguous_strides(t.shape) for t in (q, k, v)]  # dq, dk, dv: new_output, contiguous
+    dq_strides, dk_strides, dv_strides = ((0, *s) if len(s) == 3 else s for s in grad_strides)
+    dim = max(q.shape[-1], v.shape[-1])
+    kv = backward_kv_blocks(dim, q.dtype, o.causal, q.device.type, max(lq, lk))
+    qb = backward_q_blocks(dim, q.dtype, o.causal, q.device.type)
+    write_ds = bool(grads.want_mask_grad and call.attn_mask is not None)
+    return _Plan(
+        (cdiv(rows, block_r), lse.numel() // rows), delta_ints, delta_options,
+        (cdiv(lk, kv.block_n), batch * heads_kv),
+        (*shared, *dk_strides[:3], *dv_strides[:3], lq, lk, heads_q, heads_kv, heads_q // heads_kv),
+        dict(BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, num_warps=kv.num_warps, num_stages=kv.num_stages, **meta),
+        (cdiv(lq, qb.block_m), batch * heads_q),
+        (*shared, *dq_strides[:3], lq, lk, heads_q, heads_q // heads_kv),
+        dict(WRITE_DS=write_ds, BLOCK_M=qb.block_m, BLOCK_N=qb.block_n, num_warps=qb.num_warps,
+             num_stages=qb.num_stages, **meta),
+        (left, right))
+
+
 @on_tensors_device
 def backward(call: AttentionCall, grads: Gradients):
-    """(dq, dk, dv, dsinks or None, dmask or None) (kernels/contract.py)."""
+    """(dq, dk, dv, dsinks or None, dmask or None) (kernels/contract.py). Per call: the launch key and its
+    remembered _Plan, the allocations, three launches (delta, dK/dV, dQ)."""
     q, k, v, attn_mask, alibi_slopes, sinks = call.q, call.k, call.v, call.attn_mask, call.alibi_slopes, call.sinks
     cu_seqlens_q, cu_seqlens_k, o = call.cu_seqlens_q, call.cu_seqlens_k, call.options
     grad_out, grad_lse, out, lse = grads.grad_out, grads.grad_lse, grads.out, grads.lse
-    scale, softcap = o.scale, o.softcap
     batch, lq, lk = call.batch, call.seqlen_q, call.seqlen_k
-    heads_q, heads_kv = q.shape[-2], k.shape[-2]
     write_ds = bool(grads.want_mask_grad and attn_mask is not None)
     if q.shape[0] == 0 or k.shape[0] == 0 or lq == 0 or lk == 0:
         return empty_grads(q, k, v, sinks, grad_lse, attn_mask.shape if write_ds else None)
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    delta = _delta(grad_out, out, grad_lse, lse)
-    meta, left, right = common_meta(call)
+    delta = new_output(lse.shape, torch.float32, q.device)
     if o.bf16_backward:
         q, k, v, grad_out = (t.to(torch.bfloat16) for t in (q, k, v, grad_out))
-        meta["DOT_PRECISION"] = dot_precision(torch.bfloat16, q.device)
-    mask, mask_strides, _ = mask_args(attn_mask, q, batch, lq, lk)
-    slopes, slope_strides = alibi_args(alibi_slopes, q)
-    seed, threshold, keep_scale = dropout_args(o.dropout_p, call.dropout_seed)
+    key = _launch_key(call, grads)
+    plan = _plans.get(key) or _plans.keep(key, _make_plan(call, grads, q, k, v, grad_out))
+    # A launch plan's key determines every integer and keyword, so the launchers look kernels up by it; a dropout
+    # seed is a per-call integer, whose Triton classes the launchers work out themselves.
+    known = key if o.dropout_p == 0 else None
+    _DELTA.launch(plan.delta_grid, (out, grad_out, out if grad_lse is None else grad_lse, delta, *plan.delta_ints),
+                  plan.delta_options, known=key, tensors=4)
+    mask = q if attn_mask is None else mask_args(attn_mask, q, batch, lq, lk)[0]
+    slopes = q if alibi_slopes is None else alibi_slopes
     cu_q = q if cu_seqlens_q is None else cu_seqlens_q
     cu_k = q if cu_seqlens_k is None else cu_seqlens_k
-    delta_strides = (0, delta.stride(0)) if delta.dim() == 2 else (delta.stride(0), delta.stride(1))
-    shared = (*strides4(q), *strides4(k), *strides4(v), *strides4(grad_out), *lse_strides(lse),
-              *delta_strides, *mask_strides, *slope_strides)
-    scalars = (scale, softcap, left, right, seed, threshold, keep_scale)
-    dim = max(q.shape[-1], v.shape[-1])
-
-    kv = backward_kv_blocks(dim, q.dtype, o.causal, q.device.type, max(lq, lk))
-    _BACKWARD_KV[(cdiv(lk, kv.block_n), batch * heads_kv)](
-        q, k, v, grad_out, lse, delta, dk, dv, mask, slopes, cu_q, cu_k, *shared,
-        *strides4(dk)[:3], *strides4(dv)[:3], lq, lk, heads_q, heads_kv, heads_q // heads_kv, *scalars,
-        BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, num_warps=kv.num_warps, num_stages=kv.num_stages, **meta)
-
-    ds = torch.zeros((batch, heads_q, lq, lk), dtype=torch.float32, device=q.device) if write_ds else q
-    qb = backward_q_blocks(dim, q.dtype, o.causal, q.device.type)
-    _BACKWARD_Q[(cdiv(lq, qb.block_m), batch * heads_q)](
-        q, k, v, grad_out, lse, delta, dq, ds, mask, slopes, cu_q, cu_k, *shared, *strides4(dq)[:3],
-        lq, lk, heads_q, heads_q // heads_kv, *scalars, WRITE_DS=write_ds, BLOCK_M=qb.block_m,
-        BLOCK_N=qb.block_n, num_warps=qb.num_warps, num_stages=qb.num_stages, **meta)
-
+    scalars = (float(o.scale), float(o.softcap), *plan.window, *dropout_args(o.dropout_p, call.dropout_seed))
+    _BACKWARD_KV.launch(plan.kv_grid, (q, k, v, grad_out, lse, delta, dk, dv, mask, slopes, cu_q, cu_k,
+                                       *plan.kv_ints, *scalars), plan.kv_options, known=known, tensors=12)
+    ds = torch.zeros((batch, q.shape[-2], lq, lk), dtype=torch.float32, device=q.device) if write_ds else q
+    _BACKWARD_Q.launch(plan.q_grid, (q, k, v, grad_out, lse, delta, dq, ds, mask, slopes, cu_q, cu_k,
+                                     *plan.q_ints, *scalars), plan.q_options, known=known, tensors=12)
     dmask = _reduce_to(ds, attn_mask.shape) if write_ds else None
     return dq, dk, dv, _sink_grad(sinks, lse, delta), dmask

@@ -46,10 +46,13 @@ _read_switches = reader("MFA_TRITON_DIRECT_LAUNCH", "MFA_TRITON_TMA")  # what el
 
 
 def forget_plans() -> None:
-    """Drop every launch plan and the kernels launched by them: a benchmark that swaps the block table
-    (blocks.py) calls this."""
+    """Drop every launch plan and the kernels launched by them, the backward's too: a benchmark that swaps a
+    block table (blocks.py) calls this."""
+    from . import backward  # backward.py imports this module
+
     _plans.clear()
     _FORWARD.forget()
+    backward.forget_plans()
     _generation[0] += 1
 
 
