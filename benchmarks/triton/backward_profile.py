@@ -60,7 +60,7 @@ def _print_gaps(prof) -> None:
 def main() -> None:
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     # One unreported profiled cycle first: the first problem profiled showed a one-off 1.6 ms host gap in one of its
-    # steps in two runs of session 18 (the profiler's own start-up), which a later problem never did.
+    # steps in two runs of session 18, which no later problem did (a start-up effect, not proven: this cycle tests it).
     step = _step_fn("ours", *PROBLEMS[0])
     step()
     with profile(activities=[ProfilerActivity.CUDA]):
