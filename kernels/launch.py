@@ -52,6 +52,15 @@ def new_output(shape, dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def contiguous_strides(shape) -> tuple:
+    """The strides torch.empty(shape) has (a launch plan's strides of the outputs it will allocate)."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """LSE is float32, except for float64 inputs (torch backend only), which keep their precision."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -17,15 +17,14 @@ import torch
 import triton
 
 from ..contract import AttentionCall, Gradients
-from ..launch import BoundedMemo, empty_grads, new_output
+from ..launch import BoundedMemo, contiguous_strides, empty_grads, new_output
 
 from . import backward_kernel
 from .binding import (alibi_args, common_meta, dot_precision, dropout_args, lse_strides, mask_args, on_tensors_device,
                       strides4)
 from .blocks import backward_kv_blocks, backward_q_blocks, cdiv
 from .direct_launch import DirectLauncher
-from .forward import _contiguous_strides
-from .forward import _launch_key as forward_key
+from .forward import launch_key as forward_key
 
 # Kernels relaunched without Triton's per-call binding once compiled for a kind of call (direct_launch.py).
 _BACKWARD_KV = DirectLauncher(backward_kernel.attention_backward_kv_kernel)
@@ -101,7 +100,7 @@ def _make_plan(call: AttentionCall, grads: Gradients, q, k, v, grad_out) -> _Pla
                   rows, out.shape[-2])
     delta_options = dict(HEAD_DV=dim_v, BLOCK_DV=block_dv, BLOCK_R=block_r, HAS_DLSE=grad_lse is not None,
                          num_warps=4)
-    delta_strides = _contiguous_strides(lse.shape)  # delta is allocated contiguous in the LSE's shape
+    delta_strides = contiguous_strides(lse.shape)  # delta is allocated contiguous in the LSE's shape
     delta_strides = (0, delta_strides[0]) if len(delta_strides) == 2 else delta_strides[:2]
     meta, left, right = common_meta(call)
     if o.bf16_backward:
@@ -110,7 +109,7 @@ def _make_plan(call: AttentionCall, grads: Gradients, q, k, v, grad_out) -> _Pla
     _, slope_strides = alibi_args(call.alibi_slopes, q)
     shared = (*strides4(q), *strides4(k), *strides4(v), *strides4(grad_out), *lse_strides(lse),
               *delta_strides, *mask_strides, *slope_strides)
-    grad_strides = [_contiguous_strides(t.shape) for t in (q, k, v)]  # dq, dk, dv: new_output, contiguous
+    grad_strides = [contiguous_strides(t.shape) for t in (q, k, v)]  # dq, dk, dv: new_output, contiguous
     dq_strides, dk_strides, dv_strides = ((0, *s) if len(s) == 3 else s for s in grad_strides)
     dim = max(q.shape[-1], v.shape[-1])
     kv = backward_kv_blocks(dim, q.dtype, o.causal, q.device.type, max(lq, lk))

@@ -13,7 +13,7 @@ import torch
 
 from ..contract import AttentionCall
 from ..environment import reader
-from ..launch import BoundedMemo, empty_result, new_output
+from ..launch import BoundedMemo, contiguous_strides, empty_result, new_output
 
 from . import forward_kernel, tma
 from .binding import alibi_args, common_meta, dropout_args, mask_args, on_tensors_device, strides4
@@ -67,7 +67,7 @@ def _make_plan(call: AttentionCall) -> _Plan:
     _, mask_strides, _ = mask_args(call.attn_mask, q, batch, lq, lk)
     _, slope_strides = alibi_args(call.alibi_slopes, q)
     # out and lse are allocated contiguous (new_output); packed ones have batch stride 0 (strides4, lse_strides).
-    out_strides, lse_strides_ = _contiguous_strides(out_shape), _contiguous_strides(lse_shape)
+    out_strides, lse_strides_ = contiguous_strides(out_shape), contiguous_strides(lse_shape)
     out_strides = out_strides if len(out_strides) == 4 else (0, *out_strides)
     lse_strides_ = lse_strides_ if len(lse_strides_) == 3 else (0, *lse_strides_)
     ints = (*strides4(q), *strides4(k), *strides4(v), *out_strides, *lse_strides_, *mask_strides, *slope_strides,
@@ -82,16 +82,9 @@ def _pointer_loads(plan: _Plan) -> dict:
     return dict(plan.options, TMA=False)
 
 
-def _contiguous_strides(shape) -> tuple:
-    """The strides torch.empty(shape) has."""
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
-
-
-def _launch_key(call: AttentionCall) -> tuple:
+def launch_key(call: AttentionCall) -> tuple:
+    """What a forward launch depends on: shapes, strides, dtypes, lengths, window and feature flags, never a
+    tensor's values (the backward's key extends it)."""
     q, k, v, o = call.q, call.k, call.v, call.options
     return (q.device, q.dtype, q.shape, q.stride(), k.dtype, k.shape, k.stride(), v.dtype, v.shape, v.stride(),
             _strided(call.attn_mask), _strided(call.alibi_slopes), call.sinks is None, _strided(call.cu_seqlens_q),
@@ -108,7 +101,7 @@ def forward(call: AttentionCall):
     lq, lk = call.seqlen_q, call.seqlen_k
     if q.shape[0] == 0 or lq == 0 or (cu_seqlens_q is None and lk == 0):
         return empty_result(q, v, sinks)
-    key = _launch_key(call)
+    key = launch_key(call)
     plan = _plans.get(key) or _plans.keep(key, _make_plan(call))
     out = new_output(plan.out_shape, q.dtype, q.device)
     lse = new_output(plan.lse_shape, torch.float32, q.device)
@@ -153,7 +146,7 @@ def replay(call: AttentionCall):
             or o.dropout_p > 0 or q.device.type != "cuda" or (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15
             or q.device.index != torch.cuda.current_device()):
         return None
-    key = _launch_key(call)
+    key = launch_key(call)
     plan = _plans.get(key)
     if plan is None:
         return None
