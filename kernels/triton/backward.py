@@ -96,7 +96,9 @@ def _make_plan(call: AttentionCall, grads: Gradients, q, k, v, grad_out) -> _Pla
     rows, dim_v = out.shape[-3], out.shape[-1]
     block_dv = max(16, triton.next_power_of_2(dim_v))
     block_r = max(16, min(128, 8192 // block_dv))
-    delta_ints = (*strides4(out), *strides4(grad_out), *((0, 0, 0) if grad_lse is None else lse_strides(grad_lse)),
+    # delta reads the unrounded dO (grads.grad_out), not the bfloat16 copy the other kernels get under bf16_backward
+    delta_ints = (*strides4(out), *strides4(grads.grad_out),
+                  *((0, 0, 0) if grad_lse is None else lse_strides(grad_lse)),
                   rows, out.shape[-2])
     delta_options = dict(HEAD_DV=dim_v, BLOCK_DV=block_dv, BLOCK_R=block_r, HAS_DLSE=grad_lse is not None,
                          num_warps=4)
@@ -149,8 +151,8 @@ def backward(call: AttentionCall, grads: Gradients):
     # A launch plan's key determines every integer and keyword, so the launchers look kernels up by it; a dropout
     # seed is a per-call integer, whose Triton classes the launchers work out themselves.
     known = key if o.dropout_p == 0 else None
-    _DELTA.launch(plan.delta_grid, (out, grad_out, out if grad_lse is None else grad_lse, delta, *plan.delta_ints),
-                  plan.delta_options, known=key, tensors=4)
+    _DELTA.launch(plan.delta_grid, (out, grads.grad_out, out if grad_lse is None else grad_lse, delta,
+                                    *plan.delta_ints), plan.delta_options, known=key, tensors=4)
     mask = q if attn_mask is None else mask_args(attn_mask, q, batch, lq, lk)[0]
     slopes = q if alibi_slopes is None else alibi_slopes
     cu_q = q if cu_seqlens_q is None else cu_seqlens_q

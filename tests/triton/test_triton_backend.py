@@ -130,6 +130,30 @@ def test_fully_masked_rows_and_grad_lse(used):
         assert torch.allclose(a.cpu().double(), b, atol=1e-4), "gradient differs from float64"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bf16_backward_takes_delta_from_the_unrounded_grad(dtype, monkeypatch):
+    """Under bf16_backward the dK/dV and dQ kernels read bfloat16 copies of Q, K, V and dO, but delta =
+    rowsum(dO * O) must come from dO as it arrived: its rounding is no part of the mode. The gradients' tolerance
+    cannot tell the two apart (bfloat16 operands move them as much), so the delta launch's dO is checked itself."""
+    from mfa_hf.kernels.triton import backward
+
+    seen = []
+    launch = backward._DELTA.launch
+
+    def spy(grid, args, kwargs, **rest):
+        seen.append(args[1])
+        return launch(grid, args, kwargs, **rest)
+
+    monkeypatch.setattr(backward._DELTA, "launch", spy)
+    monkeypatch.setenv("MFA_BACKEND", "triton")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 20, 2, 16, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(3))
+    grad = torch.randn(1, 20, 2, 16, generator=g).to(DEVICE, dtype)
+    out = mfa_hf.flash_attn_func(q, k, v, causal=True, bf16_backward=True)
+    torch.autograd.grad(out, (q, k, v), grad)
+    assert len(seen) == 1 and seen[0].dtype == dtype and torch.equal(seen[0], grad), "delta read a rounded dO"
+
+
 def _packed(lengths, heads, dim, dtype, generator):
     total = sum(lengths)
     x = torch.randn(total, heads, dim, generator=generator).to(dtype)
