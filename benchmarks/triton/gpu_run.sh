@@ -30,8 +30,10 @@ kernels() { MFA_BACKEND=${MFA_BACKEND:-triton} "$@"; }  # the kernels themselves
 WORKERS=$(( $(python -c "import os; print(len(os.sched_getaffinity(0)))") / 2 ))
 if step tests; then
     # -v into the log: each result line names its test, so failures stay named when the timeout cuts the summary
-    # (2026-12-05: two F, names lost). The interpreter cases run the CPU interpreter, not this GPU's kernels.
-    OMP_NUM_THREADS=1 timeout ${TESTS_S:-240} python -m pytest -v -rf -p no:cacheprovider -n "$WORKERS" tests/triton \
+    # (2026-12-05: two F, names lost). The timeout interrupts (SIGINT) rather than terminates, so pytest still prints
+    # its summary with each failure's reason (2026-12-06: twelve failures, reasons lost). The interpreter cases run
+    # the CPU interpreter, not this GPU's kernels.
+    OMP_NUM_THREADS=1 timeout -s INT -k 20 ${TESTS_S:-240} python -m pytest -v -rf -p no:cacheprovider -n "$WORKERS" tests/triton \
         -k "not interpreter" > "$OUT/gpu_tests.log" 2>&1
     grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -30
 fi
