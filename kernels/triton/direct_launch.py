@@ -3,7 +3,7 @@
 `JITFunction.run` binds and specializes every argument on every call (about 46 arguments for our
 kernels: tens of microseconds of host time, most of a decode layer's cost on the H200). Its result
 only depends on what Triton specializes on, so `DirectLauncher` keys the compiled kernel by exactly
-those properties and launches it through `CompiledKernel[grid](*args)`:
+those properties and launches it through the compiled kernel's C launcher (`_Fire`):
 
 - a tensor: its dtype and whether its data pointer is 16-byte aligned;
 - an int: whether it equals 1, whether it is a multiple of 16, and whether it fits 32, 64 or more bits;
@@ -12,10 +12,10 @@ those properties and launches it through `CompiledKernel[grid](*args)`:
 
 A key finer than Triton's only costs an extra miss; a miss goes through Triton's own `fn[grid](...)`,
 which compiles or finds the kernel and returns it. Triton's internals stop at this module: the
-compiled kernel's `[grid]` launcher (which calls Triton's launch hooks, as the JIT path does, so
-profilers still see every launch), the JIT function's parameter list and its pre-run hooks (a JIT
-function that has any always takes Triton's own path). `MFA_TRITON_DIRECT_LAUNCH=0`
-turns the fast path off; `tests/triton/test_direct_launch.py` checks it on a GPU against the JIT.
+compiled kernel's C launcher and `[grid]` runner, the runtime's launch hooks, the JIT function's
+parameter list and its pre-run hooks (a JIT function that has any always takes Triton's own path).
+`MFA_TRITON_DIRECT_LAUNCH=0` turns the fast path off; `tests/triton/test_direct_launch.py` checks it
+on a GPU against the JIT.
 """
 
 from __future__ import annotations
@@ -36,6 +36,100 @@ _OFF = raw("0")
 
 def _enabled() -> bool:
     return _read_switch()[0] != _OFF
+
+
+class _Fire:
+    """Launches one compiled kernel. `CompiledKernel[grid](*args)` builds a runner closure, reads the current device
+    and stream through Triton's driver proxy and builds launch metadata for the launch hooks on every call (about
+    2.6 of its 9.6 µs on the H100's host, `benchmarks/triton/host_profile.py`). With no launch hook installed (both
+    hook chains empty) this calls the C launcher that the runner would call, with the stream of the device the
+    caller already read. An installed hook (a profiler such as Proton), or a Triton whose compiled kernel or
+    runtime knobs are not laid out as 3.4-3.6 lay them out, gets the runner itself, so hooks see every launch."""
+
+    __slots__ = ("compiled", "raw")
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.raw = _raw_launcher(compiled)
+
+    def __call__(self, grid3: tuple, device: int, args: tuple, tail: tuple) -> None:
+        raw = self.raw
+        if raw is None or not _hooks_idle():
+            self.compiled[grid3](*args, *tail)
+            return
+        run, function, packed, stream_of = raw
+        run(grid3[0], grid3[1], grid3[2], stream_of(device), function, packed, None, None, None, *args, *tail)
+
+    def bound(self, grid3: tuple, device: int):
+        """A function of the kernel's arguments that launches on `grid3` on CUDA device `device`, which the
+        caller guarantees is the current one at each call."""
+        runner, raw = self.compiled[grid3], self.raw
+        if raw is None:
+            return runner
+        run, function, packed, stream_of = raw
+        x, y, z = grid3
+
+        def launch(*args):
+            if _hooks_idle():
+                run(x, y, z, stream_of(device), function, packed, None, None, None, *args)
+            else:
+                runner(*args)
+
+        return launch
+
+
+def _raw_launcher(compiled):
+    """(C launcher, function handle, packed metadata, stream getter) of a compiled kernel, or None where this
+    Triton does not have them (the runner then serves)."""
+    found = _runtime()
+    if found is None:
+        return None
+    try:
+        compiled[(1, 1, 1)]  # loads the module and builds the launcher (Triton's _init_handles); launches nothing
+        return compiled.run, compiled.function, compiled.packed_metadata, found[1]
+    except AttributeError:
+        return None
+
+
+def _triton_runtime():
+    """(triton.knobs.runtime, the driver's current-stream getter) where the knobs hold both launch hooks (Triton
+    3.4+), else None."""
+    try:
+        from triton import knobs
+        from triton.runtime.driver import driver
+
+        runtime, stream_of = getattr(knobs, "runtime", None), driver.active.get_current_stream
+    except (ImportError, AttributeError, RuntimeError):  # RuntimeError: no active driver (no GPU)
+        return None
+    if not all(hasattr(runtime, name) for name in ("launch_enter_hook", "launch_exit_hook")):
+        return None
+    return runtime, stream_of
+
+
+def _idle(hook) -> bool:
+    """A launch hook that calls nothing: None (as a caller may assign) or an empty hook chain."""
+    if hook is None:
+        return True
+    calls = getattr(hook, "calls", None)
+    return type(calls) is list and not calls
+
+
+def _hooks_idle() -> bool:
+    found = _runtime()
+    if found is None:
+        return False
+    runtime = found[0]
+    return _idle(runtime.launch_enter_hook) and _idle(runtime.launch_exit_hook)
+
+
+def _runtime():
+    """_triton_runtime(), looked up once (at the first launch: importing Triton at import time is slow)."""
+    if not _RUNTIME:
+        _RUNTIME.append(_triton_runtime())
+    return _RUNTIME[0]
+
+
+_RUNTIME: list = []
 
 
 def _plain_key(args) -> tuple:
@@ -102,8 +196,8 @@ class DirectLauncher:
             if entry is not None:
                 table.keep(key, entry)
             return
-        compiled, tail = entry
-        compiled[_grid3(grid)](*args, *tail)
+        fire, tail = entry
+        fire(_grid3(grid), device, args, tail)
 
     def runner(self, device: int, grid, known, classes: tuple):
         """(launch, trailing arguments) of the kernel that `launch(grid, ..., known=known)` kept on CUDA device
@@ -115,8 +209,8 @@ class DirectLauncher:
         entry = self._by_known.get((device, known, classes))
         if entry is None:
             return None
-        compiled, tail = entry
-        return compiled[_grid3(grid)], tail
+        fire, tail = entry
+        return fire.bound(_grid3(grid), device), tail
 
     def _entry(self, device, grid, args, kwargs):
         """The (compiled kernel, trailing arguments) for Triton's classes of this call, launching it: from
@@ -125,8 +219,8 @@ class DirectLauncher:
         key = (device, _plain_key(args[:cut]), args[cut:], tuple(kwargs.items()))
         entry = self._by_class.get(key)
         if entry is not None:
-            compiled, tail = entry
-            compiled[_grid3(grid)](*args, *tail)
+            fire, tail = entry
+            fire(_grid3(grid), device, args, tail)
             return entry
         return self._compile(key, grid, args, kwargs)
 
@@ -137,7 +231,7 @@ class DirectLauncher:
         names = self._names[len(args):]
         if not hasattr(compiled, "__getitem__") or any(n not in kwargs and n not in self._defaults for n in names):
             return None  # nothing to reuse: the next call binds again
-        entry = (compiled, tuple(kwargs[n] if n in kwargs else self._defaults[n] for n in names))
+        entry = (_Fire(compiled), tuple(kwargs[n] if n in kwargs else self._defaults[n] for n in names))
         return self._by_class.keep(key, entry)
 
 

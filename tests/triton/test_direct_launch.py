@@ -60,6 +60,62 @@ def test_constexpr_positions_are_keyed_by_value():
     assert key64 != key128
 
 
+class _Chain:
+    """A launch hook chain as Triton's knobs hold one."""
+
+    def __init__(self, *calls):
+        self.calls = list(calls)
+
+
+class _FakeCompiled:
+    """A compiled kernel with the pieces the fast launch uses, recording which way each launch went."""
+
+    function, packed_metadata = "function-handle", ("warps", "ctas", "shared")
+
+    def __init__(self):
+        self.fired = []
+
+    def run(self, *launch):
+        self.fired.append(("C launcher", launch))
+
+    def __getitem__(self, grid):
+        return lambda *args: self.fired.append(("runner", (grid, args)))
+
+
+@pytest.mark.parametrize("hooks", ["empty chains", "None", "enter chain in use", "exit chain in use",
+                                   "a plain function", "no triton runtime"])
+@pytest.mark.parametrize("way", ["call", "bound"])
+def test_fast_launch_only_while_no_launch_hook_listens(hooks, way, monkeypatch):
+    """With no launch hook installed a launch calls the C launcher with the runner's arguments (the device's
+    current stream, the function, the packed metadata, no launch metadata, no hooks); with any hook
+    installed, or without Triton's runtime knobs, it goes through CompiledKernel[grid] so the hook sees it."""
+
+    class Runtime:
+        launch_enter_hook, launch_exit_hook = _Chain(), _Chain()
+
+    if hooks == "None":
+        Runtime.launch_enter_hook = Runtime.launch_exit_hook = None
+    elif hooks == "enter chain in use":
+        Runtime.launch_enter_hook = _Chain(print)
+    elif hooks == "exit chain in use":
+        Runtime.launch_exit_hook = _Chain(print)
+    elif hooks == "a plain function":
+        Runtime.launch_enter_hook = print
+    found = None if hooks == "no triton runtime" else (Runtime, lambda device: f"stream of {device}")
+    monkeypatch.setattr(direct_launch, "_RUNTIME", [found])
+    compiled = _FakeCompiled()
+    fire = direct_launch._Fire(compiled)
+    if way == "call":
+        fire((4, 2, 1), 3, ("q", 7), ("tail",))
+    else:
+        fire.bound((4, 2, 1), 3)("q", 7, "tail")
+    fast = hooks in ("empty chains", "None")
+    expected = (("C launcher", (4, 2, 1, "stream of 3", "function-handle", ("warps", "ctas", "shared"), None, None,
+                                None, "q", 7, "tail"))
+                if fast else ("runner", ((4, 2, 1), ("q", 7, "tail"))))
+    assert compiled.fired[-1] == expected
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches run on a CUDA device")
 
 
@@ -149,3 +205,31 @@ def test_decode_over_growing_cache_matches_jit(kv_format, monkeypatch):
 
 def _as_tuple(result):
     return result if isinstance(result, tuple) else (result,)
+
+
+@needs_cuda
+def test_installed_launch_hook_sees_every_launch(monkeypatch):
+    """A launch hook (a profiler such as Proton) installed after kernels were kept still sees the forward's
+    direct launches and its replays; removed again, launches go on without it."""
+    import mfa_hf
+    from triton import knobs
+
+    monkeypatch.setenv("MFA_BACKEND", "triton")
+    monkeypatch.setenv("MFA_TRITON_DIRECT_LAUNCH", "1")
+    q = torch.randn(2, 64, 4, 64, device="cuda", dtype=torch.bfloat16)
+    expected = mfa_hf.flash_attn_func(q, q, q, causal=True)
+    for _ in range(2):
+        mfa_hf.flash_attn_func(q, q, q, causal=True)  # kept, then replayed
+    seen = []
+
+    def hook(metadata):
+        seen.append(metadata)
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        for _ in range(3):
+            assert torch.equal(mfa_hf.flash_attn_func(q, q, q, causal=True), expected)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(seen) == 3
+    assert torch.equal(mfa_hf.flash_attn_func(q, q, q, causal=True), expected) and len(seen) == 3
