@@ -7,13 +7,15 @@ time divided by N: with the device idle most of the time, that is the host's cos
 five rounds: the lent machines' hosts were seen to differ by 2x between runs, and within a run). Layers,
 outermost first: the public function (validation, dispatch, custom op, launcher), the custom op alone,
 the backend's launcher, the bare Triton launch with the launcher's arguments, and SDPA for scale.
-Then, at B x N = 16384 (H x D = 2048, bf16), the forward timed both ways: one synchronized call at a
+Then the two ways of launching a kept kernel (the C launcher, CompiledKernel[grid]'s runner), alternating in
+one process. Then, at B x N = 16384 (H x D = 2048, bf16), the forward timed both ways: one synchronized call at a
 time (host cost adds to device time, as for a lone call) and queued back to back (host cost hidden
 while it is below the kernel's time, as inside a model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -176,12 +178,51 @@ def _queued_ms(fn, calls: int = 30) -> float:
     return start.elapsed_time(end) / calls
 
 
+def launch_ways(rounds: int = 5) -> None:
+    """The C launcher (direct_launch._Fire) against CompiledKernel[grid]'s runner, alternating in one process:
+    the lent hosts differ by up to 2x between machines, so only a same-process comparison tells the change."""
+    import mfa_hf
+    from mfa_hf.decode_plan import DecodePlan, LayerKV
+    from mfa_hf.kernels.contract import CacheSide
+    from mfa_hf.kernels.triton.direct_launch import through_runner
+
+    q, k, v = (torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    leaves = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    grad = torch.randn_like(q)
+    dq = torch.randn(8, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(8, 256, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    layer = LayerKV(CacheSide(k_cache, None, "none", 128), CacheSide(v_cache, None, "none", 128), 200)
+    plan = DecodePlan(8, 1)
+    cases = {
+        "flash_attn_func (no grad)": (lambda: mfa_hf.flash_attn_func(q, k, v, causal=True), 2000),
+        "decode plan layer, plain cache": (lambda: plan.run(dq, layer, scale=128 ** -0.5), 2000),
+        "training step (4 launches)": (
+            lambda: torch.autograd.grad(mfa_hf.flash_attn_func(*leaves, causal=True), leaves, grad), 600),
+    }
+    best: dict = {}
+    for _ in range(rounds):
+        for name, (fn, calls) in cases.items():
+            for way in ("runner", "C launcher"):
+                with torch.no_grad() if "training" not in name else contextlib.nullcontext():
+                    if way == "runner":
+                        with through_runner():
+                            us = host_us(fn, calls, 1)
+                    else:
+                        us = host_us(fn, calls, 1)
+                best[name, way] = min(us, best.get((name, way), us))
+    print(f"host µs per call, launch ways alternating ({rounds} rounds, best of each):")
+    for name in cases:
+        runner, direct = best[name, "runner"], best[name, "C launcher"]
+        print(f"  {name:40s} runner {runner:7.1f}   C launcher {direct:7.1f}   saved {runner - direct:5.1f}")
+
+
 def main() -> None:
     import triton
 
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     forward_layers()
     decode_layers()
+    launch_ways()
     two_timings()
 
 

@@ -20,6 +20,7 @@ on a GPU against the JIT.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -130,6 +131,18 @@ def _runtime():
 
 
 _RUNTIME: list = []
+
+
+@contextlib.contextmanager
+def through_runner():
+    """Launch through CompiledKernel[grid]'s runner inside the block, as an installed hook does (for benchmarks
+    that compare the two ways in one process: benchmarks/triton/host_overhead.py)."""
+    saved = list(_RUNTIME)
+    _RUNTIME[:] = [None]
+    try:
+        yield
+    finally:
+        _RUNTIME[:] = saved
 
 
 def _plain_key(args) -> tuple:

@@ -114,6 +114,10 @@ def test_fast_launch_only_while_no_launch_hook_listens(hooks, way, monkeypatch):
                                 None, "q", 7, "tail"))
                 if fast else ("runner", ((4, 2, 1), ("q", 7, "tail"))))
     assert compiled.fired[-1] == expected
+    with direct_launch.through_runner():  # benchmarks' A/B switch: the runner whatever the hooks
+        fire((4, 2, 1), 3, ("q", 7), ("tail",))
+    assert compiled.fired[-1] == ("runner", ((4, 2, 1), ("q", 7, "tail")))
+    assert direct_launch._RUNTIME == [found]
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches run on a CUDA device")
