@@ -325,7 +325,7 @@ def _serve(q, k, v, attn_mask, is_causal, scale):
     unbatched = q.dim() == 3
     if unbatched:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    sdpa = sdpa_semantics.translate(q.shape[-2], k.shape[-2], is_causal, attn_mask)
+    sdpa = sdpa_semantics.translate(q.shape[-2], k.shape[-2], is_causal)  # no mask here (_option_reason)
     k, v = sdpa.keep_keys(k, v, seq_dim=-2)
     out = api.flash_attention(q, k, v, is_causal=sdpa.causal, attn_mask=attn_mask, window_size=sdpa.window,
                               scale=scale)

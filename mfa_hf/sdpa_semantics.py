@@ -11,9 +11,11 @@ so, exactly and without a mask:
   the sequence dim, no copy) with plain causal. Out and LSE are those of the full call; autograd through
   the view gives the unseen keys zero gradient, as SDPA does. No (Lq, Lk) mask: O(N^2) memory is what
   these callers exist to avoid.
-SDPA gives is_causal together with attn_mask no single meaning (some backends combine them, others
-raise), so it is not translated: `translate` raises, and a caller that can route the call elsewhere
-asks `causal_with_mask` first.
+is_causal together with attn_mask: where SDPA accepts the pair (torch 2.13's CPU kernels, every dtype,
+float64's math path included) it means the mask AND top-left causal, so `translate` gives the same
+Translation as without the mask and `keep_mask` narrows the mask's key dimension with the keys. Some
+backends raise instead; a caller that keeps stock SDPA's behaviour backend by backend (the SDPA patch)
+asks `causal_with_mask` first and leaves the pair to stock.
 """
 
 from __future__ import annotations
@@ -23,9 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from .problem import NO_WINDOW
-
-CAUSAL_WITH_MASK = "is_causal: expected False when attn_mask is given (SDPA refuses both), got True"
-
 
 @dataclass(frozen=True)
 class Translation:
@@ -44,19 +43,23 @@ class Translation:
             return k, v
         return k.narrow(seq_dim, 0, self.keys), v.narrow(seq_dim, 0, self.keys)
 
+    def keep_mask(self, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """attn_mask over the keys kept: a view along its last (key) dimension, unless that broadcasts (1)."""
+        if self.keys is None or attn_mask is None or attn_mask.dim() == 0 or attn_mask.shape[-1] == 1:
+            return attn_mask
+        return attn_mask.narrow(-1, 0, self.keys)
+
 
 def causal_with_mask(is_causal, attn_mask) -> bool:
-    """Whether the call combines is_causal with attn_mask, which `translate` does not translate."""
+    """Whether the call combines is_causal with attn_mask (stock SDPA accepts that on some backends only)."""
     return bool(is_causal) and attn_mask is not None
 
 
-def translate(lq: int, lk: int, is_causal, attn_mask: torch.Tensor | None = None) -> Translation:
-    """SDPA's is_causal for Lq queries over Lk keys, in our terms (see the module doc). attn_mask only
-    matters with is_causal: that combination raises ValueError(CAUSAL_WITH_MASK)."""
+def translate(lq: int, lk: int, is_causal) -> Translation:
+    """SDPA's is_causal for Lq queries over Lk keys, in our terms (see the module doc); with a mask, apply
+    `keep_mask` to it too."""
     if not is_causal:
         return Translation(keys=None, causal=False)
-    if causal_with_mask(is_causal, attn_mask):
-        raise ValueError(CAUSAL_WITH_MASK)
     if lq == lk:
         return Translation(keys=None, causal=True)
     if lq > lk:

@@ -48,12 +48,16 @@ def test_translation_of_top_left_causal(lq, lk, expected):
     assert sdpa_semantics.translate(lq, lk, False) == sdpa_semantics.Translation(keys=None, causal=False)
 
 
-def test_is_causal_with_a_mask_is_not_translated():
-    mask = torch.ones(3, 5, dtype=torch.bool)
+def test_a_mask_is_narrowed_with_the_keys():
+    """keep_mask narrows the key dimension as keep_keys narrows k and v (a view), unless it broadcasts."""
+    fewer, square = sdpa_semantics.translate(3, 5, True), sdpa_semantics.translate(5, 5, True)
+    mask = torch.rand(2, 1, 3, 5) > 0.5
+    kept = fewer.keep_mask(mask)
+    assert kept.shape == (2, 1, 3, 3) and kept.data_ptr() == mask.data_ptr() and torch.equal(kept, mask[..., :3])
+    for broadcast in (torch.ones(2, 1, 3, 1, dtype=torch.bool), torch.tensor(True), None):
+        assert fewer.keep_mask(broadcast) is broadcast
+    assert square.keep_mask(mask) is mask and sdpa_semantics.translate(3, 5, False).keep_mask(mask) is mask
     assert sdpa_semantics.causal_with_mask(True, mask) and not sdpa_semantics.causal_with_mask(False, mask)
-    with pytest.raises(ValueError, match=r"is_causal: expected False when attn_mask is given \(SDPA refuses both\)"):
-        sdpa_semantics.translate(3, 5, True, mask)
-    assert sdpa_semantics.translate(3, 5, False, mask).keys is None
 
 
 def test_kept_keys_are_views_not_copies():
@@ -180,6 +184,72 @@ BHSD_GRID = [case for case in GRID if not case[1]]
 @pytest.mark.parametrize("lengths, is_causal, heads, dtype", BHSD_GRID, ids=[_id(*case) for case in BHSD_GRID])
 def test_diffusers_attend_bhsd_equals_sdpa(lengths, is_causal, heads, dtype):
     _assert_matches_float64_sdpa(_diffusers_bhsd, lengths, is_causal, heads, dtype, seed=4)
+
+
+MASKS = ["bool (B, 1, Lq, Lk)", "additive (B, H, Lq, Lk)", "bool (Lq, Lk)", "key padding (B, Lk)",
+         "additive (B, 1, 1, Lk)"]
+
+
+def _mask(kind, lq, lk, heads, dtype, generator):
+    if kind == "bool (B, 1, Lq, Lk)":
+        return torch.rand(2, 1, lq, lk, generator=generator) > 0.3
+    if kind == "additive (B, H, Lq, Lk)":
+        return torch.randn(2, heads, lq, lk, generator=generator).to(dtype)
+    if kind == "bool (Lq, Lk)":
+        return torch.rand(lq, lk, generator=generator) > 0.3
+    if kind == "key padding (B, Lk)":
+        return torch.rand(2, lk, generator=generator) > 0.3
+    return torch.randn(2, 1, 1, lk, generator=generator).to(dtype)
+
+
+@pytest.mark.parametrize("kind", MASKS)
+@pytest.mark.parametrize("lengths", [(5, 9), (9, 9), (9, 5), (1, 9)], ids=lambda n: f"lq{n[0]}-lk{n[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_diffusers_attend_bshd_causal_with_a_mask_means_mask_and_top_left(kind, lengths, dtype):
+    """The diffusers backend's is_causal with attn_mask: the mask AND top-left causal, against float64 SDPA of
+    that combined mask (gradients included) and against stock SDPA given the pair where it accepts that (torch's
+    fused CPU kernel does, without grad and with Dv == D; its math path raises). Rows whose keys are all masked out give 0 here
+    (DESIGN.md) where SDPA gives NaN: compared on the rest."""
+    lq, lk = lengths
+    generator = torch.Generator().manual_seed(lq * 100 + lk)
+    (q, k, v), grad = _inputs(lengths, (4, 4), dtype, seed=lq + lk)
+    mask = _mask(kind, lq, lk, 4, dtype, generator)
+    sdpa_mask = mask[:, None, None, :] if kind == "key padding (B, Lk)" else mask  # diffusers' 2-D meaning
+    top_left = torch.ones(lq, lk, dtype=torch.bool).tril()
+    if sdpa_mask.dtype == torch.bool:
+        combined = combined64 = sdpa_mask & top_left
+    else:
+        combined = sdpa_mask.masked_fill(~top_left, float("-inf"))
+        combined64 = sdpa_mask.double().masked_fill(~top_left, float("-inf"))
+    seen = (combined64 if combined64.dtype == torch.bool else combined64 > float("-inf")).expand(2, 4, lq, lk).any(-1)
+    mine = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = attend_bshd(*(t.transpose(1, 2) for t in mine), attn_mask=mask, is_causal=True, return_lse=True)
+    out = out.transpose(1, 2)
+    assert torch.equal(out[~seen], torch.zeros_like(out[~seen]))  # rows that see no key: 0, not NaN
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = STOCK(*leaves64, attn_mask=combined64)
+    stock_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    stock = STOCK(*stock_leaves, attn_mask=combined)  # PyTorch's own error in dtype
+    rows = seen[..., None]
+    assert_close_to_reference(out.where(rows, 0), ref.where(rows, 0), stock.where(rows, 0))
+    square_v = v[..., :1].expand_as(k).contiguous()  # Dv == D: what the fused kernel takes
+    mine_square = attend_bshd(*(t.transpose(1, 2) for t in (q, k, square_v)), attn_mask=mask, is_causal=True)
+    with torch.no_grad():
+        pair = STOCK(q, k, square_v, attn_mask=sdpa_mask, is_causal=True)  # as torch's fused CPU kernel reads it
+    assert_close_to_reference(mine_square.transpose(1, 2).where(rows, 0), pair.double().where(rows, 0),
+                              STOCK(q, k, square_v, attn_mask=combined).where(rows, 0),
+                              name="output against stock SDPA given is_causal and the mask")
+    if not seen.all():
+        return
+    ours = torch.autograd.grad(out, mine, grad)
+    want = torch.autograd.grad(ref, leaves64, grad.double(), retain_graph=True)
+    baseline = torch.autograd.grad(stock, stock_leaves, grad)
+    scores = (leaves64[0] @ leaves64[1].transpose(-1, -2)) * 16 ** -0.5
+    scores = scores.masked_fill(~combined64, float("-inf")) if combined64.dtype == torch.bool else scores + combined64
+    effects = delta_rounding_effect(out.transpose(1, 2), ref.transpose(1, 2), scores.logsumexp(-1), leaves64,
+                                    grad.transpose(1, 2))
+    for name, got, exact, stock_grad, extra in zip("qkv", ours, want, baseline, effects):
+        assert_close_to_reference(got, exact, stock_grad, GRADIENT_FACTOR, f"d{name}", dtype, extra)
 
 
 def test_bottom_right_causal_would_fail_the_comparison():

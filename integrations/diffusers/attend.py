@@ -6,8 +6,8 @@ Diffusers hands attention either (B, H, S, D) tensors (the processors, in SDPA's
 
 SDPA semantics kept here: `is_causal` aligns top-left when Lq != Lk (our kernel aligns
 bottom-right; mfa_hf.sdpa_semantics translates it into causal, a window, or causal over the first Lq
-keys, never a mask), `is_causal` with a mask is refused as SDPA refuses it, and unequal head counts
-need `enable_gqa`. Known difference: a query row whose keys are all masked out gives 0 here where
+keys, never a mask), `is_causal` with a mask means the mask AND top-left causal (as torch's SDPA computes
+the pair where it accepts it), and unequal head counts need `enable_gqa`. Known difference: a query row whose keys are all masked out gives 0 here where
 SDPA gives NaN.
 """
 
@@ -33,8 +33,9 @@ def attend_bshd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """The dispatcher's call: (B, S, H, D) in, (B, Lq, H, Dv) out, and lse (B, Lq, H) float32."""
     _check_heads(query, key, enable_gqa)
     attn_mask = _mask_to_4d(attn_mask, query, key)
-    sdpa = sdpa_semantics.translate(query.shape[1], key.shape[1], is_causal, attn_mask)
+    sdpa = sdpa_semantics.translate(query.shape[1], key.shape[1], is_causal)
     key, value = sdpa.keep_keys(key, value, seq_dim=1)
+    attn_mask = sdpa.keep_mask(attn_mask)
     result = flash_attn_func(query, key, value, dropout_p=dropout_p, softmax_scale=scale, causal=sdpa.causal,
                              window_size=sdpa.window, return_lse=return_lse, attn_mask=attn_mask)
     if not return_lse:

@@ -74,10 +74,20 @@ def test_grouped_query_attention_needs_enable_gqa_like_sdpa():
 
 def test_refusals_name_the_argument():
     query = _bshd()
-    with pytest.raises(ValueError, match="is_causal: expected False when attn_mask is given"):
-        mfa_attention(query, query, query, attn_mask=torch.ones(2, 1, 1, 5, dtype=torch.bool), is_causal=True)
     with pytest.raises(NotImplementedError, match="_parallel_config"):
         mfa_attention(query, query, query, _parallel_config=object())
+
+
+def test_is_causal_with_a_mask_is_served_as_both():
+    """The pair means the mask AND top-left causal, as torch's SDPA computes it where it accepts the pair
+    (tests/test_sdpa_semantics.py covers lengths, mask shapes, dtypes and gradients)."""
+    query = _bshd(seed=5)
+    padding = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    padding[1, ..., 3:] = False
+    actual = mfa_attention(query, query, query, attn_mask=padding, is_causal=True)
+    both = padding & torch.ones(5, 5, dtype=torch.bool).tril()
+    expected = _sdpa_bshd(query, query, query, attn_mask=both)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
