@@ -490,19 +490,38 @@ def _check_new(k, v, q, k_cache, v_cache, quantized) -> int:
 
 
 def _check_writable(k_cache, v_cache, new_len: int) -> None:
-    """Caches that get new tokens must not share memory between their own elements: in an expanded (zero-stride)
-    or otherwise overlapping view, a token written for one row lands in another row's keys too."""
+    """Caches that get new tokens are written in place, so:
+    - a cache must not share memory between its own elements: in an expanded (zero-stride) or otherwise
+      overlapping view, a token written for one row lands in another row's keys too;
+    - k_cache and v_cache must not be one tensor (or one view of it): the values' write would replace the keys';
+    - with grad mode on, no written tensor may require grad: autograd cannot record our in-place write (torch
+      refuses such writes into a leaf), so gradients through the cache would silently miss it."""
     if not new_len:
         return
+    written = []
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        written = [(name, cache)] if not isinstance(cache, QuantizedKV) else [(f"{name}.codes", cache.codes)]
+        written.append([(name, cache)] if not isinstance(cache, QuantizedKV) else [(f"{name}.codes", cache.codes)])
         if isinstance(cache, QuantizedKV) and _per_token_scales(cache):
-            written.append((f"{name}.scales", cache.scales))
-        for label, t in written:
+            written[-1].append((f"{name}.scales", cache.scales))
+        for label, t in written[-1]:
             if _may_overlap(t):
                 raise ValueError(f"{label}: expected a cache whose elements do not share memory when k/v are "
                                  f"appended, got shape {tuple(t.shape)} with strides {t.stride()} (an expanded or "
                                  "overlapping view; pass a cache of its own, e.g. .clone())")
+            if t.requires_grad and torch.is_grad_enabled():
+                raise ValueError(f"{label}: expected a cache that does not require grad when k/v are appended with "
+                                 "grad mode on (the append writes into it in place, which autograd cannot record), "
+                                 "got requires_grad=True; append under torch.no_grad() or pass a detached cache")
+    for (k_label, k_t), (v_label, v_t) in zip(written[0], written[1]):
+        if _same_view(k_t, v_t):
+            raise ValueError(f"{v_label}: expected memory apart from {k_label} when k/v are appended (the values' "
+                             f"write would replace the keys'), got the same tensor; pass a cache of its own")
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b address exactly the same elements (one tensor, or equal views of it)."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.numel() > 0)
 
 
 def _may_overlap(t: Tensor) -> bool:

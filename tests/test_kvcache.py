@@ -524,6 +524,46 @@ def test_appending_into_a_cache_that_shares_memory_is_refused(fmt, shared):
 
 
 @pytest.mark.parametrize("fmt", [None, "int8", "nf4"])
+@pytest.mark.parametrize("entry", ["flash_attn_with_kvcache", "append_kv"])
+@pytest.mark.parametrize("fault", ["one tensor for k_cache and v_cache", "k_cache requires grad",
+                                   "v_cache requires grad"])
+def test_appends_refuse_caches_they_cannot_write_correctly(fmt, entry, fault):
+    """The append writes caches in place: one tensor passed as both caches (values would replace keys) and, with
+    grad mode on, a cache that requires grad (autograd cannot record the write) raise naming the argument and
+    leave the caches untouched. The same caches are fine without an append, and under torch.no_grad()."""
+    from mfa_hf.kvcache import append_kv
+
+    g = torch.Generator().manual_seed(31)
+    batch, capacity, heads, dim = 2, 8, 2, 64
+
+    def cache():
+        filled = torch.randn(batch, capacity, heads, dim, generator=g)
+        return filled if fmt is None else mfa_hf.quantize_kv(filled, fmt)
+
+    k_cache = cache()
+    v_cache = k_cache if fault == "one tensor for k_cache and v_cache" else cache()
+    graded = {"k_cache requires grad": k_cache, "v_cache requires grad": v_cache}.get(fault)
+    if graded is not None:
+        (graded if fmt is None else graded.scales).requires_grad_()  # codes are integers: the scales can
+    before = _snapshot(k_cache) + _snapshot(v_cache)
+    q = torch.randn(batch, 1, heads, dim, generator=g)
+    k, v = (torch.randn(batch, 1, heads, dim, generator=g) for _ in range(2))
+    expected = {"one tensor for k_cache and v_cache": r"v_cache(\.codes)?: expected memory apart from k_cache",
+                "k_cache requires grad": r"k_cache(\.codes|\.scales)?: expected a cache that does not require grad",
+                "v_cache requires grad": r"v_cache(\.codes|\.scales)?: expected a cache that does not require grad"}
+    with pytest.raises(ValueError, match=expected[fault]):
+        if entry == "append_kv":
+            append_kv(k_cache, v_cache, k, v, 3)
+        else:
+            mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=3)
+    assert all(torch.equal(a, b) for a, b in zip(_snapshot(k_cache) + _snapshot(v_cache), before))
+    mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3)  # no append: nothing written
+    if graded is not None:
+        with torch.no_grad():
+            mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=3)
+
+
+@pytest.mark.parametrize("fmt", [None, "int8", "nf4"])
 @pytest.mark.parametrize("lq", [1, 3])
 def test_an_empty_batch_returns_empty_outputs(fmt, lq):
     """Batch 0, with and without an append and lse: empty outputs of the right shapes and dtypes (a reshape inside
