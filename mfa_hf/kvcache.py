@@ -519,7 +519,14 @@ def _check_writable(k_cache, v_cache, new_len: int) -> None:
 
 
 def _same_view(a: Tensor, b: Tensor) -> bool:
-    """Whether a and b address exactly the same elements (one tensor, or equal views of it)."""
+    """Whether a and b address exactly the same elements (one tensor, or equal views of it). Where data pointers
+    mean nothing or cannot be read (torch.compile, meta tensors, tensor subclasses such as fake tensors), only the
+    tensor's identity is checked."""
+    if a is b:
+        return a.numel() > 0
+    if (torch.compiler.is_compiling() or type(a) is not Tensor or type(b) is not Tensor or a.device.type == "meta"
+            or b.device.type == "meta"):
+        return False
     return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
             and a.dtype == b.dtype and a.numel() > 0)
 
