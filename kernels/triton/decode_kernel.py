@@ -145,15 +145,10 @@ def _values(raw, FMT: tl.constexpr, NIBBLE: tl.constexpr, LEVELS, DTYPE: tl.cons
 
 
 @triton.jit
-def _load_side(base, scale_base, cols, dcols, col_ok, stride_n, stride_d, stride_sn, stride_sg,
-               HEAD_D: tl.constexpr, FMT: tl.constexpr, SCALE_MODE: tl.constexpr, GS: tl.constexpr,
-               NIBBLE: tl.constexpr, LEVELS, TRANSPOSED: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
-    """One K (TRANSPOSED: (D, N)) or V ((N, D)) tile of values in DTYPE.
-
-    SCALE_MODE 2 (a scale per group of GS along D, not nf4) applies the scales element-wise here;
-    modes 1 and 3 are applied by the caller around the dots. For nf4, dcols index bytes and
-    NIBBLE (0 low / 1 high) selects elements 2 * dcols + NIBBLE.
-    """
+def _load_codes(base, cols, dcols, col_ok, stride_n, stride_d, HEAD_D: tl.constexpr, FMT: tl.constexpr,
+                TRANSPOSED: tl.constexpr):
+    """One K (TRANSPOSED: (D, N)) or V ((N, D)) tile as stored: values of a plain cache, codes of a quantized
+    one (nf4: bytes, dcols indexing bytes; both nibbles come from this one load)."""
     if TRANSPOSED:
         ptrs = base + cols[None, :] * stride_n + dcols[:, None] * stride_d
         ok = col_ok[None, :] & (dcols[:, None] < HEAD_D)
@@ -161,13 +156,27 @@ def _load_side(base, scale_base, cols, dcols, col_ok, stride_n, stride_d, stride
         ptrs = base + cols[:, None] * stride_n + dcols[None, :] * stride_d
         ok = col_ok[:, None] & (dcols[None, :] < HEAD_D)
     if FMT == FMT_NONE:
-        return tl.load(ptrs, mask=ok, other=0.0).to(DTYPE)
-    vals = _values(tl.load(ptrs, mask=ok, other=0), FMT, NIBBLE, LEVELS, DTYPE, ASM)
+        return tl.load(ptrs, mask=ok, other=0.0)
+    return tl.load(ptrs, mask=ok, other=0)
+
+
+@triton.jit
+def _side_values(raw, scale_base, cols, dcols, col_ok, stride_sn, stride_sg,
+                 HEAD_D: tl.constexpr, FMT: tl.constexpr, SCALE_MODE: tl.constexpr, GS: tl.constexpr,
+                 NIBBLE: tl.constexpr, LEVELS, TRANSPOSED: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """A tile from _load_codes as values in DTYPE. SCALE_MODE 2 (a scale per group of GS along D, not nf4)
+    applies the scales element-wise here; modes 1 and 3 are applied by the caller around the dots. For nf4,
+    NIBBLE (0 low / 1 high) selects elements 2 * dcols + NIBBLE."""
+    if FMT == FMT_NONE:
+        return raw.to(DTYPE)
+    vals = _values(raw, FMT, NIBBLE, LEVELS, DTYPE, ASM)
     if SCALE_MODE == 2:
         if TRANSPOSED:
             sptrs = scale_base + cols[None, :] * stride_sn + (dcols[:, None] // GS) * stride_sg
+            ok = col_ok[None, :] & (dcols[:, None] < HEAD_D)
         else:
             sptrs = scale_base + cols[:, None] * stride_sn + (dcols[None, :] // GS) * stride_sg
+            ok = col_ok[:, None] & (dcols[None, :] < HEAD_D)
         vals = (vals.to(tl.float32) * tl.load(sptrs, mask=ok, other=0.0)).to(DTYPE)
     return vals
 
@@ -271,11 +280,12 @@ def decode_split_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
-        k_lo = _load_side(k_base, ks_base, cols, dq, col_ok, stride_kn, stride_kd, stride_ksn, stride_ksg,
-                          HEAD_D, K_FMT, K_SCALE, K_GS, 0, LEVELS, True, kdt, ASM)
-        if HALF_K:
-            k_hi = _load_side(k_base, ks_base, cols, dq, col_ok, stride_kn, stride_kd, stride_ksn, stride_ksg,
-                              HEAD_D, K_FMT, K_SCALE, K_GS, 1, LEVELS, True, kdt, ASM)
+        k_raw = _load_codes(k_base, cols, dq, col_ok, stride_kn, stride_kd, HEAD_D, K_FMT, True)
+        k_lo = _side_values(k_raw, ks_base, cols, dq, col_ok, stride_ksn, stride_ksg, HEAD_D, K_FMT, K_SCALE, K_GS, 0,
+                            LEVELS, True, kdt, ASM)
+        if HALF_K:  # the high nibbles of the same bytes
+            k_hi = _side_values(k_raw, ks_base, cols, dq, col_ok, stride_ksn, stride_ksg, HEAD_D, K_FMT, K_SCALE, K_GS,
+                                1, LEVELS, True, kdt, ASM)
         if K_SCALE == 3:  # nf4 groups: one dot per group (q's other columns zeroed), scaled per key
             qk = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
             for g in tl.static_range(K_NG):
@@ -315,11 +325,12 @@ def decode_split_kernel(
             p = p * (vsc * V_CONST)[None, :]
         elif V_CONST != 1.0:
             p = p * V_CONST
-        v_lo = _load_side(v_base, vs_base, cols, dv, col_ok, stride_vn, stride_vd, stride_vsn, stride_vsg,
-                          HEAD_DV, V_FMT, V_SCALE, V_GS, 0, LEVELS, False, vdt, ASM)
-        if HALF_V:
-            v_hi = _load_side(v_base, vs_base, cols, dv, col_ok, stride_vn, stride_vd, stride_vsn, stride_vsg,
-                              HEAD_DV, V_FMT, V_SCALE, V_GS, 1, LEVELS, False, vdt, ASM)
+        v_raw = _load_codes(v_base, cols, dv, col_ok, stride_vn, stride_vd, HEAD_DV, V_FMT, False)
+        v_lo = _side_values(v_raw, vs_base, cols, dv, col_ok, stride_vsn, stride_vsg, HEAD_DV, V_FMT, V_SCALE, V_GS,
+                            0, LEVELS, False, vdt, ASM)
+        if HALF_V:  # the high nibbles of the same bytes
+            v_hi = _side_values(v_raw, vs_base, cols, dv, col_ok, stride_vsn, stride_vsg, HEAD_DV, V_FMT, V_SCALE,
+                                V_GS, 1, LEVELS, False, vdt, ASM)
         acc_lo = acc_lo * alpha[:, None]
         if HALF_V:
             acc_hi = acc_hi * alpha[:, None]
