@@ -40,6 +40,13 @@ VARIANTS = {  # name -> (TMA: True / False / None for the table's, (block_m, blo
     "ptr-128x128x8x3": (False, (128, 128, 8, 3)),
     "ptr-64x128x4x3": (False, (64, 128, 4, 3)),
     "ptr-64x64x4x4": (False, (64, 64, 4, 4)),
+    # short sequences (--small): the SMALL_N entry (64, 64, 4, 3) and its neighbours
+    "ptr-64x64x4x2": (False, (64, 64, 4, 2)),
+    "ptr-64x32x4x3": (False, (64, 32, 4, 3)),
+    "ptr-64x64x8x3": (False, (64, 64, 8, 3)),
+    "ptr-32x64x4x3": (False, (32, 64, 4, 3)),
+    "ptr-64x128x8x3": (False, (64, 128, 8, 3)),
+    "tma-64x64x4x3": (True, (64, 64, 4, 3)),
 }
 _make_plan = forward._make_plan
 
@@ -84,13 +91,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two shapes only")
     parser.add_argument("--small", action="store_true",
                         help="D 128 at N 512 and 1024 with 16k tokens a call (host_overhead.py's shapes)")
+    parser.add_argument("--lengths", default="", help="with --small: comma-separated N (default 512,1024)")
+    parser.add_argument("--variants", default="", help="comma-separated names of VARIANTS (default: all)")
     args = parser.parse_args()
+    variants = [v for v in args.variants.split(",") if v] or list(VARIANTS)
     shapes = [(d, causal, n) for d in (128, 64) for causal in (False, True) for n in (1024, 4096, 16384)]
     tokens = 65536
     if args.quick:
         shapes = [(128, False, 16384), (128, True, 4096)]
     if args.small:
-        shapes, tokens = [(128, causal, n) for causal in (False, True) for n in (512, 1024)], 16384
+        lengths = [int(n) for n in args.lengths.split(",") if n] or [512, 1024]
+        shapes, tokens = [(128, causal, n) for causal in (False, True) for n in lengths], 16384
     rows = []
     for dim, causal, n in shapes:
         heads = 2048 // dim
@@ -108,7 +119,7 @@ def main() -> None:
             rows.append(dict(dim=dim, causal=causal, n=n, impl=name, ms=round(base[name], 4),
                              tflops=round(flops / base[name] / 1e9, 1)))
         default = None
-        for variant in VARIANTS:
+        for variant in variants:
             _use(variant)
             try:
                 out = mfa_hf.flash_attn_func(q, k, v, causal=causal)

@@ -45,6 +45,7 @@ def padded_dim(dim: int) -> int:
 
 
 _TINY = Blocks(16, 16, 1, 1)
+_HALF = (torch.float16, torch.bfloat16)
 
 # (padded max(Dqk, Dv)) -> Blocks, for 2-byte dtypes.
 # D 64 and 128 at N > SMALL_N, bf16, H200, triton 3.6, side by side (benchmarks/triton/forward_variants.py,
@@ -59,13 +60,20 @@ _FORWARD = {16: Blocks(128, 64, 4, 3), 32: Blocks(128, 64, 4, 3), 64: Blocks(128
 _FORWARD_CAUSAL = {128: Blocks(128, 128, 8, 3, tma=True)}
 # Short sequences (max query length <= SMALL_N): more, smaller programs fill the SMs
 # (benchmarks/triton/device_bench.py forward sweep, H200 2026-11-21: D=128 N=512 non-causal 310 TFLOP/s
-# with (64, 64, 4, 3) against <= 215 with (128, 64, 8, 3)). Two tables, so at most two compiled
-# variants, never one per length.
+# with (64, 64, 4, 3) against <= 215 with (128, 64, 8, 3)). A few tables by length tier (this one, the long one,
+# and _FORWARD_SHORT_HALF below), so a few compiled variants, never one per length.
 SMALL_N = 1024
 _FORWARD_SMALL = {16: Blocks(64, 64, 4, 3), 32: Blocks(64, 64, 4, 3), 64: Blocks(128, 64, 8, 3),
                   128: Blocks(64, 64, 4, 3)}
 _FORWARD_SMALL_CAUSAL = {16: Blocks(64, 64, 4, 3), 32: Blocks(64, 64, 4, 3), 64: Blocks(64, 64, 4, 3),
                          128: Blocks(64, 64, 4, 3)}
+# D 128, 2-byte dtypes, the shortest sequences: (64, 32, 4, 3), bf16, H100, triton 3.6, B x N = 16k, H x D = 2048
+# (benchmarks/triton/forward_variants.py --small, results/h100-forward-variants-small-2026-12-06-session19*.log),
+# ms against (64, 64, 4, 3): causal N 512 0.151-0.153 / 0.177, N 1024 0.234 / 0.249; non-causal N 512
+# 0.213-0.217 / 0.227-0.229, but N 1024 0.385 / 0.359, so non-causal takes it to N 512 only. Neighbours timed and
+# slower: (64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), TMA (64, 64, 4, 3).
+# float32 keeps the entries above (its halved tiles were what the full matrix passed with).
+_FORWARD_SHORT_HALF = {(128, True): (SMALL_N, Blocks(64, 32, 4, 3)), (128, False): (512, Blocks(64, 32, 4, 3))}
 # Backward, dK/dV pass: block_n keys stay resident, block_m query rows stream.
 # d 32/64 timed side by side (forward + backward, bf16, B=4, H=16, L=4096, H200, triton 3.6: d=32
 # (64, 128, 4, 2) 2.19 / 1.62 ms non-causal / causal, best of six; d=64 (64, 64, 4, 2) 3.48 / 2.06 ms
@@ -129,6 +137,9 @@ _FORWARD_FLOAT32 = {64: Blocks(128, 32, 4, 2), 128: Blocks(128, 32, 8, 2)}
 
 
 def forward_blocks(dim: int, dtype: torch.dtype, causal: bool, device_type: str = "cuda", seqlen_q: int = 0) -> Blocks:
+    short = _FORWARD_SHORT_HALF.get((padded_dim(dim), bool(causal)))
+    if short is not None and 0 < seqlen_q <= short[0] and device_type != "cpu" and dtype in _HALF:
+        return short[1]
     if 0 < seqlen_q <= SMALL_N:
         return _pick(_FORWARD, dim, dtype, device_type, _FORWARD_SMALL_CAUSAL if causal else _FORWARD_SMALL)
     if device_type != "cpu" and dtype == torch.float32 and padded_dim(dim) in _FORWARD_FLOAT32:
