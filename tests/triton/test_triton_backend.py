@@ -88,6 +88,40 @@ def test_core_sample(case):
     check(case)
 
 
+GPU_BLOCK_CASES = [  # one case per forward entry of the CUDA tables a 2-byte D 128 / 64 call meets (blocks.py)
+    Case(dtype=torch.bfloat16, batch=1, lq=70, lk=90, heads_q=4, heads_kv=2, dim=128, dim_v=128, causal=True,
+         window=(40, 0), mask="bool"),                                               # short, causal: (64, 32)
+    Case(dtype=torch.float16, batch=1, lq=100, lk=70, heads_q=2, heads_kv=1, dim=128, dim_v=128, mask="additive",
+         softcap=3.0),                                                               # short, non-causal: (64, 32)
+    Case(dtype=torch.bfloat16, batch=1, lq=530, lk=530, heads_q=1, heads_kv=1, dim=128, dim_v=128, sinks=True),
+    Case(dtype=torch.float16, batch=1, lq=45, lk=110, heads_q=2, heads_kv=2, dim=64, dim_v=64, causal=True,
+         alibi=True),
+]
+
+
+@pytest.mark.parametrize("case", GPU_BLOCK_CASES, ids=lambda c: c.id)
+def test_gpu_forward_blocks_give_the_reference(case, monkeypatch):
+    """The interpreter's own blocks are tiny (blocks._TINY); here the forward takes the CUDA tables' entry for
+    the case (padding, causal bands, masks and features across its tile edges), so a table change is checked on
+    any machine. Warps and stages only pipeline on a GPU: the GPU run checks those."""
+    from mfa_hf.kernels.triton import forward as triton_launch
+
+    taken = []
+
+    def cuda_table(dim, dtype, causal, device_type="cuda", seqlen_q=0):
+        taken.append(blocks.forward_blocks(dim, dtype, causal, "cuda", seqlen_q))
+        return taken[-1]
+
+    monkeypatch.setattr(triton_launch, "forward_blocks", cuda_table)
+    triton_launch.forget_plans()
+    try:
+        check(case, gradients=False)
+        assert taken and all(b != blocks._TINY and b.block_m > 16 for b in taken), taken
+    finally:
+        monkeypatch.undo()
+        triton_launch.forget_plans()
+
+
 @pytest.mark.parametrize("case", slow_unless_full([c for n, c in enumerate(CORE) if n % 7]))
 def test_core_rest(case):
     check(case)
