@@ -204,7 +204,7 @@ def flash_attn_with_kvcache(
     cache_batch, max_seqlen = k_cache.shape[0], k_cache.shape[1]
     rows = _check_batch_idx(cache_batch_idx, batch, cache_batch, q.device, appending=k is not None)
     new_len = _check_new(k, v, q, k_cache, v_cache, quantized)
-    _check_writable(k_cache, v_cache, new_len)
+    _check_writable(k_cache, v_cache, new_len, k, v)
     lengths = _check_seqlens(cache_seqlens, batch, max_seqlen, new_len, q.device)
     # The append and decode kernels bind these as they are (helper_tensors.py says why).
     lengths = helper_tensors.index_vector(lengths, "cache_seqlens", max_seqlen)
@@ -227,7 +227,7 @@ def append_kv(k_cache, v_cache, k: Tensor, v: Tensor, cache_seqlens) -> None:
     quantized = _check_caches(k, k_cache, v_cache, names=("k_cache", "v_cache"))
     _check_batch_idx(None, k.shape[0], k_cache.shape[0], k.device, appending=True)
     new_len = _check_new(k, v, k, k_cache, v_cache, quantized)
-    _check_writable(k_cache, v_cache, new_len)
+    _check_writable(k_cache, v_cache, new_len, k, v)
     lengths = _check_seqlens(cache_seqlens, k.shape[0], k_cache.shape[1], new_len, k.device)
     lengths = helper_tensors.index_vector(lengths, "cache_seqlens", k_cache.shape[1])
     if not new_len:
@@ -489,11 +489,12 @@ def _check_new(k, v, q, k_cache, v_cache, quantized) -> int:
     return k.shape[1]
 
 
-def _check_writable(k_cache, v_cache, new_len: int) -> None:
+def _check_writable(k_cache, v_cache, new_len: int, k=None, v=None) -> None:
     """Caches that get new tokens are written in place, so:
     - a cache must not share memory between its own elements: in an expanded (zero-stride) or otherwise
       overlapping view, a token written for one row lands in another row's keys too;
-    - k_cache and v_cache must not be one tensor (or one view of it): the values' write would replace the keys';
+    - k_cache and v_cache must not be one tensor (or one view of it) unless k and v are too (then both writes
+      put the same values there): the values' write would replace the keys';
     - with grad mode on, no written tensor may require grad: autograd cannot record our in-place write (torch
       refuses such writes into a leaf), so gradients through the cache would silently miss it."""
     if not new_len:
@@ -512,10 +513,13 @@ def _check_writable(k_cache, v_cache, new_len: int) -> None:
                 raise ValueError(f"{label}: expected a cache that does not require grad when k/v are appended with "
                                  "grad mode on (the append writes into it in place, which autograd cannot record), "
                                  "got requires_grad=True; append under torch.no_grad() or pass a detached cache")
+    if k is not None and v is not None and _same_view(k, v):
+        return  # one cache, one new tensor: the two writes are the same
     for (k_label, k_t), (v_label, v_t) in zip(written[0], written[1]):
         if _same_view(k_t, v_t):
-            raise ValueError(f"{v_label}: expected memory apart from {k_label} when k/v are appended (the values' "
-                             f"write would replace the keys'), got the same tensor; pass a cache of its own")
+            raise ValueError(f"{v_label}: expected memory apart from {k_label} when different k and v are appended "
+                             f"(the values' write would replace the keys'), got the same tensor; pass a cache of its "
+                             "own")
 
 
 def _same_view(a: Tensor, b: Tensor) -> bool:

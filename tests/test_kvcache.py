@@ -528,7 +528,8 @@ def test_appending_into_a_cache_that_shares_memory_is_refused(fmt, shared):
 @pytest.mark.parametrize("fault", ["one tensor for k_cache and v_cache", "k_cache requires grad",
                                    "v_cache requires grad"])
 def test_appends_refuse_caches_they_cannot_write_correctly(fmt, entry, fault):
-    """The append writes caches in place: one tensor passed as both caches (values would replace keys) and, with
+    """The append writes caches in place: one tensor passed as both caches with different k and v (values would
+    replace keys; with one new tensor for both the write is the same twice, and served) and, with
     grad mode on, a cache that requires grad (autograd cannot record the write) raise naming the argument and
     leave the caches untouched. The same caches are fine without an append, and under torch.no_grad()."""
     from mfa_hf.kvcache import append_kv
@@ -558,6 +559,13 @@ def test_appends_refuse_caches_they_cannot_write_correctly(fmt, entry, fault):
             mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=3)
     assert all(torch.equal(a, b) for a, b in zip(_snapshot(k_cache) + _snapshot(v_cache), before))
     mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3)  # no append: nothing written
+    if fault == "one tensor for k_cache and v_cache":  # one new tensor for both: the same write twice, served
+        if entry == "append_kv":
+            append_kv(k_cache, v_cache, k, k, 3)
+        else:
+            mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, k, k, cache_seqlens=3)
+        expected_cache = k if fmt is None else dense(mfa_hf.quantize_kv(k, fmt))
+        torch.testing.assert_close(dense(k_cache)[:, 3:4], expected_cache, rtol=0, atol=0)
     if graded is not None:
         with torch.no_grad():
             mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=3)
