@@ -107,6 +107,25 @@ def modeling_source_calls_interface(model_cls) -> bool:
         return True
 
 
+def classes_call_interface(model_cls, class_names: tuple[str, ...]) -> bool:
+    """Whether every named class of the modeling file defining model_cls looks attention functions up in the
+    AttentionInterface (LongT5's local and transient-global encoder attention did not in 5.25, while its decoder's
+    attention did): read, not listed per release. A class the file does not define counts as calling it."""
+    import sys
+
+    module = sys.modules.get(model_cls.__module__)
+    for name in class_names:
+        cls = getattr(module, name, None)
+        if cls is None:
+            continue
+        try:
+            if "ALL_ATTENTION_FUNCTIONS" not in inspect.getsource(cls):
+                return False
+        except (OSError, TypeError):  # no source: take transformers' heuristic alone
+            continue
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def modeling_source_picks_attention_class_by_name(model_cls) -> bool:
     """Whether the modeling file defining this class builds some attention layer from a table keyed by the

@@ -1,7 +1,8 @@
 """Refuse mfa-hf names, at model init, on models where they could not be right.
 
 - Models whose attention layers bypass transformers' AttentionInterface (GPT-Neo, Bloom, MPT and other
-  legacy ports compute attention inline; Falcon, GPT-J and CodeGen did before 5.25): a registered function
+  legacy ports compute attention inline; Falcon, GPT-J and CodeGen did before 5.25; LongT5EncoderModel, whose
+  local and transient-global encoder attention is inline while LongT5's decoder is not): a registered function
   is never called, so "mps_flash"/"mfa" would be a silent no-op. transformers detects these classes for
   `set_attn_implementation` with a source heuristic; we add the types it passed, while their modeling
   file does not call the interface.
@@ -26,6 +27,10 @@ from . import internals
 # One is refused while its modeling file does not call the AttentionInterface (internals probes the file:
 # 5.25 ported Falcon, GPT-J and CodeGen, which then run our kernel).
 INLINE_ATTENTION_MODEL_TYPES = frozenset({"falcon", "gptj", "gpt_neo", "bloom", "mpt", "codegen"})
+# Encoder-decoder models whose encoder attention classes compute inline while the decoder's call the interface
+# (LongT5's local and transient-global attention, 5.25): the full model runs our kernel in its decoder, but the
+# encoder-only class (`*EncoderModel`) never would. Refused while those classes' source does not call the interface.
+INLINE_ENCODER_ATTENTION = {"longt5": ("LongT5LocalAttention", "LongT5TransientGlobalAttention")}
 # Falcon with ALiBi adds its position bias to the attention mask, which a flash path does not take: transformers
 # raises at the first forward under any flash name; "mfa" takes the mask and is exact.
 FLASH_DROPS_ALIBI_MODEL_TYPES = frozenset({"falcon"})
@@ -47,6 +52,10 @@ def routes_through_interface(model) -> bool:
     if internals.modeling_source_picks_attention_class_by_name(type(model)):  # SAM's vision encoder, GIT, Bark
         return False
     if model_type in INLINE_ATTENTION_MODEL_TYPES and not internals.modeling_source_calls_interface(type(model)):
+        return False
+    inline_encoder = INLINE_ENCODER_ATTENTION.get(model_type)
+    if (inline_encoder and type(model).__name__.endswith("EncoderModel")
+            and not internals.classes_call_interface(type(model), inline_encoder)):
         return False
     return internals.can_set_attn_implementation(type(model))
 

@@ -287,6 +287,20 @@ def test_verified_eager_only_classes_equal_eager(name):
         model.set_attn_implementation("mps_flash")
 
 
+@pytest.mark.parametrize("encoder_attention_type", ["local", "transient-global"])
+@pytest.mark.parametrize("name", ["mfa", "mps_flash"])
+def test_longt5_encoder_alone_is_refused(encoder_attention_type, name):
+    """LongT5's local and transient-global encoder attention computes inline (only its decoder's attention calls
+    the interface): the encoder-only class would never run our kernel under either name, so both are refused at
+    init and by set_attn_implementation; the full model stays served (test_verified_eager_only_classes_equal_eager)."""
+    config = tf.LongT5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, local_radius=2,
+                             global_block_size=4, encoder_attention_type=encoder_attention_type)
+    model = tf.LongT5EncoderModel(config)
+    if internals.classes_call_interface(type(model), ("LongT5LocalAttention", "LongT5TransientGlobalAttention")):
+        pytest.skip("this transformers routes LongT5's encoder attention through the interface")
+    _assert_refused(model, name, "LongT5EncoderModel does not route attention through transformers' AttentionInterface")
+
+
 def _assert_refused(model, implementation: str, message: str) -> None:
     """Refused through set_attn_implementation (with `message`) and at init from the model's config."""
     with pytest.raises(UnsupportedModelError, match=message):
