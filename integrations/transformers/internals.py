@@ -100,10 +100,15 @@ def modeling_source_calls_interface(model_cls) -> bool:
     interface (Falcon, GPT-J and CodeGen did by 5.25), so this is read, not listed per release."""
     import sys
 
-    module = sys.modules.get(model_cls.__module__)
+    return _source_calls_interface(sys.modules.get(model_cls.__module__))
+
+
+def _source_calls_interface(obj) -> bool:
+    """Whether the source of a module or class looks attention functions up in ALL_ATTENTION_FUNCTIONS; True where
+    it has no source (frozen or compiled): transformers' heuristic alone then decides."""
     try:
-        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(module)
-    except (OSError, TypeError):  # no source (frozen or compiled): take transformers' heuristic alone
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(obj)
+    except (OSError, TypeError):
         return True
 
 
@@ -114,16 +119,8 @@ def classes_call_interface(model_cls, class_names: tuple[str, ...]) -> bool:
     import sys
 
     module = sys.modules.get(model_cls.__module__)
-    for name in class_names:
-        cls = getattr(module, name, None)
-        if cls is None:
-            continue
-        try:
-            if "ALL_ATTENTION_FUNCTIONS" not in inspect.getsource(cls):
-                return False
-        except (OSError, TypeError):  # no source: take transformers' heuristic alone
-            continue
-    return True
+    classes = (getattr(module, name, None) for name in class_names)
+    return all(_source_calls_interface(cls) for cls in classes if cls is not None)
 
 
 @functools.lru_cache(maxsize=None)

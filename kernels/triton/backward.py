@@ -78,12 +78,17 @@ def forget_plans() -> None:
         launcher.forget()
 
 
+def _writes_mask_grad(call: AttentionCall, grads: Gradients) -> bool:
+    """Whether the dQ kernel writes dS for the mask's gradient (a float mask that asked for one)."""
+    return bool(grads.want_mask_grad and call.attn_mask is not None)
+
+
 def _launch_key(call: AttentionCall, grads: Gradients) -> tuple:
     """What the plan depends on: the forward's key (shapes, strides, dtypes, lengths, window, flags), the
     gradients' layouts, the mask gradient and bf16_backward; never a tensor's values."""
     grad_out, grad_lse, lse, o = grads.grad_out, grads.grad_lse, grads.lse, call.options
     return (forward_key(call), grad_out.dtype, grad_out.stride(), grads.out.stride(), lse.shape, lse.stride(),
-            None if grad_lse is None else grad_lse.stride(), bool(grads.want_mask_grad and call.attn_mask is not None),
+            None if grad_lse is None else grad_lse.stride(), _writes_mask_grad(call, grads),
             o.bf16_backward)
 
 
@@ -116,7 +121,7 @@ def _make_plan(call: AttentionCall, grads: Gradients, q, k, v, grad_out) -> _Pla
     dim = max(q.shape[-1], v.shape[-1])
     kv = backward_kv_blocks(dim, q.dtype, o.causal, q.device.type, max(lq, lk))
     qb = backward_q_blocks(dim, q.dtype, o.causal, q.device.type)
-    write_ds = bool(grads.want_mask_grad and call.attn_mask is not None)
+    write_ds = _writes_mask_grad(call, grads)
     return _Plan(
         (cdiv(rows, block_r), lse.numel() // rows), delta_ints, delta_options,
         (cdiv(lk, kv.block_n), batch * heads_kv),
@@ -137,7 +142,7 @@ def backward(call: AttentionCall, grads: Gradients):
     cu_seqlens_q, cu_seqlens_k, o = call.cu_seqlens_q, call.cu_seqlens_k, call.options
     grad_out, grad_lse, out, lse = grads.grad_out, grads.grad_lse, grads.out, grads.lse
     batch, lq, lk = call.batch, call.seqlen_q, call.seqlen_k
-    write_ds = bool(grads.want_mask_grad and attn_mask is not None)
+    write_ds = _writes_mask_grad(call, grads)
     if q.shape[0] == 0 or k.shape[0] == 0 or lq == 0 or lk == 0:
         return empty_grads(q, k, v, sinks, grad_lse, attn_mask.shape if write_ds else None)
     dq = new_output(q.shape, q.dtype, q.device)
