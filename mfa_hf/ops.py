@@ -63,11 +63,12 @@ class EagerShortcut:
     `op` with the call's flat arguments (fake, autograd, opcheck)."""
 
     def __init__(self, op: Callable, impl: Callable, replayer: Optional[Callable] = None,
-                 autograd: Optional[type] = None):
+                 autograd: Optional[type] = None, transformed: Optional[type] = None):
         self.op = op
         self.impl = impl
         self._replayer = replayer
         self._autograd = autograd  # the op's autograd as a torch.autograd.Function, for plain eager calls
+        self._transformed = transformed  # the same autograd in functorch's form, for calls under a transform
 
     @property
     def replays(self) -> bool:
@@ -87,6 +88,8 @@ class EagerShortcut:
             return self.impl(call, problem)
         if self._autograd is not None and plain_eager(args, autograd=True):
             return self._autograd.apply(*args)
+        if self._transformed is not None and torch._C._are_functorch_transforms_active():
+            return self._transformed.apply(*args)
         return self.op(*args)
 
 
@@ -184,6 +187,21 @@ def _fallback(backend: Backend, method: str, registry: Callable[[str], Backend])
     return Fallback(other.name, getattr(other, method))
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("mfa_hf attention has no double backward (a gradient of its gradients: "
+                              "torch.func.hessian, jacrev of grad, create_graph=True); its backward is one kernel")
+
+
+def _under_transforms(op: Callable, name: str) -> type:
+    """An autograd.Function calling `op`, for calls under a functorch transform (torch.func.grad, vjp, vmap):
+    there every custom op's own autograd wrapper (torch.library's generated Function, which has no separate
+    setup_context) raises, even where no gradient of it is needed. This one is differentiable once: its
+    backward refuses."""
+    return type(f"{name}_transformed", (torch.autograd.Function,), {
+        "forward": staticmethod(lambda *args: op(*args)), "setup_context": staticmethod(lambda ctx, inputs, output: None),
+        "backward": staticmethod(_no_double_backward), "generate_vmap_rule": True})
+
+
 def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendOps:
     """Register the custom ops of `backend`; registry(name) gives another backend (its fallback)."""
     name, devices = backend.name, backend.device_types
@@ -253,12 +271,18 @@ def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendO
         want_mask_grad = bool(ctx.needs_input_grad[3]) and ctx.mask_dtype != torch.bool
         args = (grad_out.contiguous(), grad_lse, out, lse, want_mask_grad, *tensors, *ctx.scalars)
         # The implementation directly where that is the same as the op (eager, no graph of the backward to record)
-        dq, dk, dv, dsinks, dmask = attention_bwd(*args) if plain_eager(args) else bwd_op(*args)
+        if plain_eager(args):
+            dq, dk, dv, dsinks, dmask = attention_bwd(*args)
+        elif torch._C._are_functorch_transforms_active():
+            dq, dk, dv, dsinks, dmask = TransformedBackward.apply(*args)
+        else:
+            dq, dk, dv, dsinks, dmask = bwd_op(*args)
         dsinks = dsinks.to(ctx.sinks_dtype) if ctx.needs_input_grad[5] else None
         dmask = dmask.to(ctx.mask_dtype) if want_mask_grad else None
         return (dq, dk, dv, dmask, None, dsinks) + (None,) * 11
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
+    TransformedBackward = _under_transforms(bwd_op, f"{name}_attention_bwd")
 
     def eager_forward(ctx, *args):  # ctx in forward, not a setup_context: apply() would bind a signature per call
         output = forward_call(AttentionCall.from_op_args(args), None)
@@ -271,7 +295,15 @@ def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendO
     # so that a graph shows <name>_attentionBackward.
     EagerAutograd = type(f"{name}_attention", (torch.autograd.Function,), {
         "forward": staticmethod(eager_forward), "backward": staticmethod(backward)})
-    forward_ops = EagerShortcut(fwd_op, forward_call, getattr(backend, "forward_replay", None), EagerAutograd)
+    # The same autograd for calls under a functorch transform (torch.func.grad, vjp, jacrev, vmap): those need an
+    # autograd.Function with a separate setup_context, which the op's registered autograd (torch.library's
+    # generated Function) lacks, so torch.func.grad over the op raised. Its forward calls the op itself, so vmap
+    # (generate_vmap_rule) batches the op as it would without us.
+    TransformedAutograd = type(f"{name}_attention_transformed", (torch.autograd.Function,), {
+        "forward": staticmethod(lambda *args: fwd_op(*args)), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), "generate_vmap_rule": True})
+    forward_ops = EagerShortcut(fwd_op, forward_call, getattr(backend, "forward_replay", None), EagerAutograd,
+                                TransformedAutograd)
     return BackendOps(backend, forward_ops, bwd_op,
                       _define_decode(backend, registry), _define_append(backend, registry))
 

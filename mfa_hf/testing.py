@@ -221,12 +221,33 @@ def run_public_api(case: Case, inputs: dict, **extra):
         sinks=inputs["sinks"], return_lse=True, **case.options(), **extra)
 
 
+def functorch_vjp(case: Case, backend: str, run=run_public_api):
+    """A vjp for check_against_reference: the gradients by torch.func.vjp of `run` (the forward runs again under
+    the transform), asserting that `backend` served its forward and backward there."""
+    from mfa_hf import trace
+
+    def vjp(inputs: dict, names: list[str], grad_out: torch.Tensor):
+        def out_of(*leaves):
+            return run(case, {**inputs, **dict(zip(names, leaves))})[0]
+
+        with trace.capture() as calls:
+            _, pullback = torch.func.vjp(out_of, *(inputs[n].detach() for n in names))
+            grads = pullback(grad_out)
+        served = trace.served_by(calls)
+        assert served[(backend, "fwd")] == 1 and served[(backend, "bwd")] == 1, dict(served)
+        return grads
+
+    return vjp
+
+
 def check_against_reference(case: Case, run=run_public_api, backend: str | None = None, seed: int = 0,
-                            gradients: bool = True, device="cpu", dropout_seed: torch.Tensor | None = None) -> None:
+                            gradients: bool = True, device="cpu", dropout_seed: torch.Tensor | None = None,
+                            vjp=None) -> None:
     """Forward (out, lse) and every input gradient against the float64 reference (DESIGN.md rule).
 
     run(case, inputs, **dropout_options) -> (out, lse) is the kernel under test; backend, when
-    given, must be the one that served the forward (checked through mfa_hf.trace).
+    given, must be the one that served the forward (checked through mfa_hf.trace). vjp(inputs, names, grad_out),
+    when given, computes the gradients instead of autograd through run's output (a functorch transform's way).
     """
     from mfa_hf import trace
 
@@ -247,7 +268,10 @@ def check_against_reference(case: Case, run=run_public_api, backend: str | None 
         return
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out.dtype)
     names = differentiable(inputs)
-    ours = torch.autograd.grad(out, [inputs[n] for n in names], grad.to(out.device))
+    if vjp is None:
+        ours = torch.autograd.grad(out, [inputs[n] for n in names], grad.to(out.device))
+    else:
+        ours = vjp(inputs, names, grad.to(out.device))
     ref_leaves = [ref_args[n] for n in names]
     want = torch.autograd.grad(ref, ref_leaves, grad.to(torch.float64), retain_graph=True)
     effect = delta_rounding_effect(out.cpu(), ref, ref_lse, ref_leaves, grad, names, case, cpu_inputs)

@@ -218,3 +218,32 @@ def test_gradients_through_a_cached_decode_step_equal_eager(family, implementati
     assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_per_sample_gradients_through_functorch_equal_eager(family, implementation, monkeypatch):
+    """torch.func's per-sample-gradient recipe (vmap of grad of functional_call) with our attention: each sample's
+    parameter gradients equal eager's, with our kernel (not the native route) serving forward and backward.
+    Before, torch.func.grad over our op raised torch.library's functorch error."""
+    monkeypatch.setenv("MFA_BACKEND", "torch")  # our op: the native route's transforms are torch's own
+    reference, model = twin_models(BY_NAME[family], implementation)
+    ids, _ = padded_batch("left")
+    samples = ids[:, None]  # (samples, 1, seq): one sequence per sample
+    grads = []
+    for lm in (reference, model):
+        params = {n: p.detach() for n, p in lm.named_parameters()}
+
+        def loss(params, x):
+            return torch.func.functional_call(lm, params, (x,), {"labels": x}).loss
+
+        with trace.capture() as calls:
+            grads.append(torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, samples))
+        if lm is model:
+            served = trace.served_by(calls)
+            # once a layer, or once a layer and sample (vmap's per-sample fallback over the op)
+            assert {served[("torch", "fwd")], served[("torch", "bwd")]} <= {LAYERS, LAYERS * BATCH}, dict(served)
+    want, got = grads
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")

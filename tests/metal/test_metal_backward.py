@@ -16,6 +16,7 @@ from mfa_hf.testing import (
     check_against_reference,
     core_cases,
     differentiable,
+    functorch_vjp,
     make_inputs,
     run_public_api,
 )
@@ -46,6 +47,14 @@ def check_backward(case: Case, runtime, two_schedules, seed: int = 0):
     inputs = make_inputs(case, device=runtime.device, seed=seed, requires_grad=True)
     first = gradients(case, inputs)
     two_schedules.again(lambda: gradients(case, inputs), first)
+
+
+@pytest.mark.parametrize("case", core_cases()[5::54], ids=lambda c: c.id)
+def test_gradients_under_functorch(case, metal_backend):
+    """torch.func.vjp through the metal kernels (the op's transform-form autograd, ops.py) gives the reference's
+    gradients."""
+    check_against_reference(case, backend="metal", seed=2, device=metal_backend.device,
+                            vjp=functorch_vjp(case, "metal"))
 
 
 BACKWARD_CASES = core_cases()[::3]  # 36 of the 108: every dtype, mode, head layout, shape, feature

@@ -26,7 +26,14 @@ import mfa_hf
 from mfa_hf import dispatch, trace
 from mfa_hf.kernels.reference import attention_reference
 from mfa_hf.problem import AttentionProblem
-from mfa_hf.testing import Case, assert_close_to_reference, check_against_reference, core_cases, full_cases
+from mfa_hf.testing import (
+    Case,
+    assert_close_to_reference,
+    check_against_reference,
+    core_cases,
+    full_cases,
+    functorch_vjp,
+)
 
 from mfa_hf.kernels.triton import blocks
 from mfa_hf.kernels.triton import forward_kernel as triton_forward
@@ -86,6 +93,13 @@ SAMPLED = CORE[::7]  # 16 cases; 7 is coprime with every period of the grid, so 
 @pytest.mark.parametrize("case", SAMPLED, ids=lambda c: c.id)
 def test_core_sample(case):
     check(case)
+
+
+@pytest.mark.parametrize("case", CORE[5::54], ids=lambda c: c.id)
+def test_gradients_under_functorch(case):
+    """torch.func.vjp through the triton kernels (the op's transform-form autograd, ops.py) gives the
+    reference's gradients."""
+    check(case, vjp=functorch_vjp(case, "triton"))
 
 
 GPU_BLOCK_CASES = [  # one case per forward entry of the CUDA tables a 2-byte D 128 / 64 call meets (blocks.py)
