@@ -192,14 +192,14 @@ def _no_double_backward(ctx, *grads):
                               "torch.func.hessian, jacrev of grad, create_graph=True); its backward is one kernel")
 
 
-def _under_transforms(op: Callable, name: str) -> type:
+def _under_transforms(op: Callable, name: str, backward: Callable = _no_double_backward) -> type:
     """An autograd.Function calling `op`, for calls under a functorch transform (torch.func.grad, vjp, vmap):
     there every custom op's own autograd wrapper (torch.library's generated Function, which has no separate
-    setup_context) raises, even where no gradient of it is needed. This one is differentiable once: its
-    backward refuses."""
+    setup_context) raises torch's functorch error, even where no gradient of it is needed. Its backward
+    refuses by name (default: no gradient of the attention backward's op)."""
     return type(f"{name}_transformed", (torch.autograd.Function,), {
-        "forward": staticmethod(lambda *args: op(*args)), "setup_context": staticmethod(lambda ctx, inputs, output: None),
-        "backward": staticmethod(_no_double_backward), "generate_vmap_rule": True})
+        "forward": staticmethod(lambda *args: op(*args)), "setup_context": staticmethod(_no_context),
+        "backward": staticmethod(backward), "generate_vmap_rule": True})
 
 
 def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendOps:
@@ -355,7 +355,9 @@ def _define_decode(backend: Backend, registry) -> EagerShortcut:
                                  device_types=backend.device_types)
     op.register_fake(_fake_decode)
     op.register_autograd(_decode_backward, setup_context=_no_context)
-    return EagerShortcut(op, decode_call, getattr(backend, "decode_replay", None))
+    # Under a functorch transform: the same refusal when a gradient reaches it, vmap batching the op
+    return EagerShortcut(op, decode_call, getattr(backend, "decode_replay", None),
+                         transformed=_under_transforms(op, f"{name}_decode", _decode_backward))
 
 
 DECODE_HAS_NO_BACKWARD = (

@@ -88,3 +88,23 @@ def test_gradient_of_a_gradient_is_refused_by_name():
 
     with pytest.raises(NotImplementedError, match="no double backward"):
         torch.func.jacrev(torch.func.grad(loss))(q)
+
+
+def test_decode_under_transforms_batches_and_refuses_a_gradient_by_name():
+    """flash_attn_with_kvcache under vmap gives each sample's own decode; under torch.func.grad it raises the
+    decode's own refusal (it computes no gradients), as eager autograd does, not torch's functorch error."""
+    from mfa_hf.ops import DECODE_HAS_NO_BACKWARD
+
+    g = torch.Generator().manual_seed(6)
+    queries = torch.randn(3, 2, 1, 4, 16, generator=g)
+    k_cache, v_cache = torch.randn(2, 32, 2, 16, generator=g), torch.randn(2, 32, 2, 16, generator=g)
+
+    def decode(q):
+        return mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=20, softcap=3.0)
+
+    batched = torch.func.vmap(decode)(queries)
+    for n, q in enumerate(queries):
+        torch.testing.assert_close(batched[n], decode(q), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="expected no backward through a decode") as raised:
+        torch.func.grad(lambda q: decode(q).sum())(queries[0])
+    assert str(raised.value) == DECODE_HAS_NO_BACKWARD
