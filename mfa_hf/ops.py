@@ -56,6 +56,13 @@ def eager_context() -> bool:
     return not (torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active())
 
 
+def under_transforms() -> bool:
+    """Whether an eager call runs under a functorch transform (torch.func.grad, vjp, vmap). Not while
+    compiling: dynamo traces transforms itself and took the op there (compiled vmap worked; dynamo 2.13 fails
+    on the transform-form autograd.Function's context)."""
+    return torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
+
+
 class EagerShortcut:
     """A registered custom op taking a call object: plain eager calls (plain_eager) run the
     implementation on the call directly, and eager calls that record autograd its autograd.Function when
@@ -88,7 +95,7 @@ class EagerShortcut:
             return self.impl(call, problem)
         if self._autograd is not None and plain_eager(args, autograd=True):
             return self._autograd.apply(*args)
-        if self._transformed is not None and torch._C._are_functorch_transforms_active():
+        if self._transformed is not None and under_transforms():
             return self._transformed.apply(*args)
         return self.op(*args)
 
@@ -273,7 +280,7 @@ def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendO
         # The implementation directly where that is the same as the op (eager, no graph of the backward to record)
         if plain_eager(args):
             dq, dk, dv, dsinks, dmask = attention_bwd(*args)
-        elif torch._C._are_functorch_transforms_active():
+        elif under_transforms():
             dq, dk, dv, dsinks, dmask = TransformedBackward.apply(*args)
         else:
             dq, dk, dv, dsinks, dmask = bwd_op(*args)

@@ -108,3 +108,18 @@ def test_decode_under_transforms_batches_and_refuses_a_gradient_by_name():
     with pytest.raises(RuntimeError, match="expected no backward through a decode") as raised:
         torch.func.grad(lambda q: decode(q).sum())(queries[0])
     assert str(raised.value) == DECODE_HAS_NO_BACKWARD
+
+
+def test_compiled_vmap_still_goes_through_the_op():
+    """torch.compile over vmap: dynamo traces the transform itself, so the call takes the registered op as before
+    (the transform-form autograd.Function is for eager transforms only; dynamo fails on its context)."""
+    g = torch.Generator().manual_seed(7)
+    queries = torch.randn(3, 1, 9, 2, 8, generator=g)
+    k, v = torch.randn(1, 9, 2, 8, generator=g), torch.randn(1, 9, 2, 8, generator=g)
+
+    def attend(q):
+        return mfa_hf.flash_attn_func(q, k, v, softcap=2.0)
+
+    compiled = torch.compile(torch.func.vmap(attend), backend="eager", fullgraph=True)
+    expected = torch.stack([attend(q) for q in queries])
+    torch.testing.assert_close(compiled(queries), expected, rtol=0, atol=0)
