@@ -2,7 +2,8 @@
 
 AuraFlow, CogView4, HunyuanDiT, Lumina and Lumina 2, HiDream, EasyAnimate, Allegro, OmniGen, Stable Audio,
 Sana's cross-attention, IP-Adapter and Custom Diffusion each compute plain softmax attention by calling
-F.scaled_dot_product_attention inside a processor of their own (RoPE, norms and projections their own way).
+F.scaled_dot_product_attention inside a processor of their own (RoPE, norms and projections their own way);
+Cosmos's processors call diffusers' dispatcher with no backend of their own, whose default backend calls it.
 Rewriting each would copy all of that; instead enable() gives such a module its processor under a class that runs
 the upstream `__call__` unchanged inside `sdpa_patched()` (integrations/sdpa_patch.py), so every SDPA call it makes is served by our kernels where
 we reproduce that call's SDPA meaning exactly, and by stock SDPA otherwise (the reason counted in mfa_hf.trace).
@@ -31,19 +32,24 @@ from ..sdpa_patch import sdpa_patched
 # Every device: enable() asked for our kernels; calls we cannot reproduce exactly still go to stock SDPA.
 ROUTED_DEVICES = ("mps", "cuda", "cpu")
 _SDPA_CALL = re.compile(r"\b(?:F|torch\.nn\.functional)\.scaled_dot_product_attention\(")
+# A processor without a backend of its own (no `_attention_backend`: enable() looks for that first) that calls
+# diffusers' dispatcher: the dispatcher's active backend serves the call, "native" by default, which calls
+# F.scaled_dot_product_attention at call time, so the patch reaches it (Cosmos's processors).
+_DISPATCH_CALL = re.compile(r"\bdispatch_attention_fn\(")
 _routed_classes: dict[type, type] = {}
 
 
 def routable(processor) -> bool:
     """Whether `processor` computes its attention by calling F.scaled_dot_product_attention from its own
-    `__call__` (found at call time, so the patch reaches it), and keeps its state in an attribute dict."""
+    `__call__` (found at call time, so the patch reaches it), or diffusers' dispatcher without a backend of its
+    own, and keeps its state in an attribute dict."""
     if is_routed(processor) or not isinstance(getattr(processor, "__dict__", None), dict):
         return False  # a slotted object has no dict to share
     try:
         source = inspect.getsource(type(processor).__call__)
     except (OSError, TypeError):  # no source (built at run time, or a C callable): cannot tell
         return False
-    return _SDPA_CALL.search(source) is not None
+    return _SDPA_CALL.search(source) is not None or _DISPATCH_CALL.search(source) is not None
 
 
 def is_routed(processor) -> bool:

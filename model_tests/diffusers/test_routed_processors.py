@@ -1,6 +1,7 @@
 """Models whose processors we have no class for, but whose attention is F.scaled_dot_product_attention (AuraFlow,
-HunyuanDiT, Stable Audio, Lumina 2, ...): enable() routes their SDPA calls to our kernels (routed.py). A sweep
-of diffusers 0.42.1 found them left alone (in handle.skipped: correct, but no kernel at all).
+HunyuanDiT, Stable Audio, Lumina 2, ...) or diffusers' dispatcher without a backend of its own (Cosmos): enable()
+routes their SDPA calls to our kernels (routed.py). Sweeps of diffusers 0.42.1 found them left alone (in
+handle.skipped: correct, but no kernel at all).
 
 Each model: the default processors against enable() with MFA_BACKEND=torch (our torch backend computes, not
 torch's own SDPA that the CPU route would pick), every routed module reaching our kernel, restore() giving back
@@ -69,7 +70,27 @@ def _lumina2(generator):
                        timestep=torch.rand(BATCH, generator=generator), encoder_attention_mask=mask)
 
 
-MODELS = {"auraflow": _auraflow, "hunyuan_dit": _hunyuan_dit, "stable_audio": _stable_audio, "lumina2": _lumina2}
+def _cosmos(generator):
+    """Its processors call diffusers' dispatcher with no backend of their own (the active backend serves them).
+    concat_padding_mask=False: the padding-mask path needs torchvision."""
+    model = diffusers.CosmosTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2, mlp_ratio=2,
+        text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32), patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0),
+        concat_padding_mask=False, extra_pos_embed_type="learnable")
+    mask = torch.ones(BATCH, 12, dtype=torch.bool)
+    mask[1, 8:] = False  # the second text is 8 tokens
+    return model, dict(**_inputs(generator, hidden_states=(BATCH, 4, 1, 16, 16), encoder_hidden_states=(BATCH, 12, 16)),
+                       timestep=torch.tensor([10, 20]), attention_mask=mask, fps=30)
+
+
+def _cosmos_float_mask(generator):
+    """The same with the 0/1 float mask of upstream's tests, which SDPA adds to the scores as it is."""
+    model, inputs = _cosmos(generator)
+    return model, dict(inputs, attention_mask=inputs["attention_mask"].float())
+
+
+MODELS = {"auraflow": _auraflow, "hunyuan_dit": _hunyuan_dit, "stable_audio": _stable_audio, "lumina2": _lumina2,
+          "cosmos": _cosmos, "cosmos_float_mask": _cosmos_float_mask}
 
 
 def _first(output) -> torch.Tensor:
