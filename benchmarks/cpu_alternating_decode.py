@@ -18,7 +18,7 @@ import torch
 from interleaved import print_header, summary  # benchmarks/interleaved.py, beside this file
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
-import mfa_hf.integrations.transformers  # noqa: F401  registers "mps_flash"
+from mfa_hf.integrations.transformers import cache_kwargs  # importing registers "mps_flash"
 
 SMOLLM = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
               intermediate_size=1536, vocab_size=49152, max_position_embeddings=131072, rope_theta=500000.0,
@@ -28,10 +28,10 @@ GREEDY = dict(do_sample=False, pad_token_id=0)
 
 def seconds_a_token(lm, ids: torch.Tensor, tokens: int) -> float:
     cache = DynamicCache(config=lm.config)
-    prompt = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, past_key_values=cache, **GREEDY)
+    prompt = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, **cache_kwargs(cache), **GREEDY)
     start = time.perf_counter()
     lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, min_new_tokens=tokens,
-                past_key_values=cache, **GREEDY)
+                **cache_kwargs(cache), **GREEDY)
     return (time.perf_counter() - start) / tokens
 
 

@@ -20,7 +20,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
-import mfa_hf.integrations.transformers  # noqa: F401  registers "mps_flash"
+from mfa_hf.integrations.transformers import cache_kwargs  # importing registers "mps_flash"
 
 
 def main() -> None:
@@ -45,17 +45,17 @@ def main() -> None:
                     pad_token_id=0)  # library init and kernel compilation stay out of the timing
         for _ in range(2):
             cache, mask = DynamicCache(config=lm.config), torch.ones_like(ids)
-            token = lm(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = lm(ids, attention_mask=mask, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(args.steps):
                 mask = torch.cat([mask, mask[:, :1]], 1)
-                logits = lm(token, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+                logits = lm(token, attention_mask=mask, **cache_kwargs(cache), use_cache=True).logits
                 token = logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             visits.append((time.perf_counter() - start) / args.steps * 1e3)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            lm(token, attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache, use_cache=True)
+            lm(token, attention_mask=torch.cat([mask, mask[:, :1]], 1), **cache_kwargs(cache), use_cache=True)
             torch.cuda.synchronize()
     kernels = sorted({e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product_")})
     print(f"{args.attn}{' (cuDNN off)' if args.no_cudnn else ''}, {torch.cuda.get_device_name()}, torch "
