@@ -9,9 +9,14 @@ What each module gets is decided by the processor it has now, which names the co
                                            -> its own backend set to "mfa" (per processor; the global
                                               active backend is left alone)
     another processor whose __call__ calls F.scaled_dot_product_attention (AuraFlow, CogView4,
-    HunyuanDiT, Lumina 2, HiDream, IP-Adapter, ...)
+    HunyuanDiT, Lumina 2, HiDream, IP-Adapter, ...), or the dispatcher without a backend of its own (Cosmos)
                                            -> the same processor under a class whose SDPA calls are routed
                                               to our kernels (routed.py)
+
+and a diffusers module with no processor whose own forward calls F.scaled_dot_product_attention (the Wan,
+QwenImage and HunyuanImage VAEs' attention blocks, ...), or with a routable processor but no set_processor
+(Mochi's attention, the Cosmos VAE's), has its forward's SDPA calls routed the same way, by two forward hooks
+(routed_modules.py).
 
 Anything else (linear attention, xformers, sliced, ...) is left as it is and listed in
 `handle.skipped` (or refused with strict=True). Every check runs before anything is changed.
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from . import internals, routed
+from . import internals, routed, routed_modules
 from .contracts import ContractMismatch
 from .dispatcher import BACKEND_NAME
 from .processors import MFACogVideoXAttnProcessor, MFAJointAttnProcessor, MFAProcessor
@@ -50,13 +55,16 @@ class MFAHandle:
     processors: list = field(default_factory=list)  # (module name, module, original processor)
     backends: list = field(default_factory=list)  # (module name, processor, original instance value)
     skipped: dict = field(default_factory=dict)  # module name -> processor class left in place
+    modules: list = field(default_factory=list)  # (module name, module, hook handles): processor-less, routed
 
     def restore(self) -> None:
         for _, module, original in reversed(self.processors):
             module.set_processor(original)
         for _, processor, original in reversed(self.backends):
             internals.set_backend(processor, original)
-        self.processors, self.backends = [], []
+        for _, module, hooks in reversed(self.modules):
+            routed_modules.unroute_module(module, hooks)
+        self.processors, self.backends, self.modules = [], [], []
 
     def summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -65,6 +73,9 @@ class MFAHandle:
             counts[kind] = counts.get(kind, 0) + 1
         if self.backends:
             counts["dispatcher backend 'mfa'"] = len(self.backends)
+        for _, module, _ in self.modules:
+            kind = f"{type(module).__name__} (its own SDPA calls routed)"
+            counts[kind] = counts.get(kind, 0) + 1
         return counts
 
     def __enter__(self) -> "MFAHandle":
@@ -78,7 +89,7 @@ def enable(pipe_or_model, strict: bool = False) -> MFAHandle:
     """Give every diffusers attention module of a pipeline (or one model) our kernel."""
     table = replacement_table()
     shared = {cls: cls() for cls in OUR_PROCESSORS}  # one instance per contract, as set_attn_processor does
-    handle, swaps = MFAHandle(), []
+    handle, swaps, routed_hooks = MFAHandle(), [], []
     for name, module in attention_modules(pipe_or_model):
         current = module.processor
         if isinstance(current, OUR_PROCESSORS) or routed.is_routed(current):
@@ -89,8 +100,11 @@ def enable(pipe_or_model, strict: bool = False) -> MFAHandle:
                 handle.skipped[name] = f"{type(current).__name__} (works only with the {', '.join(pinned)} backend)"
             else:
                 handle.backends.append((name, current, internals.own_backend(current)))
-        elif not hasattr(module, "set_processor"):  # its processor cannot be swapped (Mochi's attention)
-            handle.skipped[name] = f"{type(current).__name__} (the module has no set_processor)"
+        elif not hasattr(module, "set_processor"):  # its processor cannot be swapped (Mochi's, Cosmos VAE's)
+            if routed.routable(current):  # but its SDPA calls can be routed, around the module's forward
+                routed_hooks.append((name, module))
+            else:
+                handle.skipped[name] = f"{type(current).__name__} (the module has no set_processor)"
         elif type(current) in table:
             swaps.append((name, module, shared[table[type(current)]]))
         elif routed.routable(current):
@@ -105,7 +119,20 @@ def enable(pipe_or_model, strict: bool = False) -> MFAHandle:
     for name, processor, _ in handle.backends:
         internals.set_backend(processor, member)
     _apply(handle, swaps)
+    for name, module in routed_hooks + list(_processorless_sdpa_modules(pipe_or_model)):
+        if not routed_modules.is_routed_module(module):
+            handle.modules.append((name, module, routed_modules.route_module(module)))
     return handle
+
+
+def _processorless_sdpa_modules(pipe_or_model):
+    """Modules with no processor that call SDPA themselves; processors that are modules (IP-Adapter's) are not
+    among them: their attention module's entry decided for them."""
+    processors = {id(module.processor) for _, module in attention_modules(pipe_or_model)}
+    for prefix, component in _components(pipe_or_model):
+        for name, module in component.named_modules():
+            if id(module) not in processors and routed_modules.routable_module(module):
+                yield f"{prefix}{name}", module
 
 
 def follows_contract(current, processor) -> bool:

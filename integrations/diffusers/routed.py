@@ -31,7 +31,7 @@ from ..sdpa_patch import sdpa_patched
 
 # Every device: enable() asked for our kernels; calls we cannot reproduce exactly still go to stock SDPA.
 ROUTED_DEVICES = ("mps", "cuda", "cpu")
-_SDPA_CALL = re.compile(r"\b(?:F|torch\.nn\.functional)\.scaled_dot_product_attention\(")
+_SDPA_CALL = re.compile(r"\b(?:F|(?:torch\.)?nn\.functional)\.scaled_dot_product_attention\(")
 # A processor without a backend of its own (no `_attention_backend`: enable() looks for that first) that calls
 # diffusers' dispatcher: the dispatcher's active backend serves the call, "native" by default, which calls
 # F.scaled_dot_product_attention at call time, so the patch reaches it (Cosmos's processors).
@@ -49,7 +49,12 @@ def routable(processor) -> bool:
         source = inspect.getsource(type(processor).__call__)
     except (OSError, TypeError):  # no source (built at run time, or a C callable): cannot tell
         return False
-    return _SDPA_CALL.search(source) is not None or _DISPATCH_CALL.search(source) is not None
+    return calls_sdpa(source) or _DISPATCH_CALL.search(source) is not None
+
+
+def calls_sdpa(source: str) -> bool:
+    """Whether Python source calls F.scaled_dot_product_attention by attribute (so the patch reaches the call)."""
+    return _SDPA_CALL.search(source) is not None
 
 
 def is_routed(processor) -> bool:

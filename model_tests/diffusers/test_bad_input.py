@@ -102,9 +102,17 @@ def test_a_processor_of_other_math_is_never_replaced_by_ours(tiny):
     assert _processor_classes(sana) == before, "a refused set_attn_processor must change nothing"
 
 
+class _OwnMathProcessor:
+    """A processor that computes its attention without SDPA (nothing to route)."""
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
 def test_modules_without_set_processor_are_reported_not_passed_over():
-    """Mochi's attention holds a processor but has no set_processor: enable() lists it as skipped (strict refuses)
-    instead of returning with nothing changed and nothing said."""
+    """Mochi's attention holds a processor but has no set_processor. Its own processor calls SDPA, so enable()
+    routes those calls around the module's forward (test_routed_modules.py); a processor there that does not call
+    SDPA is listed as skipped (strict refuses) instead of returning with nothing changed and nothing said."""
     import diffusers
 
     from mfa_hf.integrations.diffusers import enable
@@ -112,6 +120,9 @@ def test_modules_without_set_processor_are_reported_not_passed_over():
     mochi = diffusers.MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1,
                                               pooled_projection_dim=16, in_channels=4, text_embed_dim=16,
                                               time_embed_dim=8, max_sequence_length=7)
+    attention = next(m for m in mochi.modules() if callable(getattr(m, "processor", None)))
+    assert not hasattr(attention, "set_processor")
+    attention.processor = _OwnMathProcessor()
     handle = enable(mochi)
     assert handle.skipped and all("no set_processor" in why for why in handle.skipped.values()), handle.skipped
     handle.restore()
