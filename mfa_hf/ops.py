@@ -199,13 +199,16 @@ def _no_double_backward(ctx, *grads):
                               "torch.func.hessian, jacrev of grad, create_graph=True); its backward is one kernel")
 
 
-def _under_transforms(op: Callable, name: str, backward: Callable = _no_double_backward) -> type:
-    """An autograd.Function calling `op`, for calls under a functorch transform (torch.func.grad, vjp, vmap):
-    there every custom op's own autograd wrapper (torch.library's generated Function, which has no separate
-    setup_context) raises torch's functorch error, even where no gradient of it is needed. Its backward
-    refuses by name (default: no gradient of the attention backward's op)."""
+def _under_transforms(op: Callable, name: str, backward: Callable = _no_double_backward,
+                      setup_context: Optional[Callable] = None) -> type:
+    """An autograd.Function calling `op`, for calls under a functorch transform (torch.func.grad, vjp, jacrev,
+    vmap): there every custom op's own autograd wrapper (torch.library's generated Function, which has no
+    separate setup_context) raises torch's functorch error, even where no gradient of it is needed. Its forward
+    calls the op itself, so vmap (generate_vmap_rule) batches the op as it would without us. `backward` and
+    `setup_context` are the op's own (the attention forward's), or by default a refusal by name and nothing
+    saved (the attention backward's op, the decode)."""
     return type(f"{name}_transformed", (torch.autograd.Function,), {
-        "forward": staticmethod(lambda *args: op(*args)), "setup_context": staticmethod(_no_context),
+        "forward": staticmethod(lambda *args: op(*args)), "setup_context": staticmethod(setup_context or _no_context),
         "backward": staticmethod(backward), "generate_vmap_rule": True})
 
 
@@ -302,15 +305,10 @@ def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendO
     # so that a graph shows <name>_attentionBackward.
     EagerAutograd = type(f"{name}_attention", (torch.autograd.Function,), {
         "forward": staticmethod(eager_forward), "backward": staticmethod(backward)})
-    # The same autograd for calls under a functorch transform (torch.func.grad, vjp, jacrev, vmap): those need an
-    # autograd.Function with a separate setup_context, which the op's registered autograd (torch.library's
-    # generated Function) lacks, so torch.func.grad over the op raised. Its forward calls the op itself, so vmap
-    # (generate_vmap_rule) batches the op as it would without us.
-    TransformedAutograd = type(f"{name}_attention_transformed", (torch.autograd.Function,), {
-        "forward": staticmethod(lambda *args: fwd_op(*args)), "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward), "generate_vmap_rule": True})
+    # The same autograd for calls under a functorch transform (torch.func.grad raised through the op's own)
+    transformed = _under_transforms(fwd_op, f"{name}_attention", backward, setup_context)
     forward_ops = EagerShortcut(fwd_op, forward_call, getattr(backend, "forward_replay", None), EagerAutograd,
-                                TransformedAutograd)
+                                transformed)
     return BackendOps(backend, forward_ops, bwd_op,
                       _define_decode(backend, registry), _define_append(backend, registry))
 

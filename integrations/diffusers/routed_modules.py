@@ -1,10 +1,12 @@
-"""Diffusers modules with no attention processor that call F.scaled_dot_product_attention in their own forward.
+"""Diffusers modules whose SDPA calls enable() cannot reach by swapping a processor: routed around their forward.
 
-The Wan, QwenImage, HunyuanImage and HunyuanVideo 1.5 VAEs' mid-block attention (one head over every pixel of a
-frame: the largest attention of a video pipeline's decode), Mochi's attention pool and Sana-WM's softmax attention
-compute SDPA inline, so there is no processor for enable() to swap. enable() routes them the way routed.py routes
-processors: the module's forward runs inside `sdpa_patched()`, so each SDPA call it makes is served by our kernels
-where we reproduce that call's SDPA meaning exactly, and by stock SDPA otherwise.
+Two kinds. Modules with no attention processor that call F.scaled_dot_product_attention in their own methods: the
+Wan, QwenImage, HunyuanImage, HunyuanVideo 1.5 and VidTok VAEs' mid-block attention (one head over every pixel of
+a frame: the largest attention of a video pipeline's decode), Mochi's attention pool, Sana-WM's softmax attention.
+And attention modules whose processor calls SDPA but that have no set_processor (Mochi's attention, the Cosmos
+VAE's), which enable() decides on in its processor loop. Either way the module's forward runs inside
+`sdpa_patched()`, as routed.py's processors do, so each SDPA call it makes is served by our kernels where we
+reproduce that call's SDPA meaning exactly, and by stock SDPA otherwise.
 
 How: a forward pre-hook opens the patch and a forward hook registered with always_call=True closes it, so an
 exception inside forward closes it too. Hooks rather than a class swap: the module keeps its class (isinstance,
