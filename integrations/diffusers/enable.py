@@ -126,12 +126,15 @@ def enable(pipe_or_model, strict: bool = False) -> MFAHandle:
 
 
 def _processorless_sdpa_modules(pipe_or_model):
-    """Modules with no processor that call SDPA themselves; processors that are modules (IP-Adapter's) are not
-    among them: their attention module's entry decided for them."""
-    processors = {id(module.processor) for _, module in attention_modules(pipe_or_model)}
+    """Modules with no processor that call SDPA themselves. A processor that is a module (IP-Adapter's) is not one
+    of them: it is a module's `processor`, decided on with that module (routable_module skips modules holding a
+    processor, and this skips the processors they hold)."""
     for prefix, component in _components(pipe_or_model):
+        held = set()
         for name, module in component.named_modules():
-            if id(module) not in processors and routed_modules.routable_module(module):
+            if callable(getattr(module, "processor", None)):
+                held.add(id(module.processor))
+            elif id(module) not in held and routed_modules.routable_module(module):
                 yield f"{prefix}{name}", module
 
 
