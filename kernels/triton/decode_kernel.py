@@ -60,33 +60,21 @@ sub.f16x2 $1, $1, k;
 }""")
 
 
-def _nf4_asm(high: bool) -> str:
-    """nf4 nibble -> float16 level by byte permutes on a 16-entry table held in registers.
+def _nf4_lookup(word: str, out_lo: str, out_hi: str, high: bool) -> list[str]:
+    """PTX: the 4 low (or high) nibbles of `word` -> their 4 float16 levels in registers out_lo, out_hi, by
+    byte permutes on the 16-entry table held in t0-t3 (low bytes of the levels) and u0-u3 (high bytes).
 
-    The 4 nibbles (low or high one of each byte) become the 4 selectors of one prmt; entries 0-7 and
-    8-15 are looked up separately (prmt selects among 8 bytes), for the low and the high byte of the
-    float16 level, then bit 3 of each nibble picks between them and the bytes are interleaved.
+    The 4 nibbles become the 4 selectors of one prmt; entries 0-7 and 8-15 are looked up separately (prmt
+    selects among 8 bytes), for the low and the high byte of the float16 level, then bit 3 of each nibble
+    picks between them and the bytes are interleaved.
     """
-    import struct
-
-    bits = [struct.unpack("<H", struct.pack("<e", v))[0] for v in spec("nf4").codebook]
-    lo = [b & 0xFF for b in bits]
-    hi = [b >> 8 for b in bits]
-
-    def word(t, k):
-        return "0x%08x" % (t[4 * k] | t[4 * k + 1] << 8 | t[4 * k + 2] << 16 | t[4 * k + 3] << 24)
-
-    first = "shr.b32 x, $2, 4;\nand.b32 x, x, 0x0F0F0F0F;" if high else "and.b32 x, $2, 0x0F0F0F0F;"
-    return "\n".join([
-        "{",
-        ".reg .b32 x, s, s7, sel, a, b, c, d, l, h, t0, t1, t2, t3, u0, u1, u2, u3;",
-        first,
+    first = [f"shr.b32 x, {word}, 4;", "and.b32 x, x, 0x0F0F0F0F;"] if high else [f"and.b32 x, {word}, 0x0F0F0F0F;"]
+    return [
+        *first,
         "shr.b32 s, x, 4;",
         "or.b32 x, x, s;",  # byte 0 = n0 | n1 << 4, byte 2 = n2 | n3 << 4
         "prmt.b32 s, x, 0, 0x0020;",  # low 16 bits: n0 | n1 << 4 | n2 << 8 | n3 << 12
         "and.b32 s7, s, 0x7777;",
-        *(f"mov.b32 t{k}, {word(lo, k)};" for k in range(4)),
-        *(f"mov.b32 u{k}, {word(hi, k)};" for k in range(4)),
         "prmt.b32 a, t0, t1, s7;",
         "prmt.b32 b, t2, t3, s7;",
         "prmt.b32 c, u0, u1, s7;",
@@ -96,19 +84,60 @@ def _nf4_asm(high: bool) -> str:
         "or.b32 sel, sel, 0x3210;",  # selector i: byte i of a/c (entry < 8) or of b/d (entry >= 8)
         "prmt.b32 l, a, b, sel;",
         "prmt.b32 h, c, d, sel;",
-        "prmt.b32 $0, l, h, 0x5140;",
-        "prmt.b32 $1, l, h, 0x7362;",
+        f"prmt.b32 {out_lo}, l, h, 0x5140;",
+        f"prmt.b32 {out_hi}, l, h, 0x7362;",
+    ]
+
+
+def _nf4_asm() -> str:
+    """4 nf4 bytes ($4) -> float16 levels: $0 $1 the low nibbles' (elements 2i), $2 $3 the high ones' (2i + 1),
+    both halves from one load of the 16-entry table into registers."""
+    import struct
+
+    bits = [struct.unpack("<H", struct.pack("<e", v))[0] for v in spec("nf4").codebook]
+    lo = [b & 0xFF for b in bits]
+    hi = [b >> 8 for b in bits]
+
+    def word(t, k):
+        return "0x%08x" % (t[4 * k] | t[4 * k + 1] << 8 | t[4 * k + 2] << 16 | t[4 * k + 3] << 24)
+
+    return "\n".join([
+        "{",
+        ".reg .b32 x, s, s7, sel, a, b, c, d, l, h, t0, t1, t2, t3, u0, u1, u2, u3;",
+        *(f"mov.b32 t{k}, {word(lo, k)};" for k in range(4)),
+        *(f"mov.b32 u{k}, {word(hi, k)};" for k in range(4)),
+        *_nf4_lookup("$4", "$0", "$1", high=False),
+        *_nf4_lookup("$4", "$2", "$3", high=True),
         "}",
     ])
 
 
-NF4_LO_ASM = tl.constexpr(_nf4_asm(False))
-NF4_HI_ASM = tl.constexpr(_nf4_asm(True))
+NF4_ASM = tl.constexpr(_nf4_asm())
 
 
 @triton.jit
 def _asm_f16(raw, ASM_STR: tl.constexpr):
     return tl.inline_asm_elementwise(ASM_STR, "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _nibble_values(raw, LEVELS, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """nf4 bytes -> (low nibbles' levels, high nibbles' levels) in DTYPE; on the GPU from one PTX block that
+    loads the level table once for both halves."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(NF4_ASM, "=r,=r,=r,=r,r", [raw], dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=4)
+        return lo.to(DTYPE), hi.to(DTYPE)
+    return (_values(raw, FMT_NF4, 0, LEVELS, DTYPE, ASM), _values(raw, FMT_NF4, 1, LEVELS, DTYPE, ASM))
+
+
+@triton.jit
+def _mm(a, b, DOT_PRECISION: tl.constexpr, KEYS_AS_ROWS: tl.constexpr):
+    """a @ b; KEYS_AS_ROWS computes it as (b^T @ a^T)^T, so the key tile (the larger one: BLOCK_N keys against the
+    BLOCK_M = G x query rows, often 16 rows padded for 4) is the MMA's M side, and q / p the narrow N side."""
+    if KEYS_AS_ROWS:
+        return tl.trans(dot(tl.trans(b), tl.trans(a), DOT_PRECISION))
+    return dot(a, b, DOT_PRECISION)
 
 
 @triton.jit
@@ -125,12 +154,8 @@ def _values(raw, FMT: tl.constexpr, NIBBLE: tl.constexpr, LEVELS, DTYPE: tl.cons
             return _asm_f16(raw, E4M3_ASM).to(DTYPE)
         elif FMT == FMT_E5M2:
             return _asm_f16(raw, E5M2_ASM).to(DTYPE)
-        elif FMT == FMT_INT8:
-            return _asm_f16(raw, INT8_ASM).to(DTYPE)
-        elif NIBBLE == 0:
-            return _asm_f16(raw, NF4_LO_ASM).to(DTYPE)
         else:
-            return _asm_f16(raw, NF4_HI_ASM).to(DTYPE)
+            return _asm_f16(raw, INT8_ASM).to(DTYPE)  # nf4 takes _nibble_values
     elif FMT == FMT_E4M3:
         c = raw.to(tl.int16) & 0xFF
         return (((c & 0x80) << 8) | ((c & 0x7F) << 7)).to(tl.float16, bitcast=True).to(DTYPE)
@@ -163,13 +188,13 @@ def _load_codes(base, cols, dcols, col_ok, stride_n, stride_d, HEAD_D: tl.conste
 @triton.jit
 def _side_values(raw, scale_base, cols, dcols, col_ok, stride_sn, stride_sg,
                  HEAD_D: tl.constexpr, FMT: tl.constexpr, SCALE_MODE: tl.constexpr, GS: tl.constexpr,
-                 NIBBLE: tl.constexpr, LEVELS, TRANSPOSED: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
+                 LEVELS, TRANSPOSED: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
     """A tile from _load_codes as values in DTYPE. SCALE_MODE 2 (a scale per group of GS along D, not nf4)
-    applies the scales element-wise here; modes 1 and 3 are applied by the caller around the dots. For nf4,
-    NIBBLE (0 low / 1 high) selects elements 2 * dcols + NIBBLE."""
+    applies the scales element-wise here; modes 1 and 3 are applied by the caller around the dots. Not for nf4
+    (_nibble_values)."""
     if FMT == FMT_NONE:
         return raw.to(DTYPE)
-    vals = _values(raw, FMT, NIBBLE, LEVELS, DTYPE, ASM)
+    vals = _values(raw, FMT, 0, LEVELS, DTYPE, ASM)
     if SCALE_MODE == 2:
         if TRANSPOSED:
             sptrs = scale_base + cols[None, :] * stride_sn + (dcols[:, None] // GS) * stride_sg
@@ -196,7 +221,7 @@ def decode_split_kernel(
     K_NG: tl.constexpr, V_NG: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     SINKS_ON: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ASM: tl.constexpr = False,
+    ASM: tl.constexpr = False, KEYS_AS_ROWS: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -281,23 +306,23 @@ def decode_split_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         k_raw = _load_codes(k_base, cols, dq, col_ok, stride_kn, stride_kd, HEAD_D, K_FMT, True)
-        k_lo = _side_values(k_raw, ks_base, cols, dq, col_ok, stride_ksn, stride_ksg, HEAD_D, K_FMT, K_SCALE, K_GS, 0,
-                            LEVELS, True, kdt, ASM)
-        if HALF_K:  # the high nibbles of the same bytes
-            k_hi = _side_values(k_raw, ks_base, cols, dq, col_ok, stride_ksn, stride_ksg, HEAD_D, K_FMT, K_SCALE, K_GS,
-                                1, LEVELS, True, kdt, ASM)
+        if HALF_K:  # both nibbles of the same bytes
+            k_lo, k_hi = _nibble_values(k_raw, LEVELS, kdt, ASM)
+        else:
+            k_lo = _side_values(k_raw, ks_base, cols, dq, col_ok, stride_ksn, stride_ksg, HEAD_D, K_FMT, K_SCALE, K_GS,
+                                LEVELS, True, kdt, ASM)
         if K_SCALE == 3:  # nf4 groups: one dot per group (q's other columns zeroed), scaled per key
             qk = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
             for g in tl.static_range(K_NG):
                 in_g = (k_group == g)[None, :]
-                part = dot(tl.where(in_g, q_lo, 0.0).to(kdt), k_lo, DOT_PRECISION)
-                part += dot(tl.where(in_g, q_hi, 0.0).to(kdt), k_hi, DOT_PRECISION)
+                part = _mm(tl.where(in_g, q_lo, 0.0).to(kdt), k_lo, DOT_PRECISION, KEYS_AS_ROWS)
+                part += _mm(tl.where(in_g, q_hi, 0.0).to(kdt), k_hi, DOT_PRECISION, KEYS_AS_ROWS)
                 ks = tl.load(ks_base + cols * stride_ksn + g * stride_ksg, mask=col_ok, other=0.0)
                 qk += part * ks[None, :]
         else:
-            qk = dot(q_lo, k_lo, DOT_PRECISION)
+            qk = _mm(q_lo, k_lo, DOT_PRECISION, KEYS_AS_ROWS)
             if HALF_K:
-                qk += dot(q_hi, k_hi, DOT_PRECISION)
+                qk += _mm(q_hi, k_hi, DOT_PRECISION, KEYS_AS_ROWS)
         if K_SCALE == 1:
             ks = tl.load(ks_base + cols * stride_ksn, mask=col_ok, other=0.0)
             qk = qk * (ks * K_CONST)[None, :]
@@ -326,11 +351,11 @@ def decode_split_kernel(
         elif V_CONST != 1.0:
             p = p * V_CONST
         v_raw = _load_codes(v_base, cols, dv, col_ok, stride_vn, stride_vd, HEAD_DV, V_FMT, False)
-        v_lo = _side_values(v_raw, vs_base, cols, dv, col_ok, stride_vsn, stride_vsg, HEAD_DV, V_FMT, V_SCALE, V_GS,
-                            0, LEVELS, False, vdt, ASM)
-        if HALF_V:  # the high nibbles of the same bytes
-            v_hi = _side_values(v_raw, vs_base, cols, dv, col_ok, stride_vsn, stride_vsg, HEAD_DV, V_FMT, V_SCALE,
-                                V_GS, 1, LEVELS, False, vdt, ASM)
+        if HALF_V:  # both nibbles of the same bytes
+            v_lo, v_hi = _nibble_values(v_raw, LEVELS, vdt, ASM)
+        else:
+            v_lo = _side_values(v_raw, vs_base, cols, dv, col_ok, stride_vsn, stride_vsg, HEAD_DV, V_FMT, V_SCALE,
+                                V_GS, LEVELS, False, vdt, ASM)
         acc_lo = acc_lo * alpha[:, None]
         if HALF_V:
             acc_hi = acc_hi * alpha[:, None]
@@ -339,12 +364,12 @@ def decode_split_kernel(
                 vsc = tl.load(vs_base + cols * stride_vsn + g * stride_vsg, mask=col_ok, other=0.0)
                 pg = (p * vsc[None, :]).to(vdt)
                 in_g = (v_group == g)[None, :]
-                acc_lo += tl.where(in_g, dot(pg, v_lo, DOT_PRECISION), 0.0)
-                acc_hi += tl.where(in_g, dot(pg, v_hi, DOT_PRECISION), 0.0)
+                acc_lo += tl.where(in_g, _mm(pg, v_lo, DOT_PRECISION, KEYS_AS_ROWS), 0.0)
+                acc_hi += tl.where(in_g, _mm(pg, v_hi, DOT_PRECISION, KEYS_AS_ROWS), 0.0)
         else:
-            acc_lo += dot(p.to(vdt), v_lo, DOT_PRECISION)
+            acc_lo += _mm(p.to(vdt), v_lo, DOT_PRECISION, KEYS_AS_ROWS)
             if HALF_V:
-                acc_hi += dot(p.to(vdt), v_hi, DOT_PRECISION)
+                acc_hi += _mm(p.to(vdt), v_hi, DOT_PRECISION, KEYS_AS_ROWS)
         m_i = m_new
 
     if DIRECT and SINKS_ON:  # the sink joins the denominator (one split: nothing to merge)
