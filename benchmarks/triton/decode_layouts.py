@@ -24,17 +24,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import device_bench as bench  # noqa: E402
 
-FORMATS = tuple(os.environ.get("DECODE_FORMATS", "bf16,fp8_e4m3,int8,nf4").split(","))
+FORMATS = tuple(os.environ.get("DECODE_FORMATS", "bf16,int8,nf4").split(","))
 LENGTHS = (65536, 4096)
 ROWS = dict(keys_as_rows=True)
-VARIANTS = {  # name -> config override of the plan (None: the backend's default)
-    "default": None,
-    "rows": dict(ROWS),
-    "rows-s4": dict(ROWS, num_stages=4),
-    "rows-s2": dict(ROWS, num_stages=2),
-    "rows-w8": dict(ROWS, num_warps=8),
-    "rows-n64": dict(ROWS, block_n=64),
-    "rows-n256w8": dict(ROWS, block_n=256, num_warps=8),
+VARIANTS = {  # name -> (config override of the plan (None: the backend's default), forced split count (0: the policy's))
+    "default": (None, 0),
+    "rows": (dict(ROWS), 0),
+    "rows-s4": (dict(ROWS, num_stages=4), 0),
+    "rows-w8": (dict(ROWS, num_warps=8), 0),
+    "rows-n64": (dict(ROWS, block_n=64), 0),
+    "rows-p8": (dict(ROWS), 8),
 }
 
 
@@ -127,16 +126,16 @@ def main(out_dir: str) -> None:
                 if (fmt, name) in bad:
                     continue
                 kernel.use(name)
-                config = VARIANTS.get(name)
+                config, splits = VARIANTS.get(name, (None, 0))
                 try:
                     if ref is not None:
-                        rel, ok = bench._checked(call(config)[0], ref)
+                        rel, ok = bench._checked(call(config, splits)[0], ref)
                         if not ok:
                             bad.add((fmt, name))
                             print(f"  {fmt} {name}: rel err {rel:.2e} FAILED", flush=True)
                             continue
-                    ms = bench._ms(lambda: call(config))
-                    again = bench._ms(lambda: call(config))
+                    ms = bench._ms(lambda: call(config, splits))
+                    again = bench._ms(lambda: call(config, splits))
                 except Exception as error:  # noqa: BLE001 - e.g. out of shared memory, a compile error
                     bad.add((fmt, name))
                     print(f"  {fmt} {name}: {type(error).__name__}: {str(error)[:300]}", flush=True)

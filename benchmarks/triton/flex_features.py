@@ -6,7 +6,8 @@ B x N = 16384 tokens, 16 heads, D = 128, bf16, causal, N in {2048, 8192}; proble
 1024 keys (Mistral/Gemma-style local layers), softcap 30 (Gemma-2), and both. FlexAttention gets the
 same semantics as a block mask (window, causal) and a score_mod (softcap), compiled once per problem;
 each pair is checked for agreement before it is timed. Forward and forward+backward, CUDA-event medians
-side by side in one run; ratio = flex time / ours (>= 1.0: ours is faster).
+side by side in one run; ratio = flex time / ours (>= 1.0: ours is faster). Softcap problems also time our
+kernels with the exact tanh (binding.HARDWARE_TANH off: "mfa_triton_exact_tanh") beside the default.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 import mfa_hf
 from mfa_hf.benchmark.measure import cuda_median_ms
+from mfa_hf.kernels.triton import binding, forward
 
 WINDOW, SOFTCAP = 1024, 30.0
 PROBLEMS = {"window": (WINDOW, 0.0), "softcap": (-1, SOFTCAP), "window+softcap": (WINDOW, SOFTCAP)}
@@ -59,7 +61,23 @@ def _ours(left: int, softcap: float):
     return call
 
 
+class _ExactTanh:
+    """Our kernels with the exact softcap tanh while inside (the launch plans forgotten on the way in and out)."""
+
+    def __enter__(self):
+        binding.HARDWARE_TANH = False
+        forward.forget_plans()
+
+    def __exit__(self, *exc):
+        binding.HARDWARE_TANH = True
+        forward.forget_plans()
+
+
 def _timed(fn, q, k, v, backward: bool) -> float:
+    if isinstance(fn, tuple):  # (fn, context to time it in)
+        fn, context = fn
+        with context:
+            return _timed(fn, q, k, v, backward)
     if not backward:
         with torch.no_grad():
             return cuda_median_ms(lambda: fn(q, k, v))["median_ms"]
@@ -82,6 +100,11 @@ def run() -> list[dict]:
             with torch.no_grad():
                 diff = (impls["mfa_triton"](q, k, v).float() - impls["flex"](q, k, v).float()).abs().max().item()
             row = {"problem": name, "seqlen": n, "batch": batch, "max_abs_diff": round(diff, 5)}
+            if softcap:
+                with torch.no_grad(), _ExactTanh():
+                    exact = impls["mfa_triton"](q, k, v).float()
+                row["exact_tanh_max_abs_diff"] = round((exact - impls["flex"](q, k, v).float()).abs().max().item(), 5)
+                impls["mfa_triton_exact_tanh"] = (_ours(left, softcap), _ExactTanh())
             for backward in (False, True):
                 times = {impl: _timed(fn, q, k, v, backward) for impl, fn in impls.items()}
                 pass_ = "fwd+bwd" if backward else "fwd"

@@ -94,6 +94,16 @@ def tanh(x):
 
 
 @triton.jit
+def softcap_tanh(x, SOFTCAP: tl.constexpr):
+    """tanh for the softcap: SOFTCAP 2 (binding.softcap_mode: float16/bfloat16 on a GPU) the hardware's
+    tanh.approx.f32, else the exact form above."""
+    if SOFTCAP == 2:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    return tanh(x)
+
+
+@triton.jit
 def split_range(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
     """Split the block loop [lo, hi) (lo a multiple of BLOCK) into masked / unmasked / masked parts.
 
@@ -131,7 +141,7 @@ def transform_scores(qk, rows, cols, diag, scale, softcap, slope2, mask_ptrs, ma
     """
     unit = score_unit(MASK_KIND)
     if SOFTCAP:
-        capped = tanh(qk * (scale / softcap))
+        capped = softcap_tanh(qk * (scale / softcap), SOFTCAP)
         s = capped * (softcap * unit)
     else:
         capped = qk

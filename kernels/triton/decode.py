@@ -17,7 +17,7 @@ from ..contract import DecodeCall
 from ..launch import BoundedMemo, SplitPolicy, decode_layout, new_output, shape_and_strides
 
 from . import decode_kernel
-from .binding import alibi_args, dot_precision, on_tensors_device
+from .binding import alibi_args, dot_precision, on_tensors_device, softcap_mode
 from .blocks import cdiv, padded_dim
 from .direct_launch import DirectLauncher, tensor_classes
 from .forward import launches_unchanged
@@ -173,7 +173,7 @@ def _make_plan(call: DecodeCall, config) -> _Plan:
         V_OUT=E5M2_LIFT ** -1 if v_format == "fp8_e5m2" else 1.0,
         K_GS=k_gs, V_GS=v_gs, K_NG=k_ng, V_NG=v_ng,
         HAS_BATCH_IDX=call.cache_batch_idx is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0,
-        SOFTCAP=o.softcap > 0, ALIBI=call.alibi_slopes is not None, SINKS_ON=sinks_on, DIRECT=direct,
+        SOFTCAP=softcap_mode(o.softcap, q.dtype, q.device), ALIBI=call.alibi_slopes is not None, SINKS_ON=sinks_on, DIRECT=direct,
         DOT_PRECISION=precision, ASM=asm, KEYS_AS_ROWS=bool(cfg.get("keys_as_rows", False)), num_warps=cfg["num_warps"] if on_gpu else 1,
         num_stages=cfg["num_stages"] if on_gpu else 1)
     merge_options = dict(HEAD_DV=dim_v, BLOCK_DV=padded_dim(dim_v), BLOCK_P=max(16, _pow2(splits)), SINKS_ON=sinks_on,

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from mfa_hf.kv_formats import spec
 
-from .common import dot, tanh
+from .common import dot, softcap_tanh
 
 # The kernel ids of mfa_hf/kv_formats.py, as the constexprs K_FMT / V_FMT are compared with.
 FMT_NONE = tl.constexpr(spec("none").kernel_id)
@@ -329,7 +329,7 @@ def decode_split_kernel(
         elif K_CONST != 1.0:
             qk = qk * K_CONST
         if SOFTCAP:
-            s = tanh(qk * (qk_scale / softcap)) * (softcap * 1.4426950408889634)
+            s = softcap_tanh(qk * (qk_scale / softcap), SOFTCAP) * (softcap * 1.4426950408889634)
         else:
             s = qk * (qk_scale * 1.4426950408889634)
         if ALIBI:

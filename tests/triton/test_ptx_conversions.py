@@ -127,3 +127,18 @@ def test_nf4_gives_both_nibbles_levels_for_every_byte():
         codes = [word >> (8 * i) & 0xFF for i in range(4)]
         assert _unpacked(regs, ("$0", "$1")) == [levels[c & 0xF] for c in codes], f"low nibbles of {word:#010x}"
         assert _unpacked(regs, ("$2", "$3")) == [levels[c >> 4] for c in codes], f"high nibbles of {word:#010x}"
+
+
+def test_hardware_tanh_only_for_half_precision_on_cuda(monkeypatch):
+    """The softcap's tanh.approx.f32 (binding.softcap_mode 2) is taken for float16/bfloat16 on CUDA only: float32
+    keeps the exact tanh (its tolerance is float32's), the CPU interpreter cannot run PTX, no softcap is mode 0."""
+    from mfa_hf.kernels.triton.binding import softcap_mode
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert [softcap_mode(30.0, dtype, cuda) for dtype in (torch.float16, torch.bfloat16, torch.float32)] == [2, 2, 1]
+    assert softcap_mode(30.0, torch.bfloat16, cpu) == 1
+    assert softcap_mode(0.0, torch.bfloat16, cuda) == 0
+    from mfa_hf.kernels.triton import binding
+
+    monkeypatch.setattr(binding, "HARDWARE_TANH", False)
+    assert softcap_mode(30.0, torch.bfloat16, cuda) == 1
