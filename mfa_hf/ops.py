@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import kernel_fallback, kv_formats, trace
+from . import kernel_fallback, kv_formats, op_vmap, trace
 from .kernel_fallback import Fallback
 from .kernels.contract import AppendCall, AttentionCall, Backend, CacheSide, DecodeCall, Gradients
 from .kernels.launch import lse_dtype, output_shapes
@@ -257,9 +257,11 @@ def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendO
     fwd_op = torch.library.custom_op(f"mfa_hf::{name}_attention_fwd", attention_fwd, mutates_args=(),
                                      device_types=devices)
     fwd_op.register_fake(_fake_forward)
+    fwd_op.register_vmap(op_vmap.forward_rule(fwd_op))
     bwd_op = torch.library.custom_op(f"mfa_hf::{name}_attention_bwd", attention_bwd, mutates_args=(),
                                      device_types=devices)
     bwd_op.register_fake(_fake_backward)
+    bwd_op.register_vmap(op_vmap.backward_rule(bwd_op))
 
     def setup_context(ctx, inputs, output):
         # An output nobody used (usually the LSE) reaches backward as None, not as zeros: no fill kernel, and the

@@ -3,6 +3,8 @@ reference, per-sample gradients through vmap(grad), and a clear refusal of what 
 its gradient). torch.library's own autograd wrapper raises under every functorch transform, even where no
 gradient of it is needed, so these calls take ops.py's transform-form autograd.Function instead."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -122,4 +124,134 @@ def test_compiled_vmap_still_goes_through_the_op():
 
     compiled = torch.compile(torch.func.vmap(attend), backend="eager", fullgraph=True)
     expected = torch.stack([attend(q) for q in queries])
-    torch.testing.assert_close(compiled(queries), expected, rtol=0, atol=0)
+    # the batching rule makes the 3 samples one batched call: the same math, other float32 roundings
+    torch.testing.assert_close(compiled(queries), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- vmap's batching rule (mfa_hf/op_vmap.py): the samples fold into the batch, one kernel call ----------------
+
+def _attention_calls(calls, op: str) -> int:
+    return sum(n for key, n in calls.items() if key[1] == op)
+
+
+def _vmapped(fn, in_dims, *args):
+    """torch.func.vmap(fn)(*args) and the forward and backward calls it made; torch's "performance drop" warning
+    (its per-sample fallback loop) fails the test."""
+    from mfa_hf import trace
+
+    with warnings.catch_warnings(record=True) as caught, trace.capture() as calls:
+        warnings.simplefilter("always")
+        result = torch.func.vmap(fn, in_dims=in_dims)(*args)
+    dropped = [str(w.message) for w in caught if "performance drop" in str(w.message)]
+    assert not dropped, dropped
+    return result, _attention_calls(calls, "fwd"), _attention_calls(calls, "bwd")
+
+
+FOLD_CASES = {  # name -> (the call's keywords from the generator, (q, k, v) in_dims and the keyword vmapped too)
+    "q-only": (lambda g: {}, (0, None, None, None)),
+    "q-on-dim-2-kv-batched": (lambda g: {}, (2, 0, 0, None)),
+    "gqa-window-softcap": (lambda g: dict(window_size=(4, 1), softcap=2.0), (0, None, None, None)),
+    "shared-bool-mask": (lambda g: dict(attn_mask=torch.rand(1, 1, 11, 13, generator=g) > 0.3), (0, None, None, None)),
+    "2d-additive-mask": (lambda g: dict(attn_mask=torch.randn(11, 13, generator=g)), (0, 0, None, None)),
+    "per-row-mask-batched": (lambda g: dict(attn_mask=torch.randn(3, 2, 4, 11, 13, generator=g)), (0, None, None, "attn_mask")),
+    "alibi-per-head": (lambda g: dict(alibi_slopes=torch.rand(4, generator=g)), (None, 0, 0, None)),
+    "alibi-per-row-batched": (lambda g: dict(alibi_slopes=torch.rand(3, 2, 4, generator=g)), (0, None, None, "alibi_slopes")),
+    "shared-sinks": (lambda g: dict(sinks=torch.randn(4, generator=g)), (0, None, None, None)),
+}
+
+
+def _fold_problem(name):
+    g = torch.Generator().manual_seed(len(name))
+    make, dims = FOLD_CASES[name]
+    kwargs = make(g)
+    q = torch.randn(3, 2, 11, 4, 8, generator=g)
+    k, v = torch.randn(3, 2, 13, 2, 8, generator=g), torch.randn(3, 2, 13, 2, 8, generator=g)
+    q = q.movedim(0, dims[0]) if dims[0] is not None else q[0]
+    k = k if dims[1] is not None else k[0]
+    v = v if dims[2] is not None else v[0]
+    extra = dims[3]
+    batched_extra = kwargs.pop(extra) if extra else None
+    return q, k, v, kwargs, dims, extra, batched_extra
+
+
+@pytest.mark.parametrize("name", FOLD_CASES)
+def test_vmap_runs_one_call_equal_to_each_sample(name):
+    q, k, v, kwargs, dims, extra, batched_extra = _fold_problem(name)
+
+    def attend(q, k, v, extra_value):
+        more = {extra: extra_value} if extra else {}
+        return mfa_hf.flash_attn_func(q, k, v, causal=True, **kwargs, **more)
+
+    in_dims = (*dims[:3], 0 if extra else None)  # dims[3]: the keyword batched over the samples, if any
+    out, forwards, _ = _vmapped(attend, in_dims, q, k, v, batched_extra)
+    assert forwards == 1, f"expected the 3 samples in one forward call, got {forwards}"
+    for n in range(3):
+        sample = [t.select(d, n) if d is not None else t for t, d in zip((q, k, v, batched_extra), in_dims)]
+        torch.testing.assert_close(out[n], attend(*sample), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask_shape", [(1, 1, 11, 13), (2, 4, 11, 13), (11, 13), (2, 1, 11, 13)])
+def test_per_sample_gradients_fold_with_a_mask_gradient(mask_shape):
+    """vmap(grad) over q, k, v and an additive mask shared by the samples: one backward call, and each sample's
+    gradients (the mask's summed over that sample's own batch rows, in the mask's own shape) equal its eager ones."""
+    g = torch.Generator().manual_seed(8)
+    samples = torch.randn(3, 2, 11, 4, 8, generator=g)
+    k, v = torch.randn(2, 13, 2, 8, generator=g), torch.randn(2, 13, 2, 8, generator=g)
+    mask = torch.randn(mask_shape, generator=g)
+
+    def loss(q, k, v, mask):
+        return mfa_hf.flash_attn_func(q, k, v, attn_mask=mask, softcap=3.0).square().sum()
+
+    grads, forwards, backwards = _vmapped(torch.func.grad(loss, argnums=(0, 1, 2, 3)), (0, None, None, None),
+                                          samples, k, v, mask)
+    assert (forwards, backwards) == (1, 1)
+    for n, sample in enumerate(samples):
+        leaves = [t.clone().requires_grad_() for t in (sample, k, v, mask)]
+        expected = torch.autograd.grad(loss(*leaves), leaves)
+        for name, ours, theirs in zip(("q", "k", "v", "mask"), grads, expected):
+            torch.testing.assert_close(ours[n], theirs, rtol=1e-5, atol=1e-6, msg=lambda m: f"d{name} sample {n}: {m}")
+
+
+def test_jacrev_folds_its_cotangents_into_one_backward():
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 3, 1, 4, generator=g) for _ in range(3))
+    from mfa_hf import trace
+
+    with trace.capture() as calls:
+        torch.func.jacrev(lambda q: mfa_hf.flash_attn_func(q, k, v, causal=True))(q)
+    assert _attention_calls(calls, "bwd") == 1
+
+
+def test_sinks_gradient_and_packed_sequences_keep_one_call_per_sample():
+    """What folding would get wrong keeps the per-sample loop: a sinks gradient (one sum over the whole batch in the
+    kernel) and packed sequences (cu_seqlens index the packed rows). Both still equal each sample's own result."""
+    from mfa_hf import trace
+
+    g = torch.Generator().manual_seed(10)
+    samples = torch.randn(3, 2, 9, 4, 8, generator=g)
+    k, v, sinks = torch.randn(2, 9, 2, 8, generator=g), torch.randn(2, 9, 2, 8, generator=g), torch.randn(4, generator=g)
+
+    def loss(q, sinks):
+        return mfa_hf.flash_attn_func(q, k, v, sinks=sinks, causal=True).square().sum()
+
+    with trace.capture() as calls:
+        dq, dsinks = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(0, None))(samples, sinks)
+    assert (_attention_calls(calls, "fwd"), _attention_calls(calls, "bwd")) == (1, 3)
+    for n, sample in enumerate(samples):
+        leaves = [sample.clone().requires_grad_(), sinks.clone().requires_grad_()]
+        eq, es = torch.autograd.grad(loss(*leaves), leaves)
+        torch.testing.assert_close(dq[n], eq, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dsinks[n], es, rtol=1e-5, atol=1e-6)
+
+    packed = torch.randn(3, 12, 4, 8, generator=g)
+    pk, pv = torch.randn(12, 2, 8, generator=g), torch.randn(12, 2, 8, generator=g)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+
+    def varlen(q):
+        return mfa_hf.flash_attn_varlen_func(q, pk, pv, cu, cu, 7, 7, causal=True)
+
+    with trace.capture() as calls:
+        out = torch.func.vmap(varlen)(packed)
+    assert _attention_calls(calls, "fwd") == 3
+    for n, q in enumerate(packed):
+        torch.testing.assert_close(out[n], varlen(q), rtol=0, atol=0)

@@ -1,0 +1,130 @@
+"""Batching rules of the attention ops (torch.func.vmap): the vmapped dimension folds into the batch.
+
+Without a rule, vmap runs an op once per sample (torch's fallback loop, with its performance warning); the
+per-sample-gradient recipe (vmap of grad) and jacrev (vmap over cotangents) then launch one kernel per sample.
+Attention is already batched over B, so a call over V samples of batch B is one call over a batch of V x B:
+per-sample tensors gain the samples as leading rows (unbatched ones are repeated, a mask or slopes shared by
+the batch are expanded to it), and the results are split back into (V, B, ...).
+
+Folding gives exactly the per-sample results where every batch row is independent. Three things are not, and
+those calls keep the per-sample loop: packed sequences (cu_seqlens index the packed rows), dropout (its mask hashes
+the batch row, so folded samples would draw other masks than the loop's), and a gradient for sinks (summed over the
+batch in one kernel, where each sample needs its own sum).
+"""
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+# Positions in the ops' flat arguments (ops.define_ops; the backward's start after its 5 gradient arguments).
+Q, K, V, MASK, SLOPES, SINKS, CU_Q, CU_K, SEED = range(9)
+DROPOUT_P = 13  # after scale, window_left, window_right, softcap
+GRADIENTS = 5  # grad_out, grad_lse, out, lse, want_mask_grad
+
+
+def _per_sample(op: Callable, size: int, in_dims, args) -> tuple:
+    """torch's fallback, written out: the op once per sample, results stacked on dim 0."""
+    results = [op(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]) for i in range(size)]
+    outputs = tuple(torch.stack(parts) for parts in zip(*results))
+    return outputs, (0,) * len(outputs)
+
+
+def _rows(x: Tensor, dim: Optional[int], size: int, batch: int) -> Tensor:
+    """A per-sample (B or 1, ...) tensor as (size * batch, ...): samples first, a broadcast batch expanded."""
+    x = x.movedim(dim, 0) if dim is not None else x.unsqueeze(0).expand(size, *x.shape)
+    x = x.expand(size, batch, *x.shape[2:])
+    return x.reshape(size * batch, *x.shape[2:])
+
+
+def _mask_rows(mask: Tensor, dim: Optional[int], size: int, batch: int, expand: bool) -> Tensor:
+    """The mask for the folded call. An unbatched mask broadcast over the batch stays as it is (it broadcasts over the
+    folded batch too) unless `expand` (its gradient is wanted per sample)."""
+    per_sample = mask.dim() - (dim is not None)
+    if per_sample < 4:  # the (B, H, Lq, Lk) form, leading ones added
+        mask = mask.reshape(*((mask.shape[dim],) if dim is not None else ()), *(1,) * (4 - per_sample),
+                            *(mask.shape[d] for d in range(mask.dim()) if d != dim))
+        dim = 0 if dim is not None else None
+    if dim is None and mask.shape[0] == 1 and not expand:
+        return mask
+    return _rows(mask, dim, size, batch)
+
+
+def _slope_rows(slopes: Tensor, dim: Optional[int], size: int, batch: int) -> Tensor:
+    """ALiBi slopes (H,) or (B, H) per sample as (size * batch, H)."""
+    if dim is None and slopes.dim() == 1:
+        return slopes
+    if slopes.dim() - (dim is not None) == 1:  # (H,) per sample
+        slopes = (slopes.movedim(dim, 0) if dim is not None else slopes.unsqueeze(0).expand(size, -1)).unsqueeze(1)
+        dim = 0
+    return _rows(slopes, dim, size, batch)
+
+
+def _foldable(args, in_dims, first: int) -> bool:
+    """No packed sequences, no dropout, and sinks (if any) shared by every sample."""
+    packed = args[first + CU_Q] is not None
+    dropout = args[first + DROPOUT_P] > 0
+    return not (packed or dropout or in_dims[first + SINKS] is not None)
+
+
+def _folded_inputs(args, in_dims, first: int, size: int, expand_mask: bool) -> tuple[list, int]:
+    """The op's arguments for the folded call (from position `first` on: q, k, v, mask, slopes, ...) and B."""
+    q, q_dim = args[first + Q], in_dims[first + Q]
+    batch = q.movedim(q_dim, 0).shape[1] if q_dim is not None else q.shape[0]
+    out = list(args)
+    for i in (Q, K, V):
+        out[first + i] = _rows(args[first + i], in_dims[first + i], size, batch)
+    if args[first + MASK] is not None:
+        out[first + MASK] = _mask_rows(args[first + MASK], in_dims[first + MASK], size, batch, expand_mask)
+    if args[first + SLOPES] is not None:
+        out[first + SLOPES] = _slope_rows(args[first + SLOPES], in_dims[first + SLOPES], size, batch)
+    return out, batch
+
+
+def _split(x: Tensor, size: int) -> Tensor:
+    return x.reshape(size, x.shape[0] // size, *x.shape[1:])
+
+
+def forward_rule(op: Callable) -> Callable:
+    """The attention forward op's batching rule (registered by ops.define_ops)."""
+
+    def rule(info, in_dims, *args):
+        size = info.batch_size
+        if not _foldable(args, in_dims, 0):
+            return _per_sample(op, size, in_dims, args)
+        folded, _ = _folded_inputs(args, in_dims, 0, size, expand_mask=False)
+        out, lse = op(*folded)
+        return (_split(out, size), _split(lse, size)), (0, 0)
+
+    return rule
+
+
+def backward_rule(op: Callable) -> Callable:
+    """The attention backward op's batching rule: grad_out, grad_lse, out and lse fold like q; the mask's gradient,
+    when wanted, comes back per sample in the mask's own batch size."""
+
+    def rule(info, in_dims, *args):
+        size, first = info.batch_size, GRADIENTS
+        if args[first + SINKS] is not None or not _foldable(args, in_dims, first):
+            return _per_sample(op, size, in_dims, args)
+        want_mask_grad = args[4]
+        folded, batch = _folded_inputs(args, in_dims, first, size, expand_mask=want_mask_grad)
+        for i in (0, 2):  # grad_out, out: (B, Lq, H, Dv) per sample
+            folded[i] = _rows(args[i], in_dims[i], size, batch)
+        for i in (1, 3):  # grad_lse, lse: (B, H, Lq) per sample
+            if args[i] is not None:
+                folded[i] = _rows(args[i], in_dims[i], size, batch)
+        dq, dk, dv, dsinks, dmask = op(*folded)
+        if want_mask_grad:
+            mask, mask_dim = args[first + MASK], in_dims[first + MASK]
+            shape = mask.shape if mask_dim is None else mask.movedim(mask_dim, 0).shape[1:]
+            dmask = _split(dmask, size)
+            if len(shape) == 4 and shape[0] == 1:
+                dmask = dmask.sum(1, keepdim=True)  # the batch rows of a mask shared by the batch
+            dmask = dmask.reshape(size, *shape)
+            mask_out = 0
+        else:
+            mask_out = None
+        return (_split(dq, size), _split(dk, size), _split(dv, size), dsinks, dmask), (0, 0, 0, None, mask_out)
+
+    return rule
