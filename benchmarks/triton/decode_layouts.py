@@ -31,7 +31,6 @@ VARIANTS = {  # name -> (config override of the plan (None: the backend's defaul
     "default": (None, 0),
     "rows": (dict(ROWS), 0),
     "rows-s4": (dict(ROWS, num_stages=4), 0),
-    "rows-w8": (dict(ROWS, num_warps=8), 0),
     "rows-n64": (dict(ROWS, block_n=64), 0),
     "rows-p8": (dict(ROWS), 8),
 }

@@ -24,6 +24,7 @@ from mfa_hf.benchmark.measure import cuda_median_ms
 from mfa_hf.kernels.triton import binding, forward
 
 WINDOW, SOFTCAP = 1024, 30.0
+LENGTHS = tuple(int(n) for n in os.environ.get("FLEX_LENGTHS", "2048,8192").split(","))
 PROBLEMS = {"window": (WINDOW, 0.0), "softcap": (-1, SOFTCAP), "window+softcap": (WINDOW, SOFTCAP)}
 
 
@@ -91,7 +92,7 @@ def _timed(fn, q, k, v, backward: bool) -> float:
 
 def run() -> list[dict]:
     rows = []
-    for n in (2048, 8192):
+    for n in LENGTHS:
         batch, heads, dim = 16384 // n, 16, 128
         q, k, v = (torch.randn(batch, n, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
