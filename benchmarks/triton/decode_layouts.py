@@ -33,6 +33,8 @@ VARIANTS = {  # name -> (config override of the plan (None: the backend's defaul
     "rows-s4": (dict(ROWS, num_stages=4), 0),
     "rows-n64": (dict(ROWS, block_n=64), 0),
     "rows-p8": (dict(ROWS), 8),
+    "pair": (dict(nf4_pair=True), 0),  # nf4 only differs
+    "rows-pair": (dict(ROWS, nf4_pair=True), 0),
 }
 
 
@@ -49,7 +51,8 @@ def _baseline():
 
 @dataclasses.dataclass
 class Kernel:
-    """Which split kernel the decode launches: swapped in for the baseline (its plan without the new constexpr)."""
+    """Which split kernel the decode launches: swapped in for the baseline (its plan without the constexprs the
+    baseline does not have)."""
 
     td: object
     baseline: object
@@ -66,7 +69,8 @@ class Kernel:
 
             def plan_without_new_options(call, config):
                 plan = original_plan(call, config)
-                options = {k: v for k, v in plan.split_options.items() if k != "KEYS_AS_ROWS"}
+                known = set(self.baseline.decode_split_kernel.arg_names) | {"num_warps", "num_stages"}
+                options = {k: v for k, v in plan.split_options.items() if k in known}
                 return dataclasses.replace(plan, split_options=options)
 
             td._SPLIT, td._make_plan = DirectLauncher(self.baseline.decode_split_kernel), plan_without_new_options
@@ -122,7 +126,7 @@ def main(out_dir: str) -> None:
             k_cache, v_cache, nbytes, call = bench._decode_cache(q, k, v, seqlens, fmt)
             ref = bench._decode_reference(q, k, v, k_cache, v_cache, fmt) if length == LENGTHS[-1] else None
             for name in names:
-                if (fmt, name) in bad:
+                if (fmt, name) in bad or ("pair" in name and fmt != "nf4"):
                     continue
                 kernel.use(name)
                 config, splits = VARIANTS.get(name, (None, 0))
@@ -144,7 +148,8 @@ def main(out_dir: str) -> None:
                               sdpa_ms / best))
                 print("  {} {}: {:.4f} / {:.4f} ms, {:.0f} GB/s, {:.1f}% copy, x{:.2f} SDPA".format(
                     fmt, name, *table[-1][3:]), flush=True)
-                if length == LENGTHS[0] and fmt in ("int8", "nf4", "bf16") and name in ("baseline", "default", "rows"):
+                if length == LENGTHS[0] and fmt in ("int8", "nf4", "bf16") and name in ("baseline", "default", "rows",
+                                                                                       "pair"):
                     compiled = _compiled_for(td, fmt, None if name == "baseline" else config)
                     if compiled is not None:
                         sass.append(f"{fmt} {name}\n{_sass_summary(compiled)}")

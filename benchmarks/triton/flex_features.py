@@ -7,7 +7,8 @@ B x N = 16384 tokens, 16 heads, D = 128, bf16, causal, N in {2048, 8192}; proble
 same semantics as a block mask (window, causal) and a score_mod (softcap), compiled once per problem;
 each pair is checked for agreement before it is timed. Forward and forward+backward, CUDA-event medians
 side by side in one run; ratio = flex time / ours (>= 1.0: ours is faster). Softcap problems also time our
-kernels with the exact tanh (binding.HARDWARE_TANH off: "mfa_triton_exact_tanh") beside the default.
+kernels with the other softcap tanh than the default (binding.HARDWARE_TANH: "mfa_triton_hardware_tanh" or
+"mfa_triton_exact_tanh").
 """
 
 from __future__ import annotations
@@ -62,15 +63,19 @@ def _ours(left: int, softcap: float):
     return call
 
 
-class _ExactTanh:
-    """Our kernels with the exact softcap tanh while inside (the launch plans forgotten on the way in and out)."""
+class _Tanh:
+    """Our kernels with the hardware (or exact) softcap tanh while inside; the launch plans are forgotten on the way
+    in and out."""
+
+    def __init__(self, hardware: bool):
+        self.hardware = hardware
 
     def __enter__(self):
-        binding.HARDWARE_TANH = False
+        self.saved, binding.HARDWARE_TANH = binding.HARDWARE_TANH, self.hardware
         forward.forget_plans()
 
     def __exit__(self, *exc):
-        binding.HARDWARE_TANH = True
+        binding.HARDWARE_TANH = self.saved
         forward.forget_plans()
 
 
@@ -102,10 +107,13 @@ def run() -> list[dict]:
                 diff = (impls["mfa_triton"](q, k, v).float() - impls["flex"](q, k, v).float()).abs().max().item()
             row = {"problem": name, "seqlen": n, "batch": batch, "max_abs_diff": round(diff, 5)}
             if softcap:
-                with torch.no_grad(), _ExactTanh():
-                    exact = impls["mfa_triton"](q, k, v).float()
-                row["exact_tanh_max_abs_diff"] = round((exact - impls["flex"](q, k, v).float()).abs().max().item(), 5)
-                impls["mfa_triton_exact_tanh"] = (_ours(left, softcap), _ExactTanh())
+                other = not binding.HARDWARE_TANH
+                name_other = "mfa_triton_hardware_tanh" if other else "mfa_triton_exact_tanh"
+                with torch.no_grad(), _Tanh(other):
+                    theirs = impls["flex"](q, k, v).float()
+                    row[f"{name_other}_max_abs_diff"] = round((impls["mfa_triton"](q, k, v).float() - theirs)
+                                                              .abs().max().item(), 5)
+                impls[name_other] = (_ours(left, softcap), _Tanh(other))
             for backward in (False, True):
                 times = {impl: _timed(fn, q, k, v, backward) for impl, fn in impls.items()}
                 pass_ = "fwd+bwd" if backward else "fwd"

@@ -89,9 +89,10 @@ def _nf4_lookup(word: str, out_lo: str, out_hi: str, high: bool) -> list[str]:
     ]
 
 
-def _nf4_asm() -> str:
-    """4 nf4 bytes ($4) -> float16 levels: $0 $1 the low nibbles' (elements 2i), $2 $3 the high ones' (2i + 1),
-    both halves from one load of the 16-entry table into registers."""
+def _nf4_asm(halves: tuple[bool, ...]) -> str:
+    """4 nf4 bytes -> float16 levels of the low nibbles (False: elements 2i) or high ones (True: 2i + 1), in the
+    order of `halves`: outputs $0 $1 (then $2 $3 for a second half), the bytes in the register after them. Both
+    halves in one block load the 16-entry table into registers once."""
     import struct
 
     bits = [struct.unpack("<H", struct.pack("<e", v))[0] for v in spec("nf4").codebook]
@@ -106,13 +107,15 @@ def _nf4_asm() -> str:
         ".reg .b32 x, s, s7, sel, a, b, c, d, l, h, t0, t1, t2, t3, u0, u1, u2, u3;",
         *(f"mov.b32 t{k}, {word(lo, k)};" for k in range(4)),
         *(f"mov.b32 u{k}, {word(hi, k)};" for k in range(4)),
-        *_nf4_lookup("$4", "$0", "$1", high=False),
-        *_nf4_lookup("$4", "$2", "$3", high=True),
+        *(line for n, high in enumerate(halves)
+          for line in _nf4_lookup(f"${2 * len(halves)}", f"${2 * n}", f"${2 * n + 1}", high)),
         "}",
     ])
 
 
-NF4_ASM = tl.constexpr(_nf4_asm())
+NF4_LO_ASM = tl.constexpr(_nf4_asm((False,)))
+NF4_HI_ASM = tl.constexpr(_nf4_asm((True,)))
+NF4_PAIR_ASM = tl.constexpr(_nf4_asm((False, True)))
 
 
 @triton.jit
@@ -121,12 +124,16 @@ def _asm_f16(raw, ASM_STR: tl.constexpr):
 
 
 @triton.jit
-def _nibble_values(raw, LEVELS, DTYPE: tl.constexpr, ASM: tl.constexpr):
-    """nf4 bytes -> (low nibbles' levels, high nibbles' levels) in DTYPE; on the GPU from one PTX block that
-    loads the level table once for both halves."""
+def _nibble_values(raw, LEVELS, DTYPE: tl.constexpr, ASM: tl.constexpr, PAIR: tl.constexpr):
+    """nf4 bytes -> (low nibbles' levels, high nibbles' levels) in DTYPE; on the GPU by PTX, one block per half or,
+    with PAIR, one block for both (the level table loaded once)."""
     if ASM:
-        lo, hi = tl.inline_asm_elementwise(NF4_ASM, "=r,=r,=r,=r,r", [raw], dtype=(tl.float16, tl.float16),
-                                           is_pure=True, pack=4)
+        if PAIR:
+            lo, hi = tl.inline_asm_elementwise(NF4_PAIR_ASM, "=r,=r,=r,=r,r", [raw], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
+        else:
+            lo = _asm_f16(raw, NF4_LO_ASM)
+            hi = _asm_f16(raw, NF4_HI_ASM)
         return lo.to(DTYPE), hi.to(DTYPE)
     return (_values(raw, FMT_NF4, 0, LEVELS, DTYPE, ASM), _values(raw, FMT_NF4, 1, LEVELS, DTYPE, ASM))
 
@@ -221,7 +228,7 @@ def decode_split_kernel(
     K_NG: tl.constexpr, V_NG: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     SINKS_ON: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ASM: tl.constexpr = False, KEYS_AS_ROWS: tl.constexpr = False,
+    ASM: tl.constexpr = False, KEYS_AS_ROWS: tl.constexpr = False, NF4_PAIR: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -307,7 +314,7 @@ def decode_split_kernel(
         col_ok = cols < hi
         k_raw = _load_codes(k_base, cols, dq, col_ok, stride_kn, stride_kd, HEAD_D, K_FMT, True)
         if HALF_K:  # both nibbles of the same bytes
-            k_lo, k_hi = _nibble_values(k_raw, LEVELS, kdt, ASM)
+            k_lo, k_hi = _nibble_values(k_raw, LEVELS, kdt, ASM, NF4_PAIR)
         else:
             k_lo = _side_values(k_raw, ks_base, cols, dq, col_ok, stride_ksn, stride_ksg, HEAD_D, K_FMT, K_SCALE, K_GS,
                                 LEVELS, True, kdt, ASM)
@@ -352,7 +359,7 @@ def decode_split_kernel(
             p = p * V_CONST
         v_raw = _load_codes(v_base, cols, dv, col_ok, stride_vn, stride_vd, HEAD_DV, V_FMT, False)
         if HALF_V:  # both nibbles of the same bytes
-            v_lo, v_hi = _nibble_values(v_raw, LEVELS, vdt, ASM)
+            v_lo, v_hi = _nibble_values(v_raw, LEVELS, vdt, ASM, NF4_PAIR)
         else:
             v_lo = _side_values(v_raw, vs_base, cols, dv, col_ok, stride_vsn, stride_vsg, HEAD_DV, V_FMT, V_SCALE,
                                 V_GS, LEVELS, False, vdt, ASM)

@@ -120,25 +120,31 @@ def test_byte_conversions_give_each_code_exactly(fmt):
             f"{fmt} word {word:#010x}")
 
 
-def test_nf4_gives_both_nibbles_levels_for_every_byte():
+@pytest.mark.parametrize("block", ["NF4_LO_ASM", "NF4_HI_ASM", "NF4_PAIR_ASM"])
+def test_nf4_gives_the_nibbles_levels_for_every_byte(block):
+    """The one-half blocks (low nibbles: elements 2i; high: 2i + 1) and the block giving both halves at once."""
     levels = _f16_bits(spec("nf4").codebook)
+    halves = {"NF4_LO_ASM": (False,), "NF4_HI_ASM": (True,), "NF4_PAIR_ASM": (False, True)}[block]
     for word in _packed_words():
-        regs = run_ptx(dk.NF4_ASM.value, {"$4": word})
+        regs = run_ptx(getattr(dk, block).value, {f"${2 * len(halves)}": word})
         codes = [word >> (8 * i) & 0xFF for i in range(4)]
-        assert _unpacked(regs, ("$0", "$1")) == [levels[c & 0xF] for c in codes], f"low nibbles of {word:#010x}"
-        assert _unpacked(regs, ("$2", "$3")) == [levels[c >> 4] for c in codes], f"high nibbles of {word:#010x}"
+        for n, high in enumerate(halves):
+            want = [levels[c >> 4 if high else c & 0xF] for c in codes]
+            assert _unpacked(regs, (f"${2 * n}", f"${2 * n + 1}")) == want, f"{'high' if high else 'low'} of {word:#010x}"
 
 
 def test_hardware_tanh_only_for_half_precision_on_cuda(monkeypatch):
-    """The softcap's tanh.approx.f32 (binding.softcap_mode 2) is taken for float16/bfloat16 on CUDA only: float32
-    keeps the exact tanh (its tolerance is float32's), the CPU interpreter cannot run PTX, no softcap is mode 0."""
+    """The softcap's tanh.approx.f32 (binding.softcap_mode 2), when switched on (HARDWARE_TANH), is taken for
+    float16/bfloat16 on CUDA only: float32 keeps the exact tanh (its tolerance is float32's), the CPU interpreter
+    cannot run PTX, no softcap is mode 0."""
     from mfa_hf.kernels.triton.binding import softcap_mode
 
+    from mfa_hf.kernels.triton import binding
+
+    monkeypatch.setattr(binding, "HARDWARE_TANH", True)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert [softcap_mode(30.0, dtype, cuda) for dtype in (torch.float16, torch.bfloat16, torch.float32)] == [2, 2, 1]
     assert softcap_mode(30.0, torch.bfloat16, cpu) == 1
     assert softcap_mode(0.0, torch.bfloat16, cuda) == 0
-    from mfa_hf.kernels.triton import binding
-
     monkeypatch.setattr(binding, "HARDWARE_TANH", False)
     assert softcap_mode(30.0, torch.bfloat16, cuda) == 1
