@@ -470,6 +470,43 @@ def test_decode_with_the_launch_switches_flipped(c, monkeypatch):
         td._plans.clear()
 
 
+HARDWARE_TANH_CASES = [
+    Case(dtype=torch.float16, softcap=3.0, causal=True),
+    Case(dtype=torch.bfloat16, softcap=30.0, window=(7, 0), lq=50, lk=50),
+    Case(dtype=torch.float16, lq=50, lk=37, softcap=2.0, mask="additive", sinks=True),
+]
+
+
+@pytest.fixture
+def hardware_tanh(monkeypatch):
+    if not FULL:
+        pytest.skip("tanh.approx is PTX: it runs on a GPU only (the interpreter keeps the exact tanh)")
+    from mfa_hf.kernels.triton import binding, decode as td, forward
+
+    monkeypatch.setattr(binding, "HARDWARE_TANH", True)
+    forward.forget_plans()
+    td._plans.clear()
+    td._SPLIT.forget()
+    yield
+    monkeypatch.undo()
+    forward.forget_plans()
+    td._plans.clear()
+    td._SPLIT.forget()
+
+
+@pytest.mark.parametrize("case", HARDWARE_TANH_CASES, ids=lambda c: c.id)
+def test_softcap_with_hardware_tanh_gives_the_reference(case, hardware_tanh):
+    """binding.HARDWARE_TANH (the softcap's tanh.approx.f32 for float16/bfloat16): forward and gradients within the
+    tolerance rule."""
+    check(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_softcap_with_hardware_tanh_gives_the_reference(dtype, hardware_tanh):
+    check_decode(dict(k_format="int8", v_format="int8", lq=1, dtype=dtype, softcap=3.0, heads=(4, 2)))
+    check_decode(dict(k_format=None, v_format=None, lq=4, dtype=dtype, softcap=30.0, heads=(6, 2)))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_fp8_e5m2_values_keep_precision_in_half_dots(seed):
     """fp8_e5m2 scales are absmax / 57344: probabilities times such a scale fell below float16's normal range
