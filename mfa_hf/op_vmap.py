@@ -1,4 +1,4 @@
-"""Batching rules of the attention ops (torch.func.vmap): the vmapped dimension folds into the batch.
+"""Batching rules of the attention and decode ops (torch.func.vmap): the vmapped dimension folds into the batch.
 
 Without a rule, vmap runs an op once per sample (torch's fallback loop, with its performance warning); the
 per-sample-gradient recipe (vmap of grad) and jacrev (vmap over cotangents) then launch one kernel per sample.
@@ -9,7 +9,9 @@ the batch are expanded to it), and the results are split back into (V, B, ...).
 Folding gives exactly the per-sample results where every batch row is independent. Three things are not, and
 those calls keep the per-sample loop: packed sequences (cu_seqlens index the packed rows), dropout (its mask hashes
 the batch row, so folded samples would draw other masks than the loop's), and a gradient for sinks (summed over the
-batch in one kernel, where each sample needs its own sum).
+batch in one kernel, where each sample needs its own sum). The decode folds its queries (and lengths, slopes) while
+the cache is shared: the folded rows read it through cache_batch_idx, so the cache is never copied; a cache batched
+over the samples, sinks batched over them, or a residual block keep the loop.
 """
 
 from typing import Callable, Optional
@@ -126,5 +128,36 @@ def backward_rule(op: Callable) -> Callable:
         else:
             mask_out = None
         return (_split(dq, size), _split(dk, size), _split(dv, size), dsinks, dmask), (0, 0, 0, None, mask_out)
+
+    return rule
+
+
+# The decode op's flat arguments (ops._define_decode): q, k_codes, k_scales, v_codes, v_scales, seqlens_k,
+# cache_batch_idx, alibi_slopes, sinks, then formats and options, then the residual block's three tensors.
+DECODE_CACHE, DECODE_SEQLENS, DECODE_ROWS, DECODE_SLOPES, DECODE_SINKS = (1, 2, 3, 4), 5, 6, 7, 8
+DECODE_RESIDUAL = (18, 19, 20)
+
+
+def decode_rule(op: Callable) -> Callable:
+    """The decode op's batching rule (registered by ops._define_decode)."""
+
+    def rule(info, in_dims, *args):
+        size = info.batch_size
+        residual = any(i < len(args) and args[i] is not None for i in DECODE_RESIDUAL)
+        if residual or any(in_dims[i] is not None for i in (*DECODE_CACHE, DECODE_SINKS)):
+            return _per_sample(op, size, in_dims, args)
+        q, q_dim = args[0], in_dims[0]
+        batch = q.movedim(q_dim, 0).shape[1] if q_dim is not None else q.shape[0]
+        folded = list(args)
+        folded[0] = _rows(q, q_dim, size, batch)
+        folded[DECODE_SEQLENS] = _rows(args[DECODE_SEQLENS], in_dims[DECODE_SEQLENS], size, batch)
+        rows = args[DECODE_ROWS]
+        if rows is None:  # the folded rows read the shared cache's rows 0..B-1 again for every sample
+            rows = torch.arange(batch, dtype=torch.int32, device=q.device)
+        folded[DECODE_ROWS] = _rows(rows, in_dims[DECODE_ROWS], size, batch)
+        if args[DECODE_SLOPES] is not None:
+            folded[DECODE_SLOPES] = _slope_rows(args[DECODE_SLOPES], in_dims[DECODE_SLOPES], size, batch)
+        out, lse = op(*folded)
+        return (_split(out, size), _split(lse, size)), (0, 0)
 
     return rule

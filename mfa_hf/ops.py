@@ -361,6 +361,7 @@ def _define_decode(backend: Backend, registry) -> EagerShortcut:
     op = torch.library.custom_op(f"mfa_hf::{name}_decode", decode, mutates_args=(),
                                  device_types=backend.device_types)
     op.register_fake(_fake_decode)
+    op.register_vmap(op_vmap.decode_rule(op))
     op.register_autograd(_decode_backward, setup_context=_no_context)
     # Under a functorch transform: the same refusal when a gradient reaches it, vmap batching the op
     return EagerShortcut(op, decode_call, getattr(backend, "decode_replay", None),

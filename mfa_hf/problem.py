@@ -330,9 +330,9 @@ def values_checked(t: torch.Tensor) -> bool:
     layer per step. Without it they are trusted, as FlashAttention-2 trusts them: sizes come from shapes
     and max_seqlen arguments, and an out-of-range value gives undefined results (never an out-of-bounds
     access: kernels clamp what they index). torch._assert_async would not help: it has no mps kernel and
-    on cuda a failed assert kills the CUDA context. Never while compiling (values are graph data) or on
-    meta (there are none)."""
-    if torch.compiler.is_compiling() or t.is_meta:
+    on cuda a failed assert kills the CUDA context. Never while compiling (values are graph data), on
+    meta (there are none) or under a functorch transform (a tensor vmap batches has no values to read)."""
+    if torch.compiler.is_compiling() or t.is_meta or torch._C._are_functorch_transforms_active():
         return False
     return t.device.type == "cpu" or os.environ.get(CHECK_VALUES_ENV, "0") not in ("", "0")
 

@@ -104,9 +104,9 @@ def test_decode_under_transforms_batches_and_refuses_a_gradient_by_name():
     def decode(q):
         return mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=20, softcap=3.0)
 
-    batched = torch.func.vmap(decode)(queries)
-    for n, q in enumerate(queries):
-        torch.testing.assert_close(batched[n], decode(q), rtol=0, atol=0)
+    batched, _, _ = _vmapped(decode, 0, queries)
+    for n, q in enumerate(queries):  # one batched call: the same math, other float32 roundings
+        torch.testing.assert_close(batched[n], decode(q), rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError, match="expected no backward through a decode") as raised:
         torch.func.grad(lambda q: decode(q).sum())(queries[0])
     assert str(raised.value) == DECODE_HAS_NO_BACKWARD
@@ -255,3 +255,29 @@ def test_sinks_gradient_and_packed_sequences_keep_one_call_per_sample():
     assert _attention_calls(calls, "fwd") == 3
     for n, q in enumerate(packed):
         torch.testing.assert_close(out[n], varlen(q), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kv_format", ["none", "int8", "nf4"])
+def test_vmap_over_decode_queries_reads_the_shared_cache_in_one_call(kv_format):
+    """Queries vmapped over a cache shared by the samples (with a row map, per-row lengths and ALiBi slopes batched
+    too): one decode call through cache_batch_idx (the cache is not copied), each sample equal to its own call."""
+    from mfa_hf import trace
+
+    g = torch.Generator().manual_seed(11)
+    queries = torch.randn(3, 2, 1, 4, 64, generator=g)
+    k, v = torch.randn(5, 40, 2, 64, generator=g), torch.randn(5, 40, 2, 64, generator=g)
+    k_cache, v_cache = (k, v) if kv_format == "none" else (mfa_hf.quantize_kv(k, kv_format),
+                                                           mfa_hf.quantize_kv(v, kv_format))
+    rows = torch.tensor([4, 1], dtype=torch.int32)
+    lengths = torch.tensor([[30, 12], [25, 40], [1, 7]], dtype=torch.int32)
+    slopes = torch.rand(3, 4, generator=g)
+
+    def decode(q, seqlens, alibi):
+        return mfa_hf.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, cache_batch_idx=rows,
+                                              alibi_slopes=alibi, softcap=3.0)
+
+    with trace.capture() as calls:
+        batched, _, _ = _vmapped(decode, (0, 0, 0), queries, lengths, slopes)
+    assert _attention_calls(calls, "decode") == 1
+    for n in range(3):
+        torch.testing.assert_close(batched[n], decode(queries[n], lengths[n], slopes[n]), rtol=1e-5, atol=1e-6)
