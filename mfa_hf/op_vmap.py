@@ -39,14 +39,19 @@ def _rows(x: Tensor, dim: Optional[int], size: int, batch: int) -> Tensor:
     return x.reshape(size * batch, *x.shape[2:])
 
 
+def _four_d(mask: Tensor, dim: Optional[int]) -> tuple[Tensor, Optional[int]]:
+    """A mask in its (B, H, Lq, Lk) form per sample (leading ones added), the samples (if batched) on dim 0."""
+    if dim is not None:
+        mask, dim = mask.movedim(dim, 0), 0
+    per_sample = mask.shape[1:] if dim is not None else mask.shape
+    full = (1,) * (4 - len(per_sample)) + tuple(per_sample)
+    return mask.reshape(*mask.shape[:1 if dim is not None else 0], *full), dim
+
+
 def _mask_rows(mask: Tensor, dim: Optional[int], size: int, batch: int, expand: bool) -> Tensor:
     """The mask for the folded call. An unbatched mask broadcast over the batch stays as it is (it broadcasts over the
     folded batch too) unless `expand` (its gradient is wanted per sample)."""
-    per_sample = mask.dim() - (dim is not None)
-    if per_sample < 4:  # the (B, H, Lq, Lk) form, leading ones added
-        mask = mask.reshape(*((mask.shape[dim],) if dim is not None else ()), *(1,) * (4 - per_sample),
-                            *(mask.shape[d] for d in range(mask.dim()) if d != dim))
-        dim = 0 if dim is not None else None
+    mask, dim = _four_d(mask, dim)
     if dim is None and mask.shape[0] == 1 and not expand:
         return mask
     return _rows(mask, dim, size, batch)
@@ -121,7 +126,7 @@ def backward_rule(op: Callable) -> Callable:
             mask, mask_dim = args[first + MASK], in_dims[first + MASK]
             shape = mask.shape if mask_dim is None else mask.movedim(mask_dim, 0).shape[1:]
             dmask = _split(dmask, size)
-            if len(shape) == 4 and shape[0] == 1:
+            if _four_d(mask, mask_dim)[0].shape[-4] == 1:
                 dmask = dmask.sum(1, keepdim=True)  # the batch rows of a mask shared by the batch
             dmask = dmask.reshape(size, *shape)
             mask_out = 0

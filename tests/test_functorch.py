@@ -281,3 +281,23 @@ def test_vmap_over_decode_queries_reads_the_shared_cache_in_one_call(kv_format):
     assert _attention_calls(calls, "decode") == 1
     for n in range(3):
         torch.testing.assert_close(batched[n], decode(queries[n], lengths[n], slopes[n]), rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_with_a_mask_batched_on_an_inner_dim_and_its_gradient():
+    """A (Lq, samples, Lk) mask vmapped on dim 1 (a 2-D mask per sample) and q on dim 0: outputs and per-sample
+    gradients of q and the mask equal each sample's own, in one forward and one backward call."""
+    g = torch.Generator().manual_seed(12)
+    samples = torch.randn(3, 2, 11, 4, 8, generator=g)
+    k, v = torch.randn(2, 13, 2, 8, generator=g), torch.randn(2, 13, 2, 8, generator=g)
+    masks = torch.randn(11, 3, 13, generator=g)
+
+    def loss(q, mask):
+        return mfa_hf.flash_attn_func(q, k, v, attn_mask=mask, softcap=3.0).square().sum()
+
+    grads, forwards, backwards = _vmapped(torch.func.grad(loss, argnums=(0, 1)), (0, 1), samples, masks)
+    assert (forwards, backwards) == (1, 1)
+    for n in range(3):
+        leaves = [samples[n].clone().requires_grad_(), masks[:, n].clone().requires_grad_()]
+        expected = torch.autograd.grad(loss(*leaves), leaves)
+        for name, ours, theirs in zip(("q", "mask"), grads, expected):
+            torch.testing.assert_close(ours[n], theirs, rtol=1e-5, atol=1e-6, msg=lambda m: f"d{name} sample {n}: {m}")
