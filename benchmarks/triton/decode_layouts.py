@@ -97,6 +97,8 @@ def _sass_summary(compiled) -> str:
         except Exception as error:  # noqa: BLE001
             return "\n".join(lines + [f"  sass: {type(error).__name__}: {error}"])
     ops = collections.Counter(m.group(1).split(".")[0] for m in re.finditer(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
+    if not ops:  # session 21's H100 run: Triton's disassembly came back without instructions this regex reads
+        return "\n".join(lines + [f"  sass: no instructions read ({len(sass)} characters)"])
     lines.append(f"  sass instructions {sum(ops.values())}: " + ", ".join(f"{op} {n}" for op, n in ops.most_common(30)))
     return "\n".join(lines)
 

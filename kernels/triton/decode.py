@@ -35,8 +35,10 @@ DECODE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3)
 # Quantized caches: H100 64k sweep (2026-11-21), packed conversions: 128 keys, 4 warps, 3 stages best for
 # every format (64 keys 7-27% slower, 8 warps 37-48% slower).
 DECODE_CONFIG_QUANT = dict(block_n=128, num_warps=4, num_stages=3)
-# Two switches of the split kernel, off until a GPU run times them (benchmarks/triton/decode_layouts.py):
-# keys_as_rows (the key tile as the MMA's M side) and nf4_pair (both nibbles' levels from one PTX block).
+# Two switches of the split kernel, both off (benchmarks/triton/decode_layouts.py, H100, session 21): keys_as_rows
+# (the key tile as the MMA's M side: Hopper's warp-group MMA, but 74-160 registers spilled; int8 64k 3.8x slower,
+# nf4 1.6x, bf16 even) and nf4_pair (both nibbles' levels from one PTX block: within 1% of two blocks, same
+# registers; ptxas already shares the table).
 _levels_cache: dict = {}
 _asm_cache: dict = {}
 
