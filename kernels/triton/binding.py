@@ -66,10 +66,18 @@ HARDWARE_TANH = True
 
 
 def softcap_mode(softcap: float, dtype: torch.dtype, device: torch.device) -> int:
-    """The SOFTCAP constexpr: 0 no softcap, 1 common.tanh, 2 the hardware's tanh.approx (CUDA, float16/bfloat16)."""
+    """The SOFTCAP constexpr: 0 no softcap, 1 common.tanh, 2 the hardware's tanh.approx (CUDA compute capability
+    7.5 or later, float16/bfloat16). Called when a launch plan is made, not per call."""
     if softcap <= 0:
         return 0
-    return 2 if HARDWARE_TANH and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) else 1
+    half = dtype in (torch.float16, torch.bfloat16)
+    return 2 if HARDWARE_TANH and half and device.type == "cuda" and _has_hardware_tanh(device) else 1
+
+
+def _has_hardware_tanh(device: torch.device) -> bool:
+    """tanh.approx.f32 exists from compute capability 7.5 (Turing) on."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (7, 5)
 
 
 def common_meta(call: AttentionCall):

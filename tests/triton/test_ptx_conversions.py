@@ -135,16 +135,21 @@ def test_nf4_gives_the_nibbles_levels_for_every_byte(block):
 
 def test_hardware_tanh_only_for_half_precision_on_cuda(monkeypatch):
     """The softcap's tanh.approx.f32 (binding.softcap_mode 2), when switched on (HARDWARE_TANH), is taken for
-    float16/bfloat16 on CUDA only: float32 keeps the exact tanh (its tolerance is float32's), the CPU interpreter
-    cannot run PTX, no softcap is mode 0."""
+    float16/bfloat16 on CUDA from compute capability 7.5 only: float32 keeps the exact tanh (its tolerance is
+    float32's), the CPU interpreter cannot run PTX, a GPU before Turing has no tanh.approx, no softcap is mode 0."""
     from mfa_hf.kernels.triton.binding import softcap_mode
 
     from mfa_hf.kernels.triton import binding
 
     monkeypatch.setattr(binding, "HARDWARE_TANH", True)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability[0])
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert [softcap_mode(30.0, dtype, cuda) for dtype in (torch.float16, torch.bfloat16, torch.float32)] == [2, 2, 1]
     assert softcap_mode(30.0, torch.bfloat16, cpu) == 1
     assert softcap_mode(0.0, torch.bfloat16, cuda) == 0
+    capability[0] = (7, 0)  # a Volta has no tanh.approx
+    assert softcap_mode(30.0, torch.bfloat16, cuda) == 1
+    capability[0] = (9, 0)
     monkeypatch.setattr(binding, "HARDWARE_TANH", False)
     assert softcap_mode(30.0, torch.bfloat16, cuda) == 1
