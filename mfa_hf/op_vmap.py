@@ -116,9 +116,7 @@ def backward_rule(op: Callable) -> Callable:
             return _per_sample(op, size, in_dims, args)
         want_mask_grad = args[4]
         folded, batch = _folded_inputs(args, in_dims, first, size, expand_mask=want_mask_grad)
-        for i in (0, 2):  # grad_out, out: (B, Lq, H, Dv) per sample
-            folded[i] = _rows(args[i], in_dims[i], size, batch)
-        for i in (1, 3):  # grad_lse, lse: (B, H, Lq) per sample
+        for i in range(4):  # grad_out, grad_lse (may be None), out, lse: batch first, like q
             if args[i] is not None:
                 folded[i] = _rows(args[i], in_dims[i], size, batch)
         dq, dk, dv, dsinks, dmask = op(*folded)
@@ -126,7 +124,7 @@ def backward_rule(op: Callable) -> Callable:
             mask, mask_dim = args[first + MASK], in_dims[first + MASK]
             shape = mask.shape if mask_dim is None else mask.movedim(mask_dim, 0).shape[1:]
             dmask = _split(dmask, size)
-            if _four_d(mask, mask_dim)[0].shape[-4] == 1:
+            if len(shape) < 4 or shape[0] == 1:
                 dmask = dmask.sum(1, keepdim=True)  # the batch rows of a mask shared by the batch
             dmask = dmask.reshape(size, *shape)
             mask_out = 0

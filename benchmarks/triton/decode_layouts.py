@@ -33,8 +33,6 @@ VARIANTS = {  # name -> (config override of the plan (None: the backend's defaul
     "rows-s4": (dict(ROWS, num_stages=4), 0),
     "rows-n64": (dict(ROWS, block_n=64), 0),
     "rows-p8": (dict(ROWS), 8),
-    "pair": (dict(nf4_pair=True), 0),  # nf4 only differs
-    "rows-pair": (dict(ROWS, nf4_pair=True), 0),
 }
 
 
@@ -128,7 +126,7 @@ def main(out_dir: str) -> None:
             k_cache, v_cache, nbytes, call = bench._decode_cache(q, k, v, seqlens, fmt)
             ref = bench._decode_reference(q, k, v, k_cache, v_cache, fmt) if length == LENGTHS[-1] else None
             for name in names:
-                if (fmt, name) in bad or ("pair" in name and fmt != "nf4"):
+                if (fmt, name) in bad:
                     continue
                 kernel.use(name)
                 config, splits = VARIANTS.get(name, (None, 0))
@@ -150,8 +148,7 @@ def main(out_dir: str) -> None:
                               sdpa_ms / best))
                 print("  {} {}: {:.4f} / {:.4f} ms, {:.0f} GB/s, {:.1f}% copy, x{:.2f} SDPA".format(
                     fmt, name, *table[-1][3:]), flush=True)
-                if length == LENGTHS[0] and fmt in ("int8", "nf4", "bf16") and name in ("baseline", "default", "rows",
-                                                                                       "pair"):
+                if length == LENGTHS[0] and fmt in ("int8", "nf4", "bf16") and name in ("baseline", "default", "rows"):
                     compiled = _compiled_for(td, fmt, None if name == "baseline" else config)
                     if compiled is not None:
                         sass.append(f"{fmt} {name}\n{_sass_summary(compiled)}")

@@ -71,13 +71,15 @@ def softcap_mode(softcap: float, dtype: torch.dtype, device: torch.device) -> in
     if softcap <= 0:
         return 0
     half = dtype in (torch.float16, torch.bfloat16)
-    return 2 if HARDWARE_TANH and half and device.type == "cuda" and _has_hardware_tanh(device) else 1
+    return 2 if HARDWARE_TANH and half and cuda_capability_at_least(device, (7, 5)) else 1  # tanh.approx: Turing on
 
 
-def _has_hardware_tanh(device: torch.device) -> bool:
-    """tanh.approx.f32 exists from compute capability 7.5 (Turing) on."""
+def cuda_capability_at_least(device: torch.device, version: tuple[int, int]) -> bool:
+    """Whether `device` is a CUDA device of compute capability `version` or later (torch caches the properties)."""
+    if device.type != "cuda":
+        return False
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index) >= (7, 5)
+    return torch.cuda.get_device_capability(index) >= version
 
 
 def common_meta(call: AttentionCall):

@@ -17,7 +17,7 @@ from ..contract import DecodeCall
 from ..launch import BoundedMemo, SplitPolicy, decode_layout, new_output, shape_and_strides
 
 from . import decode_kernel
-from .binding import alibi_args, dot_precision, on_tensors_device, softcap_mode
+from .binding import alibi_args, cuda_capability_at_least, dot_precision, on_tensors_device, softcap_mode
 from .blocks import cdiv, padded_dim
 from .direct_launch import DirectLauncher, tensor_classes
 from .forward import launches_unchanged
@@ -35,12 +35,10 @@ DECODE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3)
 # Quantized caches: H100 64k sweep (2026-11-21), packed conversions: 128 keys, 4 warps, 3 stages best for
 # every format (64 keys 7-27% slower, 8 warps 37-48% slower).
 DECODE_CONFIG_QUANT = dict(block_n=128, num_warps=4, num_stages=3)
-# Two switches of the split kernel, both off (benchmarks/triton/decode_layouts.py, H100, session 21): keys_as_rows
-# (the key tile as the MMA's M side: Hopper's warp-group MMA, but 74-160 registers spilled; int8 64k 3.8x slower,
-# nf4 1.6x, bf16 even) and nf4_pair (both nibbles' levels from one PTX block: within 1% of two blocks, same
-# registers; ptxas already shares the table).
+# keys_as_rows (a config switch, off): the split kernel's key tile as the MMA's M side. H100, session 21
+# (benchmarks/triton/decode_layouts.py): Triton takes Hopper's warp-group MMA but spills 74-160 registers; int8 at
+# 64k 3.8x slower, nf4 1.6x, bf16 even. Kept to re-time with a later Triton.
 _levels_cache: dict = {}
-_asm_cache: dict = {}
 
 
 
@@ -58,12 +56,7 @@ def _v_const(v_format: str, e4m3: float) -> float:
 
 def _asm_ok(device) -> bool:
     """Packed inline-PTX code conversions (decode_kernel.py): CUDA, compute capability >= 8.9 (fp8 cvt)."""
-    if device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _asm_cache:
-        _asm_cache[index] = torch.cuda.get_device_capability(index) >= (8, 9)
-    return _asm_cache[index]
+    return cuda_capability_at_least(device, (8, 9))
 
 
 def _levels(device, dtype):
@@ -178,8 +171,7 @@ def _make_plan(call: DecodeCall, config) -> _Plan:
         K_GS=k_gs, V_GS=v_gs, K_NG=k_ng, V_NG=v_ng,
         HAS_BATCH_IDX=call.cache_batch_idx is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0,
         SOFTCAP=softcap_mode(o.softcap, q.dtype, q.device), ALIBI=call.alibi_slopes is not None, SINKS_ON=sinks_on, DIRECT=direct,
-        DOT_PRECISION=precision, ASM=asm, KEYS_AS_ROWS=bool(cfg.get("keys_as_rows", False)),
-        NF4_PAIR=bool(cfg.get("nf4_pair", False)), num_warps=cfg["num_warps"] if on_gpu else 1,
+        DOT_PRECISION=precision, ASM=asm, KEYS_AS_ROWS=bool(cfg.get("keys_as_rows", False)), num_warps=cfg["num_warps"] if on_gpu else 1,
         num_stages=cfg["num_stages"] if on_gpu else 1)
     merge_options = dict(HEAD_DV=dim_v, BLOCK_DV=padded_dim(dim_v), BLOCK_P=max(16, _pow2(splits)), SINKS_ON=sinks_on,
                          num_warps=4 if on_gpu else 1)

@@ -60,39 +60,13 @@ sub.f16x2 $1, $1, k;
 }""")
 
 
-def _nf4_lookup(word: str, out_lo: str, out_hi: str, high: bool) -> list[str]:
-    """PTX: the 4 low (or high) nibbles of `word` -> their 4 float16 levels in registers out_lo, out_hi, by
-    byte permutes on the 16-entry table held in t0-t3 (low bytes of the levels) and u0-u3 (high bytes).
+def _nf4_asm(high: bool) -> str:
+    """nf4 nibble -> float16 level by byte permutes on a 16-entry table held in registers.
 
-    The 4 nibbles become the 4 selectors of one prmt; entries 0-7 and 8-15 are looked up separately (prmt
-    selects among 8 bytes), for the low and the high byte of the float16 level, then bit 3 of each nibble
-    picks between them and the bytes are interleaved.
+    The 4 nibbles (low or high one of each byte) become the 4 selectors of one prmt; entries 0-7 and
+    8-15 are looked up separately (prmt selects among 8 bytes), for the low and the high byte of the
+    float16 level, then bit 3 of each nibble picks between them and the bytes are interleaved.
     """
-    first = [f"shr.b32 x, {word}, 4;", "and.b32 x, x, 0x0F0F0F0F;"] if high else [f"and.b32 x, {word}, 0x0F0F0F0F;"]
-    return [
-        *first,
-        "shr.b32 s, x, 4;",
-        "or.b32 x, x, s;",  # byte 0 = n0 | n1 << 4, byte 2 = n2 | n3 << 4
-        "prmt.b32 s, x, 0, 0x0020;",  # low 16 bits: n0 | n1 << 4 | n2 << 8 | n3 << 12
-        "and.b32 s7, s, 0x7777;",
-        "prmt.b32 a, t0, t1, s7;",
-        "prmt.b32 b, t2, t3, s7;",
-        "prmt.b32 c, u0, u1, s7;",
-        "prmt.b32 d, u2, u3, s7;",
-        "shr.b32 sel, s, 1;",
-        "and.b32 sel, sel, 0x4444;",
-        "or.b32 sel, sel, 0x3210;",  # selector i: byte i of a/c (entry < 8) or of b/d (entry >= 8)
-        "prmt.b32 l, a, b, sel;",
-        "prmt.b32 h, c, d, sel;",
-        f"prmt.b32 {out_lo}, l, h, 0x5140;",
-        f"prmt.b32 {out_hi}, l, h, 0x7362;",
-    ]
-
-
-def _nf4_asm(halves: tuple[bool, ...]) -> str:
-    """4 nf4 bytes -> float16 levels of the low nibbles (False: elements 2i) or high ones (True: 2i + 1), in the
-    order of `halves`: outputs $0 $1 (then $2 $3 for a second half), the bytes in the register after them. Both
-    halves in one block load the 16-entry table into registers once."""
     import struct
 
     bits = [struct.unpack("<H", struct.pack("<e", v))[0] for v in spec("nf4").codebook]
@@ -102,20 +76,34 @@ def _nf4_asm(halves: tuple[bool, ...]) -> str:
     def word(t, k):
         return "0x%08x" % (t[4 * k] | t[4 * k + 1] << 8 | t[4 * k + 2] << 16 | t[4 * k + 3] << 24)
 
+    first = "shr.b32 x, $2, 4;\nand.b32 x, x, 0x0F0F0F0F;" if high else "and.b32 x, $2, 0x0F0F0F0F;"
     return "\n".join([
         "{",
         ".reg .b32 x, s, s7, sel, a, b, c, d, l, h, t0, t1, t2, t3, u0, u1, u2, u3;",
+        first,
+        "shr.b32 s, x, 4;",
+        "or.b32 x, x, s;",  # byte 0 = n0 | n1 << 4, byte 2 = n2 | n3 << 4
+        "prmt.b32 s, x, 0, 0x0020;",  # low 16 bits: n0 | n1 << 4 | n2 << 8 | n3 << 12
+        "and.b32 s7, s, 0x7777;",
         *(f"mov.b32 t{k}, {word(lo, k)};" for k in range(4)),
         *(f"mov.b32 u{k}, {word(hi, k)};" for k in range(4)),
-        *(line for n, high in enumerate(halves)
-          for line in _nf4_lookup(f"${2 * len(halves)}", f"${2 * n}", f"${2 * n + 1}", high)),
+        "prmt.b32 a, t0, t1, s7;",
+        "prmt.b32 b, t2, t3, s7;",
+        "prmt.b32 c, u0, u1, s7;",
+        "prmt.b32 d, u2, u3, s7;",
+        "shr.b32 sel, s, 1;",
+        "and.b32 sel, sel, 0x4444;",
+        "or.b32 sel, sel, 0x3210;",  # selector i: byte i of a/c (entry < 8) or of b/d (entry >= 8)
+        "prmt.b32 l, a, b, sel;",
+        "prmt.b32 h, c, d, sel;",
+        "prmt.b32 $0, l, h, 0x5140;",
+        "prmt.b32 $1, l, h, 0x7362;",
         "}",
     ])
 
 
-NF4_LO_ASM = tl.constexpr(_nf4_asm((False,)))
-NF4_HI_ASM = tl.constexpr(_nf4_asm((True,)))
-NF4_PAIR_ASM = tl.constexpr(_nf4_asm((False, True)))
+NF4_LO_ASM = tl.constexpr(_nf4_asm(False))
+NF4_HI_ASM = tl.constexpr(_nf4_asm(True))
 
 
 @triton.jit
@@ -124,18 +112,9 @@ def _asm_f16(raw, ASM_STR: tl.constexpr):
 
 
 @triton.jit
-def _nibble_values(raw, LEVELS, DTYPE: tl.constexpr, ASM: tl.constexpr, PAIR: tl.constexpr):
-    """nf4 bytes -> (low nibbles' levels, high nibbles' levels) in DTYPE; on the GPU by PTX, one block per half or,
-    with PAIR, one block for both (the level table loaded once)."""
-    if ASM:
-        if PAIR:
-            lo, hi = tl.inline_asm_elementwise(NF4_PAIR_ASM, "=r,=r,=r,=r,r", [raw], dtype=(tl.float16, tl.float16),
-                                               is_pure=True, pack=4)
-        else:
-            lo = _asm_f16(raw, NF4_LO_ASM)
-            hi = _asm_f16(raw, NF4_HI_ASM)
-        return lo.to(DTYPE), hi.to(DTYPE)
-    return (_values(raw, FMT_NF4, 0, LEVELS, DTYPE, ASM), _values(raw, FMT_NF4, 1, LEVELS, DTYPE, ASM))
+def _nibble_values(raw, LEVELS, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """nf4 bytes (one load) -> (low nibbles' levels, high nibbles' levels) in DTYPE."""
+    return _values(raw, FMT_NF4, 0, LEVELS, DTYPE, ASM), _values(raw, FMT_NF4, 1, LEVELS, DTYPE, ASM)
 
 
 @triton.jit
@@ -161,8 +140,12 @@ def _values(raw, FMT: tl.constexpr, NIBBLE: tl.constexpr, LEVELS, DTYPE: tl.cons
             return _asm_f16(raw, E4M3_ASM).to(DTYPE)
         elif FMT == FMT_E5M2:
             return _asm_f16(raw, E5M2_ASM).to(DTYPE)
+        elif FMT == FMT_INT8:
+            return _asm_f16(raw, INT8_ASM).to(DTYPE)
+        elif NIBBLE == 0:
+            return _asm_f16(raw, NF4_LO_ASM).to(DTYPE)
         else:
-            return _asm_f16(raw, INT8_ASM).to(DTYPE)  # nf4 takes _nibble_values
+            return _asm_f16(raw, NF4_HI_ASM).to(DTYPE)
     elif FMT == FMT_E4M3:
         c = raw.to(tl.int16) & 0xFF
         return (((c & 0x80) << 8) | ((c & 0x7F) << 7)).to(tl.float16, bitcast=True).to(DTYPE)
@@ -228,7 +211,7 @@ def decode_split_kernel(
     K_NG: tl.constexpr, V_NG: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     SINKS_ON: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ASM: tl.constexpr = False, KEYS_AS_ROWS: tl.constexpr = False, NF4_PAIR: tl.constexpr = False,
+    ASM: tl.constexpr = False, KEYS_AS_ROWS: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -314,7 +297,7 @@ def decode_split_kernel(
         col_ok = cols < hi
         k_raw = _load_codes(k_base, cols, dq, col_ok, stride_kn, stride_kd, HEAD_D, K_FMT, True)
         if HALF_K:  # both nibbles of the same bytes
-            k_lo, k_hi = _nibble_values(k_raw, LEVELS, kdt, ASM, NF4_PAIR)
+            k_lo, k_hi = _nibble_values(k_raw, LEVELS, kdt, ASM)
         else:
             k_lo = _side_values(k_raw, ks_base, cols, dq, col_ok, stride_ksn, stride_ksg, HEAD_D, K_FMT, K_SCALE, K_GS,
                                 LEVELS, True, kdt, ASM)
@@ -359,7 +342,7 @@ def decode_split_kernel(
             p = p * V_CONST
         v_raw = _load_codes(v_base, cols, dv, col_ok, stride_vn, stride_vd, HEAD_DV, V_FMT, False)
         if HALF_V:  # both nibbles of the same bytes
-            v_lo, v_hi = _nibble_values(v_raw, LEVELS, vdt, ASM, NF4_PAIR)
+            v_lo, v_hi = _nibble_values(v_raw, LEVELS, vdt, ASM)
         else:
             v_lo = _side_values(v_raw, vs_base, cols, dv, col_ok, stride_vsn, stride_vsg, HEAD_DV, V_FMT, V_SCALE,
                                 V_GS, LEVELS, False, vdt, ASM)

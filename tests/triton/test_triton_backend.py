@@ -448,21 +448,19 @@ def test_decode_matches_reference(c):
             assert bool(torch.isneginf(lse[b]).all()), f"row {b} sees no key: expected LSE -inf, got {lse[b]}"
 
 
-# The split kernel's two launch switches flipped from the defaults (decode.py): keys_as_rows (the dots' orientation,
-# decode_kernel._mm) and nf4_pair (GPU only: both nibbles from one PTX block); every quantized format, each scale mode
-# (per token, per channel, nf4 groups), multi-row query tiles.
+# The split kernel's launch switch keys_as_rows (the dots' orientation, decode_kernel._mm) flipped from the defaults
+# (decode.py); every quantized format, each scale mode (per token, per channel, nf4 groups), multi-row query tiles.
 _OTHER_ORIENTATION_CASES = [c for c in _decode_cases() if c["lq"] == 4 or c["k_format"] == "nf4"
                             or c.get("k_granularity")]
 
 
 @pytest.mark.parametrize("c", _OTHER_ORIENTATION_CASES, ids=_case_id)
 def test_decode_with_the_launch_switches_flipped(c, monkeypatch):
-    """keys_as_rows and nf4_pair flipped from each table's default give the reference too."""
+    """keys_as_rows flipped from each table's default gives the reference too."""
     from mfa_hf.kernels.triton import decode as td
 
     for table in (td.DECODE_CONFIG, td.DECODE_CONFIG_QUANT):
-        for switch in ("keys_as_rows", "nf4_pair"):
-            monkeypatch.setitem(table, switch, not table.get(switch, False))
+        monkeypatch.setitem(table, "keys_as_rows", not table.get("keys_as_rows", False))
     td._plans.clear()  # plans are made from the tables once per kind of call
     try:
         check_decode(c)
