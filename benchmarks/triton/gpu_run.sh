@@ -25,7 +25,9 @@ STEPS=${STEPS:-tests routes host suite profile decode flex visit e2e}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)"
-step() { [[ " $STEPS " == *" $1 "* ]]; }
+step() {  # whether step $1 runs; when it does, the seconds since the start go to stdout (plans the next split)
+    [[ " $STEPS " == *" $1 "* ]] && echo "# step $1 at ${SECONDS}s"
+}
 kernels() { MFA_BACKEND=${MFA_BACKEND:-triton} "$@"; }  # the kernels themselves: routing to SDPA off (issue 19)
 WORKERS=$(( $(python -c "import os; print(len(os.sched_getaffinity(0)))") / 2 ))
 if step tests; then
@@ -84,3 +86,4 @@ if step e2e; then
         --device cuda --shape llama-1b --dtype bfloat16 --context 8192 --new 128 --contexts 32768) 2>&1 \
         | tee "$OUT/e2e.log"
 fi
+echo "# done at ${SECONDS}s"
