@@ -109,8 +109,7 @@ class _Plan:
 
     out_shape: tuple
     lse_shape: tuple
-    part_sizes: Optional[tuple]  # split-K scratch floats (normalized rows, padded to 16 bytes; LSEs), None
-    # with one split
+    part_sizes: Optional[tuple]  # split-K scratch (normalized rows, LSEs), None with one split
     levels: torch.Tensor
     split_grid: tuple
     split_ints: tuple  # the integer arguments between the tensors and (scale, softcap)
@@ -178,8 +177,7 @@ def _make_plan(call: DecodeCall, config) -> _Plan:
                          num_warps=4 if on_gpu else 1)
     rows = batch * heads_q * lq
     return _Plan(
-        (batch, lq, heads_q, dim_v), (batch, heads_q, lq), None if direct else (cdiv(rows * splits * dim_v, 4) * 4,
-                                                                                 rows * splits),
+        (batch, lq, heads_q, dim_v), (batch, heads_q, lq), None if direct else (rows * splits * dim_v, rows * splits),
         _levels(q.device, torch.float32 if precision == "upcast" or q.dtype == torch.float32 else torch.float16),
         (splits, batch * heads_kv, q_tiles), split_ints,
         (max(1, k_codes.shape[0]), k_codes.shape[1]), split_options, (rows,),
@@ -198,15 +196,13 @@ def _launch_key(call: DecodeCall, config) -> tuple:
 
 def _outputs(plan: _Plan, dtype, device) -> tuple:
     """(out, lse, partial outputs, partial LSEs): with one split the kernel writes out/lse itself, and lse stands in
-    for the unused partials. Both partials are views of one allocation (a decode layer's host time is a few
-    allocations and launches; the LSEs start on a 16-byte boundary, as the launch key's alignment class says)."""
+    for the unused partials."""
     out = new_output(plan.out_shape, dtype, device)
     lse = new_output(plan.lse_shape, torch.float32, device)
     if plan.part_sizes is None:
         return out, lse, lse, lse
-    outputs, lses = plan.part_sizes
-    part_o, part_lse = torch.empty(outputs + lses, dtype=torch.float32, device=device).split_with_sizes((outputs, lses))
-    return out, lse, part_o, part_lse
+    return (out, lse, torch.empty(plan.part_sizes[0], dtype=torch.float32, device=device),
+            torch.empty(plan.part_sizes[1], dtype=torch.float32, device=device))
 
 
 def _split_args(plan: _Plan, q, keys, values, lengths, rows, slopes, sinks, out, lse, part_o, part_lse, o) -> tuple:
