@@ -10,7 +10,8 @@ a GQA one (B = 1, 32 query heads over 8 KV heads), causal and full, bf16.
 
 --flex: against compiled FlexAttention instead (flex_features.py's problems at 8k, where fwd+bwd trails Flex: H100,
 session 22, causal 0.88x, window 1024 0.86x), with Flex's own sm90 shapes for d 128 among the candidates
-(inductor's template heuristics: dK/dV 64 query rows over 128 keys, dQ 128 rows over 64 keys, 8 warps, 3 stages).
+(inductor's template heuristics: dK/dV 64 query rows over 128 keys, dQ 128 rows over 64 keys, 8 warps, 3 stages),
+and every dK/dV shape also with its tile as keys x queries (backward.KV_KEYS_AS_ROWS, Flex's orientation).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mfa_hf
 from mfa_hf.benchmark.measure import cuda_median_ms
-from mfa_hf.kernels.triton import blocks, forward
+from mfa_hf.kernels.triton import backward, blocks, forward
 
 KV = [blocks.Blocks(*c) for c in ((64, 128, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3),
                                   (128, 64, 8, 2), (64, 128, 8, 3), (128, 128, 8, 1))]
@@ -88,19 +89,25 @@ PROBLEMS = (("full", False, -1), ("causal", True, -1))
 FLEX_PROBLEMS = (("causal", True, -1), ("window 1024", True, 1024))
 
 
-def sweep(shapes=SHAPES, kv_candidates=KV, q_candidates=Q, problems=PROBLEMS, reference=_sdpa_reference):
+def sweep(shapes=SHAPES, kv_candidates=KV, q_candidates=Q, problems=PROBLEMS, reference=_sdpa_reference,
+          kv_orientations=(False,)):
+    """kv_orientations: backward.KV_KEYS_AS_ROWS values each dK/dV candidate is timed with."""
     for name, (batch, n, hq, hkv) in shapes.items():
         q, k, v, grad = _inputs(batch, n, hq, hkv)
         for problem, causal, left in problems:
             label, reference_ms = reference(q, k, v, grad, causal, left)
             base = _grads(q, k, v, grad, causal, left)
             print(f"{name} {problem}: {label} fwd+bwd {reference_ms:.3f} ms", flush=True)
-            for table, candidates in ((blocks._BACKWARD_KV, kv_candidates), (blocks._BACKWARD_Q, q_candidates)):
+            kv_runs = [(cfg, keys_as_rows) for cfg in kv_candidates for keys_as_rows in kv_orientations]
+            for table, candidates in ((blocks._BACKWARD_KV, kv_runs), (blocks._BACKWARD_Q,
+                                                                       [(cfg, False) for cfg in q_candidates])):
                 saved = table[128]
-                kernel = "dKdV" if table is blocks._BACKWARD_KV else "dQ"
-                for cfg in candidates:
+                for cfg, keys_as_rows in candidates:
+                    kernel = ("dKdV keys x queries" if keys_as_rows else "dKdV") if table is blocks._BACKWARD_KV \
+                        else "dQ"
                     table[128] = cfg
-                    forward.forget_plans()  # launch plans hold the block choice
+                    backward.KV_KEYS_AS_ROWS = keys_as_rows
+                    forward.forget_plans()  # launch plans hold the block choice and the orientation
                     try:
                         first, second = _grads(q, k, v, grad, causal, left), _grads(q, k, v, grad, causal, left)
                         race = any(not torch.equal(a, b) for a, b in zip(first, second))
@@ -114,6 +121,7 @@ def sweep(shapes=SHAPES, kv_candidates=KV, q_candidates=Q, problems=PROBLEMS, re
                               f"{str(error)[:120]}", flush=True)
                     finally:
                         table[128] = saved
+                        backward.KV_KEYS_AS_ROWS = False
                         forward.forget_plans()
 
 
@@ -124,6 +132,6 @@ if __name__ == "__main__":
     if "--small" in sys.argv:
         sweep(SMALL_SHAPES, SMALL_KV, SMALL_Q)
     elif "--flex" in sys.argv:
-        sweep(FLEX_SHAPES, FLEX_KV, FLEX_Q, FLEX_PROBLEMS, _flex_reference)
+        sweep(FLEX_SHAPES, FLEX_KV, FLEX_Q, FLEX_PROBLEMS, _flex_reference, kv_orientations=(False, True))
     else:
         sweep()

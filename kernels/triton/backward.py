@@ -31,6 +31,11 @@ _BACKWARD_KV = DirectLauncher(backward_kernel.attention_backward_kv_kernel)
 _BACKWARD_Q = DirectLauncher(backward_kernel.attention_backward_q_kernel)
 _DELTA = DirectLauncher(backward_kernel.attention_backward_delta_kernel)
 
+# The dK/dV kernel's tile as keys x queries (backward_kernel._kv_step), as FlexAttention's backward computes it: P^T
+# and dS^T feed the dV and dK products without a transpose. Off until timed on a GPU
+# (benchmarks/triton/backward_sweep.py --flex); read when a plan is made (forget_plans after flipping it).
+KV_KEYS_AS_ROWS = False
+
 
 def _sink_grad(sinks, lse, delta):
     """dsink_h = -sum_i exp(sink_h - lse_i) * delta_i (the sink's share of each row's softmax)."""
@@ -126,7 +131,8 @@ def _make_plan(call: AttentionCall, grads: Gradients, q, k, v, grad_out) -> _Pla
         (cdiv(rows, block_r), lse.numel() // rows), delta_ints, delta_options,
         (cdiv(lk, kv.block_n), batch * heads_kv),
         (*shared, *dk_strides[:3], *dv_strides[:3], lq, lk, heads_q, heads_kv, heads_q // heads_kv),
-        dict(BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, num_warps=kv.num_warps, num_stages=kv.num_stages, **meta),
+        dict(BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, num_warps=kv.num_warps, num_stages=kv.num_stages,
+             KEYS_AS_ROWS=KV_KEYS_AS_ROWS, **meta),
         (cdiv(lq, qb.block_m), batch * heads_q),
         (*shared, *dq_strides[:3], lq, lk, heads_q, heads_q // heads_kv),
         dict(WRITE_DS=write_ds, BLOCK_M=qb.block_m, BLOCK_N=qb.block_n, num_warps=qb.num_warps,

@@ -35,32 +35,55 @@ def _kv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, sta
              offs_dk, offs_dv, HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
              CHECKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
+             DOT_PRECISION: tl.constexpr, KEYS_AS_ROWS: tl.constexpr):
+    """One query block's share of dK/dV. KEYS_AS_ROWS computes the tile as keys x queries (K Q^T, V dO^T), as
+    FlexAttention's backward does: P^T and dS^T then enter the dV and dK products as they come out of the
+    first products, where the other orientation transposes both (a layout conversion each); mask_base holds the
+    key columns in the tile's orientation (cols[:, None] or cols[None, :])."""
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q
     q, do, lse2, delta = _query_rows(q_base, do_base, lse_base, delta_base, rows, row_ok, stride_qm, stride_qd,
                                      stride_om, stride_od, stride_lm, offs_dk, offs_dv, HEAD_DQK, HEAD_DV,
                                      MASK_KIND)
-    qk = dot(q, tl.trans(k), DOT_PRECISION)
     mask_rows = tl.minimum(rows, seqlen_q - 1).to(tl.int64)
-    mask_ptrs = mask_base + mask_rows[:, None] * stride_mm
-    s, capped = transform_scores(qk, rows, cols, diag, scale, softcap, slope2, mask_ptrs,
-                                 (cols < seqlen_k)[None, :], SOFTCAP, ALIBI, MASK_KIND)
+    if KEYS_AS_ROWS:
+        r = rows[None, :]
+        c = cols[:, None]
+        qk = dot(k, tl.trans(q), DOT_PRECISION)
+        mask_ptrs = mask_base + mask_rows[None, :] * stride_mm
+        lse_t = lse2[None, :]
+        delta_t = delta[None, :]
+    else:
+        r = rows[:, None]
+        c = cols[None, :]
+        qk = dot(q, tl.trans(k), DOT_PRECISION)
+        mask_ptrs = mask_base + mask_rows[:, None] * stride_mm
+        lse_t = lse2[:, None]
+        delta_t = delta[:, None]
+    s, capped = transform_scores(qk, r, c, diag, scale, softcap, slope2, mask_ptrs, c < seqlen_k, SOFTCAP, ALIBI,
+                                 MASK_KIND)
     if CHECKED:
-        s = visible(s, rows, cols, diag, left, right, seqlen_k, HAS_LEFT, HAS_RIGHT)
-    p = tl.exp2((s - lse2[:, None]) * (1.4426950408889634 / score_unit(MASK_KIND)))
-    dp = dot(do, tl.trans(v), DOT_PRECISION)
+        s = visible(s, r, c, diag, left, right, seqlen_k, HAS_LEFT, HAS_RIGHT)
+    p = tl.exp2((s - lse_t) * (1.4426950408889634 / score_unit(MASK_KIND)))
+    if KEYS_AS_ROWS:
+        dp = dot(v, tl.trans(do), DOT_PRECISION)
+    else:
+        dp = dot(do, tl.trans(v), DOT_PRECISION)
     if DROPOUT:
-        keep = keep_tile(hhash, rows, cols, threshold)
+        keep = keep_tile(hhash, r, c, threshold)
         p_dropped = tl.where(keep, p * keep_scale, 0.0)
         dp = tl.where(keep, dp * keep_scale, 0.0)
     else:
         p_dropped = p
-    dv += dot(tl.trans(operand(p_dropped, do, DOT_PRECISION)), do, DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
+    ds = p * (dp - delta_t)
     if SOFTCAP:
         ds = ds * (1.0 - capped * capped)
-    dk += dot(tl.trans(operand(ds, q, DOT_PRECISION)), q, DOT_PRECISION)
+    if KEYS_AS_ROWS:
+        dv += dot(operand(p_dropped, do, DOT_PRECISION), do, DOT_PRECISION)
+        dk += dot(operand(ds, q, DOT_PRECISION), q, DOT_PRECISION)
+    else:
+        dv += dot(tl.trans(operand(p_dropped, do, DOT_PRECISION)), do, DOT_PRECISION)
+        dk += dot(tl.trans(operand(ds, q, DOT_PRECISION)), q, DOT_PRECISION)
     return dk, dv
 
 
@@ -75,7 +98,7 @@ def attention_backward_kv_kernel(
     HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, KEYS_AS_ROWS: tl.constexpr = False,
 ):
     n_block = tl.program_id(0)
     bh = tl.program_id(1)
@@ -118,7 +141,10 @@ def attention_backward_kv_kernel(
         do_base = DO + b.to(tl.int64) * stride_ob + start_q.to(tl.int64) * stride_om + h * stride_oh
         lse_base = LSE + b.to(tl.int64) * stride_lb + start_q.to(tl.int64) * stride_lm + h * stride_lh
         delta_base = DELTA + b.to(tl.int64) * stride_deltab + h * stride_deltah + start_q
-        mask_base = MASK + b.to(tl.int64) * stride_mb + h * stride_mh + cols[None, :] * stride_mn
+        if KEYS_AS_ROWS:  # the key columns in the step's tile orientation
+            mask_base = MASK + b.to(tl.int64) * stride_mb + h * stride_mh + cols[:, None] * stride_mn
+        else:
+            mask_base = MASK + b.to(tl.int64) * stride_mb + h * stride_mh + cols[None, :] * stride_mn
         slope2 = 0.0
         if ALIBI:
             slope2 = tl.load(ALIBI_SLOPES + b * stride_ab + h * stride_ah).to(tl.float32) * score_unit(MASK_KIND)
@@ -130,19 +156,19 @@ def attention_backward_kv_kernel(
                               seqlen_q, seqlen_k, scale, softcap, slope2, left, right, hhash, threshold,
                               keep_scale, stride_qm, stride_qd, stride_om, stride_od, stride_lm, stride_mm,
                               offs_dk, offs_dv, HEAD_DQK, HEAD_DV, BLOCK_M, True, HAS_LEFT, HAS_RIGHT,
-                              SOFTCAP, ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION)
+                              SOFTCAP, ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION, KEYS_AS_ROWS)
         for start_m in range(mid_lo, mid_hi, BLOCK_M):
             dk, dv = _kv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, cols, diag,
                               seqlen_q, seqlen_k, scale, softcap, slope2, left, right, hhash, threshold,
                               keep_scale, stride_qm, stride_qd, stride_om, stride_od, stride_lm, stride_mm,
                               offs_dk, offs_dv, HEAD_DQK, HEAD_DV, BLOCK_M, False, HAS_LEFT, HAS_RIGHT,
-                              SOFTCAP, ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION)
+                              SOFTCAP, ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION, KEYS_AS_ROWS)
         for start_m in range(mid_hi, hi, BLOCK_M):
             dk, dv = _kv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, cols, diag,
                               seqlen_q, seqlen_k, scale, softcap, slope2, left, right, hhash, threshold,
                               keep_scale, stride_qm, stride_qd, stride_om, stride_od, stride_lm, stride_mm,
                               offs_dk, offs_dv, HEAD_DQK, HEAD_DV, BLOCK_M, True, HAS_LEFT, HAS_RIGHT,
-                              SOFTCAP, ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION)
+                              SOFTCAP, ALIBI, MASK_KIND, DROPOUT, DOT_PRECISION, KEYS_AS_ROWS)
 
     dk = dk * scale
     dk_base = DK + b.to(tl.int64) * stride_dkb + start_k.to(tl.int64) * stride_dkn + kv_head * stride_dkh
@@ -165,14 +191,14 @@ def _q_step(dq, q, do, lse2, delta, k_base, v_base, mask_base, ds_base, start_n,
     k = load_rows(k_base, cols, col_ok, stride_kn, offs_dk, stride_kd, HEAD_DQK)
     v = load_rows(v_base, cols, col_ok, stride_vn, offs_dv, stride_vd, HEAD_DV)
     qk = dot(q, tl.trans(k), DOT_PRECISION)
-    s, capped = transform_scores(qk, rows, cols, diag, scale, softcap, slope2, mask_base + cols[None, :] * stride_mn,
-                                 col_ok[None, :], SOFTCAP, ALIBI, MASK_KIND)
+    s, capped = transform_scores(qk, rows[:, None], cols[None, :], diag, scale, softcap, slope2,
+                                 mask_base + cols[None, :] * stride_mn, col_ok[None, :], SOFTCAP, ALIBI, MASK_KIND)
     if CHECKED:
-        s = visible(s, rows, cols, diag, left, right, seqlen_k, HAS_LEFT, HAS_RIGHT)
+        s = visible(s, rows[:, None], cols[None, :], diag, left, right, seqlen_k, HAS_LEFT, HAS_RIGHT)
     p = tl.exp2((s - lse2[:, None]) * (1.4426950408889634 / score_unit(MASK_KIND)))
     dp = dot(do, tl.trans(v), DOT_PRECISION)
     if DROPOUT:
-        keep = keep_tile(hhash, rows, cols, threshold)
+        keep = keep_tile(hhash, rows[:, None], cols[None, :], threshold)
         dp = tl.where(keep, dp * keep_scale, 0.0)
     ds = p * (dp - delta[:, None])
     if WRITE_DS:  # d(additive mask) = dS before the softcap chain rule (the mask is added after it)

@@ -37,9 +37,11 @@ def head_hash(seed, batch_head):
 
 @triton.jit
 def keep_tile(hhash, rows, cols, threshold):
-    """(rows x cols) bool keep mask: the 24-bit draw of each element >= threshold."""
+    """The bool keep mask of query positions `rows` and key positions `cols`, two tensors that broadcast to the
+    tile (rows[:, None] and cols[None, :], or the transposed pair for a tile of keys x queries): the 24-bit draw
+    of each element >= threshold."""
     row_hash = mix32(hhash ^ (rows.to(tl.uint32) * 0x2545F491))
-    draw = mix32(row_hash[:, None] ^ (cols.to(tl.uint32) * 0x1B873593)[None, :]) >> 8
+    draw = mix32(row_hash ^ (cols.to(tl.uint32) * 0x1B873593)) >> 8
     return draw >= threshold
 
 
@@ -136,8 +138,9 @@ def transform_scores(qk, rows, cols, diag, scale, softcap, slope2, mask_ptrs, ma
                      SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr):
     """qk (raw dot products) -> scores in score_unit(MASK_KIND); also returns the softcap tanh for backward.
 
-    rows/cols: positions within the sequence; diag = Lk - Lq (bottom-right alignment). slope2 is the
-    ALiBi slope times score_unit. MASK_KIND: 0 none, 1 bool (True = attend), 2 additive.
+    rows/cols: query and key positions within the sequence, broadcasting to qk's tile (rows[:, None] and
+    cols[None, :], or the transposed pair for keys x queries); diag = Lk - Lq (bottom-right alignment). slope2 is
+    the ALiBi slope times score_unit. MASK_KIND: 0 none, 1 bool (True = attend), 2 additive.
     """
     unit = score_unit(MASK_KIND)
     if SOFTCAP:
@@ -147,7 +150,7 @@ def transform_scores(qk, rows, cols, diag, scale, softcap, slope2, mask_ptrs, ma
         capped = qk
         s = qk * (scale * unit)
     if ALIBI:
-        distance = tl.abs(rows[:, None] + diag - cols[None, :]).to(tl.float32)
+        distance = tl.abs(rows + diag - cols).to(tl.float32)
         s = s - slope2 * distance
     if MASK_KIND == 1:
         allowed = tl.load(mask_ptrs, mask=mask_ok, other=0)
@@ -160,12 +163,13 @@ def transform_scores(qk, rows, cols, diag, scale, softcap, slope2, mask_ptrs, ma
 
 @triton.jit
 def visible(s, rows, cols, diag, left, right, seqlen_k, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """-inf where key col is outside the window of query row or past the sequence."""
-    ok = cols[None, :] < seqlen_k
+    """-inf where key col is outside the window of query row or past the sequence (rows, cols: positions
+    broadcasting to s's tile, as transform_scores takes them)."""
+    ok = cols < seqlen_k
     if HAS_RIGHT:
-        ok = ok & (cols[None, :] <= rows[:, None] + diag + right)
+        ok = ok & (cols <= rows + diag + right)
     if HAS_LEFT:
-        ok = ok & (cols[None, :] >= rows[:, None] + diag - left)
+        ok = ok & (cols >= rows + diag - left)
     return tl.where(ok, s, float("-inf"))
 
 

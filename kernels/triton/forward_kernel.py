@@ -35,10 +35,10 @@ def _step(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, diag, seql
             v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
     qk = dot(q, k, DOT_PRECISION)
     mask_ptrs = mask_base + cols[None, :] * stride_mn
-    s, _ = transform_scores(qk, rows, cols, diag, scale, softcap, slope2, mask_ptrs, col_ok[None, :],
-                            SOFTCAP, ALIBI, MASK_KIND)
+    s, _ = transform_scores(qk, rows[:, None], cols[None, :], diag, scale, softcap, slope2, mask_ptrs,
+                            col_ok[None, :], SOFTCAP, ALIBI, MASK_KIND)
     if CHECKED:
-        s = visible(s, rows, cols, diag, left, right, seqlen_k, HAS_LEFT, HAS_RIGHT)
+        s = visible(s, rows[:, None], cols[None, :], diag, left, right, seqlen_k, HAS_LEFT, HAS_RIGHT)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet stay NaN-free
     to_log2 = 1.4426950408889634 / score_unit(MASK_KIND)
@@ -46,7 +46,7 @@ def _step(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, diag, seql
     p = tl.exp2((s - m_safe[:, None]) * to_log2)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        p = tl.where(keep_tile(hhash, rows, cols, threshold), p * keep_scale, 0.0)
+        p = tl.where(keep_tile(hhash, rows[:, None], cols[None, :], threshold), p * keep_scale, 0.0)
     acc = acc * alpha[:, None] + dot(operand(p, v, DOT_PRECISION), v, DOT_PRECISION)
     return acc, l_i, m_new
 

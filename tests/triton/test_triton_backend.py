@@ -254,6 +254,33 @@ def test_additive_mask_gradient_broadcast():
     check(case, seed=2)
 
 
+@pytest.fixture
+def kv_keys_as_rows(monkeypatch):
+    """The dK/dV kernel with its tile as keys x queries (backward.KV_KEYS_AS_ROWS, off by default until timed)."""
+    from mfa_hf.kernels.triton import backward, forward
+
+    monkeypatch.setattr(backward, "KV_KEYS_AS_ROWS", True)
+    forward.forget_plans()  # plans hold the switch
+    yield
+    monkeypatch.undo()
+    forward.forget_plans()
+
+
+# Every feature the dK/dV step touches in its other orientation: the sampled core grid (masks, ALiBi, softcap,
+# windows, GQA, sinks, dtypes), dropout, packed sequences, an additive mask's gradient, head dims D != Dv.
+@pytest.mark.parametrize("case", SAMPLED + [Case(dtype=torch.bfloat16, lq=19, lk=33, dim=128, dim_v=64, causal=True)],
+                         ids=lambda c: c.id)
+def test_backward_with_keys_as_rows_gives_the_reference(case, kv_keys_as_rows):
+    check(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_with_keys_as_rows_dropout_and_packed(dtype, kv_keys_as_rows):
+    test_dropout_same_mask_as_reference(dtype)
+    test_varlen_matches_per_sequence_reference(torch.float16 if dtype == torch.bfloat16 else dtype)
+    test_additive_mask_gradient_broadcast()
+
+
 def _problem(**overrides) -> AttentionProblem:
     fields = dict(device_type="cuda", dtype=torch.bfloat16, batch=1, seqlen_q=8, seqlen_k=8, heads_q=2,
                   heads_kv=2, head_dim_qk=64, head_dim_v=64)
