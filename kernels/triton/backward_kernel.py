@@ -75,14 +75,17 @@ def _kv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, sta
         dp = tl.where(keep, dp * keep_scale, 0.0)
     else:
         p_dropped = p
+    # dV before dS, as the step always ran (the GPU's tests and race checks were of this order)
+    if KEYS_AS_ROWS:
+        dv += dot(operand(p_dropped, do, DOT_PRECISION), do, DOT_PRECISION)
+    else:
+        dv += dot(tl.trans(operand(p_dropped, do, DOT_PRECISION)), do, DOT_PRECISION)
     ds = p * (dp - delta_t)
     if SOFTCAP:
         ds = ds * (1.0 - capped * capped)
     if KEYS_AS_ROWS:
-        dv += dot(operand(p_dropped, do, DOT_PRECISION), do, DOT_PRECISION)
         dk += dot(operand(ds, q, DOT_PRECISION), q, DOT_PRECISION)
     else:
-        dv += dot(tl.trans(operand(p_dropped, do, DOT_PRECISION)), do, DOT_PRECISION)
         dk += dot(tl.trans(operand(ds, q, DOT_PRECISION)), q, DOT_PRECISION)
     return dk, dv
 
