@@ -145,9 +145,10 @@ def attention_backward_kv_kernel(
         lse_base = LSE + b.to(tl.int64) * stride_lb + start_q.to(tl.int64) * stride_lm + h * stride_lh
         delta_base = DELTA + b.to(tl.int64) * stride_deltab + h * stride_deltah + start_q
         if KEYS_AS_ROWS:  # the key columns in the step's tile orientation
-            mask_base = MASK + b.to(tl.int64) * stride_mb + h * stride_mh + cols[:, None] * stride_mn
+            key_cols = cols[:, None]
         else:
-            mask_base = MASK + b.to(tl.int64) * stride_mb + h * stride_mh + cols[None, :] * stride_mn
+            key_cols = cols[None, :]
+        mask_base = MASK + b.to(tl.int64) * stride_mb + h * stride_mh + key_cols * stride_mn
         slope2 = 0.0
         if ALIBI:
             slope2 = tl.load(ALIBI_SLOPES + b * stride_ab + h * stride_ah).to(tl.float32) * score_unit(MASK_KIND)

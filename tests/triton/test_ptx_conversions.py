@@ -136,9 +136,8 @@ def test_hardware_tanh_only_for_half_precision_on_cuda(monkeypatch):
     """The softcap's tanh.approx.f32 (binding.softcap_mode 2), when switched on (HARDWARE_TANH), is taken for
     float16/bfloat16 on CUDA from compute capability 7.5 only: float32 keeps the exact tanh (its tolerance is
     float32's), the CPU interpreter cannot run PTX, a GPU before Turing has no tanh.approx, no softcap is mode 0."""
-    from mfa_hf.kernels.triton.binding import softcap_mode
-
     from mfa_hf.kernels.triton import binding
+    from mfa_hf.kernels.triton.binding import softcap_mode
 
     monkeypatch.setattr(binding, "HARDWARE_TANH", True)
     capability = [(9, 0)]
