@@ -14,16 +14,12 @@ compile-time constant. Codes are dequantized in registers:
               products run on even and odd columns separately (no interleave)
 
 Scales: one per (token, head) or per head (SCALE_MODE 1) multiply the scores after the QK dot
-(keys) or the probabilities before the PV dot (values): codes enter the dot exactly. Per-channel
-scales (SCALE_MODE 2) are applied element-wise before the dot. nf4's scales per group of D
-(SCALE_MODE 3) multiply each group's float32 partial scores (keys) or the probabilities (values):
-either as masked full-width dots per group, or with NF4_SPLIT as dots over each group's own columns
-(keys: one sub-tile load and dot per group; values: one batched dot over (group, key, column) tiles).
+(keys) or the probabilities before the PV dot (values): codes enter the dot exactly. Scales per
+group along D (nf4, per-channel keys; SCALE_MODE 2) are applied element-wise before the dot.
 
 decode_merge_kernel: one program per (batch, query head, query row) combines the splits' LSEs
 (base 2) and normalized partial outputs; sinks join the denominator there. With one split the
-split kernel writes the final output itself (DIRECT); with FUSED_MERGE the last split program of
-each tile to finish does the merge kernel's work (_merge_if_last), so a decode is one launch.
+split kernel writes the final output itself (DIRECT).
 """
 
 import triton
