@@ -1,6 +1,6 @@
 """Decode split-kernel variants side by side (issue 19): the key tile as the MMA's M side (`keys_as_rows`), nf4 scale
-groups as sub-tiles (`nf4_split`), the merge fused into the split kernel (`fused_merge`), launch configs around them,
-and optionally a baseline kernel file (the previous commit's decode_kernel.py), on one GPU.
+groups as sub-tiles (`nf4_split`), launch configs around them, and optionally a baseline kernel file (the previous
+commit's decode_kernel.py), on one GPU.
 
     BASELINE_KERNEL=path/to/old_decode_kernel.py DECODE_VARIANTS=default,nf4-split \
         PYTHONPATH=. python benchmarks/triton/decode_layouts.py [--out DIR]
@@ -41,10 +41,6 @@ VARIANTS = {  # name -> (config override of the plan (None: the backend's defaul
     "nf4-split-n64": (dict(nf4_split=True, block_n=64), 0),
     "nf4-split-w8": (dict(nf4_split=True, num_warps=8), 0),
     "nf4-split-p32": (dict(nf4_split=True), 32),
-    "nf4-split-fused": (dict(nf4_split=True, fused_merge=True), 0),
-    # the last split program of a tile merges (decode_kernel._merge_if_last): one launch instead of two
-    "fused": (dict(fused_merge=True), 0),
-    "fused-p32": (dict(fused_merge=True), 32),
 }
 # DECODE_VARIANTS=default,nf4-split,... picks some of them (default: all)
 PICKED = [name for name in os.environ.get("DECODE_VARIANTS", ",".join(VARIANTS)).split(",") if name]
@@ -140,7 +136,7 @@ def main(out_dir: str) -> None:
             k_cache, v_cache, nbytes, call = bench._decode_cache(q, k, v, seqlens, fmt)
             ref = bench._decode_reference(q, k, v, k_cache, v_cache, fmt) if length == LENGTHS[-1] else None
             for name in names:
-                if (fmt, name) in bad or (name.startswith("nf4-") and fmt != "nf4"):
+                if (fmt, name) in bad:
                     continue
                 kernel.use(name)
                 config, splits = VARIANTS.get(name, (None, 0))

@@ -19,7 +19,7 @@ from ..launch import BoundedMemo, SplitPolicy, decode_layout, new_output, shape_
 from . import decode_kernel
 from .binding import alibi_args, cuda_capability_at_least, dot_precision, on_tensors_device, softcap_mode
 from .blocks import cdiv, padded_dim
-from .direct_launch import DirectLauncher, current_stream, tensor_classes
+from .direct_launch import DirectLauncher, tensor_classes
 from .forward import launches_unchanged
 
 # Kernels relaunched without Triton's per-call binding once compiled for a kind of call (direct_launch.py).
@@ -118,7 +118,6 @@ class _Plan:
     merge_grid: tuple
     merge_ints: tuple
     merge_options: dict
-    arrivals: int  # fused merge: the split kernel's arrival counters (one per batch x KV head x query tile), else 0
 
 
 _plans = BoundedMemo()  # launch key -> _Plan (bounded)
@@ -150,7 +149,6 @@ def _make_plan(call: DecodeCall, config) -> _Plan:
         span = min(span, window_left + right + block_q)
     splits = split_policy(q.device).splits(batch * heads_kv * q_tiles, span, block_n, call.num_splits)
     direct = splits == 1
-    fused = not direct and bool(cfg.get("fused_merge", False))
     _, k_scale_strides, k_mode, k_gs, k_ng = _scale_args(keys.scales, k_codes, k_format, keys.group_size)
     _, v_scale_strides, v_mode, v_gs, v_ng = _scale_args(values.scales, v_codes, v_format, values.group_size)
     _, slope_strides = alibi_args(call.alibi_slopes, q)
@@ -174,7 +172,7 @@ def _make_plan(call: DecodeCall, config) -> _Plan:
         HAS_BATCH_IDX=call.cache_batch_idx is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0,
         SOFTCAP=softcap_mode(o.softcap, q.dtype, q.device), ALIBI=call.alibi_slopes is not None, SINKS_ON=sinks_on, DIRECT=direct,
         DOT_PRECISION=precision, ASM=asm, KEYS_AS_ROWS=bool(cfg.get("keys_as_rows", False)), NF4_SPLIT=bool(cfg.get("nf4_split", False)),
-        FUSED_MERGE=fused, BLOCK_P=max(16, _pow2(splits)), num_warps=cfg["num_warps"] if on_gpu else 1,
+        num_warps=cfg["num_warps"] if on_gpu else 1,
         num_stages=cfg["num_stages"] if on_gpu else 1)
     merge_options = dict(HEAD_DV=dim_v, BLOCK_DV=padded_dim(dim_v), BLOCK_P=max(16, _pow2(splits)), SINKS_ON=sinks_on,
                          num_warps=4 if on_gpu else 1)
@@ -184,8 +182,7 @@ def _make_plan(call: DecodeCall, config) -> _Plan:
         _levels(q.device, torch.float32 if precision == "upcast" or q.dtype == torch.float32 else torch.float16),
         (splits, batch * heads_kv, q_tiles), split_ints,
         (max(1, k_codes.shape[0]), k_codes.shape[1]), split_options, (rows,),
-        (*out_strides, *lse_strides, lq, heads_q, splits), merge_options,
-        batch * heads_kv * q_tiles if fused else 0)
+        (*out_strides, *lse_strides, lq, heads_q, splits), merge_options)
 
 
 def _launch_key(call: DecodeCall, config) -> tuple:
@@ -199,45 +196,21 @@ def _launch_key(call: DecodeCall, config) -> tuple:
 
 
 def _outputs(plan: _Plan, dtype, device) -> tuple:
-    """(out, lse, partial outputs, partial LSEs, arrival counters): with one split the kernel writes out/lse itself,
-    and lse stands in for the unused partials; without a fused merge, lse stands in for the counters."""
+    """(out, lse, partial outputs, partial LSEs): with one split the kernel writes out/lse itself, and lse stands in
+    for the unused partials."""
     out = new_output(plan.out_shape, dtype, device)
     lse = new_output(plan.lse_shape, torch.float32, device)
     if plan.part_sizes is None:
-        return out, lse, lse, lse, lse
+        return out, lse, lse, lse
     return (out, lse, torch.empty(plan.part_sizes[0], dtype=torch.float32, device=device),
-            torch.empty(plan.part_sizes[1], dtype=torch.float32, device=device),
-            _arrivals(device, plan.arrivals) if plan.arrivals else lse)
+            torch.empty(plan.part_sizes[1], dtype=torch.float32, device=device))
 
 
-_arrival_counters: dict = {}
-
-
-def _arrivals(device, count: int) -> torch.Tensor:
-    """The fused merge's arrival counters, zero between launches (the last program of each tile resets its own).
-    One buffer per (device, stream, size): launches on one stream run in order, so they never share a counter while
-    it counts; two streams get two buffers. A CUDA graph keeps the buffer of the stream it was captured on."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        key = (index, current_stream(index), count)
-    else:  # Triton's interpreter: one program at a time
-        key = (str(device), 0, count)
-    counters = _arrival_counters.get(key)
-    if counters is None:
-        counters = _arrival_counters[key] = torch.zeros(count, dtype=torch.int32, device=device)
-    return counters
-
-
-def _split_args(plan: _Plan, q, keys, values, lengths, rows, slopes, sinks, outputs, o) -> tuple:
-    """The split kernel's arguments; its 15 tensors first (rows, slopes, sinks: q where absent; outputs as
-    _outputs gives them)."""
+def _split_args(plan: _Plan, q, keys, values, lengths, rows, slopes, sinks, out, lse, part_o, part_lse, o) -> tuple:
+    """The split kernel's arguments; its 14 tensors first (rows, slopes, sinks: q where absent)."""
     return (q, keys.codes, values.codes, _scales_arg(keys), _scales_arg(values), lengths, rows, slopes, sinks,
-            plan.levels, *outputs, *plan.split_ints, float(o.scale), float(o.softcap), *plan.split_tail)
-
-
-def _merges_apart(plan: _Plan) -> bool:
-    """Whether the merge kernel runs after the split kernel (several splits and no fused merge)."""
-    return plan.part_sizes is not None and not plan.arrivals
+            plan.levels, out, lse, part_o, part_lse, *plan.split_ints, float(o.scale), float(o.softcap),
+            *plan.split_tail)
 
 
 def _scales_arg(side):
@@ -259,14 +232,13 @@ def decode(call: DecodeCall, config=None):
         return (new_output((q.shape[0], q.shape[1], q.shape[2], dim_v), q.dtype, q.device),
                 new_output((q.shape[0], q.shape[2], q.shape[1]), torch.float32, q.device))
     plan = _plans.get(key) or _plans.keep(key, _make_plan(call, config))
-    outputs = _outputs(plan, q.dtype, q.device)
-    out, lse, part_o, part_lse, _ = outputs
+    out, lse, part_o, part_lse = _outputs(plan, q.dtype, q.device)
     sink_arg = q if sinks is None else sinks
     _SPLIT.launch(plan.split_grid, _split_args(
         plan, q, keys, values, call.seqlens_k, q if cache_batch_idx is None else cache_batch_idx,
-        q if alibi_slopes is None else alibi_slopes, sink_arg, outputs, o),
-        plan.split_options, known=key, tensors=15)
-    if _merges_apart(plan):
+        q if alibi_slopes is None else alibi_slopes, sink_arg, out, lse, part_o, part_lse, o),
+        plan.split_options, known=key, tensors=14)
+    if plan.part_sizes is not None:
         _MERGE.launch(plan.merge_grid, (part_o, part_lse, sink_arg, out, lse, *plan.merge_ints), plan.merge_options,
                       known=key, tensors=5)
     return out, lse
@@ -293,13 +265,12 @@ def replay(call: DecodeCall):
     if plan is None or call.seqlens_k.dtype != torch.int32 or _misaligned(q, keys, values, call.seqlens_k):
         return None
     index, device = q.device.index, q.device
-    # The argument kinds decode() launched with: its 15 tensors, with q for the absent row map, slopes and sinks.
-    outputs = _outputs(plan, q.dtype, device)
-    out, lse, part_o, part_lse, _ = outputs
-    split_args = _split_args(plan, q, keys, values, call.seqlens_k, q, q, q, outputs, call.options)
-    split = _SPLIT.runner(index, plan.split_grid, key, tensor_classes(split_args[:15]))
+    # The argument kinds decode() launched with: its 14 tensors, with q for the absent row map, slopes and sinks.
+    out, lse, part_o, part_lse = _outputs(plan, q.dtype, device)
+    split_args = _split_args(plan, q, keys, values, call.seqlens_k, q, q, q, out, lse, part_o, part_lse, call.options)
+    split = _SPLIT.runner(index, plan.split_grid, key, tensor_classes(split_args[:14]))
     merge = None
-    if _merges_apart(plan):
+    if plan.part_sizes is not None:
         merge = _MERGE.runner(index, plan.merge_grid, key, tensor_classes((part_o, part_lse, q, out, lse)))
         if merge is None:
             return None
@@ -311,9 +282,8 @@ def replay(call: DecodeCall):
         if (lengths.dtype != torch.int32 or _layout(q, keys, values) != layout or _misaligned(q, keys, values, lengths)
                 or not unchanged()):
             return None
-        outputs = _outputs(plan, q.dtype, device)
-        out, lse, part_o, part_lse, _ = outputs
-        run_split(*_split_args(plan, q, keys, values, lengths, q, q, q, outputs, o), *split_tail)
+        out, lse, part_o, part_lse = _outputs(plan, q.dtype, device)
+        run_split(*_split_args(plan, q, keys, values, lengths, q, q, q, out, lse, part_o, part_lse, o), *split_tail)
         if merge is not None:
             run_merge, merge_tail = merge
             run_merge(part_o, part_lse, q, out, lse, *plan.merge_ints, *merge_tail)

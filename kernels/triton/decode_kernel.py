@@ -239,51 +239,9 @@ def _grouped_values(acc_lo, acc_hi, p, alpha, v_base, vs_base, cols, col_ok, str
     return acc_lo, acc_hi
 
 
-@triton.jit
-def _merge_if_last(arrival, PART_O, PART_LSE, SINKS, O, LSE, first, b, head, qi, row_ok, num_splits,
-                   stride_ob, stride_om, stride_oh, stride_lb, stride_lh, OUT_DIM: tl.constexpr, OUT_P: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, SINKS_ON: tl.constexpr):
-    """The merge kernel's work, done by the last split program of a (batch x KV head, query tile) to finish, so a
-    decode is one launch. `arrival` counts the tile's finished splits: each program adds 1 after its partial
-    stores (the barrier orders every thread's stores before the release); the one that reads num_splits - 1
-    merges (its acquire makes the others' partials visible) and sets the count back to 0 for the next launch,
-    which the stream orders after this one. The arithmetic is decode_merge_kernel's, split by split.
-    first: each row's partial index for split 0."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(arrival, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_splits - 1:
-        tl.store(arrival, 0)
-        ps = tl.arange(0, BLOCK_P)
-        lse2 = tl.load(PART_LSE + first[:, None] + ps[None, :], mask=row_ok[:, None] & (ps[None, :] < num_splits),
-                       other=float("-inf"), cache_modifier=".cg")
-        m = tl.max(lse2, 1)
-        if SINKS_ON:
-            sink2 = tl.load(SINKS + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-            m = tl.maximum(m, sink2)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        total = tl.sum(tl.exp2(lse2 - m_safe[:, None]), 1)
-        if SINKS_ON:
-            total += tl.exp2(sink2 - m_safe)
-        d = tl.arange(0, OUT_P)
-        d_ok = row_ok[:, None] & (d[None, :] < OUT_DIM)
-        merged = tl.full([BLOCK_M, OUT_P], 0.0, tl.float32)
-        for s in range(0, num_splits):
-            w = tl.exp2(tl.load(PART_LSE + first + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-                        - m_safe)
-            part = tl.load(PART_O + (first + s)[:, None] * OUT_DIM + d[None, :], mask=d_ok, other=0.0,
-                           cache_modifier=".cg")
-            merged += part * w[:, None]
-        safe_total = tl.where(total != 0, total, 1.0)  # != : a NaN total stays NaN
-        out = tl.where((total != 0)[:, None], merged / safe_total[:, None], 0.0)
-        o_base = O + b.to(tl.int64) * stride_ob + qi * stride_om + head * stride_oh
-        tl.store(o_base[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=d_ok)
-        lse = tl.where(total != 0, (m_safe + tl.log2(safe_total)) * 0.6931471805599453, float("-inf"))
-        tl.store(LSE + b.to(tl.int64) * stride_lb + head * stride_lh + qi, lse, mask=row_ok)
-
-
 @triton.jit(do_not_specialize=["seqlen_q", "group", "num_splits", "left", "right", "cache_rows", "capacity"])
 def decode_split_kernel(
-    Q, K, V, KS, VS, SEQLENS, BATCH_IDX, SLOPES, SINKS, LEVELS, O, LSE, PART_O, PART_LSE, ARRIVALS,
+    Q, K, V, KS, VS, SEQLENS, BATCH_IDX, SLOPES, SINKS, LEVELS, O, LSE, PART_O, PART_LSE,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd, stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ksb, stride_ksn, stride_ksh, stride_ksg, stride_vsb, stride_vsn, stride_vsh, stride_vsg,
@@ -297,7 +255,6 @@ def decode_split_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     SINKS_ON: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ASM: tl.constexpr = False, KEYS_AS_ROWS: tl.constexpr = False, NF4_SPLIT: tl.constexpr = False,
-    FUSED_MERGE: tl.constexpr = False, BLOCK_P: tl.constexpr = 16,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -508,11 +465,6 @@ def decode_split_kernel(
         if HALF_V:
             tl.store(p_base + elem_hi[None, :], out_hi, mask=col_mask)
         tl.store(PART_LSE + part_row, lse2, mask=row_ok)
-        if FUSED_MERGE:
-            _merge_if_last(ARRIVALS + bh * tl.num_programs(2) + q_tile, PART_O, PART_LSE, SINKS, O, LSE,
-                           part_row - split, b, head, qi, row_ok, num_splits, stride_ob, stride_om, stride_oh,
-                           stride_lb, stride_lh, out_dim, BLOCK_DV * 2 if HALF_V else BLOCK_DV, BLOCK_M, BLOCK_P,
-                           SINKS_ON)
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "heads_q", "num_splits"])

@@ -123,15 +123,6 @@ def _hooks_idle() -> bool:
     return _idle(runtime.launch_enter_hook) and _idle(runtime.launch_exit_hook)
 
 
-def current_stream(index: int) -> int:
-    """The raw handle of CUDA device `index`'s current stream, by the getter the direct launches use (torch's
-    otherwise)."""
-    found = _runtime()
-    if found is not None:
-        return found[1](index)
-    return torch.cuda.current_stream(index).cuda_stream
-
-
 def _runtime():
     """_triton_runtime(), looked up once (at the first launch: importing Triton at import time is slow)."""
     if not _RUNTIME:

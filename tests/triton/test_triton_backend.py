@@ -521,25 +521,6 @@ def test_decode_with_nf4_split_flipped(c, monkeypatch):
         td._plans.clear()
 
 
-@pytest.mark.parametrize("c", [c for c in _decode_cases() if c.get("num_splits", 0) != 1] + _NF4_SPLIT_CASES[-5:],
-                         ids=_case_id)
-def test_decode_with_fused_merge_flipped(c, monkeypatch):
-    """fused_merge (the last split program of a tile merges, decode_kernel._merge_if_last) flipped from each table's
-    default gives the reference too, twice in a row (the arrival counters are back at 0 after each call)."""
-    from mfa_hf.kernels.triton import decode as td
-
-    for table in (td.DECODE_CONFIG, td.DECODE_CONFIG_QUANT):
-        monkeypatch.setitem(table, "fused_merge", not table.get("fused_merge", False))
-    td._plans.clear()
-    try:
-        first = check_decode(c)
-        second = check_decode(c)
-        for a, b in zip(first[:2], second[:2]):
-            assert torch.equal(a.nan_to_num(), b.nan_to_num()), "a second identical call gave another answer"
-    finally:
-        td._plans.clear()
-
-
 HARDWARE_TANH_CASES = [
     Case(dtype=torch.float16, softcap=3.0, causal=True),
     Case(dtype=torch.bfloat16, softcap=30.0, window=(7, 0), lq=50, lk=50),
