@@ -1,9 +1,7 @@
-"""Decode split-kernel variants side by side (issue 19): the key tile as the MMA's M side (`keys_as_rows`), nf4 scale
-groups as sub-tiles (`nf4_split`), launch configs around them, and optionally a baseline kernel file (the previous
-commit's decode_kernel.py), on one GPU.
+"""Decode split-kernel variants side by side (issue 19): the key tile as the MMA's M side (`keys_as_rows`), launch
+configs around it, and optionally a baseline kernel file (the previous commit's decode_kernel.py), on one GPU.
 
-    BASELINE_KERNEL=path/to/old_decode_kernel.py DECODE_VARIANTS=default,nf4-split \
-        PYTHONPATH=. python benchmarks/triton/decode_layouts.py [--out DIR]
+    BASELINE_KERNEL=path/to/old_decode_kernel.py PYTHONPATH=. python benchmarks/triton/decode_layouts.py [--out DIR]
 
 B=8, Hq=32, Hkv=8, D=128, q_len 1 (device_bench.py's decode problem). Every variant is checked at 4k against
 float32 attention on the dequantized cache, then timed at 64k and 4k (do_bench medians, L2 flushed) beside SDPA
@@ -35,15 +33,7 @@ VARIANTS = {  # name -> (config override of the plan (None: the backend's defaul
     "rows-s4": (dict(ROWS, num_stages=4), 0),
     "rows-n64": (dict(ROWS, block_n=64), 0),
     "rows-p8": (dict(ROWS), 8),
-    # nf4 scale groups as sub-tiles (decode_kernel._grouped_scores / _grouped_values); other formats ignore it
-    "nf4-split": (dict(nf4_split=True), 0),
-    "nf4-split-s4": (dict(nf4_split=True, num_stages=4), 0),
-    "nf4-split-n64": (dict(nf4_split=True, block_n=64), 0),
-    "nf4-split-w8": (dict(nf4_split=True, num_warps=8), 0),
-    "nf4-split-p32": (dict(nf4_split=True), 32),
 }
-# DECODE_VARIANTS=default,nf4-split,... picks some of them (default: all)
-PICKED = [name for name in os.environ.get("DECODE_VARIANTS", ",".join(VARIANTS)).split(",") if name]
 
 
 def _baseline():
@@ -125,7 +115,7 @@ def main(out_dir: str) -> None:
     from mfa_hf.kernels.triton import decode as td
 
     kernel = Kernel(td, _baseline())
-    names = (["baseline"] if kernel.baseline is not None else []) + PICKED
+    names = (["baseline"] if kernel.baseline is not None else []) + list(VARIANTS)
     copy = bench.copy_bandwidth()
     print(f"copy bandwidth: {copy:.0f} GB/s", flush=True)
     bad, sass, table = set(), [], []
@@ -158,7 +148,7 @@ def main(out_dir: str) -> None:
                               sdpa_ms / best))
                 print("  {} {}: {:.4f} / {:.4f} ms, {:.0f} GB/s, {:.1f}% copy, x{:.2f} SDPA".format(
                     fmt, name, *table[-1][3:]), flush=True)
-                if length == LENGTHS[0] and fmt in ("int8", "nf4", "bf16") and name in ("baseline", "default", "rows", "nf4-split"):
+                if length == LENGTHS[0] and fmt in ("int8", "nf4", "bf16") and name in ("baseline", "default", "rows"):
                     compiled = _compiled_for(td, fmt, None if name == "baseline" else config)
                     if compiled is not None:
                         sass.append(f"{fmt} {name}\n{_sass_summary(compiled)}")

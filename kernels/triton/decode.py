@@ -171,8 +171,7 @@ def _make_plan(call: DecodeCall, config) -> _Plan:
         K_GS=k_gs, V_GS=v_gs, K_NG=k_ng, V_NG=v_ng,
         HAS_BATCH_IDX=call.cache_batch_idx is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0,
         SOFTCAP=softcap_mode(o.softcap, q.dtype, q.device), ALIBI=call.alibi_slopes is not None, SINKS_ON=sinks_on, DIRECT=direct,
-        DOT_PRECISION=precision, ASM=asm, KEYS_AS_ROWS=bool(cfg.get("keys_as_rows", False)), NF4_SPLIT=bool(cfg.get("nf4_split", False)),
-        num_warps=cfg["num_warps"] if on_gpu else 1,
+        DOT_PRECISION=precision, ASM=asm, KEYS_AS_ROWS=bool(cfg.get("keys_as_rows", False)), num_warps=cfg["num_warps"] if on_gpu else 1,
         num_stages=cfg["num_stages"] if on_gpu else 1)
     merge_options = dict(HEAD_DV=dim_v, BLOCK_DV=padded_dim(dim_v), BLOCK_P=max(16, _pow2(splits)), SINKS_ON=sinks_on,
                          num_warps=4 if on_gpu else 1)

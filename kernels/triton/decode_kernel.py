@@ -196,49 +196,6 @@ def _side_values(raw, scale_base, cols, dcols, col_ok, stride_sn, stride_sg,
     return vals
 
 
-@triton.jit
-def _grouped_scores(q_base, stride_qd, row_ok, k_base, ks_base, cols, col_ok, stride_kn, stride_kd, stride_ksn,
-                    stride_ksg, LEVELS, kdt: tl.constexpr, HEAD_D: tl.constexpr, K_FMT: tl.constexpr,
-                    GB: tl.constexpr, K_NG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, ASM: tl.constexpr, KEYS_AS_ROWS: tl.constexpr):
-    """nf4 keys with a scale per (key, group of GB bytes along D): per group, the group's byte columns of the key
-    tile against q's matching even / odd columns, the fp32 product times the keys' scales (codes enter the dots
-    exactly, as on the masked path, with no dot over another group's zeroed columns)."""
-    qk = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-    for g in tl.static_range(K_NG):
-        dg = g * GB + tl.arange(0, GB)
-        q_ok = row_ok[:, None] & (dg[None, :] < HEAD_D)
-        q_lo = tl.load(q_base + (2 * dg)[None, :] * stride_qd, mask=q_ok, other=0.0).to(kdt)
-        q_hi = tl.load(q_base + (2 * dg + 1)[None, :] * stride_qd, mask=q_ok, other=0.0).to(kdt)
-        k_raw = _load_codes(k_base, cols, dg, col_ok, stride_kn, stride_kd, HEAD_D, K_FMT, True)
-        k_lo, k_hi = _nibble_values(k_raw, LEVELS, kdt, ASM)
-        part = _mm(q_lo, k_lo, DOT_PRECISION, KEYS_AS_ROWS) + _mm(q_hi, k_hi, DOT_PRECISION, KEYS_AS_ROWS)
-        ks = tl.load(ks_base + cols * stride_ksn + g * stride_ksg, mask=col_ok, other=0.0)
-        qk += part * ks[None, :]
-    return qk
-
-
-@triton.jit
-def _grouped_values(acc_lo, acc_hi, p, alpha, v_base, vs_base, cols, col_ok, stride_vn, stride_vd, stride_vsn,
-                    stride_vsg, LEVELS, vdt: tl.constexpr, V_FMT: tl.constexpr, GB: tl.constexpr,
-                    V_NG: tl.constexpr, NGP: tl.constexpr, DOT_PRECISION: tl.constexpr, ASM: tl.constexpr):
-    """nf4 values with a scale per (key, group of GB bytes along D), as one batched dot over the groups: the value
-    tile as (group, key, group's byte column), the probabilities times each group's scales as (group, row, key),
-    the accumulators (group, row, group's byte column). NGP >= V_NG is the groups padded to a power of two."""
-    g = tl.arange(0, NGP)
-    g_ok = g < V_NG
-    v_raw = tl.load(v_base + cols[None, :, None] * stride_vn
-                    + (g[:, None, None] * GB + tl.arange(0, GB)[None, None, :]) * stride_vd,
-                    mask=col_ok[None, :, None] & g_ok[:, None, None], other=0)
-    v_lo, v_hi = _nibble_values(v_raw, LEVELS, vdt, ASM)
-    vsc = tl.load(vs_base + cols[None, :] * stride_vsn + g[:, None] * stride_vsg,
-                  mask=col_ok[None, :] & g_ok[:, None], other=0.0)
-    pg = (p[None, :, :] * vsc[:, None, :]).to(vdt)
-    acc_lo = acc_lo * alpha[None, :, None] + dot(pg, v_lo, DOT_PRECISION)
-    acc_hi = acc_hi * alpha[None, :, None] + dot(pg, v_hi, DOT_PRECISION)
-    return acc_lo, acc_hi
-
-
 @triton.jit(do_not_specialize=["seqlen_q", "group", "num_splits", "left", "right", "cache_rows", "capacity"])
 def decode_split_kernel(
     Q, K, V, KS, VS, SEQLENS, BATCH_IDX, SLOPES, SINKS, LEVELS, O, LSE, PART_O, PART_LSE,
@@ -254,7 +211,7 @@ def decode_split_kernel(
     K_NG: tl.constexpr, V_NG: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     SINKS_ON: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ASM: tl.constexpr = False, KEYS_AS_ROWS: tl.constexpr = False, NF4_SPLIT: tl.constexpr = False,
+    ASM: tl.constexpr = False, KEYS_AS_ROWS: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -333,43 +290,29 @@ def decode_split_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
-    # NF4_SPLIT: nf4 scale groups as sub-tiles, each loaded and multiplied on its own columns only. The value
-    # accumulators are then (group, row, group's byte column), reshaped to (row, byte column) after the loop.
-    V_GROUPED: tl.constexpr = V_SCALE == 3 and NF4_SPLIT
-    V_GB: tl.constexpr = V_GS // 2  # byte columns of a value scale group (nf4: two codes a byte)
-    V_NGP: tl.constexpr = BLOCK_DV // V_GB if V_GROUPED else 1  # the groups padded to a power of two
-    if V_GROUPED:
-        acc_lo = tl.full([V_NGP, BLOCK_M, V_GB], 0.0, tl.float32)
-        acc_hi = tl.full([V_NGP, BLOCK_M, V_GB], 0.0, tl.float32)
-    else:
-        acc_lo = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
-        acc_hi = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
+    acc_lo = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
+    acc_hi = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
-        if K_SCALE == 3 and NF4_SPLIT:
-            qk = _grouped_scores(q_base, stride_qd, row_ok, k_base, ks_base, cols, col_ok, stride_kn, stride_kd,
-                                 stride_ksn, stride_ksg, LEVELS, kdt, HEAD_D, K_FMT, K_GS // 2, K_NG, BLOCK_M, BLOCK_N,
-                                 DOT_PRECISION, ASM, KEYS_AS_ROWS)
+        k_raw = _load_codes(k_base, cols, dq, col_ok, stride_kn, stride_kd, HEAD_D, K_FMT, True)
+        if HALF_K:  # both nibbles of the same bytes
+            k_lo, k_hi = _nibble_values(k_raw, LEVELS, kdt, ASM)
         else:
-            k_raw = _load_codes(k_base, cols, dq, col_ok, stride_kn, stride_kd, HEAD_D, K_FMT, True)
-            if HALF_K:  # both nibbles of the same bytes
-                k_lo, k_hi = _nibble_values(k_raw, LEVELS, kdt, ASM)
-            else:
-                k_lo = _side_values(k_raw, ks_base, cols, dq, col_ok, stride_ksn, stride_ksg, HEAD_D, K_FMT, K_SCALE,
-                                    K_GS, LEVELS, True, kdt, ASM)
-            if K_SCALE == 3:  # nf4 groups: one dot per group (q's other columns zeroed), scaled per key
-                qk = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-                for g in tl.static_range(K_NG):
-                    in_g = (k_group == g)[None, :]
-                    part = _mm(tl.where(in_g, q_lo, 0.0).to(kdt), k_lo, DOT_PRECISION, KEYS_AS_ROWS)
-                    part += _mm(tl.where(in_g, q_hi, 0.0).to(kdt), k_hi, DOT_PRECISION, KEYS_AS_ROWS)
-                    ks = tl.load(ks_base + cols * stride_ksn + g * stride_ksg, mask=col_ok, other=0.0)
-                    qk += part * ks[None, :]
-            else:
-                qk = _mm(q_lo, k_lo, DOT_PRECISION, KEYS_AS_ROWS)
-                if HALF_K:
-                    qk += _mm(q_hi, k_hi, DOT_PRECISION, KEYS_AS_ROWS)
+            k_lo = _side_values(k_raw, ks_base, cols, dq, col_ok, stride_ksn, stride_ksg, HEAD_D, K_FMT, K_SCALE, K_GS,
+                                LEVELS, True, kdt, ASM)
+        if K_SCALE == 3:  # nf4 groups: one dot per group (q's other columns zeroed), scaled per key
+            qk = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+            for g in tl.static_range(K_NG):
+                in_g = (k_group == g)[None, :]
+                part = _mm(tl.where(in_g, q_lo, 0.0).to(kdt), k_lo, DOT_PRECISION, KEYS_AS_ROWS)
+                part += _mm(tl.where(in_g, q_hi, 0.0).to(kdt), k_hi, DOT_PRECISION, KEYS_AS_ROWS)
+                ks = tl.load(ks_base + cols * stride_ksn + g * stride_ksg, mask=col_ok, other=0.0)
+                qk += part * ks[None, :]
+        else:
+            qk = _mm(q_lo, k_lo, DOT_PRECISION, KEYS_AS_ROWS)
+            if HALF_K:
+                qk += _mm(q_hi, k_hi, DOT_PRECISION, KEYS_AS_ROWS)
         if K_SCALE == 1:
             ks = tl.load(ks_base + cols * stride_ksn, mask=col_ok, other=0.0)
             qk = qk * (ks * K_CONST)[None, :]
@@ -397,36 +340,28 @@ def decode_split_kernel(
             p = p * (vsc * V_CONST)[None, :]
         elif V_CONST != 1.0:
             p = p * V_CONST
-        if V_GROUPED:
-            acc_lo, acc_hi = _grouped_values(acc_lo, acc_hi, p, alpha, v_base, vs_base, cols, col_ok, stride_vn,
-                                             stride_vd, stride_vsn, stride_vsg, LEVELS, vdt, V_FMT, V_GB, V_NG, V_NGP,
-                                             DOT_PRECISION, ASM)
+        v_raw = _load_codes(v_base, cols, dv, col_ok, stride_vn, stride_vd, HEAD_DV, V_FMT, False)
+        if HALF_V:  # both nibbles of the same bytes
+            v_lo, v_hi = _nibble_values(v_raw, LEVELS, vdt, ASM)
         else:
-            v_raw = _load_codes(v_base, cols, dv, col_ok, stride_vn, stride_vd, HEAD_DV, V_FMT, False)
-            if HALF_V:  # both nibbles of the same bytes
-                v_lo, v_hi = _nibble_values(v_raw, LEVELS, vdt, ASM)
-            else:
-                v_lo = _side_values(v_raw, vs_base, cols, dv, col_ok, stride_vsn, stride_vsg, HEAD_DV, V_FMT, V_SCALE,
-                                    V_GS, LEVELS, False, vdt, ASM)
-            acc_lo = acc_lo * alpha[:, None]
+            v_lo = _side_values(v_raw, vs_base, cols, dv, col_ok, stride_vsn, stride_vsg, HEAD_DV, V_FMT, V_SCALE,
+                                V_GS, LEVELS, False, vdt, ASM)
+        acc_lo = acc_lo * alpha[:, None]
+        if HALF_V:
+            acc_hi = acc_hi * alpha[:, None]
+        if V_SCALE == 3:  # nf4 groups: each group's columns take the probabilities times its scales
+            for g in tl.static_range(V_NG):
+                vsc = tl.load(vs_base + cols * stride_vsn + g * stride_vsg, mask=col_ok, other=0.0)
+                pg = (p * vsc[None, :]).to(vdt)
+                in_g = (v_group == g)[None, :]
+                acc_lo += tl.where(in_g, _mm(pg, v_lo, DOT_PRECISION, KEYS_AS_ROWS), 0.0)
+                acc_hi += tl.where(in_g, _mm(pg, v_hi, DOT_PRECISION, KEYS_AS_ROWS), 0.0)
+        else:
+            acc_lo += _mm(p.to(vdt), v_lo, DOT_PRECISION, KEYS_AS_ROWS)
             if HALF_V:
-                acc_hi = acc_hi * alpha[:, None]
-            if V_SCALE == 3:  # nf4 groups: each group's columns take the probabilities times its scales
-                for g in tl.static_range(V_NG):
-                    vsc = tl.load(vs_base + cols * stride_vsn + g * stride_vsg, mask=col_ok, other=0.0)
-                    pg = (p * vsc[None, :]).to(vdt)
-                    in_g = (v_group == g)[None, :]
-                    acc_lo += tl.where(in_g, _mm(pg, v_lo, DOT_PRECISION, KEYS_AS_ROWS), 0.0)
-                    acc_hi += tl.where(in_g, _mm(pg, v_hi, DOT_PRECISION, KEYS_AS_ROWS), 0.0)
-            else:
-                acc_lo += _mm(p.to(vdt), v_lo, DOT_PRECISION, KEYS_AS_ROWS)
-                if HALF_V:
-                    acc_hi += _mm(p.to(vdt), v_hi, DOT_PRECISION, KEYS_AS_ROWS)
+                acc_hi += _mm(p.to(vdt), v_hi, DOT_PRECISION, KEYS_AS_ROWS)
         m_i = m_new
 
-    if V_GROUPED:  # (group, row, byte column in the group) -> (row, byte column)
-        acc_lo = tl.reshape(tl.permute(acc_lo, (1, 0, 2)), (BLOCK_M, BLOCK_DV))
-        acc_hi = tl.reshape(tl.permute(acc_hi, (1, 0, 2)), (BLOCK_M, BLOCK_DV))
     if DIRECT and SINKS_ON:  # the sink joins the denominator (one split: nothing to merge)
         sink2 = tl.load(SINKS + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
         m_new = tl.maximum(m_i, sink2)

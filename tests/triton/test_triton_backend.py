@@ -495,32 +495,6 @@ def test_decode_with_the_launch_switches_flipped(c, monkeypatch):
         td._plans.clear()
 
 
-# The split kernel's nf4_split switch (nf4 scale groups as sub-tiles: per-group key loads and dots, the values as one
-# batched dot over the groups) flipped from the quantized table's default: every nf4 case, on either side, with 1, 2,
-# 3 (padded to 4) and 4 groups along D, both query dtypes the dots differ in, sinks, ALiBi, windows, several splits.
-_NF4_SPLIT_CASES = [c for c in _decode_cases() if "nf4" in (c["k_format"], c["v_format"])] + [
-    dict(k_format="nf4", v_format="nf4", dim=96, group_size=32, lq=1, dtype=torch.float16, heads=(6, 2)),
-    dict(k_format="nf4", v_format="nf4", dim=96, group_size=32, lq=4, dtype=torch.bfloat16, window=(20, 0),
-         num_splits=3),
-    dict(k_format="nf4", v_format="nf4", dim=64, group_size=64, lq=1, dtype=torch.float16, sinks=True),
-    dict(k_format="nf4", v_format="fp8_e4m3", dim=128, group_size=32, lq=4, dtype=torch.float16, softcap=5.0),
-    dict(k_format="fp8_e5m2", v_format="nf4", dim=128, group_size=32, lq=1, dtype=torch.float32, alibi=True),
-]
-
-
-@pytest.mark.parametrize("c", _NF4_SPLIT_CASES, ids=_case_id)
-def test_decode_with_nf4_split_flipped(c, monkeypatch):
-    """nf4_split flipped from the quantized table's default gives the reference too."""
-    from mfa_hf.kernels.triton import decode as td
-
-    monkeypatch.setitem(td.DECODE_CONFIG_QUANT, "nf4_split", not td.DECODE_CONFIG_QUANT.get("nf4_split", False))
-    td._plans.clear()
-    try:
-        check_decode(c)
-    finally:
-        td._plans.clear()
-
-
 HARDWARE_TANH_CASES = [
     Case(dtype=torch.float16, softcap=3.0, causal=True),
     Case(dtype=torch.bfloat16, softcap=30.0, window=(7, 0), lq=50, lk=50),
