@@ -30,7 +30,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def table_configurations() -> list[tuple[int, torch.dtype, bool, int]]:
     """(head dim, dtype, causal, sequence length) reaching every entry of the backward tables (float32 halves
     BLOCK_N, so it selects other configurations than the 2-byte types; a head dim with a short-sequence entry is
-    also run past blocks.SMALL_BACKWARD_N, where the long-sequence entry serves)."""
+    also run past blocks.SMALL_BACKWARD_N, where the long-sequence entries serve: dK/dV's and dQ's)."""
     dims = sorted(set(blocks._BACKWARD_KV) | set(blocks._BACKWARD_Q))
     short = [(dim, dtype, causal, 509) for dim in dims for dtype in DTYPES for causal in (False, True)]
     long = [(dim, dtype, causal, blocks.SMALL_BACKWARD_N + 61) for dim in sorted(blocks._BACKWARD_KV_SMALL)
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, triton {__import__('triton').__version__}, {torch.cuda.get_device_name()}")
     for dim, dtype, causal, seqlen in table_configurations():
         kv = blocks.backward_kv_blocks(dim, dtype, causal, "cuda", seqlen + 6)
-        q = blocks.backward_q_blocks(dim, dtype, causal)
+        q = blocks.backward_q_blocks(dim, dtype, causal, "cuda", seqlen + 6)
         failures += _report(f"d={dim} {str(dtype)[6:]} causal={causal} N={seqlen} table kv={tuple(vars(kv).values())} "
                             f"q={tuple(vars(q).values())}",
                             lambda: check(dim, dtype, causal, args.repeats, seqlen))

@@ -125,7 +125,7 @@ def _make_plan(call: AttentionCall, grads: Gradients, q, k, v, grad_out) -> _Pla
     dq_strides, dk_strides, dv_strides = ((0, *s) if len(s) == 3 else s for s in grad_strides)
     dim = max(q.shape[-1], v.shape[-1])
     kv = backward_kv_blocks(dim, q.dtype, o.causal, q.device.type, max(lq, lk))
-    qb = backward_q_blocks(dim, q.dtype, o.causal, q.device.type)
+    qb = backward_q_blocks(dim, q.dtype, o.causal, q.device.type, max(lq, lk), o.window_left >= 0)
     write_ds = _writes_mask_grad(call, grads)
     return _Plan(
         (cdiv(rows, block_r), lse.numel() // rows), delta_ints, delta_options,

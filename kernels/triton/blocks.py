@@ -160,5 +160,21 @@ def backward_kv_blocks(dim: int, dtype: torch.dtype, causal: bool, device_type: 
     return _pick(_BACKWARD_KV, dim, dtype, device_type, _BACKWARD_KV_SMALL if 0 < seqlen <= SMALL_BACKWARD_N else None)
 
 
-def backward_q_blocks(dim: int, dtype: torch.dtype, causal: bool, device_type: str = "cuda") -> Blocks:
+# dQ of half-precision d 128 over more than LONG_BACKWARD_Q_N keys without a sliding window: a third stage. H100,
+# triton 3.6, session 23 (benchmarks/triton/backward_sweep.py, fwd+bwd with the dK/dV entry fixed; gradients bitwise
+# equal to the 2-stage entry's and repeatable): B x N = 16k, 16 heads: full / causal at 2k 2.606 / 1.709 ms against
+# 2.784 / 1.749, at 4k 5.050 / 3.288 against 5.320 / 3.423; GQA 32/8 at 8k 10.25 / 5.745 against 10.88 / 5.944;
+# FlexAttention's causal 8k problem 5.656 against 6.074. A window of 1024 keys at 8k ran 5% slower with it (2.056
+# against 1.949 ms), and shorter sequences were not timed: both keep _BACKWARD_Q. The full matrix's gradient tests
+# passed on the H100 with it (108 cases, MFA_TRITON_FULL=1).
+LONG_BACKWARD_Q_N = 1024
+_BACKWARD_Q_LONG = {128: Blocks(128, 64, 8, 3)}
+
+
+def backward_q_blocks(dim: int, dtype: torch.dtype, causal: bool, device_type: str = "cuda", seqlen: int = 0,
+                      windowed: bool = False) -> Blocks:
+    """seqlen: max(Lq, Lk) (0: unknown, the table's entry); windowed: a sliding window bounds the keys."""
+    long = _BACKWARD_Q_LONG.get(padded_dim(dim))
+    if long is not None and device_type != "cpu" and dtype in _HALF and seqlen > LONG_BACKWARD_Q_N and not windowed:
+        return long
     return _pick(_BACKWARD_Q, dim, dtype, device_type)

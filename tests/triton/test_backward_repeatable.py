@@ -47,6 +47,25 @@ def test_every_table_configuration_is_reached():
     chosen = {blocks.backward_kv_blocks(d, t, c, "cuda", n + 6) for d, t, c, n in table_configurations()}
     assert set(blocks._BACKWARD_KV_SMALL.values()) <= chosen
     assert {blocks._BACKWARD_KV[d] for d in blocks._BACKWARD_KV_SMALL} <= chosen
+    chosen_q = {blocks.backward_q_blocks(d, t, c, "cuda", n + 6) for d, t, c, n in table_configurations()}
+    assert set(blocks._BACKWARD_Q_LONG.values()) <= chosen_q
+    assert {blocks._BACKWARD_Q[d] for d in blocks._BACKWARD_Q_LONG} <= chosen_q
+
+
+def test_long_dq_entry_serves_half_precision_long_unwindowed_only():
+    """The dQ pass's third stage (blocks._BACKWARD_Q_LONG) was timed on bf16 sequences past LONG_BACKWARD_Q_N keys
+    without a window; a window, a shorter sequence, float32 and an unknown length keep the table's entry."""
+    long, n = blocks._BACKWARD_Q_LONG[128], blocks.LONG_BACKWARD_Q_N
+    for dtype in (torch.float16, torch.bfloat16):
+        assert blocks.backward_q_blocks(128, dtype, True, "cuda", n + 1) == long
+        assert blocks.backward_q_blocks(96, dtype, False, "cuda", 4 * n) == long  # padded to 128
+        assert blocks.backward_q_blocks(128, dtype, True, "cuda", n) == blocks._BACKWARD_Q[128]
+        assert blocks.backward_q_blocks(128, dtype, True, "cuda", 8 * n, windowed=True) == blocks._BACKWARD_Q[128]
+        assert blocks.backward_q_blocks(128, dtype, True, "cuda") == blocks._BACKWARD_Q[128]
+        assert blocks.backward_q_blocks(64, dtype, True, "cuda", 8 * n) == blocks._BACKWARD_Q[64]
+    assert blocks.backward_q_blocks(128, torch.float32, True, "cuda", 8 * n) == \
+        blocks.backward_q_blocks(128, torch.float32, True, "cuda")
+    assert blocks.backward_q_blocks(128, torch.bfloat16, True, "cpu", 8 * n) == blocks._TINY
 
 
 @pytest.mark.parametrize("shape", [(32, 128, 4, 2), (16, 64, 4, 3)])
