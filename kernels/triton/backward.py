@@ -32,8 +32,12 @@ _BACKWARD_Q = DirectLauncher(backward_kernel.attention_backward_q_kernel)
 _DELTA = DirectLauncher(backward_kernel.attention_backward_delta_kernel)
 
 # The dK/dV kernel's tile as keys x queries (backward_kernel._kv_step), as FlexAttention's backward computes it: P^T
-# and dS^T feed the dV and dK products without a transpose. Off until timed on a GPU
-# (benchmarks/triton/backward_sweep.py --flex); read when a plan is made (forget_plans after flipping it).
+# and dS^T feed the dV and dK products without a transpose. Off: timed on an H100 (session 23,
+# benchmarks/results/h100-backward-sweep-2026-12-06-session23.log and ...-flex-keys-as-rows-...) it needs Flex's
+# dK/dV shape (64, 128, 8, 3) to pay (with ours (128, 64, 8, 2) it ran 1.7-3x slower), and with it fwd+bwd at d 128
+# was even to 8% faster on plain full/causal problems (GQA 8k full 9.86 vs 10.72 ms; GQA 8k causal 1.5% slower) but
+# 12-23% slower with softcap and 14% with a 1024-key window at 2k. Read when a plan is made (forget_plans after
+# flipping it).
 KV_KEYS_AS_ROWS = False
 
 
