@@ -29,6 +29,38 @@ def _query_rows(q_base, do_base, lse_base, delta_base, rows, row_ok, stride_qm, 
 
 
 @triton.jit
+def _query_axis(x, KEYS_AS_ROWS: tl.constexpr):
+    """A vector over the step's query rows, shaped to broadcast along its tile's query axis."""
+    if KEYS_AS_ROWS:
+        return x[None, :]
+    return x[:, None]
+
+
+@triton.jit
+def _key_axis(x, KEYS_AS_ROWS: tl.constexpr):
+    """A vector over the program's keys, shaped to broadcast along the tile's key axis."""
+    if KEYS_AS_ROWS:
+        return x[:, None]
+    return x[None, :]
+
+
+@triton.jit
+def _tile_product(query_side, key_side, DOT_PRECISION: tl.constexpr, KEYS_AS_ROWS: tl.constexpr):
+    """query_side (queries x d) against key_side (keys x d) as the step's tile: queries x keys, or keys x queries."""
+    if KEYS_AS_ROWS:
+        return dot(key_side, tl.trans(query_side), DOT_PRECISION)
+    return dot(query_side, tl.trans(key_side), DOT_PRECISION)
+
+
+@triton.jit
+def _keys_first(tile, KEYS_AS_ROWS: tl.constexpr):
+    """The step's tile as keys x queries, the left operand of the dV and dK products."""
+    if KEYS_AS_ROWS:
+        return tile
+    return tl.trans(tile)
+
+
+@triton.jit
 def _kv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, cols, diag, seqlen_q,
              seqlen_k, scale, softcap, slope2, left, right, hhash, threshold, keep_scale,
              stride_qm, stride_qd, stride_om, stride_od, stride_lm, stride_mm,
@@ -45,30 +77,15 @@ def _kv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, sta
     q, do, lse2, delta = _query_rows(q_base, do_base, lse_base, delta_base, rows, row_ok, stride_qm, stride_qd,
                                      stride_om, stride_od, stride_lm, offs_dk, offs_dv, HEAD_DQK, HEAD_DV,
                                      MASK_KIND)
-    mask_rows = tl.minimum(rows, seqlen_q - 1).to(tl.int64)
-    if KEYS_AS_ROWS:
-        r = rows[None, :]
-        c = cols[:, None]
-        qk = dot(k, tl.trans(q), DOT_PRECISION)
-        mask_ptrs = mask_base + mask_rows[None, :] * stride_mm
-        lse_t = lse2[None, :]
-        delta_t = delta[None, :]
-    else:
-        r = rows[:, None]
-        c = cols[None, :]
-        qk = dot(q, tl.trans(k), DOT_PRECISION)
-        mask_ptrs = mask_base + mask_rows[:, None] * stride_mm
-        lse_t = lse2[:, None]
-        delta_t = delta[:, None]
-    s, capped = transform_scores(qk, r, c, diag, scale, softcap, slope2, mask_ptrs, c < seqlen_k, SOFTCAP, ALIBI,
-                                 MASK_KIND)
+    r = _query_axis(rows, KEYS_AS_ROWS)
+    c = _key_axis(cols, KEYS_AS_ROWS)
+    mask_ptrs = mask_base + _query_axis(tl.minimum(rows, seqlen_q - 1).to(tl.int64), KEYS_AS_ROWS) * stride_mm
+    s, capped = transform_scores(_tile_product(q, k, DOT_PRECISION, KEYS_AS_ROWS), r, c, diag, scale, softcap,
+                                 slope2, mask_ptrs, c < seqlen_k, SOFTCAP, ALIBI, MASK_KIND)
     if CHECKED:
         s = visible(s, r, c, diag, left, right, seqlen_k, HAS_LEFT, HAS_RIGHT)
-    p = tl.exp2((s - lse_t) * (1.4426950408889634 / score_unit(MASK_KIND)))
-    if KEYS_AS_ROWS:
-        dp = dot(v, tl.trans(do), DOT_PRECISION)
-    else:
-        dp = dot(do, tl.trans(v), DOT_PRECISION)
+    p = tl.exp2((s - _query_axis(lse2, KEYS_AS_ROWS)) * (1.4426950408889634 / score_unit(MASK_KIND)))
+    dp = _tile_product(do, v, DOT_PRECISION, KEYS_AS_ROWS)
     if DROPOUT:
         keep = keep_tile(hhash, r, c, threshold)
         p_dropped = tl.where(keep, p * keep_scale, 0.0)
@@ -76,17 +93,11 @@ def _kv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, sta
     else:
         p_dropped = p
     # dV before dS, as the step always ran (the GPU's tests and race checks were of this order)
-    if KEYS_AS_ROWS:
-        dv += dot(operand(p_dropped, do, DOT_PRECISION), do, DOT_PRECISION)
-    else:
-        dv += dot(tl.trans(operand(p_dropped, do, DOT_PRECISION)), do, DOT_PRECISION)
-    ds = p * (dp - delta_t)
+    dv += dot(_keys_first(operand(p_dropped, do, DOT_PRECISION), KEYS_AS_ROWS), do, DOT_PRECISION)
+    ds = p * (dp - _query_axis(delta, KEYS_AS_ROWS))
     if SOFTCAP:
         ds = ds * (1.0 - capped * capped)
-    if KEYS_AS_ROWS:
-        dk += dot(operand(ds, q, DOT_PRECISION), q, DOT_PRECISION)
-    else:
-        dk += dot(tl.trans(operand(ds, q, DOT_PRECISION)), q, DOT_PRECISION)
+    dk += dot(_keys_first(operand(ds, q, DOT_PRECISION), KEYS_AS_ROWS), q, DOT_PRECISION)
     return dk, dv
 
 
@@ -144,11 +155,7 @@ def attention_backward_kv_kernel(
         do_base = DO + b.to(tl.int64) * stride_ob + start_q.to(tl.int64) * stride_om + h * stride_oh
         lse_base = LSE + b.to(tl.int64) * stride_lb + start_q.to(tl.int64) * stride_lm + h * stride_lh
         delta_base = DELTA + b.to(tl.int64) * stride_deltab + h * stride_deltah + start_q
-        if KEYS_AS_ROWS:  # the key columns in the step's tile orientation
-            key_cols = cols[:, None]
-        else:
-            key_cols = cols[None, :]
-        mask_base = MASK + b.to(tl.int64) * stride_mb + h * stride_mh + key_cols * stride_mn
+        mask_base = MASK + b.to(tl.int64) * stride_mb + h * stride_mh + _key_axis(cols, KEYS_AS_ROWS) * stride_mn
         slope2 = 0.0
         if ALIBI:
             slope2 = tl.load(ALIBI_SLOPES + b * stride_ab + h * stride_ah).to(tl.float32) * score_unit(MASK_KIND)
