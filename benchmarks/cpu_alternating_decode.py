@@ -1,38 +1,55 @@
-"""Decode of sdpa and mps_flash models alternating in one process, on CPU: a check of e2e_generate.py's rows.
+"""Decode of several paths alternating in one process, on CPU: a check of e2e_generate.py's rows.
 
     PYTHONPATH=. python benchmarks/cpu_alternating_decode.py [--context 1024] [--tokens 24] [--rounds 5]
+        [--paths sdpa mps_flash mps_flash:int8 sdpa:hf_hqq ...]
 
-e2e_generate.py runs each row in its own subprocess, round-robin; on a noisy 2-core host its 1k mps_flash decode
-row read 0.90-0.99x sdpa between runs of the same code. Here both models (smollm-135m-shaped, float32, the same
-random weights) live in one process and take turns, the order flipped every round: each turn prefills --context
-tokens into a fresh DynamicCache (untimed), then times --tokens greedy tokens. Prints ms a token (median, fastest,
-every round) and the ratio of medians. Session 14, 1k: mps_flash 60.3 ms a token, sdpa 60.4 (5 rounds).
+e2e_generate.py runs each row in its own subprocess, round-robin; on a noisy 2-core host its rows move between
+processes more than the paths differ (session 24, 8k: the int8 cache's decode runs spread 7.1-9.3 tok/s, sdpa's
+7.6-8.7). Here every path (`attn` or `attn:kv cache`, the kv caches of e2e_generate.py; smollm-135m-shaped,
+float32, the same random weights) lives in one process with its own model and cache. Each prefills --context
+tokens and decodes two once (untimed); then, round after round with the order flipped every round, each generates
+--tokens more greedy tokens on its own cache (a round grows every cache by the same count: the paths see the same
+lengths). Prints ms a token (median, fastest, every round) and the ratio of medians against sdpa's.
+Session 14, 1k: mps_flash 60.3 ms a token, sdpa 60.4 (5 rounds).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
-from interleaved import print_header, summary  # benchmarks/interleaved.py, beside this file
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from e2e_generate import SHAPES, make_cache  # benchmarks/, beside this file
+from interleaved import print_header, summary
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mfa_hf.integrations.transformers import cache_kwargs  # importing registers "mps_flash"
 
-SMOLLM = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-              intermediate_size=1536, vocab_size=49152, max_position_embeddings=131072, rope_theta=500000.0,
-              tie_word_embeddings=True)
 GREEDY = dict(do_sample=False, pad_token_id=0)
 
 
-def seconds_a_token(lm, ids: torch.Tensor, tokens: int) -> float:
-    cache = DynamicCache(config=lm.config)
-    prompt = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, **cache_kwargs(cache), **GREEDY)
-    start = time.perf_counter()
-    lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, min_new_tokens=tokens,
-                **cache_kwargs(cache), **GREEDY)
-    return (time.perf_counter() - start) / tokens
+class Path:
+    """One path's model and cache, and the sequence it has generated so far."""
+
+    def __init__(self, name: str, config: LlamaConfig, ids: torch.Tensor):
+        attn, _, self.kind = name.partition(":")
+        config = copy.deepcopy(config)  # from_config sets the attention implementation on the config it is given
+        torch.manual_seed(0)  # the same weights for every path
+        self.lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
+        self.cache = make_cache(self.kind or "none", self.lm.config)
+        # the prefill and two decode steps, untimed: a cache's first steps load and build (quanto's first round
+        # took 8.5 s a token)
+        self.sequence = self.generate(ids, 3)
+
+    def generate(self, ids: torch.Tensor, tokens: int) -> torch.Tensor:
+        return self.lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                min_new_tokens=tokens, **cache_kwargs(self.cache), **GREEDY)
+
+    def seconds_a_token(self, tokens: int) -> float:
+        start = time.perf_counter()
+        self.sequence = self.generate(self.sequence, tokens)
+        return (time.perf_counter() - start) / tokens
 
 
 def main() -> None:
@@ -40,23 +57,23 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--paths", nargs="+", default=("sdpa", "mps_flash"),
+                        help="attn or attn:kv cache (none, int8, nf4, fp8_e4m3, hf_hqq, hf_quanto); sdpa is the "
+                             "baseline and always runs")
     args = parser.parse_args()
-    config = LlamaConfig(**SMOLLM)
-    models = {}
-    for attn in ("sdpa", "mps_flash"):
-        torch.manual_seed(0)  # the same weights for both
-        models[attn] = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
+    config = LlamaConfig(**SHAPES["smollm-135m"], max_position_embeddings=131072, rope_theta=500000.0,
+                         tie_word_embeddings=True)
     ids = torch.randint(0, config.vocab_size, (1, args.context))
-    samples = {attn: [] for attn in models}
+    names = ["sdpa"] + [name for name in args.paths if name != "sdpa"]
     with torch.inference_mode():
-        for lm in models.values():  # warm-up: library init stays out of the rounds
-            lm.generate(ids[:, :64], attention_mask=torch.ones_like(ids[:, :64]), max_new_tokens=3, **GREEDY)
+        paths = {name: Path(name, config, ids) for name in names}
+        samples = {name: [] for name in paths}
         for round_index in range(args.rounds):
-            order = list(models) if round_index % 2 == 0 else list(reversed(models))
-            for attn in order:
-                samples[attn].append(seconds_a_token(models[attn], ids, args.tokens))
+            order = names if round_index % 2 == 0 else names[::-1]
+            for name in order:
+                samples[name].append(paths[name].seconds_a_token(args.tokens))
     print_header(f"decode after a {args.context}-token prompt, {args.tokens} tokens a round", args.rounds,
-                 ("attn", "ms a token, median", "fastest", "x sdpa time", "rounds"))
+                 ("path", "ms a token, median", "fastest", "x sdpa time", "rounds"))
     for name, median, fastest, ratio in summary(samples):
         rounds = ", ".join(f"{s * 1e3:.1f}" for s in samples[name])
         print(f"| {name} | {median * 1e3:.1f} | {fastest * 1e3:.1f} | {ratio:.3f} | {rounds} |")

@@ -41,16 +41,32 @@ ROWS = (("sdpa", "none"), ("mps_flash", "none"), ("mps_flash", "fp8_e4m3"), ("mp
 HF_CACHES = {"hf_quanto": ("quanto", 4, "optimum.quanto"), "hf_hqq": ("hqq", 8, "hqq")}
 
 
+def make_cache(kind: str, config):
+    """A fresh KV cache of one row's kind: "none" (transformers' DynamicCache), one of HF_CACHES (transformers'
+    QuantizedCache), else an MFAQuantizedCache format."""
+    from transformers import DynamicCache
+
+    from mfa_hf.integrations.transformers.quantized_cache import MFAQuantizedCache
+
+    if kind == "none":
+        return DynamicCache(config=config)
+    if kind in HF_CACHES:
+        from transformers import QuantizedCache
+
+        backend, bits, _ = HF_CACHES[kind]
+        return QuantizedCache(backend=backend, config=config, nbits=bits)
+    return MFAQuantizedCache(format=kind, config=config)
+
+
 def measure(spec: dict) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     import mfa_hf.integrations.transformers  # noqa: F401  registers "mps_flash"
     from mfa_hf import trace
     from mfa_hf.benchmark.measure import PrefillTraced
     from mfa_hf.integrations.transformers import cache_kwargs
     from mfa_hf.integrations.transformers.generate import peak_memory_mb
-    from mfa_hf.integrations.transformers.quantized_cache import MFAQuantizedCache
 
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
     torch.manual_seed(0)
@@ -62,14 +78,7 @@ def measure(spec: dict) -> dict:
     kind = spec["kv_cache"]
 
     def new_cache():
-        if kind == "none":
-            return DynamicCache(config=lm.config)
-        if kind in HF_CACHES:
-            from transformers import QuantizedCache
-
-            backend, bits, _ = HF_CACHES[kind]
-            return QuantizedCache(backend=backend, config=lm.config, nbits=bits)
-        return MFAQuantizedCache(format=kind, config=lm.config)
+        return make_cache(kind, lm.config)
 
     # Warm-up: library init, kernel compilation and autotuning stay out of the timing. On a GPU it runs the whole
     # prompt: kernels are built per shape class there (our Triton block tables switch past 1k tokens, and cuDNN

@@ -40,21 +40,26 @@ def test_a_suite_for_another_device_is_a_usage_error(capsys):
 
 def test_diffusers_rounds_alternate_the_processors_and_take_the_median(monkeypatch):
     """On CPU the default and mfa subprocesses alternate over rounds (a slow spell lands on both); a row's time is
-    the median of its rounds and the rounds are listed."""
+    the median of its rounds and the rounds are listed. Each round also runs one subprocess that interleaves both
+    models' forwards; the mfa row's interleaved_ratio is the median of those rounds' pair ratios."""
     from mfa_hf.benchmark import suite_diffusers
 
-    order, times = [], iter([10.0, 20.0, 30.0, 12.0, 11.0, 18.0] * 2)
+    order, times, pair_ratios = [], iter([10.0, 20.0, 30.0, 12.0, 11.0, 18.0] * 2), iter([0.9, 1.2, 1.0] * 2)
 
     def fake(module, spec):
         order.append(spec["processor"])
+        if spec["processor"] == suite_diffusers.INTERLEAVED:
+            return {"ratio": next(pair_ratios)}
         return {"median_ms": next(times), "fingerprint": [0.0], "tokens": "t"}
 
     monkeypatch.setattr(suite_diffusers, "measure_in_subprocess", fake)
     rows = suite_diffusers.run("cpu", True, lambda message: None)
-    assert order[:6] == ["default", "mfa"] * 3
+    assert order[:9] == ["default", "mfa", suite_diffusers.INTERLEAVED] * 3
     unet = {row["processor"]: row for row in rows if row["model"] == "unet"}
     assert unet["default"]["median_ms_runs"] == [10.0, 30.0, 11.0] and unet["default"]["median_ms"] == 11.0
     assert unet["mfa"]["median_ms"] == 18.0 and unet["mfa"]["ratio_vs_default"] == suite_diffusers.ratio(18.0, 11.0)
+    assert unet["mfa"]["interleaved_ratio_runs"] == [0.9, 1.2, 1.0] and unet["mfa"]["interleaved_ratio"] == 1.0
+    assert unet["default"]["interleaved_ratio"] == 1.0
 
 
 def test_rounds_flag_reaches_a_suite_with_rounds_and_is_refused_elsewhere(monkeypatch, capsys):
