@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import time
 
 import torch
-from e2e_generate import SHAPES, make_cache  # benchmarks/, beside this file
+from e2e_generate import HF_CACHES, SHAPES, make_cache  # benchmarks/, beside this file
 from interleaved import print_header, summary
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -52,6 +53,15 @@ class Path:
         return (time.perf_counter() - start) / tokens
 
 
+def _installed(path: str) -> bool:
+    """Whether the package behind a path's cache is installed (transformers' quantized caches need theirs)."""
+    package = HF_CACHES.get(path.partition(":")[2], (None, None, None))[2]
+    if package is None or importlib.util.find_spec(package.split(".")[0]) is not None:
+        return True
+    print(f"# {path}: left out, {package} is not installed")
+    return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=1024)
@@ -64,7 +74,7 @@ def main() -> None:
     config = LlamaConfig(**SHAPES["smollm-135m"], max_position_embeddings=131072, rope_theta=500000.0,
                          tie_word_embeddings=True)
     ids = torch.randint(0, config.vocab_size, (1, args.context))
-    names = ["sdpa"] + [name for name in args.paths if name != "sdpa"]
+    names = ["sdpa"] + [name for name in args.paths if name != "sdpa" and _installed(name)]
     with torch.inference_mode():
         paths = {name: Path(name, config, ids) for name in names}
         samples = {name: [] for name in paths}

@@ -7,13 +7,17 @@
 #             quanto/hqq caches where optimum-quanto / hqq are installed) at 1k and 8k context, 3 rounds, then
 #             sdpa, int8, nf4 and transformers' caches at 16k, one round (cpu-e2e-16k.log), and sdpa and int8 at
 #             32k, one round (cpu-e2e-32k.log: each row prefills 32k tokens, minutes on CPU);
+#   alternate the decode paths alternating in one process (cpu_alternating_decode.py; the e2e rows run one process
+#             each, and processes on this host spread more than the paths differ): sdpa, mps_flash, our int8 and nf4
+#             caches and transformers' hqq 8-bit / quanto 4-bit caches after an 8k prompt (cpu-alternate-8k.log);
+#             sdpa and int8 after a 32k prompt (cpu-alternate-32k.log);
 #   diffusers a UNet and a Flux transformer, default processors against ours, 7 alternating rounds (DIFFUSERS_ROUNDS;
 #             3 left the two medians within each other's spread on this host).
 # Run from the repository root, on an otherwise idle machine (the rows are ratios of medians; a busy host
 # spreads them). Logs land in $OUT (default benchmarks/results), named cpu-<step>.log.
 set -o pipefail
 OUT=${OUT:-benchmarks/results}
-STEPS=${STEPS:-kernels decode e2e diffusers}
+STEPS=${STEPS:-kernels decode e2e alternate diffusers}
 PYTHON=${PYTHON:-python}
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -35,5 +39,9 @@ step e2e && run e2e-16k "$PYTHON" benchmarks/e2e_generate.py --device cpu --shap
     --new 32 --no-main-rows --contexts 16384 --context-caches int8 nf4 hf_hqq hf_quanto --repeats 1
 step e2e && run e2e-32k "$PYTHON" benchmarks/e2e_generate.py --device cpu --shape smollm-135m --dtype float32 \
     --new 32 --no-main-rows --contexts 32768 --context-caches int8 --repeats 1
+step alternate && run alternate-8k "$PYTHON" benchmarks/cpu_alternating_decode.py --context 8192 --tokens 16 \
+    --rounds 6 --paths mps_flash mps_flash:int8 mps_flash:nf4 sdpa:hf_hqq sdpa:hf_quanto
+step alternate && run alternate-32k "$PYTHON" benchmarks/cpu_alternating_decode.py --context 32768 --tokens 8 \
+    --rounds 4 --paths mps_flash:int8
 step diffusers && run diffusers "$PYTHON" -m mfa_hf.benchmark --suite diffusers --device cpu --rounds ${DIFFUSERS_ROUNDS:-7}
 exit 0
