@@ -196,6 +196,20 @@ def _side_values(raw, scale_base, cols, dcols, col_ok, stride_sn, stride_sg,
     return vals
 
 
+@triton.jit
+def _fit_half(q_lo, q_hi, q_mult):
+    """(q_lo, q_hi) float32 with every row's largest |q| below 2^15, float16's range, and q_mult times what they
+    were divided by. The divisor is 2^e, e = max(0, E - 14) for E the exponent of the row's largest |q|: 1 for
+    every row below 2^15 (q as it came), else exact (a power of two) but for elements 2^29 times below the row's
+    largest, which may round as float16 subnormals. inf or NaN rows stay non-finite."""
+    big = tl.maximum(tl.max(tl.abs(q_lo.to(tl.float32)), 1), tl.max(tl.abs(q_hi.to(tl.float32)), 1))
+    exponent = ((big.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    shift = tl.maximum(exponent - 14, 0)
+    down = ((127 - shift) << 23).to(tl.float32, bitcast=True)  # 2^-shift; shift <= 114 keeps it normal
+    up = ((127 + shift) << 23).to(tl.float32, bitcast=True)
+    return q_lo.to(tl.float32) * down[:, None], q_hi.to(tl.float32) * down[:, None], q_mult * up
+
+
 @triton.jit(do_not_specialize=["seqlen_q", "group", "num_splits", "left", "right", "cache_rows", "capacity"])
 def decode_split_kernel(
     Q, K, V, KS, VS, SEQLENS, BATCH_IDX, SLOPES, SINKS, LEVELS, O, LSE, PART_O, PART_LSE,
@@ -272,6 +286,14 @@ def decode_split_kernel(
             vdt = q_lo.dtype
         else:
             vdt = tl.float16
+    # Scores are qk times q_mult per row (log2 units). A bfloat16 q in a float16 dot would overflow past 65504:
+    # a row whose largest |q| reaches 2^15 is scaled down by a power of two first (exact), the scores back up.
+    if SOFTCAP:
+        q_mult = tl.full([BLOCK_M], 0.0, tl.float32) + qk_scale / softcap
+    else:
+        q_mult = tl.full([BLOCK_M], 0.0, tl.float32) + qk_scale * 1.4426950408889634
+    if q_lo.dtype == tl.bfloat16 and kdt == tl.float16:
+        q_lo, q_hi, q_mult = _fit_half(q_lo, q_hi, q_mult)
     q_lo = q_lo.to(kdt)
     q_hi = q_hi.to(kdt)
     if K_SCALE == 3:
@@ -319,9 +341,9 @@ def decode_split_kernel(
         elif K_CONST != 1.0:
             qk = qk * K_CONST
         if SOFTCAP:
-            s = softcap_tanh(qk * (qk_scale / softcap), SOFTCAP) * (softcap * 1.4426950408889634)
+            s = softcap_tanh(qk * q_mult[:, None], SOFTCAP) * (softcap * 1.4426950408889634)
         else:
-            s = qk * (qk_scale * 1.4426950408889634)
+            s = qk * q_mult[:, None]
         if ALIBI:
             s = s - slope2[:, None] * tl.abs(qi[:, None] + diag - cols[None, :]).to(tl.float32)
         ok = col_ok[None, :] & row_ok[:, None]
