@@ -197,17 +197,19 @@ def _side_values(raw, scale_base, cols, dcols, col_ok, stride_sn, stride_sg,
 
 
 @triton.jit
-def _fit_half(q_lo, q_hi, q_mult):
-    """(q_lo, q_hi) float32 with every row's largest |q| below 2^15, float16's range, and q_mult times what they
-    were divided by. The divisor is 2^e, e = max(0, E - 14) for E the exponent of the row's largest |q|: 1 for
-    every row below 2^15 (q as it came), else exact (a power of two) but for elements 2^29 times below the row's
-    largest, which may round as float16 subnormals. inf or NaN rows stay non-finite."""
-    big = tl.maximum(tl.max(tl.abs(q_lo.to(tl.float32)), 1), tl.max(tl.abs(q_hi.to(tl.float32)), 1))
+def _fit_half(q_lo, q_hi):
+    """(q_lo, q_hi) float32 with every |q| of the tile below 2^15, float16's range, and the power of two they were
+    divided by: 2^e, e = max(0, E - 14) for E the exponent of the tile's largest |q|. 1 for a tile below 2^15
+    (q as it came), else exact but for elements under 2^(e - 16), far below the tile's largest, which lose bits as
+    float16 subnormals. One factor for the tile (not one a row): a scalar keeps the key loop as it was (a factor
+    a row cost nf4's instruction-bound loop 2-4% on an H100). inf or NaN stays non-finite."""
+    big = tl.maximum(tl.max(tl.max(tl.abs(q_lo.to(tl.float32)), 1), 0),
+                     tl.max(tl.max(tl.abs(q_hi.to(tl.float32)), 1), 0))
     exponent = ((big.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     shift = tl.maximum(exponent - 14, 0)
     down = ((127 - shift) << 23).to(tl.float32, bitcast=True)  # 2^-shift; shift <= 114 keeps it normal
     up = ((127 + shift) << 23).to(tl.float32, bitcast=True)
-    return q_lo.to(tl.float32) * down[:, None], q_hi.to(tl.float32) * down[:, None], q_mult * up
+    return q_lo.to(tl.float32) * down, q_hi.to(tl.float32) * down, up
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "group", "num_splits", "left", "right", "cache_rows", "capacity"])
@@ -286,14 +288,15 @@ def decode_split_kernel(
             vdt = q_lo.dtype
         else:
             vdt = tl.float16
-    # Scores are qk times q_mult per row (log2 units). A bfloat16 q in a float16 dot would overflow past 65504:
-    # a row whose largest |q| reaches 2^15 is scaled down by a power of two first (exact), the scores back up.
+    # Scores are qk times q_mult (log2 units). A bfloat16 q in a float16 dot would overflow past 65504: a tile
+    # whose largest |q| reaches 2^15 is scaled down by a power of two first (exact), the scores back up.
     if SOFTCAP:
-        q_mult = tl.full([BLOCK_M], 0.0, tl.float32) + qk_scale / softcap
+        q_mult = qk_scale / softcap
     else:
-        q_mult = tl.full([BLOCK_M], 0.0, tl.float32) + qk_scale * 1.4426950408889634
+        q_mult = qk_scale * 1.4426950408889634
     if q_lo.dtype == tl.bfloat16 and kdt == tl.float16:
-        q_lo, q_hi, q_mult = _fit_half(q_lo, q_hi, q_mult)
+        q_lo, q_hi, up = _fit_half(q_lo, q_hi)
+        q_mult = q_mult * up
     q_lo = q_lo.to(kdt)
     q_hi = q_hi.to(kdt)
     if K_SCALE == 3:
@@ -341,9 +344,9 @@ def decode_split_kernel(
         elif K_CONST != 1.0:
             qk = qk * K_CONST
         if SOFTCAP:
-            s = softcap_tanh(qk * q_mult[:, None], SOFTCAP) * (softcap * 1.4426950408889634)
+            s = softcap_tanh(qk * q_mult, SOFTCAP) * (softcap * 1.4426950408889634)
         else:
-            s = qk * q_mult[:, None]
+            s = qk * q_mult
         if ALIBI:
             s = s - slope2[:, None] * tl.abs(qi[:, None] + diag - cols[None, :]).to(tl.float32)
         ok = col_ok[None, :] & row_ok[:, None]

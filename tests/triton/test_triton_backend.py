@@ -426,8 +426,10 @@ def check_decode(c: dict, seed: int = 0):
     batch_idx = c.get("batch_idx", False)
     rows = CACHE_ROWS if batch_idx else 3
     caches = []
-    # magnitudes: "q_scale" (one per batch row) and "k_scale" multiply the random q and keys
-    q_scale = torch.tensor(c.get("q_scale", (1.0, 1.0, 1.0))).view(3, 1, 1, 1)
+    # magnitudes: "q_scale" (one per batch row), "q_head_scale" (one per query head) and "k_scale" multiply the
+    # random q and keys
+    q_scale = torch.tensor(c.get("q_scale", (1.0, 1.0, 1.0))).view(3, 1, 1, 1) \
+        * torch.tensor(c.get("q_head_scale", (1.0,) * hq)).view(1, 1, hq, 1)
     side_scale = {"k": c.get("k_scale", 1.0), "v": 1.0}
     for side in ("k", "v"):
         content = (torch.randn(rows, MAX_SEQLEN, hkv, dim, generator=g) * side_scale[side]).to(dtype)
@@ -549,8 +551,9 @@ def test_fp8_e5m2_values_keep_precision_in_half_dots(seed):
 def test_bfloat16_queries_past_float16_range_in_half_dots(k_format, monkeypatch):
     """A bfloat16 q meets quantized keys in a float16 dot (on the GPU every quantized format, int8 through the PTX
     conversions); float16 ends at 65504, so a row whose |q| reaches 2^15 is scaled down by a power of two before the
-    dot and its scores back up (decode_kernel._fit_half). Rows of |q| up to ~1e1, ~4e5 and ~1e7 over keys ~1e-5
-    (scores of order 1-100): each within the tolerance rule, where the float16 q overflowed to inf (NaN rows). The
+    dot and its scores back up (decode_kernel._fit_half, one factor a tile of query heads). Rows of |q| up to ~1e1,
+    ~4e5 and ~1e7 over keys ~1e-5 (scores of order 1-100), and heads of one token from 1e-2 to 1e6 sharing a tile:
+    each within the tolerance rule, where the float16 q overflowed to inf (NaN rows). The
     interpreter takes float16 dots for bfloat16 only with its float32 "upcast" turned off, and then only where both
     sides are fp8 or nf4 (without the PTX conversions int8 codes meet q in its own dtype, and the interpreter's
     bfloat16 dot is wrong: common.dot): there the values are fp8 and int8 keys are left to the GPU."""
@@ -563,8 +566,10 @@ def test_bfloat16_queries_past_float16_range_in_half_dots(k_format, monkeypatch)
     td._plans.clear()  # a plan keeps the dot precision it was made with
     try:
         for seed in range(2):
-            check_decode(dict(k_format=k_format, v_format="int8" if FULL else "fp8_e4m3", lq=1, dtype=torch.bfloat16,
-                              heads=(4, 2), q_scale=(10.0, 4e5, 1e7), k_scale=1e-5), seed=seed)
+            case = dict(k_format=k_format, v_format="int8" if FULL else "fp8_e4m3", lq=1, dtype=torch.bfloat16,
+                        heads=(4, 2), k_scale=1e-5)
+            check_decode(dict(case, q_scale=(10.0, 4e5, 1e7)), seed=seed)
+            check_decode(dict(case, q_head_scale=(1e6, 1e-2, 3.0, 5e4)), seed=seed)
     finally:
         td._plans.clear()
 
