@@ -1,5 +1,5 @@
 #!/bin/bash
-# The CPU tables of issue 19 in one run (~60 minutes on a 2-core host), each beside the stock path in the same
+# The CPU tables of issue 19 in one run (~70 minutes on a 2-core host), each beside the stock path in the same
 # process or the same run; STEPS picks the steps (default: all):
 #   kernels   the kernel suite against SDPA (python -m mfa_hf.benchmark --suite quick --device cpu);
 #   decode    one decode call per KV format at 4k/16k/64k against SDPA (--suite decode);
