@@ -129,11 +129,7 @@ def _worker(model_name: str, processor: str, device: str, mode: str) -> dict:
     from mfa_hf.integrations.diffusers import enable
 
     quick = mode == "quick"
-    torch.manual_seed(0)
-    model, inputs, tokens = (_unet if model_name == "unet" else _flux)(quick)
-    dtype = torch.float32 if device == "cpu" else torch.float16
-    model = model.to(device, dtype).eval()
-    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    model, inputs, tokens, dtype = _built(model_name, device, quick)
     if processor == "mfa":
         enable(model)
     repeats = 3 if quick else 5  # at least; a short forward repeats until MIN_TIMED_S have passed
@@ -154,28 +150,37 @@ def _worker(model_name: str, processor: str, device: str, mode: str) -> dict:
     return row
 
 
+def _built(model_name: str, device: str, quick: bool):
+    """(model on `device` in the suite's dtype, eval mode; its inputs there; the token count; the dtype)."""
+    import torch
+
+    torch.manual_seed(0)
+    model, inputs, tokens = (_unet if model_name == "unet" else _flux)(quick)
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    return model.to(device, dtype).eval(), inputs, tokens, dtype
+
+
 def _interleaved_worker(model_name: str, device: str, mode: str) -> dict:
-    """{"ratio": the median over pairs of (mfa forward time / default forward time)}: the two models share weights
-    (a deep copy) and inputs, and their forwards alternate, at least MIN_TIMED_S each."""
+    """{"ratio": the median over pairs of (mfa forward time / default forward time)}: the two models hold the same
+    weights (one is a deep copy of the other) and take the same inputs; their forwards alternate, the order flipped
+    every pair, at least MIN_TIMED_S each."""
     import copy
 
     import torch
 
     from mfa_hf.integrations.diffusers import enable
 
-    torch.manual_seed(0)
-    model, inputs, _ = (_unet if model_name == "unet" else _flux)(mode == "quick")
-    dtype = torch.float32 if device == "cpu" else torch.float16
-    default = model.to(device, dtype).eval()
+    default, inputs, _, _ = _built(model_name, device, mode == "quick")
     ours = copy.deepcopy(default)
     enable(ours)
-    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
     ratios, began = [], time.perf_counter()
     with torch.no_grad():
         _forward(default, inputs, device), _forward(ours, inputs, device)  # warm-up
-        while len(ratios) < 3 or time.perf_counter() - began < 2 * MIN_TIMED_S:
-            (default_ms, _), (ours_ms, _) = _timed_once(default, inputs, device), _timed_once(ours, inputs, device)
-            ratios.append(ours_ms / default_ms)
+        while len(ratios) < 4 or time.perf_counter() - began < 2 * MIN_TIMED_S:
+            order = (default, ours) if len(ratios) % 2 == 0 else (ours, default)
+            times = {id(model): _timed_once(model, inputs, device)[0] for model in order}
+            ratios.append(times[id(ours)] / times[id(default)])
     return {"ratio": significant(statistics.median(ratios)), "pairs": len(ratios)}
 
 
