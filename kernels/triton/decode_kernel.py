@@ -14,8 +14,13 @@ compile-time constant. Codes are dequantized in registers:
               products run on even and odd columns separately (no interleave)
 
 Scales: one per (token, head) or per head (SCALE_MODE 1) multiply the scores after the QK dot
-(keys) or the probabilities before the PV dot (values): codes enter the dot exactly. Scales per
-group along D (nf4, per-channel keys; SCALE_MODE 2) are applied element-wise before the dot.
+(keys) or the probabilities before the PV dot (values): codes enter the dot exactly. Per-channel
+scales of int8/fp8 (SCALE_MODE 2) are applied element-wise before the dot. nf4's scales per group
+of D (SCALE_MODE 3) multiply each group's float32 partial scores (keys: one masked full-width dot
+per group) or the probabilities before each group's dot (values).
+
+A bfloat16 q whose key dot runs in float16 (quantized keys) is brought into float16's range by a
+power of two per tile first (_fit_half); the scores take it back.
 
 decode_merge_kernel: one program per (batch, query head, query row) combines the splits' LSEs
 (base 2) and normalized partial outputs; sinks join the denominator there. With one split the
