@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import time
 
 import torch
-from e2e_generate import HF_CACHES, SHAPES, make_cache  # benchmarks/, beside this file
+from e2e_generate import SHAPES, make_cache, missing_package  # benchmarks/, beside this file
 from interleaved import print_header, summary
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -55,11 +54,10 @@ class Path:
 
 def _installed(path: str) -> bool:
     """Whether the package behind a path's cache is installed (transformers' quantized caches need theirs)."""
-    package = HF_CACHES.get(path.partition(":")[2], (None, None, None))[2]
-    if package is None or importlib.util.find_spec(package.split(".")[0]) is not None:
-        return True
-    print(f"# {path}: left out, {package} is not installed")
-    return False
+    missing = missing_package(path.partition(":")[2])
+    if missing:
+        print(f"# {path}: left out, {missing} is not installed")
+    return missing is None
 
 
 def main() -> None:

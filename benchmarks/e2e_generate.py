@@ -127,13 +127,20 @@ def measure(spec: dict) -> dict:
                     f"{b}:{op}={n}" for (b, op), n in sorted(served.items())) or "-")
 
 
-def _row(spec: dict) -> dict:
-    missing = HF_CACHES.get(spec["kv_cache"], (None, None, None))[2]
-    if missing:
-        import importlib.util
+def missing_package(kind: str) -> str | None:
+    """The package a row's kv cache needs (transformers' quantized caches) when it is not installed, else None."""
+    import importlib.util
 
-        if importlib.util.find_spec(missing.split(".")[0]) is None:
-            return dict(spec, error=f"{missing} not installed")
+    package = HF_CACHES.get(kind, (None, None, None))[2]
+    if package is not None and importlib.util.find_spec(package.split(".")[0]) is None:
+        return package
+    return None
+
+
+def _row(spec: dict) -> dict:
+    missing = missing_package(spec["kv_cache"])
+    if missing:
+        return dict(spec, error=f"{missing} not installed")
     done = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
                           timeout=spec.get("timeout", 900 + spec["context"] // 16), env=os.environ)
     if done.returncode:
