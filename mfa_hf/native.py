@@ -17,6 +17,7 @@ import torch
 from . import ops
 from .kernels.contract import AttentionCall
 from .routes import Route
+from .sdpa_semantics import mask_keys
 
 _stock_sdpa = torch._C._nn.scaled_dot_product_attention  # what F.scaled_dot_product_attention is, unpatched
 
@@ -32,7 +33,7 @@ def sdpa_heads_first(q, k, v, mask, route: Route, scale: float, readable: bool |
     on the host (see _nonfinite_rows_restored), when the caller already knows; None: find out."""
     if route.key_start:
         k, v = k[:, :, route.key_start:], v[:, :, route.key_start:]
-        mask = None if mask is None else mask[..., route.key_start:]
+        mask = mask_keys(mask, route.key_start)
     # From here the problem is plain: SDPA's top-left causal flag or none, over these keys (routes.py).
     batch, heads_q, rows, _ = q.shape
     heads_kv = k.shape[1]

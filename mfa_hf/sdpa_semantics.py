@@ -45,9 +45,15 @@ class Translation:
 
     def keep_mask(self, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
         """attn_mask over the keys kept: a view along its last (key) dimension, unless that broadcasts (1)."""
-        if self.keys is None or attn_mask is None or attn_mask.dim() == 0 or attn_mask.shape[-1] == 1:
-            return attn_mask
-        return attn_mask.narrow(-1, 0, self.keys)
+        return attn_mask if self.keys is None else mask_keys(attn_mask, 0, self.keys)
+
+
+def mask_keys(attn_mask: torch.Tensor | None, start: int, length: int | None = None) -> torch.Tensor | None:
+    """attn_mask over the keys [start, start + length) (length None: to the end), as a view. A mask whose key
+    dimension broadcasts (size 1, or a 0-d or 1-element mask) is the same over any keys, so it comes back whole."""
+    if attn_mask is None or attn_mask.dim() == 0 or attn_mask.shape[-1] == 1:
+        return attn_mask
+    return attn_mask.narrow(-1, start, (attn_mask.shape[-1] - start) if length is None else length)
 
 
 def causal_with_mask(is_causal, attn_mask) -> bool:

@@ -20,6 +20,7 @@ from torch.profiler import profile
 
 import mfa_hf
 from mfa_hf import native_table, routes, trace
+from mfa_hf.kernels.reference import attention_reference
 from mfa_hf.problem import AttentionProblem, MaskKind
 from mfa_hf.testing import Case, assert_close_to_reference, make_inputs
 from mfa_hf.testing_routes import MATH, assert_nonfinite_rows_match, check_route, default_routing, \
@@ -274,7 +275,6 @@ def test_a_gate_holds_sdpa_to_its_backend(backend, op, heads, window, monkeypatc
 
     from mfa_hf import decode_plan
     from mfa_hf.integrations.transformers import decode
-    from mfa_hf.kernels.reference import attention_reference
 
     cpu = tuple(dataclasses.replace(gate, sdpa_backend=backend, stacks_query_groups=False)
                 for gate in native_table.DEFAULT["cpu"])
@@ -340,6 +340,34 @@ def test_one_row_window_is_a_key_slice(lk, left):
     assert math.isfinite(float(out.abs().max()))
 
 
+# Every shape a mask may broadcast from, its key dimension whole or of size 1 (the latter the same over any keys).
+MASK_SHAPES = [(), (1,), (50,), (1, 1, 1, 1), (2, 4, 1, 1), (1, 1, 1, 50), (2, 1, 1, 50), (2, 4, 1, 50), (4, 1, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=str)
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_one_row_key_slice_keeps_every_mask_broadcast(shape, dtype, heads_first):
+    """A left window over one query row runs native on a slice of the keys (route.key_start): the mask is cut with
+    them, except along a key dimension that broadcasts (it crashed there: session 25)."""
+    g = torch.Generator().manual_seed(len(shape) * 5 + shape[-1] if shape else 1)
+    q, k, v = torch.randn(2, 1, 4, 16, generator=g), torch.randn(2, 50, 4, 16, generator=g), \
+        torch.randn(2, 50, 4, 16, generator=g)
+    mask = torch.rand(shape, generator=g) > 0.3
+    if dtype != torch.bool:
+        mask = torch.randn(shape, generator=g).masked_fill(~mask, -math.inf)
+    with trace.capture_routes() as decided:
+        if heads_first:
+            out = mfa_hf.flash_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask,
+                                         window_size=(6, 0)).transpose(1, 2)
+        else:
+            out = mfa_hf.flash_attn_func(q, k, v, window_size=(6, 0), attn_mask=mask)
+    assert next(iter(decided))[0] == "sdpa-cpu-flash"
+    ref, _ = attention_reference(q.double(), k.double(), v.double(), window_size=(6, 0), attn_mask=mask)
+    base, _ = attention_reference(q, k, v, window_size=(6, 0), attn_mask=mask, upcast=False)
+    assert_close_to_reference(out, ref, base)
+
+
 @pytest.mark.parametrize("heads, mask, threads, stacked", [
     ((8, 2), False, 1, True), ((6, 1), False, 1, True), ((4, 4), False, 1, False), ((8, 2), True, 1, False),
     ((6, 1), False, 4, False), ((9, 3), False, 2, True)])
@@ -372,7 +400,6 @@ def test_stacking_pays_where_the_kv_heads_fill_the_threads(batch, heads, head_di
 
 
 def _check_one_row_gqa(heads, mask, stacked, calls):
-    from mfa_hf.kernels.reference import attention_reference
 
     g = torch.Generator().manual_seed(heads[0])
     q = torch.randn(3, 1, heads[0], 32, generator=g)
@@ -402,7 +429,6 @@ def test_native_reads_unusual_unit_stride_layouts(layout):
     with trace.capture_routes() as decided:
         out = mfa_hf.flash_attn_func(q, k, v, attn_mask=mask)
     assert next(iter(decided))[0] == "sdpa-cpu-flash"
-    from mfa_hf.kernels.reference import attention_reference
 
     ref, _ = attention_reference(q.double(), k.double(), v.double(), attn_mask=mask)
     base, _ = attention_reference(q, k, v, attn_mask=mask, upcast=False)
@@ -418,7 +444,6 @@ def test_plain_decode_routes_one_row_exactly(window, length, monkeypatch):
     from mfa_hf import dispatch
     from mfa_hf.decode_plan import DecodePlan, LayerKV
     from mfa_hf.kernels.contract import CacheSide
-    from mfa_hf.kernels.reference import attention_reference
 
     g = torch.Generator().manual_seed(length)
     q = torch.randn(2, 1, 8, 32, generator=g)
@@ -464,7 +489,6 @@ def test_plain_decode_layers_replay_the_native_route_exactly(layout, heads, wind
     whatever the layout of q, K and V; a traced call, another scale or another backend takes the plan again."""
     from mfa_hf.decode_plan import DecodePlan
     from mfa_hf.integrations.transformers import decode
-    from mfa_hf.kernels.reference import attention_reference
 
     planned = []
     run = DecodePlan.run
