@@ -46,6 +46,8 @@ def sdpa_heads_first(q, k, v, mask, route: Route, scale: float, readable: bool |
         out = _plain_sdpa(q, k, v, mask, route.is_causal, scale)
     if route.gate.zeroes_nan_query_rows:
         out = _nonfinite_rows_restored(q, k, v, mask, route.is_causal, scale, out, readable)
+    if route.gate.departs_on_infinite_scores:
+        out = _infinite_score_rows_restored(q, k, v, mask, route.is_causal, scale, out, readable)
     return out
 
 
@@ -141,6 +143,37 @@ def _nonfinite_rows_restored(q, k, v, mask, is_causal: bool, scale: float, out, 
         return out.masked_fill(bad, math.nan)
     seen = mask.any(-1, keepdim=True)  # (B|1, H|1, Lq|1, 1), as out's dims
     return out.masked_fill(bad & seen, math.nan).masked_fill(bad & ~seen, 0.0)
+
+
+def _infinite_score_rows_restored(q, k, v, mask, is_causal: bool, scale: float, out, readable: bool | None = None):
+    """The reference's result for query rows with an infinite score where the kernel departs from it (native_table's
+    departs_on_infinite_scores): a key holding inf or NaN, or a +inf in an additive mask, makes a row 0 (a visible
+    +inf score in half precision; the reference: NaN) or NaN (a +inf score its bool mask hides; the reference
+    ignores that key). Non-finite queries are _nonfinite_rows_restored's.
+
+    Such a row comes back all zeros or holding NaN, so those are looked for first: one reduction over the output
+    and a host read, free on CPU. Either is legitimate too (every key hidden, NaN values), so only where some exist
+    and k or the mask is not finite are those rows taken from our torch kernel, exact in every case. Where q may not
+    be read on the host (compiled or traced calls), a zero row that sees a key becomes NaN where its keys (batch,
+    KV head) hold a non-finite value or its mask row a +inf: the reference, except for a row whose visible values
+    are all 0 or scores all -inf while a non-finite key of its head is hidden (the reference gives 0 there); a NaN
+    row from a hidden +inf score stays NaN."""
+    if readable is None:
+        readable = q.device.type == "cpu" and ops.plain_eager((q,), autograd=True)
+    additive = mask is not None and mask.dtype != torch.bool
+    if readable:
+        suspect = ~(out.abs().amax(-1, keepdim=True) > 0)  # (B, Hq, Lq, 1): all zeros, or a NaN (amax keeps it)
+        if not bool(suspect.any()) or (_finite(k) and not (additive and bool(mask.isposinf().any()))):
+            return out
+        return torch.where(suspect, _ours(q, k, v, mask, is_causal, scale), out)
+    zero = (out == 0).all(-1, keepdim=True)
+    bad_keys = ~torch.isfinite(k).all(-1).all(-1)  # (B, Hkv)
+    suspect = bad_keys.repeat_interleave(q.shape[1] // k.shape[1], 1)[:, :, None, None]
+    if additive:
+        suspect = (suspect | mask.isposinf().any(-1, keepdim=True)) & (mask > -math.inf).any(-1, keepdim=True)
+    elif mask is not None:
+        suspect = suspect & mask.any(-1, keepdim=True)
+    return out.masked_fill(zero & suspect, math.nan)
 
 
 def _finite(q) -> bool:

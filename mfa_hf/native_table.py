@@ -52,6 +52,11 @@ class NativeGate:
     # The kernel departs from the reference on query rows holding NaN or inf (0 for a NaN row that sees keys,
     # NaN for an inf row its bool mask hides); native.py gives those rows the reference's result.
     zeroes_nan_query_rows: bool = False
+    # The kernel departs from the reference on rows with an infinite score (a non-finite key, a +inf in an
+    # additive mask): torch's CPU kernel returns 0 for a row with a visible +inf score in float16 and bfloat16
+    # (the reference: NaN), and NaN in every dtype for a row whose bool mask hides a key of +inf score (it adds the
+    # mask; the reference ignores the key). native.py gives those rows the reference's result.
+    departs_on_infinite_scores: bool = False
     # One query row with GQA: pass the G query heads of each KV head as G rows of one head instead of
     # asking the kernel for GQA (exact: one row sees every key of its slice, so the rows are independent).
     # Measured faster with torch's CPU kernel where the KV heads fill its threads (one thread: 1.1x at 9/3 heads,
@@ -71,9 +76,10 @@ _HALF = (torch.float16, torch.bfloat16)
 DECODE_ROWS = 16  # query rows up to this are a decode step (integrations/transformers/decode.py DECODE_MAX_Q)
 DEFAULT = {
     "cpu": (NativeGate("sdpa-cpu-flash", (torch.bfloat16, torch.float32), max_head_dim=1 << 30, masks=MASK_KINDS,
-                       zeroes_nan_query_rows=True, stacks_query_groups=True),
+                       zeroes_nan_query_rows=True, departs_on_infinite_scores=True, stacks_query_groups=True),
             NativeGate("sdpa-cpu-flash", (torch.float16,), max_head_dim=1 << 30, masks=MASK_KINDS,
-                       zeroes_nan_query_rows=True, stacks_query_groups=True, grad=False,
+                       zeroes_nan_query_rows=True, departs_on_infinite_scores=True, stacks_query_groups=True,
+                       grad=False,
                        grad_reason="its float16 backward ran 7-9x slower than ours with up to 2x PyTorch math's "
                                    "dV error (x86 without fp16 arithmetic)")),
     # Decode-sized queries (a generated token's step, a speculative block) are held to the flash kernel; longer
