@@ -188,6 +188,10 @@ def flash_attention(
     """
     if not _quantized(k, v):  # QuantizedKV (quantize_kv(..., layout="bhsd")) is checked downstream
         check_rank(q, k, v, rank=4, layout="(B, H, S, D)")
+    for name, side in (("k", k), ("v", v)):
+        if isinstance(side, QuantizedKV) and not side.heads_first:
+            raise ValueError(f"{name}: expected a (B, H, S, D) QuantizedKV (quantize_kv(..., layout='bhsd'), or "
+                             f".transpose(1, 2) of a (B, S, H, D) one), got a (B, S, H, D) one")
     scale = None if scale is None else check_scale(scale, 1, "scale")
     out = flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, scale, is_causal,

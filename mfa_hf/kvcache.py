@@ -438,6 +438,9 @@ def _check_caches(q, k_cache, v_cache, names=("k_cache", "v_cache")) -> bool:
                 raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {cache.dtype}")
             if cache.shape[-1] < 1:
                 raise ValueError(f"{name}: expected a head dim >= 1, got shape {tuple(cache.shape)}")
+        elif cache.heads_first:
+            raise ValueError(f"{name}: expected a (B, S, H, D) QuantizedKV, got a (B, H, S, D) view of one "
+                             f"(transpose(1, 2) or layout='bhsd'; flash_attention takes those)")
         if cache.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} like q, got {cache.device}")
     kb, ks, kh, kd = k_cache.shape

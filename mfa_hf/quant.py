@@ -62,7 +62,9 @@ class QuantizedKV:
     """A quantized (B, S, H, D) key or value tensor (see the module docstring for the layout).
 
     `dtype` is the logical dtype (what dequantize() returns and what attention outputs). Only
-    transpose(1, 2) is supported as a view, for the (B, H, S, D) call shape of flash_attention.
+    transpose(1, 2) is supported as a view, for the (B, H, S, D) call shape of flash_attention: it gives a
+    `heads_first` QuantizedKV, codes and scales (B, H, S, .), checked in that order (static scales, whose token
+    dim is 1, are (B or 1, H, 1, G) there).
     """
 
     codes: torch.Tensor
@@ -70,14 +72,17 @@ class QuantizedKV:
     format: KVFormat
     group_size: int
     dtype: torch.dtype = torch.float32
+    heads_first: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "format", parse_format(self.format))
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise TypeError(f"QuantizedKV.dtype: expected a float torch.dtype (the logical dtype), got {self.dtype!r}")
         # a numpy group size, checked, kept as a Python int
+        if not isinstance(self.heads_first, bool):
+            raise TypeError(f"QuantizedKV.heads_first: expected a bool, got {type(self.heads_first).__name__}")
         object.__setattr__(self, "group_size", check_parts(self.codes, self.scales, self.format, self.group_size,
-                                                           "QuantizedKV"))
+                                                           "QuantizedKV", self.heads_first))
 
     @property
     def shape(self) -> torch.Size:
@@ -98,7 +103,7 @@ class QuantizedKV:
         if sorted((dim0 % 4, dim1 % 4)) != [1, 2]:
             raise ValueError(f"QuantizedKV.transpose: expected dims (1, 2), got ({dim0}, {dim1})")
         return QuantizedKV(self.codes.transpose(1, 2), self.scales.transpose(1, 2), self.format,
-                           self.group_size, self.dtype)
+                           self.group_size, self.dtype, not self.heads_first)
 
     def nbytes(self) -> int:
         """Bytes held by codes and scales (broadcast scales counted once)."""
@@ -108,9 +113,9 @@ class QuantizedKV:
         return dequantize_codes(self.codes, self.scales, self.format, self.group_size, dtype or self.dtype)
 
 
-def check_parts(codes, scales, fmt, group_size: int, name: str) -> int:
+def check_parts(codes, scales, fmt, group_size: int, name: str, heads_first: bool = False) -> int:
     """Codes and scales agree with the format: errors name `name`, what was expected and what came. Returns the
-    group size as a Python int (numpy ints are taken)."""
+    group size as a Python int (numpy ints are taken). heads_first: (B, H, S, .) rather than (B, S, H, .)."""
     fmt = parse_format(fmt)
     for part, t in (("codes", codes), ("scales", scales)):
         if not isinstance(t, torch.Tensor):
@@ -133,9 +138,10 @@ def check_parts(codes, scales, fmt, group_size: int, name: str) -> int:
     if spec.grouped and group_size not in spec.group_sizes:
         raise ValueError(f"{name}.group_size: expected {spec.group_sizes_text()} for {fmt.value}, got {group_size}")
     groups = dim // group_size
-    b, s, h, _ = codes.shape
-    want = f"({b} or 1, {s} or 1, {h}, {groups})"
-    sb, ss, sh, sg = scales.shape
+    tokens_dim, heads_dim = (2, 1) if heads_first else (1, 2)
+    b, s, h = codes.shape[0], codes.shape[tokens_dim], codes.shape[heads_dim]
+    sb, ss, sh, sg = scales.shape[0], scales.shape[tokens_dim], scales.shape[heads_dim], scales.shape[3]
+    want = f"({b} or 1, {h}, {s} or 1, {groups})" if heads_first else f"({b} or 1, {s} or 1, {h}, {groups})"
     if not fits_dim(sb, b) or not fits_dim(ss, s) or sh != h or sg != groups:
         raise ValueError(f"{name}.scales: expected shape {want} for {fmt.value} with group size {group_size}, "
                          f"got {tuple(scales.shape)}")

@@ -239,6 +239,44 @@ def test_mixed_formats_between_k_and_v_are_served():
     assert math.isfinite(float(out.sum()))
 
 
+@pytest.mark.parametrize("fmt, granularity", ROUND_TRIPS)
+@pytest.mark.parametrize("how", ["transpose", "layout-bhsd", "compat"])
+def test_every_granularity_has_a_heads_first_view(fmt, granularity, how):
+    """flash_attention (B, H, S, D) over QuantizedKV of every scale granularity, heads-first by transpose(1, 2),
+    quantize_kv(layout="bhsd") or the mps-flash-attn functions' codes and scales: per-head and per-channel scales
+    (token dim 1) were checked in (B, S, H) order and refused (session 25)."""
+    g = torch.Generator().manual_seed(len(fmt) + len(granularity))
+    q, k, v = (torch.randn(2, 3, 5, 64, generator=g) for _ in range(3))  # (B, H, S, D)
+    options = {} if fmt == "nf4" else {"granularity": granularity}
+    if how == "transpose":
+        qk, qv = (quantize_kv(x.transpose(1, 2), fmt, **options).transpose(1, 2) for x in (k, v))
+    else:
+        qk, qv = (quantize_kv(x, fmt, layout="bhsd", **options) for x in (k, v))
+    assert qk.heads_first and qk.shape == k.shape and qk.transpose(1, 2).shape == k.transpose(1, 2).shape
+    with torch.no_grad():
+        if how == "compat":
+            codes = (q, qk.codes, qv.codes, qk.scales, qv.scales)
+            if fmt.startswith("fp8"):
+                out = mfa_hf.flash_attention_fp8(*codes, is_causal=True, fp8_format=fmt[4:])
+            else:
+                call = {"int8": mfa_hf.flash_attention_int8, "nf4": mfa_hf.flash_attention_nf4}[fmt]
+                out = call(*codes, is_causal=True)
+        else:
+            out = mfa_hf.flash_attention(q, qk, qv, is_causal=True)
+    from mfa_hf.kernels.reference import attention_reference
+
+    dk, dv = (x.dequantize(torch.float64).transpose(1, 2) for x in (qk, qv))
+    ref, _ = attention_reference(q.transpose(1, 2).double(), dk, dv, causal=True)
+    assert float((out.transpose(1, 2).double() - ref).abs().max()) < 1e-5
+    # each call names the orientation it takes when given the other
+    with pytest.raises(ValueError, match=r"k: expected a \(B, H, S, D\) QuantizedKV"):
+        mfa_hf.flash_attention(q, qk.transpose(1, 2), qv.transpose(1, 2))
+    with pytest.raises(ValueError, match=r"k: expected a \(B, S, H, D\) QuantizedKV"):
+        mfa_hf.flash_attn_func(q.transpose(1, 2), qk, qv)
+    with pytest.raises(ValueError, match=r"k_cache: expected a \(B, S, H, D\) QuantizedKV"):
+        mfa_hf.flash_attn_with_kvcache(q.transpose(1, 2), qk, qv)
+
+
 @pytest.mark.parametrize("fmt", list(kv_formats.QUANTIZED_NAMES))
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced", "expanded", "flat", "empty"])
 def test_decode_from_byte_tables_equals_element_by_element(fmt, layout):
