@@ -40,6 +40,10 @@ def real_number(value, name: str, expected: str) -> float:
         isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real))
     if isinstance(value, torch.Tensor):
         refused = value.dim() != 0 or value.dtype == torch.bool or value.is_complex() or value.is_meta
+        if not refused and value.requires_grad and torch.is_grad_enabled():
+            # read as a float, it would get no gradient: a learnable scale would train as a constant, silently
+            raise ValueError(f"{name}: expected a fixed number (no gradient is computed for it), got a tensor "
+                             f"requiring grad; pass {name}.detach() or a float")
     if not refused:
         try:
             return float(value)

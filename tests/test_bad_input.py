@@ -514,3 +514,39 @@ def test_dropout_arguments_are_checked_at_every_probability(dropout_p, kwargs, e
     q, k, v = (torch.randn(1, 4, 2, 8) for _ in range(3))
     with pytest.raises(error, match=match):
         mfa_hf.flash_attn_func(q, k, v, dropout_p=dropout_p, **kwargs)
+
+
+def _scalar_calls(name, value):
+    """Every entry point that takes a number argument `name` (softmax_scale / scale, softcap), with q requiring
+    grad (a training call), given `value`."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 6, 2, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 6, 2, 8, generator=g) for _ in range(2))
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    bhsd = name if name != "softmax_scale" else "scale"
+    return {
+        "flash_attn_func": lambda: mfa_hf.flash_attn_func(q, k, v, causal=True, **{name: value}),
+        "flash_attn_varlen_func": lambda: mfa_hf.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 6, 6, causal=True,
+                                                                        **{name: value}),
+        "flash_attention": lambda: mfa_hf.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                          is_causal=True, **{bhsd: value}),
+        "flash_attention_chunked": lambda: mfa_hf.flash_attention_chunked(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, **{bhsd: value}),
+        "flash_attn_with_kvcache": lambda: mfa_hf.flash_attn_with_kvcache(q, k, v, **{name: value}),
+    }
+
+
+@pytest.mark.parametrize("name, number", [("softmax_scale", 0.3), ("softcap", 5.0)])
+@pytest.mark.parametrize("entry", list(_scalar_calls("softcap", 1.0)))
+def test_number_tensors_requiring_grad_are_refused(entry, name, number):
+    """A 0-d tensor is taken for a number, read as a float: one requiring grad got no gradient (a learnable scale
+    or softcap silently trained as a constant; session 25). Refused naming the argument; detached tensors and
+    no_grad calls are served."""
+    value = torch.tensor(number, requires_grad=True)
+    call = _scalar_calls(name, value)[entry]
+    named = name.replace("softmax_", "") if entry.startswith("flash_attention") else name  # (B, H, S, D) names
+    with pytest.raises(ValueError, match=rf"{named}: expected a fixed number .*requiring grad"):
+        call()
+    assert _scalar_calls(name, value.detach())[entry]() is not None
+    with torch.no_grad():
+        assert call() is not None
