@@ -619,6 +619,12 @@ def test_the_finiteness_check_reads_the_host_on_cpu_only(monkeypatch):
     mask = torch.ones(1, 1, 3, 3, dtype=torch.bool, device="meta")
     fixed = native._nonfinite_rows_restored(*meta[:3], mask, False, 0.35, meta[3])
     assert fixed.shape == out.shape and fixed.device.type == "meta" and reads == []
+    # the infinite-score check likewise: one read on CPU, none off it (a bool and an additive mask)
+    assert native._infinite_score_rows_restored(q, k, v, None, False, 0.35, out) is out and reads == ["__bool__"]
+    reads.clear()
+    for mask in (mask, torch.zeros(1, 1, 3, 3, device="meta")):
+        fixed = native._infinite_score_rows_restored(*meta[:3], mask, False, 0.35, meta[3])
+        assert fixed.shape == out.shape and fixed.device.type == "meta" and reads == []
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -443,9 +443,10 @@ def test_views_are_not_copies():
 HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "unique")
 
 
-# Code that reads the host on the CPU alone, where a read waits for nothing: the CPU native route's check that q
-# is finite (mfa_hf/native.py, CPU plain-eager calls only; tests/test_native_routes.py checks it reads nothing off the CPU).
-CPU_ONLY_READERS = {("mfa_hf.native", "_nonfinite_rows_restored")}
+# Code that reads the host on the CPU alone, where a read waits for nothing: the CPU native route's checks that q
+# is finite and that no row met an infinite score (mfa_hf/native.py, CPU plain-eager calls only;
+# tests/test_native_routes.py checks they read nothing off the CPU).
+CPU_ONLY_READERS = {("mfa_hf.native", "_nonfinite_rows_restored"), ("mfa_hf.native", "_infinite_score_rows_restored")}
 
 
 def _in_cpu_backend() -> bool:
