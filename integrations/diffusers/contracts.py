@@ -36,17 +36,39 @@ def require_legacy_attention(processor_name: str, attn: nn.Module, serves: str) 
         )
 
 
+ENABLE = "mfa_hf.integrations.diffusers.enable(model), which picks per module"
+
+
 def require_no_added_kv(processor_name: str, attn: nn.Module, serves: str, use_instead: str) -> None:
-    if getattr(attn, "added_kv_proj_dim", None) is not None:
+    if _added_kv(attn):
+        # MFAJointAttnProcessor serves added K/V without the UNet extras only: a hint to it on a module with them
+        # sent the user back here (session 25)
+        use = ENABLE if _extras_used(attn) else f"{use_instead}, or {ENABLE}"
         raise ContractMismatch(
             f"{processor_name}: expected an Attention without added K/V projections ({serves}), got one "
             f"with added_kv_proj_dim={attn.added_kv_proj_dim} (context_pre_only={attn.context_pre_only}); "
-            f"use {use_instead}."
+            f"use {use}."
         )
 
 
 def require_plain_io(processor_name: str, attn: nn.Module, serves: str) -> None:
     """Contracts that skip the UNet/VAE extras must not sit on a module configured to use them."""
+    used = _extras_used(attn)
+    if used:
+        # MFAProcessor serves the extras but not added K/V projections
+        use = ENABLE if _added_kv(attn) else "MFAProcessor (the AttnProcessor2_0 contract)"
+        raise ContractMismatch(
+            f"{processor_name}: expected an Attention without {', '.join(used)} ({serves} ignores them), "
+            f"got one that uses them; use {use}."
+        )
+
+
+def _added_kv(attn: nn.Module) -> bool:
+    return getattr(attn, "added_kv_proj_dim", None) is not None
+
+
+def _extras_used(attn: nn.Module) -> list[str]:
+    """The UNet/VAE extras that `attn` is configured to use."""
     extras = {
         "group_norm": attn.group_norm is not None,
         "spatial_norm": attn.spatial_norm is not None,
@@ -54,10 +76,4 @@ def require_plain_io(processor_name: str, attn: nn.Module, serves: str) -> None:
         "residual_connection": bool(attn.residual_connection),
         "rescale_output_factor": attn.rescale_output_factor != 1.0,
     }
-    used = [name for name, present in extras.items() if present]
-    if used:
-        raise ContractMismatch(
-            f"{processor_name}: expected an Attention without {', '.join(used)} ({serves} ignores them), "
-            f"got one that uses them; use MFAProcessor (the AttnProcessor2_0 contract)."
-        )
-
+    return [name for name, present in extras.items() if present]

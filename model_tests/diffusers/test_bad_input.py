@@ -158,3 +158,43 @@ def test_enable_refuses_something_that_is_not_a_pipeline():
     with pytest.raises(TypeError, match=r"pipe_or_model: expected a diffusers pipeline .* got str"):
         enable("unet")
 
+
+
+def _unet_with_added_kv():
+    """A UNet with SimpleCrossAttn blocks (Kandinsky/UnCLIP style): added K/V projections and group_norm."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, cross_attention_dim=32, attention_head_dim=8,
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "SimpleCrossAttnUpBlock2D"))
+
+
+@pytest.mark.parametrize("model", ["unet-added-kv", "sd3", "vae"])
+def test_a_refusal_hint_never_leads_back(model, tiny):
+    """Found by a model sweep (session 25): MFAProcessor on a module with added K/V and group_norm said "use
+    MFAJointAttnProcessor", whose refusal said "use MFAProcessor". For every module and each of our processors that
+    refuses it, the processor its message names is either accepted or points to enable(), and enable() serves."""
+    built = _unet_with_added_kv() if model == "unet-added-kv" else tiny.build(model)[0]
+    ours = {"MFAProcessor": MFAProcessor, "MFAJointAttnProcessor": MFAJointAttnProcessor,
+            "MFACogVideoXAttnProcessor": MFACogVideoXAttnProcessor}
+    refusals = 0
+    for module in (m for m in built.modules() if hasattr(m, "set_processor")):
+        for name, processor in ours.items():
+            try:
+                processor().check(module)
+                continue
+            except ContractMismatch as error:
+                refusals += 1
+                hint = str(error).split("; use ", 1)[-1]
+            named = [other for other in ours if other in hint and other != name]
+            for other in named:  # the named processor serves the module, or its own refusal names enable()
+                try:
+                    ours[other]().check(module)
+                except ContractMismatch as again:
+                    assert "enable(model)" in str(again) and name not in str(again).split("; use ", 1)[-1], again
+            assert named or "enable(model)" in hint, error
+    assert refusals
+    handle = enable(built)
+    assert handle.processors and not handle.skipped, handle.skipped
