@@ -151,9 +151,10 @@ def _infinite_score_rows_restored(q, k, v, mask, is_causal: bool, scale: float, 
     +inf score in half precision; the reference: NaN) or NaN (a +inf score its bool mask hides; the reference
     ignores that key). Non-finite queries are _nonfinite_rows_restored's.
 
-    Such a row comes back all zeros or holding NaN, so those are looked for first: one reduction over the output
-    and a host read, free on CPU. Either is legitimate too (every key hidden, NaN values), so only where some exist
-    and k or the mask is not finite are those rows taken from our torch kernel, exact in every case. Where q may not
+    Such a row comes back all zeros or holding NaN, and needs k or the mask not finite: both are looked for, the
+    cheaper first (a reduction over the output or over k, and a host read, free on CPU), and only rows that meet
+    both are taken from our torch kernel, exact in every case (zero or NaN rows are legitimate too: every key
+    hidden, NaN values). Where q may not
     be read on the host (compiled or traced calls), a zero row that sees a key becomes NaN where its keys (batch,
     KV head) hold a non-finite value or its mask row a +inf: the reference, except for a row whose visible values
     are all 0 or scores all -inf while a non-finite key of its head is hidden (the reference gives 0 there); a NaN
@@ -162,10 +163,17 @@ def _infinite_score_rows_restored(q, k, v, mask, is_causal: bool, scale: float, 
         readable = q.device.type == "cpu" and ops.plain_eager((q,), autograd=True)
     additive = mask is not None and mask.dtype != torch.bool
     if readable:
-        suspect = ~(out.abs().amax(-1, keepdim=True) > 0)  # (B, Hq, Lq, 1): all zeros, or a NaN (amax keeps it)
-        if not bool(suspect.any()) or (_finite(k) and not (additive and bool(mask.isposinf().any()))):
+        # (B, Hq, Lq, 1): all zeros, or a NaN (amax keeps it)
+        suspect = lambda: ~(out.abs().amax(-1, keepdim=True) > 0)  # noqa: E731
+        inputs_finite = lambda: _finite(k) and not (additive and bool(mask.isposinf().any()))  # noqa: E731
+        # the cheaper test first: the rows of a decode step's small output, or the keys of a long prefill's
+        if out.numel() <= k.numel():
+            rows = suspect()
+            if not bool(rows.any()) or inputs_finite():
+                return out
+        elif inputs_finite() or not bool((rows := suspect()).any()):
             return out
-        return torch.where(suspect, _ours(q, k, v, mask, is_causal, scale), out)
+        return torch.where(rows, _ours(q, k, v, mask, is_causal, scale), out)
     zero = (out == 0).all(-1, keepdim=True)
     bad_keys = ~torch.isfinite(k).all(-1).all(-1)  # (B, Hkv)
     suspect = bad_keys.repeat_interleave(q.shape[1] // k.shape[1], 1)[:, :, None, None]

@@ -628,7 +628,8 @@ def test_the_finiteness_check_reads_the_host_on_cpu_only(monkeypatch):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-@pytest.mark.parametrize("rows, heads_kv, dim", [(1, 2, 32), (6, 2, 16), (6, 4, 32)])
+# the last: an output larger than k (native.py tests k first there)
+@pytest.mark.parametrize("rows, heads_kv, dim", [(1, 2, 32), (6, 2, 16), (6, 4, 32), (20, 1, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("corrupt, mask_kind", [("k+inf", "none"), ("k-inf", "bool"), ("k-nan", "none"),
                                                 ("v+inf", "none"), ("k+inf", "additive"), ("mask+inf", "additive"),
@@ -648,7 +649,7 @@ def test_infinite_scores_match_the_reference(corrupt, mask_kind, dtype, rows, he
         seen[:, :, 0, 5] = True  # the corrupted key is visible to row 0 ...
         seen[1, :, rows - 1] = False  # ... and one row of the other batch hides every key
         mask = seen if mask_kind == "bool" else torch.zeros(seen.shape).masked_fill(~seen, -math.inf)
-    where = (0, 5, 1, 3)  # batch 0, key 5, KV head 1, element 3
+    where = (0, 5, heads_kv - 1, 3)  # batch 0, key 5, the last KV head, element 3
     value = {"k+inf": math.inf, "k-inf": -math.inf, "k-nan": math.nan, "v+inf": math.inf}.get(corrupt)
     if corrupt.startswith("k"):
         k[where] = value
