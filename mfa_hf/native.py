@@ -166,8 +166,9 @@ def _infinite_score_rows_restored(q, k, v, mask, is_causal: bool, scale: float, 
         # (B, Hq, Lq, 1): all zeros, or a NaN (amax keeps it)
         suspect = lambda: ~(out.abs().amax(-1, keepdim=True) > 0)  # noqa: E731
         inputs_finite = lambda: _finite(k) and not (additive and bool(mask.isposinf().any()))  # noqa: E731
-        # the cheaper test first: the rows of a decode step's small output, or the keys of a long prefill's
-        if out.numel() <= k.numel():
+        # the cheaper test first: the rows of a decode step's small output, or the keys of a prefill (a row
+        # reduction costs ~10x a sum an element on CPU: 35 against 3 ms over a 4k-token Flux layer's 12.6M)
+        if out.numel() * 8 <= k.numel():
             rows = suspect()
             if not bool(rows.any()) or inputs_finite():
                 return out
