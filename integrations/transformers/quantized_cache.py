@@ -4,8 +4,9 @@
     model.generate(**inputs, cache=cache)         # attn "mps_flash" or "mfa"; past_key_values= before 5.24
 
 Per layer, one growable store per side: a `QuantizedKV` buffer (B, capacity, Hkv, D) allocated by
-`mfa_hf.allocate_kv_cache` (capacity grows by a quarter when full, in blocks of 256 tokens: appends
-are in place, amortized O(1), and at most ~25% of the store is spare),
+`mfa_hf.allocate_kv_cache` (capacity grows by a quarter when full, in whole blocks of 256 tokens: appends
+are in place, amortized O(1); at least one block, so a short context holds spare room, and from 1024
+tokens at most ~25% of the store is spare),
 plus an optional full-precision residual (B, Hkv, r, D) of the newest tokens (KIVI-style: once it
 holds `residual_length` tokens it is quantized in one chunk at the start of the next update).
 
@@ -18,7 +19,8 @@ those tokens are stored quantized for every later step.
 
 Sliding-window layers (built from `config`: Mistral, Qwen2 layer_types, Gemma 2/3, GPT-OSS) keep
 only their window: when the buffer is full, the last `sliding_window - 1` tokens move to the front
-instead of growing it. Without `config` every layer keeps all tokens and the kernel applies the
+instead of growing it (so such a layer holds at most its window and a buffer's spare room: the buffer
+of one 256-token block, or the block-rounded window with its growth). Without `config` every layer keeps all tokens and the kernel applies the
 window (correct, more memory).
 """
 
@@ -259,6 +261,7 @@ class MFAQuantizedLayer(DynamicLayer):
                 raise ValueError(f"MFAQuantizedCache.update: {name}: expected a 4-D tensor (B, H, S, D), got {got}")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._check_batch(key_states.shape[0])  # before anything moves: a refused update leaves the layer as it was
         prefill = self.cumulative_length == 0
         drop, flush = self._drop_count(key_states.shape[2]), self._flush_count()
         stores = (self.k, self.v)
@@ -276,15 +279,29 @@ class MFAQuantizedLayer(DynamicLayer):
         return (self.k.view(self.step_plans, self.cumulative_length, self.sliding_window),
                 self.v.view(self.step_plans, self.cumulative_length, self.sliding_window))
 
+    def _check_batch(self, batch: int) -> None:
+        stored = self.k.buffer if self.k.buffer is not None else self.k.residual  # QuantizedKV or (B, H, r, D)
+        held = None if stored is None or not self.cumulative_length else stored.shape[0]
+        if held is not None and batch != held:
+            raise ValueError(f"MFAQuantizedCache.update: expected a batch of {held} rows like the tokens the cache holds, "
+                             f"got {batch}; reset() the cache or make a new one for another batch (beam search and "
+                             f"num_return_sequences resize it through batch_select_indices / batch_repeat_interleave)")
+
     # -- generate's cache manipulation: scales always move with their codes --------------------------
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError(f"crop: expected a negative number of tokens to remove (or 0), got {tokens_to_remove}")
         count = -tokens_to_remove
-        if count > self.k.length + self.k.residual_length:
-            raise ValueError(f"crop: cannot remove {count} tokens, the layer holds "
-                             f"{self.k.length + self.k.residual_length}")
+        held = self.k.length + self.k.residual_length
+        if count > held:
+            raise ValueError(f"crop: cannot remove {count} tokens, the layer holds {held}")
+        # A sliding layer that dropped its oldest tokens keeps only its window: cropping into it would leave the
+        # next query fewer earlier keys than the window sees (silently wrong logits), as DynamicCache refuses too.
+        if self.is_sliding and held - count < min(self.sliding_window - 1, self.cumulative_length - count):
+            raise RuntimeError(f"crop: removing {count} tokens would leave {held - count} stored tokens, fewer than the "
+                               f"{self.sliding_window - 1} earlier tokens this layer's sliding window sees: the layer "
+                               f"keeps only its window (older tokens were dropped when its buffer filled)")
         for store in (self.k, self.v):
             store.crop_end(count)
         self.cumulative_length -= count
@@ -343,6 +360,9 @@ def _not_per_head_kv(text) -> str:
         return f"caches {what}, not per-head K/V, {_STRAIGHT}"
     if model_type in TRANSFORMED_KV_MODELS:
         return f"{TRANSFORMED_KV_MODELS[model_type]} after the cache, {_STRAIGHT}"
+    if getattr(text, "relative_attention_num_buckets", None) is not None:  # T5, mT5, UMT5, LongT5, Switch, ...
+        return ("adds a learned relative position bias (position_bias) to its scores, which the quantized decode "
+                "kernel does not take")
     if consumes_mask(text):
         return ("reads the attention mask in its own code (a sparse-attention indexer's top-k, or Doge's dynamic mask "
                 "over its value states), so its decode steps need the dense mask and, for Doge, the cached values as "

@@ -263,6 +263,39 @@ def test_crop_removes_newest_tokens(residual):
         cache.crop(5)
 
 
+@pytest.mark.parametrize("residual", [0, 4])
+def test_crop_into_a_trimmed_window_is_refused_and_short_of_it_is_exact(residual):
+    """A sliding layer that dropped its oldest tokens (its buffer filled) keeps only its window: a crop that left
+    the next query fewer earlier keys than the window sees gave wrong logits silently (session 25). Every crop
+    either leaves a next token whose logits match a fresh forward over the same tokens, or is refused."""
+    model = _model(BY_NAME["mistral"], "int8")  # sliding_window 4 on every layer
+    window = model.config.sliding_window
+    ids = torch.randint(3, 128, (1, 272), generator=torch.Generator().manual_seed(5))
+    outcomes = set()
+    for spare in (window, 1, 0, -1, -3):  # stored tokens left beyond the window's window - 1 earlier ones
+        cache = MFAQuantizedCache("int8", config=model.config, residual_length=residual)
+        with torch.no_grad():
+            model(ids[:, :250], **cache_kwargs(cache))
+            for position in range(250, 270):  # past the first 256-token buffer: the sliding layers are trimmed
+                model(ids[:, position:position + 1], **cache_kwargs(cache))
+            held = cache.layers[0].k.length + cache.layers[0].k.residual_length
+            assert held < 270  # trimmed
+            remove = held - (window - 1) - spare
+            try:
+                cache.crop(-remove)
+            except RuntimeError as error:
+                assert "sliding window" in str(error) and "dropped" in str(error) and spare < 0
+                outcomes.add("refused")
+                continue
+            kept = 270 - remove
+            step = model(ids[:, kept:kept + 1], **cache_kwargs(cache)).logits[0, -1]
+            fresh = model(ids[:, :kept + 1]).logits[0, -1]
+        assert float((step - fresh).abs().max()) < 0.05, remove  # int8 noise (a dropped key: 0.15-0.4)
+        outcomes.add("exact")
+        assert spare >= 0
+    assert outcomes == {"refused", "exact"}
+
+
 def test_residual_is_quantized_in_chunks():
     cache, layer = _filled_layer(residual=4, tokens=9)  # 9 prefill in residual, then a decode step
     assert (layer.k.length, layer.k.residual_length) == (8, 2)  # two chunks of 4 flushed, 1 + 1 left
@@ -300,6 +333,31 @@ def test_deepseek_v3_latent_cache_is_refused():
     config = BY_NAME["deepseek_v3"].config()
     with pytest.raises(ValueError, match="deepseek_v3.*latent"):
         MFAQuantizedCache("int8", config=config)
+
+
+@pytest.mark.parametrize("model_type", ["t5", "mt5", "umt5", "switch_transformers", "longt5"])
+def test_relative_position_bias_models_are_refused_at_construction(model_type):
+    """T5's family adds a learned position_bias to the scores, which the quantized decode kernel does not take:
+    the cache was accepted and every generate failed at its first decode step (session 25)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, d_model=32, d_kv=8, num_heads=4, num_layers=1, d_ff=32, vocab_size=64)
+    with pytest.raises(ValueError, match=rf"{model_type}.*relative position bias.*DynamicCache"):
+        MFAQuantizedCache("int8", config=config)
+
+
+@pytest.mark.parametrize("residual", [0, 4])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_batch_of_another_size_is_refused_and_changes_nothing(residual, rows):
+    """A later update with another batch size than the stored tokens: a kernel's words (k_cache, cache_batch_idx)
+    or torch.cat's, after part of the residual was already quantized (session 25). Now the cache's own error, and
+    the layer as it was."""
+    cache, layer = _filled_layer(residual=residual, batch=2)
+    before = (layer.k.length, layer.k.residual_length, cache.get_seq_length())
+    with pytest.raises(ValueError, match=rf"MFAQuantizedCache.update: expected a batch of 2 rows .* got {rows}"):
+        cache.update(torch.randn(rows, 2, 1, 32), torch.randn(rows, 2, 1, 32), 0)
+    assert (layer.k.length, layer.k.residual_length, cache.get_seq_length()) == before
+    cache.update(torch.randn(2, 2, 1, 32), torch.randn(2, 2, 1, 32), 0)  # the right batch still serves
 
 
 def test_handle_outside_mfa_attention_says_why():
