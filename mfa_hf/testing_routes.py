@@ -100,6 +100,37 @@ def nonfinite_query_case(mask_kind: str, rows: int, heads: tuple, compiled: bool
     return q, k, v, mask, call
 
 
+def infinite_score_case(corrupt: str, mask_kind: str, dtype: torch.dtype, rows: int, heads_kv: int, dim: int,
+                        device: str = "cpu"):
+    """q (2, rows, 4, dim) and k/v (2, 16, heads_kv, dim) with one non-finite element ("k+inf", "k-inf", "k-nan",
+    "v+inf") or one in an additive mask ("mask+inf", "mask-nan"), which gives row 0 of batch 0 an infinite (or
+    NaN) score; mask_kind "none", "bool" or "additive" (a row of the other batch hides every key). Returns q, k, v
+    and the mask, on `device`."""
+    g = torch.Generator().manual_seed(rows + len(corrupt))
+    q = torch.randn(2, rows, 4, dim, generator=g)
+    k, v = (torch.randn(2, 16, heads_kv, dim, generator=g) for _ in range(2))
+    mask = None
+    if mask_kind != "none":
+        seen = torch.rand(2, 1, rows, 16, generator=g) > 0.3
+        seen[:, :, 0, 5] = True  # the corrupted key is visible to row 0 ...
+        seen[1, :, rows - 1] = False  # ... and one row of the other batch hides every key
+        mask = seen if mask_kind == "bool" else torch.zeros(seen.shape).masked_fill(~seen, -math.inf)
+    where = (0, 5, heads_kv - 1, 3)  # batch 0, key 5, the last KV head, element 3
+    value = {"k+inf": math.inf, "k-inf": -math.inf, "k-nan": math.nan, "v+inf": math.inf}.get(corrupt)
+    if corrupt.startswith("k"):
+        k[where] = value
+        if not math.isnan(value):  # row 0 scores +inf (a NaN row); the other rows' signs are random
+            q[0, 0, :, 3] = q[0, 0, :, 3].abs() * math.copysign(1.0, value)
+    elif corrupt.startswith("v"):
+        v[where] = value
+    else:
+        mask[0, 0, 0, 5] = math.inf if corrupt == "mask+inf" else math.nan
+    q, k, v = (t.to(device, dtype) for t in (q, k, v))
+    if mask is not None:
+        mask = mask.to(device, mask.dtype if mask.dtype == torch.bool else dtype)
+    return q, k, v, mask
+
+
 def assert_nonfinite_rows_match(out, q, k, v, mask=None) -> torch.Tensor:
     """out has NaN exactly where the float64 reference has, and its other rows hold the tolerance rule (all
     compared on the CPU); returns the reference for the caller's own checks."""

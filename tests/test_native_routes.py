@@ -24,7 +24,7 @@ from mfa_hf.kernels.reference import attention_reference
 from mfa_hf.problem import AttentionProblem, MaskKind
 from mfa_hf.testing import Case, assert_close_to_reference, make_inputs
 from mfa_hf.testing_routes import MATH, assert_nonfinite_rows_match, check_route, default_routing, \
-    nonfinite_query_case, run_routed, sdpa_switches
+    infinite_score_case, nonfinite_query_case, run_routed, sdpa_switches
 
 FUSED_CPU = "aten::_scaled_dot_product_flash_attention_for_cpu"
 
@@ -640,27 +640,7 @@ def test_infinite_scores_match_the_reference(corrupt, mask_kind, dtype, rows, he
     every dtype where a bool mask hid a key of +inf score (session 25); the route restores the reference, eager (our
     kernel serves those rows) and compiled (device ops only; the hidden key's NaN stays, as native.py says). Rows
     that hide every key stay 0."""
-    g = torch.Generator().manual_seed(rows + len(corrupt))
-    q = torch.randn(2, rows, 4, dim, generator=g)
-    k, v = (torch.randn(2, 16, heads_kv, dim, generator=g) for _ in range(2))  # torch's kernel departs by shape
-    mask = None
-    if mask_kind != "none":
-        seen = torch.rand(2, 1, rows, 16, generator=g) > 0.3
-        seen[:, :, 0, 5] = True  # the corrupted key is visible to row 0 ...
-        seen[1, :, rows - 1] = False  # ... and one row of the other batch hides every key
-        mask = seen if mask_kind == "bool" else torch.zeros(seen.shape).masked_fill(~seen, -math.inf)
-    where = (0, 5, heads_kv - 1, 3)  # batch 0, key 5, the last KV head, element 3
-    value = {"k+inf": math.inf, "k-inf": -math.inf, "k-nan": math.nan, "v+inf": math.inf}.get(corrupt)
-    if corrupt.startswith("k"):
-        k[where] = value
-        if not math.isnan(value):  # row 0 scores +inf (a NaN row); the other rows' signs are random
-            q[0, 0, :, 3] = q[0, 0, :, 3].abs() * math.copysign(1.0, value)
-    elif corrupt.startswith("v"):
-        v[where] = value
-    else:
-        mask[0, 0, 0, 5] = math.inf if corrupt == "mask+inf" else math.nan
-    q, k, v = (t.to(dtype) for t in (q, k, v))
-    mask = mask.to(dtype) if mask is not None and mask.dtype != torch.bool else mask
+    q, k, v, mask = infinite_score_case(corrupt, mask_kind, dtype, rows, heads_kv, dim)
     call = lambda q, k, v: mfa_hf.flash_attn_func(q, k, v, attn_mask=mask)  # noqa: E731
     if compiled:
         torch._dynamo.reset()  # one lambda's code object over many cases: past dynamo's recompile limit
