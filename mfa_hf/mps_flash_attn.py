@@ -9,7 +9,8 @@ mps_flash_attn/__init__.py) and keeps its meanings where they differ from mfa_hf
 - window_size w: query i sees keys i - w .. i (w + 1 keys; 0 = full attention);
 - causal and window with Lq != Lk align top-left (row i sees keys <= i), as its Metal kernel does
   (mfa_hf: bottom-right); for Lq == Lk the two agree and our kernels' own flags serve the call;
-- scale is the 5th positional argument of flash_attention; scale <= 0 is refused, as there.
+- scale is the 5th positional argument of flash_attention; scale <= 0 is refused, as there;
+- attn_mask may be 2-D (N_q, N_kv) or 3-D (B, N_q, N_kv), promoted to 4-D, as 0.6.3 does (0.5 took 4-D only).
 The work is mfa_hf.flash_attention's (any device, forward and backward); nothing is reimplemented.
 docs/migrating.md maps each name. Names that need no change of meaning are re-exported as they are.
 """

@@ -34,15 +34,20 @@ def check_scale(scale, head_dim: int | None = None) -> None:
                           "this may cause numerical issues", UserWarning, stacklevel=3)
 
 
-def _check_mask_shape(mask, lq: int, lk: int) -> None:
-    """mps-flash-attn takes 4-D masks whose query and key dims are Lq or 1 and Lk or 1 (its ValueErrors)."""
+def _mask_4d(mask, lq: int, lk: int):
+    """mps-flash-attn 0.6.3's mask shapes: 4-D whose query and key dims are Lq or 1 and Lk or 1, or 2-D (N_q, N_kv)
+    and 3-D (B, N_q, N_kv) promoted to 4-D (its 0.6 change; 0.5 took 4-D only); its ValueErrors otherwise."""
     if mask is None:
-        return
+        return None
+    if mask.dim() in (2, 3):
+        mask = mask[None, None] if mask.dim() == 2 else mask[:, None]
     if mask.dim() != 4:
-        raise ValueError(f"attn_mask must be 4D (B, H, N_q, N_kv), got {mask.dim()}D: shape {tuple(mask.shape)}")
+        raise ValueError(f"attn_mask must be 2D/3D/4D ((N_q, N_kv), (B, N_q, N_kv) or (B, H, N_q, N_kv)), got "
+                         f"{mask.dim()}D: shape {tuple(mask.shape)}")
     if mask.shape[2] not in (1, lq) or mask.shape[3] not in (1, lk):
         raise ValueError(f"attn_mask shape mismatch: expected (B or 1, H or 1, {lq} or 1, {lk} or 1), "
                          f"got {tuple(mask.shape)}")
+    return mask
 
 
 def visibility(query, key, is_causal: bool, window_size, keep: torch.Tensor | None):
@@ -58,7 +63,7 @@ def visibility(query, key, is_causal: bool, window_size, keep: torch.Tensor | No
             raise InputError(f"{name} must be 4D: expected a 4-D tensor (B, H, S, D), got {got}")  # a RuntimeError there
     window = mps_window(window_size, is_causal)
     lq, lk = query.shape[2], key.shape[2]
-    _check_mask_shape(keep, lq, lk)
+    keep = _mask_4d(keep, lq, lk)
     if lq == lk or (not is_causal and window is None):
         return is_causal, window, keep
     rows = torch.arange(lq, device=query.device)[:, None]

@@ -142,15 +142,24 @@ def test_convert_mask():
            masked_out=float_mask < 0)
 
 
-@pytest.mark.parametrize("shape, message", [((12, 12), "must be 4D"), ((2, 12, 12), "must be 4D"),
-                                            ((1, 1, 12, 5), "shape mismatch"), ((1, 1, 7, 12), "shape mismatch")])
+@pytest.mark.parametrize("shape, message", [((12,), "must be 2D/3D/4D"), ((1, 2, 1, 12, 12), "must be 2D/3D/4D"),
+                                            ((1, 1, 12, 5), "shape mismatch"), ((1, 1, 7, 12), "shape mismatch"),
+                                            ((12, 5), "shape mismatch")])
 def test_masks_are_checked_as_mps_flash_attn_checks_them(shape, message):
-    """Its flash_attention takes 4-D masks (B or 1, H or 1, Lq or 1, Lk or 1) only, ValueError otherwise."""
+    """Its flash_attention (0.6.3) takes 4-D masks (B or 1, H or 1, Lq or 1, Lk or 1), and 2-D (N_q, N_kv) and 3-D
+    (B, N_q, N_kv) ones promoted to 4-D (0.5 refused those: a peer-suite run found the change, session 25);
+    ValueError otherwise."""
     q, k, v = _inputs(12, 12, torch.float32)
     with pytest.raises(ValueError, match=f"attn_mask {message}"):
         mfa.flash_attention(q, k, v, attn_mask=torch.zeros(shape, dtype=torch.bool))
     for served in ((2, 1, 1, 12), (1, 3, 12, 1)):
         mfa.flash_attention(q, k, v, attn_mask=torch.zeros(served, dtype=torch.bool))
+    g = torch.Generator().manual_seed(4)
+    for promoted in ((12, 12), (2, 12, 12)):  # the 3-D mask's first dim is the batch, as 0.6.3 reads it
+        masked_out = torch.rand(promoted, generator=g) > 0.6
+        masked_out[..., 0] = False
+        four_d = masked_out[None, None] if masked_out.dim() == 2 else masked_out[:, None]
+        _check(mfa.flash_attention(q, k, v, attn_mask=masked_out), q, k, v, masked_out=four_d)
 
 
 def test_scale_and_rank_errors_are_mps_flash_attns():
