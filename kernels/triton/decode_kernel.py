@@ -206,8 +206,8 @@ def _fit_half(q_lo, q_hi):
     """(q_lo, q_hi) float32 with every |q| of the tile below 2^15, float16's range, and the power of two they were
     divided by: 2^e, e = max(0, E - 14) for E the exponent of the tile's largest |q|. 1 for a tile below 2^15
     (q as it came), else exact but for elements under 2^(e - 16), far below the tile's largest, which lose bits as
-    float16 subnormals. One factor for the tile (not one a row): a scalar keeps the key loop as it was (a factor
-    a row cost nf4's instruction-bound loop 2-4% on an H100). inf or NaN stays non-finite."""
+    float16 subnormals. One factor for the tile, a scalar in the key loop; still, nf4 ran 2-5% slower with it on an
+    H100 (as with a factor a row; kernels/triton/README.md). inf or NaN stays non-finite."""
     big = tl.maximum(tl.max(tl.max(tl.abs(q_lo.to(tl.float32)), 1), 0),
                      tl.max(tl.max(tl.abs(q_hi.to(tl.float32)), 1), 0))
     exponent = ((big.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
