@@ -164,17 +164,17 @@ def _infinite_score_rows_restored(q, k, v, mask, is_causal: bool, scale: float, 
     if readable:
         if out.numel() == 0:
             return out
-        # A row's 2-norm is 0 for a zero row, NaN for one holding NaN (min() keeps it): rows that are not > 0
-        norms = lambda: torch.linalg.vector_norm(out, dim=-1, keepdim=True)  # noqa: E731  (B, Hq, Lq, 1)
-        inputs_finite = lambda: _finite(k) and not (additive and bool(mask.isposinf().any()))  # noqa: E731
         # the cheaper test first: the rows of a decode step's small output (about 3 us, a tenth of a 1k-key
         # decode call), or the keys of a prefill (a row reduction costs ~10x a sum an element on CPU)
-        if out.numel() * 8 <= k.numel():
-            row_norms = norms()
-            if float(row_norms.min()) > 0 or inputs_finite():
-                return out
-        elif inputs_finite() or float((row_norms := norms()).min()) > 0:
+        row_norms = _row_norms(out) if out.numel() * 8 <= k.numel() else None
+        if row_norms is not None and float(row_norms.min()) > 0:
             return out
+        if _finite(k) and not (additive and bool(mask.isposinf().any())):
+            return out
+        if row_norms is None:
+            row_norms = _row_norms(out)
+            if float(row_norms.min()) > 0:
+                return out
         return torch.where(~(row_norms > 0), _ours(q, k, v, mask, is_causal, scale), out)
     zero = (out == 0).all(-1, keepdim=True)
     bad_keys = ~torch.isfinite(k).all(-1).all(-1)  # (B, Hkv)
@@ -184,6 +184,11 @@ def _infinite_score_rows_restored(q, k, v, mask, is_causal: bool, scale: float, 
     elif mask is not None:
         suspect = suspect & mask.any(-1, keepdim=True)
     return out.masked_fill(zero & suspect, math.nan)
+
+
+def _row_norms(out):
+    """(B, Hq, Lq, 1): each row's 2-norm, 0 for a zero row and NaN for one holding NaN (min() keeps it)."""
+    return torch.linalg.vector_norm(out, dim=-1, keepdim=True)
 
 
 def _finite(q) -> bool:

@@ -20,8 +20,8 @@ those tokens are stored quantized for every later step.
 Sliding-window layers (built from `config`: Mistral, Qwen2 layer_types, Gemma 2/3, GPT-OSS) keep
 only their window: when the buffer is full, the last `sliding_window - 1` tokens move to the front
 instead of growing it (so such a layer holds at most its window and a buffer's spare room: the buffer
-of one 256-token block, or the block-rounded window with its growth). Without `config` every layer keeps all tokens and the kernel applies the
-window (correct, more memory).
+of one 256-token block, or the block-rounded window with its growth). Without `config` every layer keeps
+all tokens and the kernel applies the window (correct, more memory).
 """
 
 from __future__ import annotations
