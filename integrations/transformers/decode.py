@@ -70,16 +70,22 @@ def _left_pads(attention_mask, batch: int, total: int, q_len: int) -> torch.Tens
 
 
 def _row_as_key_validity(row: torch.Tensor) -> torch.Tensor:
+    """A dense mask's only query row (B, L) as key validity (_visible_keys), refused where it holds a bias."""
+    visible = _visible_keys(row)
+    if visible is None:
+        raise NotImplementedError("MFAQuantizedCache: expected a decode step's additive mask to hold only 0 and "
+                                  "masking values, got a finite bias (a pattern the decode kernel cannot express).")
+    return visible
+
+
+def _visible_keys(row: torch.Tensor) -> torch.Tensor | None:
     """A dense mask's only query row (B, L) as key validity: bool as it is; an additive row only when it holds
-    nothing but 0 (visible) and masking values (-inf or below half the dtype's minimum), else refused: a finite
+    nothing but 0 (visible) and masking values (-inf or below half the dtype's minimum), else None: a finite
     bias is not a key mask."""
     if row.dtype == torch.bool:
         return row
     visible = row == 0
-    if not bool((visible | (row <= torch.finfo(row.dtype).min / 2)).all()):
-        raise NotImplementedError("MFAQuantizedCache: expected a decode step's additive mask to hold only 0 and "
-                                  "masking values, got a finite bias (a pattern the decode kernel cannot express).")
-    return visible
+    return visible if bool((visible | (row <= torch.finfo(row.dtype).min / 2)).all()) else None
 
 
 def _window_left(sliding_window: int | None, total: int) -> int:
@@ -170,6 +176,23 @@ def _plain_plan(valid: torch.Tensor, q_len: int) -> DecodePlan | None:
     return DecodePlan(valid.shape[0], q_len, group_rows(values, valid.device))
 
 
+def _dense_row_span(row: torch.Tensor) -> tuple[int, DecodePlan] | None:
+    """A dense mask's only query row (B, S) (a compileable cache's decode step: the buffer's fixed size, window and
+    padding applied) as (length, plan) when each row's visible keys are one run [pad_b, length) ending at the same
+    key for every row (the query's own: the slots after it are the buffer's unwritten ones), else None."""
+    row = _visible_keys(row)
+    if row is None:
+        return None
+    seen = row.any(dim=0)
+    if not bool(seen.any()):
+        return None
+    length = int(seen.nonzero().max()) + 1
+    if bool(row[:, length:].any()) or not bool(row[:, length - 1].all()):
+        return None
+    plan = _plain_plan(row[:, :length], 1)
+    return None if plan is None else (length, plan)
+
+
 def padded_plain_decode(query, key, value, attention_mask, *, scaling=None, sliding_window=None, softcap=None,
                         s_aux=None):
     """A small query against plain cached K/V (B, Hkv, S, D) with a 2-D key mask -> (B, Lq, Hq, D), or None.
@@ -178,17 +201,31 @@ def padded_plain_decode(query, key, value, attention_mask, *, scaling=None, slid
     become each row's visible key range: the plan's length = the mask's length and a left window ending
     at the row's first real key, rows of equal padding in one call through cache_batch_idx. No copy of
     K/V (transformers' flash path would unpad, i.e. gather, them per layer). The mask is read once per
-    step (the plan lives on it). None for any other pattern: the caller takes its general path.
+    step (the plan lives on it). A dense mask of one query row over the whole buffer (masks.py gives one
+    to a compileable cache's decode steps, at a fixed size for the compiled step) is read the same way
+    when not compiling: its visible run [pad_b, length) already holds the window. None for any other
+    pattern: the caller takes its general path.
     """
-    if attention_mask.dim() != 2 or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return None
     q_len, total = query.shape[2], key.shape[2]
-    valid = attention_mask[:, -total:]  # a sliding layer's buffer holds the last `total` keys
-    length = valid.shape[-1]  # keys past it: a static cache's unfilled slots
-    if length < q_len:
-        return None
-    plan = once_per_mask(attention_mask, ("plain decode plan", total, q_len), lambda: _plain_plan(valid.bool(), q_len))
-    if plan is None:
+    if attention_mask.dim() == 4 and attention_mask.shape[1:3] == (1, 1) and q_len == 1 \
+            and attention_mask.shape[-1] == total:
+        found = once_per_mask(attention_mask, ("dense row plan", total), lambda: _dense_row_span(attention_mask[:, 0, 0]))
+        if found is None:
+            return None
+        length, plan = found
+        sliding_window = None  # the row holds it, aligned at the query's own key
+    elif attention_mask.dim() == 2:
+        valid = attention_mask[:, -total:]  # a sliding layer's buffer holds the last `total` keys
+        length = valid.shape[-1]  # keys past it: a static cache's unfilled slots
+        if length < q_len:
+            return None
+        plan = once_per_mask(attention_mask, ("plain decode plan", total, q_len),
+                             lambda: _plain_plan(valid.bool(), q_len))
+        if plan is None:
+            return None
+    else:
         return None
     q = query.transpose(1, 2)
     return plan.run(q, _plain_layer(key, value, length), scale=_scale(scaling, q),

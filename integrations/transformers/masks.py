@@ -110,12 +110,14 @@ def _materialize_requested(q_length: int, mask_function, kwargs) -> bool:
     """A model that consumes the mask itself needs it materialized, at every query length: a static cache's
     decode step included (a mask of the filled keys only does not fit the model's scores over the whole
     buffer). transformers also sets allow_is_causal_skip=False for packing (expressed as sequence ids here)
-    and for compiled static-cache decode steps (q_length 1, where a key mask is the whole row), so only
-    several-query masks without a packed leaf go dense by it."""
+    and for the one-query steps of a compileable cache (a StaticCache), which generate compiles on cuda and
+    mps: a compact mask grows by a key every step, and a new input shape each step recompiled the step until
+    dynamo's recompile limit (sdpa's dense mask has the buffer's fixed size). The dense row costs nothing
+    exact: uncompiled, the attention function reads it back as key validity and keeps the decode op
+    (decode.padded_plain_decode)."""
     if consumes_mask(kwargs.get("config")):
         return True
-    return (kwargs.get("allow_is_causal_skip") is False and q_length > 1
-            and internals.packed_sequence_ids(mask_function) is None)
+    return kwargs.get("allow_is_causal_skip") is False and internals.packed_sequence_ids(mask_function) is None
 
 
 def _key_validity(attention_mask, batch_size: int, length: int, kv_length: int, kv_offset, device):
@@ -188,6 +190,11 @@ def flash_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
                             device=device, **kwargs)
     if torch.compiler.is_compiling():
         return None if attention_mask is None else attention_mask[:, -kv_length:]
+    if kwargs.get("allow_is_causal_skip") is False and q_length == 1:
+        # A compileable cache's decode step (see _materialize_requested): the dense row of the buffer's fixed
+        # size, not FA's 2-D mask, which grows by a key every step and recompiled the step compiled by generate.
+        return compact_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                            device=device, **kwargs)
     if mask_function is not None and not is_expressible(mask_function):
         # A pattern beyond causal, window, padding and packing: an or_masks union (Gemma 3 / EmbeddingGemma's
         # bidirectional window, |q - kv| < w over a causal sliding mask) or a model's own leaf. Neither a
