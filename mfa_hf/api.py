@@ -312,6 +312,8 @@ def _decide(call: AttentionCall, return_lse: bool) -> Decision:
 
 
 def _run(decision: Decision, call: AttentionCall, return_lse: bool):
+    if ops.forward_ad_active():  # before the native route too, whose kernels raise in torch's words or not at all
+        ops.refuse_tangents(call.op_args())
     if trace.enabled():
         dispatch.record_route(decision.route, decision.problem, "fwd")
     if decision.backend is None:  # the platform's fused kernel computes exactly this call (routes.py)

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import dispatch, helper_tensors, kv_formats, scalars
+from . import dispatch, helper_tensors, kv_formats, ops, scalars
 from .decisions import Decisions, steering_environment
 from .kernels.contract import AppendCall, CacheSide, DecodeCall, Options, fold_causal
 from .kernels.launch import lse_dtype, shape_and_strides
@@ -216,7 +216,12 @@ def flash_attn_with_kvcache(
     chosen = dispatch.select(problem)
     if k is not None and new_len:  # every check above ran first: a rejected call writes nothing
         _append_all(k_cache, v_cache, k, v, lengths, rows, chosen.ops.append, _host_position(cache_seqlens))
-    return _decode(call, problem, return_lse, chosen)
+    found = _decode(call, problem, return_lse, chosen)
+    if k is not None and torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+        # The append copies the new tokens into the cache: no graph reaches them. As for q, the forward stays served
+        # (inference code often runs with grad on) and a backward that would need their gradients is refused.
+        found = ops.refusing_backward(found, k, v)
+    return found
 
 
 def append_kv(k_cache, v_cache, k: Tensor, v: Tensor, cache_seqlens) -> None:

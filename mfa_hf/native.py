@@ -187,8 +187,9 @@ def _infinite_score_rows_restored(q, k, v, mask, is_causal: bool, scale: float, 
 
 
 def _row_norms(out):
-    """(B, Hq, Lq, 1): each row's 2-norm, 0 for a zero row and NaN for one holding NaN (min() keeps it)."""
-    return torch.linalg.vector_norm(out, dim=-1, keepdim=True)
+    """(B, Hq, Lq, 1): each row's 2-norm, 0 for a zero row and NaN for one holding NaN (min() keeps it); a test
+    only, off the graph (a host read of a tensor that requires grad warned)."""
+    return torch.linalg.vector_norm(out.detach(), dim=-1, keepdim=True)
 
 
 def _finite(q) -> bool:

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+import torch.autograd.forward_ad as _forward_ad
 
 from . import kernel_fallback, kv_formats, op_vmap, trace
 from .kernel_fallback import Fallback
@@ -34,6 +35,9 @@ def plain_eager(args, autograd: bool = False) -> bool:
     """
     if torch.compiler.is_compiling():  # checked first: dynamo folds it and traces nothing below
         return False
+    if forward_ad_active():
+        refuse_tangents(args)
+        return False
     if not eager_context():
         return False
     grad = torch.is_grad_enabled() and not autograd
@@ -48,6 +52,26 @@ def plain_eager(args, autograd: bool = False) -> bool:
 
 
 _SCALARS = frozenset((int, float, bool, str, type(None)))
+
+
+def forward_ad_active() -> bool:
+    """Inside torch.autograd.forward_ad.dual_level(), where a tensor may carry a tangent that nothing about its
+    type shows (a module attribute read: free on every call)."""
+    return _forward_ad._current_level >= 0
+
+
+def refuse_tangents(args) -> None:
+    """Forward-mode AD is refused by name: a kernel's output carries no tangent, and a custom op without a
+    forward-mode rule dropped it too, silently (a zero tangent)."""
+    for arg in args:
+        if isinstance(arg, Tensor) and _forward_ad.unpack_dual(arg).tangent is not None:
+            no_forward_mode()
+
+
+def no_forward_mode(*_):
+    raise NotImplementedError(
+        "mfa_hf attention has no forward-mode AD (a tensor carries a tangent: torch.autograd.forward_ad dual "
+        "tensors, torch.func.jvp, jacfwd, hessian); use reverse mode (backward, torch.func.grad, vjp, jacrev)")
 
 
 def eager_context() -> bool:
@@ -209,7 +233,7 @@ def _under_transforms(op: Callable, name: str, backward: Callable = _no_double_b
     saved (the attention backward's op, the decode)."""
     return type(f"{name}_transformed", (torch.autograd.Function,), {
         "forward": staticmethod(lambda *args: op(*args)), "setup_context": staticmethod(setup_context or _no_context),
-        "backward": staticmethod(backward), "generate_vmap_rule": True})
+        "backward": staticmethod(backward), "jvp": staticmethod(no_forward_mode), "generate_vmap_rule": True})
 
 
 def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendOps:
@@ -262,6 +286,9 @@ def define_ops(backend: Backend, registry: Callable[[str], Backend]) -> BackendO
                                      device_types=devices)
     bwd_op.register_fake(_fake_backward)
     bwd_op.register_vmap(op_vmap.backward_rule(bwd_op))
+    # create_graph=True records the backward op: a gradient of its gradients is refused by name, not by torch's
+    # "no autograd formula" (whose advice, to register one, was for us)
+    bwd_op.register_autograd(_no_double_backward, setup_context=_no_context)
 
     def setup_context(ctx, inputs, output):
         # An output nobody used (usually the LSE) reaches backward as None, not as zeros: no fill kernel, and the
@@ -376,6 +403,32 @@ DECODE_HAS_NO_BACKWARD = (
 
 def _no_context(ctx, inputs, output) -> None:
     return None
+
+
+APPEND_HAS_NO_BACKWARD = (
+    "k, v: expected no backward through the new tokens of flash_attn_with_kvcache, which the append copies into the "
+    "cache (no gradient flows through a cache), got a backward that needs their gradients; append under "
+    "torch.no_grad() or pass k.detach() and v.detach(), or train with flash_attn_func over plain K/V")
+
+
+class _RefusedBackward(torch.autograd.Function):
+    """Outputs that depend on inputs no graph reaches (the new tokens an append copied): a backward through them
+    is refused by name, instead of their gradients staying None without a word."""
+
+    @staticmethod
+    def forward(ctx, count, *tensors):
+        return tuple(t.view_as(t) for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(APPEND_HAS_NO_BACKWARD)
+
+
+def refusing_backward(found, *inputs):
+    """found (a tensor, or a tuple of them), attached to `inputs` by a node that refuses a backward."""
+    outputs = found if isinstance(found, tuple) else (found,)
+    attached = _RefusedBackward.apply(len(outputs), *outputs, *inputs)
+    return attached if isinstance(found, tuple) else attached[0]
 
 
 def _decode_backward(ctx, grad_out, grad_lse):

@@ -9,7 +9,8 @@ everything the checks, the route and the backend choice read:
   which converts and checks it); bools never stand for numbers here;
 - the environment variables that steer dispatch (decisions.py).
 Plain means: no dropout, mask, ALiBi, sinks, dropout seed or generator (those take the full path). Under
-torch.compile the full path runs, so that tracing sees no memo.
+torch.compile the full path runs, so that tracing sees no memo; inside a forward-AD level too (a tensor's
+tangent is not in its type).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .decisions import steering_environment
+from .ops import forward_ad_active
 from .problem import NO_WINDOW
 
 _NUMBERS = (int, float)
@@ -34,8 +36,8 @@ def plain_kind(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
     if window_size is not NO_WINDOW and not (type(window_size) is tuple and len(window_size) == 2
                                              and type(window_size[0]) is int and type(window_size[1]) is int):
         return None
-    if torch.compiler.is_compiling() or q.is_nested or k.is_nested or v.is_nested:
-        return None
+    if torch.compiler.is_compiling() or forward_ad_active() or q.is_nested or k.is_nested or v.is_nested:
+        return None  # forward AD: the full path refuses a tangent by name (a replay dropped it)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
             k.device, v.device, needs_grad, dropout_p, softmax_scale, causal, window_size, softcap, return_lse,
