@@ -40,21 +40,23 @@ def merge_partials(parts: list[tuple[Tensor, Tensor]], sinks: Optional[Tensor]) 
     return (out.to(acc) * keep.transpose(1, 2)[..., None]).to(out.dtype), torch.logaddexp(lse.to(acc), sink)
 
 
-def shifted_window(options: Options, residual: int, lq: int) -> Optional[Options]:
-    """The prefix part's window: its keys end `residual` keys before the queries' own, so the left span
-    shrinks and the right span grows by `residual`. None when no query can see a prefix key."""
+def shifted_window(options: Options, residual: int, lq: int) -> Optional[tuple[Options, int]]:
+    """The prefix part's window and how many leading query rows see a prefix key at all: the prefix's keys end
+    `residual` keys before the queries' own. Row i of lq stands `residual` keys past where a prefix call aligns it,
+    so the left span shrinks and the right span grows by that shift. Where the left span would go below 0, only
+    the first lq - (residual - left) rows reach the prefix: presented alone (bottom-right aligned), they stand
+    `left` keys past their alignment, so their left span is 0. None when no query can see a prefix key."""
     left, right = options.window_left, options.window_right
-    if left >= 0:
-        left -= residual
-        if left < 0:
-            if lq > 1:
-                raise NotImplementedError(
-                    f"window_size: a left span ({options.window_left}) shorter than the {residual} residual keys with "
-                    f"{lq} query rows is not supported (one query row is)")
+    rows, shift = lq, residual
+    if 0 <= left < residual:
+        rows, shift = lq - (residual - left), left
+        if rows <= 0:
             return None
+    if left >= 0:
+        left -= shift
     if right >= 0:
-        right += residual
-    return dataclasses.replace(options, window_left=left, window_right=right)
+        right += shift
+    return dataclasses.replace(options, window_left=left, window_right=right), rows
 
 
 def decode_with_residual(decode: Callable[[DecodeCall], tuple[Tensor, Tensor]],
@@ -66,9 +68,11 @@ def decode_with_residual(decode: Callable[[DecodeCall], tuple[Tensor, Tensor]],
     lq = call.q.shape[1]
     parts = []
     if call.keys.codes.shape[1]:
-        prefix_options = shifted_window(call.options, r, lq)
-        if prefix_options is not None:
-            parts.append(decode(dataclasses.replace(call, options=prefix_options, sinks=None)))
+        prefix = shifted_window(call.options, r, lq)
+        if prefix is not None:
+            options, rows = prefix
+            part = decode(dataclasses.replace(call, q=call.q[:, :rows], options=options, sinks=None))
+            parts.append(part if rows == lq else _padded_rows(part, lq))
     if r:
         sides = (CacheSide(k_res, None, "none", k_res.shape[-1]), CacheSide(v_res, None, "none", v_res.shape[-1]))
         parts.append(decode(dataclasses.replace(call, keys=sides[0], values=sides[1], seqlens_k=residual_lengths,
@@ -78,3 +82,12 @@ def decode_with_residual(decode: Callable[[DecodeCall], tuple[Tensor, Tensor]],
         out = call.q.new_zeros((batch, lq, heads_q, v_res.shape[-1]))
         parts.append((out, torch.full((batch, heads_q, lq), -torch.inf, dtype=lse_dtype(call.q.dtype), device=call.q.device)))
     return merge_partials(parts, call.sinks)
+
+
+def _padded_rows(part: tuple[Tensor, Tensor], lq: int) -> tuple[Tensor, Tensor]:
+    """A part over the first query rows, as one over all lq: the other rows saw no key (out 0, lse -inf)."""
+    out, lse = part
+    rows = out.shape[1]
+    out = torch.cat([out, out.new_zeros((out.shape[0], lq - rows, *out.shape[2:]))], dim=1)
+    lse = torch.cat([lse, lse.new_full((*lse.shape[:2], lq - rows), -torch.inf)], dim=2)
+    return out, lse

@@ -69,8 +69,9 @@ def test_merge_of_empty_parts_gives_zero_and_the_sink():
 
 CASES = list(itertools.product(
     (None, "int8", "nf4"),  # prefix format
-    (1, 3),  # query rows
-    ((-1, 0), (9, 0), (2, 0), (-1, -1)),  # window (left, right), causal folded
+    (1, 3, 7),  # query rows
+    # window (left, right), causal folded; left < r = 5: only the first lq - (r - left) rows reach the prefix
+    ((-1, 0), (9, 0), (2, 0), (4, 0), (3, 2), (-1, -1)),
     (False, True),  # sinks
     (False, True),  # cache_batch_idx
 ))
@@ -100,13 +101,9 @@ def test_two_part_decode_matches_the_reference_over_prefix_and_residual(fmt, lq,
                       options, torch.tensor(rows, dtype=torch.int32) if batch_idx else None, sinks=sink_logits,
                       residual_keys=k_res, residual_values=v_res,
                       residual_lengths=torch.full((batch,), r, dtype=torch.int32))
-    if lq > 1 and 0 <= window[0] < r:
-        with pytest.raises(NotImplementedError, match="window_size: a left span"):
-            dispatch.backend("torch").ops.decode(call)
-        return
     with trace.capture() as calls:
         out, lse = dispatch.backend("torch").ops.decode(call)
-    prefix_seen = window[0] < 0 or window[0] >= r  # else no query reaches back past the residual
+    prefix_seen = window[0] < 0 or lq - (r - window[0]) > 0  # else no query reaches back past the residual
     assert sum(n for key, n in calls.items() if key[1] == "decode") == (2 if prefix_seen else 1)
     for b, (row, n) in enumerate(zip(rows, prefix_lengths)):  # ragged: row b sees its own P_b + r keys
         joined_k = torch.cat([dense_k[row, :n], k_res[row]])[None]

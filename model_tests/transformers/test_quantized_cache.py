@@ -157,6 +157,17 @@ def test_int8_integer_products_in_model_layers(monkeypatch, name, residual, batc
 def _generate_checked(monkeypatch, name, fmt, residual, batch: int = 2) -> list[int]:
     """Generate with the family's tiny model; every decode call with a handle is recomputed in float64 on
     handle.dequantize() (tight bound). Returns each checked call's residual length."""
+    checked = _check_every_call(monkeypatch, name, fmt)
+    model = _model(BY_NAME[name], fmt)
+    cache = MFAQuantizedCache(fmt, config=model.config, residual_length=residual, group_size=_group(fmt))
+    _generate(model, cache, batch=batch)
+    assert len(checked) == model.config.num_hidden_layers * (NEW_TOKENS - 1)
+    return checked
+
+
+def _check_every_call(monkeypatch, name, fmt) -> list[int]:
+    """From now on every attention call over the cache's handles is recomputed in float64 on handle.dequantize();
+    the list returned fills with each checked call's residual length."""
     original, checked = decode.quantized_attention, []
 
     def checking(module, query, key, value, attention_mask, **kw):
@@ -171,11 +182,25 @@ def _generate_checked(monkeypatch, name, fmt, residual, batch: int = 2) -> list[
         return out
 
     monkeypatch.setattr(decode, "quantized_attention", checking)
-    model = _model(BY_NAME[name], fmt)
-    cache = MFAQuantizedCache(fmt, config=model.config, residual_length=residual, group_size=_group(fmt))
-    _generate(model, cache, batch=batch)
-    assert len(checked) == model.config.num_hidden_layers * (NEW_TOKENS - 1)
     return checked
+
+
+@pytest.mark.parametrize("residual", [4, 6, 9])
+@pytest.mark.parametrize("name", ["gemma2", "gpt_oss", "qwen2"])
+def test_several_token_steps_over_a_residual_longer_than_the_window(monkeypatch, name, residual):
+    """A second turn that feeds several tokens against the stored cache (or assisted decoding's candidates) when
+    the residual holds more keys than the window reaches back (window 4): only the first query rows see the
+    quantized prefix. It was refused with the kernels' words ('a left span shorter than the residual keys'), for
+    gpt-oss's default window and residual (128 both) too. Every call matches the float64 reference."""
+    checked = _check_every_call(monkeypatch, name, "int8")
+    model = _model(BY_NAME[name], "int8")
+    cache = MFAQuantizedCache("int8", config=model.config, residual_length=residual)
+    ids = torch.randint(3, 128, (1, 13), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        first = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, **cache_kwargs(cache))
+        turn = torch.cat([first, torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(6))], 1)
+        model.generate(turn, max_new_tokens=2, do_sample=False, pad_token_id=0, **cache_kwargs(cache))
+    assert max(checked) > 4, "the residual never outgrew the window: the case is not exercised"
 
 
 def _stepwise_logits(reference, model, cache, steps: int = 3):
