@@ -179,18 +179,21 @@ def _plain_plan(valid: torch.Tensor, q_len: int) -> DecodePlan | None:
 def _dense_row_span(row: torch.Tensor) -> tuple[int, DecodePlan] | None:
     """A dense mask's only query row (B, S) (a compileable cache's decode step: the buffer's fixed size, window and
     padding applied) as (length, plan) when each row's visible keys are one run [pad_b, length) ending at the same
-    key for every row (the query's own: the slots after it are the buffer's unwritten ones), else None."""
-    row = _visible_keys(row)
-    if row is None:
+    key for every row (the query's own: the slots after it are the buffer's unwritten ones), else None. Read on
+    the host in one transfer (a sync on mps/cuda, once per step: the plan lives on the mask)."""
+    host = _visible_keys(row.cpu())
+    if host is None:
         return None
-    seen = row.any(dim=0)
+    seen = host.any(dim=0)
     if not bool(seen.any()):
         return None
     length = int(seen.nonzero().max()) + 1
-    if bool(row[:, length:].any()) or not bool(row[:, length - 1].all()):
+    if bool(host[:, length:].any()) or not bool(host[:, length - 1].all()):
         return None
-    plan = _plain_plan(row[:, :length], 1)
-    return None if plan is None else (length, plan)
+    pads, left_padded = _padding_pattern(host[:, :length])
+    if not bool(left_padded):
+        return None
+    return length, DecodePlan(row.shape[0], 1, group_rows(pads.tolist(), row.device))
 
 
 def padded_plain_decode(query, key, value, attention_mask, *, scaling=None, sliding_window=None, softcap=None,
