@@ -36,7 +36,10 @@ _route_captures: list[Counter] = []
 
 def enabled() -> bool:
     """Whether calls are being counted: MFA_TRACE is set or a capture is open. Callers check this
-    before building a record, so an untraced call pays nothing for it."""
+    before building a record, so an untraced call pays nothing for it. Never while compiling (nothing is
+    counted there, _tally): dynamo guarded on the captures it read, so opening or closing one recompiled."""
+    if torch.compiler.is_compiling():
+        return False
     return bool(_captures or _route_captures) or is_on(_read_trace()[0])
 
 

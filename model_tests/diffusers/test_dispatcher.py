@@ -72,6 +72,39 @@ def test_grouped_query_attention_needs_enable_gqa_like_sdpa():
         mfa_attention(query, key, value)
 
 
+BATCHES = [(2, 1, 1), (1, 2, 2), (2, 2, 1), (2, 1, 2), (1, 1, 2), (2, 2, 2)]  # (query, key, value)
+MASKS = [None, "causal", "batch 1", "batch 2", "key padding"]
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("batches", BATCHES, ids=lambda b: "q{}k{}v{}".format(*b))
+def test_batch_dims_of_one_broadcast_like_sdpa(batches, mask):
+    """Wan with num_videos_per_prompt=2 and its own prompt_embeds passes K/V of batch 1 against queries of batch 2:
+    SDPA broadcasts them, and we refused them ('k, v: expected batch 2 like q'). Both entry points (the dispatcher's
+    BSHD call, the processors' BHSD call), every batch that broadcasts, with masks and causal."""
+    from mfa_hf.integrations.diffusers.attend import attend_bhsd
+
+    query, key, value = (_bshd(batch=b, seq=n, seed=20 + i) for i, (b, n) in enumerate(zip(batches, (4, 6, 6))))
+    keep = torch.rand(max(batches), 1, 4, 6, generator=torch.Generator().manual_seed(9)) > 0.3
+    masks = {None: None, "causal": None, "batch 1": keep[:1], "batch 2": keep, "key padding": keep[:, 0, 0]}
+    sdpa_mask = keep[:, :, :1] if mask == "key padding" else masks[mask]
+    causal = mask == "causal"
+    batch = max(batches)  # broadcast by hand for SDPA: its math kernel refuses a query of batch 1 with a mask of 2
+    expected = _sdpa_bshd(*(t.expand(batch, *t.shape[1:]) for t in (query, key, value)), attn_mask=sdpa_mask,
+                          is_causal=causal)
+    actual = mfa_attention(query, key, value, attn_mask=masks[mask], is_causal=causal)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    if not causal:
+        transposed = attend_bhsd(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                 attn_mask=sdpa_mask)
+        torch.testing.assert_close(transposed.transpose(1, 2), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_batches_that_do_not_broadcast_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"k, v: expected batch 3 like q, got 2"):
+        mfa_attention(_bshd(batch=3), _bshd(batch=2), _bshd(batch=2))
+
+
 def test_refusals_name_the_argument():
     query = _bshd()
     with pytest.raises(NotImplementedError, match="_parallel_config"):
