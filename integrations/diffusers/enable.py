@@ -95,6 +95,10 @@ def enable(pipe_or_model, strict: bool = False) -> MFAHandle:
         if isinstance(current, OUR_PROCESSORS) or routed.is_routed(current):
             continue
         if internals.uses_dispatcher(current):
+            if _names_mfa(internals.own_backend(current)):
+                # already on "mfa" (an earlier enable(), whose handle restores it, or set_attention_backend): recording
+                # "mfa" as its original left it there after both handles restored
+                continue
             pinned = internals.pinned_backends(current)
             if pinned is not None and BACKEND_NAME not in pinned:  # e.g. a flex BlockMask: only that backend reads it
                 handle.skipped[name] = f"{type(current).__name__} (works only with the {', '.join(pinned)} backend)"
@@ -123,6 +127,10 @@ def enable(pipe_or_model, strict: bool = False) -> MFAHandle:
         if not routed_modules.is_routed_module(module):
             handle.modules.append((name, module, routed_modules.route_module(module)))
     return handle
+
+
+def _names_mfa(backend) -> bool:
+    return getattr(backend, "value", backend) == BACKEND_NAME
 
 
 def _processorless_sdpa_modules(pipe_or_model):

@@ -177,3 +177,23 @@ def test_enable_and_restore_leave_the_global_backend_alone(tiny, active_backend_
                if hasattr(module, "processor"))
     _, calls_after = tiny.run_counting(ours, inputs)
     assert calls_after == 0, "restore() must put the model back on its original backend"
+
+
+@pytest.mark.parametrize("model", ["flux", "unet"])
+@pytest.mark.parametrize("order", ["first handle first", "last handle first"])
+def test_enable_twice_then_both_restores_give_the_original_back(tiny, active_backend_guard, model, order):
+    """The second enable() finds every module ours already (processors, and dispatcher processors on "mfa") and
+    records nothing: it recorded "mfa" as the dispatcher processors' original, so restoring both handles left Flux
+    on "mfa"."""
+    default, inputs = tiny.build(model)
+    ours = copy.deepcopy(default)
+    before = {name: (type(p), p.__dict__.get("_attention_backend", "unset")) for name, p in ours.attn_processors.items()}
+    first, second = enable(ours), enable(ours)
+    assert second.summary() == {} or not any(second.summary().values()), second.summary()
+    for handle in ((first, second) if order == "first handle first" else (second, first)):
+        handle.restore()
+    after = {name: (type(p), p.__dict__.get("_attention_backend", "unset")) for name, p in ours.attn_processors.items()}
+    assert after == before
+    _, calls = tiny.run_counting(ours, inputs)
+    assert calls == 0
+
