@@ -20,6 +20,7 @@ depend on any of this.
 from __future__ import annotations
 
 import inspect
+import os
 import types
 import warnings
 
@@ -326,6 +327,14 @@ _BEHAVIOUR_CHECKS = (("backend lookups", _check_lookups),
                      ("equality with 'native'", _check_equality))
 
 
+ENV_BACKEND = "DIFFUSERS_ATTN_BACKEND"
+ENV_BACKEND_REASON = (
+    "DIFFUSERS_ATTN_BACKEND=mfa: diffusers reads it when it is first imported, before mfa_hf can add 'mfa' to its "
+    "closed list of backend names, so diffusers itself fails to import ('mfa' is not a valid AttentionBackendName). "
+    "Unset it, and select the backend in code: `with attention_backend('mfa'):`, `model.set_attention_backend('mfa')` "
+    "or `mfa_hf.integrations.diffusers.enable(pipe)`")
+
+
 def _run_probe() -> ProbeResult:
     version, step, d = installed_diffusers_version(), "diffusers names", None
     try:
@@ -341,6 +350,8 @@ def _run_probe() -> ProbeResult:
     except Exception as error:  # any failure means the contract differs: record it, never raise here
         _take_back(d)
         reason = str(error) if isinstance(error, _Broken) else f"{type(error).__name__}: {error}"
+        if d is None and os.environ.get(ENV_BACKEND, "").strip().lower() == "mfa":
+            step, reason = ENV_BACKEND, ENV_BACKEND_REASON  # not the release: diffusers fails its own import
         return ProbeResult(version, failed=step, reason=reason)
     return ProbeResult(version)
 

@@ -136,3 +136,17 @@ def test_importing_never_raises_on_a_broken_contract_even_with_warnings_as_error
         warnings.simplefilter("error")
         importlib.reload(integration)
     assert not probe().ok
+
+
+def test_diffusers_attn_backend_mfa_is_named_as_the_cause():
+    """DIFFUSERS_ATTN_BACKEND=mfa makes diffusers fail its own import ('mfa' is not yet one of its backend names):
+    the warning names the variable and the ways to select the backend in code, not the release."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import warnings; warnings.simplefilter('always'); import mfa_hf.integrations.diffusers"
+    env = dict(os.environ, DIFFUSERS_ATTN_BACKEND="mfa")
+    found = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert "failed the probe 'DIFFUSERS_ATTN_BACKEND'" in found.stderr and "Unset it" in found.stderr, found.stderr
