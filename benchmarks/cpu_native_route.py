@@ -22,7 +22,7 @@ from mfa_hf import native
 SHAPES = ((1, 24, 2, 16), (1, 128, 8, 64), (1, 1024, 8, 64), (2, 2048, 8, 64))
 
 
-def _earlier_restore(q, k, v, mask, is_causal, scale, out):
+def _earlier_restore(q, k, v, mask, is_causal, scale, out, readable=None):
     return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))
 
 

@@ -24,6 +24,16 @@ def looks_like_hub_id(name: str) -> bool:
             and not name.endswith((".", "-")))
 
 
+def writable_path(text: str) -> str:
+    """argparse type for an output file: its folder must exist (checked before a run of minutes, not after)."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text) or not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"expected a file path in an existing folder, got {text!r}")
+    return text
+
+
 def positive_int(text: str) -> int:
     """argparse type for counts that must be at least 1."""
     try:
@@ -75,6 +85,9 @@ def _check_prompt_file(name: str) -> None:
         raise UsageError(f"--prompt-file {name}: the file is empty")
 
 
+RUN_DEVICES = ("cpu", "mps", "cuda")
+
+
 def check_device(requested: str | None) -> str:
     """The device to run on: the requested one if this machine has it, else mps, cuda, cpu."""
     import torch
@@ -87,6 +100,9 @@ def check_device(requested: str | None) -> str:
         kind = torch.device(requested).type
     except RuntimeError:
         raise UsageError(f"--device {requested}: not a torch device (cpu, mps, cuda, cuda:1, ...)") from None
+    if kind not in RUN_DEVICES:  # meta holds no values; xpu, hpu, ...: no backend of ours or stock path measured
+        raise UsageError(f"--device {requested}: expected one of {', '.join(RUN_DEVICES)} (cuda:1, ...), got device "
+                         f"type {kind!r}")
     available = {"mps": torch.backends.mps.is_available, "cuda": torch.cuda.is_available}.get(kind)
     if available is not None and not available():
         raise UsageError(f"--device {requested}: this machine has no {kind} device "

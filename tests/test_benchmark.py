@@ -38,6 +38,46 @@ def test_a_suite_for_another_device_is_a_usage_error(capsys):
     assert exited.value.code == 2 and "--device: the cuda suite needs a cuda device" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,expected", [
+    (["--device", "nope"], "--device nope: not a torch device"),
+    (["--device", "meta"], "--device meta: expected one of cpu, mps, cuda"),
+    (["--suite", "standard", "--seq-lengths", "-5"], "argument --seq-lengths: expected an integer >= 1, got '-5'"),
+    (["--suite", "standard", "--dtypes", "float64"], "argument --dtypes: invalid choice: 'float64'"),
+    (["--output", "/no/such/folder/r.html"], "argument --output: expected a file path in an existing folder"),
+    (["--json", "/no/such/folder/r.json"], "argument --json: expected a file path in an existing folder"),
+])
+def test_bad_arguments_are_usage_errors_before_the_suite_runs(capsys, monkeypatch, argv, expected):
+    """Each was a traceback, some only after the whole suite had run (an --output folder that does not exist)."""
+    from mfa_hf.benchmark import suite_quick
+    from mfa_hf.benchmark.__main__ import main
+
+    monkeypatch.setattr(suite_quick, "run", lambda *a, **k: pytest.fail("the suite ran"))
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and expected in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["missing_script.py"], "missing_script.py: expected a Python script to run"),
+    (["--install-pth", "/no/such/folder"], "--install-pth /no/such/folder: expected an existing folder"),
+    (["--uninstall-pth", "/no/such/folder"], "--uninstall-pth /no/such/folder: expected an existing folder"),
+])
+def test_the_flash_attn_shim_command_refuses_in_one_line(capsys, argv, expected):
+    from mfa_hf.integrations.flash_attn_shim.__main__ import main
+
+    assert main(argv) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_uninstall_pth_says_when_there_was_nothing_to_remove(capsys, tmp_path):
+    """It printed 'removed ...' for a file that was never there."""
+    from mfa_hf.integrations.flash_attn_shim.__main__ import main
+
+    assert main(["--uninstall-pth", str(tmp_path)]) == 0
+    assert "not there, nothing removed" in capsys.readouterr().out
+
+
 def test_diffusers_rounds_alternate_the_processors_and_take_the_median(monkeypatch):
     """On CPU the default and mfa subprocesses alternate over rounds (a slow spell lands on both); a row's time is
     the median of its rounds and the rounds are listed. Each round also runs one subprocess that interleaves both

@@ -57,3 +57,23 @@ def test_benchmarks_is_not_a_package():
 @pytest.mark.parametrize("script", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "benchmarks").rglob("*.py")))
 def test_benchmark_script_compiles(script, tmp_path):
     py_compile.compile(str(ROOT / script), cfile=str(tmp_path / "script.pyc"), doraise=True)
+
+
+# CPU benchmark scripts run as the benchmarks README says, at their smallest: a script that stands in for one of our
+# functions breaks when that function's signature changes (cpu_native_route.py's did, with a TypeError at its first row).
+CPU_SCRIPT_RUNS = {
+    "benchmarks/cpu_native_route.py": ["--rounds", "1"],
+    "benchmarks/cpu_quant_decode.py": ["--contexts", "256", "--rounds", "1"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(CPU_SCRIPT_RUNS))
+def test_cpu_benchmark_script_runs(script):
+    import subprocess
+    import sys
+
+    # the installed package (a source checkout's root holds kernels/ beside mfa_hf/, not inside it)
+    found = subprocess.run([sys.executable, str(ROOT / script), *CPU_SCRIPT_RUNS[script]], cwd=ROOT / "benchmarks",
+                           capture_output=True, text=True, timeout=600)
+    assert found.returncode == 0, found.stderr[-3000:]
+    assert "| 1.00 |" in found.stdout, found.stdout[-2000:]  # the baseline row of its table

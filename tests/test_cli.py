@@ -55,6 +55,8 @@ def _assert_one_line_error(code: int, err: str, *expected: str) -> None:
     (["--model", "./no/such/dir"], ["--model ./no/such/dir: no such directory, and not a hub id"]),
     (["--model", "org/name/extra"], ["not a hub id"]),
     (["--device", "gpu0"], ["--device gpu0: not a torch device"]),
+    (["--device", "meta"], ["--device meta: expected one of cpu, mps, cuda", "'meta'"]),  # was a traceback, 20 s in
+    (["--device", "xpu"], ["--device xpu: expected one of cpu, mps, cuda", "'xpu'"]),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) and value[0].startswith("--") else "")
 def test_bad_arguments_fail_in_one_line_before_transformers(capsys, no_transformers, argv, expected):
     _assert_one_line_error(*_main(capsys, *argv), *expected)

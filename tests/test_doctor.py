@@ -193,6 +193,22 @@ def test_without_mps_and_clang_it_says_what_to_install(monkeypatch, tmp_path, ca
     assert os.environ.get("MFA_METAL_EMULATOR") is None
 
 
+@pytest.mark.parametrize("emulated", [False, True])
+def test_write_route_table_off_a_mac_is_a_usage_error_before_any_check(monkeypatch, tmp_path, capsys, emulated):
+    """The README: Mac only, exit 2 on a usage error. It ran every check first (minutes), then failed with exit 1."""
+    from mfa_hf.doctor import route_table
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: emulated)
+    if emulated:  # mps "available" through the emulator: its timings mean nothing either
+        monkeypatch.setenv("MFA_METAL_EMULATOR", "1")
+    ran = []
+    monkeypatch.setattr("mfa_hf.doctor.run_pass", lambda *a: ran.append(a))
+    code = cli.main(["doctor", "--quick", "--write-route-table", "--out", str(tmp_path)])
+    assert code == 2 and not ran
+    assert f"mfa-hf doctor: error: {route_table.NOT_A_MAC}" in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()
+
+
 def test_emulated_time_runs_small_shapes_and_claims_nothing(emulator_if_no_mps, tmp_path, capsys):
     if not EMULATED:
         pytest.skip("on a Mac --time measures the real shapes (a benchmark, not a test)")

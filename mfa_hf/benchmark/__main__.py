@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from ..cli_checks import UsageError
+from ..cli_checks import UsageError, check_device, positive_int, writable_path
 
 from .table import format_table
 
@@ -50,10 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
     parser.add_argument("--full-size", action="store_true", help="the suite's larger shapes")
-    parser.add_argument("--output", default=None, help="write an HTML report with plots to this path")
-    parser.add_argument("--json", default=None, help="write the rows as JSON to this path")
-    parser.add_argument("--seq-lengths", type=int, nargs="+", default=None, help="--suite standard: sequence lengths")
-    parser.add_argument("--dtypes", nargs="+", default=None, help="--suite standard: float16, bfloat16, float32")
+    parser.add_argument("--output", type=writable_path, default=None,
+                        help="write an HTML report with plots to this path")
+    parser.add_argument("--json", type=writable_path, default=None, help="write the rows as JSON to this path")
+    parser.add_argument("--seq-lengths", type=positive_int, nargs="+", default=None,
+                        help="--suite standard: sequence lengths")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=("float16", "bfloat16", "float32"),
+                        help="--suite standard: float16, bfloat16, float32")
     parser.add_argument("--backward", action="store_true", help="--suite standard: forward+backward rows too")
     parser.add_argument("--rounds", type=int, default=None,
                         help="suites that alternate rounds (diffusers): how many (default: the suite's)")
@@ -65,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"--suite {args.suite} runs fixed shapes")
     from .suite_quick import default_device
 
-    device = args.device or default_device()
+    try:
+        device = args.device if args.device is None else check_device(args.device)
+    except UsageError as error:
+        parser.error(str(error))
+    device = device or default_device()
     module_name, columns = SUITES[args.suite]
     module = importlib.import_module(module_name)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731

@@ -88,6 +88,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args) -> int:
+    if args.write_route_table:
+        from .route_table import NOT_A_MAC, can_write_here
+
+        if not can_write_here():  # a usage error, said before the checks run (minutes), not after them
+            print(f"mfa-hf doctor: error: {NOT_A_MAC}", file=sys.stderr)
+            return 2
     folder = _out_folder(args.out)
     started = datetime.datetime.now()
     report = {"schema": SCHEMA, "created": started.isoformat(timespec="seconds"), "command": _command(args),

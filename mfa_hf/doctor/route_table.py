@@ -73,11 +73,19 @@ def measure(device: str, gates, ours: str, runs: int, lengths=(PREFILL_LEN, DECO
     return rows
 
 
+NOT_A_MAC = ("--write-route-table: expected a Mac with an mps device (the table records this machine's timings); "
+             "none here, nothing written")
+
+
+def can_write_here() -> bool:
+    """An mps device that is not the emulator: the only place the table's timings mean something."""
+    return torch.backends.mps.is_available() and os.environ.get("MFA_METAL_EMULATOR") != "1"
+
+
 def write_for_this_mac(runs: int, progress: Callable[[str], None] = print, path: Path | None = None) -> Path:
     """Measure on mps and write the table; refuses anywhere else (the figures would mean nothing)."""
-    if not (torch.backends.mps.is_available() and os.environ.get("MFA_METAL_EMULATOR") != "1"):
-        raise RuntimeError("--write-route-table: expected a Mac with an mps device (the table records this "
-                           "machine's timings); none here, nothing written")
+    if not can_write_here():
+        raise RuntimeError(NOT_A_MAC)
     rows = measure("mps", native_table.DEFAULT["mps"], "metal", runs, progress=progress)
     path = native_table.default_path() if path is None else path
     native_table.write(path, native_table.from_measurements("mps", rows))
