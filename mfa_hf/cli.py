@@ -99,7 +99,7 @@ def _run_generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mfa_hf.integrations.transformers.generate import LoadError
+    from mfa_hf.integrations.transformers.generate import ContextOverflow, LoadError
 
     parser = _Parser(prog="mfa-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, LoadError) as error:
+    except (UsageError, LoadError, ContextOverflow) as error:
         print(f"mfa-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -168,6 +168,25 @@ def test_a_run_prints_the_prompt_then_the_output(tiny_model, quiet):
         assert "Loading weights" in result.stderr and "decode" in result.stderr
 
 
+@pytest.mark.parametrize("what", ["new tokens", "prompt"])
+def test_a_run_past_the_models_context_is_a_usage_error(tiny_model, tmp_path, what):
+    """The tiny Llama's context is 2048 positions: a prompt past it gave an empty output without a word, and any
+    --max-new-tokens was taken (decoding went on past the positions the model was trained for)."""
+    prompt = tiny_model / "prompt.txt"
+    argv = ["--max-new-tokens", "5000"]
+    if what == "prompt":
+        prompt = tmp_path / "long.txt"
+        prompt.write_text("a short story about the sea " * 400)
+        argv = ["--max-new-tokens", "3"]
+    result = _cli("--model", str(tiny_model), "--prompt-file", str(prompt), "--no-chat", "--no-progress", *argv,
+                  cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    expected = ("--max-new-tokens 5000: expected at most 2042 (the model's context of 2048 tokens"
+                if what == "new tokens" else "--prompt-file: expected a prompt shorter than the model's context of 2048")
+    assert result.stderr.startswith(ERROR) and expected in result.stderr and result.stderr.count("\n") == 1, \
+        result.stderr
+
+
 def test_a_directory_transformers_cannot_load_fails_in_one_line(tmp_path):
     (tmp_path / "config.json").write_text("not json")
     result = _cli("--model", str(tmp_path), "--no-progress", cwd=tmp_path)

@@ -136,6 +136,24 @@ def peak_memory_mb(device: str) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+class ContextOverflow(ValueError):
+    """The prompt and the new tokens do not fit the model's context; the message names the arguments."""
+
+
+def check_context(config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A prompt plus max_new_tokens past the model's context (max_position_embeddings) is refused before anything
+    runs: positions past it are outside what the model was trained for, and a prompt past it gave an empty output
+    without a word."""
+    context = getattr(getattr(config, "get_text_config", lambda: config)(), "max_position_embeddings", None)
+    if not isinstance(context, int) or prompt_tokens + max_new_tokens <= context:
+        return
+    if prompt_tokens >= context:
+        raise ContextOverflow(f"--prompt-file: expected a prompt shorter than the model's context of {context} tokens "
+                              f"(max_position_embeddings), got {prompt_tokens} tokens")
+    raise ContextOverflow(f"--max-new-tokens {max_new_tokens}: expected at most {context - prompt_tokens} (the model's "
+                          f"context of {context} tokens, max_position_embeddings, less the prompt's {prompt_tokens})")
+
+
 def generate(tokenizer, lm, prompt: str, max_new_tokens: int, kv_cache: str = "none", progress: bool = True,
              chat: bool = True, name_kernels: bool = False) -> Result:
     """Greedy generation, timed. name_kernels: also fill Result.served_by (one more, untimed, short generate
@@ -147,6 +165,7 @@ def generate(tokenizer, lm, prompt: str, max_new_tokens: int, kv_cache: str = "n
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
     inputs = {k: v.to(device) for k, v in inputs.items()}
+    check_context(lm.config, inputs["input_ids"].shape[1], max_new_tokens)
     clock = _Clock(max_new_tokens, progress)
     from .internals import cache_kwargs
 
