@@ -75,6 +75,8 @@ def _check_model(model: str, gguf_file: str | None) -> None:
 
 def _check_prompt_file(name: str) -> None:
     path = Path(name).expanduser()
+    if path.is_dir():
+        raise UsageError(f"--prompt-file {name}: expected a text file, got a directory")
     if not path.is_file():
         raise UsageError(f"--prompt-file {name}: no such file")
     try:
