@@ -53,6 +53,7 @@ def _assert_one_line_error(code: int, err: str, *expected: str) -> None:
     (["--kv-cache", "int8", "--attn", "sdpa"], ["--kv-cache int8 needs --attn mps_flash"]),
     (["--prompt-file", "no/such/prompt.txt"], ["--prompt-file no/such/prompt.txt: no such file"]),
     (["--prompt-file", "."], ["--prompt-file .: expected a text file, got a directory"]),
+    (["foo"], ["unrecognized arguments: foo", "see mfa-hf generate --help"]),  # was named as the top level's
     (["--model", "./no/such/dir"], ["--model ./no/such/dir: no such directory, and not a hub id"]),
     (["--model", "org/name/extra"], ["not a hub id"]),
     (["--device", "gpu0"], ["--device gpu0: not a torch device"]),

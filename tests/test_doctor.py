@@ -193,6 +193,12 @@ def test_without_mps_and_clang_it_says_what_to_install(monkeypatch, tmp_path, ca
     assert os.environ.get("MFA_METAL_EMULATOR") is None
 
 
+def test_no_time_with_only_timing_checks_is_a_usage_error(tmp_path, capsys):
+    """It checked nothing and said 'PASS: 0/0'."""
+    assert cli.main(["doctor", "--quick", "--checks", "timing", "--no-time", "--out", str(tmp_path)]) == 2
+    assert "--no-time with --checks timing: nothing left to check" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("emulated", [False, True])
 def test_write_route_table_off_a_mac_is_a_usage_error_before_any_check(monkeypatch, tmp_path, capsys, emulated):
     """The README: Mac only, exit 2 on a usage error. It ran every check first (minutes), then failed with exit 1."""

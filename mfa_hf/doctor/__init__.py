@@ -88,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args) -> int:
+    if args.time is False and tuple(args.checks) == ("timing",):
+        print("mfa-hf doctor: error: --no-time with --checks timing: nothing left to check", file=sys.stderr)
+        return 2
     if args.write_route_table:
         from .route_table import NOT_A_MAC, can_write_here
 
