@@ -3,7 +3,8 @@
 Kernel calls are counted inside the custom ops' real implementations, so they are right under
 torch.compile too (the compiled graph still calls the op); routing decisions and fallbacks, made while
 tracing, are not counted there (_tally), nor the platform's kernel that a compiled graph calls on a
-native route. Tests use `capture()` to assert a kernel really ran. Calls are counted while MFA_TRACE is set or a capture is open (`enabled()`), not otherwise.
+native route. Tests use `capture()` to assert a kernel really ran. Calls are counted while MFA_TRACE
+is set or a capture is open (`enabled()`), not otherwise.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def enabled() -> bool:
 
 
 def record(backend: str, op: str, dtype, head_dim: int, lq: int, lk: int, flags: str) -> None:
-    _tally("calls", backend, op, str(dtype).replace("torch.", ""), head_dim, lq, lk, flags)
+    _tally(_counts, _captures, (backend, op, str(dtype).replace("torch.", ""), head_dim, lq, lk, flags))
 
 
 def capture():
@@ -52,14 +53,13 @@ def capture():
     return _capturing(_captures)
 
 
-def _tally(counter: str, *key) -> None:
-    """Count one `key` in the named counter and the open captures; not while compiling. A decision made while
+def _tally(total: Counter, captures: list[Counter], key) -> None:
+    """Count `key` in `total` and the open captures; not while compiling. A decision made while
     tracing (a native route, a fallback) would count once per trace, not per call, and dynamo guarded on the
     counter it changed, so that each counted call recompiled the graph (a traced, compiled generate recompiled every
     step). A compiled graph's calls of our ops are counted in the ops' implementations, which it runs."""
     if torch.compiler.is_compiling():
         return
-    total, captures = _COUNTERS[counter]
     total[key] += 1
     for captured in captures:
         captured[key] += 1
@@ -77,7 +77,7 @@ def _capturing(captures: list[Counter]) -> Iterator[Counter]:
 
 def record_fallback(source: str, reason: str) -> None:
     """Count a call that `source` did not serve and handed on, with the reason."""
-    _tally("fallbacks", source, reason)
+    _tally(_fallbacks, _fallback_captures, (source, reason))
 
 
 def capture_fallbacks():
@@ -87,16 +87,12 @@ def capture_fallbacks():
 
 def record_route(path: str, reason: str) -> None:
     """Count a routing decision: the native path that served a call, or "ours" and why not native."""
-    _tally("routes", path, reason)
+    _tally(_routes, _route_captures, (path, reason))
 
 
 def capture_routes():
     """Count the routing decisions inside the block: {(path, reason): n}."""
     return _capturing(_route_captures)
-
-
-_COUNTERS = {"calls": (_counts, _captures), "fallbacks": (_fallbacks, _fallback_captures),
-             "routes": (_routes, _route_captures)}
 
 
 def routes_report(counts: Counter | None = None) -> str:

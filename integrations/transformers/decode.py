@@ -165,15 +165,16 @@ def plain_decode(query, key, value, *, scaling=None, sliding_window=None, softca
     return out
 
 
-def _plain_plan(valid: torch.Tensor, q_len: int) -> DecodePlan | None:
-    """The plan for a 2-D key mask the decode op can express for plain K/V, else None."""
+def _plain_plan(valid: torch.Tensor, q_len: int, device=None) -> DecodePlan | None:
+    """The plan for a 2-D key mask the decode op can express for plain K/V, else None (its row groups on `device`,
+    default the mask's)."""
     pads, left_padded = _padding_pattern(valid)
     if not bool(left_padded):
         return None
     values = pads.tolist()
     if (q_len > 1 and any(values)) or max(values) >= valid.shape[-1]:  # per-query-row edges; a row with no key
         return None
-    return DecodePlan(valid.shape[0], q_len, group_rows(values, valid.device))
+    return DecodePlan(valid.shape[0], q_len, group_rows(values, valid.device if device is None else device))
 
 
 def _dense_row_span(row: torch.Tensor) -> tuple[int, DecodePlan] | None:
@@ -190,10 +191,8 @@ def _dense_row_span(row: torch.Tensor) -> tuple[int, DecodePlan] | None:
     length = int(seen.nonzero().max()) + 1
     if bool(host[:, length:].any()) or not bool(host[:, length - 1].all()):
         return None
-    pads, left_padded = _padding_pattern(host[:, :length])
-    if not bool(left_padded):
-        return None
-    return length, DecodePlan(row.shape[0], 1, group_rows(pads.tolist(), row.device))
+    plan = _plain_plan(host[:, :length], 1, row.device)
+    return None if plan is None else (length, plan)
 
 
 def padded_plain_decode(query, key, value, attention_mask, *, scaling=None, sliding_window=None, softcap=None,

@@ -144,7 +144,8 @@ def check_context(config, prompt_tokens: int, max_new_tokens: int) -> None:
     """A prompt plus max_new_tokens past the model's context (max_position_embeddings) is refused before anything
     runs: positions past it are outside what the model was trained for, and a prompt past it gave an empty output
     without a word."""
-    context = getattr(getattr(config, "get_text_config", lambda: config)(), "max_position_embeddings", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    context = getattr(text_config, "max_position_embeddings", None)
     if not isinstance(context, int) or prompt_tokens + max_new_tokens <= context:
         return
     if prompt_tokens >= context:
