@@ -20,14 +20,14 @@ from __future__ import annotations
 import torch
 
 from .api import flash_attention as _ours
-from .api import flash_attention_chunked
+from .api import flash_attention_chunked as _ours_chunked
 from .custom_op_alias import mps_mask, mps_window, register_custom_op
 from .mps_bias import flash_attention_with_bias
 from .mps_kernels import clear_cache, is_available, precompile
 from .mps_quantized import (QUANT_FP8_E4M3, QUANT_FP8_E5M2, QUANT_INT8, QUANT_NF4, flash_attention_fp8,
                             flash_attention_int8, flash_attention_nf4, flash_attention_quantized, quantize_kv_fp8,
                             quantize_kv_int8, quantize_kv_nf4)
-from .mps_visibility import check_scale, visibility
+from .mps_visibility import check_scale, top_left_causal, visibility
 
 __version__ = "0.5.1"  # the mps-flash-attn release whose surface this module reproduces
 
@@ -40,6 +40,16 @@ def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     is_causal, window, mask = visibility(query, key, is_causal, window_size, mps_mask(attn_mask))
     return _ours(query, key, value, is_causal=is_causal, attn_mask=mask, window_size=window, scale=scale,
                  bf16_backward=bf16_backward)
+
+
+def flash_attention_chunked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chunk_size: int = 16384,
+                            is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """mps-flash-attn's flash_attention_chunked: (B, H, S, D), its argument order, causal aligned top-left. Served
+    by mfa_hf.flash_attention_chunked (query chunks, each with only the keys it can see; backward works)."""
+    check_scale(scale, query.shape[-1] if isinstance(query, torch.Tensor) and query.dim() else None)
+    key, value, is_causal, window = top_left_causal(query, key, value, is_causal)
+    return _ours_chunked(query, key, value, chunk_size=chunk_size, is_causal=is_causal, window_size=window,
+                         scale=scale)
 
 
 def convert_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:

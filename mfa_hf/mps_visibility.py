@@ -34,11 +34,14 @@ def check_scale(scale, head_dim: int | None = None) -> None:
                           "this may cause numerical issues", UserWarning, stacklevel=3)
 
 
-def _mask_4d(mask, lq: int, lk: int):
+def _mask_4d(mask, batch: int, lq: int, lk: int):
     """mps-flash-attn 0.6.3's mask shapes: 4-D whose query and key dims are Lq or 1 and Lk or 1, or 2-D (N_q, N_kv)
     and 3-D (B, N_q, N_kv) promoted to 4-D (its 0.6 change; 0.5 took 4-D only); its ValueErrors otherwise."""
     if mask is None:
         return None
+    if mask.dim() == 3 and mask.shape[0] not in (1, batch):  # named as passed: the promoted shape was never given
+        raise ValueError(f"attn_mask batch size must be 1 or {batch}: a 3-D mask is read as (B, N_q, N_kv), got "
+                         f"shape {tuple(mask.shape)} (a per-head mask is 4-D: (B, H, N_q, N_kv))")
     if mask.dim() in (2, 3):
         mask = mask[None, None] if mask.dim() == 2 else mask[:, None]
     if mask.dim() != 4:
@@ -50,20 +53,24 @@ def _mask_4d(mask, lq: int, lk: int):
     return mask
 
 
-def visibility(query, key, is_causal: bool, window_size, keep: torch.Tensor | None):
-    """(is_causal, window_size, attn_mask) for mfa_hf.flash_attention with mps-flash-attn's meaning of
-    is_causal and window_size. keep: the caller's mask in our polarity (True = attend) or None."""
+def _checked_causal(query, key, is_causal) -> bool:
     if not scalars.is_bool(is_causal):  # numpy's bool too; 0/1 stay refused
         raise TypeError(f"is_causal: expected a bool, got {type(is_causal).__module__}.{type(is_causal).__name__} "
                         f"{is_causal!r}")
-    is_causal = bool(is_causal)
     for name, t in (("query", query), ("key", key)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = f"{t.dim()}-D" if isinstance(t, torch.Tensor) else type(t).__name__
             raise InputError(f"{name} must be 4D: expected a 4-D tensor (B, H, S, D), got {got}")  # a RuntimeError there
+    return bool(is_causal)
+
+
+def visibility(query, key, is_causal: bool, window_size, keep: torch.Tensor | None):
+    """(is_causal, window_size, attn_mask) for mfa_hf.flash_attention with mps-flash-attn's meaning of
+    is_causal and window_size. keep: the caller's mask in our polarity (True = attend) or None."""
+    is_causal = _checked_causal(query, key, is_causal)
     window = mps_window(window_size, is_causal)
     lq, lk = query.shape[2], key.shape[2]
-    keep = _mask_4d(keep, lq, lk)
+    keep = _mask_4d(keep, query.shape[0], lq, lk)
     if lq == lk or (not is_causal and window is None):
         return is_causal, window, keep
     rows = torch.arange(lq, device=query.device)[:, None]
@@ -72,3 +79,17 @@ def visibility(query, key, is_causal: bool, window_size, keep: torch.Tensor | No
     if window is not None:
         visible = visible & (cols >= rows - window[0])
     return False, None, visible if keep is None else keep & visible
+
+
+def top_left_causal(query, key, value, is_causal: bool):
+    """(key, value, is_causal, window_size) for mfa_hf's bottom-right flags that see exactly what top-left causal
+    sees, without a mask (for 100K+ inputs: a dense (Lq, Lk) mask would not fit). Lq < Lk: no row sees a key past
+    Lq - 1, so the keys are cut to Lq and the lengths agree (their gradients beyond are zero, as they are there).
+    Lq > Lk: row i sees keys <= i, which is the bottom-right window (-1, Lq - Lk) without causal."""
+    is_causal = _checked_causal(query, key, is_causal)
+    lq, lk = query.shape[2], key.shape[2]
+    if not is_causal or lq == lk:
+        return key, value, is_causal, None
+    if lq < lk:
+        return key[:, :, :lq], value[:, :, :lq], True, None
+    return key, value, False, (-1, lq - lk)

@@ -63,6 +63,60 @@ def test_flash_attention_keeps_mps_meanings(lq, lk, dtype, is_causal, window):
 
 
 @pytest.mark.parametrize("lq,lk", LENGTHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("chunk_size", [4, 16384])
+def test_flash_attention_chunked_keeps_mps_meanings(lq, lk, dtype, is_causal, chunk_size):
+    """Its flash_attention_chunked(query, key, value, chunk_size, is_causal, scale): causal top-left whatever the
+    chunking (until session 27 this name was mfa_hf's own function: bottom-right, attn_mask 6th). Gradients too
+    (theirs is inference only): a key that no row sees (Lq < Lk) gets zero gradients."""
+    q, k, v = _inputs(lq, lk, dtype, grad=True)
+    out = mfa.flash_attention_chunked(q, k, v, chunk_size, is_causal, 0.2)
+    _check(out, q, k, v, is_causal=is_causal, scale=0.2)
+    by_name = mfa.flash_attention_chunked(query=q, key=k, value=v, chunk_size=chunk_size, is_causal=is_causal,
+                                          scale=0.2)
+    assert torch.equal(by_name, out)
+    if dtype == torch.float32:
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        grad = torch.randn_like(out)
+        expected = torch.autograd.grad(mps_reference(*leaves, is_causal=is_causal, scale=0.2), leaves, grad.double())
+        actual = torch.autograd.grad(out, (q, k, v), grad)
+        for name, a, e in zip("qkv", actual, expected):
+            torch.testing.assert_close(a.double(), e, atol=1e-4, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+# mps-flash-attn's parameter names per function (mpsops/mps-flash-attention bdd5e4d, mps_flash_attn/__init__.py):
+# every name of its __all__ takes them in this order here (extra trailing parameters of ours are optional).
+PEER_PARAMETERS = {
+    "flash_attention": ["query", "key", "value", "is_causal", "scale", "attn_mask", "window_size", "bf16_backward"],
+    "flash_attention_with_bias": ["query", "key", "value", "attn_bias", "is_causal", "scale", "window_size",
+                                  "bias_repeat_count"],
+    "flash_attention_chunked": ["query", "key", "value", "chunk_size", "is_causal", "scale"],
+    "flash_attention_fp8": ["query", "key", "value", "k_scale", "v_scale", "is_causal", "attn_mask", "window_size",
+                            "use_e5m2", "scale"],
+    "flash_attention_int8": ["query", "key", "value", "k_scale", "v_scale", "is_causal", "attn_mask", "window_size",
+                             "scale"],
+    "flash_attention_nf4": ["query", "key", "value", "k_scale", "v_scale", "is_causal", "attn_mask", "window_size",
+                            "scale"],
+    "flash_attention_quantized": ["query", "key", "value", "k_scale", "v_scale", "quant_type", "is_causal",
+                                  "attn_mask", "window_size", "scale"],
+    "quantize_kv_fp8": ["key", "value", "use_e5m2"], "quantize_kv_int8": ["key", "value"],
+    "quantize_kv_nf4": ["key", "value"], "convert_mask": ["attn_mask"],
+    "replace_sdpa": [], "precompile": [], "clear_cache": [], "register_custom_op": [], "is_available": [],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PEER_PARAMETERS))
+def test_every_name_takes_mps_flash_attns_parameters_in_its_order(name):
+    import inspect
+
+    assert name in mfa.__all__
+    parameters = list(inspect.signature(getattr(mfa, name)).parameters.values())
+    assert [p.name for p in parameters[:len(PEER_PARAMETERS[name])]] == PEER_PARAMETERS[name]
+    assert all(p.default is not inspect.Parameter.empty for p in parameters[len(PEER_PARAMETERS[name]):]), name
+
+
+@pytest.mark.parametrize("lq,lk", LENGTHS)
 @pytest.mark.parametrize("bias_shape", ["full", "broadcast", "3d"])
 @pytest.mark.parametrize("is_causal,window,scale", [(False, 0, None), (True, 4, 0.3), (True, 0, None)])
 def test_flash_attention_with_bias_adds_before_the_scale(lq, lk, bias_shape, is_causal, window, scale):
@@ -144,7 +198,7 @@ def test_convert_mask():
 
 @pytest.mark.parametrize("shape, message", [((12,), "must be 2D/3D/4D"), ((1, 2, 1, 12, 12), "must be 2D/3D/4D"),
                                             ((1, 1, 12, 5), "shape mismatch"), ((1, 1, 7, 12), "shape mismatch"),
-                                            ((12, 5), "shape mismatch")])
+                                            ((12, 5), "shape mismatch"), ((4, 12, 12), "batch size must be 1 or 2")])
 def test_masks_are_checked_as_mps_flash_attn_checks_them(shape, message):
     """Its flash_attention (0.6.3) takes 4-D masks (B or 1, H or 1, Lq or 1, Lk or 1), and 2-D (N_q, N_kv) and 3-D
     (B, N_q, N_kv) ones promoted to 4-D (0.5 refused those: a peer-suite run found the change, session 25);
