@@ -23,7 +23,8 @@ from .kernels.launch import lse_dtype, shape_and_strides
 from .ops import describe_decode, plain_eager
 from .problem import (FLOAT_DTYPES, NO_WINDOW, check_alibi, check_dense, check_dropout, check_scale, check_sinks,
                       check_softcap, check_window, fits_dim, values_checked)
-from .quant import SCALE_DTYPE, QuantizedKV, absmax_scales, check_scale_values, encode, parse_format
+from .quant import (SCALE_DTYPE, QuantizedKV, absmax_scales, check_scale_values, check_static_scale_values, encode,
+                    parse_format, scales_per_token)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -149,6 +150,11 @@ def allocate_kv_cache(batch: int, max_seqlen: int, heads_kv: int, head_dim: int,
         if static_scales.device != codes.device:
             raise ValueError(f"static_scales: expected device {codes.device} like the cache, got {static_scales.device}")
         check_scale_values(static_scales, "static_scales")
+        if max_seqlen == 1 and static_scales.shape[0] == batch:
+            raise ValueError(f"static_scales: a cache of one position (max_seqlen 1) reads scales of its batch "
+                             f"({batch}) as per-token scales, which an append rewrites; got static scales of shape "
+                             f"{tuple(static_scales.shape)}: pass max_seqlen >= 2"
+                             + (" or static scales of batch 1" if batch > 1 else ""))
         size = head_dim // static_scales.shape[-1]  # checked above: 4-D, last dim 1 or head_dim
         return QuantizedKV(codes, static_scales, fmt, size, dtype)
     group_size = group_size if spec.grouped else head_dim
@@ -385,7 +391,7 @@ def _writes_of_both(k_cache, v_cache, k: Tensor, v: Tensor, rows) -> list[tuple[
 
 
 def _per_token_scales(cache: QuantizedKV) -> bool:
-    return cache.scales.shape[1] == cache.codes.shape[1]
+    return scales_per_token(cache.codes, cache.scales)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,6 +518,8 @@ def _check_writable(k_cache, v_cache, new_len: int, k=None, v=None) -> None:
         written.append([(name, cache)] if not isinstance(cache, QuantizedKV) else [(f"{name}.codes", cache.codes)])
         if isinstance(cache, QuantizedKV) and _per_token_scales(cache):
             written[-1].append((f"{name}.scales", cache.scales))
+        elif isinstance(cache, QuantizedKV):  # static: the new tokens are encoded with them
+            check_static_scale_values(cache.scales, f"{name}.scales")
         for label, t in written[-1]:
             if _may_overlap(t):
                 raise ValueError(f"{label}: expected a cache whose elements do not share memory when k/v are "

@@ -15,6 +15,7 @@ format's range). Everything crosses the custom-op boundary as (codes, scales, fo
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from enum import Enum
 
@@ -226,6 +227,32 @@ def check_scale_values(scales: torch.Tensor, name: str) -> None:
     bad = ~(torch.isfinite(scales) & (scales > 0))
     if bool(bad.any()):
         raise ValueError(f"{name}: expected finite values > 0, got {scales[bad].flatten()[0].item()} among them")
+
+
+def scales_per_token(codes: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether a (B, S, H, .) cache's scales are per token (an append writes the new tokens' own) rather than static
+    (an append reuses them): their token dim is the codes' and, on a one-position cache, so is their batch (static
+    scales of batch 1 on a cache of several rows). One position and the codes' batch reads as per token:
+    allocate_kv_cache refuses static scales there."""
+    return scales.shape[1] == codes.shape[1] and (codes.shape[1] != 1 or scales.shape[0] == codes.shape[0])
+
+
+_CHECKED_STATIC: dict[int, tuple] = {}  # id(scales) -> (weak reference, scales._version) of scales found valid
+
+
+def check_static_scale_values(scales: torch.Tensor, name: str) -> None:
+    """check_scale_values for the static scales of a cache that gets tokens, once per tensor and in-place change:
+    a QuantizedKV built directly takes them unchecked, and a scale of 0 made every appended token 0 without a word.
+    Checking at every append would read them back (a device sync) at every decode step."""
+    if torch.compiler.is_compiling():
+        return
+    seen = _CHECKED_STATIC.get(id(scales))
+    if seen is not None and seen[0]() is scales and seen[1] == scales._version:
+        return
+    check_scale_values(scales, name)
+    if len(_CHECKED_STATIC) > 256:  # ids of dead tensors: their weak references no longer match
+        _CHECKED_STATIC.clear()
+    _CHECKED_STATIC[id(scales)] = (weakref.ref(scales), scales._version)
 
 
 def absmax_scales(x: torch.Tensor, fmt: KVFormat, granularity: str, group_size: int) -> torch.Tensor:

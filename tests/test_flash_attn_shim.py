@@ -528,6 +528,8 @@ def test_varlen_with_block_table_reads_keys_from_pages(flash_attn):
     ("leftpad_past_length", ValueError, "cache_leftpad"),
     ("leftpad_shape", ValueError, "cache_leftpad"),
     ("page_out_of_range", ValueError, "block_table"),
+    ("table_rows_too_few", ValueError, r"block_table: expected 2 rows .* got shape \(1, 1\)"),  # named k_cache before
+    ("table_rows_too_many", ValueError, r"block_table: expected 2 rows .* got shape \(3, 1\)"),
     ("varlen_pages_too_short", ValueError, "cu_seqlens_k"),
 ])
 def test_kvcache_bad_inputs_are_named(flash_attn, case, error, match):
@@ -545,6 +547,8 @@ def test_kvcache_bad_inputs_are_named(flash_attn, case, error, match):
         "leftpad_past_length": dict(cache_leftpad=torch.tensor([0, 5], dtype=torch.int32)),
         "leftpad_shape": dict(cache_leftpad=torch.tensor([0], dtype=torch.int32)),
         "page_out_of_range": dict(block_table=torch.tensor([[0], [2]], dtype=torch.int32)),
+        "table_rows_too_few": dict(block_table=table[:1]),
+        "table_rows_too_many": dict(block_table=torch.tensor([[0], [1], [0]], dtype=torch.int32)),
     }
     if case == "varlen_pages_too_short":
         cu = torch.tensor([0, 1, 2], dtype=torch.int32)

@@ -17,6 +17,7 @@ from mfa_hf import trace
 from mfa_hf.kernels.reference import attention_reference
 from mfa_hf.kernels.torch import cache_blocks, cpu_fused_decode, decode
 from mfa_hf.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
+from mfa_hf.quant import encode
 from mfa_hf.testing_kvcache import (
     BATCH,
     CACHE_ROWS,
@@ -146,6 +147,57 @@ def test_appending_equals_quantizing_the_whole_sequence(fmt, granularity):
     assert torch.equal(cache.codes[:, :total], whole.codes)
     got_scales = cache.scales if static is not None else cache.scales[:, :total]
     assert torch.equal(got_scales, whole.scales)
+
+
+@pytest.mark.parametrize("fmt,granularity", [("int8", "channel"), ("fp8_e4m3", "head"), ("fp8_e5m2", "channel")])
+def test_a_one_position_cache_reuses_static_scales_of_batch_1(fmt, granularity):
+    """A one-position cache (each step rewrites position 0) with static scales of batch 1 on 2 rows: they are reused
+    as at any capacity. They were read as per-token scales there, and the append failed in torch's words."""
+    g = torch.Generator().manual_seed(8)
+    batch, heads, dim = 2, 2, 32
+    static = mfa_hf.quantize_kv(torch.randn(1, 4, heads, dim, generator=g), fmt, granularity=granularity).scales
+    caches = [mfa_hf.allocate_kv_cache(batch, 1, heads, dim, fmt, static_scales=static.clone()) for _ in range(2)]
+    for _ in range(2):
+        new = torch.randn(batch, 1, heads, dim, generator=g)
+        mfa_hf.flash_attn_with_kvcache(torch.randn(batch, 1, 4, dim, generator=g), *caches, new, new, cache_seqlens=0)
+        for cache in caches:
+            assert torch.equal(cache.codes, encode(new, static, cache.format, cache.group_size))
+            assert torch.equal(cache.scales, static)
+
+
+def test_static_scales_a_one_position_cache_would_read_as_per_token_are_refused():
+    """Scales of the cache's own batch on one position have the layout of per-token scales: refused, naming them."""
+    for batch in (1, 3):
+        with pytest.raises(ValueError, match=r"static_scales: a cache of one position \(max_seqlen 1\)"):
+            mfa_hf.allocate_kv_cache(batch, 1, 2, 32, "int8", static_scales=torch.full((batch, 1, 2, 1), 0.1))
+        mfa_hf.allocate_kv_cache(batch, 2, 2, 32, "int8", static_scales=torch.full((batch, 1, 2, 1), 0.1))
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("side", ["k_cache", "v_cache"])
+def test_static_scales_of_a_cache_built_directly_are_checked_before_an_append(bad, side):
+    """QuantizedKV(codes, scales) takes scales unchecked; appending with a static scale of 0 wrote every new token as
+    0 without a word (NaN: NaN outputs). Refused naming the side, the cache untouched; an in-place change of scales
+    that passed is checked again."""
+    g = torch.Generator().manual_seed(9)
+    heads, dim = 2, 32
+    good = torch.full((1, 1, heads, 1), 0.05)
+    caches = {name: mfa_hf.QuantizedKV(torch.zeros(2, 8, heads, dim, dtype=torch.int8), good.clone(), "int8", dim)
+              for name in ("k_cache", "v_cache")}
+    new = torch.randn(2, 1, heads, dim, generator=g)
+    q = torch.randn(2, 1, 4, dim, generator=g)
+    mfa_hf.flash_attn_with_kvcache(q, caches["k_cache"], caches["v_cache"], new, new, cache_seqlens=0)
+    caches[side].scales[0, 0, 1, 0] = bad  # in place, after a check that passed
+    before = caches[side].codes.clone()
+    with pytest.raises(ValueError, match=f"{side}.scales: expected finite values > 0"):
+        mfa_hf.flash_attn_with_kvcache(q, caches["k_cache"], caches["v_cache"], new, new, cache_seqlens=1)
+    assert torch.equal(caches[side].codes, before)
+    fresh = mfa_hf.QuantizedKV(torch.zeros(2, 8, heads, dim, dtype=torch.int8), torch.full_like(good, bad), "int8",
+                               dim)
+    other = mfa_hf.QuantizedKV(torch.zeros(2, 8, heads, dim, dtype=torch.int8), good.clone(), "int8", dim)
+    pair = (fresh, other) if side == "k_cache" else (other, fresh)
+    with pytest.raises(ValueError, match=f"{side}.scales: expected finite values > 0"):
+        mfa_hf.flash_attn_with_kvcache(q, *pair, new, new, cache_seqlens=0)
 
 
 @pytest.mark.parametrize("fmt", FORMATS[1:])

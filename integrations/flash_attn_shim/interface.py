@@ -262,6 +262,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     elif cache_seqlens is not None:
         cache_seqlens = _int_like(cache_seqlens, "cache_seqlens")
     table = _check_pages(k_cache, v_cache, block_table, ("k_cache", "v_cache")) if block_table is not None else None
+    if table is not None and isinstance(q, torch.Tensor) and q.dim() == 4 and table.shape[0] != q.shape[0]:
+        # a row per sequence: the gathered cache's batch would otherwise be named as k_cache's
+        raise ValueError(f"block_table: expected {q.shape[0]} rows (batch, max_blocks_per_seq), one per sequence "
+                         f"of q, got shape {tuple(table.shape)}")
     capacity = k_cache.shape[1] * (table.shape[1] if table is not None else 1)
     if (rotary_cos is None) != (rotary_sin is None):
         missing = "rotary_sin" if rotary_sin is None else "rotary_cos"

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from mfa_hf import kv_formats
-from mfa_hf.quant import QuantizedKV
+from mfa_hf.quant import QuantizedKV, scales_per_token
 
 from ..contract import AppendCall
 from .binding import FORMAT_CODES, code_type, index_vector, placeholder, strides4
@@ -49,7 +49,7 @@ def append(cache, new: torch.Tensor, cache_seqlens: torch.Tensor, cache_batch_id
     fmt = cache.format.value if quantized else "none"
     if not quantized and codes.dtype != new.dtype:
         raise TypeError(f"new: expected dtype {codes.dtype} like the cache, got {new.dtype}")
-    per_token = quantized and scales.shape[1] == codes.shape[1]
+    per_token = quantized and scales_per_token(codes, scales)
     batch, count, heads, dim = new.shape
     variant = AppendVariant(new.dtype, fmt, dim, per_token, cache_batch_idx is not None)
     group = cache.group_size if quantized else dim
