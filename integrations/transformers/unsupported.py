@@ -30,7 +30,9 @@ INLINE_ATTENTION_MODEL_TYPES = frozenset({"falcon", "gptj", "gpt_neo", "bloom", 
 # Encoder-decoder models whose encoder attention classes compute inline while the decoder's call the interface
 # (LongT5's local and transient-global attention, 5.25): the full model runs our kernel in its decoder, but the
 # encoder-only class (`*EncoderModel`) never would. Refused while those classes' source does not call the interface.
-INLINE_ENCODER_ATTENTION = {"longt5": ("LongT5LocalAttention", "LongT5TransientGlobalAttention")}
+# PegasusX's block-local encoder attention likewise (it has no encoder-only class; listed so one would be refused).
+INLINE_ENCODER_ATTENTION = {"longt5": ("LongT5LocalAttention", "LongT5TransientGlobalAttention"),
+                            "pegasus_x": ("PegasusXGlobalLocalAttention",)}
 # Falcon with ALiBi adds its position bias to the attention mask, which a flash path does not take: transformers
 # raises at the first forward under any flash name; "mfa" takes the mask and is exact.
 FLASH_DROPS_ALIBI_MODEL_TYPES = frozenset({"falcon"})

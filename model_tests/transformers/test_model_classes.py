@@ -326,6 +326,29 @@ def test_seq2seq_right_padded_greedy_generate(family, implementation):
     assert torch.equal(actual, expected), f"{family.name}: {actual.tolist()} != {expected.tolist()}"
 
 
+PEGASUS_X = Family("pegasus_x", tf.PegasusXForConditionalGeneration, lambda: tf.PegasusXConfig(
+    **{**_BART_LIKE, "decoder_start_token_id": 0}, block_size=4, num_global_tokens=2), kind="seq2seq")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_pegasus_x_serves_the_decoder_and_leaves_the_inline_encoder(implementation):
+    """PegasusX's block-local encoder attention computes inline in transformers (unsupported.INLINE_ENCODER_ATTENTION):
+    our kernel serves the decoder's self- and cross-attention only, and the model equals eager with padding."""
+    reference, model = twin_models(PEGASUS_X, implementation)
+    ids, mask = _right_padded(seq=12)
+    decoder_ids, decoder_mask = _right_padded(seq=6, pads=(0, 0, 2), seed=2)
+    inputs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids,
+                  decoder_attention_mask=decoder_mask)
+    with torch.no_grad():
+        expected = reference(**inputs)
+        with trace.capture() as calls:
+            actual = model(**inputs)
+    assert kernel_calls(calls) == 2 * model.config.decoder_layers, trace.served_by(calls)
+    assert_close_where(actual.encoder_last_hidden_state, expected.encoder_last_hidden_state, mask,
+                       what="pegasus_x encoder")
+    assert_close_where(actual.logits, expected.logits, decoder_mask, what="pegasus_x logits")
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("decoder_len", [6, 10, 14], ids=["Lq_lt_Lk", "Lq_eq_Lk", "Lq_gt_Lk"])
 def test_bert_decoder_cross_attention_right_padded(decoder_len, implementation):
