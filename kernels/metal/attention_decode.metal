@@ -301,7 +301,13 @@ inline void load_row(thread float* dst, device const T* row, device const float*
     if (!x.neg_inf) lane_weight = exp2_of_nonpositive((x.value - best) * LOG2E_D);
   }
   device MFA_IN_T* out_row = out + b * p.o_stride_b + row * p.o_stride_s + head * p.o_stride_h;
-  for (int c = lane; c < MFA_DV; c += 32) {
+  // Every lane runs every pass of the column loop (columns past MFA_DV only skip the read and the store):
+  // simd_shuffle reads the source lane's value, undefined when that lane is inactive, so a pass that only
+  // some lanes ran (MFA_DV not a multiple of 32: lane 0 alone at D = 33) took other splits' weights from
+  // lanes that were not there.
+  for (int c0 = 0; c0 < MFA_DV; c0 += 32) {
+    const int c = c0 + lane;
+    const bool column = c < MFA_DV;
     float acc = 0.0f;
     for (long s = 0; s < p.num_splits; ++s) {
       float w = -1.0f;
@@ -311,9 +317,9 @@ inline void load_row(thread float* dst, device const T* row, device const float*
         const Stored x = read_stored(part_lse, (slot0 + s) * PART_STRIDE);
         if (!x.neg_inf) w = exp2_of_nonpositive((x.value - best) * LOG2E_D);
       }
-      if (w != -1.0f) acc += w * part[(slot0 + s) * PART_STRIDE + c];
+      if (column && w != -1.0f) acc += w * part[(slot0 + s) * PART_STRIDE + c];
     }
-    out_row[c * p.o_stride_d] = MFA_IN_T(total == 0.0f ? 0.0f : acc / total);
+    if (column) out_row[c * p.o_stride_d] = MFA_IN_T(total == 0.0f ? 0.0f : acc / total);
   }
   if (lane == 0) {
     store_or_neg_inf(lse, b * p.lse_stride_b + head * p.lse_stride_h + row * p.lse_stride_s, total != 0.0f,

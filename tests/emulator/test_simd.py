@@ -25,6 +25,18 @@ kernel void masked_sum(device const float* x, device float* out, uint gid [[thre
   out[gid] = 0.0f;
   if (lane < 10) out[gid] = simd_sum(x[gid]);  // only the active lanes take part
 }
+kernel void shuffle_tail(device const float* x, device float* out, constant int& columns,
+                         uint lane [[thread_index_in_simdgroup]]) {
+  // The decode merge's old column loop: at columns = 33 the second pass is lane 0's alone, and it reads lane 31.
+  for (int c = int(lane); c < columns; c += 32) out[c] = simd_shuffle(x[lane], ushort(31));
+}
+kernel void shuffle_tail_uniform(device const float* x, device float* out, constant int& columns,
+                                 uint lane [[thread_index_in_simdgroup]]) {
+  for (int c0 = 0; c0 < columns; c0 += 32) {  // every lane runs every pass; the tail only skips the store
+    const float w = simd_shuffle(x[lane], ushort(31));
+    if (c0 + int(lane) < columns) out[c0 + lane] = w;
+  }
+}
 """
 
 
@@ -72,3 +84,22 @@ def test_partial_and_divergent_simdgroups_use_active_lanes_only(lib, metal):
     expected[:10] = xc[:10].sum()
     expected[32:42] = xc[32:42].sum()
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("columns", [32, 33, 40, 64])
+def test_a_shuffle_from_a_lane_that_is_not_active_is_an_error(lib, metal, columns):
+    """Metal leaves the value undefined, so the emulator refuses rather than pick one (it kept the reader's own
+    value until session 27, which hid a wrong decode merge at head dims not a multiple of 32)."""
+    from mfa_hf.kernels.metal.emulator import EmulatorRuntimeError
+
+    x = torch.randn(32, device=metal.device)
+    out = torch.full((columns,), float("nan"), device=metal.device)
+    if columns % 32:
+        with pytest.raises(EmulatorRuntimeError, match="source lane that is not active"):
+            lib.shuffle_tail(x, out, columns, group_size=32)
+    else:
+        lib.shuffle_tail(x, out, columns, group_size=32)
+        assert torch.equal(out.cpu(), x.cpu()[31].expand(columns))
+    out.fill_(float("nan"))
+    lib.shuffle_tail_uniform(x, out, columns, group_size=32)
+    assert torch.equal(out.cpu(), x.cpu()[31].expand(columns))

@@ -85,6 +85,21 @@ def test_decode_shapes(case, metal_backend, two_schedules):
     check_decode(case, metal_backend, two_schedules)
 
 
+@pytest.mark.parametrize("case", [
+    DecodeCase(None, 1, torch.float32, (4, 2), 33, num_splits=2),
+    DecodeCase("int8", 1, torch.float16, (4, 1), 1, num_splits=3),
+    DecodeCase("fp8_e4m3", 4, torch.bfloat16, (3, 3), 65, num_splits=7, sinks=True),
+    DecodeCase("int8", 1, torch.float32, (4, 2), 40, num_splits=9, window=(20, -1)),  # nf4: D a multiple of 32
+    DecodeCase("fp8_e5m2", 1, torch.float16, (2, 2), 97, num_splits=2, v_format="int8"),
+    DecodeCase(None, 3, torch.bfloat16, (8, 2), 129, num_splits=4, softcap=3.0),
+], ids=lambda c: c.id)
+def test_split_merge_at_head_dims_off_a_multiple_of_32(case, metal_backend, two_schedules):
+    """The merge's last column pass runs on D % 32 lanes: it took other splits' weights from lanes that were not
+    there (wrong outputs, 0.18 to 1.9 off, at D = 1, 33, 65, 97, 129; session 27's layout fuzz). The emulator now
+    refuses such a read (tests/emulator/test_simd.py)."""
+    check_decode(case, metal_backend, two_schedules)
+
+
 def test_splits_come_from_the_shape_and_agree(metal_backend, two_schedules, monkeypatch):
     """Auto splits: one pass for short caches, several for long ones (from the capacity, not the
     lengths); a long cache gives the same answer with the auto choice and with one split."""

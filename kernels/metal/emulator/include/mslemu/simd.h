@@ -69,8 +69,11 @@ void scan_fn(const void* const* ins, void* const* outs, uint32_t mask) {
   }
 }
 
-// Shuffles: each lane names a source lane; a source outside the simd-group or inactive leaves
-// the lane's own value (Metal leaves it undefined; keeping it is the least surprising choice).
+// Shuffles: each lane names a source lane; a source outside the simd-group leaves the lane's own
+// value. A source lane inside it that is not active here (it exited, or waits at another call site:
+// a loop that only some lanes run once more) is an error: Metal leaves the value undefined, and a
+// kernel that read it gave the right answer here only by luck (the decode merge did, at head dims
+// that are not a multiple of 32, until session 27).
 enum class Shuffle { index, up, down, bxor, rotate_up, rotate_down, first };
 template <class T> struct ShuffleIn { T value; uint32_t arg; };
 inline int shuffle_source(Shuffle kind, int lane, uint32_t arg, uint32_t mask) {
@@ -90,8 +93,14 @@ template <class T, Shuffle kind> void shuffle_fn(const void* const* ins, void* c
     if (!active(mask, l)) continue;
     auto self = lane_in<ShuffleIn<T>>(ins, l);
     int src = shuffle_source(kind, l, self.arg, mask);
-    bool ok = src >= 0 && src < 32 && active(mask, src);
-    lane_out(outs, l, ok ? lane_in<ShuffleIn<T>>(ins, src).value : self.value);
+    bool inside = src >= 0 && src < 32;
+    if (inside && !active(mask, src)) {
+      mslemu_fail("simd shuffle/broadcast: a lane reads a source lane that is not active at this call "
+                  "(it exited, or runs elsewhere, e.g. a loop pass only some lanes take); Metal leaves "
+                  "that value undefined: make every lane run the call");
+      return;
+    }
+    lane_out(outs, l, inside ? lane_in<ShuffleIn<T>>(ins, src).value : self.value);
   }
 }
 struct Ballot { uint64_t bits; uint64_t active; };
