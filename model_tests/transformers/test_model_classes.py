@@ -298,8 +298,15 @@ def test_image_mask_matters_in_these_inputs(case):
 def test_seq2seq_right_padded_forward(family, decoder_len, implementation):
     """Encoder batch right-padded (10 tokens, rows padded by 0/2/4), decoder batch right-padded too
     (row 2 by 2); logits compared on the valid decoder positions."""
+    _model, calls = _seq2seq_right_padded_equal(family, implementation, 10, decoder_len)
+    _ran(calls, 6, family.name)  # encoder self, decoder self, cross
+
+
+def _seq2seq_right_padded_equal(family, implementation, encoder_len, decoder_len):
+    """Both batches right-padded; encoder states and logits equal eager's on the valid positions. Returns the model
+    and the trace of its forward."""
     reference, model = twin_models(family, implementation)
-    ids, mask = _right_padded(seq=10)
+    ids, mask = _right_padded(seq=encoder_len)
     decoder_ids, decoder_mask = _right_padded(seq=decoder_len, pads=(0, 0, 2), seed=2)
     inputs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids,
                   decoder_attention_mask=decoder_mask)
@@ -307,10 +314,10 @@ def test_seq2seq_right_padded_forward(family, decoder_len, implementation):
         expected = reference(**inputs)
         with trace.capture() as calls:
             actual = model(**inputs)
-    _ran(calls, 6, family.name)  # encoder self, decoder self, cross
     assert_close_where(actual.encoder_last_hidden_state, expected.encoder_last_hidden_state, mask,
                        what=f"{family.name} encoder")
     assert_close_where(actual.logits, expected.logits, decoder_mask, what=f"{family.name} logits")
+    return model, calls
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -334,19 +341,8 @@ PEGASUS_X = Family("pegasus_x", tf.PegasusXForConditionalGeneration, lambda: tf.
 def test_pegasus_x_serves_the_decoder_and_leaves_the_inline_encoder(implementation):
     """PegasusX's block-local encoder attention computes inline in transformers (unsupported.INLINE_ENCODER_ATTENTION):
     our kernel serves the decoder's self- and cross-attention only, and the model equals eager with padding."""
-    reference, model = twin_models(PEGASUS_X, implementation)
-    ids, mask = _right_padded(seq=12)
-    decoder_ids, decoder_mask = _right_padded(seq=6, pads=(0, 0, 2), seed=2)
-    inputs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids,
-                  decoder_attention_mask=decoder_mask)
-    with torch.no_grad():
-        expected = reference(**inputs)
-        with trace.capture() as calls:
-            actual = model(**inputs)
+    model, calls = _seq2seq_right_padded_equal(PEGASUS_X, implementation, 12, 6)
     assert kernel_calls(calls) == 2 * model.config.decoder_layers, trace.served_by(calls)
-    assert_close_where(actual.encoder_last_hidden_state, expected.encoder_last_hidden_state, mask,
-                       what="pegasus_x encoder")
-    assert_close_where(actual.logits, expected.logits, decoder_mask, what="pegasus_x logits")
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
