@@ -37,7 +37,11 @@ def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     bf16_backward: bool = False) -> torch.Tensor:
     """mps-flash-attn's flash_attention: (B, H, S, D); mask True = masked out; window w = w + 1 keys."""
     check_scale(scale, query.shape[-1] if isinstance(query, torch.Tensor) and query.dim() else None)
-    is_causal, window, mask = visibility(query, key, is_causal, window_size, mps_mask(attn_mask))
+    if attn_mask is None and type(window_size) is int and window_size == 0:  # causal alone: no (Lq, Lk) mask
+        key, value, is_causal, window = top_left_causal(query, key, value, is_causal)
+        mask = None
+    else:
+        is_causal, window, mask = visibility(query, key, is_causal, window_size, mps_mask(attn_mask))
     return _ours(query, key, value, is_causal=is_causal, attn_mask=mask, window_size=window, scale=scale,
                  bf16_backward=bf16_backward)
 

@@ -53,10 +53,13 @@ LENGTHS = [(24, 24), (9, 24), (24, 9)]  # square, Lq < Lk, Lq > Lk (top-left the
 @pytest.mark.parametrize("lq,lk", LENGTHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("is_causal,window", [(False, 0), (True, 0), (True, 5), (False, 5)])
-def test_flash_attention_keeps_mps_meanings(lq, lk, dtype, is_causal, window):
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no_mask"])
+def test_flash_attention_keeps_mps_meanings(lq, lk, dtype, is_causal, window, with_mask):
+    """Without a mask or window, causal takes no (Lq, Lk) mask (keys cut, or a right window: top_left_causal)."""
     q, k, v = _inputs(lq, lk, dtype)
-    masked_out = torch.rand(2, 1, lq, lk) < 0.3
-    masked_out[..., 0] = False  # every row keeps a key
+    masked_out = torch.rand(2, 1, lq, lk) < 0.3 if with_mask else None
+    if with_mask:
+        masked_out[..., 0] = False  # every row keeps a key
     # their positional order: query, key, value, is_causal, scale, attn_mask, window_size
     out = mfa.flash_attention(q, k, v, is_causal, 0.2, masked_out, window)
     _check(out, q, k, v, is_causal=is_causal, masked_out=masked_out, window=window, scale=0.2)
