@@ -71,6 +71,7 @@ def __getattr__(name: str):
 def __dir__():  # tab completion and dir() list the lazily imported names too
     return sorted(set(globals()) | set(_LAZY_EXPORTS))
 
+
 __all__ = [
     "AttentionProblem",
     "BackendUnavailable",

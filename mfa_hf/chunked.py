@@ -42,11 +42,11 @@ class _GradViaAnchor(torch.autograd.Function):
         return None, grad.float()
 
 
-def _float32_gradients(t, slicer):
-    """slicer(t, *index) for each chunk's index; when chunks share t and its gradient would be summed in float16/bfloat16, the
-    slices' gradients are summed in float32 instead (DESIGN.md: accumulation in float32). Autograd summed them in
-    t's dtype, so dK/dV of many chunks left the tolerance (fp16, 256 chunks: 5.2e-3 against 2.8e-3)."""
-    if (not isinstance(t, torch.Tensor) or t.dtype not in HALF_DTYPES or not t.requires_grad
+def _chunk_slices(t, slicer, summed: bool):
+    """index -> slicer(t, *index), one chunk's part of t. When the chunks' gradients of t are summed (several chunks
+    read it) in float16/bfloat16, they are summed in float32 instead (DESIGN.md: accumulation in float32): autograd
+    summed them in t's dtype, so dK/dV of many chunks left the tolerance (fp16, 256 chunks: 5.2e-3 against 2.8e-3)."""
+    if (not summed or not isinstance(t, torch.Tensor) or t.dtype not in HALF_DTYPES or not t.requires_grad
             or not torch.is_grad_enabled() or torch.compiler.is_compiling() or forward_ad_active()
             or under_transforms()):
         return lambda *index: slicer(t, *index)
@@ -100,10 +100,10 @@ def chunked_attention(q, k, v, chunk_size, causal, attn_mask, window, scale, sof
         # change them: serve the call whole (still O(N) memory) rather than approximately.
         plans = [(0, lq) + chunk_plan(lq, lk, 0, lq, window, causal)]
     qs, ks, vs = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    # Shared by the chunks: their gradients are sums (one chunk: nothing to sum).
-    shared = _float32_gradients if len(plans) > 1 else (lambda t, slicer: lambda *index: slicer(t, *index))
-    k_of, v_of, mask_of = shared(ks, _keys), shared(vs, _keys), shared(attn_mask, _slice_mask)
-    sinks_of = shared(sinks, lambda t: t)  # a node of its own per chunk: the sum is the anchor's
+    summed = len(plans) > 1  # k, v, the mask and sinks are read by every chunk: their gradients are sums
+    k_of, v_of = _chunk_slices(ks, _keys, summed), _chunk_slices(vs, _keys, summed)
+    mask_of = _chunk_slices(attn_mask, _slice_mask, summed)
+    sinks_of = _chunk_slices(sinks, lambda t: t, summed)  # a node of its own per chunk: the sum is the anchor's
     outs, lses = [], []
     for i0, i1, k0, k1, sub_window, _ in plans:
         out, lse = flash_attn_func(qs[:, i0:i1], k_of(k0, k1), v_of(k0, k1), causal=False, window_size=sub_window,

@@ -69,10 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     from .suite_quick import default_device
 
     try:
-        device = args.device if args.device is None else check_device(args.device)
+        device = check_device(args.device) if args.device else default_device()
     except UsageError as error:
         parser.error(str(error))
-    device = device or default_device()
     module_name, columns = SUITES[args.suite]
     module = importlib.import_module(module_name)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
