@@ -129,7 +129,7 @@ def test_one_colour_per_implementation_in_every_chart():
 
 def test_unmeasured_memory_is_an_empty_cell_with_its_reason():
     rows = [{"section": "scaling", "impl": "sdpa", "seqlen": 256, "median_ms": 2.0, "peak_mem_mb": 0.0,
-             "device": "cpu", "mem_method": "ru_maxrss growth of a subprocess"},
+             "device": "cpu", "mem_method": "peak RSS growth of a subprocess"},
             {"section": "scaling", "impl": "sdpa", "seqlen": 512, "median_ms": 4.0, "peak_mem_mb": None,
              "device": "cpu"},
             {"section": "scaling", "impl": "sdpa", "seqlen": 1024, "median_ms": 9.0, "peak_mem_mb": 0,
@@ -143,7 +143,7 @@ def test_unmeasured_memory_is_an_empty_cell_with_its_reason():
     cells = [re.findall(r"<td([^>]*)>(.*?)</td>", tr)[column] for tr in re.findall(r"<tr>(.*?)</tr>", table)[1:]]
     assert [re.sub(r"<[^>]+>", "", text) for _, text in cells[:3]] == ["a", "b", "c"]  # footnote marks only
     assert cells[3][1] == "12.5"
-    assert "no peak-memory counter on cpu" in cells[0][0] and "ru_maxrss" in cells[0][0]
+    assert "no peak-memory counter on cpu" in cells[0][0] and "peak RSS" in cells[0][0]
     assert "not measured: no peak-memory counter on cpu" in cells[1][0]
     assert "counter reset failed" in cells[2][0] and "peak_mem_mb_reason" not in header
     assert "<sup>c</sup> counter reset failed" in table
@@ -152,14 +152,14 @@ def test_unmeasured_memory_is_an_empty_cell_with_its_reason():
 
 
 def test_cpu_memory_that_did_not_grow_is_not_reported_as_zero():
-    """On CPU the only counter is ru_maxrss, a process high-water mark: calls that stay under a peak set earlier
+    """On CPU the only counter is the process's peak RSS, a high-water mark: calls that stay under a peak set earlier
     (the inputs' creation) read 0 growth, which printed tables showed as 0 MB. It is None with its reason, printed
     as "-", and the HTML report's note says why."""
-    from mfa_hf.benchmark.measure import maxrss_mb, peak_memory
+    from mfa_hf.benchmark.measure import peak_rss_mb, peak_memory
     from mfa_hf.benchmark.table import format_table
 
-    row = peak_memory("cpu", maxrss_mb() + 1.0)
-    assert row["peak_mem_mb"] is None and "ru_maxrss did not grow" in row["peak_mem_mb_reason"]
+    row = peak_memory("cpu", peak_rss_mb() + 1.0)
+    assert row["peak_mem_mb"] is None and "peak RSS did not grow" in row["peak_mem_mb_reason"]
     text = format_table([{"impl": "mfa", **row}], ["impl", "peak_mem_mb"])
     assert text.splitlines()[-1].split()[-1] == "-"
     assert "did not grow" in report.memory_reason(row, "peak_mem_mb")

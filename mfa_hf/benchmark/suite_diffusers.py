@@ -7,7 +7,7 @@ counts (4096 / 1024 + 128). Attention's share of the time is therefore larger th
 models: read the ratios as attention-dominated upper bounds, not end-to-end pipeline speedups.
 
 Each (model, processor) pair runs in its own subprocess, so that peak memory is that run's alone:
-    cpu   ru_maxrss of the subprocess (whole-process peak RSS: weights, activations, torch itself),
+    cpu   the subprocess's own peak RSS (peak_rss.py; whole-process peak RSS: weights, activations, torch itself),
           and its growth during the forwards (warm-up included) over the peak reached before them
     cuda  torch.cuda.max_memory_allocated over the forwards (warm-up included)
     mps   torch.mps.driver_allocated_memory after the forwards (mps exposes no peak counter)
@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Callable
 
-from .measure import maxrss_mb, ratio, significant, synchronize
+from .measure import peak_rss_mb, ratio, significant, synchronize
 from .runner import measure_in_subprocess
 
 PROCESSORS = ("default", "mfa")
@@ -136,7 +136,7 @@ def _worker(model_name: str, processor: str, device: str, mode: str) -> dict:
     with torch.no_grad():
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        rss_before = maxrss_mb()  # before the warm-up: the first forward is where activations peak
+        rss_before = peak_rss_mb()  # before the warm-up: the first forward is where activations peak
         _forward(model, inputs, device)  # warm-up: allocator, kernel compilation
         times, output = _timed(model, inputs, device, repeats)
         with trace.capture() as calls:  # after the timing: a traced call skips the replays (measure.py)
@@ -215,9 +215,9 @@ def _memory(device: str, rss_before_mb: float) -> dict:
     if device.startswith("mps"):
         return {"peak_mem_mb": round(torch.mps.driver_allocated_memory() / 2**20, 1),
                 "mem_method": "torch.mps.driver_allocated_memory after forward (no peak counter)"}
-    peak = maxrss_mb()
+    peak = peak_rss_mb()
     return {"peak_mem_mb": round(peak, 1), "forward_peak_growth_mb": round(peak - rss_before_mb, 1),
-            "mem_method": "ru_maxrss of a dedicated subprocess"}
+            "mem_method": "peak RSS of a dedicated subprocess"}
 
 
 if __name__ == "__main__":
