@@ -96,10 +96,10 @@ def test_a_shuffle_from_a_lane_that_is_not_active_is_an_error(lib, metal, column
     out = torch.full((columns,), float("nan"), device=metal.device)
     if columns % 32:
         with pytest.raises(EmulatorRuntimeError, match="source lane that is not active"):
-            lib.shuffle_tail(x, out, columns, group_size=32)
+            lib.shuffle_tail(x, out, columns, group_size=32, arg_casts={2: "int32"})
     else:
-        lib.shuffle_tail(x, out, columns, group_size=32)
+        lib.shuffle_tail(x, out, columns, group_size=32, arg_casts={2: "int32"})
         assert torch.equal(out.cpu(), x.cpu()[31].expand(columns))
     out.fill_(float("nan"))
-    lib.shuffle_tail_uniform(x, out, columns, group_size=32)
+    lib.shuffle_tail_uniform(x, out, columns, group_size=32, arg_casts={2: "int32"})
     assert torch.equal(out.cpu(), x.cpu()[31].expand(columns))
