@@ -16,8 +16,8 @@ Arguments keep mps-flash-attn's meaning, which differs from mfa_hf.flash_attenti
   without it, every key from i - w on): w + 1 keys, where mfa_hf.flash_attention(window_size=w) means w.
 - attn_mask: bool or uint8, True / non-zero = masked out (mfa_hf.flash_attention's bool masks follow
   SDPA: True = attend). Float masks are refused: mps-flash-attn had no additive mask on this op.
-Causal and windows align top-left when Lq != Lk, as mps-flash-attn's kernel does (mps_visibility.py: a bool
-mask then; for Lq == Lk the flags, where top-left and bottom-right agree), the same as the rest of
+Causal and windows align top-left when Lq != Lk, as mps-flash-attn's kernel does (mps_visibility.py: flags that
+see the same keys, a bool mask only where none can), the same as the rest of
 mfa_hf.mps_flash_attn. docs/migrating.md lists every difference.
 """
 
@@ -67,9 +67,10 @@ def _defined_elsewhere() -> bool:
 
 def _alias(query, key, value, is_causal=False, attn_mask=None, window_size=None):
     from .api import flash_attention  # local: the public API imports the core, which is not needed before a call
-    from .mps_visibility import visibility  # local: it imports mps_window from here
+    from .mps_visibility import keys_cut, visibility  # local: it imports mps_window from here
 
-    causal, window, keep = visibility(query, key, is_causal, window_size, mps_mask(attn_mask))
+    kept, causal, window, keep = visibility(query, key, value, is_causal, window_size, mps_mask(attn_mask))
+    key, value = keys_cut(key, kept, key.shape[2]), keys_cut(value, kept, key.shape[2])
     return flash_attention(query, key, value, is_causal=causal, attn_mask=keep, window_size=window)
 
 

@@ -27,7 +27,7 @@ from .mps_kernels import clear_cache, is_available, precompile
 from .mps_quantized import (QUANT_FP8_E4M3, QUANT_FP8_E5M2, QUANT_INT8, QUANT_NF4, flash_attention_fp8,
                             flash_attention_int8, flash_attention_nf4, flash_attention_quantized, quantize_kv_fp8,
                             quantize_kv_int8, quantize_kv_nf4)
-from .mps_visibility import check_scale, top_left_causal, visibility
+from .mps_visibility import check_scale, keys_cut, top_left_causal, visibility
 
 __version__ = "0.5.1"  # the mps-flash-attn release whose surface this module reproduces
 
@@ -37,11 +37,8 @@ def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     bf16_backward: bool = False) -> torch.Tensor:
     """mps-flash-attn's flash_attention: (B, H, S, D); mask True = masked out; window w = w + 1 keys."""
     check_scale(scale, query.shape[-1] if isinstance(query, torch.Tensor) and query.dim() else None)
-    if attn_mask is None and type(window_size) is int and window_size == 0:  # causal alone: no (Lq, Lk) mask
-        key, value, is_causal, window = top_left_causal(query, key, value, is_causal)
-        mask = None
-    else:
-        is_causal, window, mask = visibility(query, key, is_causal, window_size, mps_mask(attn_mask))
+    kept, is_causal, window, mask = visibility(query, key, value, is_causal, window_size, mps_mask(attn_mask))
+    key, value = keys_cut(key, kept, key.shape[2]), keys_cut(value, kept, key.shape[2])
     return _ours(query, key, value, is_causal=is_causal, attn_mask=mask, window_size=window, scale=scale,
                  bf16_backward=bf16_backward)
 

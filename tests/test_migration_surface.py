@@ -5,6 +5,7 @@ the input dtype sets the bar)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -50,12 +51,45 @@ def _check(out, q, k, v, **semantics):
 LENGTHS = [(24, 24), (9, 24), (24, 9)]  # square, Lq < Lk, Lq > Lk (top-left there)
 
 
+def test_top_left_flags_see_exactly_the_top_left_keys():
+    """Every Lq, Lk < 9, causal or not, every window: the flags over the kept keys, read with mfa_hf's bottom-right
+    meaning (FlashAttention-2's: key j is visible to row i from i + Lk - Lq - left to i + Lk - Lq + right, -1 no
+    bound), see the keys top-left sees; None (a mask) only where some row sees no key."""
+    from mfa_hf.custom_op_alias import mps_window
+    from mfa_hf.mps_visibility import top_left_flags
+
+    for lq, lk, causal, w in itertools.product(range(9), range(9), (False, True), range(10)):
+        window = mps_window(w, causal)
+        top_left = {(i, j) for i in range(lq) for j in range(lk) if (not causal or j <= i) and (not w or j >= i - w)}
+        flags = top_left_flags(lq, lk, causal, window)
+        if flags is None:
+            assert w and any(all((i, j) not in top_left for j in range(lk)) for i in range(lq)), (lq, lk, causal, w)
+            continue
+        kept, is_causal, (left, right) = flags[0], flags[1], flags[2] or (-1, 0 if flags[1] else -1)
+        diagonal = kept - lq
+        seen = {(i, j) for i in range(lq) for j in range(kept)
+                if (left < 0 or j >= i + diagonal - left) and (right < 0 or j <= i + diagonal + right)
+                and (not is_causal or j <= i + diagonal)}
+        assert seen == top_left, (lq, lk, causal, w, flags)
+
+
+def test_no_mask_is_built_where_the_flags_say_it():
+    """A dense (Lq, Lk) mask does not fit 100K+ inputs: visibility returns none without the caller's own."""
+    from mfa_hf.mps_visibility import visibility
+
+    for lq, lk, causal, w in [(3, 100_000, True, 0), (100_000, 3, True, 0), (3, 100_000, False, 7),
+                              (100_000, 99_990, True, 10), (50, 100_000, True, 16)]:
+        q, k = torch.empty(1, 1, lq, 8), torch.empty(1, 1, lk, 8)
+        kept, _, _, mask = visibility(q, k, k, causal, w, None)
+        assert mask is None and kept == (lq if causal and lq < lk else lk)
+
+
 @pytest.mark.parametrize("lq,lk", LENGTHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("is_causal,window", [(False, 0), (True, 0), (True, 5), (False, 5)])
+@pytest.mark.parametrize("is_causal,window", [(False, 0), (True, 0), (True, 5), (False, 5), (True, 20), (False, 20)])
 @pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no_mask"])
 def test_flash_attention_keeps_mps_meanings(lq, lk, dtype, is_causal, window, with_mask):
-    """Without a mask or window, causal takes no (Lq, Lk) mask (keys cut, or a right window: top_left_causal)."""
+    """Causal and windows take flags that see the same keys (top_left_flags), a mask only where rows see none."""
     q, k, v = _inputs(lq, lk, dtype)
     masked_out = torch.rand(2, 1, lq, lk) < 0.3 if with_mask else None
     if with_mask:
@@ -160,12 +194,19 @@ def _dequantized(codes, scales, fmt, dtype):
 
 
 @pytest.mark.parametrize("quant_type", [mfa.QUANT_FP8_E4M3, mfa.QUANT_FP8_E5M2, mfa.QUANT_INT8, mfa.QUANT_NF4])
-@pytest.mark.parametrize("is_causal,window", [(False, 0), (True, 6)])
-def test_flash_attention_quantized_equals_attention_over_the_dequantized_cache(quant_type, is_causal, window):
-    q, k, v = _inputs(24, 24, torch.float32)
+@pytest.mark.parametrize("is_causal,window", [(False, 0), (True, 6), (True, 0), (False, 3), (True, 20)])
+@pytest.mark.parametrize("lq,lk", LENGTHS)
+def test_flash_attention_quantized_equals_attention_over_the_dequantized_cache(quant_type, is_causal, window, lq, lk):
+    """Top-left causal and windows with Lq != Lk too: their flags need no mask, which quantized K/V do not take
+    (Lq > Lk + window_size, whose rows past it see no key, is refused: test_bad_inputs_name_the_argument)."""
+    q, k, v = _inputs(lq, lk, torch.float32)
     quantize = {3: mfa.quantize_kv_fp8, 4: lambda a, b: mfa.quantize_kv_fp8(a, b, use_e5m2=True),
                 5: mfa.quantize_kv_int8, 6: mfa.quantize_kv_nf4}[quant_type]
     k_q, v_q, k_s, v_s = quantize(k, v)
+    if window and lq > lk + window:  # only a mask says it
+        with pytest.raises(NotImplementedError, match="window_size"):
+            mfa.flash_attention_quantized(q, k_q, v_q, k_s, v_s, quant_type, is_causal, None, window)
+        return
     out = mfa.flash_attention_quantized(q, k_q, v_q, k_s, v_s, quant_type, is_causal, None, window)
     fmt = FORMATS[quant_type]
     dk, dv = _dequantized(k_q, k_s, fmt, torch.float32), _dequantized(v_q, v_s, fmt, torch.float32)
@@ -280,8 +321,10 @@ def test_precompile_on_a_mac_compiles_every_planned_variant(monkeypatch):
     (lambda q, k, v: mfa.flash_attention_with_bias(q, k, v, torch.zeros(2, 2, 8, 8), bias_repeat_count=3),
      "bias_repeat_count", ValueError),
     (lambda q, k, v: mfa.flash_attention_quantized(q, *mfa.quantize_kv_int8(k, v), 7), "quant_type", ValueError),
-    (lambda q, k, v: mfa.flash_attention_quantized(q[:, :, :3], *mfa.quantize_kv_int8(k, v), 5, True),
-     "is_causal", NotImplementedError),
+    # the one top-left visibility that only a mask says (rows past Lk + window_size see no key); quantized K/V take
+    # no mask here
+    (lambda q, k, v: mfa.flash_attention_quantized(q, *mfa.quantize_kv_int8(k[:, :, :3], v[:, :, :3]), 5, True, None,
+                                                   2), "is_causal", NotImplementedError),
     (lambda q, k, v: mfa.flash_attention_quantized(q, *mfa.quantize_kv_int8(k, v), 5,
                                                    attn_mask=torch.zeros(8, 8, dtype=torch.bool)), "attn_mask",
      ValueError),
