@@ -17,14 +17,18 @@ kernel void add_one(device float* x, uint i [[thread_position_in_grid]]) { x[i] 
 """
 
 
-def test_cache_hit_is_fast_and_reuses_the_library(emulator, tmp_path, monkeypatch):
+def test_cache_hit_reuses_the_library_without_compiling(emulator, tmp_path, monkeypatch):
+    """A hit is the stored library, with no compiler run (checked by count, not by a time a loaded host can miss)."""
     monkeypatch.setenv("MSLEMU_CACHE", str(tmp_path))
     source = SRC + f"// unique {time.time_ns()}\n"
     first, _ = compiler.build(source)
-    start = time.perf_counter()
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("a cache hit ran the compiler")
+
+    monkeypatch.setattr(compiler, "_compile", no_compile)
     second, kernels = compiler.build(source)
     assert first == second and [k.name for k in kernels] == ["add_one"]
-    assert time.perf_counter() - start < 0.05
     assert not list(tmp_path.glob(".tmp-*")), "temporary files must be renamed into place"
 
 
