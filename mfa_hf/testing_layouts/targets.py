@@ -180,6 +180,13 @@ def _varlen_targets() -> list[Target]:
     spec = VarlenSpec(dtype="bfloat16", lengths_q=(3, 9, 4), lengths_k=(3, 9, 4), heads_q=2, dim=24, dim_v=23,
                       causal=True, window=(0, 0), q=Layout(expand=(0, 1)), seed=1)
     targets.append(Target("varlen-q-expanded01-bfloat16-one_key_per_row", spec))
+    # Every key token one row (k expanded along the tokens): attention is uniform, the per-token dK cancel in
+    # pairs to about 0, and autograd sums them after the call rounded each to bfloat16 (found by the long fuzz on
+    # metal and torch alike: the harness's bound lacked that rounding, run._expanded_rounding).
+    spec = VarlenSpec(dtype="bfloat16", lengths_q=(6, 1, 12), lengths_k=(2, 7, 2), heads_q=1, heads_kv=1, dim=2,
+                      dim_v=24, k=Layout(offset=8, expand=(0,)), v=Layout(order=(0, 2, 1), offset=8),
+                      cu_q=IndexSpec("int32", Layout(steps=(1,))), seed=1)
+    targets.append(Target("varlen-k-expanded0-bfloat16-identical_keys", spec))
     return targets
 
 
