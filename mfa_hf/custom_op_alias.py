@@ -67,10 +67,9 @@ def _defined_elsewhere() -> bool:
 
 def _alias(query, key, value, is_causal=False, attn_mask=None, window_size=None):
     from .api import flash_attention  # local: the public API imports the core, which is not needed before a call
-    from .mps_visibility import keys_cut, visibility  # local: it imports mps_window from here
+    from .mps_visibility import visibility  # local: it imports mps_window from here
 
-    kept, causal, window, keep = visibility(query, key, value, is_causal, window_size, mps_mask(attn_mask))
-    key, value = keys_cut(key, kept, key.shape[2]), keys_cut(value, kept, key.shape[2])
+    key, value, causal, window, keep = visibility(query, key, value, is_causal, window_size, mps_mask(attn_mask))
     return flash_attention(query, key, value, is_causal=causal, attn_mask=keep, window_size=window)
 
 

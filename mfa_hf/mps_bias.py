@@ -12,7 +12,8 @@ import math
 import torch
 
 from .api import flash_attention
-from .mps_visibility import check_scale, keys_cut, visibility
+from .mps_visibility import check_scale, visibility
+from .sdpa_semantics import mask_keys
 
 
 def flash_attention_with_bias(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_bias: torch.Tensor,
@@ -22,11 +23,9 @@ def flash_attention_with_bias(query: torch.Tensor, key: torch.Tensor, value: tor
     the scale; is_causal / window_size as mps-flash-attn means them (mfa_hf.mps_flash_attn)."""
     check_scale(scale, query.shape[-1] if isinstance(query, torch.Tensor) and query.dim() else None)
     bias = _bias(attn_bias, query, bias_repeat_count)
-    kept, is_causal, window, keep = visibility(query, key, value, is_causal, window_size, None)
-    lk = key.shape[2]
-    key, value = keys_cut(key, kept, lk), keys_cut(value, kept, lk)
+    key, value, is_causal, window, keep = visibility(query, key, value, is_causal, window_size, None)
     factor = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    mask = keys_cut(bias, kept, lk, dim=3) * factor
+    mask = mask_keys(bias, 0, key.shape[2]) * factor
     if keep is not None:
         mask = mask.masked_fill(~keep, -math.inf)
     return flash_attention(query, key, value, is_causal=is_causal, attn_mask=mask, window_size=window, scale=scale)

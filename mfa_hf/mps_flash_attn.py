@@ -27,7 +27,7 @@ from .mps_kernels import clear_cache, is_available, precompile
 from .mps_quantized import (QUANT_FP8_E4M3, QUANT_FP8_E5M2, QUANT_INT8, QUANT_NF4, flash_attention_fp8,
                             flash_attention_int8, flash_attention_nf4, flash_attention_quantized, quantize_kv_fp8,
                             quantize_kv_int8, quantize_kv_nf4)
-from .mps_visibility import check_scale, keys_cut, top_left_causal, visibility
+from .mps_visibility import check_scale, visibility
 
 __version__ = "0.5.1"  # the mps-flash-attn release whose surface this module reproduces
 
@@ -37,8 +37,7 @@ def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     bf16_backward: bool = False) -> torch.Tensor:
     """mps-flash-attn's flash_attention: (B, H, S, D); mask True = masked out; window w = w + 1 keys."""
     check_scale(scale, query.shape[-1] if isinstance(query, torch.Tensor) and query.dim() else None)
-    kept, is_causal, window, mask = visibility(query, key, value, is_causal, window_size, mps_mask(attn_mask))
-    key, value = keys_cut(key, kept, key.shape[2]), keys_cut(value, kept, key.shape[2])
+    key, value, is_causal, window, mask = visibility(query, key, value, is_causal, window_size, mps_mask(attn_mask))
     return _ours(query, key, value, is_causal=is_causal, attn_mask=mask, window_size=window, scale=scale,
                  bf16_backward=bf16_backward)
 
@@ -48,7 +47,7 @@ def flash_attention_chunked(query: torch.Tensor, key: torch.Tensor, value: torch
     """mps-flash-attn's flash_attention_chunked: (B, H, S, D), its argument order, causal aligned top-left. Served
     by mfa_hf.flash_attention_chunked (query chunks, each with only the keys it can see; backward works)."""
     check_scale(scale, query.shape[-1] if isinstance(query, torch.Tensor) and query.dim() else None)
-    key, value, is_causal, window = top_left_causal(query, key, value, is_causal)
+    key, value, is_causal, window, _ = visibility(query, key, value, is_causal, None, None)  # no mask without one
     return _ours_chunked(query, key, value, chunk_size=chunk_size, is_causal=is_causal, window_size=window,
                          scale=scale)
 

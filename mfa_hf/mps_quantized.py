@@ -17,7 +17,7 @@ import torch
 
 from . import quant_compat
 from .custom_op_alias import mps_mask
-from .mps_visibility import check_scale, keys_cut, visibility
+from .mps_visibility import check_scale, visibility
 
 QUANT_FP8_E4M3 = 3  # FP8, 4 exponent / 3 mantissa bits
 QUANT_FP8_E5M2 = 4  # FP8, 5 exponent / 2 mantissa bits
@@ -35,16 +35,17 @@ def flash_attention_quantized(query, key, value, k_scale, v_scale, quant_type: i
                          f"QUANT_NF4), got {quant_type!r}")
     check_scale(scale, query.shape[-1] if isinstance(query, torch.Tensor) and query.dim() else None)
     flags = is_causal, window_size
-    kept, is_causal, window, mask = visibility(query, key, value, is_causal, window_size, mps_mask(attn_mask))
     lk = key.shape[2]
+    cut_key, cut_value, is_causal, window, mask = visibility(query, key, value, is_causal, window_size,
+                                                             mps_mask(attn_mask))
     if attn_mask is None and mask is not None:
         raise NotImplementedError(
             f"is_causal / window_size {flags} with Lq={query.shape[2]} > Lk={lk} + window_size: mps-flash-attn aligns "
             "them top-left (rows past Lk + window_size see no key), which only a mask expresses, and quantized K/V "
             "take no mask here; pass a larger window_size, or dequantized K/V to mfa_hf.mps_flash_attn.flash_attention")
     if all(isinstance(s, torch.Tensor) and s.dim() == 4 and s.shape[2] in (1, lk) for s in (k_scale, v_scale)):
-        key, value = keys_cut(key, kept, lk), keys_cut(value, kept, lk)  # else not cut: the call fails on the scales
-        k_scale, v_scale = keys_cut(k_scale, kept, lk), keys_cut(v_scale, kept, lk)
+        key, value = cut_key, cut_value  # else not cut: the call fails on the scales as passed
+        k_scale, v_scale = (s if s.shape[2] == 1 else s[:, :, :key.shape[2]] for s in (k_scale, v_scale))
     try:
         return quant_compat.attend_codes(query, key, value, k_scale, v_scale, fmt, None, is_causal,
                                          dict(attn_mask=mask, window_size=window, scale=scale))

@@ -3,19 +3,22 @@
 Its Metal kernel masks key j from query i when j > i (causal) or j < i - window_size: aligned top-left,
 whatever Lq and Lk. mfa_hf aligns bottom-right (FlashAttention-2). For Lq == Lk the two agree, and the
 call keeps our flags (the kernels skip masked blocks); for Lq != Lk other flags see the same keys, after cutting
-the keys no row sees (top_left_flags). Only a window that leaves some rows with no key needs a bool mask.
+the keys no row sees (sdpa_semantics.translate, SDPA's is_causal being top-left too). Only a window that leaves
+some rows with no key needs a bool mask.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
 import torch
 
 from .custom_op_alias import mps_window
 from . import scalars
-from .problem import InputError
+from .problem import NO_WINDOW, InputError
+from .sdpa_semantics import translate
 
 
 def check_scale(scale, head_dim: int | None = None) -> None:
@@ -65,59 +68,25 @@ def _checked_causal(query, key, is_causal) -> bool:
     return bool(is_causal)
 
 
-def top_left_flags(lq: int, lk: int, is_causal: bool, window) -> tuple[int, bool, tuple | None] | None:
-    """(kept, is_causal, window) in mfa_hf's bottom-right flags over the first `kept` keys that see exactly what
-    mps-flash-attn's top-left causal / window sees (query i: keys j <= i with causal, j >= i - w with a window w),
-    or None where only a mask can say it. window: mps_window's (w, 0) with causal, (w, -1) without, or None.
-
-    With shift = Lq - Lk, bottom-right sees j in [i - shift - left, i - shift + right]. Causal with Lq < Lk: no
-    row sees a key past Lq - 1, so those are cut and the lengths agree. Otherwise the upper bound j <= i is right =
-    shift (Lq > Lk) and the window's j >= i - w is left = w - shift, which bottom-right cannot say below 0 (rows
-    past Lk + w see no key): a mask then."""
-    if lq == lk or (not is_causal and window is None):
-        return lk, is_causal, window
-    if is_causal and lq < lk:
-        return (lq, True, window) if lq > 0 else (lk, True, window)  # no rows: nothing to cut
-    shift = lq - lk
-    right = shift if is_causal else -1
-    if window is None:
-        return lk, False, (-1, right)
-    left = window[0] - shift
-    return (lk, False, (left, right)) if left >= 0 else None
-
-
 def visibility(query, key, value, is_causal: bool, window_size, keep: torch.Tensor | None):
-    """(kept, is_causal, window_size, attn_mask) for mfa_hf.flash_attention with mps-flash-attn's meaning of
-    is_causal and window_size: the call attends over the first `kept` keys (keys_cut; keys no row sees are cut,
-    so 100K+ inputs need no (Lq, Lk) mask), with the caller's mask `keep` (our polarity, True = attend) cut to
-    them. Only a window that leaves rows past Lk + w with no key takes a bool mask of the visible keys. A value
-    of another length than the key is never cut around: the call then fails on the shapes as passed."""
+    """(key, value, is_causal, window_size, attn_mask) for mfa_hf.flash_attention with mps-flash-attn's meaning
+    of is_causal and window_size, top-left as SDPA's is_causal (sdpa_semantics.translate): keys no row sees are
+    cut from key, value and the caller's mask `keep` (our polarity, True = attend), so 100K+ inputs need no
+    (Lq, Lk) mask; a caller's other per-key tensors take the same cut (mask_keys, Translation.keys). Only a window
+    that leaves rows past Lk + w with no key takes a bool mask of the visible keys. A value of another length
+    than the key is never cut around: the call then fails on the shapes as passed."""
     is_causal = _checked_causal(query, key, is_causal)
     window = mps_window(window_size, is_causal)
     lq, lk = query.shape[2], key.shape[2]
     keep = _mask_4d(keep, query.shape[0], lq, lk)
-    flags = top_left_flags(lq, lk, is_causal, window)
+    flags = translate(lq, lk, is_causal, None if window is None else window[0])
     if flags is not None:
-        kept, is_causal, window = flags
         if not (isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[2] == lk):
-            kept = lk
-        return kept, is_causal, window, keys_cut(keep, kept, lk, dim=3)
+            flags = replace(flags, keys=None)
+        key, value = flags.keep_keys(key, value, 2)
+        window = None if flags.window == NO_WINDOW else flags.window
+        return key, value, flags.causal, window, flags.keep_mask(keep)
     rows = torch.arange(lq, device=query.device)[:, None]
     cols = torch.arange(lk, device=query.device)[None, :]
     visible = (cols >= rows - window[0]) & (cols <= rows if is_causal else True)
-    return lk, False, None, visible if keep is None else keep & visible
-
-
-def keys_cut(t, kept: int, length: int, dim: int = 2):
-    """t's first `kept` keys along dim, where t holds all `length` of them (a broadcast dim of 1 stays)."""
-    if not isinstance(t, torch.Tensor) or t.dim() <= dim or kept >= length or t.shape[dim] != length:
-        return t
-    return t.narrow(dim, 0, kept)
-
-
-def top_left_causal(query, key, value, is_causal: bool):
-    """(key, value, is_causal, window_size) for mfa_hf's bottom-right flags that see exactly what top-left causal
-    sees, without a mask (top_left_flags without a window)."""
-    kept, is_causal, window, _ = visibility(query, key, value, is_causal, None, None)
-    lk = key.shape[2]
-    return keys_cut(key, kept, lk), keys_cut(value, kept, lk), is_causal, window
+    return key, value, False, None, visible if keep is None else keep & visible

@@ -61,13 +61,20 @@ def causal_with_mask(is_causal, attn_mask) -> bool:
     return bool(is_causal) and attn_mask is not None
 
 
-def translate(lq: int, lk: int, is_causal) -> Translation:
+def translate(lq: int, lk: int, is_causal, window_left: int | None = None) -> Translation | None:
     """SDPA's is_causal for Lq queries over Lk keys, in our terms (see the module doc); with a mask, apply
-    `keep_mask` to it too."""
-    if not is_causal:
-        return Translation(keys=None, causal=False)
-    if lq == lk:
-        return Translation(keys=None, causal=True)
-    if lq > lk:
-        return Translation(keys=None, causal=False, window=(-1, lq - lk))
-    return Translation(keys=lq, causal=True)
+    `keep_mask` to it too. window_left w (mps-flash-attn's window, aligned top-left too): query i also sees no
+    key j < i - w, which is the bottom-right left bound w - (Lq - Lk) over all keys; below 0 (rows past Lk + w
+    see no key) no flags say it, and the result is None (never without a window)."""
+    shift = lq - lk
+    if is_causal and lq < lk:  # no query sees a key past Lq - 1: keep Lq keys, the lengths then agree
+        return Translation(keys=lq, causal=True, window=NO_WINDOW if window_left is None else (window_left, 0))
+    if window_left is None:
+        if not is_causal:
+            return Translation(keys=None, causal=False)
+        return Translation(keys=None, causal=True) if lq == lk else Translation(None, False, (-1, shift))
+    if window_left - shift < 0:
+        return None
+    if is_causal and lq == lk:
+        return Translation(keys=None, causal=True, window=(window_left, 0))
+    return Translation(keys=None, causal=False, window=(window_left - shift, shift if is_causal else -1))

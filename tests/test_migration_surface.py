@@ -51,21 +51,19 @@ def _check(out, q, k, v, **semantics):
 LENGTHS = [(24, 24), (9, 24), (24, 9)]  # square, Lq < Lk, Lq > Lk (top-left there)
 
 
-def test_top_left_flags_see_exactly_the_top_left_keys():
+def test_top_left_translation_sees_exactly_the_top_left_keys():
     """Every Lq, Lk < 9, causal or not, every window: the flags over the kept keys, read with mfa_hf's bottom-right
     meaning (FlashAttention-2's: key j is visible to row i from i + Lk - Lq - left to i + Lk - Lq + right, -1 no
     bound), see the keys top-left sees; None (a mask) only where some row sees no key."""
-    from mfa_hf.custom_op_alias import mps_window
-    from mfa_hf.mps_visibility import top_left_flags
+    from mfa_hf.sdpa_semantics import translate
 
     for lq, lk, causal, w in itertools.product(range(9), range(9), (False, True), range(10)):
-        window = mps_window(w, causal)
         top_left = {(i, j) for i in range(lq) for j in range(lk) if (not causal or j <= i) and (not w or j >= i - w)}
-        flags = top_left_flags(lq, lk, causal, window)
+        flags = translate(lq, lk, causal, w or None)
         if flags is None:
             assert w and any(all((i, j) not in top_left for j in range(lk)) for i in range(lq)), (lq, lk, causal, w)
             continue
-        kept, is_causal, (left, right) = flags[0], flags[1], flags[2] or (-1, 0 if flags[1] else -1)
+        kept, is_causal, (left, right) = lk if flags.keys is None else flags.keys, flags.causal, flags.window
         diagonal = kept - lq
         seen = {(i, j) for i in range(lq) for j in range(kept)
                 if (left < 0 or j >= i + diagonal - left) and (right < 0 or j <= i + diagonal + right)
@@ -80,8 +78,8 @@ def test_no_mask_is_built_where_the_flags_say_it():
     for lq, lk, causal, w in [(3, 100_000, True, 0), (100_000, 3, True, 0), (3, 100_000, False, 7),
                               (100_000, 99_990, True, 10), (50, 100_000, True, 16)]:
         q, k = torch.empty(1, 1, lq, 8), torch.empty(1, 1, lk, 8)
-        kept, _, _, mask = visibility(q, k, k, causal, w, None)
-        assert mask is None and kept == (lq if causal and lq < lk else lk)
+        key, value, _, _, mask = visibility(q, k, k, causal, w, None)
+        assert mask is None and key.shape[2] == value.shape[2] == (lq if causal and lq < lk else lk)
 
 
 @pytest.mark.parametrize("lq,lk", LENGTHS)
